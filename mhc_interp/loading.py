@@ -1,0 +1,281 @@
+"""Loading and saving `HookedMHC` checkpoints.
+
+Formats read by `load_pretrained(name_or_path)`:
+- a nanoGPT-style `.pt` of the public mHC code: `{"model": state_dict, "model_args": {...}}`,
+  keys possibly prefixed `_orig_mod.` (how `wgpeng/mhc-780m`, file `best_ckpt_large.pt`, and the
+  stream-collapse paper's models are published);
+- a folder in the hub layout of the public 781M checkpoints: `config.json` (= model_args) +
+  `model.safetensors` (nanoGPT keys), or a folder holding one nanoGPT `.pt`;
+- a folder written by `save_pretrained` (our keys, `config.json` with `mhc_interp_format`);
+- a HuggingFace hub repo id: downloaded with `huggingface_hub`, then read as a folder.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+from pathlib import Path
+from typing import Any, Dict, Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from .config import MHCConfig
+
+log = logging.getLogger(__name__)
+FORMAT_KEY = "mhc_interp_format"
+FORMAT_VERSION = 1
+WEIGHT_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt",
+                   "special_tokens_map.json")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be loaded: wrong layout, missing/unexpected keys, unreachable hub."""
+
+
+# ------------------------------------------------------------------- nanoGPT key translation
+_BLOCK_KEY = re.compile(r"transformer\.h\.(\d+)\.(.+)")
+
+
+def _translate_block_key(layer: str, rest: str) -> Optional[str]:
+    """Our key for `transformer.h.{layer}.{rest}`, or None for keys that carry no new tensor."""
+    m = re.fullmatch(r"(?:branch_(attn|mlp)|hc_(attn|mlp)\.branch)\.([01])\.(.+)", rest)
+    if m:
+        sub = m.group(1) or m.group(2)
+        part, param = m.group(3), m.group(4)
+        if part == "0":
+            return f"blocks.{layer}.{sub}.ln.{param}"
+        if param == "bias":  # the causal-mask buffer of nanoGPT's non-flash attention
+            return None
+        return f"blocks.{layer}.{sub}.{param}"
+    m = re.fullmatch(r"hc_(attn|mlp)\.(.+)", rest)
+    if m:
+        return f"blocks.{layer}.{m.group(1)}.mixer.{m.group(2).replace('norm.gamma', 'norm_gamma')}"
+    if rest == "expand_stream.lss":  # the shared expansion module, repeated in every block
+        return "expand.lss"
+    raise CheckpointError(f"unexpected key 'transformer.h.{layer}.{rest}' in checkpoint")
+
+
+def nanogpt_state_dict_to_hooked(sd: Dict[str, Tensor]) -> Tuple[Dict[str, Tensor], bool]:
+    """Translate a public-mHC-code state dict to our keys. Returns (state dict, tied embeddings).
+
+    Tensors stored twice by that code (`branch_attn.*` and `hc_attn.branch.*`; the LSS vector
+    in every block) must agree; the tied `lm_head.weight` is dropped when it equals the embedding.
+    """
+    out: Dict[str, Tensor] = {}
+    sources: Dict[str, str] = {}
+    lm_head = None
+    for key, value in sd.items():
+        key = key[len("_orig_mod."):] if key.startswith("_orig_mod.") else key
+        if key == "lm_head.weight":
+            lm_head = value
+            continue
+        if key == "transformer.wte.weight":
+            ours = "embed.weight"
+        elif key == "transformer.wpe.weight":
+            ours = "pos_embed.weight"
+        elif key.startswith("transformer.ln_f."):
+            ours = "ln_final." + key[len("transformer.ln_f."):]
+        elif key == "expand_stream.lss":
+            ours = "expand.lss"
+        elif _BLOCK_KEY.fullmatch(key):
+            ours = _translate_block_key(*_BLOCK_KEY.fullmatch(key).groups())
+            if ours is None:
+                continue
+        else:
+            raise CheckpointError(f"unexpected key {key!r} in checkpoint")
+        if ours in out:
+            if out[ours].shape != value.shape or not torch.equal(out[ours], value):
+                raise CheckpointError(
+                    f"checkpoint keys {sources[ours]!r} and {key!r} should hold the same tensor but differ"
+                )
+            continue
+        out[ours], sources[ours] = value, key
+    tied = lm_head is None or (
+        "embed.weight" in out and lm_head.shape == out["embed.weight"].shape
+        and torch.equal(lm_head, out["embed.weight"])
+    )
+    if not tied:
+        out["unembed.weight"] = lm_head
+    return out, tied
+
+
+# ------------------------------------------------------------------------- building a model
+def build_model(cls, cfg: MHCConfig, state_dict: Dict[str, Tensor], source: str, tokenizer=None):
+    """Instantiate `cls(cfg)` and load `state_dict` strictly, with errors that name the keys."""
+    model = cls(cfg, tokenizer=tokenizer)
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(state_dict))
+    unexpected = sorted(set(state_dict) - set(expected))
+    if missing or unexpected:
+        raise CheckpointError(
+            f"{source}: checkpoint does not match a {cfg.hyper_conn_type} model with "
+            f"{cfg.n_streams} streams, {cfg.n_layers} layers, bias={cfg.bias}: "
+            f"missing keys {missing[:8]}{'...' if len(missing) > 8 else ''}, "
+            f"unexpected keys {unexpected[:8]}{'...' if len(unexpected) > 8 else ''}"
+        )
+    wrong = [f"{k}: {tuple(v.shape)} vs expected {tuple(expected[k].shape)}"
+             for k, v in state_dict.items() if v.shape != expected[k].shape]
+    if wrong:
+        raise CheckpointError(f"{source}: tensor shapes do not match the config: {wrong[:8]}")
+    model.load_state_dict({k: v.float() for k, v in state_dict.items()}, strict=True)
+    return model.eval()
+
+
+def _from_nanogpt(cls, model_args: Dict[str, Any], sd: Dict[str, Tensor], source: str, tokenizer):
+    cfg = MHCConfig.from_nanogpt_args(model_args)
+    ours, tied = nanogpt_state_dict_to_hooked(sd)
+    cfg.tie_embeddings = tied
+    return build_model(cls, cfg, ours, source, tokenizer)
+
+
+def load_nanogpt_checkpoint(cls, path: Path, tokenizer=None):
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - any unpickling failure means a bad file
+        raise CheckpointError(f"{path}: not a loadable torch checkpoint ({e})") from e
+    if not isinstance(ckpt, dict) or "model" not in ckpt or "model_args" not in ckpt:
+        keys = sorted(ckpt) if isinstance(ckpt, dict) else type(ckpt).__name__
+        raise CheckpointError(
+            f"{path}: expected a nanoGPT mHC checkpoint {{'model': state_dict, 'model_args': {{...}}}}, "
+            f"found {keys}"
+        )
+    return _from_nanogpt(cls, ckpt["model_args"], ckpt["model"], str(path), tokenizer)
+
+
+def _read_safetensors(path: Path) -> Dict[str, Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(path))
+
+
+def load_folder(cls, folder: Path, tokenizer=None, filename: Optional[str] = None):
+    """A folder in our format, the hub layout (config.json + model.safetensors), or with one .pt."""
+    if filename is not None:
+        target = folder / filename
+        if not target.is_file():
+            raise CheckpointError(f"{folder}: has no file {filename!r}")
+        return load_nanogpt_checkpoint(cls, target, tokenizer)
+    config_path, weights = folder / "config.json", folder / "model.safetensors"
+    if config_path.is_file() and weights.is_file():
+        config = json.loads(config_path.read_text())
+        if FORMAT_KEY in config:
+            cfg = MHCConfig.from_dict(config["config"])
+            return build_model(cls, cfg, _read_safetensors(weights), str(folder), tokenizer)
+        return _from_nanogpt(cls, config, _read_safetensors(weights), str(folder), tokenizer)
+    candidates = sorted(p.name for p in folder.iterdir() if p.suffix in WEIGHT_SUFFIXES)
+    if len(candidates) == 1:
+        return load_nanogpt_checkpoint(cls, folder / candidates[0], tokenizer)
+    if candidates:
+        raise CheckpointError(f"{folder}: several checkpoints {candidates}; pass filename=...")
+    raise CheckpointError(
+        f"{folder}: no checkpoint found (expected config.json + model.safetensors, or one "
+        f"{'/'.join(WEIGHT_SUFFIXES)} file); it holds {sorted(p.name for p in folder.iterdir())}"
+    )
+
+
+# --------------------------------------------------------------------------------------- hub
+def _pick_hub_files(files) -> list:
+    """The files of a hub repo worth downloading: weights + config, plus tokenizer files."""
+    files = list(files)
+    extras = [f for f in files if f in TOKENIZER_FILES]
+    if "model.safetensors" in files and "config.json" in files:
+        return ["config.json", "model.safetensors", *extras]
+    pts = [f for f in files if f.endswith(WEIGHT_SUFFIXES) and "/" not in f]
+    if len(pts) == 1:
+        return [pts[0], *extras]
+    raise CheckpointError(
+        f"hub repo holds no single loadable checkpoint (config.json + model.safetensors, or one "
+        f".pt); found weight files {pts}: pass filename=..."
+    )
+
+
+def download_from_hub(repo_id: str, revision: Optional[str] = None, cache_dir: Optional[str] = None,
+                      local_files_only: Optional[bool] = None, filename: Optional[str] = None) -> Path:
+    """Fetch what `load_folder` needs from the hub (or the local HF cache) -> snapshot folder."""
+    import huggingface_hub
+    from huggingface_hub import constants, snapshot_download
+
+    if local_files_only is None:
+        local_files_only = bool(constants.HF_HUB_OFFLINE)
+    try:
+        if filename is not None:
+            patterns = [filename, *TOKENIZER_FILES]
+        elif local_files_only:
+            patterns = ["*.json", "*.safetensors", *[f"*{s}" for s in WEIGHT_SUFFIXES], "merges.txt"]
+        else:
+            patterns = _pick_hub_files(huggingface_hub.list_repo_files(repo_id, revision=revision))
+        folder = snapshot_download(repo_id, revision=revision, cache_dir=cache_dir,
+                                   local_files_only=local_files_only, allow_patterns=patterns)
+    except CheckpointError:
+        raise
+    except Exception as e:  # noqa: BLE001 - network, auth, missing repo: all the same to the user
+        where = "the local HuggingFace cache" if local_files_only else "the HuggingFace hub"
+        raise CheckpointError(
+            f"could not fetch {repo_id!r} from {where} ({type(e).__name__}: {e}). If you are "
+            f"offline, download the checkpoint elsewhere and pass its local path (a .pt file or a "
+            f"folder) instead of a hub id."
+        ) from e
+    return Path(folder)
+
+
+# ------------------------------------------------------------------------------- tokenizers
+def load_tokenizer(folder: Optional[Path], cfg: MHCConfig):
+    """The folder's tokenizer if it ships one; GPT-2's for GPT-2-sized vocabularies if
+    `transformers` can load it (offline: from its cache); otherwise None (use token ids)."""
+    try:
+        from transformers import AutoTokenizer
+    except ImportError:  # pragma: no cover - transformers comes with transformer-lens
+        return None
+    if folder is not None and any((folder / f).is_file() for f in TOKENIZER_FILES[:3]):
+        return AutoTokenizer.from_pretrained(str(folder))
+    name = cfg.tokenizer_name or ("gpt2" if cfg.d_vocab in (50257, 50304) else None)
+    if name is None:
+        return None
+    try:
+        return AutoTokenizer.from_pretrained(name, local_files_only=bool(os.environ.get("HF_HUB_OFFLINE")))
+    except Exception as e:  # noqa: BLE001
+        log.warning("no tokenizer: could not load %r (%s); the model takes token ids", name, e)
+        return None
+
+
+# ------------------------------------------------------------------------------ entry points
+def load_pretrained(cls, name_or_path, device=None, dtype: Optional[torch.dtype] = None,
+                    revision: Optional[str] = None, cache_dir: Optional[str] = None,
+                    local_files_only: Optional[bool] = None, filename: Optional[str] = None,
+                    tokenizer: Any = "auto"):
+    """Load a model from a .pt file, a folder, or a hub repo id; see the module docstring.
+
+    tokenizer: "auto" (the checkpoint's, else GPT-2's when the vocabulary matches), a tokenizer
+    object, or None.
+    """
+    path = Path(os.path.expanduser(str(name_or_path)))
+    if path.is_file():
+        folder = path.parent
+        model = load_nanogpt_checkpoint(cls, path)
+    elif path.is_dir():
+        folder = path
+        model = load_folder(cls, path, filename=filename)
+    elif re.fullmatch(r"[\w.-]+/[\w.-]+", str(name_or_path)) and not str(name_or_path).startswith((".", "/")):
+        folder = download_from_hub(str(name_or_path), revision, cache_dir, local_files_only, filename)
+        model = load_folder(cls, folder, filename=filename)
+    else:
+        raise CheckpointError(f"{name_or_path!r} is neither an existing file or folder nor a hub repo id")
+    model.tokenizer = load_tokenizer(folder, model.cfg) if tokenizer == "auto" else tokenizer
+    return model.to(device=device or "cpu", dtype=dtype or torch.float32)
+
+
+def save_pretrained(model, path) -> None:
+    """Write `config.json` + `model.safetensors` (+ the tokenizer, if any) to folder `path`."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "config.json").write_text(json.dumps(
+        {FORMAT_KEY: FORMAT_VERSION, "config": model.cfg.to_dict()}, indent=2))
+    save_file({k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()},
+              str(path / "model.safetensors"))
+    if model.tokenizer is not None and hasattr(model.tokenizer, "save_pretrained"):
+        model.tokenizer.save_pretrained(str(path))

@@ -1,0 +1,57 @@
+"""`blocks.{l}.attn`: a hyper-connected sublayer whose branch is multi-head causal attention.
+
+Branch maths (GPT-2 layout, fused `c_attn` -> q, k, v), on `h = LN(read)` [batch, pos, d_model]:
+    scores = q k^T / sqrt(d_head) + causal mask,  pattern = softmax(scores),  z = pattern v,
+    write  = c_proj(concat_heads(z)).
+The fused SDPA kernel is used unless the pattern or scores are observed (a TransformerLens hook,
+or nnsight instrumentation) or `cfg.attn_impl == "eager"`; then they are materialised.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+from torch.nn import functional as F
+from transformer_lens.hook_points import HookPoint
+
+from ..config import MHCConfig
+from .components import hook_point_observed
+from .sublayer import HyperConnectedSublayer
+
+
+class AttentionSublayer(HyperConnectedSublayer):
+    def __init__(self, cfg: MHCConfig, init_stream: int = 0):
+        super().__init__(cfg, init_stream)
+        self.c_attn = nn.Linear(cfg.d_model, 3 * cfg.d_model, bias=cfg.bias)
+        self.c_proj = nn.Linear(cfg.d_model, cfg.d_model, bias=cfg.bias)
+        self.hook_q = HookPoint()            # [batch, pos, head, d_head]
+        self.hook_k = HookPoint()            # [batch, pos, head, d_head]
+        self.hook_v = HookPoint()            # [batch, pos, head, d_head]
+        self.hook_attn_scores = HookPoint()  # [batch, head, query_pos, key_pos]
+        self.hook_pattern = HookPoint()      # [batch, head, query_pos, key_pos]
+        self.hook_z = HookPoint()            # [batch, pos, head, d_head]
+
+    def _eager(self) -> bool:
+        return self.cfg.attn_impl == "eager" or hook_point_observed(self.hook_pattern) or (
+            hook_point_observed(self.hook_attn_scores)
+        )
+
+    def branch(self, h: Tensor) -> Tensor:  # [batch, pos, d_model] -> [batch, pos, d_model]
+        b, p, d = h.shape
+        heads = (self.cfg.n_heads, self.cfg.d_head)
+        q, k, v = self.c_attn(h).split(d, dim=-1)
+        q = self.hook_q(q.unflatten(-1, heads))
+        k = self.hook_k(k.unflatten(-1, heads))
+        v = self.hook_v(v.unflatten(-1, heads))
+        qt, kt, vt = (t.transpose(1, 2) for t in (q, k, v))  # [batch, head, pos, d_head]
+        if self._eager():
+            scores = qt @ kt.transpose(-1, -2) / math.sqrt(self.cfg.d_head)
+            causal = torch.ones(p, p, dtype=torch.bool, device=h.device).tril()
+            scores = self.hook_attn_scores(scores.masked_fill(~causal, float("-inf")))
+            pattern = self.hook_pattern(torch.softmax(scores.float(), dim=-1).to(vt.dtype))
+            z = pattern @ vt
+        else:
+            z = F.scaled_dot_product_attention(qt, kt, vt, is_causal=True)
+        z = self.hook_z(z.transpose(1, 2))
+        return self.c_proj(z.flatten(-2))

@@ -1,0 +1,89 @@
+"""What every hyper-connection variant computes, and the registry that maps
+`hyper_conn_type` to the module computing it (one file per variant, SAELens-style).
+
+A mixer turns the current stream state of one sublayer into its three coefficient tensors, in
+the papers' convention and in float32:
+
+    h_pre  [batch, pos, n_streams]                     read weights:  read = sum_s h_pre[s] x[s]
+    h_post [batch, pos, n_streams]                     write weights: x'[t] += h_post[t] * F(read)
+    h_res  [batch, pos, n_streams(target), n_streams(source)]
+                                                       stream mixer:  x'[t] += sum_s h_res[t, s] x[s]
+
+so that the hyper-connected sublayer computes  x' = H_res x + H_post^T F(H_pre x).
+(The public mHC code stores the residual mixer as alpha[source, target]; mixers transpose it.)
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Dict, Type
+
+import torch
+from torch import Tensor, nn
+
+from ...config import MHCConfig
+
+
+@dataclass
+class MixingCoefficients:
+    h_pre: Tensor   # [batch, pos, n_streams]
+    h_post: Tensor  # [batch, pos, n_streams]
+    h_res: Tensor   # [batch, pos, n_streams(target), n_streams(source)]
+
+
+class Mixer(nn.Module):
+    """Base class: `forward(x [batch, pos, n_streams, d_model]) -> MixingCoefficients`.
+
+    Parameters keep the names and layouts of the public mHC code (`static_alpha`,
+    `dynamic_alpha_fn`, ...) so checkpoints load by renaming keys only; `norm.gamma` there is
+    `norm_gamma` here.
+    """
+
+    def __init__(self, cfg: MHCConfig, init_stream: int = 0):
+        super().__init__()
+        self.n_streams = cfg.n_streams
+        self.d_model = cfg.d_model
+
+    def forward(self, x: Tensor) -> MixingCoefficients:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+
+def rms_normalize(x: Tensor, gamma: Tensor) -> Tensor:
+    """RMSNorm of the public code: x / ||x||_2 * sqrt(dim) * (1 + gamma), over the last axis."""
+    return nn.functional.normalize(x, dim=-1) * (x.shape[-1] ** 0.5) * (gamma + 1)
+
+
+def sinkhorn_log(logits: Tensor, iters: int) -> Tensor:
+    """Sinkhorn-Knopp in the log domain on `logits [..., target, source]`.
+
+    Alternates normalising each target row over sources and each source column over targets,
+    `iters` times, and returns exp(.) - a matrix whose columns sum to 1 exactly and whose rows
+    sum to 1 up to the Sinkhorn residual (the order matches the public mHC code)."""
+    for _ in range(iters):
+        logits = logits - torch.logsumexp(logits, dim=-1, keepdim=True)
+        logits = logits - torch.logsumexp(logits, dim=-2, keepdim=True)
+    return logits.exp()
+
+
+MIXERS: Dict[str, Type[Mixer]] = {}
+
+
+def register_mixer(*names: str) -> Callable[[Type[Mixer]], Type[Mixer]]:
+    """Class decorator: make a mixer available under one or more `hyper_conn_type` names."""
+
+    def deco(cls: Type[Mixer]) -> Type[Mixer]:
+        for name in names:
+            MIXERS[name] = cls
+        return cls
+
+    return deco
+
+
+def build_mixer(cfg: MHCConfig, init_stream: int = 0) -> Mixer:
+    try:
+        cls = MIXERS[cfg.hyper_conn_type]
+    except KeyError:
+        raise ValueError(
+            f"no mixer registered for hyper_conn_type {cfg.hyper_conn_type!r}; "
+            f"registered: {sorted(MIXERS)}"
+        ) from None
+    return cls(cfg, init_stream=init_stream)

@@ -1,0 +1,40 @@
+"""`hc`: Hyper-Connections (Zhu et al., arXiv 2409.19606), dynamic, tanh, per-stream norm.
+
+For each stream s, with  y_s = RMSNorm(x_s)  (one norm over d_model, shared by the streams):
+    alpha[s, :] = tanh(y_s W_alpha) * a_scale + static_alpha[s, :]      # [n, 1 + n]
+    h_pre[s]    = alpha[s, 0]
+    h_res[t, s] = alpha[s, 1 + t]                                       # papers' target x source
+    h_post[s]   = tanh(y_s . w_beta) * b_scale + static_beta[s]
+Unconstrained: coefficients may be negative and H_res is not doubly stochastic.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from ...config import MHCConfig
+from .base import Mixer, MixingCoefficients, register_mixer, rms_normalize
+
+
+@register_mixer("hc")
+class HyperConnectionMixer(Mixer):
+    def __init__(self, cfg: MHCConfig, init_stream: int = 0):
+        super().__init__(cfg, init_stream)
+        n, d = cfg.n_streams, cfg.d_model
+        static_pre = torch.zeros(n, 1)
+        static_pre[init_stream % n] = 1.0
+        self.static_alpha = nn.Parameter(torch.cat([static_pre, torch.eye(n)], dim=1))  # [n, 1+n]
+        self.dynamic_alpha_fn = nn.Parameter(torch.zeros(d, n + 1))
+        self.dynamic_alpha_scale = nn.Parameter(torch.tensor(1e-2))
+        self.static_beta = nn.Parameter(torch.ones(n))
+        self.dynamic_beta_fn = nn.Parameter(torch.zeros(d))
+        self.dynamic_beta_scale = nn.Parameter(torch.tensor(1e-2))
+        self.norm_gamma = nn.Parameter(torch.zeros(d))
+
+    def forward(self, x: Tensor) -> MixingCoefficients:  # x [batch, pos, n, d]
+        y = rms_normalize(x.float(), self.norm_gamma)                                # [b, p, n, d]
+        alpha = torch.tanh(y @ self.dynamic_alpha_fn) * self.dynamic_alpha_scale + self.static_alpha
+        h_post = torch.tanh(y @ self.dynamic_beta_fn) * self.dynamic_beta_scale + self.static_beta
+        return MixingCoefficients(
+            h_pre=alpha[..., 0], h_post=h_post, h_res=alpha[..., 1:].transpose(-1, -2)
+        )

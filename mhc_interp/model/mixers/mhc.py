@@ -1,0 +1,62 @@
+"""`mhc`: Manifold-Constrained Hyper-Connections (Xie et al., arXiv 2512.24880).
+
+With  y = RMSNorm(flatten_{s,d}(x))  (one norm over all n*d values of the token):
+    a[s, :]     = (y W_alpha)[s, :] * (pre_scale, res_scale, ..., res_scale) + static_alpha[s, :]
+    h_pre[s]    = sigmoid(a[s, 0])
+    h_res       = SinkhornKnopp(exp(L)),  L[t, s] = a[s, 1 + t]  (log domain, `sinkhorn_iters`)
+    h_post[s]   = 2 sigmoid((y W_beta)[s] * post_scale + static_beta[s])
+H_res is doubly stochastic up to the Sinkhorn residual (columns exactly, rows approximately).
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from ...config import MHCConfig
+from .base import Mixer, MixingCoefficients, register_mixer, rms_normalize, sinkhorn_log
+
+
+class _ManifoldMixerBase(Mixer):
+    """Shared parts of mHC and mHC-lite: the flattened RMSNorm, H_pre and H_post."""
+
+    n_res_logits: int  # number of dynamic logits that parameterise H_res
+
+    def __init__(self, cfg: MHCConfig, init_stream: int = 0):
+        super().__init__(cfg, init_stream)
+        n, d = cfg.n_streams, cfg.d_model
+        self.pre_branch_scale = nn.Parameter(torch.full((1,), 1e-2))
+        self.residual_scale = nn.Parameter(torch.full((1,), 1e-2))
+        beta = -torch.ones(n)
+        beta[init_stream % n] = 1.0
+        self.static_beta = nn.Parameter(beta)
+        self.dynamic_beta_fn = nn.Parameter(torch.zeros(n * d, n))
+        self.h_post_scale = nn.Parameter(torch.tensor(1e-2))
+        self.norm_gamma = nn.Parameter(torch.zeros(n * d))
+
+    def normed(self, x: Tensor) -> Tensor:  # [b, p, n, d] -> [b, p, n*d], float32
+        return rms_normalize(x.float().flatten(-2), self.norm_gamma)
+
+    def h_post(self, y: Tensor) -> Tensor:  # [b, p, n]
+        return 2 * torch.sigmoid((y @ self.dynamic_beta_fn) * self.h_post_scale + self.static_beta)
+
+
+@register_mixer("mhc")
+class SinkhornMixer(_ManifoldMixerBase):
+    def __init__(self, cfg: MHCConfig, init_stream: int = 0):
+        super().__init__(cfg, init_stream)
+        n, d = cfg.n_streams, cfg.d_model
+        self.sinkhorn_iters = cfg.sinkhorn_iters
+        static_pre = -torch.ones(n, 1)
+        static_pre[init_stream % n] = 1.0
+        static_res = torch.full((n, n), -8.0).fill_diagonal_(0.0)
+        self.static_alpha = nn.Parameter(torch.cat([static_pre, static_res], dim=1))  # [n(src), 1+n]
+        self.dynamic_alpha_fn = nn.Parameter(torch.zeros(n * d, n * (n + 1)))
+
+    def forward(self, x: Tensor) -> MixingCoefficients:  # x [batch, pos, n, d]
+        n = self.n_streams
+        y = self.normed(x)
+        dyn = (y @ self.dynamic_alpha_fn).unflatten(-1, (n, n + 1))               # [b, p, s, 1+n]
+        scale = torch.cat([self.pre_branch_scale, self.residual_scale.expand(n)])
+        alpha = dyn * scale + self.static_alpha
+        h_res = sinkhorn_log(alpha[..., 1:].transpose(-1, -2), self.sinkhorn_iters)  # [b, p, t, s]
+        return MixingCoefficients(h_pre=torch.sigmoid(alpha[..., 0]), h_post=self.h_post(y), h_res=h_res)

@@ -1,0 +1,52 @@
+"""`mhc_lite` / `mhc_lite_lss`: mHC-lite (arXiv 2601.05732), H_res as an exact convex combination
+of the n! permutation matrices (Birkhoff-von Neumann), so it is exactly doubly stochastic.
+
+With  y = RMSNorm(flatten_{s,d}(x)) :
+    c          = softmax((y W)[n:] * res_scale + static[n:])          # [n!] weights
+    h_res[t,s] = sum_r c_r [t == perm_r(s)]                          # papers' target x source
+    h_pre[s]   = sigmoid((y W)[s] * pre_scale + static[s])
+    h_post     as in mHC.
+Permutations are enumerated in `itertools.permutations` order (as the public code does), so the
+weight vector of a checkpoint keeps its meaning. `mhc_lite_lss` differs only at stream expansion.
+"""
+from __future__ import annotations
+
+import itertools
+import math
+
+import torch
+from torch import Tensor, nn
+
+from ...config import MHCConfig
+from .base import MixingCoefficients, register_mixer
+from .mhc import _ManifoldMixerBase
+
+
+def permutation_matrices(n: int) -> Tensor:
+    """[n!, n(target), n(source)] with P_r[t, s] = 1 iff t == perm_r[s]."""
+    perms = torch.tensor(list(itertools.permutations(range(n))))            # [n!, n]
+    return torch.eye(n)[perms].transpose(-1, -2).contiguous()
+
+
+@register_mixer("mhc_lite", "mhc_lite_lss")
+class PermutationMixer(_ManifoldMixerBase):
+    def __init__(self, cfg: MHCConfig, init_stream: int = 0):
+        super().__init__(cfg, init_stream)
+        n, d = cfg.n_streams, cfg.d_model
+        n_perms = math.factorial(n)
+        static_pre = -torch.ones(n)
+        static_pre[init_stream % n] = 1.0
+        static_res = torch.full((n_perms,), -8.0)
+        static_res[0] = 0.0  # the identity permutation comes first
+        self.static_alpha = nn.Parameter(torch.cat([static_pre, static_res]))   # [n + n!]
+        self.dynamic_alpha_fn = nn.Parameter(torch.zeros(n * d, n + n_perms))
+        self.register_buffer("perms", permutation_matrices(n), persistent=False)
+
+    def forward(self, x: Tensor) -> MixingCoefficients:  # x [batch, pos, n, d]
+        n = self.n_streams
+        y = self.normed(x)
+        logits = y @ self.dynamic_alpha_fn                                         # [b, p, n + n!]
+        h_pre = torch.sigmoid(logits[..., :n] * self.pre_branch_scale + self.static_alpha[:n])
+        weights = torch.softmax(logits[..., n:] * self.residual_scale + self.static_alpha[n:], dim=-1)
+        h_res = torch.einsum("bpr,rts->bpts", weights, self.perms)
+        return MixingCoefficients(h_pre=h_pre, h_post=self.h_post(y), h_res=h_res)

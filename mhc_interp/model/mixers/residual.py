@@ -1,0 +1,19 @@
+"""`none`: the plain residual stream, x' = x + F(x), as the degenerate mixer with n = 1."""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .base import Mixer, MixingCoefficients, register_mixer
+
+
+@register_mixer("none")
+class ResidualMixer(Mixer):
+    """H_pre = H_post = [1], H_res = [[1]]: no parameters, no data dependence."""
+
+    def forward(self, x: Tensor) -> MixingCoefficients:  # x [batch, pos, 1, d_model]
+        b, p, n, _ = x.shape
+        ones = torch.ones((), dtype=torch.float32, device=x.device)
+        return MixingCoefficients(
+            h_pre=ones.expand(b, p, n), h_post=ones.expand(b, p, n), h_res=ones.expand(b, p, n, n)
+        )

@@ -1,0 +1,38 @@
+from pathlib import Path
+
+import pytest
+import torch
+
+from mhc_interp import HookedMHC, MHCConfig
+
+FIXTURES = Path(__file__).parent / "fixtures" / "reference_checkpoints"
+REFERENCE_NAMES = ["mhc_n4", "mhc_lite_n4", "mhc_lite_lss_n4", "hc_n4", "mhc_n2", "residual"]
+
+
+@pytest.fixture(scope="session")
+def tokens():
+    return torch.load(FIXTURES / "tokens.pt")
+
+
+def tiny_config(hyper_conn_type="mhc", n_streams=4, **kw) -> MHCConfig:
+    base = dict(n_layers=2, n_heads=2, d_model=16, n_ctx=12, d_vocab=40, n_streams=n_streams,
+                hyper_conn_type=hyper_conn_type)
+    if hyper_conn_type == "mhc_lite_lss":
+        base["lss_init"] = 0.6
+    base.update(kw)
+    return MHCConfig(**base)
+
+
+def perturbed_model(cfg: MHCConfig, seed: int = 0) -> HookedMHC:
+    """A random model whose every parameter is perturbed, so every term of the forward matters."""
+    torch.manual_seed(seed)
+    model = HookedMHC(cfg).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    return model
+
+
+@pytest.fixture(scope="session")
+def mhc_model():
+    return HookedMHC.from_pretrained(FIXTURES / "mhc_n4.pt")

@@ -102,6 +102,36 @@ def nanogpt_state_dict_to_hooked(sd: Dict[str, Tensor]) -> Tuple[Dict[str, Tenso
     return out, tied
 
 
+def hooked_state_dict_to_nanogpt(sd: Dict[str, Tensor], cfg: MHCConfig) -> Dict[str, Tensor]:
+    """The inverse of `nanogpt_state_dict_to_hooked`, with the public code's duplicate keys, so a
+    model can be exported to (and re-read by) that code's `GPT.load_state_dict`."""
+    out: Dict[str, Tensor] = {}
+    for key, value in sd.items():
+        if key == "embed.weight":
+            out["transformer.wte.weight"] = value
+            if cfg.tie_embeddings:
+                out["lm_head.weight"] = value
+        elif key == "unembed.weight":
+            out["lm_head.weight"] = value
+        elif key == "pos_embed.weight":
+            out["transformer.wpe.weight"] = value
+        elif key.startswith("ln_final."):
+            out["transformer.ln_f." + key[len("ln_final."):]] = value
+        elif key == "expand.lss":
+            out["expand_stream.lss"] = value
+            for layer in range(cfg.n_layers):
+                out[f"transformer.h.{layer}.expand_stream.lss"] = value
+        else:
+            layer, sub, rest = re.fullmatch(r"blocks\.(\d+)\.(attn|mlp)\.(.+)", key).groups()
+            if rest.startswith("mixer."):
+                out[f"transformer.h.{layer}.hc_{sub}.{rest[6:].replace('norm_gamma', 'norm.gamma')}"] = value
+                continue
+            part = f"0.{rest[3:]}" if rest.startswith("ln.") else f"1.{rest}"
+            out[f"transformer.h.{layer}.branch_{sub}.{part}"] = value
+            out[f"transformer.h.{layer}.hc_{sub}.branch.{part}"] = value
+    return out
+
+
 # ------------------------------------------------------------------------- building a model
 def build_model(cls, cfg: MHCConfig, state_dict: Dict[str, Tensor], source: str, tokenizer=None):
     """Instantiate `cls(cfg)` and load `state_dict` strictly, with errors that name the keys."""

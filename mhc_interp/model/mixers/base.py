@@ -15,6 +15,7 @@ so that the hyper-connected sublayer computes  x' = H_res x + H_post^T F(H_pre x
 from __future__ import annotations
 
 from dataclasses import dataclass
+from types import SimpleNamespace
 from typing import Callable, Dict, Type
 
 import torch
@@ -45,6 +46,11 @@ class Mixer(nn.Module):
 
     def forward(self, x: Tensor) -> MixingCoefficients:  # pragma: no cover - abstract
         raise NotImplementedError
+
+    def fp32(self) -> SimpleNamespace:
+        """This mixer's parameters in float32: coefficients are computed in float32 whatever the
+        model's dtype (a no-op copy-free view when the model is float32)."""
+        return SimpleNamespace(**{k: v.float() for k, v in self.named_parameters(recurse=False)})
 
 
 def rms_normalize(x: Tensor, gamma: Tensor) -> Tensor:

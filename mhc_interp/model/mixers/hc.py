@@ -32,9 +32,10 @@ class HyperConnectionMixer(Mixer):
         self.norm_gamma = nn.Parameter(torch.zeros(d))
 
     def forward(self, x: Tensor) -> MixingCoefficients:  # x [batch, pos, n, d]
-        y = rms_normalize(x.float(), self.norm_gamma)                                # [b, p, n, d]
-        alpha = torch.tanh(y @ self.dynamic_alpha_fn) * self.dynamic_alpha_scale + self.static_alpha
-        h_post = torch.tanh(y @ self.dynamic_beta_fn) * self.dynamic_beta_scale + self.static_beta
+        w = self.fp32()
+        y = rms_normalize(x.float(), w.norm_gamma)                                     # [b, p, n, d]
+        alpha = torch.tanh(y @ w.dynamic_alpha_fn) * w.dynamic_alpha_scale + w.static_alpha
+        h_post = torch.tanh(y @ w.dynamic_beta_fn) * w.dynamic_beta_scale + w.static_beta
         return MixingCoefficients(
             h_pre=alpha[..., 0], h_post=h_post, h_res=alpha[..., 1:].transpose(-1, -2)
         )

@@ -9,6 +9,8 @@ H_res is doubly stochastic up to the Sinkhorn residual (columns exactly, rows ap
 """
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import torch
 from torch import Tensor, nn
 
@@ -33,11 +35,11 @@ class _ManifoldMixerBase(Mixer):
         self.h_post_scale = nn.Parameter(torch.tensor(1e-2))
         self.norm_gamma = nn.Parameter(torch.zeros(n * d))
 
-    def normed(self, x: Tensor) -> Tensor:  # [b, p, n, d] -> [b, p, n*d], float32
-        return rms_normalize(x.float().flatten(-2), self.norm_gamma)
+    def normed(self, x: Tensor, w: SimpleNamespace) -> Tensor:  # [b, p, n, d] -> [b, p, n*d]
+        return rms_normalize(x.float().flatten(-2), w.norm_gamma)
 
-    def h_post(self, y: Tensor) -> Tensor:  # [b, p, n]
-        return 2 * torch.sigmoid((y @ self.dynamic_beta_fn) * self.h_post_scale + self.static_beta)
+    def h_post(self, y: Tensor, w: SimpleNamespace) -> Tensor:  # [b, p, n]
+        return 2 * torch.sigmoid((y @ w.dynamic_beta_fn) * w.h_post_scale + w.static_beta)
 
 
 @register_mixer("mhc")
@@ -54,9 +56,9 @@ class SinkhornMixer(_ManifoldMixerBase):
 
     def forward(self, x: Tensor) -> MixingCoefficients:  # x [batch, pos, n, d]
         n = self.n_streams
-        y = self.normed(x)
-        dyn = (y @ self.dynamic_alpha_fn).unflatten(-1, (n, n + 1))               # [b, p, s, 1+n]
-        scale = torch.cat([self.pre_branch_scale, self.residual_scale.expand(n)])
-        alpha = dyn * scale + self.static_alpha
+        w = self.fp32()
+        y = self.normed(x, w)
+        dyn = (y @ w.dynamic_alpha_fn).unflatten(-1, (n, n + 1))                      # [b, p, s, 1+n]
+        alpha = dyn * torch.cat([w.pre_branch_scale, w.residual_scale.expand(n)]) + w.static_alpha
         h_res = sinkhorn_log(alpha[..., 1:].transpose(-1, -2), self.sinkhorn_iters)  # [b, p, t, s]
-        return MixingCoefficients(h_pre=torch.sigmoid(alpha[..., 0]), h_post=self.h_post(y), h_res=h_res)
+        return MixingCoefficients(h_pre=torch.sigmoid(alpha[..., 0]), h_post=self.h_post(y, w), h_res=h_res)

@@ -44,9 +44,10 @@ class PermutationMixer(_ManifoldMixerBase):
 
     def forward(self, x: Tensor) -> MixingCoefficients:  # x [batch, pos, n, d]
         n = self.n_streams
-        y = self.normed(x)
-        logits = y @ self.dynamic_alpha_fn                                         # [b, p, n + n!]
-        h_pre = torch.sigmoid(logits[..., :n] * self.pre_branch_scale + self.static_alpha[:n])
-        weights = torch.softmax(logits[..., n:] * self.residual_scale + self.static_alpha[n:], dim=-1)
-        h_res = torch.einsum("bpr,rts->bpts", weights, self.perms)
-        return MixingCoefficients(h_pre=h_pre, h_post=self.h_post(y), h_res=h_res)
+        w = self.fp32()
+        y = self.normed(x, w)
+        logits = y @ w.dynamic_alpha_fn                                                # [b, p, n + n!]
+        h_pre = torch.sigmoid(logits[..., :n] * w.pre_branch_scale + w.static_alpha[:n])
+        weights = torch.softmax(logits[..., n:] * w.residual_scale + w.static_alpha[n:], dim=-1)
+        h_res = torch.einsum("bpr,rts->bpts", weights, self.perms.float())
+        return MixingCoefficients(h_pre=h_pre, h_post=self.h_post(y, w), h_res=h_res)

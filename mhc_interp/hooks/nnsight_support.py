@@ -1,0 +1,113 @@
+"""nnsight access to `HookedMHC`, with several input-carrying invokes per trace.
+
+`nnsight.NNsight(model)` already traces a `HookedMHC`: every sublayer and every TransformerLens
+`HookPoint` is a module, so `nn_model.blocks[1].attn.hook_h_res.output` reads (or, assigned to,
+replaces) the same tensor a TL hook on `"blocks.1.attn.hook_h_res"` sees. `to_nnsight(model)`
+adds what bare `NNsight` lacks: batching several `tracer.invoke(tokens)` blocks into one forward.
+
+    nn_model = to_nnsight(model)
+    with nn_model.trace() as tracer:
+        with tracer.invoke(clean_tokens):
+            clean = nn_model.blocks[1].mlp.hook_streams_in.output.save()
+        with tracer.invoke(other_tokens):
+            nn_model.blocks[1].mlp.hook_streams_in.output[:, :, 2] = 0   # zero stream 2
+            patched = nn_model.output.save()
+
+Gotchas (nnsight 0.8):
+
+* **Execution order.** A trace body runs interleaved with the forward, so within one invoke
+  read and write locations in the order the model reaches them (embedding, then
+  `blocks[0].attn`, `blocks[0].mlp`, `blocks[1].attn`, ...; inside a sublayer
+  `hook_streams_in`, `hook_h_pre`, `hook_h_post`, `hook_h_res`, `hook_read`, ...,
+  `hook_streams_out`). Asking for an earlier location after a later one raises
+  `OutOfOrderError`.
+* **Save.** Only values marked with `.save()` (or `nnsight.save(x)`) exist after the trace;
+  a list of saved tensors must itself be saved (`nnsight.save([...])`).
+* **The body must be real source**: a file, notebook cell or `python -c`, not stdin; a traced
+  `with` body must start on its own line.
+* **Per-invoke batching.** Each invoke's input is a token tensor [batch_i, pos] (or a 1-D
+  sequence, text, or a stream state with `start_at_sublayer=`); they are concatenated along
+  dim 0, so all invokes must have the same `pos`, and every invoke sees only its own rows of
+  every activation. Keyword arguments (`return_type=...`) must agree across invokes, except
+  tensors (`tokens=`), which are concatenated like the input. An invoke with no input sees the
+  whole batch. With `return_type="loss"` the loss is one scalar over the combined batch.
+* **The stream axis is dim 2**: stream-valued hooks (`hook_streams_in`, `hook_streams_out`,
+  `hook_res_mix`, `hook_h_pre`, ...) are [batch, pos, n_streams, ...], so `output[:, :, s]`
+  addresses stream s (`output[..., s, :]` for the [batch, pos, n, d] states). `hook_h_res` is
+  [batch, pos, target, source].
+* **Writes to expanded tensors.** Some activations are views shared across positions; assign a
+  new tensor (`envoy.output = new`) rather than editing in place when unsure.
+* **Wrapping is permanent**: nnsight installs its controller as every module's `forward`
+  (inert outside a trace). One consequence: the attention pattern hook counts as observed
+  from then on, so the wrapped model always uses the materialised (eager) attention path,
+  also outside traces and for plain `model(tokens)` calls. TransformerLens hooks
+  (`run_with_hooks`, `run_with_cache`) keep working on the wrapped model.
+"""
+from __future__ import annotations
+
+from typing import Any, List, Tuple
+
+import torch
+from nnsight import NNsight
+from torch import Tensor
+
+__all__ = ["MHCNNsight", "to_nnsight"]
+
+
+class MHCNNsight(NNsight):
+    """`NNsight` for a `HookedMHC` whose `_batch_size`/`_batch` (the nnsight 0.8 batching API)
+    concatenate the invokes' inputs along the batch axis."""
+
+    def _invoke_input(self, inputs: Tuple[Any, ...], kwargs: dict) -> Any:
+        """The invoke's data input: the first positional argument, or `input=`; None if none."""
+        if inputs:
+            return inputs[0]
+        return kwargs.get("input")
+
+    def _invoke_rows(self, x: Any) -> Tensor:
+        """The data input as a tensor with a batch axis: tokens [batch, pos] (text and 1-D
+        sequences are converted the way `HookedMHC.forward` does), or a stream state as is."""
+        if isinstance(x, Tensor) and x.is_floating_point():
+            return x  # a stream state [batch, pos, n_streams, d_model] (start_at_sublayer)
+        return self._module._check_tokens(x)
+
+    def _batch_size(self, *inputs: Any, **kwargs: Any) -> int:
+        x = self._invoke_input(inputs, kwargs)
+        return 0 if x is None else int(self._invoke_rows(x).shape[0])
+
+    def _batch(self, invokes: List[Tuple[tuple, dict]], fn: Any) -> Tuple[tuple, dict]:
+        if not invokes:
+            return (), {}
+        if len(invokes) == 1:
+            return invokes[0]
+        rows = [self._invoke_rows(self._invoke_input(args, kwargs)) for args, kwargs in invokes]
+        if len({r.shape[1:] for r in rows}) != 1:
+            raise ValueError(
+                "invokes batched in one trace must share every dimension but the batch one; got "
+                f"input shapes {[tuple(r.shape) for r in rows]} (pad or split into separate traces)"
+            )
+        rest = [(args[1:], {k: v for k, v in kwargs.items() if k != "input"})
+                for args, kwargs in invokes]
+        first_args, first_kwargs = rest[0]
+        if any(len(a) != len(first_args) or set(k) != set(first_kwargs) for a, k in rest):
+            raise ValueError("invokes batched in one trace must pass the same arguments")
+        args = tuple(_merge([a[i] for a, _ in rest], f"argument {i + 1}") for i in range(len(first_args)))
+        kwargs = {key: _merge([k[key] for _, k in rest], f"{key}=") for key in first_kwargs}
+        return (torch.cat(rows, dim=0), *args), kwargs
+
+
+def _merge(values: List[Any], what: str) -> Any:
+    """One invoke-level argument for the batched call: tensors (e.g. `tokens=`) concatenate
+    along the batch axis; anything else must be the same in every invoke."""
+    if isinstance(values[0], Tensor):
+        return torch.cat(values, dim=0)
+    if any(v != values[0] for v in values):
+        raise ValueError(f"invokes batched in one trace disagree on {what}: {values}")
+    return values[0]
+
+
+def to_nnsight(model) -> MHCNNsight:
+    """Wrap a `HookedMHC` for nnsight, allowing several input-carrying `tracer.invoke(...)`s in
+    one trace. The model is not copied: the wrapper and `model` share weights and hook points,
+    and TransformerLens hooks keep working on `model`."""
+    return MHCNNsight(model)

@@ -1,0 +1,144 @@
+"""Loading and saving: our format round-trips, the nanoGPT format generalises beyond the six
+reference checkpoints, the hub code path works from a local HF cache, and bad checkpoints fail
+with errors that name the problem."""
+import json
+import shutil
+
+import pytest
+import torch
+
+from mhc_interp import HookedMHC, MHCConfig
+from mhc_interp.config import ConfigError
+from mhc_interp.loading import CheckpointError, hooked_state_dict_to_nanogpt
+
+from .conftest import FIXTURES, perturbed_model, tiny_config
+
+
+def save_nanogpt(model: HookedMHC, path, prefix=""):
+    sd = hooked_state_dict_to_nanogpt(model.state_dict(), model.cfg)
+    torch.save({"model": {prefix + k: v for k, v in sd.items()},
+                "model_args": model.cfg.to_nanogpt_args(), "iter_num": 0}, path)
+    return path
+
+
+@pytest.mark.parametrize("kind,n,bias", [("mhc", 3, False), ("mhc_lite", 3, True), ("hc", 2, False),
+                                         ("mhc_lite_lss", 2, False), ("none", 1, False), ("mhc", 5, True)])
+def test_nanogpt_format_generalises(kind, n, bias, tmp_path, tokens):
+    model = perturbed_model(tiny_config(kind, n, bias=bias, d_vocab=128, n_ctx=32))
+    path = save_nanogpt(model, tmp_path / "ckpt.pt", prefix="_orig_mod.")
+    loaded = HookedMHC.from_pretrained(path)
+    assert loaded.cfg.bias == bias and loaded.cfg.n_streams == n
+    assert torch.equal(loaded(tokens), model(tokens))
+
+
+def test_own_format_round_trip(tmp_path, tokens, mhc_model):
+    mhc_model.save_pretrained(tmp_path / "m")
+    assert json.loads((tmp_path / "m" / "config.json").read_text())["mhc_interp_format"] == 1
+    again = HookedMHC.from_pretrained(tmp_path / "m")
+    assert torch.equal(again(tokens), mhc_model(tokens))
+
+
+def test_untied_unembedding_is_kept(tmp_path, tokens):
+    model = perturbed_model(tiny_config("mhc", d_vocab=128, n_ctx=32, tie_embeddings=False))
+    loaded = HookedMHC.from_pretrained(save_nanogpt(model, tmp_path / "c.pt"))
+    assert loaded.cfg.tie_embeddings is False
+    assert torch.equal(loaded(tokens), model(tokens))
+
+
+def test_dtype_and_device(tokens):
+    model = HookedMHC.from_pretrained(FIXTURES / "mhc_n4.pt", device="cpu", dtype=torch.bfloat16)
+    assert model.dtype == torch.bfloat16
+    ref = torch.load(FIXTURES / "mhc_n4.logits.pt")
+    with torch.no_grad():
+        logits = model(tokens).float()
+    assert (logits - ref).abs().max() < 0.25 * ref.abs().max()
+
+
+def _fake_hf_cache(cache_dir, repo_id, files_from):
+    """Lay out a HuggingFace hub cache (models--owner--name/snapshots/<rev>, refs/main) the way
+    huggingface_hub writes it, so the real download code can run with local_files_only."""
+    repo_dir = cache_dir / f"models--{repo_id.replace('/', '--')}"
+    revision = "0" * 40
+    snapshot = repo_dir / "snapshots" / revision
+    snapshot.mkdir(parents=True)
+    for f in files_from:
+        shutil.copy(f, snapshot / f.name)
+    (repo_dir / "refs").mkdir()
+    (repo_dir / "refs" / "main").write_text(revision)
+
+
+def test_hub_id_through_local_hf_cache(tmp_path, tokens):
+    folder = FIXTURES / "hub_layout_mhc_lite_n4"
+    _fake_hf_cache(tmp_path, "someone/mhc-tiny", [folder / "config.json", folder / "model.safetensors"])
+    model = HookedMHC.from_pretrained("someone/mhc-tiny", cache_dir=str(tmp_path), local_files_only=True)
+    assert (model(tokens) - torch.load(folder / "logits.pt")).abs().max() <= 1e-4
+
+
+def test_hub_repo_with_single_pt_file(tmp_path, tokens):
+    _fake_hf_cache(tmp_path, "wgpeng/mhc-tiny", [FIXTURES / "mhc_n4.pt"])
+    model = HookedMHC.from_pretrained("wgpeng/mhc-tiny", cache_dir=str(tmp_path), local_files_only=True)
+    assert (model(tokens) - torch.load(FIXTURES / "mhc_n4.logits.pt")).abs().max() <= 1e-4
+
+
+def test_hub_unreachable_is_a_clear_error(tmp_path):
+    with pytest.raises(CheckpointError, match="could not fetch 'nobody/no-such-model'.*local path"):
+        HookedMHC.from_pretrained("nobody/no-such-model", cache_dir=str(tmp_path), local_files_only=True)
+
+
+def test_missing_path_is_a_clear_error(tmp_path):
+    with pytest.raises(CheckpointError, match="neither an existing file"):
+        HookedMHC.from_pretrained(str(tmp_path / "nothing.pt"))
+
+
+def test_missing_and_unexpected_keys_are_named(tmp_path):
+    ckpt = torch.load(FIXTURES / "mhc_n4.pt", weights_only=True)
+    del ckpt["model"]["transformer.h.1.hc_mlp.static_beta"]
+    torch.save(ckpt, tmp_path / "missing.pt")
+    with pytest.raises(CheckpointError, match=r"missing keys \['blocks.1.mlp.mixer.static_beta'\]"):
+        HookedMHC.from_pretrained(tmp_path / "missing.pt")
+    ckpt = torch.load(FIXTURES / "mhc_n4.pt", weights_only=True)
+    ckpt["model"]["transformer.h.0.surprise"] = torch.zeros(1)
+    torch.save(ckpt, tmp_path / "unexpected.pt")
+    with pytest.raises(CheckpointError, match="transformer.h.0.surprise"):
+        HookedMHC.from_pretrained(tmp_path / "unexpected.pt")
+
+
+def test_wrong_stream_count_is_named(tmp_path):
+    ckpt = torch.load(FIXTURES / "mhc_n4.pt", weights_only=True)
+    ckpt["model_args"]["hyper_conn_n"] = 2
+    torch.save(ckpt, tmp_path / "wrong.pt")
+    with pytest.raises(CheckpointError, match="shapes do not match"):
+        HookedMHC.from_pretrained(tmp_path / "wrong.pt")
+
+
+def test_unknown_hyper_conn_type_is_named(tmp_path):
+    ckpt = torch.load(FIXTURES / "mhc_n4.pt", weights_only=True)
+    ckpt["model_args"]["hyper_conn_type"] = "kromhc"
+    torch.save(ckpt, tmp_path / "kromhc.pt")
+    with pytest.raises(ConfigError, match="unknown hyper_conn_type 'kromhc'"):
+        HookedMHC.from_pretrained(tmp_path / "kromhc.pt")
+
+
+def test_not_a_checkpoint(tmp_path):
+    torch.save({"weights": {}}, tmp_path / "odd.pt")
+    with pytest.raises(CheckpointError, match="expected a nanoGPT mHC checkpoint"):
+        HookedMHC.from_pretrained(tmp_path / "odd.pt")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(CheckpointError, match="no checkpoint found"):
+        HookedMHC.from_pretrained(tmp_path / "empty")
+
+
+def test_inconsistent_duplicate_keys(tmp_path):
+    ckpt = torch.load(FIXTURES / "mhc_n4.pt", weights_only=True)
+    key = "transformer.h.0.hc_attn.branch.1.c_proj.bias"
+    ckpt["model"][key] = ckpt["model"][key] + 1.0  # a new tensor: the two keys share storage
+    torch.save(ckpt, tmp_path / "dup.pt")
+    with pytest.raises(CheckpointError, match="should hold the same tensor"):
+        HookedMHC.from_pretrained(tmp_path / "dup.pt")
+
+
+def test_config_validation():
+    with pytest.raises(ConfigError, match="n_streams=1"):
+        MHCConfig(hyper_conn_type="none", n_streams=4)
+    with pytest.raises(ConfigError, match="divisible"):
+        MHCConfig(d_model=30, n_heads=4)

@@ -49,14 +49,30 @@ from typing import Any, List, Tuple
 
 import torch
 from nnsight import NNsight
+from nnsight.intervention.batching import Batcher
 from torch import Tensor
 
 __all__ = ["MHCNNsight", "to_nnsight"]
 
 
+class _ScalarSafeBatcher(Batcher):
+    """nnsight 0.8.1's `Batcher` indexes `tensor.shape[0]` to decide whether a tensor is
+    batched, which raises IndexError on 0-dim tensors (reading `.output` of a batched
+    `return_type="loss"` run). A scalar is not batched: serve it whole, as the base class does
+    for any tensor whose leading dim is not the batch."""
+
+    def _narrow_tensor(self, tensor: Tensor, group: list) -> Tensor:
+        return tensor if tensor.ndim == 0 else super()._narrow_tensor(tensor, group)
+
+    def _widen_tensor(self, full: Tensor, group: list, edited: Tensor) -> Tensor:
+        return edited if full.ndim == 0 else super()._widen_tensor(full, group, edited)
+
+
 class MHCNNsight(NNsight):
     """`NNsight` for a `HookedMHC` whose `_batch_size`/`_batch` (the nnsight 0.8 batching API)
     concatenate the invokes' inputs along the batch axis."""
+
+    _batcher_class = _ScalarSafeBatcher
 
     def _invoke_input(self, inputs: Tuple[Any, ...], kwargs: dict) -> Any:
         """The invoke's data input: the first positional argument, or `input=`; None if none."""

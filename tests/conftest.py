@@ -36,3 +36,21 @@ def perturbed_model(cfg: MHCConfig, seed: int = 0) -> HookedMHC:
 @pytest.fixture(scope="session")
 def mhc_model():
     return HookedMHC.from_pretrained(FIXTURES / "mhc_n4.pt")
+
+
+def planted_reader_model(reader: int = 0, dropped: int = 1) -> HookedMHC:
+    """An `hc` model with static coefficients: every sublayer reads only stream `reader`
+    (H_pre one-hot), and H_res is the identity except that source stream `dropped` is not carried
+    on (its column is zero). Stream `dropped`'s input therefore never reaches the output."""
+    model = perturbed_model(tiny_config("hc"), seed=1)
+    n = model.cfg.n_streams
+    h_res = torch.eye(n)
+    h_res[:, dropped] = 0.0
+    with torch.no_grad():
+        for sub in model.sublayers:
+            m = sub.mixer
+            m.dynamic_alpha_fn.zero_()
+            m.dynamic_beta_fn.zero_()
+            m.static_alpha.copy_(torch.cat([torch.eye(n)[:, reader:reader + 1], h_res.T], dim=1))
+            m.static_beta.copy_(torch.linspace(0.5, 1.5, n))
+    return model

@@ -1,2 +1,14 @@
-"""Probes read and edit a `HookedMHC` only through its hook points (see `mhc_interp.hooks`).
-The probe contract and the built-in probes arrive with the probe issues."""
+"""Probes: streaming reducers over a corpus, written against the hook API.
+
+    from mhc_interp.probes import run_probes, StreamUsage
+    usage = run_probes(model, StreamUsage(), tokens)
+
+See `base.py` for the contract (write your own in one small file) and `runner.py` for token
+sources, masking and batching.
+"""
+from .base import PROBES, Probe, ProbeResult, get_probe, register_probe, register_result, require_streams
+from .runner import iter_batches, run_probes
+from .stream_usage import StreamUsage, StreamUsageResult
+
+__all__ = ["PROBES", "Probe", "ProbeResult", "get_probe", "register_probe", "register_result",
+           "require_streams", "iter_batches", "run_probes", "StreamUsage", "StreamUsageResult"]

@@ -1,0 +1,136 @@
+"""The probe contract: how every probe - built in or yours - is written.
+
+A probe is a streaming reducer over a corpus:
+
+    class MyProbe(Probe):
+        name = "my_probe"                               # registry key and result label
+        def hook_names(self, model) -> list[str]: ...   # the hook points it needs cached
+        def update(self, acts, mask) -> None: ...       # one batch: acts {name: tensor}, mask [batch, pos]
+        def result(self) -> ProbeResult: ...            # plain arrays + metadata
+
+The runner (`mhc_interp.probes.runner.run_probes`) owns batching, devices, dtype, position
+masking (BOS / position 0 and padding excluded by default), progress bars, NaN checks and
+sharing one forward among several probes. `update` must aggregate online: its state may not grow
+with the number of batches. `setup(model)` (optional) validates the model and sizes the state.
+
+Results are `ProbeResult`s: a dict of numpy arrays plus JSON metadata, saved as `PATH.json` +
+`PATH.npz` and loaded back with `ProbeResult.load(PATH)`, with a `plot()` per probe.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, ClassVar, Dict, List, Optional, Type
+
+import numpy as np
+from torch import Tensor
+
+PROBES: Dict[str, Type["Probe"]] = {}
+RESULTS: Dict[str, Type["ProbeResult"]] = {}
+
+
+def register_probe(cls: Type["Probe"]) -> Type["Probe"]:
+    """Class decorator: make a probe available by its `name` (e.g. to the CLI)."""
+    PROBES[cls.name] = cls
+    return cls
+
+
+def register_result(cls: Type["ProbeResult"]) -> Type["ProbeResult"]:
+    RESULTS[cls.__name__] = cls
+    return cls
+
+
+def get_probe(name: str, **kwargs) -> "Probe":
+    if name not in PROBES:
+        raise KeyError(f"unknown probe {name!r}; registered probes: {sorted(PROBES)}")
+    return PROBES[name](**kwargs)
+
+
+def require_streams(model, probe_name: str, minimum: int = 2) -> None:
+    """Stream-comparison probes have no meaning on a single-stream (plain residual) model."""
+    n = model.cfg.n_streams
+    if n < minimum:
+        raise ValueError(
+            f"probe {probe_name!r} compares residual streams, but this model has {n} stream "
+            f"(hyper_conn_type={model.cfg.hyper_conn_type!r}); it has no meaning here"
+        )
+
+
+class Probe:
+    """Base class; see the module docstring for the contract."""
+
+    name: ClassVar[str] = "probe"
+
+    def setup(self, model) -> None:
+        """Called once by the runner before the first batch (validate, size the state)."""
+
+    def hook_names(self, model) -> List[str]:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def update(self, acts: Dict[str, Tensor], mask: Tensor) -> None:  # pragma: no cover
+        """acts: {hook name: activation [batch, pos, ...]}; mask [batch, pos] bool (True = use)."""
+        raise NotImplementedError
+
+    def result(self) -> "ProbeResult":  # pragma: no cover - abstract
+        raise NotImplementedError
+
+
+@dataclass
+class ProbeResult:
+    """Plain data: `arrays` (numpy) + `meta` (JSON-serialisable). Subclasses add `plot()`."""
+
+    probe: str
+    arrays: Dict[str, np.ndarray]
+    meta: Dict[str, Any] = field(default_factory=dict)
+
+    def __getitem__(self, key: str) -> np.ndarray:
+        return self.arrays[key]
+
+    def save(self, path) -> Path:
+        """Write PATH.json (metadata) and PATH.npz (arrays); returns the JSON path."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        np.savez(path.with_suffix(".npz"), **self.arrays)
+        info = {"probe": self.probe, "result_class": type(self).__name__, "meta": self.meta,
+                "arrays": {k: list(v.shape) for k, v in self.arrays.items()}}
+        path.with_suffix(".json").write_text(json.dumps(info, indent=2, default=_jsonable))
+        return path.with_suffix(".json")
+
+    @classmethod
+    def load(cls, path) -> "ProbeResult":
+        path = Path(path)
+        info = json.loads(path.with_suffix(".json").read_text())
+        with np.load(path.with_suffix(".npz")) as npz:
+            arrays = {k: npz[k] for k in npz.files}
+        klass = RESULTS.get(info.get("result_class"), ProbeResult)
+        return klass(probe=info["probe"], arrays=arrays, meta=info["meta"])
+
+    def plot(self, **kwargs):  # pragma: no cover - overridden
+        raise NotImplementedError(f"{type(self).__name__} has no plot")
+
+    def save_figures(self, folder, fmt: str = "png", **kwargs) -> List[Path]:
+        """Save what `plot()` draws (one figure or a dict of them) under `folder`."""
+        import matplotlib.pyplot as plt
+
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        figs = self.plot(**kwargs)
+        figs = figs if isinstance(figs, dict) else {self.probe: figs}
+        paths = []
+        for name, fig in figs.items():
+            paths.append(folder / f"{name}.{fmt}")
+            fig.savefig(paths[-1], dpi=120, bbox_inches="tight")
+            plt.close(fig)
+        return paths
+
+
+def _jsonable(obj):
+    if isinstance(obj, (np.integer, np.floating)):
+        return obj.item()
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    return str(obj)
+
+
+ResultFactory = Optional[Callable[..., ProbeResult]]

@@ -1,0 +1,151 @@
+"""Drive one or several probes over a token source, sharing one forward per batch.
+
+    results = run_probes(model, [StreamUsage(), CKA()], tokens, batch_size=8)
+
+Token sources (`iter_batches`):
+- a token tensor [n_seq, pos] (or 1-D: cut into `seq_len` windows);
+- a `datasets.Dataset` with an `input_ids` column (ragged rows are right-padded and masked) or a
+  `text` column (tokenized with the model's tokenizer, cut into `seq_len` windows);
+- a list of text files (paths), tokenized on the fly and cut into `seq_len` windows.
+
+Only the hooks the probes ask for are cached, each batch is checked for NaN/inf, and the forward
+stops after the last sublayer any probe needs. The position mask excludes position 0 (BOS) by
+default and padding always.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
+
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from ..hooks.names import check_hook_names
+from .base import Probe, ProbeResult
+
+Batch = Tuple[Tensor, Tensor]  # tokens [batch, pos], valid [batch, pos] (False = padding)
+
+
+def _windows(ids: Sequence[int], seq_len: int) -> List[List[int]]:
+    return [list(ids[i:i + seq_len]) for i in range(0, len(ids) - seq_len + 1, seq_len)]
+
+
+def _tokenize(model, text: str) -> List[int]:
+    if model.tokenizer is None:
+        raise ValueError("text input needs a tokenizer, and this model has none; pass token ids")
+    return model.tokenizer.encode(text)
+
+
+def _pad(rows: List[Sequence[int]], pad_id: int) -> Batch:
+    width = max(len(r) for r in rows)
+    tokens = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    valid = torch.zeros(len(rows), width, dtype=torch.bool)
+    for i, r in enumerate(rows):
+        tokens[i, :len(r)] = torch.as_tensor(list(r), dtype=torch.long)
+        valid[i, :len(r)] = True
+    return tokens, valid
+
+
+def iter_batches(model, source, batch_size: int, seq_len: Optional[int] = None,
+                 pad_id: int = 0) -> Iterator[Batch]:
+    """Yield (tokens [batch, pos], valid [batch, pos]) from any supported token source."""
+    seq_len = seq_len or model.cfg.n_ctx
+    if isinstance(source, Tensor):
+        rows = source if source.ndim == 2 else torch.stack([torch.as_tensor(w) for w in _windows(source.tolist(), seq_len)])
+        for i in range(0, len(rows), batch_size):
+            chunk = rows[i:i + batch_size].long()
+            yield chunk, torch.ones_like(chunk, dtype=torch.bool)
+        return
+    if hasattr(source, "column_names"):  # a datasets.Dataset
+        if "input_ids" in source.column_names:
+            rows = (r["input_ids"] for r in source)
+        elif "text" in source.column_names:
+            rows = (w for r in source for w in _windows(_tokenize(model, r["text"]), seq_len))
+        else:
+            raise ValueError(f"dataset needs an 'input_ids' or 'text' column, has {source.column_names}")
+    elif isinstance(source, (list, tuple)) and all(isinstance(p, (str, Path)) for p in source):
+        missing = [str(p) for p in source if not Path(p).is_file()]
+        if missing:
+            raise FileNotFoundError(f"token source: not files: {missing[:5]}")
+        rows = (w for p in source for w in _windows(_tokenize(model, Path(p).read_text()), seq_len))
+    else:
+        raise TypeError(
+            f"unsupported token source {type(source).__name__}: use a token tensor, a "
+            f"datasets.Dataset, or a list of text-file paths"
+        )
+    batch: List[Sequence[int]] = []
+    for row in rows:
+        batch.append(row)
+        if len(batch) == batch_size:
+            yield _pad(batch, pad_id)
+            batch = []
+    if batch:
+        yield _pad(batch, pad_id)
+
+
+def _last_sublayer_needed(model, names: Iterable[str]) -> Optional[int]:
+    """Index of the sublayer to stop before, or None if a hook after the blocks is needed."""
+    index = {s: k for k, s in enumerate(model.sublayer_names)}
+    last = -1
+    for name in names:
+        if not name.startswith("blocks."):
+            if name not in ("hook_embed", "hook_pos_embed", "hook_streams_init"):
+                return None
+            continue
+        last = max(last, index[name.rsplit(".", 1)[0]])
+    return last + 1
+
+
+def run_probes(model, probes: Union[Probe, Sequence[Probe]], source, *, batch_size: int = 8,
+               seq_len: Optional[int] = None, max_tokens: Optional[int] = None,
+               exclude_first: int = 1, pad_id: int = 0, device=None, dtype=None,
+               progress: bool = True) -> Dict[str, ProbeResult]:
+    """Run `probes` over `source`; returns {probe.name: result}.
+
+    exclude_first: positions [0, exclude_first) are masked out (BOS / position 0; 0 keeps all).
+    max_tokens: stop after this many (unpadded) tokens. device / dtype: move the model first.
+    """
+    single = isinstance(probes, Probe)
+    probes = [probes] if single else list(probes)
+    if len({p.name for p in probes}) != len(probes):
+        raise ValueError("two probes share a name; give them distinct `name`s")
+    if device is not None or dtype is not None:
+        model.to(device=device, dtype=dtype)
+    for probe in probes:
+        probe.setup(model)
+    wanted = {p.name: list(p.hook_names(model)) for p in probes}
+    names = sorted({n for ns in wanted.values() for n in ns})
+    check_hook_names(names, model.hook_dict)
+    stop = _last_sublayer_needed(model, names)
+    seen = 0
+    bar = tqdm(total=max_tokens, unit="tok", desc="probes", disable=not progress)
+    with torch.no_grad():
+        for tokens, valid in iter_batches(model, source, batch_size, seq_len, pad_id):
+            if max_tokens is not None and seen >= max_tokens:
+                break
+            acts: Dict[str, Tensor] = {}
+
+            def save(act: Tensor, hook) -> None:
+                acts[hook.name] = act
+
+            with model.hooks(fwd_hooks=[(n, save) for n in names]):
+                model(tokens.to(model.device), stop_at_sublayer=stop, return_type=None)
+            mask = valid.clone()
+            mask[:, :exclude_first] = False
+            mask = mask.to(model.device)
+            for name, act in acts.items():
+                if not torch.isfinite(act).all():
+                    raise FloatingPointError(f"non-finite values (NaN/inf) in activation {name!r}")
+            for probe in probes:
+                probe.update({n: acts[n] for n in wanted[probe.name]}, mask)
+            n_tok = int(valid.sum())
+            seen += n_tok
+            bar.update(n_tok)
+    bar.close()
+    if seen == 0:
+        raise ValueError("the token source yielded no tokens")
+    results = {p.name: p.result() for p in probes}
+    for r in results.values():
+        r.meta.setdefault("tokens_seen", seen)
+    return results[probes[0].name] if single else results

@@ -1,0 +1,161 @@
+"""Stream-usage diagnostics (the stream-collapse paper's and "Ablate and Rescue"'s routing plots),
+per sublayer, averaged over the unmasked tokens of a corpus.
+
+For sublayer l with stream state x [n, d] and coefficients (h_pre, h_post, H_res) at a token:
+    mean_h_res[l]           = E_t[H_res]                                (papers' [target, source])
+    mean_h_res_dist[l]      = ||E_t[H_res] - I||_F
+    h_res_dist[l]           = E_t[||H_res - I||_F]     (averaging can hide token-level permutations)
+    read_share[l, s]        = E_t[|h_pre_s| / sum_s' |h_pre_s'|]       (coefficient share)
+    read_share_norm[l, s]   = E_t[|h_pre_s| ||x_s|| / sum_s' |h_pre_s'| ||x_s'||]   (signal read)
+    write_share[l, s]       = E_t[|h_post_s| / sum_s' |h_post_s'|]
+    stream_norm[l, s]       = E_t[||x_s||_2]  of the state entering sublayer l; the last row is
+                              the final state leaving the last sublayer
+    h_post_fro[l]           = E_t[||h_post||_2]
+    h_post_var_tokens[l]    = mean_s Var_t(h_post_s)                   (how dynamic the writes are)
+    h_post_var_streams[l]   = E_t[Var_s(h_post_s)]                     (how uneven across streams)
+|.| matters only for unconstrained HC, whose coefficients can be negative. All sums are float64.
+"""
+from __future__ import annotations
+
+from typing import Dict, List
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from .base import Probe, ProbeResult, register_probe, register_result, require_streams
+
+SUM_KEYS = ("h_res", "h_res_dist", "read_share", "read_share_norm", "write_share", "stream_norm",
+            "h_pre", "h_post", "h_post_sq", "h_post_fro", "h_post_var_streams")
+
+
+def _share(weights: Tensor) -> Tensor:  # [..., n] -> [..., n], |w| normalised to sum 1
+    w = weights.abs()
+    return w / w.sum(-1, keepdim=True).clamp_min(1e-30)
+
+
+@register_probe
+class StreamUsage(Probe):
+    name = "stream_usage"
+
+    def setup(self, model) -> None:
+        require_streams(model, self.name)
+        self.sublayers: List[str] = model.sublayer_names
+        self.n_streams = model.cfg.n_streams
+        self.hyper_conn_type = model.cfg.hyper_conn_type
+        self.sums: Dict[str, Tensor] = {}
+        self.count = 0
+
+    def hook_names(self, model) -> List[str]:
+        names = [f"{s}.hook_{k}" for s in model.sublayer_names
+                 for k in ("streams_in", "h_pre", "h_post", "h_res")]
+        return names + [f"{model.sublayer_names[-1]}.hook_streams_out"]
+
+    def _add(self, key: str, per_token: Tensor) -> None:
+        """Accumulate the sum over tokens of `per_token` [tokens, ...] (float64)."""
+        total = per_token.sum(0)
+        self.sums[key] = self.sums[key] + total if key in self.sums else total
+
+    def update(self, acts: Dict[str, Tensor], mask: Tensor) -> None:
+        eye = torch.eye(self.n_streams, dtype=torch.float64, device=mask.device)
+        stats = {k: [] for k in SUM_KEYS}
+        for s in self.sublayers:
+            x = acts[f"{s}.hook_streams_in"][mask].double()       # [tokens, n, d]
+            h_pre = acts[f"{s}.hook_h_pre"][mask].double()        # [tokens, n]
+            h_post = acts[f"{s}.hook_h_post"][mask].double()      # [tokens, n]
+            h_res = acts[f"{s}.hook_h_res"][mask].double()        # [tokens, n, n]
+            norms = x.norm(dim=-1)                                 # [tokens, n]
+            stats["h_res"].append(h_res)
+            stats["h_res_dist"].append((h_res - eye).flatten(1).norm(dim=-1))
+            stats["read_share"].append(_share(h_pre))
+            stats["read_share_norm"].append(_share(h_pre.abs() * norms))
+            stats["write_share"].append(_share(h_post))
+            stats["stream_norm"].append(norms)
+            stats["h_pre"].append(h_pre)
+            stats["h_post"].append(h_post)
+            stats["h_post_sq"].append(h_post ** 2)
+            stats["h_post_fro"].append(h_post.norm(dim=-1))
+            stats["h_post_var_streams"].append(h_post.var(dim=-1, unbiased=False))
+        final = acts[f"{self.sublayers[-1]}.hook_streams_out"][mask].double().norm(dim=-1)
+        stats["stream_norm"].append(final)
+        for key, values in stats.items():
+            self._add(key, torch.stack(values, dim=1))          # [tokens, n_sublayers(+1), ...]
+        self.count += int(mask.sum())
+
+    def result(self) -> "StreamUsageResult":
+        if self.count == 0:
+            raise ValueError("stream_usage saw no unmasked tokens")
+        mean = {k: (v / self.count).cpu().numpy() for k, v in self.sums.items()}
+        eye = np.eye(self.n_streams)
+        arrays = {
+            "mean_h_res": mean["h_res"],
+            "mean_h_res_dist": np.linalg.norm(mean["h_res"] - eye, axis=(-2, -1)),
+            "h_res_dist": mean["h_res_dist"],
+            "read_share": mean["read_share"],
+            "read_share_norm": mean["read_share_norm"],
+            "write_share": mean["write_share"],
+            "stream_norm": mean["stream_norm"],
+            "mean_h_pre": mean["h_pre"],
+            "mean_h_post": mean["h_post"],
+            "h_post_fro": mean["h_post_fro"],
+            "h_post_var_tokens": (mean["h_post_sq"] - mean["h_post"] ** 2).clip(min=0).mean(-1),
+            "h_post_var_streams": mean["h_post_var_streams"],
+        }
+        meta = {"sublayers": self.sublayers, "n_streams": self.n_streams,
+                "hyper_conn_type": self.hyper_conn_type, "tokens": self.count}
+        return StreamUsageResult(self.name, arrays, meta)
+
+
+@register_result
+class StreamUsageResult(ProbeResult):
+    def plot(self, max_heatmaps: int = 8):
+        """{"h_res": token-averaged H_res heatmaps, "shares": read/write shares,
+        "stream_norms": per-stream norms (log scale), "h_post": H_post norm and variances}."""
+        import matplotlib.pyplot as plt
+
+        subs, n = self.meta["sublayers"], self.meta["n_streams"]
+        x = np.arange(len(subs))
+        figs = {}
+        picks = np.unique(np.linspace(0, len(subs) - 1, min(max_heatmaps, len(subs))).round().astype(int))
+        fig, axes = plt.subplots(1, len(picks), figsize=(2.6 * len(picks), 2.8), squeeze=False)
+        for ax, k in zip(axes[0], picks):
+            im = ax.imshow(self["mean_h_res"][k], vmin=0, vmax=1, cmap="viridis")
+            ax.set_title(subs[k], fontsize=8)
+            ax.set_xlabel("source")
+            ax.set_ylabel("target")
+            for (i, j), v in np.ndenumerate(self["mean_h_res"][k]):
+                ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=6,
+                        color="white" if v < 0.5 else "black")
+        fig.colorbar(im, ax=axes[0].tolist(), shrink=0.8)
+        fig.suptitle("token-averaged H_res [target, source]")
+        figs["h_res"] = fig
+
+        fig, axes = plt.subplots(1, 3, figsize=(14, 3.4), sharey=True)
+        for ax, key, title in zip(axes, ("read_share", "read_share_norm", "write_share"),
+                                  ("read share (H_pre)", "norm-weighted read share", "write share (H_post)")):
+            for s in range(n):
+                ax.plot(x, self[key][:, s], label=f"stream {s}")
+            ax.axhline(1 / n, color="grey", ls=":", lw=1)
+            ax.set_title(title)
+            ax.set_xlabel("sublayer")
+        axes[0].set_ylabel("share")
+        axes[0].legend(fontsize=7)
+        figs["shares"] = fig
+
+        fig, ax = plt.subplots(figsize=(6, 3.4))
+        for s in range(n):
+            ax.plot(np.arange(len(subs) + 1), self["stream_norm"][:, s], label=f"stream {s}")
+        ax.set_yscale("log")
+        ax.set_xlabel("sublayer (input; last = final state)")
+        ax.set_ylabel("mean ||x_s||")
+        ax.legend(fontsize=7)
+        figs["stream_norms"] = fig
+
+        fig, axes = plt.subplots(1, 3, figsize=(13, 3.2))
+        for ax, key, title in zip(axes, ("h_post_fro", "h_post_var_tokens", "h_post_var_streams"),
+                                  ("E||H_post||", "Var over tokens", "Var over streams")):
+            ax.plot(x, self[key], marker=".")
+            ax.set_title(title)
+            ax.set_xlabel("sublayer")
+        figs["h_post"] = fig
+        return figs

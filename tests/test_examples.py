@@ -1,0 +1,24 @@
+"""The examples run, and the custom-probe example computes what it says."""
+import runpy
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from mhc_interp.probes import ProbeResult, run_probes
+
+from .conftest import planted_reader_model
+
+EXAMPLES = Path(__file__).parent.parent / "examples"
+
+
+def test_custom_probe_example(tmp_path, monkeypatch):
+    module = runpy.run_path(str(EXAMPLES / "custom_probe.py"))
+    result = module["main"](["--out", str(tmp_path / "entropy")])
+    loaded = ProbeResult.load(tmp_path / "entropy")
+    np.testing.assert_array_equal(loaded["entropy_bits"], result["entropy_bits"])
+    assert ((0 <= result["entropy_bits"]) & (result["entropy_bits"] <= 2 + 1e-9)).all()
+    # planted: a model that reads exactly one stream has zero read entropy
+    planted = run_probes(planted_reader_model(), module["ReadEntropy"](), torch.randint(0, 40, (2, 6)), progress=False)
+    np.testing.assert_allclose(planted["entropy_bits"], 0.0, atol=1e-12)

@@ -1,6 +1,5 @@
 """The examples run, and the custom-probe example computes what it says."""
 import runpy
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -13,7 +12,7 @@ from .conftest import planted_reader_model
 EXAMPLES = Path(__file__).parent.parent / "examples"
 
 
-def test_custom_probe_example(tmp_path, monkeypatch):
+def test_custom_probe_example(tmp_path):
     module = runpy.run_path(str(EXAMPLES / "custom_probe.py"))
     result = module["main"](["--out", str(tmp_path / "entropy")])
     loaded = ProbeResult.load(tmp_path / "entropy")

@@ -8,7 +8,7 @@ import torch
 from nnsight import NNsight
 
 from mhc_interp import HookedMHC, MHCConfig
-from mhc_interp.hooks.nnsight_support import MHCNNsight, to_nnsight
+from mhc_interp.hooks.nnsight_support import to_nnsight
 from mhc_interp.model.components import hook_point_observed
 
 ATOL = 1e-6

@@ -8,7 +8,9 @@ sources, masking and batching.
 """
 from .base import PROBES, Probe, ProbeResult, get_probe, register_probe, register_result, require_streams
 from .runner import iter_batches, run_probes
+from .curvature import Curvature, CurvatureResult, sequence_curvatures, step_angles
 from .stream_usage import StreamUsage, StreamUsageResult
 
 __all__ = ["PROBES", "Probe", "ProbeResult", "get_probe", "register_probe", "register_result",
-           "require_streams", "iter_batches", "run_probes", "StreamUsage", "StreamUsageResult"]
+           "require_streams", "iter_batches", "run_probes", "StreamUsage", "StreamUsageResult",
+           "Curvature", "CurvatureResult", "sequence_curvatures", "step_angles"]

@@ -1,0 +1,298 @@
+"""Token-trajectory curvature per residual stream (and for the stream sum), per site.
+
+Hosseini & Fedorenko 2023 ("Large language models implicitly learn to straighten neural sentence
+trajectories to construct a predictive representation of natural language", NeurIPS;
+after Hénaff, Goris & Simoncelli 2019). For one sequence and one representation x_t ∈ R^d,
+t running over the sequence's valid (unmasked) positions:
+
+    v_t     = x_{t+1} - x_t                       only if positions t and t+1 are both valid
+    c_t     = arccos( clamp( <v_t, v_{t+1}> / (|v_t| |v_{t+1}|), -1, 1 ) ) * 180 / pi
+                                                  only if v_t and v_{t+1} both exist and
+                                                  |v_t| > eps and |v_{t+1}| > eps
+              (evaluated as 2 atan2(|û - ŵ|, |û + ŵ|) with û = v_t/|v_t|, ŵ = v_{t+1}/|v_{t+1}|:
+              the same angle, without arccos's loss of accuracy near 0° and 180°)
+    κ(seq)  = mean_t c_t                          (degrees; the sequence is skipped, and counted
+                                                  in `n_skipped`, if it has no valid angle)
+
+A masked position breaks the trajectory (no step crosses it), and a zero-length step (a repeated
+identical state, |v| <= eps) is dropped together with the two angles it would enter; steps on
+either side of it are *not* joined. Everything is computed in float64.
+
+The probe reports, per site l and column k (stream s = 0..n-1, then the stream sum
+Σ_s x_{l,s}, the "effective" single residual), the mean and the standard error of κ over
+sequences:
+
+    mean[l, k] = (1/N) Σ_i κ_i,   sem[l, k] = sqrt( (Σ_i κ_i² - N mean²) / (N - 1) ) / sqrt(N)
+
+from running float64 sums (Σ κ, Σ κ², N), so its state does not grow with the number of batches.
+`change_from_first = mean - mean[0]` (relative to the first site; with the default sites that is
+the embedding). Lower = straighter; i.i.d. random points give 120°, a random walk ≈ 90° and a
+straight line 0°. Curvature is invariant to scaling and translation of a stream, so a low-norm
+stream can still have a well-defined curvature: do not read it as importance.
+"""
+from __future__ import annotations
+
+from typing import Dict, List, Optional, Sequence, Tuple, Union
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from ..hooks.names import STREAM_VALUED, suffix, unknown_hook_error
+from .base import Probe, ProbeResult, register_probe, register_result
+
+__all__ = ["Curvature", "CurvatureResult", "sequence_curvatures", "step_angles", "curvature_sites"]
+
+SiteSpec = Union[str, Sequence[str]]
+_STREAM_SITE_SUFFIXES = tuple(s for s in STREAM_VALUED if s not in ("hook_h_pre", "hook_h_post"))
+
+
+# ------------------------------------------------------------------------------- the maths
+def _check_inputs(x: Tensor, mask: Optional[Tensor]) -> Tensor:
+    if x.ndim < 3:
+        raise ValueError(f"x must be [batch, pos, ..., d], got shape {tuple(x.shape)}")
+    if mask is None:
+        return torch.ones(x.shape[:2], dtype=torch.bool, device=x.device)
+    if mask.shape != x.shape[:2]:
+        raise ValueError(f"mask must be [batch, pos] = {tuple(x.shape[:2])}, got {tuple(mask.shape)}")
+    return mask.to(device=x.device, dtype=torch.bool)
+
+
+def step_angles(x: Tensor, mask: Optional[Tensor] = None, eps: float = 1e-12) -> Tuple[Tensor, Tensor]:
+    """Turning angles of the trajectories x[b, :, ...] (over the position axis 1), in degrees.
+
+    x: [batch, pos, ..., d] (any extra axes between pos and d are independent trajectories);
+    mask: [batch, pos] bool, True = valid position (default: all valid).
+    Returns (angles, valid), both [batch, pos - 2, ...]: angles[:, t] = c_t, the angle between
+    v_t = x_{t+1} - x_t and v_{t+1} = x_{t+2} - x_{t+1} (float64, 0 where not valid); valid[:, t]
+    is True iff positions t, t+1, t+2 are all valid and |v_t|, |v_{t+1}| > eps.
+    Raises FloatingPointError if a valid position holds NaN/inf.
+    """
+    mask = _check_inputs(x, mask)
+    if x.device.type == "mps":  # no float64 there
+        x, mask = x.cpu(), mask.cpu()
+    x = x.to(torch.float64)
+    m = mask.view(mask.shape + (1,) * (x.ndim - 2))
+    x = torch.where(m, x, torch.zeros((), dtype=x.dtype, device=x.device))  # masked values unused
+    if not torch.isfinite(x).all():
+        raise FloatingPointError("curvature: non-finite values (NaN/inf) at valid positions of the input")
+    v = x[:, 1:] - x[:, :-1]                                 # [batch, pos-1, ..., d]
+    norm = torch.linalg.vector_norm(v, dim=-1)               # [batch, pos-1, ...]
+    step_ok = (mask[:, 1:] & mask[:, :-1]).view(mask.shape[0], -1, *(1,) * (norm.ndim - 2))
+    step_ok = step_ok & (norm > eps)
+    valid = step_ok[:, :-1] & step_ok[:, 1:]                 # [batch, pos-2, ...]
+    # arccos(clamp(cos)) loses accuracy near 0 and 180 degrees (an exactly straight line comes out
+    # at ~1e-6 degrees); the equivalent 2 atan2(|u - w|, |u + w|) on unit vectors u, w (Kahan) is
+    # accurate everywhere. Zero-length steps get a dummy norm of 1; their angles are discarded.
+    safe = torch.where(step_ok, norm, torch.ones((), dtype=norm.dtype, device=norm.device))
+    u = v / safe.unsqueeze(-1)
+    a, b = u[:, :-1], u[:, 1:]
+    theta = 2.0 * torch.atan2(torch.linalg.vector_norm(a - b, dim=-1), torch.linalg.vector_norm(a + b, dim=-1))
+    angles = torch.where(valid, torch.rad2deg(theta), torch.zeros((), dtype=theta.dtype, device=theta.device))
+    return angles, valid
+
+
+def sequence_curvatures(x: Tensor, mask: Optional[Tensor] = None, eps: float = 1e-12,
+                        return_counts: bool = False):
+    """Per-sequence curvature κ = mean over valid t of the turning angle c_t (degrees, float64).
+
+    x: [batch, pos, ..., d]; mask: [batch, pos] bool (True = valid; default all valid).
+    Returns κ [batch, ...] with NaN where a trajectory has no valid angle (see `step_angles` for
+    which angles are valid); with return_counts=True also the number of angles averaged
+    [batch, ...] (int64).
+    """
+    angles, valid = step_angles(x, mask, eps)
+    count = valid.sum(1)
+    total = angles.sum(1)
+    kappa = torch.where(count > 0, total / count.clamp(min=1),
+                        torch.full((), float("nan"), dtype=total.dtype, device=total.device))
+    return (kappa, count) if return_counts else kappa
+
+
+# ------------------------------------------------------------------------------- the probe
+def curvature_sites(model, sites: SiteSpec = "layers") -> List[str]:
+    """Resolve a site spec to hook names: "layers" = the embedding streams plus every block's
+    output ([hook_streams_init] + [blocks.{l}.mlp.hook_streams_out]; L + 1 sites), "sublayers" =
+    the embedding plus every sublayer's output (2L + 1 sites), or an explicit list of
+    stream-valued hook names (checked against the model)."""
+    if isinstance(sites, str):
+        if sites == "layers":
+            return ["hook_streams_init"] + [f"blocks.{l}.mlp.hook_streams_out" for l in range(model.cfg.n_layers)]
+        if sites == "sublayers":
+            return ["hook_streams_init"] + [f"{s}.hook_streams_out" for s in model.sublayer_names]
+        raise ValueError(f"curvature: sites must be 'layers', 'sublayers' or a list of hook names, got {sites!r}")
+    names = list(sites)
+    for name in names:
+        if name not in model.hook_dict:
+            raise unknown_hook_error(name, model.hook_dict)
+    return names
+
+
+def _check_site_names(names: Sequence[str]) -> List[str]:
+    names = list(names)
+    if not names:
+        raise ValueError("curvature: no sites given")
+    if len(set(names)) != len(names):
+        raise ValueError(f"curvature: duplicate site names in {names}")
+    for name in names:
+        if not isinstance(name, str) or suffix(name) not in _STREAM_SITE_SUFFIXES:
+            raise ValueError(
+                f"curvature: site {name!r} is not a stream-state hook [batch, pos, n_streams, d_model]; "
+                f"use a hook ending in one of {_STREAM_SITE_SUFFIXES}"
+            )
+    return names
+
+
+def _site_label(name: str) -> str:
+    if name == "hook_streams_init":
+        return "embed"
+    parts = name.split(".")
+    if parts[0] == "blocks" and len(parts) >= 4:
+        tail = "" if parts[-1] == "hook_streams_out" else f" {parts[-1].replace('hook_', '')}"
+        return f"{parts[1]}.{parts[2]}{tail}"
+    return name
+
+
+@register_probe
+class Curvature(Probe):
+    """Token-trajectory curvature (degrees) per (site, stream) and for the stream sum.
+
+    Curvature(sites="layers" | "sublayers" | [hook names], eps=1e-12). See the module docstring
+    for the definition. State: three float64 arrays (Σκ, Σκ², N) plus a skipped-sequence count
+    and an angle count, each [n_sites, n_streams + 1]; it does not grow with the corpus.
+    Without `setup(model)`, explicit hook names are required and n_streams is read from the
+    first batch (handy for feeding synthetic activations to `update`).
+    """
+
+    name = "curvature"
+
+    def __init__(self, sites: SiteSpec = "layers", eps: float = 1e-12):
+        if isinstance(sites, str):
+            if sites not in ("layers", "sublayers"):
+                raise ValueError(f"curvature: sites must be 'layers', 'sublayers' or a list of hook names, got {sites!r}")
+            self.sites: SiteSpec = sites
+            self.site_names: Optional[List[str]] = None
+        else:
+            self.site_names = _check_site_names(sites)
+            self.sites = list(self.site_names)
+        if not eps >= 0:
+            raise ValueError(f"curvature: eps must be >= 0, got {eps}")
+        self.eps = float(eps)
+        self.n_streams: Optional[int] = None
+        self._sum = self._sumsq = self._count = self._skipped = self._angles = None
+
+    # --- set-up
+    def setup(self, model) -> None:
+        self.site_names = _check_site_names(curvature_sites(model, self.sites))
+        self._init_state(model.cfg.n_streams)
+
+    def hook_names(self, model) -> List[str]:
+        if self.site_names is None:
+            self.setup(model)
+        return list(self.site_names)
+
+    def _init_state(self, n_streams: int) -> None:
+        self.n_streams = int(n_streams)
+        shape = (len(self.site_names), self.n_streams + 1)
+        self._sum = np.zeros(shape, np.float64)
+        self._sumsq = np.zeros(shape, np.float64)
+        self._count = np.zeros(shape, np.int64)
+        self._skipped = np.zeros(shape, np.int64)
+        self._angles = np.zeros(shape, np.int64)
+
+    def state_nbytes(self) -> int:
+        """Bytes held by the running state (constant over batches)."""
+        arrays = (self._sum, self._sumsq, self._count, self._skipped, self._angles)
+        return sum(a.nbytes for a in arrays if a is not None)
+
+    # --- streaming
+    def update(self, acts: Dict[str, Tensor], mask: Tensor) -> None:
+        if self.site_names is None:
+            raise RuntimeError("curvature: call setup(model) first, or construct with explicit hook names")
+        missing = [n for n in self.site_names if n not in acts]
+        if missing:
+            raise KeyError(f"curvature: activations missing for sites {missing}")
+        for i, name in enumerate(self.site_names):
+            x = acts[name]
+            if x.ndim != 4:
+                raise ValueError(f"curvature: {name!r} must be [batch, pos, n_streams, d_model], got {tuple(x.shape)}")
+            if self._sum is None:
+                self._init_state(x.shape[2])
+            if x.shape[2] != self.n_streams:
+                raise ValueError(f"curvature: {name!r} has {x.shape[2]} streams, expected {self.n_streams}")
+            if mask.shape != x.shape[:2]:
+                raise ValueError(f"curvature: mask {tuple(mask.shape)} does not match {name!r} {tuple(x.shape[:2])}")
+            mask_x = mask.to(device=x.device, dtype=torch.bool)
+            if (~torch.isfinite(x)).flatten(2).any(-1).logical_and(mask_x).any():
+                raise FloatingPointError(f"curvature: non-finite values (NaN/inf) in activation {name!r}")
+            cols = []  # per-sequence κ and angle counts, one column at a time (bounds float64 memory)
+            stream_sum = None
+            for s in range(self.n_streams):
+                xs = x[:, :, s].to(torch.float64)
+                stream_sum = xs if stream_sum is None else stream_sum + xs
+                cols.append(sequence_curvatures(xs, mask_x, self.eps, return_counts=True))
+            cols.append(sequence_curvatures(stream_sum, mask_x, self.eps, return_counts=True))
+            kappa = torch.stack([k for k, _ in cols], 1).cpu().numpy()    # [batch, n + 1]
+            n_ang = torch.stack([c for _, c in cols], 1).cpu().numpy()
+            ok = ~np.isnan(kappa)
+            k0 = np.where(ok, kappa, 0.0)
+            self._sum[i] += k0.sum(0)
+            self._sumsq[i] += (k0 * k0).sum(0)
+            self._count[i] += ok.sum(0)
+            self._skipped[i] += (~ok).sum(0)
+            self._angles[i] += n_ang.sum(0)
+
+    def result(self) -> "CurvatureResult":
+        if self._sum is None:
+            raise RuntimeError("curvature: no batch was seen")
+        n = self._count.astype(np.float64)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            mean = np.where(n > 0, self._sum / np.maximum(n, 1), np.nan)
+            var = np.where(n > 1, (self._sumsq - n * mean * mean) / np.maximum(n - 1, 1), np.nan)
+            sem = np.sqrt(np.maximum(var, 0.0)) / np.sqrt(n)
+        sem = np.where(n > 1, sem, np.nan)
+        columns = [f"stream {s}" for s in range(self.n_streams)] + ["sum"]
+        return CurvatureResult(
+            probe=self.name,
+            arrays=dict(mean=mean, sem=sem, n_sequences=self._count.copy(), n_skipped=self._skipped.copy(),
+                        n_angles=self._angles.copy(), change_from_first=mean - mean[:1]),
+            meta=dict(site_names=list(self.site_names), site_labels=[_site_label(s) for s in self.site_names],
+                      columns=columns, n_streams=self.n_streams, eps=self.eps, units="degrees",
+                      sites=self.sites if isinstance(self.sites, str) else "explicit"),
+        )
+
+
+@register_result
+class CurvatureResult(ProbeResult):
+    """arrays: `mean`, `sem` (degrees), `n_sequences`, `n_skipped` (sequences without a valid
+    angle), `n_angles`, `change_from_first` (= mean - mean[0]); all [n_sites, n_streams + 1],
+    columns = streams 0..n-1 then the stream sum. meta: `site_names`, `site_labels`, `columns`."""
+
+    def plot(self, ax=None, change: bool = False, baseline: bool = True, **kwargs):
+        """Curvature (degrees) vs site, one line per stream plus the stream sum, error bars = SEM.
+        change=True plots `change_from_first` instead; baseline draws the i.i.d. 120° line."""
+        import matplotlib.pyplot as plt
+
+        if ax is None:
+            fig, ax = plt.subplots(figsize=kwargs.pop("figsize", (7, 4)))
+        else:
+            fig = ax.figure
+        y = self.arrays["change_from_first" if change else "mean"]
+        sem = self.arrays["sem"]
+        xs = np.arange(y.shape[0])
+        columns = self.meta.get("columns") or [f"col {k}" for k in range(y.shape[1])]
+        for k, label in enumerate(columns):
+            is_sum = k == y.shape[1] - 1
+            ax.errorbar(xs, y[:, k], yerr=sem[:, k], label=label, capsize=3, marker="o", ms=3,
+                        color="black" if is_sum else None, linestyle="--" if is_sum else "-")
+        if baseline and not change:
+            ax.axhline(120.0, color="grey", linestyle=":", linewidth=1, label="i.i.d. points (120°)")
+        labels = self.meta.get("site_labels") or self.meta.get("site_names") or [str(i) for i in xs]
+        ax.set_xticks(xs)
+        ax.set_xticklabels(labels, rotation=45 if len(labels) > 6 else 0, ha="right" if len(labels) > 6 else "center")
+        ax.set_xlabel("site")
+        ax.set_ylabel("curvature change vs first site (degrees)" if change else "curvature (degrees)")
+        ax.set_title("token-trajectory curvature (mean ± SEM over sequences)")
+        ax.legend(fontsize="small")
+        fig.tight_layout()
+        return fig

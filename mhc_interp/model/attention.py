@@ -49,7 +49,8 @@ class AttentionSublayer(HyperConnectedSublayer):
             scores = qt @ kt.transpose(-1, -2) / math.sqrt(self.cfg.d_head)
             causal = torch.ones(p, p, dtype=torch.bool, device=h.device).tril()
             scores = self.hook_attn_scores(scores.masked_fill(~causal, float("-inf")))
-            pattern = self.hook_pattern(torch.softmax(scores.float(), dim=-1).to(vt.dtype))
+            pattern = torch.softmax(scores.to(torch.promote_types(scores.dtype, torch.float32)), dim=-1)
+            pattern = self.hook_pattern(pattern.to(vt.dtype))
             z = pattern @ vt
         else:
             z = F.scaled_dot_product_attention(qt, kt, vt, is_causal=True)

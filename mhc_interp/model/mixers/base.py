@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from types import SimpleNamespace
-from typing import Callable, Dict, Type
+from typing import Callable, Dict, Tuple, Type
 
 import torch
 from torch import Tensor, nn
@@ -47,10 +47,12 @@ class Mixer(nn.Module):
     def forward(self, x: Tensor) -> MixingCoefficients:  # pragma: no cover - abstract
         raise NotImplementedError
 
-    def fp32(self) -> SimpleNamespace:
-        """This mixer's parameters in float32: coefficients are computed in float32 whatever the
-        model's dtype (a no-op copy-free view when the model is float32)."""
-        return SimpleNamespace(**{k: v.float() for k, v in self.named_parameters(recurse=False)})
+    def params_for(self, x: Tensor) -> Tuple[Tensor, SimpleNamespace]:
+        """(x, this mixer's parameters), both in the compute dtype: float32 for bf16/fp16/fp32
+        models (coefficients never in half precision), float64 for float64 models."""
+        dtype = torch.promote_types(x.dtype, torch.float32)
+        params = {k: v.to(dtype) for k, v in self.named_parameters(recurse=False)}
+        return x.to(dtype), SimpleNamespace(**params)
 
 
 def rms_normalize(x: Tensor, gamma: Tensor) -> Tensor:

@@ -32,8 +32,8 @@ class HyperConnectionMixer(Mixer):
         self.norm_gamma = nn.Parameter(torch.zeros(d))
 
     def forward(self, x: Tensor) -> MixingCoefficients:  # x [batch, pos, n, d]
-        w = self.fp32()
-        y = rms_normalize(x.float(), w.norm_gamma)                                     # [b, p, n, d]
+        x, w = self.params_for(x)
+        y = rms_normalize(x, w.norm_gamma)                                            # [b, p, n, d]
         alpha = torch.tanh(y @ w.dynamic_alpha_fn) * w.dynamic_alpha_scale + w.static_alpha
         h_post = torch.tanh(y @ w.dynamic_beta_fn) * w.dynamic_beta_scale + w.static_beta
         return MixingCoefficients(

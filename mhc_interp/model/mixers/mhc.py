@@ -36,7 +36,7 @@ class _ManifoldMixerBase(Mixer):
         self.norm_gamma = nn.Parameter(torch.zeros(n * d))
 
     def normed(self, x: Tensor, w: SimpleNamespace) -> Tensor:  # [b, p, n, d] -> [b, p, n*d]
-        return rms_normalize(x.float().flatten(-2), w.norm_gamma)
+        return rms_normalize(x.flatten(-2), w.norm_gamma)
 
     def h_post(self, y: Tensor, w: SimpleNamespace) -> Tensor:  # [b, p, n]
         return 2 * torch.sigmoid((y @ w.dynamic_beta_fn) * w.h_post_scale + w.static_beta)
@@ -56,7 +56,7 @@ class SinkhornMixer(_ManifoldMixerBase):
 
     def forward(self, x: Tensor) -> MixingCoefficients:  # x [batch, pos, n, d]
         n = self.n_streams
-        w = self.fp32()
+        x, w = self.params_for(x)
         y = self.normed(x, w)
         dyn = (y @ w.dynamic_alpha_fn).unflatten(-1, (n, n + 1))                      # [b, p, s, 1+n]
         alpha = dyn * torch.cat([w.pre_branch_scale, w.residual_scale.expand(n)]) + w.static_alpha

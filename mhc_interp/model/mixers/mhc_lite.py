@@ -44,10 +44,10 @@ class PermutationMixer(_ManifoldMixerBase):
 
     def forward(self, x: Tensor) -> MixingCoefficients:  # x [batch, pos, n, d]
         n = self.n_streams
-        w = self.fp32()
+        x, w = self.params_for(x)
         y = self.normed(x, w)
         logits = y @ w.dynamic_alpha_fn                                                # [b, p, n + n!]
         h_pre = torch.sigmoid(logits[..., :n] * w.pre_branch_scale + w.static_alpha[:n])
         weights = torch.softmax(logits[..., n:] * w.residual_scale + w.static_alpha[n:], dim=-1)
-        h_res = torch.einsum("bpr,rts->bpts", weights, self.perms.float())
+        h_res = torch.einsum("bpr,rts->bpts", weights, self.perms.to(weights.dtype))
         return MixingCoefficients(h_pre=h_pre, h_post=self.h_post(y, w), h_res=h_res)

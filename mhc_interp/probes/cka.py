@@ -1,0 +1,427 @@
+"""Centred kernel alignment (CKA) between residual streams, within and across sublayers.
+
+Maths (rows = tokens; X in R^{N x p}, Y in R^{N x q} are two representations of the same N tokens,
+K = k(X), L = k(Y) their N x N Gram matrices, H = I - 11^T / N the centring matrix):
+
+* biased HSIC (Gretton et al. 2005):       HSIC_0(K, L) = tr(K H L H) / (N - 1)^2
+                                                         = <H K H, H L H>_F / (N - 1)^2
+* unbiased HSIC (Song et al. 2012, eq. 5): with K~, L~ = K, L with zeroed diagonals,
+      HSIC_1(K, L) = [tr(K~ L~) + (1^T K~ 1)(1^T L~ 1) / ((N-1)(N-2)) - 2/(N-2) 1^T K~ L~ 1] / (N(N-3)),
+  which equals <U(K), U(L)>_F / (N(N-3)) with U the Szekely-Rizzo U-centring (Kornblith's
+  `center_gram(unbiased=True)`): zero the diagonal, m_j = sum_i K_ij / (N-2),
+  m_j -= sum(m) / (2(N-1)), U_ij = K_ij - m_i - m_j for i != j and U_ii = 0. It needs N >= 4, is
+  invariant to adding constants to the features and can be negative.
+* CKA (Kornblith et al. 2019): CKA(K, L) = HSIC(K, L) / sqrt(HSIC(K, K) HSIC(L, L)); "debiased
+  CKA" plugs in HSIC_1. Biased CKA is inflated when features >> tokens (two independent Gaussian
+  matrices with N = 50, p = 2000 get ~0.97); debiased CKA stays near 0.
+* minibatch CKA (Nguyen, Raghu & Kornblith 2021, eq. 3): average HSIC over k minibatches first,
+  then take the ratio: CKA_mb = mean_i HSIC(K_i, L_i) / sqrt(mean_i HSIC(K_i, K_i) mean_i HSIC(L_i, L_i)).
+  Unbiasedness of HSIC_1 makes this average consistent (the biased one is reported for comparison).
+* kernels: linear k(x, y) = <x - mu, y - mu> (features centred over the tokens first: the Gram
+  of centred features); RBF k(x, y) = exp(-|x - y|^2 / (2 sigma^2)) with Kornblith's median
+  heuristic sigma^2 = threshold^2 * median of the N^2 squared pairwise distances (diagonal
+  included, numpy's median: mean of the two middle values).
+
+All HSIC values of R representations are computed together: the centred Grams are stacked and
+flattened into G in R^{R x N^2} and the [R, R] matrix is the single GEMM G G^T. Everything is
+float64 (no TF32 issue); memory per minibatch is about 2 * R * N^2 * 8 bytes.
+
+CKA is invariant to orthogonal transforms and isotropic scaling of either representation, not to
+anisotropic scaling (outlier dimensions can dominate: `standardize=True` z-scores each feature
+within the minibatch as a robustness check), and it ignores scale (pair it with stream norms).
+A constant representation has HSIC(K, K) = 0 and CKA NaN.
+"""
+from __future__ import annotations
+
+from typing import Dict, List, Optional, Sequence, Union
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from ..hooks.names import check_hook_names, suffix
+from .base import Probe, ProbeResult, register_probe, register_result, require_streams
+
+__all__ = ["gram_linear", "gram_rbf", "center_gram", "hsic_matrix", "cka_from_hsic",
+           "CKA", "CKAResult"]
+
+# hooks of shape [batch, pos, n_streams, d_model] whose streams CKA can compare
+_STREAM_STATE_SUFFIXES = ("hook_streams_init", "hook_streams_in", "hook_streams_out",
+                          "hook_res_mix", "hook_ln_final")
+
+
+# ---------------------------------------------------------------------------------- functions
+def _f64(x) -> Tensor:
+    return torch.as_tensor(x).to(torch.float64)
+
+
+def _center_features(X: Tensor) -> Tensor:
+    """Subtract the per-feature mean over tokens (axis -2)."""
+    return X - X.mean(dim=-2, keepdim=True)
+
+
+def gram_linear(X: Tensor) -> Tensor:
+    """Linear Gram K = X_c X_c^T of the token-centred features, float64.
+
+    X: [..., N, p] (rows = tokens) -> [..., N, N]. Centring the features first changes nothing
+    after (U-)centring the Gram but keeps the products well conditioned.
+    """
+    Xc = _center_features(_f64(X))
+    return Xc @ Xc.transpose(-1, -2)
+
+
+def _median_last(flat: Tensor) -> Tensor:
+    """numpy-style median over the last axis (mean of the two middle values if even)."""
+    m = flat.shape[-1]
+    hi = torch.kthvalue(flat, m // 2 + 1, dim=-1).values
+    if m % 2:
+        return hi
+    lo = torch.kthvalue(flat, m // 2, dim=-1).values
+    return (lo + hi) / 2
+
+
+def gram_rbf(X: Tensor, threshold: float = 1.0) -> Tensor:
+    """RBF Gram exp(-|x_i - x_j|^2 / (2 sigma^2)), float64, with Kornblith's median heuristic
+    sigma^2 = threshold^2 * median_{i,j} |x_i - x_j|^2 (all N^2 entries, diagonal included).
+
+    X: [..., N, p] -> [..., N, N]. If the median squared distance is 0 (most tokens identical)
+    the mean squared distance is used; if all tokens are identical the Gram is all ones.
+    """
+    if threshold <= 0:
+        raise ValueError(f"rbf threshold must be > 0, got {threshold}")
+    Xc = _center_features(_f64(X))
+    dots = Xc @ Xc.transpose(-1, -2)
+    sq = torch.diagonal(dots, dim1=-2, dim2=-1)
+    d2 = (sq.unsqueeze(-1) + sq.unsqueeze(-2) - 2 * dots).clamp_min_(0)
+    torch.diagonal(d2, dim1=-2, dim2=-1).zero_()
+    flat = d2.flatten(-2)
+    med = _median_last(flat)
+    scale = torch.where(med > 0, med, flat.mean(-1))
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    sigma2 = threshold ** 2 * scale
+    return torch.exp(-d2 / (2 * sigma2[..., None, None]))
+
+
+def _center_gram_(K: Tensor, unbiased: bool) -> Tensor:
+    """In-place version of `center_gram` (K float64, [..., N, N], symmetric)."""
+    n = K.shape[-1]
+    if unbiased:
+        if n < 4:
+            raise ValueError(f"debiased CKA needs at least 4 tokens, got {n}")
+        torch.diagonal(K, dim1=-2, dim2=-1).zero_()
+        means = K.sum(dim=-2) / (n - 2)
+        means -= means.sum(dim=-1, keepdim=True) / (2 * (n - 1))
+    else:
+        if n < 2:
+            raise ValueError(f"CKA needs at least 2 tokens, got {n}")
+        means = K.mean(dim=-2)
+        means -= means.mean(dim=-1, keepdim=True) / 2
+    K -= means.unsqueeze(-1)
+    K -= means.unsqueeze(-2)
+    if unbiased:
+        torch.diagonal(K, dim1=-2, dim2=-1).zero_()
+    return K
+
+
+def center_gram(K: Tensor, unbiased: bool = False) -> Tensor:
+    """Centre a symmetric Gram matrix K [..., N, N] (float64 copy; K is not modified).
+
+    biased:   H K H with H = I - 11^T / N.
+    unbiased: Szekely-Rizzo U-centring (Kornblith's `center_gram(unbiased=True)`): zero the
+              diagonal, m = column sums / (N - 2), m -= sum(m) / (2 (N - 1)),
+              K_ij - m_i - m_j off the diagonal, 0 on it. Needs N >= 4.
+    """
+    return _center_gram_(_f64(K).clone(), unbiased)
+
+
+def _hsic_from_centred(C: Tensor, unbiased: bool) -> Tensor:
+    R, n, _ = C.shape
+    G = C.reshape(R, n * n)
+    M = G @ G.T
+    M = (M + M.T) / 2  # exact symmetry
+    return M / (n * (n - 3)) if unbiased else M / (n - 1) ** 2
+
+
+def hsic_matrix(grams: Tensor, unbiased: bool = True) -> Tensor:
+    """All-pairs HSIC of R representations from their Grams [R, N, N] -> [R, R] float64.
+
+    One GEMM over the stacked, flattened centred Grams G [R, N^2]: M = G G^T, divided by
+    N (N - 3) for the U-centred Grams (= unbiased HSIC_1 of Song et al. 2012) or by (N - 1)^2
+    for the H K H-centred ones (biased HSIC_0). Raises ValueError if N < 4 when unbiased.
+    """
+    grams = _f64(grams)
+    if grams.ndim != 3 or grams.shape[-1] != grams.shape[-2]:
+        raise ValueError(f"grams must be [R, N, N], got {tuple(grams.shape)}")
+    return _hsic_from_centred(_center_gram_(grams.clone(), unbiased), unbiased)
+
+
+def _hsic_both(grams: Tensor) -> tuple:
+    """(unbiased, biased) HSIC matrices; consumes `grams` (centred in place)."""
+    biased = _hsic_from_centred(_center_gram_(grams.clone(), False), False)
+    unbiased = _hsic_from_centred(_center_gram_(grams, True), True)
+    return unbiased, biased
+
+
+def cka_from_hsic(M: Tensor) -> Tensor:
+    """CKA_ij = M_ij / sqrt(M_ii M_jj) from an HSIC matrix M [R, R] (NaN where M_ii = 0)."""
+    M = _f64(M)
+    d = torch.diagonal(M).clamp_min(0).sqrt()
+    return M / (d[:, None] * d[None, :])
+
+
+# ---------------------------------------------------------------------------------- the probe
+@register_probe
+class CKA(Probe):
+    """Minibatch CKA between every (site, stream) pair (Nguyen, Raghu & Kornblith 2021).
+
+    Masked tokens are buffered in arrival order into minibatches of `minibatch_tokens` rows,
+    independently of the runner's batch split. For each full minibatch, the Gram matrix of
+    every representation (R = n_sites * n_streams, ordered site-major: r = site * n + stream)
+    is formed and the unbiased and biased HSIC matrices [R, R] are accumulated (sum + count).
+    `result()` also processes the leftover buffer if it holds >= 4 tokens (it counts as one
+    minibatch in the average), else drops it (`meta["tokens_dropped"]`). State: the buffer
+    [minibatch_tokens, R, d_model] + two [R, R] float64 matrices, whatever the corpus size.
+
+    sites: None = every sublayer's `hook_streams_out`; "layers" = `blocks.{l}.mlp.hook_streams_out`
+        (one per block); or a list of stream-state hook names ([batch, pos, n_streams, d_model]).
+    kernel: "linear" or "rbf" (median heuristic, `rbf_threshold` x the median distance).
+    debiased: which estimator is the main `cka` array (both are always stored).
+    standardize: z-score every feature within each minibatch (robustness to outlier dimensions).
+    """
+
+    name = "cka"
+
+    def __init__(self, sites: Union[None, str, Sequence[str]] = None, minibatch_tokens: int = 512,
+                 kernel: str = "linear", rbf_threshold: float = 1.0, debiased: bool = True,
+                 standardize: bool = False):
+        if kernel not in ("linear", "rbf"):
+            raise ValueError(f"kernel must be 'linear' or 'rbf', got {kernel!r}")
+        if int(minibatch_tokens) < 4:
+            raise ValueError(f"minibatch_tokens must be >= 4 (debiased CKA needs at least 4 "
+                             f"tokens), got {minibatch_tokens}")
+        if rbf_threshold <= 0:
+            raise ValueError(f"rbf_threshold must be > 0, got {rbf_threshold}")
+        if isinstance(sites, str) and sites != "layers":
+            raise ValueError(f"sites must be None, 'layers' or a list of hook names, got {sites!r}")
+        self.sites = sites
+        self.minibatch_tokens = int(minibatch_tokens)
+        self.kernel = kernel
+        self.rbf_threshold = float(rbf_threshold)
+        self.debiased = bool(debiased)
+        self.standardize = bool(standardize)
+        self._site_names: Optional[List[str]] = None
+        self._n_streams: Optional[int] = None
+        self._reset_state()
+
+    def _reset_state(self) -> None:
+        self._buffer: Optional[Tensor] = None  # [minibatch_tokens, R, d] float64
+        self._fill = 0
+        self._hsic_u: Optional[Tensor] = None  # [R, R] sums over minibatches
+        self._hsic_b: Optional[Tensor] = None
+        self._n_minibatches = 0
+        self._tokens_used = 0
+
+    # ---------------------------------------------------------------------------- contract
+    def _resolve_sites(self, model) -> List[str]:
+        if self.sites is None:
+            names = [f"{s}.hook_streams_out" for s in model.sublayer_names]
+        elif self.sites == "layers":
+            names = [f"blocks.{l}.mlp.hook_streams_out" for l in range(model.cfg.n_layers)]
+        else:
+            names = list(self.sites)
+            if not names:
+                raise ValueError("CKA: `sites` is an empty list")
+            if len(set(names)) != len(names):
+                raise ValueError(f"CKA: duplicate site names in {names}")
+        check_hook_names(names, model.hook_dict)
+        bad = [n for n in names if suffix(n) not in _STREAM_STATE_SUFFIXES]
+        if bad:
+            raise ValueError(f"CKA compares stream states [batch, pos, n_streams, d_model]; these "
+                             f"hooks are not: {bad} (use one of {_STREAM_STATE_SUFFIXES})")
+        return names
+
+    def setup(self, model) -> None:
+        require_streams(model, self.name)
+        self._site_names = self._resolve_sites(model)
+        self._n_streams = int(model.cfg.n_streams)
+        self._reset_state()
+
+    def hook_names(self, model) -> List[str]:
+        if self._site_names is None:
+            self.setup(model)
+        return list(self._site_names)
+
+    def update(self, acts: Dict[str, Tensor], mask: Tensor) -> None:
+        if self._site_names is None:
+            raise RuntimeError("CKA.update called before setup(model)")
+        mask = mask.to(torch.bool)
+        # [T, n_sites, n, d] -> [T, R, d], rows in arrival (batch-major, then position) order
+        x = torch.stack([acts[s][mask.to(acts[s].device)] for s in self._site_names], dim=1)
+        T, S, n, d = x.shape
+        if n != self._n_streams:
+            raise ValueError(f"CKA: activations have {n} streams, the model {self._n_streams}")
+        x = x.reshape(T, S * n, d)
+        if self._buffer is None:
+            self._buffer = torch.zeros(self.minibatch_tokens, S * n, d, dtype=torch.float64,
+                                       device=x.device)
+        start = 0
+        while start < T:
+            take = min(T - start, self.minibatch_tokens - self._fill)
+            self._buffer[self._fill:self._fill + take] = x[start:start + take]
+            self._fill += take
+            start += take
+            if self._fill == self.minibatch_tokens:
+                u, b = self._minibatch_hsic(self._buffer)
+                self._accumulate(u, b, self.minibatch_tokens)
+                self._fill = 0
+
+    def _minibatch_hsic(self, X: Tensor) -> tuple:
+        """X [N, R, d] -> (unbiased HSIC [R, R], biased HSIC [R, R]) of this minibatch."""
+        X = X.transpose(0, 1)  # [R, N, d]
+        if self.standardize:
+            X = _center_features(X)
+            std = X.pow(2).mean(dim=-2, keepdim=True).sqrt()
+            X = X / torch.where(std > 0, std, torch.ones_like(std))
+        grams = gram_linear(X) if self.kernel == "linear" else gram_rbf(X, self.rbf_threshold)
+        return _hsic_both(grams)
+
+    def _accumulate(self, u: Tensor, b: Tensor, n_tokens: int) -> None:
+        if self._hsic_u is None:
+            self._hsic_u, self._hsic_b = u, b
+        else:
+            self._hsic_u += u
+            self._hsic_b += b
+        self._n_minibatches += 1
+        self._tokens_used += n_tokens
+
+    def result(self) -> "CKAResult":
+        if self._site_names is None:
+            raise RuntimeError("CKA.result called before setup(model)")
+        hu, hb = self._hsic_u, self._hsic_b
+        k, used, dropped = self._n_minibatches, self._tokens_used, 0
+        if self._fill >= 4:  # leftover minibatch (state is left untouched: result() is repeatable)
+            u, b = self._minibatch_hsic(self._buffer[:self._fill])
+            hu, hb = (u, b) if hu is None else (hu + u, hb + b)
+            k, used = k + 1, used + self._fill
+        else:
+            dropped = self._fill
+        if k == 0:
+            raise ValueError(f"CKA needs at least 4 tokens (a minibatch; debiased CKA needs at "
+                             f"least 4 tokens), but only {self._fill} token(s) were seen after masking")
+        hu, hb = hu / k, hb / k
+        cka_u, cka_b = cka_from_hsic(hu), cka_from_hsic(hb)
+        main = cka_u if self.debiased else cka_b
+        n, S = self._n_streams, len(self._site_names)
+        intra = torch.stack([main[i * n:(i + 1) * n, i * n:(i + 1) * n] for i in range(S)])
+        labels = [f"{_short(s)}/s{j}" for s in self._site_names for j in range(n)]
+        arrays = {k_: v.detach().cpu().numpy() for k_, v in dict(
+            cka=main, cka_debiased=cka_u, cka_biased=cka_b, intra=intra,
+            hsic_debiased=hu, hsic_biased=hb).items()}
+        meta = dict(site_names=list(self._site_names), n_streams=n, labels=labels,
+                    n_minibatches=k, tokens_used=used, tokens_dropped=dropped,
+                    minibatch_tokens=self.minibatch_tokens, kernel=self.kernel,
+                    rbf_threshold=self.rbf_threshold if self.kernel == "rbf" else None,
+                    debiased=self.debiased, standardize=self.standardize,
+                    estimator=("minibatch debiased (unbiased HSIC_1)" if self.debiased
+                               else "minibatch biased (HSIC_0)"))
+        return CKAResult(probe=self.name, arrays=arrays, meta=meta)
+
+
+def _short(site: str) -> str:
+    """'blocks.3.mlp.hook_streams_out' -> 'blocks.3.mlp'; other hooks keep their full name."""
+    return site[: -len(".hook_streams_out")] if site.endswith(".hook_streams_out") else site
+
+
+# ---------------------------------------------------------------------------------- the result
+@register_result
+class CKAResult(ProbeResult):
+    """Arrays: `cka` (the chosen estimator), `cka_debiased`, `cka_biased` [R, R] with
+    R = n_sites * n_streams ordered site-major (labels in `meta["labels"]`), `intra`
+    [n_sites, n, n] (diagonal blocks of `cka`), `hsic_debiased` / `hsic_biased` (mean HSIC)."""
+
+    @property
+    def site_names(self) -> List[str]:
+        return list(self.meta["site_names"])
+
+    @property
+    def n_streams(self) -> int:
+        return int(self.meta["n_streams"])
+
+    def _site_index(self, site: Union[int, str]) -> int:
+        names = self.site_names
+        if isinstance(site, (int, np.integer)):
+            if not -len(names) <= site < len(names):
+                raise IndexError(f"site index {site} out of range for {len(names)} sites")
+            return int(site) % len(names)
+        for i, s in enumerate(names):
+            if site in (s, _short(s)):
+                return i
+        raise KeyError(f"unknown site {site!r}; sites: {[_short(s) for s in names]}")
+
+    def intra(self, site: Union[int, str]) -> np.ndarray:
+        """[n, n] stream-by-stream CKA at one site (index, hook name or 'blocks.3.mlp')."""
+        i, n = self._site_index(site), self.n_streams
+        return self.arrays["cka"][i * n:(i + 1) * n, i * n:(i + 1) * n]
+
+    def intra_all(self) -> np.ndarray:
+        """[n_sites, n, n] stream-by-stream CKA at every site."""
+        return np.stack([self.intra(i) for i in range(len(self.site_names))])
+
+    def plot(self, max_sites: int = 8, annotate: bool = True):
+        """{"cka_intra": n x n heatmaps at up to `max_sites` evenly spaced sites,
+        "cka_inter": the full (site, stream) x (site, stream) heatmap}."""
+        import matplotlib.pyplot as plt
+
+        M, n, names = self.arrays["cka"], self.n_streams, self.site_names
+        S = len(names)
+        which = "debiased" if self.meta.get("debiased", True) else "biased"
+        vmin = min(0.0, float(np.nanmin(M))) if np.isfinite(M).any() else 0.0
+        figs = {}
+
+        idx = sorted(set(np.linspace(0, S - 1, min(max_sites, S)).round().astype(int).tolist()))
+        cols = min(4, len(idx))
+        rows = -(-len(idx) // cols)
+        fig, axes = plt.subplots(rows, cols, figsize=(3.1 * cols, 3.0 * rows), squeeze=False)
+        im = None
+        for k, (ax, i) in enumerate(zip(axes.flat, idx)):
+            block = self.intra(i)
+            im = ax.imshow(block, vmin=vmin, vmax=1.0, cmap="viridis")
+            ax.set_title(_short(names[i]), fontsize=9)
+            ax.set_xticks(range(n))
+            ax.set_yticks(range(n))
+            if k % cols == 0:
+                ax.set_ylabel("stream", fontsize=8)
+            if k + cols >= len(idx):
+                ax.set_xlabel("stream", fontsize=8)
+            if annotate and n <= 8:
+                for a in range(n):
+                    for b in range(n):
+                        v = block[a, b]
+                        ax.text(b, a, "nan" if not np.isfinite(v) else f"{v:.2f}", ha="center",
+                                va="center", fontsize=7, color="w" if v < 0.6 else "k")
+        for ax in list(axes.flat)[len(idx):]:
+            ax.axis("off")
+        if im is not None:
+            fig.colorbar(im, ax=axes.ravel().tolist(), shrink=0.8, label=f"CKA ({which})")
+        fig.suptitle(f"intra-site stream CKA ({which}, {self.meta.get('kernel', 'linear')})")
+        figs["cka_intra"] = fig
+
+        R = M.shape[0]
+        size = min(12.0, 3.0 + 0.06 * R)
+        fig, ax = plt.subplots(figsize=(size + 1.5, size))
+        im = ax.imshow(M, vmin=vmin, vmax=1.0, cmap="viridis", interpolation="nearest")
+        step = max(1, int(np.ceil(S / 24)))  # at most ~24 site labels
+        ticks = [i * n + (n - 1) / 2 for i in range(0, S, step)]
+        tick_labels = [_short(names[i]) for i in range(0, S, step)]
+        ax.set_xticks(ticks)
+        ax.set_xticklabels(tick_labels, rotation=90, fontsize=7)
+        ax.set_yticks(ticks)
+        ax.set_yticklabels(tick_labels, fontsize=7)
+        for i in range(1, S):
+            ax.axhline(i * n - 0.5, color="w", lw=0.3)
+            ax.axvline(i * n - 0.5, color="w", lw=0.3)
+        fig.colorbar(im, ax=ax, label=f"CKA ({which})")
+        ax.set_title(f"(site, stream) CKA, {n} streams per site; "
+                     f"{self.meta.get('tokens_used', '?')} tokens")
+        figs["cka_inter"] = fig
+        return figs

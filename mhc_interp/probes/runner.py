@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 
 from ..hooks.names import check_hook_names
 from .base import Probe, ProbeResult
+from .causal import CausalProbe
 
 Batch = Tuple[Tensor, Tensor]  # tokens [batch, pos], valid [batch, pos] (False = padding)
 
@@ -114,7 +115,9 @@ def run_probes(model, probes: Union[Probe, Sequence[Probe]], source, *, batch_si
         model.to(device=device, dtype=dtype)
     for probe in probes:
         probe.setup(model)
-    wanted = {p.name: list(p.hook_names(model)) for p in probes}
+    causal = [p for p in probes if isinstance(p, CausalProbe)]
+    observers = [p for p in probes if not isinstance(p, CausalProbe)]
+    wanted = {p.name: list(p.hook_names(model)) for p in observers}
     names = sorted({n for ns in wanted.values() for n in ns})
     check_hook_names(names, model.hook_dict)
     stop = _last_sublayer_needed(model, names)
@@ -124,21 +127,25 @@ def run_probes(model, probes: Union[Probe, Sequence[Probe]], source, *, batch_si
         for tokens, valid in iter_batches(model, source, batch_size, seq_len, pad_id):
             if max_tokens is not None and seen >= max_tokens:
                 break
-            acts: Dict[str, Tensor] = {}
-
-            def save(act: Tensor, hook) -> None:
-                acts[hook.name] = act
-
-            with model.hooks(fwd_hooks=[(n, save) for n in names]):
-                model(tokens.to(model.device), stop_at_sublayer=stop, return_type=None)
+            tokens = tokens.to(model.device)
             mask = valid.clone()
             mask[:, :exclude_first] = False
             mask = mask.to(model.device)
-            for name, act in acts.items():
-                if not torch.isfinite(act).all():
-                    raise FloatingPointError(f"non-finite values (NaN/inf) in activation {name!r}")
-            for probe in probes:
-                probe.update({n: acts[n] for n in wanted[probe.name]}, mask)
+            if observers:
+                acts: Dict[str, Tensor] = {}
+
+                def save(act: Tensor, hook) -> None:
+                    acts[hook.name] = act
+
+                with model.hooks(fwd_hooks=[(n, save) for n in names]):
+                    model(tokens, stop_at_sublayer=stop, return_type=None)
+                for name, act in acts.items():
+                    if not torch.isfinite(act).all():
+                        raise FloatingPointError(f"non-finite values (NaN/inf) in activation {name!r}")
+                for probe in observers:
+                    probe.update({n: acts[n] for n in wanted[probe.name]}, mask)
+            for probe in causal:
+                probe.intervene(model, tokens, mask)
             n_tok = int(valid.sum())
             seen += n_tok
             bar.update(n_tok)

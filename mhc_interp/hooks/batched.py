@@ -1,0 +1,173 @@
+"""Batched stream interventions: many edits in the batch axis of one forward, each run resuming
+from the cached state at its first edited sublayer.
+
+An `Edit` is data: at each of its sublayers, at the stream state entering it
+(`hook_streams_in`), set the streams in `ablate` to the ablation value, then copy the streams in
+`restore` from a source run's state (optionally only at some positions). Patching, ablation and
+rescue are all lists of edits:
+
+    ablate {i, j} at sublayer l, one-shot        Edit((l,), ablate=(i, j))
+    ... and rescue i (persistent, from l on)     Edit(tuple(range(l, L2)), ablate=(i, j), restore=(i,))
+    patch stream s of the source run at l        Edit((l,), restore=(s,))
+
+`run_edits` groups edits by their first sublayer, starts every group from the base run's
+cached state there (the unchanged prefix is never recomputed), stacks `k` replicas along the
+batch axis (replica-major: rows [r*B, (r+1)*B) are replica r), optionally freezes the mixing to
+a cache (which `frozen_mixing` repeats for the replicas), and reduces each replica's logits with
+a metric, chunk by chunk, so only one chunk's logits exist at a time.
+"""
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass
+from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple
+
+import contextlib
+
+import torch
+from torch import Tensor
+
+from .freeze import frozen_mixing
+
+Metric = Callable[[Tensor], Tensor]  # logits [k, B, pos, vocab] -> per-replica values [k, B]
+
+
+@dataclass(frozen=True)
+class Edit:
+    sublayers: Tuple[int, ...]                 # where the edit applies (indices into model.sublayers)
+    ablate: Tuple[int, ...] = ()               # streams set to the ablation value
+    restore: Tuple[int, ...] = ()              # streams copied from the source states (after ablation)
+    positions: Optional[Tuple[int, ...]] = None  # None = every position
+
+    @property
+    def start(self) -> int:
+        return min(self.sublayers)
+
+    def is_identity(self, source_is_base: bool) -> bool:
+        """An edit that changes nothing: no streams touched, or - when the restore source is the
+        base run itself - every ablated stream restored."""
+        if not self.ablate and not self.restore:
+            return True
+        return source_is_base and set(self.ablate) <= set(self.restore)
+
+
+def validate_edit(edit: Edit, n_sublayers: int, n_streams: int, n_pos: int) -> None:
+    bad_sub = [s for s in edit.sublayers if not 0 <= s < n_sublayers]
+    if bad_sub or not edit.sublayers:
+        raise IndexError(f"sublayer index {bad_sub or 'none'} out of range (0..{n_sublayers - 1})")
+    bad = [s for s in (*edit.ablate, *edit.restore) if not 0 <= s < n_streams]
+    if bad:
+        raise IndexError(f"stream index {bad} out of range: the model has {n_streams} streams")
+    if edit.positions is not None:
+        badp = [p for p in edit.positions if not 0 <= p < n_pos]
+        if badp:
+            raise IndexError(f"position {badp} out of range for sequences of length {n_pos}")
+
+
+def rows_per_forward(model, batch: int, pos: int, max_rows: Optional[int] = None) -> int:
+    """How many batch rows (replicas x prompts) one forward may hold: `max_rows` if given; on
+    CUDA from free memory (state copies, MLP activations and float32 logits per row); else 64."""
+    if max_rows is not None:
+        return max(batch, max_rows)
+    if model.device.type != "cuda":
+        return max(batch, 64)
+    cfg = model.cfg
+    width = torch.finfo(model.dtype).bits // 8
+    per_row = pos * (cfg.n_streams * cfg.d_model * width * 8 + cfg.d_mlp * width * 2 + cfg.d_vocab * 4 * 3)
+    free, _ = torch.cuda.mem_get_info(model.device)
+    return max(batch, int(0.6 * free // per_row))
+
+
+def _edit_hook(edits: Sequence[Edit], sublayer: int, batch: int, n_streams: int, n_pos: int,
+               ablation: Optional[Tensor], source: Optional[Tensor], device) -> Optional[Callable]:
+    """A hook for `hook_streams_in` of `sublayer` applying each replica's edit there, or None."""
+    k = len(edits)
+    ablate = torch.zeros(k, n_pos, n_streams, dtype=torch.bool)
+    restore = torch.zeros(k, n_pos, n_streams, dtype=torch.bool)
+    for r, e in enumerate(edits):
+        if sublayer not in e.sublayers:
+            continue
+        pos = slice(None) if e.positions is None else list(e.positions)
+        for s in e.ablate:
+            ablate[r, pos, s] = True
+        for s in e.restore:
+            restore[r, pos, s] = True
+    if not ablate.any() and not restore.any():
+        return None
+    ablate = ablate[:, None, :, :, None].to(device)    # [k, 1, pos, n, 1]
+    restore = restore[:, None, :, :, None].to(device)
+
+    def hook(x: Tensor, hook) -> Tensor:                # x [k*B, pos, n, d]
+        x = x.view(k, batch, *x.shape[1:])
+        if ablation is not None:
+            x = torch.where(ablate, ablation.to(x.dtype), x)
+        if source is not None:
+            x = torch.where(restore, source.to(x.dtype), x)
+        return x.reshape(k * batch, *x.shape[2:])
+
+    return hook
+
+
+def run_edits(model, edits: Sequence[Edit], base_states: Mapping[int, Tensor], metric: Metric, *,
+              source_states: Optional[Mapping[int, Tensor]] = None,
+              ablation_values: Optional[Mapping[int, Tensor]] = None,
+              frozen: Optional[Mapping[str, Tensor]] = None, source_is_base: bool = False,
+              max_rows: Optional[int] = None, progress: Optional[Callable[[int], None]] = None) -> Tensor:
+    """Run every edit; returns the metric per edit and prompt [n_edits, batch] (float32).
+
+    base_states[s]: state entering sublayer s in the run being edited [B, pos, n, d] (needed
+        for every edit's start sublayer).
+    source_states[s]: the states `restore` copies from (e.g. the clean run when rescuing, the
+        other run when patching), for every sublayer an edit restores at.
+    ablation_values[s]: value the ablated streams get at sublayer s, broadcastable to
+        [B, pos, n, d] (zeros, a mean [n, d], ...).
+    frozen: a cache with every sublayer's H_pre/H_post/H_res (batch B) to freeze the mixing to.
+    source_is_base: the restore source is the base run itself (rescue), so an edit restoring
+        every stream it ablates is the identity.
+    Identity edits are not run: their metric is the metric of the unedited base run, computed
+    once. Duplicate edits are run once.
+    """
+    cfg = model.cfg
+    start_state = next(iter(base_states.values()))
+    batch, n_pos = start_state.shape[:2]
+    unique: Dict[Edit, int] = {}
+    for e in edits:
+        validate_edit(e, cfg.n_sublayers, cfg.n_streams, n_pos)
+        unique.setdefault(e, len(unique))
+    values: Dict[Edit, Tensor] = {}
+    identity = [e for e in unique if e.is_identity(source_is_base)]
+    groups: Dict[int, List[Edit]] = defaultdict(list)
+    for e in unique:
+        if not e.is_identity(source_is_base):
+            groups[e.start].append(e)
+    k_max = max(1, rows_per_forward(model, batch, n_pos, max_rows) // batch)
+    freeze = frozen_mixing(model, frozen) if frozen is not None else contextlib.nullcontext()
+    with torch.no_grad(), freeze:
+        if identity:  # the unedited base run, once
+            s0 = min(base_states)
+            base = metric(_run_chunk(model, base_states[s0], s0, 1, []).unsqueeze(0))[0]
+            values.update({e: base for e in identity})
+        for start in sorted(groups):
+            todo = groups[start]
+            for c in range(0, len(todo), k_max):
+                chunk = todo[c:c + k_max]
+                hooks = []
+                for s in range(start, max(max(e.sublayers) for e in chunk) + 1):
+                    h = _edit_hook(chunk, s, batch, cfg.n_streams, n_pos,
+                                   None if ablation_values is None else ablation_values.get(s),
+                                   None if source_states is None else source_states.get(s), model.device)
+                    if h is not None:
+                        hooks.append((f"{model.sublayer_names[s]}.hook_streams_in", h))
+                logits = _run_chunk(model, base_states[start], start, len(chunk), hooks)
+                out = metric(logits.view(len(chunk), batch, *logits.shape[1:]))
+                values.update({e: out[r] for r, e in enumerate(chunk)})
+                if progress is not None:
+                    progress(len(chunk))
+    return torch.stack([values[e] for e in edits]).float()
+
+
+def _run_chunk(model, state: Tensor, start: int, k: int, hooks) -> Tensor:
+    """Logits [k*B, pos, vocab] of `k` replicas of `state` resumed at sublayer `start`."""
+    x = state.repeat(k, 1, 1, 1) if k > 1 else state
+    with model.hooks(fwd_hooks=hooks):
+        return model(x, start_at_sublayer=start)

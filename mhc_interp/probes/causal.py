@@ -1,0 +1,115 @@
+"""What causal probes share: the contract (they run their own interventions per batch instead of
+reading cached activations), the metrics they score logits with, and an online mean / s.e.m.
+over prompts.
+
+A causal probe implements `intervene(model, tokens, mask)` (one batch) and `result()`; the
+runner (`run_probes`) hands it every batch of the token source.
+"""
+from __future__ import annotations
+
+from typing import Dict, List, Optional, Tuple
+
+import numpy as np
+import torch
+from torch import Tensor
+from torch.nn import functional as F
+
+from .base import Probe
+
+
+class CausalProbe(Probe):
+    """Base class of probes that intervene: `intervene(model, tokens [B, pos], mask [B, pos])`."""
+
+    def hook_names(self, model) -> List[str]:
+        return []
+
+    def update(self, acts, mask) -> None:  # pragma: no cover - causal probes use intervene
+        raise TypeError(f"{self.name} is a causal probe: the runner calls intervene(), not update()")
+
+    def intervene(self, model, tokens: Tensor, mask: Tensor) -> None:  # pragma: no cover
+        raise NotImplementedError
+
+
+def log_probs(logits: Tensor, temperature: float = 1.0) -> Tensor:
+    """float32 log-softmax of logits / T over the vocabulary."""
+    return F.log_softmax(logits.float() / temperature, dim=-1)
+
+
+def kl_metric(reference_logits: Tensor, mask: Tensor, temperature: float = 1.0):
+    """Metric: mean over masked positions of KL(P_ref || P) per replica and prompt, float32.
+
+    reference_logits [B, pos, vocab]; mask [B, pos]; returns f(logits [k, B, pos, vocab]) -> [k, B].
+    """
+    ref_lp = log_probs(reference_logits, temperature)
+    ref_p = ref_lp.exp()
+    weights = mask.float() / mask.float().sum(-1, keepdim=True).clamp_min(1)
+
+    def metric(logits: Tensor) -> Tensor:
+        kl = (ref_p * (ref_lp - log_probs(logits, temperature))).sum(-1)   # [k, B, pos]
+        return (kl * weights).sum(-1)
+
+    return metric
+
+
+def logit_diff_metric(answers: Tensor, position: int = -1):
+    """Metric: logit[correct] - logit[wrong] at `position`; answers [B, 2] (correct, wrong)."""
+
+    def metric(logits: Tensor) -> Tensor:                                 # [k, B, pos, vocab]
+        last = logits[:, :, position].float()                              # [k, B, vocab]
+        idx = answers.to(logits.device)[None].expand(last.shape[0], -1, -1)
+        picked = last.gather(-1, idx)
+        return picked[..., 0] - picked[..., 1]
+
+    return metric
+
+
+def logprob_metric(targets: Tensor, position: int = -1, temperature: float = 1.0):
+    """Metric: log P(target) at `position`; targets [B]."""
+
+    def metric(logits: Tensor) -> Tensor:
+        lp = log_probs(logits[:, :, position], temperature)               # [k, B, vocab]
+        idx = targets.to(logits.device)[None, :, None].expand(lp.shape[0], -1, 1)
+        return lp.gather(-1, idx)[..., 0]
+
+    return metric
+
+
+class PromptStats:
+    """Online mean and standard error over prompts of a [*shape] statistic (float64)."""
+
+    def __init__(self) -> None:
+        self.total: Optional[Tensor] = None
+        self.total_sq: Optional[Tensor] = None
+        self.count = 0
+
+    def add(self, per_prompt: Tensor) -> None:
+        """per_prompt [..., B]: one value per prompt in the last axis."""
+        v = per_prompt.detach().double().cpu()
+        s, sq = v.sum(-1), (v ** 2).sum(-1)
+        self.total = s if self.total is None else self.total + s
+        self.total_sq = sq if self.total_sq is None else self.total_sq + sq
+        self.count += v.shape[-1]
+
+    def mean_sem(self) -> Tuple[np.ndarray, np.ndarray]:
+        if not self.count:
+            raise ValueError("no prompts were processed")
+        mean = self.total / self.count
+        var = (self.total_sq / self.count - mean ** 2).clamp_min(0) * self.count / max(self.count - 1, 1)
+        return mean.numpy(), (var / self.count).sqrt().numpy()
+
+
+def stats_arrays(prefix: str, stats: PromptStats) -> Dict[str, np.ndarray]:
+    """{prefix: mean, prefix_sem: s.e.m., prefix_ci_low / _high: mean -/+ 1.96 s.e.m.}."""
+    mean, sem = stats.mean_sem()
+    return {prefix: mean, f"{prefix}_sem": sem, f"{prefix}_ci_low": mean - 1.96 * sem,
+            f"{prefix}_ci_high": mean + 1.96 * sem}
+
+
+def clean_run(model, tokens: Tensor):
+    """One forward caching every sublayer's input state and mixing coefficients.
+    Returns (logits, {sublayer index: state [B, pos, n, d]}, cache)."""
+    names = {f"{s}.hook_{k}" for s in model.sublayer_names for k in ("streams_in", "h_pre", "h_post", "h_res")}
+    with torch.no_grad():
+        logits, cache = model.run_with_cache(tokens, names_filter=lambda n: n in names)
+    states = {k: cache[f"{s}.hook_streams_in"] for k, s in enumerate(model.sublayer_names)}
+    return logits, states, cache

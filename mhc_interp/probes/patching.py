@@ -1,0 +1,183 @@
+"""Activation patching per (sublayer, stream), optionally per position, scored against the clean
+distribution.
+
+Two runs of aligned prompts, clean and corrupted. Denoising (default): run the corrupted prompt
+and copy stream s of the clean run's state into the state entering sublayer l; noising: run the
+clean prompt and copy the corrupted run's stream in. Score: KL(P_clean || P_patched) in float32,
+averaged over the unmasked positions (or the logit difference / log-prob of given answers).
+Mixing recomputed = the total effect; mixing frozen to the edited (base) run's coefficients =
+the content effect (the routing x -> H cannot respond); total - frozen = the routing-mediated
+effect. Every (sublayer, stream[, position]) cell is one replica of a batched forward that
+resumes from the base run's cached state at that sublayer.
+"""
+from __future__ import annotations
+
+from typing import Callable, Optional, Sequence, Union
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from ..hooks.batched import Edit, run_edits
+from .base import ProbeResult, register_probe, register_result, require_streams
+from .causal import CausalProbe, PromptStats, clean_run, kl_metric, logit_diff_metric, logprob_metric, stats_arrays
+
+DIRECTIONS = ("denoise", "noise")
+MIXING = ("recomputed", "frozen", "both")
+
+
+@register_probe
+class ActivationPatching(CausalProbe):
+    """corrupt: a function clean tokens -> corrupted tokens (e.g. `SymmetricReplacement`), used
+    when the runner supplies only clean prompts; `patch(model, clean, corrupted)` takes both.
+    positions: None (patch every position at once), "each" (one cell per position), or a list.
+    metric: "kl" (default), "logit_diff" (needs answers [B, 2]: correct, wrong), "logprob"
+    (needs answers [B]); the answer metrics read the last position.
+    """
+
+    name = "activation_patching"
+
+    def __init__(self, corrupt: Optional[Callable[[Tensor], Tensor]] = None, direction: str = "denoise",
+                 mixing: str = "recomputed", positions: Union[None, str, Sequence[int]] = None,
+                 sublayers: Optional[Sequence[int]] = None, metric: str = "kl",
+                 answers: Optional[Tensor] = None, temperature: float = 1.0,
+                 max_rows: Optional[int] = None):
+        if direction not in DIRECTIONS:
+            raise ValueError(f"direction must be one of {DIRECTIONS}, got {direction!r}")
+        if mixing not in MIXING:
+            raise ValueError(f"mixing must be one of {MIXING}, got {mixing!r}")
+        if metric not in ("kl", "logit_diff", "logprob"):
+            raise ValueError(f"metric must be 'kl', 'logit_diff' or 'logprob', got {metric!r}")
+        if metric != "kl" and answers is None:
+            raise ValueError(f"metric {metric!r} needs answers=")
+        self.corrupt, self.direction, self.mixing, self.positions = corrupt, direction, mixing, positions
+        self.sublayers, self.metric_name, self.answers = sublayers, metric, answers
+        self.temperature, self.max_rows = temperature, max_rows
+
+    def setup(self, model) -> None:
+        require_streams(model, self.name, minimum=1)
+        n_sub = model.cfg.n_sublayers
+        self.layers = list(range(n_sub)) if self.sublayers is None else list(self.sublayers)
+        bad = [s for s in self.layers if not 0 <= s < n_sub]
+        if bad:
+            raise IndexError(f"sublayer {bad} out of range: the model has {n_sub} sublayers (0..{n_sub - 1})")
+        self.n = model.cfg.n_streams
+        self.names = [model.sublayer_names[s] for s in self.layers]
+        self.stats = {m: PromptStats() for m in self._mixings()}
+        self.baselines = PromptStats()
+        self.n_pos = None
+
+    def _mixings(self):
+        return ("recomputed", "frozen") if self.mixing == "both" else (self.mixing,)
+
+    def intervene(self, model, tokens: Tensor, mask: Tensor) -> None:
+        if self.corrupt is None:
+            raise ValueError("activation patching over a corpus needs corrupt=...; or call patch(model, clean, corrupted)")
+        self.patch(model, tokens, self.corrupt(tokens.cpu()).to(tokens.device), mask)
+
+    def _metric(self, clean_logits: Tensor, mask: Tensor, rows: slice):
+        if self.metric_name == "kl":
+            return kl_metric(clean_logits, mask, self.temperature)
+        answers = self.answers[rows]
+        if self.metric_name == "logit_diff":
+            return logit_diff_metric(answers)
+        return logprob_metric(answers, temperature=self.temperature)
+
+    def patch(self, model, clean: Tensor, corrupted: Tensor, mask: Optional[Tensor] = None) -> None:
+        """One batch of aligned clean / corrupted prompts [B, pos]."""
+        if clean.shape != corrupted.shape:
+            raise ValueError(
+                f"clean prompts {tuple(clean.shape)} and corrupted prompts {tuple(corrupted.shape)} "
+                f"differ in shape: align them (same length, position by position) first"
+            )
+        b, p = clean.shape
+        if self.n_pos is None:
+            self.n_pos = p
+        elif self.positions == "each" and p != self.n_pos:
+            raise ValueError(f"per-position patching needs one prompt length, got {p} after {self.n_pos}")
+        if mask is None:
+            mask = torch.ones(b, p, dtype=torch.bool, device=model.device)
+            mask[:, 0] = False
+        rows = slice(self.baselines.count, self.baselines.count + b)
+        clean_logits, clean_states, clean_cache = clean_run(model, clean)
+        corr_logits, corr_states, corr_cache = clean_run(model, corrupted)
+        base_states, base_cache, source = ((corr_states, corr_cache, clean_states) if self.direction == "denoise"
+                                           else (clean_states, clean_cache, corr_states))
+        metric = self._metric(clean_logits, mask, rows)
+        with torch.no_grad():
+            self.baselines.add(torch.stack([metric(clean_logits[None])[0], metric(corr_logits[None])[0]]))
+        cells = self._cells(p)
+        edits = [Edit((l,), restore=(s,), positions=pos) for l in self.layers for s in range(self.n) for pos in cells]
+        for mixing in self._mixings():
+            values = run_edits(model, edits, base_states, metric, source_states=source,
+                               frozen=base_cache if mixing == "frozen" else None, max_rows=self.max_rows)
+            self.stats[mixing].add(values.view(len(self.layers), self.n, len(cells), b))
+
+    def _cells(self, p: int):
+        if self.positions is None:
+            return [None]
+        if self.positions == "each":
+            return [(q,) for q in range(p)]
+        bad = [q for q in self.positions if not 0 <= q < p]
+        if bad:
+            raise IndexError(f"positions {bad} out of range for prompts of length {p}")
+        return [(q,) for q in self.positions]
+
+    def result(self) -> "PatchingResult":
+        arrays = {}
+        for mixing, stats in self.stats.items():
+            arrays.update(stats_arrays(f"{self.metric_name}_{mixing}", stats))
+        if self.mixing == "both":
+            arrays[f"{self.metric_name}_routing"] = (arrays[f"{self.metric_name}_recomputed"]
+                                                     - arrays[f"{self.metric_name}_frozen"])
+        base_mean, _ = self.baselines.mean_sem()
+        arrays["baseline_clean"], arrays["baseline_corrupted"] = base_mean[0], base_mean[1]
+        if self.positions is None:
+            arrays = {k: v[..., 0] if v.ndim == 3 else v for k, v in arrays.items()}
+        meta = {"direction": self.direction, "mixing": list(self.stats), "metric": self.metric_name,
+                "sublayers": self.names, "n_streams": self.n, "prompts": self.baselines.count,
+                "positions": self.positions if self.positions in (None, "each") else list(self.positions),
+                "temperature": self.temperature,
+                "layout": "[sublayer, stream]" + ("" if self.positions is None else "[, position]"),
+                "frozen_to": "the edited (base) run's mixing"}
+        return PatchingResult(self.name, arrays, meta)
+
+
+@register_result
+class PatchingResult(ProbeResult):
+    def plot(self):
+        """{f"patching_{mixing}": sublayer x stream heatmap, annotated with mean and 95% CI}."""
+        import matplotlib.pyplot as plt
+
+        figs = {}
+        metric = self.meta["metric"]
+        for mixing in self.meta["mixing"] + (["routing"] if len(self.meta["mixing"]) == 2 else []):
+            m = self[f"{metric}_{mixing}"]
+            if m.ndim == 3:
+                m = m.mean(-1)
+            fig, ax = plt.subplots(figsize=(1.2 + 0.9 * m.shape[1], 0.8 + 0.28 * m.shape[0]))
+            im = ax.imshow(m, aspect="auto", cmap="magma" if metric == "kl" else "RdBu")
+            ax.set_yticks(range(m.shape[0]), self.meta["sublayers"], fontsize=6)
+            ax.set_xticks(range(m.shape[1]), [f"stream {s}" for s in range(m.shape[1])], fontsize=7)
+            half = self.arrays.get(f"{metric}_{mixing}_sem")
+            if half is not None and half.ndim == 2 and m.shape[0] <= 24:
+                for (i, j), v in np.ndenumerate(m):
+                    ax.text(j, i, f"{v:.2g}±{1.96 * half[i, j]:.1g}", ha="center", va="center", fontsize=5,
+                            color="white")
+            ax.set_title(f"{self.meta['direction']} patching, {metric}, mixing {mixing}", fontsize=8)
+            fig.colorbar(im, ax=ax)
+            figs[f"patching_{mixing}"] = fig
+        return figs
+
+
+def activation_patching(model, clean: Tensor, corrupted: Tensor, *, batch_size: int = 8,
+                        **kwargs) -> PatchingResult:
+    """Patch over aligned clean / corrupted prompt tensors [N, pos], in batches."""
+    probe = ActivationPatching(**kwargs)
+    probe.setup(model)
+    if clean.shape != corrupted.shape:
+        raise ValueError(f"clean {tuple(clean.shape)} and corrupted {tuple(corrupted.shape)} prompts "
+                         f"differ in shape: align them first")
+    for i in range(0, len(clean), batch_size):
+        probe.patch(model, clean[i:i + batch_size].to(model.device), corrupted[i:i + batch_size].to(model.device))
+    return probe.result()

@@ -1,0 +1,231 @@
+"""Pairwise stream ablation-and-rescue with frozen mixing ("Ablate and Rescue", eqs. 2-4).
+
+One clean forward caches every stream state and every sublayer's (H_pre, H_post, H_res). For a
+sublayer l and a stream pair {i, j}, with the mixing frozen to the clean run:
+    D_ij      = E_tokens KL(P_clean || P_{ablate i, j at l})                 (damage, temperature T)
+    D_{j|i}   = the same with stream i restored from the clean cache while j stays ablated
+    R(a, r)   = (D_ar - D_{a|r}) / D_ar                    rescue of the pair by recovering r
+              (rows a: the stream that stays ablated; columns r: the recovered stream - the
+              layout of the paper's Table 1).
+One-shot (default): the ablation is applied to the state entering sublayer l only; restoring i
+at the same site is then exactly "ablate {j} alone", so those runs are shared. Persistent: the
+pair is ablated at every sublayer from l on, and the recovered stream restored at each of them.
+Pairs whose damage D_ar is below `min_kl` are flagged: a rescue fraction of a tiny damage is
+noise (their R is NaN in the matrices, and they are left out of the global average).
+"""
+from __future__ import annotations
+
+import itertools
+from typing import Optional, Sequence, Union
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from ..hooks.batched import Edit, run_edits
+from .base import ProbeResult, register_probe, register_result, require_streams
+from .causal import CausalProbe, PromptStats, clean_run, kl_metric, stats_arrays
+
+MODES = ("one_shot", "persistent")
+
+
+def ablation_values(model, states, mask: Tensor, ablation) -> dict:
+    """{sublayer: value broadcastable to [B, pos, n, d]}: zeros, the mean over the batch's
+    masked tokens ("mean"), or a user tensor ([n, d], [d], or per sublayer [n_sublayers, n, d])."""
+    n_sub = model.cfg.n_sublayers
+    if isinstance(ablation, str):
+        if ablation == "zero":
+            zero = torch.zeros((), device=model.device, dtype=model.dtype)
+            return {s: zero for s in range(n_sub)}
+        if ablation == "mean":
+            return {s: states[s][mask].mean(0) for s in range(n_sub)}            # [n, d]
+        raise ValueError(f"unknown ablation {ablation!r}: use 'zero', 'mean' or a tensor")
+    value = torch.as_tensor(ablation, device=model.device, dtype=model.dtype)
+    if value.ndim == 3:
+        if value.shape[0] != n_sub:
+            raise ValueError(f"per-sublayer ablation values need {n_sub} rows, got {value.shape[0]}")
+        return {s: value[s] for s in range(n_sub)}
+    return {s: value for s in range(n_sub)}
+
+
+@register_probe
+class AblateRescue(CausalProbe):
+    name = "ablate_rescue"
+
+    def __init__(self, mode: str = "one_shot", ablation: Union[str, Tensor] = "zero",
+                 temperature: float = 1.0, sublayers: Optional[Sequence[int]] = None,
+                 min_kl: float = 1e-3, frozen: bool = True, max_rows: Optional[int] = None,
+                 pairs: Optional[Sequence[Sequence[int]]] = None):
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        self.mode, self.ablation, self.temperature = mode, ablation, temperature
+        self.sublayers, self.min_kl, self.frozen, self.max_rows = sublayers, min_kl, frozen, max_rows
+        self.pairs = None if pairs is None else [tuple(p) for p in pairs]
+        for pair in self.pairs or []:
+            if len(pair) != 2 or pair[0] == pair[1]:
+                raise ValueError(f"a stream pair needs two different streams, got {pair}")
+
+    def setup(self, model) -> None:
+        require_streams(model, self.name)
+        n_sub = model.cfg.n_sublayers
+        self.layers = list(range(n_sub)) if self.sublayers is None else list(self.sublayers)
+        bad = [s for s in self.layers if not 0 <= s < n_sub]
+        if bad:
+            raise IndexError(f"sublayer {bad} out of range: the model has {n_sub} sublayers (0..{n_sub - 1})")
+        self.n = model.cfg.n_streams
+        pairs = self.pairs or list(itertools.combinations(range(self.n), 2))
+        bad = [p for p in pairs if not all(0 <= s < self.n for s in p)]
+        if bad:
+            raise IndexError(f"stream pair {bad} out of range: the model has {self.n} streams")
+        self.pair_list = sorted({tuple(sorted(p)) for p in pairs})
+        self.names = [model.sublayer_names[s] for s in self.layers]
+        self.edits, self.slots = self._plan(n_sub)
+        self.stats = PromptStats()
+
+    def _plan(self, n_sub: int):
+        """The edits to run and, for each, its (kind, layer index, a, r) slot in the result."""
+        edits, slots = [], []
+        for li, l in enumerate(self.layers):
+            span = (l,) if self.mode == "one_shot" else tuple(range(l, n_sub))
+            for i, j in self.pair_list:
+                edits.append(Edit(span, ablate=(i, j)))
+                slots.append(("ablated", li, i, j))
+            for a, r in [o for p in self.pair_list for o in (p, p[::-1])]:
+                if self.mode == "one_shot":    # restoring r at the same site == ablating a alone
+                    edits.append(Edit(span, ablate=(a,)))
+                else:
+                    edits.append(Edit(span, ablate=(a, r), restore=(r,)))
+                slots.append(("rescued", li, a, r))
+        return edits, slots
+
+    def intervene(self, model, tokens: Tensor, mask: Tensor) -> None:
+        logits, states, cache = clean_run(model, tokens)
+        kl = run_edits(model, self.edits, states, kl_metric(logits, mask, self.temperature),
+                       source_states=states, ablation_values=ablation_values(model, states, mask, self.ablation),
+                       frozen=cache if self.frozen else None, source_is_base=True, max_rows=self.max_rows)
+        per_prompt = torch.full((2, len(self.layers), self.n, self.n, tokens.shape[0]), float("nan"))
+        for (kind, li, a, r), values in zip(self.slots, kl.cpu()):
+            if kind == "ablated":
+                per_prompt[0, li, a, r] = per_prompt[0, li, r, a] = values
+            else:
+                per_prompt[1, li, a, r] = values
+        self.stats.add(per_prompt)
+
+    def result(self) -> "RescueResult":
+        arrays = {**stats_arrays("kl_ablated", _Slice(self.stats, 0)),
+                  **stats_arrays("kl_rescued", _Slice(self.stats, 1))}
+        damage, rescued = arrays["kl_ablated"], arrays["kl_rescued"]
+        low = ~(damage >= self.min_kl)                                     # NaN diagonal counts as low
+        with np.errstate(invalid="ignore", divide="ignore"):
+            rescue = np.where(low, np.nan, (damage - rescued) / damage)
+        arrays.update(rescue=rescue, low_damage=low,
+                      global_rescue=_nanmean(rescue, axis=0),
+                      global_rescue_weighted=_weighted(damage, rescued, low))
+        meta = {"mode": self.mode, "ablation": self.ablation if isinstance(self.ablation, str) else "user tensor",
+                "temperature": self.temperature, "frozen_mixing": self.frozen, "min_kl": self.min_kl,
+                "sublayers": self.names, "n_streams": self.n, "prompts": self.stats.count,
+                "layout": "[sublayer, a (stays ablated), r (recovered)]"}
+        return RescueResult(self.name, arrays, meta)
+
+
+class _Slice:
+    """View of one row of a PromptStats (so stats_arrays can be reused)."""
+
+    def __init__(self, stats: PromptStats, index: int):
+        self.stats, self.index = stats, index
+
+    def mean_sem(self):
+        mean, sem = self.stats.mean_sem()
+        return mean[self.index], sem[self.index]
+
+
+def _nanmean(x: np.ndarray, axis: int) -> np.ndarray:
+    with np.errstate(invalid="ignore"):
+        valid = ~np.isnan(x)
+        return np.where(valid.any(axis), np.nansum(x, axis) / valid.sum(axis).clip(min=1), np.nan)
+
+
+def _weighted(damage, rescued, low) -> np.ndarray:
+    """(sum_l D - sum_l D_rescued) / sum_l D over the sublayers with enough damage."""
+    keep = ~low
+    d = np.where(keep, damage, 0).sum(0)
+    r = np.where(keep, rescued, 0).sum(0)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(keep.any(0), (d - r) / d, np.nan)
+
+
+@register_result
+class RescueResult(ProbeResult):
+    def pair_difference(self, i: int, j: int) -> np.ndarray:
+        """Per sublayer R(i|ij) - R(j|ij): recovering i minus recovering j (> 0: i carries more)."""
+        n = self.meta["n_streams"]
+        if i == j or not (0 <= i < n and 0 <= j < n):
+            raise ValueError(f"a stream pair needs two different streams in 0..{n - 1}, got ({i}, {j})")
+        return self["rescue"][:, j, i] - self["rescue"][:, i, j]
+
+    def table(self, weighted: bool = False) -> str:
+        """The global rescue matrix as Markdown (rows: ablated stream, columns: recovered)."""
+        m = self["global_rescue_weighted" if weighted else "global_rescue"]
+        n = m.shape[0]
+        lines = ["| ablated \\ recovered | " + " | ".join(str(c) for c in range(n)) + " |",
+                 "|---" * (n + 1) + "|"]
+        for a in range(n):
+            cells = ["-" if a == r else ("n/a" if np.isnan(m[a, r]) else f"{100 * m[a, r]:.2f}") for r in range(n)]
+            lines.append(f"| {a} | " + " | ".join(cells) + " |")
+        return "\n".join(lines)
+
+    def plot(self, max_layers: int = 8):
+        """{"rescue_global", "rescue_layers", "rescue_difference", "kl_ablated"} figures."""
+        import matplotlib.pyplot as plt
+
+        names, n = self.meta["sublayers"], self.meta["n_streams"]
+        figs = {}
+        fig, ax = plt.subplots(figsize=(3.6, 3.2))
+        m = 100 * self["global_rescue"]
+        im = ax.imshow(m, vmin=0, vmax=100, cmap="viridis")
+        for (a, r), v in np.ndenumerate(m):
+            ax.text(r, a, "-" if a == r else f"{v:.1f}", ha="center", va="center", fontsize=8,
+                    color="white" if not v > 50 else "black")
+        ax.set_xlabel("recovered stream")
+        ax.set_ylabel("ablated stream")
+        ax.set_title(f"global rescue % ({self.meta['mode']})", fontsize=9)
+        fig.colorbar(im, ax=ax, shrink=0.8)
+        figs["rescue_global"] = fig
+
+        picks = np.unique(np.linspace(0, len(names) - 1, min(max_layers, len(names))).round().astype(int))
+        fig, axes = plt.subplots(1, len(picks), figsize=(2.4 * len(picks), 2.6), squeeze=False)
+        for ax, k in zip(axes[0], picks):
+            ax.imshow(100 * self["rescue"][k], vmin=0, vmax=100, cmap="viridis")
+            ax.set_title(names[k], fontsize=8)
+            ax.set_xticks(range(n))
+            ax.set_yticks(range(n))
+        fig.suptitle("rescue % per sublayer (rows ablated, columns recovered)", fontsize=9)
+        figs["rescue_layers"] = fig
+
+        fig, ax = plt.subplots(figsize=(7, 3.2))
+        for i, j in itertools.combinations(range(n), 2):
+            ax.plot(100 * self.pair_difference(i, j), marker=".", label=f"R({i}|{i}{j}) - R({j}|{i}{j})")
+        ax.axhline(0, color="grey", lw=0.8)
+        ax.set_xlabel("sublayer")
+        ax.set_ylabel("rescue difference (%)")
+        ax.legend(fontsize=6, ncol=2)
+        figs["rescue_difference"] = fig
+
+        fig, ax = plt.subplots(figsize=(7, 3.2))
+        pairs = list(itertools.combinations(range(n), 2))
+        kl = np.stack([self["kl_ablated"][:, i, j] for i, j in pairs], axis=1)
+        im = ax.imshow(kl.T, aspect="auto", cmap="magma")
+        ax.set_yticks(range(len(pairs)), [f"{i},{j}" for i, j in pairs])
+        ax.set_xlabel("sublayer")
+        ax.set_title("KL(P_clean || P_ablated) per pair", fontsize=9)
+        fig.colorbar(im, ax=ax)
+        figs["kl_ablated"] = fig
+        return figs
+
+
+def ablate_and_rescue(model, tokens: Tensor, *, batch_size: int = 8, progress: bool = False,
+                      **kwargs) -> RescueResult:
+    """Run `AblateRescue(**kwargs)` over `tokens` (any token source of `run_probes`)."""
+    from .runner import run_probes
+
+    return run_probes(model, AblateRescue(**kwargs), tokens, batch_size=batch_size, progress=progress)

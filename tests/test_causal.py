@@ -1,0 +1,260 @@
+"""Causal probes: batched, prefix-reusing interventions equal a naive loop (one run_with_hooks
+forward per intervention), planted stream roles give the expected rescue, and bad input fails."""
+import itertools
+
+import numpy as np
+import pytest
+import torch
+from torch.nn import functional as F
+
+from mhc_interp.hooks import is_mixing_hook
+from mhc_interp.hooks.batched import Edit, run_edits
+from mhc_interp.probes import (AblateRescue, ActivationPatching, SymmetricReplacement,
+                               ablate_and_rescue, activation_patching, run_probes)
+from mhc_interp.probes.causal import clean_run, kl_metric
+
+from .conftest import perturbed_model, tiny_config
+
+
+@pytest.fixture(scope="module")
+def model():
+    return perturbed_model(tiny_config("mhc"), seed=5)
+
+
+@pytest.fixture(scope="module")
+def prompts():
+    torch.manual_seed(11)
+    return torch.randint(0, 40, (3, 8))
+
+
+@torch.no_grad()
+def naive_kl(clean_logits, logits, mask, temperature=1.0):
+    """Mean over masked positions of KL(P_clean || P), per prompt, written out plainly."""
+    p_log = F.log_softmax(clean_logits.double() / temperature, -1)
+    q_log = F.log_softmax(logits.double() / temperature, -1)
+    kl = (p_log.exp() * (p_log - q_log)).sum(-1)
+    return (kl * mask).sum(-1) / mask.sum(-1)
+
+
+def default_mask(tokens):
+    mask = torch.ones(tokens.shape, dtype=torch.bool)
+    mask[:, 0] = False
+    return mask
+
+
+def naive_rescue(model, tokens, mode, ablation="zero"):
+    """One full forward per intervention, mixing frozen to the clean run."""
+    clean, cache = model.run_with_cache(tokens, names_filter=lambda n: is_mixing_hook(n) or n.endswith("streams_in"))
+    mask, n, names = default_mask(tokens), model.cfg.n_streams, model.sublayer_names
+    L = len(names)
+    ablated = np.full((L, n, n), np.nan)
+    rescued = np.full((L, n, n), np.nan)
+
+    def value(s):
+        if ablation == "zero":
+            return 0.0
+        return cache[f"{names[s]}.hook_streams_in"][mask].mean(0)  # [n, d]
+
+    def hooks_for(l, ablate, restore):
+        span = [l] if mode == "one_shot" else range(l, L)
+        out = []
+        for s in span:
+            name = f"{names[s]}.hook_streams_in"
+
+            def hook(x, hook, s=s, name=name):
+                x = x.clone()
+                v = value(s)
+                for st in ablate:
+                    x[:, :, st] = v if isinstance(v, float) else v[st]
+                for st in restore:
+                    x[:, :, st] = cache[name][:, :, st]
+                return x
+            out.append((name, hook))
+        return out
+
+    with model.frozen_mixing(cache):
+        for l in range(L):
+            for i, j in itertools.combinations(range(n), 2):
+                logits = model.run_with_hooks(tokens, fwd_hooks=hooks_for(l, (i, j), ()))
+                ablated[l, i, j] = ablated[l, j, i] = naive_kl(clean, logits, mask).mean()
+            for a, r in itertools.permutations(range(n), 2):
+                logits = model.run_with_hooks(tokens, fwd_hooks=hooks_for(l, (a, r), (r,)))
+                rescued[l, a, r] = naive_kl(clean, logits, mask).mean()
+    return ablated, rescued
+
+
+@pytest.mark.parametrize("mode,ablation", [("one_shot", "zero"), ("persistent", "zero"), ("one_shot", "mean")])
+def test_rescue_matches_naive_loop(model, prompts, mode, ablation):
+    ablated, rescued = naive_rescue(model, prompts, mode, ablation)
+    # mean ablation uses the batch's mean, so it is compared on one batch only
+    splits = ((3, None), (2, 5)) if ablation == "zero" else ((3, 5),)
+    for batch_size, max_rows in splits:  # several batches, and chunks smaller than one sublayer's edits
+        r = ablate_and_rescue(model, prompts, mode=mode, ablation=ablation, batch_size=batch_size,
+                              max_rows=max_rows)
+        np.testing.assert_allclose(r["kl_ablated"], ablated, atol=1e-5, rtol=1e-4)
+        np.testing.assert_allclose(r["kl_rescued"], rescued, atol=1e-5, rtol=1e-4)
+        expected = (ablated - rescued) / ablated
+        np.testing.assert_allclose(r["rescue"], np.where(ablated >= 1e-3, expected, np.nan), atol=1e-4)
+        assert r.meta["mode"] == mode and r.meta["frozen_mixing"] is True
+
+
+def naive_patching(model, clean_tokens, corrupted, frozen):
+    clean, clean_cache = model.run_with_cache(clean_tokens, names_filter=lambda n: n.endswith("streams_in"))
+    _, corr_cache = model.run_with_cache(corrupted, names_filter=is_mixing_hook)
+    mask, n, names = default_mask(clean_tokens), model.cfg.n_streams, model.sublayer_names
+    out = np.zeros((len(names), n))
+    for l, s in itertools.product(range(len(names)), range(n)):
+        name = f"{names[l]}.hook_streams_in"
+        hook = model.stream_hook(name, s, clean_cache[name][:, :, s])
+        if frozen:
+            with model.frozen_mixing(corr_cache):
+                logits = model.run_with_hooks(corrupted, fwd_hooks=[hook])
+        else:
+            logits = model.run_with_hooks(corrupted, fwd_hooks=[hook])
+        out[l, s] = naive_kl(clean, logits, mask).mean()
+    return out
+
+
+def test_patching_matches_naive_loop(model, prompts):
+    corrupted = prompts.clone()
+    corrupted[:, 4] = (corrupted[:, 4] + 7) % 40
+    r = activation_patching(model, prompts, corrupted, mixing="both", batch_size=2, max_rows=4)
+    recomputed, frozen = naive_patching(model, prompts, corrupted, False), naive_patching(model, prompts, corrupted, True)
+    np.testing.assert_allclose(r["kl_recomputed"], recomputed, atol=1e-5, rtol=1e-4)
+    np.testing.assert_allclose(r["kl_frozen"], frozen, atol=1e-5, rtol=1e-4)
+    np.testing.assert_allclose(r["kl_routing"], recomputed - frozen, atol=2e-5)
+    assert (r["kl_recomputed_ci_low"] <= r["kl_recomputed"]).all()
+    # patching the corrupted token's position of every stream at sublayer 0 restores the clean run
+    full = activation_patching(model, prompts, corrupted, positions=[4], batch_size=3)
+    assert full["kl_recomputed"].shape == (model.cfg.n_sublayers, 4, 1)
+    assert r["baseline_corrupted"] > 0 and r["baseline_clean"] == 0
+
+
+def test_patching_all_streams_restores_clean(model, prompts):
+    corrupted = prompts.clone()
+    corrupted[:, 4] = (corrupted[:, 4] + 7) % 40
+    clean_logits, clean_states, _ = clean_run(model, prompts)
+    _, corr_states, _ = clean_run(model, corrupted)
+    mask = default_mask(prompts)
+    kl = run_edits(model, [Edit((2,), restore=(0, 1, 2, 3))], corr_states, kl_metric(clean_logits, mask),
+                   source_states=clean_states)
+    assert kl.abs().max() < 1e-9
+
+
+# ------------------------------------------------------------------------------ planted
+def planted_roles_model():
+    """hc model, static coefficients, 4 streams:
+    streams 0 and 1 carry identical content and are both read (H_pre = [.5, .5, 0, 0]) and
+    re-averaged by H_res every sublayer; branch writes go to stream 2 only; stream 3 is never read
+    and never carried on (its H_res column is zero), so it cannot matter."""
+    model = perturbed_model(tiny_config("hc"), seed=2)
+    h_res = torch.tensor([[.5, .5, 0, 0], [.5, .5, 0, 0], [0, 0, 1, 0], [0, 0, 0, 0]])
+    with torch.no_grad():
+        for sub in model.sublayers:
+            m = sub.mixer
+            m.dynamic_alpha_fn.zero_()
+            m.dynamic_beta_fn.zero_()
+            m.static_alpha.copy_(torch.cat([torch.tensor([[.5], [.5], [0.], [0.]]), h_res.T], dim=1))
+            m.static_beta.copy_(torch.tensor([0., 0., 1., 0.]))
+    return model
+
+
+def test_planted_rescue_roles(prompts):
+    r = ablate_and_rescue(planted_roles_model(), prompts, min_kl=1e-6)
+    rescue, damage = r["rescue"], r["kl_ablated"]
+    assert (damage[:, 0, 1] > 1e-3).all()
+    # redundant pair {0, 1}: either stream alone rescues (LayerNorm makes the half-read harmless)
+    assert (rescue[:, 1, 0] > 0.99).all() and (rescue[:, 0, 1] > 0.99).all()
+    # stream 3 is never read nor carried: ablating it alone (= rescue by its partner) costs nothing
+    np.testing.assert_array_equal(r["kl_rescued"][:, 3, [0, 1, 2]], 0.0)
+    # asymmetric pair {0, 2}: recovering 2 (the written stream) rescues, recovering 0 does not
+    late = slice(2, None)  # from sublayer 2 on, stream 2 holds the branches' writes
+    assert (rescue[late, 0, 2] > 0.99).all() and (rescue[late, 2, 0] < 0.5).all()
+    assert (r.pair_difference(2, 0)[late] > 0.5).all()
+    assert "ablated \\ recovered" in r.table()
+
+
+def test_restoring_every_ablated_stream_gives_zero(model, prompts):
+    logits, states, cache = clean_run(model, prompts)
+    metric = kl_metric(logits, default_mask(prompts))
+    edits = [Edit((1,), ablate=(0, 2), restore=(0, 2)), Edit((1, 2, 3), ablate=(1,), restore=(1,))]
+    kl = run_edits(model, edits, states, metric, source_states=states, frozen=cache, source_is_base=True)
+    assert torch.equal(kl, torch.zeros_like(kl))
+    # and actually running them (no identity shortcut) agrees to rounding
+    kl = run_edits(model, edits, states, metric, source_states=states, frozen=cache)
+    assert kl.abs().max() < 1e-9
+
+
+def test_temperature_and_min_kl_flags(model, prompts):
+    hot = ablate_and_rescue(model, prompts, temperature=4.0, sublayers=[0, 3])
+    cold = ablate_and_rescue(model, prompts, sublayers=[0, 3])
+    assert (hot["kl_ablated"][:, 0, 1] < cold["kl_ablated"][:, 0, 1]).all()
+    flagged = ablate_and_rescue(model, prompts, sublayers=[0, 3], min_kl=1e9)
+    assert flagged["low_damage"].all() and np.isnan(flagged["rescue"]).all()
+    assert hot.meta["sublayers"] == ["blocks.0.attn", "blocks.1.mlp"]
+
+
+def test_runner_with_causal_and_observational_probes(model, prompts, tmp_path):
+    corrupt = SymmetricReplacement(groups={"a": [1, 2, 3], "b": [4, 5]})
+    tokens = prompts.clone()
+    tokens[:, 5] = 2
+    results = run_probes(model, [AblateRescue(sublayers=[1]), ActivationPatching(corrupt=corrupt, sublayers=[0, 1])],
+                         tokens, batch_size=2, progress=False)
+    assert results["activation_patching"]["kl_recomputed"].shape == (2, 4)
+    assert results["ablate_rescue"].meta["prompts"] == 3
+    for res in results.values():
+        res.save(tmp_path / res.probe)
+        assert res.save_figures(tmp_path / "figs")
+
+
+def test_symmetric_replacement():
+    corrupt = SymmetricReplacement(groups={"noun": [10, 11, 12], "verb": [20, 21]})
+    tokens = torch.tensor([[1, 10, 2, 20, 3], [11, 5, 6, 7, 8]])
+    corrupted, pos = corrupt.corrupt_with_positions(tokens)
+    assert pos.tolist() == [3, 0]
+    assert corrupted.tolist() == [[1, 10, 2, 21, 3], [12, 5, 6, 7, 8]]
+    with pytest.raises(ValueError, match="no token from the word groups"):
+        corrupt(torch.tensor([[1, 2, 3]]))
+    with pytest.raises(ValueError, match="fewer than two"):
+        SymmetricReplacement(groups={"x": [1]})
+
+    class Tok:
+        def encode(self, w):
+            return {" cat": [7], " dog": [8], " hippopotamus": [9, 10]}.get(w, [1, 2])
+
+    corrupt = SymmetricReplacement(Tok(), groups={"noun": [" cat", " dog", " hippopotamus"]})
+    assert corrupt(torch.tensor([[3, 7, 3]])).tolist() == [[3, 8, 3]]
+
+
+def test_bad_input(model, prompts):
+    with pytest.raises(ValueError, match="differ in shape"):
+        activation_patching(model, prompts, prompts[:, :5])
+    with pytest.raises(ValueError, match="two different streams"):
+        AblateRescue(pairs=[(1, 1)])
+    with pytest.raises(IndexError, match="out of range"):
+        ablate_and_rescue(model, prompts, sublayers=[99])
+    with pytest.raises(IndexError, match="out of range"):
+        ablate_and_rescue(model, prompts, pairs=[(0, 4)])
+    with pytest.raises(ValueError, match="no meaning"):
+        ablate_and_rescue(perturbed_model(tiny_config("none", 1)), prompts)
+    with pytest.raises(ValueError, match="needs answers"):
+        ActivationPatching(metric="logit_diff")
+    with pytest.raises(ValueError, match="corrupt="):
+        run_probes(model, ActivationPatching(), prompts, progress=False)
+    r = ablate_and_rescue(model, prompts, sublayers=[0], pairs=[(0, 1)])
+    with pytest.raises(ValueError, match="two different streams"):
+        r.pair_difference(2, 2)
+    with pytest.raises(IndexError, match="stream index"):
+        logits, states, _ = clean_run(model, prompts)
+        run_edits(model, [Edit((0,), ablate=(7,))], states, kl_metric(logits, default_mask(prompts)))
+
+
+def test_answer_metrics(model, prompts):
+    corrupted = prompts.clone()
+    corrupted[:, 4] = (corrupted[:, 4] + 7) % 40
+    answers = torch.tensor([[1, 2], [3, 4], [5, 6]])
+    r = activation_patching(model, prompts, corrupted, metric="logit_diff", answers=answers, sublayers=[0])
+    clean = model(prompts)[:, -1]
+    np.testing.assert_allclose(r["baseline_clean"], (clean[:, [1, 3, 5]].diagonal() - clean[:, [2, 4, 6]].diagonal()).mean().item(), atol=1e-5)
+    r = activation_patching(model, prompts, corrupted, metric="logprob", answers=answers[:, 0], sublayers=[0])
+    assert r["logprob_recomputed"].shape == (1, 4) and (r["logprob_recomputed"] < 0).all()

@@ -1,7 +1,13 @@
 """`mhc-interp` command line.
 
-    mhc-interp [check] [--model NAME_OR_PATH]   load a model, print its summary, check its logits
-    mhc-interp hooks [--model ...] [--markdown] print every hook point with its shape
+    mhc-interp                                   = mhc-interp report (demo model, shipped corpus)
+    mhc-interp report [--model M] [--out DIR]    every probe -> figures, results, index.html
+    mhc-interp probe NAME [--model M] [--out D]  one probe (see `mhc-interp probe --list`)
+    mhc-interp train --texts F... --out DIR      train a small mHC model on text files
+    mhc-interp check [--model M]                 summary + logits check against shipped references
+    mhc-interp hooks [--model M] [--markdown]    every hook point with its shape
+
+M is a hub id, a folder or a .pt file; by default the demo model shipped in the package.
 """
 from __future__ import annotations
 
@@ -15,45 +21,52 @@ import torch
 
 from .model import HookedMHC
 
-DEFAULT_MODEL = "tiny-mhc-n4"
+DEMO_MODEL = "demo-mhc"          # trained on Shakespeare by examples/train_demo_model.py
+PARITY_MODEL = "tiny-mhc-n4"     # written by the public mHC code, with its logits
+
+
+def asset(name: str) -> Path:
+    return Path(str(resources.files("mhc_interp") / "assets" / name))
 
 
 def default_model_path() -> Path:
-    """The embedded default: a tiny 4-stream mHC checkpoint shipped inside the package."""
-    return Path(str(resources.files("mhc_interp") / "assets" / DEFAULT_MODEL))
+    """The embedded default: the demo model if shipped, else the tiny parity checkpoint."""
+    return asset(DEMO_MODEL) if (asset(DEMO_MODEL) / "config.json").is_file() else asset(PARITY_MODEL)
 
 
-def load(name: Optional[str], device: str, dtype: str) -> HookedMHC:
-    path = default_model_path() if name in (None, DEFAULT_MODEL) else name
-    return HookedMHC.from_pretrained(path, device=device, dtype=getattr(torch, dtype))
+def default_corpus() -> List[Path]:
+    return sorted(asset("corpus").glob("*.txt"))
+
+
+def resolve_model_path(name: Optional[str]):
+    if name is None:
+        return default_model_path()
+    if name in (DEMO_MODEL, PARITY_MODEL):
+        return asset(name)
+    if not Path(name).exists() and (name.startswith((".", "/", "~")) or name.endswith((".pt", ".pth"))):
+        raise SystemExit(f"mhc-interp: model path {name!r} does not exist")
+    return name
+
+
+def load(name: Optional[str], device: str = "cpu", dtype: str = "float32") -> HookedMHC:
+    return HookedMHC.from_pretrained(resolve_model_path(name), device=device, dtype=getattr(torch, dtype))
 
 
 def cmd_check(args) -> int:
-    model = load(args.model, args.device, args.dtype)
+    path = resolve_model_path(args.model or PARITY_MODEL)
+    model = HookedMHC.from_pretrained(path, device=args.device, dtype=getattr(torch, args.dtype))
     print(model.summary())
-    ref_path = (default_model_path() if args.model in (None, DEFAULT_MODEL) else Path(args.model)) / "reference_logits.pt"
-    if ref_path.is_file():
-        ref = torch.load(ref_path, map_location="cpu")
-        tokens = ref["tokens"]
-        with torch.no_grad():
-            logits = model(tokens.to(model.device)).float().cpu()
-        err = (logits - ref["logits"]).abs().max().item()
-        ok = err <= args.tol
-        print(f"logits check vs {ref.get('source', ref_path)}: tokens {tuple(tokens.shape)}, "
-              f"max |diff| = {err:.2e} (tolerance {args.tol:.0e}) -> {'OK' if ok else 'MISMATCH'}")
-    else:
-        tokens = torch.randint(0, model.cfg.d_vocab, (1, min(16, model.cfg.n_ctx)), device=model.device)
-        with torch.no_grad():
-            logits = model(tokens)
-        ok = bool(torch.isfinite(logits).all())
-        print(f"no reference logits shipped with this model; forward on random tokens gives finite "
-              f"logits {tuple(logits.shape)}: {ok}")
+    ref_path = Path(path) / "reference_logits.pt"
+    if not ref_path.is_file():
+        print(f"no reference logits shipped with {path}; nothing to compare")
+        return 0
+    ref = torch.load(ref_path, map_location="cpu")
     with torch.no_grad():
-        _, cache = model.run_with_cache(tokens[:1].to(model.device), names_filter=lambda n: n.endswith("hook_h_res"))
-    first, last = cache[model.sublayer_names[0] + ".hook_h_res"], cache[model.sublayer_names[-1] + ".hook_h_res"]
-    torch.set_printoptions(precision=3, sci_mode=False)
-    print(f"token-averaged H_res [target, source] at {model.sublayer_names[0]}:\n{first[0, 1:].mean(0)}")
-    print(f"... and at {model.sublayer_names[-1]}:\n{last[0, 1:].mean(0)}")
+        logits = model(ref["tokens"].to(model.device)).float().cpu()
+    err = (logits - ref["logits"]).abs().max().item()
+    ok = err <= args.tol
+    print(f"logits check vs {ref.get('source', ref_path)}: tokens {tuple(ref['tokens'].shape)}, "
+          f"max |diff| = {err:.2e} (tolerance {args.tol:.0e}) -> {'OK' if ok else 'MISMATCH'}")
     return 0 if ok else 1
 
 
@@ -69,27 +82,132 @@ def cmd_hooks(args) -> int:
     return 0
 
 
+def _report_config(args):
+    from .report import ReportConfig
+
+    cfg = ReportConfig(max_tokens=args.max_tokens, progress=not args.quiet)
+    if args.fast:
+        cfg.max_tokens, cfg.seq_len, cfg.causal_prompts, cfg.causal_seq_len = 1024, 64, 4, 32
+    return cfg
+
+
+def cmd_report(args) -> int:
+    from .report import build_report
+
+    model = load(args.model, args.device, args.dtype)
+    corpus = [Path(c) for c in args.corpus] if args.corpus else default_corpus()
+    index = build_report(model, Path(args.out), corpus, _report_config(args), model_name=str(args.model or "demo model"))
+    print(f"report written to {index}")
+    return 0
+
+
+def cmd_probe(args) -> int:
+    from .probes import PROBES, run_probes
+    from .report import corpus_tokens, patching_prompts
+    from .data import read_texts
+
+    if args.list or not args.name:
+        print("probes: " + ", ".join(sorted(PROBES)))
+        return 0
+    if args.name not in PROBES:
+        raise SystemExit(f"mhc-interp: unknown probe {args.name!r}; valid probes: {', '.join(sorted(PROBES))}")
+    model = load(args.model, args.device, args.dtype)
+    cfg = _report_config(args)
+    corpus = [Path(c) for c in args.corpus] if args.corpus else default_corpus()
+    tokens = corpus_tokens(model, read_texts(corpus) if corpus else [], cfg)
+    probe = PROBES[args.name]()
+    if args.name == "activation_patching":
+        clean, corrupted, _ = patching_prompts(model, tokens, cfg)
+        probe.setup(model)
+        probe.patch(model, clean.to(model.device), corrupted.to(model.device))
+        result = probe.result()
+    else:
+        result = run_probes(model, probe, tokens, batch_size=cfg.batch_size, progress=not args.quiet)
+    out = Path(args.out)
+    print(f"saved {result.save(out / result.probe)}")
+    try:
+        for p in result.save_figures(out / "figures"):
+            print(f"figure {p}")
+    except NotImplementedError:
+        pass
+    return 0
+
+
+def cmd_train(args) -> int:
+    from .config import MHCConfig
+    from .data import encode_texts, read_texts, split_stream, train_bpe_tokenizer
+    from .train import TrainConfig, train
+
+    texts = read_texts(args.texts)
+    tokenizer = train_bpe_tokenizer(texts, vocab_size=args.vocab)
+    train_ids, val_ids = split_stream(encode_texts(tokenizer, texts), args.val_fraction)
+    torch.manual_seed(args.seed)
+    cfg = MHCConfig(n_layers=args.n_layers, n_heads=args.n_heads, d_model=args.d_model, n_ctx=args.seq_len + 1,
+                    d_vocab=len(tokenizer), n_streams=1 if args.hyper_conn_type == "none" else args.n_streams,
+                    hyper_conn_type=args.hyper_conn_type, lss_init=args.lss_init)
+    model = HookedMHC(cfg, tokenizer=tokenizer)
+    history = train(model, train_ids, val_ids, TrainConfig(max_steps=args.steps, batch_size=args.batch_size,
+                                                           seq_len=args.seq_len, lr=args.lr, seed=args.seed,
+                                                           device=args.device), out_dir=args.out)
+    print(f"saved {args.out}; final validation loss {history['val_loss'][-1]:.3f}")
+    return 0
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="mhc-interp", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command")
 
     def common(p):
-        p.add_argument("--model", default=None, help="hub id, folder or .pt (default: shipped tiny model)")
+        p.add_argument("--model", default=None, help="hub id, folder or .pt (default: the shipped demo model)")
         p.add_argument("--device", default="cpu")
-        p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+        p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16", "float64"])
 
-    check = sub.add_parser("check", help="summary + logits check (the default)")
+    def corpus_opts(p):
+        p.add_argument("--corpus", nargs="*", default=None, help="text files (default: shipped Hamlet excerpt)")
+        p.add_argument("--max-tokens", type=int, default=16384)
+        p.add_argument("--fast", action="store_true", help="a small run (tests, smoke checks)")
+        p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+    report = sub.add_parser("report", help="run every probe and write a report folder")
+    common(report)
+    corpus_opts(report)
+    report.add_argument("--out", default="mhc-report")
+    probe = sub.add_parser("probe", help="run one probe")
+    probe.add_argument("name", nargs="?")
+    probe.add_argument("--list", action="store_true")
+    common(probe)
+    corpus_opts(probe)
+    probe.add_argument("--out", default="mhc-probe")
+    train = sub.add_parser("train", help="train a small mHC model on text files")
+    train.add_argument("--texts", nargs="+", required=True)
+    train.add_argument("--out", required=True)
+    train.add_argument("--steps", type=int, default=1000)
+    train.add_argument("--hyper-conn-type", default="mhc")
+    train.add_argument("--n-streams", type=int, default=4)
+    train.add_argument("--lss-init", type=float, default=None)
+    train.add_argument("--n-layers", type=int, default=4)
+    train.add_argument("--n-heads", type=int, default=4)
+    train.add_argument("--d-model", type=int, default=128)
+    train.add_argument("--seq-len", type=int, default=128)
+    train.add_argument("--batch-size", type=int, default=32)
+    train.add_argument("--vocab", type=int, default=2048)
+    train.add_argument("--lr", type=float, default=3e-3)
+    train.add_argument("--val-fraction", type=float, default=0.05)
+    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--device", default="cpu")
+    check = sub.add_parser("check", help="summary + logits check against shipped reference logits")
     common(check)
     check.add_argument("--tol", type=float, default=1e-4)
     hooks = sub.add_parser("hooks", help="list hook points and shapes")
     common(hooks)
     hooks.add_argument("--markdown", action="store_true")
     argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0].startswith("-") and argv[0] not in ("-h", "--help"):
-        argv = ["check", *argv]
+    if not argv or (argv[0].startswith("-") and argv[0] not in ("-h", "--help")):
+        argv = ["report", *argv]
     args = parser.parse_args(argv)
-    return {"check": cmd_check, "hooks": cmd_hooks}[args.command](args)
+    commands = {"check": cmd_check, "hooks": cmd_hooks, "report": cmd_report, "probe": cmd_probe, "train": cmd_train}
+    return commands[args.command](args)
 
 
 if __name__ == "__main__":

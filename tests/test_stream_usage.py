@@ -218,3 +218,12 @@ def test_runner_errors(hc_model, corpus):
         with pytest.raises(FloatingPointError, match="blocks.1"):
             run_probes(hc_model, StreamUsage(), corpus, progress=False)
     assert not hc_model.list_hooks()
+
+
+def test_collapse_summary(corpus):
+    """One stream read exclusively: entropy 0 and dominant share 1."""
+    r = run_probes(planted_reader_model(reader=2, dropped=1), StreamUsage(), corpus, progress=False)
+    s = r.collapse_summary()
+    assert s["read_share_entropy"] == pytest.approx(0.0, abs=1e-9)
+    assert s["dominant_read_share"] == pytest.approx(1.0)
+    assert s["norm_imbalance"] >= 1.0

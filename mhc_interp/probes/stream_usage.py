@@ -108,6 +108,22 @@ class StreamUsage(Probe):
 
 @register_result
 class StreamUsageResult(ProbeResult):
+    def collapse_summary(self) -> Dict[str, float]:
+        """Scalars that say how far the streams have collapsed onto one:
+        read_share_entropy   mean over sublayers of H(norm-weighted read share) / log2(n)
+                             (1 = every stream read equally, 0 = one stream only)
+        dominant_read_share  mean over sublayers of the largest norm-weighted read share
+        norm_imbalance       largest / mean stream norm of the final state (1 = balanced)
+        h_res_dist           mean over sublayers of E_t||H_res - I||_F (0 = streams never mixed)"""
+        n = self.meta["n_streams"]
+        share = np.clip(self["read_share_norm"], 1e-12, 1.0)
+        entropy = -(share * np.log2(share)).sum(-1) / np.log2(n)
+        final = self["stream_norm"][-1]
+        return {"read_share_entropy": float(entropy.mean()),
+                "dominant_read_share": float(self["read_share_norm"].max(-1).mean()),
+                "norm_imbalance": float(final.max() / final.mean()),
+                "h_res_dist": float(self["h_res_dist"].mean())}
+
     def plot(self, max_heatmaps: int = 8):
         """{"h_res": token-averaged H_res heatmaps, "shares": read/write shares,
         "stream_norms": per-stream norms (log scale), "h_post": H_post norm and variances}."""

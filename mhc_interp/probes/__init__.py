@@ -13,6 +13,11 @@ from .corruption import DEFAULT_WORD_GROUPS, SymmetricReplacement
 from .causal import CausalProbe
 from .patching import ActivationPatching, PatchingResult, activation_patching
 from .rescue import AblateRescue, RescueResult, ablate_and_rescue
+from .heads import (DEFAULT_ORDINAL_WORDS, HEAD_SCORES, HeadDetector, HeadScores, check_attention_model,
+                    detect_heads, head_ablation_hook, repeated_random_tokens, successor_scores)
+from .logit_lens import (LogitLens, LogitLensResult, PromptLensResult, all_subsets, check_subsets,
+                         decompose_logits, lens_sites, logit_lens, stream_contributions)
+from .predictability import CrossStreamPredictability, PredictabilityResult, predictability_sites, ridge_r2_matrix
 from .curvature import Curvature, CurvatureResult, sequence_curvatures, step_angles
 from .stream_usage import StreamUsage, StreamUsageResult
 
@@ -21,4 +26,9 @@ __all__ = ["PROBES", "Probe", "ProbeResult", "get_probe", "register_probe", "reg
            "Curvature", "CurvatureResult", "sequence_curvatures", "step_angles",
            "CKA", "CKAResult", "CausalProbe", "ActivationPatching", "PatchingResult",
            "activation_patching", "AblateRescue", "RescueResult", "ablate_and_rescue",
-           "SymmetricReplacement", "DEFAULT_WORD_GROUPS", "center_gram", "cka_from_hsic", "gram_linear", "gram_rbf", "hsic_matrix"]
+           "SymmetricReplacement", "DEFAULT_WORD_GROUPS",
+           "HeadDetector", "HeadScores", "detect_heads", "repeated_random_tokens", "successor_scores",
+           "head_ablation_hook", "check_attention_model", "HEAD_SCORES", "DEFAULT_ORDINAL_WORDS",
+           "LogitLens", "LogitLensResult", "PromptLensResult", "logit_lens", "decompose_logits",
+           "stream_contributions", "lens_sites", "check_subsets", "all_subsets",
+           "CrossStreamPredictability", "PredictabilityResult", "ridge_r2_matrix", "predictability_sites", "center_gram", "cka_from_hsic", "gram_linear", "gram_rbf", "hsic_matrix"]

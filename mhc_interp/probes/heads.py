@@ -1,0 +1,540 @@
+"""Attention-head detectors: a score per (layer, head) for five well-known head roles, a top-k
+table, a layer-distribution plot, and which residual streams each head's sublayer reads from and
+writes to.
+
+Scores (pattern = `blocks.{l}.attn.hook_pattern` [batch, head, query q, key k]; only query
+positions the runner's mask keeps, i.e. not BOS / padding, are averaged):
+
+    previous_token    E_q[pattern[q, q-1]]                                        (q >= 1)
+    duplicate_token   E_q[sum_{k < q, tok_k = tok_q} pattern[q, k]]   over queries whose token
+                                                                      occurred before
+    induction         E_q[sum_{k: k-1 < q-1, tok_{k-1} = tok_q} pattern[q, k]]  (the token
+                      *after* an earlier occurrence of the current token), over queries that
+                      have one
+    copy_suppression  by ablation of the head alone: zero its slice of the input to c_proj
+                      (hook_z[:, :, h] = 0), rerun from that sublayer (mixing recomputed), and
+                      at each query q compare the change in logit of the tokens seen so far
+                      (context positions k <= q kept by the mask, frequency-weighted) with the
+                      change of the mean logit:
+                          score = E_q[ mean_{k<=q} dlogit[q, tok_k] - mean_v dlogit[q, v] ]
+                      dlogit = ablated - clean (nats of logit). Positive: the head *suppresses*
+                      tokens already in the context (removing it raises their logits);
+                      negative: it copies them (removing it lowers them).
+    successor         on ordinal sequences (e.g. " Monday", " Tuesday", ...; token ids in
+                      order, distinct within a sequence): for each element k but the last,
+                      the head's output if it attended only to position k, o = W_O^h v_k,
+                      read through the final LayerNorm's weight (centred, no scale or bias:
+                      a direct-logit readout) and W_U restricted to that sequence's tokens;
+                      score = fraction of elements whose top token is the next element
+                      (chance 1 / len(sequence)). Gould et al. 2023's succession score, with the
+                      in-context value instead of an effective embedding. Needs sequences: pass
+                      token-id lists, or words if the model has a tokenizer; otherwise it is
+                      skipped (NaN, with the reason in `meta["skipped"]`).
+
+`detect_heads(model, corpus)` computes induction and duplicate-token scores on repeated random
+sequences it generates ([bos, r_1..r_m, r_1..r_m], r distinct: every second-half query has
+exactly one earlier occurrence), previous-token and copy-suppression scores on the corpus (or on
+those sequences if no corpus is given), and successor scores on ordinal sequences.
+`HeadDetector` is the underlying probe (a causal probe: it needs the token ids and runs its own
+ablations) and scores whatever tokens the runner gives it.
+
+Reads / writes: H_pre and H_post are per *sublayer*, so every head of layer l reads the same
+mix `H_pre x` and its output is written with the same `H_post`. `mean_h_pre[l, s]` and
+`mean_h_post[l, s]` are their token averages at `blocks.{l}.attn`; the top-k table shows them
+for each top head.
+
+The pattern pass caches `hook_pattern`, which switches attention to the eager path; the
+ablation runs (and their clean baseline) use the fused path, so each compares like with like.
+"""
+from __future__ import annotations
+
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from ..model.attention import AttentionSublayer
+from .base import ProbeResult, register_probe, register_result
+from .causal import CausalProbe
+
+__all__ = ["HeadDetector", "HeadScores", "detect_heads", "repeated_random_tokens", "successor_scores",
+           "head_ablation_hook", "check_attention_model", "HEAD_SCORES", "DEFAULT_ORDINAL_WORDS"]
+
+HEAD_SCORES = ("previous_token", "duplicate_token", "induction", "successor", "copy_suppression")
+_PATTERN_SCORES = ("previous_token", "duplicate_token", "induction")
+
+DEFAULT_ORDINAL_WORDS: Dict[str, List[str]] = {
+    "days": [" Monday", " Tuesday", " Wednesday", " Thursday", " Friday", " Saturday", " Sunday"],
+    "months": [" January", " February", " March", " April", " May", " June", " July", " August",
+               " September", " October", " November", " December"],
+    "number_words": [" one", " two", " three", " four", " five", " six", " seven", " eight", " nine", " ten"],
+    "digits": [" 1", " 2", " 3", " 4", " 5", " 6", " 7", " 8", " 9"],
+}
+
+
+# ------------------------------------------------------------------------------ validation
+def check_attention_model(model) -> None:
+    """Raise TypeError unless every block has a multi-head attention sublayer (`blocks.{l}.attn`
+    an `AttentionSublayer`: c_attn / c_proj, hook_pattern, hook_z)."""
+    blocks, cfg = getattr(model, "blocks", None), getattr(model, "cfg", None)
+    if blocks is None or cfg is None or not hasattr(model, "hook_dict"):
+        raise TypeError(f"head detectors need a HookedMHC (blocks.{{l}}.attn multi-head attention), "
+                        f"got {type(model).__name__}")
+    if len(blocks) == 0:
+        raise TypeError("head detectors: the model has no blocks, hence no attention heads")
+    for l, block in enumerate(blocks):
+        attn = getattr(block, "attn", None)
+        if not isinstance(attn, AttentionSublayer):
+            raise TypeError(
+                f"head detectors need multi-head attention at blocks.{l}.attn (an AttentionSublayer "
+                f"with hook_pattern, hook_z and c_proj); found {type(attn).__name__}")
+    if getattr(cfg, "n_heads", 0) < 1:
+        raise TypeError(f"head detectors: the model has n_heads={getattr(cfg, 'n_heads', None)}")
+
+
+def _check_head(model, layer: int, head: int) -> Tuple[int, int]:
+    L, H = model.cfg.n_layers, model.cfg.n_heads
+    for v, what in ((layer, "layer"), (head, "head")):
+        if isinstance(v, bool) or not isinstance(v, (int, np.integer)):
+            raise TypeError(f"{what} index must be an int, got {v!r}")
+    if not 0 <= layer < L:
+        raise IndexError(f"layer index {layer} out of range: the model has {L} layers (0..{L - 1})")
+    if not 0 <= head < H:
+        raise IndexError(f"head index {head} out of range: the model has {H} heads per layer (0..{H - 1})")
+    return int(layer), int(head)
+
+
+def _check_heads(model, heads) -> Dict[int, List[int]]:
+    """None = every head; else a list of (layer, head) -> {layer: sorted heads}."""
+    if heads is None:
+        return {l: list(range(model.cfg.n_heads)) for l in range(model.cfg.n_layers)}
+    pairs = list(heads)
+    if not pairs:
+        raise ValueError("heads is an empty list; pass None for every head")
+    out: Dict[int, List[int]] = {}
+    for pair in pairs:
+        if not isinstance(pair, (tuple, list)) or len(pair) != 2:
+            raise TypeError(f"heads must be (layer, head) pairs, got {pair!r}")
+        l, h = _check_head(model, *pair)
+        out.setdefault(l, [])
+        if h not in out[l]:
+            out[l].append(h)
+    return {l: sorted(hs) for l, hs in sorted(out.items())}
+
+
+def head_ablation_hook(model, layer: int, head: int):
+    """(hook name, hook) zeroing head `head`'s slice of the input to c_proj at layer `layer`
+    (hook_z[:, :, head] = 0): the head's output is removed, nothing else."""
+    check_attention_model(model)
+    layer, head = _check_head(model, layer, head)
+
+    def ablate(z: Tensor, hook) -> Tensor:
+        z = z.clone()
+        z[:, :, head] = 0
+        return z
+
+    return f"blocks.{layer}.attn.hook_z", ablate
+
+
+# ------------------------------------------------------------------------------ token sets
+def repeated_random_tokens(model, n_seq: int = 32, half_len: Optional[int] = None, seed: int = 0) -> Tensor:
+    """[n_seq, 1 + 2 half_len] long: [bos, r_1..r_m, r_1..r_m], the bos and r drawn without
+    replacement (distinct) when the vocabulary allows. half_len defaults to min(64, (n_ctx-1)//2)."""
+    cfg = model.cfg
+    max_half = (cfg.n_ctx - 1) // 2
+    half_len = min(64, max_half) if half_len is None else int(half_len)
+    if not 2 <= half_len <= max_half:
+        raise ValueError(f"half_len must be in [2, {max_half}] for n_ctx={cfg.n_ctx}, got {half_len}")
+    if n_seq < 1:
+        raise ValueError(f"n_seq must be >= 1, got {n_seq}")
+    g = torch.Generator().manual_seed(seed)
+    rows = []
+    for _ in range(n_seq):
+        if cfg.d_vocab >= half_len + 1:
+            r = torch.randperm(cfg.d_vocab, generator=g)[:half_len + 1]
+        else:
+            r = torch.randint(0, cfg.d_vocab, (half_len + 1,), generator=g)
+        rows.append(torch.cat([r[:1], r[1:], r[1:]]))
+    return torch.stack(rows).long()
+
+
+def _ordinal_ids(model, sequences) -> List[List[int]]:
+    """Token-id sequences from ids or words (words need the model's tokenizer, one token each)."""
+    out = []
+    for seq in sequences:
+        seq = list(seq)
+        if seq and all(isinstance(t, str) for t in seq):
+            if model.tokenizer is None:
+                raise ValueError("ordinal sequences given as words need a tokenizer, and this model "
+                                 "has none; pass token-id sequences")
+            ids = []
+            for word in seq:
+                enc = model.tokenizer.encode(word)
+                if len(enc) != 1:
+                    raise ValueError(f"ordinal word {word!r} is {len(enc)} tokens; successor scoring "
+                                     f"needs single-token words")
+                ids.append(enc[0])
+            seq = ids
+        if not all(isinstance(t, (int, np.integer)) and not isinstance(t, bool) for t in seq):
+            raise TypeError(f"an ordinal sequence must be token ids (ints) or words, got {seq!r}")
+        if len(seq) < 3:
+            raise ValueError(f"an ordinal sequence needs >= 3 elements, got {seq}")
+        if len(set(seq)) != len(seq):
+            raise ValueError(f"ordinal sequence {seq} repeats a token")
+        if len(seq) > model.cfg.n_ctx:
+            raise ValueError(f"ordinal sequence of length {len(seq)} exceeds n_ctx={model.cfg.n_ctx}")
+        bad = [t for t in seq if not 0 <= t < model.cfg.d_vocab]
+        if bad:
+            raise ValueError(f"token ids {bad} outside the vocabulary [0, {model.cfg.d_vocab})")
+        out.append([int(t) for t in seq])
+    if not out:
+        raise ValueError("no ordinal sequences given")
+    return out
+
+
+def _default_ordinal_ids(model) -> List[List[int]]:
+    tok = model.tokenizer
+    out = []
+    for words in DEFAULT_ORDINAL_WORDS.values():
+        ids = [tok.encode(w) for w in words]
+        ids = [i[0] for i in ids if len(i) == 1 and 0 <= i[0] < model.cfg.d_vocab]
+        if len(ids) >= 3 and len(set(ids)) == len(ids):
+            out.append(ids)
+    return out
+
+
+@torch.no_grad()
+def successor_scores(model, sequences) -> Tuple[np.ndarray, int]:
+    """Succession score [n_layers, n_heads] on ordinal `sequences` (token ids, or words with a
+    tokenizer) and the number of scored elements; see the module docstring."""
+    check_attention_model(model)
+    seqs = _ordinal_ids(model, sequences)
+    cfg = model.cfg
+    L, H, dh = cfg.n_layers, cfg.n_heads, cfg.d_head
+    hits = torch.zeros(L, H, dtype=torch.float64)
+    count = 0
+    names = [f"blocks.{l}.attn.hook_v" for l in range(L)]
+    ln_w = model.ln_final.weight.detach().float()
+    W_U = model.W_U.detach().float()
+    for seq in seqs:
+        ids = torch.tensor(seq, device=model.device)[None]
+        _, cache = model.run_with_cache(ids, names_filter=names)
+        target = torch.arange(1, len(seq), device=model.device)          # next element's index
+        for l in range(L):
+            v = cache[names[l]][0, :-1].float()                         # [k, H, dh]
+            W = model.blocks[l].attn.c_proj.weight.detach().float()    # [d_out, d_in]
+            W_O = W.T.reshape(H, dh, -1)                                # [H, dh, d]
+            o = torch.einsum("khe,hed->khd", v, W_O)                    # [k, H, d]
+            o = (o - o.mean(-1, keepdim=True)) * ln_w
+            readout = o @ W_U[:, ids[0]]                                # [k, H, len(seq)]
+            hits[l] += (readout.argmax(-1) == target[:, None]).double().sum(0).cpu()
+        count += len(seq) - 1
+    return (hits / count).numpy(), count
+
+
+# ------------------------------------------------------------------------------ the probe
+class _StopForward(Exception):
+    """Raised by a hook to end an ablation forward once the stream sum is known."""
+
+
+@register_probe
+class HeadDetector(CausalProbe):
+    """Scores previous-token, duplicate-token and induction heads from attention patterns and
+    copy-suppression heads by per-head ablation, on the tokens the runner gives it; also the
+    token-averaged H_pre / H_post of every attention sublayer. State: [L, H] and [L, n] float64
+    sums. `result()` gives a `HeadScores` (successor: NaN, see `detect_heads`).
+
+    copy_suppression: run the per-head ablations (L x H extra partial forwards per batch, batched
+    `max_rows` rows at a time, each resuming from the clean state entering the head's layer and
+    stopping at the stream sum: the logits are only formed for the context tokens and the
+    vocabulary mean, never [rows, pos, d_vocab]).
+    heads: restrict the ablations to these (layer, head) pairs (others get NaN).
+    """
+
+    name = "head_detector"
+
+    def __init__(self, copy_suppression: bool = True, heads: Optional[Sequence[Tuple[int, int]]] = None,
+                 max_rows: int = 64):
+        if int(max_rows) < 1:
+            raise ValueError(f"max_rows must be >= 1, got {max_rows}")
+        self.copy_suppression = bool(copy_suppression)
+        self.heads_spec = heads
+        self.max_rows = int(max_rows)
+
+    def setup(self, model) -> None:
+        check_attention_model(model)
+        cfg = model.cfg
+        self.n_layers, self.n_heads, self.n_streams = cfg.n_layers, cfg.n_heads, cfg.n_streams
+        self.ablate = _check_heads(model, self.heads_spec)
+        self.hyper_conn_type = cfg.hyper_conn_type
+        LH = (self.n_layers, self.n_heads)
+        self.sums = {k: torch.zeros(LH, dtype=torch.float64) for k in _PATTERN_SCORES + ("copy_suppression",)}
+        self.counts = {k: 0 for k in self.sums}
+        self.h_sums = {k: torch.zeros(self.n_layers, self.n_streams, dtype=torch.float64) for k in ("h_pre", "h_post")}
+        self.n_tokens = 0
+
+    # -- pattern scores ------------------------------------------------------------------
+    def _pattern_pass(self, model, tokens: Tensor, mask: Tensor) -> None:
+        b, p = tokens.shape
+        dev = tokens.device
+        lower = torch.ones(p, p, dtype=torch.bool, device=dev).tril(-1)            # k < q
+        dup = (tokens[:, :, None] == tokens[:, None, :]) & lower                   # [B, q, k]
+        ind = torch.zeros_like(dup)
+        ind[:, :, 1:] = dup[:, :, :-1]                                              # key k+1 of an earlier match
+        ind &= lower
+        prev_q = mask.clone()
+        prev_q[:, 0] = False
+        q_masks = {"previous_token": prev_q, "duplicate_token": dup.any(-1) & mask,
+                   "induction": ind.any(-1) & mask}
+        for key, qm in q_masks.items():
+            self.counts[key] += int(qm.sum())
+        weights = {k: v.double() for k, v in q_masks.items()}
+
+        def on_pattern(pattern: Tensor, hook) -> None:
+            layer = int(hook.name.split(".")[1])
+            pat = pattern.double()                                                  # [B, H, q, k]
+            prev = torch.zeros(b, self.n_heads, p, dtype=torch.float64, device=dev)
+            prev[:, :, 1:] = pat.diagonal(offset=-1, dim1=-2, dim2=-1)
+            per_q = {"previous_token": prev,
+                     "duplicate_token": (pat * dup[:, None]).sum(-1),
+                     "induction": (pat * ind[:, None]).sum(-1)}
+            for key, v in per_q.items():
+                self.sums[key][layer] += (v * weights[key][:, None]).sum((0, 2)).cpu()
+
+        def on_coeff(h: Tensor, hook) -> None:
+            layer = int(hook.name.split(".")[1])
+            key = "h_pre" if hook.name.endswith("h_pre") else "h_post"
+            self.h_sums[key][layer] += h[mask].double().sum(0).cpu()
+
+        hooks = [(f"blocks.{l}.attn.hook_pattern", on_pattern) for l in range(self.n_layers)]
+        hooks += [(f"blocks.{l}.attn.hook_{k}", on_coeff) for l in range(self.n_layers) for k in ("h_pre", "h_post")]
+        with model.hooks(fwd_hooks=hooks):
+            model(tokens, stop_at_sublayer=2 * self.n_layers - 1, return_type=None)
+
+    # -- copy suppression ----------------------------------------------------------------
+    def _copy_suppression_pass(self, model, tokens: Tensor, mask: Tensor) -> None:
+        b, p = tokens.shape
+        layers = sorted(self.ablate)
+        names = [f"blocks.{l}.attn.hook_streams_in" for l in layers] + ["hook_stream_sum"]
+        _, cache = model.run_with_cache(tokens, names_filter=names)
+        clean = cache["hook_stream_sum"].float()                                    # [B, pos, d]
+        W_U = model.W_U.detach().float()
+        w_tok = W_U.T[tokens]                                                        # [B, pos(k), d]
+        w_mean = W_U.mean(1)                                                         # [d]
+        ctx = torch.ones(p, p, dtype=torch.bool, device=tokens.device).tril() & mask[:, None, :]  # [B, q, k]
+        ctx_w = ctx.float() / ctx.float().sum(-1, keepdim=True).clamp_min(1)
+        q_ok = mask & ctx.any(-1)
+        self.counts["copy_suppression"] += int(q_ok.sum())
+        for l in layers:
+            heads = self.ablate[l]
+            per_chunk = max(1, self.max_rows // b)
+            for lo in range(0, len(heads), per_chunk):
+                chunk = heads[lo:lo + per_chunk]
+                c = len(chunk)
+                keep = torch.ones(c, 1, 1, self.n_heads, 1, device=tokens.device, dtype=model.dtype)
+                for i, h in enumerate(chunk):
+                    keep[i, :, :, h] = 0
+                out: Dict[str, Tensor] = {}
+
+                def zero_heads(z: Tensor, hook, c=c, keep=keep) -> Tensor:
+                    return (z.unflatten(0, (c, b)) * keep).flatten(0, 1)
+
+                def grab(x: Tensor, hook, out=out) -> None:
+                    out["sum"] = x
+                    raise _StopForward          # the logits are never formed: [rows, pos, d_vocab] saved
+
+                state = cache[f"blocks.{l}.attn.hook_streams_in"].repeat(c, 1, 1, 1)
+                try:
+                    with model.hooks(fwd_hooks=[(f"blocks.{l}.attn.hook_z", zero_heads), ("hook_stream_sum", grab)]):
+                        model(state, start_at_sublayer=2 * l, return_type=None)
+                except _StopForward:
+                    pass
+                d_sum = out["sum"].float().unflatten(0, (c, b)) - clean                # [c, B, pos, d]
+                d_ctx = torch.einsum("cbqd,bkd->cbqk", d_sum, w_tok)                  # dlogit[q, tok_k]
+                d_ctx = (d_ctx * ctx_w).sum(-1)                                        # [c, B, q]
+                d_mean = d_sum @ w_mean                                                # [c, B, q]
+                score = ((d_ctx - d_mean) * q_ok).double().sum((1, 2)).cpu()         # [c]
+                for i, h in enumerate(chunk):
+                    self.sums["copy_suppression"][l, h] += score[i]
+
+    @torch.no_grad()
+    def intervene(self, model, tokens: Tensor, mask: Tensor) -> None:
+        mask = mask.to(tokens.device).bool()
+        self._pattern_pass(model, tokens, mask)
+        if self.copy_suppression:
+            self._copy_suppression_pass(model, tokens, mask)
+        self.n_tokens += int(mask.sum())
+
+    def result(self) -> "HeadScores":
+        if self.n_tokens == 0:
+            raise ValueError("head_detector saw no unmasked tokens")
+        arrays, skipped = {}, {}
+        for key in _PATTERN_SCORES + ("copy_suppression",):
+            n = self.counts[key]
+            if key == "copy_suppression" and not self.copy_suppression:
+                skipped[key] = "copy_suppression=False"
+                arrays[key] = np.full((self.n_layers, self.n_heads), np.nan)
+                continue
+            if n == 0:
+                skipped[key] = f"no query position qualified for {key} in the tokens seen"
+            arrays[key] = (self.sums[key] / n).numpy() if n else np.full((self.n_layers, self.n_heads), np.nan)
+        if self.copy_suppression:
+            for l in range(self.n_layers):
+                for h in range(self.n_heads):
+                    if h not in self.ablate.get(l, []):
+                        arrays["copy_suppression"][l, h] = np.nan
+        arrays["successor"] = np.full((self.n_layers, self.n_heads), np.nan)
+        skipped["successor"] = "successor scores need ordinal sequences: use detect_heads(..., ordinal_sequences=...)"
+        arrays["mean_h_pre"] = (self.h_sums["h_pre"] / self.n_tokens).numpy()
+        arrays["mean_h_post"] = (self.h_sums["h_post"] / self.n_tokens).numpy()
+        sources = {k: "corpus" for k in HEAD_SCORES if k not in skipped}
+        sources.update({k: "skipped" for k in skipped})
+        meta = {"n_layers": self.n_layers, "n_heads": self.n_heads, "n_streams": self.n_streams,
+                "hyper_conn_type": self.hyper_conn_type, "tokens": self.n_tokens,
+                "counts": {k: int(v) for k, v in self.counts.items()}, "sources": sources,
+                "skipped": skipped, "reads_writes_source": "corpus"}
+        return HeadScores(self.name, arrays, meta)
+
+
+# ------------------------------------------------------------------------------ the result
+@register_result
+class HeadScores(ProbeResult):
+    """Arrays: one [n_layers, n_heads] score per name in HEAD_SCORES (NaN = not computed, see
+    meta["skipped"]), mean_h_pre / mean_h_post [n_layers, n_streams] at each attention sublayer.
+    meta: sources (where each score was measured), counts (queries / items averaged), skipped."""
+
+    def top_heads(self, score: str = "previous_token", k: int = 10) -> List[dict]:
+        """The k highest-scoring heads: [{"layer", "head", "score", "reads", "writes"}]; reads /
+        writes = the mean H_pre / H_post of the head's attention sublayer (per stream)."""
+        if score not in HEAD_SCORES:
+            raise KeyError(f"unknown score {score!r}; scores: {HEAD_SCORES}")
+        s = self[score]
+        flat = [(float(s[l, h]), l, h) for l in range(s.shape[0]) for h in range(s.shape[1]) if np.isfinite(s[l, h])]
+        flat.sort(key=lambda t: -t[0])
+        return [{"layer": l, "head": h, "score": v, "reads": self["mean_h_pre"][l].tolist(),
+                 "writes": self["mean_h_post"][l].tolist()} for v, l, h in flat[:k]]
+
+    def table(self, scores: Optional[Sequence[str]] = None, k: int = 10) -> str:
+        """Top-k heads per score, with the streams each reads from / writes to."""
+        lines = []
+        for score in scores or HEAD_SCORES:
+            src = self.meta.get("sources", {}).get(score, "")
+            lines.append(f"{score} ({src})")
+            if score in self.meta.get("skipped", {}):
+                lines.append(f"  skipped: {self.meta['skipped'][score]}")
+                continue
+            lines.append(f"  {'rank':>4} {'head':>7} {'score':>9}   reads (H_pre)   writes (H_post)")
+            for r, row in enumerate(self.top_heads(score, k)):
+                reads = " ".join(f"{v:.2f}" for v in row["reads"])
+                writes = " ".join(f"{v:.2f}" for v in row["writes"])
+                lines.append(f"  {r + 1:>4} {row['layer']:>3}.{row['head']:<3} {row['score']:9.4f}   {reads}   {writes}")
+        return "\n".join(lines)
+
+    def plot(self, k: int = 5):
+        """{"scores": [layer, head] heatmap per score, "layer_distribution": each head's score
+        against its layer (top head of each layer ringed), "read_write": mean H_pre / H_post per
+        stream of the layers holding the top-k heads of each score}."""
+        import matplotlib.pyplot as plt
+
+        L, H, n = self.meta["n_layers"], self.meta["n_heads"], self.meta["n_streams"]
+        figs = {}
+        fig, axes = plt.subplots(1, len(HEAD_SCORES), figsize=(3.2 * len(HEAD_SCORES), max(2.5, 0.35 * L + 1)),
+                                 squeeze=False)
+        for ax, score in zip(axes[0], HEAD_SCORES):
+            im = ax.imshow(np.ma.masked_invalid(self[score]), aspect="auto", cmap="viridis")
+            ax.set_title(score, fontsize=9)
+            ax.set_xlabel("head")
+            ax.set_ylabel("layer")
+            fig.colorbar(im, ax=ax, shrink=0.8)
+        figs["scores"] = fig
+        fig, axes = plt.subplots(1, len(HEAD_SCORES), figsize=(3.2 * len(HEAD_SCORES), 3), squeeze=False, sharex=True)
+        rng = np.random.default_rng(0)
+        for ax, score in zip(axes[0], HEAD_SCORES):
+            s = self[score]
+            for l in range(L):
+                ax.scatter(np.full(H, l) + rng.uniform(-0.15, 0.15, H), s[l], s=8, alpha=0.6)
+                if np.isfinite(s[l]).any():
+                    ax.scatter([l], [np.nanmax(s[l])], s=40, facecolors="none", edgecolors="k")
+            if not np.isfinite(s).any():
+                ax.text(0.5, 0.5, "skipped", transform=ax.transAxes, ha="center", va="center", color="grey")
+            ax.set_xticks(np.arange(L))
+            ax.set_title(score, fontsize=9)
+            ax.set_xlabel("layer")
+        axes[0][0].set_ylabel("head score")
+        figs["layer_distribution"] = fig
+        rows, labels = [], []
+        for score in HEAD_SCORES:
+            for row in self.top_heads(score, k):
+                labels.append(f"{score[:8]} {row['layer']}.{row['head']}")
+                rows.append((row["reads"], row["writes"]))
+        fig, axes = plt.subplots(1, 2, figsize=(2 + 0.6 * n * 2, max(2.5, 0.25 * len(rows) + 1)), squeeze=False)
+        for ax, j, title in ((axes[0][0], 0, "reads: mean H_pre"), (axes[0][1], 1, "writes: mean H_post")):
+            if rows:
+                ax.imshow(np.array([r[j] for r in rows]), aspect="auto", cmap="magma")
+                ax.set_yticks(np.arange(len(rows)), labels, fontsize=6)
+            ax.set_xticks(np.arange(n), [f"s{s}" for s in range(n)])
+            ax.set_title(title, fontsize=9)
+        figs["read_write"] = fig
+        return figs
+
+
+# ------------------------------------------------------------------------------ the driver
+def detect_heads(model, corpus=None, *, ordinal_sequences=None, n_random: int = 32,
+                 half_len: Optional[int] = None, seed: int = 0, batch_size: int = 8,
+                 copy_suppression: bool = True, heads: Optional[Sequence[Tuple[int, int]]] = None,
+                 max_rows: int = 64, max_tokens: Optional[int] = None, seq_len: Optional[int] = None,
+                 progress: bool = False) -> HeadScores:
+    """Every head score (see the module docstring) in one `HeadScores`.
+
+    corpus: any `run_probes` token source, for previous-token and copy-suppression scores and the
+        reads / writes; None = use the repeated random sequences for them too.
+    ordinal_sequences: lists of token ids (or single-token words, with a tokenizer) in ordinal
+        order, for successor scores; None = built-in day / month / number lists if the model has a
+        tokenizer, else the successor score is skipped (NaN, reason in meta["skipped"]).
+    n_random, half_len, seed: the repeated random sequences (`repeated_random_tokens`).
+    heads: restrict copy-suppression ablations to these (layer, head) pairs.
+    """
+    from .runner import run_probes
+
+    check_attention_model(model)
+    _check_heads(model, heads)   # fail early on bad indices
+    rep = repeated_random_tokens(model, n_random, half_len, seed)
+    probe = HeadDetector(copy_suppression=copy_suppression and corpus is None, heads=heads, max_rows=max_rows)
+    synthetic = run_probes(model, probe, rep, batch_size=batch_size, progress=progress)
+    arrays = {k: synthetic[k] for k in ("induction", "duplicate_token")}
+    sources = {"induction": "repeated_random", "duplicate_token": "repeated_random"}
+    skipped = {k: v for k, v in synthetic.meta["skipped"].items() if k in arrays}
+    counts = {k: synthetic.meta["counts"][k] for k in arrays}
+    if corpus is None:
+        on, where = synthetic, "repeated_random"
+    else:
+        on = run_probes(model, HeadDetector(copy_suppression=copy_suppression, heads=heads, max_rows=max_rows),
+                        corpus, batch_size=batch_size, max_tokens=max_tokens, seq_len=seq_len, progress=progress)
+        where = "corpus"
+    for key in ("previous_token", "copy_suppression", "mean_h_pre", "mean_h_post"):
+        arrays[key] = on[key]
+    for key in ("previous_token", "copy_suppression"):
+        sources[key] = where
+        counts[key] = on.meta["counts"][key]
+        if key in on.meta["skipped"]:
+            skipped[key] = on.meta["skipped"][key]
+    L, H = model.cfg.n_layers, model.cfg.n_heads
+    if ordinal_sequences is None and model.tokenizer is not None:
+        ordinal_sequences = _default_ordinal_ids(model) or None
+    if ordinal_sequences is None:
+        arrays["successor"] = np.full((L, H), np.nan)
+        skipped["successor"] = ("successor scores need ordinal sequences and this model has no tokenizer: "
+                                "pass ordinal_sequences=[[id, id, ...], ...] (token ids in ordinal order)")
+        sources["successor"] = "skipped"
+    else:
+        arrays["successor"], counts["successor"] = successor_scores(model, ordinal_sequences)
+        sources["successor"] = "ordinal"
+    for k in skipped:
+        sources[k] = "skipped"
+    meta = {"n_layers": L, "n_heads": H, "n_streams": model.cfg.n_streams,
+            "hyper_conn_type": model.cfg.hyper_conn_type, "sources": sources, "counts": counts,
+            "skipped": skipped, "reads_writes_source": where,
+            "repeated_random": {"n_seq": int(rep.shape[0]), "seq_len": int(rep.shape[1]), "seed": seed},
+            "tokens": on.meta["tokens"]}
+    return HeadScores("head_detector", arrays, meta)

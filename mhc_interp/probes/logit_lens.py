@@ -1,0 +1,540 @@
+"""Per-stream logit lens: what each residual stream (or subset, or branch output) "predicts" at
+every site, and the exact decomposition of the final logits into stream contributions.
+
+The model's unembedding applies the final LayerNorm to *each* stream, sums, then unembeds:
+
+    logits = W_U^T sum_s LN_f(x_s) = sum_s c_s,        c_s = W_U^T LN_f(x_s)   [d_vocab]
+
+so the logits decompose exactly into per-stream contributions `c_s` (float rounding only:
+`decompose_logits` checks it). The lens reads any stream state `x` [n, d] through the same map:
+
+    view "sum"         sum_s c_s        (the model's own unembedding of that state)
+    view "stream s"    c_s              (stream s alone, *as if the other streams contributed
+                                         nothing*: neither re-scaled by n nor normalised together
+                                         with the others - the stream's own term of the sum)
+    view "streams S"   sum_{s in S} c_s (any non-empty subset S)
+    "write"            W_U^T LN_f(w)    for a sublayer's branch output w (hook_write), before its
+                                        H_post scaling (LN_f is scale-invariant up to eps, so
+                                        positive H_post factors do not change it)
+
+Each view's distribution P_view = softmax(view) is compared with the model's final distribution
+P_final = softmax(logits): KL(P_final || P_view) (nats; the tuned-lens convention) and top-1
+agreement (argmax view == argmax logits).
+
+Sites: by default the state entering every sublayer plus the final state, i.e.
+`hook_streams_init` and every `{sublayer}.hook_streams_out` (2L + 1 sites; site k > 0 is the
+state leaving sublayer k - 1, which is also the state entering sublayer k). The lens of the last
+site's "sum" view is the model's output distribution (KL ~ 0).
+
+Tuned-lens seam: `translator` is applied to the hidden state before LN_f and W_U at every site:
+either a callable `translator(site, x) -> x'` or a mapping `{site name: f(x) -> x'}` (sites not in
+it are left as they are). `x` is [..., n_streams, d_model] at stream sites (a per-stream map
+acts on the last axis) and [..., d_model] at `hook_write` sites; the shape must be kept. The
+identity (the default) is the plain logit lens; a tuned lens is an affine map per site
+(Belrose et al. 2023), trained elsewhere and passed in here.
+
+`LogitLens` is the corpus probe (online means over masked tokens); `logit_lens(model, tokens)`
+is the single-prompt version with top-k tokens per site / view / position.
+"""
+from __future__ import annotations
+
+from itertools import combinations
+from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+
+import numpy as np
+import torch
+from torch import Tensor
+from torch.nn import functional as F
+
+from ..hooks.names import check_hook_names, suffix
+from .base import Probe, ProbeResult, register_probe, register_result
+
+__all__ = ["LogitLens", "LogitLensResult", "PromptLensResult", "logit_lens", "decompose_logits",
+           "stream_contributions", "lens_sites", "check_subsets", "all_subsets"]
+
+Translator = Union[None, Callable[[str, Tensor], Tensor], Mapping[str, Callable[[Tensor], Tensor]]]
+SiteSpec = Union[str, Sequence[str]]
+_LENS_SITE_SUFFIXES = ("hook_streams_init", "hook_streams_in", "hook_streams_out", "hook_res_mix")
+
+
+# ------------------------------------------------------------------------------ validation
+def lens_sites(model, sites: SiteSpec = "sublayers") -> List[str]:
+    """"sublayers" (default): `hook_streams_init` + every sublayer's `hook_streams_out`
+    (2L + 1 sites); "layers": `hook_streams_init` + every block's `mlp.hook_streams_out`
+    (L + 1); or an explicit list of stream-state hook names."""
+    if isinstance(sites, str):
+        if sites == "sublayers":
+            return ["hook_streams_init"] + [f"{s}.hook_streams_out" for s in model.sublayer_names]
+        if sites == "layers":
+            return ["hook_streams_init"] + [f"blocks.{l}.mlp.hook_streams_out" for l in range(model.cfg.n_layers)]
+        raise ValueError(f"logit lens: sites must be 'sublayers', 'layers' or a list of hook names, got {sites!r}")
+    names = list(sites)
+    if not names:
+        raise ValueError("logit lens: `sites` is an empty list")
+    if len(set(names)) != len(names):
+        raise ValueError(f"logit lens: duplicate site names in {names}")
+    check_hook_names(names, model.hook_dict)
+    bad = [n for n in names if suffix(n) not in _LENS_SITE_SUFFIXES]
+    if bad:
+        raise ValueError(f"logit lens sites must be stream states [batch, pos, n_streams, d_model]; "
+                         f"these are not: {bad} (use one of {_LENS_SITE_SUFFIXES})")
+    return names
+
+
+def check_subsets(subsets, n_streams: int) -> List[Tuple[int, ...]]:
+    """Validate stream subsets: each a non-empty collection of distinct ints in [0, n_streams).
+    Raises ValueError (empty subset, repeated stream), IndexError (index out of range), TypeError."""
+    if subsets is None:
+        return []
+    if isinstance(subsets, (int, np.integer)) or (isinstance(subsets, (list, tuple)) and subsets
+                                                  and isinstance(subsets[0], (int, np.integer))):
+        raise TypeError(f"subsets must be a list of stream subsets, e.g. [(0, 1), (2,)], got {subsets!r}")
+    out = []
+    for sub in subsets:
+        if isinstance(sub, (int, np.integer)):
+            sub = (sub,)
+        sub = tuple(sub)
+        if not sub:
+            raise ValueError("a stream subset is empty; each subset needs at least one stream index")
+        for s in sub:
+            if not isinstance(s, (int, np.integer)) or isinstance(s, bool):
+                raise TypeError(f"stream indices must be ints, got {s!r} in subset {sub}")
+            if not 0 <= s < n_streams:
+                raise IndexError(f"stream index {s} in subset {sub} is out of range: the model has "
+                                 f"{n_streams} streams (0..{n_streams - 1})")
+        if len(set(sub)) != len(sub):
+            raise ValueError(f"stream subset {sub} repeats a stream")
+        out.append(tuple(sorted(int(s) for s in sub)))
+    return out
+
+
+def all_subsets(n_streams: int, min_size: int = 2, max_size: Optional[int] = None) -> List[Tuple[int, ...]]:
+    """Every subset of size min_size..max_size (default n - 1: proper subsets), for `subsets=`."""
+    max_size = n_streams - 1 if max_size is None else max_size
+    return [c for k in range(min_size, max_size + 1) for c in combinations(range(n_streams), k)]
+
+
+def _view_labels(n_streams: int, subsets: Sequence[Tuple[int, ...]]) -> List[str]:
+    return (["sum"] + [f"stream {s}" for s in range(n_streams)]
+            + ["streams " + "+".join(str(s) for s in sub) for sub in subsets])
+
+
+def _site_label(name: str) -> str:
+    if name == "hook_streams_init":
+        return "embed"
+    if name.endswith(".hook_streams_out"):
+        return name[: -len(".hook_streams_out")]
+    return name
+
+
+# ------------------------------------------------------------------------------------ maths
+def _translate(translator: Translator, site: str, x: Tensor) -> Tensor:
+    if translator is None:
+        return x
+    if isinstance(translator, Mapping):
+        f = translator.get(site)
+        out = x if f is None else f(x)
+    else:
+        out = translator(site, x)
+    if not isinstance(out, Tensor) or out.shape != x.shape:
+        raise ValueError(f"translator for site {site!r} must return a tensor of shape "
+                         f"{tuple(x.shape)}, got {getattr(out, 'shape', type(out))}")
+    return out
+
+
+class _Unembed:
+    """LN_f and W_U in float32 (or float64), detached."""
+
+    def __init__(self, model, dtype=torch.float32):
+        ln = model.ln_final
+        self.weight = ln.weight.detach().to(dtype)
+        self.bias = None if ln.bias is None else ln.bias.detach().to(dtype)
+        self.eps = ln.eps
+        self.W_U = model.W_U.detach().to(dtype)          # [d_model, d_vocab]
+        self.dtype = dtype
+
+    def __call__(self, x: Tensor) -> Tensor:             # [..., d_model] -> [..., d_vocab]
+        x = x.to(self.W_U.device, self.dtype)
+        return F.layer_norm(x, self.weight.shape, self.weight, self.bias, self.eps) @ self.W_U
+
+
+def stream_contributions(model, x: Tensor, site: str = "", translator: Translator = None,
+                         dtype=torch.float32) -> Tensor:
+    """Per-stream logit contributions W_U^T LN_f(x_s): x [..., n_streams, d_model] ->
+    [..., n_streams, d_vocab] (the translator, if any, applied first). Their sum over streams is
+    the model's unembedding of x."""
+    return _Unembed(model, dtype)(_translate(translator, site, x))
+
+
+@torch.no_grad()
+def decompose_logits(model, tokens, dtype=torch.float32, atol: Optional[float] = None) -> Tuple[Tensor, Tensor]:
+    """The exact decomposition of the final logits into stream contributions.
+
+    Returns (contributions [batch, pos, n_streams, d_vocab], logits [batch, pos, d_vocab]) where
+    `logits` is the model's own output and contributions.sum(-2) equals it up to float rounding
+    (the model sums the normed streams before W_U, this sums after; ~1e-7 in float32).
+    atol: if given, raise ArithmeticError when max |sum - logits| exceeds it.
+    Memory: n_streams x the logits."""
+    final = f"{model.sublayer_names[-1]}.hook_streams_out"
+    logits, cache = model.run_with_cache(tokens, names_filter=[final])
+    contributions = stream_contributions(model, cache[final], dtype=dtype)
+    if atol is not None:
+        err = float((contributions.sum(-2) - logits.to(contributions.dtype)).abs().max())
+        if err > atol:
+            raise ArithmeticError(f"stream contributions sum to the logits only within {err:.3g} > atol={atol:g} "
+                                  f"(model dtype {model.dtype}; compare in float32 or raise atol)")
+    return contributions, logits
+
+
+def _view_logits(contrib: Tensor, subsets: Sequence[Tuple[int, ...]]) -> Tensor:
+    """contrib [N, n, V] -> view logits [N, n_views, V]: sum, each stream, each subset."""
+    views = [contrib.sum(1)] + [contrib[:, s] for s in range(contrib.shape[1])]
+    views += [contrib[:, list(sub)].sum(1) for sub in subsets]
+    return torch.stack(views, 1)
+
+
+def _kl_top1(final_lp: Tensor, final_top: Tensor, logits: Tensor) -> Tuple[Tensor, Tensor]:
+    """final_lp [N, V] (log-probs), final_top [N]; logits [N, k, V] -> KL(P_final||P) [N, k],
+    agreement [N, k] (bool)."""
+    lp = F.log_softmax(logits, dim=-1)
+    kl = (final_lp.exp()[:, None] * (final_lp[:, None] - lp)).sum(-1).clamp_min(0)  # >= 0 up to rounding
+    return kl, logits.argmax(-1) == final_top[:, None]
+
+
+# ------------------------------------------------------------------------------ the probe
+@register_probe
+class LogitLens(Probe):
+    """Logit lens over a corpus, per site and view (sum / each stream / each subset) and per
+    sublayer branch output, aggregated online (float64 sums over masked tokens).
+
+    Arrays of the result:
+        kl[site, view]              mean KL(P_final || P_view), nats
+        top1[site, view]            fraction of tokens with argmax view == argmax final logits
+        kl_write[sublayer], top1_write[sublayer]   the same for each branch output (hook_write)
+        final_top1_contribution[s]  E_t[c_s[y*] - mean_v c_s[v]], y* = the final top-1 token:
+                                    each stream's share of the top-1 logit's margin over the mean
+                                    logit (sums over streams to E_t[logit[y*] - mean logit])
+    meta: sites, site_labels, views, subsets, sublayers, decomposition_max_error (max |sum_s c_s
+    - logits| seen at the final state), tokens.
+
+    subsets: extra stream subsets (e.g. `[(0, 1), (2, 3)]` or `all_subsets(n)`); "sum" and each
+    single stream are always included. sites: see `lens_sites`. writes: also lens the branch
+    outputs. translator: the tuned-lens seam (module docstring). chunk_tokens: tokens per
+    vocabulary-sized block (memory ~ chunk_tokens x (n_views + n_streams) x d_vocab x 4 bytes).
+    """
+
+    name = "logit_lens"
+
+    def __init__(self, subsets=None, sites: SiteSpec = "sublayers", writes: bool = True,
+                 translator: Translator = None, chunk_tokens: int = 128):
+        if int(chunk_tokens) < 1:
+            raise ValueError(f"chunk_tokens must be >= 1, got {chunk_tokens}")
+        self.subsets_spec = subsets
+        self.sites_spec = sites
+        self.writes = bool(writes)
+        self.translator = translator
+        self.chunk_tokens = int(chunk_tokens)
+
+    def setup(self, model) -> None:
+        self.n_streams = model.cfg.n_streams
+        self.subsets = check_subsets(self.subsets_spec, self.n_streams)
+        self.sites = lens_sites(model, self.sites_spec)
+        self.sublayers = model.sublayer_names if self.writes else []
+        self.final_site = f"{model.sublayer_names[-1]}.hook_streams_out"
+        self.views = _view_labels(self.n_streams, self.subsets)
+        self.hyper_conn_type = model.cfg.hyper_conn_type
+        self.unembed = _Unembed(model)
+        n_sites, n_views, n_sub = len(self.sites), len(self.views), len(self.sublayers)
+        f64 = dict(dtype=torch.float64, device=self.unembed.W_U.device)
+        self.kl = torch.zeros(n_sites, n_views, **f64)
+        self.top1 = torch.zeros(n_sites, n_views, **f64)
+        self.kl_write = torch.zeros(n_sub, **f64)
+        self.top1_write = torch.zeros(n_sub, **f64)
+        self.final_contrib = torch.zeros(self.n_streams, **f64)
+        self.decomposition_error = 0.0
+        self.count = 0
+
+    def hook_names(self, model) -> List[str]:
+        names = list(lens_sites(model, self.sites_spec))
+        final = f"{model.sublayer_names[-1]}.hook_streams_out"
+        if final not in names:
+            names.append(final)
+        if self.writes:
+            names += [f"{s}.hook_write" for s in model.sublayer_names]
+        return names + ["hook_logits"]
+
+    def update(self, acts: Dict[str, Tensor], mask: Tensor) -> None:
+        m = mask.to(acts["hook_logits"].device)
+        n_tok = int(m.sum())
+        if n_tok == 0:
+            return
+        logits = acts["hook_logits"][m]                                    # [N, V]
+        states = {s: acts[s][m] for s in set(self.sites) | {self.final_site}}
+        writes = {s: acts[f"{s}.hook_write"][m] for s in self.sublayers}
+        for lo in range(0, n_tok, self.chunk_tokens):
+            sl = slice(lo, lo + self.chunk_tokens)
+            final = logits[sl].float()
+            final_lp = F.log_softmax(final, dim=-1)
+            top = final.argmax(-1)
+            # exact decomposition at the final state (no translator: it is the model's own map)
+            contrib = self.unembed(states[self.final_site][sl])           # [N, n, V]
+            err = (contrib.sum(1) - final).abs().max().item()
+            self.decomposition_error = max(self.decomposition_error, err)
+            centred = contrib - contrib.mean(-1, keepdim=True)
+            idx = top[:, None, None].expand(-1, self.n_streams, 1)
+            self.final_contrib += centred.gather(-1, idx)[..., 0].double().sum(0)
+            for k, site in enumerate(self.sites):
+                x = _translate(self.translator, site, states[site][sl])
+                kl, agree = _kl_top1(final_lp, top, _view_logits(self.unembed(x), self.subsets))
+                self.kl[k] += kl.double().sum(0)
+                self.top1[k] += agree.double().sum(0)
+            for k, sub in enumerate(self.sublayers):
+                site = f"{sub}.hook_write"
+                w = _translate(self.translator, site, writes[sub][sl])
+                kl, agree = _kl_top1(final_lp, top, self.unembed(w)[:, None])
+                self.kl_write[k] += kl[:, 0].double().sum()
+                self.top1_write[k] += agree[:, 0].double().sum()
+        self.count += n_tok
+
+    def result(self) -> "LogitLensResult":
+        if self.count == 0:
+            raise ValueError("logit_lens saw no unmasked tokens")
+        c = self.count
+        arrays = {"kl": (self.kl / c).cpu().numpy(), "top1": (self.top1 / c).cpu().numpy(),
+                  "kl_write": (self.kl_write / c).cpu().numpy(),
+                  "top1_write": (self.top1_write / c).cpu().numpy(),
+                  "final_top1_contribution": (self.final_contrib / c).cpu().numpy()}
+        meta = {"sites": self.sites, "site_labels": [_site_label(s) for s in self.sites],
+                "views": self.views, "subsets": [list(s) for s in self.subsets],
+                "sublayers": self.sublayers, "n_streams": self.n_streams,
+                "hyper_conn_type": self.hyper_conn_type, "tokens": c,
+                "decomposition_max_error": self.decomposition_error,
+                "translator": None if self.translator is None else repr(self.translator),
+                "kl_direction": "KL(P_final || P_view), nats"}
+        return LogitLensResult(self.name, arrays, meta)
+
+
+def _view_colours(views: Sequence[str]):
+    import matplotlib.pyplot as plt
+
+    cmap = plt.get_cmap("tab10")
+    return {v: ("black" if v == "sum" else cmap(i % 10)) for i, v in enumerate(views)}
+
+
+@register_result
+class LogitLensResult(ProbeResult):
+    def view_index(self, view: Union[str, int]) -> int:
+        views = self.meta["views"]
+        if isinstance(view, str):
+            if view not in views:
+                raise KeyError(f"unknown view {view!r}; views: {views}")
+            return views.index(view)
+        if not -len(views) <= view < len(views):
+            raise IndexError(f"view index {view} out of range ({len(views)} views)")
+        return int(view) % len(views)
+
+    def table(self) -> str:
+        """KL (nats) / top-1 agreement per site (rows) and view (columns)."""
+        views, labels = self.meta["views"], self.meta["site_labels"]
+        w = max(len(l) for l in labels) + 2
+        lines = [" " * w + "".join(f"{v:>18}" for v in views)]
+        for k, lab in enumerate(labels):
+            lines.append(f"{lab:<{w}}" + "".join(f"{self['kl'][k, j]:9.3f} /{self['top1'][k, j]:6.1%}"
+                                                  for j in range(len(views))))
+        return "\n".join(lines)
+
+    def plot(self):
+        """{"kl": mean KL to the final distribution per site and view (log scale), "top1": top-1
+        agreement per site and view, "writes": the same for each branch output,
+        "final_decomposition": each stream's share of the top-1 logit margin}."""
+        import matplotlib.pyplot as plt
+
+        labels, views = self.meta["site_labels"], self.meta["views"]
+        colours = _view_colours(views)
+        x = np.arange(len(labels))
+        figs = {}
+        for key, title, log in (("kl", "KL(P_final || P_lens) [nats]", True),
+                                ("top1", "top-1 agreement with the final prediction", False)):
+            fig, ax = plt.subplots(figsize=(max(6, 0.45 * len(labels)), 3.6))
+            for j, v in enumerate(views):
+                ax.plot(x, self[key][:, j], marker=".", label=v, color=colours[v],
+                        lw=2 if v == "sum" else 1)
+            if log:
+                ax.set_yscale("symlog", linthresh=1e-3)
+            ax.set_xticks(x, labels, rotation=60, fontsize=7, ha="right")
+            ax.set_title(title)
+            ax.legend(fontsize=7)
+            figs[key] = fig
+        subs = self.meta["sublayers"]
+        fig, axes = plt.subplots(1, 2, figsize=(max(8, 0.5 * len(subs)), 3.4))
+        if subs:
+            xs = np.arange(len(subs))
+            axes[0].bar(xs, self["kl_write"])
+            axes[1].bar(xs, self["top1_write"])
+            for ax in axes:
+                ax.set_xticks(xs, subs, rotation=60, fontsize=7, ha="right")
+        axes[0].set_title("branch output: KL to final [nats]")
+        axes[1].set_title("branch output: top-1 agreement")
+        figs["writes"] = fig
+        fig, ax = plt.subplots(figsize=(4, 3))
+        n = self.meta["n_streams"]
+        ax.bar(np.arange(n), self["final_top1_contribution"])
+        ax.set_xticks(np.arange(n), [f"stream {s}" for s in range(n)], fontsize=7)
+        ax.set_title("contribution to final top-1 logit\n(minus mean logit)", fontsize=9)
+        figs["final_decomposition"] = fig
+        return figs
+
+
+# ------------------------------------------------------------------------ single prompt
+@torch.no_grad()
+def logit_lens(model, tokens, *, k: int = 5, subsets=None, sites: SiteSpec = "sublayers",
+               writes: bool = True, translator: Translator = None) -> "PromptLensResult":
+    """The lens on one prompt (tokens [pos] or [1, pos], or text with a tokenizer), every position.
+
+    Arrays: topk_ids / topk_probs [site, view, pos, k], kl [site, view, pos] (KL(P_final||P_view)),
+    top1_agree [site, view, pos]; write_topk_ids / write_topk_probs [sublayer, pos, k], write_kl
+    [sublayer, pos]; final_topk_ids [pos, k] and final_topk_contributions [pos, n_streams, k]
+    (the exact per-stream split of the final top-k logits); tokens [pos].
+    meta: sites, site_labels, views, sublayers, token_strs (if the model has a tokenizer),
+    decomposition_max_error."""
+    if int(k) < 1:
+        raise ValueError(f"k must be >= 1, got {k}")
+    tokens = model._check_tokens(tokens)
+    if tokens.shape[0] != 1:
+        raise ValueError(f"logit_lens takes one prompt (tokens [pos] or [1, pos]), got batch "
+                         f"{tokens.shape[0]}; use the LogitLens probe with run_probes for a corpus")
+    n = model.cfg.n_streams
+    subsets = check_subsets(subsets, n)
+    site_names = lens_sites(model, sites)
+    subs = model.sublayer_names if writes else []
+    final_site = f"{model.sublayer_names[-1]}.hook_streams_out"
+    wanted = set(site_names) | {final_site} | {f"{s}.hook_write" for s in subs}
+    logits, cache = model.run_with_cache(tokens, names_filter=lambda name: name in wanted)
+    unembed = _Unembed(model)
+    final = logits[0].float()
+    final_lp = F.log_softmax(final, dim=-1)
+    top = final.argmax(-1)
+    k = min(int(k), final.shape[-1])
+    views = _view_labels(n, subsets)
+    arrays: Dict[str, List] = {key: [] for key in ("topk_ids", "topk_probs", "kl", "top1_agree")}
+    for site in site_names:
+        x = _translate(translator, site, cache[site][0])
+        vl = _view_logits(unembed(x), subsets)                          # [pos, views, V]
+        kl, agree = _kl_top1(final_lp, top, vl)
+        probs, ids = F.softmax(vl, -1).topk(k, dim=-1)
+        for key, v in zip(arrays, (ids.transpose(0, 1), probs.transpose(0, 1), kl.T, agree.T)):
+            arrays[key].append(v)
+    out = {key: torch.stack(v).cpu().numpy() for key, v in arrays.items()}
+    w_ids, w_probs, w_kl = [], [], []
+    for sub in subs:
+        site = f"{sub}.hook_write"
+        wl = unembed(_translate(translator, site, cache[site][0]))         # [pos, V]
+        kl, _ = _kl_top1(final_lp, top, wl[:, None])
+        probs, ids = F.softmax(wl, -1).topk(k, dim=-1)
+        w_ids.append(ids), w_probs.append(probs), w_kl.append(kl[:, 0])
+    p = tokens.shape[1]
+    out["write_topk_ids"] = torch.stack(w_ids).cpu().numpy() if subs else np.zeros((0, p, k), np.int64)
+    out["write_topk_probs"] = torch.stack(w_probs).cpu().numpy() if subs else np.zeros((0, p, k), np.float32)
+    out["write_kl"] = torch.stack(w_kl).cpu().numpy() if subs else np.zeros((0, p), np.float32)
+    contrib = unembed(cache[final_site][0])                                # [pos, n, V]
+    f_ids = final.topk(k, dim=-1).indices                                  # [pos, k]
+    out["final_topk_ids"] = f_ids.cpu().numpy()
+    out["final_topk_contributions"] = contrib.gather(-1, f_ids[:, None].expand(-1, n, -1)).cpu().numpy()
+    out["tokens"] = tokens[0].cpu().numpy()
+    meta = {"sites": site_names, "site_labels": [_site_label(s) for s in site_names], "views": views,
+            "subsets": [list(s) for s in subsets], "sublayers": subs, "n_streams": n, "k": k,
+            "hyper_conn_type": model.cfg.hyper_conn_type,
+            "decomposition_max_error": float((contrib.sum(1) - final).abs().max()),
+            "translator": None if translator is None else repr(translator),
+            "kl_direction": "KL(P_final || P_view), nats"}
+    if model.tokenizer is not None:
+        meta["token_strs"] = [model.tokenizer.decode([int(t)]) for t in out["tokens"]]
+        meta["vocab_strs"] = {int(t): model.tokenizer.decode([int(t)])
+                              for t in np.unique(np.concatenate([out["topk_ids"].ravel(),
+                                                                 out["write_topk_ids"].ravel(),
+                                                                 out["final_topk_ids"].ravel()]))}
+    return PromptLensResult("logit_lens_prompt", out, meta)
+
+
+@register_result
+class PromptLensResult(LogitLensResult):
+    """Single-prompt logit lens (see `logit_lens`)."""
+
+    def _tok(self, t: int) -> str:
+        strs = self.meta.get("vocab_strs")
+        if strs:
+            return repr(strs.get(int(t), strs.get(str(int(t)), str(int(t)))))
+        return str(int(t))
+
+    def _site_index(self, site: Union[str, int]) -> int:
+        if isinstance(site, str):
+            for names in (self.meta["sites"], self.meta["site_labels"]):
+                if site in names:
+                    return names.index(site)
+            raise KeyError(f"unknown site {site!r}; sites: {self.meta['site_labels']}")
+        n = len(self.meta["sites"])
+        if not -n <= site < n:
+            raise IndexError(f"site index {site} out of range ({n} sites)")
+        return int(site) % n
+
+    def top_tokens(self, site: Union[str, int] = -1, view: Union[str, int] = "sum",
+                   position: int = -1) -> List[Tuple[int, float]]:
+        """[(token id, probability)] top-k of one site / view at one position."""
+        i, j = self._site_index(site), self.view_index(view)
+        return [(int(t), float(p)) for t, p in zip(self["topk_ids"][i, j, position],
+                                                   self["topk_probs"][i, j, position])]
+
+    def table(self, position: int = -1, views: Optional[Sequence[Union[str, int]]] = None) -> str:
+        """Top-k tokens (with probability) per site (rows) and view at one position; branch
+        outputs at the end."""
+        cols = [self.view_index(v) for v in (views if views is not None else range(len(self.meta["views"])))]
+        lines = []
+        for i, lab in enumerate(self.meta["site_labels"]):
+            for j in cols:
+                toks = ", ".join(f"{self._tok(t)} {p:.2f}" for t, p in
+                                 zip(self["topk_ids"][i, j, position], self["topk_probs"][i, j, position]))
+                lines.append(f"{lab:<16} {self.meta['views'][j]:<14} KL {self['kl'][i, j, position]:7.3f} | {toks}")
+        for i, sub in enumerate(self.meta["sublayers"]):
+            toks = ", ".join(f"{self._tok(t)} {p:.2f}" for t, p in
+                             zip(self["write_topk_ids"][i, position], self["write_topk_probs"][i, position]))
+            lines.append(f"{sub:<16} {'write':<14} KL {self['write_kl'][i, position]:7.3f} | {toks}")
+        return "\n".join(lines)
+
+    def plot(self, position: int = -1):
+        """{"kl": KL per site and view at `position`, "top1_grid": the stream-sum view's top-1
+        token per site (rows) and position (columns), coloured by its probability,
+        "final_decomposition": per-stream contributions to the final top-k logits at `position`}."""
+        import matplotlib.pyplot as plt
+
+        labels, views = self.meta["site_labels"], self.meta["views"]
+        figs = {}
+        fig, ax = plt.subplots(figsize=(max(6, 0.45 * len(labels)), 3.6))
+        colours = _view_colours(views)
+        for j, v in enumerate(views):
+            ax.plot(np.arange(len(labels)), self["kl"][:, j, position], marker=".", label=v,
+                    color=colours[v], lw=2 if v == "sum" else 1)
+        ax.set_yscale("symlog", linthresh=1e-3)
+        ax.set_xticks(np.arange(len(labels)), labels, rotation=60, fontsize=7, ha="right")
+        ax.set_title(f"KL(P_final || P_lens) at position {position}")
+        ax.legend(fontsize=7)
+        figs["kl"] = fig
+        probs = self["topk_probs"][:, 0, :, 0]                                # [site, pos]
+        ids = self["topk_ids"][:, 0, :, 0]
+        fig, ax = plt.subplots(figsize=(max(5, 0.6 * probs.shape[1]), max(3, 0.3 * len(labels))))
+        ax.imshow(probs, aspect="auto", cmap="Blues", vmin=0, vmax=1)
+        for (i, j), t in np.ndenumerate(ids):
+            ax.text(j, i, self._tok(t)[:8], ha="center", va="center", fontsize=6)
+        ax.set_yticks(np.arange(len(labels)), labels, fontsize=7)
+        ax.set_xlabel("position")
+        ax.set_title("top-1 of the stream sum per site")
+        figs["top1_grid"] = fig
+        contrib = self["final_topk_contributions"][position]                # [n, k]
+        fig, ax = plt.subplots(figsize=(5, 3))
+        n, k = contrib.shape
+        for s in range(n):
+            ax.bar(np.arange(k) + (s - (n - 1) / 2) * 0.8 / n, contrib[s], width=0.8 / n, label=f"stream {s}")
+        ax.set_xticks(np.arange(k), [self._tok(t) for t in self["final_topk_ids"][position]], fontsize=7)
+        ax.set_title("final top-k logits split by stream")
+        ax.legend(fontsize=7)
+        figs["final_decomposition"] = fig
+        return figs

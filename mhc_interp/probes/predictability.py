@@ -1,0 +1,216 @@
+"""Cross-stream predictability: per site, how well stream j is predicted from stream i by a linear
+map (ridge regression), as held-out R^2 - an [n, n] matrix per site and its trend over depth.
+
+Sample. The probe keeps a bounded sample of tokens (the same tokens at every site):
+`sampling="reservoir"` (default) - a uniform random sample of `max_tokens` of all the masked
+tokens seen (Vitter's algorithm R, seeded); `"first"` - the first `max_tokens`. Memory is fixed
+up front: max_tokens x n_sites x n_streams x d_model x 4 bytes (float32), e.g. 4096 tokens x 13
+sites x 4 streams x 768 = 655 MB for a 12-layer GPT-2-small-sized model; `meta["sample_bytes"]`
+reports it. Lower `max_tokens` or choose fewer `sites` for big models.
+
+Fit (in `result()`, float64): the sample is split once into train / test tokens (`test_fraction`,
+seeded, the same split for every site and pair). For source stream i: features X_i standardised
+with the train mean / std; targets every stream Y_j, centred with the train mean; scikit-learn
+`RidgeCV` (efficient leave-one-out over `alphas`, one alpha per target dimension) fits all target
+streams at once. Held-out R^2 of target j from source i, pooled over its d dimensions:
+
+    r2[site, i, j] = 1 - sum_test ||y_j - yhat_j||^2 / sum_test ||y_j - mean_test(y_j)||^2
+
+(scikit-learn's `r2_score(..., multioutput="variance_weighted")`). 1 = a linear function of
+stream i; ~0 = nothing linear to learn (slightly negative from estimation noise); the diagonal is
+a stream predicting itself (~1 when the training tokens well outnumber d_model, a sanity check;
+with fewer tokens than dimensions even the identity cannot be learned and every R^2 drops). A target stream with no variance on the test
+tokens gives NaN. `mean_offdiag[site]` = mean over i != j: the trend over depth.
+"""
+from __future__ import annotations
+
+from typing import Dict, List, Optional, Sequence, Union
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from ..hooks.names import check_hook_names, suffix
+from .base import Probe, ProbeResult, register_probe, register_result, require_streams
+
+__all__ = ["CrossStreamPredictability", "PredictabilityResult", "ridge_r2_matrix", "predictability_sites"]
+
+_STATE_SUFFIXES = ("hook_streams_init", "hook_streams_in", "hook_streams_out", "hook_res_mix", "hook_ln_final")
+DEFAULT_ALPHAS = tuple(np.logspace(-3, 4, 8))
+
+
+def predictability_sites(model, sites: Union[str, Sequence[str]] = "layers") -> List[str]:
+    """"layers" (default): `hook_streams_init` + every block's `mlp.hook_streams_out` (L + 1
+    sites); "sublayers": `hook_streams_init` + every sublayer's `hook_streams_out` (2L + 1);
+    or a list of stream-state hook names."""
+    if isinstance(sites, str):
+        if sites == "layers":
+            return ["hook_streams_init"] + [f"blocks.{l}.mlp.hook_streams_out" for l in range(model.cfg.n_layers)]
+        if sites == "sublayers":
+            return ["hook_streams_init"] + [f"{s}.hook_streams_out" for s in model.sublayer_names]
+        raise ValueError(f"predictability: sites must be 'layers', 'sublayers' or a list of hook names, got {sites!r}")
+    names = list(sites)
+    if not names:
+        raise ValueError("predictability: `sites` is an empty list")
+    if len(set(names)) != len(names):
+        raise ValueError(f"predictability: duplicate site names in {names}")
+    check_hook_names(names, model.hook_dict)
+    bad = [n for n in names if suffix(n) not in _STATE_SUFFIXES]
+    if bad:
+        raise ValueError(f"predictability compares stream states [batch, pos, n_streams, d_model]; these "
+                         f"hooks are not: {bad} (use one of {_STATE_SUFFIXES})")
+    return names
+
+
+def ridge_r2_matrix(x: np.ndarray, train: np.ndarray, test: np.ndarray,
+                    alphas: Sequence[float] = DEFAULT_ALPHAS) -> np.ndarray:
+    """x [tokens, n_streams, d] -> held-out R^2 [source i, target j] (see the module docstring)."""
+    from sklearn.linear_model import RidgeCV
+
+    x = np.asarray(x, dtype=np.float64)
+    n, d = x.shape[1], x.shape[2]
+    Y = x.reshape(len(x), n * d)
+    y_mean = Y[train].mean(0)
+    Y_train = Y[train] - y_mean
+    Y_test = Y[test] - y_mean
+    sst = ((Y_test - Y_test.mean(0)) ** 2).reshape(len(test), n, d).sum((0, 2))     # [n]
+    out = np.full((n, n), np.nan)
+    for i in range(n):
+        X = x[:, i]
+        mu, sd = X[train].mean(0), X[train].std(0)
+        sd = np.where(sd > 1e-12 * max(1.0, float(np.abs(X).max())), sd, np.inf)   # constant features -> 0
+        X_train, X_test = (X[train] - mu) / sd, (X[test] - mu) / sd
+        model = RidgeCV(alphas=alphas, alpha_per_target=True, fit_intercept=False).fit(X_train, Y_train)
+        sse = ((Y_test - model.predict(X_test)) ** 2).reshape(len(test), n, d).sum((0, 2))
+        with np.errstate(divide="ignore", invalid="ignore"):
+            out[i] = np.where(sst > 0, 1 - sse / sst, np.nan)
+    return out
+
+
+@register_probe
+class CrossStreamPredictability(Probe):
+    """Cross-stream linear predictability (held-out ridge R^2) per site; see the module docstring.
+
+    sites: "layers" | "sublayers" | hook names. max_tokens: sample size (memory bound).
+    sampling: "reservoir" | "first". test_fraction: held-out share. alphas: RidgeCV grid.
+    seed: reservoir and split randomness. min_tokens: refuse to fit on fewer sampled tokens.
+    """
+
+    name = "predictability"
+
+    def __init__(self, sites: Union[str, Sequence[str]] = "layers", max_tokens: int = 4096,
+                 sampling: str = "reservoir", test_fraction: float = 0.25,
+                 alphas: Sequence[float] = DEFAULT_ALPHAS, seed: int = 0, min_tokens: int = 20):
+        if sampling not in ("reservoir", "first"):
+            raise ValueError(f"sampling must be 'reservoir' or 'first', got {sampling!r}")
+        if not 0 < test_fraction < 1:
+            raise ValueError(f"test_fraction must be in (0, 1), got {test_fraction}")
+        if int(max_tokens) < max(int(min_tokens), 4):
+            raise ValueError(f"max_tokens={max_tokens} is below min_tokens={min_tokens}")
+        if not len(alphas) or min(alphas) <= 0:
+            raise ValueError(f"alphas must be a non-empty list of positive numbers, got {alphas}")
+        self.sites_spec = sites
+        self.max_tokens = int(max_tokens)
+        self.sampling = sampling
+        self.test_fraction = float(test_fraction)
+        self.alphas = tuple(float(a) for a in alphas)
+        self.seed = int(seed)
+        self.min_tokens = int(min_tokens)
+
+    def setup(self, model) -> None:
+        require_streams(model, self.name)
+        self.sites = predictability_sites(model, self.sites_spec)
+        self.n_streams, self.d_model = model.cfg.n_streams, model.cfg.d_model
+        self.hyper_conn_type = model.cfg.hyper_conn_type
+        self.sample: Optional[Tensor] = None      # [max_tokens, n_sites, n, d] float32, allocated lazily
+        self.filled = 0                           # slots in use
+        self.seen = 0                             # masked tokens seen
+        self.gen = torch.Generator().manual_seed(self.seed)
+
+    def hook_names(self, model) -> List[str]:
+        return predictability_sites(model, self.sites_spec)
+
+    def update(self, acts: Dict[str, Tensor], mask: Tensor) -> None:
+        m = mask.to(acts[self.sites[0]].device)
+        n_tok = int(m.sum())
+        if n_tok == 0:
+            return
+        if self.sample is None:
+            self.sample = torch.zeros(self.max_tokens, len(self.sites), self.n_streams, self.d_model,
+                                      dtype=torch.float32)
+        rows = torch.stack([acts[s][m].float() for s in self.sites], dim=1).cpu()   # [N, sites, n, d]
+        # fill the free slots first (both schemes)
+        take = min(n_tok, self.max_tokens - self.filled)
+        if take:
+            self.sample[self.filled:self.filled + take] = rows[:take]
+            self.filled += take
+        if self.sampling == "reservoir" and take < n_tok:
+            # algorithm R: token number t (0-based, t >= max_tokens) replaces slot j ~ U{0..t} if j < max_tokens
+            t = torch.arange(self.seen + take, self.seen + n_tok, dtype=torch.float64)
+            j = (torch.rand(len(t), generator=self.gen, dtype=torch.float64) * (t + 1)).floor().long()
+            hit = (j < self.max_tokens).nonzero()[:, 0]
+            if len(hit):
+                slots = j[hit].numpy()
+                # a later token that picks the same slot wins: keep the last occurrence per slot
+                _, last = np.unique(slots[::-1], return_index=True)
+                keep = hit.numpy()[len(slots) - 1 - last]
+                self.sample[torch.as_tensor(j[keep])] = rows[take + torch.as_tensor(keep)]
+        self.seen += n_tok
+
+    def result(self) -> "PredictabilityResult":
+        if self.filled < self.min_tokens:
+            raise ValueError(f"predictability: only {self.filled} tokens sampled, need >= {self.min_tokens} "
+                             f"(min_tokens) to fit and test a ridge map")
+        x = self.sample[:self.filled].double().numpy()
+        rng = np.random.default_rng(self.seed)
+        perm = rng.permutation(self.filled)
+        n_test = max(2, int(round(self.test_fraction * self.filled)))
+        test, train = np.sort(perm[:n_test]), np.sort(perm[n_test:])
+        if len(train) < 2:
+            raise ValueError("predictability: too few training tokens; raise max_tokens or lower test_fraction")
+        r2 = np.stack([ridge_r2_matrix(x[:, k], train, test, self.alphas) for k in range(len(self.sites))])
+        off = ~np.eye(self.n_streams, dtype=bool)
+        arrays = {"r2": r2, "mean_offdiag": np.nanmean(r2[:, off], axis=1) if self.n_streams > 1 else np.full(len(self.sites), np.nan),
+                  "min_offdiag": np.nanmin(r2[:, off], axis=1), "max_offdiag": np.nanmax(r2[:, off], axis=1)}
+        labels = ["embed" if s == "hook_streams_init" else s.replace(".hook_streams_out", "") for s in self.sites]
+        meta = {"sites": self.sites, "site_labels": labels, "n_streams": self.n_streams,
+                "hyper_conn_type": self.hyper_conn_type, "tokens_sampled": self.filled,
+                "tokens_seen_by_probe": self.seen, "sampling": self.sampling, "n_train": len(train),
+                "n_test": len(test), "alphas": list(self.alphas), "seed": self.seed,
+                "sample_bytes": int(self.max_tokens * len(self.sites) * self.n_streams * self.d_model * 4),
+                "r2_axes": "[site, source stream i, target stream j]"}
+        return PredictabilityResult(self.name, arrays, meta)
+
+
+@register_result
+class PredictabilityResult(ProbeResult):
+    def plot(self, max_heatmaps: int = 8):
+        """{"matrices": R^2 [source, target] heatmaps at up to `max_heatmaps` sites,
+        "trend": mean / min / max off-diagonal R^2 over depth}."""
+        import matplotlib.pyplot as plt
+
+        labels, r2 = self.meta["site_labels"], self["r2"]
+        figs = {}
+        picks = np.unique(np.linspace(0, len(labels) - 1, min(max_heatmaps, len(labels))).round().astype(int))
+        fig, axes = plt.subplots(1, len(picks), figsize=(2.6 * len(picks), 2.9), squeeze=False)
+        for ax, k in zip(axes[0], picks):
+            im = ax.imshow(r2[k], vmin=0, vmax=1, cmap="viridis")
+            ax.set_title(labels[k], fontsize=8)
+            ax.set_xlabel("target j")
+            ax.set_ylabel("source i")
+            for (i, j), v in np.ndenumerate(r2[k]):
+                ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=6,
+                        color="white" if v < 0.5 else "black")
+        fig.colorbar(im, ax=axes[0].tolist(), shrink=0.8)
+        fig.suptitle("held-out R^2 of stream j from stream i (ridge)")
+        figs["matrices"] = fig
+        fig, ax = plt.subplots(figsize=(max(5, 0.45 * len(labels)), 3.4))
+        x = np.arange(len(labels))
+        ax.plot(x, self["mean_offdiag"], marker="o", label="mean i != j")
+        ax.fill_between(x, self["min_offdiag"], self["max_offdiag"], alpha=0.2, label="min..max")
+        ax.set_xticks(x, labels, rotation=60, fontsize=7, ha="right")
+        ax.set_ylabel("held-out R^2")
+        ax.set_title("cross-stream linear predictability over depth")
+        ax.legend(fontsize=7)
+        figs["trend"] = fig
+        return figs

@@ -1,0 +1,192 @@
+"""Per-stream logit lens: the exact decomposition on the public code's reference checkpoints, the
+last site's stream sum = the final distribution, every view against a direct computation, the
+probe's online means against per-prompt lenses, the translator seam, bad input, results."""
+import numpy as np
+import pytest
+import torch
+from torch.nn import functional as F
+
+from mhc_interp import HookedMHC
+from mhc_interp.hooks import HookNameError
+from mhc_interp.probes import ProbeResult, run_probes
+from mhc_interp.probes.logit_lens import (LogitLens, LogitLensResult, PromptLensResult, all_subsets,
+                                          check_subsets, decompose_logits, logit_lens, stream_contributions)
+
+from .conftest import FIXTURES, REFERENCE_NAMES, perturbed_model, tiny_config
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models: one intra-op thread is ~100x faster than two on a busy 2-core machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def hc_model():
+    return perturbed_model(tiny_config("hc"), seed=5)
+
+
+@pytest.fixture(scope="module")
+def corpus():
+    torch.manual_seed(11)
+    return torch.randint(0, 40, (5, 9))
+
+
+@pytest.mark.parametrize("name", REFERENCE_NAMES)
+def test_decomposition_sums_to_logits_on_reference_checkpoints(name, tokens):
+    model = HookedMHC.from_pretrained(FIXTURES / f"{name}.pt")
+    contributions, logits = decompose_logits(model, tokens, atol=1e-5)
+    assert contributions.shape == (*tokens.shape, model.cfg.n_streams, model.cfg.d_vocab)
+    assert torch.equal(logits, model(tokens))
+    assert (contributions.sum(-2) - logits).abs().max() <= 1e-5
+    reference = torch.load(FIXTURES / f"{name}.logits.pt")       # the public code's logits
+    assert (contributions.sum(-2) - reference).abs().max() <= 1e-4
+    # the lens of the last site's stream sum is the final distribution; so is the probe's
+    lens = logit_lens(model, tokens[:1], k=3)
+    assert lens.meta["site_labels"][-1] == model.sublayer_names[-1]
+    assert lens["kl"][-1, 0].max() < 1e-6
+    assert lens["top1_agree"][-1, 0].all()
+    assert lens.meta["decomposition_max_error"] <= 1e-5
+    probe = run_probes(model, LogitLens(), tokens, batch_size=1, progress=False)
+    assert probe["kl"][-1, 0] < 1e-6 and probe["top1"][-1, 0] == 1.0
+    assert probe.meta["decomposition_max_error"] <= 1e-5
+    if model.cfg.n_streams == 1:      # one stream: the stream alone is the sum
+        np.testing.assert_allclose(probe["kl"][:, 1], probe["kl"][:, 0], atol=1e-6)
+
+
+@torch.no_grad()
+def test_views_match_direct_computation(hc_model, corpus):
+    """Every view and branch output against W_U^T LN_f(.) computed with the model's own modules,
+    in float64 (hc: unconstrained, possibly negative coefficients)."""
+    model, toks = hc_model, corpus[:1]
+    subsets = [(0, 2), (1, 2, 3)]
+    lens = logit_lens(model, toks, k=4, subsets=subsets)
+    names = lens.meta["sites"] + [f"{s}.hook_write" for s in model.sublayer_names]
+    logits, cache = model.run_with_cache(toks, names_filter=names)
+    W_U = model.W_U.double()
+
+    ln = model.ln_final
+
+    def unembed(x):
+        return F.layer_norm(x.double(), (16,), ln.weight.double(), ln.bias.double(), ln.eps) @ W_U
+
+    final_lp = F.log_softmax(logits[0].double(), -1)
+
+    def kl(view):
+        return (final_lp.exp() * (final_lp - F.log_softmax(view, -1))).sum(-1).numpy()
+
+    assert lens.meta["views"] == ["sum", "stream 0", "stream 1", "stream 2", "stream 3", "streams 0+2", "streams 1+2+3"]
+    for i, site in enumerate(lens.meta["sites"]):
+        c = unembed(cache[site][0])                                    # [pos, n, V]
+        views = [c.sum(1)] + [c[:, s] for s in range(4)] + [c[:, list(s)].sum(1) for s in subsets]
+        for j, view in enumerate(views):
+            np.testing.assert_allclose(lens["kl"][i, j], kl(view), atol=2e-5)
+            np.testing.assert_array_equal(lens["topk_ids"][i, j][:, 0], view.argmax(-1).numpy())
+            np.testing.assert_allclose(lens["topk_probs"][i, j], F.softmax(view, -1).topk(4).values.numpy(), atol=1e-5)
+    for i, sub in enumerate(model.sublayer_names):
+        w = unembed(cache[f"{sub}.hook_write"][0])
+        np.testing.assert_allclose(lens["write_kl"][i], kl(w), atol=2e-5)
+        np.testing.assert_array_equal(lens["write_topk_ids"][i][:, 0], w.argmax(-1).numpy())
+    contrib = stream_contributions(model, cache[lens.meta["sites"][-1]][0])
+    ids = lens["final_topk_ids"]
+    np.testing.assert_array_equal(ids[:, 0], logits[0].argmax(-1).numpy())
+    np.testing.assert_allclose(lens["final_topk_contributions"],
+                               contrib.gather(-1, torch.as_tensor(ids)[:, None].expand(-1, 4, -1)).numpy())
+
+
+def test_probe_is_the_token_mean_of_the_prompt_lens(hc_model, corpus):
+    subsets = [(0, 1)]
+    per_prompt = [logit_lens(hc_model, corpus[i], subsets=subsets) for i in range(len(corpus))]
+    kl = np.mean(np.concatenate([p["kl"][:, :, 1:] for p in per_prompt], axis=-1), axis=-1)
+    top1 = np.mean(np.concatenate([p["top1_agree"][:, :, 1:] for p in per_prompt], axis=-1), axis=-1)
+    kl_w = np.mean(np.concatenate([p["write_kl"][:, 1:] for p in per_prompt], axis=-1), axis=-1)
+    for batch_size, chunk in ((1, 128), (2, 3), (5, 7)):
+        r = run_probes(hc_model, LogitLens(subsets=subsets, chunk_tokens=chunk), corpus,
+                       batch_size=batch_size, progress=False)
+        assert r["kl"].shape == (2 * hc_model.cfg.n_layers + 1, 1 + 4 + 1)
+        np.testing.assert_allclose(r["kl"], kl, atol=1e-6)
+        np.testing.assert_allclose(r["top1"], top1, atol=1e-12)
+        np.testing.assert_allclose(r["kl_write"], kl_w, atol=1e-6)
+        assert r.meta["tokens"] == corpus[:, 1:].numel()
+    # each stream's share of the top-1 margin sums to the margin of the logits
+    logits = hc_model(corpus)[:, 1:].detach().double()
+    margin = (logits.max(-1).values - logits.mean(-1)).mean()
+    assert r["final_top1_contribution"].sum() == pytest.approx(float(margin), abs=1e-5)
+
+
+def test_translator_seam(hc_model, corpus):
+    toks = corpus[:1]
+    calls = []
+
+    def recorder(site, x):
+        calls.append((site, tuple(x.shape)))
+        return x
+
+    plain = logit_lens(hc_model, toks, subsets=[(0, 1)])
+    seen = logit_lens(hc_model, toks, subsets=[(0, 1)], translator=recorder)
+    np.testing.assert_array_equal(plain["kl"], seen["kl"])
+    p = toks.shape[1]
+    assert calls[:len(plain.meta["sites"])] == [(s, (p, 4, 16)) for s in plain.meta["sites"]]
+    assert calls[len(plain.meta["sites"]):] == [(f"{s}.hook_write", (p, 16)) for s in hc_model.sublayer_names]
+    # a mapping translates only the named sites
+    site = plain.meta["sites"][1]
+    mapped = logit_lens(hc_model, toks, translator={site: lambda x: -x})
+    assert not np.allclose(mapped["kl"][1], plain["kl"][1, :5])
+    np.testing.assert_array_equal(np.delete(mapped["kl"], 1, 0), np.delete(plain["kl"][:, :5], 1, 0))
+    # the probe takes the same seam
+    probe = run_probes(hc_model, LogitLens(translator={site: lambda x: -x}), corpus, progress=False)
+    base = run_probes(hc_model, LogitLens(), corpus, progress=False)
+    np.testing.assert_array_equal(np.delete(probe["kl"], 1, 0), np.delete(base["kl"], 1, 0))
+    assert not np.allclose(probe["kl"][1], base["kl"][1])
+    with pytest.raises(ValueError, match="translator for site"):
+        logit_lens(hc_model, toks, translator=lambda s, x: x[..., :3])
+
+
+def test_bad_input(hc_model, corpus):
+    for bad, err, match in (([()], ValueError, "empty"), ([(0, 4)], IndexError, "out of range"),
+                            ([(-1,)], IndexError, "out of range"), ([(1, 1)], ValueError, "repeats"),
+                            ([(0, 1.5)], TypeError, "ints"), ((0, 1), TypeError, "list of stream subsets")):
+        with pytest.raises(err, match=match):
+            logit_lens(hc_model, corpus[:1], subsets=bad)
+        with pytest.raises(err, match=match):
+            run_probes(hc_model, LogitLens(subsets=bad), corpus, progress=False)
+    assert check_subsets([(3, 0), 2], 4) == [(0, 3), (2,)]
+    assert len(all_subsets(4)) == 6 + 4 and all_subsets(4, 1, 4)[-1] == (0, 1, 2, 3)
+    with pytest.raises(ValueError, match="one prompt"):
+        logit_lens(hc_model, corpus[:2])
+    with pytest.raises(HookNameError):
+        logit_lens(hc_model, corpus[:1], sites=["blocks.9.attn.hook_streams_out"])
+    with pytest.raises(ValueError, match="stream states"):
+        logit_lens(hc_model, corpus[:1], sites=["blocks.0.attn.hook_read"])
+    with pytest.raises(ValueError, match="sites must be"):
+        LogitLens(sites="everything").setup(hc_model)
+    with pytest.raises(ArithmeticError, match="atol"):
+        decompose_logits(hc_model, corpus[:1], atol=0.0)
+    with pytest.raises(ValueError, match="k must be"):
+        logit_lens(hc_model, corpus[:1], k=0)
+
+
+def test_results_save_load_plot(hc_model, corpus, tmp_path):
+    import matplotlib
+    matplotlib.use("Agg")
+    r = run_probes(hc_model, LogitLens(subsets=[(0, 3)], sites="layers"), corpus, progress=False)
+    assert r.meta["site_labels"] == ["embed", "blocks.0.mlp", "blocks.1.mlp"]
+    back = ProbeResult.load(r.save(tmp_path / "lens"))
+    assert isinstance(back, LogitLensResult)
+    np.testing.assert_array_equal(back["kl"], r["kl"])
+    assert "streams 0+3" in back.table()
+    paths = back.save_figures(tmp_path / "lens_png")
+    assert {p.stem for p in paths} == {"kl", "top1", "writes", "final_decomposition"}
+    assert all(p.stat().st_size > 0 for p in paths)
+
+    single = logit_lens(hc_model, corpus[0], k=3, writes=False)
+    back = ProbeResult.load(single.save(tmp_path / "prompt"))
+    assert isinstance(back, PromptLensResult)
+    assert back["write_topk_ids"].shape == (0, corpus.shape[1], 3)
+    assert back.top_tokens(-1, "stream 2", 4) == single.top_tokens(len(single.meta["sites"]) - 1, 3, 4)
+    assert "stream 3" in back.table(position=2)
+    paths = back.save_figures(tmp_path / "prompt_png")
+    assert {p.stem for p in paths} == {"kl", "top1_grid", "final_decomposition"}

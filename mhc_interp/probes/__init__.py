@@ -18,6 +18,9 @@ from .heads import (DEFAULT_ORDINAL_WORDS, HEAD_SCORES, HeadDetector, HeadScores
 from .logit_lens import (LogitLens, LogitLensResult, PromptLensResult, all_subsets, check_subsets,
                          decompose_logits, lens_sites, logit_lens, stream_contributions)
 from .predictability import CrossStreamPredictability, PredictabilityResult, predictability_sites, ridge_r2_matrix
+from .crosscoder import (Crosscoder, CrosscoderConfig, CrosscoderEval, CrosscoderResult, analyze_crosscoder,
+                         match_decoder_directions, train_crosscoder)
+from .crosscoder_buffer import ActivationBuffer, InMemoryActivations, default_sites, grid_sites, resolve_sites
 from .curvature import Curvature, CurvatureResult, sequence_curvatures, step_angles
 from .stream_usage import StreamUsage, StreamUsageResult
 
@@ -31,4 +34,7 @@ __all__ = ["PROBES", "Probe", "ProbeResult", "get_probe", "register_probe", "reg
            "head_ablation_hook", "check_attention_model", "HEAD_SCORES", "DEFAULT_ORDINAL_WORDS",
            "LogitLens", "LogitLensResult", "PromptLensResult", "logit_lens", "decompose_logits",
            "stream_contributions", "lens_sites", "check_subsets", "all_subsets",
+           "Crosscoder", "CrosscoderConfig", "CrosscoderEval", "CrosscoderResult", "analyze_crosscoder",
+           "match_decoder_directions", "train_crosscoder", "ActivationBuffer", "InMemoryActivations",
+           "default_sites", "grid_sites", "resolve_sites",
            "CrossStreamPredictability", "PredictabilityResult", "ridge_r2_matrix", "predictability_sites", "center_gram", "cka_from_hsic", "gram_linear", "gram_rbf", "hsic_matrix"]

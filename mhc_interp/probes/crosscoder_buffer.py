@@ -1,0 +1,365 @@
+"""Activation sources for crosscoder training: (layer, stream) sites and a shuffled, refilled buffer.
+
+A *site* is one (hook name, stream) pair: the activation a^(l,s)(x_t) in R^{d_model} of stream s
+at a stream-state hook `blocks.{l}.{attn|mlp}.hook_streams_out` (or any other hook of shape
+[batch, pos, n_streams, d_model]). A crosscoder reads and writes S sites at once, so one training
+row is a tensor [S, d_model] per token and a batch is [batch, S, d_model].
+
+Two sources share one small interface (`ActivationSource`: `sites`, `n_sites`, `d_model`,
+`capacity`, `next_batch(n)`, `peek(n)`):
+
+* `ActivationBuffer(model, tokens, sites)`: runs the model over a token source (anything
+  `mhc_interp.probes.runner.iter_batches` takes: a token tensor, a `datasets.Dataset`, text files)
+  with hooks on the site hooks only, stopping the forward after the last sublayer needed, drops
+  position 0 (BOS) and padding, and stores the rows in bfloat16 in a buffer of `buffer_tokens`
+  rows. Batches are drawn from a random permutation of the buffer; when fewer than
+  `refill_fraction * buffer_tokens` unread rows are left (or fewer than a batch), the unread rows
+  are kept, the rest is refilled from the model, and the whole buffer is shuffled again, so
+  documents are mixed and training on many millions of tokens never holds them all
+  (memory: buffer_tokens * S * d_model * 2 bytes). The token source is cycled (`loop=True`) or
+  exhausted once (`loop=False`, then `next_batch` raises `StopIteration`).
+* `InMemoryActivations(x)`: a tensor [N, S, d] (or [N, n_layers, n_streams, d]) already in
+  memory - synthetic data, or activations computed elsewhere - served in shuffled epochs.
+"""
+from __future__ import annotations
+
+import numbers
+from typing import Iterator, List, Optional, Sequence, Tuple, Union
+
+import torch
+from torch import Tensor
+
+from ..hooks.names import check_hook_names, suffix
+from .runner import _last_sublayer_needed, iter_batches
+
+__all__ = ["Site", "STREAM_STATE_SUFFIXES", "resolve_sites", "default_sites", "grid_sites",
+           "site_label", "ActivationSource", "ActivationBuffer", "InMemoryActivations"]
+
+Site = Tuple[str, int]  # (hook name, stream index)
+
+# hooks of shape [batch, pos, n_streams, d_model]: the only ones a site can live on
+STREAM_STATE_SUFFIXES = ("hook_streams_init", "hook_streams_in", "hook_streams_out",
+                         "hook_res_mix", "hook_ln_final")
+
+
+# ------------------------------------------------------------------------------------- sites
+def default_sites(model, max_layers: int = 4) -> List[Site]:
+    """All streams at the outputs (`blocks.{l}.mlp.hook_streams_out`) of up to `max_layers`
+    evenly spaced blocks, the last block included (every block if there are no more)."""
+    L = int(model.cfg.n_layers)
+    if L <= max_layers:
+        layers = list(range(L))
+    else:
+        layers = sorted({round(i * (L - 1) / (max_layers - 1)) for i in range(max_layers)})
+    n = int(model.cfg.n_streams)
+    return [(f"blocks.{l}.mlp.hook_streams_out", s) for l in layers for s in range(n)]
+
+
+def grid_sites(n_layers: int, n_streams: int, prefix: str = "layer") -> List[Site]:
+    """[(f"{prefix}{l}", s) for l, s]: layer-major labels for activations not taken from a model."""
+    return [(f"{prefix}{l}", s) for l in range(n_layers) for s in range(n_streams)]
+
+
+def site_label(site: Site) -> str:
+    """('blocks.3.mlp.hook_streams_out', 2) -> 'blocks.3.mlp/s2'."""
+    name, stream = site
+    short = name[: -len(".hook_streams_out")] if name.endswith(".hook_streams_out") else name
+    return f"{short}/s{stream}"
+
+
+def _as_site(item) -> Site:
+    if isinstance(item, (tuple, list)) and len(item) == 2 and isinstance(item[0], str):
+        stream = item[1]
+        if isinstance(stream, bool) or not isinstance(stream, numbers.Integral):
+            raise TypeError(f"site {tuple(item)!r}: the stream must be an int")
+        return (item[0], int(stream))
+    raise TypeError(f"a site is a hook name (all streams) or a (hook name, stream) pair, got {item!r}")
+
+
+def resolve_sites(model, sites: Union[None, str, Sequence] = None) -> List[Site]:
+    """Validate and expand a site specification against `model`.
+
+    sites: None -> `default_sites(model)`; "layers" -> all streams at every block output;
+        "sublayers" -> all streams at every sublayer output; or a list whose items are hook
+        names (all streams of that hook) or (hook name, stream) pairs.
+    Raises `HookNameError` (a KeyError, with the closest names) for a hook that does not exist,
+    ValueError for a hook that is not a stream state, a stream out of range, duplicates or an
+    empty list.
+    """
+    n = int(model.cfg.n_streams)
+    if sites is None:
+        out = default_sites(model)
+    elif isinstance(sites, str):
+        if sites == "layers":
+            out = [(f"blocks.{l}.mlp.hook_streams_out", s) for l in range(model.cfg.n_layers)
+                   for s in range(n)]
+        elif sites == "sublayers":
+            out = [(f"{sub}.hook_streams_out", s) for sub in model.sublayer_names for s in range(n)]
+        else:
+            raise ValueError(f"sites must be None, 'layers', 'sublayers' or a list of hook names / "
+                             f"(hook name, stream) pairs, got {sites!r}")
+    else:
+        out = []
+        for item in sites:
+            if isinstance(item, str):
+                out.extend((item, s) for s in range(n))
+            else:
+                out.append(_as_site(item))
+    if not out:
+        raise ValueError("crosscoder: no sites given (an empty list)")
+    check_hook_names(sorted({h for h, _ in out}), model.hook_dict)
+    bad = sorted({h for h, _ in out if suffix(h) not in STREAM_STATE_SUFFIXES})
+    if bad:
+        raise ValueError(f"crosscoder sites must be stream states [batch, pos, n_streams, d_model]; "
+                         f"these hooks are not: {bad} (use one of {STREAM_STATE_SUFFIXES})")
+    wrong = [site for site in out if not 0 <= site[1] < n]
+    if wrong:
+        raise ValueError(f"crosscoder sites {wrong}: stream index out of range, the model has {n} "
+                         f"streams (0..{n - 1})")
+    if len(set(out)) != len(out):
+        dup = sorted({s for s in out if out.count(s) > 1})
+        raise ValueError(f"crosscoder: duplicate sites {dup}")
+    return out
+
+
+# ----------------------------------------------------------------------------------- sources
+class ActivationSource:
+    """Interface of what `train_crosscoder` / `analyze_crosscoder` read from."""
+
+    sites: List[Site]
+    d_model: int
+    capacity: int  # rows that can be held at once (a batch may not be larger)
+
+    @property
+    def n_sites(self) -> int:
+        return len(self.sites)
+
+    def next_batch(self, n: int) -> Tensor:  # pragma: no cover - abstract
+        """The next `n` shuffled rows [n, n_sites, d_model] as float32."""
+        raise NotImplementedError
+
+    def peek(self, n: int) -> Tensor:  # pragma: no cover - abstract
+        """Up to `n` random rows [<=n, n_sites, d_model] float32 without consuming them (for
+        normalisation factors and the decoder-bias init)."""
+        raise NotImplementedError
+
+    def check_batch_size(self, n: int) -> None:
+        if n > self.capacity:
+            raise ValueError(
+                f"the activation buffer holds {self.capacity} tokens, which is smaller than one "
+                f"training batch of {n}; raise buffer_tokens (or lower the batch size)")
+
+
+class InMemoryActivations(ActivationSource):
+    """Activations already in memory, x [N, S, d] (with `sites`) or [N, n_layers, n_streams, d]
+    (sites = `grid_sites(n_layers, n_streams)`), served in shuffled epochs (no row is repeated
+    within an epoch; a batch may straddle two epochs)."""
+
+    def __init__(self, x: Tensor, sites: Optional[Sequence[Site]] = None, seed: int = 0):
+        x = torch.as_tensor(x)
+        if x.ndim == 4:
+            if sites is not None:
+                raise ValueError("activations [N, n_layers, n_streams, d] name their own sites; "
+                                 "pass [N, S, d] to give `sites`")
+            sites = grid_sites(x.shape[1], x.shape[2])
+            x = x.reshape(x.shape[0], -1, x.shape[-1])
+        if x.ndim != 3:
+            raise ValueError(f"activations must be [N, n_sites, d_model] or "
+                             f"[N, n_layers, n_streams, d_model], got {tuple(x.shape)}")
+        if sites is None:
+            sites = [(f"site{j}", 0) for j in range(x.shape[1])]
+        self.sites = [_as_site(s) for s in sites]
+        if len(self.sites) != x.shape[1]:
+            raise ValueError(f"{len(self.sites)} sites for activations with {x.shape[1]} sites")
+        if x.shape[0] == 0:
+            raise ValueError("no activations (N = 0)")
+        self.x = x
+        self.d_model = int(x.shape[-1])
+        self.capacity = int(x.shape[0])
+        self.epochs = 0
+        self.tokens_served = 0
+        self._gen = torch.Generator().manual_seed(seed)
+        self._perm = torch.randperm(self.capacity, generator=self._gen)
+        self._pos = 0
+
+    def next_batch(self, n: int) -> Tensor:
+        self.check_batch_size(n)
+        parts, need = [], n
+        while need:
+            if self._pos == self.capacity:
+                self._perm = torch.randperm(self.capacity, generator=self._gen)
+                self._pos = 0
+                self.epochs += 1
+            take = min(need, self.capacity - self._pos)
+            parts.append(self._perm[self._pos:self._pos + take])
+            self._pos += take
+            need -= take
+        idx = torch.cat(parts).to(self.x.device)
+        self.tokens_served += n
+        return self.x[idx].float()
+
+    def peek(self, n: int) -> Tensor:
+        g = torch.Generator().manual_seed(1234)
+        idx = torch.randperm(self.capacity, generator=g)[:n].to(self.x.device)
+        return self.x[idx].float()
+
+
+class ActivationBuffer(ActivationSource):
+    """A shuffled, refilled bfloat16 buffer of site activations computed from `model` over a
+    token `source` (see the module docstring).
+
+    sites: see `resolve_sites` (None = all streams at up to 4 evenly spaced block outputs).
+    buffer_tokens: rows held at once. model_batch_size / seq_len / pad_id: how the token source
+        is cut into forward batches (`iter_batches`). exclude_first: positions [0, exclude_first)
+        are dropped (BOS; 0 keeps all); padding is always dropped.
+    storage_dtype: bfloat16 by default (halves memory; batches come back as float32).
+    device: where the buffer lives (default: the model's device).
+    refill_fraction: refill once fewer than this fraction of the rows are unread.
+    loop: cycle the token source (else `next_batch` raises StopIteration when it is used up).
+    batch_size: optional training batch size, checked against `buffer_tokens` right away.
+    Counters: `tokens_read` (rows taken from the model), `tokens_served`, `passes` (completed
+    passes over the source), `refills`.
+    """
+
+    def __init__(self, model, source, sites: Union[None, str, Sequence] = None, *,
+                 buffer_tokens: int = 65536, model_batch_size: int = 8,
+                 seq_len: Optional[int] = None, exclude_first: int = 1, pad_id: int = 0,
+                 storage_dtype: torch.dtype = torch.bfloat16, device=None,
+                 refill_fraction: float = 0.5, loop: bool = True, seed: int = 0,
+                 batch_size: Optional[int] = None):
+        if int(buffer_tokens) < 1:
+            raise ValueError(f"buffer_tokens must be >= 1, got {buffer_tokens}")
+        if not 0.0 <= refill_fraction <= 1.0:
+            raise ValueError(f"refill_fraction must lie in [0, 1], got {refill_fraction}")
+        if int(model_batch_size) < 1:
+            raise ValueError(f"model_batch_size must be >= 1, got {model_batch_size}")
+        self.model = model
+        self.source = source
+        self.sites = resolve_sites(model, sites)
+        self.d_model = int(model.cfg.d_model)
+        self.capacity = int(buffer_tokens)
+        if batch_size is not None:
+            self.check_batch_size(int(batch_size))
+        self.model_batch_size = int(model_batch_size)
+        self.seq_len = seq_len
+        self.exclude_first = int(exclude_first)
+        self.pad_id = pad_id
+        self.refill_fraction = float(refill_fraction)
+        self.loop = bool(loop)
+        self.device = torch.device(device) if device is not None else model.device
+        self.storage_dtype = storage_dtype
+        # unique hooks in order of first appearance, and each site's (hook, stream) index
+        self.hook_names: List[str] = list(dict.fromkeys(h for h, _ in self.sites))
+        hook_index = {h: i for i, h in enumerate(self.hook_names)}
+        self._flat_index = torch.tensor([hook_index[h] * model.cfg.n_streams + s for h, s in self.sites])
+        self._stop = _last_sublayer_needed(model, self.hook_names)
+        self._storage: Optional[Tensor] = None  # [capacity, S, d] storage_dtype
+        self._n = 0          # valid rows in the storage
+        self._pos = 0        # rows [_pos, _n) are unread
+        self._pending: Optional[Tensor] = None  # rows of the last model batch that did not fit
+        self._exhausted = False
+        self._rows: Optional[Iterator[Tensor]] = None
+        self._gen = torch.Generator().manual_seed(seed)
+        self.tokens_read = 0
+        self.tokens_served = 0
+        self.passes = 0
+        self.refills = 0
+
+    # ----------------------------------------------------------------------------- the model
+    def _model_rows(self) -> Iterator[Tensor]:
+        """Yield [T, S, d] (storage dtype, buffer device) per forward batch, cycling if `loop`."""
+        model = self.model
+        n, d = model.cfg.n_streams, model.cfg.d_model
+        while True:
+            got = 0
+            for tokens, valid in iter_batches(model, self.source, self.model_batch_size,
+                                              self.seq_len, self.pad_id):
+                tokens = tokens.to(model.device)
+                mask = valid.clone()
+                mask[:, :self.exclude_first] = False
+                mask = mask.to(model.device)
+                if not bool(mask.any()):
+                    continue
+                acts = {}
+
+                def save(act: Tensor, hook) -> None:
+                    acts[hook.name] = act
+
+                with torch.no_grad(), model.hooks(fwd_hooks=[(h, save) for h in self.hook_names]):
+                    model(tokens, stop_at_sublayer=self._stop, return_type=None)
+                for h in self.hook_names:
+                    if not torch.isfinite(acts[h]).all():
+                        raise FloatingPointError(f"non-finite values (NaN/inf) in activation {h!r}")
+                # [T, n_hooks, n, d] -> [T, n_hooks * n, d] -> the sites [T, S, d]
+                x = torch.stack([acts[h][mask] for h in self.hook_names], dim=1)
+                x = x.reshape(x.shape[0], -1, d)[:, self._flat_index.to(x.device)]
+                got += x.shape[0]
+                yield x.to(self.device, self.storage_dtype)
+            if got == 0:
+                raise ValueError("the token source yielded no tokens (after dropping the first "
+                                 f"{self.exclude_first} position(s) and padding)")
+            self.passes += 1
+            if not self.loop:
+                return
+
+    # ---------------------------------------------------------------------------- the buffer
+    def _refill(self) -> None:
+        """Keep the unread rows, fill the rest of the buffer from the model, shuffle it all."""
+        if self._storage is None:
+            self._storage = torch.empty(self.capacity, self.n_sites, self.d_model,
+                                        dtype=self.storage_dtype, device=self.device)
+            self._rows = self._model_rows()
+        unread = self._n - self._pos
+        if unread and self._pos:
+            self._storage[:unread] = self._storage[self._pos:self._n].clone()
+        self._n, self._pos = unread, 0
+        while self._n < self.capacity and not self._exhausted:
+            if self._pending is None or len(self._pending) == 0:
+                try:
+                    self._pending = next(self._rows)
+                except StopIteration:
+                    self._exhausted = True
+                    break
+                self.tokens_read += len(self._pending)
+            take = min(len(self._pending), self.capacity - self._n)
+            self._storage[self._n:self._n + take] = self._pending[:take]
+            self._pending = self._pending[take:]
+            self._n += take
+        perm = torch.randperm(self._n, generator=self._gen).to(self.device)
+        self._storage[:self._n] = self._storage[:self._n][perm]
+        self.refills += 1
+
+    def _needs_refill(self, n: int) -> bool:
+        unread = self._n - self._pos
+        return self._storage is None or (not self._exhausted and (
+            unread < n or unread < self.refill_fraction * self.capacity))
+
+    def next_batch(self, n: int) -> Tensor:
+        self.check_batch_size(n)
+        if self._needs_refill(n):
+            self._refill()
+        unread = self._n - self._pos
+        if unread < n:
+            if unread == 0:
+                raise StopIteration("the activation buffer is used up (loop=False)")
+            n = unread  # the last, partial batch of a single pass
+        out = self._storage[self._pos:self._pos + n].float()
+        self._pos += n
+        self.tokens_served += n
+        return out
+
+    def peek(self, n: int) -> Tensor:
+        if self._storage is None:
+            self._refill()
+        lo = self._pos
+        return self._storage[lo:min(self._n, lo + n)].float()
+
+    @property
+    def memory_bytes(self) -> int:
+        return self.capacity * self.n_sites * self.d_model * torch.empty(0, dtype=self.storage_dtype).element_size()
+
+    def __repr__(self) -> str:
+        return (f"ActivationBuffer({self.n_sites} sites x d_model {self.d_model}, "
+                f"{self.capacity} tokens = {self.memory_bytes / 2 ** 20:.1f} MiB "
+                f"{str(self.storage_dtype).replace('torch.', '')}, read {self.tokens_read}, "
+                f"served {self.tokens_served}, passes {self.passes})")

@@ -88,6 +88,7 @@ def _report_config(args):
     cfg = ReportConfig(max_tokens=args.max_tokens, progress=not args.quiet)
     if args.fast:
         cfg.max_tokens, cfg.seq_len, cfg.causal_prompts, cfg.causal_seq_len = 1024, 64, 4, 32
+        cfg.predictability_tokens = 256
     return cfg
 
 

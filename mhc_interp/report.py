@@ -21,8 +21,8 @@ import torch
 from torch import Tensor
 
 from .data import read_texts
-from .probes import (CKA, AblateRescue, ActivationPatching, Curvature, ProbeResult, StreamUsage,
-                     SymmetricReplacement, run_probes)
+from .probes import (CKA, AblateRescue, ActivationPatching, CrossStreamPredictability, Curvature,
+                     HeadDetector, LogitLens, ProbeResult, StreamUsage, SymmetricReplacement, run_probes)
 
 CAPTIONS: Dict[str, str] = {
     "h_res": "Token-averaged residual mixer H_res [target, source] at evenly spaced sublayers: "
@@ -46,6 +46,17 @@ CAPTIONS: Dict[str, str] = {
                            "distribution after restoring one clean stream into the corrupted run, mixing recomputed.",
     "patching_frozen": "The same with the mixing frozen to the corrupted run (content effect).",
     "patching_routing": "Recomputed minus frozen: the part of the effect mediated by the mixers.",
+    "logit_lens/kl": "Logit lens: KL from the final distribution to the prediction read off each site "
+                     "through the final LayerNorm and unembedding, for the stream sum and each stream alone.",
+    "logit_lens/top1_grid": "Logit lens: how often each view's top-1 token agrees with the final prediction.",
+    "logit_lens/final_decomposition": "The final logits split exactly into per-stream contributions.",
+    "head_detector/scores": "Attention-head scores per (layer, head): previous-token, duplicate-token, "
+                            "induction, successor and copy-suppression.",
+    "head_detector/layer_distribution": "Where the best heads of each kind sit.",
+    "head_detector/read_write": "Which streams each layer's attention reads (H_pre) and writes (H_post).",
+    "predictability/matrices": "Held-out ridge R^2 of stream j (columns) predicted linearly from stream i "
+                               "(rows), per layer: a complement to CKA that is sensitive to scale.",
+    "predictability/trend": "Mean off-diagonal cross-stream R^2 over depth.",
 }
 
 
@@ -57,6 +68,7 @@ class ReportConfig:
     causal_prompts: int = 8
     causal_seq_len: int = 64
     cka_minibatch: int = 256
+    predictability_tokens: int = 2048
     progress: bool = True
     skip: Sequence[str] = field(default_factory=tuple)
 
@@ -128,16 +140,19 @@ def build_report(model, out: Path, corpus: Optional[Sequence[Path]] = None,
 
 
 def _figures(result: ProbeResult, folder: Path) -> List[Dict[str, str]]:
-    paths = result.save_figures(folder / "figures")
-    return [{"src": f"figures/{p.name}", "name": p.stem, "caption": CAPTIONS.get(p.stem, "")} for p in paths]
+    """Save the result's figures under figures/<probe>/ (figure names are only unique per probe)."""
+    paths = result.save_figures(folder / "figures" / result.probe)
+    return [{"src": f"figures/{result.probe}/{p.name}", "name": p.stem,
+             "caption": CAPTIONS.get(f"{result.probe}/{p.stem}", CAPTIONS.get(p.stem, ""))} for p in paths]
 
 
 def _run_all(model, tokens: Tensor, folder: Path, cfg: ReportConfig) -> List[Dict]:
     sections: List[Dict] = []
     multi = model.cfg.n_streams > 1
-    observational = [Curvature()]
+    observational = [Curvature(), LogitLens(), HeadDetector()]
     if multi:
-        observational = [StreamUsage(), CKA(minibatch_tokens=cfg.cka_minibatch)] + observational
+        observational = [StreamUsage(), CKA(minibatch_tokens=cfg.cka_minibatch),
+                         CrossStreamPredictability(max_tokens=cfg.predictability_tokens)] + observational
     results = run_probes(model, [p for p in observational if p.name not in cfg.skip], tokens,
                          batch_size=cfg.batch_size, progress=cfg.progress)
     for name, result in results.items():

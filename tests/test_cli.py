@@ -11,13 +11,16 @@ def test_report_writes_a_complete_folder(tmp_path):
     out = tmp_path / "rep"
     assert main(["report", "--model", "tiny-mhc-n4", "--fast", "--quiet", "--out", str(out)]) == 0
     page = (out / "index.html").read_text()
-    figures = sorted(p.name for p in (out / "figures").glob("*.png"))
-    assert {"h_res.png", "cka_intra.png", "curvature.png", "rescue_global.png", "patching_recomputed.png"} <= set(figures)
+    figures = sorted(str(p.relative_to(out)) for p in (out / "figures").glob("*/*.png"))
+    assert {"figures/stream_usage/h_res.png", "figures/cka/cka_intra.png", "figures/curvature/curvature.png",
+            "figures/ablate_rescue/rescue_global.png", "figures/activation_patching/patching_recomputed.png",
+            "figures/logit_lens/kl.png", "figures/predictability/matrices.png"} <= set(figures)
     for name in figures:
-        assert f"figures/{name}" in page
+        assert name in page
     assert "<table>" in page and "layer-select" in page
     results = {p.stem for p in (out / "results").glob("*.json")}
-    assert results == {"stream_usage", "cka", "curvature", "ablate_rescue", "activation_patching"}
+    assert results == {"stream_usage", "cka", "curvature", "ablate_rescue", "activation_patching",
+                       "logit_lens", "head_detector", "predictability"}
     assert json.loads((out / "report.json").read_text())["sections"]
 
 
@@ -44,6 +47,7 @@ def test_probe_command(tmp_path, capsys):
         main(["probe", "nope", "--model", "tiny-mhc-n4"])
     assert main(["probe", "curvature", "--model", "tiny-mhc-n4", "--fast", "--quiet", "--out", str(tmp_path)]) == 0
     assert (tmp_path / "curvature.json").is_file() and (tmp_path / "figures" / "curvature.png").is_file()
+    assert main(["probe", "logit_lens", "--model", "tiny-mhc-n4", "--fast", "--quiet", "--out", str(tmp_path)]) == 0
 
 
 def test_missing_model_path():

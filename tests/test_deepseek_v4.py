@@ -243,7 +243,7 @@ def naive_rescue_kl(model, tokens, mode):
             out.append((name, hook))
         return out
 
-    with torch.no_grad(), frozen_mixing(model, cache):   # what the probe freezes: every sublayer
+    with torch.no_grad(), model.frozen_mixing(cache):    # what the probe freezes: every sublayer + the head
         for l in range(L):
             for i, j in itertools.combinations(range(n), 2):
                 ablated[l, i, j] = ablated[l, j, i] = naive_kl(clean, model.run_with_hooks(tokens, fwd_hooks=hooks(l, (i, j), ())), mask)
@@ -279,7 +279,7 @@ def test_activation_patching_runs_and_matches_naive_loop(model, toks, direction)
             name = f"{model.sublayer_names[l]}.hook_streams_in"
             hook = model.stream_hook(name, s, src_cache[name][:, :, s])
             recomputed[l, s] = naive_kl(clean, model.run_with_hooks(base, fwd_hooks=[hook]), mask)
-            with frozen_mixing(model, base_cache):
+            with model.frozen_mixing(base_cache):
                 frozen[l, s] = naive_kl(clean, model.run_with_hooks(base, fwd_hooks=[hook]), mask)
     np.testing.assert_allclose(r["kl_recomputed"], recomputed, atol=1e-6, rtol=1e-4)
     np.testing.assert_allclose(r["kl_frozen"], frozen, atol=1e-6, rtol=1e-4)

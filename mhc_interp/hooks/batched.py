@@ -27,7 +27,6 @@ import contextlib
 import torch
 from torch import Tensor
 
-from .freeze import frozen_mixing
 
 Metric = Callable[[Tensor], Tensor]  # logits [k, B, pos, vocab] -> per-replica values [k, B]
 
@@ -97,12 +96,12 @@ def _edit_hook(edits: Sequence[Edit], sublayer: int, batch: int, n_streams: int,
     ablate = ablate[:, None, :, :, None].to(device)    # [k, 1, pos, n, 1]
     restore = restore[:, None, :, :, None].to(device)
 
-    def hook(x: Tensor, hook) -> Tensor:                # x [k*B, pos, n, d]
+    def hook(x: Tensor, hook) -> Tensor:                # x [k*B, pos, n, d], on the device it fires on
         x = x.view(k, batch, *x.shape[1:])
         if ablation is not None:
-            x = torch.where(ablate, ablation.to(x.dtype), x)
+            x = torch.where(ablate.to(x.device), ablation.to(x.device, x.dtype), x)
         if source is not None:
-            x = torch.where(restore, source.to(x.dtype), x)
+            x = torch.where(restore.to(x.device), source.to(x.device, x.dtype), x)
         return x.reshape(k * batch, *x.shape[2:])
 
     return hook
@@ -141,7 +140,8 @@ def run_edits(model, edits: Sequence[Edit], base_states: Mapping[int, Tensor], m
         if not e.is_identity(source_is_base):
             groups[e.start].append(e)
     k_max = max(1, rows_per_forward(model, batch, n_pos, max_rows) // batch)
-    freeze = frozen_mixing(model, frozen) if frozen is not None else contextlib.nullcontext()
+    # the model's own method: a model may freeze more than its sublayers (e.g. an HF hc_head)
+    freeze = model.frozen_mixing(frozen) if frozen is not None else contextlib.nullcontext()
     with torch.no_grad(), freeze:
         if identity:  # the unedited base run, once
             s0 = min(base_states)

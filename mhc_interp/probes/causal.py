@@ -109,6 +109,7 @@ def clean_run(model, tokens: Tensor):
     """One forward caching every sublayer's input state and mixing coefficients.
     Returns (logits, {sublayer index: state [B, pos, n, d]}, cache)."""
     names = {f"{s}.hook_{k}" for s in model.sublayer_names for k in ("streams_in", "h_pre", "h_post", "h_res")}
+    names |= {"head.hook_h_pre"} & set(model.hook_dict)   # a learned readout (HF adapters) is frozen too
     with torch.no_grad():
         logits, cache = model.run_with_cache(tokens, names_filter=lambda n: n in names)
     states = {k: cache[f"{s}.hook_streams_in"] for k, s in enumerate(model.sublayer_names)}

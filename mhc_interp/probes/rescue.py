@@ -186,6 +186,8 @@ class RescueResult(ProbeResult):
         for (a, r), v in np.ndenumerate(m):
             ax.text(r, a, "-" if a == r else f"{v:.1f}", ha="center", va="center", fontsize=8,
                     color="white" if not v > 50 else "black")
+        ax.set_xticks(range(n))
+        ax.set_yticks(range(n))
         ax.set_xlabel("recovered stream")
         ax.set_ylabel("ablated stream")
         ax.set_title(f"global rescue % ({self.meta['mode']})", fontsize=9)

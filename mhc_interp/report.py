@@ -48,7 +48,9 @@ CAPTIONS: Dict[str, str] = {
     "patching_routing": "Recomputed minus frozen: the part of the effect mediated by the mixers.",
     "logit_lens/kl": "Logit lens: KL from the final distribution to the prediction read off each site "
                      "through the final LayerNorm and unembedding, for the stream sum and each stream alone.",
-    "logit_lens/top1_grid": "Logit lens: how often each view's top-1 token agrees with the final prediction.",
+    "logit_lens/top1": "Logit lens: how often each view's top-1 token agrees with the final prediction.",
+    "logit_lens/writes": "Each sublayer's branch output (what it writes) read through the final LayerNorm and "
+                         "unembedding: KL to the final distribution and top-1 agreement.",
     "logit_lens/final_decomposition": "The final logits split exactly into per-stream contributions.",
     "head_detector/scores": "Attention-head scores per (layer, head): previous-token, duplicate-token, "
                             "induction, successor and copy-suppression.",

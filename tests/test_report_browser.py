@@ -1,0 +1,217 @@
+"""The report page (`mhc-interp report` -> index.html) in a real headless browser: Debian's chromium
+driven by Playwright, the page served from a localhost http.server.
+
+Checks: the page loads without console errors, page errors, failed or non-local requests; every
+<img> decodes (naturalWidth > 0) and is visible; the figures carry their captions; the tables render
+(the global rescue table has one row per stream); and the per-sublayer selector swaps the figure for
+one that loads. A full-page screenshot is written to the test's tmp dir and copied to
+/tmp/report_screenshot.png for a person to look at.
+
+Needs a chromium binary (CI installs Debian's `chromium` in .ci/run) and the `playwright` package;
+skipped with a message when either is missing. Playwright's own browser download is not used.
+"""
+from __future__ import annotations
+
+import functools
+import http.server
+import json
+import os
+import shutil
+import threading
+from pathlib import Path
+
+import pytest
+
+from mhc_interp.cli import main
+
+SCREENSHOT_COPY = Path("/tmp/report_screenshot.png")
+TIMEOUT_MS = 15_000
+# No network: chromium otherwise reaches out (component updates, QUIC probes, sync, ...).
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                 "--disable-dev-shm-usage"]
+
+
+def _chromium() -> str | None:
+    """$MHC_CHROMIUM, else Debian's /usr/bin/chromium, else a chromium on PATH."""
+    for cand in (os.environ.get("MHC_CHROMIUM"), "/usr/bin/chromium", shutil.which("chromium"),
+                 shutil.which("chromium-browser")):
+        if cand and os.path.isfile(cand) and os.access(cand, os.X_OK):
+            return cand
+    return None
+
+
+CHROMIUM = _chromium()
+if CHROMIUM is None:
+    pytest.skip("no chromium binary (looked at $MHC_CHROMIUM, /usr/bin/chromium, PATH): install it with "
+                "`apt-get install -y chromium chromium-driver` to run the report's browser test",
+                allow_module_level=True)
+sync_api = pytest.importorskip(
+    "playwright.sync_api",
+    reason="the `playwright` package is missing: `python -m pip install playwright` (its browser download "
+           "is not needed; the test drives the system chromium)")
+
+
+@pytest.fixture(scope="module")
+def report_dir(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("report") / "report"
+    assert main(["report", "--model", "tiny-mhc-n4", "--fast", "--quiet", "--out", str(out)]) == 0
+    return out
+
+
+@pytest.fixture(scope="module")
+def report_json(report_dir) -> dict:
+    return json.loads((report_dir / "report.json").read_text())
+
+
+class _QuietHandler(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture(scope="module")
+def origin(report_dir):
+    """http://127.0.0.1:<free port> serving the report folder; shut down at teardown."""
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0),
+                                             functools.partial(_QuietHandler, directory=str(report_dir)))
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=5)
+
+
+@pytest.fixture(scope="module")
+def browser_context(tmp_path_factory):
+    """One headless chromium for the module, with a fresh profile (--user-data-dir)."""
+    pw = sync_api.sync_playwright().start()
+    try:
+        context = pw.chromium.launch_persistent_context(
+            str(tmp_path_factory.mktemp("chromium-profile")), executable_path=CHROMIUM, headless=True,
+            args=CHROMIUM_ARGS, viewport={"width": 1280, "height": 900}, timeout=TIMEOUT_MS)
+    except Exception:
+        pw.stop()
+        raise
+    context.set_default_timeout(TIMEOUT_MS)
+    try:
+        yield context
+    finally:
+        context.close()
+        pw.stop()
+
+
+class LoadedPage:
+    """index.html opened in a new tab, with everything that went wrong recorded: console errors, page
+    errors (uncaught exceptions), failed requests, HTTP errors and requests that left the server."""
+
+    def __init__(self, context, origin: str):
+        self.origin = origin
+        self.problems: list[str] = []
+        self.page = page = context.new_page()
+        page.on("console", lambda m: m.type == "error" and self.problems.append(f"console error: {m.text}"))
+        page.on("pageerror", lambda e: self.problems.append(f"page error: {e}"))
+        page.on("requestfailed", lambda r: self.problems.append(f"request failed: {r.url} ({r.failure})"))
+        page.on("response", lambda r: r.status >= 400 and self.problems.append(f"HTTP {r.status}: {r.url}"))
+        page.route("**/*", self._local_only)
+        page.goto(f"{origin}/index.html", wait_until="load")
+
+    def _local_only(self, route):
+        """The page must be self-contained: anything not served by our server is a problem (and aborted)."""
+        url = route.request.url
+        if url.startswith(self.origin + "/") or url.startswith("data:"):
+            route.continue_()
+        else:
+            self.problems.append(f"non-local request: {url}")
+            route.abort()
+
+    def images(self) -> list[dict]:
+        return self.page.evaluate("""() => Array.from(document.images).map(i => ({
+            id: i.id, src: i.getAttribute('src'), complete: i.complete,
+            width: i.naturalWidth, height: i.naturalHeight}))""")
+
+
+@pytest.fixture
+def loaded(browser_context, origin):
+    lp = LoadedPage(browser_context, origin)
+    yield lp
+    lp.page.close()
+
+
+def test_page_loads_without_errors_and_every_image_resolves(loaded, report_json, tmp_path):
+    page = loaded.page
+    assert page.title() == "mhc-interp report"
+    shot = tmp_path / "report.png"
+    page.screenshot(path=str(shot), full_page=True)
+    shutil.copyfile(shot, SCREENSHOT_COPY)   # for a person to look at
+    assert shot.stat().st_size > 10_000
+
+    images = loaded.images()
+    figures = [f["src"] for s in report_json["sections"] for f in s["figures"]]
+    layer_figures = [s["layer_figures"][0]["src"] for s in report_json["sections"] if s.get("layer_figures")]
+    assert [i["src"] for i in images if not i["id"]] == figures
+    assert [i["src"] for i in images if i["id"]] == layer_figures
+    assert len(figures) >= 20 and layer_figures
+    broken = [i["src"] for i in images if not (i["complete"] and i["width"] > 0 and i["height"] > 0)]
+    assert not broken, f"images that did not load: {broken}"
+    hidden = [images[k]["src"] for k in range(len(images)) if not page.locator("img").nth(k).is_visible()]
+    assert not hidden, f"images not shown: {hidden}"
+    assert loaded.problems == []
+
+
+def test_figures_have_their_captions_and_sections_their_headings(loaded, report_json):
+    page = loaded.page
+    assert page.locator("h2").all_inner_texts() == [s["title"] for s in report_json["sections"]]
+    captions = page.eval_on_selector_all(
+        "figure:has(> figcaption)", "fs => fs.map(f => [f.querySelector('img').getAttribute('src'), "
+                                    "f.querySelector('figcaption').textContent])")
+    expected = [[f["src"], f["caption"]] for s in report_json["sections"] for f in s["figures"]]
+    assert captions == expected
+    described = sum(1 for _, text in captions if text.strip())
+    assert described >= 0.8 * len(captions), f"most figures should have a caption: {captions}"
+
+
+def test_tables_render(loaded, report_json):
+    page = loaded.page
+    tables = page.eval_on_selector_all("table", """ts => ts.map(t => ({
+        caption: t.caption ? t.caption.textContent : null,
+        rows: Array.from(t.rows).map(r => Array.from(r.cells).map(c => c.textContent)),
+        height: t.getBoundingClientRect().height}))""")
+    expected = [t for s in report_json["sections"] for t in s["tables"]]
+    assert [t["caption"] for t in tables] == [t["title"] for t in expected]
+    rescue = next(t for t in tables if t["caption"].startswith("global rescue"))
+    n = 4                                               # tiny-mhc-n4: four streams
+    assert len(rescue["rows"]) == n + 1                 # header + one row per ablated stream
+    assert rescue["rows"][0] == ["", *map(str, range(n))]
+    for i, row in enumerate(rescue["rows"][1:]):
+        assert row[0] == str(i) and len(row) == n + 1
+        assert row[1 + i] == "-"                        # the diagonal is not defined
+        assert all(0 <= float(v) <= 100 for j, v in enumerate(row[1:]) if j != i), row
+    for table, exp in zip(tables, expected):
+        assert [r[1:] for r in table["rows"][1:]] == exp["rows"]
+        assert table["height"] > 0
+    assert loaded.problems == []
+
+
+def test_layer_selector_swaps_the_figure(loaded, report_json):
+    page = loaded.page
+    section = next(k for k, s in enumerate(report_json["sections"]) if s.get("layer_figures"))
+    layer_figures = report_json["sections"][section]["layer_figures"]
+    select, img = page.locator(f"#layer-select-{section}"), page.locator(f"#layer-img-{section}")
+    assert select.is_visible() and img.is_visible()
+    options = select.locator("option")
+    assert options.all_inner_texts() == [f["label"] for f in layer_figures]
+    assert img.get_attribute("src") == layer_figures[0]["src"]
+    first_pixels = img.screenshot()
+    for k in (len(layer_figures) - 1, 1):
+        target = layer_figures[k]
+        select.select_option(value=target["src"])
+        assert select.input_value() == target["src"]
+        assert img.get_attribute("src") == target["src"]
+        page.wait_for_function("""img => img.complete && img.naturalWidth > 0 &&
+                                  img.currentSrc.endsWith(img.getAttribute('src'))""", arg=img.element_handle())
+        assert img.evaluate("i => i.naturalHeight") > 0
+        assert img.screenshot() != first_pixels        # the figure shown changed
+    assert loaded.problems == []

@@ -99,7 +99,10 @@ def patching_prompts(model, tokens: Tensor, cfg: ReportConfig):
     tokenizer, one mid-sequence token is replaced by the next token id."""
     windows = tokens[:, : cfg.causal_seq_len]
     if model.tokenizer is not None:
-        corrupt = SymmetricReplacement(model.tokenizer)
+        try:
+            corrupt = SymmetricReplacement(model.tokenizer)
+        except ValueError:   # the tokenizer splits the listed words: fall back below
+            corrupt = SymmetricReplacement(groups={"none": [-1, -2]})
         keep = [i for i, row in enumerate(windows.tolist()) if any(t in corrupt.successor for t in row[1:])]
         if keep:
             clean = windows[keep[: cfg.causal_prompts]]

@@ -86,21 +86,19 @@ from collections import deque
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from types import SimpleNamespace
-from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
-from transformer_lens import HookedRootModule
 from transformer_lens.hook_points import HookPoint
 
-from ..hooks.names import check_hook_names, unknown_hook_error
+from ..hooks.root import StreamHookedRoot
 from ..model.mixers import MixingCoefficients
 
 __all__ = ["HookedHFMHC", "HFMHCConfig", "UnsupportedModelError", "find_hyper_connections",
            "hc_coefficients", "head_weights_of", "HEAD_HOOKS"]
 
-TokensLike = Union[Tensor, str, Sequence[str], Sequence[int]]
 
 # What a decoder layer must expose (DeepSeek-V4 layout): sublayer -> (hyper-connection, norm, branch)
 LAYER_LAYOUT = {"attn": ("attn_hc", "input_layernorm", "self_attn"),
@@ -479,15 +477,7 @@ class HFHyperConnectedSublayer(nn.Module):
             with _onloaded(self.hf.hc):
                 pre, post, comb = hc_coefficients(self.hf.hc, x)
             return MixingCoefficients(pre, post, comb.transpose(-1, -2))
-        fb, fp = self.frozen.h_pre.shape[:2]
-        b, p = x.shape[:2]
-        if fp != p or b % fb:
-            raise ValueError(
-                f"frozen mixing for {self.name!r} was cached on batch {fb} x pos {fp}, but the run "
-                f"has batch {b} x pos {p}; the positions must match and the batch be a multiple"
-            )
-        return MixingCoefficients(*(_repeat_to(t.to(x.device), b, "frozen mixing", self.name)
-                                    for t in (self.frozen.h_pre, self.frozen.h_post, self.frozen.h_res)))
+        return self.frozen.fit(x, self.name)
 
     def branch(self, read: Tensor, ctx: _Context) -> Tensor:
         h = self.hf.norm(read)
@@ -558,7 +548,7 @@ class HFHead(nn.Module):
 
 
 # ---------------------------------------------------------------------------------- adapter
-class HookedHFMHC(HookedRootModule):
+class HookedHFMHC(StreamHookedRoot):
     """HookedMHC's hook API on a HuggingFace mHC model (DeepSeek-V4); see the module docstring.
 
     hf_model: a causal LM whose base model has `embed_tokens`, `layers` (each with `attn_hc`,
@@ -648,51 +638,6 @@ class HookedHFMHC(HookedRootModule):
     @property
     def is_multi_device(self) -> bool:
         return len(self.devices) > 1
-
-    # ---------------------------------------------------------------------------------- input
-    def to_tokens(self, text: Union[str, Sequence[str]]) -> Tensor:
-        if self.tokenizer is None:
-            raise ValueError("this model has no tokenizer; pass token ids (or HookedHFMHC(hf, tokenizer=...))")
-        texts = [text] if isinstance(text, str) else list(text)
-        ids = [self.tokenizer.encode(t) for t in texts]
-        if len({len(i) for i in ids}) != 1:
-            raise ValueError("texts tokenize to different lengths; tokenize and pad them yourself")
-        return torch.tensor(ids, dtype=torch.long, device=self.device)
-
-    def _check_tokens(self, tokens: TokensLike) -> Tensor:
-        if isinstance(tokens, str) or (isinstance(tokens, (list, tuple)) and tokens and isinstance(tokens[0], str)):
-            tokens = self.to_tokens(tokens)
-        if not isinstance(tokens, Tensor):
-            tokens = torch.as_tensor(tokens, dtype=torch.long)
-        if tokens.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8):
-            raise TypeError(f"tokens must be an integer tensor, got dtype {tokens.dtype}")
-        if tokens.ndim == 1:
-            tokens = tokens.unsqueeze(0)
-        if tokens.ndim != 2:
-            raise ValueError(f"tokens must be [batch, pos], got shape {tuple(tokens.shape)}")
-        if tokens.shape[1] > self.cfg.n_ctx:
-            raise ValueError(f"sequence length {tokens.shape[1]} is longer than the model's context n_ctx={self.cfg.n_ctx}")
-        if tokens.numel() and (int(tokens.min()) < 0 or int(tokens.max()) >= self.cfg.d_vocab):
-            raise ValueError(f"token ids must lie in [0, {self.cfg.d_vocab}), got range "
-                             f"[{int(tokens.min())}, {int(tokens.max())}]")
-        return tokens.to(self.device, torch.long)
-
-    def _check_sublayer_index(self, index: Optional[int], what: str) -> Optional[int]:
-        if index is None:
-            return None
-        n = self.cfg.n_sublayers
-        if not 0 <= index <= n:
-            raise ValueError(f"{what}={index} is out of range: the model has {n} sublayers (0..{n})")
-        return index
-
-    def _check_state(self, x: Any) -> Tensor:
-        expected = (self.cfg.n_streams, self.cfg.d_model)
-        if not isinstance(x, Tensor) or x.ndim != 4 or tuple(x.shape[2:]) != expected:
-            raise ValueError(f"with start_at_sublayer the input must be a stream state [batch, pos, "
-                             f"{expected[0]}, {expected[1]}], got {getattr(x, 'shape', type(x))}")
-        if x.shape[1] > self.cfg.n_ctx:
-            raise ValueError(f"sequence length {x.shape[1]} is longer than n_ctx={self.cfg.n_ctx}")
-        return x
 
     # -------------------------------------------------------------------------------- forward
     def _context(self, like: Tensor, input_ids: Optional[Tensor]) -> _Context:
@@ -858,46 +803,6 @@ class HookedHFMHC(HookedRootModule):
                 f"difference {err:.2e} > {tol:.0e} between the HF forward and the adapter's split"
             )
         return err
-
-    # ------------------------------------------------------------------- hook-name validation
-    def add_hook(self, name, hook, dir="fwd", is_permanent=False, level=None, prepend=False) -> None:
-        if isinstance(name, str):
-            check_hook_names([name], self.hook_dict)
-        super().add_hook(name, hook, dir=dir, is_permanent=is_permanent, level=level, prepend=prepend)
-
-    def _enable_hook_with_name(self, name: str, hook: Callable, dir) -> None:
-        check_hook_names([name], self.hook_dict)
-        super()._enable_hook_with_name(name, hook, dir)
-
-    def get_caching_hooks(self, names_filter=None, *args, **kwargs):
-        if isinstance(names_filter, str):
-            check_hook_names([names_filter], self.hook_dict)
-        elif isinstance(names_filter, (list, tuple)):
-            check_hook_names(names_filter, self.hook_dict)
-            names_filter = list(names_filter)
-        return super().get_caching_hooks(names_filter, *args, **kwargs)
-
-    def run_with_cache(self, *args, **kwargs):
-        """TransformerLens `run_with_cache` returning an `MHCCache` (`cache.stream(name, s)`)."""
-        from ..hooks.cache import MHCCache
-
-        if kwargs.get("pos_slice") is not None:
-            raise ValueError("pos_slice is not supported: TransformerLens slices axis -2, which is the "
-                             "stream axis of [batch, pos, n_streams, d_model] hooks; slice positions yourself")
-        out, cache = super().run_with_cache(*args, **kwargs)
-        return out, MHCCache(cache, self)
-
-    def hook_point(self, name: str) -> HookPoint:
-        try:
-            return self.hook_dict[name]
-        except KeyError:
-            raise unknown_hook_error(name, self.hook_dict) from None
-
-    # ---------------------------------------------------------------- stream-level conveniences
-    def stream_hook(self, name: str, stream: Union[int, Sequence[int]], value: Any):
-        from ..hooks.streams import stream_hook
-
-        return stream_hook(self, name, stream, value)
 
     @contextmanager
     def frozen_mixing(self, source, sublayers=None, head: Optional[bool] = None) -> Iterator["HookedHFMHC"]:

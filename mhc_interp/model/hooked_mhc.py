@@ -12,25 +12,21 @@ and `nnsight.NNsight(model)` can trace it).
 from __future__ import annotations
 
 import math
-from contextlib import contextmanager
-from typing import Any, Callable, Iterator, List, Optional, Sequence, Union
+from typing import Any, List, Optional, Union
 
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
-from transformer_lens import HookedRootModule
 from transformer_lens.hook_points import HookPoint
 
 from ..config import MHCConfig
-from ..hooks.names import check_hook_names, unknown_hook_error
+from ..hooks.root import StreamHookedRoot, TokensLike
 from .block import StreamExpand, TransformerBlock
 from .components import LayerNorm
 from .sublayer import HyperConnectedSublayer
 
-TokensLike = Union[Tensor, str, Sequence[str], Sequence[int]]
 
-
-class HookedMHC(HookedRootModule):
+class HookedMHC(StreamHookedRoot):
     def __init__(self, cfg: MHCConfig, tokenizer: Any = None):
         super().__init__()
         self.cfg = cfg
@@ -82,51 +78,6 @@ class HookedMHC(HookedRootModule):
     def W_U(self) -> Tensor:  # [d_model, d_vocab]
         return (self.embed.weight if self.unembed is None else self.unembed.weight).T
 
-    # ---------------------------------------------------------------------------------- input
-    def to_tokens(self, text: Union[str, Sequence[str]]) -> Tensor:
-        """Tokenize text with the model's tokenizer -> [batch, pos] long tensor."""
-        if self.tokenizer is None:
-            raise ValueError(
-                "this model has no tokenizer (none was found with the checkpoint, and the GPT-2 "
-                "tokenizer is not available offline); pass token ids instead of text"
-            )
-        texts = [text] if isinstance(text, str) else list(text)
-        ids = [self.tokenizer.encode(t) for t in texts]
-        if len({len(i) for i in ids}) != 1:
-            raise ValueError("texts tokenize to different lengths; tokenize and pad them yourself")
-        return torch.tensor(ids, dtype=torch.long, device=self.device)
-
-    def _check_tokens(self, tokens: TokensLike) -> Tensor:
-        if isinstance(tokens, str) or (isinstance(tokens, (list, tuple)) and tokens and isinstance(tokens[0], str)):
-            tokens = self.to_tokens(tokens)
-        if not isinstance(tokens, Tensor):
-            tokens = torch.as_tensor(tokens, dtype=torch.long)
-        if tokens.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8):
-            raise TypeError(f"tokens must be an integer tensor, got dtype {tokens.dtype}")
-        if tokens.ndim == 1:
-            tokens = tokens.unsqueeze(0)
-        if tokens.ndim != 2:
-            raise ValueError(f"tokens must be [batch, pos], got shape {tuple(tokens.shape)}")
-        if tokens.shape[1] > self.cfg.n_ctx:
-            raise ValueError(
-                f"sequence length {tokens.shape[1]} is longer than the model's context "
-                f"n_ctx={self.cfg.n_ctx}"
-            )
-        if tokens.numel() and (int(tokens.min()) < 0 or int(tokens.max()) >= self.cfg.d_vocab):
-            raise ValueError(
-                f"token ids must lie in [0, {self.cfg.d_vocab}), got range "
-                f"[{int(tokens.min())}, {int(tokens.max())}]"
-            )
-        return tokens.to(self.device, torch.long)
-
-    def _check_sublayer_index(self, index: Optional[int], what: str) -> Optional[int]:
-        if index is None:
-            return None
-        n = self.cfg.n_sublayers
-        if not 0 <= index <= n:
-            raise ValueError(f"{what}={index} is out of range: the model has {n} sublayers (0..{n})")
-        return index
-
     # -------------------------------------------------------------------------------- forward
     def embed_streams(self, tokens: Tensor) -> Tensor:
         """tokens [batch, pos] -> initial stream state [batch, pos, n_streams, d_model]."""
@@ -166,15 +117,7 @@ class HookedMHC(HookedRootModule):
             tokens = self._check_tokens(input)
             x = self.embed_streams(tokens)
         else:
-            x = input
-            expected = (self.cfg.n_streams, self.cfg.d_model)
-            if not isinstance(x, Tensor) or x.ndim != 4 or tuple(x.shape[2:]) != expected:
-                raise ValueError(
-                    f"with start_at_sublayer the input must be a stream state [batch, pos, "
-                    f"{expected[0]}, {expected[1]}], got {getattr(x, 'shape', type(x))}"
-                )
-            if x.shape[1] > self.cfg.n_ctx:
-                raise ValueError(f"sequence length {x.shape[1]} is longer than n_ctx={self.cfg.n_ctx}")
+            x = self._check_state(input)
         sublayers = self.sublayers
         for sub in sublayers[start: stop if stop is not None else len(sublayers)]:
             x = sub(x)
@@ -194,60 +137,6 @@ class HookedMHC(HookedRootModule):
         if return_type == "both":
             return logits, loss
         raise ValueError(f"unknown return_type {return_type!r}; use 'logits', 'loss', 'both' or None")
-
-    # ------------------------------------------------------------------- hook-name validation
-    def add_hook(self, name, hook, dir="fwd", is_permanent=False, level=None, prepend=False) -> None:
-        if isinstance(name, str):
-            check_hook_names([name], self.hook_dict)
-        super().add_hook(name, hook, dir=dir, is_permanent=is_permanent, level=level, prepend=prepend)
-
-    def _enable_hook_with_name(self, name: str, hook: Callable, dir) -> None:
-        check_hook_names([name], self.hook_dict)
-        super()._enable_hook_with_name(name, hook, dir)
-
-    def get_caching_hooks(self, names_filter=None, *args, **kwargs):
-        if isinstance(names_filter, str):
-            check_hook_names([names_filter], self.hook_dict)
-        elif isinstance(names_filter, (list, tuple)):
-            check_hook_names(names_filter, self.hook_dict)
-            names_filter = list(names_filter)
-        return super().get_caching_hooks(names_filter, *args, **kwargs)
-
-    def run_with_cache(self, *args, **kwargs):
-        """TransformerLens `run_with_cache`, returning an `MHCCache` (a dict with per-stream
-        addressing: `cache.stream(name, s)`); unknown names in `names_filter` raise."""
-        from ..hooks.cache import MHCCache
-
-        if kwargs.get("pos_slice") is not None:
-            raise ValueError(
-                "pos_slice is not supported: TransformerLens slices axis -2, which is the stream "
-                "axis of [batch, pos, n_streams, d_model] hooks; slice positions yourself"
-            )
-        out, cache = super().run_with_cache(*args, **kwargs)
-        return out, MHCCache(cache, self)
-
-    def hook_point(self, name: str) -> HookPoint:
-        try:
-            return self.hook_dict[name]
-        except KeyError:
-            raise unknown_hook_error(name, self.hook_dict) from None
-
-    # ---------------------------------------------------------------- stream-level conveniences
-    def stream_hook(self, name: str, stream: Union[int, Sequence[int]], value: Any):
-        """(name, hook) that replaces stream(s) `stream` of a stream-valued hook; see
-        `mhc_interp.hooks.streams.stream_hook`."""
-        from ..hooks.streams import stream_hook
-
-        return stream_hook(self, name, stream, value)
-
-    @contextmanager
-    def frozen_mixing(self, source, sublayers=None) -> Iterator["HookedMHC"]:
-        """Run with H_pre/H_post/H_res taken from `source` (a cache) instead of computed; see
-        `mhc_interp.hooks.freeze.frozen_mixing`."""
-        from ..hooks.freeze import frozen_mixing
-
-        with frozen_mixing(self, source, sublayers):
-            yield self
 
     # --------------------------------------------------------------------------- loading/saving
     @classmethod

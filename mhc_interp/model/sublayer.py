@@ -48,18 +48,7 @@ class HyperConnectedSublayer(nn.Module):
         batch axis, replica-major), so batched interventions can share one clean cache."""
         if self.frozen is None:
             return self.mixer(x)
-        fb, fp = self.frozen.h_pre.shape[:2]
-        b, p = x.shape[:2]
-        if fp != p or b % fb:
-            raise ValueError(
-                f"frozen mixing for {self.name!r} was cached on batch {fb} x pos {fp}, but the run "
-                f"has batch {b} x pos {p}; the positions must match and the batch be a multiple"
-            )
-        if b == fb:
-            return self.frozen
-        k = b // fb
-        return MixingCoefficients(*(t.repeat(k, *([1] * (t.ndim - 1))) for t in
-                                    (self.frozen.h_pre, self.frozen.h_post, self.frozen.h_res)))
+        return self.frozen.fit(x, self.name)
 
     def branch(self, h: Tensor) -> Tensor:  # pragma: no cover - abstract
         raise NotImplementedError

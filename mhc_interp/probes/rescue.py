@@ -185,7 +185,7 @@ class RescueResult(ProbeResult):
         im = ax.imshow(m, vmin=0, vmax=100, cmap="viridis")
         for (a, r), v in np.ndenumerate(m):
             ax.text(r, a, "-" if a == r else f"{v:.1f}", ha="center", va="center", fontsize=8,
-                    color="white" if not v > 50 else "black")
+                    color="black" if a == r or v > 50 else "white")
         ax.set_xticks(range(n))
         ax.set_yticks(range(n))
         ax.set_xlabel("recovered stream")

@@ -30,6 +30,20 @@ class MixingCoefficients:
     h_post: Tensor  # [batch, pos, n_streams]
     h_res: Tensor   # [batch, pos, n_streams(target), n_streams(source)]
 
+    def fit(self, x: Tensor, name: str) -> "MixingCoefficients":
+        """These (frozen) coefficients for a run on state x [batch, pos, ...]: cached on batch B,
+        they serve a run of batch k*B (k replicas stacked along the batch axis, replica-major)."""
+        fb, fp = self.h_pre.shape[:2]
+        b, p = x.shape[:2]
+        if fp != p or b % fb:
+            raise ValueError(
+                f"frozen mixing for {name!r} was cached on batch {fb} x pos {fp}, but the run "
+                f"has batch {b} x pos {p}; the positions must match and the batch be a multiple"
+            )
+        k = b // fb
+        return MixingCoefficients(*(t.to(x.device).repeat(k, *([1] * (t.ndim - 1))) if k > 1 else t.to(x.device)
+                                    for t in (self.h_pre, self.h_post, self.h_res)))
+
 
 class Mixer(nn.Module):
     """Base class: `forward(x [batch, pos, n_streams, d_model]) -> MixingCoefficients`.

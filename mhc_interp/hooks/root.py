@@ -1,0 +1,133 @@
+"""`StreamHookedRoot`: what every multi-stream hooked model shares on top of TransformerLens'
+`HookedRootModule` - hook-name validation with suggestions, a stream-aware `run_with_cache`,
+per-stream addressing, frozen mixing, and the checks on token / stream-state input.
+
+A model using it provides `cfg` (n_ctx, d_vocab, n_streams, d_model, n_sublayers), `device`,
+`tokenizer`, `sublayers` (objects with a `frozen` slot) and `hook_dict` (from `setup()`).
+"""
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Any, Callable, Iterator, Optional, Sequence, Union
+
+import torch
+from torch import Tensor
+from transformer_lens import HookedRootModule
+from transformer_lens.hook_points import HookPoint
+
+from .names import check_hook_names, unknown_hook_error
+
+TokensLike = Union[Tensor, str, Sequence[str], Sequence[int]]
+
+
+class StreamHookedRoot(HookedRootModule):
+    # ----------------------------------------------------------------------------- input checks
+    def to_tokens(self, text: Union[str, Sequence[str]]) -> Tensor:
+        """Tokenize text with the model's tokenizer -> [batch, pos] long tensor."""
+        if self.tokenizer is None:
+            raise ValueError(
+                "this model has no tokenizer (none was found with the checkpoint, and the GPT-2 "
+                "tokenizer is not available offline); pass token ids instead of text"
+            )
+        texts = [text] if isinstance(text, str) else list(text)
+        ids = [self.tokenizer.encode(t) for t in texts]
+        if len({len(i) for i in ids}) != 1:
+            raise ValueError("texts tokenize to different lengths; tokenize and pad them yourself")
+        return torch.tensor(ids, dtype=torch.long, device=self.device)
+
+    def _check_tokens(self, tokens: TokensLike) -> Tensor:
+        if isinstance(tokens, str) or (isinstance(tokens, (list, tuple)) and tokens and isinstance(tokens[0], str)):
+            tokens = self.to_tokens(tokens)
+        if not isinstance(tokens, Tensor):
+            tokens = torch.as_tensor(tokens, dtype=torch.long)
+        if tokens.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8):
+            raise TypeError(f"tokens must be an integer tensor, got dtype {tokens.dtype}")
+        if tokens.ndim == 1:
+            tokens = tokens.unsqueeze(0)
+        if tokens.ndim != 2:
+            raise ValueError(f"tokens must be [batch, pos], got shape {tuple(tokens.shape)}")
+        if tokens.shape[1] > self.cfg.n_ctx:
+            raise ValueError(
+                f"sequence length {tokens.shape[1]} is longer than the model's context "
+                f"n_ctx={self.cfg.n_ctx}"
+            )
+        if tokens.numel() and (int(tokens.min()) < 0 or int(tokens.max()) >= self.cfg.d_vocab):
+            raise ValueError(
+                f"token ids must lie in [0, {self.cfg.d_vocab}), got range "
+                f"[{int(tokens.min())}, {int(tokens.max())}]"
+            )
+        return tokens.to(self.device, torch.long)
+
+    def _check_sublayer_index(self, index: Optional[int], what: str) -> Optional[int]:
+        if index is None:
+            return None
+        n = self.cfg.n_sublayers
+        if not 0 <= index <= n:
+            raise ValueError(f"{what}={index} is out of range: the model has {n} sublayers (0..{n})")
+        return index
+
+    def _check_state(self, x: Any) -> Tensor:
+        """A stream state [batch, pos, n_streams, d_model] to resume from."""
+        expected = (self.cfg.n_streams, self.cfg.d_model)
+        if not isinstance(x, Tensor) or x.ndim != 4 or tuple(x.shape[2:]) != expected:
+            raise ValueError(
+                f"with start_at_sublayer the input must be a stream state [batch, pos, "
+                f"{expected[0]}, {expected[1]}], got {getattr(x, 'shape', type(x))}"
+            )
+        if x.shape[1] > self.cfg.n_ctx:
+            raise ValueError(f"sequence length {x.shape[1]} is longer than n_ctx={self.cfg.n_ctx}")
+        return x
+
+    # ------------------------------------------------------------------- hook-name validation
+    def add_hook(self, name, hook, dir="fwd", is_permanent=False, level=None, prepend=False) -> None:
+        if isinstance(name, str):
+            check_hook_names([name], self.hook_dict)
+        super().add_hook(name, hook, dir=dir, is_permanent=is_permanent, level=level, prepend=prepend)
+
+    def _enable_hook_with_name(self, name: str, hook: Callable, dir) -> None:
+        check_hook_names([name], self.hook_dict)
+        super()._enable_hook_with_name(name, hook, dir)
+
+    def get_caching_hooks(self, names_filter=None, *args, **kwargs):
+        if isinstance(names_filter, str):
+            check_hook_names([names_filter], self.hook_dict)
+        elif isinstance(names_filter, (list, tuple)):
+            check_hook_names(names_filter, self.hook_dict)
+            names_filter = list(names_filter)
+        return super().get_caching_hooks(names_filter, *args, **kwargs)
+
+    def run_with_cache(self, *args, **kwargs):
+        """TransformerLens `run_with_cache`, returning an `MHCCache` (a dict with per-stream
+        addressing: `cache.stream(name, s)`); unknown names in `names_filter` raise."""
+        from .cache import MHCCache
+
+        if kwargs.get("pos_slice") is not None:
+            raise ValueError(
+                "pos_slice is not supported: TransformerLens slices axis -2, which is the stream "
+                "axis of [batch, pos, n_streams, d_model] hooks; slice positions yourself"
+            )
+        out, cache = super().run_with_cache(*args, **kwargs)
+        return out, MHCCache(cache, self)
+
+    def hook_point(self, name: str) -> HookPoint:
+        try:
+            return self.hook_dict[name]
+        except KeyError:
+            raise unknown_hook_error(name, self.hook_dict) from None
+
+    # ---------------------------------------------------------------- stream-level conveniences
+    def stream_hook(self, name: str, stream: Union[int, Sequence[int]], value: Any):
+        """(name, hook) that replaces stream(s) `stream` of a stream-valued hook; see
+        `mhc_interp.hooks.streams.stream_hook`."""
+        from .streams import stream_hook
+
+        return stream_hook(self, name, stream, value)
+
+    @contextmanager
+    def frozen_mixing(self, source, sublayers=None) -> Iterator["StreamHookedRoot"]:
+        """Run with H_pre/H_post/H_res taken from `source` (a cache) instead of computed; see
+        `mhc_interp.hooks.freeze.frozen_mixing`."""
+        from .freeze import frozen_mixing
+
+        with frozen_mixing(self, source, sublayers):
+            yield self

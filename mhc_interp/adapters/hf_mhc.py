@@ -709,20 +709,7 @@ class HookedHFMHC(StreamHookedRoot):
             if record is not None and stop <= self._last_hash_sublayer:
                 record["fp"][stop] = self._tokens.fingerprint(x)
             return x.to(self.device)
-        if return_type is None:
-            self.unembed_streams(x)
-            return None
-        logits = self.unembed_streams(x)
-        if return_type == "logits":
-            return logits
-        if tokens is None:
-            raise ValueError("return_type 'loss' needs the token ids (pass tokens=...)")
-        loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), tokens[:, 1:].flatten().to(logits.device))
-        if return_type == "loss":
-            return loss
-        if return_type == "both":
-            return logits, loss
-        raise ValueError(f"unknown return_type {return_type!r}; use 'logits', 'loss', 'both' or None")
+        return self.readout(x, return_type, tokens)
 
     def unembed_streams(self, x: Tensor, head_weights: Optional[Tensor] = None) -> Tensor:
         """stream state [batch, pos, n, d] -> logits [batch, pos, d_vocab] (on model.device), the

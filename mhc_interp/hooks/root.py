@@ -12,6 +12,7 @@ from typing import Any, Callable, Iterator, Optional, Sequence, Union
 
 import torch
 from torch import Tensor
+from torch.nn import functional as F
 from transformer_lens import HookedRootModule
 from transformer_lens.hook_points import HookPoint
 
@@ -77,6 +78,23 @@ class StreamHookedRoot(HookedRootModule):
         if x.shape[1] > self.cfg.n_ctx:
             raise ValueError(f"sequence length {x.shape[1]} is longer than n_ctx={self.cfg.n_ctx}")
         return x
+
+    # ---------------------------------------------------------------------------------- output
+    def readout(self, x: Tensor, return_type: Optional[str], tokens: Optional[Tensor]) -> Any:
+        """The final stream state [batch, pos, n, d] through `unembed_streams`, as `return_type`:
+        "logits" [batch, pos, d_vocab], "loss" (mean next-token cross-entropy in float32, needs
+        `tokens`), "both", or None (the readout runs, for its hooks, and nothing is returned)."""
+        if return_type not in ("logits", "loss", "both", None):
+            raise ValueError(f"unknown return_type {return_type!r}; use 'logits', 'loss', 'both' or None")
+        logits = self.unembed_streams(x)
+        if return_type is None:
+            return None
+        if return_type == "logits":
+            return logits
+        if tokens is None:
+            raise ValueError("return_type 'loss' needs the token ids (pass tokens=...)")
+        loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), tokens[:, 1:].flatten().to(logits.device))
+        return loss if return_type == "loss" else (logits, loss)
 
     # ------------------------------------------------------------------- hook-name validation
     def add_hook(self, name, hook, dir="fwd", is_permanent=False, level=None, prepend=False) -> None:

@@ -16,7 +16,6 @@ from typing import Any, List, Optional, Union
 
 import torch
 from torch import Tensor, nn
-from torch.nn import functional as F
 from transformer_lens.hook_points import HookPoint
 
 from ..config import MHCConfig
@@ -123,20 +122,7 @@ class HookedMHC(StreamHookedRoot):
             x = sub(x)
         if stop is not None:
             return x
-        if return_type is None:
-            self.unembed_streams(x)
-            return None
-        logits = self.unembed_streams(x)
-        if return_type == "logits":
-            return logits
-        if tokens is None:
-            raise ValueError("return_type 'loss' needs the token ids (pass tokens=...)")
-        loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), tokens[:, 1:].flatten().to(logits.device))
-        if return_type == "loss":
-            return loss
-        if return_type == "both":
-            return logits, loss
-        raise ValueError(f"unknown return_type {return_type!r}; use 'logits', 'loss', 'both' or None")
+        return self.readout(x, return_type, tokens)
 
     # --------------------------------------------------------------------------- loading/saving
     @classmethod

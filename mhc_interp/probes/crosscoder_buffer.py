@@ -269,7 +269,7 @@ class ActivationBuffer(ActivationSource):
     def _model_rows(self) -> Iterator[Tensor]:
         """Yield [T, S, d] (storage dtype, buffer device) per forward batch, cycling if `loop`."""
         model = self.model
-        n, d = model.cfg.n_streams, model.cfg.d_model
+        d = model.cfg.d_model
         while True:
             got = 0
             for tokens, valid in iter_batches(model, self.source, self.model_batch_size,

@@ -59,7 +59,9 @@ class HyperConnectedSublayer(nn.Module):
         h_pre = self.hook_h_pre(coeffs.h_pre).to(x.dtype)
         h_post = self.hook_h_post(coeffs.h_post).to(x.dtype)
         h_res = self.hook_h_res(coeffs.h_res).to(x.dtype)
-        read = self.hook_read(torch.einsum("bps,bpsd->bpd", h_pre, x))
+        # read and residual mix in one batched matmul: [1 + n, n] @ [n, d] per token
+        mix = torch.cat([h_pre.unsqueeze(-2), h_res], dim=-2) @ x              # [b, p, 1 + n, d]
+        read = self.hook_read(mix[:, :, 0])
         write = self.hook_write(self.branch(self.ln(read)))
-        mixed = self.hook_res_mix(torch.einsum("bpts,bpsd->bptd", h_res, x))
-        return self.hook_streams_out(mixed + h_post.unsqueeze(-1) * write.unsqueeze(-2))
+        mixed = self.hook_res_mix(mix[:, :, 1:])
+        return self.hook_streams_out(torch.addcmul(mixed, h_post.unsqueeze(-1), write.unsqueeze(-2)))

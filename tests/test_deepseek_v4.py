@@ -486,3 +486,14 @@ def test_bad_inputs_fail_clearly(model, toks):
     with pytest.raises(ValueError, match="tokens= has"):
         model(torch.zeros(1, 5, 4, 64), start_at_sublayer=1, tokens=toks[:1])
     assert not any(hp.fwd_hooks for hp in model.hook_dict.values())
+
+
+def test_probes_that_need_hookedmhc_parts_say_so(model, toks):
+    """The per-stream logit lens and the head detectors rely on HookedMHC's per-stream final
+    LayerNorm and attention sublayers: on the adapter they fail with a message, not a crash."""
+    from mhc_interp.probes import HeadDetector, LogitLens, run_probes
+
+    with pytest.raises(TypeError, match="stream_contributions"):
+        run_probes(model, LogitLens(), toks, progress=False)
+    with pytest.raises(TypeError, match="multi-head attention"):
+        run_probes(model, HeadDetector(), toks, progress=False)

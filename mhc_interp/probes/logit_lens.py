@@ -146,7 +146,14 @@ class _Unembed:
     """LN_f and W_U in float32 (or float64), detached."""
 
     def __init__(self, model, dtype=torch.float32):
-        ln = model.ln_final
+        ln = getattr(model, "ln_final", None)
+        if ln is None:
+            raise TypeError(
+                f"the logit lens reads each stream through a per-stream final LayerNorm "
+                f"(`ln_final`), which {type(model).__name__} does not have: its readout collapses the "
+                f"streams first (e.g. DeepSeek-V4's learned hc_head); use "
+                f"model.unembed_streams(state) / model.stream_contributions(state) there"
+            )
         self.weight = ln.weight.detach().to(dtype)
         self.bias = None if ln.bias is None else ln.bias.detach().to(dtype)
         self.eps = ln.eps

@@ -9,6 +9,16 @@ FIXTURES = Path(__file__).parent / "fixtures" / "reference_checkpoints"
 REFERENCE_NAMES = ["mhc_n4", "mhc_lite_n4", "mhc_lite_lss_n4", "hc_n4", "mhc_n2", "residual"]
 
 
+@pytest.fixture(scope="session", autouse=True)
+def one_thread():
+    """The test models are tiny: one intra-op thread is faster than two, and far faster when
+    the cores are busy (thread synchronisation dominates such small ops)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def tokens():
     return torch.load(FIXTURES / "tokens.pt")

@@ -24,14 +24,6 @@ N_LAYERS, N_STREAMS, D = 2, 4, 16
 N_EXCL, N_SHARED = 12, 12          # ground truth: 12 features only in stream 0, 12 in all streams
 
 
-@pytest.fixture(scope="module", autouse=True)
-def single_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
 def planted(n_tokens=40000, p=0.1, noise=0.01, scale_stream=None, scale=10.0, seed=0):
     """Activations [N, L, n, d] = sum_i c_i(x) D_i + noise with sparse codes c (each feature on
     with probability p, magnitude U(0.5, 1.5)) and known directions D [F, L*n, d]: unit vectors at

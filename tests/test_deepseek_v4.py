@@ -26,15 +26,6 @@ from mhc_interp.probes import (CKA, AblateRescue, Curvature, StreamUsage, ablate
 VOCAB = 96
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny ops are dominated by thread synchronisation on a busy machine: run them on one thread."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def hf():
     return tiny_deepseek_v4(seed=0)

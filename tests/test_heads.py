@@ -17,15 +17,6 @@ from .conftest import perturbed_model, tiny_config
 PREV, DUP, COPY = (1, 1), (0, 0), (1, 0)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models: one intra-op thread is ~100x faster than two on a busy 2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def planted_model(copy_sign: float = -1.0, seed: int = 0):
     """A tiny mHC model (d_model 16, 2 heads of d_head 8, n_ctx 12) with three heads built by hand.
 

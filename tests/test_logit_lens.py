@@ -15,15 +15,6 @@ from mhc_interp.probes.logit_lens import (LogitLens, LogitLensResult, PromptLens
 from .conftest import FIXTURES, REFERENCE_NAMES, perturbed_model, tiny_config
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models: one intra-op thread is ~100x faster than two on a busy 2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def hc_model():
     return perturbed_model(tiny_config("hc"), seed=5)

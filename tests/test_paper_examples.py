@@ -9,7 +9,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 from mhc_interp.cli import asset
 from mhc_interp.probes import ProbeResult
@@ -19,15 +18,6 @@ TINY = str(asset("tiny-mhc-n4"))          # mhc, 3 layers (6 sublayers), 4 strea
 N_SUB, N = 6, 4
 SCRIPTS = ["h_res_matrices", "read_write_share", "stream_norms", "curvature", "cka_intra", "cka_inter",
            "patching_heatmap", "rescue_table", "rescue_difference", "h_post_stats"]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread (and two threads on busy cores are far slower)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def run(name, tmp_path, *extra):

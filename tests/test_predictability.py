@@ -13,15 +13,6 @@ from .conftest import perturbed_model, tiny_config
 SITE = "hook_streams_init"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models: one intra-op thread is ~100x faster than two on a busy 2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def model():
     return perturbed_model(tiny_config("mhc"), seed=4)

@@ -139,7 +139,7 @@ def run_probes(model, probes: Union[Probe, Sequence[Probe]], source, *, batch_si
 
                 with model.hooks(fwd_hooks=[(n, save) for n in names]):
                     model(tokens, stop_at_sublayer=stop, return_type=None)
-                finite = torch.stack([torch.isfinite(a).all() for a in acts.values()])
+                finite = torch.stack([torch.isfinite(a).all() for a in acts.values()]) if acts else torch.ones(1, dtype=torch.bool)
                 if not bool(finite.all()):  # one host-device sync per batch, not one per hook
                     bad = [n for n, ok in zip(acts, finite.tolist()) if not ok]
                     raise FloatingPointError(f"non-finite values (NaN/inf) in activation {bad[0]!r}")

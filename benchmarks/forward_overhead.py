@@ -18,8 +18,17 @@ Rows:
   cache all       `run_with_cache` on every hook point. A hook on `hook_pattern` /
                   `hook_attn_scores` switches attention from fused SDPA to the eager path that
                   materialises [batch, head, pos, pos], so this also measures that.
+  nnsight trace   the hooked model wrapped by `nnsight.NNsight`, one `trace` saving the output
+                  (measured last: nnsight instruments every module for good, which also switches
+                  attention to the eager path that can serve `hook_pattern`).
   residual        the same shape with `n_streams=1, hyper_conn_type="none"` (a plain GPT-2
                   residual), stripped like the first row: the price of the streams themselves.
+
+MFU (model FLOPs utilisation, forward only) = tokens/s x FLOPs/token / peak FLOP/s, with
+FLOPs/token = 2 N + 4 L T d (N: parameters in matmuls, including the unembedding; L layers,
+T sequence length, d d_model: attention scores and values), the PaLM-appendix count without the
+backward pass; the stream mixing itself is not counted (it is overhead to be minimised). Peak:
+dense bf16 of known GPUs (H100/H200 989, A100 312 TFLOP/s); none on CPU.
 
 Columns: ms per forward (median), tokens/s (batch * seq / median seconds), ratio (median / the
 stripped median), peak MiB (cuda only: `torch.cuda.max_memory_allocated` over the timed forwards,
@@ -126,6 +135,41 @@ def measure(fn: Callable[[], Any], device: torch.device, repeats: int, warmup: i
     return res
 
 
+def forward_flops_per_token(model: HookedMHC, seq: int) -> float:
+    """2 N + 4 L T d: matmul parameters (incl. the unembedding) plus attention scores and values."""
+    cfg = model.cfg
+    n_matmul = sum(m.weight.numel() for m in model.modules() if isinstance(m, nn.Linear))
+    n_matmul += cfg.d_model * cfg.d_vocab  # the (tied) unembedding
+    return 2.0 * n_matmul + 4.0 * cfg.n_layers * seq * cfg.d_model
+
+
+PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
+
+
+def peak_flops(device: torch.device) -> Optional[float]:
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((v for k, v in PEAK_BF16.items() if k in name), None)
+
+
+def run_nnsight(model: HookedMHC, tokens: torch.Tensor, device: torch.device, autocast_dtype,
+                repeats: int, warmup: int) -> Dict[str, Any]:
+    """Time one nnsight trace of the model that saves its output (wrapping is permanent)."""
+    from nnsight import NNsight
+
+    traced = NNsight(model)
+
+    def fn() -> Any:
+        amp = torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype else contextlib.nullcontext()
+        with torch.inference_mode(), amp:
+            with traced.trace(tokens):
+                out = traced.output.save()
+        return out
+
+    return measure(fn, device, repeats, warmup)
+
+
 def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
@@ -191,6 +235,9 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     rows["cache streams"] = run(model, cache=stream_names)
     rows["cache all"] = run(model, cache=None)
     n_hooks = len(model.hook_dict)
+    flops_per_token = forward_flops_per_token(model, seq)
+    rows["nnsight trace"] = run_nnsight(model, tokens, device, dtype if args.autocast else None,
+                                        args.repeats, args.warmup)
     del model
     residual_cfg = make_config(args.shape, "none")
     residual = on_device(strip_hooks(HookedMHC(residual_cfg)))
@@ -198,22 +245,27 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     del residual
 
     base = rows["stripped"].get("ms")
-    for r in rows.values():
+    peak = peak_flops(device)
+    for name, r in rows.items():
         if not r["oom"]:
             r["tokens_per_s"] = batch * seq / (r["ms"] / 1e3)
             r["ratio"] = r["ms"] / base if base else None
+            if peak and name != "residual":
+                r["mfu"] = r["tokens_per_s"] * flops_per_token / peak
 
     result = dict(
         benchmark="forward_overhead", device=str(device), device_name=device_name(device),
         torch_version=torch.__version__, shape=args.shape, config=cfg.to_dict(), batch=batch, seq=seq,
         dtype=args.dtype, autocast=args.autocast, variant=args.variant, repeats=args.repeats,
-        warmup=args.warmup, threads=torch.get_num_threads(), n_hook_points=n_hooks, n_stream_mixer_hooks=len(stream_names), rows=rows,
+        warmup=args.warmup, threads=torch.get_num_threads(), n_hook_points=n_hooks, n_stream_mixer_hooks=len(stream_names),
+        flops_per_token=flops_per_token, peak_flops=peak, rows=rows,
     )
     print(f"forward_overhead | {args.shape} ({cfg.n_layers}L d{cfg.d_model} {cfg.n_streams} streams "
           f"{args.variant}) | batch {batch} x seq {seq} | {args.dtype}{' autocast' if args.autocast else ''} | "
           f"{result['device_name']} | torch {torch.__version__} | median of {args.repeats}")
     cuda = device.type == "cuda"
-    header = f"{'row':<15}{'ms/fwd':>10}{'tokens/s':>12}{'ratio':>8}{'cache MiB':>11}" + (f"{'peak MiB':>10}" if cuda else "")
+    header = (f"{'row':<15}{'ms/fwd':>10}{'tokens/s':>12}{'ratio':>8}{'cache MiB':>11}"
+              + (f"{'peak MiB':>10}{'MFU':>7}" if cuda else ""))
     print(header)
     print("-" * len(header))
     for name, r in rows.items():
@@ -222,7 +274,8 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
             continue
         ratio = f"{r['ratio']:>8.2f}" if r["ratio"] is not None else f"{'-':>8}"
         line = f"{name:<15}{r['ms']:>10.2f}{r['tokens_per_s']:>12,.0f}{ratio}{r['cache_mib']:>11.1f}"
-        print(line + (f"{r['peak_mib']:>10.0f}" if cuda else ""))
+        mfu = f"{100 * r['mfu']:>6.1f}%" if r.get("mfu") else f"{'-':>7}"
+        print(line + (f"{r['peak_mib']:>10.0f}{mfu}" if cuda else ""))
 
     out = args.out or Path(__file__).parent / "results" / f"forward_overhead-{args.shape}-{device.type}.json"
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -208,7 +208,13 @@ def main(argv: Optional[List[str]] = None) -> int:
         argv = ["report", *argv]
     args = parser.parse_args(argv)
     commands = {"check": cmd_check, "hooks": cmd_hooks, "report": cmd_report, "probe": cmd_probe, "train": cmd_train}
-    return commands[args.command](args)
+    from .config import ConfigError
+    from .loading import CheckpointError
+
+    try:
+        return commands[args.command](args)
+    except (CheckpointError, ConfigError, FileNotFoundError) as e:  # bad input: the message, no traceback
+        raise SystemExit(f"mhc-interp: {e}") from None
 
 
 if __name__ == "__main__":

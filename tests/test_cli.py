@@ -50,9 +50,13 @@ def test_probe_command(tmp_path, capsys):
     assert main(["probe", "logit_lens", "--model", "tiny-mhc-n4", "--fast", "--quiet", "--out", str(tmp_path)]) == 0
 
 
-def test_missing_model_path():
+def test_missing_model_path(tmp_path):
     with pytest.raises(SystemExit, match="does not exist"):
         main(["report", "--model", "./no/such/model.pt", "--fast"])
+    with pytest.raises(SystemExit, match="no checkpoint found"):   # an existing folder without one
+        main(["check", "--model", str(tmp_path)])
+    with pytest.raises(SystemExit, match="corpus path .* does not exist"):
+        main(["report", "--model", "tiny-mhc-n4", "--fast", "--corpus", str(tmp_path / "none.txt")])
 
 
 def test_corpus_too_short(tmp_path):

@@ -154,7 +154,7 @@ def _figures(result: ProbeResult, folder: Path) -> List[Dict[str, str]]:
 def _run_all(model, tokens: Tensor, folder: Path, cfg: ReportConfig) -> List[Dict]:
     sections: List[Dict] = []
     multi = model.cfg.n_streams > 1
-    observational = [Curvature(), LogitLens(), HeadDetector()]
+    observational = [Curvature(), LogitLens()]
     if multi:
         observational = [StreamUsage(), CKA(minibatch_tokens=cfg.cka_minibatch),
                          CrossStreamPredictability(max_tokens=cfg.predictability_tokens)] + observational
@@ -168,6 +168,12 @@ def _run_all(model, tokens: Tensor, folder: Path, cfg: ReportConfig) -> List[Dic
         if name == "cka":
             section["tables"].append(_matrix_table("CKA between streams, last sublayer", result.intra(-1)))
         sections.append(section)
+    if "head_detector" not in cfg.skip:
+        # per-head ablations (copy suppression) cost a forward per head: a smaller token budget
+        heads = run_probes(model, HeadDetector(), tokens[: 2 * cfg.causal_prompts, : cfg.causal_seq_len],
+                           batch_size=cfg.causal_prompts, progress=cfg.progress)
+        _result_path(folder, heads)
+        sections.append({"title": "attention heads", "figures": _figures(heads, folder), "tables": []})
     if multi and "ablate_rescue" not in cfg.skip:
         rescue = run_probes(model, AblateRescue(), tokens[: cfg.causal_prompts, : cfg.causal_seq_len],
                             batch_size=cfg.causal_prompts, progress=cfg.progress)

@@ -18,6 +18,8 @@ Rows:
   cache all       `run_with_cache` on every hook point. A hook on `hook_pattern` /
                   `hook_attn_scores` switches attention from fused SDPA to the eager path that
                   materialises [batch, head, pos, pos], so this also measures that.
+  compiled mixers (with --compile-mixers) the hooked forward with `model.compile_mixers()`: the
+                  coefficient maths torch.compile'd, one graph per variant shared by all sublayers.
   nnsight trace   the hooked model wrapped by `nnsight.NNsight`, one `trace` saving the output
                   (measured last: nnsight instruments every module for good, which also switches
                   attention to the eager path that can serve `hook_pattern`).
@@ -193,6 +195,8 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     p.add_argument("--seq", type=int, help="override the shape's sequence length")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, help="torch.set_num_threads (CPU); 1 is steadier on a busy machine")
+    p.add_argument("--compile-mixers", action="store_true",
+                   help="add a row with HookedMHC.compile_mixers() (torch.compile'd coefficients)")
     p.add_argument("--out", type=Path, help="JSON path (default benchmarks/results/forward_overhead-<shape>-<device>.json)")
     args = p.parse_args(argv)
     if args.repeats < 1 or args.warmup < 0:
@@ -234,6 +238,9 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     rows["hooked"] = run(model)
     rows["cache streams"] = run(model, cache=stream_names)
     rows["cache all"] = run(model, cache=None)
+    if args.compile_mixers:
+        rows["compiled mixers"] = run(model.compile_mixers())
+        model.compile_mixers(False)
     n_hooks = len(model.hook_dict)
     flops_per_token = forward_flops_per_token(model, seq)
     rows["nnsight trace"] = run_nnsight(model, tokens, device, dtype if args.autocast else None,

@@ -124,6 +124,16 @@ class HookedMHC(StreamHookedRoot):
             return x
         return self.readout(x, return_type, tokens)
 
+    # ------------------------------------------------------------------------------ fast paths
+    def compile_mixers(self, enable: bool = True) -> "HookedMHC":
+        """Use a `torch.compile`d coefficient function (RMSNorm, projections, Sinkhorn / the
+        permutation mix), one graph per variant shared by every sublayer. Hook points sit outside
+        the mixers, so hooks, caching, nnsight and frozen mixing work unchanged; the first forward
+        pays the compilation. Outputs agree with the eager path to float rounding."""
+        for sub in self.sublayers:
+            sub.mixer.compiled = enable
+        return self
+
     # --------------------------------------------------------------------------- loading/saving
     @classmethod
     def from_pretrained(cls, name_or_path: str, device: Union[str, torch.device, None] = None,

@@ -15,7 +15,6 @@ so that the hyper-connected sublayer computes  x' = H_res x + H_post^T F(H_pre x
 from __future__ import annotations
 
 from dataclasses import dataclass
-from types import SimpleNamespace
 from typing import Callable, Dict, Tuple, Type
 
 import torch
@@ -58,15 +57,36 @@ class Mixer(nn.Module):
         self.n_streams = cfg.n_streams
         self.d_model = cfg.d_model
 
-    def forward(self, x: Tensor) -> MixingCoefficients:  # pragma: no cover - abstract
-        raise NotImplementedError
+    compiled = False  # set by HookedMHC.compile_mixers(): use the torch.compile'd `compute`
 
-    def params_for(self, x: Tensor) -> Tuple[Tensor, SimpleNamespace]:
-        """(x, this mixer's parameters), both in the compute dtype: float32 for bf16/fp16/fp32
+    @staticmethod
+    def compute(x: Tensor, w: Dict[str, Tensor], n: int, iters: int) -> Tuple[Tensor, Tensor, Tensor]:
+        """The maths of a variant as a pure function of the state x [b, p, n, d] and the mixer's
+        tensors `w` (parameters and buffers, in the compute dtype) -> (h_pre, h_post, h_res)."""
+        raise NotImplementedError  # pragma: no cover - abstract
+
+    def forward(self, x: Tensor) -> MixingCoefficients:
+        x, w = self.params_for(x)
+        compute = compiled_compute(type(self)) if self.compiled else type(self).compute
+        return MixingCoefficients(*compute(x, w, self.n_streams, getattr(self, "sinkhorn_iters", 0)))
+
+    def params_for(self, x: Tensor) -> Tuple[Tensor, Dict[str, Tensor]]:
+        """(x, this mixer's tensors), both in the compute dtype: float32 for bf16/fp16/fp32
         models (coefficients never in half precision), float64 for float64 models."""
         dtype = torch.promote_types(x.dtype, torch.float32)
-        params = {k: v.to(dtype) for k, v in self.named_parameters(recurse=False)}
-        return x.to(dtype), SimpleNamespace(**params)
+        tensors = dict(self.named_parameters(recurse=False), **dict(self.named_buffers(recurse=False)))
+        return x.to(dtype), {k: v.to(dtype) for k, v in tensors.items()}
+
+
+_COMPILED: Dict[type, Callable] = {}
+
+
+def compiled_compute(cls: type) -> Callable:
+    """One `torch.compile`d `compute` per variant, shared by all its sublayers: the tensors are
+    arguments, so same-shaped sublayers reuse one graph (no recompilation per instance)."""
+    if cls not in _COMPILED:
+        _COMPILED[cls] = torch.compile(cls.compute, dynamic=False)
+    return _COMPILED[cls]
 
 
 def rms_normalize(x: Tensor, gamma: Tensor) -> Tensor:

@@ -10,10 +10,10 @@ Unconstrained: coefficients may be negative and H_res is not doubly stochastic.
 from __future__ import annotations
 
 import torch
-from torch import Tensor, nn
+from torch import nn
 
 from ...config import MHCConfig
-from .base import Mixer, MixingCoefficients, register_mixer, rms_normalize
+from .base import Mixer, register_mixer, rms_normalize
 
 
 @register_mixer("hc")
@@ -31,11 +31,9 @@ class HyperConnectionMixer(Mixer):
         self.dynamic_beta_scale = nn.Parameter(torch.tensor(1e-2))
         self.norm_gamma = nn.Parameter(torch.zeros(d))
 
-    def forward(self, x: Tensor) -> MixingCoefficients:  # x [batch, pos, n, d]
-        x, w = self.params_for(x)
-        y = rms_normalize(x, w.norm_gamma)                                            # [b, p, n, d]
-        alpha = torch.tanh(y @ w.dynamic_alpha_fn) * w.dynamic_alpha_scale + w.static_alpha
-        h_post = torch.tanh(y @ w.dynamic_beta_fn) * w.dynamic_beta_scale + w.static_beta
-        return MixingCoefficients(
-            h_pre=alpha[..., 0], h_post=h_post, h_res=alpha[..., 1:].transpose(-1, -2)
-        )
+    @staticmethod
+    def compute(x, w, n, iters):  # x [batch, pos, n, d]
+        y = rms_normalize(x, w["norm_gamma"])                                         # [b, p, n, d]
+        alpha = torch.tanh(y @ w["dynamic_alpha_fn"]) * w["dynamic_alpha_scale"] + w["static_alpha"]
+        h_post = torch.tanh(y @ w["dynamic_beta_fn"]) * w["dynamic_beta_scale"] + w["static_beta"]
+        return alpha[..., 0], h_post, alpha[..., 1:].transpose(-1, -2)

@@ -9,13 +9,11 @@ H_res is doubly stochastic up to the Sinkhorn residual (columns exactly, rows ap
 """
 from __future__ import annotations
 
-from types import SimpleNamespace
-
 import torch
 from torch import Tensor, nn
 
 from ...config import MHCConfig
-from .base import Mixer, MixingCoefficients, register_mixer, rms_normalize, sinkhorn_log
+from .base import Mixer, register_mixer, rms_normalize, sinkhorn_log
 
 
 class _ManifoldMixerBase(Mixer):
@@ -35,11 +33,13 @@ class _ManifoldMixerBase(Mixer):
         self.h_post_scale = nn.Parameter(torch.tensor(1e-2))
         self.norm_gamma = nn.Parameter(torch.zeros(n * d))
 
-    def normed(self, x: Tensor, w: SimpleNamespace) -> Tensor:  # [b, p, n, d] -> [b, p, n*d]
-        return rms_normalize(x.flatten(-2), w.norm_gamma)
+    @staticmethod
+    def normed(x: Tensor, w) -> Tensor:  # [b, p, n, d] -> [b, p, n*d]
+        return rms_normalize(x.flatten(-2), w["norm_gamma"])
 
-    def h_post(self, y: Tensor, w: SimpleNamespace) -> Tensor:  # [b, p, n]
-        return 2 * torch.sigmoid((y @ w.dynamic_beta_fn) * w.h_post_scale + w.static_beta)
+    @staticmethod
+    def h_post(y: Tensor, w) -> Tensor:  # [b, p, n]
+        return 2 * torch.sigmoid((y @ w["dynamic_beta_fn"]) * w["h_post_scale"] + w["static_beta"])
 
 
 @register_mixer("mhc")
@@ -54,11 +54,10 @@ class SinkhornMixer(_ManifoldMixerBase):
         self.static_alpha = nn.Parameter(torch.cat([static_pre, static_res], dim=1))  # [n(src), 1+n]
         self.dynamic_alpha_fn = nn.Parameter(torch.zeros(n * d, n * (n + 1)))
 
-    def forward(self, x: Tensor) -> MixingCoefficients:  # x [batch, pos, n, d]
-        n = self.n_streams
-        x, w = self.params_for(x)
-        y = self.normed(x, w)
-        dyn = (y @ w.dynamic_alpha_fn).unflatten(-1, (n, n + 1))                      # [b, p, s, 1+n]
-        alpha = dyn * torch.cat([w.pre_branch_scale, w.residual_scale.expand(n)]) + w.static_alpha
-        h_res = sinkhorn_log(alpha[..., 1:].transpose(-1, -2), self.sinkhorn_iters)  # [b, p, t, s]
-        return MixingCoefficients(h_pre=torch.sigmoid(alpha[..., 0]), h_post=self.h_post(y, w), h_res=h_res)
+    @staticmethod
+    def compute(x, w, n, iters):  # x [batch, pos, n, d]
+        y = _ManifoldMixerBase.normed(x, w)
+        dyn = (y @ w["dynamic_alpha_fn"]).unflatten(-1, (n, n + 1))                   # [b, p, s, 1+n]
+        alpha = dyn * torch.cat([w["pre_branch_scale"], w["residual_scale"].expand(n)]) + w["static_alpha"]
+        h_res = sinkhorn_log(alpha[..., 1:].transpose(-1, -2), iters)                 # [b, p, t, s]
+        return torch.sigmoid(alpha[..., 0]), _ManifoldMixerBase.h_post(y, w), h_res

@@ -18,7 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from ...config import MHCConfig
-from .base import MixingCoefficients, register_mixer
+from .base import register_mixer
 from .mhc import _ManifoldMixerBase
 
 
@@ -42,12 +42,11 @@ class PermutationMixer(_ManifoldMixerBase):
         self.dynamic_alpha_fn = nn.Parameter(torch.zeros(n * d, n + n_perms))
         self.register_buffer("perms", permutation_matrices(n), persistent=False)
 
-    def forward(self, x: Tensor) -> MixingCoefficients:  # x [batch, pos, n, d]
-        n = self.n_streams
-        x, w = self.params_for(x)
-        y = self.normed(x, w)
-        logits = y @ w.dynamic_alpha_fn                                                # [b, p, n + n!]
-        h_pre = torch.sigmoid(logits[..., :n] * w.pre_branch_scale + w.static_alpha[:n])
-        weights = torch.softmax(logits[..., n:] * w.residual_scale + w.static_alpha[n:], dim=-1)
-        h_res = torch.einsum("bpr,rts->bpts", weights, self.perms.to(weights.dtype))
-        return MixingCoefficients(h_pre=h_pre, h_post=self.h_post(y, w), h_res=h_res)
+    @staticmethod
+    def compute(x, w, n, iters):  # x [batch, pos, n, d]
+        y = _ManifoldMixerBase.normed(x, w)
+        logits = y @ w["dynamic_alpha_fn"]                                             # [b, p, n + n!]
+        h_pre = torch.sigmoid(logits[..., :n] * w["pre_branch_scale"] + w["static_alpha"][:n])
+        weights = torch.softmax(logits[..., n:] * w["residual_scale"] + w["static_alpha"][n:], dim=-1)
+        h_res = torch.einsum("bpr,rts->bpts", weights, w["perms"])
+        return h_pre, _ManifoldMixerBase.h_post(y, w), h_res

@@ -39,15 +39,12 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ..hooks.names import check_hook_names, suffix
-from .base import Probe, ProbeResult, register_probe, register_result, require_streams
+from .base import Probe, ProbeResult, register_probe, register_result, require_streams, stream_state_sites
 
 __all__ = ["gram_linear", "gram_rbf", "center_gram", "hsic_matrix", "cka_from_hsic",
            "CKA", "CKAResult"]
 
 # hooks of shape [batch, pos, n_streams, d_model] whose streams CKA can compare
-_STREAM_STATE_SUFFIXES = ("hook_streams_init", "hook_streams_in", "hook_streams_out",
-                          "hook_res_mix", "hook_ln_final")
 
 
 # ---------------------------------------------------------------------------------- functions
@@ -223,22 +220,8 @@ class CKA(Probe):
 
     # ---------------------------------------------------------------------------- contract
     def _resolve_sites(self, model) -> List[str]:
-        if self.sites is None:
-            names = [f"{s}.hook_streams_out" for s in model.sublayer_names]
-        elif self.sites == "layers":
-            names = [f"blocks.{l}.mlp.hook_streams_out" for l in range(model.cfg.n_layers)]
-        else:
-            names = list(self.sites)
-            if not names:
-                raise ValueError("CKA: `sites` is an empty list")
-            if len(set(names)) != len(names):
-                raise ValueError(f"CKA: duplicate site names in {names}")
-        check_hook_names(names, model.hook_dict)
-        bad = [n for n in names if suffix(n) not in _STREAM_STATE_SUFFIXES]
-        if bad:
-            raise ValueError(f"CKA compares stream states [batch, pos, n_streams, d_model]; these "
-                             f"hooks are not: {bad} (use one of {_STREAM_STATE_SUFFIXES})")
-        return names
+        spec = "sublayers" if self.sites is None else self.sites
+        return stream_state_sites(model, spec, "CKA", with_init=False)
 
     def setup(self, model) -> None:
         require_streams(model, self.name)

@@ -31,6 +31,7 @@ from torch import Tensor
 
 from ..hooks.names import check_hook_names, suffix
 from .runner import _last_sublayer_needed, iter_batches
+from .base import STREAM_STATE_SUFFIXES
 
 __all__ = ["Site", "STREAM_STATE_SUFFIXES", "resolve_sites", "default_sites", "grid_sites",
            "site_label", "ActivationSource", "ActivationBuffer", "InMemoryActivations"]
@@ -38,8 +39,6 @@ __all__ = ["Site", "STREAM_STATE_SUFFIXES", "resolve_sites", "default_sites", "g
 Site = Tuple[str, int]  # (hook name, stream index)
 
 # hooks of shape [batch, pos, n_streams, d_model]: the only ones a site can live on
-STREAM_STATE_SUFFIXES = ("hook_streams_init", "hook_streams_in", "hook_streams_out",
-                         "hook_res_mix", "hook_ln_final")
 
 
 # ------------------------------------------------------------------------------------- sites

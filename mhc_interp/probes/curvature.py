@@ -38,13 +38,12 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ..hooks.names import STREAM_VALUED, suffix, unknown_hook_error
-from .base import Probe, ProbeResult, register_probe, register_result
+from ..hooks.names import suffix
+from .base import Probe, ProbeResult, register_probe, register_result, STREAM_STATE_SUFFIXES, stream_state_sites
 
 __all__ = ["Curvature", "CurvatureResult", "sequence_curvatures", "step_angles", "curvature_sites"]
 
 SiteSpec = Union[str, Sequence[str]]
-_STREAM_SITE_SUFFIXES = tuple(s for s in STREAM_VALUED if s not in ("hook_h_pre", "hook_h_post"))
 
 
 # ------------------------------------------------------------------------------- the maths
@@ -115,17 +114,7 @@ def curvature_sites(model, sites: SiteSpec = "layers") -> List[str]:
     output ([hook_streams_init] + [blocks.{l}.mlp.hook_streams_out]; L + 1 sites), "sublayers" =
     the embedding plus every sublayer's output (2L + 1 sites), or an explicit list of
     stream-valued hook names (checked against the model)."""
-    if isinstance(sites, str):
-        if sites == "layers":
-            return ["hook_streams_init"] + [f"blocks.{l}.mlp.hook_streams_out" for l in range(model.cfg.n_layers)]
-        if sites == "sublayers":
-            return ["hook_streams_init"] + [f"{s}.hook_streams_out" for s in model.sublayer_names]
-        raise ValueError(f"curvature: sites must be 'layers', 'sublayers' or a list of hook names, got {sites!r}")
-    names = list(sites)
-    for name in names:
-        if name not in model.hook_dict:
-            raise unknown_hook_error(name, model.hook_dict)
-    return names
+    return stream_state_sites(model, sites, "curvature")
 
 
 def _check_site_names(names: Sequence[str]) -> List[str]:
@@ -135,10 +124,10 @@ def _check_site_names(names: Sequence[str]) -> List[str]:
     if len(set(names)) != len(names):
         raise ValueError(f"curvature: duplicate site names in {names}")
     for name in names:
-        if not isinstance(name, str) or suffix(name) not in _STREAM_SITE_SUFFIXES:
+        if not isinstance(name, str) or suffix(name) not in STREAM_STATE_SUFFIXES:
             raise ValueError(
                 f"curvature: site {name!r} is not a stream-state hook [batch, pos, n_streams, d_model]; "
-                f"use a hook ending in one of {_STREAM_SITE_SUFFIXES}"
+                f"use a hook ending in one of {STREAM_STATE_SUFFIXES}"
             )
     return names
 

@@ -46,8 +46,7 @@ import torch
 from torch import Tensor
 from torch.nn import functional as F
 
-from ..hooks.names import check_hook_names, suffix
-from .base import Probe, ProbeResult, register_probe, register_result
+from .base import Probe, ProbeResult, register_probe, register_result, stream_state_sites
 
 __all__ = ["LogitLens", "LogitLensResult", "PromptLensResult", "logit_lens", "decompose_logits",
            "stream_contributions", "lens_sites", "check_subsets", "all_subsets"]
@@ -62,23 +61,7 @@ def lens_sites(model, sites: SiteSpec = "sublayers") -> List[str]:
     """"sublayers" (default): `hook_streams_init` + every sublayer's `hook_streams_out`
     (2L + 1 sites); "layers": `hook_streams_init` + every block's `mlp.hook_streams_out`
     (L + 1); or an explicit list of stream-state hook names."""
-    if isinstance(sites, str):
-        if sites == "sublayers":
-            return ["hook_streams_init"] + [f"{s}.hook_streams_out" for s in model.sublayer_names]
-        if sites == "layers":
-            return ["hook_streams_init"] + [f"blocks.{l}.mlp.hook_streams_out" for l in range(model.cfg.n_layers)]
-        raise ValueError(f"logit lens: sites must be 'sublayers', 'layers' or a list of hook names, got {sites!r}")
-    names = list(sites)
-    if not names:
-        raise ValueError("logit lens: `sites` is an empty list")
-    if len(set(names)) != len(names):
-        raise ValueError(f"logit lens: duplicate site names in {names}")
-    check_hook_names(names, model.hook_dict)
-    bad = [n for n in names if suffix(n) not in _LENS_SITE_SUFFIXES]
-    if bad:
-        raise ValueError(f"logit lens sites must be stream states [batch, pos, n_streams, d_model]; "
-                         f"these are not: {bad} (use one of {_LENS_SITE_SUFFIXES})")
-    return names
+    return stream_state_sites(model, sites, "logit lens", suffixes=_LENS_SITE_SUFFIXES)
 
 
 def check_subsets(subsets, n_streams: int) -> List[Tuple[int, ...]]:

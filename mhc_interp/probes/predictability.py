@@ -30,12 +30,10 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ..hooks.names import check_hook_names, suffix
-from .base import Probe, ProbeResult, register_probe, register_result, require_streams
+from .base import Probe, ProbeResult, register_probe, register_result, require_streams, stream_state_sites
 
 __all__ = ["CrossStreamPredictability", "PredictabilityResult", "ridge_r2_matrix", "predictability_sites"]
 
-_STATE_SUFFIXES = ("hook_streams_init", "hook_streams_in", "hook_streams_out", "hook_res_mix", "hook_ln_final")
 DEFAULT_ALPHAS = tuple(np.logspace(-3, 4, 8))
 
 
@@ -43,23 +41,7 @@ def predictability_sites(model, sites: Union[str, Sequence[str]] = "layers") -> 
     """"layers" (default): `hook_streams_init` + every block's `mlp.hook_streams_out` (L + 1
     sites); "sublayers": `hook_streams_init` + every sublayer's `hook_streams_out` (2L + 1);
     or a list of stream-state hook names."""
-    if isinstance(sites, str):
-        if sites == "layers":
-            return ["hook_streams_init"] + [f"blocks.{l}.mlp.hook_streams_out" for l in range(model.cfg.n_layers)]
-        if sites == "sublayers":
-            return ["hook_streams_init"] + [f"{s}.hook_streams_out" for s in model.sublayer_names]
-        raise ValueError(f"predictability: sites must be 'layers', 'sublayers' or a list of hook names, got {sites!r}")
-    names = list(sites)
-    if not names:
-        raise ValueError("predictability: `sites` is an empty list")
-    if len(set(names)) != len(names):
-        raise ValueError(f"predictability: duplicate site names in {names}")
-    check_hook_names(names, model.hook_dict)
-    bad = [n for n in names if suffix(n) not in _STATE_SUFFIXES]
-    if bad:
-        raise ValueError(f"predictability compares stream states [batch, pos, n_streams, d_model]; these "
-                         f"hooks are not: {bad} (use one of {_STATE_SUFFIXES})")
-    return names
+    return stream_state_sites(model, sites, "predictability")
 
 
 def ridge_r2_matrix(x: np.ndarray, train: np.ndarray, test: np.ndarray,

@@ -624,14 +624,6 @@ class HookedHFMHC(StreamHookedRoot):
         return self._hf.base.embed_tokens.weight.dtype
 
     @property
-    def sublayers(self) -> List[HFHyperConnectedSublayer]:
-        return [s for block in self.blocks for s in (block.attn, block.mlp)]
-
-    @property
-    def sublayer_names(self) -> List[str]:
-        return [s.name for s in self.sublayers]
-
-    @property
     def W_U(self) -> Tensor:  # [d_model, d_vocab]
         return self._hf.lm_head.weight.T
 

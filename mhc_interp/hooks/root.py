@@ -3,7 +3,8 @@
 per-stream addressing, frozen mixing, and the checks on token / stream-state input.
 
 A model using it provides `cfg` (n_ctx, d_vocab, n_streams, d_model, n_sublayers), `device`,
-`tokenizer`, `sublayers` (objects with a `frozen` slot) and `hook_dict` (from `setup()`).
+`tokenizer`, `blocks` (each with `attn` and `mlp` sublayers that have a `frozen` slot),
+`unembed_streams` and `hook_dict` (from `setup()`).
 """
 from __future__ import annotations
 
@@ -22,6 +23,17 @@ TokensLike = Union[Tensor, str, Sequence[str], Sequence[int]]
 
 
 class StreamHookedRoot(HookedRootModule):
+    # ------------------------------------------------------------------------------ structure
+    @property
+    def sublayers(self) -> list:
+        """The 2 * n_layers hyper-connected sublayers in forward order (attn, mlp, attn, ...),
+        from `self.blocks` (each with `.attn` and `.mlp`)."""
+        return [s for block in self.blocks for s in (block.attn, block.mlp)]
+
+    @property
+    def sublayer_names(self) -> list:
+        return [s.name for s in self.sublayers]
+
     # ----------------------------------------------------------------------------- input checks
     def to_tokens(self, text: Union[str, Sequence[str]]) -> Tensor:
         """Tokenize text with the model's tokenizer -> [batch, pos] long tensor."""

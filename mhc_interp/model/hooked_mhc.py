@@ -12,7 +12,7 @@ and `nnsight.NNsight(model)` can trace it).
 from __future__ import annotations
 
 import math
-from typing import Any, List, Optional, Union
+from typing import Any, Optional, Union
 
 import torch
 from torch import Tensor, nn
@@ -22,7 +22,6 @@ from ..config import MHCConfig
 from ..hooks.root import StreamHookedRoot, TokensLike
 from .block import StreamExpand, TransformerBlock
 from .components import LayerNorm
-from .sublayer import HyperConnectedSublayer
 
 
 class HookedMHC(StreamHookedRoot):
@@ -63,15 +62,6 @@ class HookedMHC(StreamHookedRoot):
     @property
     def dtype(self) -> torch.dtype:
         return self.embed.weight.dtype
-
-    @property
-    def sublayers(self) -> List[HyperConnectedSublayer]:
-        """The 2 * n_layers hyper-connected sublayers in forward order (attn, mlp, attn, ...)."""
-        return [s for block in self.blocks for s in (block.attn, block.mlp)]
-
-    @property
-    def sublayer_names(self) -> List[str]:
-        return [s.name for s in self.sublayers]
 
     @property
     def W_U(self) -> Tensor:  # [d_model, d_vocab]

@@ -9,7 +9,7 @@ from nnsight import NNsight
 
 from mhc_interp import HookedMHC, MHCConfig
 from mhc_interp.hooks.nnsight_support import to_nnsight
-from mhc_interp.model.components import hook_point_observed
+from mhc_interp.model.compiled import module_observed
 
 ATOL = 1e-6
 
@@ -46,10 +46,10 @@ def setup():
 def test_wrapping_marks_pattern_observed(setup):
     model, tokens = setup
     hp = model.blocks[0].attn.hook_pattern
-    assert not hook_point_observed(hp)  # fused SDPA until someone can read the pattern
+    assert not module_observed(hp)  # fused SDPA until someone can read the pattern
     fused = model(tokens)
     NNsight(model)  # installs nnsight's controller as every module's `forward`, for good
-    assert all(hook_point_observed(blk.attn.hook_pattern) for blk in model.blocks)
+    assert all(module_observed(blk.attn.hook_pattern) for blk in model.blocks)
     eager = model(tokens)  # now always the materialised-pattern path, even outside a trace
     close(eager, fused, atol=1e-4)
 
@@ -191,3 +191,25 @@ def test_exception_in_trace_leaves_nothing_attached(setup, wrap):
     with nn_model.trace(tokens):
         out = nn_model.output.save()
     assert torch.equal(out, clean)
+
+
+@torch.no_grad()
+def test_compiled_model_under_nnsight(setup):
+    """A compiled model traced by nnsight: the instrumented interiors run eagerly, so reads and
+    patches inside a sublayer take effect exactly as on the eager model."""
+    model, tokens = setup
+    nn_model = NNsight(model)
+    ref_logits, cache = model.run_with_cache(tokens, names_filter="blocks.0.mlp.hook_post")
+    eager_patched = model.run_with_hooks(tokens, fwd_hooks=[("blocks.0.attn.hook_z", lambda z, hook: 0 * z)])
+    model.compile()
+    assert not any(sub.compiled and not sub.interior_observed() for sub in model.sublayers)
+    with nn_model.trace(tokens):
+        post = nn_model.blocks[0].mlp.hook_post.output.save()
+        logits = nn_model.output.save()
+    close(post, cache["blocks.0.mlp.hook_post"], atol=1e-5)
+    close(logits, ref_logits, atol=1e-5)
+    with nn_model.trace(tokens):
+        nn_model.blocks[0].attn.hook_z.output[:] = 0.0
+        patched = nn_model.output.save()
+    close(patched, eager_patched, atol=1e-5)
+    assert (patched - ref_logits).abs().max() > 1e-3

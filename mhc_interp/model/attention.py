@@ -16,7 +16,7 @@ from torch.nn import functional as F
 from transformer_lens.hook_points import HookPoint
 
 from ..config import MHCConfig
-from .components import hook_point_observed
+from .compiled import module_observed
 from .sublayer import HyperConnectedSublayer
 
 
@@ -33,8 +33,8 @@ class AttentionSublayer(HyperConnectedSublayer):
         self.hook_z = HookPoint()            # [batch, pos, head, d_head]
 
     def _eager(self) -> bool:
-        return self.cfg.attn_impl == "eager" or hook_point_observed(self.hook_pattern) or (
-            hook_point_observed(self.hook_attn_scores)
+        return self.cfg.attn_impl == "eager" or module_observed(self.hook_pattern) or (
+            module_observed(self.hook_attn_scores)
         )
 
     def branch(self, h: Tensor) -> Tensor:  # [batch, pos, d_model] -> [batch, pos, d_model]

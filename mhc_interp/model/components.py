@@ -1,11 +1,9 @@
-"""Small shared pieces: nanoGPT's LayerNorm and the "is this hook point observed" test."""
+"""Small shared pieces: nanoGPT's LayerNorm."""
 from __future__ import annotations
 
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
-from transformer_lens.hook_points import HookPoint
-
 
 
 class LayerNorm(nn.Module):
@@ -19,11 +17,3 @@ class LayerNorm(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return F.layer_norm(x, self.weight.shape, self.weight, self.bias, self.eps)
-
-
-def hook_point_observed(hp: HookPoint) -> bool:
-    """True if anyone may read this hook point: a TransformerLens hook is attached, or nnsight
-    has instrumented the module (it installs its own `forward` on the instance)."""
-    return bool(hp._forward_hooks or hp._backward_hooks or hp.fwd_hooks or hp.bwd_hooks) or (
-        "forward" in hp.__dict__
-    )

@@ -115,11 +115,25 @@ class HookedMHC(StreamHookedRoot):
         return self.readout(x, return_type, tokens)
 
     # ------------------------------------------------------------------------------ fast paths
+    def compile(self, enable: bool = True) -> "HookedMHC":
+        """Hook-safe `torch.compile`: in every sublayer, the coefficient maths (RMSNorm,
+        projections, Sinkhorn / permutation mix) and `apply` (read, LayerNorm, attention or MLP,
+        write-back) run as compiled graphs, one per variant / sublayer type shared by all layers.
+
+        Unlike `torch.compile(model)` (whose graphs ignore hooks attached after compiling), hooks
+        keep working: the boundary hook points (streams_in/out, h_pre/h_post/h_res) sit between
+        the compiled regions, and a sublayer whose interior is observed (hook_read/write/res_mix,
+        q/k/v/pattern/z, MLP pre/post, torch hooks, nnsight) runs that sublayer eagerly. Frozen
+        mixing, resumed runs and backward work unchanged. The first forward of each new shape or
+        dtype pays the compilation; outputs agree with eager to float rounding.
+        `enable=False` returns to the eager model."""
+        for sub in self.sublayers:
+            sub.compiled = enable
+            sub.mixer.compiled = enable
+        return self
+
     def compile_mixers(self, enable: bool = True) -> "HookedMHC":
-        """Use a `torch.compile`d coefficient function (RMSNorm, projections, Sinkhorn / the
-        permutation mix), one graph per variant shared by every sublayer. Hook points sit outside
-        the mixers, so hooks, caching, nnsight and frozen mixing work unchanged; the first forward
-        pays the compilation. Outputs agree with the eager path to float rounding."""
+        """Compile only the coefficient maths (see `compile`); `apply` stays eager."""
         for sub in self.sublayers:
             sub.mixer.compiled = enable
         return self

@@ -9,6 +9,12 @@
 
 Freezing: when `frozen` holds coefficients (set by `mhc_interp.hooks.freeze.frozen_mixing`),
 they replace the mixer's output; the coefficient hook points still fire on the frozen values.
+
+Compiled fast path (`HookedMHC.compile()`): the two regions between hook points - the mixer's
+coefficient maths and `apply` (read, branch, write-back) - run `torch.compile`d. The five boundary
+hook points (streams_in, h_pre, h_post, h_res, streams_out) are called outside the regions, so
+hooks there fire as usual; `apply` falls back to eager whenever anything inside it is observed
+(hook_read/write/res_mix, the branch's hook points, any torch hook or nnsight instrumentation).
 """
 from __future__ import annotations
 
@@ -19,12 +25,19 @@ from torch import Tensor, nn
 from transformer_lens.hook_points import HookPoint
 
 from ..config import MHCConfig
+from .compiled import compile_once, global_module_hooks, module_observed
 from .components import LayerNorm
 from .mixers import MixingCoefficients, build_mixer
 
 
+# hook points called outside the compiled `apply` region
+BOUNDARY_HOOKS = ("hook_streams_in", "hook_h_pre", "hook_h_post", "hook_h_res", "hook_streams_out")
+
+
 class HyperConnectedSublayer(nn.Module):
     """Base class; subclasses define `branch(h [batch, pos, d_model]) -> [batch, pos, d_model]`."""
+
+    compiled = False  # set by HookedMHC.compile(): run `apply` torch.compile'd when unobserved
 
     def __init__(self, cfg: MHCConfig, init_stream: int = 0):
         super().__init__()
@@ -56,12 +69,29 @@ class HyperConnectedSublayer(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         x = self.hook_streams_in(x)
         coeffs = self.coefficients(x)
-        h_pre = self.hook_h_pre(coeffs.h_pre).to(x.dtype)
-        h_post = self.hook_h_post(coeffs.h_post).to(x.dtype)
-        h_res = self.hook_h_res(coeffs.h_res).to(x.dtype)
+        h_pre = self.hook_h_pre(coeffs.h_pre)
+        h_post = self.hook_h_post(coeffs.h_post)
+        h_res = self.hook_h_res(coeffs.h_res)
+        fast = self.compiled and not self.interior_observed()
+        apply = compile_once(type(self).apply) if fast else type(self).apply
+        return self.hook_streams_out(apply(self, x, h_pre, h_post, h_res))
+
+    def apply(self, x: Tensor, h_pre: Tensor, h_post: Tensor, h_res: Tensor) -> Tensor:
+        """x' = H_res x + H_post^T F(H_pre x), given the coefficients (cast to the state's dtype).
+        x [b, p, n, d], h_pre/h_post [b, p, n], h_res [b, p, n, n] -> [b, p, n, d]."""
+        h_pre, h_post, h_res = (t.to(x.dtype) for t in (h_pre, h_post, h_res))
         # read and residual mix in one batched matmul: [1 + n, n] @ [n, d] per token
         mix = torch.cat([h_pre.unsqueeze(-2), h_res], dim=-2) @ x              # [b, p, 1 + n, d]
         read = self.hook_read(mix[:, :, 0])
         write = self.hook_write(self.branch(self.ln(read)))
         mixed = self.hook_res_mix(mix[:, :, 1:])
-        return self.hook_streams_out(torch.addcmul(mixed, h_post.unsqueeze(-1), write.unsqueeze(-2)))
+        return torch.addcmul(mixed, h_post.unsqueeze(-1), write.unsqueeze(-2))
+
+    def interior_observed(self) -> bool:
+        """Could anyone see inside `apply` (so that it must run eagerly)? Checks every module
+        `apply` runs: all submodules but the mixer and the boundary hook points. (Hooks on the
+        sublayer module itself see only its input and output, so they do not count.)"""
+        outside = {"mixer", *BOUNDARY_HOOKS}
+        return global_module_hooks() or any(
+            module_observed(m) for name, m in self.named_modules() if name and name.split(".")[0] not in outside
+        )

@@ -21,6 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from ...config import MHCConfig
+from ..compiled import compile_once
 
 
 @dataclass
@@ -57,7 +58,7 @@ class Mixer(nn.Module):
         self.n_streams = cfg.n_streams
         self.d_model = cfg.d_model
 
-    compiled = False  # set by HookedMHC.compile_mixers(): use the torch.compile'd `compute`
+    compiled = False  # set by HookedMHC.compile() / compile_mixers(): use the torch.compile'd `compute`
 
     @staticmethod
     def compute(x: Tensor, w: Dict[str, Tensor], n: int, iters: int) -> Tuple[Tensor, Tensor, Tensor]:
@@ -67,7 +68,8 @@ class Mixer(nn.Module):
 
     def forward(self, x: Tensor) -> MixingCoefficients:
         x, w = self.params_for(x)
-        compute = compiled_compute(type(self)) if self.compiled else type(self).compute
+        # one compiled graph per variant, shared by all its sublayers (tensors are arguments)
+        compute = compile_once(type(self).compute) if self.compiled else type(self).compute
         return MixingCoefficients(*compute(x, w, self.n_streams, getattr(self, "sinkhorn_iters", 0)))
 
     def params_for(self, x: Tensor) -> Tuple[Tensor, Dict[str, Tensor]]:
@@ -76,17 +78,6 @@ class Mixer(nn.Module):
         dtype = torch.promote_types(x.dtype, torch.float32)
         tensors = dict(self.named_parameters(recurse=False), **dict(self.named_buffers(recurse=False)))
         return x.to(dtype), {k: v.to(dtype) for k, v in tensors.items()}
-
-
-_COMPILED: Dict[type, Callable] = {}
-
-
-def compiled_compute(cls: type) -> Callable:
-    """One `torch.compile`d `compute` per variant, shared by all its sublayers: the tensors are
-    arguments, so same-shaped sublayers reuse one graph (no recompilation per instance)."""
-    if cls not in _COMPILED:
-        _COMPILED[cls] = torch.compile(cls.compute, dynamic=False)
-    return _COMPILED[cls]
 
 
 def rms_normalize(x: Tensor, gamma: Tensor) -> Tensor:

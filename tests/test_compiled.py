@@ -1,0 +1,149 @@
+"""`HookedMHC.compile()`: the compiled fast path computes what the eager model computes, and every
+way of looking inside a sublayer (TransformerLens hooks attached after compiling, torch hooks,
+nnsight) still sees and changes the run - the hazard of a plain `torch.compile(model)`, whose
+graphs silently skip hooks added later."""
+import numpy as np
+import pytest
+import torch
+
+from mhc_interp.hooks import is_mixing_hook
+from mhc_interp.model.compiled import module_observed
+from mhc_interp.probes import ablate_and_rescue
+
+from .conftest import perturbed_model, tiny_config
+
+TOL = dict(atol=1e-5, rtol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def models():
+    """(eager, compiled) copies of one perturbed model: the compiled one has run once already,
+    so hooks attached afterwards meet existing graphs."""
+    eager = perturbed_model(tiny_config("mhc"), seed=3)
+    fast = perturbed_model(tiny_config("mhc"), seed=3).compile()
+    with torch.no_grad():
+        fast(torch.zeros(3, 9, dtype=torch.long))
+    return eager, fast
+
+
+@pytest.fixture
+def toks():
+    torch.manual_seed(7)
+    return torch.randint(0, 40, (3, 9))
+
+
+def uses_compiled_apply(model) -> list:
+    """Which sublayers would take the compiled `apply` right now."""
+    return [sub.compiled and not sub.interior_observed() for sub in model.sublayers]
+
+
+def test_compiled_forward_matches_eager(models, toks):
+    eager, fast = models
+    assert all(uses_compiled_apply(fast)) and not any(uses_compiled_apply(eager))
+    with torch.no_grad():
+        torch.testing.assert_close(fast(toks), eager(toks), **TOL)
+        # a new batch size and length (dynamo re-traces with dynamic shapes) and a resumed run
+        other = torch.randint(0, 40, (5, 12))
+        torch.testing.assert_close(fast(other), eager(other), **TOL)
+        state = eager(toks, stop_at_sublayer=2)
+        torch.testing.assert_close(fast(state, start_at_sublayer=2), eager(state, start_at_sublayer=2), **TOL)
+
+
+def test_boundary_hooks_stay_compiled_and_see_the_same_values(models, toks):
+    eager, fast = models
+    boundary = lambda n: n.endswith(("hook_streams_in", "hook_streams_out")) or is_mixing_hook(n)  # noqa: E731
+    ref_logits, ref = eager.run_with_cache(toks, names_filter=boundary)
+    seen = []
+    with fast.hooks(fwd_hooks=[(boundary, lambda x, hook: seen.append(all(uses_compiled_apply(fast))))]):
+        fast(toks)
+    assert seen and all(seen)  # the hooks fired, and the interiors stayed compiled
+    logits, cache = fast.run_with_cache(toks, names_filter=boundary)
+    torch.testing.assert_close(logits, ref_logits, **TOL)
+    assert set(cache) == set(ref) and len(cache) == 5 * len(fast.sublayers)
+    for name in ref:
+        torch.testing.assert_close(cache[name], ref[name], **TOL)
+
+
+@pytest.mark.parametrize("hook_name", ["blocks.0.attn.hook_q", "blocks.1.mlp.hook_post",
+                                       "blocks.1.attn.hook_write", "blocks.0.mlp.hook_read"])
+def test_interior_hook_added_after_compiling_fires_and_changes_the_run(models, toks, hook_name):
+    eager, fast = models
+    flip = lambda x, hook: x.flip(-1)  # noqa: E731  (not a rescaling: LayerNorm would undo that)
+    expected = eager.run_with_hooks(toks, fwd_hooks=[(hook_name, flip)])
+    out = fast.run_with_hooks(toks, fwd_hooks=[(hook_name, flip)])
+    torch.testing.assert_close(out, expected, **TOL)
+    assert not torch.allclose(out, eager(toks), atol=1e-3)  # the hook really changed the output
+    assert all(uses_compiled_apply(fast))  # nothing stayed attached
+
+
+def test_only_the_observed_sublayer_runs_eagerly(models):
+    _, fast = models
+    with fast.hooks(fwd_hooks=[("blocks.1.attn.hook_pattern", lambda x, hook: x)]):
+        assert uses_compiled_apply(fast) == [True, True, False, True]
+
+
+def test_torch_hooks_inside_a_sublayer_are_respected(models, toks):
+    eager, fast = models
+    outputs = {}
+    for model in (eager, fast):
+        handle = model.blocks[1].mlp.c_fc.register_forward_hook(lambda m, i, o: o * 0)
+        try:
+            if model is fast:
+                assert uses_compiled_apply(fast) == [True, True, True, False]
+            outputs[model is fast] = model(toks)
+        finally:
+            handle.remove()
+    torch.testing.assert_close(outputs[True], outputs[False], **TOL)
+    # hooks registered for every module reach inside compiled regions only by running eagerly
+    handle = torch.nn.modules.module.register_module_forward_hook(lambda m, i, o: None)
+    try:
+        assert not any(uses_compiled_apply(fast))
+    finally:
+        handle.remove()
+    assert all(uses_compiled_apply(fast))
+
+
+def test_hooks_are_removed_after_an_exception(models, toks):
+    _, fast = models
+
+    def boom(x, hook):
+        raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError, match="boom"):
+        fast.run_with_hooks(toks, fwd_hooks=[("blocks.0.attn.hook_z", boom)])
+    assert not any(module_observed(hp) for hp in fast.hook_dict.values())
+    assert all(uses_compiled_apply(fast))
+
+
+def test_frozen_rescue_sweep_matches_eager(models, toks):
+    """The batched causal sweeps run compiled: frozen coefficients enter `apply` as arguments,
+    edits are hooks on hook_streams_in (outside the compiled region)."""
+    eager, fast = models
+    kw = dict(mode="one_shot", ablation="zero", batch_size=3)
+    ref = ablate_and_rescue(eager, toks, **kw)
+    res = ablate_and_rescue(fast, toks, **kw)
+    for key in ("kl_ablated", "kl_rescued"):
+        np.testing.assert_allclose(res[key], ref[key], atol=1e-5, rtol=1e-4)
+
+
+def test_gradients_match_eager(models, toks):
+    eager, fast = models
+    grads = []
+    for model in (eager, fast):
+        model.zero_grad()
+        model(toks, return_type="loss").backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
+        model.zero_grad()
+    for name, g in grads[0].items():
+        torch.testing.assert_close(grads[1][name], g, atol=1e-5, rtol=1e-4)
+
+
+def test_compile_can_be_switched_off(toks):
+    model = perturbed_model(tiny_config("mhc_lite", 3), seed=4)
+    with torch.no_grad():
+        ref = model(toks)
+        model.compile()
+        torch.testing.assert_close(model(toks), ref, **TOL)
+        model.compile(False)
+        assert not any(s.compiled or s.mixer.compiled for s in model.sublayers)
+        assert torch.equal(model(toks), ref)

@@ -1,65 +1,54 @@
-"""Batched causal sweeps vs the naive one-forward-per-intervention loop.
+"""Batched causal sweeps vs the naive one-forward-per-intervention loop, and vs the FLOPs they need.
 
     python -m benchmarks.causal_sweeps --shape small --device cpu
-    python -m benchmarks.causal_sweeps --shape mhc-780m --device cuda --dtype bfloat16 --batch 4 --seq 512
+    python -m benchmarks.causal_sweeps --shape mhc-780m --device cuda --dtype bfloat16 --batch 64 --prompt-batch 16 --compile
 
 Rows:
+  forward          one plain forward of a prompt batch (no hooks): the achieved FLOP rate that
+                   the sweeps' FLOP budgets are converted to seconds with
   rescue batched   `AblateRescue` (one-shot, zero ablation, frozen mixing) over every sublayer:
-                   the full pairwise rescue matrix: n(n-1)/2 pair ablations + n single
-                   ablations per sublayer, replicas stacked in the batch axis, each group
-                   resumed from the cached clean state at its sublayer
-  rescue naive     the same KLs with one full `run_with_hooks` forward per intervention (pair
-                   ablations + n(n-1) rescues, as a plain reading of the paper does), mixing frozen;
-                   timed on `--naive-sublayers` sublayers and extrapolated to all of them
+                   the full pairwise rescue matrix, n(n-1)/2 pair ablations + n single ablations
+                   per sublayer (a one-shot rescue of r after ablating a and r is ablating a
+                   alone), replicas stacked in the batch axis, each group resumed from the cached
+                   clean state at its sublayer
+  rescue naive     the same n(n-1)/2 + n interventions per sublayer, each one full
+                   `run_with_hooks` forward from the tokens, mixing frozen; timed on
+                   `--naive-sublayers` sublayers and extrapolated to all of them
   patching batched `ActivationPatching` (denoise, recomputed mixing) over every (sublayer, stream)
   patching naive   one full forward per (sublayer, stream), extrapolated likewise
-Columns: seconds, peak GPU MiB (cuda), speed-up of batched over naive. JSON to `--out`.
+
+What a sweep truly needs: the clean run(s) once, then for each intervention at sublayer l the
+sublayers l..end and the unembedding, on every prompt (forward FLOPs of `common.py`: matmuls
+only). `ideal s` = those FLOPs at the plain forward's achieved rate; `efficiency` = ideal s /
+measured s (1.0 = no overhead beyond the FLOPs; the issue's target is >= 0.5); `MFU` = needed
+FLOPs / measured s / peak (cuda). Columns also: seconds, peak GPU MiB, speed-up over naive.
 """
 from __future__ import annotations
 
 import argparse
 import itertools
-import json
-import time
-from pathlib import Path
+from typing import Any, Dict, List, Optional
 
 import torch
 
-from mhc_interp import HookedMHC
 from mhc_interp.hooks import is_mixing_hook
 from mhc_interp.probes import ablate_and_rescue, activation_patching
+from mhc_interp.probes.causal import clean_run
 
-from .forward_overhead import DTYPES, SHAPES, make_config
-
-
-def sync(device):
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-
-
-def measure(fn, device):
-    if device.startswith("cuda"):
-        torch.cuda.reset_peak_memory_stats()
-    sync(device)
-    t0 = time.perf_counter()
-    fn()
-    sync(device)
-    peak = torch.cuda.max_memory_allocated() / 2**20 if device.startswith("cuda") else None
-    return time.perf_counter() - t0, peak
+from .common import (add_common_args, build_model, check_batch_fits, cli, forward_flops_per_token, peak_flops,
+                     prepare, print_table, random_tokens, readout_flops_per_token, sublayer_flops_per_token,
+                     timed, write_result)
 
 
 @torch.no_grad()
 def naive_rescue(model, tokens, sublayers):
-    _, cache = model.run_with_cache(tokens, names_filter=lambda n: is_mixing_hook(n) or n.endswith("streams_in"))
+    _, cache = model.run_with_cache(tokens, names_filter=is_mixing_hook)
     n, names = model.cfg.n_streams, model.sublayer_names
+    ablations = [*itertools.combinations(range(n), 2), *((s,) for s in range(n))]
     with model.frozen_mixing(cache):
         for l in sublayers:
-            name = f"{names[l]}.hook_streams_in"
-            for i, j in itertools.combinations(range(n), 2):
-                model.run_with_hooks(tokens, fwd_hooks=[model.stream_hook(name, [i, j], 0.0)])
-            for a, r in itertools.permutations(range(n), 2):
-                model.run_with_hooks(tokens, fwd_hooks=[model.stream_hook(name, [a, r], 0.0),
-                                                        model.stream_hook(name, r, cache[name][:, :, r])])
+            for streams in ablations:
+                model.run_with_hooks(tokens, fwd_hooks=[model.stream_hook(f"{names[l]}.hook_streams_in", list(streams), 0.0)])
 
 
 @torch.no_grad()
@@ -71,50 +60,85 @@ def naive_patching(model, clean, corrupted, sublayers):
             model.run_with_hooks(corrupted, fwd_hooks=[model.stream_hook(name, s, cache[name][:, :, s])])
 
 
-def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--shape", default="small", choices=sorted(SHAPES))
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
-    p.add_argument("--batch", type=int, default=None)
-    p.add_argument("--seq", type=int, default=None)
+def sweep_flops(cfg, seq: int, n_tokens: int, per_sublayer: int, full_runs: int) -> float:
+    """FLOPs of `full_runs` full forwards plus `per_sublayer` interventions at every sublayer,
+    each resumed there: sublayers l..end and the unembedding, over `n_tokens` tokens."""
+    subs = sublayer_flops_per_token(cfg, seq)
+    suffix = [sum(subs[l:]) for l in range(len(subs))]
+    per_token = full_runs * forward_flops_per_token(cfg, seq)
+    per_token += per_sublayer * sum(s + readout_flops_per_token(cfg) for s in suffix)
+    return per_token * n_tokens
+
+
+def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
+    p = add_common_args(argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter),
+                        repeats=1)
+    p.add_argument("--prompt-batch", type=int, default=None,
+                   help="prompts per probe batch (its clean states are cached at every sublayer); default --batch")
     p.add_argument("--naive-sublayers", type=int, default=2)
-    p.add_argument("--max-rows", type=int, default=None)
-    p.add_argument("--out", default=None)
+    p.add_argument("--max-rows", type=int, default=None, help="cap on rows per batched forward")
     args = p.parse_args(argv)
-    shape = SHAPES[args.shape]
-    batch, seq = args.batch or shape["batch"], args.seq or shape["seq"]
-    torch.manual_seed(0)
-    model = HookedMHC(make_config(args.shape, "mhc")).eval().to(args.device, DTYPES[args.dtype])
-    tokens = torch.randint(0, model.cfg.d_vocab, (batch, seq), device=args.device)
+    device = prepare(args)
+    model = build_model(args, device)
+    cfg, n = model.cfg, model.cfg.n_streams
+    batch, seq = args.batch, args.seq
+    prompt_batch = args.prompt_batch or batch
+    tokens = random_tokens(model, batch, seq)
     corrupted = tokens.clone()
-    corrupted[:, seq // 2] = (corrupted[:, seq // 2] + 1) % model.cfg.d_vocab
-    n_sub = model.cfg.n_sublayers
+    corrupted[:, seq // 2] = (corrupted[:, seq // 2] + 1) % cfg.d_vocab
+    n_sub = cfg.n_sublayers
     subset = list(range(0, n_sub, max(1, n_sub // args.naive_sublayers)))[: args.naive_sublayers]
     scale = n_sub / len(subset)
-    print(f"{model.summary()}\nprompts {batch} x {seq}; naive loops timed on sublayers {subset}, x{scale:.0f}")
-    rows = {}
-    kw = dict(batch_size=batch, max_rows=args.max_rows)
-    rows["rescue batched"] = measure(lambda: ablate_and_rescue(model, tokens, **kw), args.device)
-    t, peak = measure(lambda: naive_rescue(model, tokens, subset), args.device)
-    rows["rescue naive"] = (t * scale, peak)
-    rows["patching batched"] = measure(lambda: activation_patching(model, tokens, corrupted, **kw), args.device)
-    t, peak = measure(lambda: naive_patching(model, tokens, corrupted, subset), args.device)
-    rows["patching naive"] = (t * scale, peak)
-    print(f"{'row':18s} {'seconds':>9s} {'peak MiB':>9s} {'speed-up':>9s}")
-    out = {}
-    for name, (sec, peak) in rows.items():
-        naive = rows[name.replace("batched", "naive")][0]
-        speed = naive / sec if "batched" in name else None
-        out[name] = {"seconds": sec, "peak_mib": peak, "speedup_vs_naive": speed}
-        print(f"{name:18s} {sec:9.2f} {peak or float('nan'):9.0f} {'' if speed is None else f'{speed:8.1f}x':>9s}")
-    info = {"shape": args.shape, "device": args.device, "dtype": args.dtype, "torch": torch.__version__,
-            "batch": batch, "seq": seq, "naive_sublayers": subset, "results": out}
-    path = Path(args.out or f"benchmarks/results/causal_sweeps-{args.shape}-{args.device.split(':')[0]}.json")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(info, indent=2))
-    print(f"wrote {path}")
+    print(f"{model.summary()}\nprompts {batch} x {seq} in probe batches of {prompt_batch}; "
+          f"naive loops timed on sublayers {subset}, x{scale:.0f}")
+
+    def run(fn, extrapolate: float = 1.0):
+        r = timed(fn, device, args.repeats, args.warmup)
+        if not r["oom"]:
+            r["seconds"] *= extrapolate
+        return r
+
+    prompt_tokens = tokens[:prompt_batch]
+    # a probe batch caches its clean stream state at every sublayer: say so if that cannot fit
+    check_batch_fits(lambda b: clean_run(model, prompt_tokens[:b]), prompt_batch, device,
+                     "the clean run of one probe batch (--prompt-batch)")
+    kw = dict(batch_size=prompt_batch, max_rows=args.max_rows)
+    if args.compile:  # compile outside the timings: every replica-stack shape of a sweep, once
+        ablate_and_rescue(model, prompt_tokens, sublayers=[n_sub - 1], **kw)
+        activation_patching(model, prompt_tokens, corrupted[:prompt_batch], sublayers=[n_sub - 1], **kw)
+    rows: Dict[str, Dict[str, Any]] = {}
+    with torch.inference_mode():
+        rows["forward"] = run(lambda: model(prompt_tokens))
+    rows["rescue batched"] = run(lambda: ablate_and_rescue(model, tokens, **kw))
+    rows["rescue naive"] = run(lambda: [naive_rescue(model, tokens[i:i + prompt_batch], subset)
+                                        for i in range(0, batch, prompt_batch)], scale)
+    rows["patching batched"] = run(lambda: activation_patching(model, tokens, corrupted, **kw))
+    rows["patching naive"] = run(lambda: [naive_patching(model, tokens[i:i + prompt_batch], corrupted[i:i + prompt_batch], subset)
+                                          for i in range(0, batch, prompt_batch)], scale)
+
+    peak = peak_flops(device)
+    fwd = rows["forward"]
+    rate = None if fwd["oom"] else forward_flops_per_token(cfg, seq) * prompt_batch * seq / fwd["seconds"]
+    needed = {"rescue": sweep_flops(cfg, seq, batch * seq, n * (n - 1) // 2 + n, full_runs=1),
+              "patching": sweep_flops(cfg, seq, batch * seq, n, full_runs=2)}
+    for name, r in rows.items():
+        kind, _, how = name.partition(" ")
+        if r["oom"] or how != "batched":
+            continue
+        naive = rows[f"{kind} naive"]
+        r["speedup_vs_naive"] = None if naive["oom"] else naive["seconds"] / r["seconds"]
+        r["needed_flops"] = needed[kind]
+        r["ideal_seconds"] = needed[kind] / rate if rate else None
+        r["efficiency"] = r["ideal_seconds"] / r["seconds"] if rate else None
+        r["mfu"] = needed[kind] / r["seconds"] / peak if peak else None
+    print_table(rows, [("seconds", "seconds", ".2f"), ("peak MiB", "peak_mib", ".0f"),
+                       ("speed-up", "speedup_vs_naive", ".1f"), ("ideal s", "ideal_seconds", ".2f"),
+                       ("efficiency", "efficiency", ".2f"), ("MFU", "mfu", ".1%")])
+    result = dict(prompt_batch=prompt_batch, naive_sublayers=subset, forward_flop_rate=rate,
+                  peak_flops=peak, rows=rows)
+    write_result("causal_sweeps", args, device, result)
+    return result
 
 
 if __name__ == "__main__":
-    main()
+    cli(main)

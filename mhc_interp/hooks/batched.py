@@ -63,13 +63,17 @@ def validate_edit(edit: Edit, n_sublayers: int, n_streams: int, n_pos: int) -> N
             raise IndexError(f"position {badp} out of range for sequences of length {n_pos}")
 
 
+CPU_TOKENS_PER_FORWARD = 4096
+
+
 def rows_per_forward(model, batch: int, pos: int, max_rows: Optional[int] = None) -> int:
     """How many batch rows (replicas x prompts) one forward may hold: `max_rows` if given; on
-    CUDA from free memory (state copies, MLP activations and float32 logits per row); else 64."""
+    CUDA from free memory (state copies, MLP activations and float32 logits per row); else
+    about 4096 tokens (on a CPU, larger stacks fall out of cache and run slower per token)."""
     if max_rows is not None:
         return max(batch, max_rows)
     if model.device.type != "cuda":
-        return max(batch, 64)
+        return max(batch, CPU_TOKENS_PER_FORWARD // max(pos, 1))
     cfg = model.cfg
     width = torch.finfo(model.dtype).bits // 8
     per_row = pos * (cfg.n_streams * cfg.d_model * width * 8 + cfg.d_mlp * width * 2 + cfg.d_vocab * 4 * 3)

@@ -1,0 +1,84 @@
+"""The benchmark suite: a tiny CPU smoke run of the entry point (so it does not rot), its FLOP
+counts against the model's real parameter counts, and its clear errors on bad input. Timings are
+never asserted."""
+import dataclasses
+import json
+
+import pytest
+import torch
+from torch import nn
+
+from benchmarks import run as bench_run
+from benchmarks.causal_sweeps import sweep_flops
+from benchmarks.common import (BenchmarkError, batch_fit, batch_fit_problem, forward_flops_per_token,
+                               make_config, readout_flops_per_token, resolve_device, sublayer_flops_per_token)
+from mhc_interp import HookedMHC
+
+
+def test_entry_point_smoke_run(tmp_path):
+    summary = bench_run.main(["--shape", "tiny", "--out-dir", str(tmp_path), "--", "--repeats", "1", "--warmup", "0"])
+    assert summary["errors"] == {}
+    assert set(summary["results"]) == set(bench_run.BENCHMARKS)
+    assert json.loads((tmp_path / "summary-tiny-cpu.json").read_text())["results"].keys() == summary["results"].keys()
+    fwd = summary["results"]["forward_overhead"]
+    assert {"stripped", "hooked", "cache streams", "cache all", "nnsight trace", "residual"} <= set(fwd["rows"])
+    assert fwd["rows"]["stripped"]["ratio"] == 1.0 and fwd["torch_version"] == torch.__version__
+    assert fwd["rows"]["cache all"]["cache_mib"] > fwd["rows"]["cache streams"]["cache_mib"] > 0
+    sweeps = summary["results"]["causal_sweeps"]["rows"]
+    for kind in ("rescue", "patching"):
+        assert sweeps[f"{kind} batched"]["seconds"] > 0 and sweeps[f"{kind} batched"]["efficiency"] > 0
+    for name, result in summary["results"].items():
+        for row, r in result["rows"].items():
+            assert not r["oom"] and r["seconds"] > 0, (name, row)
+
+
+def test_compiled_rows(tmp_path):
+    from benchmarks import forward_overhead
+
+    res = forward_overhead.main(["--shape", "tiny", "--compile", "--repeats", "1", "--warmup", "1",
+                                 "--out", str(tmp_path / "fo.json")])
+    for row in ("compiled mixers", "compiled", "compiled cache streams", "residual compiled"):
+        assert res["rows"][row]["seconds"] > 0
+    assert res["rows"]["compiled cache streams"]["cache_mib"] == pytest.approx(res["rows"]["cache streams"]["cache_mib"])
+
+
+def test_flop_counts_match_the_model():
+    """2 N + 4 L T d, with N the matmul parameters of the real model (incl. the unembedding)."""
+    cfg = make_config("small")
+    model = HookedMHC(cfg)
+    seq = 100
+    n_matmul = sum(m.weight.numel() for m in model.modules() if isinstance(m, nn.Linear))
+    n_matmul += cfg.d_model * cfg.d_vocab
+    assert forward_flops_per_token(cfg, seq) == 2 * n_matmul + 4 * cfg.n_layers * seq * cfg.d_model
+    # a sweep of one intervention per sublayer, each resumed at its sublayer, on a 1-layer model:
+    # (attn + mlp + readout) from sublayer 0, (mlp + readout) from sublayer 1, plus one full run
+    one = dataclasses.replace(make_config("tiny"), n_layers=1)
+    attn, mlp = sublayer_flops_per_token(one, seq)
+    readout = readout_flops_per_token(one)
+    expected = 7 * ((attn + mlp + readout) + (attn + mlp + readout) + (mlp + readout))
+    assert sweep_flops(one, seq, 7, per_sublayer=1, full_runs=1) == pytest.approx(expected)
+
+
+def test_bad_input():
+    if not torch.cuda.is_available():
+        with pytest.raises(BenchmarkError, match="'cuda' is not available.*no CUDA GPU"):
+            resolve_device("cuda")
+    with pytest.raises(BenchmarkError, match="unknown device 'gpu0'"):
+        resolve_device("gpu0")
+    with pytest.raises(SystemExit):  # argparse: unknown shape name
+        bench_run.main(["--shape", "gpt-5"])
+    from benchmarks import forward_overhead
+
+    with pytest.raises(BenchmarkError, match="--seq 40 is longer than the tiny context"):
+        forward_overhead.main(["--shape", "tiny", "--seq", "40"])
+
+
+def test_batch_fit_says_what_it_needs_and_what_fits():
+    gib = 2**30
+    assert batch_fit(2 * gib, 10 * gib, 4) == (True, 4)
+    assert batch_fit(2 * gib, 10 * gib, 8) == (False, 4)
+    assert batch_fit_problem("forward", 4, 2 * gib, 3 * gib, 10 * gib, 80 * gib) is None
+    msg = batch_fit_problem("forward", 16, 6.5 * gib, 3 * gib, 70 * gib, 80 * gib)
+    assert "batch 16 needs about 104.0 GiB" in msg and "70.0 of 80.0 GiB are free" in msg
+    assert "at most batch 9 fits (use --batch 9)" in msg
+    assert "not even one sequence" in batch_fit_problem("forward", 1, 90 * gib, 0, 70 * gib, 80 * gib)

@@ -34,6 +34,17 @@ from .mixers import MixingCoefficients, build_mixer
 BOUNDARY_HOOKS = ("hook_streams_in", "hook_h_pre", "hook_h_post", "hook_h_res", "hook_streams_out")
 
 
+def mix_streams(coef: Tensor, x: Tensor) -> Tensor:
+    """out[..., m, :] = sum_s coef[..., m, s] x[..., s, :]: coef [b, p, m, n], x [b, p, n, d].
+
+    Eager: one batched matmul. Traced by torch.compile: the sum over the n source streams written
+    out, which inductor fuses with its neighbours into passes over x (a batched GEMM with inner
+    size n would be a separate, memory-bound kernel and a materialised [b, p, m, d] result)."""
+    if torch.compiler.is_compiling():
+        return sum(coef[..., s, None] * x[..., None, s, :] for s in range(x.shape[-2]))
+    return coef @ x
+
+
 class HyperConnectedSublayer(nn.Module):
     """Base class; subclasses define `branch(h [batch, pos, d_model]) -> [batch, pos, d_model]`."""
 
@@ -80,8 +91,7 @@ class HyperConnectedSublayer(nn.Module):
         """x' = H_res x + H_post^T F(H_pre x), given the coefficients (cast to the state's dtype).
         x [b, p, n, d], h_pre/h_post [b, p, n], h_res [b, p, n, n] -> [b, p, n, d]."""
         h_pre, h_post, h_res = (t.to(x.dtype) for t in (h_pre, h_post, h_res))
-        # read and residual mix in one batched matmul: [1 + n, n] @ [n, d] per token
-        mix = torch.cat([h_pre.unsqueeze(-2), h_res], dim=-2) @ x              # [b, p, 1 + n, d]
+        mix = mix_streams(torch.cat([h_pre.unsqueeze(-2), h_res], dim=-2), x)   # [b, p, 1 + n, d]
         read = self.hook_read(mix[:, :, 0])
         write = self.hook_write(self.branch(self.ln(read)))
         mixed = self.hook_res_mix(mix[:, :, 1:])

@@ -62,26 +62,30 @@ class Mixer(nn.Module):
 
     @staticmethod
     def compute(x: Tensor, w: Dict[str, Tensor], n: int, iters: int) -> Tuple[Tensor, Tensor, Tensor]:
-        """The maths of a variant as a pure function of the state x [b, p, n, d] and the mixer's
-        tensors `w` (parameters and buffers, in the compute dtype) -> (h_pre, h_post, h_res)."""
+        """The maths of a variant as a pure function of the state x [b, p, n, d] (in the model's
+        dtype) and the mixer's tensors `w` (parameters and buffers, in the compute dtype)
+        -> (h_pre, h_post, h_res). x enters the compute dtype in `rms_normalize`, its first use,
+        so a compiled `compute` fuses the cast into the norm instead of copying the whole stream
+        state to float32 first."""
         raise NotImplementedError  # pragma: no cover - abstract
 
     def forward(self, x: Tensor) -> MixingCoefficients:
-        x, w = self.params_for(x)
         # one compiled graph per variant, shared by all its sublayers (tensors are arguments)
         compute = compile_once(type(self).compute) if self.compiled else type(self).compute
-        return MixingCoefficients(*compute(x, w, self.n_streams, getattr(self, "sinkhorn_iters", 0)))
+        return MixingCoefficients(*compute(x, self.tensors_for(x), self.n_streams, getattr(self, "sinkhorn_iters", 0)))
 
-    def params_for(self, x: Tensor) -> Tuple[Tensor, Dict[str, Tensor]]:
-        """(x, this mixer's tensors), both in the compute dtype: float32 for bf16/fp16/fp32
-        models (coefficients never in half precision), float64 for float64 models."""
+    def tensors_for(self, x: Tensor) -> Dict[str, Tensor]:
+        """This mixer's parameters and buffers in the compute dtype for state `x`: float32 for
+        bf16/fp16/fp32 models (coefficients never in half precision), float64 for float64."""
         dtype = torch.promote_types(x.dtype, torch.float32)
         tensors = dict(self.named_parameters(recurse=False), **dict(self.named_buffers(recurse=False)))
-        return x.to(dtype), {k: v.to(dtype) for k, v in tensors.items()}
+        return {k: v.to(dtype) for k, v in tensors.items()}
 
 
 def rms_normalize(x: Tensor, gamma: Tensor) -> Tensor:
-    """RMSNorm of the public code: x / ||x||_2 * sqrt(dim) * (1 + gamma), over the last axis."""
+    """RMSNorm of the public code: x / ||x||_2 * sqrt(dim) * (1 + gamma), over the last axis,
+    computed in gamma's dtype (the compute dtype)."""
+    x = x.to(gamma.dtype)
     return nn.functional.normalize(x, dim=-1) * (x.shape[-1] ** 0.5) * (gamma + 1)
 
 

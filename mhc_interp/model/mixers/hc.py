@@ -34,6 +34,8 @@ class HyperConnectionMixer(Mixer):
     @staticmethod
     def compute(x, w, n, iters):  # x [batch, pos, n, d]
         y = rms_normalize(x, w["norm_gamma"])                                         # [b, p, n, d]
-        alpha = torch.tanh(y @ w["dynamic_alpha_fn"]) * w["dynamic_alpha_scale"] + w["static_alpha"]
-        h_post = torch.tanh(y @ w["dynamic_beta_fn"]) * w["dynamic_beta_scale"] + w["static_beta"]
+        # both projections in one GEMM, so y is read once: [d, 1 + n] and [d] -> [d, 2 + n]
+        both = torch.tanh(y @ torch.cat([w["dynamic_alpha_fn"], w["dynamic_beta_fn"][:, None]], dim=-1))
+        alpha = both[..., :-1] * w["dynamic_alpha_scale"] + w["static_alpha"]
+        h_post = both[..., -1] * w["dynamic_beta_scale"] + w["static_beta"]
         return alpha[..., 0], h_post, alpha[..., 1:].transpose(-1, -2)

@@ -17,7 +17,7 @@ from .base import Mixer, register_mixer, rms_normalize, sinkhorn_log
 
 
 class _ManifoldMixerBase(Mixer):
-    """Shared parts of mHC and mHC-lite: the flattened RMSNorm, H_pre and H_post."""
+    """Shared parts of mHC and mHC-lite: the flattened RMSNorm and its projections, H_post."""
 
     n_res_logits: int  # number of dynamic logits that parameterise H_res
 
@@ -34,12 +34,16 @@ class _ManifoldMixerBase(Mixer):
         self.norm_gamma = nn.Parameter(torch.zeros(n * d))
 
     @staticmethod
-    def normed(x: Tensor, w) -> Tensor:  # [b, p, n, d] -> [b, p, n*d]
-        return rms_normalize(x.flatten(-2), w["norm_gamma"])
+    def projections(x: Tensor, w) -> tuple:
+        """y = RMSNorm(flatten(x)) projected by W_alpha and W_beta in one GEMM (y, [b, p, n*d]
+        in float32, is read once): x [b, p, n, d] -> (y W_alpha [b, p, k], y W_beta [b, p, n])."""
+        y = rms_normalize(x.flatten(-2), w["norm_gamma"])
+        both = y @ torch.cat([w["dynamic_alpha_fn"], w["dynamic_beta_fn"]], dim=-1)
+        return both.split([w["dynamic_alpha_fn"].shape[-1], w["dynamic_beta_fn"].shape[-1]], dim=-1)
 
     @staticmethod
-    def h_post(y: Tensor, w) -> Tensor:  # [b, p, n]
-        return 2 * torch.sigmoid((y @ w["dynamic_beta_fn"]) * w["h_post_scale"] + w["static_beta"])
+    def h_post(beta_logits: Tensor, w) -> Tensor:  # [b, p, n]
+        return 2 * torch.sigmoid(beta_logits * w["h_post_scale"] + w["static_beta"])
 
 
 @register_mixer("mhc")
@@ -56,8 +60,8 @@ class SinkhornMixer(_ManifoldMixerBase):
 
     @staticmethod
     def compute(x, w, n, iters):  # x [batch, pos, n, d]
-        y = _ManifoldMixerBase.normed(x, w)
-        dyn = (y @ w["dynamic_alpha_fn"]).unflatten(-1, (n, n + 1))                   # [b, p, s, 1+n]
+        dyn, beta = _ManifoldMixerBase.projections(x, w)
+        dyn = dyn.unflatten(-1, (n, n + 1))                                           # [b, p, s, 1+n]
         alpha = dyn * torch.cat([w["pre_branch_scale"], w["residual_scale"].expand(n)]) + w["static_alpha"]
         h_res = sinkhorn_log(alpha[..., 1:].transpose(-1, -2), iters)                 # [b, p, t, s]
-        return torch.sigmoid(alpha[..., 0]), _ManifoldMixerBase.h_post(y, w), h_res
+        return torch.sigmoid(alpha[..., 0]), _ManifoldMixerBase.h_post(beta, w), h_res

@@ -44,9 +44,8 @@ class PermutationMixer(_ManifoldMixerBase):
 
     @staticmethod
     def compute(x, w, n, iters):  # x [batch, pos, n, d]
-        y = _ManifoldMixerBase.normed(x, w)
-        logits = y @ w["dynamic_alpha_fn"]                                             # [b, p, n + n!]
+        logits, beta = _ManifoldMixerBase.projections(x, w)                           # [b, p, n + n!]
         h_pre = torch.sigmoid(logits[..., :n] * w["pre_branch_scale"] + w["static_alpha"][:n])
         weights = torch.softmax(logits[..., n:] * w["residual_scale"] + w["static_alpha"][n:], dim=-1)
         h_res = torch.einsum("bpr,rts->bpts", weights, w["perms"])
-        return h_pre, _ManifoldMixerBase.h_post(y, w), h_res
+        return h_pre, _ManifoldMixerBase.h_post(beta, w), h_res

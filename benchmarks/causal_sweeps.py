@@ -92,8 +92,8 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     print(f"{model.summary()}\nprompts {batch} x {seq} in probe batches of {prompt_batch}; "
           f"naive loops timed on sublayers {subset}, x{scale:.0f}")
 
-    def run(fn, extrapolate: float = 1.0):
-        r = timed(fn, device, args.repeats, args.warmup)
+    def run(fn, extrapolate: float = 1.0, warmup: int = args.warmup):
+        r = timed(fn, device, args.repeats, warmup)
         if not r["oom"]:
             r["seconds"] *= extrapolate
         return r
@@ -103,12 +103,12 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     check_batch_fits(lambda b: clean_run(model, prompt_tokens[:b]), prompt_batch, device,
                      "the clean run of one probe batch (--prompt-batch)")
     kw = dict(batch_size=prompt_batch, max_rows=args.max_rows)
-    if args.compile:  # compile outside the timings: every replica-stack shape of a sweep, once
-        ablate_and_rescue(model, prompt_tokens, sublayers=[n_sub - 1], **kw)
-        activation_patching(model, prompt_tokens, corrupted[:prompt_batch], sublayers=[n_sub - 1], **kw)
+    if args.compile:  # compile outside the timings: edits at sublayer 0 run every sublayer on a replica stack
+        ablate_and_rescue(model, prompt_tokens, sublayers=[0], **kw)
+        activation_patching(model, prompt_tokens, corrupted[:prompt_batch], sublayers=[0], **kw)
     rows: Dict[str, Dict[str, Any]] = {}
     with torch.inference_mode():
-        rows["forward"] = run(lambda: model(prompt_tokens))
+        rows["forward"] = run(lambda: model(prompt_tokens), warmup=max(1, args.warmup))  # cheap: always warm
     rows["rescue batched"] = run(lambda: ablate_and_rescue(model, tokens, **kw))
     rows["rescue naive"] = run(lambda: [naive_rescue(model, tokens[i:i + prompt_batch], subset)
                                         for i in range(0, batch, prompt_batch)], scale)

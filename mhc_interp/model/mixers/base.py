@@ -64,9 +64,8 @@ class Mixer(nn.Module):
     def compute(x: Tensor, w: Dict[str, Tensor], n: int, iters: int) -> Tuple[Tensor, Tensor, Tensor]:
         """The maths of a variant as a pure function of the state x [b, p, n, d] (in the model's
         dtype) and the mixer's tensors `w` (parameters and buffers, in the compute dtype)
-        -> (h_pre, h_post, h_res). x enters the compute dtype in `rms_normalize`, its first use,
-        so a compiled `compute` fuses the cast into the norm instead of copying the whole stream
-        state to float32 first."""
+        -> (h_pre, h_post, h_res). x stays in its dtype: it is only read by `normed_projection`,
+        which never materialises a normed (or float32) copy of the stream state."""
         raise NotImplementedError  # pragma: no cover - abstract
 
     def forward(self, x: Tensor) -> MixingCoefficients:
@@ -82,11 +81,19 @@ class Mixer(nn.Module):
         return {k: v.to(dtype) for k, v in tensors.items()}
 
 
-def rms_normalize(x: Tensor, gamma: Tensor) -> Tensor:
-    """RMSNorm of the public code: x / ||x||_2 * sqrt(dim) * (1 + gamma), over the last axis,
-    computed in gamma's dtype (the compute dtype)."""
-    x = x.to(gamma.dtype)
-    return nn.functional.normalize(x, dim=-1) * (x.shape[-1] ** 0.5) * (gamma + 1)
+def normed_projection(x: Tensor, gamma: Tensor, weight: Tensor) -> Tensor:
+    """RMSNorm(x) @ weight, with the public code's RMSNorm  x / ||x||_2 * sqrt(dim) * (1 + gamma)
+    over the last axis, computed as
+
+        s * (x @ W'),   s = sqrt(dim) / ||x||_2 (per row),   W' = (1 + gamma)[:, None] * weight
+
+    so the normed state is never materialised: the GEMM reads x once, in its own dtype (for a
+    bf16 state a bf16 GEMM, W' and the product rounded to bf16 - the precision of the state and of
+    the stored weights), and s and the result are in gamma's dtype (the compute dtype)."""
+    dtype = gamma.dtype
+    scaled = ((gamma + 1)[:, None] * weight).to(x.dtype)
+    norm = torch.linalg.vector_norm(x, dim=-1, keepdim=True, dtype=dtype).clamp_min(1e-12)
+    return (x @ scaled).to(dtype) * (x.shape[-1] ** 0.5 / norm)
 
 
 def sinkhorn_log(logits: Tensor, iters: int) -> Tensor:

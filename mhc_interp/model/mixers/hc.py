@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from ...config import MHCConfig
-from .base import Mixer, register_mixer, rms_normalize
+from .base import Mixer, normed_projection, register_mixer
 
 
 @register_mixer("hc")
@@ -33,9 +33,9 @@ class HyperConnectionMixer(Mixer):
 
     @staticmethod
     def compute(x, w, n, iters):  # x [batch, pos, n, d]
-        y = rms_normalize(x, w["norm_gamma"])                                         # [b, p, n, d]
-        # both projections in one GEMM, so y is read once: [d, 1 + n] and [d] -> [d, 2 + n]
-        both = torch.tanh(y @ torch.cat([w["dynamic_alpha_fn"], w["dynamic_beta_fn"][:, None]], dim=-1))
+        # both projections of the per-stream RMSNorm in one GEMM: [d, 1 + n] and [d] -> [d, 2 + n]
+        weight = torch.cat([w["dynamic_alpha_fn"], w["dynamic_beta_fn"][:, None]], dim=-1)
+        both = torch.tanh(normed_projection(x, w["norm_gamma"], weight))               # [b, p, n, 2 + n]
         alpha = both[..., :-1] * w["dynamic_alpha_scale"] + w["static_alpha"]
         h_post = both[..., -1] * w["dynamic_beta_scale"] + w["static_beta"]
         return alpha[..., 0], h_post, alpha[..., 1:].transpose(-1, -2)

@@ -13,7 +13,7 @@ import torch
 from torch import Tensor, nn
 
 from ...config import MHCConfig
-from .base import Mixer, register_mixer, rms_normalize, sinkhorn_log
+from .base import Mixer, normed_projection, register_mixer, sinkhorn_log
 
 
 class _ManifoldMixerBase(Mixer):
@@ -35,10 +35,10 @@ class _ManifoldMixerBase(Mixer):
 
     @staticmethod
     def projections(x: Tensor, w) -> tuple:
-        """y = RMSNorm(flatten(x)) projected by W_alpha and W_beta in one GEMM (y, [b, p, n*d]
-        in float32, is read once): x [b, p, n, d] -> (y W_alpha [b, p, k], y W_beta [b, p, n])."""
-        y = rms_normalize(x.flatten(-2), w["norm_gamma"])
-        both = y @ torch.cat([w["dynamic_alpha_fn"], w["dynamic_beta_fn"]], dim=-1)
+        """RMSNorm(flatten(x)) projected by W_alpha and W_beta in one GEMM over the state:
+        x [b, p, n, d] -> (y W_alpha [b, p, k], y W_beta [b, p, n])."""
+        both = normed_projection(x.flatten(-2), w["norm_gamma"],
+                                 torch.cat([w["dynamic_alpha_fn"], w["dynamic_beta_fn"]], dim=-1))
         return both.split([w["dynamic_alpha_fn"].shape[-1], w["dynamic_beta_fn"].shape[-1]], dim=-1)
 
     @staticmethod

@@ -7,7 +7,7 @@ runner (`run_probes`) hands it every batch of the token source.
 """
 from __future__ import annotations
 
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -28,6 +28,16 @@ class CausalProbe(Probe):
 
     def intervene(self, model, tokens: Tensor, mask: Tensor) -> None:  # pragma: no cover
         raise NotImplementedError
+
+    @staticmethod
+    def sublayer_indices(model, sublayers: Optional[Sequence[int]]) -> List[int]:
+        """The sublayers a sweep covers: all (None) or the given indices, checked against the model."""
+        n_sub = model.cfg.n_sublayers
+        chosen = list(range(n_sub)) if sublayers is None else list(sublayers)
+        bad = [s for s in chosen if not 0 <= s < n_sub]
+        if bad:
+            raise IndexError(f"sublayer {bad} out of range: the model has {n_sub} sublayers (0..{n_sub - 1})")
+        return chosen
 
 
 def log_probs(logits: Tensor, temperature: float = 1.0) -> Tensor:

@@ -56,11 +56,7 @@ class ActivationPatching(CausalProbe):
 
     def setup(self, model) -> None:
         require_streams(model, self.name, minimum=1)
-        n_sub = model.cfg.n_sublayers
-        self.layers = list(range(n_sub)) if self.sublayers is None else list(self.sublayers)
-        bad = [s for s in self.layers if not 0 <= s < n_sub]
-        if bad:
-            raise IndexError(f"sublayer {bad} out of range: the model has {n_sub} sublayers (0..{n_sub - 1})")
+        self.layers = self.sublayer_indices(model, self.sublayers)
         self.n = model.cfg.n_streams
         self.names = [model.sublayer_names[s] for s in self.layers]
         self.stats = {m: PromptStats() for m in self._mixings()}

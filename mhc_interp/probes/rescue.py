@@ -67,11 +67,7 @@ class AblateRescue(CausalProbe):
 
     def setup(self, model) -> None:
         require_streams(model, self.name)
-        n_sub = model.cfg.n_sublayers
-        self.layers = list(range(n_sub)) if self.sublayers is None else list(self.sublayers)
-        bad = [s for s in self.layers if not 0 <= s < n_sub]
-        if bad:
-            raise IndexError(f"sublayer {bad} out of range: the model has {n_sub} sublayers (0..{n_sub - 1})")
+        self.layers = self.sublayer_indices(model, self.sublayers)
         self.n = model.cfg.n_streams
         pairs = self.pairs or list(itertools.combinations(range(self.n), 2))
         bad = [p for p in pairs if not all(0 <= s < self.n for s in p)]
@@ -79,7 +75,7 @@ class AblateRescue(CausalProbe):
             raise IndexError(f"stream pair {bad} out of range: the model has {self.n} streams")
         self.pair_list = sorted({tuple(sorted(p)) for p in pairs})
         self.names = [model.sublayer_names[s] for s in self.layers]
-        self.edits, self.slots = self._plan(n_sub)
+        self.edits, self.slots = self._plan(model.cfg.n_sublayers)
         self.stats = PromptStats()
 
     def _plan(self, n_sub: int):

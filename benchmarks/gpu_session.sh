@@ -31,7 +31,9 @@ nvidia-smi --query-gpu=name,memory.total,memory.used --format=csv 2>/dev/null ||
 common=(--shape "$shape" --device "$device" --dtype "$dtype")
 case "$stage" in
   check)
-    python3 -m pytest -q -x tests/test_compiled.py tests/test_hooks.py tests/test_deepseek_v4.py 2>&1 | tail -5
+    # on the GPU machine these also run the GPU-only device_map test (skipped on CPU); go on if they fail
+    python3 -m pytest -q tests/test_compiled.py tests/test_hooks.py tests/test_deepseek_v4.py 2>&1 | tail -5 \
+        || echo "some tests failed (above)"
     python3 -m benchmarks.gpu_check "${common[@]}" 2>&1 | tee "$out/gpu_check-$shape.log"
     ;;
   forward)

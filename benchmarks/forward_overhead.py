@@ -59,12 +59,12 @@ from transformer_lens.hook_points import HookPoint
 
 from mhc_interp import HookedMHC
 from mhc_interp.config import HYPER_CONN_TYPES
+from mhc_interp.model.sublayer import BOUNDARY_HOOKS
 
 from .common import (DTYPES, BenchmarkError, add_common_args, autocast_if, check_batch_fits, cli,
                      forward_flops_per_token, make_config, peak_flops, prepare, print_table,
                      random_tokens, timed, write_result)
 
-STREAM_MIXER_SUFFIXES = ("hook_streams_in", "hook_streams_out", "hook_h_pre", "hook_h_post", "hook_h_res")
 
 
 def strip_hooks(model: HookedMHC) -> HookedMHC:
@@ -129,7 +129,7 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     # Models are built on the CPU and only the one being measured sits on the device.
     torch.manual_seed(0)
     model = HookedMHC(cfg)
-    stream_names = [n for n in model.hook_dict if n.endswith(STREAM_MIXER_SUFFIXES)]
+    stream_names = [n for n in model.hook_dict if n.endswith(BOUNDARY_HOOKS)]
     rows: Dict[str, Dict[str, Any]] = {}
     rows["stripped"] = row(on_device(strip_hooks(model)))
     if rows["stripped"].get("error"):

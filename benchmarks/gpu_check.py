@@ -21,7 +21,7 @@ import sys
 import torch
 
 from mhc_interp import HookedMHC
-from mhc_interp.hooks import is_mixing_hook
+from mhc_interp.model.sublayer import BOUNDARY_HOOKS
 from mhc_interp.probes import ablate_and_rescue
 
 from .common import DTYPES, add_common_args, make_config, prepare, random_tokens
@@ -49,7 +49,7 @@ def main(argv=None) -> int:
     reference = reference.to(device)
     tokens = random_tokens(model, batch, seq)
     print(model.summary(), f"| {batch} x {seq} tokens")
-    boundary = lambda n: n.endswith(("hook_streams_in", "hook_streams_out")) or is_mixing_hook(n)  # noqa: E731
+    boundary = lambda n: n.endswith(BOUNDARY_HOOKS)  # streams in/out, H_pre/H_post/H_res  # noqa: E731
     hook = [("blocks.1.attn.hook_z", lambda z, hook: torch.zeros_like(z))]
 
     def rel_err(got, ref):  # max |got - ref| relative to the mean |ref|

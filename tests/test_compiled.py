@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from mhc_interp.hooks import is_mixing_hook
 from mhc_interp.model.compiled import module_observed
+from mhc_interp.model.sublayer import BOUNDARY_HOOKS
 from mhc_interp.probes import ablate_and_rescue
 
 from .conftest import perturbed_model, tiny_config
@@ -51,7 +51,7 @@ def test_compiled_forward_matches_eager(models, toks):
 
 def test_boundary_hooks_stay_compiled_and_see_the_same_values(models, toks):
     eager, fast = models
-    boundary = lambda n: n.endswith(("hook_streams_in", "hook_streams_out")) or is_mixing_hook(n)  # noqa: E731
+    boundary = lambda n: n.endswith(BOUNDARY_HOOKS)  # streams in/out, H_pre/H_post/H_res  # noqa: E731
     ref_logits, ref = eager.run_with_cache(toks, names_filter=boundary)
     seen = []
     with fast.hooks(fwd_hooks=[(boundary, lambda x, hook: seen.append(all(uses_compiled_apply(fast))))]):

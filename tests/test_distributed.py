@@ -3,6 +3,10 @@
 The workers are started with torch.multiprocessing.spawn, as a launcher (torchrun / accelerate
 launch) would; each builds the same tiny DeepSeek-V4 adapter, runs its share of the sublayers and
 gets the merged result."""
+import os
+import sys
+import warnings
+
 import numpy as np
 import pytest
 import torch
@@ -38,8 +42,14 @@ def _worker(rank: int, world: int, init_file: str, out: str) -> None:
         patching = distributed_activation_patching(model, clean, corrupted, mixing="both", batch_size=2)
         rescue.save(f"{out}/rescue_rank{rank}")
         patching.save(f"{out}/patching_rank{rank}")
+        dist.barrier()          # no rank tears gloo down while its peer still talks to it
     finally:
         dist.destroy_process_group()
+    # Gloo's worker threads can abort the interpreter's own teardown ("terminate called without an
+    # active exception", SIGABRT; pytorch/pytorch#179291). Everything is on disk: leave without it.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 @pytest.fixture(scope="module")
@@ -64,7 +74,15 @@ def assert_same(a: ProbeResult, b: ProbeResult) -> None:
 
 def test_two_gloo_processes_give_the_single_process_results(tmp_path, single):
     _, rescue, patching = single
-    mp.spawn(_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
+    saved = [tmp_path / f"{name}_rank{rank}.json" for name in ("rescue", "patching") for rank in range(2)]
+    try:
+        mp.spawn(_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
+    except mp.ProcessExitedException as crash:
+        # a worker killed by a signal *after* every rank saved its result died in gloo's teardown,
+        # not in the sweep; anything earlier (init, the sweeps, a Python error) fails the test
+        if crash.signal_name is None or not all(path.exists() for path in saved):
+            raise
+        warnings.warn(f"a gloo worker crashed after saving its result: {crash}")
     for rank in range(2):   # every rank holds the merged result
         assert_same(ProbeResult.load(tmp_path / f"rescue_rank{rank}"), rescue)
         assert_same(ProbeResult.load(tmp_path / f"patching_rank{rank}"), patching)

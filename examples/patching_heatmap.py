@@ -26,6 +26,8 @@ from _common import Example, sublayer_ticks  # noqa: E402
 def _options(p):
     p.add_argument("--mixing", default="recomputed", choices=["recomputed", "frozen", "both"],
                    help="mixing coefficients of the patched run (default recomputed = total effect)")
+    p.add_argument("--score-positions", default="all", choices=["all", "from_corruption"],
+                   help="positions the KL averages over: all (the paper's) or from each prompt's corrupted token on")
 
 
 def draw(result, key: str, title: str, baseline=None):
@@ -79,7 +81,7 @@ def main(argv=None):
     ex = Example("patching_heatmap", __doc__, argv, causal=True, add_arguments=_options)
     clean, corrupted, how = ex.patching_prompts()
     result = activation_patching(ex.model, clean, corrupted, mixing=ex.args.mixing,
-                                 batch_size=ex.cfg.batch_size)
+                                 batch_size=ex.cfg.batch_size, score_positions=ex.args.score_positions)
     result.meta["corruption"] = how
     ex.save_result(result)
     base = float(result["baseline_corrupted"])

@@ -98,10 +98,11 @@ def test_rescue_matches_naive_loop(model, prompts, mode, ablation):
         assert r.meta["mode"] == mode and r.meta["frozen_mixing"] is True
 
 
-def naive_patching(model, clean_tokens, corrupted, frozen):
+def naive_patching(model, clean_tokens, corrupted, frozen, mask=None):
     clean, clean_cache = model.run_with_cache(clean_tokens, names_filter=lambda n: n.endswith("streams_in"))
     _, corr_cache = model.run_with_cache(corrupted, names_filter=is_mixing_hook)
-    mask, n, names = default_mask(clean_tokens), model.cfg.n_streams, model.sublayer_names
+    mask = default_mask(clean_tokens) if mask is None else mask
+    n, names = model.cfg.n_streams, model.sublayer_names
     out = np.zeros((len(names), n))
     for l, s in itertools.product(range(len(names)), range(n)):
         name = f"{names[l]}.hook_streams_in"
@@ -128,6 +129,36 @@ def test_patching_matches_naive_loop(model, prompts):
     full = activation_patching(model, prompts, corrupted, positions=[4], batch_size=3)
     assert full["kl_recomputed"].shape == (model.cfg.n_sublayers, 4, 1)
     assert r["baseline_corrupted"] > 0 and r["baseline_clean"] == 0
+
+
+def test_patching_scored_from_the_corruption(model, prompts):
+    """score_positions="from_corruption" averages the KL over each prompt's first corrupted token and
+    after: the naive loop with that mask written out by hand; positions before it score ~0, so the
+    all-positions score is the same sum over more positions."""
+    corrupted = prompts.clone()
+    corrupted[0, 2] = (corrupted[0, 2] + 5) % 40      # prompts corrupted at different depths
+    corrupted[1:, 5] = (corrupted[1:, 5] + 7) % 40
+    corrupted[2, 6] = (corrupted[2, 6] + 1) % 40      # a second difference does not move the start
+    mask = default_mask(prompts)
+    mask[0, :2] = False
+    mask[1:, :5] = False
+    r = activation_patching(model, prompts, corrupted, batch_size=2, score_positions="from_corruption")
+    np.testing.assert_allclose(r["kl_recomputed"], naive_patching(model, prompts, corrupted, False, mask),
+                               atol=1e-5, rtol=1e-4)
+    assert r.meta["score_positions"] == "from_corruption"
+    per_prompt = activation_patching(model, prompts, corrupted, batch_size=1, sublayers=[2], score_positions="all")
+    scored = mask.sum(-1).double() / default_mask(prompts).sum(-1)          # share of positions scored
+    single = [activation_patching(model, prompts[i:i + 1], corrupted[i:i + 1], sublayers=[2],
+                                  score_positions="from_corruption")["kl_recomputed"] for i in range(3)]
+    np.testing.assert_allclose(per_prompt["kl_recomputed"], np.mean([scored[i].item() * single[i] for i in range(3)], 0),
+                               rtol=1e-4, atol=1e-6)
+    with pytest.raises(ValueError, match=r"prompts \[3, 4\]: clean and corrupted are identical"):
+        activation_patching(model, torch.cat([prompts, prompts[:2]]), torch.cat([corrupted, prompts[:2]]),
+                            batch_size=3, score_positions="from_corruption")
+    with pytest.raises(ValueError, match="score_positions must be one of"):
+        ActivationPatching(score_positions="after")
+    with pytest.raises(ValueError, match="applies to the KL metric"):
+        ActivationPatching(metric="logprob", answers=prompts[:, 0], score_positions="from_corruption")
 
 
 def test_patching_all_streams_restores_clean(model, prompts):

@@ -4,7 +4,10 @@ distribution.
 Two runs of aligned prompts, clean and corrupted. Denoising (default): run the corrupted prompt
 and copy stream s of the clean run's state into the state entering sublayer l; noising: run the
 clean prompt and copy the corrupted run's stream in. Score: KL(P_clean || P_patched) in float32,
-averaged over the unmasked positions (or the logit difference / log-prob of given answers).
+averaged over the unmasked positions (or the logit difference / log-prob of given answers). With
+causal attention a position before a prompt's first corrupted token is the same in both runs and
+scores 0; score_positions="from_corruption" averages over positions >= that token only, so
+prompts corrupted at different depths are scored on equal terms.
 Mixing recomputed = the total effect; mixing frozen to the edited (base) run's coefficients =
 the content effect (the routing x -> H cannot respond); total - frozen = the routing-mediated
 effect. Every (sublayer, stream[, position]) cell is one replica of a batched forward that
@@ -24,6 +27,7 @@ from .causal import CausalProbe, PromptStats, clean_run, kl_metric, logit_diff_m
 
 DIRECTIONS = ("denoise", "noise")
 MIXING = ("recomputed", "frozen", "both")
+SCORE_POSITIONS = ("all", "from_corruption")
 
 
 @register_probe
@@ -33,6 +37,8 @@ class ActivationPatching(CausalProbe):
     positions: None (patch every position at once), "each" (one cell per position), or a list.
     metric: "kl" (default), "logit_diff" (needs answers [B, 2]: correct, wrong), "logprob"
     (needs answers [B]); the answer metrics read the last position.
+    score_positions: which positions the KL averages over - "all" unmasked ones (default) or
+    "from_corruption" (each prompt's first token that differs between the runs, and after).
     """
 
     name = "activation_patching"
@@ -41,7 +47,7 @@ class ActivationPatching(CausalProbe):
                  mixing: str = "recomputed", positions: Union[None, str, Sequence[int]] = None,
                  sublayers: Optional[Sequence[int]] = None, metric: str = "kl",
                  answers: Optional[Tensor] = None, temperature: float = 1.0,
-                 max_rows: Optional[int] = None):
+                 max_rows: Optional[int] = None, score_positions: str = "all"):
         if direction not in DIRECTIONS:
             raise ValueError(f"direction must be one of {DIRECTIONS}, got {direction!r}")
         if mixing not in MIXING:
@@ -50,6 +56,12 @@ class ActivationPatching(CausalProbe):
             raise ValueError(f"metric must be 'kl', 'logit_diff' or 'logprob', got {metric!r}")
         if metric != "kl" and answers is None:
             raise ValueError(f"metric {metric!r} needs answers=")
+        if score_positions not in SCORE_POSITIONS:
+            raise ValueError(f"score_positions must be one of {SCORE_POSITIONS}, got {score_positions!r}")
+        if score_positions != "all" and metric != "kl":
+            raise ValueError(f"score_positions={score_positions!r} applies to the KL metric; "
+                             f"metric {metric!r} reads the last position")
+        self.score_positions = score_positions
         self.corrupt, self.direction, self.mixing, self.positions = corrupt, direction, mixing, positions
         self.sublayers, self.metric_name, self.answers = sublayers, metric, answers
         self.temperature, self.max_rows = temperature, max_rows
@@ -94,6 +106,8 @@ class ActivationPatching(CausalProbe):
         if mask is None:
             mask = torch.ones(b, p, dtype=torch.bool, device=model.device)
             mask[:, 0] = False
+        if self.score_positions == "from_corruption":
+            mask = mask & from_first_difference(clean, corrupted, self.baselines.count).to(mask.device)
         rows = slice(self.baselines.count, self.baselines.count + b)
         clean_logits, clean_states, clean_cache = clean_run(model, clean)
         corr_logits, corr_states, corr_cache = clean_run(model, corrupted)
@@ -133,10 +147,20 @@ class ActivationPatching(CausalProbe):
         meta = {"direction": self.direction, "mixing": list(self.stats), "metric": self.metric_name,
                 "sublayers": self.names, "n_streams": self.n, "prompts": self.baselines.count,
                 "positions": self.positions if self.positions in (None, "each") else list(self.positions),
-                "temperature": self.temperature,
+                "temperature": self.temperature, "score_positions": self.score_positions,
                 "layout": "[sublayer, stream]" + ("" if self.positions is None else "[, position]"),
                 "frozen_to": "the edited (base) run's mixing"}
         return PatchingResult(self.name, arrays, meta)
+
+
+def from_first_difference(clean: Tensor, corrupted: Tensor, first_prompt: int = 0) -> Tensor:
+    """[B, pos] bool: True at and after each prompt's first position where clean != corrupted."""
+    differs = clean != corrupted                                           # [B, pos]
+    same = (~differs.any(-1)).nonzero().flatten().tolist()
+    if same:
+        raise ValueError(f"prompts {[first_prompt + i for i in same]}: clean and corrupted are identical, "
+                         f"nothing to score from the corruption on")
+    return differs.cumsum(-1) > 0
 
 
 @register_result

@@ -6,7 +6,7 @@ windows and corrupted prompts swap one noun / verb / adjective for another of th
 mid-sequence token id is shifted). Denoising: run the corrupted prompt, copy one clean stream
 into the state entering one sublayer, and score KL(P_clean || P_patched) averaged over positions
 (lower = that stream at that depth carries more of what the corruption changed). Top: heatmap
-(annotated with mean ± 1.96 s.e.m. over prompts when small); bottom: the same per stream with 95%
+(annotated with mean ± the 95% Student-t half-width over prompts when small); bottom: the same per stream with 95%
 CI bands, against the unpatched corrupted run's KL. Mixing is recomputed by default (total
 effect); `--mixing frozen` keeps the corrupted run's H (content effect), `both` draws both and
 their difference (routing-mediated effect).
@@ -36,7 +36,7 @@ def draw(result, key: str, title: str, baseline=None):
 
     names, n = result.meta["sublayers"], result.meta["n_streams"]
     m = result[key]                                             # [sublayer, stream]
-    sem = result.arrays.get(f"{key}_sem")                       # None for routing (a difference of means)
+    low, high = result.arrays.get(f"{key}_ci_low"), result.arrays.get(f"{key}_ci_high")  # None for routing
     x = np.arange(len(names))
     fig, axes = plt.subplots(2, 1, figsize=(max(7.0, 0.18 * len(names) + 4), 2.2 + 0.45 * n + 3.0),
                              gridspec_kw=dict(height_ratios=[0.45 * n + 0.6, 3.0]))
@@ -49,7 +49,7 @@ def draw(result, key: str, title: str, baseline=None):
     sublayer_ticks(ax, names)
     if len(names) <= 12:
         for (l, s), v in np.ndenumerate(m):
-            ci = "" if sem is None else f"\n±{1.96 * sem[l, s]:.1g}"
+            ci = "" if high is None else f"\n±{high[l, s] - v:.1g}"
             ax.text(l, s, f"{v:.2g}{ci}", ha="center", va="center", fontsize=6,
                     color="black" if (diverging or im.norm(v) > 0.6) else "white")
     fig.colorbar(im, ax=ax, label="KL (nats)" if not diverging else "KL difference (nats)", pad=0.01,
@@ -58,9 +58,8 @@ def draw(result, key: str, title: str, baseline=None):
     ax = axes[1]
     for s in range(n):
         line, = ax.plot(x, m[:, s], marker=".", label=f"stream {s}")
-        if sem is not None:
-            ax.fill_between(x, m[:, s] - 1.96 * sem[:, s], m[:, s] + 1.96 * sem[:, s], color=line.get_color(),
-                            alpha=0.2)
+        if low is not None:
+            ax.fill_between(x, low[:, s], high[:, s], color=line.get_color(), alpha=0.2)
     if baseline is not None:
         ax.axhline(baseline, color="black", ls="--", lw=1, label="corrupted, unpatched")
     ax.axhline(0, color="grey", lw=0.6)

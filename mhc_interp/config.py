@@ -6,10 +6,15 @@ training code (a nanoGPT fork) calls the same things `n_layer`, `n_embd`, `block
 """
 from __future__ import annotations
 
+import warnings
 from dataclasses import asdict, dataclass, fields
 from typing import Any, Optional
 
 HYPER_CONN_TYPES = ("none", "hc", "mhc", "mhc_lite", "mhc_lite_lss")
+DEFAULT_LSS_INIT = 0.6   # the public code's expand_lss_init for mhc_lite_lss
+# model_args keys understood besides the required shapes: the public code's GPTConfig fields, and
+# sinkhorn_iters (forks that vary it; written only when it differs from the public code's 20)
+NANOGPT_OPTIONAL_ARGS = ("hyper_conn_type", "hyper_conn_n", "bias", "dropout", "expand_lss_init", "sinkhorn_iters")
 
 
 class ConfigError(ValueError):
@@ -26,7 +31,7 @@ class MHCConfig:
     n_streams: int = 4
     hyper_conn_type: str = "mhc"
     bias: bool = True
-    lss_init: Optional[float] = None  # learned-stream-scaling init (mhc_lite_lss); None = copies
+    lss_init: Optional[float] = None  # learned-stream-scaling init; None = copies (mhc_lite_lss: 0.6)
     sinkhorn_iters: int = 20
     layer_norm_eps: float = 1e-5
     tie_embeddings: bool = True
@@ -39,6 +44,8 @@ class MHCConfig:
                 f"unknown hyper_conn_type {self.hyper_conn_type!r}; "
                 f"known types: {', '.join(HYPER_CONN_TYPES)}"
             )
+        if self.hyper_conn_type == "mhc_lite_lss" and self.lss_init is None:
+            self.lss_init = DEFAULT_LSS_INIT     # as from_nanogpt_args: the variant *is* the scaling
         if self.hyper_conn_type == "none" and self.n_streams != 1:
             raise ConfigError(
                 f"hyper_conn_type 'none' is a plain residual and needs n_streams=1, got {self.n_streams}"
@@ -82,20 +89,27 @@ class MHCConfig:
         missing = [k for k in required if k not in args]
         if missing:
             raise ConfigError(f"model_args lacks {missing}; got keys {sorted(args)}")
+        unknown = sorted(set(args) - set(required) - set(NANOGPT_OPTIONAL_ARGS))
+        if unknown:
+            warnings.warn(f"model_args keys {unknown} are not part of the public mHC code's GPTConfig and are "
+                          f"ignored: if they change the model's maths (a fork), its outputs will differ",
+                          stacklevel=2)
         hc_type = args.get("hyper_conn_type", "none")
         lss_init = args.get("expand_lss_init")
         if hc_type == "mhc_lite_lss" and lss_init is None:
-            lss_init = 0.6
+            lss_init = DEFAULT_LSS_INIT
         return cls(
             n_layers=int(args["n_layer"]),
             n_heads=int(args["n_head"]),
             d_model=int(args["n_embd"]),
             n_ctx=int(args["block_size"]),
             d_vocab=int(args["vocab_size"]),
-            n_streams=int(args.get("hyper_conn_n", 1)),
+            # the public code builds 'none' as a plain residual whatever hyper_conn_n says
+            n_streams=1 if hc_type == "none" else int(args.get("hyper_conn_n", 1)),
             hyper_conn_type=hc_type,
             bias=bool(args.get("bias", True)),
             lss_init=lss_init if hc_type == "mhc_lite_lss" else None,
+            sinkhorn_iters=int(args.get("sinkhorn_iters", cls.sinkhorn_iters)),
         )
 
     def to_nanogpt_args(self) -> dict[str, Any]:
@@ -104,4 +118,5 @@ class MHCConfig:
             bias=self.bias, vocab_size=self.d_vocab, dropout=0.0,
             hyper_conn_type=self.hyper_conn_type, hyper_conn_n=self.n_streams,
             expand_lss_init=self.lss_init,
+            **({} if self.sinkhorn_iters == 20 else {"sinkhorn_iters": self.sinkhorn_iters}),
         )

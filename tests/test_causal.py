@@ -289,3 +289,64 @@ def test_answer_metrics(model, prompts):
     np.testing.assert_allclose(r["baseline_clean"], (clean[:, [1, 3, 5]].diagonal() - clean[:, [2, 4, 6]].diagonal()).mean().item(), atol=1e-5)
     r = activation_patching(model, prompts, corrupted, metric="logprob", answers=answers[:, 0], sublayers=[0])
     assert r["logprob_recomputed"].shape == (1, 4) and (r["logprob_recomputed"] < 0).all()
+
+
+# ------------------------------------------------------------------------- statistics, inputs
+def test_prompt_statistics_skip_unscorable_prompts_and_use_student_t():
+    """A prompt with nothing to score (NaN) is left out, not counted as 0; the s.e.m. of one prompt
+    is undefined (NaN), and the 95% interval uses the t quantile of n - 1 degrees of freedom."""
+    from mhc_interp.probes.causal import PromptStats, stats_arrays
+
+    stats = PromptStats()
+    stats.add(torch.tensor([[1.0, 2.0, float("nan")], [5.0, float("nan"), float("nan")]]))
+    stats.add(torch.tensor([[6.0], [float("nan")]]))
+    arrays = stats_arrays("kl", stats)
+    values = np.array([1.0, 2.0, 6.0])
+    sem = values.std(ddof=1) / np.sqrt(3)
+    np.testing.assert_allclose(arrays["kl"], [3.0, 5.0])
+    np.testing.assert_allclose(arrays["kl_sem"][0], sem)
+    np.testing.assert_allclose(arrays["kl_ci_high"][0] - 3.0, 4.302652729911275 * sem)   # t_{0.975, 2}
+    assert np.isnan(arrays["kl_sem"][1]) and np.isnan(arrays["kl_ci_low"][1])           # one prompt
+    assert stats.count == 4
+
+
+def test_a_prompt_with_no_scored_position_is_left_out(model, prompts):
+    """Rescue over prompts of which one has every position masked equals rescue without it."""
+    from mhc_interp.probes import AblateRescue
+
+    def run(tokens, mask):
+        probe = AblateRescue(sublayers=[1, 2])
+        probe.setup(model)
+        probe.intervene(model, tokens, mask)
+        return probe.result()
+
+    mask = default_mask(prompts)
+    unscorable = mask.clone()
+    unscorable[1] = False
+    with_empty = run(prompts, unscorable)
+    without = run(prompts[[0, 2]], mask[[0, 2]])
+    for key in ("kl_ablated", "kl_rescued", "kl_ablated_sem", "rescue"):
+        np.testing.assert_allclose(with_empty[key], without[key], rtol=1e-5, atol=1e-7, equal_nan=True)
+    assert with_empty.meta["prompts"] == 3
+
+
+def test_run_edits_refuses_edits_it_has_no_values_for(model, prompts):
+    logits, states, cache = clean_run(model, prompts)
+    metric = kl_metric(logits, default_mask(prompts))
+    with pytest.raises(ValueError, match=r"needs ablation_values at sublayer\(s\) \[2\], which were not given"):
+        run_edits(model, [Edit((2,), ablate=(0, 1))], states, metric)
+    with pytest.raises(ValueError, match=r"needs source_states at sublayer\(s\) \[3\], which it lacks"):
+        run_edits(model, [Edit((2, 3), restore=(1,))], states, metric, source_states={2: states[2]})
+    with pytest.raises(ValueError, match=r"needs base_states at sublayer\(s\) \[1\]"):
+        run_edits(model, [Edit((1,), restore=(1,))], {0: states[0]}, metric, source_states=states)
+
+
+def test_results_with_dots_in_their_names_stay_apart(model, prompts, tmp_path):
+    hot = ablate_and_rescue(model, prompts, temperature=0.5, sublayers=[0])
+    cold = ablate_and_rescue(model, prompts, temperature=0.7, sublayers=[0])
+    assert hot.save(tmp_path / "rescue_T0.5").name == "rescue_T0.5.json"
+    cold.save(tmp_path / "rescue_T0.7.json")                      # an explicit extension is fine too
+    from mhc_interp.probes import ProbeResult
+
+    assert ProbeResult.load(tmp_path / "rescue_T0.5").meta["temperature"] == 0.5
+    assert ProbeResult.load(tmp_path / "rescue_T0.7.npz").meta["temperature"] == 0.7

@@ -399,3 +399,18 @@ def test_load_errors(tmp_path):
     cc.save(tmp_path / "a")
     assert Crosscoder.load(tmp_path / "a" / "crosscoder.json").cfg == cc.cfg
     assert issubclass(InMemoryActivations, ActivationSource)
+
+
+def test_a_second_crosscoder_on_a_drained_buffer(tiny):
+    """The normalisation sample of a later training run refills a drained buffer instead of
+    estimating from no rows (NaN factors); a used-up one-pass buffer is a clear error."""
+    model, tokens = tiny
+    buf = ActivationBuffer(model, tokens[:8], buffer_tokens=64, model_batch_size=4, batch_size=64)
+    cfg = CrosscoderConfig(dict_size=16, k=2, batch_size=64)
+    train_crosscoder(buf, cfg, n_steps=2, progress=False)
+    second = train_crosscoder(buf, cfg, n_steps=2, progress=False)
+    assert torch.isfinite(second.norm_factors).all() and torch.isfinite(second.b_dec).all()
+    once = ActivationBuffer(model, tokens[:2], buffer_tokens=22, loop=False, batch_size=22)
+    once.next_batch(22)
+    with pytest.raises(ValueError, match="no rows left for the normalisation sample"):
+        train_crosscoder(once, cfg.__class__(dict_size=16, k=2, batch_size=22), n_steps=1, progress=False)

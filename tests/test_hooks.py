@@ -250,3 +250,57 @@ def test_compiled_mixers_match_eager_and_keep_hooks(toks):
     finally:
         model.compile_mixers(False)
     assert not any(s.mixer.compiled for s in model.sublayers)
+
+
+# ------------------------------------------------------------------ in-place edits and views
+def test_in_place_hook_edits_stay_where_they_are_made(toks):
+    """Hooks get real tensors, not expanded views: editing one row of hook_pos_embed in place
+    changes that row only, and one coefficient of a `none` model changes that coefficient only."""
+    model = perturbed_model(tiny_config("mhc"))
+    clean = model(toks)
+
+    def bump_row_0(act, hook):
+        act[0, 2] += 5.0
+        return act
+
+    edited = model.run_with_hooks(toks, fwd_hooks=[("hook_pos_embed", bump_row_0)])
+    assert not torch.allclose(edited[0], clean[0]) and torch.equal(edited[1:], clean[1:])
+
+    plain = perturbed_model(tiny_config("none", 1))
+    seen = {}
+
+    def zero_one_h_post(act, hook):
+        act[0, 2, 0] = 0.0
+        return act
+
+    hooks = [("blocks.0.attn.hook_h_post", zero_one_h_post),
+             ("blocks.0.attn.hook_h_res", lambda a, hook: seen.setdefault("h_res", a.clone())),
+             ("blocks.0.attn.hook_h_pre", lambda a, hook: seen.setdefault("h_pre", a.clone()))]
+    plain.run_with_hooks(toks, fwd_hooks=hooks)
+    assert bool((seen["h_res"] == 1).all()) and bool((seen["h_pre"] == 1).all())
+
+
+def test_stream_hook_value_without_a_stream_axis_is_per_position(toks):
+    """A [pos, d_model] (or [batch, pos, d_model]) value on several streams gives every selected
+    stream value[p] at position p - also when pos happens to equal the number of streams."""
+    model = perturbed_model(tiny_config("mhc"))
+    name, d = "blocks.0.attn.hook_streams_in", model.cfg.d_model
+    seen = {}
+    for pos in (2, 4):   # 2 = the number of selected streams, 4 = the model's n_streams
+        t = toks[:, :pos]
+        per_pos = (torch.arange(pos, dtype=torch.float32) + 1)[:, None].expand(pos, d)
+        for value in (per_pos, per_pos.expand(t.shape[0], pos, d)):
+            model.run_with_hooks(t, fwd_hooks=[model.stream_hook(name, [0, 3], value),
+                                               (name, lambda a, hook: seen.__setitem__("x", a.clone()))])
+            for s in (0, 3):
+                torch.testing.assert_close(seen["x"][:, :, s], per_pos.expand(t.shape[0], pos, d))
+
+
+def test_bad_sublayer_span_and_cache_options(toks):
+    model = perturbed_model(tiny_config("mhc"))
+    state = model(toks, stop_at_sublayer=3)
+    with pytest.raises(ValueError, match="stop_at_sublayer=1 comes before start_at_sublayer=3"):
+        model(state, start_at_sublayer=3, stop_at_sublayer=1)
+    torch.testing.assert_close(model(state, start_at_sublayer=3, stop_at_sublayer=3), state)
+    with pytest.raises(ValueError, match="remove_batch_dim is not supported"):
+        model.run_with_cache(toks[:1], remove_batch_dim=True)

@@ -142,3 +142,19 @@ def test_config_validation():
         MHCConfig(hyper_conn_type="none", n_streams=4)
     with pytest.raises(ConfigError, match="divisible"):
         MHCConfig(d_model=30, n_heads=4)
+
+
+def test_nanogpt_args_edge_cases():
+    """mhc_lite_lss means learned stream scaling whichever way it is built; a `none` checkpoint
+    with hyper_conn_n > 1 is the plain residual (as in the public code); a fork's sinkhorn_iters is
+    honoured and round-trips; keys nobody knows are named in a warning."""
+    assert MHCConfig(hyper_conn_type="mhc_lite_lss").lss_init == 0.6
+    assert HookedMHC(tiny_config("mhc_lite_lss", lss_init=None)).expand.lss is not None
+    shapes = dict(n_layer=1, n_head=2, n_embd=16, block_size=8, vocab_size=40)
+    none = MHCConfig.from_nanogpt_args(dict(shapes, hyper_conn_type="none", hyper_conn_n=4))
+    assert none.n_streams == 1
+    five = MHCConfig.from_nanogpt_args(dict(shapes, hyper_conn_type="mhc", hyper_conn_n=2, sinkhorn_iters=5))
+    assert five.sinkhorn_iters == 5 and MHCConfig.from_nanogpt_args(five.to_nanogpt_args()) == five
+    assert "sinkhorn_iters" not in tiny_config("mhc").to_nanogpt_args()   # the public GPTConfig has none
+    with pytest.warns(UserWarning, match=r"\['mhc_gate_fn'\] are not part of the public mHC code"):
+        MHCConfig.from_nanogpt_args(dict(shapes, hyper_conn_type="mhc", hyper_conn_n=2, mhc_gate_fn="softmax"))

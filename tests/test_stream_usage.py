@@ -167,6 +167,14 @@ def test_runner_sources_masking_and_max_tokens(hc_model, tmp_path):
     flat = torch.arange(1, 31) % 40
     r = run_probes(hc_model, TokenCount(), flat, seq_len=10, progress=False)
     assert int(r["count"]) == 3 * 9
+    # the last, shorter window is kept (padded and masked): 34 tokens = 3 x 10 + 4
+    r = run_probes(hc_model, TokenCount(), torch.arange(1, 35) % 40, seq_len=10, batch_size=2, progress=False)
+    assert int(r["count"]) == 3 * 9 + 3 and r.meta["tokens_seen"] == 34
+    # a one-token remainder has nothing to score and is dropped; so is a tensor shorter than a window no more
+    r = run_probes(hc_model, TokenCount(), torch.arange(1, 32) % 40, seq_len=10, progress=False)
+    assert int(r["count"]) == 3 * 9 and r.meta["tokens_seen"] == 30
+    r = run_probes(hc_model, TokenCount(), torch.arange(1, 6), seq_len=10, progress=False)
+    assert int(r["count"]) == 4
     r = run_probes(hc_model, TokenCount(), torch.randint(0, 40, (8, 5)), batch_size=2, max_tokens=12, progress=False)
     assert int(r["count"]) == 2 * 2 * 4 and r.meta["tokens_seen"] == 20
 
@@ -181,6 +189,10 @@ def test_runner_sources_masking_and_max_tokens(hc_model, tmp_path):
         assert int(r["count"]) == 3 * 9
         r = run_probes(hc_model, TokenCount(), Dataset.from_dict({"text": ["x" * 25]}), seq_len=12, progress=False)
         assert int(r["count"]) == 2 * 11
+        # documents shorter than a window (short sentences) are scored, not dropped
+        short = Dataset.from_dict({"text": ["a" * 8, "b" * 17, "c" * 7]})
+        r = run_probes(hc_model, TokenCount(), short, seq_len=10, batch_size=2, progress=False)
+        assert int(r["count"]) == 7 + (9 + 6) + 6 and r.meta["tokens_seen"] == 8 + 17 + 7
     finally:
         hc_model.tokenizer = None
 
@@ -213,6 +225,10 @@ def test_runner_errors(hc_model, corpus):
         run_probes(hc_model, TokenCount(), torch.zeros(0, 5, dtype=torch.long), progress=False)
     with pytest.raises(ValueError, match="tokenizer"):
         run_probes(hc_model, TokenCount(), Dataset.from_dict({"text": ["abc"]}), progress=False)
+    with pytest.raises(ValueError, match="exclude_first must be a non-negative int"):
+        run_probes(hc_model, TokenCount(), corpus, exclude_first=-1, progress=False)
+    with pytest.raises(ValueError, match=r"\[n_seq, pos\] or 1-D, got shape \(2, 3, 4\)"):
+        run_probes(hc_model, TokenCount(), torch.zeros(2, 3, 4, dtype=torch.long), progress=False)
     hook = hc_model.stream_hook("blocks.1.attn.hook_streams_in", 0, float("nan"))
     with hc_model.hooks([hook]):
         with pytest.raises(FloatingPointError, match="blocks.1"):

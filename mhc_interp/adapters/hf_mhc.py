@@ -53,11 +53,11 @@ Semantic differences from `HookedMHC` (and from the HF module's own conventions)
   that readout (c_s = W_U^T(gamma * w_s x_s * r), r the RMS normaliser of the *collapsed* state,
   shared by all streams; sum_s c_s = the logits). HookedMHC's per-stream lens (W_U^T LN_f(x_s),
   `model.ln_final`) has no counterpart here: there is no per-stream final norm.
-* Frozen mixing: `mhc_interp.hooks.freeze.frozen_mixing` (what the causal probes use) freezes
-  every sublayer's H_pre/H_post/H_res; the hc_head collapse weights stay recomputed from the edited
-  final state (they are a read, like H_pre, so ablation effects can be re-weighted there).
-  `model.frozen_mixing(cache)` also freezes the head when the cache holds `head.hook_h_pre`
-  (`names_filter=is_mixing_hook` caches it).
+* Frozen mixing: the function `mhc_interp.hooks.freeze.frozen_mixing` freezes every sublayer's
+  H_pre/H_post/H_res and leaves the hc_head collapse weights recomputed from the edited final state;
+  the method `model.frozen_mixing(cache)` - what the causal probes use - also freezes the head when
+  the cache holds `head.hook_h_pre` (`clean_run` and `names_filter=is_mixing_hook` cache it), so
+  in rescue and frozen patching the readout weights are the base run's too.
 * Hash-routed MoE layers (`mlp_layer_types == "hash_moe"`) route by token id, not by the residual
   stream, so resuming from a stream state needs the token ids. `model(state,
   start_at_sublayer=k, tokens=ids)` takes them explicitly; without `tokens=` the adapter finds
@@ -676,8 +676,7 @@ class HookedHFMHC(StreamHookedRoot):
         `start_at_sublayer=k` the stream state entering sublayer k; `stop_at_sublayer=k` returns
         the state entering sublayer k (on `model.device`). return_type "logits" | "loss" | "both" |
         None. `tokens=`: the token ids of a resumed run (hash-routed layers; the loss)."""
-        start = self._check_sublayer_index(start_at_sublayer, "start_at_sublayer") or 0
-        stop = self._check_sublayer_index(stop_at_sublayer, "stop_at_sublayer")
+        start, stop = self._check_sublayer_span(start_at_sublayer, stop_at_sublayer)
         end = self.cfg.n_sublayers if stop is None else stop
         record = None
         if start_at_sublayer is None:

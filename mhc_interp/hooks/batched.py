@@ -111,6 +111,24 @@ def _edit_hook(edits: Sequence[Edit], sublayer: int, batch: int, n_streams: int,
     return hook
 
 
+def check_edit_inputs(edits: Sequence[Edit], base_states: Mapping[int, Tensor],
+                      source_states: Optional[Mapping[int, Tensor]],
+                      ablation_values: Optional[Mapping[int, Tensor]]) -> None:
+    """Every edit has its start state, and a value wherever it ablates or restores: a missing one
+    would silently leave that part of the edit out."""
+    for e in edits:
+        needs = [("base_states", base_states, [e.start])]
+        if set(e.ablate) - set(e.restore):      # a stream ablated and restored needs no value
+            needs.append(("ablation_values", ablation_values, e.sublayers))
+        if e.restore:
+            needs.append(("source_states", source_states, e.sublayers))
+        for what, given, sublayers in needs:
+            missing = [s for s in sublayers if given is None or s not in given]
+            if missing:
+                raise ValueError(f"{e} needs {what} at sublayer(s) {missing}, which "
+                                 f"{'were not given' if given is None else 'it lacks'}")
+
+
 def run_edits(model, edits: Sequence[Edit], base_states: Mapping[int, Tensor], metric: Metric, *,
               source_states: Optional[Mapping[int, Tensor]] = None,
               ablation_values: Optional[Mapping[int, Tensor]] = None,
@@ -137,6 +155,8 @@ def run_edits(model, edits: Sequence[Edit], base_states: Mapping[int, Tensor], m
     for e in edits:
         validate_edit(e, cfg.n_sublayers, cfg.n_streams, n_pos)
         unique.setdefault(e, len(unique))
+    check_edit_inputs([e for e in unique if not e.is_identity(source_is_base)], base_states,
+                      source_states, ablation_values)
     values: Dict[Edit, Tensor] = {}
     identity = [e for e in unique if e.is_identity(source_is_base)]
     groups: Dict[int, List[Edit]] = defaultdict(list)

@@ -9,7 +9,7 @@ A model using it provides `cfg` (n_ctx, d_vocab, n_streams, d_model, n_sublayers
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import Any, Callable, Iterator, Optional, Sequence, Union
+from typing import Any, Callable, Iterator, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor
@@ -79,6 +79,15 @@ class StreamHookedRoot(HookedRootModule):
             raise ValueError(f"{what}={index} is out of range: the model has {n} sublayers (0..{n})")
         return index
 
+    def _check_sublayer_span(self, start_at: Optional[int], stop_at: Optional[int]) -> Tuple[int, Optional[int]]:
+        """(first sublayer to run, sublayer to stop before or None) of a forward; start <= stop."""
+        start = self._check_sublayer_index(start_at, "start_at_sublayer") or 0
+        stop = self._check_sublayer_index(stop_at, "stop_at_sublayer")
+        if stop is not None and stop < start:
+            raise ValueError(f"stop_at_sublayer={stop} comes before start_at_sublayer={start}: "
+                             f"the run would return its input state unchanged")
+        return start, stop
+
     def _check_state(self, x: Any) -> Tensor:
         """A stream state [batch, pos, n_streams, d_model] to resume from."""
         expected = (self.cfg.n_streams, self.cfg.d_model)
@@ -131,6 +140,11 @@ class StreamHookedRoot(HookedRootModule):
         addressing: `cache.stream(name, s)`); unknown names in `names_filter` raise."""
         from .cache import MHCCache
 
+        if kwargs.get("remove_batch_dim"):
+            raise ValueError(
+                "remove_batch_dim is not supported: the per-stream addressing of the cache "
+                "(cache.stream) indexes axis 2 of [batch, pos, n_streams, d_model]; index [0] yourself"
+            )
         if kwargs.get("pos_slice") is not None:
             raise ValueError(
                 "pos_slice is not supported: TransformerLens slices axis -2, which is the stream "

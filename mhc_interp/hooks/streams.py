@@ -54,8 +54,12 @@ def stream_hook(model, name: str, streams: Streams, value: Any) -> Tuple[str, Ca
         if len(idx) == 1:
             act[:, :, idx[0]] = new
         else:
-            if new.ndim == selected.ndim - 1 and new.ndim >= 3:
-                new = new.unsqueeze(2)  # one [batch, pos, ...] value for every selected stream
+            # a value without a stream axis ([pos, d_model], [batch, pos, d_model], ...) is the same
+            # for every selected stream: put the stream axis where it belongs, after its pos axis
+            trailing = selected.ndim - 3                    # axes after [batch, pos, n_sel]
+            at = new.ndim - trailing
+            if new.ndim < selected.ndim and at >= 1:
+                new = new.unsqueeze(at)
             act[:, :, index] = torch.broadcast_to(new, selected.shape)
         return act
 

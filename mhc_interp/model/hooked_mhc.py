@@ -72,7 +72,9 @@ class HookedMHC(StreamHookedRoot):
         """tokens [batch, pos] -> initial stream state [batch, pos, n_streams, d_model]."""
         b, p = tokens.shape
         tok = self.hook_embed(self.embed(tokens))
-        pos = self.hook_pos_embed(self.pos_embed(torch.arange(p, device=tokens.device)).expand(b, p, -1))
+        # a real [batch, pos, d_model] tensor, not an expanded view: an in-place hook edit of one row
+        # must not reach the others
+        pos = self.hook_pos_embed(self.pos_embed(torch.arange(p, device=tokens.device)).expand(b, p, -1).contiguous())
         return self.hook_streams_init(self.expand(tok + pos))
 
     def unembed_streams(self, x: Tensor) -> Tensor:
@@ -100,8 +102,7 @@ class HookedMHC(StreamHookedRoot):
         return_type: "logits" [batch, pos, d_vocab] (every position), "loss" (mean next-token
             cross-entropy, needs token ids: `tokens=` when starting mid-way), "both", or None.
         """
-        start = self._check_sublayer_index(start_at_sublayer, "start_at_sublayer") or 0
-        stop = self._check_sublayer_index(stop_at_sublayer, "stop_at_sublayer")
+        start, stop = self._check_sublayer_span(start_at_sublayer, stop_at_sublayer)
         if start_at_sublayer is None:
             tokens = self._check_tokens(input)
             x = self.embed_streams(tokens)

@@ -21,7 +21,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, ClassVar, Dict, List, Optional, Sequence, Type
+from typing import Any, Callable, ClassVar, Dict, List, Optional, Sequence, Tuple, Type
 
 import numpy as np
 from torch import Tensor
@@ -120,20 +120,21 @@ class ProbeResult:
         return self.arrays[key]
 
     def save(self, path) -> Path:
-        """Write PATH.json (metadata) and PATH.npz (arrays); returns the JSON path."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        np.savez(path.with_suffix(".npz"), **self.arrays)
+        """Write PATH.json (metadata) and PATH.npz (arrays); returns the JSON path. PATH may end in
+        .json or .npz; any other dot in it is part of the name ("rescue_T0.5" stays distinct)."""
+        json_path, npz_path = _result_paths(path)
+        json_path.parent.mkdir(parents=True, exist_ok=True)
+        np.savez(npz_path, **self.arrays)
         info = {"probe": self.probe, "result_class": type(self).__name__, "meta": self.meta,
                 "arrays": {k: list(v.shape) for k, v in self.arrays.items()}}
-        path.with_suffix(".json").write_text(json.dumps(info, indent=2, default=_jsonable))
-        return path.with_suffix(".json")
+        json_path.write_text(json.dumps(info, indent=2, default=_jsonable))
+        return json_path
 
     @classmethod
     def load(cls, path) -> "ProbeResult":
-        path = Path(path)
-        info = json.loads(path.with_suffix(".json").read_text())
-        with np.load(path.with_suffix(".npz")) as npz:
+        json_path, npz_path = _result_paths(path)
+        info = json.loads(json_path.read_text())
+        with np.load(npz_path) as npz:
             arrays = {k: npz[k] for k in npz.files}
         klass = RESULTS.get(info.get("result_class"), ProbeResult)
         return klass(probe=info["probe"], arrays=arrays, meta=info["meta"])
@@ -155,6 +156,14 @@ class ProbeResult:
             fig.savefig(paths[-1], dpi=120, bbox_inches="tight")
             plt.close(fig)
         return paths
+
+
+def _result_paths(path) -> Tuple[Path, Path]:
+    """(PATH.json, PATH.npz) of a saved result; a trailing .json / .npz on PATH is dropped first."""
+    path = Path(path)
+    if path.suffix in (".json", ".npz"):
+        path = path.with_suffix("")
+    return path.with_name(path.name + ".json"), path.with_name(path.name + ".npz")
 
 
 def _jsonable(obj):

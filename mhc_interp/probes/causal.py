@@ -49,10 +49,11 @@ def kl_metric(reference_logits: Tensor, mask: Tensor, temperature: float = 1.0):
     """Metric: mean over masked positions of KL(P_ref || P) per replica and prompt, float32.
 
     reference_logits [B, pos, vocab]; mask [B, pos]; returns f(logits [k, B, pos, vocab]) -> [k, B].
+    A prompt with no masked-in position scores NaN (not 0), and `PromptStats` leaves it out.
     """
     ref_lp = log_probs(reference_logits, temperature)
     ref_p = ref_lp.exp()
-    weights = mask.float() / mask.float().sum(-1, keepdim=True).clamp_min(1)
+    weights = mask.float() / mask.float().sum(-1, keepdim=True)              # 0/0 = NaN: nothing to score
 
     def metric(logits: Tensor) -> Tensor:
         kl = (ref_p * (ref_lp - log_probs(logits, temperature))).sum(-1)   # [k, B, pos]
@@ -85,34 +86,55 @@ def logprob_metric(targets: Tensor, position: int = -1, temperature: float = 1.0
 
 
 class PromptStats:
-    """Online mean and standard error over prompts of a [*shape] statistic (float64)."""
+    """Online mean and standard error over prompts of a [*shape] statistic (float64). A prompt whose
+    value is NaN (nothing to score) is left out of that entry's mean and s.e.m.; the s.e.m. of an
+    entry with fewer than two prompts is NaN (undefined), not 0."""
 
     def __init__(self) -> None:
         self.total: Optional[Tensor] = None
         self.total_sq: Optional[Tensor] = None
-        self.count = 0
+        self.scored: Optional[Tensor] = None   # [*shape] prompts that entered each entry
+        self.count = 0                         # prompts seen
 
     def add(self, per_prompt: Tensor) -> None:
         """per_prompt [..., B]: one value per prompt in the last axis."""
         v = per_prompt.detach().double().cpu()
-        s, sq = v.sum(-1), (v ** 2).sum(-1)
+        ok = ~torch.isnan(v)
+        v = torch.where(ok, v, torch.zeros((), dtype=v.dtype))
+        s, sq, n = v.sum(-1), (v ** 2).sum(-1), ok.sum(-1).double()
         self.total = s if self.total is None else self.total + s
         self.total_sq = sq if self.total_sq is None else self.total_sq + sq
+        self.scored = n if self.scored is None else self.scored + n
         self.count += v.shape[-1]
 
     def mean_sem(self) -> Tuple[np.ndarray, np.ndarray]:
         if not self.count:
             raise ValueError("no prompts were processed")
-        mean = self.total / self.count
-        var = (self.total_sq / self.count - mean ** 2).clamp_min(0) * self.count / max(self.count - 1, 1)
-        return mean.numpy(), (var / self.count).sqrt().numpy()
+        n = self.scored
+        mean = self.total / n                                              # NaN where no prompt scored
+        var = (self.total_sq / n - mean ** 2).clamp_min(0) * n / (n - 1)   # NaN / inf where n < 2
+        sem = torch.where(n >= 2, (var / n).sqrt(), torch.full_like(n, float("nan")))
+        return mean.numpy(), sem.numpy()
+
+    def ci_half_width(self, sem: np.ndarray, level: float = 0.95) -> np.ndarray:
+        return t_half_width(self.scored.numpy(), sem, level)
+
+
+def t_half_width(scored: np.ndarray, sem: np.ndarray, level: float = 0.95) -> np.ndarray:
+    """Half-width of the two-sided `level` Student-t interval over `scored` prompts:
+    t_{(1+level)/2, n-1} x s.e.m. (NaN where n < 2)."""
+    from scipy.stats import t
+
+    return t.ppf(0.5 + level / 2, np.maximum(scored - 1, 1)) * np.where(scored >= 2, sem, np.nan)
 
 
 def stats_arrays(prefix: str, stats: PromptStats) -> Dict[str, np.ndarray]:
-    """{prefix: mean, prefix_sem: s.e.m., prefix_ci_low / _high: mean -/+ 1.96 s.e.m.}."""
+    """{prefix: mean over prompts, prefix_sem: s.e.m., prefix_ci_low / _high: the 95% Student-t
+    interval mean -/+ t_{0.975, n-1} s.e.m. (NaN with fewer than two prompts)}."""
     mean, sem = stats.mean_sem()
-    return {prefix: mean, f"{prefix}_sem": sem, f"{prefix}_ci_low": mean - 1.96 * sem,
-            f"{prefix}_ci_high": mean + 1.96 * sem}
+    half = stats.ci_half_width(sem)
+    return {prefix: mean, f"{prefix}_sem": sem, f"{prefix}_ci_low": mean - half,
+            f"{prefix}_ci_high": mean + half}
 
 
 def clean_run(model, tokens: Tensor):

@@ -458,6 +458,9 @@ def train_crosscoder(data, config: Union[CrosscoderConfig, Crosscoder, None] = N
 
     if not bool(cc.norm_set):
         sample = src.peek(cfg.norm_estimate_tokens).to(device)       # [N, S, d]
+        if len(sample) == 0:
+            raise ValueError("the activation source has no rows left for the normalisation sample "
+                             "(a buffer with loop=False that an earlier training run used up?)")
         if not torch.isfinite(sample).all():
             raise FloatingPointError("non-finite values (NaN/inf) in the activations (normalisation sample)")
         with torch.no_grad():

@@ -30,7 +30,7 @@ import torch
 from torch import Tensor
 
 from ..hooks.names import check_hook_names, suffix
-from .runner import _last_sublayer_needed, iter_batches
+from .runner import _last_sublayer_needed, check_exclude_first, iter_batches
 from .base import STREAM_STATE_SUFFIXES
 
 __all__ = ["Site", "STREAM_STATE_SUFFIXES", "resolve_sites", "default_sites", "grid_sites",
@@ -241,7 +241,7 @@ class ActivationBuffer(ActivationSource):
             self.check_batch_size(int(batch_size))
         self.model_batch_size = int(model_batch_size)
         self.seq_len = seq_len
-        self.exclude_first = int(exclude_first)
+        self.exclude_first = check_exclude_first(exclude_first)
         self.pad_id = pad_id
         self.refill_fraction = float(refill_fraction)
         self.loop = bool(loop)
@@ -348,7 +348,8 @@ class ActivationBuffer(ActivationSource):
         return out
 
     def peek(self, n: int) -> Tensor:
-        if self._storage is None:
+        """Up to n unread rows, not consumed (the buffer is refilled first if fewer are unread)."""
+        if self._needs_refill(n):
             self._refill()
         lo = self._pos
         return self._storage[lo:min(self._n, lo + n)].float()

@@ -166,7 +166,7 @@ def from_first_difference(clean: Tensor, corrupted: Tensor, first_prompt: int = 
 @register_result
 class PatchingResult(ProbeResult):
     def plot(self):
-        """{f"patching_{mixing}": sublayer x stream heatmap, annotated with mean and 95% CI}."""
+        """{f"patching_{mixing}": sublayer x stream heatmap, annotated with mean and 95% CI half-width}."""
         import matplotlib.pyplot as plt
 
         figs = {}
@@ -179,10 +179,10 @@ class PatchingResult(ProbeResult):
             im = ax.imshow(m, aspect="auto", cmap="magma" if metric == "kl" else "RdBu")
             ax.set_yticks(range(m.shape[0]), self.meta["sublayers"], fontsize=6)
             ax.set_xticks(range(m.shape[1]), [f"stream {s}" for s in range(m.shape[1])], fontsize=7)
-            half = self.arrays.get(f"{metric}_{mixing}_sem")
-            if half is not None and half.ndim == 2 and m.shape[0] <= 24:
+            high = self.arrays.get(f"{metric}_{mixing}_ci_high")     # 95% Student-t interval
+            if high is not None and high.ndim == 2 and m.shape[0] <= 24:
                 for (i, j), v in np.ndenumerate(m):
-                    ax.text(j, i, f"{v:.2g}±{1.96 * half[i, j]:.1g}", ha="center", va="center", fontsize=5,
+                    ax.text(j, i, f"{v:.2g}±{high[i, j] - v:.1g}", ha="center", va="center", fontsize=5,
                             color="white")
             ax.set_title(f"{self.meta['direction']} patching, {metric}, mixing {mixing}", fontsize=8)
             fig.colorbar(im, ax=ax)

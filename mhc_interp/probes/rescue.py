@@ -24,7 +24,7 @@ from torch import Tensor
 
 from ..hooks.batched import Edit, run_edits
 from .base import ProbeResult, register_probe, register_result, require_streams
-from .causal import CausalProbe, PromptStats, clean_run, kl_metric, stats_arrays
+from .causal import CausalProbe, PromptStats, clean_run, kl_metric, stats_arrays, t_half_width
 
 MODES = ("one_shot", "persistent")
 
@@ -133,6 +133,9 @@ class _Slice:
     def mean_sem(self):
         mean, sem = self.stats.mean_sem()
         return mean[self.index], sem[self.index]
+
+    def ci_half_width(self, sem: np.ndarray, level: float = 0.95) -> np.ndarray:
+        return t_half_width(self.stats.scored.numpy()[self.index], sem, level)
 
 
 def _nanmean(x: np.ndarray, axis: int) -> np.ndarray:

@@ -7,6 +7,8 @@ Token sources (`iter_batches`):
 - a `datasets.Dataset` with an `input_ids` column (ragged rows are right-padded and masked) or a
   `text` column (tokenized with the model's tokenizer, cut into `seq_len` windows);
 - a list of text files (paths), tokenized on the fly and cut into `seq_len` windows.
+A text's (or 1-D tensor's) last, shorter window is kept as a right-padded, masked row, so short
+documents are not dropped (a single-token remainder, which no probe can score, is).
 
 Only the hooks the probes ask for are cached, each batch is checked for NaN/inf, and the forward
 stops after the last sublayer any probe needs. The position mask excludes position 0 (BOS) by
@@ -28,8 +30,12 @@ from .causal import CausalProbe
 Batch = Tuple[Tensor, Tensor]  # tokens [batch, pos], valid [batch, pos] (False = padding)
 
 
+MIN_WINDOW = 2   # a shorter remainder has nothing to score once position 0 is masked
+
+
 def _windows(ids: Sequence[int], seq_len: int) -> List[List[int]]:
-    return [list(ids[i:i + seq_len]) for i in range(0, len(ids) - seq_len + 1, seq_len)]
+    """`ids` cut into consecutive windows of `seq_len`; the last may be shorter (>= MIN_WINDOW)."""
+    return [list(ids[i:i + seq_len]) for i in range(0, len(ids), seq_len) if len(ids) - i >= MIN_WINDOW]
 
 
 def _tokenize(model, text: str) -> List[int]:
@@ -52,13 +58,16 @@ def iter_batches(model, source, batch_size: int, seq_len: Optional[int] = None,
                  pad_id: int = 0) -> Iterator[Batch]:
     """Yield (tokens [batch, pos], valid [batch, pos]) from any supported token source."""
     seq_len = seq_len or model.cfg.n_ctx
-    if isinstance(source, Tensor):
-        rows = source if source.ndim == 2 else torch.stack([torch.as_tensor(w) for w in _windows(source.tolist(), seq_len)])
-        for i in range(0, len(rows), batch_size):
-            chunk = rows[i:i + batch_size].long()
+    if isinstance(source, Tensor) and source.ndim == 2:
+        for i in range(0, len(source), batch_size):
+            chunk = source[i:i + batch_size].long()
             yield chunk, torch.ones_like(chunk, dtype=torch.bool)
         return
-    if hasattr(source, "column_names"):  # a datasets.Dataset
+    if isinstance(source, Tensor):
+        if source.ndim != 1:
+            raise ValueError(f"a token tensor must be [n_seq, pos] or 1-D, got shape {tuple(source.shape)}")
+        rows = iter(_windows(source.tolist(), seq_len))
+    elif hasattr(source, "column_names"):  # a datasets.Dataset
         if "input_ids" in source.column_names:
             rows = (r["input_ids"] for r in source)
         elif "text" in source.column_names:
@@ -85,6 +94,15 @@ def iter_batches(model, source, batch_size: int, seq_len: Optional[int] = None,
         yield _pad(batch, pad_id)
 
 
+def check_exclude_first(exclude_first) -> int:
+    """exclude_first masks positions [0, exclude_first): a non-negative int (a negative one would
+    slice from the end and mask nearly everything)."""
+    if isinstance(exclude_first, bool) or not isinstance(exclude_first, int) or exclude_first < 0:
+        raise ValueError(f"exclude_first must be a non-negative int (positions masked from the start), "
+                         f"got {exclude_first!r}")
+    return exclude_first
+
+
 def _last_sublayer_needed(model, names: Iterable[str]) -> Optional[int]:
     """Index of the sublayer to stop before, or None if a hook after the blocks is needed."""
     index = {s: k for k, s in enumerate(model.sublayer_names)}
@@ -107,6 +125,7 @@ def run_probes(model, probes: Union[Probe, Sequence[Probe]], source, *, batch_si
     exclude_first: positions [0, exclude_first) are masked out (BOS / position 0; 0 keeps all).
     max_tokens: stop after this many (unpadded) tokens. device / dtype: move the model first.
     """
+    check_exclude_first(exclude_first)
     single = isinstance(probes, Probe)
     probes = [probes] if single else list(probes)
     if len({p.name for p in probes}) != len(probes):

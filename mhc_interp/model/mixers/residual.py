@@ -13,7 +13,7 @@ class ResidualMixer(Mixer):
 
     def forward(self, x: Tensor) -> MixingCoefficients:  # x [batch, pos, 1, d_model]
         b, p, n, _ = x.shape
-        ones = torch.ones((), dtype=torch.float32, device=x.device)
-        return MixingCoefficients(
-            h_pre=ones.expand(b, p, n), h_post=ones.expand(b, p, n), h_res=ones.expand(b, p, n, n)
-        )
+        # three real tensors (not views of one scalar): an in-place hook edit of one stays in it
+        ones = dict(dtype=torch.float32, device=x.device)
+        return MixingCoefficients(h_pre=torch.ones(b, p, n, **ones), h_post=torch.ones(b, p, n, **ones),
+                                  h_res=torch.ones(b, p, n, n, **ones))

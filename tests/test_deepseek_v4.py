@@ -285,7 +285,7 @@ def test_frozen_mixing_and_the_head(model, toks):
         with model.frozen_mixing(cache):                        # sublayers and head
             assert torch.equal(model(toks), logits)             # no edit: identical
             frozen_head = model.run_with_hooks(toks, fwd_hooks=edit + [("head.hook_h_pre", _assert_equal(cache["head.hook_h_pre"]))])
-        with frozen_mixing(model, cache):                       # the probes' freeze: sublayers only
+        with frozen_mixing(model, cache):                       # the function: sublayers only
             recomputed_head = model.run_with_hooks(toks, fwd_hooks=edit)
     assert (frozen_head - recomputed_head).abs().max() > 1e-4
     # logit lens through the head: hc_head collapse of the state itself, or fixed weights
@@ -488,3 +488,36 @@ def test_probes_that_need_hookedmhc_parts_say_so(model, toks):
         run_probes(model, LogitLens(), toks, progress=False)
     with pytest.raises(TypeError, match="multi-head attention"):
         run_probes(model, HeadDetector(), toks, progress=False)
+
+
+def test_hooks_on_modules_the_adapter_does_not_run_are_refused(model, hf, toks):
+    """The adapter recomputes attn_hc / ffn_hc / hc_head and runs each layer's parts itself: a torch
+    hook on those modules (or a decoder layer) would never fire, so the forward says so; hooks on
+    the parts it does call keep working."""
+    for module in (hf.model.layers[0], hf.model.layers[1].ffn_hc, hf.model.hc_head, hf.model):
+        handle = module.register_forward_hook(lambda m, args, out: out)
+        try:
+            with pytest.raises(RuntimeError, match="would never fire"):
+                model(toks)
+        finally:
+            handle.remove()
+    fired = []
+    handle = hf.model.layers[0].mlp.register_forward_hook(lambda m, args, out: fired.append(1))
+    try:
+        model(toks)
+    finally:
+        handle.remove()
+    assert fired
+
+
+def test_in_place_edits_of_the_frozen_head_leave_the_cache_alone(model, toks):
+    _, cache = model.run_with_cache(toks, names_filter=is_mixing_hook)
+    kept = cache["head.hook_h_pre"].clone()
+
+    def zero(act, hook):
+        act[:, :, 0] = 0.0
+        return act
+
+    with torch.no_grad(), model.frozen_mixing(cache):
+        model.run_with_hooks(toks, fwd_hooks=[("head.hook_h_pre", zero)])
+    assert torch.equal(cache["head.hook_h_pre"], kept)

@@ -304,3 +304,33 @@ def test_bad_sublayer_span_and_cache_options(toks):
     torch.testing.assert_close(model(state, start_at_sublayer=3, stop_at_sublayer=3), state)
     with pytest.raises(ValueError, match="remove_batch_dim is not supported"):
         model.run_with_cache(toks[:1], remove_batch_dim=True)
+
+
+def test_in_place_edits_never_reach_caches_or_resumed_states(toks):
+    """Frozen coefficients and a resumed run's input state are copied before the hooks see them: an
+    in-place hook edit leaves the user's cache and state as they were."""
+    model = perturbed_model(tiny_config("mhc"))
+    _, cache = model.run_with_cache(toks, names_filter=is_mixing_hook)
+    kept = {k: v.clone() for k, v in cache.items()}
+
+    def zero_stream_0(act, hook):
+        act[:, :, 0] = 0.0
+        return act
+
+    with model.frozen_mixing(cache):
+        model.run_with_hooks(toks, fwd_hooks=[(n, zero_stream_0) for n in cache])
+    assert all(torch.equal(cache[k], kept[k]) for k in cache)
+    state = model(toks, stop_at_sublayer=2)
+    before = state.clone()
+    model.run_with_hooks(state, start_at_sublayer=2, fwd_hooks=[("blocks.1.attn.hook_streams_in", zero_stream_0)])
+    assert torch.equal(state, before)
+    # a state in another float dtype runs in the model's; an integer one or empty tokens are refused
+    torch.testing.assert_close(model(state.double(), start_at_sublayer=2), model(state, start_at_sublayer=2))
+    with pytest.raises(TypeError, match="floating-point"):
+        model(state.long(), start_at_sublayer=2)
+    with pytest.raises(ValueError, match="have no positions"):
+        model(torch.zeros(2, 0, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"tokens= \(3, 9\) do not match the resumed state's \[batch, pos\] \(2, 9\)"):
+        model(state[:2], start_at_sublayer=2, tokens=toks, return_type="loss")
+    with pytest.raises(TypeError, match="must be an int sublayer index"):
+        model(state, start_at_sublayer=True)

@@ -213,3 +213,27 @@ def test_compiled_model_under_nnsight(setup):
         patched = nn_model.output.save()
     close(patched, eager_patched, atol=1e-5)
     assert (patched - ref_logits).abs().max() > 1e-3
+
+
+@torch.no_grad()
+def test_invokes_stay_apart_for_mixer_outputs_and_position_embeddings(setup):
+    """The mixer's output (a NamedTuple of H_pre/H_post/H_res) and the position embedding are split
+    per invoke like every other activation: an edit in invoke 2 leaves invoke 1 alone."""
+    model, a = setup
+    b = torch.randint(0, 40, (3, 7), generator=torch.Generator().manual_seed(1))
+    eye = torch.eye(4)
+    ref_a = model(torch.cat([a, b]))[:2]
+    ref_b = model.run_with_hooks(b, fwd_hooks=[("blocks.0.attn.hook_h_res", lambda h, hook: eye.expand_as(h).clone()),
+                                               ("hook_pos_embed", lambda p, hook: torch.zeros_like(p))])
+    nn_model = to_nnsight(model)
+    with nn_model.trace() as tracer:
+        with tracer.invoke(a):
+            out_a = nn_model.output.save()
+        with tracer.invoke(b):
+            nn_model.pos_embed.output[:] = 0
+            nn_model.blocks[0].attn.mixer.output.h_res[:] = eye
+            h_pre = nn_model.blocks[0].attn.mixer.output.h_pre.save()
+            out_b = nn_model.output.save()
+    close(out_a, ref_a, atol=1e-5)
+    close(out_b, ref_b, atol=1e-5)
+    assert h_pre.shape == (3, 7, 4)

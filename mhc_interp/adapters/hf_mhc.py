@@ -8,10 +8,13 @@ per-stream helper, frozen-mixing run and probe of `mhc_interp` works on it uncha
     logits, cache = model.run_with_cache(tokens)                # == hf(tokens).logits
 
 Nothing is copied: the adapter registers the HF model as its submodule `hf_model` and, for each
-decoder layer, calls the layer's own modules (`attn_hc`, `input_layernorm`, `self_attn`, `ffn_hc`,
-`post_attention_layernorm`, `mlp`) and the model's `embed_tokens`, `rotary_emb`, `hc_head`,
-`norm` and `lm_head` in the order `DeepseekV4Model.forward` does, with TransformerLens hook
-points between them. Splitting the decoder layer into its two hyper-connected sublayers
+decoder layer, calls the layer's own `input_layernorm`, `self_attn`, `post_attention_layernorm`
+and `mlp` and the model's `embed_tokens`, `rotary_emb`, `norm` and `lm_head` in the order
+`DeepseekV4Model.forward` does, with TransformerLens hook points between them. The
+hyper-connection modules (`attn_hc`, `ffn_hc`, `hc_head`) are recomputed from their weights (to
+expose and freeze H_pre/H_post/H_res), and the decoder layers and the HF model itself never run
+as modules: a torch hook registered on one of those would never fire, so a forward with one
+raises instead. Splitting the decoder layer into its two hyper-connected sublayers
 (rather than hooking `DeepseekV4DecoderLayer.forward` from outside) is what makes `H_pre` visible
 (the HF module consumes it internally), lets frozen coefficients replace the computed ones, and
 lets a run resume from a stream state at any sublayer (`start_at_sublayer`, used by the batched
@@ -352,10 +355,36 @@ def head_weights_of(head: nn.Module, x: Tensor) -> Tensor:
     return torch.sigmoid(mixes * head.hc_scale.float() + head.hc_base.float()) + head.eps
 
 
+def _bypassed_modules(hf_model: nn.Module, base: nn.Module) -> List[Tuple[str, nn.Module]]:
+    """(name, module) of the HF modules whose forward the adapter never calls: it recomputes the
+    hyper-connection modules (to expose and freeze H_pre/H_post/H_res) and runs each decoder
+    layer's parts itself, so the HF model, its decoder layers, attn_hc / ffn_hc and hc_head do
+    not run as modules."""
+    names = {id(m): n for n, m in hf_model.named_modules()}
+    chosen = [hf_model, base, base.hc_head]
+    for layer in base.layers:
+        chosen += [layer, layer.attn_hc, layer.ffn_hc]
+    return [(names.get(id(m), type(m).__name__) or "the HF model", m) for m in dict.fromkeys(chosen)]
+
+
+def _refuse_bypassed_hooks(bypassed: List[Tuple[str, nn.Module]]) -> None:
+    """A torch hook on a module the adapter does not run would silently never fire."""
+    hooked = [name for name, m in bypassed
+              if m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks]
+    if hooked:
+        raise RuntimeError(
+            f"torch hooks are registered on {hooked[:4]}{' ...' if len(hooked) > 4 else ''}, which the adapter "
+            f"does not run as modules (it recomputes the hyper-connections and calls each layer's parts "
+            f"itself), so they would never fire; use the adapter's hook points (blocks.{{l}}.attn.hook_h_pre, "
+            f"...hook_streams_out, head.hook_h_pre, ...) or hooks on the parts it calls (self_attn, mlp, "
+            f"input_layernorm, norm, lm_head)")
+
+
 def _repeat_to(t: Tensor, batch: int, what: str, name: str) -> Tensor:
-    """Frozen / context tensors of batch B serve a run of batch k*B (replica-major)."""
+    """Frozen / context tensors of batch B serve a run of batch k*B (replica-major); always a new
+    tensor (hooks may edit what they get in place)."""
     if t.shape[0] == batch:
-        return t
+        return t.clone()
     if batch % t.shape[0]:
         raise ValueError(f"{what} for {name!r} has batch {t.shape[0]}, the run {batch}: the run's batch "
                          f"must be a multiple")
@@ -568,7 +597,8 @@ class HookedHFMHC(StreamHookedRoot):
         _check_shapes(base, self.cfg.n_streams, self.cfg.d_model)
         self.hf_model = hf_model  # registered: parameters()/eval()/named_modules() see it, nothing is copied
         self.tokenizer = tokenizer
-        self._hf = SimpleNamespace(base=base, lm_head=lm_head, config=getattr(hf_model, "config", None))
+        self._hf = SimpleNamespace(base=base, lm_head=lm_head, config=getattr(hf_model, "config", None),
+                                   bypassed=_bypassed_modules(hf_model, base))
         self.blocks = nn.ModuleList([HFBlock(layer, i) for i, layer in enumerate(base.layers)])
         self.head = HFHead(base, lm_head)
         self.hook_embed = AdapterHookPoint()         # [batch, pos, d_model]
@@ -677,6 +707,7 @@ class HookedHFMHC(StreamHookedRoot):
         the state entering sublayer k (on `model.device`). return_type "logits" | "loss" | "both" |
         None. `tokens=`: the token ids of a resumed run (hash-routed layers; the loss)."""
         start, stop = self._check_sublayer_span(start_at_sublayer, stop_at_sublayer)
+        _refuse_bypassed_hooks(self._hf.bypassed)
         end = self.cfg.n_sublayers if stop is None else stop
         record = None
         if start_at_sublayer is None:
@@ -687,7 +718,7 @@ class HookedHFMHC(StreamHookedRoot):
             if self._last_hash_sublayer >= 0:
                 record = self._tokens.new_run(tokens)
         else:
-            x = self._check_state(input)
+            x = self._check_state(input, self._hf.base.embed_tokens.weight.dtype)
             ids = self._resume_ids(x, start, end, tokens)
             if tokens is not None:
                 tokens = ids

@@ -35,8 +35,9 @@ Gotchas (nnsight 0.8):
   `hook_res_mix`, `hook_h_pre`, ...) are [batch, pos, n_streams, ...], so `output[:, :, s]`
   addresses stream s (`output[..., s, :]` for the [batch, pos, n, d] states). `hook_h_res` is
   [batch, pos, target, source].
-* **Writes to expanded tensors.** Some activations are views shared across positions; assign a
-  new tensor (`envoy.output = new`) rather than editing in place when unsure.
+* **In-place writes are safe.** Every hook point and mixer output is a tensor of its own (no
+  expanded views, no cached tensor handed through): `output[:, :, s] = 0` changes this run only,
+  never a frozen-mixing cache or a resumed run's input state.
 * **Wrapping is permanent**: nnsight installs its controller as every module's `forward`
   (inert outside a trace). One consequence: the attention pattern hook counts as observed
   from then on, so the wrapped model always uses the materialised (eager) attention path,

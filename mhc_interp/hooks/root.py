@@ -59,6 +59,8 @@ class StreamHookedRoot(HookedRootModule):
             tokens = tokens.unsqueeze(0)
         if tokens.ndim != 2:
             raise ValueError(f"tokens must be [batch, pos], got shape {tuple(tokens.shape)}")
+        if tokens.shape[1] == 0:
+            raise ValueError(f"tokens {tuple(tokens.shape)} have no positions")
         if tokens.shape[1] > self.cfg.n_ctx:
             raise ValueError(
                 f"sequence length {tokens.shape[1]} is longer than the model's context "
@@ -74,6 +76,8 @@ class StreamHookedRoot(HookedRootModule):
     def _check_sublayer_index(self, index: Optional[int], what: str) -> Optional[int]:
         if index is None:
             return None
+        if isinstance(index, bool) or not isinstance(index, int):
+            raise TypeError(f"{what} must be an int sublayer index, got {index!r}")
         n = self.cfg.n_sublayers
         if not 0 <= index <= n:
             raise ValueError(f"{what}={index} is out of range: the model has {n} sublayers (0..{n})")
@@ -88,17 +92,21 @@ class StreamHookedRoot(HookedRootModule):
                              f"the run would return its input state unchanged")
         return start, stop
 
-    def _check_state(self, x: Any) -> Tensor:
-        """A stream state [batch, pos, n_streams, d_model] to resume from."""
+    def _check_state(self, x: Any, dtype: torch.dtype) -> Tensor:
+        """A stream state [batch, pos, n_streams, d_model] to resume from, as a copy in `dtype`
+        (the dtype a run from tokens has there): hooks may edit it in place, and the caller's
+        tensor (often a cached clean state) must not change."""
         expected = (self.cfg.n_streams, self.cfg.d_model)
         if not isinstance(x, Tensor) or x.ndim != 4 or tuple(x.shape[2:]) != expected:
             raise ValueError(
                 f"with start_at_sublayer the input must be a stream state [batch, pos, "
                 f"{expected[0]}, {expected[1]}], got {getattr(x, 'shape', type(x))}"
             )
+        if not x.is_floating_point():
+            raise TypeError(f"a stream state must be a floating-point tensor, got dtype {x.dtype}")
         if x.shape[1] > self.cfg.n_ctx:
             raise ValueError(f"sequence length {x.shape[1]} is longer than n_ctx={self.cfg.n_ctx}")
-        return x
+        return x.to(dtype=dtype, copy=True)
 
     # ---------------------------------------------------------------------------------- output
     def readout(self, x: Tensor, return_type: Optional[str], tokens: Optional[Tensor]) -> Any:

@@ -72,9 +72,9 @@ class HookedMHC(StreamHookedRoot):
         """tokens [batch, pos] -> initial stream state [batch, pos, n_streams, d_model]."""
         b, p = tokens.shape
         tok = self.hook_embed(self.embed(tokens))
-        # a real [batch, pos, d_model] tensor, not an expanded view: an in-place hook edit of one row
-        # must not reach the others
-        pos = self.hook_pos_embed(self.pos_embed(torch.arange(p, device=tokens.device)).expand(b, p, -1).contiguous())
+        # looked up per (batch, pos): a real [batch, pos, d_model] tensor (not an expanded view), so
+        # an in-place hook edit of one row stays in it, and nnsight sees a batch axis to split
+        pos = self.hook_pos_embed(self.pos_embed(torch.arange(p, device=tokens.device).expand(b, p)))
         return self.hook_streams_init(self.expand(tok + pos))
 
     def unembed_streams(self, x: Tensor) -> Tensor:
@@ -107,7 +107,12 @@ class HookedMHC(StreamHookedRoot):
             tokens = self._check_tokens(input)
             x = self.embed_streams(tokens)
         else:
-            x = self._check_state(input)
+            x = self._check_state(input, self.embed.weight.dtype)
+            if tokens is not None:
+                tokens = self._check_tokens(tokens)
+                if tokens.shape != x.shape[:2]:
+                    raise ValueError(f"tokens= {tuple(tokens.shape)} do not match the resumed state's "
+                                     f"[batch, pos] {tuple(x.shape[:2])}")
         sublayers = self.sublayers
         for sub in sublayers[start: stop if stop is not None else len(sublayers)]:
             x = sub(x)

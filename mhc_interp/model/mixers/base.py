@@ -14,8 +14,7 @@ so that the hyper-connected sublayer computes  x' = H_res x + H_post^T F(H_pre x
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Callable, Dict, Tuple, Type
+from typing import Callable, Dict, NamedTuple, Tuple, Type
 
 import torch
 from torch import Tensor, nn
@@ -24,8 +23,10 @@ from ...config import MHCConfig
 from ..compiled import compile_once
 
 
-@dataclass
-class MixingCoefficients:
+class MixingCoefficients(NamedTuple):
+    """A mixer's output. A NamedTuple (not a dataclass) so that tools which walk containers -
+    nnsight's per-invoke batching, torch.compile, pytree - see the three tensors inside."""
+
     h_pre: Tensor   # [batch, pos, n_streams]
     h_post: Tensor  # [batch, pos, n_streams]
     h_res: Tensor   # [batch, pos, n_streams(target), n_streams(source)]
@@ -41,7 +42,8 @@ class MixingCoefficients:
                 f"has batch {b} x pos {p}; the positions must match and the batch be a multiple"
             )
         k = b // fb
-        return MixingCoefficients(*(t.to(x.device).repeat(k, *([1] * (t.ndim - 1))) if k > 1 else t.to(x.device)
+        # always a copy: the hooks may edit these in place, and they must not reach the cache
+        return MixingCoefficients(*(t.to(x.device).repeat(k, *([1] * (t.ndim - 1))) if k > 1 else t.to(x.device, copy=True)
                                     for t in (self.h_pre, self.h_post, self.h_res)))
 
 

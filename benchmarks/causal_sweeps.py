@@ -13,7 +13,8 @@ Rows:
                    clean state at its sublayer
   rescue naive     the same n(n-1)/2 + n interventions per sublayer, each one full
                    `run_with_hooks` forward from the tokens, mixing frozen; timed on
-                   `--naive-sublayers` sublayers and extrapolated to all of them
+                   `--naive-sublayers` sublayers and extrapolated to all of them, plus each
+                   prompt batch's one cache run (not extrapolated)
   patching batched `ActivationPatching` (denoise, recomputed mixing) over every (sublayer, stream)
   patching naive   one full forward per (sublayer, stream), extrapolated likewise
 
@@ -27,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import time
 from typing import Any, Dict, List, Optional
 
 import torch
@@ -37,12 +39,17 @@ from mhc_interp.probes.causal import clean_run
 
 from .common import (add_common_args, build_model, check_batch_fits, cli, forward_flops_per_token, peak_flops,
                      prepare, print_table, random_tokens, readout_flops_per_token, sublayer_flops_per_token,
-                     timed, write_result)
+                     sync, timed, write_result)
 
 
 @torch.no_grad()
-def naive_rescue(model, tokens, sublayers):
-    _, cache = model.run_with_cache(tokens, names_filter=is_mixing_hook)
+def rescue_cache(model, tokens, corrupted):
+    return model.run_with_cache(tokens, names_filter=is_mixing_hook)[1]
+
+
+@torch.no_grad()
+def naive_rescue(model, tokens, corrupted, cache, sublayers):
+    """One full forward per (sublayer, ablated pair or single), mixing frozen to the clean run."""
     n, names = model.cfg.n_streams, model.sublayer_names
     ablations = [*itertools.combinations(range(n), 2), *((s,) for s in range(n))]
     with model.frozen_mixing(cache):
@@ -52,12 +59,44 @@ def naive_rescue(model, tokens, sublayers):
 
 
 @torch.no_grad()
-def naive_patching(model, clean, corrupted, sublayers):
-    _, cache = model.run_with_cache(clean, names_filter=lambda n: n.endswith("streams_in"))
+def patching_cache(model, clean, corrupted):
+    return model.run_with_cache(clean, names_filter=lambda n: n.endswith("streams_in"))[1]
+
+
+@torch.no_grad()
+def naive_patching(model, clean, corrupted, cache, sublayers):
+    """One full forward of the corrupted prompts per (sublayer, stream) with the clean stream in."""
     for l in sublayers:
         name = f"{model.sublayer_names[l]}.hook_streams_in"
         for s in range(model.cfg.n_streams):
             model.run_with_hooks(corrupted, fwd_hooks=[model.stream_hook(name, s, cache[name][:, :, s])])
+
+
+def naive_sweep(make_cache, loop, chunks, subset, scale: float, device, repeats: int, warmup: int) -> Dict[str, Any]:
+    """Seconds of the naive sweep: for every prompt batch, its cache run once plus the intervention
+    loop, timed on the `subset` of sublayers and extrapolated to all of them (x `scale`; the cache
+    run is not scaled); peak memory over the prompt batches."""
+    total, peaks, times = 0.0, [], []
+    for clean, corrupted in chunks:
+        try:
+            sync(device)
+            t0 = time.perf_counter()
+            cache = make_cache(clean, corrupted)
+            sync(device)
+        except torch.OutOfMemoryError:
+            return {"oom": True}
+        total += time.perf_counter() - t0
+        r = timed(lambda: loop(clean, corrupted, cache, subset), device, repeats, warmup)
+        del cache
+        if r["oom"]:
+            return r
+        total += scale * r["seconds"]
+        times += r["times"]
+        peaks.append(r.get("peak_mib"))
+    res = {"oom": False, "seconds": total, "times": times}
+    if device.type == "cuda":
+        res["peak_mib"] = max(peaks)
+    return res
 
 
 def sweep_flops(cfg, seq: int, n_tokens: int, per_sublayer: int, full_runs: int) -> float:
@@ -77,12 +116,18 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
                    help="prompts per probe batch (its clean states are cached at every sublayer); default --batch")
     p.add_argument("--naive-sublayers", type=int, default=2)
     p.add_argument("--max-rows", type=int, default=None, help="cap on rows per batched forward")
+    p.add_argument("--only", choices=["rescue", "patching"], default=None,
+                   help="measure one sweep (each fits a 10-minute device call at mhc-780m)")
     args = p.parse_args(argv)
     device = prepare(args)
     model = build_model(args, device)
     cfg, n = model.cfg, model.cfg.n_streams
     batch, seq = args.batch, args.seq
     prompt_batch = args.prompt_batch or batch
+    if not 1 <= prompt_batch <= batch:
+        p.error(f"--prompt-batch {prompt_batch} must lie in 1..--batch ({batch})")
+    if args.naive_sublayers < 1:
+        p.error(f"--naive-sublayers must be >= 1, got {args.naive_sublayers}")
     tokens = random_tokens(model, batch, seq)
     corrupted = tokens.clone()
     corrupted[:, seq // 2] = (corrupted[:, seq // 2] + 1) % cfg.d_vocab
@@ -101,20 +146,29 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     prompt_tokens = tokens[:prompt_batch]
     # a probe batch caches its clean stream state at every sublayer: say so if that cannot fit
     check_batch_fits(lambda b: clean_run(model, prompt_tokens[:b]), prompt_batch, device,
-                     "the clean run of one probe batch (--prompt-batch)")
+                     "the clean run of one probe batch (--prompt-batch)", flag="--prompt-batch")
     kw = dict(batch_size=prompt_batch, max_rows=args.max_rows)
+    kinds = [args.only] if args.only else ["rescue", "patching"]
     if args.compile:  # compile outside the timings: edits at sublayer 0 run every sublayer on a replica stack
-        ablate_and_rescue(model, prompt_tokens, sublayers=[0], **kw)
-        activation_patching(model, prompt_tokens, corrupted[:prompt_batch], sublayers=[0], **kw)
+        if "rescue" in kinds:
+            ablate_and_rescue(model, prompt_tokens, sublayers=[0], **kw)
+        if "patching" in kinds:
+            activation_patching(model, prompt_tokens, corrupted[:prompt_batch], sublayers=[0], **kw)
     rows: Dict[str, Dict[str, Any]] = {}
     with torch.inference_mode():
         rows["forward"] = run(lambda: model(prompt_tokens), warmup=max(1, args.warmup))  # cheap: always warm
-    rows["rescue batched"] = run(lambda: ablate_and_rescue(model, tokens, **kw))
-    rows["rescue naive"] = run(lambda: [naive_rescue(model, tokens[i:i + prompt_batch], subset)
-                                        for i in range(0, batch, prompt_batch)], scale)
-    rows["patching batched"] = run(lambda: activation_patching(model, tokens, corrupted, **kw))
-    rows["patching naive"] = run(lambda: [naive_patching(model, tokens[i:i + prompt_batch], corrupted[i:i + prompt_batch], subset)
-                                          for i in range(0, batch, prompt_batch)], scale)
+    chunks = [(tokens[i:i + prompt_batch], corrupted[i:i + prompt_batch]) for i in range(0, batch, prompt_batch)]
+
+    def naive(make_cache, loop):
+        return naive_sweep(lambda *c: make_cache(model, *c), lambda *a: loop(model, *a), chunks, subset, scale,
+                           device, args.repeats, args.warmup)
+
+    if "rescue" in kinds:
+        rows["rescue batched"] = run(lambda: ablate_and_rescue(model, tokens, **kw))
+        rows["rescue naive"] = naive(rescue_cache, naive_rescue)
+    if "patching" in kinds:
+        rows["patching batched"] = run(lambda: activation_patching(model, tokens, corrupted, **kw))
+        rows["patching naive"] = naive(patching_cache, naive_patching)
 
     peak = peak_flops(device)
     fwd = rows["forward"]

@@ -122,8 +122,7 @@ def timed(fn: Callable[[], Any], device: torch.device, repeats: int, warmup: int
     try:
         for _ in range(warmup):
             fn()
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
+        if device.type == "cuda":   # the allocator keeps its blocks: timed runs do not re-allocate
             torch.cuda.reset_peak_memory_stats(device)
         for _ in range(repeats):
             sync(device)
@@ -149,46 +148,66 @@ def autocast_if(device: torch.device, dtype: Optional[torch.dtype]):
 
 
 # ------------------------------------------------------------------------------------ memory
-def batch_fit(per_sequence_bytes: float, available_bytes: float, batch: int, margin: float = 0.9):
-    """(fits, largest batch that fits) for work whose memory grows by `per_sequence_bytes` per
-    sequence, given `available_bytes` (free + reusable), keeping `1 - margin` in reserve."""
-    largest = int(margin * available_bytes // max(per_sequence_bytes, 1.0))
+MEMORY_RESERVE = 0.1   # share of the free memory a batch may not use (fragmentation, workspaces)
+
+
+def batch_fit(per_sequence_bytes: float, available_bytes: float, batch: int, fixed_bytes: float = 0.0,
+              reserve: float = MEMORY_RESERVE):
+    """(fits, largest batch that fits) for work needing `fixed_bytes` plus `per_sequence_bytes`
+    per sequence, given `available_bytes`, keeping `reserve` of them free."""
+    usable = (1 - reserve) * available_bytes - fixed_bytes
+    largest = max(0, int(usable // max(per_sequence_bytes, 1.0)))
     return batch <= largest, largest
 
 
-def check_batch_fits(run: Callable[[int], Any], batch: int, device: torch.device, what: str) -> None:
-    """On cuda: run `run(1)` (one sequence), measure the memory it needs on top of what is
-    resident, and raise a BenchmarkError if `batch` sequences would not fit - saying how much
-    they need and which batch fits. Nothing on other devices."""
-    if device.type != "cuda":
-        return
-    torch.cuda.empty_cache()
+def _peak_extra(run: Callable[[int], Any], b: int, device: torch.device) -> int:
+    """Peak memory `run(b)` allocates on top of what is resident (bytes)."""
     sync(device)
     resident = torch.cuda.memory_allocated(device)
     torch.cuda.reset_peak_memory_stats(device)
-    out = run(1)
+    out = run(b)
     sync(device)
-    per_sequence = torch.cuda.max_memory_allocated(device) - resident
+    extra = torch.cuda.max_memory_allocated(device) - resident
     del out
+    return extra
+
+
+def check_batch_fits(run: Callable[[int], Any], batch: int, device: torch.device, what: str,
+                     flag: str = "--batch") -> None:
+    """On cuda: run `run(1)` and `run(2)` and split the memory they need on top of what is
+    resident into a fixed part (e.g. autocast's weight copies) and a per-sequence part; raise a
+    BenchmarkError if `batch` sequences would not fit - saying how much they need and which batch
+    fits (`flag` sets it). Runs eagerly (a compiled model would otherwise compile these batch
+    sizes and then a batch-dynamic graph for the real one). Nothing on other devices."""
+    if device.type != "cuda":
+        return
+    torch.cuda.empty_cache()
+    resident = torch.cuda.memory_allocated(device)
+    with torch.compiler.set_stance("force_eager"):
+        one = _peak_extra(run, 1, device)
+        two = _peak_extra(run, 2, device) if batch > 1 else one
+    per_sequence = max(two - one, 1) if batch > 1 else one
+    fixed = max(one - per_sequence, 0)
     torch.cuda.empty_cache()
     free, total = torch.cuda.mem_get_info(device)
-    problem = batch_fit_problem(what, batch, per_sequence, resident, free, total)
+    problem = batch_fit_problem(what, batch, per_sequence, resident, free, total, fixed=fixed, flag=flag)
     if problem:
         raise BenchmarkError(problem)
 
 
 def batch_fit_problem(what: str, batch: int, per_sequence: float, resident: float, free: float,
-                      total: float) -> Optional[str]:
-    """None if `batch` sequences of `per_sequence` bytes each fit in `free` bytes, else the
-    message: how much the batch needs, and which batch fits."""
-    fits, largest = batch_fit(per_sequence, free, batch)
+                      total: float, fixed: float = 0.0, flag: str = "--batch") -> Optional[str]:
+    """None if `fixed` + `batch` sequences of `per_sequence` bytes fit in `free` bytes (less the
+    reserve), else the message: how much the batch needs, and which batch fits."""
+    fits, largest = batch_fit(per_sequence, free, batch, fixed_bytes=fixed)
     if fits:
         return None
     gib = 2**30
-    return (f"{what}: batch {batch} needs about {batch * per_sequence / gib:.1f} GiB of GPU memory "
-            f"({per_sequence / gib:.2f} GiB per sequence) on top of {resident / gib:.1f} GiB resident, "
-            f"but {free / gib:.1f} of {total / gib:.1f} GiB are free: at most batch {largest} fits "
-            + (f"(use --batch {largest})" if largest else "(not even one sequence: use a shorter --seq)"))
+    return (f"{what}: batch {batch} needs about {(fixed + batch * per_sequence) / gib:.1f} GiB of GPU memory "
+            f"({per_sequence / gib:.2f} GiB per sequence + {fixed / gib:.2f} GiB fixed) on top of "
+            f"{resident / gib:.1f} GiB resident, but {free / gib:.1f} of {total / gib:.1f} GiB are free "
+            f"and {MEMORY_RESERVE:.0%} of that is kept in reserve: at most batch {largest} fits "
+            + (f"(use {flag} {largest})" if largest else "(not even one sequence: use a shorter --seq)"))
 
 
 # ------------------------------------------------------------------------------------ FLOPs
@@ -230,11 +249,12 @@ def device_name(device: torch.device) -> str:
 
 
 def write_result(benchmark: str, args: argparse.Namespace, device: torch.device, result: Dict[str, Any]) -> Path:
-    """Write `result` with what it was measured on (device, torch, shape, dtype, batch) as JSON."""
+    """Write `result` with what it was measured on (device, torch, shape, variant, dtype, batch) as JSON."""
+    variant = getattr(args, "variant", "mhc")
     info = dict(benchmark=benchmark, shape=args.shape, device=str(device), device_name=device_name(device),
                 torch_version=torch.__version__, dtype=args.dtype, compiled=args.compile, batch=args.batch,
                 seq=args.seq, repeats=args.repeats, warmup=args.warmup, threads=torch.get_num_threads(),
-                config=make_config(args.shape).to_dict(), **result)
+                config=make_config(args.shape, variant).to_dict(), **result)
     path = Path(args.out) if args.out else RESULTS / f"{benchmark}-{args.shape}-{device.type}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(info, indent=1) + "\n")

@@ -73,6 +73,8 @@ def main(argv=None):
             r.update(tokens=tokens, tokens_per_s=tokens / r["seconds"], **extra)
         rows[name] = r
 
+    with torch.no_grad():   # warm: the timed fill must not pay CUDA start-up or compilation
+        model(corpus[:model_batch].to(device), return_type=None)
     buf = ActivationBuffer(model, corpus, buffer_tokens=buffer_tokens, model_batch_size=model_batch)
     print(f"sites: {len(buf.sites)} ({buf.hook_names[0]} ... {buf.hook_names[-1]}), "
           f"{buf.memory_bytes / 2 ** 20:.0f} MiB buffer")

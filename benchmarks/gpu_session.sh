@@ -1,18 +1,23 @@
 #!/usr/bin/env bash
 # Measure the mhc-780m rows on a GPU machine in a few commands of at most ~10 minutes each (a bare
 # machine: the packages it lacks come as wheels from `bash ../shared/tools/gpu-wheels.sh`, run
-# beforehand on the machine with network, which fills ./.whl/).
+# beforehand on the machine with network, which fills ./.whl/ - an ignored folder: the device
+# tool must be told to carry it, `carry: [".whl"]`).
 #
-#   bash benchmarks/gpu_session.sh check      # GPU correctness: compiled vs eager, hooks, bf16, tests
-#   bash benchmarks/gpu_session.sh forward    # forward_overhead (eager, compiled, caching, nnsight, n=1)
-#   bash benchmarks/gpu_session.sh sweeps     # causal_sweeps: full rescue matrix on 64 x 1024 tokens
-#   bash benchmarks/gpu_session.sh probes     # probe_throughput + crosscoder_throughput
+#   bash benchmarks/gpu_session.sh check            # GPU correctness: compiled vs eager, hooks, bf16, tests
+#   bash benchmarks/gpu_session.sh forward          # forward_overhead, bf16 weights (eager, compiled, caching, nnsight, n=1)
+#   bash benchmarks/gpu_session.sh forward-autocast # the same with float32 weights under bf16 autocast (the anchors' setting)
+#   bash benchmarks/gpu_session.sh sweeps-rescue    # causal_sweeps --only rescue: full rescue matrix on 64 x 1024 tokens
+#   bash benchmarks/gpu_session.sh sweeps-patching  # causal_sweeps --only patching
+#   bash benchmarks/gpu_session.sh probes           # probe_throughput + crosscoder_throughput
 #
-# Results (JSON + a log per stage) go to $OUT (the device tool's folder) or benchmarks/results/.
+# Results (JSON + a log per stage, unbuffered so a run cut at the time limit keeps its log) go to
+# $OUT (the device tool's folder) or benchmarks/results/.
 # SHAPE / DEVICE / DTYPE override mhc-780m / cuda / bfloat16 (e.g. SHAPE=tiny DEVICE=cpu for a dry run).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-stage=${1:?usage: gpu_session.sh check|forward|sweeps|probes}
+stage=${1:?usage: gpu_session.sh check|forward|forward-autocast|sweeps-rescue|sweeps-patching|probes}
+export PYTHONUNBUFFERED=1
 shape=${SHAPE:-mhc-780m}
 device=${DEVICE:-cuda}
 dtype=${DTYPE:-bfloat16}
@@ -40,13 +45,20 @@ case "$stage" in
     python3 -m benchmarks.forward_overhead "${common[@]}" --compile --repeats 5 \
         --out "$out/forward_overhead-$shape-$device.json" 2>&1 | tee "$out/forward_overhead-$shape.log"
     ;;
-  sweeps)
+  forward-autocast)
+    python3 -m benchmarks.forward_overhead --shape "$shape" --device "$device" --dtype float32 --autocast \
+        --compile --repeats 5 --out "$out/forward_overhead-$shape-$device-autocast.json" 2>&1 \
+        | tee "$out/forward_overhead-$shape-autocast.log"
+    ;;
+  sweeps-rescue|sweeps-patching)
     # the issue's setting: 64 prompts x 1024 tokens, in probe batches of 16 (their clean states at
     # every sublayer are cached: 72 x 16 x 1024 x 4 x 1280 bf16 = 12 GiB)
+    kind=${stage#sweeps-}
     batch=${BATCH:-64}; pb=${PROMPT_BATCH:-16}
     [ "$shape" = mhc-780m ] || { batch=${BATCH:-4}; pb=${PROMPT_BATCH:-2}; }
     python3 -m benchmarks.causal_sweeps "${common[@]}" --compile --batch "$batch" --prompt-batch "$pb" \
-        --repeats 1 --warmup 0 --out "$out/causal_sweeps-$shape-$device.json" 2>&1 | tee "$out/causal_sweeps-$shape.log"
+        --only "$kind" --repeats 1 --warmup 0 --out "$out/causal_sweeps-$kind-$shape-$device.json" 2>&1 \
+        | tee "$out/causal_sweeps-$kind-$shape.log"
     ;;
   probes)
     python3 -m benchmarks.probe_throughput "${common[@]}" --compile --repeats 2 \
@@ -54,5 +66,5 @@ case "$stage" in
     python3 -m benchmarks.crosscoder_throughput "${common[@]}" \
         --out "$out/crosscoder_throughput-$shape-$device.json" 2>&1 | tee "$out/crosscoder_throughput-$shape.log"
     ;;
-  *) echo "unknown stage $stage: use check|forward|sweeps|probes"; exit 2 ;;
+  *) echo "unknown stage $stage: use check|forward|forward-autocast|sweeps-rescue|sweeps-patching|probes"; exit 2 ;;
 esac

@@ -80,5 +80,38 @@ def test_batch_fit_says_what_it_needs_and_what_fits():
     assert batch_fit_problem("forward", 4, 2 * gib, 3 * gib, 10 * gib, 80 * gib) is None
     msg = batch_fit_problem("forward", 16, 6.5 * gib, 3 * gib, 70 * gib, 80 * gib)
     assert "batch 16 needs about 104.0 GiB" in msg and "70.0 of 80.0 GiB are free" in msg
-    assert "at most batch 9 fits (use --batch 9)" in msg
+    assert "10% of that is kept in reserve: at most batch 9 fits (use --batch 9)" in msg
     assert "not even one sequence" in batch_fit_problem("forward", 1, 90 * gib, 0, 70 * gib, 80 * gib)
+    # a fixed part (e.g. autocast's weight copies) is paid once, not per sequence
+    assert batch_fit(2 * gib, 10 * gib, 4, fixed_bytes=1.5 * gib) == (False, 3)
+    msg = batch_fit_problem("sweep", 8, 2 * gib, 0, 10 * gib, 80 * gib, fixed=1.5 * gib, flag="--prompt-batch")
+    assert "batch 8 needs about 17.5 GiB (2.00 GiB per sequence + 1.50 GiB fixed)" in msg
+    assert msg.endswith("(use --prompt-batch 3)")
+
+
+def test_naive_sweep_extrapolates_the_loop_not_the_cache_run():
+    from benchmarks.causal_sweeps import naive_sweep
+
+    calls = []
+
+    def make_cache(clean, corrupted):
+        calls.append(("cache", clean))
+        return {"n": 1}
+
+    def loop(clean, corrupted, cache, subset):
+        calls.append(("loop", clean, tuple(subset)))
+
+    chunks = [("a", "a'"), ("b", "b'")]
+    r = naive_sweep(make_cache, loop, chunks, [0, 3], 9.0, torch.device("cpu"), repeats=2, warmup=1)
+    assert [c[0] for c in calls] == ["cache", "loop", "loop", "loop"] * 2       # warm-up + 2 timed loops
+    assert calls[1] == ("loop", "a", (0, 3)) and len(r["times"]) == 4
+    assert r["seconds"] >= 9.0 * sorted(r["times"][:2])[0]
+
+
+def test_causal_sweeps_arguments():
+    from benchmarks import causal_sweeps
+
+    with pytest.raises(SystemExit):
+        causal_sweeps.main(["--shape", "tiny", "--batch", "2", "--prompt-batch", "8"])
+    with pytest.raises(SystemExit):
+        causal_sweeps.main(["--shape", "tiny", "--naive-sublayers", "0"])

@@ -85,7 +85,7 @@ def test_batch_fit_says_what_it_needs_and_what_fits():
     # a fixed part (e.g. autocast's weight copies) is paid once, not per sequence
     assert batch_fit(2 * gib, 10 * gib, 4, fixed_bytes=1.5 * gib) == (False, 3)
     msg = batch_fit_problem("sweep", 8, 2 * gib, 0, 10 * gib, 80 * gib, fixed=1.5 * gib, flag="--prompt-batch")
-    assert "batch 8 needs about 17.5 GiB (2.00 GiB per sequence + 1.50 GiB fixed)" in msg
+    assert "batch 8 needs about 17.5 GiB of GPU memory (2.00 GiB per sequence + 1.50 GiB fixed)" in msg
     assert msg.endswith("(use --prompt-batch 3)")
 
 

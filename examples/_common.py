@@ -89,6 +89,7 @@ class Example:
                 self.cfg.causal_prompts = args.prompts
             if args.prompt_len is not None:
                 self.cfg.causal_seq_len = args.prompt_len
+                self.cfg.seq_len = max(self.cfg.seq_len, args.prompt_len)   # windows long enough to cut from
         self.t0 = time.perf_counter()
         self.model = load(args.model, args.device, args.dtype)
         self.model.eval()
@@ -123,7 +124,12 @@ class Example:
 
     def prompts(self) -> torch.Tensor:
         """Prompts for the causal probes: the first `causal_prompts` windows, `causal_seq_len` long."""
-        return self.tokens()[: self.cfg.causal_prompts, : self.cfg.causal_seq_len]
+        tokens = self.tokens()
+        if self.cfg.causal_seq_len > tokens.shape[1]:
+            raise SystemExit(f"{self.output.name}: --prompt-len {self.cfg.causal_seq_len} is longer than the corpus "
+                             f"windows ({tokens.shape[1]} tokens: the model's context {self.model.cfg.n_ctx} or the "
+                             f"window length, whichever is shorter)")
+        return tokens[: self.cfg.causal_prompts, : self.cfg.causal_seq_len]
 
     def patching_prompts(self):
         """(clean, corrupted, how) via `mhc_interp.report.patching_prompts`. A tokenizer whose vocabulary

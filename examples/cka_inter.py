@@ -45,7 +45,8 @@ def main(argv=None):
                  f"{result.meta['tokens_used']:,} tokens ({ex.corpus_note.split(',')[0]})", fontsize=9)
     ax.set_xlabel(f"(layer, stream): {ex.n_streams} streams per layer, streams 0..{ex.n_streams - 1} in order")
     ax.set_ylabel("(layer, stream)")
-    caption = ("Debiased linear CKA between every (layer, stream) representation (block outputs, layer-major; "
+    outputs = "block outputs" if ex.args.sites == "layers" else "sublayer outputs"
+    caption = (f"Debiased linear CKA between every (layer, stream) representation ({outputs}, layer-major; "
                "each gridded block compares two layers' streams): how representations persist across depth "
                "and across streams ('Ablate and Rescue').")
     ex.save_figure(fig, "cka_inter", caption)

@@ -45,8 +45,9 @@ def main(argv=None):
         ax.set_xticks(range(n_sites), labels, rotation=90 if n_sites > 8 else 0, fontsize=8)
         ax.set_xlabel("embedding, then " + ("block outputs" if ex.args.sites == "layers" else "sublayer outputs"))
     fig.tight_layout()
+    where = "block" if ex.args.sites == "layers" else "sublayer"
     caption = ("Token-trajectory curvature (degrees) of every stream and of the stream sum (dashed) at the "
-               "embedding and after every block, and its change from the embedding; lower = straighter "
+               f"embedding and after every {where}, and its change from the embedding; lower = straighter "
                "(120 = i.i.d. points, ~90 = random walk).")
     ex.save_figure(fig, "curvature", caption)
     mean = result["mean"]

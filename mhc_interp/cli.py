@@ -12,6 +12,7 @@ M is a hub id, a folder or a .pt file; by default the demo model shipped in the 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from importlib import resources
 from pathlib import Path
@@ -39,13 +40,29 @@ def default_corpus() -> List[Path]:
 
 
 def resolve_model_path(name: Optional[str]):
+    """A shipped model's name, a local path (takes precedence: `./demo-mhc` or `demo-mhc` that
+    exists here is that folder), or a hub id (returned as is)."""
     if name is None:
         return default_model_path()
+    path = Path(name).expanduser()
+    if path.exists():
+        return path
     if name in (DEMO_MODEL, PARITY_MODEL):
         return asset(name)
-    if not Path(name).exists() and (name.startswith((".", "/", "~")) or name.endswith((".pt", ".pth"))):
+    if name.startswith((".", "/", "~")) or name.endswith((".pt", ".pth")):
         raise SystemExit(f"mhc-interp: model path {name!r} does not exist")
     return name
+
+
+def check_device(name: str) -> None:
+    """Refuse a device this machine cannot run on, before any work."""
+    try:
+        device = torch.device(name)
+    except RuntimeError as e:
+        raise SystemExit(f"mhc-interp: unknown device {name!r} ({e})") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit(f"mhc-interp: device {name!r} is not available: this torch ({torch.__version__}) "
+                         f"sees no CUDA GPU; use --device cpu")
 
 
 def load(name: Optional[str], device: str = "cpu", dtype: str = "float32") -> HookedMHC:
@@ -85,10 +102,12 @@ def cmd_hooks(args) -> int:
 def _report_config(args):
     from .report import ReportConfig
 
-    cfg = ReportConfig(max_tokens=args.max_tokens, progress=not args.quiet)
+    cfg = ReportConfig(progress=not args.quiet)
     if args.fast:
         cfg.max_tokens, cfg.seq_len, cfg.causal_prompts, cfg.causal_seq_len = 1024, 64, 4, 32
         cfg.predictability_tokens = 256
+    if args.max_tokens is not None:   # an explicit --max-tokens wins over --fast's
+        cfg.max_tokens = args.max_tokens
     return cfg
 
 
@@ -159,14 +178,14 @@ def main(argv: Optional[List[str]] = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command")
 
-    def common(p):
-        p.add_argument("--model", default=None, help="hub id, folder or .pt (default: the shipped demo model)")
+    def common(p, default_model="the shipped demo model"):
+        p.add_argument("--model", default=None, help=f"hub id, folder or .pt (default: {default_model})")
         p.add_argument("--device", default="cpu")
         p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16", "float64"])
 
     def corpus_opts(p):
         p.add_argument("--corpus", nargs="*", default=None, help="text files (default: shipped Hamlet excerpt)")
-        p.add_argument("--max-tokens", type=int, default=16384)
+        p.add_argument("--max-tokens", type=int, default=None, help="tokens to run the probes on (default 16384; --fast 1024)")
         p.add_argument("--fast", action="store_true", help="a small run (tests, smoke checks)")
         p.add_argument("--quiet", action="store_true", help="no progress bars")
 
@@ -198,7 +217,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     train.add_argument("--seed", type=int, default=0)
     train.add_argument("--device", default="cpu")
     check = sub.add_parser("check", help="summary + logits check against shipped reference logits")
-    common(check)
+    common(check, default_model=f"{PARITY_MODEL}, which ships reference logits")
     check.add_argument("--tol", type=float, default=1e-4)
     hooks = sub.add_parser("hooks", help="list hook points and shapes")
     common(hooks)
@@ -211,10 +230,13 @@ def main(argv: Optional[List[str]] = None) -> int:
     from .config import ConfigError
     from .loading import CheckpointError
 
+    check_device(args.device)
     try:
         return commands[args.command](args)
-    except (CheckpointError, ConfigError, FileNotFoundError) as e:  # bad input: the message, no traceback
-        raise SystemExit(f"mhc-interp: {e}") from None
+    except (CheckpointError, ConfigError, FileNotFoundError, ValueError) as e:  # bad input: the message
+        if os.environ.get("MHC_INTERP_TRACEBACK"):
+            raise
+        raise SystemExit(f"mhc-interp: {e}\n(MHC_INTERP_TRACEBACK=1 shows where it came from)") from None
 
 
 if __name__ == "__main__":

@@ -260,15 +260,26 @@ def load_tokenizer(folder: Optional[Path], cfg: MHCConfig):
     except ImportError:  # pragma: no cover - transformers comes with transformer-lens
         return None
     if folder is not None and any((folder / f).is_file() for f in TOKENIZER_FILES[:3]):
-        return AutoTokenizer.from_pretrained(str(folder))
+        return _checked_tokenizer(AutoTokenizer.from_pretrained(str(folder)), cfg, folder)
     name = cfg.tokenizer_name or ("gpt2" if cfg.d_vocab in (50257, 50304) else None)
     if name is None:
         return None
+    offline = os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
     try:
-        return AutoTokenizer.from_pretrained(name, local_files_only=bool(os.environ.get("HF_HUB_OFFLINE")))
+        return _checked_tokenizer(AutoTokenizer.from_pretrained(name, local_files_only=offline), cfg, name)
+    except CheckpointError:
+        raise
     except Exception as e:  # noqa: BLE001
         log.warning("no tokenizer: could not load %r (%s); the model takes token ids", name, e)
         return None
+
+
+def _checked_tokenizer(tokenizer, cfg: MHCConfig, where):
+    """A tokenizer whose ids all index the model's embedding (len(tokenizer) <= d_vocab)."""
+    if len(tokenizer) > cfg.d_vocab:
+        raise CheckpointError(f"the tokenizer of {where} has {len(tokenizer)} tokens but the model's vocabulary "
+                              f"only {cfg.d_vocab}: they do not belong together")
+    return tokenizer
 
 
 # ------------------------------------------------------------------------------ entry points

@@ -122,7 +122,8 @@ def build_report(model, out: Path, corpus: Optional[Sequence[Path]] = None,
                  cfg: Optional[ReportConfig] = None, model_name: str = "") -> Path:
     """Run the probes and write the report folder `out` (atomically replaced); returns its index."""
     cfg = cfg or ReportConfig()
-    out = Path(out)
+    out = Path(out).expanduser().resolve()
+    check_report_folder(out)
     texts = read_texts(corpus) if corpus else []
     tokens = corpus_tokens(model, texts, cfg)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -130,7 +131,7 @@ def build_report(model, out: Path, corpus: Optional[Sequence[Path]] = None,
     try:
         sections = _run_all(model, tokens, tmp, cfg)
         notes = [f"model: {html.escape(model_name)} - {html.escape(model.summary())}",
-                 f"corpus: {', '.join(str(c) for c in corpus) if corpus else 'random token ids'}; "
+                 f"corpus: {_corpus_note(model, corpus)}; "
                  f"{tokens.numel():,} tokens in {tokens.shape[0]} windows of {tokens.shape[1]}",
                  f"written {time.strftime('%Y-%m-%d %H:%M:%S')}"]
         (tmp / "index.html").write_text(render_html(sections, notes))
@@ -142,6 +143,28 @@ def build_report(model, out: Path, corpus: Optional[Sequence[Path]] = None,
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     return out / "index.html"
+
+
+REPORT_MARKERS = ("index.html", "report.json")
+
+
+def check_report_folder(out: Path) -> None:
+    """`out` is replaced by the new report: allowed only if it does not exist, is empty, or holds
+    an earlier report (both marker files) - never a folder of other files."""
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise ValueError(f"report folder {out} exists and is a file")
+    if any(out.iterdir()) and not all((out / m).is_file() for m in REPORT_MARKERS):
+        raise ValueError(f"report folder {out} exists and holds other files (no earlier report in it): "
+                         f"it would be replaced; choose a new folder")
+
+
+def _corpus_note(model, corpus: Optional[Sequence[Path]]) -> str:
+    if model.tokenizer is None:
+        unused = f" ({', '.join(str(c) for c in corpus)} unused)" if corpus else ""
+        return f"random token ids: the model has no tokenizer{unused}"
+    return ", ".join(str(c) for c in corpus) if corpus else "random token ids"
 
 
 def _figures(result: ProbeResult, folder: Path) -> List[Dict[str, str]]:

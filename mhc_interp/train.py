@@ -80,6 +80,10 @@ def train(model, train_ids: Tensor, val_ids: Tensor, cfg: TrainConfig, out_dir: 
     with the config, and the final model saved there with `save_pretrained`)."""
     if cfg.seq_len + 1 > model.cfg.n_ctx:
         raise ValueError(f"seq_len {cfg.seq_len} (+1 for targets) exceeds the model's n_ctx {model.cfg.n_ctx}")
+    for split, ids in (("training", train_ids), ("validation", val_ids)):   # before any step, not at the first eval
+        if len(ids) < cfg.seq_len + 3:
+            raise ValueError(f"the {split} split has {len(ids)} tokens, too few for windows of {cfg.seq_len + 1}: "
+                             f"use more text, a shorter seq_len or a larger validation fraction")
     torch.manual_seed(cfg.seed)
     gen_train = torch.Generator().manual_seed(cfg.seed)
     gen_val = torch.Generator().manual_seed(cfg.seed + 1)

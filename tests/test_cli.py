@@ -2,6 +2,7 @@
 import json
 
 import pytest
+import torch
 
 from mhc_interp import HookedMHC, report
 from mhc_interp.cli import asset, main
@@ -28,6 +29,7 @@ def test_interrupted_report_leaves_nothing_to_trust(tmp_path, monkeypatch):
     out = tmp_path / "rep"
     out.mkdir()
     (out / "index.html").write_text("old report")
+    (out / "report.json").write_text("{}")
 
     def boom(*args, **kwargs):
         raise KeyboardInterrupt
@@ -37,6 +39,44 @@ def test_interrupted_report_leaves_nothing_to_trust(tmp_path, monkeypatch):
         main(["report", "--model", "tiny-mhc-n4", "--fast", "--quiet", "--out", str(out)])
     assert (out / "index.html").read_text() == "old report"   # the previous complete report stays
     assert [p.name for p in tmp_path.iterdir()] == ["rep"]     # no partial folder left behind
+
+
+def test_report_never_replaces_a_folder_of_other_files(tmp_path, monkeypatch):
+    """--out on a folder that holds other files (or the working directory) is refused before any
+    work, and the files stay; an empty folder or an earlier report is fine."""
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "important.txt").write_text("data")
+    for out in (str(mine), "."):
+        monkeypatch.chdir(mine)
+        with pytest.raises(SystemExit, match="holds other files"):
+            main(["report", "--model", "tiny-mhc-n4", "--fast", "--quiet", "--out", out])
+    assert (mine / "important.txt").read_text() == "data"
+
+
+def test_cli_bad_input_is_one_line(tmp_path, capsys):
+    if not torch.cuda.is_available():
+        with pytest.raises(SystemExit, match="'cuda' is not available"):
+            main(["hooks", "--device", "cuda"])
+    short = tmp_path / "short.txt"
+    short.write_text("To be.")
+    with pytest.raises(SystemExit, match="the corpus has .* tokens: too short"):
+        main(["report", "--fast", "--quiet", "--corpus", str(short), "--out", str(tmp_path / "r")])
+    longer = tmp_path / "longer.txt"
+    longer.write_text("To be, or not to be, that is the question. " * 20)
+    with pytest.raises(SystemExit, match="the validation split has .* tokens"):   # before step 0
+        main(["train", "--texts", str(longer), "--out", str(tmp_path / "t"), "--steps", "2", "--seq-len", "16",
+              "--vocab", "260", "--n-layers", "1", "--d-model", "16", "--n-heads", "2", "--val-fraction", "0.01"])
+    assert not (tmp_path / "t").exists()
+
+
+def test_fast_keeps_an_explicit_max_tokens():
+    from mhc_interp.cli import _report_config
+    import argparse
+
+    assert _report_config(argparse.Namespace(quiet=True, fast=True, max_tokens=4096)).max_tokens == 4096
+    assert _report_config(argparse.Namespace(quiet=True, fast=True, max_tokens=None)).max_tokens == 1024
+    assert _report_config(argparse.Namespace(quiet=True, fast=False, max_tokens=None)).max_tokens == 16384
 
 
 def test_probe_command(tmp_path, capsys):
@@ -82,3 +122,20 @@ def test_train_and_check(tmp_path):
     assert json.loads((out / "train_log.json").read_text())["history"]["val_loss"]
     assert main(["check", "--model", "tiny-mhc-n4"]) == 0
     assert main(["hooks", "--model", "tiny-mhc-n4", "--markdown"]) == 0
+
+
+def test_model_names_paths_and_tokenizers(tmp_path, monkeypatch):
+    """A local folder wins over a shipped model's name; ~ is expanded; a tokenizer larger than the
+    model's vocabulary is refused (its ids would index past the embedding)."""
+    from mhc_interp.cli import resolve_model_path
+    from mhc_interp.config import MHCConfig
+    from mhc_interp.loading import CheckpointError, load_tokenizer
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "demo-mhc").mkdir()
+    assert resolve_model_path("demo-mhc") == tmp_path.joinpath("demo-mhc").relative_to(tmp_path)
+    assert resolve_model_path("tiny-mhc-n4") == asset("tiny-mhc-n4")
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert resolve_model_path("~/demo-mhc") == tmp_path / "demo-mhc"
+    with pytest.raises(CheckpointError, match="tokens but the model's vocabulary only 10"):
+        load_tokenizer(asset("demo-mhc"), MHCConfig(n_layers=1, n_heads=1, d_model=8, d_vocab=10))

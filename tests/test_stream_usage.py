@@ -175,8 +175,9 @@ def test_runner_sources_masking_and_max_tokens(hc_model, tmp_path):
     assert int(r["count"]) == 3 * 9 and r.meta["tokens_seen"] == 30
     r = run_probes(hc_model, TokenCount(), torch.arange(1, 6), seq_len=10, progress=False)
     assert int(r["count"]) == 4
+    # max_tokens is exact: 2 x 5 tokens, then the first 2 tokens of the next batch's first row
     r = run_probes(hc_model, TokenCount(), torch.randint(0, 40, (8, 5)), batch_size=2, max_tokens=12, progress=False)
-    assert int(r["count"]) == 2 * 2 * 4 and r.meta["tokens_seen"] == 20
+    assert int(r["count"]) == 2 * 4 + 1 and r.meta["tokens_seen"] == 12
 
     class Bytes:  # a stand-in tokenizer: one token per character, ids mod vocab
         def encode(self, text):
@@ -195,6 +196,19 @@ def test_runner_sources_masking_and_max_tokens(hc_model, tmp_path):
         assert int(r["count"]) == 7 + (9 + 6) + 6 and r.meta["tokens_seen"] == 8 + 17 + 7
     finally:
         hc_model.tokenizer = None
+
+
+def test_token_budget_cuts_row_major_over_valid_tokens():
+    from mhc_interp.probes.runner import within_budget
+
+    tokens = torch.arange(12).view(3, 4)
+    valid = torch.tensor([[1, 1, 0, 0], [1, 1, 1, 0], [1, 1, 1, 1]], dtype=torch.bool)   # 2 + 3 + 4 valid
+    same = within_budget(tokens, valid, 9)
+    assert same[0] is tokens and same[1] is valid
+    cut_tokens, cut_valid = within_budget(tokens, valid, 4)
+    assert torch.equal(cut_tokens, tokens[:2])                                          # row 2 dropped
+    assert cut_valid.tolist() == [[True, True, False, False], [True, True, False, False]]
+    assert within_budget(tokens, valid, 2)[1].tolist() == [[True, True, False, False]]
 
 
 def test_runner_shares_one_forward_and_stops_early(hc_model, corpus):

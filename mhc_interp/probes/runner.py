@@ -94,6 +94,17 @@ def iter_batches(model, source, batch_size: int, seq_len: Optional[int] = None,
         yield _pad(batch, pad_id)
 
 
+def within_budget(tokens: Tensor, valid: Tensor, budget: int) -> Batch:
+    """The batch cut to its first `budget` valid tokens (row-major): rows past the budget are
+    dropped, and the valid positions beyond it in the last row kept are masked."""
+    counted = valid.flatten().cumsum(0).view_as(valid)                    # [batch, pos]
+    if int(counted[-1, -1]) <= budget:
+        return tokens, valid
+    rows = int((counted[:, 0] - valid[:, 0].long() < budget).sum())       # rows that start within it
+    tokens, valid, counted = tokens[:rows], valid[:rows], counted[:rows]
+    return tokens, valid & (counted <= budget)
+
+
 def check_exclude_first(exclude_first) -> int:
     """exclude_first masks positions [0, exclude_first): a non-negative int (a negative one would
     slice from the end and mask nearly everything)."""
@@ -123,7 +134,8 @@ def run_probes(model, probes: Union[Probe, Sequence[Probe]], source, *, batch_si
     """Run `probes` over `source`; returns {probe.name: result}.
 
     exclude_first: positions [0, exclude_first) are masked out (BOS / position 0; 0 keeps all).
-    max_tokens: stop after this many (unpadded) tokens. device / dtype: move the model first.
+    max_tokens: run on exactly the first this many (unpadded) tokens: the last batch is cut to it
+        (rows past it dropped, the rest of its last row masked). device / dtype: move the model first.
     """
     check_exclude_first(exclude_first)
     single = isinstance(probes, Probe)
@@ -144,8 +156,10 @@ def run_probes(model, probes: Union[Probe, Sequence[Probe]], source, *, batch_si
     bar = tqdm(total=max_tokens, unit="tok", desc="probes", disable=not progress)
     with torch.no_grad():
         for tokens, valid in iter_batches(model, source, batch_size, seq_len, pad_id):
-            if max_tokens is not None and seen >= max_tokens:
-                break
+            if max_tokens is not None:
+                if seen >= max_tokens:
+                    break
+                tokens, valid = within_budget(tokens, valid, max_tokens - seen)
             tokens = tokens.to(model.device)
             mask = valid.clone()
             mask[:, :exclude_first] = False

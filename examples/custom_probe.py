@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from mhc_interp import HookedMHC
-from mhc_interp.cli import default_model_path
+from mhc_interp.cli import default_model_path, resolve_model_path
 from mhc_interp.probes import Probe, ProbeResult, register_probe, run_probes
 
 
@@ -47,7 +47,7 @@ def main(argv=None):
     parser.add_argument("--model", default=str(default_model_path()))
     parser.add_argument("--out", default="out/read_entropy", help="result path: writes OUT.json + OUT.npz")
     args = parser.parse_args(argv)
-    model = HookedMHC.from_pretrained(args.model)
+    model = HookedMHC.from_pretrained(resolve_model_path(args.model))   # shipped names, paths, hub ids
     torch.manual_seed(0)
     tokens = torch.randint(0, model.cfg.d_vocab, (16, min(32, model.cfg.n_ctx)))
     result = run_probes(model, ReadEntropy(), tokens, batch_size=4)

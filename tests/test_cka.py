@@ -434,3 +434,19 @@ def test_save_load_and_plot(probe_setup, tmp_path):
         assert (tmp_path / f"{name}.png").stat().st_size > 1000
     paths = back.save_figures(tmp_path / "figs")
     assert len(paths) == 2 and all(p.is_file() for p in paths)
+
+
+@pytest.mark.parametrize("offset", [0.0, 30.0])
+def test_one_gemm_hsic_equals_centring_both_ways(offset):
+    """The probe's single-GEMM HSIC (diagonal, row sums and sums instead of centred copies) equals
+    centring the Grams (U-centring / H K H) and taking their inner products - also for features with
+    a large common offset, where the uncentred sums cancel."""
+    from mhc_interp.probes.cka import _hsic_both, gram_linear, gram_rbf, hsic_matrix
+
+    g = torch.Generator().manual_seed(3)
+    X = torch.randn(5, 40, 8, generator=g, dtype=torch.float64) + offset
+    X[1] = 2 * X[0] + 0.1 * X[1]                                          # a related pair
+    for grams in (gram_linear(X), gram_rbf(X, 1.0)):
+        unbiased, biased = _hsic_both(grams.clone())
+        torch.testing.assert_close(unbiased, hsic_matrix(grams, unbiased=True), rtol=1e-9, atol=1e-12)
+        torch.testing.assert_close(biased, hsic_matrix(grams, unbiased=False), rtol=1e-9, atol=1e-12)

@@ -64,7 +64,7 @@ def test_bounded_sample_reservoir_and_first(model):
     x = ids[:, None, None].expand(N, 4, 16).clone()            # every feature = the token's index
     for sampling in ("reservoir", "first"):
         kept = []
-        for batch in (8, 3, 50):
+        for batch in (8, 3, 50, 250):   # 250: reservoir picks land in slots the same batch fills
             probe = CrossStreamPredictability(sites=[SITE], max_tokens=cap, sampling=sampling, seed=5)
             probe.setup(model)
             feed(probe, x, batch=batch)

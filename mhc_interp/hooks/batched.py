@@ -81,6 +81,15 @@ def rows_per_forward(model, batch: int, pos: int, max_rows: Optional[int] = None
     return max(batch, int(0.6 * free // per_row))
 
 
+def _to_device(mask: Tensor, device) -> Tensor:
+    """A host-built mask on `device`; to a GPU from pinned memory, asynchronously, so building the
+    next chunk's hooks does not wait for the GPU to finish the previous chunk."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return mask.pin_memory().to(device, non_blocking=True)
+    return mask.to(device)
+
+
 def _edit_hook(edits: Sequence[Edit], sublayer: int, batch: int, n_streams: int, n_pos: int,
                ablation: Optional[Tensor], source: Optional[Tensor], device) -> Optional[Callable]:
     """A hook for `hook_streams_in` of `sublayer` applying each replica's edit there, or None."""
@@ -97,8 +106,8 @@ def _edit_hook(edits: Sequence[Edit], sublayer: int, batch: int, n_streams: int,
             restore[r, pos, s] = True
     if not ablate.any() and not restore.any():
         return None
-    ablate = ablate[:, None, :, :, None].to(device)    # [k, 1, pos, n, 1]
-    restore = restore[:, None, :, :, None].to(device)
+    ablate = _to_device(ablate[:, None, :, :, None], device)    # [k, 1, pos, n, 1]
+    restore = _to_device(restore[:, None, :, :, None], device)
 
     def hook(x: Tensor, hook) -> Tensor:                # x [k*B, pos, n, d], on the device it fires on
         x = x.view(k, batch, *x.shape[1:])

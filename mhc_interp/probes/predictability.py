@@ -113,31 +113,40 @@ class CrossStreamPredictability(Probe):
         return predictability_sites(model, self.sites_spec)
 
     def update(self, acts: Dict[str, Tensor], mask: Tensor) -> None:
-        m = mask.to(acts[self.sites[0]].device)
-        n_tok = int(m.sum())
+        first = acts[self.sites[0]]
+        masked = mask.to(first.device, torch.bool).flatten().nonzero().squeeze(1)   # [n_tok] (one sync)
+        n_tok = len(masked)
         if n_tok == 0:
             return
         if self.sample is None:
             self.sample = torch.zeros(self.max_tokens, len(self.sites), self.n_streams, self.d_model,
                                       dtype=torch.float32)
-        rows = torch.stack([acts[s][m].float() for s in self.sites], dim=1).cpu()   # [N, sites, n, d]
-        # fill the free slots first (both schemes)
-        take = min(n_tok, self.max_tokens - self.filled)
-        if take:
-            self.sample[self.filled:self.filled + take] = rows[:take]
-            self.filled += take
+        # decide on the host which of this batch's tokens enter which slot; only those rows are
+        # gathered on the device and copied back (not every masked row of every site)
+        take = min(n_tok, self.max_tokens - self.filled)      # the free slots first (both schemes)
+        local, slots = list(range(take)), list(range(self.filled, self.filled + take))
+        self.filled += take
         if self.sampling == "reservoir" and take < n_tok:
             # algorithm R: token number t (0-based, t >= max_tokens) replaces slot j ~ U{0..t} if j < max_tokens
             t = torch.arange(self.seen + take, self.seen + n_tok, dtype=torch.float64)
             j = (torch.rand(len(t), generator=self.gen, dtype=torch.float64) * (t + 1)).floor().long()
             hit = (j < self.max_tokens).nonzero()[:, 0]
             if len(hit):
-                slots = j[hit].numpy()
+                hit_slots = j[hit].numpy()
                 # a later token that picks the same slot wins: keep the last occurrence per slot
-                _, last = np.unique(slots[::-1], return_index=True)
-                keep = hit.numpy()[len(slots) - 1 - last]
-                self.sample[torch.as_tensor(j[keep])] = rows[take + torch.as_tensor(keep)]
+                _, last = np.unique(hit_slots[::-1], return_index=True)
+                keep = hit.numpy()[len(hit_slots) - 1 - last]
+                local += (take + keep).tolist()
+                slots += j[keep].tolist()
         self.seen += n_tok
+        if not local:
+            return
+        chosen = masked[torch.as_tensor(local, device=masked.device)]
+        rows = torch.stack([acts[s].flatten(0, 1).index_select(0, chosen.to(acts[s].device)).float()
+                            for s in self.sites], dim=1).cpu()                        # [k, sites, n, d]
+        self.sample[self.filled - take:self.filled] = rows[:take]
+        self.sample[torch.as_tensor(slots[take:], dtype=torch.long)] = rows[take:]   # after: a reservoir
+        # pick may replace a slot this same batch has just filled
 
     def result(self) -> "PredictabilityResult":
         if self.filled < self.min_tokens:

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any, Callable, ClassVar, Dict, List, Optional, Sequence, Tuple, Type
 
 import numpy as np
+import torch
 from torch import Tensor
 
 from ..hooks.names import check_hook_names, suffix
@@ -47,6 +48,17 @@ def get_probe(name: str, **kwargs) -> "Probe":
     if name not in PROBES:
         raise KeyError(f"unknown probe {name!r}; registered probes: {sorted(PROBES)}")
     return PROBES[name](**kwargs)
+
+
+def masked_rows(mask: Tensor, device=None) -> Tensor:
+    """Flat indices [N] of the True entries of a [batch, pos] mask (on `device`): found once per
+    batch - one host-device sync - and shared by every activation a probe reads."""
+    return mask.to(device if device is not None else mask.device, torch.bool).flatten().nonzero().squeeze(1)
+
+
+def take_rows(act: Tensor, rows: Tensor) -> Tensor:
+    """act [batch, pos, ...] -> [N, ...] at the flat indices `rows` (from `masked_rows`)."""
+    return act.flatten(0, 1).index_select(0, rows.to(act.device))
 
 
 def require_streams(model, probe_name: str, minimum: int = 2) -> None:

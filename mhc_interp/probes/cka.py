@@ -39,7 +39,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .base import Probe, ProbeResult, register_probe, register_result, require_streams, stream_state_sites
+from .base import (Probe, ProbeResult, masked_rows, register_probe, register_result, require_streams,
+                  stream_state_sites, take_rows)
 
 __all__ = ["gram_linear", "gram_rbf", "center_gram", "hsic_matrix", "cka_from_hsic",
            "CKA", "CKAResult"]
@@ -262,8 +263,8 @@ class CKA(Probe):
         # [T, n_sites, n, d] -> [T, R, d], rows in arrival (batch-major, then position) order; the
         # masked rows' indices are found once (one device sync), not once per site
         first = acts[self._site_names[0]]
-        rows = mask.to(first.device, torch.bool).flatten().nonzero().squeeze(1)
-        x = torch.stack([acts[s].flatten(0, 1).index_select(0, rows.to(acts[s].device)) for s in self._site_names], dim=1)
+        rows = masked_rows(mask, first.device)
+        x = torch.stack([take_rows(acts[s], rows) for s in self._site_names], dim=1)
         T, S, n, d = x.shape
         if n != self._n_streams:
             raise ValueError(f"CKA: activations have {n} streams, the model {self._n_streams}")

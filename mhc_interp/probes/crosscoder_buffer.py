@@ -31,7 +31,7 @@ from torch import Tensor
 
 from ..hooks.names import check_hook_names, suffix
 from .runner import _last_sublayer_needed, check_exclude_first, iter_batches
-from .base import STREAM_STATE_SUFFIXES
+from .base import STREAM_STATE_SUFFIXES, masked_rows, take_rows
 
 __all__ = ["Site", "STREAM_STATE_SUFFIXES", "resolve_sites", "default_sites", "grid_sites",
            "site_label", "ActivationSource", "ActivationBuffer", "InMemoryActivations"]
@@ -286,11 +286,13 @@ class ActivationBuffer(ActivationSource):
 
                 with torch.no_grad(), model.hooks(fwd_hooks=[(h, save) for h in self.hook_names]):
                     model(tokens, stop_at_sublayer=self._stop, return_type=None)
-                for h in self.hook_names:
-                    if not torch.isfinite(acts[h]).all():
-                        raise FloatingPointError(f"non-finite values (NaN/inf) in activation {h!r}")
-                # [T, n_hooks, n, d] -> [T, n_hooks * n, d] -> the sites [T, S, d]
-                x = torch.stack([acts[h][mask] for h in self.hook_names], dim=1)
+                finite = torch.stack([torch.isfinite(acts[h]).all() for h in self.hook_names]).cpu()   # one sync
+                if not bool(finite.all()):
+                    bad = self.hook_names[int((~finite).nonzero()[0, 0])]
+                    raise FloatingPointError(f"non-finite values (NaN/inf) in activation {bad!r}")
+                # [T, n_hooks, n, d] -> [T, n_hooks * n, d] -> the sites [T, S, d]; masked rows found once
+                rows = masked_rows(mask)
+                x = torch.stack([take_rows(acts[h], rows) for h in self.hook_names], dim=1)
                 x = x.reshape(x.shape[0], -1, d)[:, self._flat_index.to(x.device)]
                 got += x.shape[0]
                 yield x.to(self.device, self.storage_dtype)

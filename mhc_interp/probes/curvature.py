@@ -201,7 +201,10 @@ class Curvature(Probe):
         missing = [n for n in self.site_names if n not in acts]
         if missing:
             raise KeyError(f"curvature: activations missing for sites {missing}")
-        for i, name in enumerate(self.site_names):
+        # per site: a non-finite flag and per-sequence curvatures, kept on the device; read back
+        # once per batch (two syncs), not three times per site
+        flags, kappas, counts = [], [], []
+        for name in self.site_names:
             x = acts[name]
             if x.ndim != 4:
                 raise ValueError(f"curvature: {name!r} must be [batch, pos, n_streams, d_model], got {tuple(x.shape)}")
@@ -212,8 +215,7 @@ class Curvature(Probe):
             if mask.shape != x.shape[:2]:
                 raise ValueError(f"curvature: mask {tuple(mask.shape)} does not match {name!r} {tuple(x.shape[:2])}")
             mask_x = mask.to(device=x.device, dtype=torch.bool)
-            if (~torch.isfinite(x)).flatten(2).any(-1).logical_and(mask_x).any():
-                raise FloatingPointError(f"curvature: non-finite values (NaN/inf) in activation {name!r}")
+            flags.append((~torch.isfinite(x)).flatten(2).any(-1).logical_and(mask_x).any())
             cols = []  # per-sequence κ and angle counts, one column at a time (bounds float64 memory)
             stream_sum = None
             for s in range(self.n_streams):
@@ -221,15 +223,22 @@ class Curvature(Probe):
                 stream_sum = xs if stream_sum is None else stream_sum + xs
                 cols.append(sequence_curvatures(xs, mask_x, self.eps, return_counts=True))
             cols.append(sequence_curvatures(stream_sum, mask_x, self.eps, return_counts=True))
-            kappa = torch.stack([k for k, _ in cols], 1).cpu().numpy()    # [batch, n + 1]
-            n_ang = torch.stack([c for _, c in cols], 1).cpu().numpy()
-            ok = ~np.isnan(kappa)
-            k0 = np.where(ok, kappa, 0.0)
-            self._sum[i] += k0.sum(0)
-            self._sumsq[i] += (k0 * k0).sum(0)
-            self._count[i] += ok.sum(0)
-            self._skipped[i] += (~ok).sum(0)
-            self._angles[i] += n_ang.sum(0)
+            kappas.append(torch.stack([k for k, _ in cols], 1))                   # [batch, n + 1]
+            counts.append(torch.stack([c for _, c in cols], 1))
+        here = flags[0].device
+        bad = torch.stack([f.to(here) for f in flags]).cpu()
+        if bool(bad.any()):
+            name = self.site_names[int(bad.nonzero()[0, 0])]
+            raise FloatingPointError(f"curvature: non-finite values (NaN/inf) in activation {name!r}")
+        kappa = torch.stack([k.to(here) for k in kappas]).cpu().numpy()          # [sites, batch, n + 1]
+        n_ang = torch.stack([c.to(here) for c in counts]).cpu().numpy()
+        ok = ~np.isnan(kappa)
+        k0 = np.where(ok, kappa, 0.0)
+        self._sum += k0.sum(1)
+        self._sumsq += (k0 * k0).sum(1)
+        self._count += ok.sum(1)
+        self._skipped += (~ok).sum(1)
+        self._angles += n_ang.sum(1)
 
     def result(self) -> "CurvatureResult":
         if self._sum is None:

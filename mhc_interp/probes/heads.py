@@ -290,27 +290,34 @@ class HeadDetector(CausalProbe):
         for key, qm in q_masks.items():
             self.counts[key] += int(qm.sum())
         weights = {k: v.double() for k, v in q_masks.items()}
+        dup_f, ind_f = dup.float(), ind.float()
+        found: Dict[tuple, Tensor] = {}     # (kind, key, layer) -> sums on the device, read back once
 
         def on_pattern(pattern: Tensor, hook) -> None:
             layer = int(hook.name.split(".")[1])
-            pat = pattern.double()                                                  # [B, H, q, k]
-            prev = torch.zeros(b, self.n_heads, p, dtype=torch.float64, device=dev)
+            pat = pattern.float()                                                   # [B, H, q, k]
+            prev = torch.zeros(b, self.n_heads, p, dtype=torch.float32, device=dev)
             prev[:, :, 1:] = pat.diagonal(offset=-1, dim1=-2, dim2=-1)
-            per_q = {"previous_token": prev,
-                     "duplicate_token": (pat * dup[:, None]).sum(-1),
-                     "induction": (pat * ind[:, None]).sum(-1)}
+            per_q = {"previous_token": prev,                                        # [B, H, q] each
+                     "duplicate_token": torch.einsum("bhqk,bqk->bhq", pat, dup_f),
+                     "induction": torch.einsum("bhqk,bqk->bhq", pat, ind_f)}
             for key, v in per_q.items():
-                self.sums[key][layer] += (v * weights[key][:, None]).sum((0, 2)).cpu()
+                found["pattern", key, layer] = (v.double() * weights[key][:, None]).sum((0, 2))
 
         def on_coeff(h: Tensor, hook) -> None:
             layer = int(hook.name.split(".")[1])
             key = "h_pre" if hook.name.endswith("h_pre") else "h_post"
-            self.h_sums[key][layer] += h[mask].double().sum(0).cpu()
+            found["coeff", key, layer] = (h.double() * mask[..., None]).sum((0, 1))
 
         hooks = [(f"blocks.{l}.attn.hook_pattern", on_pattern) for l in range(self.n_layers)]
         hooks += [(f"blocks.{l}.attn.hook_{k}", on_coeff) for l in range(self.n_layers) for k in ("h_pre", "h_post")]
         with model.hooks(fwd_hooks=hooks):
             model(tokens, stop_at_sublayer=2 * self.n_layers - 1, return_type=None)
+        keys = list(found)
+        if keys:                                                    # one copy back for all of them
+            flat = torch.cat([found[k].to(dev).flatten() for k in keys]).cpu()
+            for (kind, key, layer), v in zip(keys, flat.split([found[k].numel() for k in keys])):
+                (self.sums if kind == "pattern" else self.h_sums)[key][layer] += v
 
     # -- copy suppression ----------------------------------------------------------------
     def _copy_suppression_pass(self, model, tokens: Tensor, mask: Tensor) -> None:

@@ -46,7 +46,8 @@ import torch
 from torch import Tensor
 from torch.nn import functional as F
 
-from .base import Probe, ProbeResult, register_probe, register_result, stream_state_sites
+from .base import (Probe, ProbeResult, masked_rows, register_probe, register_result, stream_state_sites,
+                  take_rows)
 
 __all__ = ["LogitLens", "LogitLensResult", "PromptLensResult", "logit_lens", "decompose_logits",
            "stream_contributions", "lens_sites", "check_subsets", "all_subsets"]
@@ -254,13 +255,18 @@ class LogitLens(Probe):
         return names + ["hook_logits"]
 
     def update(self, acts: Dict[str, Tensor], mask: Tensor) -> None:
-        m = mask.to(acts["hook_logits"].device)
-        n_tok = int(m.sum())
+        device = acts["hook_logits"].device
+        rows = masked_rows(mask, device)
+        n_tok = len(rows)
         if n_tok == 0:
             return
-        logits = acts["hook_logits"][m]                                    # [N, V]
-        states = {s: acts[s][m] for s in set(self.sites) | {self.final_site}}
-        writes = {s: acts[f"{s}.hook_write"][m] for s in self.sublayers}
+
+        def masked(name: str) -> Tensor:                                   # [N, ...]
+            return take_rows(acts[name], rows)
+
+        logits = masked("hook_logits")                                     # [N, V]
+        states = {s: masked(s) for s in set(self.sites) | {self.final_site}}
+        writes = {s: masked(f"{s}.hook_write") for s in self.sublayers}
         for lo in range(0, n_tok, self.chunk_tokens):
             sl = slice(lo, lo + self.chunk_tokens)
             final = logits[sl].float()
@@ -268,8 +274,9 @@ class LogitLens(Probe):
             top = final.argmax(-1)
             # exact decomposition at the final state (no translator: it is the model's own map)
             contrib = self.unembed(states[self.final_site][sl])           # [N, n, V]
-            err = (contrib.sum(1) - final).abs().max().item()
-            self.decomposition_error = max(self.decomposition_error, err)
+            err = (contrib.sum(1) - final).abs().max().double()          # stays on the device
+            self.decomposition_error = torch.maximum(torch.as_tensor(self.decomposition_error, dtype=torch.float64,
+                                                                     device=err.device), err)
             centred = contrib - contrib.mean(-1, keepdim=True)
             idx = top[:, None, None].expand(-1, self.n_streams, 1)
             self.final_contrib += centred.gather(-1, idx)[..., 0].double().sum(0)
@@ -298,7 +305,7 @@ class LogitLens(Probe):
                 "views": self.views, "subsets": [list(s) for s in self.subsets],
                 "sublayers": self.sublayers, "n_streams": self.n_streams,
                 "hyper_conn_type": self.hyper_conn_type, "tokens": c,
-                "decomposition_max_error": self.decomposition_error,
+                "decomposition_max_error": float(self.decomposition_error),
                 "translator": None if self.translator is None else repr(self.translator),
                 "kl_direction": "KL(P_final || P_view), nats"}
         return LogitLensResult(self.name, arrays, meta)

@@ -30,7 +30,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .base import Probe, ProbeResult, register_probe, register_result, require_streams, stream_state_sites
+from .base import (Probe, ProbeResult, masked_rows, register_probe, register_result, require_streams,
+                  stream_state_sites, take_rows)
 
 __all__ = ["CrossStreamPredictability", "PredictabilityResult", "ridge_r2_matrix", "predictability_sites"]
 
@@ -114,7 +115,7 @@ class CrossStreamPredictability(Probe):
 
     def update(self, acts: Dict[str, Tensor], mask: Tensor) -> None:
         first = acts[self.sites[0]]
-        masked = mask.to(first.device, torch.bool).flatten().nonzero().squeeze(1)   # [n_tok] (one sync)
+        masked = masked_rows(mask, first.device)                                   # [n_tok]
         n_tok = len(masked)
         if n_tok == 0:
             return
@@ -142,7 +143,7 @@ class CrossStreamPredictability(Probe):
         if not local:
             return
         chosen = masked[torch.as_tensor(local, device=masked.device)]
-        rows = torch.stack([acts[s].flatten(0, 1).index_select(0, chosen.to(acts[s].device)).float()
+        rows = torch.stack([take_rows(acts[s], chosen).float()
                             for s in self.sites], dim=1).cpu()                        # [k, sites, n, d]
         self.sample[self.filled - take:self.filled] = rows[:take]
         self.sample[torch.as_tensor(slots[take:], dtype=torch.long)] = rows[take:]   # after: a reservoir

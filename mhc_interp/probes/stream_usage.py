@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .base import Probe, ProbeResult, register_probe, register_result, require_streams
+from .base import Probe, ProbeResult, masked_rows, register_probe, register_result, require_streams, take_rows
 
 SUM_KEYS = ("h_res", "h_res_dist", "read_share", "read_share_norm", "write_share", "stream_norm",
             "h_pre", "h_post", "h_post_sq", "h_post_fro", "h_post_var_streams")
@@ -58,13 +58,21 @@ class StreamUsage(Probe):
 
     def update(self, acts: Dict[str, Tensor], mask: Tensor) -> None:
         eye = torch.eye(self.n_streams, dtype=torch.float64, device=mask.device)
+        rows = masked_rows(mask)
+
+        def masked(name: str) -> Tensor:                            # [tokens, ...] float64
+            return take_rows(acts[name], rows).double()
+
+        def masked_norms(name: str) -> Tensor:                      # [tokens, n] float64
+            # the norm is reduced from the state as it is (no float64 copy of [tokens, n, d])
+            return take_rows(torch.linalg.vector_norm(acts[name], dim=-1, dtype=torch.float32), rows).double()
+
         stats = {k: [] for k in SUM_KEYS}
         for s in self.sublayers:
-            x = acts[f"{s}.hook_streams_in"][mask].double()       # [tokens, n, d]
-            h_pre = acts[f"{s}.hook_h_pre"][mask].double()        # [tokens, n]
-            h_post = acts[f"{s}.hook_h_post"][mask].double()      # [tokens, n]
-            h_res = acts[f"{s}.hook_h_res"][mask].double()        # [tokens, n, n]
-            norms = x.norm(dim=-1)                                 # [tokens, n]
+            h_pre = masked(f"{s}.hook_h_pre")                      # [tokens, n]
+            h_post = masked(f"{s}.hook_h_post")                    # [tokens, n]
+            h_res = masked(f"{s}.hook_h_res")                      # [tokens, n, n]
+            norms = masked_norms(f"{s}.hook_streams_in")           # [tokens, n]
             stats["h_res"].append(h_res)
             stats["h_res_dist"].append((h_res - eye).flatten(1).norm(dim=-1))
             stats["read_share"].append(_share(h_pre))
@@ -76,11 +84,10 @@ class StreamUsage(Probe):
             stats["h_post_sq"].append(h_post ** 2)
             stats["h_post_fro"].append(h_post.norm(dim=-1))
             stats["h_post_var_streams"].append(h_post.var(dim=-1, unbiased=False))
-        final = acts[f"{self.sublayers[-1]}.hook_streams_out"][mask].double().norm(dim=-1)
-        stats["stream_norm"].append(final)
+        stats["stream_norm"].append(masked_norms(f"{self.sublayers[-1]}.hook_streams_out"))
         for key, values in stats.items():
             self._add(key, torch.stack(values, dim=1))          # [tokens, n_sublayers(+1), ...]
-        self.count += int(mask.sum())
+        self.count += len(rows)
 
     def result(self) -> "StreamUsageResult":
         if self.count == 0:

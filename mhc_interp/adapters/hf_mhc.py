@@ -85,6 +85,7 @@ nnsight envoys see activations where they fire.
 """
 from __future__ import annotations
 
+import inspect
 from collections import deque
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
@@ -355,6 +356,16 @@ def head_weights_of(head: nn.Module, x: Tensor) -> Tensor:
     return torch.sigmoid(mixes * head.hc_scale.float() + head.hc_base.float()) + head.eps
 
 
+def _no_cache(fn: Callable) -> Dict[str, None]:
+    """`cache=None` or `past_key_values=None`, whichever `fn` names (transformers 5.24 renamed the
+    second to the first and deprecates it); {} if it names neither."""
+    params = inspect.signature(fn).parameters
+    for name in ("cache", "past_key_values"):
+        if name in params:
+            return {name: None}
+    return {}
+
+
 def _bypassed_modules(hf_model: nn.Module, base: nn.Module) -> List[Tuple[str, nn.Module]]:
     """(name, module) of the HF modules whose forward the adapter never calls: it recomputes the
     hyper-connection modules (to expose and freeze H_pre/H_post/H_res) and runs each decoder
@@ -512,7 +523,7 @@ class HFHyperConnectedSublayer(nn.Module):
         h = self.hf.norm(read)
         if self.kind == "attn":
             out, _ = self.hf.branch(h, position_embeddings=ctx.position_embeddings, position_ids=ctx.position_ids,
-                                    attention_mask=ctx.attention_mask, past_key_values=None)
+                                    attention_mask=ctx.attention_mask, **_no_cache(self.hf.branch.forward))
             return out
         ids = ctx.input_ids
         if ids is not None:
@@ -672,7 +683,8 @@ class HookedHFMHC(StreamHookedRoot):
         b, p = like.shape[:2]
         position_ids = torch.arange(p, device=like.device).unsqueeze(0)
         mask = create_sliding_window_causal_mask(config=config, inputs_embeds=like, attention_mask=None,
-                                                 past_key_values=None, position_ids=position_ids)
+                                                 position_ids=position_ids,
+                                                 **_no_cache(create_sliding_window_causal_mask))
         layer_types = getattr(base.rotary_emb, "layer_types", ["main", "compress"])
         pe = {t: base.rotary_emb(like, position_ids=position_ids, layer_type=t) for t in layer_types}
         return _Context(position_ids, pe, mask, input_ids)
@@ -798,7 +810,7 @@ class HookedHFMHC(StreamHookedRoot):
                 s.frozen = f
         c = ctx.on(dev)
         ref = layer(x, position_embeddings=c.position_embeddings, position_ids=c.position_ids,
-                    attention_mask=c.attention_mask, input_ids=c.input_ids, past_key_values=None)
+                    attention_mask=c.attention_mask, input_ids=c.input_ids, **_no_cache(layer.forward))
         ref = ref[0] if isinstance(ref, tuple) else ref
         errs = [_rel_err(ours, ref)]
         if head_ours is not None:

@@ -115,3 +115,29 @@ def test_bad_input(model):
         CrossStreamPredictability(test_fraction=1.0)
     with pytest.raises(ValueError, match="below min_tokens"):
         CrossStreamPredictability(max_tokens=5)
+
+
+@pytest.mark.parametrize("tokens,d", [(90, 6), (30, 12)])   # more tokens than features, and fewer
+def test_ridge_equals_scikit_learn_ridgecv(tokens, d):
+    """The torch ridge (one SVD per source, leave-one-out alpha per target) against the obvious
+    reference: scikit-learn's RidgeCV on the same standardised features, R^2 pooled per stream."""
+    from sklearn.linear_model import RidgeCV
+
+    g = np.random.default_rng(4)
+    x = g.normal(size=(tokens, 3, d))
+    x[:, 1] = x[:, 0] @ g.normal(size=(d, d)) + 0.3 * g.normal(size=(tokens, d))   # 1 ~ linear in 0
+    x[:, 2, 0] = 5.0                                                               # a constant feature
+    perm = g.permutation(tokens)
+    test, train = np.sort(perm[: tokens // 4]), np.sort(perm[tokens // 4:])
+    alphas = (1e-2, 1.0, 100.0)
+    Y = x.reshape(tokens, -1)
+    Y_train, Y_test = Y[train] - Y[train].mean(0), Y[test] - Y[train].mean(0)
+    expected = np.zeros((3, 3))
+    for i in range(3):
+        X = x[:, i]
+        mu, sd = X[train].mean(0), X[train].std(0)
+        sd = np.where(sd > 1e-12 * max(1.0, np.abs(X).max()), sd, np.inf)
+        fit = RidgeCV(alphas=alphas, alpha_per_target=True, fit_intercept=False).fit((X[train] - mu) / sd, Y_train)
+        err = ((Y_test - fit.predict((X[test] - mu) / sd)) ** 2).reshape(len(test), 3, d).sum((0, 2))
+        expected[i] = 1 - err / ((Y_test - Y_test.mean(0)) ** 2).reshape(len(test), 3, d).sum((0, 2))
+    np.testing.assert_allclose(ridge_r2_matrix(x, train, test, alphas), expected, rtol=1e-8, atol=1e-10)

@@ -10,9 +10,9 @@ reports it. Lower `max_tokens` or choose fewer `sites` for big models.
 
 Fit (in `result()`, float64): the sample is split once into train / test tokens (`test_fraction`,
 seeded, the same split for every site and pair). For source stream i: features X_i standardised
-with the train mean / std; targets every stream Y_j, centred with the train mean; scikit-learn
-`RidgeCV` (efficient leave-one-out over `alphas`, one alpha per target dimension) fits all target
-streams at once. Held-out R^2 of target j from source i, pooled over its d dimensions:
+with the train mean / std; targets every stream Y_j, centred with the train mean; ridge with an
+efficient leave-one-out choice of alpha per target dimension (scikit-learn's `RidgeCV`, written out
+in torch on one SVD per source so it runs on the model's device) fits all target streams at once. Held-out R^2 of target j from source i, pooled over its d dimensions:
 
     r2[site, i, j] = 1 - sum_test ||y_j - yhat_j||^2 / sum_test ||y_j - mean_test(y_j)||^2
 
@@ -45,29 +45,49 @@ def predictability_sites(model, sites: Union[str, Sequence[str]] = "layers") -> 
     return stream_state_sites(model, sites, "predictability")
 
 
-def ridge_r2_matrix(x: np.ndarray, train: np.ndarray, test: np.ndarray,
-                    alphas: Sequence[float] = DEFAULT_ALPHAS) -> np.ndarray:
-    """x [tokens, n_streams, d] -> held-out R^2 [source i, target j] (see the module docstring)."""
-    from sklearn.linear_model import RidgeCV
+def ridge_r2_matrix(x, train, test, alphas: Sequence[float] = DEFAULT_ALPHAS, device=None) -> np.ndarray:
+    """x [tokens, n_streams, d] -> held-out R^2 [source i, target j] (see the module docstring), in
+    float64 on `device` (default: x's). The fit is scikit-learn's `RidgeCV(alphas,
+    alpha_per_target=True, fit_intercept=False)` written out on one thin SVD per source stream,
+    X = U S V^T, so that every alpha and target costs two GEMMs and runs on a GPU:
 
-    x = np.asarray(x, dtype=np.float64)
+      leave-one-out residuals  e_alpha = (G^-1 y) / diag(G^-1),   G = X X^T + alpha I,
+      G^-1 = U diag(1 / (s^2 + alpha)) U^T + (I - U U^T) / alpha,
+      per target the alpha of least sum e^2 (the first of equals), then
+      W = V diag(s / (s^2 + alpha_t)) U^T y and yhat_test = X_test W.
+    """
+    x = torch.as_tensor(x, dtype=torch.float64, device=device)
+    tr = torch.as_tensor(np.asarray(train), device=x.device)
+    te = torch.as_tensor(np.asarray(test), device=x.device)
     n, d = x.shape[1], x.shape[2]
     Y = x.reshape(len(x), n * d)
-    y_mean = Y[train].mean(0)
-    Y_train = Y[train] - y_mean
-    Y_test = Y[test] - y_mean
-    sst = ((Y_test - Y_test.mean(0)) ** 2).reshape(len(test), n, d).sum((0, 2))     # [n]
-    out = np.full((n, n), np.nan)
+    y_mean = Y[tr].mean(0)
+    Y_train, Y_test = Y[tr] - y_mean, Y[te] - y_mean                       # [m, n d], [t, n d]
+    sst = ((Y_test - Y_test.mean(0)) ** 2).reshape(len(te), n, d).sum((0, 2))   # [n]
+    out = torch.full((n, n), float("nan"), dtype=torch.float64)
     for i in range(n):
         X = x[:, i]
-        mu, sd = X[train].mean(0), X[train].std(0)
-        sd = np.where(sd > 1e-12 * max(1.0, float(np.abs(X).max())), sd, np.inf)   # constant features -> 0
-        X_train, X_test = (X[train] - mu) / sd, (X[test] - mu) / sd
-        model = RidgeCV(alphas=alphas, alpha_per_target=True, fit_intercept=False).fit(X_train, Y_train)
-        sse = ((Y_test - model.predict(X_test)) ** 2).reshape(len(test), n, d).sum((0, 2))
-        with np.errstate(divide="ignore", invalid="ignore"):
-            out[i] = np.where(sst > 0, 1 - sse / sst, np.nan)
-    return out
+        mu, sd = X[tr].mean(0), X[tr].std(0, unbiased=False)
+        sd = torch.where(sd > 1e-12 * max(1.0, float(X.abs().max())), sd, torch.full_like(sd, float("inf")))
+        X_train, X_test = (X[tr] - mu) / sd, (X[te] - mu) / sd              # constant features -> 0
+        U, sv, Vh = torch.linalg.svd(X_train, full_matrices=False)          # [m, r], [r], [r, d]
+        UtY = U.T @ Y_train                                                 # [r, targets]
+        outside = Y_train - U @ UtY                                         # (I - U U^T) y
+        u2, s2 = U ** 2, sv ** 2
+        best = torch.full((Y.shape[1],), float("inf"), dtype=torch.float64, device=x.device)
+        best_alpha = torch.zeros_like(best)
+        for alpha in alphas:
+            w = 1.0 / (s2 + alpha)
+            g_y = U @ (w[:, None] * UtY) + outside / alpha                  # G^-1 y  [m, targets]
+            g_diag = u2 @ w + (1.0 - u2.sum(1)) / alpha                     # diag(G^-1)  [m]
+            err = ((g_y / g_diag[:, None]) ** 2).sum(0)                     # [targets]
+            better = err < best
+            best = torch.where(better, err, best)
+            best_alpha = torch.where(better, torch.full_like(best_alpha, alpha), best_alpha)
+        coef = Vh.T @ (sv[:, None] / (s2[:, None] + best_alpha[None, :]) * UtY)   # [d, targets]
+        sse = ((Y_test - X_test @ coef) ** 2).reshape(len(te), n, d).sum((0, 2))
+        out[i] = torch.where(sst > 0, 1 - sse / sst, torch.full_like(sse, float("nan"))).cpu()
+    return out.numpy()
 
 
 @register_probe
@@ -105,6 +125,7 @@ class CrossStreamPredictability(Probe):
         self.sites = predictability_sites(model, self.sites_spec)
         self.n_streams, self.d_model = model.cfg.n_streams, model.cfg.d_model
         self.hyper_conn_type = model.cfg.hyper_conn_type
+        self.device = model.device                # where the ridge fits run (float64)
         self.sample: Optional[Tensor] = None      # [max_tokens, n_sites, n, d] float32, allocated lazily
         self.filled = 0                           # slots in use
         self.seen = 0                             # masked tokens seen
@@ -160,7 +181,8 @@ class CrossStreamPredictability(Probe):
         test, train = np.sort(perm[:n_test]), np.sort(perm[n_test:])
         if len(train) < 2:
             raise ValueError("predictability: too few training tokens; raise max_tokens or lower test_fraction")
-        r2 = np.stack([ridge_r2_matrix(x[:, k], train, test, self.alphas) for k in range(len(self.sites))])
+        r2 = np.stack([ridge_r2_matrix(x[:, k], train, test, self.alphas, device=self.device)
+                       for k in range(len(self.sites))])
         off = ~np.eye(self.n_streams, dtype=bool)
         arrays = {"r2": r2, "mean_offdiag": np.nanmean(r2[:, off], axis=1) if self.n_streams > 1 else np.full(len(self.sites), np.nan),
                   "min_offdiag": np.nanmin(r2[:, off], axis=1), "max_offdiag": np.nanmax(r2[:, off], axis=1)}

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from mhc_interp import HookedMHC, MHCConfig
+from mhc_interp import device as mhc_device
 
 SHAPES: Dict[str, Dict[str, Any]] = {
     # a seconds-long smoke run (CI runs every benchmark at this shape)
@@ -68,23 +69,12 @@ def prepare(args: argparse.Namespace) -> torch.device:
 
 
 def resolve_device(name: str) -> torch.device:
-    """`name` as a torch.device, or a BenchmarkError saying why it cannot be used here."""
+    """`name` as a torch.device, or a BenchmarkError saying why it cannot be used here
+    (`mhc_interp.device.resolve_device`'s checks)."""
     try:
-        device = torch.device(name)
-    except RuntimeError as e:
-        raise BenchmarkError(f"unknown device {name!r}: {e}") from None
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise BenchmarkError(f"device {name!r} is not available: this torch ({torch.__version__}) sees "
-                                 "no CUDA GPU; use --device cpu")
-        if device.index is not None and device.index >= torch.cuda.device_count():
-            raise BenchmarkError(f"device {name!r} is not available: there are {torch.cuda.device_count()} "
-                                 f"CUDA device(s), cuda:0..cuda:{torch.cuda.device_count() - 1}")
-    elif device.type != "cpu":
-        backend = getattr(torch.backends, device.type, None)
-        if backend is None or not backend.is_available():
-            raise BenchmarkError(f"device {name!r} is not available on this machine")
-    return device
+        return mhc_device.resolve_device(name)
+    except mhc_device.DeviceError as e:
+        raise BenchmarkError(str(e)) from None
 
 
 def make_config(shape: str, variant: str = "mhc") -> MHCConfig:

@@ -20,6 +20,7 @@ from typing import List, Optional
 
 import torch
 
+from .device import DeviceError, resolve_device
 from .model import HookedMHC
 
 DEMO_MODEL = "demo-mhc"          # trained on Shakespeare by examples/train_demo_model.py
@@ -57,12 +58,9 @@ def resolve_model_path(name: Optional[str]):
 def check_device(name: str) -> None:
     """Refuse a device this machine cannot run on, before any work."""
     try:
-        device = torch.device(name)
-    except RuntimeError as e:
-        raise SystemExit(f"mhc-interp: unknown device {name!r} ({e})") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise SystemExit(f"mhc-interp: device {name!r} is not available: this torch ({torch.__version__}) "
-                         f"sees no CUDA GPU; use --device cpu")
+        resolve_device(name)
+    except DeviceError as e:
+        raise SystemExit(f"mhc-interp: {e}") from None
 
 
 def load(name: Optional[str], device: str = "cpu", dtype: str = "float32") -> HookedMHC:

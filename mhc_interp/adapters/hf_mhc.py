@@ -98,6 +98,7 @@ from torch.nn import functional as F
 from transformer_lens.hook_points import HookPoint
 
 from ..hooks.root import StreamHookedRoot
+from ..model.compiled import torch_hooks_attached
 from ..model.mixers import MixingCoefficients
 
 __all__ = ["HookedHFMHC", "HFMHCConfig", "UnsupportedModelError", "find_hyper_connections",
@@ -380,8 +381,7 @@ def _bypassed_modules(hf_model: nn.Module, base: nn.Module) -> List[Tuple[str, n
 
 def _refuse_bypassed_hooks(bypassed: List[Tuple[str, nn.Module]]) -> None:
     """A torch hook on a module the adapter does not run would silently never fire."""
-    hooked = [name for name, m in bypassed
-              if m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks]
+    hooked = [name for name, m in bypassed if torch_hooks_attached(m)]
     if hooked:
         raise RuntimeError(
             f"torch hooks are registered on {hooked[:4]}{' ...' if len(hooked) > 4 else ''}, which the adapter "

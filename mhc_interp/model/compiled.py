@@ -31,13 +31,18 @@ def compile_once(fn: Callable) -> Callable:
     return _COMPILED[fn]
 
 
+def torch_hooks_attached(module: nn.Module) -> bool:
+    """True if any torch forward/backward (pre-)hook is registered on `module` itself."""
+    return bool(module._forward_hooks or module._forward_pre_hooks or module._backward_hooks
+                or module._backward_pre_hooks)
+
+
 def module_observed(module: nn.Module) -> bool:
     """True if anyone may read or change what happens at `module`: a TransformerLens hook or any
     torch forward/backward (pre-)hook is attached, or nnsight has instrumented it (it installs its
     own `forward` on the instance)."""
     return bool(
-        module._forward_hooks or module._forward_pre_hooks or module._backward_hooks
-        or module._backward_pre_hooks or "forward" in module.__dict__
+        torch_hooks_attached(module) or "forward" in module.__dict__
         or getattr(module, "fwd_hooks", None) or getattr(module, "bwd_hooks", None)
     )
 

@@ -12,8 +12,9 @@ from typing import Any, Optional
 
 HYPER_CONN_TYPES = ("none", "hc", "mhc", "mhc_lite", "mhc_lite_lss")
 DEFAULT_LSS_INIT = 0.6   # the public code's expand_lss_init for mhc_lite_lss
+PUBLIC_SINKHORN_ITERS = 20   # the public code's Sinkhorn iterations (not in its model_args)
 # model_args keys understood besides the required shapes: the public code's GPTConfig fields, and
-# sinkhorn_iters (forks that vary it; written only when it differs from the public code's 20)
+# sinkhorn_iters (forks that vary it; written only when it differs from PUBLIC_SINKHORN_ITERS)
 NANOGPT_OPTIONAL_ARGS = ("hyper_conn_type", "hyper_conn_n", "bias", "dropout", "expand_lss_init", "sinkhorn_iters")
 
 
@@ -32,7 +33,7 @@ class MHCConfig:
     hyper_conn_type: str = "mhc"
     bias: bool = True
     lss_init: Optional[float] = None  # learned-stream-scaling init; None = copies (mhc_lite_lss: 0.6)
-    sinkhorn_iters: int = 20
+    sinkhorn_iters: int = PUBLIC_SINKHORN_ITERS
     layer_norm_eps: float = 1e-5
     tie_embeddings: bool = True
     attn_impl: str = "auto"  # "auto": fused SDPA unless a pattern/score hook is attached; "eager"
@@ -109,7 +110,7 @@ class MHCConfig:
             hyper_conn_type=hc_type,
             bias=bool(args.get("bias", True)),
             lss_init=lss_init if hc_type == "mhc_lite_lss" else None,
-            sinkhorn_iters=int(args.get("sinkhorn_iters", cls.sinkhorn_iters)),
+            sinkhorn_iters=int(args.get("sinkhorn_iters", PUBLIC_SINKHORN_ITERS)),
         )
 
     def to_nanogpt_args(self) -> dict[str, Any]:
@@ -118,5 +119,5 @@ class MHCConfig:
             bias=self.bias, vocab_size=self.d_vocab, dropout=0.0,
             hyper_conn_type=self.hyper_conn_type, hyper_conn_n=self.n_streams,
             expand_lss_init=self.lss_init,
-            **({} if self.sinkhorn_iters == 20 else {"sinkhorn_iters": self.sinkhorn_iters}),
+            **({} if self.sinkhorn_iters == PUBLIC_SINKHORN_ITERS else {"sinkhorn_iters": self.sinkhorn_iters}),
         )

@@ -164,14 +164,13 @@ def run_edits(model, edits: Sequence[Edit], base_states: Mapping[int, Tensor], m
     for e in edits:
         validate_edit(e, cfg.n_sublayers, cfg.n_streams, n_pos)
         unique.setdefault(e, len(unique))
-    check_edit_inputs([e for e in unique if not e.is_identity(source_is_base)], base_states,
-                      source_states, ablation_values)
-    values: Dict[Edit, Tensor] = {}
     identity = [e for e in unique if e.is_identity(source_is_base)]
+    to_run = [e for e in unique if not e.is_identity(source_is_base)]
+    check_edit_inputs(to_run, base_states, source_states, ablation_values)
+    values: Dict[Edit, Tensor] = {}
     groups: Dict[int, List[Edit]] = defaultdict(list)
-    for e in unique:
-        if not e.is_identity(source_is_base):
-            groups[e.start].append(e)
+    for e in to_run:
+        groups[e.start].append(e)
     k_max = max(1, rows_per_forward(model, batch, n_pos, max_rows) // batch)
     # the model's own method: a model may freeze more than its sublayers (e.g. an HF hc_head)
     freeze = model.frozen_mixing(frozen) if frozen is not None else contextlib.nullcontext()

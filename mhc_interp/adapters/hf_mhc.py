@@ -498,6 +498,7 @@ class HFHyperConnectedSublayer(nn.Module):
         self.kind, self.index = kind, index
         self.hf = SimpleNamespace(layer=layer, hc=getattr(layer, hc_name), norm=getattr(layer, norm_name),
                                   branch=getattr(layer, branch_name))
+        self.hf.no_cache = _no_cache(self.hf.branch.forward)   # read once, not on every forward
         self.needs_input_ids = kind == "mlp" and bool(getattr(self.hf.branch, "is_hash", False))
         self.frozen: Optional[MixingCoefficients] = None
         self.device: Optional[torch.device] = None  # execution device, set by the adapter
@@ -523,7 +524,7 @@ class HFHyperConnectedSublayer(nn.Module):
         h = self.hf.norm(read)
         if self.kind == "attn":
             out, _ = self.hf.branch(h, position_embeddings=ctx.position_embeddings, position_ids=ctx.position_ids,
-                                    attention_mask=ctx.attention_mask, **_no_cache(self.hf.branch.forward))
+                                    attention_mask=ctx.attention_mask, **self.hf.no_cache)
             return out
         ids = ctx.input_ids
         if ids is not None:

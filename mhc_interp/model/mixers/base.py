@@ -14,6 +14,7 @@ so that the hyper-connected sublayer computes  x' = H_res x + H_post^T F(H_pre x
 """
 from __future__ import annotations
 
+import math
 from typing import Callable, Dict, NamedTuple, Tuple, Type
 
 import torch
@@ -108,6 +109,58 @@ def sinkhorn_log(logits: Tensor, iters: int) -> Tensor:
         logits = logits - torch.logsumexp(logits, dim=-1, keepdim=True)
         logits = logits - torch.logsumexp(logits, dim=-2, keepdim=True)
     return logits.exp()
+
+
+def sinkhorn_exp(logits: Tensor, iters: int) -> Tensor:
+    """The same iterations as `sinkhorn_log`, in the linear domain: P = exp(L - max L) once, then
+    `iters` times  P <- P / P.sum(rows),  P <- P / P.sum(columns).  Equal to `sinkhorn_log` in
+    exact arithmetic (subtracting logsumexp = dividing by the sum; the constant max L cancels in
+    the first normalisation) for iters >= 1; a third of its time on the CPU (no exp/log per step).
+    Safe only where `exp_domain_safe` holds: otherwise whole rows or columns can underflow to 0."""
+    p = (logits - logits.amax(dim=(-1, -2), keepdim=True)).exp()
+    for _ in range(iters):
+        p = p / p.sum(dim=-1, keepdim=True)
+        p = p / p.sum(dim=-2, keepdim=True)
+    return p
+
+
+def exp_safe_range(dtype: torch.dtype, n: int) -> float:
+    """The largest logit range R = max L - min L of an n x n matrix for which every iterate of
+    `sinkhorn_exp` stays a normal float of `dtype`: with K = exp(L - max L) in [e^-R, 1], the
+    scalings' ratios are bounded by e^R, so every entry of every iterate is >= e^(-2R) / n, which
+    is >= the smallest normal number `tiny` iff  R <= (ln(1 / tiny) - ln n) / 2
+    (42.3 for float32 at n = 4; the trained checkpoints here stay below 22)."""
+    return (-math.log(torch.finfo(dtype).tiny) - math.log(n)) / 2
+
+
+def exp_domain_safe(logits: Tensor) -> Tensor:
+    """Per matrix of `logits [..., n, n]`: may `sinkhorn_exp` be used (see `exp_safe_range`)?
+    False for non-finite logits (NaN, +-inf), which stay on the log-domain path."""
+    spread = logits.amax(dim=(-1, -2)) - logits.amin(dim=(-1, -2))
+    return spread <= exp_safe_range(logits.dtype, logits.shape[-1])
+
+
+def sinkhorn(logits: Tensor, iters: int) -> Tensor:
+    """Sinkhorn-Knopp on `logits [..., target, source]` (see `sinkhorn_log`), by the fastest path
+    that is exact to float rounding: `sinkhorn_exp` for every matrix where `exp_domain_safe` holds,
+    `sinkhorn_log` for the others (chosen per matrix, so a matrix's result does not depend on the
+    rest of the batch; agreement ~3e-7 in float32).
+
+    The choice reads the logits on the host, so it is made only for CPU tensors in eager mode; on
+    accelerators (where it would cost a device sync per sublayer) and inside torch.compile (whose
+    fused kernel makes the log domain cheap) the log-domain path runs."""
+    if iters < 1 or logits.device.type != "cpu" or torch.compiler.is_compiling():
+        return sinkhorn_log(logits, iters)
+    ok = exp_domain_safe(logits)
+    if bool(ok.all()):
+        return sinkhorn_exp(logits, iters)
+    if not bool(ok.any()):
+        return sinkhorn_log(logits, iters)
+    bad = ~ok
+    # the unsafe matrices enter the linear path as zeros (finite, so no NaN reaches any gradient)
+    # and are then replaced by their log-domain result
+    linear = sinkhorn_exp(logits.masked_fill(bad[..., None, None], 0.0), iters)
+    return linear.index_put((bad,), sinkhorn_log(logits[bad], iters))
 
 
 MIXERS: Dict[str, Type[Mixer]] = {}

@@ -3,7 +3,7 @@
 With  y = RMSNorm(flatten_{s,d}(x))  (one norm over all n*d values of the token):
     a[s, :]     = (y W_alpha)[s, :] * (pre_scale, res_scale, ..., res_scale) + static_alpha[s, :]
     h_pre[s]    = sigmoid(a[s, 0])
-    h_res       = SinkhornKnopp(exp(L)),  L[t, s] = a[s, 1 + t]  (log domain, `sinkhorn_iters`)
+    h_res       = SinkhornKnopp(exp(L)),  L[t, s] = a[s, 1 + t]  (`sinkhorn_iters` iterations)
     h_post[s]   = 2 sigmoid((y W_beta)[s] * post_scale + static_beta[s])
 H_res is doubly stochastic up to the Sinkhorn residual (columns exactly, rows approximately).
 """
@@ -13,7 +13,7 @@ import torch
 from torch import Tensor, nn
 
 from ...config import MHCConfig
-from .base import Mixer, normed_projection, register_mixer, sinkhorn_log
+from .base import Mixer, normed_projection, register_mixer, sinkhorn
 
 
 class _ManifoldMixerBase(Mixer):
@@ -63,5 +63,5 @@ class SinkhornMixer(_ManifoldMixerBase):
         dyn, beta = _ManifoldMixerBase.projections(x, w)
         dyn = dyn.unflatten(-1, (n, n + 1))                                           # [b, p, s, 1+n]
         alpha = dyn * torch.cat([w["pre_branch_scale"], w["residual_scale"].expand(n)]) + w["static_alpha"]
-        h_res = sinkhorn_log(alpha[..., 1:].transpose(-1, -2), iters)                 # [b, p, t, s]
+        h_res = sinkhorn(alpha[..., 1:].transpose(-1, -2), iters)                     # [b, p, t, s]
         return torch.sigmoid(alpha[..., 0]), _ManifoldMixerBase.h_post(beta, w), h_res

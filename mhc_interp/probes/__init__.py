@@ -12,6 +12,7 @@ from .cka import CKA, CKAResult, center_gram, cka_from_hsic, gram_linear, gram_r
 from .corruption import DEFAULT_WORD_GROUPS, SymmetricReplacement
 from .causal import CausalProbe
 from .patching import ActivationPatching, PatchingResult, activation_patching
+from .attribution import AttributionPatching, AttributionResult, attribution_patching
 from .rescue import AblateRescue, RescueResult, ablate_and_rescue
 from .heads import (DEFAULT_ORDINAL_WORDS, HEAD_SCORES, HeadDetector, HeadScores, check_attention_model,
                     detect_heads, head_ablation_hook, repeated_random_tokens, successor_scores)
@@ -28,7 +29,7 @@ __all__ = ["PROBES", "Probe", "ProbeResult", "get_probe", "register_probe", "reg
            "require_streams", "iter_batches", "run_probes", "StreamUsage", "StreamUsageResult",
            "Curvature", "CurvatureResult", "sequence_curvatures", "step_angles",
            "CKA", "CKAResult", "CausalProbe", "ActivationPatching", "PatchingResult",
-           "activation_patching", "AblateRescue", "RescueResult", "ablate_and_rescue",
+           "activation_patching", "AttributionPatching", "AttributionResult", "attribution_patching", "AblateRescue", "RescueResult", "ablate_and_rescue",
            "SymmetricReplacement", "DEFAULT_WORD_GROUPS",
            "HeadDetector", "HeadScores", "detect_heads", "repeated_random_tokens", "successor_scores",
            "head_ablation_hook", "check_attention_model", "HEAD_SCORES", "DEFAULT_ORDINAL_WORDS",

@@ -1,0 +1,238 @@
+"""Attribution patching: gradient estimates of exactly what `activation_patching` reports, for
+every (sublayer, stream[, position]) cell at once, plus the mixer attribution.
+
+The probe subclasses `ActivationPatching` for its options, checks, metrics and masks (one
+definition: the two can never drift apart), and replaces the batched sweep by gradients (see
+`core.py` for the maths):
+
+    atp   2 forwards + 1 backward per prompt batch (source run; base run with its backward)
+    ig    2 forwards + `steps` forwards and backwards (batched along the path)
+
+Degenerate combinations. KL(P_clean || P) is minimal (0, zero gradient) at the clean run, so
+with direction="noise" (base = the clean run) and metric="kl" every first-order estimate equals
+the baseline 0: method "atp" refuses it (use "ig", whose path leaves the minimum). With
+direction="denoise" (base = the corrupted run) the KL gradient is non-zero and AtP is fine; the
+answer metrics (logit_diff, logprob) are first-order informative in both directions.
+"""
+from __future__ import annotations
+
+from typing import Dict, Optional
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from ..base import ProbeResult, register_probe, register_result, require_streams
+from ..causal import PromptStats, clean_run, stats_arrays
+from ..patching import ActivationPatching, from_first_difference
+from .core import atp_gradients, ig_gradients, mixing_effects, site_effects
+
+METHODS = ("atp", "ig")
+MIXER_PARTS = ("h_pre", "h_post", "h_res")
+
+
+def check_method(method: str, steps: int, direction: str, metric: str) -> None:
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"steps must be an integer >= 1 (integrated-gradient points), got {steps!r}")
+    if method == "atp" and direction == "noise" and metric == "kl":
+        raise ValueError(
+            "method='atp' with direction='noise' and metric='kl' is first-order degenerate: the base run "
+            "is the clean run, where KL(P_clean || P) is at its minimum (value 0, gradient 0), so every "
+            "estimate would be 0. Use method='ig' (integrated gradients leave the minimum), "
+            "direction='denoise', or an answer metric (logit_diff / logprob)")
+
+
+@register_probe
+class AttributionPatching(ActivationPatching):
+    """Gradient estimate of `ActivationPatching` with the same arguments (see its docstring), plus
+    method: "atp" (first order at the base run) or "ig" (integrated gradients, `steps` points);
+    mixers: also attribute each sublayer's H_pre / H_post / H_res (the change patching that
+    coefficient tensor from the source run would make, to first order); default: with "atp" only.
+    Result keys: "attribution" (the estimated patched metric, like `kl_recomputed`, with _sem /
+    _ci_low / _ci_high), "attribution_<mixing>", "effect_<mixing>" (estimate minus the base run's
+    metric), "baseline_clean", "baseline_corrupted" and, with mixers, "mixer_<mixing>"
+    [sublayer, 3] (estimated metric with h_pre / h_post / h_res patched) and per-entry effects.
+    """
+
+    name = "attribution_patching"
+
+    def __init__(self, *args, method: str = "atp", steps: int = 16, mixers: Optional[bool] = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        check_method(method, steps, self.direction, self.metric_name)
+        # mixer attribution by default with AtP only: along IG's input path (coefficients frozen to
+        # the base run, or recomputed on the path) it tracks exact mixer patching poorly (docs/attribution.md)
+        self.method, self.steps, self.mixers = method, steps, (method == "atp") if mixers is None else bool(mixers)
+
+    def setup(self, model) -> None:
+        require_streams(model, self.name, minimum=2)
+        super().setup(model)
+        self.effects = {m: PromptStats() for m in self._mixings()}
+        self.mixer_stats = {m: {p: PromptStats() for p in ("tensor",) + MIXER_PARTS} for m in self._mixings()}
+        self.passes = {"forward": 0.0, "backward": 0.0}
+
+    def patch(self, model, clean: Tensor, corrupted: Tensor, mask: Optional[Tensor] = None) -> None:
+        """One batch of aligned clean / corrupted prompts [B, pos]."""
+        if clean.shape != corrupted.shape:
+            raise ValueError(
+                f"clean prompts {tuple(clean.shape)} and corrupted prompts {tuple(corrupted.shape)} "
+                f"differ in shape: align them (same length, position by position) first")
+        same = (clean == corrupted).all(-1).nonzero().flatten().tolist()
+        if same:
+            raise ValueError(f"prompts {[self.baselines.count + i for i in same]}: clean and corrupted are "
+                             f"identical; there is no patch effect to attribute")
+        b, p = clean.shape
+        if self.n_pos is None:
+            self.n_pos = p
+        elif self.positions == "each" and p != self.n_pos:
+            raise ValueError(f"per-position attribution needs one prompt length, got {p} after {self.n_pos}")
+        cells = self._cells(p)
+        cells = None if cells == [None] else [c[0] for c in cells]
+        if mask is None:
+            mask = torch.ones(b, p, dtype=torch.bool, device=model.device)
+            mask[:, 0] = False
+        if self.score_positions == "from_corruption":
+            mask = mask & from_first_difference(clean, corrupted, self.baselines.count).to(mask.device)
+        rows = slice(self.baselines.count, self.baselines.count + b)
+        base_tokens, source_tokens = (corrupted, clean) if self.direction == "denoise" else (clean, corrupted)
+        # the source run (no grad): the states patched in, and its coefficients for mixer attribution
+        source_logits, source_states, source_cache = clean_run(model, source_tokens)
+        base_logits = base_states = base_cache = None
+        if self.method == "ig":     # IG needs the base run's states, its metric and (frozen) its coefficients
+            base_logits, base_states, base_cache = clean_run(model, base_tokens)
+        # noising with AtP: the clean run is the gradient pass itself (KL is refused there, and
+        # the answer metrics need no reference distribution)
+        clean_logits = source_logits if self.direction == "denoise" else base_logits
+        metric = self._metric(clean_logits, mask, rows)
+        n_fwd = 1.0 + (self.method == "ig")
+        for mixing in self._mixings():
+            frozen = mixing == "frozen"
+            if self.method == "atp":
+                g = atp_gradients(model, base_tokens, metric, self.layers, frozen=frozen, capture_mixing=self.mixers)
+                base_values, base_logits, states, mixing_base = g.values, g.logits, g.states, g.mixing
+            else:
+                g = ig_gradients(model, base_states[0], source_states[0], base_tokens, metric, self.layers,
+                                 steps=self.steps, frozen_cache=base_cache if frozen else None,
+                                 capture_mixing=self.mixers, max_rows=self.max_rows)
+                with torch.no_grad():
+                    base_values = metric(base_logits[None])[0]
+                states, mixing_base = base_states, base_cache
+            n_fwd += g.passes
+            self.passes["backward"] += g.passes
+            effect = torch.stack([site_effects(source_states[l].to(states[l].device) - states[l],
+                                               g.state_grads[l], cells) for l in self.layers])  # [L, n, cells, B]
+            base64 = base_values.double().to(effect.device)
+            self.effects[mixing].add(effect)
+            self.stats[mixing].add(base64 + effect)
+            if self.mixers:
+                self._add_mixers(model, mixing, source_cache, mixing_base, g.mixing_grads, base64)
+        self.passes["forward"] += n_fwd
+        if clean_logits is None:
+            clean_logits = base_logits
+        with torch.no_grad():
+            corr_logits = base_logits if self.direction == "denoise" else source_logits
+            self.baselines.add(torch.stack([metric(clean_logits[None])[0], metric(corr_logits[None])[0]]))
+
+    def _add_mixers(self, model, mixing: str, source_cache, base_mixing, grads, base64: Tensor) -> None:
+        eff = mixing_effects(source_cache, base_mixing, grads)          # {name: [B, ...]}
+        per_part = {}
+        for part in MIXER_PARTS:
+            per_part[part] = torch.stack([eff[f"{model.sublayer_names[l]}.hook_{part}"] for l in self.layers])
+            # [L, B, n] or [L, B, n, n] -> prompts last
+            self.mixer_stats[mixing][part].add(per_part[part].movedim(1, -1))
+        tensor = torch.stack([per_part[p].flatten(2).sum(-1) for p in MIXER_PARTS], dim=1)   # [L, 3, B]
+        self.mixer_stats[mixing]["tensor"].add(base64.to(tensor.device) + tensor)
+
+    def result(self) -> "AttributionResult":
+        arrays: Dict[str, np.ndarray] = {}
+        for mixing in self._mixings():
+            arrays.update(stats_arrays(f"attribution_{mixing}", self.stats[mixing]))
+            arrays.update(stats_arrays(f"effect_{mixing}", self.effects[mixing]))
+            if self.mixers:
+                arrays.update(stats_arrays(f"mixer_{mixing}", self.mixer_stats[mixing]["tensor"]))
+                for part in MIXER_PARTS:
+                    mean, sem = self.mixer_stats[mixing][part].mean_sem()
+                    arrays[f"mixer_{part}_effect_{mixing}"], arrays[f"mixer_{part}_effect_{mixing}_sem"] = mean, sem
+        if self.mixing != "both":
+            for suffix in ("", "_sem", "_ci_low", "_ci_high"):
+                arrays[f"attribution{suffix}"] = arrays[f"attribution_{self.mixing}{suffix}"]
+        else:
+            arrays["attribution_routing"] = arrays["attribution_recomputed"] - arrays["attribution_frozen"]
+        base_mean, _ = self.baselines.mean_sem()
+        arrays["baseline_clean"], arrays["baseline_corrupted"] = base_mean[0], base_mean[1]
+        if self.positions is None:
+            arrays = {k: v[:, :, 0] if (v.ndim == 3 and k.startswith(("attribution", "effect"))) else v
+                      for k, v in arrays.items()}
+        prompts = self.baselines.count
+        meta = {"method": self.method, "steps": self.steps if self.method == "ig" else None,
+                "direction": self.direction, "mixing": list(self.stats), "metric": self.metric_name,
+                "sublayers": self.names, "n_streams": self.n, "prompts": prompts,
+                "positions": self.positions if self.positions in (None, "each") else list(self.positions),
+                "temperature": self.temperature, "score_positions": self.score_positions,
+                "layout": "[sublayer, stream]" + ("" if self.positions is None else "[, position]"),
+                "mixer_layout": "[sublayer, (h_pre, h_post, h_res)]",
+                "frozen_to": "the edited (base) run's mixing", "estimates": "activation_patching",
+                "forward_passes": self.passes["forward"], "backward_passes": self.passes["backward"]}
+        return AttributionResult(self.name, arrays, meta)
+
+
+@register_result
+class AttributionResult(ProbeResult):
+    def plot(self):
+        """{f"attribution_{mixing}": sublayer x stream heatmap of the estimate (position-mean when
+        resolved by position), and with mixers the sublayer x (h_pre, h_post, h_res) effects}."""
+        import matplotlib.pyplot as plt
+
+        figs = {}
+        for mixing in self.meta["mixing"]:
+            m = self[f"attribution_{mixing}"]
+            if m.ndim == 3:
+                m = m.mean(-1)
+            names = self.meta["sublayers"]
+            fig, ax = plt.subplots(figsize=(1.2 + 0.9 * m.shape[1], 0.8 + 0.28 * m.shape[0]))
+            im = ax.imshow(m, aspect="auto", cmap="magma" if self.meta["metric"] == "kl" else "RdBu")
+            ax.set_yticks(range(m.shape[0]), names, fontsize=6)
+            ax.set_xticks(range(m.shape[1]), [f"stream {s}" for s in range(m.shape[1])], fontsize=7)
+            ax.set_title(f"{self.meta['method']} estimate of {self.meta['direction']} patching, "
+                         f"{self.meta['metric']}, mixing {mixing}", fontsize=8)
+            fig.colorbar(im, ax=ax)
+            figs[f"attribution_{mixing}"] = fig
+            if f"mixer_{mixing}" in self.arrays:
+                e = self[f"mixer_{mixing}"] - self["baseline_corrupted" if self.meta["direction"] == "denoise"
+                                                   else "baseline_clean"]
+                fig, ax = plt.subplots(figsize=(4, 0.8 + 0.28 * e.shape[0]))
+                lim = np.nanmax(np.abs(e)) or 1.0
+                im = ax.imshow(e, aspect="auto", cmap="RdBu_r", vmin=-lim, vmax=lim)
+                ax.set_yticks(range(e.shape[0]), names, fontsize=6)
+                ax.set_xticks(range(3), ["H_pre", "H_post", "H_res"], fontsize=7)
+                ax.set_title(f"mixer attribution (effect of patching each coefficient tensor), {mixing}",
+                             fontsize=8)
+                fig.colorbar(im, ax=ax)
+                figs[f"mixer_attribution_{mixing}"] = fig
+        return figs
+
+
+def attribution_patching(model, clean: Tensor, corrupted: Tensor, *, batch_size: int = 8, exclude_first: int = 1,
+                         device=None, dtype=None, progress: bool = False, **kwargs) -> AttributionResult:
+    """Attribute over aligned clean / corrupted prompt tensors [N, pos], in batches, with the
+    options of `activation_patching` (positions [0, exclude_first) are not scored; device / dtype
+    move the model first) plus method= ("atp" | "ig"), steps= and mixers= (`AttributionPatching`)."""
+    from tqdm.auto import tqdm
+
+    from ..runner import check_exclude_first
+
+    check_exclude_first(exclude_first)
+    if clean.shape != corrupted.shape:
+        raise ValueError(f"clean {tuple(clean.shape)} and corrupted {tuple(corrupted.shape)} prompts "
+                         f"differ in shape: align them first")
+    mask = torch.ones(clean.shape, dtype=torch.bool)                                   # [N, pos]
+    mask[:, :exclude_first] = False
+    if device is not None or dtype is not None:
+        model.to(device=device, dtype=dtype)
+    probe = AttributionPatching(**kwargs)
+    probe.setup(model)
+    for i in tqdm(range(0, len(clean), batch_size), desc="attribution", unit="batch", disable=not progress):
+        rows = slice(i, i + batch_size)
+        probe.patch(model, clean[rows].to(model.device), corrupted[rows].to(model.device), mask[rows].to(model.device))
+    return probe.result()

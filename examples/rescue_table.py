@@ -7,7 +7,10 @@ is D = E_tokens KL(P_clean || P_ablated), and restoring r from the clean run whi
 leaves D_{a|r}. The rescue R(a, r) = (D - D_{a|r}) / D, averaged over sublayers (those with
 D < min_kl left out), is the table's cell (row a: stays ablated, column r: recovered), in %.
 A row of high values = the ablated stream is not needed once any partner is back; an asymmetric
-pair has R(a, r) far from R(r, a). Writes rescue_table.md and the heatmap.
+pair has R(a, r) far from R(r, a). Writes rescue_table.md and the heatmap. `--ablation mean`
+ablates to the mean state of each batch of prompts (it moves with the batch size);
+`--ablation corpus_mean` to the mean over every corpus token (position 0 excluded, as in the
+scoring), from a first pass over the corpus windows.
 
     python examples/rescue_table.py [--model NAME_OR_PATH] [--out DIR] [--fast] [--mode one_shot] [--ablation zero]
 """
@@ -24,7 +27,8 @@ from _common import Example, annotate  # noqa: E402
 def rescue_options(p):
     p.add_argument("--mode", default="one_shot", choices=["one_shot", "persistent"],
                    help="ablate the state entering one sublayer (default) or every sublayer from there on")
-    p.add_argument("--ablation", default="zero", choices=["zero", "mean"], help="ablation value (default zero)")
+    p.add_argument("--ablation", default="zero", choices=["zero", "mean", "corpus_mean"],
+                   help="ablation value: zero (default), the batch's mean, or the corpus mean (batch-size independent)")
     p.add_argument("--min-kl", type=float, default=1e-3, help="damage below this is left out (default 1e-3)")
 
 
@@ -33,6 +37,8 @@ def run_rescue(ex):
 
     ex.require_streams()
     probe = AblateRescue(mode=ex.args.mode, ablation=ex.args.ablation, min_kl=ex.args.min_kl)
+    if probe.uses_corpus_mean:   # every corpus window, not only the prompts: a better estimate of the mean
+        probe.fit_corpus_mean(ex.model, ex.tokens(), batch_size=ex.cfg.batch_size, progress=ex.cfg.progress)
     result = ex.run(probe, source=ex.prompts())
     ex.save_result(result)
     return result
@@ -51,7 +57,8 @@ def main(argv=None):
     table = result.table()
     header = (f"Global rescue % (rows: ablated stream, columns: recovered stream), {meta['mode'].replace('_', '-')} "
               f"{meta['ablation']} ablation with frozen mixing, mean over sublayers; {meta['prompts']} prompts x "
-              f"{ex.cfg.causal_seq_len} tokens; model {ex.model_name}.")
+              f"{ex.cfg.causal_seq_len} tokens; model {ex.model_name}"
+              + (f"; corpus mean over {meta['corpus_mean_tokens']:,} tokens." if "corpus_mean_tokens" in meta else "."))
     weighted = result.table(weighted=True)
     note = (f"{pairs_low} of {pairs_total} (sublayer, pair) ablations did damage below {meta['min_kl']:g} nats "
             f"and are left out.")

@@ -70,7 +70,10 @@ def test_read_write_share(tmp_path):
     for key in ("read_share", "read_share_norm", "write_share"):
         assert usage[key].shape == (N_SUB, N)
         np.testing.assert_allclose(usage[key].sum(-1), 1, atol=1e-9)
-    assert 0 <= output.extra["dominant_stream"] < N
+    top = np.bincount(usage["read_share_norm"].argmax(-1), minlength=N)   # sublayers each stream leads
+    dominant = output.extra["dominant_stream"]
+    assert top[dominant] == top.max() and dominant == top.argmax()     # the stream the saved result names
+    assert f"stream {dominant} has the largest norm-weighted read share at {top.max()}/{N_SUB}" in output.summary
 
 
 def test_stream_norms(tmp_path):

@@ -40,20 +40,28 @@ class CausalProbe(Probe):
         return chosen
 
 
+def score_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype the metrics score in: float64 for a float64 model (verification to ~1e-12),
+    float32 otherwise (bf16 / fp16 / fp32 logits are upcast)."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
 def log_probs(logits: Tensor, temperature: float = 1.0) -> Tensor:
-    """float32 log-softmax of logits / T over the vocabulary."""
-    return F.log_softmax(logits.float() / temperature, dim=-1)
+    """log softmax(logits / T) over the vocabulary, in `score_dtype(logits.dtype)`."""
+    return F.log_softmax(logits.to(score_dtype(logits.dtype)) / temperature, dim=-1)
 
 
 def kl_metric(reference_logits: Tensor, mask: Tensor, temperature: float = 1.0):
-    """Metric: mean over masked positions of KL(P_ref || P) per replica and prompt, float32.
+    """Metric: sum_pos w_pos KL(P_ref || P)_pos, w = mask / sum(mask) (the mean over masked
+    positions), per replica and prompt, in `score_dtype` of the reference logits.
 
     reference_logits [B, pos, vocab]; mask [B, pos]; returns f(logits [k, B, pos, vocab]) -> [k, B].
     A prompt with no masked-in position scores NaN (not 0), and `PromptStats` leaves it out.
     """
-    ref_lp = log_probs(reference_logits, temperature)
+    ref_lp = log_probs(reference_logits, temperature)                     # [B, pos, vocab]
     ref_p = ref_lp.exp()
-    weights = mask.float() / mask.float().sum(-1, keepdim=True)              # 0/0 = NaN: nothing to score
+    m = mask.to(ref_lp.device, ref_lp.dtype)
+    weights = m / m.sum(-1, keepdim=True)                                  # [B, pos]; 0/0 = NaN: nothing to score
 
     def metric(logits: Tensor) -> Tensor:
         kl = (ref_p * (ref_lp - log_probs(logits, temperature))).sum(-1)   # [k, B, pos]
@@ -66,7 +74,7 @@ def logit_diff_metric(answers: Tensor, position: int = -1):
     """Metric: logit[correct] - logit[wrong] at `position`; answers [B, 2] (correct, wrong)."""
 
     def metric(logits: Tensor) -> Tensor:                                 # [k, B, pos, vocab]
-        last = logits[:, :, position].float()                              # [k, B, vocab]
+        last = logits[:, :, position].to(score_dtype(logits.dtype))       # [k, B, vocab]
         idx = answers.to(logits.device)[None].expand(last.shape[0], -1, -1)
         picked = last.gather(-1, idx)
         return picked[..., 0] - picked[..., 1]
@@ -83,6 +91,28 @@ def logprob_metric(targets: Tensor, position: int = -1, temperature: float = 1.0
         return lp.gather(-1, idx)[..., 0]
 
     return metric
+
+
+def position_mask(valid: Tensor, exclude_first: int = 1) -> Tensor:
+    """[B, pos] bool, the positions a probe scores: `valid` (False = padding) minus positions
+    [0, exclude_first) - BOS / position 0 by default, whose massive activations and
+    near-constant prediction would dominate an average; exclude_first=0 keeps every position."""
+    from .runner import check_exclude_first
+
+    check_exclude_first(exclude_first)
+    mask = valid.to(torch.bool).clone()
+    mask[:, :exclude_first] = False
+    return mask
+
+
+def check_finite(logits: Tensor, run: str) -> None:
+    """Raise the runner's FloatingPointError if `logits` [B, pos, vocab] hold NaN/inf (one
+    host-device sync): a causal probe would otherwise return all-NaN arrays and figures."""
+    finite = torch.isfinite(logits).flatten(1).all(-1)                    # [B]
+    if not bool(finite.all()):
+        bad = (~finite).nonzero().flatten().tolist()
+        raise FloatingPointError(f"non-finite values (NaN/inf) in the {run} run's logits (prompts {bad[:8]} "
+                                 f"of the batch): check the model's weights and dtype")
 
 
 class PromptStats:
@@ -137,12 +167,14 @@ def stats_arrays(prefix: str, stats: PromptStats) -> Dict[str, np.ndarray]:
             f"{prefix}_ci_high": mean + half}
 
 
-def clean_run(model, tokens: Tensor):
+def clean_run(model, tokens: Tensor, run: str = "clean"):
     """One forward caching every sublayer's input state and mixing coefficients.
-    Returns (logits, {sublayer index: state [B, pos, n, d]}, cache)."""
+    Returns (logits [B, pos, vocab], {sublayer index: state [B, pos, n, d]}, cache); raises
+    FloatingPointError if the logits are not finite (`run` names the run in the message)."""
     names = {f"{s}.hook_{k}" for s in model.sublayer_names for k in ("streams_in", "h_pre", "h_post", "h_res")}
     names |= {"head.hook_h_pre"} & set(model.hook_dict)   # a learned readout (HF adapters) is frozen too
     with torch.no_grad():
         logits, cache = model.run_with_cache(tokens, names_filter=lambda n: n in names)
+    check_finite(logits, run)
     states = {k: cache[f"{s}.hook_streams_in"] for k, s in enumerate(model.sublayer_names)}
     return logits, states, cache

@@ -12,6 +12,10 @@ Mixing recomputed = the total effect; mixing frozen to the edited (base) run's c
 the content effect (the routing x -> H cannot respond); total - frozen = the routing-mediated
 effect. Every (sublayer, stream[, position]) cell is one replica of a batched forward that
 resumes from the base run's cached state at that sublayer.
+
+Scored positions: padding and positions [0, exclude_first) are left out - position 0 (BOS) by
+default, under `run_probes` and `activation_patching` alike (`exclude_first=0` scores every
+position; the numbers change). Scores are float64 for a float64 model, float32 otherwise.
 """
 from __future__ import annotations
 
@@ -23,7 +27,8 @@ from torch import Tensor
 
 from ..hooks.batched import Edit, run_edits
 from .base import ProbeResult, register_probe, register_result, require_streams
-from .causal import CausalProbe, PromptStats, clean_run, kl_metric, logit_diff_metric, logprob_metric, stats_arrays
+from .causal import (CausalProbe, PromptStats, clean_run, kl_metric, logit_diff_metric, logprob_metric, position_mask,
+                     stats_arrays)
 
 DIRECTIONS = ("denoise", "noise")
 MIXING = ("recomputed", "frozen", "both")
@@ -39,6 +44,8 @@ class ActivationPatching(CausalProbe):
     (needs answers [B]); the answer metrics read the last position.
     score_positions: which positions the KL averages over - "all" unmasked ones (default) or
     "from_corruption" (each prompt's first token that differs between the runs, and after).
+    The mask: the runner's (position 0 and padding excluded by default, `exclude_first`); `patch`
+    without a mask excludes position 0.
     """
 
     name = "activation_patching"
@@ -92,7 +99,8 @@ class ActivationPatching(CausalProbe):
         return logprob_metric(answers, temperature=self.temperature)
 
     def patch(self, model, clean: Tensor, corrupted: Tensor, mask: Optional[Tensor] = None) -> None:
-        """One batch of aligned clean / corrupted prompts [B, pos]."""
+        """One batch of aligned clean / corrupted prompts [B, pos]; mask [B, pos] (default: every
+        position but 0)."""
         if clean.shape != corrupted.shape:
             raise ValueError(
                 f"clean prompts {tuple(clean.shape)} and corrupted prompts {tuple(corrupted.shape)} "
@@ -104,13 +112,12 @@ class ActivationPatching(CausalProbe):
         elif self.positions == "each" and p != self.n_pos:
             raise ValueError(f"per-position patching needs one prompt length, got {p} after {self.n_pos}")
         if mask is None:
-            mask = torch.ones(b, p, dtype=torch.bool, device=model.device)
-            mask[:, 0] = False
+            mask = position_mask(torch.ones(b, p, dtype=torch.bool, device=model.device))
         if self.score_positions == "from_corruption":
             mask = mask & from_first_difference(clean, corrupted, self.baselines.count).to(mask.device)
         rows = slice(self.baselines.count, self.baselines.count + b)
         clean_logits, clean_states, clean_cache = clean_run(model, clean)
-        corr_logits, corr_states, corr_cache = clean_run(model, corrupted)
+        corr_logits, corr_states, corr_cache = clean_run(model, corrupted, run="corrupted")
         base_states, base_cache, source = ((corr_states, corr_cache, clean_states) if self.direction == "denoise"
                                            else (clean_states, clean_cache, corr_states))
         metric = self._metric(clean_logits, mask, rows)
@@ -190,14 +197,27 @@ class PatchingResult(ProbeResult):
         return figs
 
 
-def activation_patching(model, clean: Tensor, corrupted: Tensor, *, batch_size: int = 8,
-                        **kwargs) -> PatchingResult:
-    """Patch over aligned clean / corrupted prompt tensors [N, pos], in batches."""
-    probe = ActivationPatching(**kwargs)
-    probe.setup(model)
+def activation_patching(model, clean: Tensor, corrupted: Tensor, *, batch_size: int = 8, exclude_first: int = 1,
+                        device=None, dtype=None, progress: bool = False, **kwargs) -> PatchingResult:
+    """Patch over aligned clean / corrupted prompt tensors [N, pos], in batches, with the runner's
+    options that apply to aligned prompts: positions [0, exclude_first) are not scored (position 0
+    by default; 0 scores every position), device / dtype move the model first, progress shows a bar.
+    `kwargs` go to `ActivationPatching`."""
+    from tqdm.auto import tqdm
+
+    not_here = sorted({"seq_len", "max_tokens", "pad_id"} & set(kwargs))
+    if not_here:
+        raise TypeError(f"activation_patching takes aligned prompt tensors [N, pos]: {not_here} do not apply "
+                        f"(cut the prompts yourself)")
     if clean.shape != corrupted.shape:
         raise ValueError(f"clean {tuple(clean.shape)} and corrupted {tuple(corrupted.shape)} prompts "
                          f"differ in shape: align them first")
-    for i in range(0, len(clean), batch_size):
-        probe.patch(model, clean[i:i + batch_size].to(model.device), corrupted[i:i + batch_size].to(model.device))
+    mask = position_mask(torch.ones(clean.shape, dtype=torch.bool), exclude_first)   # [N, pos]
+    if device is not None or dtype is not None:
+        model.to(device=device, dtype=dtype)
+    probe = ActivationPatching(**kwargs)
+    probe.setup(model)
+    for i in tqdm(range(0, len(clean), batch_size), desc="patching", unit="batch", disable=not progress):
+        rows = slice(i, i + batch_size)
+        probe.patch(model, clean[rows].to(model.device), corrupted[rows].to(model.device), mask[rows].to(model.device))
     return probe.result()

@@ -12,6 +12,14 @@ at the same site is then exactly "ablate {j} alone", so those runs are shared. P
 pair is ablated at every sublayer from l on, and the recovered stream restored at each of them.
 Pairs whose damage D_ar is below `min_kl` are flagged: a rescue fraction of a tiny damage is
 noise (their R is NaN in the matrices, and they are left out of the global average).
+
+Scored positions: the runner's mask - padding and positions [0, exclude_first) are left out,
+position 0 (BOS) by default (`ablate_and_rescue(..., exclude_first=0)` scores every position;
+the numbers change). The KL is averaged over the masked-in positions of each prompt, then over
+prompts. Ablation values: "zero"; "mean", the mean state over the batch's masked tokens (it
+depends on the batch size); "corpus_mean", the mean over every masked token of the corpus from a
+first streaming pass (`corpus_mean.py`: batch-size independent); or a tensor.
+Scores are float64 for a float64 model, float32 otherwise.
 """
 from __future__ import annotations
 
@@ -25,13 +33,16 @@ from torch import Tensor
 from ..hooks.batched import Edit, run_edits
 from .base import ProbeResult, register_probe, register_result, require_streams
 from .causal import CausalProbe, PromptStats, clean_run, kl_metric, stats_arrays, t_half_width
+from .corpus_mean import corpus_mean_with_count
 
 MODES = ("one_shot", "persistent")
+ABLATIONS = ("zero", "mean", "corpus_mean")
 
 
 def ablation_values(model, states, mask: Tensor, ablation) -> dict:
     """{sublayer: value broadcastable to [B, pos, n, d]}: zeros, the mean over the batch's
-    masked tokens ("mean"), or a user tensor ([n, d], [d], or per sublayer [n_sublayers, n, d])."""
+    masked tokens ("mean": it depends on the batch), or a tensor ([n, d], [d], or per sublayer
+    [n_sublayers, n, d], e.g. `corpus_mean(model, source)`) cast to the model's dtype."""
     n_sub = model.cfg.n_sublayers
     if isinstance(ablation, str):
         if ablation == "zero":
@@ -39,7 +50,7 @@ def ablation_values(model, states, mask: Tensor, ablation) -> dict:
             return {s: zero for s in range(n_sub)}
         if ablation == "mean":
             return {s: states[s][mask].mean(0) for s in range(n_sub)}            # [n, d]
-        raise ValueError(f"unknown ablation {ablation!r}: use 'zero', 'mean' or a tensor")
+        raise ValueError(f"unknown ablation {ablation!r}: use one of {ABLATIONS} or a tensor")
     value = torch.as_tensor(ablation, device=model.device, dtype=model.dtype)
     if value.ndim == 3:
         if value.shape[0] != n_sub:
@@ -50,6 +61,10 @@ def ablation_values(model, states, mask: Tensor, ablation) -> dict:
 
 @register_probe
 class AblateRescue(CausalProbe):
+    """Pairwise ablate-and-rescue (module docstring). ablation: "zero", "mean" (the batch's),
+    "corpus_mean" (call `fit_corpus_mean(model, source)` before the run; `ablate_and_rescue` does)
+    or a tensor. Positions scored: the runner's mask (position 0 and padding excluded by default)."""
+
     name = "ablate_rescue"
 
     def __init__(self, mode: str = "one_shot", ablation: Union[str, Tensor] = "zero",
@@ -58,6 +73,11 @@ class AblateRescue(CausalProbe):
                  pairs: Optional[Sequence[Sequence[int]]] = None):
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        if isinstance(ablation, str) and ablation not in ABLATIONS:
+            raise ValueError(f"unknown ablation {ablation!r}: use one of {ABLATIONS} or a tensor")
+        self.uses_corpus_mean = isinstance(ablation, str) and ablation == "corpus_mean"
+        self.corpus_means: Optional[Tensor] = None     # [n_sublayers, n, d] for ablation="corpus_mean"
+        self.corpus_mean_tokens = 0
         self.mode, self.ablation, self.temperature = mode, ablation, temperature
         self.sublayers, self.min_kl, self.frozen, self.max_rows = sublayers, min_kl, frozen, max_rows
         self.pairs = None if pairs is None else [tuple(p) for p in pairs]
@@ -65,8 +85,25 @@ class AblateRescue(CausalProbe):
             if len(pair) != 2 or pair[0] == pair[1]:
                 raise ValueError(f"a stream pair needs two different streams, got {pair}")
 
+    def fit_corpus_mean(self, model, source, **runner_options) -> "AblateRescue":
+        """First pass for ablation="corpus_mean": the mean of every sublayer's input streams over
+        every masked token of `source` (`corpus_mean`; `runner_options` as `run_probes` takes
+        them - use the same exclude_first as the rescue run)."""
+        self.corpus_means, self.corpus_mean_tokens = corpus_mean_with_count(model, source, **runner_options)
+        return self
+
     def setup(self, model) -> None:
         require_streams(model, self.name)
+        if self.uses_corpus_mean:
+            cfg = model.cfg
+            if self.corpus_means is None:
+                raise ValueError("ablation='corpus_mean' needs a first pass over the corpus: call "
+                                 "probe.fit_corpus_mean(model, source) before the run, or use "
+                                 "ablate_and_rescue(model, source, ablation='corpus_mean'), which does")
+            want = (cfg.n_sublayers, cfg.n_streams, cfg.d_model)
+            if tuple(self.corpus_means.shape) != want:
+                raise ValueError(f"the corpus means have shape {tuple(self.corpus_means.shape)}, this model needs "
+                                 f"{want}: fit them on this model")
         self.layers = self.sublayer_indices(model, self.sublayers)
         self.n = model.cfg.n_streams
         pairs = self.pairs or list(itertools.combinations(range(self.n), 2))
@@ -96,10 +133,12 @@ class AblateRescue(CausalProbe):
 
     def intervene(self, model, tokens: Tensor, mask: Tensor) -> None:
         logits, states, cache = clean_run(model, tokens)
+        ablation = self.corpus_means if self.uses_corpus_mean else self.ablation
         kl = run_edits(model, self.edits, states, kl_metric(logits, mask, self.temperature),
-                       source_states=states, ablation_values=ablation_values(model, states, mask, self.ablation),
+                       source_states=states, ablation_values=ablation_values(model, states, mask, ablation),
                        frozen=cache if self.frozen else None, source_is_base=True, max_rows=self.max_rows)
-        per_prompt = torch.full((2, len(self.layers), self.n, self.n, tokens.shape[0]), float("nan"))
+        per_prompt = torch.full((2, len(self.layers), self.n, self.n, tokens.shape[0]), float("nan"),
+                                dtype=kl.dtype)                             # float64 scores stay float64
         for (kind, li, a, r), values in zip(self.slots, kl.cpu()):
             if kind == "ablated":
                 per_prompt[0, li, a, r] = per_prompt[0, li, r, a] = values
@@ -121,6 +160,8 @@ class AblateRescue(CausalProbe):
                 "temperature": self.temperature, "frozen_mixing": self.frozen, "min_kl": self.min_kl,
                 "sublayers": self.names, "n_streams": self.n, "prompts": self.stats.count,
                 "layout": "[sublayer, a (stays ablated), r (recovered)]"}
+        if self.uses_corpus_mean:
+            meta["corpus_mean_tokens"] = self.corpus_mean_tokens
         return RescueResult(self.name, arrays, meta)
 
 
@@ -224,9 +265,18 @@ class RescueResult(ProbeResult):
         return figs
 
 
-def ablate_and_rescue(model, tokens: Tensor, *, batch_size: int = 8, progress: bool = False,
-                      **kwargs) -> RescueResult:
-    """Run `AblateRescue(**kwargs)` over `tokens` (any token source of `run_probes`)."""
+def ablate_and_rescue(model, tokens, *, batch_size: int = 8, seq_len: Optional[int] = None,
+                      max_tokens: Optional[int] = None, exclude_first: int = 1, pad_id: int = 0,
+                      device=None, dtype=None, progress: bool = False, **kwargs) -> RescueResult:
+    """Run `AblateRescue(**kwargs)` over `tokens` (any token source of `run_probes`), with the
+    runner's options: positions [0, exclude_first) and padding are not scored (position 0 by
+    default; 0 scores every position). ablation="corpus_mean" first averages every sublayer's
+    input streams over the same source and mask (a second pass over it)."""
     from .runner import run_probes
 
-    return run_probes(model, AblateRescue(**kwargs), tokens, batch_size=batch_size, progress=progress)
+    options = dict(batch_size=batch_size, seq_len=seq_len, max_tokens=max_tokens, exclude_first=exclude_first,
+                   pad_id=pad_id, device=device, dtype=dtype, progress=progress)
+    probe = AblateRescue(**kwargs)
+    if probe.uses_corpus_mean:
+        probe.fit_corpus_mean(model, tokens, **options)
+    return run_probes(model, probe, tokens, **options)

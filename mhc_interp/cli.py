@@ -12,8 +12,12 @@ M is a hub id, a folder or a .pt file; by default the demo model shipped in the 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
+import signal
 import sys
+import threading
+import warnings
 from importlib import resources
 from pathlib import Path
 from typing import List, Optional
@@ -68,14 +72,34 @@ def load(name: Optional[str], device: str = "cpu", dtype: str = "float32") -> Ho
 
 
 def cmd_check(args) -> int:
+    """Exit 1 on non-finite weights or logits, or logits off the shipped reference; a damaged
+    archive or a bad config fails in the loader with its own message."""
+    from .loading import CheckpointError, nonfinite_tensors
+
     path = resolve_model_path(args.model or PARITY_MODEL)
-    model = HookedMHC.from_pretrained(path, device=args.device, dtype=getattr(torch, args.dtype))
+    with warnings.catch_warnings():   # the non-finite weights are reported below, once
+        warnings.filterwarnings("ignore", message=".*non-finite weights")
+        model = HookedMHC.from_pretrained(path, device=args.device, dtype=getattr(torch, args.dtype))
     print(model.summary())
+    bad = nonfinite_tensors(model.named_parameters())
+    if bad:
+        print(f"FAILED: non-finite weights (NaN or inf) in {len(bad)} tensors: {', '.join(bad[:8])}"
+              f"{'...' if len(bad) > 8 else ''}")
+        return 1
     ref_path = Path(path) / "reference_logits.pt"
     if not ref_path.is_file():
-        print(f"no reference logits shipped with {path}; nothing to compare")
-        return 0
-    ref = torch.load(ref_path, map_location="cpu")
+        tokens = torch.arange(min(8, model.cfg.n_ctx), device=model.device)[None] % model.cfg.d_vocab
+        with torch.no_grad():
+            finite = bool(torch.isfinite(model(tokens)).all())
+        print(f"no reference logits shipped with {path}: checked only that the logits are finite -> "
+              f"{'OK' if finite else 'FAILED (NaN or inf logits)'}")
+        return 0 if finite else 1
+    try:
+        ref = torch.load(ref_path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - a crafted or damaged file: refuse, never execute it
+        raise CheckpointError(f"{ref_path}: not a loadable reference-logits file ({type(e).__name__})") from None
+    if not isinstance(ref, dict) or not {"tokens", "logits"} <= set(ref):
+        raise CheckpointError(f"{ref_path}: expected {{'tokens': ..., 'logits': ...}}")
     with torch.no_grad():
         logits = model(ref["tokens"].to(model.device)).float().cpu()
     err = (logits - ref["logits"]).abs().max().item()
@@ -109,12 +133,22 @@ def _report_config(args):
     return cfg
 
 
+def corpus_paths(args) -> List[Path]:
+    """--corpus FILES, or the shipped corpus when the flag is absent (an empty --corpus is an error)."""
+    if args.corpus is None:
+        return default_corpus()
+    if not args.corpus:
+        raise ValueError("--corpus was given no files: name text files or folders, or leave the flag out "
+                         "for the shipped corpus")
+    return [Path(c) for c in args.corpus]
+
+
 def cmd_report(args) -> int:
     from .report import build_report
 
     model = load(args.model, args.device, args.dtype)
-    corpus = [Path(c) for c in args.corpus] if args.corpus else default_corpus()
-    index = build_report(model, Path(args.out), corpus, _report_config(args), model_name=str(args.model or "demo model"))
+    index = build_report(model, Path(args.out), corpus_paths(args), _report_config(args),
+                         model_name=str(args.model or "demo model"), force=args.force)
     print(f"report written to {index}")
     return 0
 
@@ -131,8 +165,7 @@ def cmd_probe(args) -> int:
         raise SystemExit(f"mhc-interp: unknown probe {args.name!r}; valid probes: {', '.join(sorted(PROBES))}")
     model = load(args.model, args.device, args.dtype)
     cfg = _report_config(args)
-    corpus = [Path(c) for c in args.corpus] if args.corpus else default_corpus()
-    tokens = corpus_tokens(model, read_texts(corpus) if corpus else [], cfg)
+    tokens = corpus_tokens(model, read_texts(corpus_paths(args)), cfg)
     probe = PROBES[args.name]()
     if args.name == "activation_patching":
         clean, corrupted, _ = patching_prompts(model, tokens, cfg)
@@ -151,11 +184,27 @@ def cmd_probe(args) -> int:
     return 0
 
 
+TRAIN_OUTPUTS = ("config.json", "model.safetensors", "train_log.json")
+
+
+def check_train_out(out: Path, force: bool) -> None:
+    """Refuse to train into a folder that already holds a model (it would be overwritten)."""
+    from .loading import TOKENIZER_FILES
+
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} exists and is a file")
+    taken = [n for n in (*TRAIN_OUTPUTS, *TOKENIZER_FILES) if (out / n).exists()]
+    if taken and not force:
+        raise ValueError(f"--out {out} already holds {', '.join(taken)}: training would overwrite them; "
+                         f"choose a new folder or pass --force")
+
+
 def cmd_train(args) -> int:
     from .config import MHCConfig
     from .data import encode_texts, read_texts, split_stream, train_bpe_tokenizer
     from .train import TrainConfig, train
 
+    check_train_out(Path(args.out), args.force)
     texts = read_texts(args.texts)
     tokenizer = train_bpe_tokenizer(texts, vocab_size=args.vocab)
     train_ids, val_ids = split_stream(encode_texts(tokenizer, texts), args.val_fraction)
@@ -182,8 +231,10 @@ def main(argv: Optional[List[str]] = None) -> int:
         p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16", "float64"])
 
     def corpus_opts(p):
-        p.add_argument("--corpus", nargs="*", default=None, help="text files (default: shipped Hamlet excerpt)")
-        p.add_argument("--max-tokens", type=int, default=None, help="tokens to run the probes on (default 16384; --fast 1024)")
+        p.add_argument("--corpus", nargs="*", default=None, help="UTF-8 text files or folders of *.txt "
+                       "(default: shipped Hamlet excerpt)")
+        p.add_argument("--max-tokens", type=positive_int, default=None,
+                       help="tokens to run the probes on (default 16384; --fast 1024)")
         p.add_argument("--fast", action="store_true", help="a small run (tests, smoke checks)")
         p.add_argument("--quiet", action="store_true", help="no progress bars")
 
@@ -191,6 +242,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     common(report)
     corpus_opts(report)
     report.add_argument("--out", default="mhc-report")
+    report.add_argument("--force", action="store_true", help="write into --out even if it holds other files "
+                        "(files with the report's names are overwritten, the others stay)")
     probe = sub.add_parser("probe", help="run one probe")
     probe.add_argument("name", nargs="?")
     probe.add_argument("--list", action="store_true")
@@ -200,16 +253,17 @@ def main(argv: Optional[List[str]] = None) -> int:
     train = sub.add_parser("train", help="train a small mHC model on text files")
     train.add_argument("--texts", nargs="+", required=True)
     train.add_argument("--out", required=True)
-    train.add_argument("--steps", type=int, default=1000)
+    train.add_argument("--force", action="store_true", help="overwrite a model already in --out")
+    train.add_argument("--steps", type=positive_int, default=1000)
     train.add_argument("--hyper-conn-type", default="mhc")
-    train.add_argument("--n-streams", type=int, default=4)
+    train.add_argument("--n-streams", type=positive_int, default=4)
     train.add_argument("--lss-init", type=float, default=None)
-    train.add_argument("--n-layers", type=int, default=4)
-    train.add_argument("--n-heads", type=int, default=4)
-    train.add_argument("--d-model", type=int, default=128)
-    train.add_argument("--seq-len", type=int, default=128)
-    train.add_argument("--batch-size", type=int, default=32)
-    train.add_argument("--vocab", type=int, default=2048)
+    train.add_argument("--n-layers", type=positive_int, default=4)
+    train.add_argument("--n-heads", type=positive_int, default=4)
+    train.add_argument("--d-model", type=positive_int, default=128)
+    train.add_argument("--seq-len", type=positive_int, default=128)
+    train.add_argument("--batch-size", type=positive_int, default=32)
+    train.add_argument("--vocab", type=positive_int, default=2048)
     train.add_argument("--lr", type=float, default=3e-3)
     train.add_argument("--val-fraction", type=float, default=0.05)
     train.add_argument("--seed", type=int, default=0)
@@ -227,14 +281,50 @@ def main(argv: Optional[List[str]] = None) -> int:
     commands = {"check": cmd_check, "hooks": cmd_hooks, "report": cmd_report, "probe": cmd_probe, "train": cmd_train}
     from .config import ConfigError
     from .loading import CheckpointError
+    from .output_folder import OutputFolderError
 
     check_device(args.device)
+    with interrupts_as_keyboard_interrupt():
+        try:
+            return commands[args.command](args)
+        except KeyboardInterrupt:   # Ctrl-C or SIGTERM: partial output is removed on the way out
+            if os.environ.get("MHC_INTERP_TRACEBACK"):
+                raise
+            print("mhc-interp: interrupted", file=sys.stderr)
+            return 130
+        except (CheckpointError, ConfigError, OutputFolderError, FileNotFoundError, ValueError) as e:  # bad input
+            if os.environ.get("MHC_INTERP_TRACEBACK"):
+                raise
+            raise SystemExit(f"mhc-interp: {e}\n(MHC_INTERP_TRACEBACK=1 shows where it came from)") from None
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1."""
     try:
-        return commands[args.command](args)
-    except (CheckpointError, ConfigError, FileNotFoundError, ValueError) as e:  # bad input: the message
-        if os.environ.get("MHC_INTERP_TRACEBACK"):
-            raise
-        raise SystemExit(f"mhc-interp: {e}\n(MHC_INTERP_TRACEBACK=1 shows where it came from)") from None
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+@contextlib.contextmanager
+def interrupts_as_keyboard_interrupt():
+    """SIGTERM handled like Ctrl-C (KeyboardInterrupt), so `finally` blocks clean up; the previous
+    handler comes back afterwards. Only in the main thread (where signal handlers can be set)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":

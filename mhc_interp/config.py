@@ -6,6 +6,7 @@ training code (a nanoGPT fork) calls the same things `n_layer`, `n_embd`, `block
 """
 from __future__ import annotations
 
+import math
 import warnings
 from dataclasses import asdict, dataclass, fields
 from typing import Any, Optional
@@ -16,6 +17,9 @@ PUBLIC_SINKHORN_ITERS = 20   # the public code's Sinkhorn iterations (not in its
 # model_args keys understood besides the required shapes: the public code's GPTConfig fields, and
 # sinkhorn_iters (forks that vary it; written only when it differs from PUBLIC_SINKHORN_ITERS)
 NANOGPT_OPTIONAL_ARGS = ("hyper_conn_type", "hyper_conn_n", "bias", "dropout", "expand_lss_init", "sinkhorn_iters")
+MAX_SINKHORN_ITERS = 1000   # every forward runs them per sublayer: 10**9 would hang, not fail
+MAX_STREAMS = 16
+MAX_PERMUTATION_STREAMS = 8  # mhc_lite mixes all n! permutations: 8! = 40320 weights per token
 
 
 class ConfigError(ValueError):
@@ -40,6 +44,18 @@ class MHCConfig:
     tokenizer_name: Optional[str] = None  # e.g. "gpt2"
 
     def __post_init__(self) -> None:
+        """Check every field's type and range, so a hostile or careless config fails here with
+        the field's name - not in the allocator, in a division, or by hanging in Sinkhorn."""
+        for name in ("n_layers", "n_heads", "d_model", "n_ctx", "d_vocab", "n_streams", "sinkhorn_iters"):
+            _check_int(name, getattr(self, name), minimum=1)
+        for name in ("bias", "tie_embeddings"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"{name} must be true or false, got {getattr(self, name)!r}")
+        _check_float("layer_norm_eps", self.layer_norm_eps, positive=True)
+        if self.lss_init is not None:
+            _check_float("lss_init", self.lss_init)
+        if self.tokenizer_name is not None and not isinstance(self.tokenizer_name, str):
+            raise ConfigError(f"tokenizer_name must be a string, got {self.tokenizer_name!r}")
         if self.hyper_conn_type not in HYPER_CONN_TYPES:
             raise ConfigError(
                 f"unknown hyper_conn_type {self.hyper_conn_type!r}; "
@@ -51,8 +67,14 @@ class MHCConfig:
             raise ConfigError(
                 f"hyper_conn_type 'none' is a plain residual and needs n_streams=1, got {self.n_streams}"
             )
-        if self.n_streams < 1:
-            raise ConfigError(f"n_streams must be >= 1, got {self.n_streams}")
+        if self.n_streams > MAX_STREAMS:
+            raise ConfigError(f"n_streams={self.n_streams} is more than {MAX_STREAMS} streams")
+        if self.hyper_conn_type.startswith("mhc_lite") and self.n_streams > MAX_PERMUTATION_STREAMS:
+            raise ConfigError(f"{self.hyper_conn_type} mixes all n! permutations: n_streams={self.n_streams} "
+                              f"is more than {MAX_PERMUTATION_STREAMS}")
+        if self.sinkhorn_iters > MAX_SINKHORN_ITERS:
+            raise ConfigError(f"sinkhorn_iters={self.sinkhorn_iters} is more than {MAX_SINKHORN_ITERS} "
+                              f"(the public code uses {PUBLIC_SINKHORN_ITERS})")
         if self.d_model % self.n_heads:
             raise ConfigError(f"d_model={self.d_model} is not divisible by n_heads={self.n_heads}")
         if self.attn_impl not in ("auto", "eager"):
@@ -77,6 +99,8 @@ class MHCConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "MHCConfig":
+        if not isinstance(d, dict):
+            raise ConfigError(f"a config must be a JSON object of fields, got {type(d).__name__}")
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(d) - known)
         if unknown:
@@ -86,6 +110,8 @@ class MHCConfig:
     @classmethod
     def from_nanogpt_args(cls, args: dict[str, Any]) -> "MHCConfig":
         """Build from the `model_args` dict of the public mHC code (nanoGPT `GPTConfig`)."""
+        if not isinstance(args, dict):
+            raise ConfigError(f"model_args must be a dict, got {type(args).__name__}")
         required = ("n_layer", "n_head", "n_embd", "block_size", "vocab_size")
         missing = [k for k in required if k not in args]
         if missing:
@@ -99,18 +125,19 @@ class MHCConfig:
         lss_init = args.get("expand_lss_init")
         if hc_type == "mhc_lite_lss" and lss_init is None:
             lss_init = DEFAULT_LSS_INIT
+        if hc_type == "none":   # the public code builds 'none' as a plain residual whatever hyper_conn_n says
+            _check_int("hyper_conn_n", args.get("hyper_conn_n", 1), minimum=1)
         return cls(
-            n_layers=int(args["n_layer"]),
-            n_heads=int(args["n_head"]),
-            d_model=int(args["n_embd"]),
-            n_ctx=int(args["block_size"]),
-            d_vocab=int(args["vocab_size"]),
-            # the public code builds 'none' as a plain residual whatever hyper_conn_n says
-            n_streams=1 if hc_type == "none" else int(args.get("hyper_conn_n", 1)),
+            n_layers=_check_int("n_layer", args["n_layer"], minimum=1),
+            n_heads=_check_int("n_head", args["n_head"], minimum=1),
+            d_model=_check_int("n_embd", args["n_embd"], minimum=1),
+            n_ctx=_check_int("block_size", args["block_size"], minimum=1),
+            d_vocab=_check_int("vocab_size", args["vocab_size"], minimum=1),
+            n_streams=1 if hc_type == "none" else _check_int("hyper_conn_n", args.get("hyper_conn_n", 1), minimum=1),
             hyper_conn_type=hc_type,
-            bias=bool(args.get("bias", True)),
+            bias=args.get("bias", True),
             lss_init=lss_init if hc_type == "mhc_lite_lss" else None,
-            sinkhorn_iters=int(args.get("sinkhorn_iters", PUBLIC_SINKHORN_ITERS)),
+            sinkhorn_iters=_check_int("sinkhorn_iters", args.get("sinkhorn_iters", PUBLIC_SINKHORN_ITERS), minimum=1),
         )
 
     def to_nanogpt_args(self) -> dict[str, Any]:
@@ -121,3 +148,21 @@ class MHCConfig:
             expand_lss_init=self.lss_init,
             **({} if self.sinkhorn_iters == PUBLIC_SINKHORN_ITERS else {"sinkhorn_iters": self.sinkhorn_iters}),
         )
+
+
+def _check_int(name: str, value: Any, minimum: int) -> int:
+    """`value` if it is an integer >= minimum (a bool or a string is not: JSON's "12" or true are
+    mistakes, not sizes); a ConfigError naming the field otherwise."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ConfigError(f"{name} must be an integer, got {value!r} ({type(value).__name__})")
+    if value < minimum:
+        raise ConfigError(f"{name} must be >= {minimum}, got {value}")
+    return value
+
+
+def _check_float(name: str, value: Any, positive: bool = False) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ConfigError(f"{name} must be a finite number, got {value!r}")
+    if positive and value <= 0:
+        raise ConfigError(f"{name} must be > 0, got {value}")
+    return value

@@ -13,7 +13,9 @@ PathLike = Union[str, Path]
 
 
 def read_texts(paths: Sequence[PathLike]) -> List[str]:
-    """The contents of text files; a folder stands for its *.txt files (sorted)."""
+    """The contents of UTF-8 text files; a folder stands for its *.txt files (sorted). A file that
+    is not text (a NUL byte, or bytes that are not UTF-8) is refused with its name: read with
+    replacement characters it would give a report on garbage."""
     files: List[Path] = []
     for p in map(Path, paths):
         if p.is_dir():
@@ -24,7 +26,19 @@ def read_texts(paths: Sequence[PathLike]) -> List[str]:
             raise FileNotFoundError(f"corpus path {p} does not exist")
     if not files:
         raise FileNotFoundError(f"no text files under {[str(p) for p in paths]}")
-    return [f.read_text(encoding="utf-8", errors="replace") for f in files]
+    return [read_text_file(f) for f in files]
+
+
+def read_text_file(path: Path) -> str:
+    data = path.read_bytes()
+    if b"\x00" in data:
+        raise ValueError(f"corpus file {path} is not text (it holds NUL bytes at offset {data.index(0)}): "
+                         f"pass UTF-8 text files")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"corpus file {path} is not UTF-8 text (byte {data[e.start]:#04x} at offset {e.start}): "
+                         f"convert it to UTF-8 (e.g. iconv -t utf-8)") from None
 
 
 def train_bpe_tokenizer(texts: Iterable[str], vocab_size: int = 2048, min_frequency: int = 2):

@@ -1,6 +1,8 @@
 """Which device a run may use: one check, shared by the command line and the benchmarks."""
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 
 
@@ -27,3 +29,15 @@ def resolve_device(name: str) -> torch.device:
         if backend is None or not backend.is_available():
             raise DeviceError(f"device {name!r} is not available on this machine")
     return device
+
+
+def available_memory_bytes() -> Optional[int]:
+    """Memory the OS can give this process now (Linux `MemAvailable`), or None where unknown."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None

@@ -15,13 +15,16 @@ import json
 import logging
 import os
 import re
+import warnings
+import zipfile
 from pathlib import Path
 from typing import Any, Dict, Optional, Tuple
 
 import torch
 from torch import Tensor
 
-from .config import MHCConfig
+from .config import ConfigError, MHCConfig
+from .device import available_memory_bytes
 
 log = logging.getLogger(__name__)
 FORMAT_KEY = "mhc_interp_format"
@@ -134,9 +137,16 @@ def hooked_state_dict_to_nanogpt(sd: Dict[str, Tensor], cfg: MHCConfig) -> Dict[
 
 # ------------------------------------------------------------------------- building a model
 def build_model(cls, cfg: MHCConfig, state_dict: Dict[str, Tensor], source: str, tokenizer=None):
-    """Instantiate `cls(cfg)` and load `state_dict` strictly, with errors that name the keys."""
-    model = cls(cfg, tokenizer=tokenizer)
-    expected = model.state_dict()
+    """Instantiate `cls(cfg)` and load `state_dict` strictly, with errors that name the keys.
+
+    The weights are checked against the config before anything is allocated: the layer count, then
+    every key and shape against a model built on the meta device (no memory, no init), then the
+    model's bytes against the memory this machine has free. Non-finite weights load with a warning
+    that names them."""
+    layers = {int(m.group(1)) for k in state_dict if (m := re.match(r"blocks\.(\d+)\.", k))}
+    if layers and max(layers) + 1 != cfg.n_layers:
+        raise CheckpointError(f"{source}: the config says {cfg.n_layers} layers but the weights hold {max(layers) + 1}")
+    expected, n_elements = _meta_shapes(cls, cfg)
     missing = sorted(set(expected) - set(state_dict))
     unexpected = sorted(set(state_dict) - set(expected))
     if missing or unexpected:
@@ -146,24 +156,81 @@ def build_model(cls, cfg: MHCConfig, state_dict: Dict[str, Tensor], source: str,
             f"missing keys {missing[:8]}{'...' if len(missing) > 8 else ''}, "
             f"unexpected keys {unexpected[:8]}{'...' if len(unexpected) > 8 else ''}"
         )
-    wrong = [f"{k}: {tuple(v.shape)} vs expected {tuple(expected[k].shape)}"
-             for k, v in state_dict.items() if v.shape != expected[k].shape]
+    wrong = [f"{k}: {tuple(v.shape)} vs expected {expected[k]}"
+             for k, v in state_dict.items() if tuple(v.shape) != expected[k]]
     if wrong:
         raise CheckpointError(f"{source}: tensor shapes do not match the config: {wrong[:8]}")
+    _check_fits_in_memory(n_elements, source)
+    bad = nonfinite_tensors(state_dict)
+    if bad:
+        warnings.warn(f"{source}: non-finite weights (NaN or inf) in {bad[:8]}{'...' if len(bad) > 8 else ''}: "
+                      f"every output of this model will be wrong", stacklevel=3)
+    model = cls(cfg, tokenizer=tokenizer)
     model.load_state_dict({k: v.float() for k, v in state_dict.items()}, strict=True)
     return model.eval()
 
 
+def _meta_shapes(cls, cfg: MHCConfig) -> Tuple[Dict[str, Tuple[int, ...]], int]:
+    """({key: shape} of `cls(cfg)`'s state dict, elements of all its tensors), from a model built
+    on the meta device (nothing allocated or initialised); the global RNG is left as it was."""
+    with torch.random.fork_rng(devices=[]), torch.device("meta"):
+        model = cls(cfg)
+    n_elements = sum(t.numel() for t in (*model.parameters(), *model.buffers()))
+    return {k: tuple(v.shape) for k, v in model.state_dict().items()}, n_elements
+
+
+def _check_fits_in_memory(n_elements: int, source: str) -> None:
+    """Refuse, with the numbers, a model whose float32 tensors exceed this machine's free memory."""
+    need = 4 * n_elements
+    free = available_memory_bytes()
+    if free is not None and need > free:
+        raise CheckpointError(f"{source}: the model needs {need / 2**30:.2f} GiB in float32 but this machine has "
+                              f"{free / 2**30:.2f} GiB of memory available")
+
+
+def nonfinite_tensors(tensors) -> list:
+    """Names of the floating-point tensors (a state dict, or `model.named_parameters()`) holding
+    a NaN or an infinity."""
+    items = tensors.items() if isinstance(tensors, dict) else tensors
+    return [k for k, v in items if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+
+
+def _config(parse, raw, source) -> MHCConfig:
+    """`parse(raw)` with a ConfigError that names the file it came from."""
+    try:
+        return parse(raw)
+    except ConfigError as e:
+        raise ConfigError(f"{source}: {e}") from None
+
+
 def _from_nanogpt(cls, model_args: Dict[str, Any], sd: Dict[str, Tensor], source: str, tokenizer):
-    cfg = MHCConfig.from_nanogpt_args(model_args)
+    cfg = _config(MHCConfig.from_nanogpt_args, model_args, source)
     ours, tied = nanogpt_state_dict_to_hooked(sd)
     cfg.tie_embeddings = tied
     return build_model(cls, cfg, ours, source, tokenizer)
 
 
-def load_nanogpt_checkpoint(cls, path: Path, tokenizer=None):
+def verify_archive(path: Path) -> bool:
+    """Check the CRC-32 of every member of a zip-format torch checkpoint (torch does not: a file
+    with flipped bytes loads and runs). Reads the file once. False for the legacy non-zip format,
+    which carries no checksums; a CheckpointError naming the damaged member otherwise."""
+    if not zipfile.is_zipfile(path):
+        return False
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        with zipfile.ZipFile(path) as archive:
+            damaged = archive.testzip()
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError) as e:
+        raise CheckpointError(f"{path}: damaged checkpoint archive ({e}): download or copy it again") from e
+    if damaged is not None:
+        raise CheckpointError(f"{path}: damaged checkpoint: the checksum of {damaged!r} does not match its data "
+                              f"(corrupted on disk or in transfer): download or copy it again")
+    return True
+
+
+def load_nanogpt_checkpoint(cls, path: Path, tokenizer=None):
+    zipped = verify_archive(path)
+    try:   # mmap: the tensors are read from the file as they are copied, not loaded twice
+        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=zipped)
     except Exception as e:  # noqa: BLE001 - any unpickling failure means a bad file
         raise CheckpointError(f"{path}: not a loadable torch checkpoint ({e})") from e
     if not isinstance(ckpt, dict) or "model" not in ckpt or "model_args" not in ckpt:
@@ -176,9 +243,24 @@ def load_nanogpt_checkpoint(cls, path: Path, tokenizer=None):
 
 
 def _read_safetensors(path: Path) -> Dict[str, Tensor]:
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    return load_file(str(path))
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError) as e:
+        raise CheckpointError(f"{path}: not a readable safetensors file, truncated or damaged ({e})") from e
+
+
+def read_json(path: Path) -> Dict[str, Any]:
+    """A JSON object from `path`, or a CheckpointError naming the file and the fault."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path}: not valid JSON ({e})") from e
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path}: expected a JSON object, found {type(data).__name__}")
+    return data
 
 
 def load_folder(cls, folder: Path, tokenizer=None, filename: Optional[str] = None):
@@ -190,9 +272,11 @@ def load_folder(cls, folder: Path, tokenizer=None, filename: Optional[str] = Non
         return load_nanogpt_checkpoint(cls, target, tokenizer)
     config_path, weights = folder / "config.json", folder / "model.safetensors"
     if config_path.is_file() and weights.is_file():
-        config = json.loads(config_path.read_text())
+        config = read_json(config_path)
         if FORMAT_KEY in config:
-            cfg = MHCConfig.from_dict(config["config"])
+            if "config" not in config:
+                raise CheckpointError(f"{config_path}: has {FORMAT_KEY!r} but no 'config' entry; keys {sorted(config)}")
+            cfg = _config(MHCConfig.from_dict, config["config"], config_path)
             return build_model(cls, cfg, _read_safetensors(weights), str(folder), tokenizer)
         return _from_nanogpt(cls, config, _read_safetensors(weights), str(folder), tokenizer)
     candidates = sorted(p.name for p in folder.iterdir() if p.suffix in WEIGHT_SUFFIXES)

@@ -10,7 +10,6 @@ from __future__ import annotations
 import html
 import json
 import shutil
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,6 +19,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from . import output_folder
 from .data import read_texts
 from .probes import (CKA, AblateRescue, ActivationPatching, CrossStreamPredictability, Curvature,
                      HeadDetector, LogitLens, ProbeResult, StreamUsage, SymmetricReplacement, run_probes)
@@ -119,45 +119,32 @@ def _result_path(folder: Path, result: ProbeResult) -> Path:
 
 
 def build_report(model, out: Path, corpus: Optional[Sequence[Path]] = None,
-                 cfg: Optional[ReportConfig] = None, model_name: str = "") -> Path:
-    """Run the probes and write the report folder `out` (atomically replaced); returns its index."""
+                 cfg: Optional[ReportConfig] = None, model_name: str = "", force: bool = False) -> Path:
+    """Run the probes and write the report folder `out`; returns its index.
+
+    `out` is built under a hidden partial folder and put in place when complete
+    (`output_folder.commit`). A folder that holds anything but an earlier, unchanged report is
+    refused before any work unless `force`; even then only the report's own files are replaced."""
     cfg = cfg or ReportConfig()
     out = Path(out).expanduser().resolve()
-    check_report_folder(out)
+    output_folder.check(out, force)
     texts = read_texts(corpus) if corpus else []
     tokens = corpus_tokens(model, texts, cfg)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    tmp = output_folder.staging_folder(out)
     try:
         sections = _run_all(model, tokens, tmp, cfg)
-        notes = [f"model: {html.escape(model_name)} - {html.escape(model.summary())}",
+        notes = [f"model: {model_name} - {model.summary()}",
                  f"corpus: {_corpus_note(model, corpus)}; "
                  f"{tokens.numel():,} tokens in {tokens.shape[0]} windows of {tokens.shape[1]}",
                  f"written {time.strftime('%Y-%m-%d %H:%M:%S')}"]
         (tmp / "index.html").write_text(render_html(sections, notes))
         (tmp / "report.json").write_text(json.dumps({"notes": notes, "sections": sections}, indent=1))
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
+        output_folder.check(out, force)   # again: files may have appeared while the probes ran
+        output_folder.commit(tmp, out)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     return out / "index.html"
-
-
-REPORT_MARKERS = ("index.html", "report.json")
-
-
-def check_report_folder(out: Path) -> None:
-    """`out` is replaced by the new report: allowed only if it does not exist, is empty, or holds
-    an earlier report (both marker files) - never a folder of other files."""
-    if not out.exists():
-        return
-    if not out.is_dir():
-        raise ValueError(f"report folder {out} exists and is a file")
-    if any(out.iterdir()) and not all((out / m).is_file() for m in REPORT_MARKERS):
-        raise ValueError(f"report folder {out} exists and holds other files (no earlier report in it): "
-                         f"it would be replaced; choose a new folder")
 
 
 def _corpus_note(model, corpus: Optional[Sequence[Path]]) -> str:
@@ -252,26 +239,27 @@ def render_html(sections: List[Dict], notes: List[str]) -> str:
              "figure{margin:1em 0}img{max-width:100%}figcaption{color:#444;font-size:0.9em}"
              "table{border-collapse:collapse;margin:0.5em 0}td,th{border:1px solid #bbb;padding:2px 8px;"
              "text-align:right}</style></head><body><h1>mhc-interp report</h1><ul>"]
-    parts += [f"<li>{n}</li>" for n in notes]
+    esc = html.escape   # every string that reaches the page: names of files, models and hooks included
+    parts += [f"<li>{esc(n)}</li>" for n in notes]
     parts.append("</ul>")
     for s_i, sec in enumerate(sections):
-        parts.append(f"<h2>{html.escape(sec['title'])}</h2>")
+        parts.append(f"<h2>{esc(sec['title'])}</h2>")
         if sec.get("note"):
-            parts.append(f"<p>{html.escape(sec['note'])}</p>")
+            parts.append(f"<p>{esc(sec['note'])}</p>")
         for fig in sec["figures"]:
-            parts.append(f"<figure><img src='{fig['src']}' alt='{html.escape(fig['name'])}'>"
-                         f"<figcaption>{html.escape(fig['caption'])}</figcaption></figure>")
+            parts.append(f"<figure><img src='{esc(fig['src'])}' alt='{esc(fig['name'])}'>"
+                         f"<figcaption>{esc(fig['caption'])}</figcaption></figure>")
         if sec.get("layer_figures"):
-            opts = "".join(f"<option value='{f['src']}'>{html.escape(f['label'])}</option>" for f in sec["layer_figures"])
-            first = sec["layer_figures"][0]["src"]
+            opts = "".join(f"<option value='{esc(f['src'])}'>{esc(f['label'])}</option>" for f in sec["layer_figures"])
+            first = esc(sec["layer_figures"][0]["src"])
             parts.append(f"<p>Per sublayer: <select id='layer-select-{s_i}' onchange=\"document.getElementById("
                          f"'layer-img-{s_i}').src=this.value\">{opts}</select></p>"
                          f"<figure><img id='layer-img-{s_i}' src='{first}' alt='per-sublayer figure'></figure>")
         for table in sec["tables"]:
-            parts.append(f"<table><caption>{html.escape(table['title'])}</caption><tr><th></th>"
-                         + "".join(f"<th>{h}</th>" for h in table["header"]) + "</tr>")
+            parts.append(f"<table><caption>{esc(table['title'])}</caption><tr><th></th>"
+                         + "".join(f"<th>{esc(h)}</th>" for h in table["header"]) + "</tr>")
             for i, row in enumerate(table["rows"]):
-                parts.append(f"<tr><th>{i}</th>" + "".join(f"<td>{c}</td>" for c in row) + "</tr>")
+                parts.append(f"<tr><th>{i}</th>" + "".join(f"<td>{esc(c)}</td>" for c in row) + "</tr>")
             parts.append("</table>")
     parts.append("</body></html>")
     return "\n".join(parts)

@@ -21,7 +21,7 @@ def one_thread():
 
 @pytest.fixture(scope="session")
 def tokens():
-    return torch.load(FIXTURES / "tokens.pt")
+    return torch.load(FIXTURES / "tokens.pt", weights_only=True)
 
 
 def tiny_config(hyper_conn_type="mhc", n_streams=4, **kw) -> MHCConfig:

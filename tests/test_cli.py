@@ -4,7 +4,7 @@ import json
 import pytest
 import torch
 
-from mhc_interp import HookedMHC, report
+from mhc_interp import HookedMHC, output_folder, report
 from mhc_interp.cli import asset, main
 
 
@@ -25,18 +25,21 @@ def test_report_writes_a_complete_folder(tmp_path):
     assert json.loads((out / "report.json").read_text())["sections"]
 
 
-def test_interrupted_report_leaves_nothing_to_trust(tmp_path, monkeypatch):
+def test_interrupted_report_leaves_nothing_to_trust(tmp_path, monkeypatch, capsys):
+    """Ctrl-C mid-report: one line on stderr, exit 130, the earlier complete report untouched and
+    no partial folder left behind."""
     out = tmp_path / "rep"
-    out.mkdir()
-    (out / "index.html").write_text("old report")
-    (out / "report.json").write_text("{}")
+    staged = tmp_path / "staged"
+    staged.mkdir()
+    (staged / "index.html").write_text("old report")
+    output_folder.commit(staged, out)
 
     def boom(*args, **kwargs):
         raise KeyboardInterrupt
 
     monkeypatch.setattr(report, "render_html", boom)
-    with pytest.raises(KeyboardInterrupt):
-        main(["report", "--model", "tiny-mhc-n4", "--fast", "--quiet", "--out", str(out)])
+    assert main(["report", "--model", "tiny-mhc-n4", "--fast", "--quiet", "--out", str(out)]) == 130
+    assert capsys.readouterr().err.strip() == "mhc-interp: interrupted"
     assert (out / "index.html").read_text() == "old report"   # the previous complete report stays
     assert [p.name for p in tmp_path.iterdir()] == ["rep"]     # no partial folder left behind
 
@@ -49,7 +52,7 @@ def test_report_never_replaces_a_folder_of_other_files(tmp_path, monkeypatch):
     (mine / "important.txt").write_text("data")
     for out in (str(mine), "."):
         monkeypatch.chdir(mine)
-        with pytest.raises(SystemExit, match="holds other files"):
+        with pytest.raises(SystemExit, match="holds files this program did not write.*important.txt"):
             main(["report", "--model", "tiny-mhc-n4", "--fast", "--quiet", "--out", out])
     assert (mine / "important.txt").read_text() == "data"
 

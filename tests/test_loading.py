@@ -48,7 +48,7 @@ def test_untied_unembedding_is_kept(tmp_path, tokens):
 def test_dtype_and_device(tokens):
     model = HookedMHC.from_pretrained(FIXTURES / "mhc_n4.pt", device="cpu", dtype=torch.bfloat16)
     assert model.dtype == torch.bfloat16
-    ref = torch.load(FIXTURES / "mhc_n4.logits.pt")
+    ref = torch.load(FIXTURES / "mhc_n4.logits.pt", weights_only=True)
     with torch.no_grad():
         logits = model(tokens).float()
     assert (logits - ref).abs().max() < 0.25 * ref.abs().max()
@@ -71,13 +71,13 @@ def test_hub_id_through_local_hf_cache(tmp_path, tokens):
     folder = FIXTURES / "hub_layout_mhc_lite_n4"
     _fake_hf_cache(tmp_path, "someone/mhc-tiny", [folder / "config.json", folder / "model.safetensors"])
     model = HookedMHC.from_pretrained("someone/mhc-tiny", cache_dir=str(tmp_path), local_files_only=True)
-    assert (model(tokens) - torch.load(folder / "logits.pt")).abs().max() <= 1e-4
+    assert (model(tokens) - torch.load(folder / "logits.pt", weights_only=True)).abs().max() <= 1e-4
 
 
 def test_hub_repo_with_single_pt_file(tmp_path, tokens):
     _fake_hf_cache(tmp_path, "wgpeng/mhc-tiny", [FIXTURES / "mhc_n4.pt"])
     model = HookedMHC.from_pretrained("wgpeng/mhc-tiny", cache_dir=str(tmp_path), local_files_only=True)
-    assert (model(tokens) - torch.load(FIXTURES / "mhc_n4.logits.pt")).abs().max() <= 1e-4
+    assert (model(tokens) - torch.load(FIXTURES / "mhc_n4.logits.pt", weights_only=True)).abs().max() <= 1e-4
 
 
 def test_hub_unreachable_is_a_clear_error(tmp_path):

@@ -33,7 +33,7 @@ def test_decomposition_sums_to_logits_on_reference_checkpoints(name, tokens):
     assert contributions.shape == (*tokens.shape, model.cfg.n_streams, model.cfg.d_vocab)
     assert torch.equal(logits, model(tokens))
     assert (contributions.sum(-2) - logits).abs().max() <= 1e-5
-    reference = torch.load(FIXTURES / f"{name}.logits.pt")       # the public code's logits
+    reference = torch.load(FIXTURES / f"{name}.logits.pt", weights_only=True)       # the public code's logits
     assert (contributions.sum(-2) - reference).abs().max() <= 1e-4
     # the lens of the last site's stream sum is the final distribution; so is the probe's
     lens = logit_lens(model, tokens[:1], k=3)

@@ -11,7 +11,7 @@ from .conftest import FIXTURES, REFERENCE_NAMES
 @pytest.mark.parametrize("name", REFERENCE_NAMES)
 def test_logits_match_public_code(name, tokens):
     model = HookedMHC.from_pretrained(FIXTURES / f"{name}.pt")
-    reference = torch.load(FIXTURES / f"{name}.logits.pt")
+    reference = torch.load(FIXTURES / f"{name}.logits.pt", weights_only=True)
     with torch.no_grad():
         logits = model(tokens)
     assert logits.shape == reference.shape
@@ -23,7 +23,7 @@ def test_hub_layout_folder_matches(tokens):
     model = HookedMHC.from_pretrained(folder)
     with torch.no_grad():
         logits = model(tokens)
-    assert (logits - torch.load(folder / "logits.pt")).abs().max().item() <= 1e-4
+    assert (logits - torch.load(folder / "logits.pt", weights_only=True)).abs().max().item() <= 1e-4
 
 
 @pytest.mark.parametrize("name", REFERENCE_NAMES)

@@ -52,10 +52,19 @@ sync_api = pytest.importorskip(
            "is not needed; the test drives the system chromium)")
 
 
+# a corpus file whose name is markup: it reaches the page (as an unused corpus: tiny-mhc-n4 has no
+# tokenizer) and must show as text, not run
+HOSTILE_NAME = "<img src=x onerror=\"document.title='pwned'\">.txt"
+
+
 @pytest.fixture(scope="module")
 def report_dir(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("report") / "report"
-    assert main(["report", "--model", "tiny-mhc-n4", "--fast", "--quiet", "--out", str(out)]) == 0
+    base = tmp_path_factory.mktemp("report")
+    corpus = base / HOSTILE_NAME
+    corpus.write_text("To be, or not to be, that is the question. " * 50)
+    out = base / "report"
+    assert main(["report", "--model", "tiny-mhc-n4", "--fast", "--quiet", "--out", str(out),
+                 "--corpus", str(corpus)]) == 0
     return out
 
 
@@ -158,6 +167,15 @@ def test_page_loads_without_errors_and_every_image_resolves(loaded, report_json,
     assert not broken, f"images that did not load: {broken}"
     hidden = [images[k]["src"] for k in range(len(images)) if not page.locator("img").nth(k).is_visible()]
     assert not hidden, f"images not shown: {hidden}"
+    assert loaded.problems == []
+
+
+def test_names_from_the_user_show_as_text_and_never_run(loaded):
+    page = loaded.page
+    assert page.title() == "mhc-interp report"                     # the onerror handler never ran
+    assert page.locator("img[src='x']").count() == 0
+    notes = page.locator("li").all_inner_texts()
+    assert any(HOSTILE_NAME in n for n in notes), notes
     assert loaded.problems == []
 
 

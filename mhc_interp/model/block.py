@@ -14,9 +14,10 @@ class TransformerBlock(nn.Module):
 
     def __init__(self, cfg: MHCConfig):
         super().__init__()
-        # The public code's static mixing init favours one random stream per sublayer.
-        self.attn = AttentionSublayer(cfg, init_stream=int(torch.randint(cfg.n_streams, ())))
-        self.mlp = MLPSublayer(cfg, init_stream=int(torch.randint(cfg.n_streams, ())))
+        # The public code's static mixing init favours one random stream per sublayer (drawn on the
+        # CPU generator, also when the model is built on another device, e.g. "meta")
+        self.attn = AttentionSublayer(cfg, init_stream=int(torch.randint(cfg.n_streams, (), device="cpu")))
+        self.mlp = MLPSublayer(cfg, init_stream=int(torch.randint(cfg.n_streams, (), device="cpu")))
 
     def forward(self, x: Tensor) -> Tensor:
         return self.mlp(self.attn(x))

@@ -23,6 +23,8 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from ..data import read_text_file
+
 from ..hooks.names import check_hook_names
 from .base import Probe, ProbeResult
 from .causal import CausalProbe
@@ -78,7 +80,7 @@ def iter_batches(model, source, batch_size: int, seq_len: Optional[int] = None,
         missing = [str(p) for p in source if not Path(p).is_file()]
         if missing:
             raise FileNotFoundError(f"token source: not files: {missing[:5]}")
-        rows = (w for p in source for w in _windows(_tokenize(model, Path(p).read_text()), seq_len))
+        rows = (w for p in source for w in _windows(_tokenize(model, read_text_file(Path(p))), seq_len))
     else:
         raise TypeError(
             f"unsupported token source {type(source).__name__}: use a token tensor, a "
@@ -138,6 +140,9 @@ def run_probes(model, probes: Union[Probe, Sequence[Probe]], source, *, batch_si
         (rows past it dropped, the rest of its last row masked). device / dtype: move the model first.
     """
     check_exclude_first(exclude_first)
+    for name, value in (("batch_size", batch_size), ("max_tokens", max_tokens), ("seq_len", seq_len)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise ValueError(f"{name} must be a positive int, got {value!r}")
     single = isinstance(probes, Probe)
     probes = [probes] if single else list(probes)
     if len({p.name for p in probes}) != len(probes):

@@ -292,7 +292,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                 raise
             print("mhc-interp: interrupted", file=sys.stderr)
             return 130
-        except (CheckpointError, ConfigError, OutputFolderError, FileNotFoundError, ValueError) as e:  # bad input
+        except (CheckpointError, ConfigError, OutputFolderError, FileNotFoundError, FloatingPointError, ValueError) as e:  # bad input
             if os.environ.get("MHC_INTERP_TRACEBACK"):
                 raise
             raise SystemExit(f"mhc-interp: {e}\n(MHC_INTERP_TRACEBACK=1 shows where it came from)") from None

@@ -27,3 +27,12 @@ def test_python_examples_run(tmp_path):
     ns = runpy.run_path(str(script))
     assert not torch.equal(ns["ablated"], ns["clean"])
     assert not torch.allclose(ns["patched"], ns["clean"])
+
+
+def test_every_test_the_reliability_table_names_exists():
+    root = Path(__file__).parent.parent
+    named = re.findall(r"`(tests/\w+\.py)::(\w+)`", (root / "docs" / "reliability.md").read_text())
+    assert len(named) >= 20
+    missing = [f"{f}::{t}" for f, t in named
+               if not (root / f).is_file() or not re.search(rf"^def {t}\(", (root / f).read_text(), flags=re.M)]
+    assert not missing, f"docs/reliability.md names tests that do not exist: {missing}"

@@ -143,7 +143,7 @@ def run_edits(model, edits: Sequence[Edit], base_states: Mapping[int, Tensor], m
               ablation_values: Optional[Mapping[int, Tensor]] = None,
               frozen: Optional[Mapping[str, Tensor]] = None, source_is_base: bool = False,
               max_rows: Optional[int] = None, progress: Optional[Callable[[int], None]] = None) -> Tensor:
-    """Run every edit; returns the metric per edit and prompt [n_edits, batch] (float32).
+    """Run every edit; returns the metric per edit and prompt [n_edits, batch] (float32; float64 for a float64 model).
 
     base_states[s]: state entering sublayer s in the run being edited [B, pos, n, d] (needed
         for every edit's start sublayer).
@@ -195,7 +195,8 @@ def run_edits(model, edits: Sequence[Edit], base_states: Mapping[int, Tensor], m
                 values.update({e: out[r] for r, e in enumerate(chunk)})
                 if progress is not None:
                     progress(len(chunk))
-    return torch.stack([values[e] for e in edits]).float()
+    out = torch.stack([values[e] for e in edits])                  # [n_edits, batch]
+    return out.to(torch.promote_types(out.dtype, torch.float32))   # a float64 model's scores stay float64
 
 
 def _run_chunk(model, state: Tensor, start: int, k: int, hooks) -> Tensor:

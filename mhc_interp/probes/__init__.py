@@ -11,6 +11,7 @@ from .runner import iter_batches, run_probes
 from .cka import CKA, CKAResult, center_gram, cka_from_hsic, gram_linear, gram_rbf, hsic_matrix
 from .corruption import DEFAULT_WORD_GROUPS, SymmetricReplacement
 from .causal import CausalProbe
+from .corpus_mean import CorpusMean, corpus_mean
 from .patching import ActivationPatching, PatchingResult, activation_patching
 from .attribution import AttributionPatching, AttributionResult, attribution_patching
 from .rescue import AblateRescue, RescueResult, ablate_and_rescue
@@ -28,7 +29,7 @@ from .stream_usage import StreamUsage, StreamUsageResult
 __all__ = ["PROBES", "Probe", "ProbeResult", "get_probe", "register_probe", "register_result",
            "require_streams", "iter_batches", "run_probes", "StreamUsage", "StreamUsageResult",
            "Curvature", "CurvatureResult", "sequence_curvatures", "step_angles",
-           "CKA", "CKAResult", "CausalProbe", "ActivationPatching", "PatchingResult",
+           "CKA", "CKAResult", "CausalProbe", "CorpusMean", "corpus_mean", "ActivationPatching", "PatchingResult",
            "activation_patching", "AttributionPatching", "AttributionResult", "attribution_patching", "AblateRescue", "RescueResult", "ablate_and_rescue",
            "SymmetricReplacement", "DEFAULT_WORD_GROUPS",
            "HeadDetector", "HeadScores", "detect_heads", "repeated_random_tokens", "successor_scores",

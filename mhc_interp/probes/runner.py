@@ -27,7 +27,7 @@ from ..data import read_text_file
 
 from ..hooks.names import check_hook_names
 from .base import Probe, ProbeResult
-from .causal import CausalProbe
+from .causal import CausalProbe, position_mask
 
 Batch = Tuple[Tensor, Tensor]  # tokens [batch, pos], valid [batch, pos] (False = padding)
 
@@ -166,9 +166,7 @@ def run_probes(model, probes: Union[Probe, Sequence[Probe]], source, *, batch_si
                     break
                 tokens, valid = within_budget(tokens, valid, max_tokens - seen)
             tokens = tokens.to(model.device)
-            mask = valid.clone()
-            mask[:, :exclude_first] = False
-            mask = mask.to(model.device)
+            mask = position_mask(valid, exclude_first).to(model.device)
             if observers:
                 acts: Dict[str, Tensor] = {}
 

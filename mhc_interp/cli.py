@@ -18,65 +18,36 @@ import signal
 import sys
 import threading
 import warnings
-from importlib import resources
 from pathlib import Path
 from typing import List, Optional
 
-import torch
+from . import __version__
+from .shipped import (DEMO_MODEL, PARITY_MODEL, asset, default_corpus, default_model_path,  # noqa: F401
+                      load, resolve_model_path)
 
-from .device import DeviceError, resolve_device
-from .model import HookedMHC
-
-DEMO_MODEL = "demo-mhc"          # trained on Shakespeare by examples/train_demo_model.py
-PARITY_MODEL = "tiny-mhc-n4"     # written by the public mHC code, with its logits
-
-
-def asset(name: str) -> Path:
-    return Path(str(resources.files("mhc_interp") / "assets" / name))
-
-
-def default_model_path() -> Path:
-    """The embedded default: the demo model if shipped, else the tiny parity checkpoint."""
-    return asset(DEMO_MODEL) if (asset(DEMO_MODEL) / "config.json").is_file() else asset(PARITY_MODEL)
-
-
-def default_corpus() -> List[Path]:
-    return sorted(asset("corpus").glob("*.txt"))
-
-
-def resolve_model_path(name: Optional[str]):
-    """A shipped model's name, a local path (takes precedence: `./demo-mhc` or `demo-mhc` that
-    exists here is that folder), or a hub id (returned as is)."""
-    if name is None:
-        return default_model_path()
-    path = Path(name).expanduser()
-    if path.exists():
-        return path
-    if name in (DEMO_MODEL, PARITY_MODEL):
-        return asset(name)
-    if name.startswith((".", "/", "~")) or name.endswith((".pt", ".pth")):
-        raise SystemExit(f"mhc-interp: model path {name!r} does not exist")
-    return name
+# torch, the model and the probes are imported inside the commands: --help, --version and argument
+# errors answer without them
 
 
 def check_device(name: str) -> None:
     """Refuse a device this machine cannot run on, before any work."""
+    from .device import DeviceError, resolve_device
+
     try:
         resolve_device(name)
     except DeviceError as e:
         raise SystemExit(f"mhc-interp: {e}") from None
 
 
-def load(name: Optional[str], device: str = "cpu", dtype: str = "float32") -> HookedMHC:
-    return HookedMHC.from_pretrained(resolve_model_path(name), device=device, dtype=getattr(torch, dtype))
-
-
 def cmd_check(args) -> int:
     """Exit 1 on non-finite weights or logits, or logits off the shipped reference; a damaged
     archive or a bad config fails in the loader with its own message."""
-    from .loading import CheckpointError, nonfinite_tensors
+    import torch
 
-    path = resolve_model_path(args.model or PARITY_MODEL)
+    from .loading import CheckpointError, nonfinite_tensors
+    from .model import HookedMHC
+
+    path = resolve_model_path(args.model)
     with warnings.catch_warnings():   # the non-finite weights are reported below, once
         warnings.filterwarnings("ignore", message=".*non-finite weights")
         model = HookedMHC.from_pretrained(path, device=args.device, dtype=getattr(torch, args.dtype))
@@ -92,7 +63,8 @@ def cmd_check(args) -> int:
         with torch.no_grad():
             finite = bool(torch.isfinite(model(tokens)).all())
         print(f"no reference logits shipped with {path}: checked only that the logits are finite -> "
-              f"{'OK' if finite else 'FAILED (NaN or inf logits)'}")
+              f"{'OK' if finite else 'FAILED (NaN or inf logits)'} ({PARITY_MODEL} ships the public mHC code's "
+              f"logits: mhc-interp check --model {PARITY_MODEL})")
         return 0 if finite else 1
     try:
         ref = torch.load(ref_path, map_location="cpu", weights_only=True)
@@ -203,6 +175,9 @@ def cmd_train(args) -> int:
     from .config import MHCConfig
     from .data import encode_texts, read_texts, split_stream, train_bpe_tokenizer
     from .train import TrainConfig, train
+    import torch
+
+    from .model import HookedMHC
 
     check_train_out(Path(args.out), args.force)
     texts = read_texts(args.texts)
@@ -223,6 +198,7 @@ def cmd_train(args) -> int:
 def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="mhc-interp", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"mhc-interp {__version__}")
     sub = parser.add_subparsers(dest="command")
 
     def common(p, default_model="the shipped demo model"):
@@ -269,13 +245,13 @@ def main(argv: Optional[List[str]] = None) -> int:
     train.add_argument("--seed", type=int, default=0)
     train.add_argument("--device", default="cpu")
     check = sub.add_parser("check", help="summary + logits check against shipped reference logits")
-    common(check, default_model=f"{PARITY_MODEL}, which ships reference logits")
+    common(check)
     check.add_argument("--tol", type=float, default=1e-4)
     hooks = sub.add_parser("hooks", help="list hook points and shapes")
     common(hooks)
     hooks.add_argument("--markdown", action="store_true")
     argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or (argv[0].startswith("-") and argv[0] not in ("-h", "--help")):
+    if not argv or (argv[0].startswith("-") and argv[0] not in ("-h", "--help", "--version")):
         argv = ["report", *argv]
     args = parser.parse_args(argv)
     commands = {"check": cmd_check, "hooks": cmd_hooks, "report": cmd_report, "probe": cmd_probe, "train": cmd_train}

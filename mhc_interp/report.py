@@ -21,6 +21,7 @@ from torch import Tensor
 
 from . import output_folder
 from .data import read_texts
+from .timing import PhaseTimer
 from .probes import (CKA, AblateRescue, ActivationPatching, CrossStreamPredictability, Curvature,
                      HeadDetector, LogitLens, ProbeResult, StreamUsage, SymmetricReplacement, run_probes)
 
@@ -126,19 +127,24 @@ def build_report(model, out: Path, corpus: Optional[Sequence[Path]] = None,
     (`output_folder.commit`). A folder that holds anything but an earlier, unchanged report is
     refused before any work unless `force`; even then only the report's own files are replaced."""
     cfg = cfg or ReportConfig()
+    timer = PhaseTimer()
     out = Path(out).expanduser().resolve()
     output_folder.check(out, force)
-    texts = read_texts(corpus) if corpus else []
-    tokens = corpus_tokens(model, texts, cfg)
+    with timer("corpus: read and tokenize"):
+        texts = read_texts(corpus) if corpus else []
+        tokens = corpus_tokens(model, texts, cfg)
     tmp = output_folder.staging_folder(out)
     try:
-        sections = _run_all(model, tokens, tmp, cfg)
+        sections = _run_all(model, tokens, tmp, cfg, timer)
         notes = [f"model: {model_name} - {model.summary()}",
                  f"corpus: {_corpus_note(model, corpus)}; "
                  f"{tokens.numel():,} tokens in {tokens.shape[0]} windows of {tokens.shape[1]}",
                  f"written {time.strftime('%Y-%m-%d %H:%M:%S')}"]
-        (tmp / "index.html").write_text(render_html(sections, notes))
-        (tmp / "report.json").write_text(json.dumps({"notes": notes, "sections": sections}, indent=1))
+        with timer("page (index.html, report.json)"):
+            timings = [{"phase": p, "seconds": round(sec, 3), "share": round(f, 4)} for p, sec, f in timer.rows()]
+            (tmp / "index.html").write_text(render_html(sections, notes, timings))
+            (tmp / "report.json").write_text(json.dumps({"notes": notes, "sections": sections, "timings": timings},
+                                                        indent=1))
         output_folder.check(out, force)   # again: files may have appeared while the probes ran
         output_folder.commit(tmp, out)
     finally:
@@ -161,7 +167,16 @@ def _figures(result: ProbeResult, folder: Path) -> List[Dict[str, str]]:
              "caption": CAPTIONS.get(f"{result.probe}/{p.stem}", CAPTIONS.get(p.stem, ""))} for p in paths]
 
 
-def _run_all(model, tokens: Tensor, folder: Path, cfg: ReportConfig) -> List[Dict]:
+def _section(result: ProbeResult, folder: Path, timer: PhaseTimer, title: str, **extra) -> Dict:
+    """Save the result and its figures (each timed) -> the page section that shows them."""
+    with timer(f"{result.probe}: save results"):
+        _result_path(folder, result)
+    with timer(f"{result.probe}: figures"):
+        figures = _figures(result, folder)
+    return {"title": title, "figures": figures, "tables": [], **extra}
+
+
+def _run_all(model, tokens: Tensor, folder: Path, cfg: ReportConfig, timer: PhaseTimer) -> List[Dict]:
     sections: List[Dict] = []
     multi = model.cfg.n_streams > 1
     observational = [Curvature(), LogitLens()]
@@ -169,37 +184,35 @@ def _run_all(model, tokens: Tensor, folder: Path, cfg: ReportConfig) -> List[Dic
         observational = [StreamUsage(), CKA(minibatch_tokens=cfg.cka_minibatch),
                          CrossStreamPredictability(max_tokens=cfg.predictability_tokens)] + observational
     results = run_probes(model, [p for p in observational if p.name not in cfg.skip], tokens,
-                         batch_size=cfg.batch_size, progress=cfg.progress)
+                         batch_size=cfg.batch_size, progress=cfg.progress, timer=timer)
     for name, result in results.items():
-        _result_path(folder, result)
-        section = {"title": name.replace("_", " "), "figures": _figures(result, folder), "tables": []}
+        section = _section(result, folder, timer, name.replace("_", " "))
         if name == "stream_usage":
-            section["layer_figures"] = _per_sublayer_h_res(result, folder)
+            with timer("stream_usage: figures"):
+                section["layer_figures"] = _per_sublayer_h_res(result, folder)
         if name == "cka":
             section["tables"].append(_matrix_table("CKA between streams, last sublayer", result.intra(-1)))
         sections.append(section)
     if "head_detector" not in cfg.skip:
         # per-head ablations (copy suppression) cost a forward per head: a smaller token budget
         heads = run_probes(model, HeadDetector(), tokens[: 2 * cfg.causal_prompts, : cfg.causal_seq_len],
-                           batch_size=cfg.causal_prompts, progress=cfg.progress)
-        _result_path(folder, heads)
-        sections.append({"title": "attention heads", "figures": _figures(heads, folder), "tables": []})
+                           batch_size=cfg.causal_prompts, progress=cfg.progress, timer=timer)
+        sections.append(_section(heads, folder, timer, "attention heads"))
     if multi and "ablate_rescue" not in cfg.skip:
         rescue = run_probes(model, AblateRescue(), tokens[: cfg.causal_prompts, : cfg.causal_seq_len],
-                            batch_size=cfg.causal_prompts, progress=cfg.progress)
-        _result_path(folder, rescue)
-        sections.append({"title": "ablation and rescue", "figures": _figures(rescue, folder),
-                         "tables": [_matrix_table("global rescue % (rows: ablated, columns: recovered)",
-                                                  100 * rescue["global_rescue"], diagonal="-")]})
+                            batch_size=cfg.causal_prompts, progress=cfg.progress, timer=timer)
+        sections.append(_section(rescue, folder, timer, "ablation and rescue", tables=[
+            _matrix_table("global rescue % (rows: ablated, columns: recovered)", 100 * rescue["global_rescue"],
+                          diagonal="-")]))
     if "activation_patching" not in cfg.skip:
         clean, corrupted, how = patching_prompts(model, tokens, cfg)
         probe = ActivationPatching(mixing="both" if multi else "recomputed")
-        probe.setup(model)
-        probe.patch(model, clean.to(model.device), corrupted.to(model.device))
-        patching = probe.result()
-        _result_path(folder, patching)
-        sections.append({"title": "activation patching", "note": f"corruption: {how}",
-                         "figures": _figures(patching, folder), "tables": []})
+        with timer("activation_patching: interventions"):
+            probe.setup(model)
+            probe.patch(model, clean.to(model.device), corrupted.to(model.device))
+        with timer("activation_patching: result"):
+            patching = probe.result()
+        sections.append(_section(patching, folder, timer, "activation patching", note=f"corruption: {how}"))
     return sections
 
 
@@ -231,9 +244,9 @@ def _matrix_table(title: str, m: np.ndarray, diagonal: Optional[str] = None) -> 
     return {"title": title, "header": [str(j) for j in range(len(rows))], "rows": rows}
 
 
-def render_html(sections: List[Dict], notes: List[str]) -> str:
-    """A self-contained page (no external resources): figures with captions, tables, and a layer
-    selector for per-sublayer figures."""
+def render_html(sections: List[Dict], notes: List[str], timings: Sequence[Dict] = ()) -> str:
+    """A self-contained page (no external resources): figures with captions, tables, a layer
+    selector for per-sublayer figures, and a footer table of where the run's time went."""
     parts = ["<!doctype html><html><head><meta charset='utf-8'><title>mhc-interp report</title>",
              "<style>body{font-family:sans-serif;max-width:1100px;margin:auto;padding:1em}"
              "figure{margin:1em 0}img{max-width:100%}figcaption{color:#444;font-size:0.9em}"
@@ -261,5 +274,12 @@ def render_html(sections: List[Dict], notes: List[str]) -> str:
             for i, row in enumerate(table["rows"]):
                 parts.append(f"<tr><th>{i}</th>" + "".join(f"<td>{esc(c)}</td>" for c in row) + "</tr>")
             parts.append("</table>")
+    if timings:
+        parts.append("<footer><h2 id='timings'>Where the time went</h2><table><caption>wall time per phase "
+                     "(the page itself is written after this table)</caption><tr><th>phase</th><th>seconds</th>"
+                     "<th>share</th></tr>")
+        parts += [f"<tr><td style='text-align:left'>{esc(t['phase'])}</td><td>{t['seconds']:.2f}</td>"
+                  f"<td>{100 * t['share']:.1f}%</td></tr>" for t in timings]
+        parts.append("</table></footer>")
     parts.append("</body></html>")
     return "\n".join(parts)

@@ -22,7 +22,14 @@ def test_report_writes_a_complete_folder(tmp_path):
     results = {p.stem for p in (out / "results").glob("*.json")}
     assert results == {"stream_usage", "cka", "curvature", "ablate_rescue", "activation_patching",
                        "logit_lens", "head_detector", "predictability"}
-    assert json.loads((out / "report.json").read_text())["sections"]
+    written = json.loads((out / "report.json").read_text())
+    assert written["sections"]
+    timings = {t["phase"]: t["seconds"] for t in written["timings"]}
+    for probe in results:   # every probe's work and figures are timed, and the phases add up to the whole
+        assert any(p.startswith(f"{probe}: ") for p in timings) and timings.get(f"{probe}: figures", 0) > 0, probe
+    assert "forward (shared by the observational probes)" in timings and min(timings.values()) >= 0
+    assert abs(sum(t["share"] for t in written["timings"]) - 1) < 0.01
+    assert "Where the time went" in page
 
 
 def test_interrupted_report_leaves_nothing_to_trust(tmp_path, monkeypatch, capsys):

@@ -181,7 +181,7 @@ def test_names_from_the_user_show_as_text_and_never_run(loaded):
 
 def test_figures_have_their_captions_and_sections_their_headings(loaded, report_json):
     page = loaded.page
-    assert page.locator("h2").all_inner_texts() == [s["title"] for s in report_json["sections"]]
+    assert page.locator("h2").all_inner_texts() == [s["title"] for s in report_json["sections"]] + ["Where the time went"]
     captions = page.eval_on_selector_all(
         "figure:has(> figcaption)", "fs => fs.map(f => [f.querySelector('img').getAttribute('src'), "
                                     "f.querySelector('figcaption').textContent])")
@@ -193,7 +193,7 @@ def test_figures_have_their_captions_and_sections_their_headings(loaded, report_
 
 def test_tables_render(loaded, report_json):
     page = loaded.page
-    tables = page.eval_on_selector_all("table", """ts => ts.map(t => ({
+    tables = page.eval_on_selector_all("table:not(footer table)", """ts => ts.map(t => ({
         caption: t.caption ? t.caption.textContent : null,
         rows: Array.from(t.rows).map(r => Array.from(r.cells).map(c => c.textContent)),
         height: t.getBoundingClientRect().height}))""")
@@ -211,6 +211,12 @@ def test_tables_render(loaded, report_json):
         assert [r[1:] for r in table["rows"][1:]] == exp["rows"]
         assert table["height"] > 0
     assert loaded.problems == []
+
+
+def test_footer_says_where_the_time_went(loaded, report_json):
+    rows = loaded.page.eval_on_selector_all("footer table tr", "rs => rs.map(r => Array.from(r.cells).map(c => c.textContent))")
+    assert rows[0] == ["phase", "seconds", "share"]
+    assert [r[0] for r in rows[1:]] == [t["phase"] for t in report_json["timings"]]
 
 
 def test_layer_selector_swaps_the_figure(loaded, report_json):

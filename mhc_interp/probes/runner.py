@@ -24,6 +24,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from ..data import read_text_file
+from ..timing import PhaseTimer, maybe
 
 from ..hooks.names import check_hook_names
 from .base import Probe, ProbeResult
@@ -132,12 +133,14 @@ def _last_sublayer_needed(model, names: Iterable[str]) -> Optional[int]:
 def run_probes(model, probes: Union[Probe, Sequence[Probe]], source, *, batch_size: int = 8,
                seq_len: Optional[int] = None, max_tokens: Optional[int] = None,
                exclude_first: int = 1, pad_id: int = 0, device=None, dtype=None,
-               progress: bool = True) -> Dict[str, ProbeResult]:
+               progress: bool = True, timer: Optional[PhaseTimer] = None) -> Dict[str, ProbeResult]:
     """Run `probes` over `source`; returns {probe.name: result}.
 
     exclude_first: positions [0, exclude_first) are masked out (BOS / position 0; 0 keeps all).
     max_tokens: run on exactly the first this many (unpadded) tokens: the last batch is cut to it
         (rows past it dropped, the rest of its last row masked). device / dtype: move the model first.
+    timer: a `PhaseTimer` charged with the shared forward, each probe's update / interventions
+        and each probe's result.
     """
     check_exclude_first(exclude_first)
     for name, value in (("batch_size", batch_size), ("max_tokens", max_tokens), ("seq_len", seq_len)):
@@ -173,23 +176,29 @@ def run_probes(model, probes: Union[Probe, Sequence[Probe]], source, *, batch_si
                 def save(act: Tensor, hook) -> None:
                     acts[hook.name] = act
 
-                with model.hooks(fwd_hooks=[(n, save) for n in names]):
+                with maybe(timer, "forward (shared by the observational probes)"), \
+                        model.hooks(fwd_hooks=[(n, save) for n in names]):
                     model(tokens, stop_at_sublayer=stop, return_type=None)
                 finite = torch.stack([torch.isfinite(a).all() for a in acts.values()]) if acts else torch.ones(1, dtype=torch.bool)
                 if not bool(finite.all()):  # one host-device sync per batch, not one per hook
                     bad = [n for n, ok in zip(acts, finite.tolist()) if not ok]
                     raise FloatingPointError(f"non-finite values (NaN/inf) in activation {bad[0]!r}")
                 for probe in observers:
-                    probe.update({n: acts[n] for n in wanted[probe.name]}, mask)
+                    with maybe(timer, f"{probe.name}: update"):
+                        probe.update({n: acts[n] for n in wanted[probe.name]}, mask)
             for probe in causal:
-                probe.intervene(model, tokens, mask)
+                with maybe(timer, f"{probe.name}: interventions"):
+                    probe.intervene(model, tokens, mask)
             n_tok = int(valid.sum())
             seen += n_tok
             bar.update(n_tok)
     bar.close()
     if seen == 0:
         raise ValueError("the token source yielded no tokens")
-    results = {p.name: p.result() for p in probes}
+    results = {}
+    for p in probes:
+        with maybe(timer, f"{p.name}: result"):
+            results[p.name] = p.result()
     for r in results.values():
         r.meta.setdefault("tokens_seen", seen)
     return results[probes[0].name] if single else results

@@ -99,21 +99,46 @@ def ref_cka_matrix(reps, kernel="linear", debiased=True, threshold=1.0):
     return np.array([[(a * b).sum() / (na * nb) for b, nb in zip(c, norms)] for a, na in zip(c, norms)])
 
 
-def ref_minibatch_cka(reps, minibatch, debiased=True):
-    """Nguyen et al. eq. 3: average HSIC over consecutive minibatches (leftover >= 4 kept), then
-    the ratio. reps: list of [N, p] arrays."""
-    N = reps[0].shape[0]
+def shuffled_minibatches(n_tok, minibatch, shuffle_tokens=None, seed=0):
+    """The probe's minibatches as lists of token indices (arrival order 0..n_tok-1), written out
+    from its documented procedure: a buffer of C = shuffle_tokens (default 8 minibatches) rows,
+    shuffled when full, C // (2 minibatch) minibatches taken from its front each time; at the
+    end the rest is shuffled (generator seed + 1) and split into ceil(rest / minibatch)
+    near-equal minibatches."""
+    C = shuffle_tokens or 8 * minibatch
+    g = torch.Generator().manual_seed(seed)
+    buf, out = [], []
+    for i in range(n_tok):
+        buf.append(i)
+        if len(buf) == C:
+            buf = [buf[p] for p in torch.randperm(C, generator=g).tolist()]
+            for _ in range(max(1, C // (2 * minibatch))):
+                out.append(buf[:minibatch])
+                buf = buf[minibatch:]
+    left = len(buf)
+    if left >= 4:
+        buf = [buf[p] for p in torch.randperm(left, generator=torch.Generator().manual_seed(seed + 1)).tolist()]
+        n_groups = min(-(-left // minibatch), left // 4)
+        sizes = [left // n_groups + (i < left % n_groups) for i in range(n_groups)]
+        for size in sizes:
+            out.append(buf[:size])
+            buf = buf[size:]
+    return out
+
+
+def ref_minibatch_cka(reps, batches, debiased=True):
+    """Nguyen et al. eq. 3: average HSIC over the minibatches `batches` (lists of token indices),
+    then the ratio. reps: list of [N, p] arrays."""
     hsic = ref_hsic_song if debiased else ref_hsic_biased
-    starts = [s for s in range(0, N, minibatch) if min(N, s + minibatch) - s >= 4]
     R = len(reps)
     M = np.zeros((R, R))
-    for s in starts:
-        grams = [ref_gram_linear(np.asarray(r[s:s + minibatch], dtype=np.float64)) for r in reps]
+    for idx in batches:
+        grams = [ref_gram_linear(np.asarray(r[idx], dtype=np.float64)) for r in reps]
         for i in range(R):
             for j in range(i, R):
                 M[i, j] += hsic(grams[i], grams[j])
                 M[j, i] = M[i, j]
-    M /= len(starts)
+    M /= len(batches)
     d = np.sqrt(np.diag(M))
     return M / np.outer(d, d)
 
@@ -272,25 +297,29 @@ def test_probe_equals_full_cache_reference(probe_setup):
     np.testing.assert_allclose(res["intra"][3], res.intra(3))
 
 
-@pytest.mark.parametrize("minibatch", [512, 7, 9])
-def test_probe_minibatches_match_reference_for_every_runner_split(probe_setup, minibatch):
-    """The runner's batch split must not change the answer; minibatches follow Nguyen eq. 3.
-    (The reference is cached with the same split: the float32 mHC mixer makes the forward itself
-    differ at ~1e-6 between batch shapes, which is not the probe's doing.)"""
+@pytest.mark.parametrize("minibatch,shuffle_tokens", [(512, None), (7, None), (9, 20)])
+def test_probe_minibatches_match_reference_for_every_runner_split(probe_setup, minibatch, shuffle_tokens):
+    """The runner's batch split must not change the answer; minibatches follow Nguyen eq. 3,
+    drawn from the documented token shuffle. (The reference is cached with the same split: the
+    float32 mHC mixer makes the forward itself differ at ~1e-6 between batch shapes, which is not
+    the probe's doing.)"""
     model, tokens = probe_setup
     sites = [f"blocks.{l}.mlp.hook_streams_out" for l in range(model.cfg.n_layers)]
-    n_tok = N_SEQ * (SEQ - 1)  # 110 = 15 * 7 + 5 = 12 * 9 + 2
+    n_tok = N_SEQ * (SEQ - 1)
+    batches = shuffled_minibatches(n_tok, minibatch, shuffle_tokens)
+    assert sorted(i for b in batches for i in b) == list(range(n_tok))   # every token, once
     for bs in [1, 2, 5]:
         reps = _reps_from_cache(model, tokens, sites, batch_size=bs)
         for debiased in [True, False]:
-            res = _run(model, tokens, bs, sites="layers", minibatch_tokens=minibatch, debiased=debiased)
-            np.testing.assert_allclose(res["cka"], ref_minibatch_cka(reps, minibatch, debiased),
+            res = _run(model, tokens, bs, sites="layers", minibatch_tokens=minibatch, debiased=debiased,
+                       shuffle_tokens=shuffle_tokens)
+            np.testing.assert_allclose(res["cka"], ref_minibatch_cka(reps, batches, debiased),
                                        atol=1e-10, rtol=0)
         assert res.meta["site_names"] == sites
-        kept = sum(min(n_tok, s + minibatch) - s >= 4 for s in range(0, n_tok, minibatch))
-        assert res.meta["n_minibatches"] == kept
-        assert res.meta["tokens_dropped"] == {512: 0, 7: 0, 9: 2}[minibatch]
-        assert res.meta["tokens_used"] == n_tok - res.meta["tokens_dropped"]
+        assert res.meta["n_minibatches"] == len(batches)
+        assert res.meta["tokens_dropped"] == 0 and res.meta["tokens_used"] == n_tok
+    if minibatch < n_tok:  # the minibatches mix sequences: none is a run of consecutive tokens
+        assert all(np.ptp(b) >= SEQ for b in batches)
 
 
 @pytest.mark.parametrize("minibatch", [512, 7])
@@ -347,10 +376,12 @@ def test_rbf_and_standardize_options(probe_setup):
 
 # ------------------------------------------------------------------------------ 4. bounded memory
 def _state_nbytes(obj):
+    """Bytes of the tensors an object holds, looking into the objects it holds (its buffer)."""
     total = 0
     for v in vars(obj).values():
         items = v.values() if isinstance(v, dict) else v if isinstance(v, (list, tuple)) else [v]
         total += sum(t.numel() * t.element_size() for t in items if isinstance(t, torch.Tensor))
+        total += sum(_state_nbytes(t) for t in items if hasattr(t, "__dict__") and not isinstance(t, torch.Tensor))
     return total
 
 
@@ -368,11 +399,13 @@ def test_state_size_constant():
         probe.update(acts, mask)
         if probe._n_minibatches >= 1:
             sizes.append(_state_nbytes(probe))
-    assert probe._n_minibatches == 60 * 27 // 64
+    # a buffer of 8 * 64 float32 rows, full at 512, 768, ..., 1536 tokens: 4 minibatches each time
+    assert probe._n_minibatches == 5 * 4
     R = len(names) * 4
     assert len(set(sizes)) == 1, sizes
-    assert sizes[0] == (64 * R * 16 + 2 * R * R) * 8
-    meta = probe.result().meta  # 1620 tokens = 25 * 64 + 20: the leftover 20 is a 26th minibatch
+    assert sizes[0] == 8 * 64 * R * 16 * 4 + 2 * R * R * 8
+    # the 1620 - 20 * 64 = 340 tokens left are flushed as 6 minibatches of 56-57
+    meta = probe.result().meta
     assert (meta["n_minibatches"], meta["tokens_used"], meta["tokens_dropped"]) == (26, 1620, 0)
     assert _state_nbytes(probe) == sizes[0]
 
@@ -387,11 +420,14 @@ def test_too_few_tokens_raises(probe_setup):
         CKA(minibatch_tokens=3)
 
 
-def test_dropped_leftover_recorded(probe_setup):
-    model, _ = probe_setup
-    tokens = torch.randint(0, 40, (2, 6))  # 10 tokens -> one minibatch of 8, 2 dropped
-    res = _run(model, tokens, 1, minibatch_tokens=8)
-    assert res.meta["tokens_dropped"] == 2 and res.meta["tokens_used"] == 8
+def test_every_token_is_used(probe_setup):
+    """The buffer is flushed at the end: 10 tokens with minibatches of 8 make two minibatches of
+    5 (arrival-order filling used 8 and dropped 2)."""
+    model, tokens = probe_setup
+    res = _run(model, tokens[:2, :6], 1, minibatch_tokens=8)
+    assert (res.meta["tokens_used"], res.meta["tokens_dropped"], res.meta["n_minibatches"]) == (10, 0, 2)
+    with pytest.raises(ValueError, match="shuffle_tokens must be >= 2 \\* minibatch_tokens = 16"):
+        CKA(minibatch_tokens=8, shuffle_tokens=15)
 
 
 def test_single_stream_model_rejected():

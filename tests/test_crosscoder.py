@@ -240,7 +240,7 @@ def test_buffer_holds_exactly_the_non_bos_site_activations(tiny):
     rows = buf.next_batch(10_000)                           # one pass: the last, partial batch
     n_tok = tokens.shape[0] * (tokens.shape[1] - 1)         # position 0 dropped
     assert rows.shape == (n_tok, 2, model.cfg.d_model) and rows.dtype == torch.float32
-    assert buf._storage.dtype == torch.bfloat16
+    assert buf.buffer.storage.dtype == torch.bfloat16
     with pytest.raises(StopIteration):
         buf.next_batch(4)
     _, cache = model.run_with_cache(tokens, names_filter=[h for h, _ in sites])
@@ -268,7 +268,7 @@ def test_buffer_refills_as_it_drains_with_bounded_memory(tiny):
     buf = ActivationBuffer(model, tokens, buffer_tokens=40, model_batch_size=2, batch_size=16)
     assert len(buf.sites) == 8 and buf.sites == default_sites(model)
     served = [buf.next_batch(16) for _ in range(60)]         # 960 rows > 3 passes of 264
-    assert buf._storage.shape == (40, 8, 16)                 # never grows
+    assert buf.buffer.storage.shape == (40, 8, 16)                 # never grows
     assert buf.tokens_served == 960 and buf.passes >= 3 and buf.refills > 10
     assert buf.tokens_read <= 960 + 40 + 2 * 11
     assert all(torch.isfinite(b).all() for b in served)

@@ -16,7 +16,20 @@ K = k(X), L = k(Y) their N x N Gram matrices, H = I - 11^T / N the centring matr
   matrices with N = 50, p = 2000 get ~0.97); debiased CKA stays near 0.
 * minibatch CKA (Nguyen, Raghu & Kornblith 2021, eq. 3): average HSIC over k minibatches first,
   then take the ratio: CKA_mb = mean_i HSIC(K_i, L_i) / sqrt(mean_i HSIC(K_i, K_i) mean_i HSIC(L_i, L_i)).
-  Unbiasedness of HSIC_1 makes this average consistent (the biased one is reported for comparison).
+  Each HSIC_1(K_i, L_i) is unbiased for the population HSIC only if minibatch i is a random
+  sample of tokens; then the average is consistent (the biased one is reported for comparison).
+  Consecutive tokens of one text are not independent, so minibatches filled in arrival order
+  (one or two windows each) are biased: on the demo model (Hamlet, 4k tokens, windows of 128)
+  their CKA deviates from the full-data debiased CKA by up to 0.023 at 256 tokens per minibatch,
+  against <= 0.01 with the shuffle below. The probe therefore draws minibatches from a bounded
+  token shuffle (`crosscoder_buffer.ShuffleBuffer`, the crosscoder's mechanism): tokens enter a
+  buffer of `shuffle_tokens` rows (default 8 minibatches) in arrival order; when it is full its
+  rows are shuffled and floor(shuffle_tokens / (2 minibatch_tokens)) minibatches are taken from
+  it, the other half stays and is mixed with the next tokens. At the end (`result()`) the U
+  tokens still in the buffer are shuffled and split into ceil(U / minibatch_tokens) minibatches
+  of near-equal size (at most `minibatch_tokens`, at least half of it once a minibatch was taken),
+  so every token is used; the minibatches are weighted equally. A corpus shorter than
+  `minibatch_tokens` is one minibatch (the exact full-data estimate).
 * kernels: linear k(x, y) = <x - mu, y - mu> (features centred over the tokens first: the Gram
   of centred features); RBF k(x, y) = exp(-|x - y|^2 / (2 sigma^2)) with Kornblith's median
   heuristic sigma^2 = threshold^2 * median of the N^2 squared pairwise distances (diagonal
@@ -24,7 +37,8 @@ K = k(X), L = k(Y) their N x N Gram matrices, H = I - 11^T / N the centring matr
 
 All HSIC values of R representations are computed together: the centred Grams are stacked and
 flattened into G in R^{R x N^2} and the [R, R] matrix is the single GEMM G G^T. Everything is
-float64 (no TF32 issue); memory per minibatch is about 2 * R * N^2 * 8 bytes.
+float64 (no TF32 issue); memory per minibatch is about 2 * R * N^2 * 8 bytes (N = minibatch_tokens)
+plus the shuffle buffer, shuffle_tokens * R * d_model * (bytes per activation element).
 
 CKA is invariant to orthogonal transforms and isotropic scaling of either representation, not to
 anisotropic scaling (outlier dimensions can dominate: `standardize=True` z-scores each feature
@@ -41,6 +55,7 @@ from torch import Tensor
 
 from .base import (Probe, ProbeResult, masked_rows, register_probe, register_result, require_streams,
                   stream_state_sites, take_rows)
+from .crosscoder_buffer import ShuffleBuffer
 
 __all__ = ["gram_linear", "gram_rbf", "center_gram", "hsic_matrix", "cka_from_hsic",
            "CKA", "CKAResult"]
@@ -194,37 +209,47 @@ def cka_from_hsic(M: Tensor) -> Tensor:
 class CKA(Probe):
     """Minibatch CKA between every (site, stream) pair (Nguyen, Raghu & Kornblith 2021).
 
-    Masked tokens are buffered in arrival order into minibatches of `minibatch_tokens` rows,
-    independently of the runner's batch split. For each full minibatch, the Gram matrix of
-    every representation (R = n_sites * n_streams, ordered site-major: r = site * n + stream)
-    is formed and the unbiased and biased HSIC matrices [R, R] are accumulated (sum + count).
-    `result()` also processes the leftover buffer if it holds >= 4 tokens (it counts as one
-    minibatch in the average), else drops it (`meta["tokens_dropped"]`). State: the buffer
-    [minibatch_tokens, R, d_model] + two [R, R] float64 matrices, whatever the corpus size.
+    Masked tokens go through a seeded shuffle buffer of `shuffle_tokens` rows (see the module
+    docstring), so each minibatch of `minibatch_tokens` rows is drawn from many sequences,
+    independently of the runner's batch split. For each minibatch, the Gram matrix of every
+    representation (R = n_sites * n_streams, ordered site-major: r = site * n + stream) is formed
+    and the unbiased and biased HSIC matrices [R, R] are accumulated (sum + count). `result()`
+    flushes the buffer into the last minibatches without changing the state (it is repeatable),
+    so every token is used (`meta["tokens_used"]`; `tokens_dropped` is 0). State: the buffer
+    [shuffle_tokens, R, d_model] in the activations' dtype + two [R, R] float64 matrices,
+    whatever the corpus size.
 
     sites: None = every sublayer's `hook_streams_out`; "layers" = `blocks.{l}.mlp.hook_streams_out`
         (one per block); or a list of stream-state hook names ([batch, pos, n_streams, d_model]).
     kernel: "linear" or "rbf" (median heuristic, `rbf_threshold` x the median distance).
     debiased: which estimator is the main `cka` array (both are always stored).
     standardize: z-score every feature within each minibatch (robustness to outlier dimensions).
+    shuffle_tokens: rows of the shuffle buffer (default 8 * minibatch_tokens; at least
+        2 * minibatch_tokens). seed: the shuffle's seed.
     """
 
     name = "cka"
 
     def __init__(self, sites: Union[None, str, Sequence[str]] = None, minibatch_tokens: int = 512,
                  kernel: str = "linear", rbf_threshold: float = 1.0, debiased: bool = True,
-                 standardize: bool = False):
+                 standardize: bool = False, shuffle_tokens: Optional[int] = None, seed: int = 0):
         if kernel not in ("linear", "rbf"):
             raise ValueError(f"kernel must be 'linear' or 'rbf', got {kernel!r}")
         if int(minibatch_tokens) < 4:
             raise ValueError(f"minibatch_tokens must be >= 4 (debiased CKA needs at least 4 "
                              f"tokens), got {minibatch_tokens}")
+        shuffle_tokens = 8 * int(minibatch_tokens) if shuffle_tokens is None else int(shuffle_tokens)
+        if shuffle_tokens < 2 * int(minibatch_tokens):
+            raise ValueError(f"shuffle_tokens must be >= 2 * minibatch_tokens = {2 * int(minibatch_tokens)} "
+                             f"(half the buffer stays to be mixed with later tokens), got {shuffle_tokens}")
         if rbf_threshold <= 0:
             raise ValueError(f"rbf_threshold must be > 0, got {rbf_threshold}")
         if isinstance(sites, str) and sites != "layers":
             raise ValueError(f"sites must be None, 'layers' or a list of hook names, got {sites!r}")
         self.sites = sites
         self.minibatch_tokens = int(minibatch_tokens)
+        self.shuffle_tokens = shuffle_tokens
+        self.seed = int(seed)
         self.kernel = kernel
         self.rbf_threshold = float(rbf_threshold)
         self.debiased = bool(debiased)
@@ -234,8 +259,7 @@ class CKA(Probe):
         self._reset_state()
 
     def _reset_state(self) -> None:
-        self._buffer: Optional[Tensor] = None  # [minibatch_tokens, R, d] float64
-        self._fill = 0
+        self._buffer = ShuffleBuffer(self.shuffle_tokens, seed=self.seed)  # rows [R, d]
         self._hsic_u: Optional[Tensor] = None  # [R, R] sums over minibatches
         self._hsic_b: Optional[Tensor] = None
         self._n_minibatches = 0
@@ -269,23 +293,20 @@ class CKA(Probe):
         if n != self._n_streams:
             raise ValueError(f"CKA: activations have {n} streams, the model {self._n_streams}")
         x = x.reshape(T, S * n, d)
-        if self._buffer is None:
-            self._buffer = torch.zeros(self.minibatch_tokens, S * n, d, dtype=torch.float64,
-                                       device=x.device)
+        buf, m = self._buffer, self.minibatch_tokens
+        per_fill = max(1, self.shuffle_tokens // (2 * m))   # minibatches taken per full buffer
         start = 0
         while start < T:
-            take = min(T - start, self.minibatch_tokens - self._fill)
-            self._buffer[self._fill:self._fill + take] = x[start:start + take]
-            self._fill += take
-            start += take
-            if self._fill == self.minibatch_tokens:
-                u, b = self._minibatch_hsic(self._buffer)
-                self._accumulate(u, b, self.minibatch_tokens)
-                self._fill = 0
+            start += buf.put(x[start:])
+            if buf.unread == buf.capacity:
+                buf.shuffle()
+                for _ in range(per_fill):
+                    u, b = self._minibatch_hsic(buf.take(m))
+                    self._accumulate(u, b, m)
 
     def _minibatch_hsic(self, X: Tensor) -> tuple:
-        """X [N, R, d] -> (unbiased HSIC [R, R], biased HSIC [R, R]) of this minibatch."""
-        X = X.transpose(0, 1)  # [R, N, d]
+        """X [N, R, d] -> (unbiased HSIC [R, R], biased HSIC [R, R]) of this minibatch (float64)."""
+        X = _f64(X).transpose(0, 1)  # [R, N, d]
         if self.standardize:
             X = _center_features(X)
             std = X.pow(2).mean(dim=-2, keepdim=True).sqrt()
@@ -302,20 +323,33 @@ class CKA(Probe):
         self._n_minibatches += 1
         self._tokens_used += n_tokens
 
+    def _flush_sizes(self, left: int) -> List[int]:
+        """Sizes of the last minibatches for the `left` tokens still in the buffer: ceil(left / m)
+        of near-equal size (fewer if that would leave one under 4 tokens); [] if left < 4."""
+        if left < 4:
+            return []
+        g = min(-(-left // self.minibatch_tokens), left // 4)
+        return [left // g + (1 if i < left % g else 0) for i in range(g)]
+
     def result(self) -> "CKAResult":
         if self._site_names is None:
             raise RuntimeError("CKA.result called before setup(model)")
         hu, hb = self._hsic_u, self._hsic_b
-        k, used, dropped = self._n_minibatches, self._tokens_used, 0
-        if self._fill >= 4:  # leftover minibatch (state is left untouched: result() is repeatable)
-            u, b = self._minibatch_hsic(self._buffer[:self._fill])
-            hu, hb = (u, b) if hu is None else (hu + u, hb + b)
-            k, used = k + 1, used + self._fill
-        else:
-            dropped = self._fill
+        k, used = self._n_minibatches, self._tokens_used
+        left = self._buffer.unread
+        sizes = self._flush_sizes(left)
+        if sizes:  # shuffle the rest with a generator of its own: the probe's state is untouched
+            rest = self._buffer.peek(left)
+            rest = rest[torch.randperm(left, generator=torch.Generator().manual_seed(self.seed + 1))
+                        .to(rest.device)]
+            for chunk in torch.split(rest, sizes):
+                u, b = self._minibatch_hsic(chunk)
+                hu, hb = (u, b) if hu is None else (hu + u, hb + b)
+            k, used = k + len(sizes), used + left
+        dropped = left - sum(sizes)
         if k == 0:
             raise ValueError(f"CKA needs at least 4 tokens (a minibatch; debiased CKA needs at "
-                             f"least 4 tokens), but only {self._fill} token(s) were seen after masking")
+                             f"least 4 tokens), but only {left} token(s) were seen after masking")
         hu, hb = hu / k, hb / k
         cka_u, cka_b = cka_from_hsic(hu), cka_from_hsic(hb)
         main = cka_u if self.debiased else cka_b
@@ -327,11 +361,12 @@ class CKA(Probe):
             hsic_debiased=hu, hsic_biased=hb).items()}
         meta = dict(site_names=list(self._site_names), n_streams=n, labels=labels,
                     n_minibatches=k, tokens_used=used, tokens_dropped=dropped,
-                    minibatch_tokens=self.minibatch_tokens, kernel=self.kernel,
+                    minibatch_tokens=self.minibatch_tokens, shuffle_tokens=self.shuffle_tokens,
+                    seed=self.seed, kernel=self.kernel,
                     rbf_threshold=self.rbf_threshold if self.kernel == "rbf" else None,
                     debiased=self.debiased, standardize=self.standardize,
                     estimator=("minibatch debiased (unbiased HSIC_1)" if self.debiased
-                               else "minibatch biased (HSIC_0)"))
+                               else "minibatch biased (HSIC_0)") + ", minibatches from a token shuffle")
         return CKAResult(probe=self.name, arrays=arrays, meta=meta)
 
 

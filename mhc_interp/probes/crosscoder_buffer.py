@@ -20,6 +20,9 @@ Two sources share one small interface (`ActivationSource`: `sites`, `n_sites`, `
   exhausted once (`loop=False`, then `next_batch` raises `StopIteration`).
 * `InMemoryActivations(x)`: a tensor [N, S, d] (or [N, n_layers, n_streams, d]) already in
   memory - synthetic data, or activations computed elsewhere - served in shuffled epochs.
+
+The mixing itself is `ShuffleBuffer` (rows pushed in arrival order, unread rows shuffled, batches
+read from the front), shared with the CKA probe, which draws its minibatches from it.
 """
 from __future__ import annotations
 
@@ -34,7 +37,7 @@ from .runner import _last_sublayer_needed, check_exclude_first, iter_batches
 from .base import STREAM_STATE_SUFFIXES, masked_rows, take_rows
 
 __all__ = ["Site", "STREAM_STATE_SUFFIXES", "resolve_sites", "default_sites", "grid_sites",
-           "site_label", "ActivationSource", "ActivationBuffer", "InMemoryActivations"]
+           "site_label", "ShuffleBuffer", "ActivationSource", "ActivationBuffer", "InMemoryActivations"]
 
 Site = Tuple[str, int]  # (hook name, stream index)
 
@@ -119,6 +122,79 @@ def resolve_sites(model, sites: Union[None, str, Sequence] = None) -> List[Site]
         dup = sorted({s for s in out if out.count(s) > 1})
         raise ValueError(f"crosscoder: duplicate sites {dup}")
     return out
+
+
+# ------------------------------------------------------------------------------ the mixing
+class ShuffleBuffer:
+    """A bounded buffer that mixes rows from many sequences: rows come in in arrival order
+    (`put`), the unread ones are shuffled (`shuffle`) and read from the front (`take`, `peek`).
+
+    Storage: `capacity` rows of one shape, [capacity, *row_shape] in `dtype` on `device` (by
+    default those of the first rows put), allocated on the first `put`; it never grows. Rows
+    [pos, n) are unread. `put` first moves the unread rows to the front (dropping the read ones),
+    then appends as many new rows as fit and returns how many it took. `shuffle` permutes the
+    unread rows with a seeded CPU generator, so the order is deterministic given the seed and the
+    sequence of calls. A row read by `take` is a view of the storage, valid until the next `put`.
+    """
+
+    def __init__(self, capacity: int, seed: int = 0, dtype: Optional[torch.dtype] = None, device=None):
+        if int(capacity) < 1:
+            raise ValueError(f"a shuffle buffer needs capacity >= 1, got {capacity}")
+        self.capacity = int(capacity)
+        self.dtype = dtype
+        self.device = torch.device(device) if device is not None else None
+        self.storage: Optional[Tensor] = None   # [capacity, *row_shape]
+        self.n = 0                              # rows written
+        self.pos = 0                            # rows [pos, n) are unread
+        self._gen = torch.Generator().manual_seed(seed)
+
+    @property
+    def unread(self) -> int:
+        return self.n - self.pos
+
+    def allocate(self, row_shape: Sequence[int], dtype: torch.dtype, device) -> None:
+        """Allocate the storage [capacity, *row_shape] now (else the first `put` does)."""
+        self.dtype = self.dtype or dtype
+        self.device = self.device if self.device is not None else torch.device(device)
+        self.storage = torch.empty(self.capacity, *row_shape, dtype=self.dtype, device=self.device)
+
+    def compact(self) -> None:
+        """Move the unread rows to the front, freeing the read ones."""
+        unread = self.unread
+        if unread and self.pos:
+            self.storage[:unread] = self.storage[self.pos:self.n].clone()
+        self.n, self.pos = unread, 0
+
+    def put(self, rows: Tensor) -> int:
+        """Append up to `capacity - unread` of rows [k, *row_shape]; returns how many were taken."""
+        if self.storage is None:
+            self.allocate(rows.shape[1:], rows.dtype, rows.device)
+        elif tuple(rows.shape[1:]) != tuple(self.storage.shape[1:]):
+            raise ValueError(f"rows of shape {tuple(rows.shape[1:])} do not fit a buffer of rows "
+                             f"{tuple(self.storage.shape[1:])}")
+        if self.pos:
+            self.compact()
+        take = min(len(rows), self.capacity - self.n)
+        self.storage[self.n:self.n + take] = rows[:take]
+        self.n += take
+        return take
+
+    def shuffle(self) -> None:
+        """Permute the unread rows (seeded)."""
+        perm = torch.randperm(self.unread, generator=self._gen).to(self.storage.device)
+        self.storage[self.pos:self.n] = self.storage[self.pos:self.n][perm]
+
+    def take(self, k: int) -> Tensor:
+        """The next min(k, unread) unread rows (a view), marked read."""
+        out = self.peek(k)
+        self.pos += len(out)
+        return out
+
+    def peek(self, k: int) -> Tensor:
+        """The next min(k, unread) unread rows (a view), left unread."""
+        if self.storage is None:
+            raise ValueError("the shuffle buffer is empty (nothing was put)")
+        return self.storage[self.pos:min(self.n, self.pos + int(k))]
 
 
 # ----------------------------------------------------------------------------------- sources
@@ -252,13 +328,10 @@ class ActivationBuffer(ActivationSource):
         hook_index = {h: i for i, h in enumerate(self.hook_names)}
         self._flat_index = torch.tensor([hook_index[h] * model.cfg.n_streams + s for h, s in self.sites])
         self._stop = _last_sublayer_needed(model, self.hook_names)
-        self._storage: Optional[Tensor] = None  # [capacity, S, d] storage_dtype
-        self._n = 0          # valid rows in the storage
-        self._pos = 0        # rows [_pos, _n) are unread
+        self.buffer = ShuffleBuffer(self.capacity, seed=seed, dtype=storage_dtype, device=self.device)
         self._pending: Optional[Tensor] = None  # rows of the last model batch that did not fit
         self._exhausted = False
         self._rows: Optional[Iterator[Tensor]] = None
-        self._gen = torch.Generator().manual_seed(seed)
         self.tokens_read = 0
         self.tokens_served = 0
         self.passes = 0
@@ -306,15 +379,12 @@ class ActivationBuffer(ActivationSource):
     # ---------------------------------------------------------------------------- the buffer
     def _refill(self) -> None:
         """Keep the unread rows, fill the rest of the buffer from the model, shuffle it all."""
-        if self._storage is None:
-            self._storage = torch.empty(self.capacity, self.n_sites, self.d_model,
-                                        dtype=self.storage_dtype, device=self.device)
+        buf = self.buffer
+        if buf.storage is None:
+            buf.allocate((self.n_sites, self.d_model), self.storage_dtype, self.device)
             self._rows = self._model_rows()
-        unread = self._n - self._pos
-        if unread and self._pos:
-            self._storage[:unread] = self._storage[self._pos:self._n].clone()
-        self._n, self._pos = unread, 0
-        while self._n < self.capacity and not self._exhausted:
+        buf.compact()
+        while buf.n < self.capacity and not self._exhausted:
             if self._pending is None or len(self._pending) == 0:
                 try:
                     self._pending = next(self._rows)
@@ -322,39 +392,30 @@ class ActivationBuffer(ActivationSource):
                     self._exhausted = True
                     break
                 self.tokens_read += len(self._pending)
-            take = min(len(self._pending), self.capacity - self._n)
-            self._storage[self._n:self._n + take] = self._pending[:take]
-            self._pending = self._pending[take:]
-            self._n += take
-        perm = torch.randperm(self._n, generator=self._gen).to(self.device)
-        self._storage[:self._n] = self._storage[:self._n][perm]
+            self._pending = self._pending[buf.put(self._pending):]
+        buf.shuffle()
         self.refills += 1
 
     def _needs_refill(self, n: int) -> bool:
-        unread = self._n - self._pos
-        return self._storage is None or (not self._exhausted and (
+        unread = self.buffer.unread
+        return self.buffer.storage is None or (not self._exhausted and (
             unread < n or unread < self.refill_fraction * self.capacity))
 
     def next_batch(self, n: int) -> Tensor:
         self.check_batch_size(n)
         if self._needs_refill(n):
             self._refill()
-        unread = self._n - self._pos
-        if unread < n:
-            if unread == 0:
-                raise StopIteration("the activation buffer is used up (loop=False)")
-            n = unread  # the last, partial batch of a single pass
-        out = self._storage[self._pos:self._pos + n].float()
-        self._pos += n
-        self.tokens_served += n
+        if self.buffer.unread == 0:
+            raise StopIteration("the activation buffer is used up (loop=False)")
+        out = self.buffer.take(n).float()   # the last batch of a single pass may be partial
+        self.tokens_served += len(out)
         return out
 
     def peek(self, n: int) -> Tensor:
         """Up to n unread rows, not consumed (the buffer is refilled first if fewer are unread)."""
         if self._needs_refill(n):
             self._refill()
-        lo = self._pos
-        return self._storage[lo:min(self._n, lo + n)].float()
+        return self.buffer.peek(n).float()
 
     @property
     def memory_bytes(self) -> int:

@@ -4,8 +4,10 @@ Reproduces the per-stream curvature plot of "Analyzing Stream Collapse in Hyper-
 (curvature as in Hosseini & Fedorenko 2023): for each sequence, the mean turning angle between
 consecutive steps x_{t+1} - x_t of a stream's token trajectory, averaged over sequences (error
 bars: s.e.m.), at the embedding and after every block; the dashed black line is the stream sum
-(the single residual the unembedding effectively reads). Lower = straighter trajectories; i.i.d.
-points give 120 degrees, a random walk about 90. Right: the change relative to the embedding.
+(the single residual the unembedding effectively reads). Lower = straighter trajectories. The
+controls are drawn with it: i.i.d. points (120 degrees, exact), a random walk (90, exact) and,
+dotted, the same windows with their tokens shuffled, run through the same model. Right: the
+change relative to the embedding (the shuffled control's own change dotted).
 
     python examples/curvature.py [--model NAME_OR_PATH] [--out DIR] [--fast] [--sites layers|sublayers]
 """
@@ -47,12 +49,14 @@ def main(argv=None):
     fig.tight_layout()
     where = "block" if ex.args.sites == "layers" else "sublayer"
     caption = ("Token-trajectory curvature (degrees) of every stream and of the stream sum (dashed) at the "
-               f"embedding and after every {where}, and its change from the embedding; lower = straighter "
-               "(120 = i.i.d. points, ~90 = random walk).")
+               f"embedding and after every {where}, and its change from the embedding; lower = straighter. "
+               "Controls: the same windows with their tokens shuffled (dotted), i.i.d. points (120, exact) "
+               "and a random walk (90, exact).")
     ex.save_figure(fig, "curvature", caption)
-    mean = result["mean"]
+    mean, shuffled = result["mean"], result["shuffled_mean"]
     return ex.finish(f"stream-sum curvature {mean[0, -1]:.1f} deg at {labels[0]} -> "
-                     f"{mean[-1, -1]:.1f} deg at {labels[-1]}; streams at the last site "
+                     f"{mean[-1, -1]:.1f} deg at {labels[-1]} (shuffled-token control {shuffled[0, -1]:.1f} -> "
+                     f"{shuffled[-1, -1]:.1f}); streams at the last site "
                      f"{', '.join(f'{v:.1f}' for v in mean[-1, :-1])} ({ex.corpus_note})")
 
 

@@ -362,3 +362,89 @@ def test_save_load_and_plot(mhc, tmp_path):
     assert files[0].exists() and files[0].suffix == ".png"
     ax = fig.axes[0]
     assert ax.get_ylabel() == "curvature (degrees)" and len(ax.get_xticks()) == mhc.cfg.n_layers + 1
+
+
+# ---------------------------------------------------------------------------- 7. controls
+def test_shuffled_token_control_matches_reference(mhc):
+    """The control is the curvature of the same windows with the valid positions' tokens permuted
+    within each row (position 0 and padding stay), one seeded permutation per row in order."""
+    g = torch.Generator().manual_seed(5)
+    tokens = torch.randint(0, mhc.cfg.d_vocab, (5, 12), generator=g)
+    r = run_probes(mhc, Curvature(seed=3), tokens, batch_size=2, progress=False)
+    gen = torch.Generator().manual_seed(3)
+    shuffled = tokens.clone()
+    for b in range(len(tokens)):
+        idx = torch.arange(1, 12)
+        shuffled[b, idx] = tokens[b, idx[torch.randperm(11, generator=gen)]]
+    assert not torch.equal(shuffled, tokens)
+    assert torch.equal(shuffled.sort(1).values, tokens.sort(1).values) and torch.equal(shuffled[:, 0], tokens[:, 0])
+    mean, sem, count = reference(mhc, shuffled.tolist(), r.meta["site_names"], batch_size=2)
+    np.testing.assert_allclose(r["shuffled_mean"], mean, rtol=0, atol=1e-9)
+    np.testing.assert_allclose(r["shuffled_sem"], sem, rtol=0, atol=1e-9)
+    np.testing.assert_array_equal(r["shuffled_n_sequences"], count)
+    # the real curvature is untouched by the control
+    real, _, _ = reference(mhc, tokens.tolist(), r.meta["site_names"], batch_size=2)
+    np.testing.assert_allclose(r["mean"], real, rtol=0, atol=1e-9)
+    assert r.meta["baselines"] == {"iid_points": 120.0, "random_walk": 90.0}
+    assert r.meta["shuffled_control"] is True
+    off = run_probes(mhc, Curvature(shuffled_control=False), tokens, batch_size=2, progress=False)
+    assert "shuffled_mean" not in off.arrays and off.meta["shuffled_control"] is False
+    np.testing.assert_array_equal(off["mean"], r["mean"])
+
+
+def test_shuffle_keeps_masked_positions():
+    from mhc_interp.probes.curvature import shuffle_valid_positions
+
+    tokens = torch.arange(24).view(3, 8)
+    mask = torch.ones(3, 8, dtype=torch.bool)
+    mask[:, 0] = False
+    mask[1, 5:] = False                                                        # padding
+    out = shuffle_valid_positions(tokens, mask, torch.Generator().manual_seed(0))
+    assert torch.equal(out[~mask], tokens[~mask])
+    for b in range(3):
+        assert sorted(out[b, mask[b]].tolist()) == sorted(tokens[b, mask[b]].tolist())
+    assert not torch.equal(out, tokens)
+
+
+def test_iid_and_random_walk_baselines_exact_in_low_dimension():
+    """120° (i.i.d. points) and 90° (random walk) hold in any dimension, not only as d -> inf:
+    within 4 s.e.m. in d = 2 and 3 with uniform (non-Gaussian) points and Laplace-like steps."""
+    from mhc_interp.probes.curvature import IID_POINTS_DEG, RANDOM_WALK_DEG
+
+    g = torch.Generator().manual_seed(0)
+    for d in (2, 3):
+        iid = sequence_curvatures(torch.rand(400, 200, d, generator=g, dtype=torch.float64))
+        steps = torch.randn(400, 200, d, generator=g, dtype=torch.float64) ** 3   # symmetric, heavy-tailed
+        walk = sequence_curvatures(steps.cumsum(1))
+        for k, target in ((iid, IID_POINTS_DEG), (walk, RANDOM_WALK_DEG)):
+            sem = k.std() / len(k) ** 0.5
+            assert abs(k.mean().item() - target) < 4 * sem.item(), (d, k.mean().item(), target)
+
+
+def test_rows_too_short_for_an_angle_raise(mhc):
+    """Rows of 3 tokens leave 2 valid positions after position 0: one step, no angle. That is an
+    error naming the reason, not a silent NaN result."""
+    tokens = torch.randint(0, mhc.cfg.d_vocab, (4, 3), generator=torch.Generator().manual_seed(0))
+    with pytest.raises(ValueError, match=r"needs >= 3 consecutive valid positions.*longest sequence had 2"):
+        run_probes(mhc, Curvature(), tokens, batch_size=2, progress=False)
+    with pytest.raises(ValueError, match="needs >= 3"):
+        run_probes(mhc, Curvature(), tokens[:, :2], batch_size=2, progress=False)
+    # a column without any angle (a constant stream) among valid ones: NaN with a warning
+    probe = Curvature(sites=["hook_streams_init"])
+    x = torch.randn(2, 8, 2, 4, generator=torch.Generator().manual_seed(1))
+    x[:, :, 1] = 1.0
+    probe.update({"hook_streams_init": x}, torch.ones(2, 8, dtype=torch.bool))
+    with pytest.warns(UserWarning, match=r"no valid angle .*embed/stream 1"):
+        r = probe.result()
+    assert np.isnan(r["mean"][0, 1]) and np.isfinite(r["mean"][0, 0])
+
+
+def test_plot_shows_the_controls(mhc):
+    tokens = torch.randint(0, mhc.cfg.d_vocab, (4, 12), generator=torch.Generator().manual_seed(2))
+    r = run_probes(mhc, Curvature(), tokens, batch_size=2, progress=False)
+    fig = r.plot()
+    labels = fig.axes[0].get_legend_handles_labels()[1]
+    assert {"shuffled-token control (dotted)", "i.i.d. points (120°)", "random walk (90°)"} <= set(labels)
+    dotted = [l for l in fig.axes[0].lines if l.get_linestyle() == ":"]
+    assert len(dotted) == mhc.cfg.n_streams + 1
+    np.testing.assert_allclose(dotted[-1].get_ydata(), r["shuffled_mean"][:, -1])

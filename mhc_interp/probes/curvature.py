@@ -26,12 +26,29 @@ sequences:
 
 from running float64 sums (Σ κ, Σ κ², N), so its state does not grow with the number of batches.
 `change_from_first = mean - mean[0]` (relative to the first site; with the default sites that is
-the embedding). Lower = straighter; i.i.d. random points give 120°, a random walk ≈ 90° and a
-straight line 0°. Curvature is invariant to scaling and translation of a stream, so a low-norm
-stream can still have a well-defined curvature: do not read it as importance.
+the embedding). Lower = straighter; a straight line gives 0°. Curvature is invariant to scaling and
+translation of a stream, so a low-norm stream can still have a well-defined curvature: do not read
+it as importance. A sequence needs >= 3 consecutive valid positions (after the masked first
+positions and padding) for one angle; if no sequence has one, `result()` raises.
+
+Controls, reported with every result (`meta["baselines"]`, arrays `shuffled_*`):
+
+* i.i.d. points: 120° exactly, in any dimension and for any continuous distribution. The turning
+  angle at x_{t+1} is 180° minus the triangle's interior angle there; the three interior angles
+  of (x_t, x_{t+1}, x_{t+2}) sum to 180° and are exchangeable, so each has mean 60° and the
+  turning angle has mean 120° = arccos(-1/2).
+* random walk (i.i.d. increments with a symmetric distribution): 90° exactly, since v_{t+1} and
+  -v_{t+1} are equally likely given v_t, so c and 180° - c are.
+* shuffled tokens (`shuffled_control=True`, the default): the same windows with the tokens at the
+  valid positions permuted within each window (seeded; masked positions, e.g. position 0, stay),
+  run through the same model: `shuffled_mean` / `shuffled_sem` per site and column. It separates
+  what the model does with natural word order from what it does with any sequence of the same
+  tokens. This costs a second forward per batch, so the probe runs its own forwards
+  (`intervene`, like a causal probe) instead of sharing the runner's.
 """
 from __future__ import annotations
 
+import warnings
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
@@ -39,9 +56,15 @@ import torch
 from torch import Tensor
 
 from ..hooks.names import suffix
-from .base import Probe, ProbeResult, register_probe, register_result, STREAM_STATE_SUFFIXES, stream_state_sites
+from .base import ProbeResult, register_probe, register_result, STREAM_STATE_SUFFIXES, stream_state_sites
+from .causal import CausalProbe
+from .runner import _last_sublayer_needed
 
-__all__ = ["Curvature", "CurvatureResult", "sequence_curvatures", "step_angles", "curvature_sites"]
+__all__ = ["Curvature", "CurvatureResult", "sequence_curvatures", "step_angles", "curvature_sites",
+           "shuffle_valid_positions", "IID_POINTS_DEG", "RANDOM_WALK_DEG"]
+
+IID_POINTS_DEG = 120.0    # mean turning angle of i.i.d. points (exact, see the module docstring)
+RANDOM_WALK_DEG = 90.0    # mean turning angle of a random walk with symmetric increments (exact)
 
 SiteSpec = Union[str, Sequence[str]]
 
@@ -108,6 +131,19 @@ def sequence_curvatures(x: Tensor, mask: Optional[Tensor] = None, eps: float = 1
     return (kappa, count) if return_counts else kappa
 
 
+def shuffle_valid_positions(tokens: Tensor, mask: Tensor, generator: torch.Generator) -> Tensor:
+    """tokens [batch, pos] with, in each row, the tokens at the mask's True positions permuted
+    among those positions (a fresh permutation per row from `generator`); the other positions keep
+    their tokens. Returns a new tensor."""
+    out = tokens.clone()
+    valid = mask.to(torch.bool).cpu()
+    for b in range(tokens.shape[0]):
+        idx = valid[b].nonzero().squeeze(1)
+        perm = idx[torch.randperm(len(idx), generator=generator)]
+        out[b, idx.to(out.device)] = tokens[b, perm.to(tokens.device)]
+    return out
+
+
 # ------------------------------------------------------------------------------- the probe
 def curvature_sites(model, sites: SiteSpec = "layers") -> List[str]:
     """Resolve a site spec to hook names: "layers" = the embedding streams plus every block's
@@ -142,20 +178,57 @@ def _site_label(name: str) -> str:
     return name
 
 
-@register_probe
-class Curvature(Probe):
-    """Token-trajectory curvature (degrees) per (site, stream) and for the stream sum.
+class _Moments:
+    """Running float64 Σκ, Σκ², N, skipped-sequence and angle counts, each [n_sites, n_cols]."""
 
-    Curvature(sites="layers" | "sublayers" | [hook names], eps=1e-12). See the module docstring
-    for the definition. State: three float64 arrays (Σκ, Σκ², N) plus a skipped-sequence count
-    and an angle count, each [n_sites, n_streams + 1]; it does not grow with the corpus.
-    Without `setup(model)`, explicit hook names are required and n_streams is read from the
-    first batch (handy for feeding synthetic activations to `update`).
+    def __init__(self, shape):
+        self.sum = np.zeros(shape, np.float64)
+        self.sumsq = np.zeros(shape, np.float64)
+        self.count = np.zeros(shape, np.int64)
+        self.skipped = np.zeros(shape, np.int64)
+        self.angles = np.zeros(shape, np.int64)
+
+    def arrays(self):
+        return (self.sum, self.sumsq, self.count, self.skipped, self.angles)
+
+    def add(self, kappa: np.ndarray, n_ang: np.ndarray) -> None:
+        """kappa, n_ang [n_sites, batch, n_cols] (kappa NaN = no valid angle)."""
+        ok = ~np.isnan(kappa)
+        k0 = np.where(ok, kappa, 0.0)
+        self.sum += k0.sum(1)
+        self.sumsq += (k0 * k0).sum(1)
+        self.count += ok.sum(1)
+        self.skipped += (~ok).sum(1)
+        self.angles += n_ang.sum(1)
+
+    def mean_sem(self):
+        n = self.count.astype(np.float64)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            mean = np.where(n > 0, self.sum / np.maximum(n, 1), np.nan)
+            var = np.where(n > 1, (self.sumsq - n * mean * mean) / np.maximum(n - 1, 1), np.nan)
+            sem = np.sqrt(np.maximum(var, 0.0)) / np.sqrt(n)
+        return mean, np.where(n > 1, sem, np.nan)
+
+
+@register_probe
+class Curvature(CausalProbe):
+    """Token-trajectory curvature (degrees) per (site, stream) and for the stream sum, with its
+    controls (see the module docstring).
+
+    Curvature(sites="layers" | "sublayers" | [hook names], eps=1e-12, shuffled_control=True,
+    seed=0). Through `run_probes` it runs its own forwards (`intervene`): the batch as given and,
+    with `shuffled_control`, the batch with each window's valid tokens permuted (seeded). `update`
+    takes activations directly (no control then). State: per accumulator (real, shuffled) three
+    float64 arrays (Σκ, Σκ², N) plus skipped-sequence and angle counts, each
+    [n_sites, n_streams + 1]; it does not grow with the corpus. Without `setup(model)`, explicit
+    hook names are required and n_streams is read from the first batch (handy for feeding
+    synthetic activations to `update`).
     """
 
     name = "curvature"
 
-    def __init__(self, sites: SiteSpec = "layers", eps: float = 1e-12):
+    def __init__(self, sites: SiteSpec = "layers", eps: float = 1e-12, shuffled_control: bool = True,
+                 seed: int = 0):
         if isinstance(sites, str):
             if sites not in ("layers", "sublayers"):
                 raise ValueError(f"curvature: sites must be 'layers', 'sublayers' or a list of hook names, got {sites!r}")
@@ -167,12 +240,21 @@ class Curvature(Probe):
         if not eps >= 0:
             raise ValueError(f"curvature: eps must be >= 0, got {eps}")
         self.eps = float(eps)
+        self.shuffled_control = bool(shuffled_control)
+        self.seed = int(seed)
         self.n_streams: Optional[int] = None
-        self._sum = self._sumsq = self._count = self._skipped = self._angles = None
+        self._main: Optional[_Moments] = None
+        self._shuffled: Optional[_Moments] = None
+        self._max_valid = 0          # most valid positions seen in one sequence
+        self._gen = torch.Generator().manual_seed(self.seed)
+        self._stop: Optional[int] = None
 
     # --- set-up
     def setup(self, model) -> None:
         self.site_names = _check_site_names(curvature_sites(model, self.sites))
+        self._stop = _last_sublayer_needed(model, self.site_names)
+        self._gen = torch.Generator().manual_seed(self.seed)
+        self._max_valid = 0
         self._init_state(model.cfg.n_streams)
 
     def hook_names(self, model) -> List[str]:
@@ -183,21 +265,45 @@ class Curvature(Probe):
     def _init_state(self, n_streams: int) -> None:
         self.n_streams = int(n_streams)
         shape = (len(self.site_names), self.n_streams + 1)
-        self._sum = np.zeros(shape, np.float64)
-        self._sumsq = np.zeros(shape, np.float64)
-        self._count = np.zeros(shape, np.int64)
-        self._skipped = np.zeros(shape, np.int64)
-        self._angles = np.zeros(shape, np.int64)
+        self._main = _Moments(shape)
+        self._shuffled = _Moments(shape) if self.shuffled_control else None
 
     def state_nbytes(self) -> int:
         """Bytes held by the running state (constant over batches)."""
-        arrays = (self._sum, self._sumsq, self._count, self._skipped, self._angles)
-        return sum(a.nbytes for a in arrays if a is not None)
+        return sum(a.nbytes for acc in (self._main, self._shuffled) if acc is not None for a in acc.arrays())
 
     # --- streaming
+    def intervene(self, model, tokens: Tensor, mask: Tensor) -> None:
+        """One runner batch: curvature of the batch as given and (with `shuffled_control`) of the
+        same windows with the valid tokens permuted; tokens, mask [batch, pos]."""
+        if self.site_names is None or self._stop is None:
+            self.setup(model)
+        self.update(self._forward(model, tokens), mask)
+        if self.shuffled_control:
+            shuffled = shuffle_valid_positions(tokens, mask, self._gen)
+            self._shuffled.add(*self._batch_curvatures(self._forward(model, shuffled), mask))
+
+    def _forward(self, model, tokens: Tensor) -> Dict[str, Tensor]:
+        """The site activations of one forward (stopped after the last site, as the runner does)."""
+        acts: Dict[str, Tensor] = {}
+
+        def save(act: Tensor, hook) -> None:
+            acts[hook.name] = act
+
+        with torch.no_grad(), model.hooks(fwd_hooks=[(n, save) for n in self.site_names]):
+            model(tokens, stop_at_sublayer=self._stop, return_type=None)
+        return acts
+
     def update(self, acts: Dict[str, Tensor], mask: Tensor) -> None:
+        """Accumulate the curvature of activations {site: [batch, pos, n_streams, d]} (no control)."""
         if self.site_names is None:
             raise RuntimeError("curvature: call setup(model) first, or construct with explicit hook names")
+        kappa, n_ang = self._batch_curvatures(acts, mask)
+        self._main.add(kappa, n_ang)
+        self._max_valid = max(self._max_valid, int(mask.sum(1).max()) if mask.numel() else 0)
+
+    def _batch_curvatures(self, acts: Dict[str, Tensor], mask: Tensor):
+        """Per-sequence κ and angle counts, each [n_sites, batch, n_streams + 1] (numpy)."""
         missing = [n for n in self.site_names if n not in acts]
         if missing:
             raise KeyError(f"curvature: activations missing for sites {missing}")
@@ -208,7 +314,7 @@ class Curvature(Probe):
             x = acts[name]
             if x.ndim != 4:
                 raise ValueError(f"curvature: {name!r} must be [batch, pos, n_streams, d_model], got {tuple(x.shape)}")
-            if self._sum is None:
+            if self._main is None:
                 self._init_state(x.shape[2])
             if x.shape[2] != self.n_streams:
                 raise ValueError(f"curvature: {name!r} has {x.shape[2]} streams, expected {self.n_streams}")
@@ -232,43 +338,55 @@ class Curvature(Probe):
             raise FloatingPointError(f"curvature: non-finite values (NaN/inf) in activation {name!r}")
         kappa = torch.stack([k.to(here) for k in kappas]).cpu().numpy()          # [sites, batch, n + 1]
         n_ang = torch.stack([c.to(here) for c in counts]).cpu().numpy()
-        ok = ~np.isnan(kappa)
-        k0 = np.where(ok, kappa, 0.0)
-        self._sum += k0.sum(1)
-        self._sumsq += (k0 * k0).sum(1)
-        self._count += ok.sum(1)
-        self._skipped += (~ok).sum(1)
-        self._angles += n_ang.sum(1)
+        return kappa, n_ang
 
     def result(self) -> "CurvatureResult":
-        if self._sum is None:
+        if self._main is None:
             raise RuntimeError("curvature: no batch was seen")
-        n = self._count.astype(np.float64)
-        with np.errstate(invalid="ignore", divide="ignore"):
-            mean = np.where(n > 0, self._sum / np.maximum(n, 1), np.nan)
-            var = np.where(n > 1, (self._sumsq - n * mean * mean) / np.maximum(n - 1, 1), np.nan)
-            sem = np.sqrt(np.maximum(var, 0.0)) / np.sqrt(n)
-        sem = np.where(n > 1, sem, np.nan)
+        if not self._main.count.any():
+            raise ValueError(
+                f"curvature: no sequence has a turning angle. Curvature needs >= 3 consecutive valid "
+                f"positions per sequence (two steps) after the excluded first position(s) and padding; "
+                f"the longest sequence had {self._max_valid} valid position(s). Use longer windows "
+                f"(or a smaller exclude_first).")
+        mean, sem = self._main.mean_sem()
         columns = [f"stream {s}" for s in range(self.n_streams)] + ["sum"]
+        labels = [_site_label(s) for s in self.site_names]
+        empty = [f"{labels[i]}/{columns[k]}" for i, k in zip(*np.nonzero(self._main.count == 0))]
+        if empty:
+            warnings.warn(f"curvature: no valid angle (every step of zero length?) at {empty}; their "
+                          f"curvature is NaN")
+        acc = self._main
+        arrays = dict(mean=mean, sem=sem, n_sequences=acc.count.copy(), n_skipped=acc.skipped.copy(),
+                      n_angles=acc.angles.copy(), change_from_first=mean - mean[:1])
+        if self._shuffled is not None and self._shuffled.count.any():
+            s_mean, s_sem = self._shuffled.mean_sem()
+            arrays.update(shuffled_mean=s_mean, shuffled_sem=s_sem,
+                          shuffled_n_sequences=self._shuffled.count.copy())
+        baselines = {"iid_points": IID_POINTS_DEG, "random_walk": RANDOM_WALK_DEG}
         return CurvatureResult(
-            probe=self.name,
-            arrays=dict(mean=mean, sem=sem, n_sequences=self._count.copy(), n_skipped=self._skipped.copy(),
-                        n_angles=self._angles.copy(), change_from_first=mean - mean[:1]),
-            meta=dict(site_names=list(self.site_names), site_labels=[_site_label(s) for s in self.site_names],
+            probe=self.name, arrays=arrays,
+            meta=dict(site_names=list(self.site_names), site_labels=labels,
                       columns=columns, n_streams=self.n_streams, eps=self.eps, units="degrees",
-                      sites=self.sites if isinstance(self.sites, str) else "explicit"),
+                      sites=self.sites if isinstance(self.sites, str) else "explicit",
+                      baselines=baselines, shuffled_control="shuffled_mean" in arrays,
+                      shuffle_seed=self.seed),
         )
 
 
 @register_result
 class CurvatureResult(ProbeResult):
     """arrays: `mean`, `sem` (degrees), `n_sequences`, `n_skipped` (sequences without a valid
-    angle), `n_angles`, `change_from_first` (= mean - mean[0]); all [n_sites, n_streams + 1],
-    columns = streams 0..n-1 then the stream sum. meta: `site_names`, `site_labels`, `columns`."""
+    angle), `n_angles`, `change_from_first` (= mean - mean[0]); with the shuffled-token control
+    `shuffled_mean`, `shuffled_sem`, `shuffled_n_sequences`; all [n_sites, n_streams + 1],
+    columns = streams 0..n-1 then the stream sum. meta: `site_names`, `site_labels`, `columns`,
+    `baselines` ({"iid_points": 120.0, "random_walk": 90.0}, degrees)."""
 
     def plot(self, ax=None, change: bool = False, baseline: bool = True, **kwargs):
         """Curvature (degrees) vs site, one line per stream plus the stream sum, error bars = SEM.
-        change=True plots `change_from_first` instead; baseline draws the i.i.d. 120° line."""
+        change=True plots `change_from_first` instead. baseline: draw the controls - the i.i.d.
+        points (120°) and random-walk (90°) lines and, if computed, the shuffled-token control of
+        every column (dotted, same colour; with change=True its own change from the first site)."""
         import matplotlib.pyplot as plt
 
         if ax is None:
@@ -279,12 +397,21 @@ class CurvatureResult(ProbeResult):
         sem = self.arrays["sem"]
         xs = np.arange(y.shape[0])
         columns = self.meta.get("columns") or [f"col {k}" for k in range(y.shape[1])]
+        shuffled = self.arrays.get("shuffled_mean") if baseline else None
         for k, label in enumerate(columns):
             is_sum = k == y.shape[1] - 1
-            ax.errorbar(xs, y[:, k], yerr=sem[:, k], label=label, capsize=3, marker="o", ms=3,
-                        color="black" if is_sum else None, linestyle="--" if is_sum else "-")
+            line = ax.errorbar(xs, y[:, k], yerr=sem[:, k], label=label, capsize=3, marker="o", ms=3,
+                               color="black" if is_sum else None, linestyle="--" if is_sum else "-")
+            if shuffled is not None:
+                ys = shuffled[:, k] - (shuffled[0, k] if change else 0.0)
+                ax.plot(xs, ys, linestyle=":", linewidth=1.2, color=line.lines[0].get_color(),
+                        label="shuffled-token control (dotted)" if k == 0 else None)
         if baseline and not change:
-            ax.axhline(120.0, color="grey", linestyle=":", linewidth=1, label="i.i.d. points (120°)")
+            base = self.meta.get("baselines") or {"iid_points": 120.0, "random_walk": 90.0}
+            ax.axhline(base["iid_points"], color="grey", linestyle=(0, (1, 3)), linewidth=1,
+                       label=f"i.i.d. points ({base['iid_points']:g}°)")
+            ax.axhline(base["random_walk"], color="grey", linestyle="-.", linewidth=1,
+                       label=f"random walk ({base['random_walk']:g}°)")
         labels = self.meta.get("site_labels") or self.meta.get("site_names") or [str(i) for i in xs]
         ax.set_xticks(xs)
         ax.set_xticklabels(labels, rotation=45 if len(labels) > 6 else 0, ha="right" if len(labels) > 6 else "center")

@@ -226,3 +226,25 @@ def test_noise_kl_with_ig_is_not_degenerate(mhc_model, tokens):
     exact = activation_patching(mhc_model, clean, corrupted, direction="noise")
     assert np.abs(est["effect_recomputed"]).max() > 0
     assert np.corrcoef(est["attribution"].ravel(), exact["kl_recomputed"].ravel())[0, 1] > 0.5
+
+
+def test_stream_edges_exact_when_linear_and_path_patching_checks(lin, mhc_model, tokens):
+    from mhc_interp.probes.attribution.edges import EdgeResult, edge_attribution, exact_edge_patching
+
+    clean, corrupted = _prompts(lin.cfg.d_vocab)
+    answers = torch.tensor([[1, 2], [3, 4], [5, 6]])
+    est = edge_attribution(lin, clean, corrupted, metric="logit_diff", answers=answers)
+    n_sub = lin.cfg.n_sublayers
+    edges = [(u, v, s) for u in range(n_sub) for v in range(u + 1, n_sub) for s in (0, 3)]
+    exact = exact_edge_patching(lin, clean, corrupted, edges, metric="logit_diff", answers=answers).mean(-1)
+    np.testing.assert_allclose([est["edge"][e] for e in edges], exact, atol=1e-6, rtol=0)
+    assert np.isnan(est["edge"][1, 0]).all() and np.isnan(est["edge"][2, 2]).all()     # u >= v: no edge
+    assert isinstance(est, EdgeResult) and len(est.top_edges(3)) == 3
+    # bad edges and the degenerate direction fail clearly
+    c2 = tokens[:, :8]
+    k2 = c2.clone()
+    k2[:, 4] = (k2[:, 4] + 1) % mhc_model.cfg.d_vocab
+    with pytest.raises(IndexError, match="edge"):
+        exact_edge_patching(mhc_model, c2, k2, [(2, 1, 0)])
+    with pytest.raises(ValueError, match="degenerate"):
+        edge_attribution(mhc_model, c2, k2, direction="noise")

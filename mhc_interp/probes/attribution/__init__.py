@@ -1,8 +1,14 @@
 """Attribution patching for multi-stream models: gradient estimates of activation patching
-(AtP, integrated gradients) over (sublayer, stream[, position]) and of patching each sublayer's
-mixing coefficients. `core` holds the gradient machinery, `probe` the registered probe."""
+(AtP, integrated gradients) over (sublayer, stream[, position]), of patching each sublayer's
+mixing coefficients, and of stream edges (writer -> stream -> reader). `core` holds the gradient
+machinery, `probe` the registered probe, `mixers` / `edges` the exact oracles, `compare` the
+fidelity measures."""
 from .core import Gradients, atp_gradients, ig_alphas, ig_gradients, mixing_effects, site_effects
 from .probe import METHODS, AttributionPatching, AttributionResult, attribution_patching
+from .edges import EdgeResult, edge_attribution, exact_edge_patching
+from .mixers import exact_mixer_patching
+from .compare import fidelity
 
 __all__ = ["AttributionPatching", "AttributionResult", "attribution_patching", "METHODS", "Gradients",
-           "atp_gradients", "ig_gradients", "ig_alphas", "site_effects", "mixing_effects"]
+           "atp_gradients", "ig_gradients", "ig_alphas", "site_effects", "mixing_effects", "EdgeResult", "edge_attribution",
+           "exact_edge_patching", "exact_mixer_patching", "fidelity"]

@@ -2,8 +2,10 @@
 
 Reproduces the crosscoder figure of "Analyzing Stream Collapse in Hyper-Connections": a sparse
 crosscoder (BatchTopK, per-site normalisation) trained on every stream at a few layers; each
-feature's decoder-norm share per stream decides its stream (share > tau) or "shared". The paper
-finds interpretable features concentrating in a dominant stream.
+feature's decoder-norm share per stream decides its stream (share > tau) or "shared". With n
+streams the largest share is at least 1/n, so tau is swept relative to that even split,
+tau = 1/n + rho (1 - 1/n) (rho = 0.1 ... 0.9; the main tau has rho = 1/3, 0.5 for 4 streams).
+The paper finds interpretable features concentrating in a dominant stream.
 
     python examples/crosscoder_assignment.py [--model NAME_OR_PATH] [--out DIR] [--fast]
                                              [--dict-size 1024] [--k 16] [--train-tokens 200000]
@@ -41,7 +43,8 @@ def main(argv=None):
     ex.save_text("assignment_table.md", result.table())
     captions = {
         "stream_share": "Each alive feature's decoder-norm share per stream (features sorted by their top stream).",
-        "assignment_counts": "Features assigned to each stream (share above the threshold) or 'shared', per threshold.",
+        "assignment_counts": "Features assigned to each stream (share above the threshold tau) or 'shared', per "
+                             "threshold; tau = 1/n + rho (1 - 1/n) is swept above the even split 1/n.",
         "layer_profile": "Decoder-norm share per layer of the features assigned to each stream.",
         "explained_variance": "Explained variance of the crosscoder's reconstruction per (layer, stream) site.",
         "firing": "Firing frequency of the latents (dead latents never fire).",
@@ -50,7 +53,8 @@ def main(argv=None):
         ex.save_figure(fig, f"crosscoder_{stem}", captions.get(stem, stem))
     counts = result.meta["counts_at_threshold"]
     return ex.finish(f"{dict_size} latents trained on {n_tokens:,} tokens; features per stream at "
-                     f"tau={result.meta['threshold']}: {counts}; explained variance "
+                     f"tau={result.meta['threshold']:.3g} (rho={result.meta['threshold_relative']:.2f}): {counts}; "
+                     f"explained variance "
                      f"{result.meta['explained_variance_total']:.2f}", counts=counts)
 
 

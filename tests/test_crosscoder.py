@@ -12,7 +12,7 @@ from mhc_interp.hooks.names import HookNameError
 from mhc_interp.probes.base import ProbeResult
 from mhc_interp.probes.crosscoder import (DEAD, SHARED, Crosscoder, CrosscoderConfig,
                                           CrosscoderEval, CrosscoderResult, analyze_crosscoder,
-                                          match_decoder_directions, train_crosscoder)
+                                          match_decoder_directions, thresholds_for, train_crosscoder)
 from mhc_interp.probes.crosscoder_buffer import (ActivationBuffer, ActivationSource,
                                                  InMemoryActivations, default_sites, grid_sites,
                                                  resolve_sites)
@@ -51,8 +51,10 @@ def fit(x, steps=600, **kw):
 
 
 def matched_assignment(cc, x, Dirs):
+    """Recovery: each planted direction matched to an ALIVE latent (one that fired on the data)."""
     res = analyze_crosscoder(cc, x[:16384], n_tokens=16384)
-    idx, cos = match_decoder_directions(cc.decoder_directions("raw"), Dirs)
+    idx, cos = match_decoder_directions(cc.decoder_directions("raw"), Dirs, alive=~res["dead"])
+    assert (idx >= 0).all() and not res["dead"][idx].any()
     return res, cos, res.assignment_at(0.5)[idx]
 
 
@@ -81,7 +83,7 @@ def test_planted_features_recovered_and_assigned(planted_run):
     assert res["explained_variance"].min() > 0.95
     assert res.meta["l0"] == pytest.approx(3, abs=1.0)
     # exclusive features put (almost) no decoder norm outside stream 0, shared ones ~1/n everywhere
-    idx, _ = match_decoder_directions(cc.decoder_directions("raw"), Dirs)
+    idx, _ = match_decoder_directions(cc.decoder_directions("raw"), Dirs, alive=~res["dead"])
     assert (res["stream_share"][idx[:N_EXCL], 0] > 0.9).sum() >= N_EXCL - 1
     assert (np.abs(res["stream_share"][idx[N_EXCL:]] - 0.25).max(-1) < 0.15).sum() >= N_SHARED - 1
 
@@ -119,7 +121,7 @@ def test_stream_scale_bias_without_normalisation():
     assert torch.allclose(nf[:, 2] / nf[:, 1], torch.full((N_LAYERS,), 10.0), rtol=0.1)
     # analysing the same crosscoder in raw units brings the bias back
     raw = analyze_crosscoder(cc_on, space="raw")
-    idx, _ = match_decoder_directions(cc_on.decoder_directions("raw"), Dirs)
+    idx, _ = match_decoder_directions(cc_on.decoder_directions("raw"), Dirs, alive=~res_on["dead"])
     assert (raw.assignment_at(0.5)[idx[N_EXCL:]] == 1).sum() >= N_SHARED - 2
 
 
@@ -172,6 +174,53 @@ def test_shares_assignment_and_counts_on_hand_set_decoders():
     np.testing.assert_allclose(raw["stream_share"][0], [1, 0])
     np.testing.assert_allclose(raw["stream_share"][3], [3 / 3.5, 0.5 / 3.5])
     assert "tau" in res.table() and "shared" in res.table()
+
+
+def test_thresholds_are_relative_to_an_even_split():
+    """With n streams the largest share is >= 1/n: a latent spread evenly over 3 streams is
+    'shared' at every default threshold (the old absolute sweep started at 0.3 < 1/3, where no
+    latent can be shared), and an absolute threshold below 1/n is refused."""
+    from mhc_interp.probes.crosscoder import MAIN_RELATIVE_THRESHOLD
+
+    norms = torch.tensor([[1.0, 1.0, 1.0],        # even: share 1/3 each
+                          [1.2, 1.0, 1.0],        # nearly even: 0.375
+                          [3.0, 1.0, 0.0],        # stream 0: 0.75
+                          [0.0, 0.0, 2.0]])       # stream 2 only
+    cc = Crosscoder(CrosscoderConfig(dict_size=4, k=1, n_sites=3, d_model=3, sites=grid_sites(1, 3)))
+    with torch.no_grad():
+        cc.W_dec.zero_()
+        cc.W_dec[..., 0] = norms
+    res = analyze_crosscoder(cc)
+    n_shared = res["counts"][:, 3]
+    assert res["thresholds"].min() > 1 / 3 and (n_shared >= 1).all(), res.table()
+    np.testing.assert_allclose(res["thresholds"], sorted(thresholds_for(3, [0.1, 0.2, 0.3, 0.4, 0.5, 0.6,
+                                                                             0.7, 0.8, 0.9, 1 / 3])))
+    np.testing.assert_allclose(res["thresholds_relative"], (res["thresholds"] - 1 / 3) / (2 / 3))
+    assert res.meta["threshold"] == pytest.approx(1 / 3 + (2 / 3) / 3)
+    np.testing.assert_array_equal(res.assignment_at(), [SHARED, SHARED, 0, 2])
+    np.testing.assert_array_equal(res.assignment_at(thresholds_for(3, 0.9)), [SHARED, SHARED, SHARED, 2])
+    with pytest.raises(ValueError, match=r"must lie in \[1/n, 1\) = \[0.333, 1\) for 3 streams, got \[0.3\]"):
+        analyze_crosscoder(cc, thresholds=(0.3, 0.5))
+    # the main threshold: 0.5 for 4 streams (as before), 2/3 for 2
+    assert thresholds_for(4, MAIN_RELATIVE_THRESHOLD) == pytest.approx(0.5)
+    assert thresholds_for(2, MAIN_RELATIVE_THRESHOLD) == pytest.approx(2 / 3)
+    assert res.table().splitlines()[0].split()[:2] == ["tau", "rho"]
+
+
+def test_recovery_matches_only_alive_latents():
+    """A dead latent whose decoder happens to equal a planted direction is not a recovery."""
+    true = torch.eye(3)[:2].view(2, 1, 3)                                       # 2 directions, 1 site
+    learned = torch.tensor([[1.0, 0.0, 0.0],                                   # dead, exact copy of dir 0
+                            [0.9, 0.4, 0.1],                                   # alive, near dir 0
+                            [0.0, 1.0, 0.0]]).view(3, 1, 3)                    # alive, dir 1
+    idx, cos = match_decoder_directions(learned, true)
+    assert idx.tolist() == [0, 2]                                               # all latents: the dead one wins
+    idx, cos = match_decoder_directions(learned, true, alive=np.array([False, True, True]))
+    assert idx.tolist() == [1, 2] and cos[0] == pytest.approx(0.9 / np.sqrt(0.98)) and cos[1] == 1
+    idx, cos = match_decoder_directions(learned, true, alive=np.array([False, False, True]))
+    assert idx.tolist() == [-1, 2] and np.isnan(cos[0])                        # too few alive latents
+    with pytest.raises(ValueError, match="alive must be a \\[3\\] bool mask"):
+        match_decoder_directions(learned, true, alive=np.ones(2, bool))
 
 
 def test_encode_modes_init_and_explained_variance():
@@ -281,17 +330,44 @@ def test_end_to_end_from_a_tiny_model(tiny, tmp_path):
     cc = train_crosscoder(buf, cfg, n_steps=40, progress=False, log_every=10)
     assert cc.cfg.sites == buf.sites and cc.cfg.n_sites == 8 and cc.cfg.d_model == 16
     assert cc.history[-1]["fvu"] < cc.history[0]["fvu"]
-    res = run_probes(model, CrosscoderEval(cc), tokens, batch_size=8, progress=False)
+    # the default sweep (rho >= 0.1) calls every latent of this barely trained crosscoder shared;
+    # rho = 0 and 0.05 (tau = 1/n = 0.25, 0.2875) assign them to their largest stream
+    thresholds = thresholds_for(4, (0.0, 0.05, 0.1, 0.5))
+    res = run_probes(model, CrosscoderEval(cc, thresholds=thresholds), tokens, batch_size=8, progress=False)
     assert isinstance(res, CrosscoderResult)
     assert res.meta["tokens_used"] == tokens.shape[0] * (tokens.shape[1] - 1)
     assert res["stream_share"].shape == (32, 4) and res["layer_share"].shape == (32, 2)
     assert res["explained_variance_grid"].shape == (2, 4)
     np.testing.assert_allclose(res["stream_share"].sum(-1), 1, rtol=1e-6)
     assert res.meta["layers"] == ["blocks.0.mlp.hook_streams_out", "blocks.1.mlp.hook_streams_out"]
-    assert sum(res.counts_at().values()) == 32
-    # the same numbers straight from a tensor of activations
-    direct = analyze_crosscoder(cc, buf, n_tokens=64)
-    assert direct["assignment"].shape == res["assignment"].shape
+    # the counts at tau, recomputed from the decoder norms and the firing frequencies
+    norms = cc.decoder_norms().double().numpy().reshape(32, 2, 4).sum(1)       # [m, n] per stream
+    share = norms / norms.sum(-1, keepdims=True)
+    dead = res["firing_frequency"] == 0
+    tau = res.meta["threshold"]
+    assert tau == pytest.approx(0.5)                                            # rho = 1/3, 4 streams
+    expect = {f"stream {t}": int(((share.argmax(-1) == t) & (share.max(-1) > tau) & ~dead).sum())
+              for t in range(4)}
+    expect.update(shared=int(((share.max(-1) <= tau) & ~dead).sum()), dead=int(dead.sum()))
+    # ... and at every swept threshold (the low ones assign latents to streams)
+    sweep = np.array([[((share.argmax(-1) == t) & (share.max(-1) > u) & ~dead).sum() for t in range(4)]
+                      + [((share.max(-1) <= u) & ~dead).sum(), dead.sum()] for u in res["thresholds"]])
+    np.testing.assert_array_equal(res["counts"], sweep)
+    assert sweep[0, :4].sum() > 0, res.table()
+    assert res.counts_at() == expect
+    # the same numbers straight from a tensor of the same activations (cached in the runner's
+    # batches of 8, so the float32 forward is the same): statistics and assignment agree
+    acts = []
+    for i in range(0, len(tokens), 8):
+        _, cache = model.run_with_cache(tokens[i:i + 8], names_filter=res.meta["layers"])
+        acts.append(torch.stack([cache[h][:, 1:, s].reshape(-1, 16) for h, s in cc.sites], 1))
+    acts = torch.cat(acts)                                                      # [N, S, d]
+    direct = analyze_crosscoder(cc, acts, n_tokens=len(acts), batch_size=100, thresholds=thresholds)
+    assert direct.meta["tokens_used"] == res.meta["tokens_used"] == len(acts)
+    np.testing.assert_allclose(direct["explained_variance"], res["explained_variance"], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(direct["firing_frequency"], res["firing_frequency"], atol=1e-12)
+    assert direct.meta["l0"] == pytest.approx(res.meta["l0"])
+    np.testing.assert_array_equal(direct["assignment"], res["assignment"])
     # crosscoder save / load
     cc.save(tmp_path / "cc")
     back = Crosscoder.load(tmp_path / "cc")

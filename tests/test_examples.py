@@ -3,6 +3,7 @@ import runpy
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 
 from mhc_interp.probes import ProbeResult, run_probes
@@ -30,6 +31,21 @@ def test_crosscoder_assignment_example(tmp_path, monkeypatch):
     main = runpy.run_path(str(EXAMPLES / "crosscoder_assignment.py"))["main"]
     out = main(["--fast", "--quiet", "--out", str(tmp_path), "--model", str(asset("tiny-mhc-n4"))])
     counts = out.extra["counts"]
-    assert sum(counts.values()) == 128            # every latent is assigned, shared or dead
+    # the summary's counts are those of the saved result, recomputed from its shares, its firing
+    # frequencies and its threshold (0.5 = 1/n + (1 - 1/n) / 3 for 4 streams)
+    res = out.results["crosscoder"]
+    share, dead, tau = res["stream_share"], res["firing_frequency"] == 0, res.meta["threshold"]
+    assert tau == pytest.approx(0.5)
+    expect = {f"stream {t}": int(((share.argmax(-1) == t) & (share.max(-1) > tau) & ~dead).sum())
+              for t in range(4)}
+    expect.update(shared=int(((share.max(-1) <= tau) & ~dead).sum()), dead=int(dead.sum()))
+    # ... and at every swept threshold
+    sweep = np.array([[((share.argmax(-1) == t) & (share.max(-1) > u) & ~dead).sum() for t in range(4)]
+                      + [((share.max(-1) <= u) & ~dead).sum(), dead.sum()] for u in res["thresholds"]])
+    np.testing.assert_array_equal(res["counts"], sweep)
+    assert counts == expect and expect["dead"] < 128
+    loaded = ProbeResult.load(tmp_path / "crosscoder")
+    assert loaded.counts_at() == counts
     assert (tmp_path / "crosscoder_stream_share.png").stat().st_size > 2000
-    assert (tmp_path / "assignment_table.md").read_text().startswith("tau")
+    table = (tmp_path / "assignment_table.md").read_text().splitlines()
+    assert table[0].startswith("tau") and len(table) == len(res["thresholds"]) + 2

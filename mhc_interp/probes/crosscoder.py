@@ -52,7 +52,12 @@ Stream assignment (`analyze_crosscoder`): with n_{i,s} = ||W_dec[i, s]|| (normal
 default), the stream share of latent i is share_{i,t} = sum_{s in stream t} n_{i,s} / sum_s n_{i,s},
 its layer share sums over the sites of each hook instead; it is assigned to stream
 argmax_t share_{i,t} if that share exceeds tau, else "shared"; dead latents are left out
-("dead"). Counts per stream are reported for a sweep of tau.
+("dead"). Counts per stream are reported for a sweep of tau. With n streams the largest share is
+at least 1/n (equality = a perfectly even latent), so a tau below 1/n could never label a latent
+shared: thresholds are set relative to 1/n, tau = 1/n + rho (1 - 1/n) with rho in [0, 1) the
+fraction of the way from an even split to a single stream (`thresholds_for`); the default sweep is
+rho = 0.1 ... 0.9 and the main threshold rho = 1/3 (tau = 0.5 for 4 streams, 0.67 for 2).
+Absolute taus may be given instead; one below 1/n is an error.
 """
 from __future__ import annotations
 
@@ -73,11 +78,29 @@ from .crosscoder_buffer import (ActivationBuffer, ActivationSource, InMemoryActi
                                 resolve_sites, site_label)
 
 __all__ = ["CrosscoderConfig", "Crosscoder", "train_crosscoder", "analyze_crosscoder",
-           "CrosscoderResult", "CrosscoderEval", "match_decoder_directions",
-           "DEFAULT_THRESHOLDS", "SHARED", "DEAD"]
+           "CrosscoderResult", "CrosscoderEval", "match_decoder_directions", "thresholds_for",
+           "DEFAULT_RELATIVE_THRESHOLDS", "MAIN_RELATIVE_THRESHOLD", "SHARED", "DEAD"]
 
 SHARED, DEAD = -1, -2   # assignment codes besides stream indices
-DEFAULT_THRESHOLDS = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
+# assignment thresholds as rho = (tau - 1/n) / (1 - 1/n): 0 = an even split over the n streams
+DEFAULT_RELATIVE_THRESHOLDS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
+MAIN_RELATIVE_THRESHOLD = 1 / 3       # tau = 0.5 with 4 streams
+
+
+def _even_share(n: int) -> float:
+    """1/n, the share of a latent spread evenly over n streams (0 for one stream: no constraint)."""
+    return 1.0 / n if n > 1 else 0.0
+
+
+def thresholds_for(n_streams: int, relative: Union[float, Sequence[float]]):
+    """Absolute share thresholds tau = 1/n + rho (1 - 1/n) for relative ones rho in [0, 1)
+    (a float for a float, else a list). One stream (n = 1, every latent is its own): tau = rho."""
+    rhos = [relative] if isinstance(relative, (int, float)) else list(relative)
+    if any(not 0 <= float(r) < 1 for r in rhos):
+        raise ValueError(f"relative thresholds must lie in [0, 1), got {rhos}")
+    u = _even_share(int(n_streams))
+    taus = [u + float(r) * (1 - u) for r in rhos]
+    return taus[0] if isinstance(relative, (int, float)) else taus
 _FORMAT = "mhc_interp.crosscoder/1"
 _WEIGHTS, _CONFIG = "crosscoder.safetensors", "crosscoder.json"
 
@@ -592,13 +615,26 @@ def _structure(sites: Sequence[Site]) -> Tuple[List[str], np.ndarray, np.ndarray
     return layers, layer_of, stream_of, int(stream_of.max()) + 1
 
 
-def _build_result(cc: Crosscoder, stats: Optional[_EvalStats], threshold: float,
-                  thresholds: Sequence[float], space: str, probe: str = "crosscoder") -> "CrosscoderResult":
-    thresholds = sorted(set(float(t) for t in thresholds) | {float(threshold)})
-    if any(not 0 <= t < 1 for t in thresholds):
-        raise ValueError(f"assignment thresholds must lie in [0, 1), got {thresholds}")
+def _resolve_thresholds(n: int, threshold: Optional[float], thresholds: Optional[Sequence[float]]):
+    """(main tau, sorted swept taus) for n streams; defaults relative to 1/n (module docstring)."""
+    main = thresholds_for(n, MAIN_RELATIVE_THRESHOLD) if threshold is None else float(threshold)
+    swept = thresholds_for(n, DEFAULT_RELATIVE_THRESHOLDS) if thresholds is None else [float(t) for t in thresholds]
+    swept = sorted(set(swept) | {main})
+    u = _even_share(n)
+    low = [t for t in swept if not u - 1e-12 <= t < 1]
+    if low:
+        raise ValueError(
+            f"assignment thresholds must lie in [1/n, 1) = [{u:.3g}, 1) for {n} streams, got {low}: "
+            f"the largest of n stream shares is at least 1/n, so a lower threshold labels no latent "
+            f"'shared'; give relative ones with thresholds_for(n_streams, rho)")
+    return main, swept
+
+
+def _build_result(cc: Crosscoder, stats: Optional[_EvalStats], threshold: Optional[float],
+                  thresholds: Optional[Sequence[float]], space: str, probe: str = "crosscoder") -> "CrosscoderResult":
     sites = cc.sites
     layers, layer_of, stream_of, n = _structure(sites)
+    threshold, thresholds = _resolve_thresholds(n, threshold, thresholds)
     L = len(layers)
     norms = cc.decoder_norms(space).double().cpu().numpy()                          # [m, S]
     total = norms.sum(-1, keepdims=True)
@@ -631,13 +667,18 @@ def _build_result(cc: Crosscoder, stats: Optional[_EvalStats], threshold: float,
             profile[g] = layer_share[sel].mean(0)
     arrays.update(decoder_norms=norms.astype(np.float32), stream_share=stream_share,
                   layer_share=layer_share, max_share=top, assignment=assignment,
-                  thresholds=np.asarray(thresholds), counts=counts, dead=dead, dead_train=dead_train,
+                  thresholds=np.asarray(thresholds),
+                  thresholds_relative=(np.asarray(thresholds) - _even_share(n)) / (1 - _even_share(n)),
+                  counts=counts, dead=dead, dead_train=dead_train,
                   explained_variance_grid=ev_grid, layer_profile=profile,
                   norm_factors=cc.norm_factors.detach().cpu().numpy(),
                   site_stream=stream_of, site_layer=layer_of)
     labels = [f"stream {s}" for s in range(n)] + ["shared", "dead"]
     meta = {"sites": [list(s) for s in sites], "site_labels": [site_label(s) for s in sites],
-            "layers": layers, "n_streams": n, "threshold": float(threshold), "space": space,
+            "layers": layers, "n_streams": n, "threshold": float(threshold),
+            "threshold_relative": (float(threshold) - _even_share(n)) / (1 - _even_share(n)),
+            "even_share": _even_share(n),
+            "space": space,
             "count_labels": labels,
             "counts_at_threshold": {lab: int(c) for lab, c in zip(labels, counts[main])},
             "n_alive": int((~dead).sum()), "dict_size": cc.dict_size,
@@ -653,8 +694,8 @@ def _build_result(cc: Crosscoder, stats: Optional[_EvalStats], threshold: float,
 
 
 def analyze_crosscoder(crosscoder: Crosscoder, data=None, *, n_tokens: int = 65536,
-                       batch_size: int = 4096, threshold: float = 0.5,
-                       thresholds: Sequence[float] = DEFAULT_THRESHOLDS, space: str = "normalized",
+                       batch_size: int = 4096, threshold: Optional[float] = None,
+                       thresholds: Optional[Sequence[float]] = None, space: str = "normalized",
                        mode: Optional[str] = None) -> "CrosscoderResult":
     """Feature-to-stream assignment and quality statistics of a trained crosscoder.
 
@@ -663,7 +704,9 @@ def analyze_crosscoder(crosscoder: Crosscoder, data=None, *, n_tokens: int = 655
     high-norm streams), stream share share_{i,t} = sum_{s in stream t} n_{i,s} / sum_s n_{i,s}
     [m, n], layer share [m, n_layers] (layers = distinct hooks), assignment = argmax_t share if
     max_t share > tau else SHARED (-1), dead latents DEAD (-2), for every tau in `thresholds`
-    (plus `threshold`, the one in `meta["counts_at_threshold"]`).
+    (plus `threshold`, the one in `meta["counts_at_threshold"]`). Both are absolute shares in
+    [1/n, 1); by default tau = 1/n + rho (1 - 1/n) for rho in DEFAULT_RELATIVE_THRESHOLDS, and
+    the main threshold rho = 1/3 (0.5 for 4 streams); see `thresholds_for`.
 
     data: None (dead = the training tracker; no explained variance), or activations (a tensor
     [N, S, d] / [N, L, n, d], an `ActivationBuffer`, any `ActivationSource`) of which `n_tokens`
@@ -700,8 +743,8 @@ class CrosscoderEval(Probe):
 
     name = "crosscoder"
 
-    def __init__(self, crosscoder: Crosscoder, threshold: float = 0.5,
-                 thresholds: Sequence[float] = DEFAULT_THRESHOLDS, space: str = "normalized",
+    def __init__(self, crosscoder: Crosscoder, threshold: Optional[float] = None,
+                 thresholds: Optional[Sequence[float]] = None, space: str = "normalized",
                  mode: Optional[str] = None):
         self.cc = crosscoder
         self.threshold, self.thresholds, self.space, self.mode = threshold, thresholds, space, mode
@@ -731,21 +774,35 @@ class CrosscoderEval(Probe):
                              probe=self.name)
 
 
-def match_decoder_directions(learned: Tensor, true: Tensor) -> Tuple[np.ndarray, np.ndarray]:
+def match_decoder_directions(learned: Tensor, true: Tensor,
+                             alive: Optional[Union[Tensor, np.ndarray]] = None) -> Tuple[np.ndarray, np.ndarray]:
     """Hungarian matching of ground-truth directions true [F, S, d] (or [F, D]) to learned ones
-    [m, S, d] by cosine of the flattened vectors (m >= F). Returns (index of the matched latent
-    [F], its cosine [F]). Uses scipy.optimize.linear_sum_assignment."""
+    [m, S, d] by cosine of the flattened vectors. alive: [m] bool, the latents that may be
+    matched (pass `~result["dead"]`: a dead latent never fires, so its decoder direction -
+    however well aligned, e.g. left over from the initialisation - recovers nothing).
+    Returns (index into the m latents of the matched one [F], its cosine [F]); with fewer
+    candidates than true directions the unmatched ones get index -1 and cosine NaN.
+    Uses scipy.optimize.linear_sum_assignment."""
     from scipy.optimize import linear_sum_assignment
 
     a = torch.as_tensor(learned).detach().double().cpu().flatten(1)
     b = torch.as_tensor(true).detach().double().cpu().flatten(1)
     if a.shape[1] != b.shape[1]:
         raise ValueError(f"direction sizes differ: learned {a.shape[1]}, true {b.shape[1]}")
+    cand = np.arange(a.shape[0])
+    if alive is not None:
+        alive = np.asarray(torch.as_tensor(alive).cpu(), dtype=bool)
+        if alive.shape != (a.shape[0],):
+            raise ValueError(f"alive must be a [{a.shape[0]}] bool mask, got shape {alive.shape}")
+        cand = np.flatnonzero(alive)
+    idx = np.full(b.shape[0], -1)
+    sim = np.full(b.shape[0], np.nan)
+    if cand.size == 0:
+        return idx, sim
+    a = a[torch.as_tensor(cand)]
     cos = (b / b.norm(dim=1, keepdim=True).clamp_min(1e-30)) @ (a / a.norm(dim=1, keepdim=True).clamp_min(1e-30)).T
     rows, cols = linear_sum_assignment(-cos.numpy())
-    idx = np.full(b.shape[0], -1)
-    idx[rows] = cols
-    sim = np.full(b.shape[0], np.nan)
+    idx[rows] = cand[cols]
     sim[rows] = cos.numpy()[rows, cols]
     return idx, sim
 
@@ -784,9 +841,12 @@ class CrosscoderResult(ProbeResult):
     def table(self) -> str:
         """Counts per stream / shared / dead for every swept threshold, as text."""
         labs = self.meta["count_labels"]
-        lines = ["tau   " + " ".join(f"{l:>9s}" for l in labs)]
+        n = self.n_streams
+        lines = ["tau   rho   " + " ".join(f"{l:>9s}" for l in labs)]
         for t, row in zip(self.arrays["thresholds"], self.arrays["counts"]):
-            lines.append(f"{t:4.2f}  " + " ".join(f"{int(c):9d}" for c in row))
+            u = _even_share(n)
+            lines.append(f"{t:4.2f}  {(t - u) / (1 - u):4.2f}  " + " ".join(f"{int(c):9d}" for c in row))
+        lines.append(f"(rho = (tau - 1/n) / (1 - 1/n) with n = {n} streams: 0 = an even split, 1 = one stream)")
         return "\n".join(lines)
 
     def plot(self, threshold: Optional[float] = None, max_features: int = 2000):

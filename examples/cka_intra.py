@@ -2,10 +2,10 @@
 
 Reproduces the intra-layer CKA matrices of "Ablate and Rescue": at a few evenly spaced layers
 (block outputs), the n x n linear CKA between the streams' representations of the same tokens
-(minibatch CKA, Nguyen et al. 2021). Top row: debiased CKA (unbiased HSIC, the default); bottom
-row: the biased estimator, which is inflated when features outnumber tokens. 1 = the two streams
-carry the same representation up to rotation and scale, 0 = unrelated. CKA ignores scale: read it
-together with the stream norms.
+(minibatch CKA, Nguyen et al. 2021, minibatches drawn from a token shuffle across windows). Top
+row: debiased CKA (unbiased HSIC, the default); bottom row: the biased estimator, which is
+inflated when features outnumber tokens. 1 = the two streams carry the same representation up to
+rotation and scale, 0 = unrelated. CKA ignores scale: read it together with the stream norms.
 
     python examples/cka_intra.py [--model NAME_OR_PATH] [--out DIR] [--fast] [--layers 4]
 """
@@ -51,7 +51,8 @@ def main(argv=None):
         ax.set_xlabel("stream")
     fig.colorbar(im, ax=axes.ravel().tolist(), shrink=0.7, pad=0.02, label="linear CKA")
     fig.suptitle(f"stream-by-stream CKA at block outputs (top: debiased, bottom: biased); "
-                 f"{result.meta['tokens_used']:,} tokens, minibatches of {result.meta['minibatch_tokens']}",
+                 f"{result.meta['tokens_used']:,} tokens, minibatches of {result.meta['minibatch_tokens']} "
+                 f"drawn from a {result.meta['shuffle_tokens']}-token shuffle",
                  fontsize=9)
     caption = ("Linear CKA between the streams of one layer (block output) at evenly spaced layers: debiased "
                "(top) and biased (bottom, inflated when features outnumber tokens); 1 = same representation "

@@ -1,7 +1,14 @@
 """`HookedMHC.compile()`: the compiled fast path computes what the eager model computes, and every
 way of looking inside a sublayer (TransformerLens hooks attached after compiling, torch hooks,
 nnsight) still sees and changes the run - the hazard of a plain `torch.compile(model)`, whose
-graphs silently skip hooks added later."""
+graphs silently skip hooks added later.
+
+Compiling is most of this module's time (inductor on a CPU, ~10-60 s a graph on 2 cores), so every
+test shares one compiled model and one token shape, and the module compiles as few graphs as it
+can: static shapes only (no dynamic re-trace), a model whose Sinkhorn runs 3 iterations (the
+unrolled loop is most of the mixer's graph; the hook-safety under test does not depend on its
+length), and the mHC-lite model of the last test has the same shapes, so it shares `apply`'s
+graphs and compiles only its own mixer."""
 import numpy as np
 import pytest
 import torch
@@ -15,21 +22,39 @@ from .conftest import perturbed_model, tiny_config
 TOL = dict(atol=1e-5, rtol=1e-5)
 
 
+SHAPE = (3, 9)  # [batch, pos] of every forward here but those at SWEEP_SHAPE
+# the one-shot rescue sweep of SHAPE's 3 prompts runs its 10 interventions per sublayer (n = 4:
+# 6 pairs, 4 singles) as one batch of 30; the check that a new shape re-traces uses that shape
+SWEEP_SHAPE = (30, 9)
+
+
+def compile_test_config(hyper_conn_type="mhc"):
+    return tiny_config(hyper_conn_type, sinkhorn_iters=3)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def static_shapes():
+    """A new shape compiles a static graph (no automatic dynamic-shape re-trace, which here only
+    added graphs: one dynamic graph per function and grad mode, and a re-trace after it)."""
+    with torch._dynamo.config.patch(automatic_dynamic_shapes=False):
+        yield
+
+
 @pytest.fixture(scope="module")
-def models():
+def models(static_shapes):
     """(eager, compiled) copies of one perturbed model: the compiled one has run once already,
     so hooks attached afterwards meet existing graphs."""
-    eager = perturbed_model(tiny_config("mhc"), seed=3)
-    fast = perturbed_model(tiny_config("mhc"), seed=3).compile()
+    eager = perturbed_model(compile_test_config(), seed=3)
+    fast = perturbed_model(compile_test_config(), seed=3).compile()
     with torch.no_grad():
-        fast(torch.zeros(3, 9, dtype=torch.long))
+        fast(torch.zeros(SHAPE, dtype=torch.long))
     return eager, fast
 
 
 @pytest.fixture
 def toks():
     torch.manual_seed(7)
-    return torch.randint(0, 40, (3, 9))
+    return torch.randint(0, 40, SHAPE)
 
 
 def uses_compiled_apply(model) -> list:
@@ -42,8 +67,8 @@ def test_compiled_forward_matches_eager(models, toks):
     assert all(uses_compiled_apply(fast)) and not any(uses_compiled_apply(eager))
     with torch.no_grad():
         torch.testing.assert_close(fast(toks), eager(toks), **TOL)
-        # a new batch size and length (dynamo re-traces with dynamic shapes) and a resumed run
-        other = torch.randint(0, 40, (5, 12))
+        # a new batch size (dynamo re-traces for the new shape) and a resumed run
+        other = torch.randint(0, 40, SWEEP_SHAPE)
         torch.testing.assert_close(fast(other), eager(other), **TOL)
         state = eager(toks, stop_at_sublayer=2)
         torch.testing.assert_close(fast(state, start_at_sublayer=2), eager(state, start_at_sublayer=2), **TOL)
@@ -119,7 +144,7 @@ def test_frozen_rescue_sweep_matches_eager(models, toks):
     """The batched causal sweeps run compiled: frozen coefficients enter `apply` as arguments,
     edits are hooks on hook_streams_in (outside the compiled region)."""
     eager, fast = models
-    kw = dict(mode="one_shot", ablation="zero", batch_size=3)
+    kw = dict(mode="one_shot", ablation="zero", batch_size=SHAPE[0])
     ref = ablate_and_rescue(eager, toks, **kw)
     res = ablate_and_rescue(fast, toks, **kw)
     for key in ("kl_ablated", "kl_rescued"):
@@ -139,7 +164,7 @@ def test_gradients_match_eager(models, toks):
 
 
 def test_compile_can_be_switched_off(toks):
-    model = perturbed_model(tiny_config("mhc_lite", 3), seed=4)
+    model = perturbed_model(compile_test_config("mhc_lite"), seed=4)
     with torch.no_grad():
         ref = model(toks)
         model.compile()

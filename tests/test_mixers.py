@@ -2,8 +2,11 @@
 import pytest
 import torch
 
+from mhc_interp.model.mixers import MIXERS
 from mhc_interp.model.mixers.base import (exp_domain_safe, exp_safe_range, normed_projection, sinkhorn,
                                           sinkhorn_exp, sinkhorn_log)
+
+from .conftest import perturbed_model, tiny_config
 
 
 def rms_norm_then_project(x, gamma, weight):
@@ -93,3 +96,12 @@ def test_sinkhorn_keeps_the_log_domain_at_extreme_logits():
         weird[2, 3] = bad
         assert not exp_domain_safe(weird)
         torch.testing.assert_close(sinkhorn(weird, 20), sinkhorn_log(weird, 20), atol=0, rtol=0, equal_nan=True)
+
+
+@pytest.mark.parametrize("variant", sorted(MIXERS))
+def test_every_mixer_returns_contiguous_coefficients(variant):
+    """One memory layout for every variant (the compiled `apply` guards on strides)."""
+    model = perturbed_model(tiny_config(variant, 1 if variant == "none" else 4), seed=0)
+    x = torch.randn(2, 5, model.cfg.n_streams, model.cfg.d_model)
+    coefficients = model.sublayers[0].mixer(x)
+    assert all(t.is_contiguous() for t in coefficients)

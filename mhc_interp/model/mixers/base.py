@@ -67,7 +67,9 @@ class Mixer(nn.Module):
     def compute(x: Tensor, w: Dict[str, Tensor], n: int, iters: int) -> Tuple[Tensor, Tensor, Tensor]:
         """The maths of a variant as a pure function of the state x [b, p, n, d] (in the model's
         dtype) and the mixer's tensors `w` (parameters and buffers, in the compute dtype)
-        -> (h_pre, h_post, h_res). x stays in its dtype: it is only read by `normed_projection`,
+        -> (h_pre, h_post, h_res), each contiguous (row-major), whichever variant, path or
+        frozen cache they come from: a compiled `apply` guards on its inputs' strides, so one
+        layout means one graph. x stays in its dtype: it is only read by `normed_projection`,
         which never materialises a normed (or float32) copy of the stream state."""
         raise NotImplementedError  # pragma: no cover - abstract
 

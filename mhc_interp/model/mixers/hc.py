@@ -38,4 +38,4 @@ class HyperConnectionMixer(Mixer):
         both = torch.tanh(normed_projection(x, w["norm_gamma"], weight))               # [b, p, n, 2 + n]
         alpha = both[..., :-1] * w["dynamic_alpha_scale"] + w["static_alpha"]
         h_post = both[..., -1] * w["dynamic_beta_scale"] + w["static_beta"]
-        return alpha[..., 0], h_post, alpha[..., 1:].transpose(-1, -2)
+        return alpha[..., 0].contiguous(), h_post, alpha[..., 1:].transpose(-1, -2).contiguous()

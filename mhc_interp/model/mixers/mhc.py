@@ -63,5 +63,7 @@ class SinkhornMixer(_ManifoldMixerBase):
         dyn, beta = _ManifoldMixerBase.projections(x, w)
         dyn = dyn.unflatten(-1, (n, n + 1))                                           # [b, p, s, 1+n]
         alpha = dyn * torch.cat([w["pre_branch_scale"], w["residual_scale"].expand(n)]) + w["static_alpha"]
-        h_res = sinkhorn(alpha[..., 1:].transpose(-1, -2), iters)                     # [b, p, t, s]
+        # contiguous [t, s] logits: Sinkhorn's elementwise steps run on dense memory, and h_res
+        # comes out in the row-major layout every mixer returns (see `Mixer.compute`)
+        h_res = sinkhorn(alpha[..., 1:].transpose(-1, -2).contiguous(), iters)        # [b, p, t, s]
         return torch.sigmoid(alpha[..., 0]), _ManifoldMixerBase.h_post(beta, w), h_res

@@ -896,14 +896,17 @@ class CrosscoderResult(ProbeResult):
         axes[0].set_xticks(range(n + 2))
         axes[0].set_xticklabels(labs, rotation=30, fontsize=8)
         axes[0].set_ylabel("latents")
-        axes[0].set_title(f"assignment at tau = {tau:g}")
+        u = _even_share(n)
+        axes[0].set_title(f"assignment at tau = {tau:.3g} (rho = {(tau - u) / (1 - u):.2f})")
         for s in range(n):
             axes[1].plot(a["thresholds"], a["counts"][:, s], marker=".", label=f"stream {s}")
         axes[1].plot(a["thresholds"], a["counts"][:, n], marker=".", color="grey", label="shared")
-        axes[1].set_xlabel("threshold tau")
+        axes[1].set_xlabel("threshold tau (share of the top stream)")
+        top = axes[1].secondary_xaxis("top", functions=(lambda t: (t - u) / (1 - u), lambda r: u + r * (1 - u)))
+        top.set_xlabel(f"rho = (tau - 1/n) / (1 - 1/n), n = {n}", fontsize=8)
         axes[1].set_ylabel("latents")
         axes[1].legend(fontsize=7)
-        axes[1].set_title("threshold sweep")
+        axes[1].set_title("threshold sweep", pad=30)
         figs["assignment_counts"] = fig
 
         layers = self.meta["layers"]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import html
 import json
+import math
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -39,14 +40,19 @@ CAPTIONS: Dict[str, str] = {
                  "walk, 120 = i.i.d. points, lower = straighter trajectories).",
     "rescue_global": "Global rescue % (rows: ablated stream, columns: recovered stream), one-shot zero "
                      "ablation with frozen mixing, as in Table 1 of 'Ablate and Rescue'.",
-    "rescue_layers": "Rescue % per sublayer.",
+    "rescue_layers": "Rescue % per sublayer (rows: ablated stream, columns: recovered stream; low = the pair's "
+                     "damage is below min_kl, so no rescue fraction is given).",
     "rescue_difference": "Per-sublayer rescue difference R(i|ij) - R(j|ij) for every pair: far from 0 "
                          "= one stream of the pair carries what matters.",
     "kl_ablated": "Damage KL(P_clean || P_ablated) of every pair ablation per sublayer.",
     "patching_recomputed": "Activation patching (denoising) per sublayer and stream: KL to the clean "
-                           "distribution after restoring one clean stream into the corrupted run, mixing recomputed.",
+                           "distribution after restoring one clean stream into the corrupted run, mixing recomputed "
+                           "(lower = more repaired). Each cell: mean and 95% interval over the prompts; hatched "
+                           "cells are within 2 s.e.m. of 0 (indistinguishable from the clean run).",
     "patching_frozen": "The same with the mixing frozen to the corrupted run (content effect).",
-    "patching_routing": "Recomputed minus frozen: the part of the effect mediated by the mixers.",
+    "patching_routing": "Recomputed minus frozen: the part of the effect mediated by the mixers; hatched cells "
+                        "are within 2 s.e.m. of 0 (s.e.m. bounded by the sum of both maps'), i.e. no routing "
+                        "effect above the noise.",
     "logit_lens/kl": "Logit lens: KL from the final distribution to the prediction read off each site "
                      "through the final LayerNorm and unembedding, for the stream sum and each stream alone.",
     "logit_lens/top1": "Logit lens: how often each view's top-1 token agrees with the final prediction.",
@@ -56,11 +62,30 @@ CAPTIONS: Dict[str, str] = {
     "head_detector/scores": "Attention-head scores per (layer, head): previous-token, duplicate-token, "
                             "induction, successor and copy-suppression.",
     "head_detector/layer_distribution": "Where the best heads of each kind sit.",
-    "head_detector/read_write": "Which streams each layer's attention reads (H_pre) and writes (H_post).",
+    "head_detector/read_write": "Which streams the attention sublayer of each top head reads (H_pre) and writes "
+                                "(H_post); heads of one layer share their sublayer's mixing.",
     "predictability/matrices": "Held-out ridge R^2 of stream j (columns) predicted linearly from stream i "
                                "(rows), per layer: a complement to CKA that is sensitive to scale.",
     "predictability/trend": "Mean off-diagonal cross-stream R^2 over depth.",
 }
+
+# Section headings say what a section shows; the probe id follows in small print.
+SECTION_TITLES: Dict[str, str] = {
+    "stream_usage": "How the sublayers read, write and mix the streams",
+    "cka": "How alike the streams' representations are (CKA)",
+    "predictability": "How well one stream predicts another (ridge R\u00b2)",
+    "curvature": "How straight the token trajectories are",
+    "logit_lens": "What each stream predicts (logit lens)",
+    "head_detector": "What the attention heads do",
+    "ablate_rescue": "Which streams the model needs (ablation and rescue)",
+    "activation_patching": "Where one clean stream repairs a corrupted run (activation patching)",
+}
+# The summary's findings, in this order, at most MAX_FINDINGS of them.
+FINDING_ORDER = ("dominant_stream", "mixers", "cka_last", "needed_rescue", "needed_patching", "logit_lens")
+MAX_FINDINGS = 5
+# Below this KL (nats) between the clean and corrupted runs the patching finding says there is
+# nothing to repair (the rescue probe's default min_kl for a pair's damage).
+MIN_CORRUPTION_KL = 1e-3
 
 
 @dataclass
@@ -136,15 +161,17 @@ def build_report(model, out: Path, corpus: Optional[Sequence[Path]] = None,
     tmp = output_folder.staging_folder(out)
     try:
         sections = _run_all(model, tokens, tmp, cfg, timer)
-        notes = [f"model: {model_name} - {model.summary()}",
-                 f"corpus: {_corpus_note(model, corpus)}; "
-                 f"{tokens.numel():,} tokens in {tokens.shape[0]} windows of {tokens.shape[1]}",
+        corpus_line = (f"{_corpus_note(model, corpus)}; "
+                       f"{tokens.numel():,} tokens in {tokens.shape[0]} windows of {tokens.shape[1]}")
+        notes = [f"model: {model_name} - {model.summary()}", f"corpus: {corpus_line}",
                  f"written {time.strftime('%Y-%m-%d %H:%M:%S')}"]
+        summary = {"model": model_name, "model_summary": model.summary(), "corpus": corpus_line,
+                   "tokens": int(tokens.numel()), "findings": collect_findings(sections)}
         with timer("page (index.html, report.json)"):
             timings = [{"phase": p, "seconds": round(sec, 3), "share": round(f, 4)} for p, sec, f in timer.rows()]
-            (tmp / "index.html").write_text(render_html(sections, notes, timings))
-            (tmp / "report.json").write_text(json.dumps({"notes": notes, "sections": sections, "timings": timings},
-                                                        indent=1))
+            (tmp / "index.html").write_text(render_html(sections, notes, timings, summary))
+            (tmp / "report.json").write_text(json.dumps({"notes": notes, "summary": summary, "sections": sections,
+                                                         "timings": timings}, indent=1))
         output_folder.check(out, force)   # again: files may have appeared while the probes ran
         output_folder.commit(tmp, out)
     finally:
@@ -167,13 +194,17 @@ def _figures(result: ProbeResult, folder: Path) -> List[Dict[str, str]]:
              "caption": CAPTIONS.get(f"{result.probe}/{p.stem}", CAPTIONS.get(p.stem, ""))} for p in paths]
 
 
-def _section(result: ProbeResult, folder: Path, timer: PhaseTimer, title: str, **extra) -> Dict:
-    """Save the result and its figures (each timed) -> the page section that shows them."""
+def _section(result: ProbeResult, folder: Path, timer: PhaseTimer, **extra) -> Dict:
+    """Save the result and its figures (each timed) -> the page section that shows them, titled
+    for what it shows, with the findings the summary may quote (removed again by
+    `collect_findings`)."""
     with timer(f"{result.probe}: save results"):
         _result_path(folder, result)
     with timer(f"{result.probe}: figures"):
         figures = _figures(result, folder)
-    return {"title": title, "figures": figures, "tables": [], **extra}
+    return {"id": f"sec-{result.probe}", "probe": result.probe,
+            "title": SECTION_TITLES.get(result.probe, result.probe.replace("_", " ")),
+            "figures": figures, "tables": [], "findings": findings(result), **extra}
 
 
 def _run_all(model, tokens: Tensor, folder: Path, cfg: ReportConfig, timer: PhaseTimer) -> List[Dict]:
@@ -186,7 +217,7 @@ def _run_all(model, tokens: Tensor, folder: Path, cfg: ReportConfig, timer: Phas
     results = run_probes(model, [p for p in observational if p.name not in cfg.skip], tokens,
                          batch_size=cfg.batch_size, progress=cfg.progress, timer=timer)
     for name, result in results.items():
-        section = _section(result, folder, timer, name.replace("_", " "))
+        section = _section(result, folder, timer)
         if name == "stream_usage":
             with timer("stream_usage: figures"):
                 section["layer_figures"] = _per_sublayer_h_res(result, folder)
@@ -197,44 +228,114 @@ def _run_all(model, tokens: Tensor, folder: Path, cfg: ReportConfig, timer: Phas
         # per-head ablations (copy suppression) cost a forward per head: a smaller token budget
         heads = run_probes(model, HeadDetector(), tokens[: 2 * cfg.causal_prompts, : cfg.causal_seq_len],
                            batch_size=cfg.causal_prompts, progress=cfg.progress, timer=timer)
-        sections.append(_section(heads, folder, timer, "attention heads"))
+        with timer("head_detector: successor"):
+            _successor(model, heads)
+        sections.append(_section(heads, folder, timer))
     if multi and "ablate_rescue" not in cfg.skip:
         rescue = run_probes(model, AblateRescue(), tokens[: cfg.causal_prompts, : cfg.causal_seq_len],
                             batch_size=cfg.causal_prompts, progress=cfg.progress, timer=timer)
-        sections.append(_section(rescue, folder, timer, "ablation and rescue", tables=[
+        sections.append(_section(rescue, folder, timer, tables=[
             _matrix_table("global rescue % (rows: ablated, columns: recovered)", 100 * rescue["global_rescue"],
                           diagonal="-")]))
     if "activation_patching" not in cfg.skip:
         clean, corrupted, how = patching_prompts(model, tokens, cfg)
         probe = ActivationPatching(mixing="both" if multi else "recomputed")
         with timer("activation_patching: interventions"):
-            probe.setup(model)
-            probe.patch(model, clean.to(model.device), corrupted.to(model.device))
+            _patch(model, probe, clean, corrupted, cfg.progress)
         with timer("activation_patching: result"):
             patching = probe.result()
-        sections.append(_section(patching, folder, timer, "activation patching", note=f"corruption: {how}"))
+        sections.append(_section(patching, folder, timer, note=f"corruption: {how}"))
     return sections
 
 
+def _patch(model, probe: ActivationPatching, clean: Tensor, corrupted: Tensor, progress: bool) -> None:
+    """`probe.patch` on every prompt in one call (split calls cost 10-40% more: each repeats the
+    clean and corrupted runs and shrinks the batched replicas), under a bar that names the phase
+    and counts the prompts."""
+    from tqdm.auto import tqdm
+
+    probe.setup(model)
+    with tqdm(total=len(clean), desc="activation_patching", unit="prompt", disable=not progress) as bar:
+        probe.patch(model, clean.to(model.device), corrupted.to(model.device))
+        bar.update(len(clean))
+
+
+def _ordinal_runs(model) -> List[List[str]]:
+    """Per built-in ordinal list (days, months, number words, digits), its longest run of
+    consecutive words that are one token each in the model's tokenizer."""
+    from .probes.heads import DEFAULT_ORDINAL_WORDS
+
+    runs = []
+    for words in DEFAULT_ORDINAL_WORDS.values():
+        best: List[str] = []
+        run: List[str] = []
+        for word in words:
+            ids = model.tokenizer.encode(word)
+            run = run + [word] if len(ids) == 1 and 0 <= ids[0] < model.cfg.d_vocab else []
+            best = run if len(run) > len(best) else best
+        runs.append(best)
+    return runs
+
+
+def _successor(model, heads: ProbeResult) -> None:
+    """Successor heads need ordinal sequences, which the corpus run does not have: score the
+    built-in lists that are single tokens in full in this tokenizer, or say on the result (and so on
+    its empty panel) why none could be scored."""
+    from .probes.heads import DEFAULT_ORDINAL_WORDS, successor_scores
+
+    skipped = heads.meta.setdefault("skipped", {})
+    if model.tokenizer is None:
+        skipped["successor"] = ("the model has no tokenizer, so there are no ordinal words (days, months, "
+                                "numbers) to score; detect_heads(model, ordinal_sequences=[[id, ...]]) takes ids")
+        return
+    runs = _ordinal_runs(model)
+    full = [r for r, words in zip(runs, DEFAULT_ORDINAL_WORDS.values()) if len(r) == len(words)]
+    if not full:
+        longest = max(runs, key=len)
+        have = f"longest run: {''.join(longest).strip()!r}" if longest else "none is"
+        skipped["successor"] = (f"no ordinal word list (days, months, number words, digits) is single tokens "
+                                f"in this tokenizer ({have}), so no successor sequence to score")
+        return
+    scores, count = successor_scores(model, full)
+    heads.arrays["successor"] = scores
+    skipped.pop("successor", None)
+    heads.meta.setdefault("sources", {})["successor"] = "ordinal"
+    heads.meta.setdefault("counts", {})["successor"] = int(count)
+
+
 def _per_sublayer_h_res(result: ProbeResult, folder: Path) -> List[Dict[str, str]]:
-    """One small H_res heatmap per sublayer, for the page's layer selector."""
+    """One small H_res heatmap per sublayer, for the page's layer selector: one figure, its image,
+    numbers and title updated and saved for each sublayer (no new figure per sublayer)."""
     import matplotlib.pyplot as plt
 
+    from .probes.figure_helpers import text_color
+
+    mats, names = result["mean_h_res"], result.meta["sublayers"]
+    n = mats.shape[-1]
+    fig, ax = plt.subplots(figsize=(3.2, 2.8))
+    im = ax.imshow(mats[0], vmin=0, vmax=1, cmap="viridis")
+    size = float(np.clip(40 / n, 6, 10))
+    texts = {(i, j): ax.text(j, i, "", ha="center", va="center", fontsize=size) for i in range(n) for j in range(n)}
+    ax.set_xticks(range(n))
+    ax.set_yticks(range(n))
+    ax.set_xlabel("source stream")
+    ax.set_ylabel("target stream")
+    fig.colorbar(im, ax=ax, shrink=0.9)
+    title = ax.set_title("", fontsize=9)
     figs = []
-    for k, name in enumerate(result.meta["sublayers"]):
-        fig, ax = plt.subplots(figsize=(3, 2.6))
-        m = result["mean_h_res"][k]
-        ax.imshow(m, vmin=0, vmax=1, cmap="viridis")
-        for (i, j), v in np.ndenumerate(m):
-            ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=7, color="white" if v < 0.5 else "black")
-        ax.set_title(f"{name}: mean H_res", fontsize=8)
-        ax.set_xlabel("source")
-        ax.set_ylabel("target")
-        path = folder / "figures" / "layers" / f"h_res_{k:03d}.png"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(path, dpi=100, bbox_inches="tight")
+    path = folder / "figures" / "layers"
+    path.mkdir(parents=True, exist_ok=True)
+    try:
+        for k, name in enumerate(names):
+            im.set_data(mats[k])
+            for (i, j), text in texts.items():
+                text.set_text(f"{mats[k][i, j]:.2f}")
+                text.set_color(text_color(im.cmap(im.norm(mats[k][i, j]))))
+            title.set_text(f"{name}: mean H_res")
+            fig.savefig(path / f"h_res_{k:03d}.png", dpi=100, bbox_inches="tight")
+            figs.append({"src": f"figures/layers/h_res_{k:03d}.png", "label": name})
+    finally:
         plt.close(fig)
-        figs.append({"src": f"figures/layers/{path.name}", "label": name})
     return figs
 
 
@@ -244,19 +345,181 @@ def _matrix_table(title: str, m: np.ndarray, diagonal: Optional[str] = None) -> 
     return {"title": title, "header": [str(j) for j in range(len(rows))], "rows": rows}
 
 
-def render_html(sections: List[Dict], notes: List[str], timings: Sequence[Dict] = ()) -> str:
-    """A self-contained page (no external resources): figures with captions, tables, a layer
-    selector for per-sublayer figures, and a footer table of where the run's time went."""
-    parts = ["<!doctype html><html><head><meta charset='utf-8'><title>mhc-interp report</title>",
-             "<style>body{font-family:sans-serif;max-width:1100px;margin:auto;padding:1em}"
-             "figure{margin:1em 0}img{max-width:100%}figcaption{color:#444;font-size:0.9em}"
-             "table{border-collapse:collapse;margin:0.5em 0}td,th{border:1px solid #bbb;padding:2px 8px;"
-             "text-align:right}</style></head><body><h1>mhc-interp report</h1><ul>"]
+# ------------------------------------------------------------------------------ findings
+def findings(result: ProbeResult) -> List[Dict]:
+    """The one-line findings a probe's result supports, each {"key", "text", "values"} (plain
+    data: numbers, strings and lists); none where the result cannot say (NaN, one stream)."""
+    make = _FINDINGS.get(result.probe)
+    return [f for f in (make(result) if make else []) if f is not None]
+
+
+def collect_findings(sections: List[Dict]) -> List[Dict]:
+    """Take the findings out of the sections; the first MAX_FINDINGS in FINDING_ORDER."""
+    found = [f for s in sections for f in s.pop("findings", [])]
+    rank = {k: i for i, k in enumerate(FINDING_ORDER)}
+    found.sort(key=lambda f: rank.get(f["key"], len(rank)))
+    return found[:MAX_FINDINGS]
+
+
+def _finding(key: str, text: str, **values) -> Dict:
+    plain = {k: (v.item() if isinstance(v, np.generic) else v) for k, v in values.items()}
+    return {"key": key, "text": text, "values": plain}
+
+
+def _pct(x: float) -> str:
+    return f"{100 * x:.0f}%"
+
+
+def _stream_usage_findings(r: ProbeResult) -> List[Optional[Dict]]:
+    subs = r.meta["sublayers"]
+    share = np.asarray(r["read_share_norm"], dtype=float).mean(0)          # [n] over sublayers
+    n = share.size
+    out: List[Optional[Dict]] = [None, None]
+    if n > 1 and np.isfinite(share).all():
+        top, low, even = int(share.argmax()), int(share.argmin()), 1 / n
+        if share[top] - even < 0.05:
+            text = (f"No stream dominates what the sublayers read: norm-weighted read shares from "
+                    f"{_pct(share[low])} to {_pct(share[top])} on average (an even split is {_pct(even)}).")
+        else:
+            text = (f"Stream {top} dominates what the sublayers read: {_pct(share[top])} of the norm-weighted "
+                    f"read share on average over {len(subs)} sublayers (an even split is {_pct(even)}; "
+                    f"stream {low} least, {_pct(share[low])}).")
+        out[0] = _finding("dominant_stream", text, stream=top, share=float(share[top]), least_stream=low,
+                          least_share=float(share[low]), even_share=even)
+    dist = np.asarray(r["h_res_dist"], dtype=float)                        # E_t ||H_res - I||_F per sublayer
+    if n > 1 and np.isfinite(dist).all() and dist.size:
+        ref, k, mean = math.sqrt(n - 1), int(dist.argmax()), float(dist.mean())
+        verdict = ("stay close to the identity (streams kept apart)" if mean < 0.2 * ref else
+                   "mix the streams partly" if mean < 0.5 * ref else "mix the streams strongly")
+        where = (f"except at {subs[k]} ({dist[k]:.2f})" if mean < 0.2 * ref and dist[k] >= 0.5 * ref
+                 else f"most at {subs[k]} ({dist[k]:.2f})")
+        out[1] = _finding("mixers", f"The mixers H_res {verdict}: E||H_res - I||_F = {mean:.2f} on average over "
+                                    f"sublayers, {where}; 0 = identity, {ref:.2f} = uniform mixing.",
+                          mean_distance=mean, max_distance=float(dist[k]), max_sublayer=subs[k],
+                          uniform_mixing_distance=ref)
+    return out
+
+
+def _cka_findings(r: ProbeResult) -> List[Optional[Dict]]:
+    m = np.asarray(r.intra(-1), dtype=float)
+    n = m.shape[0]
+    pairs = [(i, j, m[i, j]) for i in range(n) for j in range(i + 1, n) if np.isfinite(m[i, j])]
+    if not pairs:
+        return []
+    values = np.array([v for _, _, v in pairs])
+    mean = float(values.mean())
+    lo, hi = pairs[int(values.argmin())], pairs[int(values.argmax())]
+    site = str(r.meta["site_names"][-1]).replace(".hook_streams_out", "")
+    verdict = ("nearly the same" if mean >= 0.8 else "partly shared" if mean >= 0.4 else "largely distinct")
+    text = (f"At the last sublayer ({site}) the streams' representations are {verdict}: CKA between streams "
+            f"{mean:.2f} on average, from {lo[2]:.2f} (streams {lo[0]}, {lo[1]}) to {hi[2]:.2f} "
+            f"(streams {hi[0]}, {hi[1]}); 1 = the same up to rotation and scale.")
+    return [_finding("cka_last", text, site=site, mean=mean, min=float(lo[2]), min_pair=[lo[0], lo[1]],
+                     max=float(hi[2]), max_pair=[hi[0], hi[1]])]
+
+
+def _rescue_findings(r: ProbeResult) -> List[Optional[Dict]]:
+    g = np.array(r["global_rescue"], dtype=float)                         # [ablated, recovered]
+    np.fill_diagonal(g, np.nan)
+    valid = np.isfinite(g)
+    if g.shape[0] < 2 or valid.sum(0).min() == 0:
+        return []
+    by_stream = np.nansum(g, 0) / valid.sum(0)                          # mean rescue of recovering r
+    top, low = int(by_stream.argmax()), int(by_stream.argmin())
+    text = (f"Stream {top} is the most needed: restoring it undoes {_pct(by_stream[top])} of a pair ablation's "
+            f"damage on average, stream {low} the least ({_pct(by_stream[low])}) (zero ablation at one sublayer, "
+            f"mixing frozen, {r.meta.get('prompts', '?')} prompts).")
+    return [_finding("needed_rescue", text, most_needed=top, rescue=float(by_stream[top]), least_needed=low,
+                     least_rescue=float(by_stream[low]))]
+
+
+def _patching_findings(r: ProbeResult) -> List[Optional[Dict]]:
+    metric = r.meta.get("metric")
+    key = f"{metric}_recomputed" if f"{metric}_recomputed" in r.arrays else f"{metric}_{r.meta['mixing'][0]}"
+    m = np.asarray(r[key], dtype=float)
+    if metric != "kl" or m.ndim != 2 or m.shape[1] < 2 or not np.isfinite(m).all():
+        return []
+    clean, corrupted = float(r["baseline_clean"]), float(r["baseline_corrupted"])
+    effect = corrupted - clean
+    prompts = r.meta.get("prompts", "?")
+    if not effect >= MIN_CORRUPTION_KL:
+        return [_finding("needed_patching", f"The corruption hardly changes the output (KL to clean {corrupted:.2g} "
+                                            f"< {MIN_CORRUPTION_KL:g} over {prompts} prompts): activation patching "
+                                            f"has nothing to repair.", corrupted_kl=corrupted)]
+    repaired = ((corrupted - m) / effect).mean(0)                        # [stream], mean over sublayers
+    top, low = int(repaired.argmax()), int(repaired.argmin())
+    text = (f"Restoring stream {top} alone from the clean run repairs the most: {_pct(repaired[top])} of the "
+            f"corruption's KL on average over sublayers, stream {low} the least ({_pct(repaired[low])})")
+    values = dict(best_stream=top, repaired=float(repaired[top]), worst_stream=low,
+                  worst_repaired=float(repaired[low]), corrupted_kl=corrupted)
+    routing = r.arrays.get(f"{metric}_routing")
+    sems = [r.arrays.get(f"{metric}_{x}_sem") for x in ("recomputed", "frozen")]
+    if routing is not None and all(x is not None for x in sems):
+        within = int((np.abs(routing) < 2 * (sems[0] + sems[1])).sum())
+        text += f"; the mixers' part (routing) is within noise in {within} of {routing.size} cells"
+        values.update(routing_within_noise=within, cells=int(routing.size))
+    return [_finding("needed_patching", text + f" ({prompts} prompts).", **values)]
+
+
+def _logit_lens_findings(r: ProbeResult) -> List[Optional[Dict]]:
+    top1, labels, views = np.asarray(r["top1"], dtype=float), r.meta.get("site_labels", []), r.meta.get("views", [])
+    if top1.ndim != 2 or not views or views[0] != "sum" or len(labels) != top1.shape[0]:
+        return []
+    readable = np.nonzero(top1[:, 0] >= 0.5)[0]
+    if not readable.size:
+        return []
+    first = int(readable[0])
+    text = f"The final top-1 token can be read off the stream sum from {labels[first]} on (>= 50% agreement)"
+    values = dict(first_site=labels[first], agreement=float(top1[first, 0]))
+    if top1.shape[1] > 2:
+        s = int(top1[-1, 1:].argmax())
+        text += f"; of single streams, {views[1 + s]} agrees best at the last site ({_pct(top1[-1, 1 + s])})"
+        values.update(best_single_view=views[1 + s], best_single_agreement=float(top1[-1, 1 + s]))
+    return [_finding("logit_lens", text + ".", **values)]
+
+
+_FINDINGS = {"stream_usage": _stream_usage_findings, "cka": _cka_findings, "ablate_rescue": _rescue_findings,
+             "activation_patching": _patching_findings, "logit_lens": _logit_lens_findings}
+
+
+# ------------------------------------------------------------------------------ the page
+CSS = ("body{font-family:sans-serif;max-width:1300px;margin:auto;padding:1em;line-height:1.4}"
+       "figure{margin:1em 0}img{max-width:100%}figcaption{color:#444;font-size:0.9em}"
+       "table{border-collapse:collapse;margin:0.5em 0}td,th{border:1px solid #bbb;padding:2px 8px;"
+       "text-align:right}#summary{background:#f4f6f8;border:1px solid #d8dde3;padding:0.2em 1.2em 0.8em}"
+       "#summary ul.notes{color:#333;padding-left:1.2em}ol.findings li{margin:0.3em 0}"
+       "nav#toc ol{columns:2;padding-left:1.5em}nav#toc a{text-decoration:none}nav#toc a:hover{text-decoration:underline}"
+       "section.probe{border-top:1px solid #ccc;margin-top:2em}.probe-id{color:#666;font-size:0.85em;margin-top:-0.6em}")
+
+
+def render_html(sections: List[Dict], notes: List[str], timings: Sequence[Dict] = (),
+                summary: Optional[Dict] = None) -> str:
+    """A self-contained page (no external resources): a summary (model, corpus, findings), a table
+    of contents, one section per probe named for what it shows (figures with captions, tables, a
+    layer selector for per-sublayer figures), and a footer table of where the run's time went."""
     esc = html.escape   # every string that reaches the page: names of files, models and hooks included
+    parts = ["<!doctype html><html><head><meta charset='utf-8'><title>mhc-interp report</title>",
+             f"<style>{CSS}</style></head><body><h1>mhc-interp report</h1>"]
+    ids = [sec.get("id") or f"section-{s_i}" for s_i, sec in enumerate(sections)]
+    found = (summary or {}).get("findings", [])
+    parts.append("<section id='summary'><h2>Summary</h2><ul class='notes'>")
     parts += [f"<li>{esc(n)}</li>" for n in notes]
     parts.append("</ul>")
+    if found:
+        parts.append("<h3>Findings</h3><ol class='findings'>")
+        parts += [f"<li data-key='{esc(f['key'])}'>{esc(f['text'])}</li>" for f in found]
+        parts.append("</ol>")
+    parts.append("</section>")
+    toc = [("summary", "Summary")] + list(zip(ids, [s["title"] for s in sections]))
+    if timings:
+        toc.append(("timings", "Where the time went"))
+    parts.append("<nav id='toc'><h2>Contents</h2><ol>")
+    parts += [f"<li><a href='#{esc(i)}'>{esc(t)}</a></li>" for i, t in toc]
+    parts.append("</ol></nav>")
     for s_i, sec in enumerate(sections):
-        parts.append(f"<h2>{esc(sec['title'])}</h2>")
+        parts.append(f"<section class='probe' id='{esc(ids[s_i])}'><h2>{esc(sec['title'])}</h2>")
+        if sec.get("probe"):
+            parts.append(f"<p class='probe-id'>probe <code>{esc(sec['probe'])}</code></p>")
         if sec.get("note"):
             parts.append(f"<p>{esc(sec['note'])}</p>")
         for fig in sec["figures"]:
@@ -274,6 +537,7 @@ def render_html(sections: List[Dict], notes: List[str], timings: Sequence[Dict] 
             for i, row in enumerate(table["rows"]):
                 parts.append(f"<tr><th>{i}</th>" + "".join(f"<td>{esc(c)}</td>" for c in row) + "</tr>")
             parts.append("</table>")
+        parts.append("</section>")
     if timings:
         parts.append("<footer><h2 id='timings'>Where the time went</h2><table><caption>wall time per phase "
                      "(the page itself is written after this table)</caption><tr><th>phase</th><th>seconds</th>"

@@ -182,7 +182,7 @@ def test_every_string_reaching_the_page_is_escaped():
           "layer_figures": [{"src": "b'.png", "label": hostile}],
           "tables": [{"title": hostile, "header": [hostile], "rows": [[hostile]]}]}], [hostile])
     assert "<img src=x" not in page and "a'.png" not in page and "b'.png" not in page
-    assert page.count("&lt;img src=x onerror=alert(1)&gt;") == 9
+    assert page.count("&lt;img src=x onerror=alert(1)&gt;") == 10   # the title twice: heading and contents
 
 
 # ------------------------------------------------------------------------ 6-7. untrusted configs

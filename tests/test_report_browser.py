@@ -1,11 +1,14 @@
 """The report page (`mhc-interp report` -> index.html) in a real headless browser: Debian's chromium
-driven by Playwright, the page served from a localhost http.server.
+driven by Playwright at 1400 px wide, the page served from a localhost http.server.
 
 Checks: the page loads without console errors, page errors, failed or non-local requests; every
-<img> decodes (naturalWidth > 0) and is visible; the figures carry their captions; the tables render
-(the global rescue table has one row per stream); and the per-sublayer selector swaps the figure for
-one that loads. A full-page screenshot is written to the test's tmp dir and copied to
-/tmp/report_screenshot.png for a person to look at.
+<img> decodes (naturalWidth > 0), is visible and is not shrunk below 75% of its size (its text stays
+readable); a summary at the top names the model and the corpus and lists the findings of
+report.json (at least three); the table of contents links every section, each link lands on its
+section; the sections are headed by what they show, not by probe ids; the figures carry their
+captions; the tables render (the global rescue table has one row per stream); and the per-sublayer
+selector swaps the figure for one that loads. A full-page screenshot is written to the test's tmp
+dir and copied to /tmp/report_screenshot.png for a person to look at.
 
 Needs a chromium binary (CI installs Debian's `chromium` in .ci/run) and the `playwright` package;
 skipped with a message when either is missing. Playwright's own browser download is not used.
@@ -26,6 +29,7 @@ from mhc_interp.cli import main
 
 SCREENSHOT_COPY = Path("/tmp/report_screenshot.png")
 TIMEOUT_MS = 15_000
+VIEWPORT_WIDTH = 1400   # the width the report is designed for
 # No network: chromium otherwise reaches out (component updates, QUIC probes, sync, ...).
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync",
@@ -100,7 +104,7 @@ def browser_context(tmp_path_factory):
     try:
         context = pw.chromium.launch_persistent_context(
             str(tmp_path_factory.mktemp("chromium-profile")), executable_path=CHROMIUM, headless=True,
-            args=CHROMIUM_ARGS, viewport={"width": 1280, "height": 900}, timeout=TIMEOUT_MS)
+            args=CHROMIUM_ARGS, viewport={"width": VIEWPORT_WIDTH, "height": 900}, timeout=TIMEOUT_MS)
     except Exception:
         pw.stop()
         raise
@@ -179,9 +183,84 @@ def test_names_from_the_user_show_as_text_and_never_run(loaded):
     assert loaded.problems == []
 
 
+def test_figures_are_not_shrunk_below_readable_size(loaded):
+    """At 1400 px every figure is shown at >= 75% of its pixel width (its fonts were sized for that)."""
+    scales = loaded.page.eval_on_selector_all(
+        "figure img", "is => is.map(i => [i.getAttribute('src'), i.getBoundingClientRect().width / i.naturalWidth])")
+    shrunk = [(src, round(scale, 2)) for src, scale in scales if scale < 0.75]
+    assert scales and not shrunk, f"figures shown too small to read: {shrunk}"
+
+
+def test_summary_at_the_top_names_model_corpus_and_findings(loaded, report_json):
+    page = loaded.page
+    summary = report_json["summary"]
+    assert summary["model"] == "tiny-mhc-n4" and HOSTILE_NAME in summary["corpus"]
+    findings = summary["findings"]
+    assert 3 <= len(findings) <= 5
+    assert all(f["text"].strip() and "\n" not in f["text"] and isinstance(f["values"], dict) for f in findings)
+    # one finding per kind, in the report's order; for tiny-mhc-n4 (4 streams) every multi-stream kind is there
+    keys = [f["key"] for f in findings]
+    assert keys == ["dominant_stream", "mixers", "cka_last", "needed_rescue", "needed_patching"]
+    box = page.locator("#summary")
+    assert box.is_visible()
+    assert box.locator("li").all_inner_texts()[:2] == report_json["notes"][:2]
+    assert box.locator("ol.findings > li").all_inner_texts() == [f["text"] for f in findings]
+    # the summary comes first: above the table of contents and every section
+    top = page.evaluate("() => Array.from(document.querySelectorAll('#summary, nav#toc, section.probe'))"
+                        ".map(e => [e.id, e.getBoundingClientRect().top + window.scrollY])")
+    assert top[0][0] == "summary" and top[1][0] == "toc"
+    assert [t for _, t in top] == sorted(t for _, t in top)
+    assert loaded.problems == []
+
+
+def test_findings_are_computed_from_the_results(report_json, report_dir):
+    """The numbers a finding quotes are those of the saved results (not made up by the page)."""
+    import numpy as np
+
+    values = {f["key"]: f["values"] for f in report_json["summary"]["findings"]}
+    usage = np.load(report_dir / "results" / "stream_usage.npz")
+    share = usage["read_share_norm"].mean(0)
+    assert values["dominant_stream"]["stream"] == int(share.argmax())
+    assert values["dominant_stream"]["share"] == pytest.approx(float(share.max()))
+    assert values["mixers"]["mean_distance"] == pytest.approx(float(usage["h_res_dist"].mean()))
+    rescue = np.load(report_dir / "results" / "ablate_rescue.npz")["global_rescue"].copy()
+    np.fill_diagonal(rescue, np.nan)
+    assert values["needed_rescue"]["most_needed"] == int(np.nanargmax(np.nanmean(rescue, 0)))
+
+
+def test_table_of_contents_links_land_on_their_sections(loaded, report_json):
+    page = loaded.page
+    links = page.eval_on_selector_all("nav#toc a", "as => as.map(a => [a.getAttribute('href'), a.textContent])")
+    ids = ["summary"] + [s["id"] for s in report_json["sections"]] + ["timings"]
+    assert [h for h, _ in links] == [f"#{i}" for i in ids]
+    assert [t for _, t in links][1:-1] == [s["title"] for s in report_json["sections"]]
+    for href, _ in links:   # every target exists, once
+        assert page.locator(href).count() == 1, href
+    for k in (len(links) - 2, 1, len(links) - 1):   # following a link scrolls its section to the top
+        page.locator("nav#toc a").nth(k).click()
+        page.wait_for_function("id => location.hash === '#' + id", arg=ids[k])
+        top = page.evaluate("id => document.getElementById(id).getBoundingClientRect().top", ids[k])
+        assert abs(top) < 5 or page.evaluate("() => window.innerHeight + window.scrollY >= document.body.scrollHeight - 2")
+    assert loaded.problems == []
+
+
+def test_sections_are_named_for_what_they_show(loaded, report_json):
+    page = loaded.page
+    sections = report_json["sections"]
+    titles = page.locator("section.probe > h2").all_inner_texts()
+    assert titles == [s["title"] for s in sections]
+    probes = [s["probe"] for s in sections]
+    assert len(set(titles)) == len(titles)
+    for title, probe in zip(titles, probes):   # a phrase about what is shown, not the id (a method may follow)
+        assert probe not in title and not title.lower().startswith(probe.replace("_", " ")), title
+        assert len(title.split()) >= 4, title
+    assert [s["id"] for s in sections] == [f"sec-{p}" for p in probes]
+
+
 def test_figures_have_their_captions_and_sections_their_headings(loaded, report_json):
     page = loaded.page
-    assert page.locator("h2").all_inner_texts() == [s["title"] for s in report_json["sections"]] + ["Where the time went"]
+    assert page.locator("section.probe > h2").all_inner_texts() == [s["title"] for s in report_json["sections"]]
+    assert page.locator("footer > h2").all_inner_texts() == ["Where the time went"]
     captions = page.eval_on_selector_all(
         "figure:has(> figcaption)", "fs => fs.map(f => [f.querySelector('img').getAttribute('src'), "
                                     "f.querySelector('figcaption').textContent])")

@@ -444,44 +444,71 @@ class HeadScores(ProbeResult):
         stream of the layers holding the top-k heads of each score}."""
         import matplotlib.pyplot as plt
 
+        from .figure_helpers import annotate, empty_panel, panel_grid
+
         L, H, n = self.meta["n_layers"], self.meta["n_heads"], self.meta["n_streams"]
+        skipped = self.meta.get("skipped", {})
+
+        def why(score: str) -> str:
+            return f"not computed: {skipped.get(score, 'no value')}"
+
         figs = {}
-        fig, axes = plt.subplots(1, len(HEAD_SCORES), figsize=(3.2 * len(HEAD_SCORES), max(2.5, 0.35 * L + 1)),
-                                 squeeze=False)
-        for ax, score in zip(axes[0], HEAD_SCORES):
+        fig, axes, _ = panel_grid(len(HEAD_SCORES), (3.4, max(2.4, 0.3 * L + 1)), max_cols=3, extra_width=0)
+        for ax, score in zip(axes, HEAD_SCORES):
+            ax.set_title(score.replace("_", " "), fontsize=9)
+            if not np.isfinite(self[score]).any():
+                empty_panel(ax, why(score))
+                continue
             im = ax.imshow(np.ma.masked_invalid(self[score]), aspect="auto", cmap="viridis")
-            ax.set_title(score, fontsize=9)
+            if H <= 16:
+                ax.set_xticks(range(H))
+            if L <= 16:
+                ax.set_yticks(range(L))
             ax.set_xlabel("head")
             ax.set_ylabel("layer")
             fig.colorbar(im, ax=ax, shrink=0.8)
+        fig.subplots_adjust(wspace=0.45, hspace=0.45)
         figs["scores"] = fig
-        fig, axes = plt.subplots(1, len(HEAD_SCORES), figsize=(3.2 * len(HEAD_SCORES), 3), squeeze=False, sharex=True)
+        fig, axes, _ = panel_grid(len(HEAD_SCORES), (3.4, 2.6), max_cols=3, extra_width=0)
+        fig.subplots_adjust(wspace=0.35, hspace=0.45)
         rng = np.random.default_rng(0)
-        for ax, score in zip(axes[0], HEAD_SCORES):
+        for ax, score in zip(axes, HEAD_SCORES):
             s = self[score]
             for l in range(L):
                 ax.scatter(np.full(H, l) + rng.uniform(-0.15, 0.15, H), s[l], s=8, alpha=0.6)
                 if np.isfinite(s[l]).any():
                     ax.scatter([l], [np.nanmax(s[l])], s=40, facecolors="none", edgecolors="k")
+            ax.set_title(score.replace("_", " "), fontsize=9)
             if not np.isfinite(s).any():
-                ax.text(0.5, 0.5, "skipped", transform=ax.transAxes, ha="center", va="center", color="grey")
+                empty_panel(ax, why(score))
+                continue
             ax.set_xticks(np.arange(L))
-            ax.set_title(score, fontsize=9)
             ax.set_xlabel("layer")
-        axes[0][0].set_ylabel("head score")
+            ax.set_ylabel("head score")
         figs["layer_distribution"] = fig
-        rows, labels = [], []
+        rows, labels, groups = [], [], []
         for score in HEAD_SCORES:
             for row in self.top_heads(score, k):
-                labels.append(f"{score[:8]} {row['layer']}.{row['head']}")
+                labels.append(f"{score.replace('_', ' ')}  L{row['layer']} H{row['head']}")
                 rows.append((row["reads"], row["writes"]))
-        fig, axes = plt.subplots(1, 2, figsize=(2 + 0.6 * n * 2, max(2.5, 0.25 * len(rows) + 1)), squeeze=False)
+            groups.append(len(rows))
+        fig, axes = plt.subplots(1, 2, figsize=(3.4 + 2 * (0.55 * n + 1.1), max(2.5, 0.3 * len(rows) + 1.4)),
+                                 squeeze=False, sharey=True)
         for ax, j, title in ((axes[0][0], 0, "reads: mean H_pre"), (axes[0][1], 1, "writes: mean H_post")):
             if rows:
-                ax.imshow(np.array([r[j] for r in rows]), aspect="auto", cmap="magma")
-                ax.set_yticks(np.arange(len(rows)), labels, fontsize=6)
-            ax.set_xticks(np.arange(n), [f"s{s}" for s in range(n)])
+                values = np.array([r[j] for r in rows])
+                im = ax.imshow(values, aspect="auto", cmap="magma")
+                annotate(ax, im, values, fontsize=7)
+                fig.colorbar(im, ax=ax, shrink=0.8, pad=0.03)
+                for g in groups[:-1]:
+                    ax.axhline(g - 0.5, color="white", lw=1.5)
+            else:
+                empty_panel(ax, "no head has a finite score")
+            ax.set_xticks(np.arange(n), [f"stream {s}" for s in range(n)], fontsize=8)
             ax.set_title(title, fontsize=9)
+        if rows:
+            axes[0][0].set_yticks(np.arange(len(rows)), labels, fontsize=8)
+        fig.suptitle(f"streams read / written by the sublayers of the top-{k} heads of each score", fontsize=9)
         figs["read_write"] = fig
         return figs
 

@@ -172,27 +172,70 @@ def from_first_difference(clean: Tensor, corrupted: Tensor, first_prompt: int = 
 
 @register_result
 class PatchingResult(ProbeResult):
+    def _sem(self, metric: str, mixing: str):
+        """The s.e.m. map of one mixing, or for "routing" (recomputed - frozen, whose per-prompt
+        values are not kept) the bound sem_recomputed + sem_frozen; None if not saved."""
+        if mixing == "routing":
+            parts = [self.arrays.get(f"{metric}_{m}_sem") for m in ("recomputed", "frozen")]
+            return None if any(p is None for p in parts) else parts[0] + parts[1]
+        return self.arrays.get(f"{metric}_{mixing}_sem")
+
     def plot(self):
-        """{f"patching_{mixing}": sublayer x stream heatmap, annotated with mean and 95% CI half-width}."""
+        """{f"patching_{mixing}": sublayer x stream heatmap, each cell annotated with its mean and
+        (smaller, below) its 95% CI half-width; cells within 2 s.e.m. of 0 are hatched}."""
         import matplotlib.pyplot as plt
+        from matplotlib.patches import Rectangle
+
+        from .figure_helpers import text_color
 
         figs = {}
         metric = self.meta["metric"]
+        prompts = self.meta.get("prompts", "?")
         for mixing in self.meta["mixing"] + (["routing"] if len(self.meta["mixing"]) == 2 else []):
             m = self[f"{metric}_{mixing}"]
-            if m.ndim == 3:
-                m = m.mean(-1)
-            fig, ax = plt.subplots(figsize=(1.2 + 0.9 * m.shape[1], 0.8 + 0.28 * m.shape[0]))
-            im = ax.imshow(m, aspect="auto", cmap="magma" if metric == "kl" else "RdBu")
-            ax.set_yticks(range(m.shape[0]), self.meta["sublayers"], fontsize=6)
-            ax.set_xticks(range(m.shape[1]), [f"stream {s}" for s in range(m.shape[1])], fontsize=7)
+            sem = self._sem(metric, mixing)
             high = self.arrays.get(f"{metric}_{mixing}_ci_high")     # 95% Student-t interval
-            if high is not None and high.ndim == 2 and m.shape[0] <= 24:
+            if m.ndim == 3:                                           # per position: averaged for the map
+                m = m.mean(-1)
+                sem = high = None
+            annotated = m.shape[0] <= 24
+            fig, ax = plt.subplots(figsize=(1.8 + 1.0 * m.shape[1], 1.2 + (0.42 if annotated else 0.22) * m.shape[0]))
+            diverging = metric != "kl" or mixing == "routing"
+            if diverging:
+                lim = float(np.nanmax(np.abs(m))) if np.isfinite(m).any() else 1.0
+                im = ax.imshow(m, aspect="auto", cmap="RdBu_r", vmin=-lim or -1, vmax=lim or 1)
+            else:
+                im = ax.imshow(m, aspect="auto", cmap="magma")
+            ax.set_yticks(range(m.shape[0]), self.meta["sublayers"], fontsize=8)
+            ax.set_xticks(range(m.shape[1]), [f"stream {s}" for s in range(m.shape[1])], fontsize=8)
+            noise = None if sem is None else np.abs(m) < 2 * sem
+            if annotated:
                 for (i, j), v in np.ndenumerate(m):
-                    ax.text(j, i, f"{v:.2g}±{high[i, j] - v:.1g}", ha="center", va="center", fontsize=5,
-                            color="white")
-            ax.set_title(f"{self.meta['direction']} patching, {metric}, mixing {mixing}", fontsize=8)
-            fig.colorbar(im, ax=ax)
+                    if not np.isfinite(v):
+                        continue
+                    color = text_color(im.cmap(im.norm(v)))
+                    below = high is not None and high.ndim == 2 and np.isfinite(high[i, j])
+                    ax.text(j, i - (0.12 if below else 0), f"{v:.2g}", ha="center", va="center", fontsize=8,
+                            color=color)
+                    if below:
+                        ax.text(j, i + 0.22, f"\u00b1{high[i, j] - v:.1g}", ha="center", va="center", fontsize=6,
+                                color=color)
+            if noise is not None and noise.any():
+                for i, j in zip(*np.nonzero(noise)):
+                    ax.add_patch(Rectangle((j - 0.5, i - 0.5), 1, 1, fill=False, hatch="///", linewidth=0,
+                                           edgecolor=(0.5, 0.5, 0.5, 0.6)))
+            title = {"routing": "recomputed - frozen (routing)"}.get(mixing, f"mixing {mixing}")
+            ax.set_title(f"{self.meta['direction']} patching, {metric}, {title}", fontsize=9)
+            if noise is None:
+                note = f"{prompts} prompts"
+            else:
+                within = int(noise.sum())
+                bound = " (s.e.m. bound: sum of both maps')" if mixing == "routing" else ""
+                ci = "; +/- 95% interval" if high is not None else ""
+                note = (f"{prompts} prompts{ci}; hatched: within 2 s.e.m. of 0{bound} - "
+                        f"{within} of {noise.size} cells" + (" (all: no effect above noise)" if within == noise.size else ""))
+            ax.set_xlabel(note, fontsize=7)
+            fig.colorbar(im, ax=ax, label=f"{metric} difference" if mixing == "routing" else metric)
             figs[f"patching_{mixing}"] = fig
         return figs
 

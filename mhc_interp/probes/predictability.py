@@ -206,16 +206,20 @@ class PredictabilityResult(ProbeResult):
         labels, r2 = self.meta["site_labels"], self["r2"]
         figs = {}
         picks = np.unique(np.linspace(0, len(labels) - 1, min(max_heatmaps, len(labels))).round().astype(int))
-        fig, axes = plt.subplots(1, len(picks), figsize=(2.6 * len(picks), 2.9), squeeze=False)
-        for ax, k in zip(axes[0], picks):
+        from .figure_helpers import annotate, cell_fontsize, outer_labels, panel_grid
+
+        fig, axes, cols = panel_grid(len(picks), (2.4, 2.1))
+        for ax, k in zip(axes, picks):
             im = ax.imshow(r2[k], vmin=0, vmax=1, cmap="viridis")
-            ax.set_title(labels[k], fontsize=8)
-            ax.set_xlabel("target j")
-            ax.set_ylabel("source i")
-            for (i, j), v in np.ndenumerate(r2[k]):
-                ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=6,
-                        color="white" if v < 0.5 else "black")
-        fig.colorbar(im, ax=axes[0].tolist(), shrink=0.8)
+            ax.set_title(labels[k], fontsize=9)
+            ax.set_xticks(range(r2.shape[2]))
+            ax.set_yticks(range(r2.shape[1]))
+        outer_labels(axes, cols, "target stream j", "source stream i")
+        fig.subplots_adjust(wspace=0.3, hspace=0.35)
+        fig.colorbar(im, ax=list(axes), shrink=0.8, label="held-out R^2")
+        size = cell_fontsize(axes[0], r2.shape[1:])
+        for ax, k in zip(axes, picks):
+            annotate(ax, im, r2[k], fontsize=size)
         fig.suptitle("held-out R^2 of stream j from stream i (ridge)")
         figs["matrices"] = fig
         fig, ax = plt.subplots(figsize=(max(5, 0.45 * len(labels)), 3.4))

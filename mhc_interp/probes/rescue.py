@@ -34,6 +34,7 @@ from ..hooks.batched import Edit, run_edits
 from .base import ProbeResult, register_probe, register_result, require_streams
 from .causal import CausalProbe, PromptStats, clean_run, kl_metric, stats_arrays, t_half_width
 from .corpus_mean import corpus_mean_with_count
+from .figure_helpers import annotate, cell_fontsize, outer_labels, panel_grid
 
 MODES = ("one_shot", "persistent")
 ABLATIONS = ("zero", "mean", "corpus_mean")
@@ -194,6 +195,15 @@ def _weighted(damage, rescued, low) -> np.ndarray:
         return np.where(keep.any(0), (d - r) / d, np.nan)
 
 
+def _rescue_labels(m: np.ndarray, low: str = "n/a", digits: int = 1) -> np.ndarray:
+    """Cell labels of a rescue % matrix: "-" on the diagonal (undefined), `low` where NaN (the
+    pair's damage is below min_kl), else the value."""
+    out = np.empty(m.shape, dtype=object)
+    for (a, r), v in np.ndenumerate(m):
+        out[a, r] = "-" if a == r else (low if np.isnan(v) else f"{v:.{digits}f}")
+    return out
+
+
 @register_result
 class RescueResult(ProbeResult):
     def pair_difference(self, i: int, j: int) -> np.ndarray:
@@ -223,25 +233,30 @@ class RescueResult(ProbeResult):
         fig, ax = plt.subplots(figsize=(3.6, 3.2))
         m = 100 * self["global_rescue"]
         im = ax.imshow(m, vmin=0, vmax=100, cmap="viridis")
-        for (a, r), v in np.ndenumerate(m):
-            ax.text(r, a, "-" if a == r else f"{v:.1f}", ha="center", va="center", fontsize=8,
-                    color="black" if a == r or v > 50 else "white")
+        annotate(ax, im, m, fontsize=9, labels=_rescue_labels(m))
         ax.set_xticks(range(n))
         ax.set_yticks(range(n))
         ax.set_xlabel("recovered stream")
         ax.set_ylabel("ablated stream")
         ax.set_title(f"global rescue % ({self.meta['mode']})", fontsize=9)
-        fig.colorbar(im, ax=ax, shrink=0.8)
+        fig.colorbar(im, ax=ax, shrink=0.8, label="rescue %")
         figs["rescue_global"] = fig
 
         picks = np.unique(np.linspace(0, len(names) - 1, min(max_layers, len(names))).round().astype(int))
-        fig, axes = plt.subplots(1, len(picks), figsize=(2.4 * len(picks), 2.6), squeeze=False)
-        for ax, k in zip(axes[0], picks):
-            ax.imshow(100 * self["rescue"][k], vmin=0, vmax=100, cmap="viridis")
-            ax.set_title(names[k], fontsize=8)
+        fig, axes, cols = panel_grid(len(picks), (2.4, 2.1))
+        for ax, k in zip(axes, picks):
+            im = ax.imshow(100 * self["rescue"][k], vmin=0, vmax=100, cmap="viridis")
+            ax.set_title(names[k], fontsize=9)
             ax.set_xticks(range(n))
             ax.set_yticks(range(n))
-        fig.suptitle("rescue % per sublayer (rows ablated, columns recovered)", fontsize=9)
+        outer_labels(axes, cols, "recovered stream", "ablated stream")
+        fig.subplots_adjust(wspace=0.3, hspace=0.35)
+        fig.colorbar(im, ax=list(axes), shrink=0.8, label="rescue %")
+        size = cell_fontsize(axes[0], (n, n), chars=3)
+        for ax, k in zip(axes, picks):
+            m = 100 * self["rescue"][k]
+            annotate(ax, im, m, fontsize=size, labels=_rescue_labels(m, low="low", digits=0))
+        fig.suptitle("rescue % per sublayer (rows: ablated, columns: recovered; low: damage below min_kl)", fontsize=9)
         figs["rescue_layers"] = fig
 
         fig, ax = plt.subplots(figsize=(7, 3.2))

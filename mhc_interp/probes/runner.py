@@ -161,7 +161,8 @@ def run_probes(model, probes: Union[Probe, Sequence[Probe]], source, *, batch_si
     check_hook_names(names, model.hook_dict)
     stop = _last_sublayer_needed(model, names)
     seen = 0
-    bar = tqdm(total=max_tokens, unit="tok", desc="probes", disable=not progress)
+    bar = tqdm(total=min(source.numel(), max_tokens or source.numel()) if isinstance(source, Tensor) else max_tokens,
+               unit="tok", desc=", ".join(p.name for p in probes), disable=not progress)   # a total: an ETA
     with torch.no_grad():
         for tokens, valid in iter_batches(model, source, batch_size, seq_len, pad_id):
             if max_tokens is not None:

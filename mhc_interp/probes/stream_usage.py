@@ -24,6 +24,7 @@ import torch
 from torch import Tensor
 
 from .base import Probe, ProbeResult, masked_rows, register_probe, register_result, require_streams, take_rows
+from .figure_helpers import annotate, cell_fontsize, outer_labels, panel_grid
 
 SUM_KEYS = ("h_res", "h_res_dist", "read_share", "read_share_norm", "write_share", "stream_norm",
             "h_pre", "h_post", "h_post_sq", "h_post_fro", "h_post_var_streams")
@@ -140,16 +141,18 @@ class StreamUsageResult(ProbeResult):
         x = np.arange(len(subs))
         figs = {}
         picks = np.unique(np.linspace(0, len(subs) - 1, min(max_heatmaps, len(subs))).round().astype(int))
-        fig, axes = plt.subplots(1, len(picks), figsize=(2.6 * len(picks), 2.8), squeeze=False)
-        for ax, k in zip(axes[0], picks):
+        fig, axes, cols = panel_grid(len(picks), (2.4, 2.1))
+        for ax, k in zip(axes, picks):
             im = ax.imshow(self["mean_h_res"][k], vmin=0, vmax=1, cmap="viridis")
-            ax.set_title(subs[k], fontsize=8)
-            ax.set_xlabel("source")
-            ax.set_ylabel("target")
-            for (i, j), v in np.ndenumerate(self["mean_h_res"][k]):
-                ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=6,
-                        color="white" if v < 0.5 else "black")
-        fig.colorbar(im, ax=axes[0].tolist(), shrink=0.8)
+            ax.set_title(subs[k], fontsize=9)
+            ax.set_xticks(range(n))
+            ax.set_yticks(range(n))
+        outer_labels(axes, cols, "source stream", "target stream")
+        fig.subplots_adjust(wspace=0.3, hspace=0.35)
+        fig.colorbar(im, ax=list(axes), shrink=0.8, label="mean H_res")
+        size = cell_fontsize(axes[0], (n, n))
+        for ax, k in zip(axes, picks):
+            annotate(ax, ax.images[0], self["mean_h_res"][k], fontsize=size)
         fig.suptitle("token-averaged H_res [target, source]")
         figs["h_res"] = fig
 

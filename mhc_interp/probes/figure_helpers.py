@@ -1,0 +1,84 @@
+"""Small matplotlib helpers shared by the probes' `plot()` methods, so every heatmap is readable
+the same way: a grid of small panels with labels only on the outer edge (no y-label drawn over
+the neighbouring panel), cell numbers whose colour is chosen from the cell's own luminance (black
+on light cells, white on dark ones), and a panel that says why it is empty.
+
+matplotlib is imported by the callers (inside `plot()`), never at module import time.
+"""
+from __future__ import annotations
+
+import math
+import textwrap
+from typing import Callable, Optional, Sequence, Tuple
+
+import numpy as np
+
+
+def text_color(rgba) -> str:
+    """"black" or "white", whichever reads better on a cell of colour `rgba` (WCAG relative
+    luminance of the sRGB colour, threshold 0.179: the point where both contrasts are equal)."""
+    rgb = np.asarray(rgba, dtype=float)[:3]
+    lin = np.where(rgb <= 0.04045, rgb / 12.92, ((rgb + 0.055) / 1.055) ** 2.4)
+    luminance = float(lin @ np.array([0.2126, 0.7152, 0.0722]))
+    return "black" if luminance > 0.179 else "white"
+
+
+def cell_fontsize(ax, shape: Tuple[int, int], chars: int = 4, equal: bool = True) -> float:
+    """A font size (points) at which `chars` characters fit in one cell of a heatmap of `shape`
+    (rows, columns) drawn on `ax` (call it after the layout and the colour bars are set: it
+    reads the axes' box; `equal`: square cells, as `imshow` draws by default); 6 to 11 points."""
+    fig_w, fig_h = ax.figure.get_size_inches()
+    pos = ax.get_position()
+    cell_w, cell_h = pos.width * fig_w / max(shape[1], 1), pos.height * fig_h / max(shape[0], 1)
+    if equal:
+        cell_w = cell_h = min(cell_w, cell_h)
+    size = min(72 * cell_w / (0.66 * chars + 0.6), 72 * cell_h / 1.6)
+    return float(np.clip(size, 6, 11))
+
+
+def annotate(ax, im, values: np.ndarray, fmt: Callable[[float], str] = "{:.2f}".format,
+             fontsize: float = 8, labels: Optional[np.ndarray] = None) -> None:
+    """Write each cell's value (or `labels[i, j]`, where given and not empty) on an `imshow`
+    heatmap, in black or white according to the cell's colour under `im`'s colormap and norm.
+    NaN cells are left blank unless `labels` names them (then in black: they are not drawn)."""
+    values = np.asarray(values, dtype=float)
+    for (i, j), v in np.ndenumerate(values):
+        label = fmt(v) if labels is None else labels[i, j]
+        if not label or (labels is None and np.isnan(v)):
+            continue
+        color = "black" if np.isnan(v) else text_color(im.cmap(im.norm(v)))
+        ax.text(j, i, label, ha="center", va="center", fontsize=fontsize, color=color)
+
+
+def panel_grid(n_panels: int, panel_in: Tuple[float, float], max_cols: int = 4, extra_width: float = 0.9,
+               extra_height: float = 0.6):
+    """(fig, axes [n_panels], n_cols): up to `max_cols` panels a row, each `panel_in` inches,
+    unused grid cells hidden; `extra_width` inches for a colour bar on the right."""
+    import matplotlib.pyplot as plt
+
+    cols = min(max_cols, n_panels)
+    rows = math.ceil(n_panels / cols)
+    cols = math.ceil(n_panels / rows)          # balance the rows: 5 panels -> 3 + 2, not 4 + 1
+    fig, axes = plt.subplots(rows, cols, figsize=(panel_in[0] * cols + extra_width, panel_in[1] * rows + extra_height),
+                             squeeze=False)
+    flat = axes.ravel()
+    for ax in flat[n_panels:]:
+        ax.set_visible(False)
+    return fig, flat[:n_panels], cols
+
+
+def outer_labels(axes: Sequence, n_cols: int, xlabel: str, ylabel: str) -> None:
+    """Axis labels on the left column and the bottom row only (the others would overlap)."""
+    n = len(axes)
+    for k, ax in enumerate(axes):
+        if k % n_cols == 0:
+            ax.set_ylabel(ylabel)
+        if k + n_cols >= n:
+            ax.set_xlabel(xlabel)
+
+
+def empty_panel(ax, reason: str, width: int = 30) -> None:
+    """Say on an empty panel why it is empty (wrapped, centred, no ticks)."""
+    ax.tick_params(left=False, labelleft=False, bottom=False, labelbottom=False)   # shared axes keep theirs
+    ax.text(0.5, 0.5, textwrap.fill(reason, width), transform=ax.transAxes, ha="center", va="center",
+            fontsize=8, color="#444", wrap=True)

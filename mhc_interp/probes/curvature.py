@@ -245,7 +245,7 @@ class Curvature(CausalProbe):
         self.n_streams: Optional[int] = None
         self._main: Optional[_Moments] = None
         self._shuffled: Optional[_Moments] = None
-        self._max_valid = 0          # most valid positions seen in one sequence
+        self._max_valid: Optional[Tensor] = None   # [] most valid positions in one sequence (no sync)
         self._gen = torch.Generator().manual_seed(self.seed)
         self._stop: Optional[int] = None
 
@@ -254,7 +254,7 @@ class Curvature(CausalProbe):
         self.site_names = _check_site_names(curvature_sites(model, self.sites))
         self._stop = _last_sublayer_needed(model, self.site_names)
         self._gen = torch.Generator().manual_seed(self.seed)
-        self._max_valid = 0
+        self._max_valid = None
         self._init_state(model.cfg.n_streams)
 
     def hook_names(self, model) -> List[str]:
@@ -300,7 +300,9 @@ class Curvature(CausalProbe):
             raise RuntimeError("curvature: call setup(model) first, or construct with explicit hook names")
         kappa, n_ang = self._batch_curvatures(acts, mask)
         self._main.add(kappa, n_ang)
-        self._max_valid = max(self._max_valid, int(mask.sum(1).max()) if mask.numel() else 0)
+        if mask.numel():
+            most = mask.sum(1).max()
+            self._max_valid = most if self._max_valid is None else torch.maximum(self._max_valid, most)
 
     def _batch_curvatures(self, acts: Dict[str, Tensor], mask: Tensor):
         """Per-sequence κ and angle counts, each [n_sites, batch, n_streams + 1] (numpy)."""
@@ -347,7 +349,7 @@ class Curvature(CausalProbe):
             raise ValueError(
                 f"curvature: no sequence has a turning angle. Curvature needs >= 3 consecutive valid "
                 f"positions per sequence (two steps) after the excluded first position(s) and padding; "
-                f"the longest sequence had {self._max_valid} valid position(s). Use longer windows "
+                f"the longest sequence had {int(self._max_valid or 0)} valid position(s). Use longer windows "
                 f"(or a smaller exclude_first).")
         mean, sem = self._main.mean_sem()
         columns = [f"stream {s}" for s in range(self.n_streams)] + ["sum"]

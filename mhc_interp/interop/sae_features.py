@@ -147,15 +147,23 @@ class SAEFeatures(Probe):
 class SAEFeaturesResult(ProbeResult):
     def summary(self, min_frequency: float = 0.0) -> Dict[str, float]:
         """dead: fraction of features that never fire at home; off_home: fraction of the live ones
-        that fire most often at another site or stream than their home; l0[j, s]: mean number of
-        active features per token at site j, stream s (as a nested list)."""
+        that fire most often at another site or stream than their home; home_stream_top: fraction
+        of the live ones that, at the home hook, fire most often in the home stream; l0[j, s]: mean
+        number of active features per token at site j, stream s (as a nested list). With a TopK SAE
+        every site has exactly k active features per token, so frequencies away from home say which
+        feature directions the encoder picks there, not how sparse the activations are."""
         freq = self["frequency"]
         home = self.arrays.get("home_frequency")
         live = home > min_frequency if home is not None else np.ones(len(freq), bool)
         home_j = self.meta["sites"].index(self.meta["home_hook"]) if self.meta["home_hook"] in self.meta["sites"] else -1
-        off = (self["top_site"] != home_j) | (self["top_stream"] != (self.meta["home_stream"] or 0))
-        return {"dead": float(1 - live.mean()), "off_home": float(off[live].mean()) if live.any() else 0.0,
-                "l0": freq.sum(0).tolist()}
+        home_s = self.meta["home_stream"] or 0
+        off = (self["top_site"] != home_j) | (self["top_stream"] != home_s)
+        out = {"dead": float(1 - live.mean()), "off_home": float(off[live].mean()) if live.any() else 0.0,
+               "l0": freq.sum(0).tolist()}
+        if home_j >= 0 and live.any():
+            # at the home hook: the fraction of live features that fire most often in the home stream
+            out["home_stream_top"] = float((freq[live, home_j].argmax(-1) == home_s).mean())
+        return out
 
     def plot(self, top: int = 48):
         """{"sae_features": home frequency histogram | frequency of the `top` most frequent features

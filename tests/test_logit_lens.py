@@ -181,3 +181,118 @@ def test_results_save_load_plot(hc_model, corpus, tmp_path):
     assert "stream 3" in back.table(position=2)
     paths = back.save_figures(tmp_path / "prompt_png")
     assert {p.stem for p in paths} == {"kl", "top1_grid", "final_decomposition"}
+
+
+# --------------------------------------------------------------- the probe against the slow reference
+class _ReferenceLens:
+    """The probe's earlier update, kept as the slow reference: per block of tokens, per site, the
+    full [tokens, views, d_vocab] view logits, a log_softmax per view, KL and argmax from them."""
+
+    def __init__(self, model, subsets=(), sites="sublayers", writes=True, translator=None):
+        from mhc_interp.probes.logit_lens import _Unembed, _translate, _view_logits, _kl_top1, lens_sites
+        self.f = dict(translate=_translate, view_logits=_view_logits, kl_top1=_kl_top1)
+        self.model, self.subsets, self.translator = model, list(subsets), translator
+        self.sites = lens_sites(model, sites)
+        self.sublayers = model.sublayer_names if writes else []
+        self.final_site = f"{model.sublayer_names[-1]}.hook_streams_out"
+        self.unembed = _Unembed(model)
+
+    @torch.no_grad()
+    def run(self, tokens):
+        names = set(self.sites) | {self.final_site} | {f"{s}.hook_write" for s in self.sublayers}
+        logits, cache = self.model.run_with_cache(tokens, names_filter=lambda n: n in names)
+        keep = torch.ones(tokens.shape, dtype=torch.bool)
+        keep[:, 0] = False
+        rows = keep.flatten().nonzero()[:, 0]
+        take = lambda t: t.flatten(0, 1)[rows]
+        final = take(logits).float()
+        final_lp, top = F.log_softmax(final, -1), final.argmax(-1)
+        tr, n = self.f["translate"], self.model.cfg.n_streams
+        kl = torch.stack([self.f["kl_top1"](final_lp, top, self.f["view_logits"](
+            self.unembed(tr(self.translator, s, take(cache[s]))), self.subsets))[0].double().mean(0) for s in self.sites])
+        top1 = torch.stack([self.f["kl_top1"](final_lp, top, self.f["view_logits"](
+            self.unembed(tr(self.translator, s, take(cache[s]))), self.subsets))[1].double().mean(0) for s in self.sites])
+        kl_w, top1_w = [], []
+        for sub in self.sublayers:
+            w = self.unembed(tr(self.translator, f"{sub}.hook_write", take(cache[f"{sub}.hook_write"])))[:, None]
+            k, a = self.f["kl_top1"](final_lp, top, w)
+            kl_w.append(k[:, 0].double().mean()), top1_w.append(a[:, 0].double().mean())
+        contrib = self.unembed(take(cache[self.final_site]))
+        centred = contrib - contrib.mean(-1, keepdim=True)
+        share = centred.gather(-1, top[:, None, None].expand(-1, n, 1))[..., 0].double().mean(0)
+        return {"kl": kl.numpy(), "top1": top1.numpy(), "kl_write": torch.stack(kl_w).numpy() if kl_w else np.zeros(0),
+                "top1_write": torch.stack(top1_w).numpy() if top1_w else np.zeros(0),
+                "final_top1_contribution": share.numpy(),
+                "decomposition_max_error": float((contrib.sum(1) - final).abs().max())}
+
+
+def _compare_with_reference(model, tokens, batch_size=2, **kw):
+    ref = _ReferenceLens(model, **kw).run(tokens)
+    for chunk in (1, 3, 64):
+        r = run_probes(model, LogitLens(chunk_tokens=chunk, **kw), tokens, batch_size=batch_size, progress=False)
+        np.testing.assert_allclose(r["kl"], ref["kl"], atol=2e-6, rtol=1e-6)
+        np.testing.assert_array_equal(r["top1"], ref["top1"])          # the same argmax decisions
+        np.testing.assert_allclose(r["kl_write"], ref["kl_write"], atol=2e-6, rtol=1e-6)
+        np.testing.assert_array_equal(r["top1_write"], ref["top1_write"])
+        np.testing.assert_allclose(r["final_top1_contribution"], ref["final_top1_contribution"], atol=1e-6)
+        assert r.meta["decomposition_max_error"] == pytest.approx(ref["decomposition_max_error"], abs=2e-6)
+    return r
+
+
+@pytest.mark.parametrize("case", ["default", "subsets_layers", "sites_without_final", "translated_final", "no_writes"])
+def test_probe_equals_slow_reference(hc_model, corpus, case):
+    """The probe's batched form (one GEMM for every site and write, one log_softmax and amax per
+    view row, p.z from the model's width, the final distribution shared) equals the direct
+    per-site computation to float rounding, with the same top-1 decisions."""
+    sites = [f"{s}.hook_streams_out" for s in hc_model.sublayer_names[:2]]
+    kw = {"default": {}, "subsets_layers": dict(subsets=[(0, 2), (1, 2, 3)], sites="layers"),
+          "sites_without_final": dict(sites=sites, subsets=[(0, 1)]),
+          "translated_final": dict(translator={f"{hc_model.sublayer_names[-1]}.hook_streams_out": lambda x: 0.5 * x + 0.1}),
+          "no_writes": dict(writes=False)}[case]
+    _compare_with_reference(hc_model, corpus, **kw)
+
+
+def test_probe_equals_reference_on_reference_checkpoint(tokens):
+    model = HookedMHC.from_pretrained(FIXTURES / "mhc_n4.pt")
+    _compare_with_reference(model, tokens, subsets=[(0, 1)])
+
+
+def test_top1_ties_follow_argmax(hc_model, corpus):
+    """Two identical unembedding columns make exact ties at the max: the lens must decide them
+    as argmax does (the first index), like the reference."""
+    import copy
+    model = copy.deepcopy(hc_model)
+    with torch.no_grad():
+        W = model.W_U                                    # tied or not, edit what the lens reads
+        W[:, 7] = 3 * W[:, 3]
+        W[:, 3] = W[:, 7]
+    ref = _ReferenceLens(model).run(corpus)
+    r = run_probes(model, LogitLens(), corpus, batch_size=2, progress=False)
+    np.testing.assert_array_equal(r["top1"], ref["top1"])
+    np.testing.assert_allclose(r["kl"], ref["kl"], atol=2e-6, rtol=1e-6)
+    logits = model(corpus)[:, 1:]
+    assert (logits.argmax(-1) == 3).float().mean() > 0.2    # ties did happen at the top
+
+
+def test_token_fraction_and_standard_errors(hc_model, corpus):
+    full = run_probes(hc_model, LogitLens(), corpus, batch_size=2, progress=False)
+    assert full.meta["tokens"] == full.meta["tokens_seen"] == corpus[:, 1:].numel()
+    for key in ("kl", "top1", "kl_write", "top1_write"):
+        se = full[f"{key}_se"]
+        assert se.shape == full[key].shape and np.all(np.isfinite(se)) and np.all(se >= 0)
+    # the clustered SE against a direct computation from per-sequence means
+    per_prompt = [logit_lens(hc_model, corpus[i]) for i in range(len(corpus))]
+    S = np.stack([p["kl"][:, :, 1:].sum(-1) for p in per_prompt])                 # [seq, site, view]
+    n_i = corpus.shape[1] - 1
+    mean = S.sum(0) / (n_i * len(S))
+    g = len(S)
+    se = np.sqrt(g / (g - 1) * ((S - mean * n_i) ** 2).sum(0)) / (n_i * g)
+    np.testing.assert_allclose(full["kl_se"], se, rtol=1e-4, atol=1e-7)
+    half = run_probes(hc_model, LogitLens(token_fraction=0.5, seed=3), corpus, batch_size=2, progress=False)
+    assert 0 < half.meta["tokens"] < full.meta["tokens"] and half.meta["tokens_seen"] == full.meta["tokens"]
+    assert half.meta["token_fraction"] == 0.5
+    again = run_probes(hc_model, LogitLens(token_fraction=0.5, seed=3), corpus, batch_size=2, progress=False)
+    np.testing.assert_array_equal(half["kl"], again["kl"])                        # seeded
+    assert np.all(np.abs(half["kl"] - full["kl"]) < 6 * half["kl_se"] + 1e-6)
+    with pytest.raises(ValueError, match="token_fraction"):
+        LogitLens(token_fraction=0)

@@ -126,6 +126,12 @@ def _translate(translator: Translator, site: str, x: Tensor) -> Tensor:
     return out
 
 
+def _translate_is_identity(translator: Translator, site: str) -> bool:
+    """Whether the translator leaves `site` as it is without being called (None, or a mapping
+    that does not name it)."""
+    return translator is None or (isinstance(translator, Mapping) and site not in translator)
+
+
 class _Unembed:
     """LN_f and W_U in float32 (or float64), detached."""
 
@@ -142,11 +148,15 @@ class _Unembed:
         self.bias = None if ln.bias is None else ln.bias.detach().to(dtype)
         self.eps = ln.eps
         self.W_U = model.W_U.detach().to(dtype)          # [d_model, d_vocab]
+        self.W_U_mean = self.W_U.mean(1)                 # [d_model]: LN_f(x) . W_U_mean = mean logit
         self.dtype = dtype
 
-    def __call__(self, x: Tensor) -> Tensor:             # [..., d_model] -> [..., d_vocab]
+    def normed(self, x: Tensor) -> Tensor:               # [..., d_model] -> LN_f(x) [..., d_model]
         x = x.to(self.W_U.device, self.dtype)
-        return F.layer_norm(x, self.weight.shape, self.weight, self.bias, self.eps) @ self.W_U
+        return F.layer_norm(x, self.weight.shape, self.weight, self.bias, self.eps)
+
+    def __call__(self, x: Tensor) -> Tensor:             # [..., d_model] -> [..., d_vocab]
+        return self.normed(x) @ self.W_U
 
 
 def stream_contributions(model, x: Tensor, site: str = "", translator: Translator = None,
@@ -186,10 +196,37 @@ def _view_logits(contrib: Tensor, subsets: Sequence[Tuple[int, ...]]) -> Tensor:
 
 def _kl_top1(final_lp: Tensor, final_top: Tensor, logits: Tensor) -> Tuple[Tensor, Tensor]:
     """final_lp [N, V] (log-probs), final_top [N]; logits [N, k, V] -> KL(P_final||P) [N, k],
-    agreement [N, k] (bool)."""
+    agreement [N, k] (bool). The direct formula (the single-prompt lens; `_Final.stats` is the
+    probe's cheaper equivalent)."""
     lp = F.log_softmax(logits, dim=-1)
     kl = (final_lp.exp()[:, None] * (final_lp[:, None] - lp)).sum(-1).clamp_min(0)  # >= 0 up to rounding
     return kl, logits.argmax(-1) == final_top[:, None]
+
+
+class _Final:
+    """The final distribution of N tokens, computed once and shared by every site and view.
+
+    KL(P_final || softmax(z)) = sum_v p_v (log p_v - z_v) + logsumexp(z)
+                              = negH - p.z + m + log sum_v exp(z_v - m),     m = max_v z_v
+    where negH = sum_v p_v log p_v is per token, and p.z is linear in the view: for z = LN_f(h) W_U
+    (or a sum of such rows) it is LN_f(h) . u with u = W_U p [N, d_model], so it is read in the
+    model's width, not the vocabulary's. Per view row the only vocabulary-sized work is the GEMM
+    that forms z, one max (which also gives the top-1) and one fused log_softmax (log sum exp(z - m)
+    = -log_softmax(z)[argmax]). The combination is in float64 with m - p.z formed before adding the
+    O(log V) term, so large common logit offsets cancel exactly as in log_softmax."""
+
+    def __init__(self, logits: Tensor, W_U: Tensor):
+        final = logits.float()                                             # [N, V]
+        lp = F.log_softmax(final, dim=-1)
+        p = lp.exp()
+        self.top = final.argmax(-1)                                        # [N]
+        self.neg_entropy = (p * lp).sum(-1).double()                       # [N]
+        self.u = (p @ W_U.T).double()                                      # [N, d] = W_U p
+        self.logits = final
+
+    def dot(self, normed: Tensor) -> Tensor:
+        """normed [N, k, d] (LN_f outputs) -> p.z [N, k] in float64."""
+        return torch.bmm(normed.double(), self.u[:, :, None])[..., 0]
 
 
 # ------------------------------------------------------------------------------ the probe
@@ -205,26 +242,40 @@ class LogitLens(Probe):
         final_top1_contribution[s]  E_t[c_s[y*] - mean_v c_s[v]], y* = the final top-1 token:
                                     each stream's share of the top-1 logit's margin over the mean
                                     logit (sums over streams to E_t[logit[y*] - mean logit])
+        kl_se, top1_se, kl_write_se, top1_write_se   their standard errors (clustered by sequence)
     meta: sites, site_labels, views, subsets, sublayers, decomposition_max_error (max |sum_s c_s
-    - logits| seen at the final state), tokens.
+    - logits| seen at the final state), tokens (scored), tokens_seen, sequences, token_fraction.
 
     subsets: extra stream subsets (e.g. `[(0, 1), (2, 3)]` or `all_subsets(n)`); "sum" and each
     single stream are always included. sites: see `lens_sites`. writes: also lens the branch
-    outputs. translator: the tuned-lens seam (module docstring). chunk_tokens: tokens per
-    vocabulary-sized block (memory ~ chunk_tokens x (n_views + n_streams) x d_vocab x 4 bytes).
+    outputs. translator: the tuned-lens seam (module docstring). chunk_tokens: the size of the
+    vocabulary-sized blocks, memory ~ 2 x chunk_tokens x (n_views + n_streams) x d_vocab x 4 bytes.
+    token_fraction (default 1: every masked token): score a seeded random sample of about this
+    share of the masked tokens (seed); every mean comes with its standard error (`*_se` arrays,
+    clustered by sequence), so the sampling error is reported with the estimate.
+
+    Cost per scored token: one GEMM of (sites x n_streams + sublayers) rows of LN_f outputs with
+    W_U (the stream sum and subsets are added in the vocabulary), then per view row one max and
+    one log_softmax; the final distribution (log_softmax, entropy, W_U p) is computed once per
+    token and shared by every site (`_Final`).
     """
 
     name = "logit_lens"
 
     def __init__(self, subsets=None, sites: SiteSpec = "sublayers", writes: bool = True,
-                 translator: Translator = None, chunk_tokens: int = 128):
+                 translator: Translator = None, chunk_tokens: int = 64, token_fraction: float = 1.0,
+                 seed: int = 0):
         if int(chunk_tokens) < 1:
             raise ValueError(f"chunk_tokens must be >= 1, got {chunk_tokens}")
+        if not 0 < float(token_fraction) <= 1:
+            raise ValueError(f"token_fraction must be in (0, 1], got {token_fraction}")
         self.subsets_spec = subsets
         self.sites_spec = sites
         self.writes = bool(writes)
         self.translator = translator
         self.chunk_tokens = int(chunk_tokens)
+        self.token_fraction = float(token_fraction)
+        self.seed = int(seed)
 
     def setup(self, model) -> None:
         self.n_streams = model.cfg.n_streams
@@ -237,13 +288,19 @@ class LogitLens(Probe):
         self.unembed = _Unembed(model)
         n_sites, n_views, n_sub = len(self.sites), len(self.views), len(self.sublayers)
         f64 = dict(dtype=torch.float64, device=self.unembed.W_U.device)
-        self.kl = torch.zeros(n_sites, n_views, **f64)
-        self.top1 = torch.zeros(n_sites, n_views, **f64)
-        self.kl_write = torch.zeros(n_sub, **f64)
-        self.top1_write = torch.zeros(n_sub, **f64)
+        # per statistic: sum over tokens, and for its standard error sum_i S_i^2 and sum_i S_i n_i
+        # over sequences i (S_i the sequence's sum, n_i its scored tokens)
+        shapes = {"kl": (n_sites, n_views), "top1": (n_sites, n_views), "kl_write": (n_sub,), "top1_write": (n_sub,)}
+        self.sums = {k: torch.zeros(v, **f64) for k, v in shapes.items()}
+        self.sq = {k: torch.zeros(v, **f64) for k, v in shapes.items()}
+        self.cross = {k: torch.zeros(v, **f64) for k, v in shapes.items()}
+        self.n_sq = 0                 # sum_i n_i^2
+        self.groups = 0               # sequences with a scored token
         self.final_contrib = torch.zeros(self.n_streams, **f64)
         self.decomposition_error = 0.0
         self.count = 0
+        self.seen = 0
+        self.gen = torch.Generator().manual_seed(self.seed)
 
     def hook_names(self, model) -> List[str]:
         names = list(lens_sites(model, self.sites_spec))
@@ -257,54 +314,120 @@ class LogitLens(Probe):
     def update(self, acts: Dict[str, Tensor], mask: Tensor) -> None:
         device = acts["hook_logits"].device
         rows = masked_rows(mask, device)
+        self.seen += len(rows)
+        if self.token_fraction < 1 and len(rows):     # a seeded Bernoulli sample of the masked tokens
+            rows = rows[(torch.rand(len(rows), generator=self.gen) < self.token_fraction).to(device)]
         n_tok = len(rows)
         if n_tok == 0:
             return
-
-        def masked(name: str) -> Tensor:                                   # [N, ...]
-            return take_rows(acts[name], rows)
-
-        logits = masked("hook_logits")                                     # [N, V]
-        states = {s: masked(s) for s in set(self.sites) | {self.final_site}}
-        writes = {s: masked(f"{s}.hook_write") for s in self.sublayers}
-        for lo in range(0, n_tok, self.chunk_tokens):
-            sl = slice(lo, lo + self.chunk_tokens)
-            final = logits[sl].float()
-            final_lp = F.log_softmax(final, dim=-1)
-            top = final.argmax(-1)
+        n, n_sites, n_sub, W_U = self.n_streams, len(self.sites), len(self.sublayers), self.unembed.W_U
+        n_views = 1 + len(self.subsets)                 # views that add streams: "sum", then each subset
+        fin = _Final(take_rows(acts["hook_logits"], rows), W_U)          # shared by every site and view
+        # the final state's contributions are one site's rows unless a translator changes that site
+        shared_final = self.final_site in self.sites and _translate_is_identity(self.translator, self.final_site)
+        # LN_f of every row the lens unembeds, rows first [R, N, d]: each site's streams (site-major),
+        # each branch output, then (only if not shared) the final state's streams
+        parts = [_translate(self.translator, site, take_rows(acts[site], rows)).transpose(0, 1) for site in self.sites]
+        parts += [_translate(self.translator, f"{sub}.hook_write", take_rows(acts[f"{sub}.hook_write"], rows))[None]
+                  for sub in self.sublayers]
+        if not shared_final:
+            parts.append(take_rows(acts[self.final_site], rows).transpose(0, 1))
+        h = self.unembed.normed(torch.cat(parts, 0))                     # [R, N, d]
+        R, n_st = h.shape[0], n_sites * n
+        k_final = self.sites.index(self.final_site) if shared_final else None
+        # p.z of every row, and of the views that add rows (linear: the same sums in the model's width)
+        pz_rows = fin.dot(h.transpose(0, 1)).T                            # [R, N] float64
+        pz_st = pz_rows[:n_st].unflatten(0, (n_sites, n))
+        pz = torch.cat([pz_rows] + [pz_st.sum(1)] + [pz_st[:, list(sub)].sum(1) for sub in self.subsets], 0)
+        # vocabulary-sized work, a block of tokens at a time: z = h W_U [R, c, V] and the view rows
+        # [n_views x n_sites, c, V] in one buffer; per row one max (value, top-1) and one log_softmax
+        rows_all, V = R + n_views * n_sites, W_U.shape[1]
+        m = torch.empty(rows_all, n_tok, dtype=torch.float32, device=device)
+        agree = torch.empty(rows_all, n_tok, dtype=torch.bool, device=device)
+        log_norm = torch.empty_like(m)
+        at_top = torch.empty(n, n_tok, dtype=torch.float32, device=device)
+        err = torch.zeros((), dtype=torch.float32, device=device)
+        chunk = self._block_tokens(rows_all)
+        buf = torch.empty(rows_all * min(chunk, n_tok) * V, dtype=W_U.dtype, device=device)
+        for lo in range(0, n_tok, chunk):
+            sl = slice(lo, lo + chunk)
+            c = len(range(n_tok)[sl])
+            z = buf[:rows_all * c * V].view(rows_all, c, V)
+            torch.mm(h[:, sl].reshape(R * c, -1), W_U, out=z[:R].view(R * c, V))    # one GEMM
+            zs = z[:n_st].unflatten(0, (n_sites, n))                      # [sites, n, c, V]
+            torch.sum(zs, 1, out=z[R:R + n_sites])
+            for j, sub in enumerate(self.subsets, 1):
+                torch.sum(zs[:, list(sub)], 1, out=z[R + j * n_sites:R + (j + 1) * n_sites])
             # exact decomposition at the final state (no translator: it is the model's own map)
-            contrib = self.unembed(states[self.final_site][sl])           # [N, n, V]
-            err = (contrib.sum(1) - final).abs().max().double()          # stays on the device
-            self.decomposition_error = torch.maximum(torch.as_tensor(self.decomposition_error, dtype=torch.float64,
-                                                                     device=err.device), err)
-            centred = contrib - contrib.mean(-1, keepdim=True)
-            idx = top[:, None, None].expand(-1, self.n_streams, 1)
-            self.final_contrib += centred.gather(-1, idx)[..., 0].double().sum(0)
-            for k, site in enumerate(self.sites):
-                x = _translate(self.translator, site, states[site][sl])
-                kl, agree = _kl_top1(final_lp, top, _view_logits(self.unembed(x), self.subsets))
-                self.kl[k] += kl.double().sum(0)
-                self.top1[k] += agree.double().sum(0)
-            for k, sub in enumerate(self.sublayers):
-                site = f"{sub}.hook_write"
-                w = _translate(self.translator, site, writes[sub][sl])
-                kl, agree = _kl_top1(final_lp, top, self.unembed(w)[:, None])
-                self.kl_write[k] += kl[:, 0].double().sum()
-                self.top1_write[k] += agree[:, 0].double().sum()
+            if shared_final:
+                contrib, total = zs[k_final], z[R + k_final]                     # [n, c, V], [c, V]
+            else:
+                contrib = z[R - n:R]
+                total = contrib.sum(0)
+            err = torch.maximum(err, (total - fin.logits[sl]).abs_().amax())
+            at_top[:, sl] = contrib.gather(-1, fin.top[sl][None, :, None].expand(n, -1, 1))[..., 0]
+            # per row: the max (amax: a plain reduction, no index), the logit of the final top-1 token
+            # y* and log sum exp(z - max) = z[y*] - max - log_softmax(z)[y*]
+            final_top = fin.top[sl][None, :, None].expand(rows_all, -1, 1)
+            mc = z.amax(-1)                                                # [rows, c]
+            z_top = z.gather(-1, final_top)[..., 0]
+            log_norm[:, sl] = (z_top - mc) - F.log_softmax(z, dim=-1).gather(-1, final_top)[..., 0]
+            m[:, sl] = mc
+            # top-1 agreement = argmax z == y*: z[y*] is the max and no earlier token ties with it.
+            # A tie needs a second maximum: mask y* out (z is not read again) and look for one
+            hit = z_top == mc
+            z.scatter_(-1, final_top, float("-inf"))
+            tie = hit & (z.amax(-1) == mc)
+            if bool(tie.any()):                     # rare: exact ties at the max; argmax decides
+                r_idx, t_idx = tie.nonzero(as_tuple=True)
+                hit[r_idx, t_idx] = fin.top[sl][t_idx] < z[r_idx, t_idx].argmax(-1)
+            agree[:, sl] = hit
+        kl = ((m.double() - pz) + log_norm.double() + fin.neg_entropy).clamp_min(0)   # [rows, N]
+        agree = agree.double()
+        # per sequence sums (for the standard errors): S [rows, batch], n_i [batch]
+        seq = torch.div(rows, mask.shape[1], rounding_mode="floor")
+        n_i = torch.bincount(seq, minlength=mask.shape[0]).double()
+        for key, per_tok in (("kl", kl), ("top1", agree)):
+            S = torch.zeros(rows_all, mask.shape[0], dtype=torch.float64, device=device).index_add_(1, seq, per_tok)
+            for acc, per_row in ((self.sums, S.sum(1)), (self.sq, (S * S).sum(1)), (self.cross, S @ n_i)):
+                views = per_row[R:].unflatten(0, (n_views, n_sites)).T             # [sites, n_views]
+                acc[key] += torch.cat([views[:, :1], per_row[:n_st].unflatten(0, (n_sites, n)), views[:, 1:]], 1)
+                acc[f"{key}_write"] += per_row[n_st:n_st + n_sub]
+        self.n_sq += float((n_i * n_i).sum())
+        self.groups += int((n_i > 0).sum())
+        self.decomposition_error = torch.maximum(torch.as_tensor(self.decomposition_error, dtype=torch.float64,
+                                                                 device=device), err.double())
+        # c_s[y*] - mean_v c_s[v]; the mean over the vocabulary is LN_f(x_s) . mean_v W_U[:, v]
+        final_h = h[k_final * n:(k_final + 1) * n] if shared_final else h[R - n:]
+        self.final_contrib += (at_top.double() - final_h.double() @ self.unembed.W_U_mean.double()).sum(1)
         self.count += n_tok
+
+    def _block_tokens(self, rows: int) -> int:
+        """Tokens per vocabulary-sized block: `chunk_tokens` x (n_views + n_streams) rows of d_vocab
+        (the memory the lens used per site before it unembedded all sites at once), spread over
+        all `rows` rows of a token."""
+        return max(1, self.chunk_tokens * (len(self.views) + self.n_streams) // rows)
 
     def result(self) -> "LogitLensResult":
         if self.count == 0:
             raise ValueError("logit_lens saw no unmasked tokens")
-        c = self.count
-        arrays = {"kl": (self.kl / c).cpu().numpy(), "top1": (self.top1 / c).cpu().numpy(),
-                  "kl_write": (self.kl_write / c).cpu().numpy(),
-                  "top1_write": (self.top1_write / c).cpu().numpy(),
-                  "final_top1_contribution": (self.final_contrib / c).cpu().numpy()}
+        c, g = self.count, self.groups
+        arrays = {k: (v / c).cpu().numpy() for k, v in self.sums.items()}
+        for k, total in self.sums.items():
+            # cluster-robust (by sequence) standard error of the ratio mean sum_i S_i / sum_i n_i
+            mean = total / c
+            ss = (self.sq[k] - 2 * mean * self.cross[k] + mean * mean * self.n_sq).clamp_min(0)
+            se = (ss * g / (g - 1)).sqrt() / c if g > 1 else torch.full_like(ss, float("nan"))
+            arrays[f"{k}_se"] = se.cpu().numpy()
+        arrays["final_top1_contribution"] = (self.final_contrib / c).cpu().numpy()
         meta = {"sites": self.sites, "site_labels": [_site_label(s) for s in self.sites],
                 "views": self.views, "subsets": [list(s) for s in self.subsets],
                 "sublayers": self.sublayers, "n_streams": self.n_streams,
-                "hyper_conn_type": self.hyper_conn_type, "tokens": c,
+                "hyper_conn_type": self.hyper_conn_type, "tokens": c, "tokens_seen": self.seen,
+                "sequences": g, "token_fraction": self.token_fraction, "seed": self.seed,
+                "standard_errors": "*_se: standard error of each mean, clustered by sequence (the tokens "
+                                   "of a sequence are not independent); with token_fraction < 1 it also "
+                                   "covers the sampling of tokens",
                 "decomposition_max_error": float(self.decomposition_error),
                 "translator": None if self.translator is None else repr(self.translator),
                 "kl_direction": "KL(P_final || P_view), nats"}

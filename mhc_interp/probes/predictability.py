@@ -76,11 +76,13 @@ def ridge_r2_matrix(x, train, test, alphas: Sequence[float] = DEFAULT_ALPHAS, de
         u2, s2 = U ** 2, sv ** 2
         best = torch.full((Y.shape[1],), float("inf"), dtype=torch.float64, device=x.device)
         best_alpha = torch.zeros_like(best)
+        lev = 1.0 - u2.sum(1)                                               # [m]
+        g_y = torch.empty_like(outside)
         for alpha in alphas:
             w = 1.0 / (s2 + alpha)
-            g_y = U @ (w[:, None] * UtY) + outside / alpha                  # G^-1 y  [m, targets]
-            g_diag = u2 @ w + (1.0 - u2.sum(1)) / alpha                     # diag(G^-1)  [m]
-            err = ((g_y / g_diag[:, None]) ** 2).sum(0)                     # [targets]
+            torch.addmm(outside, U, w[:, None] * UtY, beta=1.0 / alpha, out=g_y)   # G^-1 y  [m, targets]
+            g_diag = u2 @ w + lev / alpha                                   # diag(G^-1)  [m]
+            err = g_diag.pow_(-2) @ g_y.square_()                           # sum_m (G^-1 y / diag)^2  [targets]
             better = err < best
             best = torch.where(better, err, best)
             best_alpha = torch.where(better, torch.full_like(best_alpha, alpha), best_alpha)

@@ -155,3 +155,19 @@ def test_sae_features_probe(model, windows, trained, tmp_path):
     assert res.load(res.save(tmp_path / "r"))["frequency"].shape == res["frequency"].shape
     with pytest.raises(TypeError, match="needs an SAE"):
         SAEFeatures()
+
+
+def test_example_end_to_end(tmp_path):
+    """examples/saelens_stream_sae.py --fast --stream 1 on the demo model and the shipped corpus:
+    trains with SAELens's single-SAE runner, writes SAELens's format, splices, evaluates."""
+    import runpy
+    from pathlib import Path
+
+    script = Path(__file__).parent.parent / "examples" / "saelens_stream_sae.py"
+    out = runpy.run_path(str(script))["main"](["--fast", "--stream", "1", "--tokens", "4000", "--out", str(tmp_path)])
+    site = "blocks.2.attn.hook_streams_in[1]"
+    m = out["metrics"][site]
+    assert list(out["metrics"]) == [site] and m["kl_div_with_sae"] < m["kl_div_with_ablation"]
+    assert SAE.load_from_disk(tmp_path / "saes" / "blocks.2.attn.hook_streams_in.s1").cfg.metadata.hook_name == site
+    assert (tmp_path / "sae_streams.png").stat().st_size > 2000 and (tmp_path / "sae_features.png").is_file()
+    assert out["features"].meta["home_site"] == site

@@ -14,7 +14,7 @@ from typing import Any, Callable, Iterator, Optional, Sequence, Tuple, Union
 import torch
 from torch import Tensor
 from torch.nn import functional as F
-from transformer_lens import HookedRootModule
+from transformer_lens.HookedRootModule import HookedRootModule  # not via transformer_lens/__init__ (see deferred_init)
 from transformer_lens.hook_points import HookPoint
 
 from .names import check_hook_names, unknown_hook_error

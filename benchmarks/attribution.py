@@ -10,8 +10,8 @@ Rows (denoising, KL metric, mixing recomputed, random prompts with one token shi
   exact              `activation_patching` [sublayer, stream]
   atp / ig           `attribution_patching` [sublayer, stream] (method atp; ig with --steps)
   exact per-pos      `activation_patching(positions="each")`: timed on `--position-sublayers`
-                     evenly spaced sublayers and scaled to all of them (`sublayers=` runs only
-                     those cells; the per-sublayer cost falls with depth, so the scale is approximate)
+                     evenly spaced sublayers (`sublayers=` runs only those cells) and scaled to all
+                     of them by cost (a cell at sublayer l resumes there: (L - l) / L of a forward)
   atp per-pos        `attribution_patching(positions="each")`
 Columns: seconds (median), passes (forwards + backwards of one prompt batch, the count each
 method reports: constant in sublayers, streams and positions for atp / ig; the exact sweeps'
@@ -72,8 +72,9 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     corrupted = tokens.clone()
     corrupted[:, seq // 2] = (corrupted[:, seq // 2] + 1) % cfg.d_vocab
     subset = list(range(0, n_sub, max(1, n_sub // args.position_sublayers)))[: args.position_sublayers]
-    scale = n_sub / len(subset)
-    print(f"{model.summary()}\nprompts {batch} x {seq}; exact per-position sweep timed on sublayers {subset}, x{scale:.1f}")
+    # a cell at sublayer l runs (L - l) / L of the model: scale by cost, not by count
+    scale = sum(n_sub - l for l in range(n_sub)) / sum(n_sub - l for l in subset)
+    print(f"{model.summary()}\nprompts {batch} x {seq}; exact per-position sweep timed on sublayers {subset}, x{scale:.2f}")
     kw = dict(batch_size=batch)
 
     def plain():

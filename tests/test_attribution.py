@@ -207,6 +207,8 @@ def test_bad_input(mhc_model, tokens):
             attribution_patching(mhc_model, clean, corrupted, method="ig", steps=steps)
     with pytest.raises(ValueError, match="method must be"):
         attribution_patching(mhc_model, clean, corrupted, method="atp**")
+    with pytest.raises(ValueError, match="not provided"):
+        attribution_patching(mhc_model, clean, corrupted, method="atp*")
     with pytest.raises(ValueError, match="first-order degenerate"):
         attribution_patching(mhc_model, clean, corrupted, direction="noise")
     one = HookedMHC.from_pretrained(FIXTURES / "residual.pt")
@@ -248,3 +250,18 @@ def test_stream_edges_exact_when_linear_and_path_patching_checks(lin, mhc_model,
         exact_edge_patching(mhc_model, c2, k2, [(2, 1, 0)])
     with pytest.raises(ValueError, match="degenerate"):
         edge_attribution(mhc_model, c2, k2, direction="noise")
+
+
+def test_report_section_results(mhc_model, tokens, tmp_path):
+    from mhc_interp.probes.attribution.section import report_results
+
+    clean = tokens[:, :10]
+    corrupted = clean.clone()
+    corrupted[:, 5] = (corrupted[:, 5] + 1) % mhc_model.cfg.d_vocab
+    patching = activation_patching(mhc_model, clean, corrupted, mixing="both")
+    results, table = report_results(mhc_model, clean, corrupted, patching)
+    assert [r.probe for r in results] == ["attribution_positions", "stream_edges"]
+    assert results[0]["attribution_recomputed"].shape == (mhc_model.cfg.n_sublayers, mhc_model.cfg.n_streams, 10)
+    assert len(table["rows"]) == 4 and all(len(r) == len(table["header"]) for r in table["rows"])
+    names = {p.name for r in results for p in r.save_figures(tmp_path / r.probe)}
+    assert {"attribution_positions_recomputed.png", "mixer_attribution_frozen.png", "stream_edges.png"} <= names

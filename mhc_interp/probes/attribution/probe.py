@@ -32,6 +32,13 @@ MIXER_PARTS = ("h_pre", "h_post", "h_res")
 
 
 def check_method(method: str, steps: int, direction: str, metric: str) -> None:
+    if method == "atp*":
+        raise ValueError(
+            "method='atp*' is not provided: its corrections were measured on mHC models and not kept - the "
+            "exact local step (the patched sublayer's mixer, attention softmax, LayerNorm and MLP run exactly, "
+            "which covers AtP*'s QK fix and the mixer fix) gains ~0.01 Spearman over 'atp' for n extra "
+            "forwards, the mixer fix alone nothing, while method='ig' with steps=2 gains ~0.03 for 2 passes "
+            "(docs/attribution.md). Use method='ig', steps=2")
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
@@ -58,7 +65,7 @@ class AttributionPatching(ActivationPatching):
 
     name = "attribution_patching"
 
-    def __init__(self, *args, method: str = "atp", steps: int = 16, mixers: Optional[bool] = None, **kwargs):
+    def __init__(self, *args, method: str = "atp", steps: int = 4, mixers: Optional[bool] = None, **kwargs):
         super().__init__(*args, **kwargs)
         check_method(method, steps, self.direction, self.metric_name)
         # mixer attribution by default with AtP only: along IG's input path (coefficients frozen to
@@ -198,6 +205,20 @@ class AttributionResult(ProbeResult):
                          f"{self.meta['metric']}, mixing {mixing}", fontsize=8)
             fig.colorbar(im, ax=ax)
             figs[f"attribution_{mixing}"] = fig
+            full = self[f"attribution_{mixing}"]
+            if full.ndim == 3:     # position-resolved: rows (sublayer, stream), columns positions
+                base = self["baseline_corrupted" if self.meta["direction"] == "denoise" else "baseline_clean"]
+                e = (full - base).reshape(-1, full.shape[-1])
+                lim = np.nanmax(np.abs(e)) or 1.0
+                fig, ax = plt.subplots(figsize=(min(12, 2 + 0.12 * e.shape[1]), 1 + 0.06 * e.shape[0]))
+                im = ax.imshow(e, aspect="auto", cmap="RdBu_r", vmin=-lim, vmax=lim, interpolation="nearest")
+                n = full.shape[1]
+                ax.set_yticks(range(0, e.shape[0], n), [s.replace("blocks.", "") for s in names], fontsize=6)
+                ax.set_xlabel("patched position")
+                ax.set_title(f"{self.meta['method']} per position (rows: sublayer x {n} streams), mixing {mixing}: "
+                             f"estimated effect", fontsize=8)
+                fig.colorbar(im, ax=ax)
+                figs[f"attribution_positions_{mixing}"] = fig
             if f"mixer_{mixing}" in self.arrays:
                 e = self[f"mixer_{mixing}"] - self["baseline_corrupted" if self.meta["direction"] == "denoise"
                                                    else "baseline_clean"]

@@ -379,22 +379,21 @@ def _stream_usage_findings(r: ProbeResult) -> List[Optional[Dict]]:
         top, low, even = int(share.argmax()), int(share.argmin()), 1 / n
         if share[top] - even < 0.05:
             text = (f"No stream dominates what the sublayers read: norm-weighted read shares from "
-                    f"{_pct(share[low])} to {_pct(share[top])} on average (an even split is {_pct(even)}).")
+                    f"{_pct(share[low])} to {_pct(share[top])} (an even split is {_pct(even)}).")
         else:
             text = (f"Stream {top} dominates what the sublayers read: {_pct(share[top])} of the norm-weighted "
-                    f"read share on average over {len(subs)} sublayers (an even split is {_pct(even)}; "
-                    f"stream {low} least, {_pct(share[low])}).")
+                    f"read share (an even split is {_pct(even)}; stream {low} least, {_pct(share[low])}).")
         out[0] = _finding("dominant_stream", text, stream=top, share=float(share[top]), least_stream=low,
                           least_share=float(share[low]), even_share=even)
     dist = np.asarray(r["h_res_dist"], dtype=float)                        # E_t ||H_res - I||_F per sublayer
     if n > 1 and np.isfinite(dist).all() and dist.size:
         ref, k, mean = math.sqrt(n - 1), int(dist.argmax()), float(dist.mean())
-        verdict = ("stay close to the identity (streams kept apart)" if mean < 0.2 * ref else
+        verdict = ("stay close to the identity" if mean < 0.2 * ref else
                    "mix the streams partly" if mean < 0.5 * ref else "mix the streams strongly")
         where = (f"except at {subs[k]} ({dist[k]:.2f})" if mean < 0.2 * ref and dist[k] >= 0.5 * ref
                  else f"most at {subs[k]} ({dist[k]:.2f})")
-        out[1] = _finding("mixers", f"The mixers H_res {verdict}: E||H_res - I||_F = {mean:.2f} on average over "
-                                    f"sublayers, {where}; 0 = identity, {ref:.2f} = uniform mixing.",
+        out[1] = _finding("mixers", f"The mixers H_res {verdict}: ||H_res - I||_F = {mean:.2f} on average "
+                                    f"(0 = identity, {ref:.2f} = uniform mixing), {where}.",
                           mean_distance=mean, max_distance=float(dist[k]), max_sublayer=subs[k],
                           uniform_mixing_distance=ref)
     return out
@@ -411,9 +410,8 @@ def _cka_findings(r: ProbeResult) -> List[Optional[Dict]]:
     lo, hi = pairs[int(values.argmin())], pairs[int(values.argmax())]
     site = str(r.meta["site_names"][-1]).replace(".hook_streams_out", "")
     verdict = ("nearly the same" if mean >= 0.8 else "partly shared" if mean >= 0.4 else "largely distinct")
-    text = (f"At the last sublayer ({site}) the streams' representations are {verdict}: CKA between streams "
-            f"{mean:.2f} on average, from {lo[2]:.2f} (streams {lo[0]}, {lo[1]}) to {hi[2]:.2f} "
-            f"(streams {hi[0]}, {hi[1]}); 1 = the same up to rotation and scale.")
+    text = (f"At the last sublayer ({site}) the streams' representations are {verdict}: CKA {mean:.2f} on "
+            f"average, from {lo[2]:.2f} (streams {lo[0]}, {lo[1]}) to {hi[2]:.2f} (streams {hi[0]}, {hi[1]}).")
     return [_finding("cka_last", text, site=site, mean=mean, min=float(lo[2]), min_pair=[lo[0], lo[1]],
                      max=float(hi[2]), max_pair=[hi[0], hi[1]])]
 
@@ -427,8 +425,8 @@ def _rescue_findings(r: ProbeResult) -> List[Optional[Dict]]:
     by_stream = np.nansum(g, 0) / valid.sum(0)                          # mean rescue of recovering r
     top, low = int(by_stream.argmax()), int(by_stream.argmin())
     text = (f"Stream {top} is the most needed: restoring it undoes {_pct(by_stream[top])} of a pair ablation's "
-            f"damage on average, stream {low} the least ({_pct(by_stream[low])}) (zero ablation at one sublayer, "
-            f"mixing frozen, {r.meta.get('prompts', '?')} prompts).")
+            f"damage, stream {low} the least ({_pct(by_stream[low])}) ({r.meta.get('ablation', 'zero')} ablation, "
+            f"frozen mixing, {r.meta.get('prompts', '?')} prompts).")
     return [_finding("needed_rescue", text, most_needed=top, rescue=float(by_stream[top]), least_needed=low,
                      least_rescue=float(by_stream[low]))]
 
@@ -448,15 +446,15 @@ def _patching_findings(r: ProbeResult) -> List[Optional[Dict]]:
                                             f"has nothing to repair.", corrupted_kl=corrupted)]
     repaired = ((corrupted - m) / effect).mean(0)                        # [stream], mean over sublayers
     top, low = int(repaired.argmax()), int(repaired.argmin())
-    text = (f"Restoring stream {top} alone from the clean run repairs the most: {_pct(repaired[top])} of the "
-            f"corruption's KL on average over sublayers, stream {low} the least ({_pct(repaired[low])})")
+    text = (f"Patching stream {top} alone back in repairs the most: {_pct(repaired[top])} of the corruption's "
+            f"KL (mean over sublayers), stream {low} the least ({_pct(repaired[low])})")
     values = dict(best_stream=top, repaired=float(repaired[top]), worst_stream=low,
                   worst_repaired=float(repaired[low]), corrupted_kl=corrupted)
     routing = r.arrays.get(f"{metric}_routing")
     sems = [r.arrays.get(f"{metric}_{x}_sem") for x in ("recomputed", "frozen")]
     if routing is not None and all(x is not None for x in sems):
         within = int((np.abs(routing) < 2 * (sems[0] + sems[1])).sum())
-        text += f"; the mixers' part (routing) is within noise in {within} of {routing.size} cells"
+        text += f"; its routing part is within 2 s.e.m. of 0 in {within} of {routing.size} cells"
         values.update(routing_within_noise=within, cells=int(routing.size))
     return [_finding("needed_patching", text + f" ({prompts} prompts).", **values)]
 

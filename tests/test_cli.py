@@ -121,6 +121,85 @@ def test_corpus_too_short(tmp_path):
         report.corpus_tokens(model, ["just a few words"], report.ReportConfig())
 
 
+def test_report_says_why_successor_heads_are_not_scored_or_scores_them():
+    """The report's head section: successor heads are scored on the built-in ordinal lists that are
+    single tokens in full; otherwise the result (and so its empty panel) says why not."""
+    import numpy as np
+
+    from mhc_interp.probes.heads import DEFAULT_ORDINAL_WORDS, HeadScores
+
+    model = HookedMHC.from_pretrained(asset("tiny-mhc-n4"))
+    L, H = model.cfg.n_layers, model.cfg.n_heads
+
+    def heads():
+        return HeadScores("head_detector", {"successor": np.full((L, H), np.nan)},
+                          {"skipped": {"successor": "successor scores need ordinal sequences"}})
+
+    no_tokenizer = heads()
+    report._successor(model, no_tokenizer)
+    assert "no tokenizer" in no_tokenizer.meta["skipped"]["successor"]
+
+    numbers = DEFAULT_ORDINAL_WORDS["number_words"]
+
+    class Numbers:   # " one" .. " three" single tokens, the rest split: no whole list
+        def encode(self, text):
+            return [10 + numbers.index(text)] if text in numbers[:3] else [1, 2]
+
+    model.tokenizer = Numbers()
+    split = heads()
+    report._successor(model, split)
+    reason = split.meta["skipped"]["successor"]
+    assert "no ordinal word list" in reason and "one two three" in reason
+    assert np.isnan(split["successor"]).all()
+
+    class Whole(Numbers):   # every number word one token
+        def encode(self, text):
+            return [10 + numbers.index(text)] if text in numbers else [1, 2]
+
+    model.tokenizer = Whole()
+    scored = heads()
+    report._successor(model, scored)
+    assert "successor" not in scored.meta["skipped"] and scored.meta["sources"]["successor"] == "ordinal"
+    assert scored["successor"].shape == (L, H) and np.isfinite(scored["successor"]).all()
+    assert scored.meta["counts"]["successor"] == len(numbers) - 1
+
+
+def test_findings_say_only_what_the_results_support():
+    """Findings are computed from the result; where it cannot say (NaN, one stream, no effect to
+    repair) there is no finding or one that says so - never a made-up ranking."""
+    import numpy as np
+
+    from mhc_interp.probes.patching import PatchingResult
+    from mhc_interp.probes.rescue import RescueResult
+    from mhc_interp.probes.stream_usage import StreamUsageResult
+
+    subs = ["blocks.0.attn", "blocks.0.mlp"]
+    usage = StreamUsageResult("stream_usage", {"read_share_norm": np.array([[0.7, 0.1, 0.1, 0.1], [0.5, 0.2, 0.2, 0.1]]),
+                                               "h_res_dist": np.array([0.1, 1.2])}, {"sublayers": subs})
+    found = {f["key"]: f for f in report.findings(usage)}
+    assert found["dominant_stream"]["values"]["stream"] == 0
+    assert found["dominant_stream"]["values"]["share"] == pytest.approx(0.6)
+    assert "mix the streams partly" in found["mixers"]["text"] and "most at blocks.0.mlp (1.20)" in found["mixers"]["text"]
+    assert found["mixers"]["values"]["mean_distance"] == pytest.approx(0.65)
+    one = StreamUsageResult("stream_usage", {"read_share_norm": np.ones((2, 1)), "h_res_dist": np.zeros(2)},
+                            {"sublayers": subs})
+    assert report.findings(one) == []
+
+    nan = np.full((2, 4, 4), np.nan)
+    assert report.findings(RescueResult("ablate_rescue", {"global_rescue": nan[0]}, {})) == []
+
+    def patching(corrupted):
+        m = np.full((2, 4), 0.5 * corrupted)
+        return PatchingResult("activation_patching", {
+            "kl_recomputed": m, "kl_recomputed_sem": m / 10, "baseline_clean": np.float64(0),
+            "baseline_corrupted": np.float64(corrupted)}, {"metric": "kl", "mixing": ["recomputed"], "prompts": 3})
+    quiet = report.findings(patching(1e-5))
+    assert len(quiet) == 1 and "nothing to repair" in quiet[0]["text"]
+    loud = report.findings(patching(0.1))
+    assert loud[0]["values"]["repaired"] == pytest.approx(0.5)
+    assert json.loads(json.dumps(loud)) == loud                      # plain data
+
+
 def test_train_and_check(tmp_path):
     text = tmp_path / "t.txt"
     text.write_text("the cat sat on the mat. the dog ran to the cat. " * 200)

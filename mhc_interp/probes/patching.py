@@ -230,10 +230,10 @@ class PatchingResult(ProbeResult):
                 note = f"{prompts} prompts"
             else:
                 within = int(noise.sum())
-                bound = " (s.e.m. bound: sum of both maps')" if mixing == "routing" else ""
-                ci = "; +/- 95% interval" if high is not None else ""
-                note = (f"{prompts} prompts{ci}; hatched: within 2 s.e.m. of 0{bound} - "
-                        f"{within} of {noise.size} cells" + (" (all: no effect above noise)" if within == noise.size else ""))
+                bound = " (s.e.m. bound: the sum of both maps')" if mixing == "routing" else ""
+                ci = "; \u00b1 95% interval" if high is not None else ""
+                note = (f"{prompts} prompts{ci}; {within} of {noise.size} cells within 2 s.e.m. of 0{bound}"
+                        + (" (hatched)" if within else "") + (": none clearly differs from 0" if within == noise.size else ""))
             ax.set_xlabel(note, fontsize=7)
             fig.colorbar(im, ax=ax, label=f"{metric} difference" if mixing == "routing" else metric)
             figs[f"patching_{mixing}"] = fig

@@ -8,7 +8,8 @@ and mixing mode (recomputed = total effect, frozen = content effect) the exact
 one forward + one backward; ig: `--steps` points of integrated gradients), then the
 position-resolved map [sublayer, stream, position] on `--position-prompts` prompts (the exact
 sweep is one resumed forward per cell: the expensive part), and the mixer attribution
-[sublayer, (H_pre, H_post, H_res)] against exact runs with one coefficient tensor patched. Top-10
+[sublayer, (H_pre, H_post, H_res)] against exact runs with one coefficient tensor patched, and the
+stream edges (writer u -> stream s -> reader v) against exact path patching of every edge. Top-10
 overlap: the 10 cells with the largest |effect| (value minus the unpatched corrupted run's KL).
 The shared reference checkpoints (random tiny models, no tokenizer: random prompts with one token
 shifted; in float64, since their effects are below float32 resolution) are graded too unless

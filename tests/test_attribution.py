@@ -56,12 +56,13 @@ def mhc64():
     return perturbed_model(tiny_config("mhc"), seed=3).double()
 
 
-@pytest.mark.parametrize("direction", ["denoise", "noise"])
-@pytest.mark.parametrize("positions", [None, "each"])
-def test_atp_and_ig_exact_when_the_metric_is_linear(lin, direction, positions):
+@pytest.mark.parametrize("direction, positions, sublayers", [("denoise", None, None), ("noise", None, None),
+                                                           ("denoise", "each", None), ("noise", [3, 5], [1, 3])])
+def test_atp_and_ig_exact_when_the_metric_is_linear(lin, direction, positions, sublayers):
     clean, corrupted = _prompts(lin.cfg.d_vocab)
     answers = torch.tensor([[1, 2], [3, 4], [5, 6]])
-    kw = dict(mixing="frozen", metric="logit_diff", answers=answers, direction=direction, positions=positions)
+    kw = dict(mixing="frozen", metric="logit_diff", answers=answers, direction=direction, positions=positions,
+              sublayers=sublayers)
     exact = activation_patching(lin, clean, corrupted, **kw)
     for method in ("atp", "ig"):
         est = attribution_patching(lin, clean, corrupted, method=method, steps=2, **kw)

@@ -61,6 +61,10 @@ class AttributionPatching(ActivationPatching):
     _ci_low / _ci_high), "attribution_<mixing>", "effect_<mixing>" (estimate minus the base run's
     metric), "baseline_clean", "baseline_corrupted" and, with mixers, "mixer_<mixing>"
     [sublayer, 3] (estimated metric with h_pre / h_post / h_res patched) and per-entry effects.
+    max_rows: with IG, the batch rows (path points x prompts) of one gradient pass; memory grows
+    with the points per pass (max_rows=B: one point per pass, about a plain forward + backward).
+    Clean and corrupted prompts must differ in every prompt (an identical pair has nothing to
+    attribute and raises).
     """
 
     name = "attribution_patching"

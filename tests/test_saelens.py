@@ -138,6 +138,9 @@ def test_bad_saes(model, trained):
     anonymous = TopKSAE(TopKSAEConfig(d_in=32, d_sae=8, k=2))
     with pytest.raises(ValueError, match="records no hook_name"):
         check_sae(model, anonymous)
+    with pytest.raises(RuntimeError, match="inside"):                 # the splice never outlives its block
+        with splice_sae(model, sae):
+            raise RuntimeError("inside")
     assert no_hooks(model)
 
 

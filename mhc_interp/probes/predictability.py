@@ -36,6 +36,7 @@ from .base import (Probe, ProbeResult, masked_rows, register_probe, register_res
 __all__ = ["CrossStreamPredictability", "PredictabilityResult", "ridge_r2_matrix", "predictability_sites"]
 
 DEFAULT_ALPHAS = tuple(np.logspace(-3, 4, 8))
+_LOO_BYTES = 256 * 2 ** 20    # the leave-one-out residuals of this many bytes per batched GEMM
 
 
 def predictability_sites(model, sites: Union[str, Sequence[str]] = "layers") -> List[str]:
@@ -55,6 +56,10 @@ def ridge_r2_matrix(x, train, test, alphas: Sequence[float] = DEFAULT_ALPHAS, de
       G^-1 = U diag(1 / (s^2 + alpha)) U^T + (I - U U^T) / alpha,
       per target the alpha of least sum e^2 (the first of equals), then
       W = V diag(s / (s^2 + alpha_t)) U^T y and yhat_test = X_test W.
+
+    Batched so that a fit is a few large operations, not hundreds of small ones: every source's
+    standardisation and SVD at once, every alpha's residuals in one batched GEMM per source
+    (alpha G^-1 y = (I - U U^T) y + U (alpha w U^T y), as many alphas at a time as fit in 256 MiB).
     """
     x = torch.as_tensor(x, dtype=torch.float64, device=device)
     tr = torch.as_tensor(np.asarray(train), device=x.device)
@@ -64,32 +69,40 @@ def ridge_r2_matrix(x, train, test, alphas: Sequence[float] = DEFAULT_ALPHAS, de
     y_mean = Y[tr].mean(0)
     Y_train, Y_test = Y[tr] - y_mean, Y[te] - y_mean                       # [m, n d], [t, n d]
     sst = ((Y_test - Y_test.mean(0)) ** 2).reshape(len(te), n, d).sum((0, 2))   # [n]
-    out = torch.full((n, n), float("nan"), dtype=torch.float64)
+    # every source stream at once: standardise with the train mean / std, one batched thin SVD
+    X = x.transpose(0, 1)                                                   # [n, tokens, d]
+    X_tr, X_te = X[:, tr], X[:, te]
+    mu, sd = X_tr.mean(1, keepdim=True), X_tr.std(1, unbiased=False, keepdim=True)
+    scale = X.abs().amax((1, 2), keepdim=True).clamp_min(1.0)
+    sd = torch.where(sd > 1e-12 * scale, sd, torch.full_like(sd, float("inf")))
+    X_train, X_test = (X_tr - mu) / sd, (X_te - mu) / sd                  # constant features -> 0
+    U, sv, Vh = torch.linalg.svd(X_train, full_matrices=False)              # [n, m, r], [n, r], [n, r, d]
+    UtY = U.transpose(1, 2) @ Y_train                                       # [n, r, targets]
+    u2, s2 = U ** 2, sv ** 2
+    a = torch.tensor([float(v) for v in alphas], dtype=torch.float64, device=x.device)   # [A]
+    w = 1.0 / (s2[:, None, :] + a[None, :, None])                           # [n, A, r]
+    # diag(G^-1)^-2 for every source and alpha: [n, A, m]
+    inv_d2 = (w @ u2.transpose(1, 2) + (1.0 - u2.sum(2))[:, None, :] / a[None, :, None]).pow_(-2)
+    m_tr, T = Y_train.shape
+    per_chunk = max(1, min(len(a), _LOO_BYTES // max(1, 2 * m_tr * T * 8)))   # alphas per batched GEMM
+    out = torch.full((n, n), float("nan"), dtype=torch.float64, device=x.device)
     for i in range(n):
-        X = x[:, i]
-        mu, sd = X[tr].mean(0), X[tr].std(0, unbiased=False)
-        sd = torch.where(sd > 1e-12 * max(1.0, float(X.abs().max())), sd, torch.full_like(sd, float("inf")))
-        X_train, X_test = (X[tr] - mu) / sd, (X[te] - mu) / sd              # constant features -> 0
-        U, sv, Vh = torch.linalg.svd(X_train, full_matrices=False)          # [m, r], [r], [r, d]
-        UtY = U.T @ Y_train                                                 # [r, targets]
-        outside = Y_train - U @ UtY                                         # (I - U U^T) y
-        u2, s2 = U ** 2, sv ** 2
-        best = torch.full((Y.shape[1],), float("inf"), dtype=torch.float64, device=x.device)
-        best_alpha = torch.zeros_like(best)
-        lev = 1.0 - u2.sum(1)                                               # [m]
-        g_y = torch.empty_like(outside)
-        for alpha in alphas:
-            w = 1.0 / (s2 + alpha)
-            torch.addmm(outside, U, w[:, None] * UtY, beta=1.0 / alpha, out=g_y)   # G^-1 y  [m, targets]
-            g_diag = u2 @ w + lev / alpha                                   # diag(G^-1)  [m]
-            err = g_diag.pow_(-2) @ g_y.square_()                           # sum_m (G^-1 y / diag)^2  [targets]
-            better = err < best
-            best = torch.where(better, err, best)
-            best_alpha = torch.where(better, torch.full_like(best_alpha, alpha), best_alpha)
-        coef = Vh.T @ (sv[:, None] / (s2[:, None] + best_alpha[None, :]) * UtY)   # [d, targets]
-        sse = ((Y_test - X_test @ coef) ** 2).reshape(len(te), n, d).sum((0, 2))
-        out[i] = torch.where(sst > 0, 1 - sse / sst, torch.full_like(sse, float("nan"))).cpu()
-    return out.numpy()
+        outside = Y_train - U[i] @ UtY[i]                                   # (I - U U^T) y  [m, targets]
+        err = torch.empty(len(a), T, dtype=torch.float64, device=x.device)
+        for lo in range(0, len(a), per_chunk):
+            ak = a[lo:lo + per_chunk]
+            k = len(ak)
+            # alpha G^-1 y = outside + U (alpha w UtY), k alphas in one batched GEMM  [k, m, targets]
+            g = torch.baddbmm(outside.expand(k, -1, -1), U[i].expand(k, -1, -1),
+                              (ak[:, None] * w[i, lo:lo + k])[:, :, None] * UtY[i])
+            # leave-one-out error: sum_m (G^-1 y / diag G^-1)^2  [k, targets]
+            err[lo:lo + k] = torch.bmm(inv_d2[i, lo:lo + k, None, :], g.square_())[:, 0] / (ak * ak)[:, None]
+        # per target the alpha of least error, the first of equals (argmin's first minimum)
+        best_alpha = a[torch.nan_to_num(err, nan=float("inf")).argmin(0)]   # [targets]
+        coef = Vh[i].T @ (sv[i, :, None] / (s2[i, :, None] + best_alpha[None, :]) * UtY[i])   # [d, targets]
+        sse = ((Y_test - X_test[i] @ coef) ** 2).reshape(len(te), n, d).sum((0, 2))
+        out[i] = torch.where(sst > 0, 1 - sse / sst, torch.full_like(sse, float("nan")))
+    return out.cpu().numpy()
 
 
 @register_probe

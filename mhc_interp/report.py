@@ -308,14 +308,15 @@ def _per_sublayer_h_res(result: ProbeResult, folder: Path) -> List[Dict[str, str
     numbers and title updated and saved for each sublayer (no new figure per sublayer)."""
     import matplotlib.pyplot as plt
 
-    from .probes.figure_helpers import text_color
+    from .probes.figure_helpers import MAX_ANNOTATED_COLUMNS, text_color
 
     mats, names = result["mean_h_res"], result.meta["sublayers"]
     n = mats.shape[-1]
     fig, ax = plt.subplots(figsize=(3.2, 2.8))
     im = ax.imshow(mats[0], vmin=0, vmax=1, cmap="viridis")
     size = float(np.clip(40 / n, 6, 10))
-    texts = {(i, j): ax.text(j, i, "", ha="center", va="center", fontsize=size) for i in range(n) for j in range(n)}
+    texts = {(i, j): ax.text(j, i, "", ha="center", va="center", fontsize=size)
+             for i in range(n) for j in range(n)} if n <= MAX_ANNOTATED_COLUMNS else {}   # else they would not fit
     ax.set_xticks(range(n))
     ax.set_yticks(range(n))
     ax.set_xlabel("source stream")
@@ -446,15 +447,15 @@ def _patching_findings(r: ProbeResult) -> List[Optional[Dict]]:
                                             f"has nothing to repair.", corrupted_kl=corrupted)]
     repaired = ((corrupted - m) / effect).mean(0)                        # [stream], mean over sublayers
     top, low = int(repaired.argmax()), int(repaired.argmin())
-    text = (f"Patching stream {top} alone back in repairs the most: {_pct(repaired[top])} of the corruption's "
-            f"KL (mean over sublayers), stream {low} the least ({_pct(repaired[low])})")
+    text = (f"Patching stream {top} back in repairs the most: {_pct(repaired[top])} of the corruption's KL "
+            f"(mean over sublayers), stream {low} the least ({_pct(repaired[low])})")
     values = dict(best_stream=top, repaired=float(repaired[top]), worst_stream=low,
                   worst_repaired=float(repaired[low]), corrupted_kl=corrupted)
     routing = r.arrays.get(f"{metric}_routing")
     sems = [r.arrays.get(f"{metric}_{x}_sem") for x in ("recomputed", "frozen")]
     if routing is not None and all(x is not None for x in sems):
         within = int((np.abs(routing) < 2 * (sems[0] + sems[1])).sum())
-        text += f"; its routing part is within 2 s.e.m. of 0 in {within} of {routing.size} cells"
+        text += f"; routing within 2 s.e.m. of 0 in {within}/{routing.size} cells"
         values.update(routing_within_noise=within, cells=int(routing.size))
     return [_finding("needed_patching", text + f" ({prompts} prompts).", **values)]
 

@@ -163,3 +163,11 @@ def test_head_figures_say_why_a_panel_is_empty_and_keep_their_labels():
     assert labels and all(any(s.replace("_", " ") in lab for s in HEAD_SCORES) for lab in labels)
     assert any(ax.get_label() == "<colorbar>" for ax in rw.axes)
     assert len(left.texts) == n * len(labels)                  # every cell has its number
+
+
+def test_heatmaps_too_wide_for_numbers_get_none():
+    fig, ax = plt.subplots()
+    m = np.random.default_rng(3).uniform(0, 1, (16, 16))
+    im = ax.imshow(m)
+    assert annotate(ax, im, m) is False and not ax.texts
+    assert annotate(ax, im, m[:4, :4]) is True and len(ax.texts) == 16

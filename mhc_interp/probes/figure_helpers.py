@@ -36,18 +36,25 @@ def cell_fontsize(ax, shape: Tuple[int, int], chars: int = 4, equal: bool = True
     return float(np.clip(size, 6, 11))
 
 
+MAX_ANNOTATED_COLUMNS = 8   # wider heatmaps get no numbers: they would not fit their cells
+
+
 def annotate(ax, im, values: np.ndarray, fmt: Callable[[float], str] = "{:.2f}".format,
-             fontsize: float = 8, labels: Optional[np.ndarray] = None) -> None:
+             fontsize: float = 8, labels: Optional[np.ndarray] = None) -> bool:
     """Write each cell's value (or `labels[i, j]`, where given and not empty) on an `imshow`
     heatmap, in black or white according to the cell's colour under `im`'s colormap and norm.
-    NaN cells are left blank unless `labels` names them (then in black: they are not drawn)."""
+    NaN cells are left blank unless `labels` names them (then in black: they are not drawn).
+    Returns False (and writes nothing) for more than MAX_ANNOTATED_COLUMNS columns."""
     values = np.asarray(values, dtype=float)
+    if values.shape[1] > MAX_ANNOTATED_COLUMNS:
+        return False
     for (i, j), v in np.ndenumerate(values):
         label = fmt(v) if labels is None else labels[i, j]
         if not label or (labels is None and np.isnan(v)):
             continue
         color = "black" if np.isnan(v) else text_color(im.cmap(im.norm(v)))
         ax.text(j, i, label, ha="center", va="center", fontsize=fontsize, color=color)
+    return True
 
 
 def panel_grid(n_panels: int, panel_in: Tuple[float, float], max_cols: int = 4, extra_width: float = 0.9,

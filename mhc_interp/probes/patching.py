@@ -234,6 +234,9 @@ class PatchingResult(ProbeResult):
                 ci = "; \u00b1 95% interval" if high is not None else ""
                 note = (f"{prompts} prompts{ci}; {within} of {noise.size} cells within 2 s.e.m. of 0{bound}"
                         + (" (hatched)" if within else "") + (": none clearly differs from 0" if within == noise.size else ""))
+            base = self.arrays.get("baseline_corrupted")
+            if mixing != "routing" and base is not None and np.ndim(base) == 0:
+                note = f"unpatched corrupted run: {float(base):.2g}; " + note
             ax.set_xlabel(note, fontsize=7)
             fig.colorbar(im, ax=ax, label=f"{metric} difference" if mixing == "routing" else metric)
             figs[f"patching_{mixing}"] = fig

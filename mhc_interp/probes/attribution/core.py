@@ -119,10 +119,10 @@ def _backward(model, run: Callable[[], Tensor], metric, k: int, sublayers: Seque
             raise RuntimeError(f"hook_streams_in of sublayers {missing} did not fire")
         names = list(mixing)
         inputs = [states[l] for l in sublayers] + [mixing[n] for n in names]
-        # NaN values (prompts with nothing to score) only poison their own rows' gradients
         # per-prompt gradients from one backward: prompts are independent rows of the batch (a
         # NaN value - nothing to score - only reaches its own prompt's rows)
         grads = torch.autograd.grad(values.sum(), inputs, allow_unused=True)
+
     def fold(t: Optional[Tensor], like: Tensor) -> Tensor:  # [k*B, ...] -> [B, ...], summed over replicas
         t = torch.zeros_like(like) if t is None else t
         return t.view(k, -1, *t.shape[1:]).sum(0).detach()

@@ -33,6 +33,19 @@ def tiny_config(hyper_conn_type="mhc", n_streams=4, **kw) -> MHCConfig:
     return MHCConfig(**base)
 
 
+# Compiled tests: inductor takes ~10-60 s per graph on a 2-core CPU, and a graph is shared by every
+# model of the same shapes (parameters are graph inputs), so every compiled test builds its model
+# from `compile_test_config()` and runs it on [batch, pos] = COMPILE_SHAPE: the graphs one test
+# compiles serve all the others in the session.
+COMPILE_SHAPE = (3, 9)
+
+
+def compile_test_config(hyper_conn_type: str = "mhc") -> MHCConfig:
+    """`tiny_config` with a 3-iteration Sinkhorn: the unrolled loop is most of the mixer's graph
+    (and of its compile time); what the compiled tests check does not depend on its length."""
+    return tiny_config(hyper_conn_type, sinkhorn_iters=3)
+
+
 def perturbed_model(cfg: MHCConfig, seed: int = 0) -> HookedMHC:
     """A random model whose every parameter is perturbed, so every term of the forward matters."""
     torch.manual_seed(seed)

@@ -4,32 +4,29 @@ nnsight) still sees and changes the run - the hazard of a plain `torch.compile(m
 graphs silently skip hooks added later.
 
 Compiling is most of this module's time (inductor on a CPU, ~10-60 s a graph on 2 cores), so every
-test shares one compiled model and one token shape, and the module compiles as few graphs as it
-can: static shapes only (no dynamic re-trace), a model whose Sinkhorn runs 3 iterations (the
-unrolled loop is most of the mixer's graph; the hook-safety under test does not depend on its
-length), and the mHC-lite model of the last test has the same shapes, so it shares `apply`'s
-graphs and compiles only its own mixer."""
+test shares one compiled model and one token shape (conftest's `compile_test_config` and
+COMPILE_SHAPE), and the module compiles as few graphs as it can: static shapes only (no dynamic
+re-trace), a 3-iteration Sinkhorn, and the mHC-lite model of the last test has the same shapes, so
+it shares `apply`'s graphs and compiles only its own mixer."""
 import numpy as np
 import pytest
 import torch
 
+from mhc_interp.hooks import is_mixing_hook
 from mhc_interp.model.compiled import module_observed
 from mhc_interp.model.sublayer import BOUNDARY_HOOKS
 from mhc_interp.probes import ablate_and_rescue
 
-from .conftest import perturbed_model, tiny_config
+from .conftest import COMPILE_SHAPE as SHAPE
+from .conftest import compile_test_config, perturbed_model
 
 TOL = dict(atol=1e-5, rtol=1e-5)
 
 
-SHAPE = (3, 9)  # [batch, pos] of every forward here but those at SWEEP_SHAPE
-# the one-shot rescue sweep of SHAPE's 3 prompts runs its 10 interventions per sublayer (n = 4:
-# 6 pairs, 4 singles) as one batch of 30; the check that a new shape re-traces uses that shape
+# SHAPE: [batch, pos] of every forward here but those at SWEEP_SHAPE. The one-shot rescue sweep of
+# SHAPE's 3 prompts runs its 10 interventions per sublayer (n = 4: 6 pairs, 4 singles) as one batch
+# of 30; the check that a new shape re-traces uses that shape too.
 SWEEP_SHAPE = (30, 9)
-
-
-def compile_test_config(hyper_conn_type="mhc"):
-    return tiny_config(hyper_conn_type, sinkhorn_iters=3)
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -87,6 +84,26 @@ def test_boundary_hooks_stay_compiled_and_see_the_same_values(models, toks):
     assert set(cache) == set(ref) and len(cache) == 5 * len(fast.sublayers)
     for name in ref:
         torch.testing.assert_close(cache[name], ref[name], **TOL)
+
+
+def test_compiled_mixers_match_eager_and_keep_hooks(models, toks):
+    """`compile_mixers()`: only the coefficient maths compiled; the mixing hooks see its output."""
+    eager, fast = models
+    ref, ref_cache = eager.run_with_cache(toks, names_filter=is_mixing_hook)
+    fast.compile(False).compile_mixers()
+    try:
+        assert not any(uses_compiled_apply(fast)) and all(s.mixer.compiled for s in fast.sublayers)
+        compiled, cache = fast.run_with_cache(toks, names_filter=is_mixing_hook)
+        torch.testing.assert_close(compiled, ref, **TOL)
+        for name in ref_cache:
+            torch.testing.assert_close(cache[name], ref_cache[name], **TOL)
+        with fast.frozen_mixing(cache):   # frozen runs never call the mixers
+            assert torch.equal(fast(toks), compiled)
+        fast.compile_mixers(False)
+        assert not any(s.mixer.compiled for s in fast.sublayers)
+    finally:
+        fast.compile()
+    assert all(uses_compiled_apply(fast))
 
 
 @pytest.mark.parametrize("hook_name", ["blocks.0.attn.hook_q", "blocks.1.mlp.hook_post",

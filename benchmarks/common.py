@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
 import platform
 import statistics
 import sys
@@ -104,31 +105,71 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def timed(fn: Callable[[], Any], device: torch.device, repeats: int, warmup: int = 1) -> Dict[str, Any]:
-    """Median seconds of `fn()` over `repeats` runs after `warmup` untimed ones, every time, and
-    on cuda the peak allocated memory (MiB) over the timed runs. A cuda out-of-memory error is
-    returned as {"oom": True} (the caller reports it and goes on)."""
-    times: List[float] = []
-    try:
-        for _ in range(warmup):
-            fn()
-        if device.type == "cuda":   # the allocator keeps its blocks: timed runs do not re-allocate
-            torch.cuda.reset_peak_memory_stats(device)
-        for _ in range(repeats):
-            sync(device)
-            t0 = time.perf_counter()
-            out = fn()
-            sync(device)
-            times.append(time.perf_counter() - t0)
-            del out  # a returned cache is freed before the next run builds another
-    except torch.OutOfMemoryError:
+def quartiles(times: Sequence[float]) -> Dict[str, float]:
+    """Median and quartiles (q1, q3) of `times` (all three the one value if there is one)."""
+    if len(times) < 2:
+        return dict(seconds=times[0], q1=times[0], q3=times[0])
+    q1, median, q3 = statistics.quantiles(times, n=4, method="inclusive")
+    return dict(seconds=median, q1=q1, q3=q3)
+
+
+def interleaved(rows: Dict[str, Callable[[], Any]], device: torch.device, repeats: int, warmup: int = 1,
+                before: Optional[Dict[str, Callable[[], None]]] = None) -> Dict[str, Dict[str, Any]]:
+    """Time the compared `rows` {name: fn} round by round: every round runs each row once, in
+    alternating order (A B C, C B A, A B C, ...), so load drift on a shared machine lands on all rows
+    alike instead of on whichever ran during it. `warmup` untimed rounds first; then `repeats`
+    timed ones. `before[name]()`, if given, runs untimed before each of the row's calls (e.g. to
+    switch a shared model's compile state).
+
+    Per row: "seconds" (median), "q1" / "q3" (quartiles), every time, and on cuda "peak_mib"
+    (`max_memory_allocated` over its timed calls) and "extra_mib" (that peak less what was
+    allocated before the call: what the call itself needs, whichever other rows' models are
+    resident). A row that runs out of cuda memory is returned as {"oom": True} and leaves the
+    later rounds."""
+    before = before or {}
+    times: Dict[str, List[float]] = {name: [] for name in rows}
+    peaks: Dict[str, List[int]] = {name: [0, 0] for name in rows}
+    live = list(rows)
+    for rnd in range(warmup + repeats):
+        for name in (live if rnd % 2 == 0 else live[::-1]):
+            try:
+                before.get(name, lambda: None)()
+                sync(device)
+                if device.type == "cuda":
+                    resident = torch.cuda.memory_allocated(device)
+                    torch.cuda.reset_peak_memory_stats(device)
+                t0 = time.perf_counter()
+                out = rows[name]()
+                sync(device)
+                elapsed = time.perf_counter() - t0
+                if device.type == "cuda" and rnd >= warmup:
+                    peak = torch.cuda.max_memory_allocated(device)
+                    peaks[name] = [max(peaks[name][0], peak), max(peaks[name][1], peak - resident)]
+                del out  # a returned cache is freed before the next run builds another
+            except torch.OutOfMemoryError:
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
+                times[name] = None
+                continue
+            if rnd >= warmup:
+                times[name].append(elapsed)
+        live = [name for name in live if times[name] is not None]
+    res: Dict[str, Dict[str, Any]] = {}
+    for name, ts in times.items():
+        if ts is None:
+            res[name] = {"oom": True}
+            continue
+        res[name] = dict(oom=False, **quartiles(ts), times=ts)
         if device.type == "cuda":
-            torch.cuda.empty_cache()
-        return {"oom": True}
-    res: Dict[str, Any] = {"oom": False, "seconds": statistics.median(times), "times": times}
-    if device.type == "cuda":
-        res["peak_mib"] = torch.cuda.max_memory_allocated(device) / 2**20
+            res[name]["peak_mib"], res[name]["extra_mib"] = (b / 2**20 for b in peaks[name])
     return res
+
+
+def timed(fn: Callable[[], Any], device: torch.device, repeats: int, warmup: int = 1) -> Dict[str, Any]:
+    """One row of `interleaved`: median seconds (and quartiles) of `fn()` over `repeats` runs after
+    `warmup` untimed ones, every time, and on cuda the peak allocated memory (MiB) over the timed
+    runs. A cuda out-of-memory error is returned as {"oom": True}."""
+    return interleaved({"row": fn}, device, repeats, warmup)["row"]
 
 
 @contextlib.contextmanager
@@ -244,6 +285,7 @@ def write_result(benchmark: str, args: argparse.Namespace, device: torch.device,
     info = dict(benchmark=benchmark, shape=args.shape, device=str(device), device_name=device_name(device),
                 torch_version=torch.__version__, dtype=args.dtype, compiled=args.compile, batch=args.batch,
                 seq=args.seq, repeats=args.repeats, warmup=args.warmup, threads=torch.get_num_threads(),
+                omp_wait_policy=os.environ.get("OMP_WAIT_POLICY"),
                 config=make_config(args.shape, variant).to_dict(), **result)
     path = Path(args.out) if args.out else RESULTS / f"{benchmark}-{args.shape}-{device.type}.json"
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -263,7 +263,7 @@ class LogitLens(Probe):
     name = "logit_lens"
 
     def __init__(self, subsets=None, sites: SiteSpec = "sublayers", writes: bool = True,
-                 translator: Translator = None, chunk_tokens: int = 64, token_fraction: float = 1.0,
+                 translator: Translator = None, chunk_tokens: int = 256, token_fraction: float = 1.0,
                  seed: int = 0):
         if int(chunk_tokens) < 1:
             raise ValueError(f"chunk_tokens must be >= 1, got {chunk_tokens}")

@@ -447,8 +447,8 @@ def _patching_findings(r: ProbeResult) -> List[Optional[Dict]]:
                                             f"has nothing to repair.", corrupted_kl=corrupted)]
     repaired = ((corrupted - m) / effect).mean(0)                        # [stream], mean over sublayers
     top, low = int(repaired.argmax()), int(repaired.argmin())
-    text = (f"Patching stream {top} back in repairs the most: {_pct(repaired[top])} of the corruption's KL "
-            f"(mean over sublayers), stream {low} the least ({_pct(repaired[low])})")
+    text = (f"Patching stream {top} back in repairs the most: {_pct(repaired[top])} of the corruption's KL on "
+            f"average, stream {low} the least ({_pct(repaired[low])})")
     values = dict(best_stream=top, repaired=float(repaired[top]), worst_stream=low,
                   worst_repaired=float(repaired[low]), corrupted_kl=corrupted)
     routing = r.arrays.get(f"{metric}_routing")

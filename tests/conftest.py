@@ -1,7 +1,13 @@
+import os
 from pathlib import Path
 
-import pytest
-import torch
+# OpenMP's idle threads sleep instead of spinning, in this process and the ones tests start (CLI
+# runs, two-process gloo runs, examples): spinning threads take shared cores from the threads they
+# wait for (see benchmarks/README.md). Read once, when torch is first imported: hence before it.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 from mhc_interp import HookedMHC, MHCConfig
 

@@ -119,7 +119,7 @@ def sinkhorn_exp(logits: Tensor, iters: int) -> Tensor:
     exact arithmetic (subtracting logsumexp = dividing by the sum; the constant max L cancels in
     the first normalisation) for iters >= 1; a third of its time on the CPU (no exp/log per step).
     Safe only where `exp_domain_safe` holds: otherwise whole rows or columns can underflow to 0."""
-    p = (logits - logits.amax(dim=(-1, -2), keepdim=True)).exp()
+    p = (logits - logits.detach().amax(dim=(-1, -2), keepdim=True)).exp()  # the max cancels: no gradient
     for _ in range(iters):
         p = p / p.sum(dim=-1, keepdim=True)
         p = p / p.sum(dim=-2, keepdim=True)
@@ -138,6 +138,7 @@ def exp_safe_range(dtype: torch.dtype, n: int) -> float:
 def exp_domain_safe(logits: Tensor) -> Tensor:
     """Per matrix of `logits [..., n, n]`: may `sinkhorn_exp` be used (see `exp_safe_range`)?
     False for non-finite logits (NaN, +-inf), which stay on the log-domain path."""
+    logits = logits.detach()
     spread = logits.amax(dim=(-1, -2)) - logits.amin(dim=(-1, -2))
     return spread <= exp_safe_range(logits.dtype, logits.shape[-1])
 

@@ -98,6 +98,16 @@ _FINDER = _DeferringFinder()
 
 
 def defer_package_inits() -> None:
-    """Defer the `__init__` of the packages in `DEFERRED` not imported yet (idempotent)."""
-    if "transformer_lens" not in sys.modules and _FINDER not in sys.meta_path:
+    """Defer the `__init__` of the packages in `DEFERRED` not imported yet (idempotent). Only for
+    TransformerLens 4.x: 3.x (the SAELens environment) has utilities <-> FactoredMatrix import
+    cycles that only its own `__init__` order resolves, so there it is imported whole."""
+    if "transformer_lens" in sys.modules or _FINDER in sys.meta_path:
+        return
+    try:
+        from importlib.metadata import version
+
+        major = int(version("transformer-lens").split(".")[0])
+    except Exception:  # noqa: BLE001 - not installed or an odd version string: import it plainly
+        return
+    if major >= 4:
         sys.meta_path.insert(0, _FINDER)

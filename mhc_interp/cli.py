@@ -126,6 +126,7 @@ def cmd_report(args) -> int:
 
 
 def cmd_probe(args) -> int:
+    from .interop import sae_features  # noqa: F401 - registers sae_features (SAELens is imported only to load an SAE)
     from .probes import PROBES, run_probes
     from .report import corpus_tokens, patching_prompts
     from .data import read_texts
@@ -138,7 +139,9 @@ def cmd_probe(args) -> int:
     model = load(args.model, args.device, args.dtype)
     cfg = _report_config(args)
     tokens = corpus_tokens(model, read_texts(corpus_paths(args)), cfg)
-    probe = PROBES[args.name]()
+    if args.name == "sae_features" and not args.sae:
+        raise SystemExit("mhc-interp: probe sae_features needs --sae FOLDER (an SAE saved in SAELens's format)")
+    probe = PROBES[args.name](args.sae) if args.name == "sae_features" else PROBES[args.name]()
     if args.name == "activation_patching":
         clean, corrupted, _ = patching_prompts(model, tokens, cfg)
         probe.setup(model)
@@ -226,6 +229,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     common(probe)
     corpus_opts(probe)
     probe.add_argument("--out", default="mhc-probe")
+    probe.add_argument("--sae", default=None, help="an SAE folder in SAELens's format (for sae_features)")
     train = sub.add_parser("train", help="train a small mHC model on text files")
     train.add_argument("--texts", nargs="+", required=True)
     train.add_argument("--out", required=True)

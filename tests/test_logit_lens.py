@@ -296,3 +296,17 @@ def test_token_fraction_and_standard_errors(hc_model, corpus):
     assert np.all(np.abs(half["kl"] - full["kl"]) < 6 * half["kl_se"] + 1e-6)
     with pytest.raises(ValueError, match="token_fraction"):
         LogitLens(token_fraction=0)
+
+
+@pytest.mark.parametrize("host_check", [True, False])
+def test_argmax_is_without_index_tracking_max(host_check):
+    """The lens's top-1 test (z[y*] is the max and no earlier entry ties) equals argmax == y* on
+    logits with many exact ties, in both the host-checked and the sync-free form."""
+    from mhc_interp.probes.logit_lens import _argmax_is
+    gen = torch.Generator().manual_seed(0)
+    z = torch.randint(0, 4, (6, 50, 9), generator=gen).float()          # few values: ties everywhere
+    top = torch.randint(0, 9, (50,), generator=gen)
+    want = z.argmax(-1) == top[None]
+    z_top = z.gather(-1, top[None, :, None].expand(6, -1, 1))[..., 0]
+    got = _argmax_is(z.clone(), top, z_top, z.amax(-1), host_check=host_check)
+    assert torch.equal(got, want) and want.any() and (~want).any()

@@ -229,6 +229,23 @@ class _Final:
         return torch.bmm(normed.double(), self.u[:, :, None])[..., 0]
 
 
+def _argmax_is(z: Tensor, top: Tensor, z_top: Tensor, z_max: Tensor, host_check: bool = True) -> Tensor:
+    """argmax(z, -1) == top, for z [rows, c, V], top [c], z_top = z[..., top], z_max = z.amax(-1)
+    ([rows, c] each), without the slow index-tracking max over the vocabulary: z[top] must be the
+    max and no earlier entry may tie with it. A tie needs a second maximum, so `top` is masked out
+    of z (z is overwritten) and the max taken again; only tied rows need an argmax - on the host's
+    say-so (`host_check`, one sync) or, sync-free, as one more pass over every row."""
+    hit = z_top == z_max
+    z.scatter_(-1, top[None, :, None].expand(z.shape[0], -1, 1), float("-inf"))
+    tie = hit & (z.amax(-1) == z_max)
+    if not host_check:
+        return hit & (~tie | (top[None, :] < z.argmax(-1)))
+    if bool(tie.any()):                     # rare: exact ties at the max; argmax decides
+        r_idx, t_idx = tie.nonzero(as_tuple=True)
+        hit[r_idx, t_idx] = top[t_idx] < z[r_idx, t_idx].argmax(-1)
+    return hit
+
+
 # ------------------------------------------------------------------------------ the probe
 @register_probe
 class LogitLens(Probe):
@@ -373,15 +390,7 @@ class LogitLens(Probe):
             z_top = z.gather(-1, final_top)[..., 0]
             log_norm[:, sl] = (z_top - mc) - F.log_softmax(z, dim=-1).gather(-1, final_top)[..., 0]
             m[:, sl] = mc
-            # top-1 agreement = argmax z == y*: z[y*] is the max and no earlier token ties with it.
-            # A tie needs a second maximum: mask y* out (z is not read again) and look for one
-            hit = z_top == mc
-            z.scatter_(-1, final_top, float("-inf"))
-            tie = hit & (z.amax(-1) == mc)
-            if bool(tie.any()):                     # rare: exact ties at the max; argmax decides
-                r_idx, t_idx = tie.nonzero(as_tuple=True)
-                hit[r_idx, t_idx] = fin.top[sl][t_idx] < z[r_idx, t_idx].argmax(-1)
-            agree[:, sl] = hit
+            agree[:, sl] = _argmax_is(z, fin.top[sl], z_top, mc, host_check=z.device.type == "cpu")
         kl = ((m.double() - pz) + log_norm.double() + fin.neg_entropy).clamp_min(0)   # [rows, N]
         agree = agree.double()
         # per sequence sums (for the standard errors): S [rows, batch], n_i [batch]

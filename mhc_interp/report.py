@@ -48,7 +48,7 @@ CAPTIONS: Dict[str, str] = {
     "patching_recomputed": "Activation patching (denoising) per sublayer and stream: KL to the clean "
                            "distribution after restoring one clean stream into the corrupted run, mixing recomputed "
                            "(lower = more repaired). Each cell: mean and 95% interval over the prompts; hatched "
-                           "cells are within 2 s.e.m. of 0 (indistinguishable from the clean run).",
+                           "cells' intervals include 0 (indistinguishable from the clean run).",
     "patching_frozen": "The same with the mixing frozen to the corrupted run (content effect).",
     "patching_routing": "Recomputed minus frozen: the part of the effect mediated by the mixers; hatched cells "
                         "are within 2 s.e.m. of 0 (s.e.m. bounded by the sum of both maps'), i.e. no routing "

@@ -80,10 +80,15 @@ def test_patching_marks_the_cells_within_noise_and_says_so():
     for name, fig in figs.items():
         ax = fig.axes[0]
         assert hatched(fig) == 12, name
-        assert "within 2 s.e.m. of 0" in ax.get_xlabel() and "12 of 12 cells" in ax.get_xlabel()
+        test = "within 2 s.e.m. of 0" if name == "patching_routing" else "with a 95% interval including 0"
+        assert f"12 of 12 cells {test}" in ax.get_xlabel(), ax.get_xlabel()
     quiet = patching(sem_scale=0.05).plot()                   # well above the noise
     assert hatched(quiet["patching_recomputed"]) == 0
     assert "0 of 12 cells" in quiet["patching_recomputed"].axes[0].get_xlabel()
+    # the hatching follows the interval printed on the cell: a cell whose interval reaches 0 is hatched
+    one = patching(sem_scale=0.05)
+    one.arrays["kl_recomputed_ci_low"][1, 2] = -1e-4
+    assert hatched(one.plot()["patching_recomputed"]) == 1
     # mean above, its interval smaller below: the +/- never as large as the mean
     ax = quiet["patching_recomputed"].axes[0]
     means = [t for t in ax.texts if not t.get_text().startswith("\u00b1")]

@@ -182,7 +182,9 @@ class PatchingResult(ProbeResult):
 
     def plot(self):
         """{f"patching_{mixing}": sublayer x stream heatmap, each cell annotated with its mean and
-        (smaller, below) its 95% CI half-width; cells within 2 s.e.m. of 0 are hatched}."""
+        (smaller, below) its 95% CI half-width; cells whose 95% interval includes 0 are hatched (the
+        routing map, which has no interval: cells within 2 s.e.m. of 0, s.e.m. bounded by the sum
+        of both maps')}."""
         import matplotlib.pyplot as plt
         from matplotlib.patches import Rectangle
 
@@ -195,9 +197,10 @@ class PatchingResult(ProbeResult):
             m = self[f"{metric}_{mixing}"]
             sem = self._sem(metric, mixing)
             high = self.arrays.get(f"{metric}_{mixing}_ci_high")     # 95% Student-t interval
+            low = self.arrays.get(f"{metric}_{mixing}_ci_low")
             if m.ndim == 3:                                           # per position: averaged for the map
                 m = m.mean(-1)
-                sem = high = None
+                sem = high = low = None
             annotated = m.shape[0] <= 24
             fig, ax = plt.subplots(figsize=(1.8 + 1.0 * m.shape[1], 1.2 + (0.42 if annotated else 0.22) * m.shape[0]))
             diverging = metric != "kl" or mixing == "routing"
@@ -208,7 +211,11 @@ class PatchingResult(ProbeResult):
                 im = ax.imshow(m, aspect="auto", cmap="magma")
             ax.set_yticks(range(m.shape[0]), self.meta["sublayers"], fontsize=8)
             ax.set_xticks(range(m.shape[1]), [f"stream {s}" for s in range(m.shape[1])], fontsize=8)
-            noise = None if sem is None else np.abs(m) < 2 * sem
+            interval = high is not None and low is not None and np.isfinite(high).all() and np.isfinite(low).all()
+            if interval:                                      # the interval shown on the cell includes 0
+                noise, test = (low <= 0) & (high >= 0), "with a 95% interval including 0"
+            else:
+                noise, test = (None, "") if sem is None else (np.abs(m) < 2 * sem, "within 2 s.e.m. of 0")
             if annotated:
                 for (i, j), v in np.ndenumerate(m):
                     if not np.isfinite(v):
@@ -218,7 +225,7 @@ class PatchingResult(ProbeResult):
                     ax.text(j, i - (0.12 if below else 0), f"{v:.2g}", ha="center", va="center", fontsize=8,
                             color=color)
                     if below:
-                        ax.text(j, i + 0.22, f"\u00b1{high[i, j] - v:.1g}", ha="center", va="center", fontsize=6,
+                        ax.text(j, i + 0.22, f"\u00b1{high[i, j] - v:.2g}", ha="center", va="center", fontsize=6,
                                 color=color)
             if noise is not None and noise.any():
                 for i, j in zip(*np.nonzero(noise)):
@@ -232,7 +239,7 @@ class PatchingResult(ProbeResult):
                 within = int(noise.sum())
                 bound = " (s.e.m. bound: the sum of both maps')" if mixing == "routing" else ""
                 ci = "; \u00b1 95% interval" if high is not None else ""
-                note = (f"{prompts} prompts{ci}; {within} of {noise.size} cells within 2 s.e.m. of 0{bound}"
+                note = (f"{prompts} prompts{ci}; {within} of {noise.size} cells {test}{bound}"
                         + (" (hatched)" if within else "") + (": none clearly differs from 0" if within == noise.size else ""))
             base = self.arrays.get("baseline_corrupted")
             if mixing != "routing" and base is not None and np.ndim(base) == 0:

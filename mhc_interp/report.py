@@ -251,13 +251,13 @@ def _run_all(model, tokens: Tensor, folder: Path, cfg: ReportConfig, timer: Phas
 def _patch(model, probe: ActivationPatching, clean: Tensor, corrupted: Tensor, progress: bool) -> None:
     """`probe.patch` on every prompt in one call (split calls cost 10-40% more: each repeats the
     clean and corrupted runs and shrinks the batched replicas), under a bar that names the phase
-    and counts the prompts."""
+    and counts the patched runs (with an ETA)."""
     from tqdm.auto import tqdm
 
     probe.setup(model)
-    with tqdm(total=len(clean), desc="activation_patching", unit="prompt", disable=not progress) as bar:
-        probe.patch(model, clean.to(model.device), corrupted.to(model.device))
-        bar.update(len(clean))
+    with tqdm(total=probe.n_runs(clean.shape[1]), desc=f"activation_patching ({len(clean)} prompts)",
+              unit="run", disable=not progress) as bar:
+        probe.patch(model, clean.to(model.device), corrupted.to(model.device), progress=bar.update)
 
 
 def _ordinal_runs(model) -> List[List[str]]:

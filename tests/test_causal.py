@@ -131,6 +131,18 @@ def test_patching_matches_naive_loop(model, prompts):
     assert r["baseline_corrupted"] > 0 and r["baseline_clean"] == 0
 
 
+@pytest.mark.parametrize("kw", [dict(mixing="both"), dict(mixing="frozen", positions="each", sublayers=[1, 3])])
+def test_patching_progress_counts_every_run(model, prompts, kw):
+    """The bar's total (`n_runs`) is what `patch` reports, with runs split into chunks (max_rows)."""
+    corrupted = prompts.clone()
+    corrupted[:, 4] = (corrupted[:, 4] + 7) % 40
+    probe = ActivationPatching(max_rows=4, **kw)
+    probe.setup(model)
+    done = []
+    probe.patch(model, prompts, corrupted, progress=done.append)
+    assert sum(done) == probe.n_runs(prompts.shape[1]) and len(done) > 2
+
+
 def test_patching_scored_from_the_corruption(model, prompts):
     """score_positions="from_corruption" averages the KL over each prompt's first corrupted token and
     after: the naive loop with that mask written out by hand; positions before it score ~0, so the

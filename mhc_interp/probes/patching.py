@@ -98,9 +98,10 @@ class ActivationPatching(CausalProbe):
             return logit_diff_metric(answers)
         return logprob_metric(answers, temperature=self.temperature)
 
-    def patch(self, model, clean: Tensor, corrupted: Tensor, mask: Optional[Tensor] = None) -> None:
+    def patch(self, model, clean: Tensor, corrupted: Tensor, mask: Optional[Tensor] = None,
+              progress: Optional[Callable[[int], None]] = None) -> None:
         """One batch of aligned clean / corrupted prompts [B, pos]; mask [B, pos] (default: every
-        position but 0)."""
+        position but 0). progress(k) is called as each k patched runs finish (`n_runs` in all)."""
         if clean.shape != corrupted.shape:
             raise ValueError(
                 f"clean prompts {tuple(clean.shape)} and corrupted prompts {tuple(corrupted.shape)} "
@@ -127,8 +128,14 @@ class ActivationPatching(CausalProbe):
         edits = [Edit((l,), restore=(s,), positions=pos) for l in self.layers for s in range(self.n) for pos in cells]
         for mixing in self._mixings():
             values = run_edits(model, edits, base_states, metric, source_states=source,
-                               frozen=base_cache if mixing == "frozen" else None, max_rows=self.max_rows)
+                               frozen=base_cache if mixing == "frozen" else None, max_rows=self.max_rows,
+                               progress=progress)
             self.stats[mixing].add(values.view(len(self.layers), self.n, len(cells), b))
+
+    def n_runs(self, n_pos: int) -> int:
+        """Patched runs (one per sublayer, stream, position cell and mixing) that `patch` makes for
+        prompts of n_pos tokens (after `setup`): the total of its progress calls."""
+        return len(self.layers) * self.n * len(self._cells(n_pos)) * len(self._mixings())
 
     def _cells(self, p: int):
         if self.positions is None:

@@ -36,8 +36,9 @@ CAPTIONS: Dict[str, str] = {
     "cka_intra": "Debiased linear CKA between the streams of one sublayer: 1 = same representation "
                  "up to rotation and scale, 0 = unrelated.",
     "cka_inter": "Debiased CKA between every (sublayer, stream) representation.",
-    "curvature": "Token-trajectory curvature per stream and for the stream sum (degrees; 90 = random "
-                 "walk, 120 = i.i.d. points, lower = straighter trajectories).",
+    "curvature": "Token-trajectory curvature per stream and for the stream sum (degrees; lower = straighter), "
+                 "with its controls: the same windows with their tokens shuffled (dotted), i.i.d. points "
+                 "(120°, exact) and a random walk (90°, exact).",
     "rescue_global": "Global rescue % (rows: ablated stream, columns: recovered stream), one-shot zero "
                      "ablation with frozen mixing, as in Table 1 of 'Ablate and Rescue'.",
     "rescue_layers": "Rescue % per sublayer (rows: ablated stream, columns: recovered stream; low = the pair's "

@@ -176,6 +176,11 @@ def test_probe_contract(mhc_model, tokens, tmp_path):
         out[:, 5] = (out[:, 5] + 1) % mhc_model.cfg.d_vocab
         return out
 
+    calls = []
+    probe = AttributionPatching(mixing="both")
+    probe.setup(mhc_model)
+    probe.patch(mhc_model, clean[:2], corrupt(clean[:2]), progress=calls.append)
+    assert sum(calls) == probe.n_runs(8) == 2
     res = run_probes(mhc_model, AttributionPatching(corrupt=corrupt, mixing="both"), clean, batch_size=2)
     assert isinstance(res, AttributionResult) and res.meta["prompts"] == 4
     assert res.meta["forward_passes"] == 2 * 3 and res.meta["backward_passes"] == 2 * 2

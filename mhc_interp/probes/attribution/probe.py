@@ -16,7 +16,7 @@ answer metrics (logit_diff, logprob) are first-order informative in both directi
 """
 from __future__ import annotations
 
-from typing import Dict, Optional
+from typing import Callable, Dict, Optional
 
 import numpy as np
 import torch
@@ -83,8 +83,10 @@ class AttributionPatching(ActivationPatching):
         self.mixer_stats = {m: {p: PromptStats() for p in ("tensor",) + MIXER_PARTS} for m in self._mixings()}
         self.passes = {"forward": 0.0, "backward": 0.0}
 
-    def patch(self, model, clean: Tensor, corrupted: Tensor, mask: Optional[Tensor] = None) -> None:
-        """One batch of aligned clean / corrupted prompts [B, pos]."""
+    def patch(self, model, clean: Tensor, corrupted: Tensor, mask: Optional[Tensor] = None,
+              progress: Optional[Callable[[int], None]] = None) -> None:
+        """One batch of aligned clean / corrupted prompts [B, pos]; mask [B, pos] (default: every
+        position but 0). progress(1) is called after each mixing's gradient pass (`n_runs`)."""
         if clean.shape != corrupted.shape:
             raise ValueError(
                 f"clean prompts {tuple(clean.shape)} and corrupted prompts {tuple(corrupted.shape)} "
@@ -138,12 +140,19 @@ class AttributionPatching(ActivationPatching):
             self.stats[mixing].add(base64 + effect)
             if self.mixers:
                 self._add_mixers(model, mixing, source_cache, mixing_base, g.mixing_grads, base64)
+            if progress is not None:
+                progress(1)
         self.passes["forward"] += n_fwd
         if clean_logits is None:
             clean_logits = base_logits
         with torch.no_grad():
             corr_logits = base_logits if self.direction == "denoise" else source_logits
             self.baselines.add(torch.stack([metric(clean_logits[None])[0], metric(corr_logits[None])[0]]))
+
+    def n_runs(self, n_pos: int) -> int:
+        """Gradient passes (one per mixing) that `patch` makes, whatever n_pos: the total of its
+        progress calls."""
+        return len(self._mixings())
 
     def _add_mixers(self, model, mixing: str, source_cache, base_mixing, grads, base64: Tensor) -> None:
         eff = mixing_effects(source_cache, base_mixing, grads)          # {name: [B, ...]}

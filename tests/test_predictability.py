@@ -141,3 +141,19 @@ def test_ridge_equals_scikit_learn_ridgecv(tokens, d):
         err = ((Y_test - fit.predict((X[test] - mu) / sd)) ** 2).reshape(len(test), 3, d).sum((0, 2))
         expected[i] = 1 - err / ((Y_test - Y_test.mean(0)) ** 2).reshape(len(test), 3, d).sum((0, 2))
     np.testing.assert_allclose(ridge_r2_matrix(x, train, test, alphas), expected, rtol=1e-8, atol=1e-10)
+
+
+def test_ridge_alpha_batches_agree(monkeypatch):
+    """The leave-one-out residuals of several alphas in one batched GEMM, or one alpha at a time
+    (a small memory budget), choose the same alphas: the same R^2 to float rounding."""
+    import mhc_interp.probes.predictability as pred
+
+    g = np.random.default_rng(7)
+    x = g.normal(size=(80, 3, 5))
+    x[:, 1] = 0.5 * x[:, 0] + 0.2 * g.normal(size=(80, 5))
+    train, test = np.arange(60), np.arange(60, 80)
+    alphas = (1e-3, 0.1, 1.0, 10.0, 1e3)
+    whole = ridge_r2_matrix(x, train, test, alphas)
+    for budget in (1, 2 * 60 * 15 * 8 * 2):          # one alpha per GEMM; two per GEMM (a ragged last one)
+        monkeypatch.setattr(pred, "_LOO_BYTES", budget)
+        np.testing.assert_allclose(ridge_r2_matrix(x, train, test, alphas), whole, rtol=1e-12, atol=1e-12)

@@ -18,7 +18,7 @@ import json
 import traceback
 from pathlib import Path
 
-from . import causal_sweeps, crosscoder_throughput, forward_overhead, probe_throughput
+from . import attribution, causal_sweeps, crosscoder_throughput, forward_overhead, probe_throughput
 from .common import DTYPES, SHAPES, BenchmarkError, resolve_device
 
 BENCHMARKS = {
@@ -26,6 +26,7 @@ BENCHMARKS = {
     "probe_throughput": probe_throughput.main,
     "causal_sweeps": causal_sweeps.main,
     "crosscoder_throughput": crosscoder_throughput.main,
+    "attribution": attribution.main,
 }
 
 

@@ -142,7 +142,7 @@ def cmd_probe(args) -> int:
     if args.name == "sae_features" and not args.sae:
         raise SystemExit("mhc-interp: probe sae_features needs --sae FOLDER (an SAE saved in SAELens's format)")
     probe = PROBES[args.name](args.sae) if args.name == "sae_features" else PROBES[args.name]()
-    if args.name == "activation_patching":
+    if args.name in ("activation_patching", "attribution_patching"):
         clean, corrupted, _ = patching_prompts(model, tokens, cfg)
         probe.setup(model)
         probe.patch(model, clean.to(model.device), corrupted.to(model.device))

@@ -51,6 +51,19 @@ CAPTIONS: Dict[str, str] = {
                            "(lower = more repaired). Each cell: mean and 95% interval over the prompts; hatched "
                            "cells' intervals include 0 (indistinguishable from the clean run).",
     "patching_frozen": "The same with the mixing frozen to the corrupted run (content effect).",
+    "attribution_recomputed": "The position-resolved estimate summed over positions: estimated KL to the clean "
+                              "distribution after restoring one clean stream (compare the activation patching "
+                              "map; the table below grades it).",
+    "attribution_frozen": "The same with the mixing frozen to the corrupted run.",
+    "attribution_positions_recomputed": "Position-resolved AtP estimate (rows: sublayer x stream, columns: patched "
+                                        "position) of the KL change when one clean stream is restored at one "
+                                        "position; 2 forwards + 1 backward for all cells.",
+    "attribution_positions_frozen": "The same with the mixing frozen to the corrupted run.",
+    "mixer_attribution_recomputed": "First-order change of the KL if one sublayer's H_pre, H_post or H_res were "
+                                    "taken from the clean run.",
+    "mixer_attribution_frozen": "The same with the rest of the mixing frozen to the corrupted run.",
+    "stream_edges": "Estimated KL change when writer u's write reaches reader v through one stream as in the "
+                    "clean run (path patching, mixing frozen to the corrupted run).",
     "patching_routing": "Recomputed minus frozen: the part of the effect mediated by the mixers; hatched cells "
                         "are within 2 s.e.m. of 0 (s.e.m. bounded by the sum of both maps'), i.e. no routing "
                         "effect above the noise.",
@@ -80,6 +93,8 @@ SECTION_TITLES: Dict[str, str] = {
     "head_detector": "What the attention heads do",
     "ablate_rescue": "Which streams the model needs (ablation and rescue)",
     "activation_patching": "Where one clean stream repairs a corrupted run (activation patching)",
+    "attribution_positions": "Which positions and mixers matter, estimated from gradients (attribution patching)",
+    "stream_edges": "Which writer reaches which reader through which stream (stream edges)",
 }
 # The summary's findings, in this order, at most MAX_FINDINGS of them.
 FINDING_ORDER = ("dominant_stream", "mixers", "cka_last", "needed_rescue", "needed_patching", "logit_lens")
@@ -246,6 +261,14 @@ def _run_all(model, tokens: Tensor, folder: Path, cfg: ReportConfig, timer: Phas
         with timer("activation_patching: result"):
             patching = probe.result()
         sections.append(_section(patching, folder, timer, note=f"corruption: {how}"))
+        if multi and "attribution_patching" not in cfg.skip:
+            from .probes.attribution.section import report_results
+
+            with timer("attribution_patching: gradients"):
+                attributions, attr_table = report_results(model, clean, corrupted, patching)
+            for result in attributions:
+                extra = {"tables": [attr_table]} if result.probe == "attribution_positions" else {}
+                sections.append(_section(result, folder, timer, **extra))
     return sections
 
 

@@ -21,7 +21,7 @@ def test_report_writes_a_complete_folder(tmp_path):
     assert "<table>" in page and "layer-select" in page
     results = {p.stem for p in (out / "results").glob("*.json")}
     assert results == {"stream_usage", "cka", "curvature", "ablate_rescue", "activation_patching",
-                       "logit_lens", "head_detector", "predictability"}
+                       "logit_lens", "head_detector", "predictability", "attribution_positions", "stream_edges"}
     written = json.loads((out / "report.json").read_text())
     assert written["sections"]
     timings = {t["phase"]: t["seconds"] for t in written["timings"]}
@@ -98,6 +98,11 @@ def test_probe_command(tmp_path, capsys):
     assert main(["probe", "curvature", "--model", "tiny-mhc-n4", "--fast", "--quiet", "--out", str(tmp_path)]) == 0
     assert (tmp_path / "curvature.json").is_file() and (tmp_path / "figures" / "curvature.png").is_file()
     assert main(["probe", "logit_lens", "--model", "tiny-mhc-n4", "--fast", "--quiet", "--out", str(tmp_path)]) == 0
+    assert main(["probe", "attribution_patching", "--model", "tiny-mhc-n4", "--fast", "--quiet",
+                 "--out", str(tmp_path)]) == 0
+    assert (tmp_path / "attribution_patching.json").is_file()
+    with pytest.raises(SystemExit, match="sae_features needs --sae FOLDER"):
+        main(["probe", "sae_features", "--model", "tiny-mhc-n4", "--fast", "--quiet", "--out", str(tmp_path)])
 
 
 def test_missing_model_path(tmp_path):

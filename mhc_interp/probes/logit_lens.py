@@ -211,9 +211,11 @@ class _Final:
     where negH = sum_v p_v log p_v is per token, and p.z is linear in the view: for z = LN_f(h) W_U
     (or a sum of such rows) it is LN_f(h) . u with u = W_U p [N, d_model], so it is read in the
     model's width, not the vocabulary's. Per view row the only vocabulary-sized work is the GEMM
-    that forms z, one max (which also gives the top-1) and one fused log_softmax (log sum exp(z - m)
-    = -log_softmax(z)[argmax]). The combination is in float64 with m - p.z formed before adding the
-    O(log V) term, so large common logit offsets cancel exactly as in log_softmax."""
+    that forms z (the stream sum and subsets add rows of it), one amax (a plain reduction, no
+    index tracking) and one fused log_softmax (log sum exp(z - m) = z[y*] - m - log_softmax(z)[y*]
+    at the final top-1 token y*), and the top-1 test `_argmax_is`. The combination is in float64
+    with m - p.z formed before adding the O(log V) term, so large common logit offsets cancel as
+    they do in log_softmax."""
 
     def __init__(self, logits: Tensor, W_U: Tensor):
         final = logits.float()                                             # [N, V]
@@ -357,7 +359,7 @@ class LogitLens(Probe):
         pz_st = pz_rows[:n_st].unflatten(0, (n_sites, n))
         pz = torch.cat([pz_rows] + [pz_st.sum(1)] + [pz_st[:, list(sub)].sum(1) for sub in self.subsets], 0)
         # vocabulary-sized work, a block of tokens at a time: z = h W_U [R, c, V] and the view rows
-        # [n_views x n_sites, c, V] in one buffer; per row one max (value, top-1) and one log_softmax
+        # [n_views x n_sites, c, V] in one buffer; per row one amax, one fused log_softmax, gathers
         rows_all, V = R + n_views * n_sites, W_U.shape[1]
         m = torch.empty(rows_all, n_tok, dtype=torch.float32, device=device)
         agree = torch.empty(rows_all, n_tok, dtype=torch.bool, device=device)

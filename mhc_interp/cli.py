@@ -23,7 +23,7 @@ from typing import List, Optional
 
 from . import __version__
 from .shipped import (DEMO_MODEL, PARITY_MODEL, asset, default_corpus, default_model_path,  # noqa: F401
-                      load, resolve_model_path)
+                      load, resolve_model_path, torch_dtype)
 
 # torch, the model and the probes are imported inside the commands: --help, --version and argument
 # errors answer without them
@@ -50,7 +50,7 @@ def cmd_check(args) -> int:
     path = resolve_model_path(args.model)
     with warnings.catch_warnings():   # the non-finite weights are reported below, once
         warnings.filterwarnings("ignore", message=".*non-finite weights")
-        model = HookedMHC.from_pretrained(path, device=args.device, dtype=getattr(torch, args.dtype))
+        model = HookedMHC.from_pretrained(path, device=args.device, dtype=torch_dtype(args.dtype))
     print(model.summary())
     bad = nonfinite_tensors(model.named_parameters())
     if bad:
@@ -207,7 +207,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     def common(p, default_model="the shipped demo model"):
         p.add_argument("--model", default=None, help=f"hub id, folder or .pt (default: {default_model})")
         p.add_argument("--device", default="cpu")
-        p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16", "float64"])
+        p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16", "float64", "auto"],
+                       help="the model's dtype; auto = the checkpoint's own (default float32)")
 
     def corpus_opts(p):
         p.add_argument("--corpus", nargs="*", default=None, help="UTF-8 text files or folders of *.txt "

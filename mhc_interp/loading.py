@@ -18,7 +18,8 @@ import re
 import warnings
 import zipfile
 from pathlib import Path
-from typing import Any, Dict, Optional, Tuple
+from dataclasses import dataclass
+from typing import Any, Dict, Optional, Tuple, Union
 
 import torch
 from torch import Tensor
@@ -36,6 +37,22 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "mer
 
 class CheckpointError(ValueError):
     """A checkpoint that cannot be loaded: wrong layout, missing/unexpected keys, unreachable hub."""
+
+
+@dataclass(frozen=True)
+class Placement:
+    """The dtype and device a loaded model's tensors are allocated in, directly: a bf16 checkpoint
+    loaded as bf16 never passes through a float32 copy, and on a GPU the weights are copied there
+    tensor by tensor. dtype "auto" is the checkpoint's own floating dtype."""
+
+    dtype: Union[torch.dtype, str] = torch.float32
+    device: Union[str, torch.device] = "cpu"
+
+    def resolve(self, state_dict: Dict[str, Tensor]) -> "Placement":
+        if self.dtype != "auto":
+            return Placement(self.dtype, torch.device(self.device))
+        floats = [v.dtype for v in state_dict.values() if v.is_floating_point()]
+        return Placement(max(set(floats), key=floats.count) if floats else torch.float32, torch.device(self.device))
 
 
 # ------------------------------------------------------------------- nanoGPT key translation
@@ -136,13 +153,15 @@ def hooked_state_dict_to_nanogpt(sd: Dict[str, Tensor], cfg: MHCConfig) -> Dict[
 
 
 # ------------------------------------------------------------------------- building a model
-def build_model(cls, cfg: MHCConfig, state_dict: Dict[str, Tensor], source: str, tokenizer=None):
-    """Instantiate `cls(cfg)` and load `state_dict` strictly, with errors that name the keys.
+def build_model(cls, cfg: MHCConfig, state_dict: Dict[str, Tensor], source: str,
+                placement: Placement = Placement()):
+    """Instantiate `cls(cfg)` in `placement`'s dtype and device and load `state_dict` strictly,
+    with errors that name the keys.
 
     The weights are checked against the config before anything is allocated: the layer count, then
     every key and shape against a model built on the meta device (no memory, no init), then the
-    model's bytes against the memory this machine has free. Non-finite weights load with a warning
-    that names them."""
+    model's bytes against the memory the device has free. Non-finite weights load with a warning
+    that names them. Peak memory: the state dict (memory-mapped for a .pt) plus one model."""
     layers = {int(m.group(1)) for k in state_dict if (m := re.match(r"blocks\.(\d+)\.", k))}
     if layers and max(layers) + 1 != cfg.n_layers:
         raise CheckpointError(f"{source}: the config says {cfg.n_layers} layers but the weights hold {max(layers) + 1}")
@@ -160,13 +179,20 @@ def build_model(cls, cfg: MHCConfig, state_dict: Dict[str, Tensor], source: str,
              for k, v in state_dict.items() if tuple(v.shape) != expected[k]]
     if wrong:
         raise CheckpointError(f"{source}: tensor shapes do not match the config: {wrong[:8]}")
-    _check_fits_in_memory(n_elements, source)
+    placement = placement.resolve(state_dict)
+    _check_fits_in_memory(n_elements * torch.finfo(placement.dtype).bits // 8, placement.device, source)
     bad = nonfinite_tensors(state_dict)
     if bad:
         warnings.warn(f"{source}: non-finite weights (NaN or inf) in {bad[:8]}{'...' if len(bad) > 8 else ''}: "
                       f"every output of this model will be wrong", stacklevel=3)
-    model = cls(cfg, tokenizer=tokenizer)
-    model.load_state_dict({k: v.float() for k, v in state_dict.items()}, strict=True)
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(placement.dtype)   # allocated in the target dtype, never a float32 copy first
+    try:
+        with placement.device:
+            model = cls(cfg)
+    finally:
+        torch.set_default_dtype(previous)
+    model.load_state_dict(state_dict, strict=True)   # copy_ casts dtype and moves to the device per tensor
     return model.eval()
 
 
@@ -179,12 +205,14 @@ def _meta_shapes(cls, cfg: MHCConfig) -> Tuple[Dict[str, Tuple[int, ...]], int]:
     return {k: tuple(v.shape) for k, v in model.state_dict().items()}, n_elements
 
 
-def _check_fits_in_memory(n_elements: int, source: str) -> None:
-    """Refuse, with the numbers, a model whose float32 tensors exceed this machine's free memory."""
-    need = 4 * n_elements
-    free = available_memory_bytes()
+def _check_fits_in_memory(need: int, device: torch.device, source: str) -> None:
+    """Refuse, with the numbers, a model whose tensors (`need` bytes) exceed the device's free memory."""
+    if device.type == "cuda":
+        free = torch.cuda.mem_get_info(device)[0]
+    else:
+        free = available_memory_bytes() if device.type == "cpu" else None
     if free is not None and need > free:
-        raise CheckpointError(f"{source}: the model needs {need / 2**30:.2f} GiB in float32 but this machine has "
+        raise CheckpointError(f"{source}: the model needs {need / 2**30:.2f} GiB but {device} has "
                               f"{free / 2**30:.2f} GiB of memory available")
 
 
@@ -203,11 +231,11 @@ def _config(parse, raw, source) -> MHCConfig:
         raise ConfigError(f"{source}: {e}") from None
 
 
-def _from_nanogpt(cls, model_args: Dict[str, Any], sd: Dict[str, Tensor], source: str, tokenizer):
+def _from_nanogpt(cls, model_args: Dict[str, Any], sd: Dict[str, Tensor], source: str, placement: Placement):
     cfg = _config(MHCConfig.from_nanogpt_args, model_args, source)
     ours, tied = nanogpt_state_dict_to_hooked(sd)
     cfg.tie_embeddings = tied
-    return build_model(cls, cfg, ours, source, tokenizer)
+    return build_model(cls, cfg, ours, source, placement)
 
 
 def verify_archive(path: Path) -> bool:
@@ -227,7 +255,7 @@ def verify_archive(path: Path) -> bool:
     return True
 
 
-def load_nanogpt_checkpoint(cls, path: Path, tokenizer=None):
+def load_nanogpt_checkpoint(cls, path: Path, placement: Placement = Placement()):
     zipped = verify_archive(path)
     try:   # mmap: the tensors are read from the file as they are copied, not loaded twice
         ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=zipped)
@@ -239,7 +267,7 @@ def load_nanogpt_checkpoint(cls, path: Path, tokenizer=None):
             f"{path}: expected a nanoGPT mHC checkpoint {{'model': state_dict, 'model_args': {{...}}}}, "
             f"found {keys}"
         )
-    return _from_nanogpt(cls, ckpt["model_args"], ckpt["model"], str(path), tokenizer)
+    return _from_nanogpt(cls, ckpt["model_args"], ckpt["model"], str(path), placement)
 
 
 def _read_safetensors(path: Path) -> Dict[str, Tensor]:
@@ -263,13 +291,13 @@ def read_json(path: Path) -> Dict[str, Any]:
     return data
 
 
-def load_folder(cls, folder: Path, tokenizer=None, filename: Optional[str] = None):
+def load_folder(cls, folder: Path, placement: Placement = Placement(), filename: Optional[str] = None):
     """A folder in our format, the hub layout (config.json + model.safetensors), or with one .pt."""
     if filename is not None:
         target = folder / filename
         if not target.is_file():
             raise CheckpointError(f"{folder}: has no file {filename!r}")
-        return load_nanogpt_checkpoint(cls, target, tokenizer)
+        return load_nanogpt_checkpoint(cls, target, placement)
     config_path, weights = folder / "config.json", folder / "model.safetensors"
     if config_path.is_file() and weights.is_file():
         config = read_json(config_path)
@@ -277,11 +305,11 @@ def load_folder(cls, folder: Path, tokenizer=None, filename: Optional[str] = Non
             if "config" not in config:
                 raise CheckpointError(f"{config_path}: has {FORMAT_KEY!r} but no 'config' entry; keys {sorted(config)}")
             cfg = _config(MHCConfig.from_dict, config["config"], config_path)
-            return build_model(cls, cfg, _read_safetensors(weights), str(folder), tokenizer)
-        return _from_nanogpt(cls, config, _read_safetensors(weights), str(folder), tokenizer)
+            return build_model(cls, cfg, _read_safetensors(weights), str(folder), placement)
+        return _from_nanogpt(cls, config, _read_safetensors(weights), str(folder), placement)
     candidates = sorted(p.name for p in folder.iterdir() if p.suffix in WEIGHT_SUFFIXES)
     if len(candidates) == 1:
-        return load_nanogpt_checkpoint(cls, folder / candidates[0], tokenizer)
+        return load_nanogpt_checkpoint(cls, folder / candidates[0], placement)
     if candidates:
         raise CheckpointError(f"{folder}: several checkpoints {candidates}; pass filename=...")
     raise CheckpointError(
@@ -367,29 +395,32 @@ def _checked_tokenizer(tokenizer, cfg: MHCConfig, where):
 
 
 # ------------------------------------------------------------------------------ entry points
-def load_pretrained(cls, name_or_path, device=None, dtype: Optional[torch.dtype] = None,
+def load_pretrained(cls, name_or_path, device=None, dtype: Union[torch.dtype, str, None] = None,
                     revision: Optional[str] = None, cache_dir: Optional[str] = None,
                     local_files_only: Optional[bool] = None, filename: Optional[str] = None,
                     tokenizer: Any = "auto"):
     """Load a model from a .pt file, a folder, or a hub repo id; see the module docstring.
 
+    dtype: float32 by default; "auto" keeps the checkpoint's floating dtype (e.g. bf16). The model is
+    allocated in that dtype on `device` directly (see `Placement`).
     tokenizer: "auto" (the checkpoint's, else GPT-2's when the vocabulary matches), a tokenizer
     object, or None.
     """
+    placement = Placement(dtype or torch.float32, device or "cpu")
     path = Path(os.path.expanduser(str(name_or_path)))
     if path.is_file():
         folder = path.parent
-        model = load_nanogpt_checkpoint(cls, path)
+        model = load_nanogpt_checkpoint(cls, path, placement)
     elif path.is_dir():
         folder = path
-        model = load_folder(cls, path, filename=filename)
+        model = load_folder(cls, path, placement, filename=filename)
     elif re.fullmatch(r"[\w.-]+/[\w.-]+", str(name_or_path)) and not str(name_or_path).startswith((".", "/")):
         folder = download_from_hub(str(name_or_path), revision, cache_dir, local_files_only, filename)
-        model = load_folder(cls, folder, filename=filename)
+        model = load_folder(cls, folder, placement, filename=filename)
     else:
         raise CheckpointError(f"{name_or_path!r} is neither an existing file or folder nor a hub repo id")
     model.tokenizer = load_tokenizer(folder, model.cfg) if tokenizer == "auto" else tokenizer
-    return model.to(device=device or "cpu", dtype=dtype or torch.float32)
+    return model
 
 
 def save_pretrained(model, path) -> None:

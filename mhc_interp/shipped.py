@@ -40,10 +40,15 @@ def resolve_model_path(name: Optional[str]) -> Union[Path, str]:
     return name
 
 
-def load(name: Optional[str], device: str = "cpu", dtype: str = "float32"):
-    """`HookedMHC.from_pretrained` on a resolved name, dtype given by its torch name."""
+def torch_dtype(name: str):
+    """A torch dtype by its name ("float32", "bfloat16", ...), or "auto" (the checkpoint's own)."""
     import torch
 
+    return name if name == "auto" else getattr(torch, name)
+
+
+def load(name: Optional[str], device: str = "cpu", dtype: str = "float32"):
+    """`HookedMHC.from_pretrained` on a resolved name, dtype given by its torch name (or "auto")."""
     from .model import HookedMHC
 
-    return HookedMHC.from_pretrained(resolve_model_path(name), device=device, dtype=getattr(torch, dtype))
+    return HookedMHC.from_pretrained(resolve_model_path(name), device=device, dtype=torch_dtype(dtype))

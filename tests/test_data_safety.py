@@ -248,7 +248,7 @@ def test_a_model_larger_than_free_memory_is_refused_with_the_numbers(tmp_path, m
     import mhc_interp.loading as loading
 
     monkeypatch.setattr(loading, "available_memory_bytes", lambda: 1000)
-    with pytest.raises(CheckpointError, match=r"needs 0\.\d+ GiB in float32 but this machine has 0\.00 GiB"):
+    with pytest.raises(CheckpointError, match=r"needs 0\.\d+ GiB but cpu has 0\.00 GiB"):
         HookedMHC.from_pretrained(FIXTURES / "mhc_n4.pt")
 
 

@@ -158,3 +158,24 @@ def test_nanogpt_args_edge_cases():
     assert "sinkhorn_iters" not in tiny_config("mhc").to_nanogpt_args()   # the public GPTConfig has none
     with pytest.warns(UserWarning, match=r"\['mhc_gate_fn'\] are not part of the public mHC code"):
         MHCConfig.from_nanogpt_args(dict(shapes, hyper_conn_type="mhc", hyper_conn_n=2, mhc_gate_fn="softmax"))
+
+
+def test_bf16_checkpoint_is_built_in_bf16_without_a_float32_copy(tmp_path, tokens, monkeypatch):
+    """dtype="auto" keeps a bf16 file's dtype and dtype=bf16 builds the model in bf16 directly (the
+    constructor allocates in the target dtype); both equal loading in float32 and casting."""
+    model = HookedMHC.from_pretrained(FIXTURES / "mhc_n4.pt")
+    model.to(torch.bfloat16).save_pretrained(tmp_path / "bf16")
+    built_in = []
+    init = HookedMHC.__init__
+
+    def recording_init(self, *args, **kwargs):
+        built_in.append(torch.get_default_dtype())
+        init(self, *args, **kwargs)
+
+    monkeypatch.setattr(HookedMHC, "__init__", recording_init)
+    auto = HookedMHC.from_pretrained(tmp_path / "bf16", dtype="auto")
+    assert built_in[-1] == torch.bfloat16 and torch.get_default_dtype() == torch.float32
+    assert {p.dtype for p in auto.parameters()} == {torch.bfloat16}
+    cast = HookedMHC.from_pretrained(tmp_path / "bf16").to(torch.bfloat16)
+    assert built_in[-1] == torch.float32 and cast.dtype == torch.bfloat16
+    assert torch.equal(auto(tokens), cast(tokens))

@@ -126,7 +126,12 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
         return fn
 
     def cache_mib(model: nn.Module, cache: Any) -> float:
-        return cache_bytes(forward_fn(model, cache, 1)()) * batch / 2**20
+        """MiB the row's cache holds at `batch`, from one eager run on one sequence (the same hook
+        points fire eagerly and compiled; eager, so no graph is compiled for its shape)."""
+        if cache is False:
+            return 0.0
+        with torch.compiler.set_stance("force_eager"):
+            return cache_bytes(forward_fn(model, cache, 1)()) * batch / 2**20
 
     def compile_state(model: HookedMHC, mode: str) -> Callable[[], None]:
         """Put `model` into `mode` (eager / mixers / all) before a row's call."""

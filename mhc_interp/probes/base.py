@@ -12,6 +12,8 @@ The runner (`mhc_interp.probes.runner.run_probes`) owns batching, devices, dtype
 masking (BOS / position 0 and padding excluded by default), progress bars, NaN checks and
 sharing one forward among several probes. `update` must aggregate online: its state may not grow
 with the number of batches. `setup(model)` (optional) validates the model and sizes the state.
+`own_runs(model, tokens, mask)` (optional) is called after each shared forward, for forwards a
+probe needs beyond it (e.g. a control on altered tokens).
 
 Results are `ProbeResult`s: a dict of numpy arrays plus JSON metadata, saved as `PATH.json` +
 `PATH.npz` and loaded back with `ProbeResult.load(PATH)`, with a `plot()` per probe.
@@ -126,6 +128,10 @@ class Probe:
     def update(self, acts: Dict[str, Tensor], mask: Tensor) -> None:  # pragma: no cover
         """acts: {hook name: activation [batch, pos, ...]}; mask [batch, pos] bool (True = use)."""
         raise NotImplementedError
+
+    def own_runs(self, model, tokens: Tensor, mask: Tensor) -> None:
+        """After `update` on a batch: forwards of the probe's own on that batch (tokens, mask
+        [batch, pos]), e.g. a control on altered tokens. None by default."""
 
     def result(self) -> "ProbeResult":  # pragma: no cover - abstract
         raise NotImplementedError

@@ -43,8 +43,8 @@ Controls, reported with every result (`meta["baselines"]`, arrays `shuffled_*`):
   valid positions permuted within each window (seeded; masked positions, e.g. position 0, stay),
   run through the same model: `shuffled_mean` / `shuffled_sem` per site and column. It separates
   what the model does with natural word order from what it does with any sequence of the same
-  tokens. This costs a second forward per batch, so the probe runs its own forwards
-  (`intervene`, like a causal probe) instead of sharing the runner's.
+  tokens. It costs one forward per batch of the probe's own (`own_runs`); the real trajectories
+  come from the runner's shared forward.
 """
 from __future__ import annotations
 
@@ -56,8 +56,7 @@ import torch
 from torch import Tensor
 
 from ..hooks.names import suffix
-from .base import ProbeResult, register_probe, register_result, STREAM_STATE_SUFFIXES, stream_state_sites
-from .causal import CausalProbe
+from .base import Probe, ProbeResult, register_probe, register_result, STREAM_STATE_SUFFIXES, stream_state_sites
 from .runner import _last_sublayer_needed
 
 __all__ = ["Curvature", "CurvatureResult", "sequence_curvatures", "step_angles", "curvature_sites",
@@ -211,14 +210,14 @@ class _Moments:
 
 
 @register_probe
-class Curvature(CausalProbe):
+class Curvature(Probe):
     """Token-trajectory curvature (degrees) per (site, stream) and for the stream sum, with its
     controls (see the module docstring).
 
     Curvature(sites="layers" | "sublayers" | [hook names], eps=1e-12, shuffled_control=True,
-    seed=0). Through `run_probes` it runs its own forwards (`intervene`): the batch as given and,
-    with `shuffled_control`, the batch with each window's valid tokens permuted (seeded). `update`
-    takes activations directly (no control then). State: per accumulator (real, shuffled) three
+    seed=0). Through `run_probes` it reads its sites from the shared forward (`update`) and, with
+    `shuffled_control`, runs one forward of its own per batch (`own_runs`): the same windows with
+    each window's valid tokens permuted (seeded). `update` alone gives no control. State: per accumulator (real, shuffled) three
     float64 arrays (Σκ, Σκ², N) plus skipped-sequence and angle counts, each
     [n_sites, n_streams + 1]; it does not grow with the corpus. Without `setup(model)`, explicit
     hook names are required and n_streams is read from the first batch (handy for feeding
@@ -273,15 +272,15 @@ class Curvature(CausalProbe):
         return sum(a.nbytes for acc in (self._main, self._shuffled) if acc is not None for a in acc.arrays())
 
     # --- streaming
-    def intervene(self, model, tokens: Tensor, mask: Tensor) -> None:
-        """One runner batch: curvature of the batch as given and (with `shuffled_control`) of the
-        same windows with the valid tokens permuted; tokens, mask [batch, pos]."""
+    def own_runs(self, model, tokens: Tensor, mask: Tensor) -> None:
+        """With `shuffled_control`: the curvature of the batch's windows with their valid tokens
+        permuted (tokens, mask [batch, pos]; after `update` has taken the batch as given)."""
+        if not self.shuffled_control:
+            return
         if self.site_names is None or self._stop is None:
             self.setup(model)
-        self.update(self._forward(model, tokens), mask)
-        if self.shuffled_control:
-            shuffled = shuffle_valid_positions(tokens, mask, self._gen)
-            self._shuffled.add(*self._batch_curvatures(self._forward(model, shuffled), mask))
+        shuffled = shuffle_valid_positions(tokens, mask, self._gen)
+        self._shuffled.add(*self._batch_curvatures(self._forward(model, shuffled), mask))
 
     def _forward(self, model, tokens: Tensor) -> Dict[str, Tensor]:
         """The site activations of one forward (stopped after the last site, as the runner does)."""

@@ -187,6 +187,11 @@ def run_probes(model, probes: Union[Probe, Sequence[Probe]], source, *, batch_si
                 for probe in observers:
                     with maybe(timer, f"{probe.name}: update"):
                         probe.update({n: acts[n] for n in wanted[probe.name]}, mask)
+                acts.clear()   # the shared activations are not kept while probes run their own forwards
+                for probe in observers:
+                    if type(probe).own_runs is not Probe.own_runs:
+                        with maybe(timer, f"{probe.name}: own forwards"):
+                            probe.own_runs(model, tokens, mask)
             for probe in causal:
                 with maybe(timer, f"{probe.name}: interventions"):
                     probe.intervene(model, tokens, mask)

@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import torch
-from torch import nn
 
 from mhc_interp import HookedMHC, MHCConfig
 from mhc_interp import device as mhc_device

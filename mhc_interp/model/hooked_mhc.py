@@ -131,8 +131,12 @@ class HookedMHC(StreamHookedRoot):
         the compiled regions, and a sublayer whose interior is observed (hook_read/write/res_mix,
         q/k/v/pattern/z, MLP pre/post, torch hooks, nnsight) runs that sublayer eagerly. Frozen
         mixing, resumed runs and backward work unchanged. The first forward of each new shape or
-        dtype pays the compilation; outputs agree with eager to float rounding.
-        `enable=False` returns to the eager model."""
+        dtype pays the compilation; outputs agree with eager to float rounding (the eager CPU
+        Sinkhorn takes the linear-domain path, the compiled one the log domain: ~3e-7). A second
+        shape makes torch re-trace with dynamic batch / position sizes (automatic dynamic shapes);
+        where the shapes are few and fixed, static graphs compile and run faster: wrap the forwards
+        in `torch._dynamo.config.patch(automatic_dynamic_shapes=False)` (as tests/test_compiled.py
+        does). `enable=False` returns to the eager model."""
         for sub in self.sublayers:
             sub.compiled = enable
             sub.mixer.compiled = enable

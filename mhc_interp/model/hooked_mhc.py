@@ -134,9 +134,9 @@ class HookedMHC(StreamHookedRoot):
         dtype pays the compilation; outputs agree with eager to float rounding (the eager CPU
         Sinkhorn takes the linear-domain path, the compiled one the log domain: ~3e-7). A second
         shape makes torch re-trace with dynamic batch / position sizes (automatic dynamic shapes);
-        where the shapes are few and fixed, static graphs compile and run faster: wrap the forwards
-        in `torch._dynamo.config.patch(automatic_dynamic_shapes=False)` (as tests/test_compiled.py
-        does). `enable=False` returns to the eager model."""
+        where the shapes are few and fixed, keep one static graph per shape instead (no symbolic
+        sizes, no extra re-trace): wrap the forwards in
+        `torch._dynamo.config.patch(automatic_dynamic_shapes=False)`, as tests/test_compiled.py does. `enable=False` returns to the eager model."""
         for sub in self.sublayers:
             sub.compiled = enable
             sub.mixer.compiled = enable

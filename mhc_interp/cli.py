@@ -28,6 +28,11 @@ from .shipped import (DEMO_MODEL, PARITY_MODEL, asset, default_corpus, default_m
 # torch, the model and the probes are imported inside the commands: --help, --version and argument
 # errors answer without them
 
+# OpenMP's idle threads spin by default (libgomp); on cores shared with other work that takes the
+# cores from the threads they wait for (a 2-thread forward: 8-23 s spinning, 4.0 s passive). The
+# runtime reads this once, when torch is first imported: set here, before any command imports it.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 
 def check_device(name: str) -> None:
     """Refuse a device this machine cannot run on, before any work."""

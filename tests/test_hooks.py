@@ -236,22 +236,6 @@ def test_bad_token_input():
     assert model(torch.tensor([1, 2, 3])).shape == (1, 3, 40)
 
 
-def test_compiled_mixers_match_eager_and_keep_hooks(toks):
-    model = perturbed_model(tiny_config("mhc"))
-    eager, eager_cache = model.run_with_cache(toks, names_filter=is_mixing_hook)
-    model.compile_mixers()
-    try:
-        compiled, cache = model.run_with_cache(toks, names_filter=is_mixing_hook)
-        torch.testing.assert_close(compiled, eager, atol=1e-5, rtol=1e-5)
-        for name in eager_cache:
-            torch.testing.assert_close(cache[name], eager_cache[name], atol=1e-5, rtol=1e-5)
-        with model.frozen_mixing(cache):   # frozen runs never call the mixers
-            assert torch.equal(model(toks), compiled)
-    finally:
-        model.compile_mixers(False)
-    assert not any(s.mixer.compiled for s in model.sublayers)
-
-
 # ------------------------------------------------------------------ in-place edits and views
 def test_in_place_hook_edits_stay_where_they_are_made(toks):
     """Hooks get real tensors, not expanded views: editing one row of hook_pos_embed in place

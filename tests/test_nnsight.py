@@ -11,6 +11,8 @@ from mhc_interp import HookedMHC, MHCConfig
 from mhc_interp.hooks.nnsight_support import to_nnsight
 from mhc_interp.model.compiled import module_observed
 
+from .conftest import COMPILE_SHAPE, compile_test_config, perturbed_model
+
 ATOL = 1e-6
 
 
@@ -194,10 +196,12 @@ def test_exception_in_trace_leaves_nothing_attached(setup, wrap):
 
 
 @torch.no_grad()
-def test_compiled_model_under_nnsight(setup):
+def test_compiled_model_under_nnsight():
     """A compiled model traced by nnsight: the instrumented interiors run eagerly, so reads and
-    patches inside a sublayer take effect exactly as on the eager model."""
-    model, tokens = setup
+    patches inside a sublayer take effect exactly as on the eager model. (The shapes of
+    test_compiled, so the compiled graphs are shared.)"""
+    model = perturbed_model(compile_test_config(), seed=0)
+    tokens = torch.randint(0, 40, COMPILE_SHAPE)
     nn_model = NNsight(model)
     ref_logits, cache = model.run_with_cache(tokens, names_filter="blocks.0.mlp.hook_post")
     eager_patched = model.run_with_hooks(tokens, fwd_hooks=[("blocks.0.attn.hook_z", lambda z, hook: 0 * z)])

@@ -33,18 +33,21 @@ def test_report_writes_a_complete_folder(tmp_path):
 
 
 def test_interrupted_report_leaves_nothing_to_trust(tmp_path, monkeypatch, capsys):
-    """Ctrl-C mid-report: one line on stderr, exit 130, the earlier complete report untouched and
-    no partial folder left behind."""
+    """Ctrl-C mid-report (here: while the probes run, after they wrote into the partial folder):
+    one line on stderr, exit 130, the earlier complete report untouched and no partial folder
+    left behind."""
     out = tmp_path / "rep"
     staged = tmp_path / "staged"
     staged.mkdir()
     (staged / "index.html").write_text("old report")
     output_folder.commit(staged, out)
 
-    def boom(*args, **kwargs):
+    def interrupted(model, tokens, folder, cfg, timer):
+        (folder / "figures").mkdir()
+        (folder / "figures" / "half.png").write_bytes(b"half")
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(report, "render_html", boom)
+    monkeypatch.setattr(report, "_run_all", interrupted)
     assert main(["report", "--model", "tiny-mhc-n4", "--fast", "--quiet", "--out", str(out)]) == 130
     assert capsys.readouterr().err.strip() == "mhc-interp: interrupted"
     assert (out / "index.html").read_text() == "old report"   # the previous complete report stays

@@ -10,18 +10,7 @@ from mhc_interp.probes import AblateRescue, ActivationPatching, StreamUsage, abl
 from mhc_interp.probes.causal import kl_metric, log_probs, logit_diff_metric
 
 from .conftest import perturbed_model, tiny_config
-from .test_causal import naive_patching, naive_rescue
-
-
-@pytest.fixture(scope="module")
-def model():
-    return perturbed_model(tiny_config("mhc"), seed=5)
-
-
-@pytest.fixture(scope="module")
-def prompts():
-    torch.manual_seed(11)
-    return torch.randint(0, 40, (3, 8))
+from .test_causal import model, naive_patching, naive_rescue, prompts  # noqa: F401  (fixtures)
 
 
 def corrupt(prompts):

@@ -24,6 +24,17 @@ N_LAYERS, N_STREAMS, D = 2, 4, 16
 N_EXCL, N_SHARED = 12, 12          # ground truth: 12 features only in stream 0, 12 in all streams
 
 
+
+def reference_counts(share: np.ndarray, dead: np.ndarray, tau: float, thresholds):
+    """The assignment written out: ({stream t / shared / dead: count} at tau, counts [threshold,
+    n + 2] at every swept threshold) from decoder-norm shares [m, n] and a dead mask [m]."""
+    n = share.shape[-1]
+    at = lambda u: [int(((share.argmax(-1) == t) & (share.max(-1) > u) & ~dead).sum()) for t in range(n)] \
+        + [int(((share.max(-1) <= u) & ~dead).sum()), int(dead.sum())]
+    expect = dict(zip([f"stream {t}" for t in range(n)] + ["shared", "dead"], at(tau)))
+    return expect, np.array([at(u) for u in thresholds])
+
+
 def planted(n_tokens=40000, p=0.1, noise=0.01, scale_stream=None, scale=10.0, seed=0):
     """Activations [N, L, n, d] = sum_i c_i(x) D_i + noise with sparse codes c (each feature on
     with probability p, magnitude U(0.5, 1.5)) and known directions D [F, L*n, d]: unit vectors at
@@ -346,12 +357,8 @@ def test_end_to_end_from_a_tiny_model(tiny, tmp_path):
     dead = res["firing_frequency"] == 0
     tau = res.meta["threshold"]
     assert tau == pytest.approx(0.5)                                            # rho = 1/3, 4 streams
-    expect = {f"stream {t}": int(((share.argmax(-1) == t) & (share.max(-1) > tau) & ~dead).sum())
-              for t in range(4)}
-    expect.update(shared=int(((share.max(-1) <= tau) & ~dead).sum()), dead=int(dead.sum()))
+    expect, sweep = reference_counts(share, dead, tau, res["thresholds"])
     # ... and at every swept threshold (the low ones assign latents to streams)
-    sweep = np.array([[((share.argmax(-1) == t) & (share.max(-1) > u) & ~dead).sum() for t in range(4)]
-                      + [((share.max(-1) <= u) & ~dead).sum(), dead.sum()] for u in res["thresholds"]])
     np.testing.assert_array_equal(res["counts"], sweep)
     assert sweep[0, :4].sum() > 0, res.table()
     assert res.counts_at() == expect

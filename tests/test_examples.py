@@ -9,6 +9,7 @@ import torch
 from mhc_interp.probes import ProbeResult, run_probes
 
 from .conftest import planted_reader_model
+from .test_crosscoder import reference_counts
 
 EXAMPLES = Path(__file__).parent.parent / "examples"
 
@@ -24,6 +25,7 @@ def test_custom_probe_example(tmp_path):
     np.testing.assert_allclose(planted["entropy_bits"], 0.0, atol=1e-12)
 
 
+
 def test_crosscoder_assignment_example(tmp_path, monkeypatch):
     from mhc_interp.cli import asset
 
@@ -36,12 +38,7 @@ def test_crosscoder_assignment_example(tmp_path, monkeypatch):
     res = out.results["crosscoder"]
     share, dead, tau = res["stream_share"], res["firing_frequency"] == 0, res.meta["threshold"]
     assert tau == pytest.approx(0.5)
-    expect = {f"stream {t}": int(((share.argmax(-1) == t) & (share.max(-1) > tau) & ~dead).sum())
-              for t in range(4)}
-    expect.update(shared=int(((share.max(-1) <= tau) & ~dead).sum()), dead=int(dead.sum()))
-    # ... and at every swept threshold
-    sweep = np.array([[((share.argmax(-1) == t) & (share.max(-1) > u) & ~dead).sum() for t in range(4)]
-                      + [((share.max(-1) <= u) & ~dead).sum(), dead.sum()] for u in res["thresholds"]])
+    expect, sweep = reference_counts(share, dead, tau, res["thresholds"])   # ... and at every swept threshold
     np.testing.assert_array_equal(res["counts"], sweep)
     assert counts == expect and expect["dead"] < 128
     loaded = ProbeResult.load(tmp_path / "crosscoder")

@@ -263,21 +263,29 @@ def activation_patching(model, clean: Tensor, corrupted: Tensor, *, batch_size: 
     options that apply to aligned prompts: positions [0, exclude_first) are not scored (position 0
     by default; 0 scores every position), device / dtype move the model first, progress shows a bar.
     `kwargs` go to `ActivationPatching`."""
-    from tqdm.auto import tqdm
-
     not_here = sorted({"seq_len", "max_tokens", "pad_id"} & set(kwargs))
     if not_here:
         raise TypeError(f"activation_patching takes aligned prompt tensors [N, pos]: {not_here} do not apply "
                         f"(cut the prompts yourself)")
+    return patch_aligned(ActivationPatching(**kwargs), model, clean, corrupted, batch_size=batch_size,
+                         exclude_first=exclude_first, device=device, dtype=dtype, progress=progress)
+
+
+def patch_aligned(probe: ActivationPatching, model, clean: Tensor, corrupted: Tensor, *, batch_size: int = 8,
+                  exclude_first: int = 1, device=None, dtype=None, progress: bool = False) -> ProbeResult:
+    """`probe.patch` (an `ActivationPatching` or a subclass) over aligned prompt tensors [N, pos] in
+    batches of `batch_size`, positions [0, exclude_first) not scored, the model moved to device /
+    dtype first -> `probe.result()`."""
+    from tqdm.auto import tqdm
+
     if clean.shape != corrupted.shape:
         raise ValueError(f"clean {tuple(clean.shape)} and corrupted {tuple(corrupted.shape)} prompts "
                          f"differ in shape: align them first")
     mask = position_mask(torch.ones(clean.shape, dtype=torch.bool), exclude_first)   # [N, pos]
     if device is not None or dtype is not None:
         model.to(device=device, dtype=dtype)
-    probe = ActivationPatching(**kwargs)
     probe.setup(model)
-    for i in tqdm(range(0, len(clean), batch_size), desc="patching", unit="batch", disable=not progress):
+    for i in tqdm(range(0, len(clean), batch_size), desc=probe.name, unit="batch", disable=not progress):
         rows = slice(i, i + batch_size)
         probe.patch(model, clean[rows].to(model.device), corrupted[rows].to(model.device), mask[rows].to(model.device))
     return probe.result()

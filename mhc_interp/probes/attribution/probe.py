@@ -24,7 +24,7 @@ from torch import Tensor
 
 from ..base import ProbeResult, register_probe, register_result, require_streams
 from ..causal import PromptStats, clean_run, stats_arrays
-from ..patching import ActivationPatching, from_first_difference
+from ..patching import ActivationPatching, from_first_difference, patch_aligned
 from .core import atp_gradients, ig_gradients, mixing_effects, site_effects
 
 METHODS = ("atp", "ig")
@@ -252,21 +252,5 @@ def attribution_patching(model, clean: Tensor, corrupted: Tensor, *, batch_size:
     """Attribute over aligned clean / corrupted prompt tensors [N, pos], in batches, with the
     options of `activation_patching` (positions [0, exclude_first) are not scored; device / dtype
     move the model first) plus method= ("atp" | "ig"), steps= and mixers= (`AttributionPatching`)."""
-    from tqdm.auto import tqdm
-
-    from ..runner import check_exclude_first
-
-    check_exclude_first(exclude_first)
-    if clean.shape != corrupted.shape:
-        raise ValueError(f"clean {tuple(clean.shape)} and corrupted {tuple(corrupted.shape)} prompts "
-                         f"differ in shape: align them first")
-    mask = torch.ones(clean.shape, dtype=torch.bool)                                   # [N, pos]
-    mask[:, :exclude_first] = False
-    if device is not None or dtype is not None:
-        model.to(device=device, dtype=dtype)
-    probe = AttributionPatching(**kwargs)
-    probe.setup(model)
-    for i in tqdm(range(0, len(clean), batch_size), desc="attribution", unit="batch", disable=not progress):
-        rows = slice(i, i + batch_size)
-        probe.patch(model, clean[rows].to(model.device), corrupted[rows].to(model.device), mask[rows].to(model.device))
-    return probe.result()
+    return patch_aligned(AttributionPatching(**kwargs), model, clean, corrupted, batch_size=batch_size,
+                         exclude_first=exclude_first, device=device, dtype=dtype, progress=progress)

@@ -107,6 +107,7 @@ def _report_config(args):
         cfg.predictability_tokens = 256
     if args.max_tokens is not None:   # an explicit --max-tokens wins over --fast's
         cfg.max_tokens = args.max_tokens
+    cfg.sae = getattr(args, "sae", None)
     return cfg
 
 
@@ -227,6 +228,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     common(report)
     corpus_opts(report)
     report.add_argument("--out", default="mhc-report")
+    report.add_argument("--sae", default=None, help="an SAE folder in SAELens's format: adds where its features "
+                        "fire, per sublayer and stream (needs the saelens extra)")
     report.add_argument("--force", action="store_true", help="write into --out even if it holds other files "
                         "(files with the report's names are overwritten, the others stay)")
     probe = sub.add_parser("probe", help="run one probe")

@@ -93,6 +93,7 @@ SECTION_TITLES: Dict[str, str] = {
     "head_detector": "What the attention heads do",
     "ablate_rescue": "Which streams the model needs (ablation and rescue)",
     "activation_patching": "Where one clean stream repairs a corrupted run (activation patching)",
+    "sae_features": "Where the features of a sparse autoencoder fire (SAELens)",
     "attribution_positions": "Which positions and mixers matter, estimated from gradients (attribution patching)",
     "stream_edges": "Which writer reaches which reader through which stream (stream edges)",
 }
@@ -115,6 +116,7 @@ class ReportConfig:
     predictability_tokens: int = 2048
     progress: bool = True
     skip: Sequence[str] = field(default_factory=tuple)
+    sae: Optional[str] = None   # an SAE folder in SAELens's format: adds the SAEFeatures section
 
 
 def corpus_tokens(model, texts: Sequence[str], cfg: ReportConfig) -> Tensor:
@@ -230,6 +232,10 @@ def _run_all(model, tokens: Tensor, folder: Path, cfg: ReportConfig, timer: Phas
     if multi:
         observational = [StreamUsage(), CKA(minibatch_tokens=cfg.cka_minibatch),
                          CrossStreamPredictability(max_tokens=cfg.predictability_tokens)] + observational
+    if cfg.sae is not None:
+        from .interop.sae_features import SAEFeatures
+
+        observational.append(SAEFeatures(cfg.sae, sites="sublayers"))
     results = run_probes(model, [p for p in observational if p.name not in cfg.skip], tokens,
                          batch_size=cfg.batch_size, progress=cfg.progress, timer=timer)
     for name, result in results.items():

@@ -174,3 +174,19 @@ def test_example_end_to_end(tmp_path):
     assert SAE.load_from_disk(tmp_path / "saes" / "blocks.2.attn.hook_streams_in.s1").cfg.metadata.hook_name == site
     assert (tmp_path / "sae_streams.png").stat().st_size > 2000 and (tmp_path / "sae_features.png").is_file()
     assert out["features"].meta["home_site"] == site
+
+
+def test_report_section(model, trained, tmp_path):
+    """`mhc-interp report --sae FOLDER`: the SAE's features get their own section and results."""
+    import json
+
+    from mhc_interp.report import ReportConfig, build_report
+
+    _, out = trained
+    others = ("stream_usage", "cka", "predictability", "curvature", "logit_lens", "head_detector",
+              "ablate_rescue", "activation_patching", "attribution_patching")
+    cfg = ReportConfig(max_tokens=256, seq_len=CTX, progress=False, skip=others, sae=str(out))
+    index = build_report(model, tmp_path / "rep", cfg=cfg)
+    written = json.loads((index.parent / "report.json").read_text())
+    assert [s["probe"] for s in written["sections"]] == ["sae_features"]
+    assert (index.parent / "results" / "sae_features.npz").is_file() and written["sections"][0]["figures"]

@@ -11,6 +11,7 @@ import html
 import json
 import math
 import shutil
+from concurrent.futures import Future
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +23,7 @@ from torch import Tensor
 
 from . import output_folder
 from .data import read_texts
+from .figure_pool import FigurePool
 from .timing import PhaseTimer
 from .probes import (CKA, AblateRescue, ActivationPatching, CrossStreamPredictability, Curvature,
                      HeadDetector, LogitLens, ProbeResult, StreamUsage, SymmetricReplacement, run_probes)
@@ -117,6 +119,7 @@ class ReportConfig:
     progress: bool = True
     skip: Sequence[str] = field(default_factory=tuple)
     sae: Optional[str] = None   # an SAE folder in SAELens's format: adds the SAEFeatures section
+    background_figures: bool = True   # draw figures in a worker process while the next probes run
 
 
 def corpus_tokens(model, texts: Sequence[str], cfg: ReportConfig) -> Tensor:
@@ -177,8 +180,13 @@ def build_report(model, out: Path, corpus: Optional[Sequence[Path]] = None,
         texts = read_texts(corpus) if corpus else []
         tokens = corpus_tokens(model, texts, cfg)
     tmp = output_folder.staging_folder(out)
+    figures = FigurePool(cfg.background_figures)
     try:
-        sections = _run_all(model, tokens, tmp, cfg, timer)
+        sections = _run_all(model, tokens, tmp, cfg, timer, figures)
+        with timer("figures: waiting for the worker"):
+            figures.wait()
+            _resolve_figures(sections)
+        worker = [{"phase": p, "seconds": round(sec, 3)} for p, sec in sorted(figures.seconds.items(), key=lambda kv: -kv[1])]
         corpus_line = (f"{_corpus_note(model, corpus)}; "
                        f"{tokens.numel():,} tokens in {tokens.shape[0]} windows of {tokens.shape[1]}")
         notes = [f"model: {model_name} - {model.summary()}", f"corpus: {corpus_line}",
@@ -187,15 +195,24 @@ def build_report(model, out: Path, corpus: Optional[Sequence[Path]] = None,
                    "tokens": int(tokens.numel()), "findings": collect_findings(sections)}
         with timer("page (index.html, report.json)"):
             timings = [{"phase": p, "seconds": round(sec, 3), "share": round(f, 4)} for p, sec, f in timer.rows()]
-            (tmp / "index.html").write_text(render_html(sections, notes, timings, summary))
+            (tmp / "index.html").write_text(render_html(sections, notes, timings, summary, worker))
             (tmp / "report.json").write_text(json.dumps({"notes": notes, "summary": summary, "sections": sections,
-                                                         "timings": timings}, indent=1))
+                                                         "timings": timings, "worker_timings": worker}, indent=1))
         output_folder.check(out, force)   # again: files may have appeared while the probes ran
         output_folder.commit(tmp, out)
     finally:
+        figures.close()   # before the partial folder goes: a running job writes into it
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     return out / "index.html"
+
+
+def _resolve_figures(sections: List[Dict]) -> None:
+    """Replace the figure lists still being drawn (Futures) by what the worker returned."""
+    for sec in sections:
+        for key in ("figures", "layer_figures"):
+            if isinstance(sec.get(key), Future):
+                sec[key] = FigurePool.value(sec[key])
 
 
 def _corpus_note(model, corpus: Optional[Sequence[Path]]) -> str:
@@ -212,20 +229,20 @@ def _figures(result: ProbeResult, folder: Path) -> List[Dict[str, str]]:
              "caption": CAPTIONS.get(f"{result.probe}/{p.stem}", CAPTIONS.get(p.stem, ""))} for p in paths]
 
 
-def _section(result: ProbeResult, folder: Path, timer: PhaseTimer, **extra) -> Dict:
-    """Save the result and its figures (each timed) -> the page section that shows them, titled
+def _section(result: ProbeResult, folder: Path, timer: PhaseTimer, figures: FigurePool, **extra) -> Dict:
+    """Save the result (timed) and queue its figures -> the page section that shows them, titled
     for what it shows, with the findings the summary may quote (removed again by
-    `collect_findings`)."""
+    `collect_findings`); its "figures" are a Future until `_resolve_figures`."""
     with timer(f"{result.probe}: save results"):
         _result_path(folder, result)
-    with timer(f"{result.probe}: figures"):
-        figures = _figures(result, folder)
+    figures = figures.submit(f"{result.probe}: figures", _figures, result, folder)
     return {"id": f"sec-{result.probe}", "probe": result.probe,
             "title": SECTION_TITLES.get(result.probe, result.probe.replace("_", " ")),
             "figures": figures, "tables": [], "findings": findings(result), **extra}
 
 
-def _run_all(model, tokens: Tensor, folder: Path, cfg: ReportConfig, timer: PhaseTimer) -> List[Dict]:
+def _run_all(model, tokens: Tensor, folder: Path, cfg: ReportConfig, timer: PhaseTimer,
+             figures: FigurePool) -> List[Dict]:
     sections: List[Dict] = []
     multi = model.cfg.n_streams > 1
     observational = [Curvature(), LogitLens()]
@@ -239,10 +256,10 @@ def _run_all(model, tokens: Tensor, folder: Path, cfg: ReportConfig, timer: Phas
     results = run_probes(model, [p for p in observational if p.name not in cfg.skip], tokens,
                          batch_size=cfg.batch_size, progress=cfg.progress, timer=timer)
     for name, result in results.items():
-        section = _section(result, folder, timer)
+        section = _section(result, folder, timer, figures)
         if name == "stream_usage":
-            with timer("stream_usage: figures"):
-                section["layer_figures"] = _per_sublayer_h_res(result, folder)
+            section["layer_figures"] = figures.submit("stream_usage: per-sublayer figures", _per_sublayer_h_res,
+                                                      result, folder)
         if name == "cka":
             section["tables"].append(_matrix_table("CKA between streams, last sublayer", result.intra(-1)))
         sections.append(section)
@@ -252,11 +269,11 @@ def _run_all(model, tokens: Tensor, folder: Path, cfg: ReportConfig, timer: Phas
                            batch_size=2 * cfg.causal_prompts, progress=cfg.progress, timer=timer)   # one batch: 0.61x
         with timer("head_detector: successor"):
             _successor(model, heads)
-        sections.append(_section(heads, folder, timer))
+        sections.append(_section(heads, folder, timer, figures))
     if multi and "ablate_rescue" not in cfg.skip:
         rescue = run_probes(model, AblateRescue(), tokens[: cfg.causal_prompts, : cfg.causal_seq_len],
                             batch_size=cfg.causal_prompts, progress=cfg.progress, timer=timer)
-        sections.append(_section(rescue, folder, timer, tables=[
+        sections.append(_section(rescue, folder, timer, figures, tables=[
             _matrix_table("global rescue % (rows: ablated, columns: recovered)", 100 * rescue["global_rescue"],
                           diagonal="-")]))
     if "activation_patching" not in cfg.skip:
@@ -266,7 +283,7 @@ def _run_all(model, tokens: Tensor, folder: Path, cfg: ReportConfig, timer: Phas
             _patch(model, probe, clean, corrupted, cfg.progress)
         with timer("activation_patching: result"):
             patching = probe.result()
-        sections.append(_section(patching, folder, timer, note=f"corruption: {how}"))
+        sections.append(_section(patching, folder, timer, figures, note=f"corruption: {how}"))
         if multi and "attribution_patching" not in cfg.skip:
             from .probes.attribution.section import report_results
 
@@ -274,7 +291,7 @@ def _run_all(model, tokens: Tensor, folder: Path, cfg: ReportConfig, timer: Phas
                 attributions, attr_table = report_results(model, clean, corrupted, patching)
             for result in attributions:
                 extra = {"tables": [attr_table]} if result.probe == "attribution_positions" else {}
-                sections.append(_section(result, folder, timer, **extra))
+                sections.append(_section(result, folder, timer, figures, **extra))
     return sections
 
 
@@ -522,7 +539,7 @@ CSS = ("body{font-family:sans-serif;max-width:1300px;margin:auto;padding:1em;lin
 
 
 def render_html(sections: List[Dict], notes: List[str], timings: Sequence[Dict] = (),
-                summary: Optional[Dict] = None) -> str:
+                summary: Optional[Dict] = None, worker_timings: Sequence[Dict] = ()) -> str:
     """A self-contained page (no external resources): a summary (model, corpus, findings), a table
     of contents, one section per probe named for what it shows (figures with captions, tables, a
     layer selector for per-sublayer figures), and a footer table of where the run's time went."""
@@ -573,6 +590,13 @@ def render_html(sections: List[Dict], notes: List[str], timings: Sequence[Dict] 
                      "<th>share</th></tr>")
         parts += [f"<tr><td style='text-align:left'>{esc(t['phase'])}</td><td>{t['seconds']:.2f}</td>"
                   f"<td>{100 * t['share']:.1f}%</td></tr>" for t in timings]
-        parts.append("</table></footer>")
+        parts.append("</table>")
+        if worker_timings:
+            parts.append("<table class='worker'><caption>figures drawn in a worker process, overlapped with the "
+                         "phases above</caption><tr><th>phase</th><th>seconds</th></tr>")
+            parts += [f"<tr><td style='text-align:left'>{esc(t['phase'])}</td><td>{t['seconds']:.2f}</td></tr>"
+                      for t in worker_timings]
+            parts.append("</table>")
+        parts.append("</footer>")
     parts.append("</body></html>")
     return "\n".join(parts)

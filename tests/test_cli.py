@@ -25,8 +25,9 @@ def test_report_writes_a_complete_folder(tmp_path):
     written = json.loads((out / "report.json").read_text())
     assert written["sections"]
     timings = {t["phase"]: t["seconds"] for t in written["timings"]}
+    worker = {t["phase"]: t["seconds"] for t in written["worker_timings"]}
     for probe in results:   # every probe's work and figures are timed, and the phases add up to the whole
-        assert any(p.startswith(f"{probe}: ") for p in timings) and timings.get(f"{probe}: figures", 0) > 0, probe
+        assert any(p.startswith(f"{probe}: ") for p in timings) and worker.get(f"{probe}: figures", 0) > 0, probe
     assert "forward (shared by the observational probes)" in timings and min(timings.values()) >= 0
     assert abs(sum(t["share"] for t in written["timings"]) - 1) < 0.01
     assert "Where the time went" in page
@@ -42,7 +43,7 @@ def test_interrupted_report_leaves_nothing_to_trust(tmp_path, monkeypatch, capsy
     (staged / "index.html").write_text("old report")
     output_folder.commit(staged, out)
 
-    def interrupted(model, tokens, folder, cfg, timer):
+    def interrupted(model, tokens, folder, cfg, timer, figures):
         (folder / "figures").mkdir()
         (folder / "figures" / "half.png").write_bytes(b"half")
         raise KeyboardInterrupt

@@ -72,7 +72,7 @@ def test_check_never_executes_a_crafted_reference_file(tmp_path, monkeypatch):
 @pytest.fixture
 def fast_report(monkeypatch):
     """`report` with the probes replaced by one tiny figure: the folder logic runs for real."""
-    def run_all(model, tokens, folder, cfg, timer):
+    def run_all(model, tokens, folder, cfg, timer, figures):
         (folder / "figures" / "p").mkdir(parents=True)
         (folder / "figures" / "p" / "f.png").write_bytes(b"png")
         return [{"title": "stub", "figures": [{"src": "figures/p/f.png", "name": "f", "caption": ""}], "tables": []}]
@@ -146,7 +146,7 @@ def test_stale_partial_folders_of_dead_runs_are_removed(tmp_path, fast_report):
 
 
 def test_sigterm_is_handled_like_ctrl_c(tmp_path, monkeypatch, capsys):
-    def terminated(model, tokens, folder, cfg, timer):
+    def terminated(model, tokens, folder, cfg, timer, figures):
         (folder / "half.png").write_bytes(b"half")
         os.kill(os.getpid(), signal.SIGTERM)
 

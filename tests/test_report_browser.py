@@ -293,9 +293,12 @@ def test_tables_render(loaded, report_json):
 
 
 def test_footer_says_where_the_time_went(loaded, report_json):
-    rows = loaded.page.eval_on_selector_all("footer table tr", "rs => rs.map(r => Array.from(r.cells).map(c => c.textContent))")
+    rows = loaded.page.eval_on_selector_all("footer table:not(.worker) tr",
+                                            "rs => rs.map(r => Array.from(r.cells).map(c => c.textContent))")
     assert rows[0] == ["phase", "seconds", "share"]
     assert [r[0] for r in rows[1:]] == [t["phase"] for t in report_json["timings"]]
+    worker = loaded.page.eval_on_selector_all("footer table.worker tr td:first-child", "ds => ds.map(d => d.textContent)")
+    assert worker == [t["phase"] for t in report_json["worker_timings"]] and worker
 
 
 def test_layer_selector_swaps_the_figure(loaded, report_json):

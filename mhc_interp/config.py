@@ -11,15 +11,12 @@ import warnings
 from dataclasses import asdict, dataclass, fields
 from typing import Any, Optional
 
-HYPER_CONN_TYPES = ("none", "hc", "mhc", "mhc_lite", "mhc_lite_lss")
-DEFAULT_LSS_INIT = 0.6   # the public code's expand_lss_init for mhc_lite_lss
 PUBLIC_SINKHORN_ITERS = 20   # the public code's Sinkhorn iterations (not in its model_args)
 # model_args keys understood besides the required shapes: the public code's GPTConfig fields, and
 # sinkhorn_iters (forks that vary it; written only when it differs from PUBLIC_SINKHORN_ITERS)
 NANOGPT_OPTIONAL_ARGS = ("hyper_conn_type", "hyper_conn_n", "bias", "dropout", "expand_lss_init", "sinkhorn_iters")
 MAX_SINKHORN_ITERS = 1000   # every forward runs them per sublayer: 10**9 would hang, not fail
-MAX_STREAMS = 16
-MAX_PERMUTATION_STREAMS = 8  # mhc_lite mixes all n! permutations: 8! = 40320 weights per token
+MAX_STREAMS = 16   # for every variant; a mixer class may set a lower `max_streams`
 
 
 class ConfigError(ValueError):
@@ -36,7 +33,7 @@ class MHCConfig:
     n_streams: int = 4
     hyper_conn_type: str = "mhc"
     bias: bool = True
-    lss_init: Optional[float] = None  # learned-stream-scaling init; None = copies (mhc_lite_lss: 0.6)
+    lss_init: Optional[float] = None  # learned-stream-scaling init; None = copies (or the mixer's default)
     sinkhorn_iters: int = PUBLIC_SINKHORN_ITERS
     layer_norm_eps: float = 1e-5
     tie_embeddings: bool = True
@@ -56,22 +53,16 @@ class MHCConfig:
             _check_float("lss_init", self.lss_init)
         if self.tokenizer_name is not None and not isinstance(self.tokenizer_name, str):
             raise ConfigError(f"tokenizer_name must be a string, got {self.tokenizer_name!r}")
-        if self.hyper_conn_type not in HYPER_CONN_TYPES:
-            raise ConfigError(
-                f"unknown hyper_conn_type {self.hyper_conn_type!r}; "
-                f"known types: {', '.join(HYPER_CONN_TYPES)}"
-            )
-        if self.hyper_conn_type == "mhc_lite_lss" and self.lss_init is None:
-            self.lss_init = DEFAULT_LSS_INIT     # as from_nanogpt_args: the variant *is* the scaling
-        if self.hyper_conn_type == "none" and self.n_streams != 1:
-            raise ConfigError(
-                f"hyper_conn_type 'none' is a plain residual and needs n_streams=1, got {self.n_streams}"
-            )
+        mixer = mixer_class(self.hyper_conn_type)   # per-variant facts live on the mixer class
+        variant = f"hyper_conn_type {self.hyper_conn_type!r} ({mixer.__module__}.{mixer.__qualname__})"
+        if self.lss_init is None:
+            self.lss_init = mixer.default_lss_init
+        if mixer.n_streams_required is not None and self.n_streams != mixer.n_streams_required:
+            raise ConfigError(f"{variant} needs n_streams={mixer.n_streams_required}, got {self.n_streams}")
         if self.n_streams > MAX_STREAMS:
             raise ConfigError(f"n_streams={self.n_streams} is more than {MAX_STREAMS} streams")
-        if self.hyper_conn_type.startswith("mhc_lite") and self.n_streams > MAX_PERMUTATION_STREAMS:
-            raise ConfigError(f"{self.hyper_conn_type} mixes all n! permutations: n_streams={self.n_streams} "
-                              f"is more than {MAX_PERMUTATION_STREAMS}")
+        if mixer.max_streams is not None and self.n_streams > mixer.max_streams:
+            raise ConfigError(f"{variant} takes at most n_streams={mixer.max_streams}, got {self.n_streams}")
         if self.sinkhorn_iters > MAX_SINKHORN_ITERS:
             raise ConfigError(f"sinkhorn_iters={self.sinkhorn_iters} is more than {MAX_SINKHORN_ITERS} "
                               f"(the public code uses {PUBLIC_SINKHORN_ITERS})")
@@ -122,21 +113,20 @@ class MHCConfig:
                           f"ignored: if they change the model's maths (a fork), its outputs will differ",
                           stacklevel=2)
         hc_type = args.get("hyper_conn_type", "none")
-        lss_init = args.get("expand_lss_init")
-        if hc_type == "mhc_lite_lss" and lss_init is None:
-            lss_init = DEFAULT_LSS_INIT
-        if hc_type == "none":   # the public code builds 'none' as a plain residual whatever hyper_conn_n says
-            _check_int("hyper_conn_n", args.get("hyper_conn_n", 1), minimum=1)
+        mixer = mixer_class(hc_type)
+        n_streams = _check_int("hyper_conn_n", args.get("hyper_conn_n", 1), minimum=1)
         return cls(
             n_layers=_check_int("n_layer", args["n_layer"], minimum=1),
             n_heads=_check_int("n_head", args["n_head"], minimum=1),
             d_model=_check_int("n_embd", args["n_embd"], minimum=1),
             n_ctx=_check_int("block_size", args["block_size"], minimum=1),
             d_vocab=_check_int("vocab_size", args["vocab_size"], minimum=1),
-            n_streams=1 if hc_type == "none" else _check_int("hyper_conn_n", args.get("hyper_conn_n", 1), minimum=1),
+            # the public code builds 'none' as a plain residual whatever hyper_conn_n says
+            n_streams=mixer.n_streams_required or n_streams,
             hyper_conn_type=hc_type,
             bias=args.get("bias", True),
-            lss_init=lss_init if hc_type == "mhc_lite_lss" else None,
+            # the public code reads expand_lss_init only for a variant that is stream scaling
+            lss_init=None if mixer.default_lss_init is None else args.get("expand_lss_init"),
             sinkhorn_iters=_check_int("sinkhorn_iters", args.get("sinkhorn_iters", PUBLIC_SINKHORN_ITERS), minimum=1),
         )
 
@@ -148,6 +138,20 @@ class MHCConfig:
             expand_lss_init=self.lss_init,
             **({} if self.sinkhorn_iters == PUBLIC_SINKHORN_ITERS else {"sinkhorn_iters": self.sinkhorn_iters}),
         )
+
+
+def mixer_class(hyper_conn_type: Any) -> type:
+    """The mixer class registered under `hyper_conn_type` (`mhc_interp.model.mixers.MIXERS`, the one
+    list of variants, so a mixer added with `register_mixer` is a valid type); a ConfigError naming
+    the registered types otherwise."""
+    # imported here, not at the top: the mixers import this module (MHCConfig), and the registry
+    # needs torch, which `import mhc_interp.config` does not
+    from .model.mixers import MIXERS
+
+    if isinstance(hyper_conn_type, str) and hyper_conn_type in MIXERS:
+        return MIXERS[hyper_conn_type]
+    raise ConfigError(f"unknown hyper_conn_type {hyper_conn_type!r}; "
+                      f"known types: {', '.join(sorted(MIXERS))}")
 
 
 def _check_int(name: str, value: Any, minimum: int) -> int:

@@ -101,7 +101,7 @@ def test_sinkhorn_keeps_the_log_domain_at_extreme_logits():
 @pytest.mark.parametrize("variant", sorted(MIXERS))
 def test_every_mixer_returns_contiguous_coefficients(variant):
     """One memory layout for every variant (the compiled `apply` guards on strides)."""
-    model = perturbed_model(tiny_config(variant, 1 if variant == "none" else 4), seed=0)
+    model = perturbed_model(tiny_config(variant, MIXERS[variant].n_streams_required or 4), seed=0)
     x = torch.randn(2, 5, model.cfg.n_streams, model.cfg.d_model)
     coefficients = model.sublayers[0].mixer(x)
     assert all(t.is_contiguous() for t in coefficients)

@@ -30,31 +30,21 @@ import torch
 from torch import Tensor
 
 from ..hooks.names import check_hook_names, suffix
+from ..registry import register
 
 PROBES: Dict[str, Type["Probe"]] = {}
 RESULTS: Dict[str, Type["ProbeResult"]] = {}
 
 
-def _register(registry: Dict[str, type], key: str, cls: type, what: str) -> type:
-    """registry[key] = cls, refusing a key taken by another class (a re-import of the same class,
-    e.g. a reloaded module, replaces it)."""
-    taken = registry.get(key)
-    if taken is not None and (taken.__module__, taken.__qualname__) != (cls.__module__, cls.__qualname__):
-        raise ValueError(f"{what} {key!r} is already registered by {taken.__module__}.{taken.__qualname__}; "
-                         f"give {cls.__module__}.{cls.__qualname__} another name")
-    registry[key] = cls
-    return cls
-
-
 def register_probe(cls: Type["Probe"]) -> Type["Probe"]:
     """Class decorator: make a probe available by its `name` (e.g. to the CLI); a name another
     probe holds is refused."""
-    return _register(PROBES, cls.name, cls, "probe")
+    return register(PROBES, cls.name, cls, "probe")
 
 
 def register_result(cls: Type["ProbeResult"]) -> Type["ProbeResult"]:
     """Class decorator: let `ProbeResult.load` rebuild this result class by its name."""
-    return _register(RESULTS, cls.__name__, cls, "result class")
+    return register(RESULTS, cls.__name__, cls, "result class")
 
 
 def get_probe(name: str, **kwargs) -> "Probe":

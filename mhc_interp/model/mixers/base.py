@@ -15,12 +15,13 @@ so that the hyper-connected sublayer computes  x' = H_res x + H_post^T F(H_pre x
 from __future__ import annotations
 
 import math
-from typing import Callable, Dict, NamedTuple, Tuple, Type
+from typing import Callable, ClassVar, Dict, NamedTuple, Optional, Tuple, Type
 
 import torch
 from torch import Tensor, nn
 
-from ...config import MHCConfig
+from ...config import MHCConfig, mixer_class
+from ...registry import register
 from ..compiled import compile_once
 
 
@@ -56,10 +57,19 @@ class Mixer(nn.Module):
     `norm_gamma` here.
     """
 
+    # What a variant declares about its configs, read by `MHCConfig` (config.py keeps no list of
+    # variants): a new variant states here, in its own file, what differs from these defaults.
+    n_streams_required: ClassVar[Optional[int]] = None  # the only stream count it takes (`none`: 1)
+    max_streams: ClassVar[Optional[int]] = None        # a limit below config.MAX_STREAMS, if any
+    default_lss_init: ClassVar[Optional[float]] = None  # not None: the variant *is* learned stream
+    # scaling - `lss_init` when the config gives none, and the checkpoint's expand_lss_init is read
+    uses_sinkhorn_iters: ClassVar[bool] = False        # `compute` gets cfg.sinkhorn_iters (else 0)
+
     def __init__(self, cfg: MHCConfig, init_stream: int = 0):
         super().__init__()
         self.n_streams = cfg.n_streams
         self.d_model = cfg.d_model
+        self.sinkhorn_iters = cfg.sinkhorn_iters if self.uses_sinkhorn_iters else 0
 
     compiled = False  # set by HookedMHC.compile() / compile_mixers(): use the torch.compile'd `compute`
 
@@ -76,7 +86,7 @@ class Mixer(nn.Module):
     def forward(self, x: Tensor) -> MixingCoefficients:
         # one compiled graph per variant, shared by all its sublayers (tensors are arguments)
         compute = compile_once(type(self).compute) if self.compiled else type(self).compute
-        return MixingCoefficients(*compute(x, self.tensors_for(x), self.n_streams, getattr(self, "sinkhorn_iters", 0)))
+        return MixingCoefficients(*compute(x, self.tensors_for(x), self.n_streams, self.sinkhorn_iters))
 
     def tensors_for(self, x: Tensor) -> Dict[str, Tensor]:
         """This mixer's parameters and buffers in the compute dtype for state `x`: float32 for
@@ -166,26 +176,23 @@ def sinkhorn(logits: Tensor, iters: int) -> Tensor:
     return linear.index_put((bad,), sinkhorn_log(logits[bad], iters))
 
 
-MIXERS: Dict[str, Type[Mixer]] = {}
+MIXERS: Dict[str, Type[Mixer]] = {}   # the one list of variants: MHCConfig validates against it
 
 
 def register_mixer(*names: str) -> Callable[[Type[Mixer]], Type[Mixer]]:
-    """Class decorator: make a mixer available under one or more `hyper_conn_type` names."""
+    """Class decorator: make a mixer available under one or more `hyper_conn_type` names. A name
+    another class holds is refused (registering the same class again, e.g. from a reloaded module,
+    is not)."""
 
     def deco(cls: Type[Mixer]) -> Type[Mixer]:
-        for name in names:
-            MIXERS[name] = cls
+        names_taken = dict(MIXERS)
+        for name in names:   # every name checked before any is taken
+            register(names_taken, name, cls, "mixer")
+        MIXERS.update(names_taken)
         return cls
 
     return deco
 
 
 def build_mixer(cfg: MHCConfig, init_stream: int = 0) -> Mixer:
-    try:
-        cls = MIXERS[cfg.hyper_conn_type]
-    except KeyError:
-        raise ValueError(
-            f"no mixer registered for hyper_conn_type {cfg.hyper_conn_type!r}; "
-            f"registered: {sorted(MIXERS)}"
-        ) from None
-    return cls(cfg, init_stream=init_stream)
+    return mixer_class(cfg.hyper_conn_type)(cfg, init_stream=init_stream)

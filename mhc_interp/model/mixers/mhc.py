@@ -48,10 +48,11 @@ class _ManifoldMixerBase(Mixer):
 
 @register_mixer("mhc")
 class SinkhornMixer(_ManifoldMixerBase):
+    uses_sinkhorn_iters = True
+
     def __init__(self, cfg: MHCConfig, init_stream: int = 0):
         super().__init__(cfg, init_stream)
         n, d = cfg.n_streams, cfg.d_model
-        self.sinkhorn_iters = cfg.sinkhorn_iters
         static_pre = -torch.ones(n, 1)
         static_pre[init_stream % n] = 1.0
         static_res = torch.full((n, n), -8.0).fill_diagonal_(0.0)

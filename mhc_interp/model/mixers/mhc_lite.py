@@ -28,8 +28,10 @@ def permutation_matrices(n: int) -> Tensor:
     return torch.eye(n)[perms].transpose(-1, -2).contiguous()
 
 
-@register_mixer("mhc_lite", "mhc_lite_lss")
+@register_mixer("mhc_lite")
 class PermutationMixer(_ManifoldMixerBase):
+    max_streams = 8   # a weight per permutation and token: 8! = 40320
+
     def __init__(self, cfg: MHCConfig, init_stream: int = 0):
         super().__init__(cfg, init_stream)
         n, d = cfg.n_streams, cfg.d_model
@@ -49,3 +51,10 @@ class PermutationMixer(_ManifoldMixerBase):
         weights = torch.softmax(logits[..., n:] * w["residual_scale"] + w["static_alpha"][n:], dim=-1)
         h_res = torch.einsum("bpr,rts->bpts", weights, w["perms"])
         return h_pre, _ManifoldMixerBase.h_post(beta, w), h_res
+
+
+@register_mixer("mhc_lite_lss")
+class LSSPermutationMixer(PermutationMixer):
+    """mHC-lite with learned stream scaling at expansion (`StreamExpand`): the same mixer."""
+
+    default_lss_init = 0.6   # the public code's expand_lss_init

@@ -11,6 +11,8 @@ from .base import Mixer, MixingCoefficients, register_mixer
 class ResidualMixer(Mixer):
     """H_pre = H_post = [1], H_res = [[1]]: no parameters, no data dependence."""
 
+    n_streams_required = 1
+
     def forward(self, x: Tensor) -> MixingCoefficients:  # x [batch, pos, 1, d_model]
         b, p, n, _ = x.shape
         # three real tensors (not views of one scalar): an in-place hook edit of one stays in it

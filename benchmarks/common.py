@@ -18,6 +18,7 @@ import torch
 
 from mhc_interp import HookedMHC, MHCConfig
 from mhc_interp import device as mhc_device
+from mhc_interp.config import mixer_class
 
 SHAPES: Dict[str, Dict[str, Any]] = {
     # a seconds-long smoke run (CI runs every benchmark at this shape)
@@ -80,10 +81,7 @@ def resolve_device(name: str) -> torch.device:
 def make_config(shape: str, variant: str = "mhc") -> MHCConfig:
     """The shape's config as `variant`; "none" means the plain residual (one stream)."""
     kw = dict(SHAPES[shape]["cfg"], hyper_conn_type=variant, bias=True)
-    if variant == "none":
-        kw["n_streams"] = 1
-    if variant == "mhc_lite_lss":
-        kw["lss_init"] = 0.6
+    kw["n_streams"] = mixer_class(variant).n_streams_required or kw["n_streams"]
     return MHCConfig(**kw)
 
 

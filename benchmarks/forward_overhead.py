@@ -64,7 +64,7 @@ from torch import nn
 from transformer_lens.hook_points import HookPoint
 
 from mhc_interp import HookedMHC
-from mhc_interp.config import HYPER_CONN_TYPES
+from mhc_interp.model.mixers import MIXERS
 from mhc_interp.model.sublayer import BOUNDARY_HOOKS
 
 from .common import (DTYPES, BenchmarkError, add_common_args, autocast_if, check_batch_fits, cli,
@@ -103,7 +103,7 @@ def cache_bytes(out: Any) -> int:
 def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     p = add_common_args(argparse.ArgumentParser(description=__doc__.split("\n")[0]), repeats=10)
     p.add_argument("--autocast", action="store_true", help="keep fp32 weights, run under autocast(--dtype)")
-    p.add_argument("--variant", choices=HYPER_CONN_TYPES, default="mhc",
+    p.add_argument("--variant", choices=sorted(MIXERS), default="mhc",
                    help="hyper_conn_type of the rows other than 'residual'")
     args = p.parse_args(argv)
     device = prepare(args)

@@ -181,7 +181,7 @@ def check_train_out(out: Path, force: bool) -> None:
 
 
 def cmd_train(args) -> int:
-    from .config import MHCConfig
+    from .config import MHCConfig, mixer_class
     from .data import encode_texts, read_texts, split_stream, train_bpe_tokenizer
     from .train import TrainConfig, train
     import torch
@@ -194,7 +194,7 @@ def cmd_train(args) -> int:
     train_ids, val_ids = split_stream(encode_texts(tokenizer, texts), args.val_fraction)
     torch.manual_seed(args.seed)
     cfg = MHCConfig(n_layers=args.n_layers, n_heads=args.n_heads, d_model=args.d_model, n_ctx=args.seq_len + 1,
-                    d_vocab=len(tokenizer), n_streams=1 if args.hyper_conn_type == "none" else args.n_streams,
+                    d_vocab=len(tokenizer), n_streams=mixer_class(args.hyper_conn_type).n_streams_required or args.n_streams,
                     hyper_conn_type=args.hyper_conn_type, lss_init=args.lss_init)
     model = HookedMHC(cfg, tokenizer=tokenizer)
     history = train(model, train_ids, val_ids, TrainConfig(max_steps=args.steps, batch_size=args.batch_size,

@@ -14,7 +14,10 @@ overlap: the 10 cells with the largest |effect| (value minus the unpatched corru
 The shared reference checkpoints (random tiny models, no tokenizer: random prompts with one token
 shifted; in float64, since their effects are below float32 resolution) are graded too unless
 `--no-references`. `--corrections` also measures the AtP*-style
-corrections (docs/attribution.md: they were not kept).
+corrections (docs/attribution.md: they were not kept). `--rescue` grades the approximate
+ablation-and-rescue map (`mhc_interp.probes.attribution.rescue`) against the exact one-shot
+`ablate_and_rescue` on the report's causal prompts (docs/attribution.md: `readout_fisher` tracks
+it, the gradient-only estimates do not).
 
     python examples/attribution_vs_patching.py [--model NAME_OR_PATH] [--out DIR] [--fast] [--steps 2]
 """
@@ -41,6 +44,8 @@ def _options(p):
                    help="prompts for the position-resolved exact sweep (default 2; --fast 1)")
     p.add_argument("--no-references", action="store_true", help="skip the shared reference checkpoints")
     p.add_argument("--corrections", action="store_true", help="also measure AtP*-style corrections")
+    p.add_argument("--rescue", action="store_true",
+                   help="also grade the approximate ablation-and-rescue map against the exact one")
 
 
 def timed(fn):
@@ -128,6 +133,37 @@ def reference_prompts(model, n: int = 8, length: int = 16):
     corrupted = clean.clone()
     corrupted[:, length // 2] = (corrupted[:, length // 2] + 1) % model.cfg.d_vocab
     return clean, corrupted
+
+
+RESCUE_METHODS = (("readout", {}), ("readout_fisher", dict(samples=4)), ("readout_fisher", dict(samples=16)),
+                  ("fisher", dict(samples=16)), ("gauss_newton", {}),
+                  ("linearised", {}), ("ig_site", dict(steps=1)), ("ig_site", dict(steps=4)))
+
+
+def grade_rescue(model, tokens, label: str, methods=RESCUE_METHODS, batch_size: int = 8):
+    """Rows: each approximate ablation-and-rescue method against the exact one-shot map (zero
+    ablation, frozen mixing) on `tokens`, per quantity (pair damage per [sublayer, pair], single
+    damage per [sublayer, stream], rescue per [sublayer, a, r], global rescue per [a, r]), with
+    time and passes per prompt batch (forward-equivalents, a backward counted as 2 forwards, plus
+    the readouts - final LayerNorms + unembedding - of the readout methods)."""
+    from mhc_interp.probes import ablate_and_rescue
+    from mhc_interp.probes.attribution.rescue import approximate_rescue, exact_rescue_forwards, rescue_fidelity
+
+    ablate_and_rescue(model, tokens[:1])                                          # warm-up, untimed
+    exact, t_exact = timed(lambda: ablate_and_rescue(model, tokens, batch_size=batch_size))
+    batches = -(-tokens.shape[0] // batch_size)
+    rows = []
+    for method, kw in methods:
+        est, t = timed(lambda: approximate_rescue(model, tokens, method=method, batch_size=batch_size, **kw))
+        p = est.meta["passes"]
+        cost = (p["forwards"] + 2 * p["backwards"]) / batches
+        readouts = p.get("readouts", 0) / batches
+        name = method + "".join(f" ({k} {v})" for k, v in kw.items())
+        for what, f in rescue_fidelity(est, exact).items():
+            passes = f"{cost:.0f} fwd-eq" + (f" + {readouts:.0f} readouts" if readouts else "")
+            rows.append(dict(model=label, map=f"rescue: {what}", method=name, mixing="frozen", **f, time=t,
+                             exact_time=t_exact, passes=passes, exact_passes=f"{exact_rescue_forwards(model):.0f} fwd"))
+    return rows
 
 
 def table(rows) -> str:
@@ -225,6 +261,8 @@ def main(argv=None):
                                       "reader v's read through each stream (mixing frozen to the corrupted run).")
     if ex.args.corrections:
         rows += corrections(ex.model, clean, corrupted, rows[0]["model"])
+    if ex.args.rescue:
+        rows += grade_rescue(ex.model, ex.prompts(), rows[0]["model"], batch_size=ex.cfg.causal_prompts)
     if not ex.args.no_references and not ex.args.fast:
         for name in REFERENCES:
             # float64: random tiny models predict near-uniformly (KL ~1e-5, edge effects ~1e-10), below
@@ -233,6 +271,8 @@ def main(argv=None):
             rc, rk = reference_prompts(ref)
             rows += grade(ref, rc, rk, name, ex.args.steps)[0] + grade_mixers(ref, rc, rk, name)
             rows += grade_edges(ref, rc, rk, name)[0]
+            if ex.args.rescue:
+                rows += grade_rescue(ref, rc, name)
     text = (f"# Attribution patching vs exact activation patching\n\nprompts: {clean.shape[0]} x {clean.shape[1]} "
             f"tokens ({how}); position-resolved: {k} prompt(s); denoising, KL metric\n\n" + table(rows))
     ex.save_text("fidelity.md", text)

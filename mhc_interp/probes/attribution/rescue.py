@@ -1,0 +1,437 @@
+"""Approximate ablation-and-rescue: estimates of `ablate_and_rescue`'s damage and rescue maps
+(one-shot, frozen mixing) from a constant number of forward / backward passes plus one cheap
+readout (final LayerNorms + unembedding) per (sublayer, stream or pair).
+
+Methods: "readout" (default) and "readout_fisher" are the ones that track the exact map; "fisher",
+"gauss_newton", "linearised" (pure second-order / linearised-network estimates) do not, and
+"ig_site" (integrated gradients along each site's own path) tracks but costs several times the
+exact map. Measured: docs/attribution.md, "Approximate ablation-and-rescue".
+
+The exact map (`mhc_interp.probes.rescue`) ablates every stream pair {i, j} (and every single
+stream, which is the one-shot rescue run) at the state entering each sublayer l, and scores
+D = KL(P_clean || P_ablated) averaged over the masked positions. The clean run is the base, so
+D and its gradient are 0 there: every first-order estimate (AtP) is identically 0, and the first
+informative term is the second-order one. With logits z, dz = J delta the (linearised) change of
+the logits for the state change delta (zero ablation: delta = -x_l on the ablated streams):
+
+    D ~ 1/2 sum_q w_q dz_q^T F_q dz_q,      F_q = Cov_{y ~ P_clean,q}[d log p_q(y) / dz_q]
+
+(the Gauss-Newton / Fisher quadratic form of the KL; w_q = mask / sum(mask), the KL metric's
+weights). Monte Carlo (method "fisher"): draw y_q ~ P_clean,q independently at every position
+and back-propagate the scalar sum_q sqrt(w_q) log p_q(y_q) once; its gradient g_l with respect to
+the state entering EVERY sublayer l satisfies E[(g_l . delta)^2] = sum_q w_q dz_q^T F_q dz_q
+(the cross-position terms have mean 0 because the draws are independent with zero-mean scores).
+So K draws give, for every sublayer, every single stream s and every pair {i, j} at once,
+
+    D_s  ~ 1/2 mean_k (g_l^k . delta_s)^2,      D_ij ~ 1/2 mean_k (g_l^k . delta_i + g_l^k . delta_j)^2
+
+from one forward and K backwards, independent of the number of sublayers and streams (the exact
+one-shot map costs n(n+1)/2 resumed forwards per sublayer). Rescue R(a, r) = (D_ar - D_a) / D_ar
+and its global averages are then formed exactly as `AblateRescue.result` forms them (same helpers,
+same `min_kl` flagging), so the estimate is a `RescueResult` with the exact map's keys.
+
+Method "gauss_newton" is the same quadratic form without Monte Carlo noise: dz = J delta_s for each
+(sublayer, stream) from a central finite difference of two resumed forwards (2 n per sublayer:
+more than the exact map for n <= 4 - it is a reference that separates the error of the quadratic
+model from the sampling noise, not a shortcut). Method "linearised" uses the same dz but the
+exact KL of the linearised logits, KL(P_clean || softmax(z + dz)), instead of its quadratic form.
+Method "ig_site" integrates the gradient along each site's own path x_l + a delta (a at `steps`
+midpoints; one resumed forward and backward per site and point, the points stacked in the batch
+axis): D = int_0^1 dD/dx(x_l + a delta) . delta da exactly in the limit, but every single and pair
+needs its own path, so it costs ~3 `steps` times the exact map - also a reference, not a shortcut.
+
+Why the gradient methods fail here (measured, docs/attribution.md): HookedMHC reads its final
+state through a LayerNorm applied to EACH stream before the sum (`unembed_streams`). LayerNorm is
+scale-invariant, so along the straight ablation path x_s -> (1 - a) x_s the stream's normalised
+readout does not change at all until (1 - a) |x_s| reaches the LayerNorm's epsilon, where it drops
+to the bias: the damage is concentrated in the last few % of the path (demo model: KL 0.0065 at
+a = 0.9, 0.045 at a = 1), and the gradient of the readout in the scaling direction is 0. Every
+estimate built from gradients or from J delta misses that part.
+
+Method "readout" (the default) therefore treats the readout exactly and drops the rest: with the
+mixing frozen, the ablation's change delta at sublayer l reaches the final state along the residual
+mixing alone as C_l delta, C_l = H_res[L-1] ... H_res[l] (per token; its effect through the later
+sublayers' reads - their changed writes - is left out), and
+
+    D ~ KL(P_clean || unembed_streams(x_L + C_l delta))              (the exact KL metric)
+
+from the clean run, one forward to the final state and one readout (final LayerNorms + unembedding,
+no transformer layers) per (sublayer, single or pair): no backward, no resumed forward.
+`meta["passes"]` counts the readouts separately.
+
+Method "readout_fisher" adds the part "readout" leaves out - the ablation's effect through the
+later sublayers' reads, u = J delta - (readout's Jacobian) C_l delta in logit space - to second
+order with the Fisher draws above: with v_k the k-th draw's logit-space vector and
+g_l^k . delta - g_L^k . C_l delta = v_k . u (g_L the draw's gradient at the final state),
+
+    D ~ KL(P_clean || unembed_streams(x_L + C_l delta)) + mean_k (v_k . dz_c)(v_k . u) + 1/2 mean_k (v_k . u)^2
+
+(dz_c the carried logit change): 3 forwards, `samples` backwards and the same readouts.
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Dict, Optional, Sequence
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from ..causal import clean_run, kl_metric, log_probs, score_dtype
+from ..rescue import AblateRescue, RescueResult, ablation_values
+from .core import _capture_hooks
+
+METHODS = ("readout", "readout_fisher", "fisher", "gauss_newton", "linearised", "ig_site")
+
+
+def _weights(mask: Tensor, dtype) -> Tensor:
+    """The KL metric's position weights mask / sum(mask) [B, pos] (as `kl_metric` forms them)."""
+    m = mask.to(dtype)
+    return m / m.sum(-1, keepdim=True)
+
+
+def _deltas(states: Dict[int, Tensor], values: Dict[int, Tensor], layers: Sequence[int]) -> Dict[int, Tensor]:
+    """Zero / mean / tensor ablation of each stream alone: delta_l = value_l - x_l [B, pos, n, d]
+    (stream s of delta_l is the change ablating s makes; a pair's change is the sum of two)."""
+    return {l: (values[l].to(states[l].dtype) - states[l]).expand_as(states[l]) for l in layers}
+
+
+def fisher_projections(model, tokens: Tensor, mask: Tensor, deltas: Dict[int, Tensor], *, samples: int,
+                       temperature: float = 1.0, frozen: bool = True, generator: Optional[torch.Generator] = None,
+                       clean_logits: Optional[Tensor] = None, carried: Optional[Dict[int, Tensor]] = None,
+                       draws: Optional[Tensor] = None):
+    """(g_l^k . delta_l[s]) for every draw k, sublayer l (the keys of `deltas`), prompt and stream:
+    [samples, L, B, n] float64, from one forward of `tokens` and `samples` backwards (module docstring).
+    frozen: the mixing coefficients are constants (detached where they enter), as with `frozen_mixing`.
+    With `carried` {l: C_l delta_l per source stream [n, B, pos, n, d]} and `draws` y [K, B, pos]
+    (given, not sampled) also returns g_L^k . C_l delta_l[s] [samples, L, B, n] (g_L at the final state)."""
+    if samples < 1 or int(samples) != samples:
+        raise ValueError(f"samples must be a positive int, got {samples!r}")
+    layers = list(deltas)                                  # in the caller's order (rows of the result)
+    states: Dict[int, Tensor] = {}
+    hooks = _capture_hooks(model, layers, capture_mixing=False, detach_mixing=frozen, states=states, mixing={})
+    out = torch.zeros(samples, len(layers), tokens.shape[0], model.cfg.n_streams, dtype=torch.float64)
+    out_final = torch.zeros_like(out)
+    with torch.enable_grad(), model.hooks(fwd_hooks=hooks):
+        if carried is None:
+            logits = model(tokens)                                               # [B, pos, vocab]
+        else:
+            final = model(tokens, stop_at_sublayer=model.cfg.n_sublayers)
+            logits = model.unembed_streams(final)
+        lp = log_probs(logits, temperature)
+        ref = lp.detach() if clean_logits is None else log_probs(clean_logits, temperature)
+        root_w = _weights(mask.to(lp.device), lp.dtype).nan_to_num(0.0).sqrt()   # a prompt with no scored position: 0
+        probs = ref.exp().flatten(0, 1).float().cpu()                           # [B*pos, vocab]
+        inputs = [states[l] for l in layers] + ([final] if carried is not None else [])
+        for k in range(samples):
+            if draws is None:
+                y = torch.multinomial(probs, 1, generator=generator).view(tokens.shape).to(lp.device)
+            else:
+                y = draws[k].to(lp.device)
+            score = (lp.gather(-1, y[..., None])[..., 0] * root_w).sum()
+            grads = torch.autograd.grad(score, inputs, retain_graph=k + 1 < samples, allow_unused=True)
+            for i, (l, g) in enumerate(zip(layers, grads)):
+                if g is not None:
+                    out[k, i] = (g.double() * deltas[l].double()).sum((1, 3)).cpu()      # [B, n]
+            if carried is not None and grads[-1] is not None:
+                g_final = grads[-1].double()
+                for i, l in enumerate(layers):
+                    out_final[k, i] = (g_final[None] * carried[l]).sum((2, 3, 4)).T.cpu()  # [B, n]
+    return out if carried is None else (out, out_final)
+
+
+def _resumed_logits(model, state: Tensor, start: int, cache, frozen: bool) -> Tensor:
+    freeze = model.frozen_mixing(cache) if frozen else contextlib.nullcontext()
+    with torch.no_grad(), freeze:
+        return model(state, start_at_sublayer=start)
+
+
+def logit_changes(model, states, deltas, cache, *, frozen: bool = True, eps: float = 1e-3) -> Dict[int, Tensor]:
+    """dz = J delta per (sublayer, stream) by central differences of resumed forwards:
+    {l: [n, B, pos, vocab]} (2 n resumed forwards per sublayer; float64 models give ~1e-7)."""
+    out = {}
+    n = model.cfg.n_streams
+    for l, d in deltas.items():
+        per = []
+        for s in range(n):
+            step = torch.zeros_like(d)
+            step[:, :, s] = eps * d[:, :, s]
+            up = _resumed_logits(model, states[l] + step, l, cache, frozen).to(score_dtype(d.dtype))
+            down = _resumed_logits(model, states[l] - step, l, cache, frozen).to(score_dtype(d.dtype))
+            per.append((up - down) / (2 * eps))
+        out[l] = torch.stack(per)
+    return out
+
+
+def _kl_linearised(ref_lp: Tensor, dz: Tensor, weights: Tensor, temperature: float) -> Tensor:
+    """KL(P_ref || softmax((z + dz) / T)) with z / T = ref_lp + const, per prompt [B]."""
+    lp = torch.log_softmax(ref_lp + dz / temperature, -1)
+    return ((ref_lp.exp() * (ref_lp - lp)).sum(-1) * weights).sum(-1)
+
+
+def _quadratic(ref_lp: Tensor, dz: Tensor, weights: Tensor, temperature: float) -> Tensor:
+    """1/2 sum_q w_q dz_q^T F_q dz_q / T^2 with F_q = diag(p) - p p^T, per prompt [B]."""
+    p = ref_lp.exp()
+    u = dz / temperature
+    return 0.5 * (((p * u * u).sum(-1) - (p * u).sum(-1) ** 2) * weights).sum(-1)
+
+
+def residual_carry(model, cache) -> Dict[int, Tensor]:
+    """{l: C_l = H_res[L-1] ... H_res[l]} [B, pos, n(target), n(source)] from a cache of the
+    frozen coefficients: how a change of the state entering sublayer l reaches the final state
+    through the residual mixing alone (the sublayers' writes held fixed)."""
+    out = {}
+    prod = None
+    for l in reversed(range(model.cfg.n_sublayers)):
+        h = cache[f"{model.sublayer_names[l]}.hook_h_res"].double()
+        prod = h if prod is None else prod @ h
+        out[l] = prod
+    return out
+
+
+def carried_damage(model, tokens: Tensor, states, cache, deltas: Dict[int, Tensor], metric, pairs,
+                   draws: Optional[Tensor] = None, clean_logits: Optional[Tensor] = None, mask: Optional[Tensor] = None,
+                   temperature: float = 1.0):
+    """Method "readout": {l: (singles [n, B], pairs [n, n, B])} = metric(unembed_streams(x_L + C_l delta))
+    for each stream and pair ablated at l (module docstring); `metric` is the exact map's KL. With
+    `draws` y [K, B, pos] (and clean_logits, mask) also {l: (singles [K, n, B], pairs [K, n, n, B])}
+    of v_k . dz_c, v_k = sqrt(w) (e_y - p) / T, dz_c the carried logit change."""
+    n_sub, n = model.cfg.n_sublayers, model.cfg.n_streams
+    if draws is not None:
+        ref_p = log_probs(clean_logits, temperature).double().exp()
+        root_w = _weights(mask.to(ref_p.device), torch.float64).nan_to_num(0.0).sqrt()
+    with torch.no_grad(), model.frozen_mixing(cache):
+        final = model(tokens, stop_at_sublayer=n_sub)                            # [B, pos, n, d]
+        carry = residual_carry(model, cache)
+        out = {}
+        for l, d in deltas.items():
+            # column s of C_l times stream s of delta: [n(source), B, pos, n(target), d]
+            moved = torch.einsum("bpts,bpsd->sbptd", carry[l], d.double())
+            b = tokens.shape[0]
+            singles = torch.zeros(n, b, dtype=torch.float64)
+            pair = torch.zeros(n, n, b, dtype=torch.float64)
+            k = 0 if draws is None else draws.shape[0]
+            v_singles = torch.zeros(k, n, b, dtype=torch.float64)
+            v_pair = torch.zeros(k, n, n, b, dtype=torch.float64)
+
+            def score(change):
+                z = model.unembed_streams((final.double() + change).to(final.dtype))
+                value = metric(z[None])[0].double().cpu()
+                if draws is None:
+                    return value, None
+                dz = (z.double() - clean_logits.double()) / temperature                      # [B, pos, vocab]
+                mean = (ref_p * dz).sum(-1)                                                     # [B, pos]
+                picked = dz[None].expand(k, *dz.shape).gather(-1, draws[..., None])[..., 0]    # [K, B, pos]
+                return value, ((picked - mean) * root_w).sum(-1).cpu()                          # [K, B]
+            for s in range(n):
+                singles[s], vd = score(moved[s])
+                if vd is not None:
+                    v_singles[:, s] = vd
+            for i, j in pairs:
+                pair[i, j], vd = score(moved[i] + moved[j])
+                if vd is not None:
+                    v_pair[:, i, j] = vd
+            out[l] = (singles, pair) if draws is None else (singles, pair, v_singles, v_pair)
+    return out
+
+
+def ig_site_damage(model, states, cache, delta: Tensor, start: int, metric, *, steps: int, frozen: bool = True,
+                   max_rows: Optional[int] = None) -> Tensor:
+    """Integrated-gradient estimate of M(x_start + delta) - M(x_start) along the straight path
+    (midpoint rule, `steps` points stacked as replicas): [B] float64. `metric` maps logits
+    [k, B, pos, vocab] to [k, B]."""
+    from ...hooks.batched import rows_per_forward
+    from .core import ig_alphas
+
+    x, b = states[start], states[start].shape[0]
+    per_chunk = max(1, rows_per_forward(model, b, x.shape[1], max_rows) // b)
+    alphas = ig_alphas(steps)
+    total = torch.zeros(b, dtype=torch.float64, device=x.device)
+    freeze = model.frozen_mixing(cache) if frozen else contextlib.nullcontext()
+    with torch.enable_grad(), freeze:
+        for c in range(0, steps, per_chunk):
+            a = alphas[c:c + per_chunk].to(x.device)
+            k = len(a)
+            point = (x.double()[None] + a.view(k, 1, 1, 1, 1) * delta.double()[None]).to(x.dtype)
+            point = point.flatten(0, 1).requires_grad_(True)                       # [k*B, pos, n, d]
+            logits = model(point, start_at_sublayer=start)
+            values = metric(logits.view(k, b, *logits.shape[1:]))
+            g, = torch.autograd.grad(values.nan_to_num(0.0).sum(), point)
+            total += (g.view(k, b, *g.shape[1:]).double() * delta.double()[None]).sum((0, 2, 3, 4))
+    return total / steps
+
+
+class ApproxAblateRescue(AblateRescue):
+    """`AblateRescue`'s one-shot map estimated (module docstring): method "readout" (2 forwards and
+    one readout per sublayer and single / pair, per batch), "readout_fisher" (the same readouts,
+    3 forwards and `samples` backwards), or the measured references "fisher" (2 forwards +
+    `samples` backwards), "gauss_newton" / "linearised" (2 n resumed forwards per sublayer) and
+    "ig_site" (`steps` resumed forwards and backwards per site). Same options, masks, result keys
+    and `min_kl` flagging as the exact probe; mode "persistent" is not estimated (the ablation
+    repeats at every later sublayer, so the state change is not one site's delta). samples: 4 by
+    default (on the demo model 4 and 16 draws track the exact map equally well)."""
+
+    name = "ablate_rescue_approx"
+
+    def __init__(self, method: str = "readout", samples: int = 4, seed: int = 0, steps: int = 2, **kwargs):
+        if method not in METHODS:
+            raise ValueError(f"unknown method {method!r}: use one of {METHODS}")
+        if kwargs.get("mode", "one_shot") != "one_shot":
+            raise ValueError("the approximate map estimates mode='one_shot' only (a persistent ablation is not "
+                             "one site's state change); run ablate_and_rescue(mode='persistent') for it")
+        if kwargs.get("pairs") is not None:
+            raise ValueError("the approximate map covers every stream pair (pairs= is not supported)")
+        if isinstance(samples, bool) or not isinstance(samples, int) or samples < 1:
+            raise ValueError(f"samples must be a positive int, got {samples!r}")
+        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+            raise ValueError(f"steps must be a positive int, got {steps!r}")
+        super().__init__(**kwargs)
+        self.method, self.samples, self.seed, self.steps = method, samples, seed, steps
+        self.passes = {"forwards": 0.0, "backwards": 0.0, "readouts": 0.0}
+
+    def setup(self, model) -> None:
+        super().setup(model)
+        if self.method.startswith("readout") and not self.frozen:
+            raise ValueError(f"method={self.method!r} carries the ablation along the frozen residual mixing: it needs "
+                             "frozen=True (the exact map's default)")
+        if self.method.startswith("readout") and not hasattr(model, "unembed_streams"):
+            raise ValueError(f"method={self.method!r} needs model.unembed_streams (the final readout); "
+                             f"{type(model).__name__} has none")
+        self.generator = torch.Generator().manual_seed(self.seed)
+        self.passes = {"forwards": 0.0, "backwards": 0.0, "readouts": 0.0}
+
+    def intervene(self, model, tokens: Tensor, mask: Tensor) -> None:
+        logits, states, cache = clean_run(model, tokens)
+        ablation = self.corpus_means if self.uses_corpus_mean else self.ablation
+        values = ablation_values(model, states, mask, ablation)
+        deltas = _deltas(states, values, self.layers)
+        n, b = self.n, tokens.shape[0]
+        ref = log_probs(logits, self.temperature)
+        weights = _weights(mask.to(ref.device), ref.dtype)
+        singles = torch.zeros(len(self.layers), n, b, dtype=torch.float64)
+        pairs = torch.zeros(len(self.layers), n, n, b, dtype=torch.float64)
+        if self.method == "readout":
+            carried = carried_damage(model, tokens, states, cache, deltas, kl_metric(logits, mask, self.temperature),
+                                     self.pair_list)
+            for li, l in enumerate(self.layers):
+                singles[li] = carried[l][0]
+                pairs[li] = carried[l][1]
+            self.passes["forwards"] += 2                   # the clean run and the run to the final state
+            self.passes["readouts"] += len(self.layers) * (n + len(self.pair_list))
+        elif self.method == "readout_fisher":
+            ref_p = ref.exp().flatten(0, 1).float().cpu()
+            draws = torch.stack([torch.multinomial(ref_p, 1, generator=self.generator).view(tokens.shape)
+                                 for _ in range(self.samples)])                               # [K, B, pos]
+            carried = carried_damage(model, tokens, states, cache, deltas, kl_metric(logits, mask, self.temperature),
+                                     self.pair_list, draws=draws.to(logits.device), clean_logits=logits, mask=mask,
+                                     temperature=self.temperature)
+            carry = residual_carry(model, cache)
+            moved = {l: torch.einsum("bpts,bpsd->sbptd", carry[l], deltas[l].double()) for l in self.layers}
+            proj, proj_final = fisher_projections(model, tokens, mask, deltas, samples=self.samples,
+                                                  temperature=self.temperature, frozen=True, clean_logits=logits,
+                                                  carried=moved, draws=draws)
+            ind = proj - proj_final                                                           # [K, L, B, n]: v . u
+            for li, l in enumerate(self.layers):
+                c_single, c_pair, v_single, v_pair = carried[l]
+                u = ind[:, li].permute(0, 2, 1)                                                # [K, n, B]
+                singles[li] = c_single + (v_single * u).mean(0) + 0.5 * (u ** 2).mean(0)
+                for i, j in self.pair_list:
+                    uij = u[:, i] + u[:, j]
+                    pairs[li, i, j] = c_pair[i, j] + (v_pair[:, i, j] * uij).mean(0) + 0.5 * (uij ** 2).mean(0)
+            self.passes["forwards"] += 3
+            self.passes["backwards"] += self.samples
+            self.passes["readouts"] += len(self.layers) * (n + len(self.pair_list))
+        elif self.method == "fisher":
+            proj = fisher_projections(model, tokens, mask, deltas, samples=self.samples, temperature=self.temperature,
+                                      frozen=self.frozen, generator=self.generator, clean_logits=logits)
+            singles = 0.5 * (proj ** 2).mean(0).permute(0, 2, 1)                                    # [L, n, B]
+            for i, j in self.pair_list:
+                pairs[:, i, j] = 0.5 * ((proj[..., i] + proj[..., j]) ** 2).mean(0)
+            # the clean run above and the gradient pass's own forward; `samples` backwards
+            self.passes["forwards"] += 2
+            self.passes["backwards"] += self.samples
+        elif self.method == "ig_site":
+            metric = kl_metric(logits, mask, self.temperature)
+            n_sub = model.cfg.n_sublayers
+            for li, l in enumerate(self.layers):
+                for s in range(n):
+                    d = torch.zeros_like(deltas[l])
+                    d[:, :, s] = deltas[l][:, :, s]
+                    singles[li, s] = ig_site_damage(model, states, cache, d, l, metric, steps=self.steps,
+                                                    frozen=self.frozen, max_rows=self.max_rows).cpu()
+                for i, j in self.pair_list:
+                    d = torch.zeros_like(deltas[l])
+                    d[:, :, [i, j]] = deltas[l][:, :, [i, j]]
+                    pairs[li, i, j] = ig_site_damage(model, states, cache, d, l, metric, steps=self.steps,
+                                                     frozen=self.frozen, max_rows=self.max_rows).cpu()
+            site_fwd = self.steps * len(self.pair_list + list(range(n))) * sum((n_sub - l) / n_sub for l in self.layers)
+            self.passes["forwards"] += 1 + site_fwd
+            self.passes["backwards"] += site_fwd
+        else:
+            dz = logit_changes(model, states, deltas, cache if self.frozen else None, frozen=self.frozen)
+            score = _quadratic if self.method == "gauss_newton" else _kl_linearised
+            for li, l in enumerate(self.layers):
+                for s in range(n):
+                    singles[li, s] = score(ref, dz[l][s], weights, self.temperature).double().cpu()
+                for i, j in self.pair_list:
+                    pairs[li, i, j] = score(ref, dz[l][i] + dz[l][j], weights, self.temperature).double().cpu()
+            n_sub = model.cfg.n_sublayers
+            self.passes["forwards"] += 1 + 2 * n * sum((n_sub - l) / n_sub for l in self.layers)
+        nan = torch.isnan(weights.sum(-1)).cpu()                         # a prompt with nothing to score
+        per_prompt = torch.full((2, len(self.layers), n, n, b), float("nan"), dtype=torch.float64)
+        for i, j in self.pair_list:
+            per_prompt[0, :, i, j] = per_prompt[0, :, j, i] = pairs[:, i, j]
+            per_prompt[1, :, i, j] = singles[:, i]                       # one-shot: restoring j leaves i ablated
+            per_prompt[1, :, j, i] = singles[:, j]
+        per_prompt[..., nan] = float("nan")
+        self.stats.add(per_prompt)
+
+    def result(self) -> RescueResult:
+        out = super().result()
+        out.meta.update(method=self.method, samples=self.samples if "fisher" in self.method else None,
+                        steps=self.steps if self.method == "ig_site" else None,
+                        passes=dict(self.passes), estimate="approximate (docs/attribution.md)")
+        return out
+
+
+def approximate_rescue(model, tokens, *, method: str = "readout", samples: int = 4, seed: int = 0, steps: int = 2,
+                       batch_size: int = 8, seq_len: Optional[int] = None, max_tokens: Optional[int] = None,
+                       exclude_first: int = 1, pad_id: int = 0, progress: bool = False, **kwargs) -> RescueResult:
+    """Estimate `ablate_and_rescue(model, tokens, **kwargs)` (one-shot) with `ApproxAblateRescue`;
+    the runner's options and masks are those of `ablate_and_rescue`. `meta["passes"]` counts the
+    forwards and backwards (in prompt batches)."""
+    from ..runner import run_probes
+
+    options = dict(batch_size=batch_size, seq_len=seq_len, max_tokens=max_tokens, exclude_first=exclude_first,
+                   pad_id=pad_id, progress=progress)
+    probe = ApproxAblateRescue(method=method, samples=samples, seed=seed, steps=steps, **kwargs)
+    if probe.uses_corpus_mean:
+        probe.fit_corpus_mean(model, tokens, **options)
+    return run_probes(model, probe, tokens, **options)
+
+
+def exact_rescue_forwards(model, sublayers: Optional[Sequence[int]] = None) -> float:
+    """Forward-equivalents of the exact one-shot map per prompt batch: the clean run plus
+    n(n+1)/2 resumed forwards per sublayer l, each (L - l) / L of a forward."""
+    n_sub, n = model.cfg.n_sublayers, model.cfg.n_streams
+    layers = range(n_sub) if sublayers is None else sublayers
+    return 1 + n * (n + 1) / 2 * sum((n_sub - l) / n_sub for l in layers)
+
+
+def rescue_fidelity(estimate: RescueResult, exact: RescueResult, k: int = 10) -> Dict[str, Dict[str, float]]:
+    """How well an estimated map tracks the exact one: `fidelity` (Pearson, Spearman, top-k by
+    value) of the damage per [sublayer, pair] (upper triangle of kl_ablated), of the single-stream
+    damage per [sublayer, stream] (= the one-shot rescued KL), of the rescue % per [sublayer, a, r]
+    where both are defined, and of the global rescue matrix (off-diagonal)."""
+    from .compare import fidelity
+
+    n = exact.meta["n_streams"]
+    iu = np.triu_indices(n, 1)
+    off = ~np.eye(n, dtype=bool)
+    pick_single = lambda r: np.stack([r["kl_rescued"][:, a, (a + 1) % n] for a in range(n)], 1)  # noqa: E731
+    return {
+        "damage_pairs": fidelity(estimate["kl_ablated"][:, iu[0], iu[1]], exact["kl_ablated"][:, iu[0], iu[1]], 0.0, k),
+        "damage_single": fidelity(pick_single(estimate), pick_single(exact), 0.0, k),
+        "rescue": fidelity(estimate["rescue"][:, off], exact["rescue"][:, off], 0.0, k),
+        "global_rescue": fidelity(estimate["global_rescue"][off], exact["global_rescue"][off], 0.0, min(k, 3)),
+    }

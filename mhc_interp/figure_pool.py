@@ -1,8 +1,8 @@
 """Figures drawn in a worker process while the report's next probes run.
 
 Matplotlib's layout and PNG encoding are about a third of the report's time on a small model, and
-the probes keep one core busy: one worker process (started at once, so its imports overlap the
-first probes) renders each result's figures as soon as the result exists. The worker is spawned,
+the probes keep one core busy: one worker process (started with the first job; its imports
+overlap the next probes) renders each result's figures as soon as the result exists. The worker is spawned,
 not forked (torch's thread pools do not survive a fork), ignores Ctrl-C (the main process stops
 it and cleans up), and reports how long each job took, so the report can say what ran
 overlapped. `FigurePool(enabled=False)` renders in the calling process instead, same interface.
@@ -26,10 +26,6 @@ def _init_worker() -> None:
     torch.set_num_threads(1)
 
 
-def _warm_up() -> None:
-    from . import report  # noqa: F401 - the probes' plot code, imported while the first probes run
-
-
 def _timed(fn: Callable, args: Tuple) -> Tuple[Any, float]:
     t0 = time.perf_counter()
     return fn(*args), time.perf_counter() - t0
@@ -37,16 +33,16 @@ def _timed(fn: Callable, args: Tuple) -> Tuple[Any, float]:
 
 class FigurePool:
     def __init__(self, enabled: bool = True):
-        self._pool = None
+        self.enabled = enabled
+        self._pool = None                      # started with the first job: a run with no figures spawns nothing
         self.seconds: Dict[str, float] = {}    # phase -> seconds the worker spent on it
         self._pending: List[Tuple[str, Future]] = []
-        if enabled:
-            self._pool = ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn"),
-                                             initializer=_init_worker)
-            self._pool.submit(_warm_up)
 
     def submit(self, phase: str, fn: Callable, *args) -> Future:
         """fn(*args) in the worker (fn and args picklable); its Future holds fn's value."""
+        if self.enabled and self._pool is None:
+            self._pool = ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn"),
+                                             initializer=_init_worker)
         if self._pool is None:
             future: Future = Future()
             try:
@@ -70,7 +66,8 @@ class FigurePool:
 
     def close(self) -> None:
         """Stop the worker: queued jobs are cancelled, a running one finishes (call before removing
-        the folder it writes into)."""
+        the folder it writes into). The pool takes no more jobs."""
         if self._pool is not None:
             self._pool.shutdown(wait=True, cancel_futures=True)
             self._pool = None
+        self.enabled = False

@@ -27,7 +27,8 @@ Steps (results: benchmarks/results/real_size-L<layers>-cpu.json, or --out):
               sublayer's interventions is linear in the sublayers after it, so the mean over
               evenly spaced sublayers is the mean over all of them)
 
-Every CLI step runs as a child process; its peak RSS is the child's `ru_maxrss` (`os.wait4`).
+Every CLI step runs as a child process; its peak RSS is the child's `ru_maxrss` (`os.wait4` in a
+small launcher process, `run_child`).
 Peak RSS counts the pages of a memory-mapped checkpoint that were read (the .pt is mapped),
 so loading a float32 .pt as bf16 peaks near file bytes + model bytes.
 
@@ -86,17 +87,39 @@ def peak_over(fn: Callable[[], Any]) -> Tuple[Any, Dict[str, float]]:
                      extra_peak_mib=(peak - before) / MIB)
 
 
+# Started by a small launcher, not from this process: a child's ru_maxrss also holds the high-water
+# RSS of the address space it was exec'd from (Linux keeps the larger at execve), and Python's
+# subprocess starts children with vfork, i.e. from this process's address space, whose RSS after
+# building and saving a model is larger than many of the commands measured (mhc-interp hooks at 36
+# layers: 4720 MiB reported from here, 3295 MiB through the launcher).
+_LAUNCHER = """
+import json, os, subprocess, sys, time
+t0 = time.perf_counter()
+with open(sys.argv[1], "wb") as out:
+    proc = subprocess.Popen(sys.argv[2:], stdout=out, stderr=subprocess.STDOUT)
+    _, status, usage = os.wait4(proc.pid, 0)
+print(json.dumps(dict(rc=os.waitstatus_to_exitcode(status), seconds=time.perf_counter() - t0,
+                      peak_rss_mib=usage.ru_maxrss / 1024)))
+"""
+
+
 def run_child(cmd: Sequence[str], env: Optional[Dict[str, str]] = None, cwd=None) -> Dict[str, Any]:
-    """Run `cmd`; its exit status, wall seconds, peak RSS (MiB, the child's own ru_maxrss) and output."""
-    t0 = time.perf_counter()
-    with tempfile.TemporaryFile() as out:
-        proc = subprocess.Popen(list(cmd), stdout=out, stderr=subprocess.STDOUT, env=env, cwd=cwd)
-        _, status, usage = os.wait4(proc.pid, 0)
-        proc.returncode = os.waitstatus_to_exitcode(status)
-        out.seek(0)
-        text = out.read().decode(errors="replace")
-    return dict(cmd=" ".join(map(str, cmd)), rc=proc.returncode, seconds=time.perf_counter() - t0,
-                peak_rss_mib=usage.ru_maxrss / 1024, output_tail=text[-2000:])
+    """Run `cmd`; its exit status, wall seconds, peak RSS (MiB, the child's own ru_maxrss, measured
+    by a launcher process: see above) and output."""
+    with tempfile.NamedTemporaryFile() as out:
+        launched = subprocess.run([sys.executable, "-c", _LAUNCHER, out.name, *map(str, cmd)], env=env, cwd=cwd,
+                                  capture_output=True, text=True, check=True)
+        r = json.loads(launched.stdout)
+        text = Path(out.name).read_bytes().decode(errors="replace")
+    return dict(cmd=" ".join(map(str, cmd)), rc=r["rc"], seconds=r["seconds"], peak_rss_mib=r["peak_rss_mib"],
+                output_tail=text[-2000:], output=text)
+
+
+def last_json(r: Dict[str, Any]) -> Dict[str, Any]:
+    """The JSON line a `measure` child printed last (warnings may come before it); drops the full
+    output from `r` (only its tail is kept in the results)."""
+    text = r.pop("output", "")
+    return json.loads(next(line for line in reversed(text.strip().splitlines()) if line.startswith("{")))
 
 
 def child_env() -> Dict[str, str]:
@@ -231,6 +254,9 @@ def measure(argv: List[str]) -> Dict[str, Any]:
     p.add_argument("--load", nargs="+", required=True, help="PATH:DTYPE (dtype: auto, bfloat16, float32)")
     p.add_argument("--probes", default=None, help="N,T: run every probe on N x T tokens with the last model")
     p.add_argument("--only", nargs="*", default=None, help="probe names (see probe_runs)")
+    p.add_argument("--warmup", action="store_true",
+                   help="load the shipped demo model first (unmeasured), so the first load's lazy imports "
+                        "(safetensors, zipfile, ...) are not counted")
     args = p.parse_args(argv)
     allowance = status_bytes("VmHWM")
     import torch
@@ -242,6 +268,10 @@ def measure(argv: List[str]) -> Dict[str, Any]:
     out: Dict[str, Any] = dict(import_peak_mib=status_bytes("VmHWM") / MIB, python_peak_mib=allowance / MIB,
                                loads=[], probes={})
     model = None
+    if args.warmup:
+        from mhc_interp.shipped import default_model_path
+
+        HookedMHC.from_pretrained(default_model_path(), tokenizer=None)
     for spec in args.load:
         path, _, dtype = spec.rpartition(":")
         model = None
@@ -363,12 +393,13 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
             result["load"] = []
             for path, dtype in [(paths["hub"], "auto"), (paths["hub"], "bfloat16"), (paths["hub"], "float32"),
                                 (paths["pt"], "bfloat16"), (paths["pt"], "float32")]:
-                r = run_child([*me, "--load", f"{path}:{dtype}"], env=env, cwd=ROOT)
+                r = run_child([*me, "--warmup", "--load", f"{path}:{dtype}"], env=env, cwd=ROOT)
                 if r["rc"] != 0:
+                    r.pop("output")
                     result["load"].append(dict(r, path=str(path), dtype=dtype))
                     print(f"load {path} {dtype}: FAILED\n{r['output_tail']}", flush=True)
                     continue
-                m = json.loads(r["output_tail"].strip().splitlines()[-1])
+                m = last_json(r)
                 row = dict(m["loads"][0], import_peak_mib=m["import_peak_mib"], process_peak_mib=r["peak_rss_mib"])
                 row["x_model"] = row["extra_peak_mib"] / row["model_mib"]
                 result["load"].append(row)
@@ -380,10 +411,11 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
         if "probes" not in args.skip and args.probes:
             r = run_child([*me, "--load", f"{paths['hub']}:bfloat16", "--probes", args.probes], env=env, cwd=ROOT)
             if r["rc"] == 0:
-                result["probes"] = json.loads(r["output_tail"].strip().splitlines()[-1])["probes"]
+                result["probes"] = last_json(r)["probes"]
                 for name, row in result["probes"].items():
                     print(f"probe {name}: {row['seconds']:.2f} s, peak +{row['extra_peak_mib']:.0f} MiB", flush=True)
             else:
+                r.pop("output")
                 result["probes"] = dict(r)
                 print(f"probes FAILED\n{r['output_tail']}", flush=True)
             save()
@@ -393,6 +425,7 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
                 for layout in ("pt", "hub"):
                     r = run_child(cli_cmd(cmd, "--model", paths[layout], "--dtype", "bfloat16"), env=env, cwd=ROOT)
                     r.update(command=cmd, layout=layout)
+                    r.pop("output")
                     result["cli"].append(r)
                     print(f"mhc-interp {cmd} ({layout}): rc {r['rc']}, {r['seconds']:.1f} s, peak RSS "
                           f"{r['peak_rss_mib']:.0f} MiB", flush=True)
@@ -404,6 +437,7 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
                 r = run_child(cli_cmd("report", "--model", paths["hub"], "--max-tokens", n_tokens, "--dtype",
                                       "bfloat16", "--quiet", "--out", report_dir, "--force"), env=env, cwd=ROOT)
                 r["max_tokens"] = n_tokens
+                r.pop("output")
                 if r["rc"] == 0:
                     rep = json.loads((report_dir / "report.json").read_text())
                     r["sections"] = [s.get("probe") for s in rep["sections"]]

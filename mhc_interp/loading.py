@@ -220,7 +220,14 @@ def nonfinite_tensors(tensors) -> list:
     """Names of the floating-point tensors (a state dict, or `model.named_parameters()`) holding
     a NaN or an infinity."""
     items = tensors.items() if isinstance(tensors, dict) else tensors
-    return [k for k, v in items if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    return [k for k, v in items if v.is_floating_point() and not _all_finite(v)]
+
+
+def _all_finite(t: Tensor, chunk: int = 1 << 22) -> bool:
+    """isfinite over `chunk` elements at a time: no temporary the size of the tensor (the float32
+    embedding of a 50k vocabulary at d 1280 would add 430 MiB to a load's peak)."""
+    flat = t.detach().reshape(-1)
+    return all(bool(torch.isfinite(flat[i:i + chunk]).all()) for i in range(0, flat.numel(), chunk))
 
 
 def _config(parse, raw, source) -> MHCConfig:

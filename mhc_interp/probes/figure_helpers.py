@@ -74,6 +74,28 @@ def panel_grid(n_panels: int, panel_in: Tuple[float, float], max_cols: int = 4, 
     return fig, flat[:n_panels], cols
 
 
+def heatmap_grid(matrices: Sequence[np.ndarray], titles: Sequence[str], *, vmin: float, vmax: float,
+                 xlabel: str, ylabel: str, colorbar: str, title: str, chars: int = 4,
+                 labels: Optional[Callable[[np.ndarray], np.ndarray]] = None):
+    """Small multiples: one annotated [rows, columns] heatmap per matrix (up to 4 a row, axis
+    labels on the outer panels only, one shared colour bar and scale) -> the figure. `labels(m)`
+    gives each panel's cell texts (default: the values to 2 decimals)."""
+    fig, axes, cols = panel_grid(len(matrices), (2.4, 2.1))
+    for ax, m, name in zip(axes, matrices, titles):
+        im = ax.imshow(m, vmin=vmin, vmax=vmax, cmap="viridis")
+        ax.set_title(name, fontsize=9)
+        ax.set_xticks(range(m.shape[1]))
+        ax.set_yticks(range(m.shape[0]))
+    outer_labels(axes, cols, xlabel, ylabel)
+    fig.subplots_adjust(wspace=0.3, hspace=0.35)
+    fig.colorbar(im, ax=list(axes), shrink=0.8, label=colorbar)
+    size = cell_fontsize(axes[0], np.shape(matrices[0]), chars=chars)
+    for ax, m in zip(axes, matrices):
+        annotate(ax, ax.images[0], m, fontsize=size, labels=None if labels is None else labels(m))
+    fig.suptitle(title, **({"fontsize": 9} if len(title) > 60 else {}))
+    return fig
+
+
 def outer_labels(axes: Sequence, n_cols: int, xlabel: str, ylabel: str) -> None:
     """Axis labels on the left column and the bottom row only (the others would overlap)."""
     n = len(axes)

@@ -221,21 +221,11 @@ class PredictabilityResult(ProbeResult):
         labels, r2 = self.meta["site_labels"], self["r2"]
         figs = {}
         picks = np.unique(np.linspace(0, len(labels) - 1, min(max_heatmaps, len(labels))).round().astype(int))
-        from .figure_helpers import annotate, cell_fontsize, outer_labels, panel_grid
+        from .figure_helpers import heatmap_grid
 
-        fig, axes, cols = panel_grid(len(picks), (2.4, 2.1))
-        for ax, k in zip(axes, picks):
-            im = ax.imshow(r2[k], vmin=0, vmax=1, cmap="viridis")
-            ax.set_title(labels[k], fontsize=9)
-            ax.set_xticks(range(r2.shape[2]))
-            ax.set_yticks(range(r2.shape[1]))
-        outer_labels(axes, cols, "target stream j", "source stream i")
-        fig.subplots_adjust(wspace=0.3, hspace=0.35)
-        fig.colorbar(im, ax=list(axes), shrink=0.8, label="held-out R^2")
-        size = cell_fontsize(axes[0], r2.shape[1:])
-        for ax, k in zip(axes, picks):
-            annotate(ax, im, r2[k], fontsize=size)
-        fig.suptitle("held-out R^2 of stream j from stream i (ridge)")
+        fig = heatmap_grid([r2[k] for k in picks], [labels[k] for k in picks], vmin=0, vmax=1,
+                           xlabel="target stream j", ylabel="source stream i", colorbar="held-out R^2",
+                           title="held-out R^2 of stream j from stream i (ridge)")
         figs["matrices"] = fig
         fig, ax = plt.subplots(figsize=(max(5, 0.45 * len(labels)), 3.4))
         x = np.arange(len(labels))

@@ -34,7 +34,7 @@ from ..hooks.batched import Edit, run_edits
 from .base import ProbeResult, register_probe, register_result, require_streams
 from .causal import CausalProbe, PromptStats, clean_run, kl_metric, stats_arrays, t_half_width
 from .corpus_mean import corpus_mean_with_count
-from .figure_helpers import annotate, cell_fontsize, outer_labels, panel_grid
+from .figure_helpers import annotate, heatmap_grid
 
 MODES = ("one_shot", "persistent")
 ABLATIONS = ("zero", "mean", "corpus_mean")
@@ -243,20 +243,10 @@ class RescueResult(ProbeResult):
         figs["rescue_global"] = fig
 
         picks = np.unique(np.linspace(0, len(names) - 1, min(max_layers, len(names))).round().astype(int))
-        fig, axes, cols = panel_grid(len(picks), (2.4, 2.1))
-        for ax, k in zip(axes, picks):
-            im = ax.imshow(100 * self["rescue"][k], vmin=0, vmax=100, cmap="viridis")
-            ax.set_title(names[k], fontsize=9)
-            ax.set_xticks(range(n))
-            ax.set_yticks(range(n))
-        outer_labels(axes, cols, "recovered stream", "ablated stream")
-        fig.subplots_adjust(wspace=0.3, hspace=0.35)
-        fig.colorbar(im, ax=list(axes), shrink=0.8, label="rescue %")
-        size = cell_fontsize(axes[0], (n, n), chars=3)
-        for ax, k in zip(axes, picks):
-            m = 100 * self["rescue"][k]
-            annotate(ax, im, m, fontsize=size, labels=_rescue_labels(m, low="low", digits=0))
-        fig.suptitle("rescue % per sublayer (rows: ablated, columns: recovered; low: damage below min_kl)", fontsize=9)
+        fig = heatmap_grid([100 * self["rescue"][k] for k in picks], [names[k] for k in picks], vmin=0, vmax=100,
+                           xlabel="recovered stream", ylabel="ablated stream", colorbar="rescue %", chars=3,
+                           labels=lambda m: _rescue_labels(m, low="low", digits=0),
+                           title="rescue % per sublayer (rows: ablated, columns: recovered; low: damage below min_kl)")
         figs["rescue_layers"] = fig
 
         fig, ax = plt.subplots(figsize=(7, 3.2))

@@ -24,7 +24,7 @@ import torch
 from torch import Tensor
 
 from .base import Probe, ProbeResult, masked_rows, register_probe, register_result, require_streams, take_rows
-from .figure_helpers import annotate, cell_fontsize, outer_labels, panel_grid
+from .figure_helpers import heatmap_grid
 
 SUM_KEYS = ("h_res", "h_res_dist", "read_share", "read_share_norm", "write_share", "stream_norm",
             "h_pre", "h_post", "h_post_sq", "h_post_fro", "h_post_var_streams")
@@ -141,19 +141,9 @@ class StreamUsageResult(ProbeResult):
         x = np.arange(len(subs))
         figs = {}
         picks = np.unique(np.linspace(0, len(subs) - 1, min(max_heatmaps, len(subs))).round().astype(int))
-        fig, axes, cols = panel_grid(len(picks), (2.4, 2.1))
-        for ax, k in zip(axes, picks):
-            im = ax.imshow(self["mean_h_res"][k], vmin=0, vmax=1, cmap="viridis")
-            ax.set_title(subs[k], fontsize=9)
-            ax.set_xticks(range(n))
-            ax.set_yticks(range(n))
-        outer_labels(axes, cols, "source stream", "target stream")
-        fig.subplots_adjust(wspace=0.3, hspace=0.35)
-        fig.colorbar(im, ax=list(axes), shrink=0.8, label="mean H_res")
-        size = cell_fontsize(axes[0], (n, n))
-        for ax, k in zip(axes, picks):
-            annotate(ax, ax.images[0], self["mean_h_res"][k], fontsize=size)
-        fig.suptitle("token-averaged H_res [target, source]")
+        fig = heatmap_grid([self["mean_h_res"][k] for k in picks], [subs[k] for k in picks], vmin=0, vmax=1,
+                           xlabel="source stream", ylabel="target stream", colorbar="mean H_res",
+                           title="token-averaged H_res [target, source]")
         figs["h_res"] = fig
 
         fig, axes = plt.subplots(1, 3, figsize=(14, 3.4), sharey=True)

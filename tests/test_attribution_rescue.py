@@ -16,21 +16,11 @@ from mhc_interp.probes.attribution.rescue import fisher_projections
 from mhc_interp.probes.causal import clean_run, log_probs, position_mask
 
 from .conftest import perturbed_model, planted_reader_model, tiny_config
-from .test_attribution import linear_model
+from .test_attribution import linear_model, lin, mhc64  # noqa: F401  (fixtures)
 
 
 def _tokens(vocab, b=3, p=8, seed=0):
     return torch.randint(0, vocab, (b, p), generator=torch.Generator().manual_seed(seed))
-
-
-@pytest.fixture(scope="module")
-def lin():
-    return linear_model()
-
-
-@pytest.fixture(scope="module")
-def mhc64():
-    return perturbed_model(tiny_config("mhc"), seed=3).double()
 
 
 def _same_layout(est, exact):

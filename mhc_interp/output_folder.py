@@ -61,8 +61,7 @@ def read_manifest(folder: Path) -> Dict[str, str]:
 def foreign_files(folder: Path) -> List[str]:
     """Files under `folder` that are not an unchanged output of an earlier run (the user's)."""
     own = read_manifest(folder)
-    return [p for p in _files(folder)
-            if p != MANIFEST and not (p in own and not (folder / p).is_symlink() and _sha256(folder / p) == own[p])]
+    return [p for p in _files(folder) if p != MANIFEST and not (p in own and _sha256_or_none(folder / p) == own[p])]
 
 
 def check(out: Path, force: bool = False) -> None:

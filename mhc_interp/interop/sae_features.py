@@ -24,7 +24,7 @@ loaded with `sae_lens.SAE.load_from_disk`). Importing this module registers the 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Union
+from typing import Dict, List, Sequence, Union
 
 import numpy as np
 import torch

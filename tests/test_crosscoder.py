@@ -414,11 +414,11 @@ def test_bad_sites(tiny):
         resolve_sites(model, ["blocks.0.mlp.hook_write"])
     with pytest.raises(ValueError, match="duplicate"):
         resolve_sites(model, ["blocks.0.mlp.hook_streams_out", ("blocks.0.mlp.hook_streams_out", 1)])
-    with pytest.raises(ValueError, match="no sites"):
+    with pytest.raises(ValueError, match="empty list"):
         resolve_sites(model, [])
     with pytest.raises(TypeError, match="stream must be an int"):
         resolve_sites(model, [("blocks.0.mlp.hook_streams_out", 0.5)])
-    assert len(resolve_sites(model, "sublayers")) == 4 * 4
+    assert len(resolve_sites(model, "sublayers")) == (4 + 1) * 4   # the embedding streams and 4 sublayer outputs
 
 
 def test_bad_config():

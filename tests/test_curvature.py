@@ -314,7 +314,7 @@ def test_state_does_not_grow():
 
 # --------------------------------------------------------------------------------- 5. errors
 def test_bad_sites(mhc):
-    with pytest.raises(ValueError, match="not a stream-state hook"):
+    with pytest.raises(ValueError, match="must be stream states"):
         Curvature(sites=["blocks.0.mlp.hook_streams_outt"])
     with pytest.raises(ValueError, match="sites must be"):
         Curvature(sites="layer")

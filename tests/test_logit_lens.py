@@ -97,7 +97,7 @@ def test_probe_is_the_token_mean_of_the_prompt_lens(hc_model, corpus):
     for batch_size, chunk in ((1, 128), (2, 3), (5, 7)):
         r = run_probes(hc_model, LogitLens(subsets=subsets, chunk_tokens=chunk), corpus,
                        batch_size=batch_size, progress=False)
-        assert r["kl"].shape == (2 * hc_model.cfg.n_layers + 1, 1 + 4 + 1)
+        assert r["kl"].shape == (hc_model.cfg.n_layers + 1, 1 + 4 + 1)
         np.testing.assert_allclose(r["kl"], kl, atol=1e-6)
         np.testing.assert_allclose(r["top1"], top1, atol=1e-12)
         np.testing.assert_allclose(r["kl_write"], kl_w, atol=1e-6)
@@ -188,7 +188,7 @@ class _ReferenceLens:
     """The probe's earlier update, kept as the slow reference: per block of tokens, per site, the
     full [tokens, views, d_vocab] view logits, a log_softmax per view, KL and argmax from them."""
 
-    def __init__(self, model, subsets=(), sites="sublayers", writes=True, translator=None):
+    def __init__(self, model, subsets=(), sites=None, writes=True, translator=None):
         from mhc_interp.probes.logit_lens import _Unembed, _translate, _view_logits, _kl_top1, lens_sites
         self.f = dict(translate=_translate, view_logits=_view_logits, kl_top1=_kl_top1)
         self.model, self.subsets, self.translator = model, list(subsets), translator

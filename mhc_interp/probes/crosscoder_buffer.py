@@ -26,102 +26,32 @@ read from the front), shared with the CKA probe, which draws its minibatches fro
 """
 from __future__ import annotations
 
-import numbers
-from typing import Iterator, List, Optional, Sequence, Tuple, Union
+from typing import TYPE_CHECKING, Iterator, List, Optional, Sequence
 
 import torch
 from torch import Tensor
 
-from ..hooks.names import check_hook_names, suffix
-from .runner import _last_sublayer_needed, check_exclude_first, iter_batches
-from .base import STREAM_STATE_SUFFIXES, masked_rows, take_rows
+from .base import masked_rows
+from .runner import check_exclude_first, iter_activations
+from .sites import Site, SiteSpec, resolve_sites, site_label, site_rows
 
-__all__ = ["Site", "STREAM_STATE_SUFFIXES", "resolve_sites", "default_sites", "grid_sites",
-           "site_label", "ShuffleBuffer", "ActivationSource", "ActivationBuffer", "InMemoryActivations"]
+if TYPE_CHECKING:
+    from ..contract import MultiStreamModel
 
-Site = Tuple[str, int]  # (hook name, stream index)
+__all__ = ["Site", "resolve_sites", "default_sites", "grid_sites", "site_label", "ShuffleBuffer",
+           "ActivationSource", "ActivationBuffer", "InMemoryActivations"]
 
-# hooks of shape [batch, pos, n_streams, d_model]: the only ones a site can live on
+DEFAULT_LAYERS = 4   # the buffer's default sites: every stream of 4 evenly spaced block outputs
 
 
-# ------------------------------------------------------------------------------------- sites
-def default_sites(model, max_layers: int = 4) -> List[Site]:
-    """All streams at the outputs (`blocks.{l}.mlp.hook_streams_out`) of up to `max_layers`
-    evenly spaced blocks, the last block included (every block if there are no more)."""
-    L = int(model.cfg.n_layers)
-    if L <= max_layers:
-        layers = list(range(L))
-    else:
-        layers = sorted({round(i * (L - 1) / (max_layers - 1)) for i in range(max_layers)})
-    n = int(model.cfg.n_streams)
-    return [(f"blocks.{l}.mlp.hook_streams_out", s) for l in layers for s in range(n)]
+def default_sites(model: "MultiStreamModel", max_layers: int = DEFAULT_LAYERS) -> List[Site]:
+    """Every stream at `max_layers` evenly spaced block outputs (`sites.resolve_sites(model, k)`)."""
+    return resolve_sites(model, max_layers)
 
 
 def grid_sites(n_layers: int, n_streams: int, prefix: str = "layer") -> List[Site]:
     """[(f"{prefix}{l}", s) for l, s]: layer-major labels for activations not taken from a model."""
     return [(f"{prefix}{l}", s) for l in range(n_layers) for s in range(n_streams)]
-
-
-def site_label(site: Site) -> str:
-    """('blocks.3.mlp.hook_streams_out', 2) -> 'blocks.3.mlp/s2'."""
-    name, stream = site
-    short = name[: -len(".hook_streams_out")] if name.endswith(".hook_streams_out") else name
-    return f"{short}/s{stream}"
-
-
-def _as_site(item) -> Site:
-    if isinstance(item, (tuple, list)) and len(item) == 2 and isinstance(item[0], str):
-        stream = item[1]
-        if isinstance(stream, bool) or not isinstance(stream, numbers.Integral):
-            raise TypeError(f"site {tuple(item)!r}: the stream must be an int")
-        return (item[0], int(stream))
-    raise TypeError(f"a site is a hook name (all streams) or a (hook name, stream) pair, got {item!r}")
-
-
-def resolve_sites(model, sites: Union[None, str, Sequence] = None) -> List[Site]:
-    """Validate and expand a site specification against `model`.
-
-    sites: None -> `default_sites(model)`; "layers" -> all streams at every block output;
-        "sublayers" -> all streams at every sublayer output; or a list whose items are hook
-        names (all streams of that hook) or (hook name, stream) pairs.
-    Raises `HookNameError` (a KeyError, with the closest names) for a hook that does not exist,
-    ValueError for a hook that is not a stream state, a stream out of range, duplicates or an
-    empty list.
-    """
-    n = int(model.cfg.n_streams)
-    if sites is None:
-        out = default_sites(model)
-    elif isinstance(sites, str):
-        if sites == "layers":
-            out = [(f"blocks.{l}.mlp.hook_streams_out", s) for l in range(model.cfg.n_layers)
-                   for s in range(n)]
-        elif sites == "sublayers":
-            out = [(f"{sub}.hook_streams_out", s) for sub in model.sublayer_names for s in range(n)]
-        else:
-            raise ValueError(f"sites must be None, 'layers', 'sublayers' or a list of hook names / "
-                             f"(hook name, stream) pairs, got {sites!r}")
-    else:
-        out = []
-        for item in sites:
-            if isinstance(item, str):
-                out.extend((item, s) for s in range(n))
-            else:
-                out.append(_as_site(item))
-    if not out:
-        raise ValueError("crosscoder: no sites given (an empty list)")
-    check_hook_names(sorted({h for h, _ in out}), model.hook_dict)
-    bad = sorted({h for h, _ in out if suffix(h) not in STREAM_STATE_SUFFIXES})
-    if bad:
-        raise ValueError(f"crosscoder sites must be stream states [batch, pos, n_streams, d_model]; "
-                         f"these hooks are not: {bad} (use one of {STREAM_STATE_SUFFIXES})")
-    wrong = [site for site in out if not 0 <= site[1] < n]
-    if wrong:
-        raise ValueError(f"crosscoder sites {wrong}: stream index out of range, the model has {n} "
-                         f"streams (0..{n - 1})")
-    if len(set(out)) != len(out):
-        dup = sorted({s for s in out if out.count(s) > 1})
-        raise ValueError(f"crosscoder: duplicate sites {dup}")
-    return out
 
 
 # ------------------------------------------------------------------------------ the mixing
@@ -243,7 +173,7 @@ class InMemoryActivations(ActivationSource):
                              f"[N, n_layers, n_streams, d_model], got {tuple(x.shape)}")
         if sites is None:
             sites = [(f"site{j}", 0) for j in range(x.shape[1])]
-        self.sites = [_as_site(s) for s in sites]
+        self.sites = [(str(h), int(s)) for h, s in sites]
         if len(self.sites) != x.shape[1]:
             raise ValueError(f"{len(self.sites)} sites for activations with {x.shape[1]} sites")
         if x.shape[0] == 0:
@@ -283,7 +213,8 @@ class ActivationBuffer(ActivationSource):
     """A shuffled, refilled bfloat16 buffer of site activations computed from `model` over a
     token `source` (see the module docstring).
 
-    sites: see `resolve_sites` (None = all streams at up to 4 evenly spaced block outputs).
+    sites: a site spec (`sites.py`; lists may hold (hook name, stream) pairs); None = every stream
+        at 4 evenly spaced block outputs.
     buffer_tokens: rows held at once. model_batch_size / seq_len / pad_id: how the token source
         is cut into forward batches (`iter_batches`). exclude_first: positions [0, exclude_first)
         are dropped (BOS; 0 keeps all); padding is always dropped.
@@ -296,7 +227,7 @@ class ActivationBuffer(ActivationSource):
     passes over the source), `refills`.
     """
 
-    def __init__(self, model, source, sites: Union[None, str, Sequence] = None, *,
+    def __init__(self, model: "MultiStreamModel", source, sites: SiteSpec = None, *,
                  buffer_tokens: int = 65536, model_batch_size: int = 8,
                  seq_len: Optional[int] = None, exclude_first: int = 1, pad_id: int = 0,
                  storage_dtype: torch.dtype = torch.bfloat16, device=None,
@@ -310,7 +241,7 @@ class ActivationBuffer(ActivationSource):
             raise ValueError(f"model_batch_size must be >= 1, got {model_batch_size}")
         self.model = model
         self.source = source
-        self.sites = resolve_sites(model, sites)
+        self.sites = resolve_sites(model, DEFAULT_LAYERS if sites is None else sites)
         self.d_model = int(model.cfg.d_model)
         self.capacity = int(buffer_tokens)
         if batch_size is not None:
@@ -327,7 +258,6 @@ class ActivationBuffer(ActivationSource):
         self.hook_names: List[str] = list(dict.fromkeys(h for h, _ in self.sites))
         hook_index = {h: i for i, h in enumerate(self.hook_names)}
         self._flat_index = torch.tensor([hook_index[h] * model.cfg.n_streams + s for h, s in self.sites])
-        self._stop = _last_sublayer_needed(model, self.hook_names)
         self.buffer = ShuffleBuffer(self.capacity, seed=seed, dtype=storage_dtype, device=self.device)
         self._pending: Optional[Tensor] = None  # rows of the last model batch that did not fit
         self._exhausted = False
@@ -340,32 +270,17 @@ class ActivationBuffer(ActivationSource):
     # ----------------------------------------------------------------------------- the model
     def _model_rows(self) -> Iterator[Tensor]:
         """Yield [T, S, d] (storage dtype, buffer device) per forward batch, cycling if `loop`."""
-        model = self.model
-        d = model.cfg.d_model
+        d = self.model.cfg.d_model
         while True:
             got = 0
-            for tokens, valid in iter_batches(model, self.source, self.model_batch_size,
-                                              self.seq_len, self.pad_id):
-                tokens = tokens.to(model.device)
-                mask = valid.clone()
-                mask[:, :self.exclude_first] = False
-                mask = mask.to(model.device)
-                if not bool(mask.any()):
-                    continue
-                acts = {}
-
-                def save(act: Tensor, hook) -> None:
-                    acts[hook.name] = act
-
-                with torch.no_grad(), model.hooks(fwd_hooks=[(h, save) for h in self.hook_names]):
-                    model(tokens, stop_at_sublayer=self._stop, return_type=None)
-                finite = torch.stack([torch.isfinite(acts[h]).all() for h in self.hook_names]).cpu()   # one sync
-                if not bool(finite.all()):
-                    bad = self.hook_names[int((~finite).nonzero()[0, 0])]
-                    raise FloatingPointError(f"non-finite values (NaN/inf) in activation {bad!r}")
-                # [T, n_hooks, n, d] -> [T, n_hooks * n, d] -> the sites [T, S, d]; masked rows found once
+            for _, mask, _, acts in iter_activations(self.model, self.source, self.hook_names,
+                                                     batch_size=self.model_batch_size, seq_len=self.seq_len,
+                                                     pad_id=self.pad_id, exclude_first=self.exclude_first):
                 rows = masked_rows(mask)
-                x = torch.stack([take_rows(acts[h], rows) for h in self.hook_names], dim=1)
+                if len(rows) == 0:
+                    continue
+                # [T, n_hooks, n, d] -> [T, n_hooks * n, d] -> the sites [T, S, d]
+                x = site_rows(acts, self.hook_names, rows)
                 x = x.reshape(x.shape[0], -1, d)[:, self._flat_index.to(x.device)]
                 got += x.shape[0]
                 yield x.to(self.device, self.storage_dtype)

@@ -49,23 +49,23 @@ Controls, reported with every result (`meta["baselines"]`, arrays `shuffled_*`):
 from __future__ import annotations
 
 import warnings
-from typing import Dict, List, Optional, Sequence, Tuple, Union
+from typing import TYPE_CHECKING, Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from ..hooks.names import suffix
-from .base import Probe, ProbeResult, register_probe, register_result, STREAM_STATE_SUFFIXES, stream_state_sites
-from .runner import _last_sublayer_needed
+from .base import Probe, ProbeResult, register_probe, register_result
+from .sites import SiteSpec, check_site_names, check_site_spec, forward_sites, site_hooks, site_label
+
+if TYPE_CHECKING:
+    from ..contract import MultiStreamModel
 
 __all__ = ["Curvature", "CurvatureResult", "sequence_curvatures", "step_angles", "curvature_sites",
            "shuffle_valid_positions", "IID_POINTS_DEG", "RANDOM_WALK_DEG"]
 
 IID_POINTS_DEG = 120.0    # mean turning angle of i.i.d. points (exact, see the module docstring)
 RANDOM_WALK_DEG = 90.0    # mean turning angle of a random walk with symmetric increments (exact)
-
-SiteSpec = Union[str, Sequence[str]]
 
 
 # ------------------------------------------------------------------------------- the maths
@@ -144,37 +144,10 @@ def shuffle_valid_positions(tokens: Tensor, mask: Tensor, generator: torch.Gener
 
 
 # ------------------------------------------------------------------------------- the probe
-def curvature_sites(model, sites: SiteSpec = "layers") -> List[str]:
-    """Resolve a site spec to hook names: "layers" = the embedding streams plus every block's
-    output ([hook_streams_init] + [blocks.{l}.mlp.hook_streams_out]; L + 1 sites), "sublayers" =
-    the embedding plus every sublayer's output (2L + 1 sites), or an explicit list of
-    stream-valued hook names (checked against the model)."""
-    return stream_state_sites(model, sites, "curvature")
-
-
-def _check_site_names(names: Sequence[str]) -> List[str]:
-    names = list(names)
-    if not names:
-        raise ValueError("curvature: no sites given")
-    if len(set(names)) != len(names):
-        raise ValueError(f"curvature: duplicate site names in {names}")
-    for name in names:
-        if not isinstance(name, str) or suffix(name) not in STREAM_STATE_SUFFIXES:
-            raise ValueError(
-                f"curvature: site {name!r} is not a stream-state hook [batch, pos, n_streams, d_model]; "
-                f"use a hook ending in one of {STREAM_STATE_SUFFIXES}"
-            )
-    return names
-
-
-def _site_label(name: str) -> str:
-    if name == "hook_streams_init":
-        return "embed"
-    parts = name.split(".")
-    if parts[0] == "blocks" and len(parts) >= 4:
-        tail = "" if parts[-1] == "hook_streams_out" else f" {parts[-1].replace('hook_', '')}"
-        return f"{parts[1]}.{parts[2]}{tail}"
-    return name
+def curvature_sites(model: "MultiStreamModel", sites: SiteSpec = None) -> List[str]:
+    """Hook names of a site spec (`sites.py`'s vocabulary; default "layers": the embedding
+    streams and every block's output, L + 1 sites)."""
+    return site_hooks(model, sites, "curvature")
 
 
 class _Moments:
@@ -214,7 +187,7 @@ class Curvature(Probe):
     """Token-trajectory curvature (degrees) per (site, stream) and for the stream sum, with its
     controls (see the module docstring).
 
-    Curvature(sites="layers" | "sublayers" | [hook names], eps=1e-12, shuffled_control=True,
+    Curvature(sites=None (a `sites.py` spec, default "layers"), eps=1e-12, shuffled_control=True,
     seed=0). Through `run_probes` it reads its sites from the shared forward (`update`) and, with
     `shuffled_control`, runs one forward of its own per batch (`own_runs`): the same windows with
     each window's valid tokens permuted (seeded). `update` alone gives no control. State: per accumulator (real, shuffled) three
@@ -226,16 +199,11 @@ class Curvature(Probe):
 
     name = "curvature"
 
-    def __init__(self, sites: SiteSpec = "layers", eps: float = 1e-12, shuffled_control: bool = True,
+    def __init__(self, sites: SiteSpec = None, eps: float = 1e-12, shuffled_control: bool = True,
                  seed: int = 0):
-        if isinstance(sites, str):
-            if sites not in ("layers", "sublayers"):
-                raise ValueError(f"curvature: sites must be 'layers', 'sublayers' or a list of hook names, got {sites!r}")
-            self.sites: SiteSpec = sites
-            self.site_names: Optional[List[str]] = None
-        else:
-            self.site_names = _check_site_names(sites)
-            self.sites = list(self.site_names)
+        self.sites = check_site_spec(sites, "curvature")
+        self.site_names: Optional[List[str]] = (check_site_names(self.sites, "curvature")
+                                                if isinstance(self.sites, list) else None)
         if not eps >= 0:
             raise ValueError(f"curvature: eps must be >= 0, got {eps}")
         self.eps = float(eps)
@@ -246,12 +214,10 @@ class Curvature(Probe):
         self._shuffled: Optional[_Moments] = None
         self._max_valid: Optional[Tensor] = None   # [] most valid positions in one sequence (no sync)
         self._gen = torch.Generator().manual_seed(self.seed)
-        self._stop: Optional[int] = None
 
     # --- set-up
     def setup(self, model) -> None:
-        self.site_names = _check_site_names(curvature_sites(model, self.sites))
-        self._stop = _last_sublayer_needed(model, self.site_names)
+        self.site_names = curvature_sites(model, self.sites)
         self._gen = torch.Generator().manual_seed(self.seed)
         self._max_valid = None
         self._init_state(model.cfg.n_streams)
@@ -277,21 +243,10 @@ class Curvature(Probe):
         permuted (tokens, mask [batch, pos]; after `update` has taken the batch as given)."""
         if not self.shuffled_control:
             return
-        if self.site_names is None or self._stop is None:
+        if self.site_names is None or self._main is None:
             self.setup(model)
         shuffled = shuffle_valid_positions(tokens, mask, self._gen)
-        self._shuffled.add(*self._batch_curvatures(self._forward(model, shuffled), mask))
-
-    def _forward(self, model, tokens: Tensor) -> Dict[str, Tensor]:
-        """The site activations of one forward (stopped after the last site, as the runner does)."""
-        acts: Dict[str, Tensor] = {}
-
-        def save(act: Tensor, hook) -> None:
-            acts[hook.name] = act
-
-        with torch.no_grad(), model.hooks(fwd_hooks=[(n, save) for n in self.site_names]):
-            model(tokens, stop_at_sublayer=self._stop, return_type=None)
-        return acts
+        self._shuffled.add(*self._batch_curvatures(forward_sites(model, shuffled, self.site_names), mask))
 
     def update(self, acts: Dict[str, Tensor], mask: Tensor) -> None:
         """Accumulate the curvature of activations {site: [batch, pos, n_streams, d]} (no control)."""
@@ -352,7 +307,7 @@ class Curvature(Probe):
                 f"(or a smaller exclude_first).")
         mean, sem = self._main.mean_sem()
         columns = [f"stream {s}" for s in range(self.n_streams)] + ["sum"]
-        labels = [_site_label(s) for s in self.site_names]
+        labels = [site_label(s) for s in self.site_names]
         empty = [f"{labels[i]}/{columns[k]}" for i, k in zip(*np.nonzero(self._main.count == 0))]
         if empty:
             warnings.warn(f"curvature: no valid angle (every step of zero length?) at {empty}; their "
@@ -369,7 +324,7 @@ class Curvature(Probe):
             probe=self.name, arrays=arrays,
             meta=dict(site_names=list(self.site_names), site_labels=labels,
                       columns=columns, n_streams=self.n_streams, eps=self.eps, units="degrees",
-                      sites=self.sites if isinstance(self.sites, str) else "explicit",
+                      sites=self.sites if isinstance(self.sites, (str, int)) else "explicit",
                       baselines=baselines, shuffled_control="shuffled_mean" in arrays,
                       shuffle_seed=self.seed),
         )

@@ -39,30 +39,31 @@ is the single-prompt version with top-k tokens per site / view / position.
 from __future__ import annotations
 
 from itertools import combinations
-from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import TYPE_CHECKING, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
 from torch import Tensor
 from torch.nn import functional as F
 
-from .base import (Probe, ProbeResult, masked_rows, register_probe, register_result, stream_state_sites,
-                  take_rows)
+from .base import Probe, ProbeResult, masked_rows, register_probe, register_result, take_rows
+from .sites import SiteSpec, check_site_spec, site_hooks, site_label
+
+if TYPE_CHECKING:
+    from ..contract import MultiStreamModel
 
 __all__ = ["LogitLens", "LogitLensResult", "PromptLensResult", "logit_lens", "decompose_logits",
            "stream_contributions", "lens_sites", "check_subsets", "all_subsets"]
 
 Translator = Union[None, Callable[[str, Tensor], Tensor], Mapping[str, Callable[[Tensor], Tensor]]]
-SiteSpec = Union[str, Sequence[str]]
 _LENS_SITE_SUFFIXES = ("hook_streams_init", "hook_streams_in", "hook_streams_out", "hook_res_mix")
 
 
 # ------------------------------------------------------------------------------ validation
-def lens_sites(model, sites: SiteSpec = "sublayers") -> List[str]:
-    """"sublayers" (default): `hook_streams_init` + every sublayer's `hook_streams_out`
-    (2L + 1 sites); "layers": `hook_streams_init` + every block's `mlp.hook_streams_out`
-    (L + 1); or an explicit list of stream-state hook names."""
-    return stream_state_sites(model, sites, "logit lens", suffixes=_LENS_SITE_SUFFIXES)
+def lens_sites(model: "MultiStreamModel", sites: SiteSpec = None) -> List[str]:
+    """Hook names of a site spec (`sites.py`'s vocabulary; default "layers"), limited to the
+    stream states the lens can read (not the already normed hook_ln_final)."""
+    return site_hooks(model, sites, "logit lens", suffixes=_LENS_SITE_SUFFIXES)
 
 
 def check_subsets(subsets, n_streams: int) -> List[Tuple[int, ...]]:
@@ -101,14 +102,6 @@ def all_subsets(n_streams: int, min_size: int = 2, max_size: Optional[int] = Non
 def _view_labels(n_streams: int, subsets: Sequence[Tuple[int, ...]]) -> List[str]:
     return (["sum"] + [f"stream {s}" for s in range(n_streams)]
             + ["streams " + "+".join(str(s) for s in sub) for sub in subsets])
-
-
-def _site_label(name: str) -> str:
-    if name == "hook_streams_init":
-        return "embed"
-    if name.endswith(".hook_streams_out"):
-        return name[: -len(".hook_streams_out")]
-    return name
 
 
 # ------------------------------------------------------------------------------------ maths
@@ -281,7 +274,7 @@ class LogitLens(Probe):
 
     name = "logit_lens"
 
-    def __init__(self, subsets=None, sites: SiteSpec = "sublayers", writes: bool = True,
+    def __init__(self, subsets=None, sites: SiteSpec = None, writes: bool = True,
                  translator: Translator = None, chunk_tokens: int = 256, token_fraction: float = 1.0,
                  seed: int = 0):
         if int(chunk_tokens) < 1:
@@ -289,7 +282,7 @@ class LogitLens(Probe):
         if not 0 < float(token_fraction) <= 1:
             raise ValueError(f"token_fraction must be in (0, 1], got {token_fraction}")
         self.subsets_spec = subsets
-        self.sites_spec = sites
+        self.sites_spec = check_site_spec(sites, "logit lens")
         self.writes = bool(writes)
         self.translator = translator
         self.chunk_tokens = int(chunk_tokens)
@@ -431,7 +424,7 @@ class LogitLens(Probe):
             se = (ss * g / (g - 1)).sqrt() / c if g > 1 else torch.full_like(ss, float("nan"))
             arrays[f"{k}_se"] = se.cpu().numpy()
         arrays["final_top1_contribution"] = (self.final_contrib / c).cpu().numpy()
-        meta = {"sites": self.sites, "site_labels": [_site_label(s) for s in self.sites],
+        meta = {"sites": self.sites, "site_labels": [site_label(s) for s in self.sites],
                 "views": self.views, "subsets": [list(s) for s in self.subsets],
                 "sublayers": self.sublayers, "n_streams": self.n_streams,
                 "hyper_conn_type": self.hyper_conn_type, "tokens": c, "tokens_seen": self.seen,
@@ -518,7 +511,7 @@ class LogitLensResult(ProbeResult):
 
 # ------------------------------------------------------------------------ single prompt
 @torch.no_grad()
-def logit_lens(model, tokens, *, k: int = 5, subsets=None, sites: SiteSpec = "sublayers",
+def logit_lens(model, tokens, *, k: int = 5, subsets=None, sites: SiteSpec = None,
                writes: bool = True, translator: Translator = None) -> "PromptLensResult":
     """The lens on one prompt (tokens [pos] or [1, pos], or text with a tokenizer), every position.
 
@@ -572,7 +565,7 @@ def logit_lens(model, tokens, *, k: int = 5, subsets=None, sites: SiteSpec = "su
     out["final_topk_ids"] = f_ids.cpu().numpy()
     out["final_topk_contributions"] = contrib.gather(-1, f_ids[:, None].expand(-1, n, -1)).cpu().numpy()
     out["tokens"] = tokens[0].cpu().numpy()
-    meta = {"sites": site_names, "site_labels": [_site_label(s) for s in site_names], "views": views,
+    meta = {"sites": site_names, "site_labels": [site_label(s) for s in site_names], "views": views,
             "subsets": [list(s) for s in subsets], "sublayers": subs, "n_streams": n, "k": k,
             "hyper_conn_type": model.cfg.hyper_conn_type,
             "decomposition_max_error": float((contrib.sum(1) - final).abs().max()),

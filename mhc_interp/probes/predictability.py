@@ -24,14 +24,17 @@ tokens gives NaN. `mean_offdiag[site]` = mean over i != j: the trend over depth.
 """
 from __future__ import annotations
 
-from typing import Dict, List, Optional, Sequence, Union
+from typing import TYPE_CHECKING, Dict, List, Optional, Sequence
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from .base import (Probe, ProbeResult, masked_rows, register_probe, register_result, require_streams,
-                  stream_state_sites, take_rows)
+from .base import Probe, ProbeResult, masked_rows, register_probe, register_result, require_streams
+from .sites import SiteSpec, check_site_spec, evenly_spaced, site_hooks, site_label, site_rows
+
+if TYPE_CHECKING:
+    from ..contract import MultiStreamModel
 
 __all__ = ["CrossStreamPredictability", "PredictabilityResult", "ridge_r2_matrix", "predictability_sites"]
 
@@ -39,11 +42,9 @@ DEFAULT_ALPHAS = tuple(np.logspace(-3, 4, 8))
 _LOO_BYTES = 256 * 2 ** 20    # the leave-one-out residuals of this many bytes per batched GEMM
 
 
-def predictability_sites(model, sites: Union[str, Sequence[str]] = "layers") -> List[str]:
-    """"layers" (default): `hook_streams_init` + every block's `mlp.hook_streams_out` (L + 1
-    sites); "sublayers": `hook_streams_init` + every sublayer's `hook_streams_out` (2L + 1);
-    or a list of stream-state hook names."""
-    return stream_state_sites(model, sites, "predictability")
+def predictability_sites(model: "MultiStreamModel", sites: SiteSpec = None) -> List[str]:
+    """Hook names of a site spec (`sites.py`'s vocabulary; default "layers")."""
+    return site_hooks(model, sites, "predictability")
 
 
 def ridge_r2_matrix(x, train, test, alphas: Sequence[float] = DEFAULT_ALPHAS, device=None) -> np.ndarray:
@@ -109,14 +110,14 @@ def ridge_r2_matrix(x, train, test, alphas: Sequence[float] = DEFAULT_ALPHAS, de
 class CrossStreamPredictability(Probe):
     """Cross-stream linear predictability (held-out ridge R^2) per site; see the module docstring.
 
-    sites: "layers" | "sublayers" | hook names. max_tokens: sample size (memory bound).
+    sites: a site spec (`sites.py`; default "layers"). max_tokens: sample size (memory bound).
     sampling: "reservoir" | "first". test_fraction: held-out share. alphas: RidgeCV grid.
     seed: reservoir and split randomness. min_tokens: refuse to fit on fewer sampled tokens.
     """
 
     name = "predictability"
 
-    def __init__(self, sites: Union[str, Sequence[str]] = "layers", max_tokens: int = 4096,
+    def __init__(self, sites: SiteSpec = None, max_tokens: int = 4096,
                  sampling: str = "reservoir", test_fraction: float = 0.25,
                  alphas: Sequence[float] = DEFAULT_ALPHAS, seed: int = 0, min_tokens: int = 20):
         if sampling not in ("reservoir", "first"):
@@ -127,7 +128,7 @@ class CrossStreamPredictability(Probe):
             raise ValueError(f"max_tokens={max_tokens} is below min_tokens={min_tokens}")
         if not len(alphas) or min(alphas) <= 0:
             raise ValueError(f"alphas must be a non-empty list of positive numbers, got {alphas}")
-        self.sites_spec = sites
+        self.sites_spec = check_site_spec(sites, "predictability")
         self.max_tokens = int(max_tokens)
         self.sampling = sampling
         self.test_fraction = float(test_fraction)
@@ -179,8 +180,7 @@ class CrossStreamPredictability(Probe):
         if not local:
             return
         chosen = masked[torch.as_tensor(local, device=masked.device)]
-        rows = torch.stack([take_rows(acts[s], chosen).float()
-                            for s in self.sites], dim=1).cpu()                        # [k, sites, n, d]
+        rows = site_rows(acts, self.sites, chosen).float().cpu()                     # [k, sites, n, d]
         self.sample[self.filled - take:self.filled] = rows[:take]
         self.sample[torch.as_tensor(slots[take:], dtype=torch.long)] = rows[take:]   # after: a reservoir
         # pick may replace a slot this same batch has just filled
@@ -201,7 +201,7 @@ class CrossStreamPredictability(Probe):
         off = ~np.eye(self.n_streams, dtype=bool)
         arrays = {"r2": r2, "mean_offdiag": np.nanmean(r2[:, off], axis=1) if self.n_streams > 1 else np.full(len(self.sites), np.nan),
                   "min_offdiag": np.nanmin(r2[:, off], axis=1), "max_offdiag": np.nanmax(r2[:, off], axis=1)}
-        labels = ["embed" if s == "hook_streams_init" else s.replace(".hook_streams_out", "") for s in self.sites]
+        labels = [site_label(s) for s in self.sites]
         meta = {"sites": self.sites, "site_labels": labels, "n_streams": self.n_streams,
                 "hyper_conn_type": self.hyper_conn_type, "tokens_sampled": self.filled,
                 "tokens_seen_by_probe": self.seen, "sampling": self.sampling, "n_train": len(train),
@@ -220,7 +220,7 @@ class PredictabilityResult(ProbeResult):
 
         labels, r2 = self.meta["site_labels"], self["r2"]
         figs = {}
-        picks = np.unique(np.linspace(0, len(labels) - 1, min(max_heatmaps, len(labels))).round().astype(int))
+        picks = evenly_spaced(len(labels), max_heatmaps)
         from .figure_helpers import heatmap_grid
 
         fig = heatmap_grid([r2[k] for k in picks], [labels[k] for k in picks], vmin=0, vmax=1,

@@ -17,7 +17,7 @@ default and padding always.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import TYPE_CHECKING, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor
@@ -29,6 +29,10 @@ from ..timing import PhaseTimer, maybe
 from ..hooks.names import check_hook_names
 from .base import Probe, ProbeResult
 from .causal import CausalProbe, position_mask
+from .sites import forward_sites, last_sublayer_needed
+
+if TYPE_CHECKING:
+    from ..contract import MultiStreamModel
 
 Batch = Tuple[Tensor, Tensor]  # tokens [batch, pos], valid [batch, pos] (False = padding)
 
@@ -117,20 +121,37 @@ def check_exclude_first(exclude_first) -> int:
     return exclude_first
 
 
-def _last_sublayer_needed(model, names: Iterable[str]) -> Optional[int]:
-    """Index of the sublayer to stop before, or None if a hook after the blocks is needed."""
-    index = {s: k for k, s in enumerate(model.sublayer_names)}
-    last = -1
-    for name in names:
-        if not name.startswith("blocks."):
-            if name not in ("hook_embed", "hook_pos_embed", "hook_streams_init"):
-                return None
-            continue
-        last = max(last, index[name.rsplit(".", 1)[0]])
-    return last + 1
+def iter_activations(model: "MultiStreamModel", source, names: Sequence[str], *, batch_size: int = 8,
+                     seq_len: Optional[int] = None, pad_id: int = 0, exclude_first: int = 1,
+                     max_tokens: Optional[int] = None, timer: Optional[PhaseTimer] = None
+                     ) -> Iterator[Tuple[Tensor, Tensor, int, Dict[str, Tensor]]]:
+    """The activation-collection loop: per batch of `source` (`iter_batches`), cut to `max_tokens`
+    valid tokens in all, yield (tokens [batch, pos] and mask [batch, pos] on the model's device,
+    the batch's valid (unpadded) token count, {name: activation} of `sites.forward_sites`; {}
+    when `names` is empty: no forward). mask excludes padding and positions [0, exclude_first)."""
+    check_exclude_first(exclude_first)
+    names = list(names)
+    if names:
+        check_hook_names(names, model.hook_dict)
+    stop = last_sublayer_needed(model, names)
+    seen = 0
+    for tokens, valid in iter_batches(model, source, batch_size, seq_len, pad_id):
+        if max_tokens is not None:
+            if seen >= max_tokens:
+                return
+            tokens, valid = within_budget(tokens, valid, max_tokens - seen)
+        tokens = tokens.to(model.device)
+        mask = position_mask(valid, exclude_first).to(model.device)
+        acts: Dict[str, Tensor] = {}
+        if names:
+            with maybe(timer, "forward (shared by the observational probes)"):
+                acts = forward_sites(model, tokens, names, stop)
+        n_valid = int(valid.sum())
+        seen += n_valid
+        yield tokens, mask, n_valid, acts
 
 
-def run_probes(model, probes: Union[Probe, Sequence[Probe]], source, *, batch_size: int = 8,
+def run_probes(model: "MultiStreamModel", probes: Union[Probe, Sequence[Probe]], source, *, batch_size: int = 8,
                seq_len: Optional[int] = None, max_tokens: Optional[int] = None,
                exclude_first: int = 1, pad_id: int = 0, device=None, dtype=None,
                progress: bool = True, timer: Optional[PhaseTimer] = None) -> Dict[str, ProbeResult]:
@@ -142,7 +163,6 @@ def run_probes(model, probes: Union[Probe, Sequence[Probe]], source, *, batch_si
     timer: a `PhaseTimer` charged with the shared forward, each probe's update / interventions
         and each probe's result.
     """
-    check_exclude_first(exclude_first)
     for name, value in (("batch_size", batch_size), ("max_tokens", max_tokens), ("seq_len", seq_len)):
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
             raise ValueError(f"{name} must be a positive int, got {value!r}")
@@ -158,44 +178,24 @@ def run_probes(model, probes: Union[Probe, Sequence[Probe]], source, *, batch_si
     observers = [p for p in probes if not isinstance(p, CausalProbe)]
     wanted = {p.name: list(p.hook_names(model)) for p in observers}
     names = sorted({n for ns in wanted.values() for n in ns})
-    check_hook_names(names, model.hook_dict)
-    stop = _last_sublayer_needed(model, names)
     seen = 0
     bar = tqdm(total=min(source.numel(), max_tokens or source.numel()) if isinstance(source, Tensor) else max_tokens,
                unit="tok", desc=", ".join(p.name for p in probes), disable=not progress)   # a total: an ETA
     with torch.no_grad():
-        for tokens, valid in iter_batches(model, source, batch_size, seq_len, pad_id):
-            if max_tokens is not None:
-                if seen >= max_tokens:
-                    break
-                tokens, valid = within_budget(tokens, valid, max_tokens - seen)
-            tokens = tokens.to(model.device)
-            mask = position_mask(valid, exclude_first).to(model.device)
-            if observers:
-                acts: Dict[str, Tensor] = {}
-
-                def save(act: Tensor, hook) -> None:
-                    acts[hook.name] = act
-
-                with maybe(timer, "forward (shared by the observational probes)"), \
-                        model.hooks(fwd_hooks=[(n, save) for n in names]):
-                    model(tokens, stop_at_sublayer=stop, return_type=None)
-                finite = torch.stack([torch.isfinite(a).all() for a in acts.values()]) if acts else torch.ones(1, dtype=torch.bool)
-                if not bool(finite.all()):  # one host-device sync per batch, not one per hook
-                    bad = [n for n, ok in zip(acts, finite.tolist()) if not ok]
-                    raise FloatingPointError(f"non-finite values (NaN/inf) in activation {bad[0]!r}")
-                for probe in observers:
-                    with maybe(timer, f"{probe.name}: update"):
-                        probe.update({n: acts[n] for n in wanted[probe.name]}, mask)
-                acts.clear()   # the shared activations are not kept while probes run their own forwards
-                for probe in observers:
-                    if type(probe).own_runs is not Probe.own_runs:
-                        with maybe(timer, f"{probe.name}: own forwards"):
-                            probe.own_runs(model, tokens, mask)
+        for tokens, mask, n_tok, acts in iter_activations(
+                model, source, names if observers else [], batch_size=batch_size, seq_len=seq_len,
+                pad_id=pad_id, exclude_first=exclude_first, max_tokens=max_tokens, timer=timer):
+            for probe in observers:
+                with maybe(timer, f"{probe.name}: update"):
+                    probe.update({n: acts[n] for n in wanted[probe.name]}, mask)
+            acts.clear()   # the shared activations are not kept while probes run their own forwards
+            for probe in observers:
+                if type(probe).own_runs is not Probe.own_runs:
+                    with maybe(timer, f"{probe.name}: own forwards"):
+                        probe.own_runs(model, tokens, mask)
             for probe in causal:
                 with maybe(timer, f"{probe.name}: interventions"):
                     probe.intervene(model, tokens, mask)
-            n_tok = int(valid.sum())
             seen += n_tok
             bar.update(n_tok)
     bar.close()

@@ -142,7 +142,8 @@ def run_edits(model, edits: Sequence[Edit], base_states: Mapping[int, Tensor], m
               source_states: Optional[Mapping[int, Tensor]] = None,
               ablation_values: Optional[Mapping[int, Tensor]] = None,
               frozen: Optional[Mapping[str, Tensor]] = None, source_is_base: bool = False,
-              max_rows: Optional[int] = None, progress: Optional[Callable[[int], None]] = None) -> Tensor:
+              tokens: Optional[Tensor] = None, max_rows: Optional[int] = None,
+              progress: Optional[Callable[[int], None]] = None) -> Tensor:
     """Run every edit; returns the metric per edit and prompt [n_edits, batch] (float32; float64 for a float64 model).
 
     base_states[s]: state entering sublayer s in the run being edited [B, pos, n, d] (needed
@@ -154,6 +155,8 @@ def run_edits(model, edits: Sequence[Edit], base_states: Mapping[int, Tensor], m
     frozen: a cache with every sublayer's H_pre/H_post/H_res (batch B) to freeze the mixing to.
     source_is_base: the restore source is the base run itself (rescue), so an edit restoring
         every stream it ablates is the identity.
+    tokens: the base run's token ids [B, pos], passed to every resumed forward (a model whose
+        layers route by token id, e.g. a hash-routed MoE, needs them).
     Identity edits are not run: their metric is the metric of the unedited base run, computed
     once. Duplicate edits are run once.
     """
@@ -177,7 +180,7 @@ def run_edits(model, edits: Sequence[Edit], base_states: Mapping[int, Tensor], m
     with torch.no_grad(), freeze:
         if identity:  # the unedited base run, once
             s0 = min(base_states)
-            base = metric(_run_chunk(model, base_states[s0], s0, 1, []).unsqueeze(0))[0]
+            base = metric(_run_chunk(model, base_states[s0], s0, 1, [], tokens).unsqueeze(0))[0]
             values.update({e: base for e in identity})
         for start in sorted(groups):
             todo = groups[start]
@@ -190,7 +193,7 @@ def run_edits(model, edits: Sequence[Edit], base_states: Mapping[int, Tensor], m
                                    None if source_states is None else source_states.get(s), model.device)
                     if h is not None:
                         hooks.append((f"{model.sublayer_names[s]}.hook_streams_in", h))
-                logits = _run_chunk(model, base_states[start], start, len(chunk), hooks)
+                logits = _run_chunk(model, base_states[start], start, len(chunk), hooks, tokens)
                 out = metric(logits.view(len(chunk), batch, *logits.shape[1:]))
                 values.update({e: out[r] for r, e in enumerate(chunk)})
                 if progress is not None:
@@ -199,8 +202,10 @@ def run_edits(model, edits: Sequence[Edit], base_states: Mapping[int, Tensor], m
     return out.to(torch.promote_types(out.dtype, torch.float32))   # a float64 model's scores stay float64
 
 
-def _run_chunk(model, state: Tensor, start: int, k: int, hooks) -> Tensor:
-    """Logits [k*B, pos, vocab] of `k` replicas of `state` resumed at sublayer `start`."""
+def _run_chunk(model, state: Tensor, start: int, k: int, hooks, tokens: Optional[Tensor]) -> Tensor:
+    """Logits [k*B, pos, vocab] of `k` replicas of `state` [B, pos, n, d] resumed at sublayer
+    `start`; `tokens` [B, pos] (or None) are repeated the same way."""
     x = state.repeat(k, 1, 1, 1) if k > 1 else state
+    ids = None if tokens is None else tokens.repeat(k, 1)
     with model.hooks(fwd_hooks=hooks):
-        return model(x, start_at_sublayer=start)
+        return model(x, start_at_sublayer=start, tokens=ids)

@@ -354,7 +354,7 @@ class HeadDetector(CausalProbe):
                 state = cache[f"blocks.{l}.attn.hook_streams_in"].repeat(c, 1, 1, 1)
                 try:
                     with model.hooks(fwd_hooks=[(f"blocks.{l}.attn.hook_z", zero_heads), ("hook_stream_sum", grab)]):
-                        model(state, start_at_sublayer=2 * l, return_type=None)
+                        model(state, start_at_sublayer=2 * l, return_type=None, tokens=tokens.repeat(c, 1))
                 except _StopForward:
                     pass
                 d_sum = out["sum"].float().unflatten(0, (c, b)) - clean                # [c, B, pos, d]

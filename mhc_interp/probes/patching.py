@@ -119,8 +119,9 @@ class ActivationPatching(CausalProbe):
         rows = slice(self.baselines.count, self.baselines.count + b)
         clean_logits, clean_states, clean_cache = clean_run(model, clean)
         corr_logits, corr_states, corr_cache = clean_run(model, corrupted, run="corrupted")
-        base_states, base_cache, source = ((corr_states, corr_cache, clean_states) if self.direction == "denoise"
-                                           else (clean_states, clean_cache, corr_states))
+        base_tokens, base_states, base_cache, source = (
+            (corrupted, corr_states, corr_cache, clean_states) if self.direction == "denoise"
+            else (clean, clean_states, clean_cache, corr_states))
         metric = self._metric(clean_logits, mask, rows)
         with torch.no_grad():
             self.baselines.add(torch.stack([metric(clean_logits[None])[0], metric(corr_logits[None])[0]]))
@@ -128,8 +129,8 @@ class ActivationPatching(CausalProbe):
         edits = [Edit((l,), restore=(s,), positions=pos) for l in self.layers for s in range(self.n) for pos in cells]
         for mixing in self._mixings():
             values = run_edits(model, edits, base_states, metric, source_states=source,
-                               frozen=base_cache if mixing == "frozen" else None, max_rows=self.max_rows,
-                               progress=progress)
+                               frozen=base_cache if mixing == "frozen" else None, tokens=base_tokens,
+                               max_rows=self.max_rows, progress=progress)
             self.stats[mixing].add(values.view(len(self.layers), self.n, len(cells), b))
 
     def n_runs(self, n_pos: int) -> int:

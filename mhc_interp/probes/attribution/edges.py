@@ -128,7 +128,8 @@ def exact_edge_patching(model, clean: Tensor, corrupted: Tensor, edges: Sequence
     increased by H_pre_v[s] q_{u->v}[s] (w*_u - w_u); per-prompt metric [edges, B] (float64)."""
     spec = _spec(model, direction, metric, answers, temperature)
     clean, corrupted = clean.to(model.device), corrupted.to(model.device)
-    _, _, base_states, base_cache, score, src_w, base_w = _prepare(model, clean, corrupted, direction, spec, mask)
+    base_tokens, _, base_states, base_cache, score, src_w, base_w = _prepare(model, clean, corrupted, direction,
+                                                                             spec, mask)
     names = model.sublayer_names
     rho = routes(base_cache, names)
     out = []
@@ -142,7 +143,7 @@ def exact_edge_patching(model, clean: Tensor, corrupted: Tensor, edges: Sequence
                 return r + add.to(r.dtype)
 
             with model.hooks(fwd_hooks=[(f"{names[v]}.hook_read", hook)]):
-                logits = model(base_states[v], start_at_sublayer=v)
+                logits = model(base_states[v], start_at_sublayer=v, tokens=base_tokens)
             out.append(score(logits[None])[0].double().cpu())
     return torch.stack(out).numpy()
 

@@ -42,8 +42,9 @@ def exact_mixer_patching(model, clean: Tensor, corrupted: Tensor, *, mixing: str
         mask[:, 0] = False
     clean_logits, clean_states, clean_cache = clean_run(model, clean)
     _, corr_states, corr_cache = clean_run(model, corrupted)
-    base_states, base_cache, source_cache = ((corr_states, corr_cache, clean_cache) if direction == "denoise"
-                                             else (clean_states, clean_cache, corr_cache))
+    base_tokens, base_states, base_cache, source_cache = (
+        (corrupted, corr_states, corr_cache, clean_cache) if direction == "denoise"
+        else (clean, clean_states, clean_cache, corr_cache))
     score = spec._metric(clean_logits, mask, slice(0, b))
     out = torch.empty(len(spec.layers), len(PARTS), b, dtype=torch.float64)
     freeze = model.frozen_mixing(base_cache) if mixing == "frozen" else contextlib.nullcontext()
@@ -57,6 +58,6 @@ def exact_mixer_patching(model, clean: Tensor, corrupted: Tensor, *, mixing: str
                     return value.to(h.device, h.dtype).clone()
 
                 with model.hooks(fwd_hooks=[(f"{name}.hook_{part}", replace)]):
-                    logits = model(base_states[l], start_at_sublayer=l)
+                    logits = model(base_states[l], start_at_sublayer=l, tokens=base_tokens)
                 out[i, j] = score(logits[None])[0].double().cpu()
     return out.numpy()

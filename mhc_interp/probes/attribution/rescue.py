@@ -140,15 +140,17 @@ def fisher_projections(model, tokens: Tensor, mask: Tensor, deltas: Dict[int, Te
     return out if carried is None else (out, out_final)
 
 
-def _resumed_logits(model, state: Tensor, start: int, cache, frozen: bool) -> Tensor:
+def _resumed_logits(model, state: Tensor, start: int, cache, frozen: bool, tokens: Optional[Tensor]) -> Tensor:
     freeze = model.frozen_mixing(cache) if frozen else contextlib.nullcontext()
     with torch.no_grad(), freeze:
-        return model(state, start_at_sublayer=start)
+        return model(state, start_at_sublayer=start, tokens=tokens)
 
 
-def logit_changes(model, states, deltas, cache, *, frozen: bool = True, eps: float = 1e-3) -> Dict[int, Tensor]:
+def logit_changes(model, states, deltas, cache, *, tokens: Optional[Tensor] = None, frozen: bool = True,
+                  eps: float = 1e-3) -> Dict[int, Tensor]:
     """dz = J delta per (sublayer, stream) by central differences of resumed forwards:
-    {l: [n, B, pos, vocab]} (2 n resumed forwards per sublayer; float64 models give ~1e-7)."""
+    {l: [n, B, pos, vocab]} (2 n resumed forwards per sublayer; float64 models give ~1e-7).
+    tokens [B, pos]: the clean run's ids (for models that route by token id)."""
     out = {}
     n = model.cfg.n_streams
     for l, d in deltas.items():
@@ -156,8 +158,8 @@ def logit_changes(model, states, deltas, cache, *, frozen: bool = True, eps: flo
         for s in range(n):
             step = torch.zeros_like(d)
             step[:, :, s] = eps * d[:, :, s]
-            up = _resumed_logits(model, states[l] + step, l, cache, frozen).to(score_dtype(d.dtype))
-            down = _resumed_logits(model, states[l] - step, l, cache, frozen).to(score_dtype(d.dtype))
+            up = _resumed_logits(model, states[l] + step, l, cache, frozen, tokens).to(score_dtype(d.dtype))
+            down = _resumed_logits(model, states[l] - step, l, cache, frozen, tokens).to(score_dtype(d.dtype))
             per.append((up - down) / (2 * eps))
         out[l] = torch.stack(per)
     return out
@@ -236,10 +238,10 @@ def carried_damage(model, tokens: Tensor, states, cache, deltas: Dict[int, Tenso
 
 
 def ig_site_damage(model, states, cache, delta: Tensor, start: int, metric, *, steps: int, frozen: bool = True,
-                   max_rows: Optional[int] = None) -> Tensor:
+                   tokens: Optional[Tensor] = None, max_rows: Optional[int] = None) -> Tensor:
     """Integrated-gradient estimate of M(x_start + delta) - M(x_start) along the straight path
     (midpoint rule, `steps` points stacked as replicas): [B] float64. `metric` maps logits
-    [k, B, pos, vocab] to [k, B]."""
+    [k, B, pos, vocab] to [k, B]; tokens [B, pos]: the clean run's ids (token-routed models)."""
     from ...hooks.batched import rows_per_forward
     from .core import ig_alphas
 
@@ -254,7 +256,8 @@ def ig_site_damage(model, states, cache, delta: Tensor, start: int, metric, *, s
             k = len(a)
             point = (x.double()[None] + a.view(k, 1, 1, 1, 1) * delta.double()[None]).to(x.dtype)
             point = point.flatten(0, 1).requires_grad_(True)                       # [k*B, pos, n, d]
-            logits = model(point, start_at_sublayer=start)
+            ids = None if tokens is None else tokens.repeat(k, 1)                   # [k*B, pos]
+            logits = model(point, start_at_sublayer=start, tokens=ids)
             values = metric(logits.view(k, b, *logits.shape[1:]))
             g, = torch.autograd.grad(values.nan_to_num(0.0).sum(), point)
             total += (g.view(k, b, *g.shape[1:]).double() * delta.double()[None]).sum((0, 2, 3, 4))
@@ -358,17 +361,17 @@ class ApproxAblateRescue(AblateRescue):
                     d = torch.zeros_like(deltas[l])
                     d[:, :, s] = deltas[l][:, :, s]
                     singles[li, s] = ig_site_damage(model, states, cache, d, l, metric, steps=self.steps,
-                                                    frozen=self.frozen, max_rows=self.max_rows).cpu()
+                                                    frozen=self.frozen, tokens=tokens, max_rows=self.max_rows).cpu()
                 for i, j in self.pair_list:
                     d = torch.zeros_like(deltas[l])
                     d[:, :, [i, j]] = deltas[l][:, :, [i, j]]
                     pairs[li, i, j] = ig_site_damage(model, states, cache, d, l, metric, steps=self.steps,
-                                                     frozen=self.frozen, max_rows=self.max_rows).cpu()
+                                                     frozen=self.frozen, tokens=tokens, max_rows=self.max_rows).cpu()
             site_fwd = self.steps * len(self.pair_list + list(range(n))) * sum((n_sub - l) / n_sub for l in self.layers)
             self.passes["forwards"] += 1 + site_fwd
             self.passes["backwards"] += site_fwd
         else:
-            dz = logit_changes(model, states, deltas, cache if self.frozen else None, frozen=self.frozen)
+            dz = logit_changes(model, states, deltas, cache if self.frozen else None, tokens=tokens, frozen=self.frozen)
             score = _quadratic if self.method == "gauss_newton" else _kl_linearised
             for li, l in enumerate(self.layers):
                 for s in range(n):

@@ -121,10 +121,9 @@ def test_cached_mixing_equals_hf_module(model, hf, toks):
                     ref = branch(norm(collapsed), input_ids=toks)
                 torch.testing.assert_close(cache[f"{name}.hook_write"], ref, atol=0, rtol=0)
     # the whole decoder layer: HF forward on the state entering blocks.1 == the adapter's output of blocks.1
-    ctx = model._context(cache["blocks.1.attn.hook_streams_in"][:, :, 0], toks)
+    ctx = model._context(cache["blocks.1.attn.hook_streams_in"], toks)
     with torch.no_grad():
-        ref = hf.model.layers[1](cache["blocks.1.attn.hook_streams_in"], position_embeddings=ctx.position_embeddings,
-                                 position_ids=ctx.position_ids, attention_mask=ctx.attention_mask, input_ids=toks)
+        ref = hf.model.layers[1](cache["blocks.1.attn.hook_streams_in"], input_ids=toks, **ctx.kwargs)
     torch.testing.assert_close(cache["blocks.1.mlp.hook_streams_out"], ref, atol=0, rtol=0)
     # head: the learned hc_head collapse, then the final norm
     final = cache["head.hook_streams_in"]
@@ -174,24 +173,39 @@ def test_resume_from_every_sublayer_including_hash_routing(model, toks):
     other = (toks + 1) % VOCAB
     with torch.no_grad():
         for k, state in enumerate(states):
-            torch.testing.assert_close(model(state, start_at_sublayer=k), logits, atol=0, rtol=0)
-            torch.testing.assert_close(model(state.repeat(2, 1, 1, 1), start_at_sublayer=k), logits.repeat(2, 1, 1),
-                                       atol=1e-6, rtol=1e-6)   # replicas (the batched probes' layout)
+            torch.testing.assert_close(model(state, start_at_sublayer=k, tokens=toks), logits, atol=0, rtol=0)
+            torch.testing.assert_close(model(state.repeat(2, 1, 1, 1), start_at_sublayer=k, tokens=toks),
+                                       logits.repeat(2, 1, 1), atol=1e-6, rtol=1e-6)   # replicas, ids of batch B
             wrong = model(state, start_at_sublayer=k, tokens=other)
             # sublayer 1 (blocks.0.mlp) routes by token id: wrong ids change the logits until it has run
             assert (wrong - logits).abs().max() > 1e-4 if k <= 1 else torch.equal(wrong, logits)
         for k in range(model.cfg.n_sublayers + 1):
             torch.testing.assert_close(model(toks, stop_at_sublayer=k), states[k], atol=0, rtol=0)
-        # a state no token run produced: hash-routed layers ahead need tokens=
-        with pytest.raises(ValueError, match="tokens="):
-            model(states[1] * 1.5, start_at_sublayer=1)
-        model(states[1] * 1.5, start_at_sublayer=1, tokens=toks)   # explicit ids work
+        # a hash-routed sublayer ahead needs tokens=, even for the state the last run produced
+        for k in (0, 1):
+            with pytest.raises(ValueError, match=r"routes by token id.*tokens=ids"):
+                model(states[k], start_at_sublayer=k)
         model(states[2] * 1.5, start_at_sublayer=2)                 # no hash layer ahead: no ids needed
-        # a state with two streams swapped is a different state
-        with pytest.raises(ValueError, match="hash routing"):
-            model(states[1][:, :, [1, 0, 2, 3]], start_at_sublayer=1)
         loss = model(states[2], start_at_sublayer=2, tokens=toks, return_type="loss")
         torch.testing.assert_close(loss, model(toks, return_type="loss"))
+
+
+def test_resumed_runs_do_not_depend_on_call_history(hf, toks):
+    """Two token runs resumed from the hash-routed sublayer give the same logits on a fresh adapter
+    and on one that has since run other prompts many times: the ids come from `tokens=`, not from
+    a memory of recent runs."""
+    a, b = toks[:1], toks[1:2]
+    used, fresh = HookedHFMHC(hf), HookedHFMHC(hf)
+    with torch.no_grad():
+        state_a, state_b = used(a, stop_at_sublayer=1), used(b, stop_at_sublayer=1)
+        for t in range(20):                     # more runs than any "recent runs" memory would keep
+            used(torch.randint(0, VOCAB, (2, 16), generator=torch.Generator().manual_seed(t)))
+        for state, ids in ((state_a, a), (state_b, b)):
+            expected = fresh(ids)
+            torch.testing.assert_close(used(state, start_at_sublayer=1, tokens=ids), expected, atol=0, rtol=0)
+            torch.testing.assert_close(fresh(state, start_at_sublayer=1, tokens=ids), expected, atol=0, rtol=0)
+        swapped = used(state_a, start_at_sublayer=1, tokens=b)
+        assert (swapped - fresh(a)).abs().max() > 1e-4       # the ids are what routes, not the state
 
 
 # ------------------------------------------------------------------------------------- probes

@@ -18,8 +18,9 @@ if not hasattr(transformers, "DeepseekV4Config"):  # pragma: no cover
 import torch.distributed as dist  # noqa: E402
 import torch.multiprocessing as mp  # noqa: E402
 
-from mhc_interp.adapters import (HookedHFMHC, distributed_ablate_and_rescue, distributed_activation_patching,  # noqa: E402
-                                 merge_sublayer_results, split_sublayers, tiny_deepseek_v4)
+from mhc_interp.adapters import HookedHFMHC, tiny_deepseek_v4  # noqa: E402
+from mhc_interp.probes.distributed import (distributed_ablate_and_rescue, distributed_activation_patching,  # noqa: E402
+                                           merge_sublayer_results, split_sublayers)
 from mhc_interp.probes import ProbeResult, ablate_and_rescue, activation_patching  # noqa: E402
 
 pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed unavailable")

@@ -137,7 +137,8 @@ class AblateRescue(CausalProbe):
         ablation = self.corpus_means if self.uses_corpus_mean else self.ablation
         kl = run_edits(model, self.edits, states, kl_metric(logits, mask, self.temperature),
                        source_states=states, ablation_values=ablation_values(model, states, mask, ablation),
-                       frozen=cache if self.frozen else None, source_is_base=True, max_rows=self.max_rows)
+                       frozen=cache if self.frozen else None, source_is_base=True, tokens=tokens,
+                       max_rows=self.max_rows)
         per_prompt = torch.full((2, len(self.layers), self.n, self.n, tokens.shape[0]), float("nan"),
                                 dtype=kl.dtype)                             # float64 scores stay float64
         for (kind, li, a, r), values in zip(self.slots, kl.cpu()):
@@ -154,9 +155,7 @@ class AblateRescue(CausalProbe):
         low = ~(damage >= self.min_kl)                                     # NaN diagonal counts as low
         with np.errstate(invalid="ignore", divide="ignore"):
             rescue = np.where(low, np.nan, (damage - rescued) / damage)
-        arrays.update(rescue=rescue, low_damage=low,
-                      global_rescue=_nanmean(rescue, axis=0),
-                      global_rescue_weighted=_weighted(damage, rescued, low))
+        arrays.update(rescue=rescue, low_damage=low, **global_rescue(rescue, damage, rescued, low))
         meta = {"mode": self.mode, "ablation": self.ablation if isinstance(self.ablation, str) else "user tensor",
                 "temperature": self.temperature, "frozen_mixing": self.frozen, "min_kl": self.min_kl,
                 "sublayers": self.names, "n_streams": self.n, "prompts": self.stats.count,
@@ -186,13 +185,16 @@ def _nanmean(x: np.ndarray, axis: int) -> np.ndarray:
         return np.where(valid.any(axis), np.nansum(x, axis) / valid.sum(axis).clip(min=1), np.nan)
 
 
-def _weighted(damage, rescued, low) -> np.ndarray:
-    """(sum_l D - sum_l D_rescued) / sum_l D over the sublayers with enough damage."""
+def global_rescue(rescue, damage, rescued, low) -> dict:
+    """The global matrices [n, n] from the per-sublayer ones [L, n, n] (R, D, D_rescued, low
+    damage): "global_rescue" = mean_l R over the sublayers where R is defined, and
+    "global_rescue_weighted" = (sum_l D - sum_l D_rescued) / sum_l D over those with enough damage."""
     keep = ~low
     d = np.where(keep, damage, 0).sum(0)
     r = np.where(keep, rescued, 0).sum(0)
     with np.errstate(invalid="ignore", divide="ignore"):
-        return np.where(keep.any(0), (d - r) / d, np.nan)
+        weighted = np.where(keep.any(0), (d - r) / d, np.nan)
+    return {"global_rescue": _nanmean(rescue, axis=0), "global_rescue_weighted": weighted}
 
 
 def _rescue_labels(m: np.ndarray, low: str = "n/a", digits: int = 1) -> np.ndarray:

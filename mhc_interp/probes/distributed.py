@@ -10,7 +10,8 @@ group come from the launcher.
 
     # torchrun --nproc_per_node 4 sweep.py      (or: accelerate launch --num_processes 4 sweep.py)
     import torch, torch.distributed as dist
-    from mhc_interp.adapters import HookedHFMHC, distributed_ablate_and_rescue
+    from mhc_interp.adapters import HookedHFMHC
+    from mhc_interp.probes.distributed import distributed_ablate_and_rescue
     dist.init_process_group("nccl")                      # "gloo" on CPU
     rank = dist.get_rank(); torch.cuda.set_device(rank % torch.cuda.device_count())
     model = HookedHFMHC.from_pretrained(path, device_map={"": torch.cuda.current_device()})
@@ -31,9 +32,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ..probes.base import ProbeResult
-from ..probes.patching import activation_patching
-from ..probes.rescue import _nanmean, _weighted, ablate_and_rescue
+from .base import ProbeResult
+from .patching import activation_patching
+from .rescue import ablate_and_rescue, global_rescue
 
 __all__ = ["split_sublayers", "merge_sublayer_results", "distributed_ablate_and_rescue",
            "distributed_activation_patching"]
@@ -91,8 +92,7 @@ def merge_sublayer_results(parts: Sequence[Tuple[Sequence[int], ProbeResult]], s
         arrays[key] = np.stack([parts[where[l][0]][1].arrays[key][where[l][1]] for l in sublayers])
     names = [parts[where[l][0]][1].meta["sublayers"][where[l][1]] for l in sublayers]
     if probe == "ablate_rescue":
-        arrays["global_rescue"] = _nanmean(arrays["rescue"], axis=0)
-        arrays["global_rescue_weighted"] = _weighted(arrays["kl_ablated"], arrays["kl_rescued"], arrays["low_damage"])
+        arrays.update(global_rescue(arrays["rescue"], arrays["kl_ablated"], arrays["kl_rescued"], arrays["low_damage"]))
     meta = dict(first.meta, sublayers=names)
     return type(first)(probe, arrays, meta)
 

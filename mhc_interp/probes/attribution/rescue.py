@@ -322,25 +322,7 @@ class ApproxAblateRescue(AblateRescue):
             self.passes["forwards"] += 2                   # the clean run and the run to the final state
             self.passes["readouts"] += len(self.layers) * (n + len(self.pair_list))
         elif self.method == "readout_fisher":
-            ref_p = ref.exp().flatten(0, 1).float().cpu()
-            draws = torch.stack([torch.multinomial(ref_p, 1, generator=self.generator).view(tokens.shape)
-                                 for _ in range(self.samples)])                               # [K, B, pos]
-            carried = carried_damage(model, tokens, states, cache, deltas, kl_metric(logits, mask, self.temperature),
-                                     self.pair_list, draws=draws.to(logits.device), clean_logits=logits, mask=mask,
-                                     temperature=self.temperature)
-            carry = residual_carry(model, cache)
-            moved = {l: torch.einsum("bpts,bpsd->sbptd", carry[l], deltas[l].double()) for l in self.layers}
-            proj, proj_final = fisher_projections(model, tokens, mask, deltas, samples=self.samples,
-                                                  temperature=self.temperature, frozen=True, clean_logits=logits,
-                                                  carried=moved, draws=draws)
-            ind = proj - proj_final                                                           # [K, L, B, n]: v . u
-            for li, l in enumerate(self.layers):
-                c_single, c_pair, v_single, v_pair = carried[l]
-                u = ind[:, li].permute(0, 2, 1)                                                # [K, n, B]
-                singles[li] = c_single + (v_single * u).mean(0) + 0.5 * (u ** 2).mean(0)
-                for i, j in self.pair_list:
-                    uij = u[:, i] + u[:, j]
-                    pairs[li, i, j] = c_pair[i, j] + (v_pair[:, i, j] * uij).mean(0) + 0.5 * (uij ** 2).mean(0)
+            self._readout_fisher(model, tokens, mask, logits, states, cache, deltas, singles, pairs)
             self.passes["forwards"] += 3
             self.passes["backwards"] += self.samples
             self.passes["readouts"] += len(self.layers) * (n + len(self.pair_list))
@@ -357,16 +339,12 @@ class ApproxAblateRescue(AblateRescue):
             metric = kl_metric(logits, mask, self.temperature)
             n_sub = model.cfg.n_sublayers
             for li, l in enumerate(self.layers):
-                for s in range(n):
+                for streams in [(s,) for s in range(n)] + self.pair_list:
                     d = torch.zeros_like(deltas[l])
-                    d[:, :, s] = deltas[l][:, :, s]
-                    singles[li, s] = ig_site_damage(model, states, cache, d, l, metric, steps=self.steps,
-                                                    frozen=self.frozen, tokens=tokens, max_rows=self.max_rows).cpu()
-                for i, j in self.pair_list:
-                    d = torch.zeros_like(deltas[l])
-                    d[:, :, [i, j]] = deltas[l][:, :, [i, j]]
-                    pairs[li, i, j] = ig_site_damage(model, states, cache, d, l, metric, steps=self.steps,
-                                                     frozen=self.frozen, tokens=tokens, max_rows=self.max_rows).cpu()
+                    d[:, :, list(streams)] = deltas[l][:, :, list(streams)]
+                    target = singles[li, streams[0]] if len(streams) == 1 else pairs[li, streams[0], streams[1]]
+                    target.copy_(ig_site_damage(model, states, cache, d, l, metric, steps=self.steps,
+                                                frozen=self.frozen, tokens=tokens, max_rows=self.max_rows).cpu())
             site_fwd = self.steps * len(self.pair_list + list(range(n))) * sum((n_sub - l) / n_sub for l in self.layers)
             self.passes["forwards"] += 1 + site_fwd
             self.passes["backwards"] += site_fwd
@@ -388,6 +366,29 @@ class ApproxAblateRescue(AblateRescue):
             per_prompt[1, :, j, i] = singles[:, j]
         per_prompt[..., nan] = float("nan")
         self.stats.add(per_prompt)
+
+    def _readout_fisher(self, model, tokens, mask, logits, states, cache, deltas, singles, pairs) -> None:
+        """Method "readout_fisher" into singles [L, n, B] / pairs [L, n, n, B]: the carried readout
+        plus the later reads' part u to second order from the Fisher draws (module docstring)."""
+        ref_p = log_probs(logits, self.temperature).exp().flatten(0, 1).float().cpu()    # [B*pos, vocab]
+        draws = torch.stack([torch.multinomial(ref_p, 1, generator=self.generator).view(tokens.shape)
+                             for _ in range(self.samples)])                               # [K, B, pos]
+        carried = carried_damage(model, tokens, states, cache, deltas, kl_metric(logits, mask, self.temperature),
+                                 self.pair_list, draws=draws.to(logits.device), clean_logits=logits, mask=mask,
+                                 temperature=self.temperature)
+        carry = residual_carry(model, cache)
+        moved = {l: torch.einsum("bpts,bpsd->sbptd", carry[l], deltas[l].double()) for l in self.layers}
+        proj, proj_final = fisher_projections(model, tokens, mask, deltas, samples=self.samples,
+                                              temperature=self.temperature, frozen=True, clean_logits=logits,
+                                              carried=moved, draws=draws)
+        ind = proj - proj_final                                                           # [K, L, B, n]: v . u
+        for li, l in enumerate(self.layers):
+            c_single, c_pair, v_single, v_pair = carried[l]
+            u = ind[:, li].permute(0, 2, 1)                                                # [K, n, B]
+            singles[li] = c_single + (v_single * u).mean(0) + 0.5 * (u ** 2).mean(0)
+            for i, j in self.pair_list:
+                uij = u[:, i] + u[:, j]
+                pairs[li, i, j] = c_pair[i, j] + (v_pair[:, i, j] * uij).mean(0) + 0.5 * (uij ** 2).mean(0)
 
     def result(self) -> RescueResult:
         out = super().result()

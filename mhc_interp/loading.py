@@ -11,6 +11,7 @@ Formats read by `load_pretrained(name_or_path)`:
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -41,9 +42,9 @@ class CheckpointError(ValueError):
 
 @dataclass(frozen=True)
 class Placement:
-    """The dtype and device a loaded model's tensors are allocated in, directly: a bf16 checkpoint
-    loaded as bf16 never passes through a float32 copy, and on a GPU the weights are copied there
-    tensor by tensor. dtype "auto" is the checkpoint's own floating dtype."""
+    """The dtype and device a loaded model's tensors are put in, tensor by tensor (`build_model`): a
+    bf16 checkpoint loaded as bf16 is neither copied nor passed through float32, and on a GPU the
+    weights are copied there one at a time. dtype "auto" is the checkpoint's own floating dtype."""
 
     dtype: Union[torch.dtype, str] = torch.float32
     device: Union[str, torch.device] = "cpu"
@@ -155,17 +156,59 @@ def hooked_state_dict_to_nanogpt(sd: Dict[str, Tensor], cfg: MHCConfig) -> Dict[
 # ------------------------------------------------------------------------- building a model
 def build_model(cls, cfg: MHCConfig, state_dict: Dict[str, Tensor], source: str,
                 placement: Placement = Placement()):
-    """Instantiate `cls(cfg)` in `placement`'s dtype and device and load `state_dict` strictly,
-    with errors that name the keys.
+    """`cls(cfg)` holding `state_dict`'s tensors in `placement`'s dtype and device, with errors that
+    name the keys. Consumes `state_dict` (emptied as its tensors are taken).
 
-    The weights are checked against the config before anything is allocated: the layer count, then
-    every key and shape against a model built on the meta device (no memory, no init), then the
-    model's bytes against the memory the device has free. Non-finite weights load with a warning
-    that names them. Peak memory: the state dict (memory-mapped for a .pt) plus one model."""
+    The model is built on the meta device (nothing allocated, nothing initialised, the global RNG
+    untouched); the weights are checked against it (layer count, keys, shapes), its bytes against
+    the device's free memory, then each tensor is cast (or kept, if already right) and assigned, and
+    its source dropped: peak memory is the state dict plus the tensors converted so far. Buffers no
+    checkpoint holds are rebuilt by the modules' `rebuild_buffers()`. Non-finite weights load with a
+    warning that names them."""
     layers = {int(m.group(1)) for k in state_dict if (m := re.match(r"blocks\.(\d+)\.", k))}
     if layers and max(layers) + 1 != cfg.n_layers:
         raise CheckpointError(f"{source}: the config says {cfg.n_layers} layers but the weights hold {max(layers) + 1}")
-    expected, n_elements = _meta_shapes(cls, cfg)
+    placement = placement.resolve(state_dict)
+    with torch.random.fork_rng(devices=[]), _defaults(placement.dtype, "meta"):
+        model = cls(cfg)
+    expected = model.state_dict()   # meta tensors: the target shape and dtype of every key
+    _check_keys(state_dict, expected, cfg, source)
+    n_bytes = sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
+    _check_fits_in_memory(n_bytes, placement.device, source)
+    bad = nonfinite_tensors(state_dict)
+    if bad:
+        warnings.warn(f"{source}: non-finite weights (NaN or inf) in {bad[:8]}{'...' if len(bad) > 8 else ''}: "
+                      f"every output of this model will be wrong", stacklevel=3)
+    storages: set = set()
+    placed = {key: _own_tensor(state_dict.pop(key), expected[key].dtype, placement.device, storages)
+              for key in list(state_dict)}
+    model.load_state_dict(placed, strict=True, assign=True)
+    del placed
+    with _defaults(placement.dtype, placement.device):
+        for module in model.modules():
+            if callable(getattr(module, "rebuild_buffers", None)):
+                module.rebuild_buffers()
+    unset = [name for name, t in (*model.named_parameters(), *model.named_buffers()) if t.is_meta]
+    if unset:
+        raise CheckpointError(f"{source}: {unset[:8]} are neither in the checkpoint nor rebuilt: a module with a "
+                              f"non-persistent buffer must define rebuild_buffers()")
+    return model.eval()
+
+
+@contextlib.contextmanager
+def _defaults(dtype: torch.dtype, device):
+    """torch's default dtype and device set to these inside the block (tensors a constructor makes
+    are allocated there directly)."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            yield
+    finally:
+        torch.set_default_dtype(previous)
+
+
+def _check_keys(state_dict: Dict[str, Tensor], expected: Dict[str, Tensor], cfg: MHCConfig, source: str) -> None:
     missing = sorted(set(expected) - set(state_dict))
     unexpected = sorted(set(state_dict) - set(expected))
     if missing or unexpected:
@@ -175,34 +218,23 @@ def build_model(cls, cfg: MHCConfig, state_dict: Dict[str, Tensor], source: str,
             f"missing keys {missing[:8]}{'...' if len(missing) > 8 else ''}, "
             f"unexpected keys {unexpected[:8]}{'...' if len(unexpected) > 8 else ''}"
         )
-    wrong = [f"{k}: {tuple(v.shape)} vs expected {expected[k]}"
-             for k, v in state_dict.items() if tuple(v.shape) != expected[k]]
+    wrong = [f"{k}: {tuple(v.shape)} vs expected {tuple(expected[k].shape)}"
+             for k, v in state_dict.items() if v.shape != expected[k].shape]
     if wrong:
         raise CheckpointError(f"{source}: tensor shapes do not match the config: {wrong[:8]}")
-    placement = placement.resolve(state_dict)
-    _check_fits_in_memory(n_elements * torch.finfo(placement.dtype).bits // 8, placement.device, source)
-    bad = nonfinite_tensors(state_dict)
-    if bad:
-        warnings.warn(f"{source}: non-finite weights (NaN or inf) in {bad[:8]}{'...' if len(bad) > 8 else ''}: "
-                      f"every output of this model will be wrong", stacklevel=3)
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(placement.dtype)   # allocated in the target dtype, never a float32 copy first
-    try:
-        with placement.device:
-            model = cls(cfg)
-    finally:
-        torch.set_default_dtype(previous)
-    model.load_state_dict(state_dict, strict=True)   # copy_ casts dtype and moves to the device per tensor
-    return model.eval()
 
 
-def _meta_shapes(cls, cfg: MHCConfig) -> Tuple[Dict[str, Tuple[int, ...]], int]:
-    """({key: shape} of `cls(cfg)`'s state dict, elements of all its tensors), from a model built
-    on the meta device (nothing allocated or initialised); the global RNG is left as it was."""
-    with torch.random.fork_rng(devices=[]), torch.device("meta"):
-        model = cls(cfg)
-    n_elements = sum(t.numel() for t in (*model.parameters(), *model.buffers()))
-    return {k: tuple(v.shape) for k, v in model.state_dict().items()}, n_elements
+def _own_tensor(t: Tensor, dtype: torch.dtype, device: torch.device, storages: set) -> Tensor:
+    """`t` in `dtype` on `device` as a tensor a model may own: itself where it already is one (no
+    copy), else a contiguous copy - also of a view into a larger storage, or of a storage another
+    key already took (two parameters must not share memory). `storages`: the storages taken so far."""
+    out = t.detach().to(device=device, dtype=dtype)
+    storage = out.untyped_storage()
+    if (out.data_ptr() in storages or not out.is_contiguous()
+            or storage.nbytes() != out.numel() * out.element_size()):
+        out = out.clone(memory_format=torch.contiguous_format)
+    storages.add(out.data_ptr())
+    return out
 
 
 def _check_fits_in_memory(need: int, device: torch.device, source: str) -> None:
@@ -241,6 +273,7 @@ def _config(parse, raw, source) -> MHCConfig:
 def _from_nanogpt(cls, model_args: Dict[str, Any], sd: Dict[str, Tensor], source: str, placement: Placement):
     cfg = _config(MHCConfig.from_nanogpt_args, model_args, source)
     ours, tied = nanogpt_state_dict_to_hooked(sd)
+    sd.clear()   # `ours` holds the tensors now: each is freed once build_model has converted it
     cfg.tie_embeddings = tied
     return build_model(cls, cfg, ours, source, placement)
 
@@ -263,9 +296,9 @@ def verify_archive(path: Path) -> bool:
 
 
 def load_nanogpt_checkpoint(cls, path: Path, placement: Placement = Placement()):
-    zipped = verify_archive(path)
-    try:   # mmap: the tensors are read from the file as they are copied, not loaded twice
-        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=zipped)
+    verify_archive(path)
+    try:   # read into memory (not mapped): `build_model` assigns these tensors to the model
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - any unpickling failure means a bad file
         raise CheckpointError(f"{path}: not a loadable torch checkpoint ({e})") from e
     if not isinstance(ckpt, dict) or "model" not in ckpt or "model_args" not in ckpt:
@@ -278,11 +311,16 @@ def load_nanogpt_checkpoint(cls, path: Path, placement: Placement = Placement())
 
 
 def _read_safetensors(path: Path) -> Dict[str, Tensor]:
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
+    """The tensors of a safetensors file, read into memory (not mapped: a model keeps them)."""
+    from safetensors import SafetensorError, safe_open
 
     try:
-        return load_file(str(path))
+        try:
+            with safe_open(str(path), "pt", backend="pread") as f:   # safetensors >= 0.8
+                return f.get_tensors()
+        except TypeError:   # an older safetensors maps the file: copy the tensors out of it
+            with safe_open(str(path), "pt") as f:
+                return {k: f.get_tensor(k).clone() for k in f.keys()}
     except (SafetensorError, OSError) as e:
         raise CheckpointError(f"{path}: not a readable safetensors file, truncated or damaged ({e})") from e
 

@@ -9,7 +9,8 @@ import torch
 
 from mhc_interp import HookedMHC, MHCConfig
 from mhc_interp.config import ConfigError
-from mhc_interp.loading import CheckpointError, hooked_state_dict_to_nanogpt
+from mhc_interp.loading import CheckpointError, _defaults, hooked_state_dict_to_nanogpt
+from mhc_interp.model.mixers import MIXERS
 
 from .conftest import FIXTURES, perturbed_model, tiny_config
 
@@ -179,3 +180,70 @@ def test_bf16_checkpoint_is_built_in_bf16_without_a_float32_copy(tmp_path, token
     cast = HookedMHC.from_pretrained(tmp_path / "bf16").to(torch.bfloat16)
     assert built_in[-1] == torch.float32 and cast.dtype == torch.bfloat16
     assert torch.equal(auto(tokens), cast(tokens))
+
+
+def _all_tensors(model):
+    return dict(model.named_parameters(), **dict(model.named_buffers()))
+
+
+@pytest.mark.parametrize("variant", sorted(MIXERS))
+@pytest.mark.parametrize("layout,dtype", [("ours", torch.float32), ("ours", torch.bfloat16),
+                                          ("nanogpt", torch.float32), ("nanogpt", torch.bfloat16)])
+def test_loaded_model_holds_exactly_the_checkpoint(variant, layout, dtype, tmp_path):
+    """Built on the meta device and assigned: every parameter and buffer equals the checkpoint's
+    tensor cast to the dtype (none left at an init value, none on meta), the buffers no checkpoint
+    holds (mHC-lite's permutations) equal a freshly built model's, and the global RNG is untouched."""
+    model = perturbed_model(tiny_config(variant, MIXERS[variant].n_streams_required or 3, d_vocab=64), seed=3)
+    if layout == "ours":
+        model.save_pretrained(tmp_path / "m")
+        path = tmp_path / "m"
+    else:
+        path = save_nanogpt(model, tmp_path / "c.pt", prefix="_orig_mod.")
+    rng = torch.get_rng_state()
+    loaded = HookedMHC.from_pretrained(path, dtype=dtype, tokenizer=None)
+    assert torch.equal(torch.get_rng_state(), rng)
+    saved, got = model.state_dict(), _all_tensors(loaded)
+    with _defaults(dtype, "cpu"):
+        fresh = _all_tensors(HookedMHC(model.cfg))
+    assert set(got) == set(fresh)
+    for name, tensor in got.items():
+        assert not tensor.is_meta, name
+        want = saved[name].to(dtype) if name in saved else fresh[name]
+        assert tensor.dtype == want.dtype and torch.equal(tensor, want), name
+    unsaved = set(got) - set(saved)
+    assert unsaved == ({f"blocks.{l}.{s}.mixer.perms" for l in range(2) for s in ("attn", "mlp")}
+                       if variant.startswith("mhc_lite") else set())
+    # each parameter owns its memory: an in-place edit of one reaches no other
+    ptrs = [t.data_ptr() for t in loaded.parameters()]
+    assert len(set(ptrs)) == len(ptrs)
+
+
+def test_loaded_model_does_not_depend_on_the_file(tmp_path, tokens):
+    """The weights are read into memory, not mapped: overwriting the checkpoint after loading (the
+    same folder saved again, a .pt rewritten) leaves the loaded model as it was."""
+    model = perturbed_model(tiny_config("mhc", d_vocab=128, n_ctx=32))
+    model.save_pretrained(tmp_path / "m")
+    save_nanogpt(model, tmp_path / "c.pt")
+    loaded = [HookedMHC.from_pretrained(tmp_path / "m"), HookedMHC.from_pretrained(tmp_path / "c.pt")]
+    expected = model(tokens)
+    other = perturbed_model(tiny_config("mhc", d_vocab=128, n_ctx=32), seed=9)
+    other.save_pretrained(tmp_path / "m")
+    save_nanogpt(other, tmp_path / "c.pt")
+    for m in loaded:
+        assert torch.equal(m(tokens), expected)
+
+
+def test_a_buffer_nobody_rebuilds_is_named(tmp_path, monkeypatch):
+    """A non-persistent buffer that `rebuild_buffers()` does not make again is an error, not a meta
+    tensor left in a loaded model."""
+    from mhc_interp.model.mixers.mhc_lite import PermutationMixer, permutation_matrices
+
+    perturbed_model(tiny_config("mhc_lite", 3)).save_pretrained(tmp_path / "m")
+
+    def only_once(self):   # made by the constructor (on meta), not again by the loader
+        if not hasattr(self, "perms"):
+            self.register_buffer("perms", permutation_matrices(self.n_streams), persistent=False)
+
+    monkeypatch.setattr(PermutationMixer, "rebuild_buffers", only_once)
+    with pytest.raises(CheckpointError, match=r"blocks.0.attn.mixer.perms.*rebuild_buffers"):
+        HookedMHC.from_pretrained(tmp_path / "m")

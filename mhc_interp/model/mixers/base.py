@@ -54,7 +54,8 @@ class Mixer(nn.Module):
 
     Parameters keep the names and layouts of the public mHC code (`static_alpha`,
     `dynamic_alpha_fn`, ...) so checkpoints load by renaming keys only; `norm.gamma` there is
-    `norm_gamma` here.
+    `norm_gamma` here. A non-persistent buffer (computed, not in a checkpoint) is made by a
+    `rebuild_buffers()` method, which the loader calls on a model built on the meta device.
     """
 
     # What a variant declares about its configs, read by `MHCConfig` (config.py keeps no list of

@@ -42,7 +42,12 @@ class PermutationMixer(_ManifoldMixerBase):
         static_res[0] = 0.0  # the identity permutation comes first
         self.static_alpha = nn.Parameter(torch.cat([static_pre, static_res]))   # [n + n!]
         self.dynamic_alpha_fn = nn.Parameter(torch.zeros(n * d, n + n_perms))
-        self.register_buffer("perms", permutation_matrices(n), persistent=False)
+        self.rebuild_buffers()
+
+    def rebuild_buffers(self) -> None:
+        """The permutation matrices [n!, n, n]: computed, never saved (the loader calls this after
+        assigning a checkpoint to a model built on the meta device)."""
+        self.register_buffer("perms", permutation_matrices(self.n_streams), persistent=False)
 
     @staticmethod
     def compute(x, w, n, iters):  # x [batch, pos, n, d]

@@ -8,7 +8,7 @@ Every script is
 
 and its `main(argv)` returns an `Output` (figures with captions, probe results, a summary line),
 which `make_gallery.py` and the tests read. The default model is the shipped demo model
-(`mhc_interp.cli.default_model_path()`: the tiny parity checkpoint while no demo model is shipped);
+(`mhc_interp.shipped.default_model_path()`: the tiny parity checkpoint while no demo model is shipped);
 `--model wgpeng/mhc-780m --device cuda --dtype bfloat16` runs the papers' model.
 """
 from __future__ import annotations
@@ -26,13 +26,10 @@ matplotlib.use("Agg")  # the scripts only write files
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from mhc_interp.cli import default_corpus, default_model_path, load  # noqa: E402
+from mhc_interp.shipped import default_corpus, default_model_path, load  # noqa: E402
 from mhc_interp.data import read_texts  # noqa: E402
 from mhc_interp.probes import ProbeResult  # noqa: E402
-from mhc_interp.report import ReportConfig, corpus_tokens, patching_prompts  # noqa: E402
-
-# --fast: a smoke run of a few seconds on the tiny models (tests, gallery previews)
-FAST = dict(max_tokens=1024, seq_len=64, batch_size=8, causal_prompts=4, causal_seq_len=32, cka_minibatch=128)
+from mhc_interp.token_windows import TokenBudget, corpus_tokens, patching_prompts  # noqa: E402
 
 
 @dataclass
@@ -78,10 +75,9 @@ class Example:
             add_arguments(parser)
         self.args = args = parser.parse_args(list(argv) if argv is not None else None)
         self.out = Path(args.out or Path("out") / name)
-        self.cfg = ReportConfig(progress=not args.quiet)
-        if args.fast:
-            for k, v in FAST.items():
-                setattr(self.cfg, k, v)
+        self.cfg = TokenBudget(progress=not args.quiet)
+        if args.fast:   # a smoke run of a few seconds on the tiny models (tests, gallery previews)
+            self.cfg = self.cfg.fast(cka_minibatch=128)
         if args.max_tokens is not None:
             self.cfg.max_tokens = args.max_tokens
         if causal:
@@ -132,7 +128,7 @@ class Example:
         return tokens[: self.cfg.causal_prompts, : self.cfg.causal_seq_len]
 
     def patching_prompts(self):
-        """(clean, corrupted, how) via `mhc_interp.report.patching_prompts`. A tokenizer whose vocabulary
+        """(clean, corrupted, how) via `mhc_interp.token_windows.patching_prompts`. A tokenizer whose vocabulary
         lacks two single-token words of a default word group makes SymmetricReplacement raise; then
         the token-id corruption that patching_prompts uses without a tokenizer is used."""
         try:

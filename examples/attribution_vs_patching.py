@@ -2,7 +2,7 @@
 side by side, a scatter plot, Pearson / Spearman correlation, top-10 overlap, and the cost of each.
 
 Denoising with the KL metric (the report's setting): clean prompts are Hamlet windows, corrupted
-prompts swap one noun / verb / adjective (`mhc_interp.report.patching_prompts`). For each model
+prompts swap one noun / verb / adjective (`mhc_interp.token_windows.patching_prompts`). For each model
 and mixing mode (recomputed = total effect, frozen = content effect) the exact
 `activation_patching` map [sublayer, stream] is compared with `attribution_patching` (method atp:
 one forward + one backward; ig: `--steps` points of integrated gradients), then the

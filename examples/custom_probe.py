@@ -5,6 +5,9 @@ bits) of the normalised read weights p_s = |H_pre_s| / sum |H_pre|, averaged ove
 log2(n) bits = reads all streams evenly, 0 bits = reads a single stream.
 
     python examples/custom_probe.py [--model NAME_OR_PATH] [--out PATH]   # writes PATH.json + PATH.npz
+
+Its `report` declaration makes it a section of every report built once it is registered
+(`build_report`), with the figure its result's `plot()` draws under the caption given.
 """
 from __future__ import annotations
 
@@ -14,13 +17,17 @@ import numpy as np
 import torch
 
 from mhc_interp import HookedMHC
-from mhc_interp.cli import default_model_path, resolve_model_path
-from mhc_interp.probes import Probe, ProbeResult, register_probe, run_probes
+from mhc_interp.shipped import default_model_path, resolve_model_path
+from mhc_interp.probes import Probe, ProbeResult, register_probe, register_result, run_probes
+from mhc_interp.probes.base import ReportSection
 
 
 @register_probe
 class ReadEntropy(Probe):
     name = "read_entropy"
+    report = ReportSection("How spread each sublayer's read is over the streams", captions={
+        "read_entropy": "Entropy of the read weights |H_pre_s| / sum |H_pre| per sublayer (bits; "
+                        "log2(n) = all streams read evenly, 0 = a single stream)."})
 
     def setup(self, model):
         self.sublayers = model.sublayer_names
@@ -38,8 +45,20 @@ class ReadEntropy(Probe):
         self.count += int(mask.sum())
 
     def result(self):
-        return ProbeResult(self.name, {"entropy_bits": (self.total / self.count).numpy()},
-                           {"sublayers": self.sublayers, "tokens": self.count})
+        return ReadEntropyResult(self.name, {"entropy_bits": (self.total / self.count).numpy()},
+                                 {"sublayers": self.sublayers, "tokens": self.count})
+
+
+@register_result
+class ReadEntropyResult(ProbeResult):
+    def plot(self):   # one figure, saved as read_entropy.png (a dict {name: figure} for several)
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(6, 3))
+        ax.plot(self["entropy_bits"], marker=".")
+        ax.set_xlabel("sublayer")
+        ax.set_ylabel("read entropy (bits)")
+        return fig
 
 
 def main(argv=None):

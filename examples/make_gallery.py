@@ -85,7 +85,7 @@ def main(argv=None) -> int:
 
 
 def render(out: Path, outputs, failures, args) -> str:
-    from mhc_interp.cli import default_model_path
+    from mhc_interp.shipped import default_model_path
 
     model = args.model or f"the shipped demo model (`{default_model_path().name}`)"
     cmd = "python examples/make_gallery.py" + (" --fast" if args.fast else "") + \

@@ -2,7 +2,7 @@
 
 Reproduces the activation-patching heatmap of "Ablate and Rescue": clean prompts are corpus
 windows and corrupted prompts swap one noun / verb / adjective for another of the same kind
-(symmetric token replacement, `mhc_interp.report.patching_prompts`; without a tokenizer one
+(symmetric token replacement, `mhc_interp.token_windows.patching_prompts`; without a tokenizer one
 mid-sequence token id is shifted). Denoising: run the corrupted prompt, copy one clean stream
 into the state entering one sublayer, and score KL(P_clean || P_patched) averaged over positions
 (lower = that stream at that depth carries more of what the corruption changed). Top: heatmap

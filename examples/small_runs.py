@@ -9,7 +9,7 @@ from typing import Dict, Optional
 import torch
 
 from mhc_interp import HookedMHC, MHCConfig
-from mhc_interp.cli import default_corpus
+from mhc_interp.shipped import default_corpus
 from mhc_interp.data import encode_texts, read_texts, split_stream, train_bpe_tokenizer
 from mhc_interp.probes import StreamUsage, run_probes
 from mhc_interp.train import TrainConfig, train

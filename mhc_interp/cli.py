@@ -103,8 +103,7 @@ def _report_config(args):
 
     cfg = ReportConfig(progress=not args.quiet)
     if args.fast:
-        cfg.max_tokens, cfg.seq_len, cfg.causal_prompts, cfg.causal_seq_len = 1024, 64, 4, 32
-        cfg.predictability_tokens = 256
+        cfg = cfg.fast()
     if args.max_tokens is not None:   # an explicit --max-tokens wins over --fast's
         cfg.max_tokens = args.max_tokens
     cfg.sae = getattr(args, "sae", None)
@@ -134,8 +133,8 @@ def cmd_report(args) -> int:
 def cmd_probe(args) -> int:
     from .interop import sae_features  # noqa: F401 - registers sae_features (SAELens is imported only to load an SAE)
     from .probes import PROBES, run_probes
-    from .report import corpus_tokens, patching_prompts
     from .data import read_texts
+    from .token_windows import corpus_tokens, patching_prompts
 
     if args.list or not args.name:
         print("probes: " + ", ".join(sorted(PROBES)))

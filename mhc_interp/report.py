@@ -1,6 +1,6 @@
-"""`mhc-interp report`: run every probe on a model over a corpus and write a report folder:
-figures (PNG), results (JSON + NPZ), and an offline `index.html` that shows them with one-line
-explanations.
+"""`mhc-interp report`: run every probe that declares a report section (`Probe.report`) on a
+model over a corpus and write a report folder: figures (PNG), results (JSON + NPZ), and an
+offline `index.html` that shows them with one-line explanations.
 
 The folder is built under a temporary name and renamed into place only when complete, so an
 interrupted run never leaves a half-written report that a re-run (or a reader) would trust.
@@ -13,92 +13,110 @@ import math
 import shutil
 from concurrent.futures import Future
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence, Tuple, Type
 
 import numpy as np
-import torch
 from torch import Tensor
 
 from . import output_folder
 from .data import read_texts
 from .figure_pool import FigurePool
 from .timing import PhaseTimer
-from .probes import (CKA, AblateRescue, ActivationPatching, CrossStreamPredictability, Curvature,
-                     HeadDetector, LogitLens, ProbeResult, StreamUsage, SymmetricReplacement, run_probes)
+from .token_windows import TokenBudget, corpus_tokens, patching_prompts
+from .probes import (CKA, PROBES, AblateRescue, ActivationPatching, CrossStreamPredictability, HeadDetector, Probe,
+                     ProbeResult, run_probes)
+from .probes.base import ReportSection
 
-CAPTIONS: Dict[str, str] = {
-    "h_res": "Token-averaged residual mixer H_res [target, source] at evenly spaced sublayers: "
-             "near-identity means streams are kept apart; off-diagonal mass means they are mixed.",
-    "shares": "Read share (H_pre), norm-weighted read share and write share (H_post) per stream: "
-              "a stream with most of the share dominates what the sublayers read or write.",
-    "stream_norms": "Mean L2 norm of each stream entering every sublayer (log scale).",
-    "h_post": "H_post Frobenius norm and its variance across tokens and across streams per sublayer.",
-    "cka_intra": "Debiased linear CKA between the streams of one sublayer: 1 = same representation "
-                 "up to rotation and scale, 0 = unrelated.",
-    "cka_inter": "Debiased CKA between every (sublayer, stream) representation.",
-    "curvature": "Token-trajectory curvature per stream and for the stream sum (degrees; lower = straighter), "
-                 "with its controls: the same windows with their tokens shuffled (dotted), i.i.d. points "
-                 "(120°, exact) and a random walk (90°, exact).",
-    "rescue_global": "Global rescue % (rows: ablated stream, columns: recovered stream), one-shot zero "
-                     "ablation with frozen mixing, as in Table 1 of 'Ablate and Rescue'.",
-    "rescue_layers": "Rescue % per sublayer (rows: ablated stream, columns: recovered stream; low = the pair's "
-                     "damage is below min_kl, so no rescue fraction is given).",
-    "rescue_difference": "Per-sublayer rescue difference R(i|ij) - R(j|ij) for every pair: far from 0 "
-                         "= one stream of the pair carries what matters.",
-    "kl_ablated": "Damage KL(P_clean || P_ablated) of every pair ablation per sublayer.",
-    "patching_recomputed": "Activation patching (denoising) per sublayer and stream: KL to the clean "
-                           "distribution after restoring one clean stream into the corrupted run, mixing recomputed "
-                           "(lower = more repaired). Each cell: mean and 95% interval over the prompts; hatched "
-                           "cells' intervals include 0 (indistinguishable from the clean run).",
-    "patching_frozen": "The same with the mixing frozen to the corrupted run (content effect).",
-    "attribution_recomputed": "The position-resolved estimate summed over positions: estimated KL to the clean "
-                              "distribution after restoring one clean stream (compare the activation patching "
-                              "map; the table below grades it).",
-    "attribution_frozen": "The same with the mixing frozen to the corrupted run.",
-    "attribution_positions_recomputed": "Position-resolved AtP estimate (rows: sublayer x stream, columns: patched "
-                                        "position) of the KL change when one clean stream is restored at one "
-                                        "position; 2 forwards + 1 backward for all cells.",
-    "attribution_positions_frozen": "The same with the mixing frozen to the corrupted run.",
-    "mixer_attribution_recomputed": "First-order change of the KL if one sublayer's H_pre, H_post or H_res were "
-                                    "taken from the clean run.",
-    "mixer_attribution_frozen": "The same with the rest of the mixing frozen to the corrupted run.",
-    "stream_edges": "Estimated KL change when writer u's write reaches reader v through one stream as in the "
-                    "clean run (path patching, mixing frozen to the corrupted run).",
-    "patching_routing": "Recomputed minus frozen: the part of the effect mediated by the mixers; hatched cells "
-                        "are within 2 s.e.m. of 0 (s.e.m. bounded by the sum of both maps'), i.e. no routing "
-                        "effect above the noise.",
-    "logit_lens/kl": "Logit lens: KL from the final distribution to the prediction read off each site "
-                     "through the final LayerNorm and unembedding, for the stream sum and each stream alone.",
-    "logit_lens/top1": "Logit lens: how often each view's top-1 token agrees with the final prediction.",
-    "logit_lens/writes": "Each sublayer's branch output (what it writes) read through the final LayerNorm and "
-                         "unembedding: KL to the final distribution and top-1 agreement.",
-    "logit_lens/final_decomposition": "The final logits split exactly into per-stream contributions.",
-    "head_detector/scores": "Attention-head scores per (layer, head): previous-token, duplicate-token, "
-                            "induction, successor and copy-suppression.",
-    "head_detector/layer_distribution": "Where the best heads of each kind sit.",
-    "head_detector/read_write": "Which streams the attention sublayer of each top head reads (H_pre) and writes "
-                                "(H_post); heads of one layer share their sublayer's mixing.",
-    "predictability/matrices": "Held-out ridge R^2 of stream j (columns) predicted linearly from stream i "
-                               "(rows), per layer: a complement to CKA that is sensitive to scale.",
-    "predictability/trend": "Mean off-diagonal cross-stream R^2 over depth.",
+# ------------------------------------------------------------------------------ pending sections
+# PENDING: the sections of probes in files other helpers were editing. Each entry moves into its
+# probe class as `report = ReportSection(...)` (a `for_report` classmethod where PENDING_FACTORIES
+# has one; the tuple under attribution_patching goes to AttributionPatching), then leaves here.
+_ROUTING = "the same with the mixing frozen to the corrupted run"
+PENDING_SECTIONS: Dict[str, ReportSection] = {
+    "cka": ReportSection("How alike the streams' representations are (CKA)", order=20, min_streams=2, captions={
+        "cka_intra": "Debiased linear CKA between the streams of one sublayer: 1 = same representation up to "
+                     "rotation and scale, 0 = unrelated.",
+        "cka_inter": "Debiased CKA between every (sublayer, stream) representation."}),
+    "predictability": ReportSection("How well one stream predicts another (ridge R\u00b2)", order=30, min_streams=2,
+                                    captions={
+        "matrices": "Held-out ridge R^2 of stream j (columns) predicted linearly from stream i (rows), per layer: "
+                    "a complement to CKA that is sensitive to scale.",
+        "trend": "Mean off-diagonal cross-stream R^2 over depth."}),
+    "curvature": ReportSection("How straight the token trajectories are", order=40, captions={
+        "curvature": "Token-trajectory curvature per stream and for the stream sum (degrees; lower = straighter), "
+                     "with its controls: the same windows with their tokens shuffled (dotted), i.i.d. points "
+                     "(120°, exact) and a random walk (90°, exact)."}),
+    "logit_lens": ReportSection("What each stream predicts (logit lens)", order=50, captions={
+        "kl": "Logit lens: KL from the final distribution to the prediction read off each site through the final "
+              "LayerNorm and unembedding, for the stream sum and each stream alone.",
+        "top1": "Logit lens: how often each view's top-1 token agrees with the final prediction.",
+        "writes": "Each sublayer's branch output (what it writes) read through the final LayerNorm and unembedding: "
+                  "KL to the final distribution and top-1 agreement.",
+        "final_decomposition": "The final logits split exactly into per-stream contributions."}),
+    "sae_features": ReportSection("Where the features of a sparse autoencoder fire (SAELens)", order=60),
+    "head_detector": ReportSection("What the attention heads do", order=70, captions={
+        "scores": "Attention-head scores per (layer, head): previous-token, duplicate-token, induction, successor "
+                  "and copy-suppression.",
+        "layer_distribution": "Where the best heads of each kind sit.",
+        "read_write": "Which streams the attention sublayer of each top head reads (H_pre) and writes (H_post); "
+                      "heads of one layer share their sublayer's mixing."}),
+    "ablate_rescue": ReportSection("Which streams the model needs (ablation and rescue)", order=80, min_streams=2,
+                                   captions={
+        "rescue_global": "Global rescue % (rows: ablated stream, columns: recovered stream), one-shot zero ablation "
+                         "with frozen mixing, as in Table 1 of 'Ablate and Rescue'.",
+        "rescue_layers": "Rescue % per sublayer (rows: ablated stream, columns: recovered stream; low = the pair's "
+                         "damage is below min_kl, so no rescue fraction is given).",
+        "rescue_difference": "Per-sublayer rescue difference R(i|ij) - R(j|ij) for every pair: far from 0 = one "
+                             "stream of the pair carries what matters.",
+        "kl_ablated": "Damage KL(P_clean || P_ablated) of every pair ablation per sublayer."}),
+    "activation_patching": ReportSection("Where one clean stream repairs a corrupted run (activation patching)",
+                                         order=90, captions={
+        "patching_recomputed": "Activation patching (denoising) per sublayer and stream: KL to the clean distribution "
+                               "after restoring one clean stream into the corrupted run, mixing recomputed (lower = "
+                               "more repaired). Each cell: mean and 95% interval over the prompts; hatched cells' "
+                               "intervals include 0 (indistinguishable from the clean run).",
+        "patching_frozen": "The same with the mixing frozen to the corrupted run (content effect).",
+        "patching_routing": "Recomputed minus frozen: the part of the effect mediated by the mixers; hatched cells are "
+                            "within 2 s.e.m. of 0 (s.e.m. bounded by the sum of both maps'), i.e. no routing effect "
+                            "above the noise."}),
+    "attribution_positions": ReportSection(
+        "Which positions and mixers matter, estimated from gradients (attribution patching)", order=100,
+        min_streams=2, result="attribution_positions", captions={
+            "attribution_recomputed": "The position-resolved estimate summed over positions: estimated KL to the "
+                                      "clean distribution after restoring one clean stream (compare the activation "
+                                      "patching map; the table below grades it).",
+            "attribution_frozen": "The same with the mixing frozen to the corrupted run.",
+            "attribution_positions_recomputed": "Position-resolved AtP estimate (rows: sublayer x stream, columns: "
+                                                "patched position) of the KL change when one clean stream is "
+                                                "restored at one position; 2 forwards + 1 backward for all cells.",
+            "attribution_positions_frozen": "The same with the mixing frozen to the corrupted run.",
+            "mixer_attribution_recomputed": "First-order change of the KL if one sublayer's H_pre, H_post or H_res "
+                                            "were taken from the clean run.",
+            "mixer_attribution_frozen": "The same with the rest of the mixing frozen to the corrupted run."}),
+    "stream_edges": ReportSection("Which writer reaches which reader through which stream (stream edges)",
+                                  order=110, min_streams=2, result="stream_edges", captions={
+        "stream_edges": "Estimated KL change when writer u's write reaches reader v through one stream as in the "
+                        "clean run (path patching, mixing frozen to the corrupted run)."}),
 }
 
-# Section headings say what a section shows; the probe id follows in small print.
-SECTION_TITLES: Dict[str, str] = {
-    "stream_usage": "How the sublayers read, write and mix the streams",
-    "cka": "How alike the streams' representations are (CKA)",
-    "predictability": "How well one stream predicts another (ridge R\u00b2)",
-    "curvature": "How straight the token trajectories are",
-    "logit_lens": "What each stream predicts (logit lens)",
-    "head_detector": "What the attention heads do",
-    "ablate_rescue": "Which streams the model needs (ablation and rescue)",
-    "activation_patching": "Where one clean stream repairs a corrupted run (activation patching)",
-    "sae_features": "Where the features of a sparse autoencoder fire (SAELens)",
-    "attribution_positions": "Which positions and mixers matter, estimated from gradients (attribution patching)",
-    "stream_edges": "Which writer reaches which reader through which stream (stream edges)",
+
+def _sae_probe(cfg) -> Optional[Probe]:
+    if cfg.sae is None:
+        return None
+    from .interop.sae_features import SAEFeatures
+
+    return SAEFeatures(cfg.sae, sites="sublayers")
+
+
+PENDING_FACTORIES: Dict[str, Callable[["ReportConfig"], Optional[Probe]]] = {
+    "cka": lambda cfg: CKA(minibatch_tokens=cfg.cka_minibatch),
+    "predictability": lambda cfg: CrossStreamPredictability(max_tokens=cfg.predictability_tokens),
+    "sae_features": _sae_probe,
 }
+# ------------------------------------------------------------------------------ end of PENDING
+
 # The summary's findings, in this order, at most MAX_FINDINGS of them.
 FINDING_ORDER = ("dominant_stream", "mixers", "cka_last", "needed_rescue", "needed_patching", "logit_lens")
 MAX_FINDINGS = 5
@@ -108,61 +126,48 @@ MIN_CORRUPTION_KL = 1e-3
 
 
 @dataclass
-class ReportConfig:
-    max_tokens: int = 16384
-    seq_len: int = 128
-    batch_size: int = 8
-    causal_prompts: int = 8
-    causal_seq_len: int = 64
-    cka_minibatch: int = 256
-    predictability_tokens: int = 2048
-    progress: bool = True
-    skip: Sequence[str] = field(default_factory=tuple)
-    sae: Optional[str] = None   # an SAE folder in SAELens's format: adds the SAEFeatures section
-    background_figures: bool = True   # draw figures in a worker process while the next probes run
+class ReportConfig(TokenBudget):
+    """The token budgets (`TokenBudget`), plus: probes or results to leave out (`skip`), an SAE
+    folder in SAELens's format (adds the SAEFeatures section), figures drawn in a worker process."""
+
+    skip: Sequence[str] = ()
+    sae: Optional[str] = None
+    background_figures: bool = True
 
 
-def corpus_tokens(model, texts: Sequence[str], cfg: ReportConfig) -> Tensor:
-    """[n_seq, seq_len] windows of the tokenized corpus, up to max_tokens; random token ids when
-    the model has no tokenizer (said in the report)."""
-    seq_len = min(cfg.seq_len, model.cfg.n_ctx)
-    n_seq = max(1, cfg.max_tokens // seq_len)
-    if model.tokenizer is None:
-        return torch.randint(0, model.cfg.d_vocab, (n_seq, seq_len), generator=torch.Generator().manual_seed(0))
-    ids: List[int] = []
-    for t in texts:
-        ids += model.tokenizer.encode(t)
-        if len(ids) >= n_seq * seq_len:
-            break
-    n_full = len(ids) // seq_len
-    if n_full < 2:
-        raise ValueError(f"the corpus has {len(ids)} tokens: too short for windows of {seq_len} tokens")
-    return torch.tensor(ids[: min(n_seq, n_full) * seq_len]).view(-1, seq_len)
+def report_sections() -> List[Tuple[str, Optional[Type[Probe]], ReportSection]]:
+    """(result label, probe class or None, section) of every report section, in page order: the
+    sections registered probes declare (`Probe.report`), then the PENDING ones. The class is None
+    for a result another probe's run yields."""
+    found: Dict[str, Tuple[Optional[Type[Probe]], ReportSection]] = {}
+    for cls in PROBES.values():
+        declared = cls.report if isinstance(cls.report, tuple) else (cls.report,) if cls.report else ()
+        for sec in declared:
+            if not isinstance(sec, ReportSection):
+                raise TypeError(f"{cls.__name__}.report must be a ReportSection or a tuple of them, got {sec!r}")
+            label = sec.result or cls.name
+            if label in found:
+                raise ValueError(f"two probes declare the report section {label!r}: {cls.__name__} and "
+                                 f"{found[label][0].__name__ if found[label][0] else 'another'}")
+            found[label] = (cls if label == cls.name else None, sec)
+    for label, sec in PENDING_SECTIONS.items():
+        found.setdefault(label, (PROBES.get(label), sec))
+    return sorted(((label, cls, sec) for label, (cls, sec) in found.items()), key=lambda item: item[2].order)
 
 
-def patching_prompts(model, tokens: Tensor, cfg: ReportConfig):
-    """(clean, corrupted) prompts for activation patching: corpus windows in which a noun, verb or
-    adjective of the default word lists can be swapped (symmetric token replacement); without a
-    tokenizer, one mid-sequence token is replaced by the next token id."""
-    windows = tokens[:, : cfg.causal_seq_len]
-    if model.tokenizer is not None:
-        try:
-            corrupt = SymmetricReplacement(model.tokenizer)
-        except ValueError:   # the tokenizer splits the listed words: fall back below
-            corrupt = SymmetricReplacement(groups={"none": [-1, -2]})
-        keep = [i for i, row in enumerate(windows.tolist()) if any(t in corrupt.successor for t in row[1:])]
-        if keep:
-            clean = windows[keep[: cfg.causal_prompts]]
-            return clean, corrupt(clean), "symmetric token replacement (default word lists)"
-    clean = windows[: cfg.causal_prompts]
-    corrupted = clean.clone()
-    mid = clean.shape[1] // 2
-    corrupted[:, mid] = (corrupted[:, mid] + 1) % model.cfg.d_vocab
-    return clean, corrupted, f"token {mid} replaced by the next token id (no tokenizer / no listed word)"
-
-
-def _result_path(folder: Path, result: ProbeResult) -> Path:
-    return result.save(folder / "results" / result.probe)
+def shared_forward_probes(model, cfg: "ReportConfig") -> List[Probe]:
+    """The probes the report runs in its shared forward over the corpus windows: every section's
+    probe that the report does not run itself (`OWN_RUNS`), fits the model's stream count, is not
+    skipped, and is built by its `for_report(cfg)` (or PENDING_FACTORIES) as not None."""
+    probes = []
+    for label, cls, sec in report_sections():
+        if label in OWN_RUNS or label in cfg.skip or model.cfg.n_streams < sec.min_streams:
+            continue
+        make = PENDING_FACTORIES.get(label) or (cls.for_report if cls is not None else None)
+        probe = make(cfg) if make is not None else None
+        if probe is not None:
+            probes.append(probe)
+    return probes
 
 
 def build_report(model, out: Path, corpus: Optional[Sequence[Path]] = None,
@@ -222,77 +227,106 @@ def _corpus_note(model, corpus: Optional[Sequence[Path]]) -> str:
     return ", ".join(str(c) for c in corpus) if corpus else "random token ids"
 
 
-def _figures(result: ProbeResult, folder: Path) -> List[Dict[str, str]]:
+def _figures(result: ProbeResult, folder: Path, captions: Dict[str, str]) -> List[Dict[str, str]]:
     """Save the result's figures under figures/<probe>/ (figure names are only unique per probe)."""
-    paths = result.save_figures(folder / "figures" / result.probe)
-    return [{"src": f"figures/{result.probe}/{p.name}", "name": p.stem,
-             "caption": CAPTIONS.get(f"{result.probe}/{p.stem}", CAPTIONS.get(p.stem, ""))} for p in paths]
+    try:
+        paths = result.save_figures(folder / "figures" / result.probe)
+    except NotImplementedError:   # a result class without plot(): a section without figures
+        return []
+    return [{"src": f"figures/{result.probe}/{p.name}", "name": p.stem, "caption": captions.get(p.stem, "")}
+            for p in paths]
 
 
-def _section(result: ProbeResult, folder: Path, timer: PhaseTimer, figures: FigurePool, **extra) -> Dict:
+def _layer_figures(result: ProbeResult, folder: Path) -> List[Dict[str, str]]:
+    """The result's per-sublayer figures (`save_layer_figures`) under figures/layers/, for the
+    page's layer selector."""
+    return [{"src": f"figures/layers/{p.name}", "label": label}
+            for p, label in result.save_layer_figures(folder / "figures" / "layers")]
+
+
+def _section(result: ProbeResult, folder: Path, timer: PhaseTimer, figures: FigurePool,
+             sections: Dict[str, ReportSection], **extra) -> Dict:
     """Save the result (timed) and queue its figures -> the page section that shows them, titled
-    for what it shows, with the findings the summary may quote (removed again by
-    `collect_findings`); its "figures" are a Future until `_resolve_figures`."""
+    and captioned by its declared `ReportSection`, with the findings the summary may quote
+    (removed again by `collect_findings`); its figure lists are Futures until `_resolve_figures`."""
     with timer(f"{result.probe}: save results"):
-        _result_path(folder, result)
-    figures = figures.submit(f"{result.probe}: figures", _figures, result, folder)
-    return {"id": f"sec-{result.probe}", "probe": result.probe,
-            "title": SECTION_TITLES.get(result.probe, result.probe.replace("_", " ")),
-            "figures": figures, "tables": [], "findings": findings(result), **extra}
+        result.save(folder / "results" / result.probe)
+    declared = sections.get(result.probe)
+    page = {"id": f"sec-{result.probe}", "probe": result.probe,
+            "title": declared.title if declared else result.probe.replace("_", " "),
+            "figures": figures.submit(f"{result.probe}: figures", _figures, result, folder,
+                                      dict(declared.captions) if declared else {}),
+            "tables": list(_TABLES[result.probe](result)) if result.probe in _TABLES else [],
+            "findings": findings(result), **extra}
+    if hasattr(result, "save_layer_figures"):
+        page["layer_figures"] = figures.submit(f"{result.probe}: per-sublayer figures", _layer_figures, result, folder)
+    return page
 
 
 def _run_all(model, tokens: Tensor, folder: Path, cfg: ReportConfig, timer: PhaseTimer,
              figures: FigurePool) -> List[Dict]:
-    sections: List[Dict] = []
+    """Every section's probe on the model: the shared forward over `tokens` [n_seq, seq_len]
+    first, then the probes the report runs itself (`OWN_RUNS`); the page sections in order."""
+    declared = report_sections()
+    sections_of = {label: sec for label, _, sec in declared}
+    shared = shared_forward_probes(model, cfg)
+    results = run_probes(model, shared, tokens, batch_size=cfg.batch_size, progress=cfg.progress,
+                         timer=timer) if shared else {}
+    pages: Dict[str, Dict] = {}
+    for label, _, sec in declared:
+        if label in OWN_RUNS and label not in cfg.skip and model.cfg.n_streams >= sec.min_streams:
+            for result, extra in OWN_RUNS[label](model, tokens, cfg, timer):
+                pages[result.probe] = _section(result, folder, timer, figures, sections_of, **extra)
+        elif label in results:
+            pages[label] = _section(results.pop(label), folder, timer, figures, sections_of)
+    rank = {label: i for i, (label, _, _) in enumerate(declared)}
+    return sorted(pages.values(), key=lambda page: rank.get(page["probe"], len(rank)))
+
+
+def _run_heads(model, tokens: Tensor, cfg: ReportConfig, timer: PhaseTimer):
+    """Head scores on a smaller budget (per-head ablations cost a forward per head), in one batch."""
+    heads = run_probes(model, HeadDetector(), tokens[: 2 * cfg.causal_prompts, : cfg.causal_seq_len],
+                       batch_size=2 * cfg.causal_prompts, progress=cfg.progress, timer=timer)   # one batch: 0.61x
+    with timer("head_detector: successor"):
+        _successor(model, heads)
+    return [(heads, {})]
+
+
+def _run_rescue(model, tokens: Tensor, cfg: ReportConfig, timer: PhaseTimer):
+    return [(run_probes(model, AblateRescue(), tokens[: cfg.causal_prompts, : cfg.causal_seq_len],
+                        batch_size=cfg.causal_prompts, progress=cfg.progress, timer=timer), {})]
+
+
+def _run_patching(model, tokens: Tensor, cfg: ReportConfig, timer: PhaseTimer):
+    """Activation patching on corpus prompts, then (several streams) the attribution estimates
+    graded against it on the same prompts."""
     multi = model.cfg.n_streams > 1
-    observational = [Curvature(), LogitLens()]
-    if multi:
-        observational = [StreamUsage(), CKA(minibatch_tokens=cfg.cka_minibatch),
-                         CrossStreamPredictability(max_tokens=cfg.predictability_tokens)] + observational
-    if cfg.sae is not None:
-        from .interop.sae_features import SAEFeatures
+    clean, corrupted, how = patching_prompts(model, tokens, cfg)
+    probe = ActivationPatching(mixing="both" if multi else "recomputed")
+    with timer("activation_patching: interventions"):
+        _patch(model, probe, clean, corrupted, cfg.progress)
+    with timer("activation_patching: result"):
+        patching = probe.result()
+    out = [(patching, {"note": f"corruption: {how}"})]
+    if multi and "attribution_patching" not in cfg.skip:
+        from .probes.attribution.section import report_results
 
-        observational.append(SAEFeatures(cfg.sae, sites="sublayers"))
-    results = run_probes(model, [p for p in observational if p.name not in cfg.skip], tokens,
-                         batch_size=cfg.batch_size, progress=cfg.progress, timer=timer)
-    for name, result in results.items():
-        section = _section(result, folder, timer, figures)
-        if name == "stream_usage":
-            section["layer_figures"] = figures.submit("stream_usage: per-sublayer figures", _per_sublayer_h_res,
-                                                      result, folder)
-        if name == "cka":
-            section["tables"].append(_matrix_table("CKA between streams, last sublayer", result.intra(-1)))
-        sections.append(section)
-    if "head_detector" not in cfg.skip:
-        # per-head ablations (copy suppression) cost a forward per head: a smaller token budget
-        heads = run_probes(model, HeadDetector(), tokens[: 2 * cfg.causal_prompts, : cfg.causal_seq_len],
-                           batch_size=2 * cfg.causal_prompts, progress=cfg.progress, timer=timer)   # one batch: 0.61x
-        with timer("head_detector: successor"):
-            _successor(model, heads)
-        sections.append(_section(heads, folder, timer, figures))
-    if multi and "ablate_rescue" not in cfg.skip:
-        rescue = run_probes(model, AblateRescue(), tokens[: cfg.causal_prompts, : cfg.causal_seq_len],
-                            batch_size=cfg.causal_prompts, progress=cfg.progress, timer=timer)
-        sections.append(_section(rescue, folder, timer, figures, tables=[
-            _matrix_table("global rescue % (rows: ablated, columns: recovered)", 100 * rescue["global_rescue"],
-                          diagonal="-")]))
-    if "activation_patching" not in cfg.skip:
-        clean, corrupted, how = patching_prompts(model, tokens, cfg)
-        probe = ActivationPatching(mixing="both" if multi else "recomputed")
-        with timer("activation_patching: interventions"):
-            _patch(model, probe, clean, corrupted, cfg.progress)
-        with timer("activation_patching: result"):
-            patching = probe.result()
-        sections.append(_section(patching, folder, timer, figures, note=f"corruption: {how}"))
-        if multi and "attribution_patching" not in cfg.skip:
-            from .probes.attribution.section import report_results
+        with timer("attribution_patching: gradients"):
+            attributions, attr_table = report_results(model, clean, corrupted, patching)
+        out += [(r, {"tables": [attr_table]} if r.probe == "attribution_positions" else {}) for r in attributions]
+    return out
 
-            with timer("attribution_patching: gradients"):
-                attributions, attr_table = report_results(model, clean, corrupted, patching)
-            for result in attributions:
-                extra = {"tables": [attr_table]} if result.probe == "attribution_positions" else {}
-                sections.append(_section(result, folder, timer, figures, **extra))
-    return sections
+
+# The probes the report runs itself (their own prompts and budgets): result label -> run
+# (model, tokens, cfg, timer) -> [(result, extra page fields)].
+OWN_RUNS: Dict[str, Callable] = {"head_detector": _run_heads, "ablate_rescue": _run_rescue,
+                                 "activation_patching": _run_patching}
+# Tables shown under a result's figures: result label -> tables (PENDING: into the results' classes).
+_TABLES: Dict[str, Callable[[ProbeResult], List[Dict]]] = {
+    "cka": lambda r: [_matrix_table("CKA between streams, last sublayer", r.intra(-1))],
+    "ablate_rescue": lambda r: [_matrix_table("global rescue % (rows: ablated, columns: recovered)",
+                                              100 * r["global_rescue"], diagonal="-")],
+}
 
 
 def _patch(model, probe: ActivationPatching, clean: Tensor, corrupted: Tensor, progress: bool) -> None:
@@ -348,43 +382,6 @@ def _successor(model, heads: ProbeResult) -> None:
     skipped.pop("successor", None)
     heads.meta.setdefault("sources", {})["successor"] = "ordinal"
     heads.meta.setdefault("counts", {})["successor"] = int(count)
-
-
-def _per_sublayer_h_res(result: ProbeResult, folder: Path) -> List[Dict[str, str]]:
-    """One small H_res heatmap per sublayer, for the page's layer selector: one figure, its image,
-    numbers and title updated and saved for each sublayer (no new figure per sublayer)."""
-    import matplotlib.pyplot as plt
-
-    from .probes.figure_helpers import MAX_ANNOTATED_COLUMNS, text_color
-
-    mats, names = result["mean_h_res"], result.meta["sublayers"]
-    n = mats.shape[-1]
-    fig, ax = plt.subplots(figsize=(3.2, 2.8))
-    im = ax.imshow(mats[0], vmin=0, vmax=1, cmap="viridis")
-    size = float(np.clip(40 / n, 6, 10))
-    texts = {(i, j): ax.text(j, i, "", ha="center", va="center", fontsize=size)
-             for i in range(n) for j in range(n)} if n <= MAX_ANNOTATED_COLUMNS else {}   # else they would not fit
-    ax.set_xticks(range(n))
-    ax.set_yticks(range(n))
-    ax.set_xlabel("source stream")
-    ax.set_ylabel("target stream")
-    fig.colorbar(im, ax=ax, shrink=0.9)
-    title = ax.set_title("", fontsize=9)
-    figs = []
-    path = folder / "figures" / "layers"
-    path.mkdir(parents=True, exist_ok=True)
-    try:
-        for k, name in enumerate(names):
-            im.set_data(mats[k])
-            for (i, j), text in texts.items():
-                text.set_text(f"{mats[k][i, j]:.2f}")
-                text.set_color(text_color(im.cmap(im.norm(mats[k][i, j]))))
-            title.set_text(f"{name}: mean H_res")
-            fig.savefig(path / f"h_res_{k:03d}.png", dpi=100, bbox_inches="tight")
-            figs.append({"src": f"figures/layers/h_res_{k:03d}.png", "label": name})
-    finally:
-        plt.close(fig)
-    return figs
 
 
 def _matrix_table(title: str, m: np.ndarray, diagonal: Optional[str] = None) -> Dict:

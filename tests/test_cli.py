@@ -5,7 +5,9 @@ import pytest
 import torch
 
 from mhc_interp import HookedMHC, output_folder, report
-from mhc_interp.cli import asset, main
+from mhc_interp.cli import main
+from mhc_interp.shipped import asset
+from mhc_interp.token_windows import TokenBudget, corpus_tokens
 
 
 def test_report_writes_a_complete_folder(tmp_path):
@@ -127,7 +129,7 @@ def test_corpus_too_short(tmp_path):
 
     model.tokenizer = Tok()
     with pytest.raises(ValueError, match="too short"):
-        report.corpus_tokens(model, ["just a few words"], report.ReportConfig())
+        corpus_tokens(model, ["just a few words"], TokenBudget())
 
 
 def test_report_says_why_successor_heads_are_not_scored_or_scores_them():
@@ -225,7 +227,7 @@ def test_train_and_check(tmp_path):
 def test_model_names_paths_and_tokenizers(tmp_path, monkeypatch):
     """A local folder wins over a shipped model's name; ~ is expanded; a tokenizer larger than the
     model's vocabulary is refused (its ids would index past the embedding)."""
-    from mhc_interp.cli import resolve_model_path
+    from mhc_interp.shipped import resolve_model_path
     from mhc_interp.config import MHCConfig
     from mhc_interp.loading import CheckpointError, load_tokenizer
 

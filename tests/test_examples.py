@@ -14,8 +14,21 @@ from .test_crosscoder import reference_counts
 EXAMPLES = Path(__file__).parent.parent / "examples"
 
 
-def test_custom_probe_example(tmp_path):
-    module = runpy.run_path(str(EXAMPLES / "custom_probe.py"))
+@pytest.fixture
+def custom_probe_module():
+    """custom_probe.py run as a module; its probe and result class unregistered afterwards (its
+    report section would otherwise join every later report in this process)."""
+    from mhc_interp.probes.base import PROBES, RESULTS
+
+    try:
+        yield runpy.run_path(str(EXAMPLES / "custom_probe.py"))
+    finally:
+        PROBES.pop("read_entropy", None)
+        RESULTS.pop("ReadEntropyResult", None)
+
+
+def test_custom_probe_example(tmp_path, custom_probe_module):
+    module = custom_probe_module
     result = module["main"](["--out", str(tmp_path / "entropy")])
     loaded = ProbeResult.load(tmp_path / "entropy")
     np.testing.assert_array_equal(loaded["entropy_bits"], result["entropy_bits"])
@@ -23,11 +36,13 @@ def test_custom_probe_example(tmp_path):
     # planted: a model that reads exactly one stream has zero read entropy
     planted = run_probes(planted_reader_model(), module["ReadEntropy"](), torch.randint(0, 40, (2, 6)), progress=False)
     np.testing.assert_allclose(planted["entropy_bits"], 0.0, atol=1e-12)
+    # its report section captions the figure its result draws
+    assert [p.stem for p in result.save_figures(tmp_path / "figures")] == list(module["ReadEntropy"].report.captions)
 
 
 
 def test_crosscoder_assignment_example(tmp_path, monkeypatch):
-    from mhc_interp.cli import asset
+    from mhc_interp.shipped import asset
 
     monkeypatch.syspath_prepend(str(EXAMPLES))
     main = runpy.run_path(str(EXAMPLES / "crosscoder_assignment.py"))["main"]

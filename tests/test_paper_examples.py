@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from mhc_interp.cli import asset
+from mhc_interp.shipped import asset
 from mhc_interp.probes import ProbeResult
 
 EXAMPLES = Path(__file__).parent.parent / "examples"

@@ -15,6 +15,10 @@ with the number of batches. `setup(model)` (optional) validates the model and si
 `own_runs(model, tokens, mask)` (optional) is called after each shared forward, for forwards a
 probe needs beyond it (e.g. a control on altered tokens).
 
+A probe shows up in `mhc-interp report` by declaring its section, `report = ReportSection(title,
+captions={figure name: caption})`: the report runs it in its shared forward (built by
+`for_report(cfg)`, `cls()` by default) and shows the figures of its result's `plot()`.
+
 Results are `ProbeResult`s: a dict of numpy arrays plus JSON metadata, saved as `PATH.json` +
 `PATH.npz` and loaded back with `ProbeResult.load(PATH)`, with a `plot()` per probe.
 """
@@ -23,7 +27,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, ClassVar, Dict, List, Optional, Sequence, Tuple, Type
+from typing import Any, Callable, ClassVar, Dict, List, Mapping, Optional, Sequence, Tuple, Type, Union
 
 import numpy as np
 import torch
@@ -104,10 +108,38 @@ def stream_state_sites(model, sites, probe: str, with_init: bool = True,
     return names
 
 
+@dataclass(frozen=True)
+class ReportSection:
+    """A probe's section of the report: headed `title` (what it shows), one caption per figure
+    of its result's `plot()` (`captions`: figure name -> one line), placed by `order` (lower
+    first), left out on models with fewer than `min_streams` streams. `result`: the label of the
+    result shown, when it is not the probe's `name` (a probe whose run yields several results
+    declares a tuple of sections)."""
+
+    title: str
+    captions: Mapping[str, str] = field(default_factory=dict)
+    order: float = 1000.0
+    min_streams: int = 1
+    result: Optional[str] = None
+
+    def __post_init__(self):
+        if not isinstance(self.title, str) or not self.title.strip():
+            raise ValueError(f"a report section needs a title saying what it shows, got {self.title!r}")
+        bad = [k for k, v in dict(self.captions).items() if not (isinstance(k, str) and isinstance(v, str))]
+        if bad:
+            raise ValueError(f"report section {self.title!r}: captions map figure names to text; bad entries {bad}")
+
+
 class Probe:
     """Base class; see the module docstring for the contract."""
 
     name: ClassVar[str] = "probe"
+    report: ClassVar[Union[ReportSection, Tuple[ReportSection, ...], None]] = None   # its report section(s)
+
+    @classmethod
+    def for_report(cls, cfg) -> Optional["Probe"]:
+        """The probe as the report runs it (cfg: the `ReportConfig`), or None to leave it out."""
+        return cls()
 
     def setup(self, model) -> None:
         """Called once by the runner before the first batch (validate, size the state)."""

@@ -17,14 +17,16 @@ For sublayer l with stream state x [n, d] and coefficients (h_pre, h_post, H_res
 """
 from __future__ import annotations
 
-from typing import Dict, List
+from pathlib import Path
+from typing import Dict, List, Tuple
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from .base import Probe, ProbeResult, masked_rows, register_probe, register_result, require_streams, take_rows
-from .figure_helpers import heatmap_grid
+from .base import (Probe, ProbeResult, ReportSection, masked_rows, register_probe, register_result, require_streams,
+                   take_rows)
+from .figure_helpers import MAX_ANNOTATED_COLUMNS, heatmap_grid, text_color
 
 SUM_KEYS = ("h_res", "h_res_dist", "read_share", "read_share_norm", "write_share", "stream_norm",
             "h_pre", "h_post", "h_post_sq", "h_post_fro", "h_post_var_streams")
@@ -38,6 +40,14 @@ def _share(weights: Tensor) -> Tensor:  # [..., n] -> [..., n], |w| normalised t
 @register_probe
 class StreamUsage(Probe):
     name = "stream_usage"
+    report = ReportSection(
+        "How the sublayers read, write and mix the streams", order=10, min_streams=2, captions={
+            "h_res": "Token-averaged residual mixer H_res [target, source] at evenly spaced sublayers: "
+                     "near-identity means streams are kept apart; off-diagonal mass means they are mixed.",
+            "shares": "Read share (H_pre), norm-weighted read share and write share (H_post) per stream: "
+                      "a stream with most of the share dominates what the sublayers read or write.",
+            "stream_norms": "Mean L2 norm of each stream entering every sublayer (log scale).",
+            "h_post": "H_post Frobenius norm and its variance across tokens and across streams per sublayer."})
 
     def setup(self, model) -> None:
         require_streams(model, self.name)
@@ -175,3 +185,37 @@ class StreamUsageResult(ProbeResult):
             ax.set_xlabel("sublayer")
         figs["h_post"] = fig
         return figs
+
+    def save_layer_figures(self, folder) -> List[Tuple[Path, str]]:
+        """One small H_res heatmap per sublayer, saved as folder/h_res_{k:03d}.png -> [(path,
+        sublayer)]: one figure, its image, numbers and title updated for each sublayer."""
+        import matplotlib.pyplot as plt
+
+        mats, names = self["mean_h_res"], self.meta["sublayers"]        # [sublayer, n, n]
+        n = mats.shape[-1]
+        fig, ax = plt.subplots(figsize=(3.2, 2.8))
+        im = ax.imshow(mats[0], vmin=0, vmax=1, cmap="viridis")
+        size = float(np.clip(40 / n, 6, 10))
+        texts = {(i, j): ax.text(j, i, "", ha="center", va="center", fontsize=size)
+                 for i in range(n) for j in range(n)} if n <= MAX_ANNOTATED_COLUMNS else {}   # else they would not fit
+        ax.set_xticks(range(n))
+        ax.set_yticks(range(n))
+        ax.set_xlabel("source stream")
+        ax.set_ylabel("target stream")
+        fig.colorbar(im, ax=ax, shrink=0.9)
+        title = ax.set_title("", fontsize=9)
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        saved = []
+        try:
+            for k, name in enumerate(names):
+                im.set_data(mats[k])
+                for (i, j), text in texts.items():
+                    text.set_text(f"{mats[k][i, j]:.2f}")
+                    text.set_color(text_color(im.cmap(im.norm(mats[k][i, j]))))
+                title.set_text(f"{name}: mean H_res")
+                fig.savefig(folder / f"h_res_{k:03d}.png", dpi=100, bbox_inches="tight")
+                saved.append((folder / f"h_res_{k:03d}.png", name))
+        finally:
+            plt.close(fig)
+        return saved

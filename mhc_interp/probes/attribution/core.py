@@ -31,8 +31,8 @@ from typing import Callable, Dict, List, Optional, Sequence
 import torch
 from torch import Tensor
 
-MIXING_HOOKS = ("hook_h_pre", "hook_h_post", "hook_h_res")
-HEAD_MIXING = "head.hook_h_pre"   # a learned readout (HF adapters): frozen with the mixing
+from ...hooks.freeze import is_mixing_hook
+from ...hooks.names import MIXING_SUFFIXES
 
 
 @dataclass
@@ -58,12 +58,11 @@ class Gradients:
 
 
 def mixing_hook_names(model, sublayers: Sequence[int], frozen: bool) -> List[str]:
-    names = [f"{model.sublayer_names[l]}.{h}" for l in sublayers for h in MIXING_HOOKS]
-    if frozen:   # every sublayer's coefficients must be constant, not only the attributed ones
-        names = [f"{s}.{h}" for s in model.sublayer_names for h in MIXING_HOOKS]
-        if HEAD_MIXING in model.hook_dict:
-            names.append(HEAD_MIXING)
-    return names
+    """The coefficient hooks of `sublayers`; frozen: every mixing hook of the model (every
+    sublayer's, and a learned readout's if it has one), which must all be constant."""
+    if frozen:
+        return [name for name in model.hook_dict if is_mixing_hook(name)]
+    return [f"{model.sublayer_names[l]}.{h}" for l in sublayers for h in MIXING_SUFFIXES]
 
 
 def _capture_hooks(model, sublayers: Sequence[int], capture_mixing: bool, detach_mixing: bool,

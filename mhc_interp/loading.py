@@ -156,18 +156,13 @@ def hooked_state_dict_to_nanogpt(sd: Dict[str, Tensor], cfg: MHCConfig) -> Dict[
 # ------------------------------------------------------------------------- building a model
 def build_model(cls, cfg: MHCConfig, state_dict: Dict[str, Tensor], source: str,
                 placement: Placement = Placement()):
-    """`cls(cfg)` holding `state_dict`'s tensors in `placement`'s dtype and device, with errors that
-    name the keys. Consumes `state_dict` (emptied as its tensors are taken).
+    """`cls(cfg)` holding `state_dict`'s tensors (taken out of it) in `placement`'s dtype and device.
 
-    The model is built on the meta device (nothing allocated, nothing initialised, the global RNG
-    untouched); the weights are checked against it (layer count, keys, shapes), its bytes against
-    the device's free memory, then each tensor is cast (or kept, if already right) and assigned, and
-    its source dropped: peak memory is the state dict plus the tensors converted so far. Buffers no
-    checkpoint holds are rebuilt by the modules' `rebuild_buffers()`. Non-finite weights load with a
-    warning that names them."""
-    layers = {int(m.group(1)) for k in state_dict if (m := re.match(r"blocks\.(\d+)\.", k))}
-    if layers and max(layers) + 1 != cfg.n_layers:
-        raise CheckpointError(f"{source}: the config says {cfg.n_layers} layers but the weights hold {max(layers) + 1}")
+    Built on the meta device (no allocation, no init, the global RNG untouched) and checked against
+    the weights (layers, keys, shapes: errors name them) and the device's free memory; then each
+    tensor is cast (or kept, if already right) and assigned, its source dropped: the peak is the
+    state dict plus what is converted so far. Buffers no checkpoint holds are made by the modules'
+    `rebuild_buffers()`. Non-finite weights load with a warning that names them."""
     placement = placement.resolve(state_dict)
     with torch.random.fork_rng(devices=[]), _defaults(placement.dtype, "meta"):
         model = cls(cfg)
@@ -197,8 +192,7 @@ def build_model(cls, cfg: MHCConfig, state_dict: Dict[str, Tensor], source: str,
 
 @contextlib.contextmanager
 def _defaults(dtype: torch.dtype, device):
-    """torch's default dtype and device set to these inside the block (tensors a constructor makes
-    are allocated there directly)."""
+    """torch's default dtype and device inside the block."""
     previous = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
     try:
@@ -209,6 +203,9 @@ def _defaults(dtype: torch.dtype, device):
 
 
 def _check_keys(state_dict: Dict[str, Tensor], expected: Dict[str, Tensor], cfg: MHCConfig, source: str) -> None:
+    layers = {int(m.group(1)) for k in state_dict if (m := re.match(r"blocks\.(\d+)\.", k))}
+    if layers and max(layers) + 1 != cfg.n_layers:
+        raise CheckpointError(f"{source}: the config says {cfg.n_layers} layers but the weights hold {max(layers) + 1}")
     missing = sorted(set(expected) - set(state_dict))
     unexpected = sorted(set(state_dict) - set(expected))
     if missing or unexpected:
@@ -225,9 +222,8 @@ def _check_keys(state_dict: Dict[str, Tensor], expected: Dict[str, Tensor], cfg:
 
 
 def _own_tensor(t: Tensor, dtype: torch.dtype, device: torch.device, storages: set) -> Tensor:
-    """`t` in `dtype` on `device` as a tensor a model may own: itself where it already is one (no
-    copy), else a contiguous copy - also of a view into a larger storage, or of a storage another
-    key already took (two parameters must not share memory). `storages`: the storages taken so far."""
+    """`t` in `dtype` on `device`, itself if it already is (no copy) unless it is a view into a larger
+    storage or one another key took (`storages`): then a copy, so no two parameters share memory."""
     out = t.detach().to(device=device, dtype=dtype)
     storage = out.untyped_storage()
     if (out.data_ptr() in storages or not out.is_contiguous()
@@ -278,12 +274,12 @@ def _from_nanogpt(cls, model_args: Dict[str, Any], sd: Dict[str, Tensor], source
     return build_model(cls, cfg, ours, source, placement)
 
 
-def verify_archive(path: Path) -> bool:
+def verify_archive(path: Path) -> None:
     """Check the CRC-32 of every member of a zip-format torch checkpoint (torch does not: a file
-    with flipped bytes loads and runs). Reads the file once. False for the legacy non-zip format,
-    which carries no checksums; a CheckpointError naming the damaged member otherwise."""
+    with flipped bytes loads and runs); a CheckpointError names the damaged member. The legacy
+    non-zip format carries no checksums."""
     if not zipfile.is_zipfile(path):
-        return False
+        return
     try:
         with zipfile.ZipFile(path) as archive:
             damaged = archive.testzip()
@@ -292,7 +288,6 @@ def verify_archive(path: Path) -> bool:
     if damaged is not None:
         raise CheckpointError(f"{path}: damaged checkpoint: the checksum of {damaged!r} does not match its data "
                               f"(corrupted on disk or in transfer): download or copy it again")
-    return True
 
 
 def load_nanogpt_checkpoint(cls, path: Path, placement: Placement = Placement()):

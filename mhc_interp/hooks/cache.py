@@ -1,19 +1,22 @@
 """`MHCCache`: the dict `run_with_cache` returns, with helpful errors and per-stream access."""
 from __future__ import annotations
 
-from typing import Dict
+from typing import TYPE_CHECKING, Dict
 
 from torch import Tensor
 
 from .names import unknown_hook_error
 from .streams import check_streams, select_streams
 
+if TYPE_CHECKING:
+    from ..contract import MultiStreamModel
+
 
 class MHCCache(dict):
     """{hook name: activation}. `cache.stream(name, s)` -> [batch, pos, d_model] (or
     [batch, pos] for h_pre / h_post); a list of streams keeps the stream axis."""
 
-    def __init__(self, data: Dict[str, Tensor], model):
+    def __init__(self, data: Dict[str, Tensor], model: MultiStreamModel):
         super().__init__(data)
         self.model = model
 

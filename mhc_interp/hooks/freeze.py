@@ -10,12 +10,15 @@ fills and clears its `frozen` slot, exception-safely.
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import Iterable, Iterator, Mapping, Optional, Union
+from typing import TYPE_CHECKING, Iterable, Iterator, Mapping, Optional, Union
 
 from torch import Tensor
 
-from ..model.mixers import MixingCoefficients
+from ..contract import MixingCoefficients
 from .names import MIXING_SUFFIXES
+
+if TYPE_CHECKING:
+    from .root import StreamHookedRoot
 
 
 def is_mixing_hook(name: str) -> bool:
@@ -23,7 +26,7 @@ def is_mixing_hook(name: str) -> bool:
     return name.endswith(MIXING_SUFFIXES)
 
 
-def _select_sublayers(model, sublayers: Optional[Iterable[Union[int, str]]]):
+def _select_sublayers(model: StreamHookedRoot, sublayers: Optional[Iterable[Union[int, str]]]):
     subs = model.sublayers
     if sublayers is None:
         return subs
@@ -42,7 +45,7 @@ def _select_sublayers(model, sublayers: Optional[Iterable[Union[int, str]]]):
 
 
 @contextmanager
-def frozen_mixing(model, source: Mapping[str, Tensor],
+def frozen_mixing(model: StreamHookedRoot, source: Mapping[str, Tensor],
                   sublayers: Optional[Iterable[Union[int, str]]] = None) -> Iterator[None]:
     """Inside the context, the chosen sublayers (all by default; or indices 0..2L-1 / names like
     "blocks.3.mlp") use the coefficients cached in `source` under

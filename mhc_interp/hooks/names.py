@@ -7,9 +7,12 @@ published in the README is generated from the model and cannot drift.
 from __future__ import annotations
 
 import difflib
-from typing import Dict, Iterable, List, Tuple
+from typing import TYPE_CHECKING, Dict, Iterable, List, Tuple
 
 import torch
+
+if TYPE_CHECKING:
+    from ..contract import MultiStreamModel
 
 # suffix -> (axes, what it holds)
 HOOK_SPECS: Dict[str, Tuple[Tuple[str, ...], str]] = {
@@ -75,7 +78,7 @@ def sizes(cfg, batch: int, pos: int) -> Dict[str, int]:
                 n_heads=cfg.n_heads, d_head=cfg.d_head, d_mlp=cfg.d_mlp, d_vocab=cfg.d_vocab)
 
 
-def hook_table(model, batch: int = 2, pos: int = 3) -> List[Tuple[str, str, str]]:
+def hook_table(model: MultiStreamModel, batch: int = 2, pos: int = 3) -> List[Tuple[str, str, str]]:
     """(name pattern, symbolic shape, description) for every hook of `model`, in forward order.
 
     Runs one small forward with every hook cached and raises if any shape differs from its spec.
@@ -99,7 +102,7 @@ def hook_table(model, batch: int = 2, pos: int = 3) -> List[Tuple[str, str, str]
     return list(rows.values())
 
 
-def hook_table_markdown(model) -> str:
+def hook_table_markdown(model: MultiStreamModel) -> str:
     lines = ["| hook name | shape | holds |", "|---|---|---|"]
     lines += [f"| `{n}` | `{s}` | {d} |" for n, s, d in hook_table(model)]
     return "\n".join(lines)

@@ -46,12 +46,15 @@ Gotchas (nnsight 0.8):
 """
 from __future__ import annotations
 
-from typing import Any, List, Tuple
+from typing import TYPE_CHECKING, Any, List, Tuple
 
 import torch
 from nnsight import NNsight
 from nnsight.intervention.batching import Batcher
 from torch import Tensor
+
+if TYPE_CHECKING:
+    from ..contract import MultiStreamModel
 
 __all__ = ["MHCNNsight", "to_nnsight"]
 
@@ -123,7 +126,7 @@ def _merge(values: List[Any], what: str) -> Any:
     return values[0]
 
 
-def to_nnsight(model) -> MHCNNsight:
+def to_nnsight(model: MultiStreamModel) -> MHCNNsight:
     """Wrap a `HookedMHC` for nnsight, allowing several input-carrying `tracer.invoke(...)`s in
     one trace. The model is not copied: the wrapper and `model` share weights and hook points,
     and TransformerLens hooks keep working on `model`."""

@@ -2,9 +2,9 @@
 `HookedRootModule` - hook-name validation with suggestions, a stream-aware `run_with_cache`,
 per-stream addressing, frozen mixing, and the checks on token / stream-state input.
 
-A model using it provides `cfg` (n_ctx, d_vocab, n_streams, d_model, n_sublayers), `device`,
-`tokenizer`, `blocks` (each with `attn` and `mlp` sublayers that have a `frozen` slot),
-`unembed_streams` and `hook_dict` (from `setup()`).
+A subclass implements the rest of `contract.MultiStreamModel` (`cfg`, `device`, `dtype`,
+`tokenizer`, `W_U`, `forward`, `unembed_streams`, `stream_contributions`, `summary`), has `blocks`
+(each with `attn` and `mlp` sublayers that have a `name` and a `frozen` slot) and calls `setup()`.
 """
 from __future__ import annotations
 
@@ -17,7 +17,10 @@ from torch.nn import functional as F
 from transformer_lens.HookedRootModule import HookedRootModule  # not via transformer_lens/__init__ (see deferred_init)
 from transformer_lens.hook_points import HookPoint
 
+from .cache import MHCCache
+from .freeze import frozen_mixing
 from .names import check_hook_names, unknown_hook_error
+from .streams import stream_hook
 
 TokensLike = Union[Tensor, str, Sequence[str], Sequence[int]]
 
@@ -146,8 +149,6 @@ class StreamHookedRoot(HookedRootModule):
     def run_with_cache(self, *args, **kwargs):
         """TransformerLens `run_with_cache`, returning an `MHCCache` (a dict with per-stream
         addressing: `cache.stream(name, s)`); unknown names in `names_filter` raise."""
-        from .cache import MHCCache
-
         if kwargs.get("remove_batch_dim"):
             raise ValueError(
                 "remove_batch_dim is not supported: the per-stream addressing of the cache "
@@ -171,15 +172,11 @@ class StreamHookedRoot(HookedRootModule):
     def stream_hook(self, name: str, stream: Union[int, Sequence[int]], value: Any):
         """(name, hook) that replaces stream(s) `stream` of a stream-valued hook; see
         `mhc_interp.hooks.streams.stream_hook`."""
-        from .streams import stream_hook
-
         return stream_hook(self, name, stream, value)
 
     @contextmanager
     def frozen_mixing(self, source, sublayers=None) -> Iterator["StreamHookedRoot"]:
         """Run with H_pre/H_post/H_res taken from `source` (a cache) instead of computed; see
         `mhc_interp.hooks.freeze.frozen_mixing`."""
-        from .freeze import frozen_mixing
-
         with frozen_mixing(self, source, sublayers):
             yield self

@@ -3,18 +3,21 @@ by hand. Stream-valued hooks (`names.STREAM_VALUED`) carry the stream axis at di
 [batch, pos, n_streams, d_model] states and [batch, pos, n_streams] read/write weights."""
 from __future__ import annotations
 
-from typing import Any, Callable, List, Sequence, Tuple, Union
+from typing import TYPE_CHECKING, Any, Callable, List, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor
 
 from .names import STREAM_VALUED, check_hook_names, suffix
 
+if TYPE_CHECKING:
+    from ..contract import MultiStreamModel
+
 STREAM_AXIS = 2
 Streams = Union[int, Sequence[int]]
 
 
-def check_streams(model, name: str, streams: Streams) -> List[int]:
+def check_streams(model: MultiStreamModel, name: str, streams: Streams) -> List[int]:
     """Validate a hook name as stream-valued and the stream indices as in range."""
     check_hook_names([name], model.hook_dict)
     if suffix(name) not in STREAM_VALUED:
@@ -35,7 +38,7 @@ def select_streams(act: Tensor, streams: List[int]) -> Tensor:
     return act[:, :, streams[0]] if len(streams) == 1 else act[:, :, streams]
 
 
-def stream_hook(model, name: str, streams: Streams, value: Any) -> Tuple[str, Callable]:
+def stream_hook(model: MultiStreamModel, name: str, streams: Streams, value: Any) -> Tuple[str, Callable]:
     """A `(name, hook)` pair for `run_with_hooks` / `hooks()` that replaces the given stream(s).
 
     value: a number (e.g. 0.0 for zero ablation), a tensor broadcastable to the selected

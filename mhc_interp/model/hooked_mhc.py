@@ -16,10 +16,12 @@ from typing import Any, Optional, Union
 
 import torch
 from torch import Tensor, nn
+from torch.nn import functional as F
 from transformer_lens.hook_points import HookPoint
 
 from ..config import MHCConfig
 from ..hooks.root import StreamHookedRoot, TokensLike
+from ..loading import load_pretrained, save_pretrained
 from .block import StreamExpand, TransformerBlock
 from .components import LayerNorm
 
@@ -83,6 +85,15 @@ class HookedMHC(StreamHookedRoot):
         normed = self.hook_ln_final(self.ln_final(x))
         summed = self.hook_stream_sum(normed.sum(dim=-2))
         return self.hook_logits(summed @ self.W_U.to(summed.dtype))
+
+    def stream_contributions(self, x: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
+        """The readout split by stream, c_s = W_U^T LN_f(x_s): final state [batch, pos, n_streams,
+        d_model] -> [batch, pos, n_streams, d_vocab] in `dtype`; sum_s c_s = unembed_streams(x) up
+        to rounding (the model sums before W_U, this after). No hook fires."""
+        ln = self.ln_final
+        bias = None if ln.bias is None else ln.bias.to(dtype)
+        normed = F.layer_norm(x.to(self.device, dtype), ln.weight.shape, ln.weight.to(dtype), bias, ln.eps)
+        return normed @ self.W_U.to(dtype)
 
     def forward(
         self,
@@ -153,13 +164,9 @@ class HookedMHC(StreamHookedRoot):
     def from_pretrained(cls, name_or_path: str, device: Union[str, torch.device, None] = None,
                         dtype: Optional[torch.dtype] = None, **kwargs) -> "HookedMHC":
         """Load a nanoGPT-format mHC `.pt`, a folder (our format or the hub layout), or a hub id."""
-        from ..loading import load_pretrained
-
         return load_pretrained(cls, name_or_path, device=device, dtype=dtype, **kwargs)
 
     def save_pretrained(self, path) -> None:
-        from ..loading import save_pretrained
-
         save_pretrained(self, path)
 
     def summary(self) -> str:

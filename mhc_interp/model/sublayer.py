@@ -25,9 +25,10 @@ from torch import Tensor, nn
 from transformer_lens.hook_points import HookPoint
 
 from ..config import MHCConfig
+from ..contract import MixingCoefficients
 from .compiled import compile_once, global_module_hooks, module_observed
 from .components import LayerNorm
-from .mixers import MixingCoefficients, build_mixer
+from .mixers import build_mixer
 
 
 # hook points called outside the compiled `apply` region

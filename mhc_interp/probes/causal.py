@@ -7,30 +7,34 @@ runner (`run_probes`) hands it every batch of the token source.
 """
 from __future__ import annotations
 
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 from torch import Tensor
 from torch.nn import functional as F
 
+from ..hooks.freeze import is_mixing_hook
 from .base import Probe
+
+if TYPE_CHECKING:
+    from ..contract import MultiStreamModel
 
 
 class CausalProbe(Probe):
     """Base class of probes that intervene: `intervene(model, tokens [B, pos], mask [B, pos])`."""
 
-    def hook_names(self, model) -> List[str]:
+    def hook_names(self, model: MultiStreamModel) -> List[str]:
         return []
 
     def update(self, acts, mask) -> None:  # pragma: no cover - causal probes use intervene
         raise TypeError(f"{self.name} is a causal probe: the runner calls intervene(), not update()")
 
-    def intervene(self, model, tokens: Tensor, mask: Tensor) -> None:  # pragma: no cover
+    def intervene(self, model: MultiStreamModel, tokens: Tensor, mask: Tensor) -> None:  # pragma: no cover
         raise NotImplementedError
 
     @staticmethod
-    def sublayer_indices(model, sublayers: Optional[Sequence[int]]) -> List[int]:
+    def sublayer_indices(model: MultiStreamModel, sublayers: Optional[Sequence[int]]) -> List[int]:
         """The sublayers a sweep covers: all (None) or the given indices, checked against the model."""
         n_sub = model.cfg.n_sublayers
         chosen = list(range(n_sub)) if sublayers is None else list(sublayers)
@@ -167,14 +171,14 @@ def stats_arrays(prefix: str, stats: PromptStats) -> Dict[str, np.ndarray]:
             f"{prefix}_ci_high": mean + half}
 
 
-def clean_run(model, tokens: Tensor, run: str = "clean"):
-    """One forward caching every sublayer's input state and mixing coefficients.
-    Returns (logits [B, pos, vocab], {sublayer index: state [B, pos, n, d]}, cache); raises
-    FloatingPointError if the logits are not finite (`run` names the run in the message)."""
-    names = {f"{s}.hook_{k}" for s in model.sublayer_names for k in ("streams_in", "h_pre", "h_post", "h_res")}
-    names |= {"head.hook_h_pre"} & set(model.hook_dict)   # a learned readout (HF adapters) is frozen too
+def clean_run(model: MultiStreamModel, tokens: Tensor, run: str = "clean"):
+    """One forward caching every sublayer's input state and the mixing coefficients - those of
+    a learned readout too, if the model has one (`is_mixing_hook`), so `model.frozen_mixing(cache)`
+    freezes it. Returns (logits [B, pos, vocab], {sublayer index: state [B, pos, n, d]}, cache);
+    raises FloatingPointError if the logits are not finite (`run` names the run in the message)."""
+    inputs = {f"{s}.hook_streams_in" for s in model.sublayer_names}
     with torch.no_grad():
-        logits, cache = model.run_with_cache(tokens, names_filter=lambda n: n in names)
+        logits, cache = model.run_with_cache(tokens, names_filter=lambda n: n in inputs or is_mixing_hook(n))
     check_finite(logits, run)
     states = {k: cache[f"{s}.hook_streams_in"] for k, s in enumerate(model.sublayer_names)}
     return logits, states, cache

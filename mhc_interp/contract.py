@@ -1,0 +1,148 @@
+"""What probes, hooks and tools may rely on in a multi-stream model: `MultiStreamModel`, implemented
+by `HookedMHC` and the HF adapter alike, and `MixingCoefficients`, the (H_pre, H_post, H_res) a
+hyper-connected sublayer computes or is frozen to.
+
+    x' = H_res x + H_post^T F(H_pre x)     x [batch, pos, n_streams, d_model], per sublayer
+
+Nothing here imports torch or the models: `hooks/` and `model/` both build on this module, and
+`isinstance(model, MultiStreamModel)` checks that every member is present (not their signatures).
+"""
+from __future__ import annotations
+
+from typing import (TYPE_CHECKING, Any, ContextManager, Dict, List, Literal, Mapping, NamedTuple, Optional,
+                    Protocol, Sequence, Tuple, Union, overload, runtime_checkable)
+
+if TYPE_CHECKING:
+    import torch
+    from torch import Tensor
+    from transformer_lens.hook_points import HookPoint
+
+    from .hooks.cache import MHCCache
+    from .hooks.root import TokensLike
+
+
+class MixingCoefficients(NamedTuple):
+    """A sublayer's coefficients, in the papers' convention. A NamedTuple (not a dataclass) so that
+    tools which walk containers - nnsight's per-invoke batching, torch.compile, pytree - see the
+    three tensors inside."""
+
+    h_pre: Tensor   # [batch, pos, n_streams]                             read = sum_s h_pre[s] x[s]
+    h_post: Tensor  # [batch, pos, n_streams]                             x'[t] += h_post[t] F(read)
+    h_res: Tensor   # [batch, pos, n_streams(target), n_streams(source)]  x'[t] += sum_s h_res[t, s] x[s]
+
+    def fit(self, x: Tensor, name: str) -> MixingCoefficients:
+        """These (frozen) coefficients for a run on state x [batch, pos, ...]: cached on batch B,
+        they serve a run of batch k*B (k replicas stacked along the batch axis, replica-major)."""
+        fb, fp = self.h_pre.shape[:2]
+        b, p = x.shape[:2]
+        if fp != p or b % fb:
+            raise ValueError(
+                f"frozen mixing for {name!r} was cached on batch {fb} x pos {fp}, but the run "
+                f"has batch {b} x pos {p}; the positions must match and the batch be a multiple"
+            )
+        k = b // fb
+        # always a copy: the hooks may edit these in place, and they must not reach the cache
+        return MixingCoefficients(*(t.to(x.device).repeat(k, *([1] * (t.ndim - 1))) if k > 1
+                                    else t.to(x.device, copy=True) for t in self))
+
+
+class ModelConfig(Protocol):
+    """The config fields probes read (`MHCConfig`, the HF adapter's `HFMHCConfig`)."""
+
+    n_layers: int
+    n_heads: int
+    n_streams: int
+    d_model: int
+    d_vocab: int
+    n_ctx: int               # the longest sequence a forward takes
+    hyper_conn_type: str     # the mixer variant ("mhc", "hc", ...), a registry key
+
+    @property
+    def n_sublayers(self) -> int: ...  # 2 * n_layers (attention, MLP, attention, ...)
+
+    def to_dict(self) -> Dict[str, Any]: ...
+
+
+@runtime_checkable
+class MultiStreamModel(Protocol):
+    """A hooked model with `cfg.n_streams` residual streams and `cfg.n_sublayers` hyper-connected
+    sublayers, named `sublayer_names[k]` ("blocks.{l}.attn" / "blocks.{l}.mlp"), each with the hook
+    points of the README table (`{name}.hook_streams_in`, `.hook_h_pre`, ...)."""
+
+    cfg: ModelConfig
+    tokenizer: Any                  # encode(str) -> List[int], or None
+    hook_dict: Dict[str, HookPoint]  # every hook point by name
+
+    @property
+    def device(self) -> torch.device: ...     # where tokens go and logits come back
+
+    @property
+    def dtype(self) -> torch.dtype: ...       # of the stream state
+
+    @property
+    def sublayer_names(self) -> List[str]: ...
+
+    @property
+    def W_U(self) -> Tensor: ...              # [d_model, d_vocab] unembedding
+
+    # ------------------------------------------------------------------------------ forward
+    @overload
+    def forward(self, input: Union[TokensLike, Tensor], return_type: Literal["logits", "loss"] = ..., *,
+                start_at_sublayer: Optional[int] = ..., stop_at_sublayer: None = ...,
+                tokens: Optional[Tensor] = ...) -> Tensor: ...
+
+    @overload
+    def forward(self, input: Union[TokensLike, Tensor], return_type: Literal["both"], *,
+                start_at_sublayer: Optional[int] = ..., stop_at_sublayer: None = ...,
+                tokens: Optional[Tensor] = ...) -> Tuple[Tensor, Tensor]: ...
+
+    @overload
+    def forward(self, input: Union[TokensLike, Tensor], return_type: None, *,
+                start_at_sublayer: Optional[int] = ..., stop_at_sublayer: None = ...,
+                tokens: Optional[Tensor] = ...) -> None: ...
+
+    @overload
+    def forward(self, input: Union[TokensLike, Tensor], return_type: Optional[str] = ..., *,
+                start_at_sublayer: Optional[int] = ..., stop_at_sublayer: int,
+                tokens: Optional[Tensor] = ...) -> Tensor: ...
+
+    def forward(self, input, return_type="logits", *, start_at_sublayer=None, stop_at_sublayer=None,
+                tokens=None):
+        """input: tokens [batch, pos] (or text), or with `start_at_sublayer=k` the stream state
+        [batch, pos, n_streams, d_model] entering sublayer k (`tokens=` [batch, pos]: its ids, for
+        "loss" and token-routed layers). Returns logits [batch, pos, d_vocab] ("logits"), the mean
+        next-token cross-entropy ("loss"), both, None, or - with `stop_at_sublayer=k` - the state
+        [batch, pos, n_streams, d_model] entering sublayer k (k = n_sublayers: the final state)."""
+
+    __call__ = forward
+
+    def to_tokens(self, text: Union[str, Sequence[str]]) -> Tensor: ...  # -> [batch, pos] on `device`
+
+    def unembed_streams(self, state: Tensor) -> Tensor:
+        """The model's readout of a final state: [batch, pos, n_streams, d_model] -> logits
+        [batch, pos, d_vocab] (the hooks of the readout fire)."""
+
+    def stream_contributions(self, state: Tensor, dtype: torch.dtype = ...) -> Tensor:
+        """The readout split by stream: [batch, pos, n_streams, d_model] -> c [batch, pos, n_streams,
+        d_vocab] in `dtype` (float32 by default) with sum_s c_s = unembed_streams(state), c_s the
+        term of stream s. No hook fires."""
+
+    # -------------------------------------------------------------------------------- hooks
+    def run_with_cache(self, *args: Any, **kwargs: Any) -> Tuple[Any, MHCCache]:
+        """`forward(*args, **kwargs)` and an `MHCCache` {hook name: activation} of the hooks
+        `names_filter=` selects (a name, a list or a predicate; all by default)."""
+
+    def hooks(self, fwd_hooks: Sequence[Tuple[Any, Any]] = ..., bwd_hooks: Sequence[Tuple[Any, Any]] = ...,
+              reset_hooks_end: bool = ..., clear_contexts: bool = ...) -> ContextManager[Any]:
+        """Run with the (name or predicate, fn(activation, hook) -> activation or None) hooks."""
+
+    def frozen_mixing(self, source: Mapping[str, Tensor], sublayers: Optional[Sequence[Union[int, str]]] = ...
+                      ) -> ContextManager[Any]:
+        """Inside: every sublayer's (or the chosen ones') H_pre/H_post/H_res - and a learned readout's
+        weights, if the model has one and `source` holds them - come from `source` (a cache of the
+        hooks `hooks.is_mixing_hook` selects), not from the (possibly edited) state. A cache of
+        batch B serves a run of batch k*B."""
+
+    def to(self, *args: Any, **kwargs: Any) -> MultiStreamModel: ...  # `nn.Module.to`
+
+    def summary(self) -> str: ...             # one line: architecture, size, dtype, device

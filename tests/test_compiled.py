@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from mhc_interp.hooks import is_mixing_hook
-from mhc_interp.model.compiled import module_observed
+from mhc_interp.model.compiled import compile_once, module_observed
 from mhc_interp.model.sublayer import BOUNDARY_HOOKS
 from mhc_interp.probes import ablate_and_rescue
 
@@ -189,3 +189,38 @@ def test_compile_can_be_switched_off(toks):
         model.compile(False)
         assert not any(s.compiled or s.mixer.compiled for s in model.sublayers)
         assert torch.equal(model(toks), ref)
+
+
+# two functions with their own code objects (dynamo caches graphs per code object)
+FRESH_FUNCTIONS = {"per-region limit": lambda x: 2 * x, "torch without per-region limits": lambda x: 2 * x}
+
+
+@pytest.mark.parametrize("torch_kind", list(FRESH_FUNCTIONS))
+def test_compiled_regions_get_their_graph_limit_and_leave_torchs_alone(monkeypatch, torch_kind):
+    """compile_once's regions may compile more graphs than torch's process-wide `recompile_limit`
+    (3 shapes under a global limit of 1), and that limit is the same afterwards - with a
+    `torch.compile(recompile_limit=)` and with a torch without it (the limit is raised around each
+    call). The eager backend stands in for inductor: what counts is dynamo's graph count."""
+    real_compile = torch.compile
+
+    def fake_compile(fn, **kwargs):
+        if "recompile_limit" in kwargs and torch_kind != "per-region limit":
+            raise TypeError("compile() got an unexpected keyword argument 'recompile_limit'")
+        return real_compile(fn, backend="eager", **kwargs)
+
+    monkeypatch.setattr(torch, "compile", fake_compile)
+    stats = torch._dynamo.utils.counters["stats"]
+    with torch._dynamo.config.patch(recompile_limit=1, automatic_dynamic_shapes=False):
+        before = stats["unique_graphs"]
+        double = compile_once(FRESH_FUNCTIONS[torch_kind])
+        for n in (1, 2, 3):
+            assert torch.equal(double(torch.ones(n)), torch.full((n,), 2.0))
+        assert stats["unique_graphs"] - before == 3
+        assert torch._dynamo.config.recompile_limit == 1
+
+
+def test_compiled_model_leaves_torchs_recompile_limit_alone(models, toks):
+    limit = torch._dynamo.config.recompile_limit
+    with torch.no_grad():
+        models[1](toks)
+    assert torch._dynamo.config.recompile_limit == limit == 8   # torch's default: nothing raised it

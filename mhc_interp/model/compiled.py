@@ -10,25 +10,37 @@ only entered when nothing inside it can be observed.
 """
 from __future__ import annotations
 
+import functools
 from typing import Callable, Dict
 
 import torch
 from torch import nn
 
 # Two sublayer types x float32/bf16 x grad/no-grad x static/dynamic shapes exceeds dynamo's
-# default of 8 graphs per function; past the limit dynamo silently falls back to eager.
+# default of 8 graphs per function; past the limit dynamo silently falls back to eager. The higher
+# limit holds for these regions only: torch's global `recompile_limit` is left as it is.
 RECOMPILE_LIMIT = 64
 
 _COMPILED: Dict[Callable, Callable] = {}
 
 
 def compile_once(fn: Callable) -> Callable:
-    """The `torch.compile`d `fn` (created on first use; compiling itself happens on first call)."""
+    """The `torch.compile`d `fn` (created on first use; compiling itself happens on first call),
+    allowed max(RECOMPILE_LIMIT, the global limit) graphs."""
     if fn not in _COMPILED:
-        config = torch._dynamo.config
-        config.recompile_limit = max(config.recompile_limit, RECOMPILE_LIMIT)
-        _COMPILED[fn] = torch.compile(fn)
+        limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
+        try:
+            _COMPILED[fn] = torch.compile(fn, recompile_limit=limit)
+        except TypeError:  # a torch without per-region limits: raise the global one around each call
+            compiled = torch.compile(fn)
+            _COMPILED[fn] = functools.wraps(fn)(
+                lambda *args, **kwargs: _with_limit(limit, compiled, args, kwargs))
     return _COMPILED[fn]
+
+
+def _with_limit(limit: int, compiled: Callable, args: tuple, kwargs: dict):
+    with torch._dynamo.config.patch(recompile_limit=limit):
+        return compiled(*args, **kwargs)
 
 
 def torch_hooks_attached(module: nn.Module) -> bool:

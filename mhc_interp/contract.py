@@ -4,13 +4,13 @@ hyper-connected sublayer computes or is frozen to.
 
     x' = H_res x + H_post^T F(H_pre x)     x [batch, pos, n_streams, d_model], per sublayer
 
-Nothing here imports torch or the models: `hooks/` and `model/` both build on this module, and
+At run time nothing here imports torch or the models: `hooks/` and `model/` both build on this module, and
 `isinstance(model, MultiStreamModel)` checks that every member is present (not their signatures).
 """
 from __future__ import annotations
 
-from typing import (TYPE_CHECKING, Any, ContextManager, Dict, List, Literal, Mapping, NamedTuple, Optional,
-                    Protocol, Sequence, Tuple, Union, overload, runtime_checkable)
+from typing import (TYPE_CHECKING, Any, Callable, ContextManager, Dict, List, Literal, Mapping, NamedTuple,
+                    Optional, Protocol, Sequence, Tuple, Union, overload, runtime_checkable)
 
 if TYPE_CHECKING:
     import torch
@@ -47,20 +47,58 @@ class MixingCoefficients(NamedTuple):
 
 
 class ModelConfig(Protocol):
-    """The config fields probes read (`MHCConfig`, the HF adapter's `HFMHCConfig`)."""
-
-    n_layers: int
-    n_heads: int
-    n_streams: int
-    d_model: int
-    d_vocab: int
-    n_ctx: int               # the longest sequence a forward takes
-    hyper_conn_type: str     # the mixer variant ("mhc", "hc", ...), a registry key
+    """The config fields probes read (`MHCConfig`, the HF adapter's `HFMHCConfig`); read-only."""
 
     @property
-    def n_sublayers(self) -> int: ...  # 2 * n_layers (attention, MLP, attention, ...)
+    def n_layers(self) -> int: ...
+    @property
+    def n_sublayers(self) -> int: ...        # 2 * n_layers (attention, MLP, attention, ...)
+    @property
+    def n_heads(self) -> int: ...
+    @property
+    def n_streams(self) -> int: ...
+    @property
+    def d_model(self) -> int: ...
+    @property
+    def d_vocab(self) -> int: ...
+    @property
+    def n_ctx(self) -> int: ...              # the longest sequence a forward takes
+    @property
+    def hyper_conn_type(self) -> str: ...    # the mixer variant ("mhc", "hc", ...), a registry key
 
     def to_dict(self) -> Dict[str, Any]: ...
+
+
+class Forward(Protocol):
+    """`model(...)` / `model.forward(...)`: input tokens [batch, pos] (or text), or with
+    `start_at_sublayer=k` the stream state [batch, pos, n_streams, d_model] entering sublayer k
+    (`tokens=` [batch, pos]: its ids, for "loss" and token-routed layers). Returns logits
+    [batch, pos, d_vocab] ("logits"), the mean next-token cross-entropy ("loss"), both, None, or -
+    with `stop_at_sublayer=k` - the state [batch, pos, n_streams, d_model] entering sublayer k
+    (k = n_sublayers: the final state)."""
+
+    @overload
+    def __call__(self, input: Union[TokensLike, Tensor], return_type: Literal["logits", "loss"] = ..., *,
+                 start_at_sublayer: Optional[int] = ..., stop_at_sublayer: None = ...,
+                 tokens: Optional[Tensor] = ...) -> Tensor: ...
+
+    @overload
+    def __call__(self, input: Union[TokensLike, Tensor], return_type: Literal["both"], *,
+                 start_at_sublayer: Optional[int] = ..., stop_at_sublayer: None = ...,
+                 tokens: Optional[Tensor] = ...) -> Tuple[Tensor, Tensor]: ...
+
+    @overload
+    def __call__(self, input: Union[TokensLike, Tensor], return_type: None, *,
+                 start_at_sublayer: Optional[int] = ..., stop_at_sublayer: None = ...,
+                 tokens: Optional[Tensor] = ...) -> None: ...
+
+    @overload
+    def __call__(self, input: Union[TokensLike, Tensor], return_type: Optional[str] = ..., *,
+                 start_at_sublayer: Optional[int] = ..., stop_at_sublayer: int,
+                 tokens: Optional[Tensor] = ...) -> Tensor: ...
+
+
+HookList = List[Tuple[Union[str, Callable[..., Any]], Callable[..., Any]]]   # (name or predicate, fn)
 
 
 @runtime_checkable
@@ -69,9 +107,15 @@ class MultiStreamModel(Protocol):
     sublayers, named `sublayer_names[k]` ("blocks.{l}.attn" / "blocks.{l}.mlp"), each with the hook
     points of the README table (`{name}.hook_streams_in`, `.hook_h_pre`, ...)."""
 
-    cfg: ModelConfig
-    tokenizer: Any                  # encode(str) -> List[int], or None
+    tokenizer: Any                   # encode(str) -> List[int], or None
     hook_dict: Dict[str, HookPoint]  # every hook point by name
+    __call__: Forward
+
+    @property
+    def forward(self) -> Forward: ...
+
+    @property
+    def cfg(self) -> ModelConfig: ...
 
     @property
     def device(self) -> torch.device: ...     # where tokens go and logits come back
@@ -85,37 +129,6 @@ class MultiStreamModel(Protocol):
     @property
     def W_U(self) -> Tensor: ...              # [d_model, d_vocab] unembedding
 
-    # ------------------------------------------------------------------------------ forward
-    @overload
-    def forward(self, input: Union[TokensLike, Tensor], return_type: Literal["logits", "loss"] = ..., *,
-                start_at_sublayer: Optional[int] = ..., stop_at_sublayer: None = ...,
-                tokens: Optional[Tensor] = ...) -> Tensor: ...
-
-    @overload
-    def forward(self, input: Union[TokensLike, Tensor], return_type: Literal["both"], *,
-                start_at_sublayer: Optional[int] = ..., stop_at_sublayer: None = ...,
-                tokens: Optional[Tensor] = ...) -> Tuple[Tensor, Tensor]: ...
-
-    @overload
-    def forward(self, input: Union[TokensLike, Tensor], return_type: None, *,
-                start_at_sublayer: Optional[int] = ..., stop_at_sublayer: None = ...,
-                tokens: Optional[Tensor] = ...) -> None: ...
-
-    @overload
-    def forward(self, input: Union[TokensLike, Tensor], return_type: Optional[str] = ..., *,
-                start_at_sublayer: Optional[int] = ..., stop_at_sublayer: int,
-                tokens: Optional[Tensor] = ...) -> Tensor: ...
-
-    def forward(self, input, return_type="logits", *, start_at_sublayer=None, stop_at_sublayer=None,
-                tokens=None):
-        """input: tokens [batch, pos] (or text), or with `start_at_sublayer=k` the stream state
-        [batch, pos, n_streams, d_model] entering sublayer k (`tokens=` [batch, pos]: its ids, for
-        "loss" and token-routed layers). Returns logits [batch, pos, d_vocab] ("logits"), the mean
-        next-token cross-entropy ("loss"), both, None, or - with `stop_at_sublayer=k` - the state
-        [batch, pos, n_streams, d_model] entering sublayer k (k = n_sublayers: the final state)."""
-
-    __call__ = forward
-
     def to_tokens(self, text: Union[str, Sequence[str]]) -> Tensor: ...  # -> [batch, pos] on `device`
 
     def unembed_streams(self, state: Tensor) -> Tensor:
@@ -127,14 +140,13 @@ class MultiStreamModel(Protocol):
         d_vocab] in `dtype` (float32 by default) with sum_s c_s = unembed_streams(state), c_s the
         term of stream s. No hook fires."""
 
-    # -------------------------------------------------------------------------------- hooks
     def run_with_cache(self, *args: Any, **kwargs: Any) -> Tuple[Any, MHCCache]:
         """`forward(*args, **kwargs)` and an `MHCCache` {hook name: activation} of the hooks
         `names_filter=` selects (a name, a list or a predicate; all by default)."""
 
-    def hooks(self, fwd_hooks: Sequence[Tuple[Any, Any]] = ..., bwd_hooks: Sequence[Tuple[Any, Any]] = ...,
-              reset_hooks_end: bool = ..., clear_contexts: bool = ...) -> ContextManager[Any]:
-        """Run with the (name or predicate, fn(activation, hook) -> activation or None) hooks."""
+    def hooks(self, fwd_hooks: HookList = ..., bwd_hooks: HookList = ..., reset_hooks_end: bool = ...,
+              clear_contexts: bool = ...) -> ContextManager[Any]:
+        """Run with the hooks: fn(activation, hook) returns the new activation or None."""
 
     def frozen_mixing(self, source: Mapping[str, Tensor], sublayers: Optional[Sequence[Union[int, str]]] = ...
                       ) -> ContextManager[Any]:
@@ -143,6 +155,6 @@ class MultiStreamModel(Protocol):
         hooks `hooks.is_mixing_hook` selects), not from the (possibly edited) state. A cache of
         batch B serves a run of batch k*B."""
 
-    def to(self, *args: Any, **kwargs: Any) -> MultiStreamModel: ...  # `nn.Module.to`
+    def to(self, *args: Any, **kwargs: Any) -> Any: ...   # `nn.Module.to`
 
     def summary(self) -> str: ...             # one line: architecture, size, dtype, device

@@ -22,9 +22,9 @@ import torch
 from torch import Tensor, nn
 from transformer_lens.hook_points import HookPoint
 
+from ..contract import MixingCoefficients
 from ..hooks.root import StreamHookedRoot
 from ..model.compiled import torch_hooks_attached
-from ..model.mixers import MixingCoefficients
 from .deepseek_v4 import DEEPSEEK_V4
 from .devices import AdapterHookPoint, execution_device, onloaded
 from .spec import HyperConnectionSpec, UnsupportedModelError, stream_count, validate_structure

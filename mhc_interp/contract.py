@@ -47,24 +47,18 @@ class MixingCoefficients(NamedTuple):
 
 
 class ModelConfig(Protocol):
-    """The config fields probes read (`MHCConfig`, the HF adapter's `HFMHCConfig`); read-only."""
+    """The config fields probes read (`MHCConfig`, the HF adapter's `HFMHCConfig`)."""
+
+    n_layers: int
+    n_heads: int
+    n_streams: int
+    d_model: int
+    d_vocab: int
+    n_ctx: int               # the longest sequence a forward takes
+    hyper_conn_type: str     # the mixer variant ("mhc", "hc", ...), a registry key
 
     @property
-    def n_layers(self) -> int: ...
-    @property
-    def n_sublayers(self) -> int: ...        # 2 * n_layers (attention, MLP, attention, ...)
-    @property
-    def n_heads(self) -> int: ...
-    @property
-    def n_streams(self) -> int: ...
-    @property
-    def d_model(self) -> int: ...
-    @property
-    def d_vocab(self) -> int: ...
-    @property
-    def n_ctx(self) -> int: ...              # the longest sequence a forward takes
-    @property
-    def hyper_conn_type(self) -> str: ...    # the mixer variant ("mhc", "hc", ...), a registry key
+    def n_sublayers(self) -> int: ...  # 2 * n_layers (attention, MLP, attention, ...)
 
     def to_dict(self) -> Dict[str, Any]: ...
 

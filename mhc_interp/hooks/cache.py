@@ -1,15 +1,13 @@
 """`MHCCache`: the dict `run_with_cache` returns, with helpful errors and per-stream access."""
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Dict
+from typing import Dict
 
 from torch import Tensor
 
+from ..contract import MultiStreamModel
 from .names import unknown_hook_error
 from .streams import check_streams, select_streams
-
-if TYPE_CHECKING:
-    from ..contract import MultiStreamModel
 
 
 class MHCCache(dict):

@@ -7,12 +7,11 @@ published in the README is generated from the model and cannot drift.
 from __future__ import annotations
 
 import difflib
-from typing import TYPE_CHECKING, Dict, Iterable, List, Tuple
+from typing import Dict, Iterable, List, Tuple
 
 import torch
 
-if TYPE_CHECKING:
-    from ..contract import MultiStreamModel
+from ..contract import MultiStreamModel
 
 # suffix -> (axes, what it holds)
 HOOK_SPECS: Dict[str, Tuple[Tuple[str, ...], str]] = {

@@ -46,15 +46,14 @@ Gotchas (nnsight 0.8):
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, List, Tuple
+from typing import Any, List, Tuple
 
 import torch
 from nnsight import NNsight
 from nnsight.intervention.batching import Batcher
 from torch import Tensor
 
-if TYPE_CHECKING:
-    from ..contract import MultiStreamModel
+from ..contract import MultiStreamModel
 
 __all__ = ["MHCNNsight", "to_nnsight"]
 

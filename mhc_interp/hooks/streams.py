@@ -3,15 +3,13 @@ by hand. Stream-valued hooks (`names.STREAM_VALUED`) carry the stream axis at di
 [batch, pos, n_streams, d_model] states and [batch, pos, n_streams] read/write weights."""
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Callable, List, Sequence, Tuple, Union
+from typing import Any, Callable, List, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor
 
+from ..contract import MultiStreamModel
 from .names import STREAM_VALUED, check_hook_names, suffix
-
-if TYPE_CHECKING:
-    from ..contract import MultiStreamModel
 
 STREAM_AXIS = 2
 Streams = Union[int, Sequence[int]]

@@ -133,21 +133,12 @@ class HookedMHC(StreamHookedRoot):
 
     # ------------------------------------------------------------------------------ fast paths
     def compile(self, enable: bool = True) -> "HookedMHC":
-        """Hook-safe `torch.compile`: in every sublayer, the coefficient maths (RMSNorm,
-        projections, Sinkhorn / permutation mix) and `apply` (read, LayerNorm, attention or MLP,
-        write-back) run as compiled graphs, one per variant / sublayer type shared by all layers.
-
-        Unlike `torch.compile(model)` (whose graphs ignore hooks attached after compiling), hooks
-        keep working: the boundary hook points (streams_in/out, h_pre/h_post/h_res) sit between
-        the compiled regions, and a sublayer whose interior is observed (hook_read/write/res_mix,
-        q/k/v/pattern/z, MLP pre/post, torch hooks, nnsight) runs that sublayer eagerly. Frozen
-        mixing, resumed runs and backward work unchanged. The first forward of each new shape or
-        dtype pays the compilation; outputs agree with eager to float rounding (the eager CPU
-        Sinkhorn takes the linear-domain path, the compiled one the log domain: ~3e-7). A second
-        shape makes torch re-trace with dynamic batch / position sizes (automatic dynamic shapes);
-        where the shapes are few and fixed, keep one static graph per shape instead (no symbolic
-        sizes, no extra re-trace): wrap the forwards in
-        `torch._dynamo.config.patch(automatic_dynamic_shapes=False)`, as tests/test_compiled.py does. `enable=False` returns to the eager model."""
+        """Hook-safe `torch.compile` (README "Compiled fast path"): each sublayer's coefficient maths
+        and `apply` run as compiled graphs, one per variant and sublayer type, between the boundary
+        hook points; a sublayer whose interior is observed runs eagerly, so no hook is skipped.
+        Outputs agree with eager to float rounding; the first forward of a shape or dtype compiles.
+        A second shape re-traces with dynamic sizes: for a few fixed shapes keep static graphs with
+        `torch._dynamo.config.patch(automatic_dynamic_shapes=False)`. `enable=False`: eager again."""
         for sub in self.sublayers:
             sub.compiled = enable
             sub.mixer.compiled = enable

@@ -7,18 +7,16 @@ runner (`run_probes`) hands it every batch of the token source.
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 from torch import Tensor
 from torch.nn import functional as F
 
+from ..contract import MultiStreamModel
 from ..hooks.freeze import is_mixing_hook
 from .base import Probe
-
-if TYPE_CHECKING:
-    from ..contract import MultiStreamModel
 
 
 class CausalProbe(Probe):

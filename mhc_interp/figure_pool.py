@@ -1,22 +1,25 @@
 """Figures drawn in a worker process while the report's next probes run.
 
 Matplotlib's layout and PNG encoding are about a third of the report's time on a small model, and
-the probes keep one core busy: one worker process (started with the first job; its imports
-overlap the next probes) renders each result's figures as soon as the result exists. The worker is spawned,
-not forked (torch's thread pools do not survive a fork), ignores Ctrl-C (the main process stops
-it and cleans up), and reports how long each job took, so the report can say what ran
-overlapped. `FigurePool(enabled=False)` renders in the calling process instead, same interface.
+the probes keep one core busy: one worker process renders each result's figures as soon as the
+result exists. It is started by the first job or by `start()` (the report calls it before its
+probes, so the worker's imports overlap them), spawned, not forked (torch's thread pools do not
+survive a fork), ignores Ctrl-C (the main process stops it and cleans up), and reports how long
+each job took, so the report can say what ran overlapped. At `wait()` the jobs the worker has not
+started are drawn in the calling process meanwhile: two renderers for the tail.
+`FigurePool(enabled=False)` renders in the calling process instead, same interface.
 """
 from __future__ import annotations
 
+import importlib
 import multiprocessing
 import signal
 import time
 from concurrent.futures import Future, ProcessPoolExecutor
-from typing import Any, Callable, Dict, List, Tuple
+from typing import Any, Callable, Dict, List, Sequence, Tuple
 
 
-def _init_worker() -> None:
+def _init_worker(preload: Sequence[str]) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)   # Ctrl-C reaches the whole process group: the main process handles it
     import matplotlib
 
@@ -24,6 +27,8 @@ def _init_worker() -> None:
     import torch
 
     torch.set_num_threads(1)
+    for module in ("matplotlib.pyplot", *preload):   # imported while idle, not by the first job
+        importlib.import_module(module)
 
 
 def _timed(fn: Callable, args: Tuple) -> Tuple[Any, float]:
@@ -31,26 +36,48 @@ def _timed(fn: Callable, args: Tuple) -> Tuple[Any, float]:
     return fn(*args), time.perf_counter() - t0
 
 
+def _run_into(future: Future, fn: Callable, args: Tuple) -> None:
+    """fn(*args) here, timed, its value (or error, raised again by result()) into `future`."""
+    try:
+        future.set_result(_timed(fn, args))
+    except Exception as e:  # noqa: BLE001 - raised again by result(), as the worker's would be
+        future.set_exception(e)
+
+
+def _copy_into(outer: Future, inner: Future) -> None:
+    if inner.cancelled():   # taken back by wait(): drawn in the calling process
+        return
+    if inner.exception() is not None:
+        outer.set_exception(inner.exception())
+    else:
+        outer.set_result(inner.result())
+
+
 class FigurePool:
-    def __init__(self, enabled: bool = True):
+    def __init__(self, enabled: bool = True, preload: Sequence[str] = ()):
         self.enabled = enabled
-        self._pool = None                      # started with the first job: a run with no figures spawns nothing
-        self.seconds: Dict[str, float] = {}    # phase -> seconds the worker spent on it
+        self.preload = tuple(preload)           # modules the worker imports when it starts
+        self._pool = None                      # started by start() or the first job: a run with no figures spawns nothing
+        self.seconds: Dict[str, float] = {}    # phase -> seconds spent on it (worker or, at the tail, this process)
         self._pending: List[Tuple[str, Future]] = []
+        self._queued: List[Tuple[Future, Callable, Tuple, Future]] = []   # (worker's, fn, args, caller's)
+
+    def start(self) -> None:
+        """Spawn the worker now (if enabled and not running), so its imports overlap what follows."""
+        if self.enabled and self._pool is None:
+            self._pool = ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn"),
+                                             initializer=_init_worker, initargs=(self.preload,))
 
     def submit(self, phase: str, fn: Callable, *args) -> Future:
         """fn(*args) in the worker (fn and args picklable); its Future holds fn's value."""
-        if self.enabled and self._pool is None:
-            self._pool = ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn"),
-                                             initializer=_init_worker)
+        self.start()
+        future: Future = Future()
         if self._pool is None:
-            future: Future = Future()
-            try:
-                future.set_result(_timed(fn, args))
-            except Exception as e:  # noqa: BLE001 - raised again by result(), as the worker's would be
-                future.set_exception(e)
+            _run_into(future, fn, args)
         else:
-            future = self._pool.submit(_timed, fn, args)
+            inner = self._pool.submit(_timed, fn, args)
+            inner.add_done_callback(lambda done, outer=future: _copy_into(outer, done))
+            self._queued.append((inner, fn, args, future))
         self._pending.append((phase, future))
         return future
 
@@ -59,8 +86,16 @@ class FigurePool:
         return future.result()[0]
 
     def wait(self) -> None:
-        """Wait for every job; record their times; raise the first job's error."""
+        """Wait for every job, drawing here the queued ones the worker has not started (latest
+        first); record their times; raise the first job's error."""
+        here = set()
+        for inner, fn, args, outer in reversed(self._queued):
+            if inner.cancel():
+                _run_into(outer, fn, args)
+                here.add(id(outer))
+        self._queued.clear()
         for phase, future in self._pending:
+            phase += " (drawn in the main process)" if id(future) in here else ""
             self.seconds[phase] = self.seconds.get(phase, 0.0) + future.result()[1]
         self._pending.clear()
 

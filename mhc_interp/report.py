@@ -185,7 +185,7 @@ def build_report(model, out: Path, corpus: Optional[Sequence[Path]] = None,
         texts = read_texts(corpus) if corpus else []
         tokens = corpus_tokens(model, texts, cfg)
     tmp = output_folder.staging_folder(out)
-    figures = FigurePool(cfg.background_figures)
+    figures = FigurePool(cfg.background_figures, preload=(__name__,))   # the worker imports the report's figure code
     try:
         sections = _run_all(model, tokens, tmp, cfg, timer, figures)
         with timer("figures: waiting for the worker"):
@@ -267,6 +267,7 @@ def _run_all(model, tokens: Tensor, folder: Path, cfg: ReportConfig, timer: Phas
              figures: FigurePool) -> List[Dict]:
     """Every section's probe on the model: the shared forward over `tokens` [n_seq, seq_len]
     first, then the probes the report runs itself (`OWN_RUNS`); the page sections in order."""
+    figures.start()   # its imports overlap the shared forward
     declared = report_sections()
     sections_of = {label: sec for label, _, sec in declared}
     shared = shared_forward_probes(model, cfg)
@@ -590,7 +591,8 @@ def render_html(sections: List[Dict], notes: List[str], timings: Sequence[Dict] 
         parts.append("</table>")
         if worker_timings:
             parts.append("<table class='worker'><caption>figures drawn in a worker process, overlapped with the "
-                         "phases above</caption><tr><th>phase</th><th>seconds</th></tr>")
+                         "phases above (the last ones, if the worker had not started them, in the main process "
+                         "while waiting for it)</caption><tr><th>phase</th><th>seconds</th></tr>")
             parts += [f"<tr><td style='text-align:left'>{esc(t['phase'])}</td><td>{t['seconds']:.2f}</td></tr>"
                       for t in worker_timings]
             parts.append("</table>")

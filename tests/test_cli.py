@@ -1,5 +1,7 @@
 """The command line: report, probe, train, check, hooks - and its errors."""
 import json
+import os
+import time
 
 import pytest
 import torch
@@ -29,7 +31,8 @@ def test_report_writes_a_complete_folder(tmp_path):
     timings = {t["phase"]: t["seconds"] for t in written["timings"]}
     worker = {t["phase"]: t["seconds"] for t in written["worker_timings"]}
     for probe in results:   # every probe's work and figures are timed, and the phases add up to the whole
-        assert any(p.startswith(f"{probe}: ") for p in timings) and worker.get(f"{probe}: figures", 0) > 0, probe
+        drawn = [s for p, s in worker.items() if p in (f"{probe}: figures", f"{probe}: figures (drawn in the main process)")]
+        assert any(p.startswith(f"{probe}: ") for p in timings) and len(drawn) == 1 and drawn[0] > 0, probe
     assert "forward (shared by the observational probes)" in timings and min(timings.values()) >= 0
     assert abs(sum(t["share"] for t in written["timings"]) - 1) < 0.01
     assert "Where the time went" in page
@@ -239,3 +242,33 @@ def test_model_names_paths_and_tokenizers(tmp_path, monkeypatch):
     assert resolve_model_path("~/demo-mhc") == tmp_path / "demo-mhc"
     with pytest.raises(CheckpointError, match="tokens but the model's vocabulary only 10"):
         load_tokenizer(asset("demo-mhc"), MHCConfig(n_layers=1, n_heads=1, d_model=8, d_vocab=10))
+
+
+def _slow_job(seconds):
+    time.sleep(seconds)
+    return os.getpid()
+
+
+def _square_job(i):
+    return i * i, os.getpid()
+
+
+def test_figure_pool_draws_the_unstarted_jobs_here_while_waiting():
+    """Every job runs exactly once and returns its own value; those still queued behind a slow
+    job when `wait()` is called run in this process (at most 2 reach the worker's call queue)."""
+    from mhc_interp.figure_pool import FigurePool
+
+    pool = FigurePool(enabled=True)
+    try:
+        slow = pool.submit("slow", _slow_job, 2.0)
+        squares = [pool.submit(f"square {i}", _square_job, i) for i in range(6)]
+        pool.wait()
+        assert FigurePool.value(slow) != os.getpid()                     # the worker drew the first
+        values = [FigurePool.value(f) for f in squares]
+        assert [v for v, _ in values] == [i * i for i in range(6)]
+        here = [i for i, (_, pid) in enumerate(values) if pid == os.getpid()]
+        assert len(here) >= 4 and here == list(range(6 - len(here), 6))   # the latest queued
+        assert {p for p in pool.seconds if p.endswith("(drawn in the main process)")} == \
+            {f"square {i} (drawn in the main process)" for i in here}
+    finally:
+        pool.close()

@@ -72,22 +72,22 @@ class Forward(Protocol):
     (k = n_sublayers: the final state)."""
 
     @overload
-    def __call__(self, input: Union[TokensLike, Tensor], return_type: Literal["logits", "loss"] = ..., *,
+    def __call__(self, input: TokensLike, return_type: Literal["logits", "loss"] = ..., *,
                  start_at_sublayer: Optional[int] = ..., stop_at_sublayer: None = ...,
                  tokens: Optional[Tensor] = ...) -> Tensor: ...
 
     @overload
-    def __call__(self, input: Union[TokensLike, Tensor], return_type: Literal["both"], *,
+    def __call__(self, input: TokensLike, return_type: Literal["both"], *,
                  start_at_sublayer: Optional[int] = ..., stop_at_sublayer: None = ...,
                  tokens: Optional[Tensor] = ...) -> Tuple[Tensor, Tensor]: ...
 
     @overload
-    def __call__(self, input: Union[TokensLike, Tensor], return_type: None, *,
+    def __call__(self, input: TokensLike, return_type: None, *,
                  start_at_sublayer: Optional[int] = ..., stop_at_sublayer: None = ...,
                  tokens: Optional[Tensor] = ...) -> None: ...
 
     @overload
-    def __call__(self, input: Union[TokensLike, Tensor], return_type: Optional[str] = ..., *,
+    def __call__(self, input: TokensLike, return_type: Optional[str] = ..., *,
                  start_at_sublayer: Optional[int] = ..., stop_at_sublayer: int,
                  tokens: Optional[Tensor] = ...) -> Tensor: ...
 

@@ -27,13 +27,14 @@ def main(argv=None):
     import matplotlib.pyplot as plt
     import numpy as np
     from mhc_interp.probes import CKA
+    from mhc_interp.probes.sites import evenly_spaced
 
     ex = Example("cka_intra", __doc__, argv, add_arguments=_options)
     ex.require_streams()
     result = ex.run(CKA(sites="layers", minibatch_tokens=ex.cfg.cka_minibatch))
     ex.save_result(result)
     sites, n = result.site_names, ex.n_streams
-    picks = sorted(set(np.linspace(0, len(sites) - 1, min(ex.args.layers, len(sites))).round().astype(int)))
+    picks = evenly_spaced(len(sites), ex.args.layers)
     fig, axes = plt.subplots(2, len(picks), figsize=(0.4 + (0.75 * n + 0.6) * len(picks), 1.2 + 1.5 * n),
                              squeeze=False)
     blocks = {}

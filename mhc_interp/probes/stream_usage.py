@@ -27,6 +27,7 @@ from torch import Tensor
 from .base import (Probe, ProbeResult, ReportSection, masked_rows, register_probe, register_result, require_streams,
                    take_rows)
 from .figure_helpers import MAX_ANNOTATED_COLUMNS, heatmap_grid, text_color
+from .sites import evenly_spaced
 
 SUM_KEYS = ("h_res", "h_res_dist", "read_share", "read_share_norm", "write_share", "stream_norm",
             "h_pre", "h_post", "h_post_sq", "h_post_fro", "h_post_var_streams")
@@ -150,7 +151,7 @@ class StreamUsageResult(ProbeResult):
         subs, n = self.meta["sublayers"], self.meta["n_streams"]
         x = np.arange(len(subs))
         figs = {}
-        picks = np.unique(np.linspace(0, len(subs) - 1, min(max_heatmaps, len(subs))).round().astype(int))
+        picks = evenly_spaced(len(subs), max_heatmaps)
         fig = heatmap_grid([self["mean_h_res"][k] for k in picks], [subs[k] for k in picks], vmin=0, vmax=1,
                            xlabel="source stream", ylabel="target stream", colorbar="mean H_res",
                            title="token-averaged H_res [target, source]")

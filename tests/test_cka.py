@@ -278,11 +278,11 @@ def _run(model, tokens, batch_size, **kw):
 
 def test_probe_equals_full_cache_reference(probe_setup):
     model, tokens = probe_setup
-    sites = [f"{s}.hook_streams_out" for s in model.sublayer_names]
+    sites = ["hook_streams_init"] + [f"{s}.hook_streams_out" for s in model.sublayer_names]
     reps = _reps_from_cache(model, tokens, sites)
     n_tok = N_SEQ * (SEQ - 1)
     for debiased in [True, False]:
-        res = _run(model, tokens, N_SEQ, minibatch_tokens=512, debiased=debiased)
+        res = _run(model, tokens, N_SEQ, sites="sublayers", minibatch_tokens=512, debiased=debiased)
         ref = ref_cka_matrix(reps, debiased=debiased)
         np.testing.assert_allclose(res["cka"], ref, atol=1e-8, rtol=0)
         np.testing.assert_allclose(res["cka_debiased" if debiased else "cka_biased"], ref, atol=1e-8, rtol=0)
@@ -290,9 +290,9 @@ def test_probe_equals_full_cache_reference(probe_setup):
         assert res.meta["tokens_dropped"] == 0
         assert res["cka"].shape == (len(sites) * 4,) * 2
     assert not np.allclose(res["cka_debiased"], res["cka_biased"], atol=1e-3)
-    assert res.meta["labels"][:5] == ["blocks.0.attn/s0", "blocks.0.attn/s1", "blocks.0.attn/s2",
-                                      "blocks.0.attn/s3", "blocks.0.mlp/s0"]
-    np.testing.assert_allclose(res.intra("blocks.1.attn"), res["cka"][8:12, 8:12])
+    assert res.meta["labels"][:6] == ["embed/s0", "embed/s1", "embed/s2", "embed/s3", "blocks.0.attn/s0",
+                                      "blocks.0.attn/s1"]
+    np.testing.assert_allclose(res.intra("blocks.1.attn"), res["cka"][12:16, 12:16])
     np.testing.assert_allclose(res.intra_all(), res["intra"])
     np.testing.assert_allclose(res["intra"][3], res.intra(3))
 
@@ -304,7 +304,7 @@ def test_probe_minibatches_match_reference_for_every_runner_split(probe_setup, m
     float32 mHC mixer makes the forward itself differ at ~1e-6 between batch shapes, which is not
     the probe's doing.)"""
     model, tokens = probe_setup
-    sites = [f"blocks.{l}.mlp.hook_streams_out" for l in range(model.cfg.n_layers)]
+    sites = ["hook_streams_init"] + [f"blocks.{l}.mlp.hook_streams_out" for l in range(model.cfg.n_layers)]
     n_tok = N_SEQ * (SEQ - 1)
     batches = shuffled_minibatches(n_tok, minibatch, shuffle_tokens)
     assert sorted(i for b in batches for i in b) == list(range(n_tok))   # every token, once
@@ -403,7 +403,7 @@ def test_state_size_constant():
     assert probe._n_minibatches == 5 * 4
     R = len(names) * 4
     assert len(set(sizes)) == 1, sizes
-    assert sizes[0] == 8 * 64 * R * 16 * 4 + 2 * R * R * 8
+    assert sizes[0] == 8 * 64 * R * 16 * 4 + 2 * R * R * 8 + 8 * 64 * 8   # rows, HSIC sums, row order
     # the 1620 - 20 * 64 = 340 tokens left are flushed as 6 minibatches of 56-57
     meta = probe.result().meta
     assert (meta["n_minibatches"], meta["tokens_used"], meta["tokens_dropped"]) == (26, 1620, 0)

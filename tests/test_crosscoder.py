@@ -497,3 +497,27 @@ def test_a_second_crosscoder_on_a_drained_buffer(tiny):
     once.next_batch(22)
     with pytest.raises(ValueError, match="no rows left for the normalisation sample"):
         train_crosscoder(once, cfg.__class__(dict_size=16, k=2, batch_size=22), n_steps=1, progress=False)
+
+
+def test_shuffle_buffer_serves_rows_in_the_documented_order():
+    """ShuffleBuffer keeps slots, not rows, in order; what it serves equals a slow reference that
+    moves the rows themselves: a list of unread rows, appended to, permuted by the same seeded
+    randperm, read from the front. Puts are cut at the capacity."""
+    from mhc_interp.probes.crosscoder_buffer import ShuffleBuffer
+
+    buf, ref, gen = ShuffleBuffer(10, seed=4), [], torch.Generator().manual_seed(4)
+    rows = torch.arange(60, dtype=torch.float32)[:, None].expand(60, 3)
+    fed, served, expected = 0, [], []
+    for k_put, k_take in [(7, 0), (9, 4), (6, 5), (12, 3), (10, 10), (8, 2)]:
+        took = buf.put(rows[fed:fed + k_put])
+        assert took == min(k_put, 10 - len(ref))
+        ref += rows[fed:fed + took].tolist()
+        fed += took
+        buf.shuffle()
+        ref = [ref[i] for i in torch.randperm(len(ref), generator=gen).tolist()]
+        assert buf.peek(2).tolist() == ref[:2]
+        served += buf.take(k_take).tolist()
+        expected, ref = expected + ref[:k_take], ref[k_take:]
+        assert buf.unread == len(ref)
+    assert served == expected and len(served) == 24
+    assert buf.storage.shape == (10, 3)

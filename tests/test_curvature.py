@@ -318,6 +318,8 @@ def test_bad_sites(mhc):
         Curvature(sites=["blocks.0.mlp.hook_streams_outt"])
     with pytest.raises(ValueError, match="sites must be"):
         Curvature(sites="layer")
+    with pytest.raises(ValueError, match="control_fraction"):
+        Curvature(control_fraction=0)
     with pytest.raises(HookNameError, match="unknown hook name"):
         run_probes(mhc, Curvature(sites=["blocks.7.mlp.hook_streams_out"]), torch.zeros(1, 4, dtype=torch.long),
                    progress=False)
@@ -365,20 +367,24 @@ def test_save_load_and_plot(mhc, tmp_path):
 
 
 # ---------------------------------------------------------------------------- 7. controls
-def test_shuffled_token_control_matches_reference(mhc):
-    """The control is the curvature of the same windows with the valid positions' tokens permuted
-    within each row (position 0 and padding stay), one seeded permutation per row in order."""
+@pytest.mark.parametrize("fraction,rows", [(1.0, [0, 1, 2, 3, 4]), (0.25, [0, 2, 4]), (0.75, [0, 1, 2, 3, 4])])
+def test_shuffled_token_control_matches_reference(mhc, fraction, rows):
+    """The control is the curvature of each batch's first ceil(control_fraction x batch) windows
+    (batches of 2 here) with the valid positions' tokens permuted within each row (position 0 and
+    padding stay), one seeded permutation per row in order; the real curvature uses every row."""
     g = torch.Generator().manual_seed(5)
     tokens = torch.randint(0, mhc.cfg.d_vocab, (5, 12), generator=g)
-    r = run_probes(mhc, Curvature(seed=3), tokens, batch_size=2, progress=False)
+    r = run_probes(mhc, Curvature(seed=3, control_fraction=fraction), tokens, batch_size=2, progress=False)
     gen = torch.Generator().manual_seed(3)
-    shuffled = tokens.clone()
-    for b in range(len(tokens)):
+    shuffled = tokens[rows].clone()
+    for b, row in enumerate(rows):
         idx = torch.arange(1, 12)
-        shuffled[b, idx] = tokens[b, idx[torch.randperm(11, generator=gen)]]
-    assert not torch.equal(shuffled, tokens)
-    assert torch.equal(shuffled.sort(1).values, tokens.sort(1).values) and torch.equal(shuffled[:, 0], tokens[:, 0])
+        shuffled[b, idx] = tokens[row, idx[torch.randperm(11, generator=gen)]]
+    assert not torch.equal(shuffled, tokens[rows])
+    assert torch.equal(shuffled.sort(1).values, tokens[rows].sort(1).values)
+    assert torch.equal(shuffled[:, 0], tokens[rows, 0])
     mean, sem, count = reference(mhc, shuffled.tolist(), r.meta["site_names"], batch_size=2)
+    assert r.meta["control_fraction"] == fraction
     np.testing.assert_allclose(r["shuffled_mean"], mean, rtol=0, atol=1e-9)
     np.testing.assert_allclose(r["shuffled_sem"], sem, rtol=0, atol=1e-9)
     np.testing.assert_array_equal(r["shuffled_n_sequences"], count)

@@ -23,7 +23,7 @@ K = k(X), L = k(Y) their N x N Gram matrices, H = I - 11^T / N the centring matr
   their CKA deviates from the full-data debiased CKA by up to 0.023 at 256 tokens per minibatch,
   against <= 0.01 with the shuffle below. The probe therefore draws minibatches from a bounded
   token shuffle (`crosscoder_buffer.ShuffleBuffer`, the crosscoder's mechanism): tokens enter a
-  buffer of `shuffle_tokens` rows (default 8 minibatches) in arrival order; when it is full its
+  buffer of `shuffle_tokens` rows (default 8 minibatches, at most 1 GiB) in arrival order; when it is full its
   rows are shuffled and floor(shuffle_tokens / (2 minibatch_tokens)) minibatches are taken from
   it, the other half stays and is mixed with the next tokens. At the end (`result()`) the U
   tokens still in the buffer are shuffled and split into ceil(U / minibatch_tokens) minibatches
@@ -40,8 +40,9 @@ K = k(X), L = k(Y) their N x N Gram matrices, H = I - 11^T / N the centring matr
 
 All HSIC values of R representations are computed together: the centred Grams are stacked and
 flattened into G in R^{R x N^2} and the [R, R] matrix is the single GEMM G G^T. Everything is
-float64 (no TF32 issue); memory per minibatch is about 2 * R * N^2 * 8 bytes (N = minibatch_tokens)
-plus the shuffle buffer, shuffle_tokens * R * d_model * (bytes per activation element).
+float64 (no TF32 issue); memory: the Grams, R * N^2 * 8 bytes (N = minibatch_tokens), 64 MiB of
+float64 features at a time, and the shuffle buffer, shuffle_tokens * R * d_model * (bytes per
+activation element), which the default caps at 1 GiB (fewer sequences mixed at great depth).
 
 CKA is invariant to orthogonal transforms and isotropic scaling of either representation, not to
 anisotropic scaling (outlier dimensions can dominate: `standardize=True` z-scores each feature
@@ -50,20 +51,24 @@ A constant representation has HSIC(K, K) = 0 and CKA NaN.
 """
 from __future__ import annotations
 
-from typing import Dict, List, Optional, Sequence, Union
+from typing import TYPE_CHECKING, Dict, List, Optional, Union
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from .base import (Probe, ProbeResult, masked_rows, register_probe, register_result, require_streams,
-                  stream_state_sites, take_rows)
+from .base import Probe, ProbeResult, masked_rows, register_probe, register_result, require_streams
 from .crosscoder_buffer import ShuffleBuffer
+from .sites import SiteSpec, check_site_spec, evenly_spaced, site_hooks, site_label, site_rows
+
+if TYPE_CHECKING:
+    from ..contract import MultiStreamModel
 
 __all__ = ["gram_linear", "gram_rbf", "center_gram", "hsic_matrix", "cka_from_hsic",
            "CKA", "CKAResult"]
 
-# hooks of shape [batch, pos, n_streams, d_model] whose streams CKA can compare
+SHUFFLE_BYTES = 2 ** 30   # the default shuffle buffer's cap: 1 GiB (never under 2 minibatches)
+_CHUNK_BYTES = 64 * 2 ** 20  # float64 features converted at a time (a few representations)
 
 
 # ---------------------------------------------------------------------------------- functions
@@ -218,22 +223,25 @@ class CKA(Probe):
     representation (R = n_sites * n_streams, ordered site-major: r = site * n + stream) is formed
     and the unbiased and biased HSIC matrices [R, R] are accumulated (sum + count). `result()`
     flushes the buffer into the last minibatches without changing the state (it is repeatable),
-    so every token is used (`meta["tokens_used"]`; `tokens_dropped` is 0). State: the buffer
-    [shuffle_tokens, R, d_model] in the activations' dtype + two [R, R] float64 matrices,
-    whatever the corpus size.
+    so every token is used (`meta["tokens_used"]`; `tokens_dropped` is 0).
 
-    sites: None = every sublayer's `hook_streams_out`; "layers" = `blocks.{l}.mlp.hook_streams_out`
-        (one per block); or a list of stream-state hook names ([batch, pos, n_streams, d_model]).
-    kernel: "linear" or "rbf" (median heuristic, `rbf_threshold` x the median distance).
+    Memory, whatever the corpus size: the buffer [shuffle_tokens, R, d_model] in the activations'
+    dtype, the minibatch's Grams [R, N, N] float64 (N = minibatch_tokens) and two [R, R] float64
+    matrices; features are copied to float64 (and centred in place) a few representations at a
+    time, tokens enter the buffer 64 MiB at a time.
+
+    sites: a site spec (`sites.py`; default "layers": the embedding streams and every block's
+        output). kernel: "linear" or "rbf" (median heuristic, `rbf_threshold` x the median distance).
     debiased: which estimator is the main `cka` array (both are always stored).
     standardize: z-score every feature within each minibatch (robustness to outlier dimensions).
-    shuffle_tokens: rows of the shuffle buffer (default 8 * minibatch_tokens; at least
-        2 * minibatch_tokens). seed: the shuffle's seed.
+    shuffle_tokens: rows of the shuffle buffer (default 8 * minibatch_tokens, capped at
+        SHUFFLE_BYTES = 1 GiB but never under 2 * minibatch_tokens; at least 2 * minibatch_tokens).
+        seed: the shuffle's seed.
     """
 
     name = "cka"
 
-    def __init__(self, sites: Union[None, str, Sequence[str]] = None, minibatch_tokens: int = 512,
+    def __init__(self, sites: SiteSpec = None, minibatch_tokens: int = 512,
                  kernel: str = "linear", rbf_threshold: float = 1.0, debiased: bool = True,
                  standardize: bool = False, shuffle_tokens: Optional[int] = None, seed: int = 0):
         if kernel not in ("linear", "rbf"):
@@ -241,17 +249,14 @@ class CKA(Probe):
         if int(minibatch_tokens) < 4:
             raise ValueError(f"minibatch_tokens must be >= 4 (debiased CKA needs at least 4 "
                              f"tokens), got {minibatch_tokens}")
-        shuffle_tokens = 8 * int(minibatch_tokens) if shuffle_tokens is None else int(shuffle_tokens)
-        if shuffle_tokens < 2 * int(minibatch_tokens):
+        if shuffle_tokens is not None and int(shuffle_tokens) < 2 * int(minibatch_tokens):
             raise ValueError(f"shuffle_tokens must be >= 2 * minibatch_tokens = {2 * int(minibatch_tokens)} "
                              f"(half the buffer stays to be mixed with later tokens), got {shuffle_tokens}")
         if rbf_threshold <= 0:
             raise ValueError(f"rbf_threshold must be > 0, got {rbf_threshold}")
-        if isinstance(sites, str) and sites != "layers":
-            raise ValueError(f"sites must be None, 'layers' or a list of hook names, got {sites!r}")
-        self.sites = sites
+        self.sites = check_site_spec(sites, "CKA")
         self.minibatch_tokens = int(minibatch_tokens)
-        self.shuffle_tokens = shuffle_tokens
+        self.shuffle_tokens = None if shuffle_tokens is None else int(shuffle_tokens)
         self.seed = int(seed)
         self.kernel = kernel
         self.rbf_threshold = float(rbf_threshold)
@@ -262,24 +267,27 @@ class CKA(Probe):
         self._reset_state()
 
     def _reset_state(self) -> None:
-        self._buffer = ShuffleBuffer(self.shuffle_tokens, seed=self.seed)  # rows [R, d]
+        self._buffer: Optional[ShuffleBuffer] = None   # rows [R, d], made by the first update
         self._hsic_u: Optional[Tensor] = None  # [R, R] sums over minibatches
         self._hsic_b: Optional[Tensor] = None
         self._n_minibatches = 0
         self._tokens_used = 0
 
-    # ---------------------------------------------------------------------------- contract
-    def _resolve_sites(self, model) -> List[str]:
-        spec = "sublayers" if self.sites is None else self.sites
-        return stream_state_sites(model, spec, "CKA", with_init=False)
+    def _buffer_rows(self, row_bytes: int) -> int:
+        """shuffle_tokens, or the default: 8 minibatches, at most SHUFFLE_BYTES, at least 2."""
+        m = self.minibatch_tokens
+        if self.shuffle_tokens is not None:
+            return self.shuffle_tokens
+        return max(2 * m, min(8 * m, SHUFFLE_BYTES // row_bytes))
 
-    def setup(self, model) -> None:
+    # ---------------------------------------------------------------------------- contract
+    def setup(self, model: "MultiStreamModel") -> None:
         require_streams(model, self.name)
-        self._site_names = self._resolve_sites(model)
+        self._site_names = site_hooks(model, self.sites, "CKA")
         self._n_streams = int(model.cfg.n_streams)
         self._reset_state()
 
-    def hook_names(self, model) -> List[str]:
+    def hook_names(self, model: "MultiStreamModel") -> List[str]:
         if self._site_names is None:
             self.setup(model)
         return list(self._site_names)
@@ -287,34 +295,43 @@ class CKA(Probe):
     def update(self, acts: Dict[str, Tensor], mask: Tensor) -> None:
         if self._site_names is None:
             raise RuntimeError("CKA.update called before setup(model)")
-        # [T, n_sites, n, d] -> [T, R, d], rows in arrival (batch-major, then position) order; the
-        # masked rows' indices are found once (one device sync), not once per site
         first = acts[self._site_names[0]]
-        rows = masked_rows(mask, first.device)
-        x = torch.stack([take_rows(acts[s], rows) for s in self._site_names], dim=1)
-        T, S, n, d = x.shape
-        if n != self._n_streams:
-            raise ValueError(f"CKA: activations have {n} streams, the model {self._n_streams}")
-        x = x.reshape(T, S * n, d)
-        buf, m = self._buffer, self.minibatch_tokens
-        per_fill = max(1, self.shuffle_tokens // (2 * m))   # minibatches taken per full buffer
-        start = 0
-        while start < T:
-            start += buf.put(x[start:])
-            if buf.unread == buf.capacity:
-                buf.shuffle()
-                for _ in range(per_fill):
-                    u, b = self._minibatch_hsic(buf.take(m))
-                    self._accumulate(u, b, m)
+        if first.shape[2] != self._n_streams:
+            raise ValueError(f"CKA: activations have {first.shape[2]} streams, the model {self._n_streams}")
+        rows = masked_rows(mask, first.device)       # found once (one device sync), not once per site
+        m, R, d = self.minibatch_tokens, len(self._site_names) * self._n_streams, first.shape[-1]
+        if self._buffer is None:
+            self._buffer = ShuffleBuffer(self._buffer_rows(R * d * first.element_size()), seed=self.seed)
+        buf = self._buffer
+        per_fill = max(1, buf.capacity // (2 * m))   # minibatches taken per full buffer
+        for chunk in torch.split(rows, max(1, _CHUNK_BYTES // (R * d * first.element_size()))):
+            # rows in arrival order, at most 64 MiB of them stacked at a time
+            start = 0
+            while start < len(chunk):
+                x = site_rows(acts, self._site_names, chunk[start:]).reshape(-1, R, d)   # [T, R, d]
+                start += buf.put(x)
+                if buf.unread == buf.capacity:
+                    buf.shuffle()
+                    for _ in range(per_fill):
+                        self._accumulate(*self._minibatch_hsic(buf.take_slots(m)), m)
 
-    def _minibatch_hsic(self, X: Tensor) -> tuple:
-        """X [N, R, d] -> (unbiased HSIC [R, R], biased HSIC [R, R]) of this minibatch (float64)."""
-        X = _f64(X).transpose(0, 1)  # [R, N, d]
-        if self.standardize:
-            X = _center_features(X)
-            std = X.pow(2).mean(dim=-2, keepdim=True).sqrt()
-            X = X / torch.where(std > 0, std, torch.ones_like(std))
-        grams = gram_linear(X) if self.kernel == "linear" else gram_rbf(X, self.rbf_threshold)
+    def _minibatch_hsic(self, slots: Tensor) -> tuple:
+        """The buffer rows at `slots` [N] -> (unbiased HSIC [R, R], biased HSIC [R, R]) of this
+        minibatch (float64); its Grams [R, N, N] are formed a few representations at a time."""
+        storage = self._buffer.storage                                     # [capacity, R, d]
+        N, R, d = len(slots), storage.shape[1], storage.shape[2]
+        slots = slots.to(storage.device)
+        grams = torch.empty(R, N, N, dtype=torch.float64, device=storage.device)
+        step = max(1, _CHUNK_BYTES // (N * d * 8))
+        for lo in range(0, R, step):
+            X = storage[slots, lo:lo + step].transpose(0, 1).to(torch.float64)    # [r, N, d], a copy
+            X -= X.mean(dim=-2, keepdim=True)                                  # centre in place
+            if self.standardize:
+                X /= X.pow(2).mean(dim=-2, keepdim=True).sqrt_().clamp_min_(torch.finfo(X.dtype).tiny)
+            if self.kernel == "linear":
+                torch.matmul(X, X.transpose(-1, -2), out=grams[lo:lo + step])
+            else:
+                grams[lo:lo + step] = gram_rbf(X, self.rbf_threshold)
         return _hsic_both(grams)
 
     def _accumulate(self, u: Tensor, b: Tensor, n_tokens: int) -> None:
@@ -334,48 +351,47 @@ class CKA(Probe):
         g = min(-(-left // self.minibatch_tokens), left // 4)
         return [left // g + (1 if i < left % g else 0) for i in range(g)]
 
-    def result(self) -> "CKAResult":
-        if self._site_names is None:
-            raise RuntimeError("CKA.result called before setup(model)")
+    def _flushed_hsic(self):
+        """(HSIC sums, minibatches, tokens used, tokens left over) with the buffer's rest taken
+        as the last minibatches, shuffled with a generator of its own: the state is untouched."""
         hu, hb = self._hsic_u, self._hsic_b
         k, used = self._n_minibatches, self._tokens_used
-        left = self._buffer.unread
+        left = 0 if self._buffer is None else self._buffer.unread
         sizes = self._flush_sizes(left)
-        if sizes:  # shuffle the rest with a generator of its own: the probe's state is untouched
-            rest = self._buffer.peek(left)
-            rest = rest[torch.randperm(left, generator=torch.Generator().manual_seed(self.seed + 1))
-                        .to(rest.device)]
+        if sizes:
+            rest = self._buffer.order[torch.randperm(left, generator=torch.Generator().manual_seed(self.seed + 1))]
             for chunk in torch.split(rest, sizes):
                 u, b = self._minibatch_hsic(chunk)
                 hu, hb = (u, b) if hu is None else (hu + u, hb + b)
             k, used = k + len(sizes), used + left
-        dropped = left - sum(sizes)
+        return hu, hb, k, used, left - sum(sizes)
+
+    def result(self) -> "CKAResult":
+        if self._site_names is None:
+            raise RuntimeError("CKA.result called before setup(model)")
+        hu, hb, k, used, dropped = self._flushed_hsic()
         if k == 0:
             raise ValueError(f"CKA needs at least 4 tokens (a minibatch; debiased CKA needs at "
-                             f"least 4 tokens), but only {left} token(s) were seen after masking")
+                             f"least 4 tokens), but only {dropped} token(s) were seen after masking")
         hu, hb = hu / k, hb / k
         cka_u, cka_b = cka_from_hsic(hu), cka_from_hsic(hb)
         main = cka_u if self.debiased else cka_b
         n, S = self._n_streams, len(self._site_names)
         intra = torch.stack([main[i * n:(i + 1) * n, i * n:(i + 1) * n] for i in range(S)])
-        labels = [f"{_short(s)}/s{j}" for s in self._site_names for j in range(n)]
         arrays = {k_: v.detach().cpu().numpy() for k_, v in dict(
             cka=main, cka_debiased=cka_u, cka_biased=cka_b, intra=intra,
             hsic_debiased=hu, hsic_biased=hb).items()}
-        meta = dict(site_names=list(self._site_names), n_streams=n, labels=labels,
+        capacity = None if self._buffer is None else self._buffer.capacity
+        meta = dict(site_names=list(self._site_names), n_streams=n,
+                    labels=[site_label((s, j)) for s in self._site_names for j in range(n)],
                     n_minibatches=k, tokens_used=used, tokens_dropped=dropped,
-                    minibatch_tokens=self.minibatch_tokens, shuffle_tokens=self.shuffle_tokens,
+                    minibatch_tokens=self.minibatch_tokens, shuffle_tokens=capacity,
                     seed=self.seed, kernel=self.kernel,
                     rbf_threshold=self.rbf_threshold if self.kernel == "rbf" else None,
                     debiased=self.debiased, standardize=self.standardize,
                     estimator=("minibatch debiased (unbiased HSIC_1)" if self.debiased
                                else "minibatch biased (HSIC_0)") + ", minibatches from a token shuffle")
         return CKAResult(probe=self.name, arrays=arrays, meta=meta)
-
-
-def _short(site: str) -> str:
-    """'blocks.3.mlp.hook_streams_out' -> 'blocks.3.mlp'; other hooks keep their full name."""
-    return site[: -len(".hook_streams_out")] if site.endswith(".hook_streams_out") else site
 
 
 # ---------------------------------------------------------------------------------- the result
@@ -400,9 +416,9 @@ class CKAResult(ProbeResult):
                 raise IndexError(f"site index {site} out of range for {len(names)} sites")
             return int(site) % len(names)
         for i, s in enumerate(names):
-            if site in (s, _short(s)):
+            if site in (s, site_label(s)):
                 return i
-        raise KeyError(f"unknown site {site!r}; sites: {[_short(s) for s in names]}")
+        raise KeyError(f"unknown site {site!r}; sites: {[site_label(s) for s in names]}")
 
     def intra(self, site: Union[int, str]) -> np.ndarray:
         """[n, n] stream-by-stream CKA at one site (index, hook name or 'blocks.3.mlp')."""
@@ -424,7 +440,7 @@ class CKAResult(ProbeResult):
         vmin = min(0.0, float(np.nanmin(M))) if np.isfinite(M).any() else 0.0
         figs = {}
 
-        idx = sorted(set(np.linspace(0, S - 1, min(max_sites, S)).round().astype(int).tolist()))
+        idx = evenly_spaced(S, max_sites)
         cols = min(4, len(idx))
         rows = -(-len(idx) // cols)
         fig, axes = plt.subplots(rows, cols, figsize=(3.1 * cols, 3.0 * rows), squeeze=False)
@@ -432,7 +448,7 @@ class CKAResult(ProbeResult):
         for k, (ax, i) in enumerate(zip(axes.flat, idx)):
             block = self.intra(i)
             im = ax.imshow(block, vmin=vmin, vmax=1.0, cmap="viridis")
-            ax.set_title(_short(names[i]), fontsize=9)
+            ax.set_title(site_label(names[i]), fontsize=9)
             ax.set_xticks(range(n))
             ax.set_yticks(range(n))
             if k % cols == 0:
@@ -458,7 +474,7 @@ class CKAResult(ProbeResult):
         im = ax.imshow(M, vmin=vmin, vmax=1.0, cmap="viridis", interpolation="nearest")
         step = max(1, int(np.ceil(S / 24)))  # at most ~24 site labels
         ticks = [i * n + (n - 1) / 2 for i in range(0, S, step)]
-        tick_labels = [_short(names[i]) for i in range(0, S, step)]
+        tick_labels = [site_label(names[i]) for i in range(0, S, step)]
         ax.set_xticks(ticks)
         ax.set_xticklabels(tick_labels, rotation=90, fontsize=7)
         ax.set_yticks(ticks)

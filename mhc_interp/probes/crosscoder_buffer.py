@@ -60,11 +60,11 @@ class ShuffleBuffer:
     (`put`), the unread ones are shuffled (`shuffle`) and read from the front (`take`, `peek`).
 
     Storage: `capacity` rows of one shape, [capacity, *row_shape] in `dtype` on `device` (by
-    default those of the first rows put), allocated on the first `put`; it never grows. Rows
-    [pos, n) are unread. `put` first moves the unread rows to the front (dropping the read ones),
-    then appends as many new rows as fit and returns how many it took. `shuffle` permutes the
-    unread rows with a seeded CPU generator, so the order is deterministic given the seed and the
-    sequence of calls. A row read by `take` is a view of the storage, valid until the next `put`.
+    default those of the first rows put), allocated on the first `put`; it never grows. The rows
+    themselves never move: `order` lists the slots of the unread rows in reading order, `put`
+    writes into free slots and appends them to it, `shuffle` permutes it (a seeded CPU
+    generator: deterministic given the seed and the calls), `take` / `take_slots` consume it
+    from the front. So no call copies more than the rows it is given or returns.
     """
 
     def __init__(self, capacity: int, seed: int = 0, dtype: Optional[torch.dtype] = None, device=None):
@@ -73,14 +73,15 @@ class ShuffleBuffer:
         self.capacity = int(capacity)
         self.dtype = dtype
         self.device = torch.device(device) if device is not None else None
-        self.storage: Optional[Tensor] = None   # [capacity, *row_shape]
-        self.n = 0                              # rows written
-        self.pos = 0                            # rows [pos, n) are unread
+        self.storage: Optional[Tensor] = None                        # [capacity, *row_shape]
+        self._slots = torch.zeros(self.capacity, dtype=torch.long)   # [:unread]: reading order
+        self.unread = 0
         self._gen = torch.Generator().manual_seed(seed)
 
     @property
-    def unread(self) -> int:
-        return self.n - self.pos
+    def order(self) -> Tensor:
+        """The slots of the unread rows [unread], in reading order."""
+        return self._slots[:self.unread]
 
     def allocate(self, row_shape: Sequence[int], dtype: torch.dtype, device) -> None:
         """Allocate the storage [capacity, *row_shape] now (else the first `put` does)."""
@@ -88,43 +89,47 @@ class ShuffleBuffer:
         self.device = self.device if self.device is not None else torch.device(device)
         self.storage = torch.empty(self.capacity, *row_shape, dtype=self.dtype, device=self.device)
 
-    def compact(self) -> None:
-        """Move the unread rows to the front, freeing the read ones."""
-        unread = self.unread
-        if unread and self.pos:
-            self.storage[:unread] = self.storage[self.pos:self.n].clone()
-        self.n, self.pos = unread, 0
-
     def put(self, rows: Tensor) -> int:
-        """Append up to `capacity - unread` of rows [k, *row_shape]; returns how many were taken."""
+        """Store up to `capacity - unread` of rows [k, *row_shape]; returns how many were taken."""
         if self.storage is None:
             self.allocate(rows.shape[1:], rows.dtype, rows.device)
         elif tuple(rows.shape[1:]) != tuple(self.storage.shape[1:]):
             raise ValueError(f"rows of shape {tuple(rows.shape[1:])} do not fit a buffer of rows "
                              f"{tuple(self.storage.shape[1:])}")
-        if self.pos:
-            self.compact()
-        take = min(len(rows), self.capacity - self.n)
-        self.storage[self.n:self.n + take] = rows[:take]
-        self.n += take
+        take = min(len(rows), self.capacity - self.unread)
+        free = torch.ones(self.capacity, dtype=torch.bool)
+        free[self.order] = False
+        slots = free.nonzero()[:take, 0]                                        # [take]
+        self.storage.index_copy_(0, slots.to(self.storage.device), rows[:take].to(self.storage))
+        self._slots[self.unread:self.unread + take] = slots
+        self.unread += take
         return take
 
     def shuffle(self) -> None:
         """Permute the unread rows (seeded)."""
-        perm = torch.randperm(self.unread, generator=self._gen).to(self.storage.device)
-        self.storage[self.pos:self.n] = self.storage[self.pos:self.n][perm]
+        self._slots[:self.unread] = self.order[torch.randperm(self.unread, generator=self._gen)]
 
-    def take(self, k: int) -> Tensor:
-        """The next min(k, unread) unread rows (a view), marked read."""
-        out = self.peek(k)
-        self.pos += len(out)
+    def take_slots(self, k: int) -> Tensor:
+        """The slots of the next min(k, unread) unread rows, marked read (valid until the next `put`)."""
+        k = min(int(k), self.unread)
+        out = self._slots[:k].clone()
+        self._slots[:self.unread - k] = self._slots[k:self.unread].clone()
+        self.unread -= k
         return out
 
-    def peek(self, k: int) -> Tensor:
-        """The next min(k, unread) unread rows (a view), left unread."""
+    def rows(self, slots: Tensor) -> Tensor:
+        """A copy of the rows at `slots` [k] -> [k, *row_shape]."""
         if self.storage is None:
             raise ValueError("the shuffle buffer is empty (nothing was put)")
-        return self.storage[self.pos:min(self.n, self.pos + int(k))]
+        return self.storage[slots.to(self.storage.device)]
+
+    def take(self, k: int) -> Tensor:
+        """A copy of the next min(k, unread) unread rows, marked read."""
+        return self.rows(self.take_slots(k))
+
+    def peek(self, k: int) -> Tensor:
+        """A copy of the next min(k, unread) unread rows, left unread."""
+        return self.rows(self.order[:int(k)])
 
 
 # ----------------------------------------------------------------------------------- sources
@@ -298,8 +303,7 @@ class ActivationBuffer(ActivationSource):
         if buf.storage is None:
             buf.allocate((self.n_sites, self.d_model), self.storage_dtype, self.device)
             self._rows = self._model_rows()
-        buf.compact()
-        while buf.n < self.capacity and not self._exhausted:
+        while buf.unread < self.capacity and not self._exhausted:
             if self._pending is None or len(self._pending) == 0:
                 try:
                     self._pending = next(self._rows)

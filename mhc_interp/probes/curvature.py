@@ -43,11 +43,14 @@ Controls, reported with every result (`meta["baselines"]`, arrays `shuffled_*`):
   valid positions permuted within each window (seeded; masked positions, e.g. position 0, stay),
   run through the same model: `shuffled_mean` / `shuffled_sem` per site and column. It separates
   what the model does with natural word order from what it does with any sequence of the same
-  tokens. It costs one forward per batch of the probe's own (`own_runs`); the real trajectories
-  come from the runner's shared forward.
+  tokens. It costs one forward of the probe's own per batch (`own_runs`), on the first
+  ceil(control_fraction x batch) windows of it (default a quarter: its standard error, reported,
+  is about twice that of all windows; `shuffled_n_sequences` counts them); the real
+  trajectories come from the runner's shared forward, over every window.
 """
 from __future__ import annotations
 
+import math
 import warnings
 from typing import TYPE_CHECKING, Dict, List, Optional, Tuple
 
@@ -188,9 +191,10 @@ class Curvature(Probe):
     controls (see the module docstring).
 
     Curvature(sites=None (a `sites.py` spec, default "layers"), eps=1e-12, shuffled_control=True,
-    seed=0). Through `run_probes` it reads its sites from the shared forward (`update`) and, with
-    `shuffled_control`, runs one forward of its own per batch (`own_runs`): the same windows with
-    each window's valid tokens permuted (seeded). `update` alone gives no control. State: per accumulator (real, shuffled) three
+    control_fraction=0.25, seed=0). Through `run_probes` it reads its sites from the shared forward
+    (`update`) and, with `shuffled_control`, runs one forward of its own per batch (`own_runs`):
+    its first ceil(control_fraction x batch) windows with each window's valid tokens permuted
+    (seeded). `update` alone gives no control. State: per accumulator (real, shuffled) three
     float64 arrays (Σκ, Σκ², N) plus skipped-sequence and angle counts, each
     [n_sites, n_streams + 1]; it does not grow with the corpus. Without `setup(model)`, explicit
     hook names are required and n_streams is read from the first batch (handy for feeding
@@ -200,14 +204,17 @@ class Curvature(Probe):
     name = "curvature"
 
     def __init__(self, sites: SiteSpec = None, eps: float = 1e-12, shuffled_control: bool = True,
-                 seed: int = 0):
+                 control_fraction: float = 0.25, seed: int = 0):
         self.sites = check_site_spec(sites, "curvature")
         self.site_names: Optional[List[str]] = (check_site_names(self.sites, "curvature")
                                                 if isinstance(self.sites, list) else None)
         if not eps >= 0:
             raise ValueError(f"curvature: eps must be >= 0, got {eps}")
         self.eps = float(eps)
+        if not 0 < control_fraction <= 1:
+            raise ValueError(f"curvature: control_fraction must be in (0, 1], got {control_fraction}")
         self.shuffled_control = bool(shuffled_control)
+        self.control_fraction = float(control_fraction)
         self.seed = int(seed)
         self.n_streams: Optional[int] = None
         self._main: Optional[_Moments] = None
@@ -239,12 +246,15 @@ class Curvature(Probe):
 
     # --- streaming
     def own_runs(self, model, tokens: Tensor, mask: Tensor) -> None:
-        """With `shuffled_control`: the curvature of the batch's windows with their valid tokens
-        permuted (tokens, mask [batch, pos]; after `update` has taken the batch as given)."""
+        """With `shuffled_control`: the curvature of the batch's first ceil(control_fraction x batch)
+        windows with their valid tokens permuted (tokens, mask [batch, pos]; after `update` has
+        taken the batch as given)."""
         if not self.shuffled_control:
             return
         if self.site_names is None or self._main is None:
             self.setup(model)
+        k = math.ceil(self.control_fraction * len(tokens))
+        tokens, mask = tokens[:k], mask[:k]
         shuffled = shuffle_valid_positions(tokens, mask, self._gen)
         self._shuffled.add(*self._batch_curvatures(forward_sites(model, shuffled, self.site_names), mask))
 
@@ -326,7 +336,7 @@ class Curvature(Probe):
                       columns=columns, n_streams=self.n_streams, eps=self.eps, units="degrees",
                       sites=self.sites if isinstance(self.sites, (str, int)) else "explicit",
                       baselines=baselines, shuffled_control="shuffled_mean" in arrays,
-                      shuffle_seed=self.seed),
+                      control_fraction=self.control_fraction, shuffle_seed=self.seed),
         )
 
 

@@ -9,7 +9,7 @@ A subclass implements the rest of `contract.MultiStreamModel` (`cfg`, `device`, 
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import Any, Callable, Iterator, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Iterator, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor
@@ -34,7 +34,7 @@ class StreamHookedRoot(HookedRootModule):
         return [s for block in self.blocks for s in (block.attn, block.mlp)]
 
     @property
-    def sublayer_names(self) -> list:
+    def sublayer_names(self) -> List[str]:
         return [s.name for s in self.sublayers]
 
     # ----------------------------------------------------------------------------- input checks

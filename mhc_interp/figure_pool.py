@@ -44,23 +44,14 @@ def _run_into(future: Future, fn: Callable, args: Tuple) -> None:
         future.set_exception(e)
 
 
-def _copy_into(outer: Future, inner: Future) -> None:
-    if inner.cancelled():   # taken back by wait(): drawn in the calling process
-        return
-    if inner.exception() is not None:
-        outer.set_exception(inner.exception())
-    else:
-        outer.set_result(inner.result())
-
-
 class FigurePool:
     def __init__(self, enabled: bool = True, preload: Sequence[str] = ()):
         self.enabled = enabled
         self.preload = tuple(preload)           # modules the worker imports when it starts
         self._pool = None                      # started by start() or the first job: a run with no figures spawns nothing
         self.seconds: Dict[str, float] = {}    # phase -> seconds spent on it (worker or, at the tail, this process)
-        self._pending: List[Tuple[str, Future]] = []
-        self._queued: List[Tuple[Future, Callable, Tuple, Future]] = []   # (worker's, fn, args, caller's)
+        self._jobs: List[Tuple[str, Future, Callable, Tuple]] = []
+        self._drawn_here: Dict[Future, Future] = {}   # a job wait() took back from the worker -> its result here
 
     def start(self) -> None:
         """Spawn the worker now (if enabled and not running), so its imports overlap what follows."""
@@ -69,35 +60,31 @@ class FigurePool:
                                              initializer=_init_worker, initargs=(self.preload,))
 
     def submit(self, phase: str, fn: Callable, *args) -> Future:
-        """fn(*args) in the worker (fn and args picklable); its Future holds fn's value."""
+        """fn(*args) in the worker (fn and args picklable); `value(future)` is fn's value."""
         self.start()
-        future: Future = Future()
         if self._pool is None:
+            future: Future = Future()
             _run_into(future, fn, args)
         else:
-            inner = self._pool.submit(_timed, fn, args)
-            inner.add_done_callback(lambda done, outer=future: _copy_into(outer, done))
-            self._queued.append((inner, fn, args, future))
-        self._pending.append((phase, future))
+            future = self._pool.submit(_timed, fn, args)
+        self._jobs.append((phase, future, fn, args))
         return future
 
-    @staticmethod
-    def value(future: Future) -> Any:
-        return future.result()[0]
+    def value(self, future: Future) -> Any:
+        return self._drawn_here.get(future, future).result()[0]
 
     def wait(self) -> None:
         """Wait for every job, drawing here the queued ones the worker has not started (latest
         first); record their times; raise the first job's error."""
-        here = set()
-        for inner, fn, args, outer in reversed(self._queued):
-            if inner.cancel():
-                _run_into(outer, fn, args)
-                here.add(id(outer))
-        self._queued.clear()
-        for phase, future in self._pending:
-            phase += " (drawn in the main process)" if id(future) in here else ""
-            self.seconds[phase] = self.seconds.get(phase, 0.0) + future.result()[1]
-        self._pending.clear()
+        for _, future, fn, args in reversed(self._jobs):
+            if future.cancel():   # not started (a finished or running job, or one drawn here, refuses)
+                self._drawn_here[future] = Future()
+                _run_into(self._drawn_here[future], fn, args)
+        for phase, future, _, _ in self._jobs:
+            here = future in self._drawn_here
+            phase += " (drawn in the main process)" if here else ""
+            self.seconds[phase] = self.seconds.get(phase, 0.0) + self._drawn_here.get(future, future).result()[1]
+        self._jobs.clear()
 
     def close(self) -> None:
         """Stop the worker: queued jobs are cancelled, a running one finishes (call before removing

@@ -190,7 +190,7 @@ def build_report(model, out: Path, corpus: Optional[Sequence[Path]] = None,
         sections = _run_all(model, tokens, tmp, cfg, timer, figures)
         with timer("figures: waiting for the worker"):
             figures.wait()
-            _resolve_figures(sections)
+            _resolve_figures(sections, figures)
         worker = [{"phase": p, "seconds": round(sec, 3)} for p, sec in sorted(figures.seconds.items(), key=lambda kv: -kv[1])]
         corpus_line = (f"{_corpus_note(model, corpus)}; "
                        f"{tokens.numel():,} tokens in {tokens.shape[0]} windows of {tokens.shape[1]}")
@@ -212,12 +212,12 @@ def build_report(model, out: Path, corpus: Optional[Sequence[Path]] = None,
     return out / "index.html"
 
 
-def _resolve_figures(sections: List[Dict]) -> None:
-    """Replace the figure lists still being drawn (Futures) by what the worker returned."""
+def _resolve_figures(sections: List[Dict], figures: FigurePool) -> None:
+    """Replace the figure lists still being drawn (Futures) by what the pool returned."""
     for sec in sections:
         for key in ("figures", "layer_figures"):
             if isinstance(sec.get(key), Future):
-                sec[key] = FigurePool.value(sec[key])
+                sec[key] = figures.value(sec[key])
 
 
 def _corpus_note(model, corpus: Optional[Sequence[Path]]) -> str:

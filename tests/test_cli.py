@@ -263,8 +263,8 @@ def test_figure_pool_draws_the_unstarted_jobs_here_while_waiting():
         slow = pool.submit("slow", _slow_job, 2.0)
         squares = [pool.submit(f"square {i}", _square_job, i) for i in range(6)]
         pool.wait()
-        assert FigurePool.value(slow) != os.getpid()                     # the worker drew the first
-        values = [FigurePool.value(f) for f in squares]
+        assert pool.value(slow) != os.getpid()                     # the worker drew the first
+        values = [pool.value(f) for f in squares]
         assert [v for v, _ in values] == [i * i for i in range(6)]
         here = [i for i, (_, pid) in enumerate(values) if pid == os.getpid()]
         assert len(here) >= 4 and here == list(range(6 - len(here), 6))   # the latest queued

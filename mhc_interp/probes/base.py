@@ -27,13 +27,12 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, ClassVar, Dict, List, Mapping, Optional, Sequence, Tuple, Type, Union
+from typing import Any, ClassVar, Dict, List, Mapping, Optional, Tuple, Type, Union
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from ..hooks.names import check_hook_names, suffix
 from ..registry import register
 
 PROBES: Dict[str, Type["Probe"]] = {}
@@ -78,34 +77,9 @@ def require_streams(model, probe_name: str, minimum: int = 2) -> None:
         )
 
 
+# hooks whose activations are stream states [batch, pos, n_streams, d_model]
 STREAM_STATE_SUFFIXES = ("hook_streams_init", "hook_streams_in", "hook_streams_out", "hook_res_mix",
                          "hook_ln_final")
-
-
-def stream_state_sites(model, sites, probe: str, with_init: bool = True,
-                       suffixes: Sequence[str] = STREAM_STATE_SUFFIXES) -> List[str]:
-    """Hook names of stream states [batch, pos, n_streams, d_model] for a probe's site spec:
-    "layers" = every block's output (`blocks.{l}.mlp.hook_streams_out`), "sublayers" = every
-    sublayer's output, each preceded by `hook_streams_init` when `with_init`; or an explicit list,
-    checked to be non-empty, without duplicates, known to the model and ending in `suffixes`."""
-    if isinstance(sites, str):
-        init = ["hook_streams_init"] if with_init else []
-        if sites == "layers":
-            return init + [f"blocks.{l}.mlp.hook_streams_out" for l in range(model.cfg.n_layers)]
-        if sites == "sublayers":
-            return init + [f"{s}.hook_streams_out" for s in model.sublayer_names]
-        raise ValueError(f"{probe}: sites must be 'layers', 'sublayers' or a list of hook names, got {sites!r}")
-    names = list(sites)
-    if not names:
-        raise ValueError(f"{probe}: `sites` is an empty list")
-    if len(set(names)) != len(names):
-        raise ValueError(f"{probe}: duplicate site names in {names}")
-    check_hook_names(names, model.hook_dict)
-    bad = [n for n in names if suffix(n) not in suffixes]
-    if bad:
-        raise ValueError(f"{probe} sites must be stream states [batch, pos, n_streams, d_model]; these hooks "
-                         f"are not: {bad} (use one of {tuple(suffixes)})")
-    return names
 
 
 @dataclass(frozen=True)
@@ -224,5 +198,3 @@ def _jsonable(obj):
         return obj.tolist()
     return str(obj)
 
-
-ResultFactory = Optional[Callable[..., ProbeResult]]

@@ -215,28 +215,17 @@ def cka_from_hsic(M: Tensor) -> Tensor:
 # ---------------------------------------------------------------------------------- the probe
 @register_probe
 class CKA(Probe):
-    """Minibatch CKA between every (site, stream) pair (Nguyen, Raghu & Kornblith 2021).
+    """Minibatch CKA between every (site, stream) pair (Nguyen, Raghu & Kornblith 2021), its
+    minibatches drawn from a seeded token shuffle (module docstring). Representations are ordered
+    site-major (r = site * n + stream); the unbiased and biased HSIC matrices [R, R] are summed
+    over minibatches. `result()` takes the buffer's rest as the last minibatches without changing
+    the state (repeatable), so every token is used. Memory does not grow with the corpus (module
+    docstring): features are copied to float64 a few representations at a time.
 
-    Masked tokens go through a seeded shuffle buffer of `shuffle_tokens` rows (see the module
-    docstring), so each minibatch of `minibatch_tokens` rows is drawn from many sequences,
-    independently of the runner's batch split. For each minibatch, the Gram matrix of every
-    representation (R = n_sites * n_streams, ordered site-major: r = site * n + stream) is formed
-    and the unbiased and biased HSIC matrices [R, R] are accumulated (sum + count). `result()`
-    flushes the buffer into the last minibatches without changing the state (it is repeatable),
-    so every token is used (`meta["tokens_used"]`; `tokens_dropped` is 0).
-
-    Memory, whatever the corpus size: the buffer [shuffle_tokens, R, d_model] in the activations'
-    dtype, the minibatch's Grams [R, N, N] float64 (N = minibatch_tokens) and two [R, R] float64
-    matrices; features are copied to float64 (and centred in place) a few representations at a
-    time, tokens enter the buffer 64 MiB at a time.
-
-    sites: a site spec (`sites.py`; default "layers": the embedding streams and every block's
-        output). kernel: "linear" or "rbf" (median heuristic, `rbf_threshold` x the median distance).
-    debiased: which estimator is the main `cka` array (both are always stored).
-    standardize: z-score every feature within each minibatch (robustness to outlier dimensions).
-    shuffle_tokens: rows of the shuffle buffer (default 8 * minibatch_tokens, capped at
-        SHUFFLE_BYTES = 1 GiB but never under 2 * minibatch_tokens; at least 2 * minibatch_tokens).
-        seed: the shuffle's seed.
+    sites: a site spec (`sites.py`; default "layers"). kernel: "linear" or "rbf" (median
+    heuristic x `rbf_threshold`). debiased: which estimator is the main `cka` array (both are
+    stored). standardize: z-score every feature within each minibatch. shuffle_tokens: rows of
+    the shuffle buffer (>= 2 minibatches; default 8, capped at SHUFFLE_BYTES). seed: the shuffle's.
     """
 
     name = "cka"
@@ -273,13 +262,6 @@ class CKA(Probe):
         self._n_minibatches = 0
         self._tokens_used = 0
 
-    def _buffer_rows(self, row_bytes: int) -> int:
-        """shuffle_tokens, or the default: 8 minibatches, at most SHUFFLE_BYTES, at least 2."""
-        m = self.minibatch_tokens
-        if self.shuffle_tokens is not None:
-            return self.shuffle_tokens
-        return max(2 * m, min(8 * m, SHUFFLE_BYTES // row_bytes))
-
     # ---------------------------------------------------------------------------- contract
     def setup(self, model: "MultiStreamModel") -> None:
         require_streams(model, self.name)
@@ -301,7 +283,8 @@ class CKA(Probe):
         rows = masked_rows(mask, first.device)       # found once (one device sync), not once per site
         m, R, d = self.minibatch_tokens, len(self._site_names) * self._n_streams, first.shape[-1]
         if self._buffer is None:
-            self._buffer = ShuffleBuffer(self._buffer_rows(R * d * first.element_size()), seed=self.seed)
+            rows_max = max(2 * m, min(8 * m, SHUFFLE_BYTES // (R * d * first.element_size())))
+            self._buffer = ShuffleBuffer(self.shuffle_tokens or rows_max, seed=self.seed)
         buf = self._buffer
         per_fill = max(1, buf.capacity // (2 * m))   # minibatches taken per full buffer
         for chunk in torch.split(rows, max(1, _CHUNK_BYTES // (R * d * first.element_size()))):

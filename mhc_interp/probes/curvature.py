@@ -64,7 +64,7 @@ from .sites import SiteSpec, check_site_names, check_site_spec, forward_sites, s
 if TYPE_CHECKING:
     from ..contract import MultiStreamModel
 
-__all__ = ["Curvature", "CurvatureResult", "sequence_curvatures", "step_angles", "curvature_sites",
+__all__ = ["Curvature", "CurvatureResult", "sequence_curvatures", "step_angles",
            "shuffle_valid_positions", "IID_POINTS_DEG", "RANDOM_WALK_DEG"]
 
 IID_POINTS_DEG = 120.0    # mean turning angle of i.i.d. points (exact, see the module docstring)
@@ -147,12 +147,6 @@ def shuffle_valid_positions(tokens: Tensor, mask: Tensor, generator: torch.Gener
 
 
 # ------------------------------------------------------------------------------- the probe
-def curvature_sites(model: "MultiStreamModel", sites: SiteSpec = None) -> List[str]:
-    """Hook names of a site spec (`sites.py`'s vocabulary; default "layers": the embedding
-    streams and every block's output, L + 1 sites)."""
-    return site_hooks(model, sites, "curvature")
-
-
 class _Moments:
     """Running float64 Σκ, Σκ², N, skipped-sequence and angle counts, each [n_sites, n_cols]."""
 
@@ -224,7 +218,7 @@ class Curvature(Probe):
 
     # --- set-up
     def setup(self, model) -> None:
-        self.site_names = curvature_sites(model, self.sites)
+        self.site_names = site_hooks(model, self.sites, "curvature")
         self._gen = torch.Generator().manual_seed(self.seed)
         self._max_valid = None
         self._init_state(model.cfg.n_streams)

@@ -18,13 +18,8 @@ A site is a stream-state hook point, an activation [batch, pos, n_streams, d_mod
 raises `HookNameError` listing the closest names - and must be stream states (one of the
 probe's `suffixes`), distinct, and at least one.
 
-Labels (`site_label`): "embed" for hook_streams_init, "blocks.3.mlp" for a sublayer's output,
-the hook name otherwise; a (hook, stream) pair gets "/s{stream}". `evenly_spaced(n, k)` are the
-indices of k evenly spaced items of n (figures that show a few sites use it too).
-
-`forward_sites` is the one forward that collects site activations: hooks on the named points
-only, stopped after the last sublayer any of them needs, checked for NaN/inf with one host sync.
-`run_probes`, the crosscoder's buffer and the curvature control all collect through it.
+Also here: `site_label` ("embed", "blocks.3.mlp", "blocks.3.mlp/s2"), `evenly_spaced` picks, and
+`forward_sites`, the one collecting forward (run_probes, the crosscoder buffer, the curvature control).
 """
 from __future__ import annotations
 

@@ -203,7 +203,8 @@ def cmd_train(args) -> int:
     return 0
 
 
-def main(argv: Optional[List[str]] = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """The command line's parser: one subcommand per `cmd_*`."""
     parser = argparse.ArgumentParser(prog="mhc-interp", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version=f"mhc-interp {__version__}")
@@ -262,10 +263,14 @@ def main(argv: Optional[List[str]] = None) -> int:
     hooks = sub.add_parser("hooks", help="list hook points and shapes")
     common(hooks)
     hooks.add_argument("--markdown", action="store_true")
+    return parser
+
+
+def main(argv: Optional[List[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or (argv[0].startswith("-") and argv[0] not in ("-h", "--help", "--version")):
         argv = ["report", *argv]
-    args = parser.parse_args(argv)
+    args = build_parser().parse_args(argv)
     commands = {"check": cmd_check, "hooks": cmd_hooks, "report": cmd_report, "probe": cmd_probe, "train": cmd_train}
     from .config import ConfigError
     from .loading import CheckpointError

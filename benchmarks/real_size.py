@@ -29,8 +29,9 @@ Steps (results: benchmarks/results/real_size-L<layers>-cpu.json, or --out):
 
 Every CLI step runs as a child process; its peak RSS is the child's `ru_maxrss` (`os.wait4` in a
 small launcher process, `run_child`).
-Peak RSS counts the pages of a memory-mapped checkpoint that were read (the .pt is mapped),
-so loading a float32 .pt as bf16 peaks near file bytes + model bytes.
+The loader reads a checkpoint's tensors into memory and assigns them to a model built on the meta
+device, converting them one at a time: a load peaks near the larger of the checkpoint's tensors
+and the model (a float32 .pt loaded as bf16: the file's tensors, 2x the bf16 model).
 
 `python -m benchmarks.real_size measure --load PATH:DTYPE ... [--probes N,T]` is the measuring
 child (JSON on stdout): it imports torch and mhc_interp (peak RSS of that = the fixed allowance),
@@ -93,26 +94,43 @@ def peak_over(fn: Callable[[], Any]) -> Tuple[Any, Dict[str, float]]:
 # building and saving a model is larger than many of the commands measured (mhc-interp hooks at 36
 # layers: 4720 MiB reported from here, 3295 MiB through the launcher).
 _LAUNCHER = """
-import json, os, subprocess, sys, time
+import json, os, subprocess, sys, threading, time
 t0 = time.perf_counter()
+interval, timeline = float(sys.argv[2]), []
+
+def sample(pid):   # the child's RSS every `interval` s: (seconds since start, MiB)
+    while True:
+        try:
+            with open(f"/proc/{pid}/status") as f:
+                rss = next(int(l.split()[1]) for l in f if l.startswith("VmRSS:"))
+        except (OSError, StopIteration):
+            return
+        timeline.append((round(time.perf_counter() - t0, 1), round(rss / 1024)))
+        time.sleep(interval)
+
 with open(sys.argv[1], "wb") as out:
-    proc = subprocess.Popen(sys.argv[2:], stdout=out, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(sys.argv[3:], stdout=out, stderr=subprocess.STDOUT)
+    if interval > 0:
+        threading.Thread(target=sample, args=(proc.pid,), daemon=True).start()
     _, status, usage = os.wait4(proc.pid, 0)
 print(json.dumps(dict(rc=os.waitstatus_to_exitcode(status), seconds=time.perf_counter() - t0,
-                      peak_rss_mib=usage.ru_maxrss / 1024)))
+                      peak_rss_mib=usage.ru_maxrss / 1024, rss_timeline=timeline)))
 """
 
 
-def run_child(cmd: Sequence[str], env: Optional[Dict[str, str]] = None, cwd=None) -> Dict[str, Any]:
+def run_child(cmd: Sequence[str], env: Optional[Dict[str, str]] = None, cwd=None,
+              sample_s: float = 0.0) -> Dict[str, Any]:
     """Run `cmd`; its exit status, wall seconds, peak RSS (MiB, the child's own ru_maxrss, measured
-    by a launcher process: see above) and output."""
+    by a launcher process: see above) and output; with `sample_s` > 0 also its RSS every `sample_s`
+    seconds ("rss_timeline": [(seconds, MiB)])."""
     with tempfile.NamedTemporaryFile() as out:
-        launched = subprocess.run([sys.executable, "-c", _LAUNCHER, out.name, *map(str, cmd)], env=env, cwd=cwd,
-                                  capture_output=True, text=True, check=True)
+        launched = subprocess.run([sys.executable, "-c", _LAUNCHER, out.name, str(sample_s), *map(str, cmd)],
+                                  env=env, cwd=cwd, capture_output=True, text=True, check=True)
         r = json.loads(launched.stdout)
         text = Path(out.name).read_bytes().decode(errors="replace")
+    timeline = {"rss_timeline": r["rss_timeline"]} if sample_s > 0 else {}
     return dict(cmd=" ".join(map(str, cmd)), rc=r["rc"], seconds=r["seconds"], peak_rss_mib=r["peak_rss_mib"],
-                output_tail=text[-2000:], output=text)
+                output_tail=text[-2000:], output=text, **timeline)
 
 
 def last_json(r: Dict[str, Any]) -> Dict[str, Any]:
@@ -159,32 +177,42 @@ def random_model(cfg, dtype=None, seed: int = 0):
 
 def save_layouts(model, folder: Path, pt_dtype=None) -> Dict[str, Path]:
     """Save `model` as a nanoGPT .pt (`_orig_mod.` keys, in `pt_dtype`, default float32) and in the
-    hub layout (bf16 model.safetensors + config.json = model_args). -> {"pt": file, "hub": folder}."""
+    hub layout (`save_hub`). -> {"pt": file, "hub": folder}."""
     import torch
-    from safetensors.torch import save_file
 
     from mhc_interp.loading import hooked_state_dict_to_nanogpt
 
     pt_dtype = pt_dtype or torch.float32
     folder = Path(folder)
-    (folder / "hub").mkdir(parents=True, exist_ok=True)
-    sd = model.state_dict()
-    args = model.cfg.to_nanogpt_args()
+    folder.mkdir(parents=True, exist_ok=True)
     # float32 copies made once per tensor: the duplicate keys share them (torch.save stores each once)
-    cast = {k: v.detach().to(pt_dtype) for k, v in sd.items()}
+    cast = {k: v.detach().to(pt_dtype) for k, v in model.state_dict().items()}
     nano = hooked_state_dict_to_nanogpt(cast, model.cfg)
-    torch.save({"model": {"_orig_mod." + k: v for k, v in nano.items()}, "model_args": args, "iter_num": 0},
-               folder / "nanogpt.pt")
+    torch.save({"model": {"_orig_mod." + k: v for k, v in nano.items()}, "model_args": model.cfg.to_nanogpt_args(),
+                "iter_num": 0}, folder / "nanogpt.pt")
     del cast, nano
+    return {"pt": folder / "nanogpt.pt", "hub": save_hub(model, folder / "hub")}
+
+
+def save_hub(model, folder: Path) -> Path:
+    """`model` in the hub layout of the public checkpoints: bf16 model.safetensors (nanoGPT keys,
+    duplicate tensors stored once, as `safetensors.torch.save_model` does) + config.json = model_args."""
+    import torch
+    from safetensors.torch import save_file
+
+    from mhc_interp.loading import hooked_state_dict_to_nanogpt
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
     seen, hub = set(), {}
-    for k, v in hooked_state_dict_to_nanogpt(sd, model.cfg).items():
+    for k, v in hooked_state_dict_to_nanogpt(model.state_dict(), model.cfg).items():
         if id(v) in seen:   # the duplicate keys (and the tied lm_head) hold the same tensor: stored once
             continue
         seen.add(id(v))
         hub[k] = v.detach().to(torch.bfloat16).contiguous()
-    save_file(hub, str(folder / "hub" / "model.safetensors"))
-    (folder / "hub" / "config.json").write_text(json.dumps(args, indent=1))
-    return {"pt": folder / "nanogpt.pt", "hub": folder / "hub"}
+    save_file(hub, str(folder / "model.safetensors"))
+    (folder / "config.json").write_text(json.dumps(model.cfg.to_nanogpt_args(), indent=1))
+    return folder
 
 
 def tensor_bytes(path: Path) -> int:
@@ -356,6 +384,9 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     p.add_argument("--sweep-seq", type=int, default=64, help="the report's causal_seq_len")
     p.add_argument("--probes", default="2,32", help="N,T tokens for the per-probe memory step ('' skips it)")
     p.add_argument("--skip", nargs="*", default=[], choices=["load", "cli", "report", "sweeps", "probes"])
+    p.add_argument("--code", nargs="+", default=[str(ROOT)],
+                   help="folders holding mhc_interp and benchmarks (e.g. two commits' `git archive`): the load "
+                        "step measures each one's loader, interleaved")
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
     import torch
@@ -377,15 +408,19 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     try:
         cfg = real_config(args.layers)
         t0 = time.perf_counter()
+        paths = {"pt": folder / "nanogpt.pt", "hub": folder / "hub"}
         model = random_model(cfg)
-        paths = save_layouts(model, folder, getattr(torch, args.pt_dtype))
         n_params = sum(t.numel() for t in model.parameters())
+        reuse = paths["pt"].is_file() and (paths["hub"] / "config.json").is_file() and \
+            json.loads((paths["hub"] / "config.json").read_text())["n_layer"] == args.layers
+        if not reuse:   # a --dir from an earlier run with these layers is used as it is
+            paths = save_layouts(model, folder, getattr(torch, args.pt_dtype))
         del model
         result["build"] = dict(seconds=time.perf_counter() - t0, parameters=n_params, config=cfg.to_dict(),
-                               pt_mib=paths["pt"].stat().st_size / MIB, pt_dtype=args.pt_dtype,
+                               pt_mib=paths["pt"].stat().st_size / MIB, pt_dtype=args.pt_dtype, reused=reuse,
                                safetensors_mib=(paths["hub"] / "model.safetensors").stat().st_size / MIB)
-        print(f"built {n_params / 1e6:.0f}M parameters, saved in {result['build']['seconds']:.0f} s: "
-              f"nanogpt.pt {result['build']['pt_mib']:.0f} MiB, model.safetensors "
+        print(f"built {n_params / 1e6:.0f}M parameters{' (files reused)' if reuse else ', saved'} in "
+              f"{result['build']['seconds']:.0f} s: nanogpt.pt {result['build']['pt_mib']:.0f} MiB, model.safetensors "
               f"{result['build']['safetensors_mib']:.0f} MiB", flush=True)
         env = child_env()
         me = [sys.executable, "-m", "benchmarks.real_size", "measure"]
@@ -393,20 +428,23 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
             result["load"] = []
             for path, dtype in [(paths["hub"], "auto"), (paths["hub"], "bfloat16"), (paths["hub"], "float32"),
                                 (paths["pt"], "bfloat16"), (paths["pt"], "float32")]:
-                r = run_child([*me, "--warmup", "--load", f"{path}:{dtype}"], env=env, cwd=ROOT)
-                if r["rc"] != 0:
-                    r.pop("output")
-                    result["load"].append(dict(r, path=str(path), dtype=dtype))
-                    print(f"load {path} {dtype}: FAILED\n{r['output_tail']}", flush=True)
-                    continue
-                m = last_json(r)
-                row = dict(m["loads"][0], import_peak_mib=m["import_peak_mib"], process_peak_mib=r["peak_rss_mib"])
-                row["x_model"] = row["extra_peak_mib"] / row["model_mib"]
-                result["load"].append(row)
-                print(f"load {Path(path).name} as {dtype}: {row['seconds']:.1f} s, peak +{row['extra_peak_mib']:.0f} MiB "
-                      f"over {row['rss_before_mib']:.0f} MiB (model {row['model_mib']:.0f} MiB, "
-                      f"checkpoint tensors {row['checkpoint_tensor_mib']:.0f} MiB; {row['x_model']:.2f}x the model)",
-                      flush=True)
+                for code in args.code:   # interleaved: the machine's load drifts
+                    r = run_child([*me, "--warmup", "--load", f"{path}:{dtype}"], env=dict(env, PYTHONPATH=code),
+                                  cwd=code)
+                    if r["rc"] != 0:
+                        r.pop("output")
+                        result["load"].append(dict(r, path=str(path), dtype=dtype, code=code))
+                        print(f"load {path} {dtype}: FAILED\n{r['output_tail']}", flush=True)
+                        continue
+                    m = last_json(r)
+                    row = dict(m["loads"][0], import_peak_mib=m["import_peak_mib"], process_peak_mib=r["peak_rss_mib"],
+                               code=code)
+                    row["x_model"] = row["extra_peak_mib"] / row["model_mib"]
+                    result["load"].append(row)
+                    print(f"load {Path(path).name} as {dtype} ({code}): {row['seconds']:.1f} s, peak "
+                          f"+{row['extra_peak_mib']:.0f} MiB over {row['rss_before_mib']:.0f} MiB (model "
+                          f"{row['model_mib']:.0f} MiB, checkpoint tensors {row['checkpoint_tensor_mib']:.0f} MiB; "
+                          f"{row['x_model']:.2f}x the model)", flush=True)
             save()
         if "probes" not in args.skip and args.probes:
             r = run_child([*me, "--load", f"{paths['hub']}:bfloat16", "--probes", args.probes], env=env, cwd=ROOT)
@@ -431,22 +469,13 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
                           f"{r['peak_rss_mib']:.0f} MiB", flush=True)
             save()
         if "report" not in args.skip:
+            from .real_size_report import report_run, summary_line
+
             result["report"] = []
             for n_tokens in args.tokens:
-                report_dir = folder / f"report-{n_tokens}"
-                r = run_child(cli_cmd("report", "--model", paths["hub"], "--max-tokens", n_tokens, "--dtype",
-                                      "bfloat16", "--quiet", "--out", report_dir, "--force"), env=env, cwd=ROOT)
-                r["max_tokens"] = n_tokens
-                r.pop("output")
-                if r["rc"] == 0:
-                    rep = json.loads((report_dir / "report.json").read_text())
-                    r["sections"] = [s.get("probe") for s in rep["sections"]]
-                    r["slowest_phases"] = sorted(rep.get("timings", []), key=lambda t: -t["seconds"])[:8]
+                r = report_run(paths["hub"], n_tokens, folder / f"report-{n_tokens}", fast=False, env=env)
                 result["report"].append(r)
-                print(f"mhc-interp report --max-tokens {n_tokens}: rc {r['rc']}, {r['seconds']:.0f} s, "
-                      f"peak RSS {r['peak_rss_mib']:.0f} MiB, sections {r.get('sections')}", flush=True)
-                if r["rc"] != 0:
-                    print(r["output_tail"], flush=True)
+                print(summary_line(r), flush=True)
                 save()
         if "sweeps" not in args.skip:
             result["sweeps"] = sweeps(paths["hub"], args.layers, args.sweep_sublayers, args.sweep_prompts,

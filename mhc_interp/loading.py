@@ -174,9 +174,13 @@ def build_model(cls, cfg: MHCConfig, state_dict: Dict[str, Tensor], source: str,
     if bad:
         warnings.warn(f"{source}: non-finite weights (NaN or inf) in {bad[:8]}{'...' if len(bad) > 8 else ''}: "
                       f"every output of this model will be wrong", stacklevel=3)
+    # a narrowing cast peaks at the start (all sources + the first copy), a widening one at the end
+    # (all copies + the last source): smallest first, resp. last
+    order = sorted(state_dict, key=lambda k: state_dict[k].numel() * (
+        -1 if expected[k].element_size() > state_dict[k].element_size() else 1))
     storages: set = set()
     placed = {key: _own_tensor(state_dict.pop(key), expected[key].dtype, placement.device, storages)
-              for key in list(state_dict)}
+              for key in order}
     model.load_state_dict(placed, strict=True, assign=True)
     del placed
     with _defaults(placement.dtype, placement.device):

@@ -128,17 +128,8 @@ class Example:
         return tokens[: self.cfg.causal_prompts, : self.cfg.causal_seq_len]
 
     def patching_prompts(self):
-        """(clean, corrupted, how) via `mhc_interp.token_windows.patching_prompts`. A tokenizer whose vocabulary
-        lacks two single-token words of a default word group makes SymmetricReplacement raise; then
-        the token-id corruption that patching_prompts uses without a tokenizer is used."""
-        try:
-            return patching_prompts(self.model, self.tokens(), self.cfg)
-        except ValueError as exc:
-            from types import SimpleNamespace
-
-            no_tokenizer = SimpleNamespace(tokenizer=None, cfg=self.model.cfg)
-            clean, corrupted, how = patching_prompts(no_tokenizer, self.tokens(), self.cfg)
-            return clean, corrupted, f"{how}; symmetric replacement impossible: {exc}"
+        """(clean, corrupted, how) from the corpus windows: `mhc_interp.token_windows.patching_prompts`."""
+        return patching_prompts(self.model, self.tokens(), self.cfg)
 
     def run(self, probes, source=None):
         """`run_probes` over the corpus windows (or `source`) with this run's batch size."""

@@ -204,12 +204,3 @@ def sublayer_ticks(ax, names: Sequence[str], axis: str = "x", max_labels: int = 
         ax.set_xticks([i + offset for i in idx], labels, rotation=90 if len(idx) > 8 else 0, fontsize=7)
     else:
         ax.set_yticks([i + offset for i in idx], labels, fontsize=7)
-
-
-def annotate(ax, m: np.ndarray, fmt: str = "{:.2f}", threshold: float = 0.5, fontsize: int = 8,
-             diagonal: Optional[str] = None) -> None:
-    """Write every cell's value on a heatmap (white on dark cells)."""
-    for (i, j), v in np.ndenumerate(m):
-        text = diagonal if (diagonal is not None and i == j) else ("nan" if not np.isfinite(v) else fmt.format(v))
-        ax.text(j, i, text, ha="center", va="center", fontsize=fontsize,
-                color="white" if (np.isfinite(v) and v <= threshold) else "black")

@@ -1,7 +1,7 @@
 """Inter-layer CKA between every (layer, stream) representation.
 
 Reproduces the inter-layer CKA heatmap of "Ablate and Rescue": debiased linear CKA (minibatch,
-Nguyen et al. 2021) between the representations of every stream at every layer (block outputs),
+Nguyen et al. 2021) between the representations of every stream at the embedding and every layer (block outputs),
 ordered layer-major (each white-gridded n x n block is a pair of layers; diagonal blocks are the
 intra-layer matrices). Bright off-diagonal blocks = representations that persist across depth;
 bright bands along one stream index = a stream that changes little.
@@ -20,7 +20,7 @@ from _common import Example, site_label  # noqa: E402
 
 def _options(p):
     p.add_argument("--sites", default="layers", choices=["layers", "sublayers"],
-                   help="block outputs (default) or every sublayer's output")
+                   help="block outputs (default) or every sublayer's output, after the embedding")
 
 
 def main(argv=None):
@@ -30,7 +30,7 @@ def main(argv=None):
 
     ex = Example("cka_inter", __doc__, argv, add_arguments=_options)
     ex.require_streams()
-    result = ex.run(CKA(sites="layers" if ex.args.sites == "layers" else None, minibatch_tokens=ex.cfg.cka_minibatch))
+    result = ex.run(CKA(sites=ex.args.sites, minibatch_tokens=ex.cfg.cka_minibatch))
     ex.save_result(result)
     figs = result.plot()
     plt.close(figs.pop("cka_intra"))                              # cka_intra.py draws those

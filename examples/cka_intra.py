@@ -16,7 +16,7 @@ import sys
 
 if os.path.dirname(os.path.abspath(__file__)) not in sys.path:  # run as a file or via runpy
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import Example, annotate, fmt, site_label  # noqa: E402
+from _common import Example, fmt, site_label  # noqa: E402
 
 
 def _options(p):
@@ -27,6 +27,7 @@ def main(argv=None):
     import matplotlib.pyplot as plt
     import numpy as np
     from mhc_interp.probes import CKA
+    from mhc_interp.probes.figure_helpers import annotate
     from mhc_interp.probes.sites import evenly_spaced
 
     ex = Example("cka_intra", __doc__, argv, add_arguments=_options)
@@ -43,7 +44,7 @@ def main(argv=None):
         blocks[key] = np.stack([M[i * n:(i + 1) * n, i * n:(i + 1) * n] for i in range(len(sites))])
         for ax, i in zip(axes[row], picks):
             im = ax.imshow(blocks[key][i], vmin=0, vmax=1, cmap="viridis")
-            annotate(ax, blocks[key][i], fontsize=8 if n <= 4 else 6, threshold=0.6)
+            annotate(ax, im, blocks[key][i], fontsize=8 if n <= 4 else 6)
             ax.set_xticks(range(n))
             ax.set_yticks(range(n))
             ax.set_title(f"{site_label(sites[i])} ({key[4:]})", fontsize=8)

@@ -16,7 +16,7 @@ import sys
 
 if os.path.dirname(os.path.abspath(__file__)) not in sys.path:  # run as a file or via runpy
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import Example, annotate, short  # noqa: E402
+from _common import Example, short  # noqa: E402
 
 
 def _options(p):
@@ -39,6 +39,7 @@ def pick(names, spec: str) -> int:
 def main(argv=None):
     import matplotlib.pyplot as plt
     from mhc_interp.probes import StreamUsage
+    from mhc_interp.probes.figure_helpers import annotate
 
     ex = Example("h_res_matrices", __doc__, argv, add_arguments=_options)
     ex.require_streams()
@@ -52,7 +53,7 @@ def main(argv=None):
     for ax, k, role in zip(axes[0], picks, ("early", "deep")):
         m = usage["mean_h_res"][k]
         im = ax.imshow(m, vmin=0, vmax=1, cmap="viridis")
-        annotate(ax, m, fontsize=8 if n <= 6 else 6)
+        annotate(ax, im, m, fontsize=8 if n <= 6 else 6)
         ax.set_xticks(range(n))
         ax.set_yticks(range(n))
         ax.set_xlabel("source stream")

@@ -21,7 +21,8 @@ import sys
 
 if os.path.dirname(os.path.abspath(__file__)) not in sys.path:  # run as a file or via runpy
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import Example, annotate  # noqa: E402
+from _common import Example  # noqa: E402
+from mhc_interp.probes.figure_helpers import annotate  # noqa: E402
 
 
 def rescue_options(p):
@@ -72,7 +73,9 @@ def main(argv=None):
     fig, ax = plt.subplots(figsize=(1.6 + 0.75 * n, 1.2 + 0.7 * n))
     cmap = plt.get_cmap("viridis").with_extremes(bad="lightgrey")
     im = ax.imshow(np.ma.masked_invalid(g), vmin=0, vmax=100, cmap=cmap)
-    annotate(ax, g, fmt="{:.1f}", threshold=50, fontsize=9 if n <= 6 else 7, diagonal="-")
+    labels = np.char.mod("%.1f", g)
+    np.fill_diagonal(labels, "-")
+    annotate(ax, im, g, fontsize=9 if n <= 6 else 7, labels=labels)
     ax.set_xticks(range(n))
     ax.set_yticks(range(n))
     ax.set_xlabel("recovered stream r")

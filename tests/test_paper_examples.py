@@ -98,7 +98,7 @@ def test_cka_intra(tmp_path):
     result = output.results["cka"]
     for key in ("cka_debiased", "cka_biased"):
         M = result[key]
-        assert M.shape == (3 * N, 3 * N)
+        assert M.shape == ((3 + 1) * N, (3 + 1) * N)               # the embedding and 3 block outputs
         np.testing.assert_allclose(np.diag(M), 1, atol=1e-9)
         np.testing.assert_allclose(M, M.T, atol=1e-12)
         assert (M <= 1 + 1e-9).all()
@@ -107,10 +107,10 @@ def test_cka_intra(tmp_path):
 def test_cka_inter(tmp_path):
     output, _ = run("cka_inter", tmp_path)
     M = output.results["cka"]["cka"]
-    assert M.shape == (3 * N, 3 * N)
+    assert M.shape == ((3 + 1) * N, (3 + 1) * N)                   # the embedding and 3 block outputs
     np.testing.assert_allclose(np.diag(M), 1, atol=1e-9)
     output, _ = run("cka_inter", tmp_path, "--sites", "sublayers")
-    assert output.results["cka"]["cka"].shape == (N_SUB * N, N_SUB * N)
+    assert output.results["cka"]["cka"].shape == ((N_SUB + 1) * N, (N_SUB + 1) * N)
 
 
 def test_patching_heatmap(tmp_path):

@@ -409,12 +409,17 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
         cfg = real_config(args.layers)
         t0 = time.perf_counter()
         paths = {"pt": folder / "nanogpt.pt", "hub": folder / "hub"}
-        model = random_model(cfg)
-        n_params = sum(t.numel() for t in model.parameters())
         reuse = paths["pt"].is_file() and (paths["hub"] / "config.json").is_file() and \
             json.loads((paths["hub"] / "config.json").read_text())["n_layer"] == args.layers
-        if not reuse:   # a --dir from an earlier run with these layers is used as it is
+        if reuse:   # a --dir from an earlier run with these layers is used as it is
+            from mhc_interp import HookedMHC
+
+            with torch.device("meta"):
+                model = HookedMHC(cfg)   # only counted
+        else:
+            model = random_model(cfg)
             paths = save_layouts(model, folder, getattr(torch, args.pt_dtype))
+        n_params = sum(t.numel() for t in model.parameters())
         del model
         result["build"] = dict(seconds=time.perf_counter() - t0, parameters=n_params, config=cfg.to_dict(),
                                pt_mib=paths["pt"].stat().st_size / MIB, pt_dtype=args.pt_dtype, reused=reuse,

@@ -13,7 +13,6 @@ lens's vocabulary-sized blocks), computed from the config, + PROBE_ALLOWANCE. Th
 is `python -m benchmarks.real_size` (benchmarks/README.md).
 """
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path

@@ -15,38 +15,15 @@ so that the hyper-connected sublayer computes  x' = H_res x + H_post^T F(H_pre x
 from __future__ import annotations
 
 import math
-from typing import Callable, ClassVar, Dict, NamedTuple, Optional, Tuple, Type
+from typing import Callable, ClassVar, Dict, Optional, Tuple, Type
 
 import torch
 from torch import Tensor, nn
 
 from ...config import MHCConfig, mixer_class
+from ...contract import MixingCoefficients
 from ...registry import register
 from ..compiled import compile_once
-
-
-class MixingCoefficients(NamedTuple):
-    """A mixer's output. A NamedTuple (not a dataclass) so that tools which walk containers -
-    nnsight's per-invoke batching, torch.compile, pytree - see the three tensors inside."""
-
-    h_pre: Tensor   # [batch, pos, n_streams]
-    h_post: Tensor  # [batch, pos, n_streams]
-    h_res: Tensor   # [batch, pos, n_streams(target), n_streams(source)]
-
-    def fit(self, x: Tensor, name: str) -> "MixingCoefficients":
-        """These (frozen) coefficients for a run on state x [batch, pos, ...]: cached on batch B,
-        they serve a run of batch k*B (k replicas stacked along the batch axis, replica-major)."""
-        fb, fp = self.h_pre.shape[:2]
-        b, p = x.shape[:2]
-        if fp != p or b % fb:
-            raise ValueError(
-                f"frozen mixing for {name!r} was cached on batch {fb} x pos {fp}, but the run "
-                f"has batch {b} x pos {p}; the positions must match and the batch be a multiple"
-            )
-        k = b // fb
-        # always a copy: the hooks may edit these in place, and they must not reach the cache
-        return MixingCoefficients(*(t.to(x.device).repeat(k, *([1] * (t.ndim - 1))) if k > 1 else t.to(x.device, copy=True)
-                                    for t in (self.h_pre, self.h_post, self.h_res)))
 
 
 class Mixer(nn.Module):

@@ -14,9 +14,10 @@ import torch
 from torch import Tensor
 
 from .base import Probe, ProbeResult, register_result
-from .crosscoder_buffer import InMemoryActivations, Site, resolve_sites, site_label
+from .crosscoder_buffer import InMemoryActivations
 from .crosscoder_model import Crosscoder, CrosscoderConfig, as_activation_source
 from .crosscoder_training import train_crosscoder
+from .sites import Site, resolve_sites, site_label
 
 __all__ = ["CrosscoderConfig", "Crosscoder", "train_crosscoder", "analyze_crosscoder",
            "CrosscoderResult", "CrosscoderEval", "match_decoder_directions", "thresholds_for",

@@ -12,7 +12,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from .crosscoder_buffer import ActivationSource, InMemoryActivations, Site
+from .crosscoder_buffer import ActivationSource, InMemoryActivations
+from .sites import Site
 
 _FORMAT = "mhc_interp.crosscoder/1"
 _WEIGHTS, _CONFIG = "crosscoder.safetensors", "crosscoder.json"

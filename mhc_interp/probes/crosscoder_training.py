@@ -13,8 +13,9 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from .crosscoder_buffer import ActivationBuffer, ActivationSource, site_label
+from .crosscoder_buffer import ActivationBuffer, ActivationSource
 from .crosscoder_model import Crosscoder, CrosscoderConfig, as_activation_source
+from .sites import site_label
 
 
 def _lr_factor(step: int, n_steps: int, decay_frac: float) -> float:

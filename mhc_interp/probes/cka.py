@@ -59,6 +59,7 @@ from torch import Tensor
 
 from .base import Probe, ProbeResult, masked_rows, register_probe, register_result, require_streams
 from .crosscoder_buffer import ShuffleBuffer
+from .figure_helpers import heatmap_grid
 from .sites import SiteSpec, check_site_spec, evenly_spaced, site_hooks, site_label, site_rows
 
 if TYPE_CHECKING:
@@ -76,9 +77,11 @@ def _f64(x) -> Tensor:
     return torch.as_tensor(x).to(torch.float64)
 
 
-def _center_features(X: Tensor) -> Tensor:
-    """Subtract the per-feature mean over tokens (axis -2)."""
-    return X - X.mean(dim=-2, keepdim=True)
+def _centred_f64(X) -> Tensor:
+    """A float64 copy of X [..., N, p] with the per-feature mean over tokens (axis -2) subtracted."""
+    Xc = torch.as_tensor(X).to(torch.float64, copy=True)
+    Xc -= Xc.mean(dim=-2, keepdim=True)
+    return Xc
 
 
 def gram_linear(X: Tensor) -> Tensor:
@@ -87,7 +90,7 @@ def gram_linear(X: Tensor) -> Tensor:
     X: [..., N, p] (rows = tokens) -> [..., N, N]. Centring the features first changes nothing
     after (U-)centring the Gram but keeps the products well conditioned.
     """
-    Xc = _center_features(_f64(X))
+    Xc = _centred_f64(X)
     return Xc @ Xc.transpose(-1, -2)
 
 
@@ -110,7 +113,7 @@ def gram_rbf(X: Tensor, threshold: float = 1.0) -> Tensor:
     """
     if threshold <= 0:
         raise ValueError(f"rbf threshold must be > 0, got {threshold}")
-    Xc = _center_features(_f64(X))
+    Xc = _centred_f64(X)
     dots = Xc @ Xc.transpose(-1, -2)
     sq = torch.diagonal(dots, dim1=-2, dim2=-1)
     d2 = (sq.unsqueeze(-1) + sq.unsqueeze(-2) - 2 * dots).clamp_min_(0)
@@ -296,7 +299,10 @@ class CKA(Probe):
                 if buf.unread == buf.capacity:
                     buf.shuffle()
                     for _ in range(per_fill):
-                        self._accumulate(*self._minibatch_hsic(buf.take_slots(m)), m)
+                        u, b = self._minibatch_hsic(buf.take_slots(m))
+                        self._hsic_u = u if self._hsic_u is None else self._hsic_u.add_(u)
+                        self._hsic_b = b if self._hsic_b is None else self._hsic_b.add_(b)
+                        self._n_minibatches, self._tokens_used = self._n_minibatches + 1, self._tokens_used + m
 
     def _minibatch_hsic(self, slots: Tensor) -> tuple:
         """The buffer rows at `slots` [N] -> (unbiased HSIC [R, R], biased HSIC [R, R]) of this
@@ -307,24 +313,12 @@ class CKA(Probe):
         grams = torch.empty(R, N, N, dtype=torch.float64, device=storage.device)
         step = max(1, _CHUNK_BYTES // (N * d * 8))
         for lo in range(0, R, step):
-            X = storage[slots, lo:lo + step].transpose(0, 1).to(torch.float64)    # [r, N, d], a copy
-            X -= X.mean(dim=-2, keepdim=True)                                  # centre in place
-            if self.standardize:
+            X = storage[slots, lo:lo + step].transpose(0, 1)                  # [r, N, d], a copy
+            if self.standardize:   # z-score every feature (centred in place on a float64 copy)
+                X = _centred_f64(X)
                 X /= X.pow(2).mean(dim=-2, keepdim=True).sqrt_().clamp_min_(torch.finfo(X.dtype).tiny)
-            if self.kernel == "linear":
-                torch.matmul(X, X.transpose(-1, -2), out=grams[lo:lo + step])
-            else:
-                grams[lo:lo + step] = gram_rbf(X, self.rbf_threshold)
+            grams[lo:lo + step] = gram_linear(X) if self.kernel == "linear" else gram_rbf(X, self.rbf_threshold)
         return _hsic_both(grams)
-
-    def _accumulate(self, u: Tensor, b: Tensor, n_tokens: int) -> None:
-        if self._hsic_u is None:
-            self._hsic_u, self._hsic_b = u, b
-        else:
-            self._hsic_u += u
-            self._hsic_b += b
-        self._n_minibatches += 1
-        self._tokens_used += n_tokens
 
     def _flush_sizes(self, left: int) -> List[int]:
         """Sizes of the last minibatches for the `left` tokens still in the buffer: ceil(left / m)
@@ -421,35 +415,13 @@ class CKAResult(ProbeResult):
         S = len(names)
         which = "debiased" if self.meta.get("debiased", True) else "biased"
         vmin = min(0.0, float(np.nanmin(M))) if np.isfinite(M).any() else 0.0
-        figs = {}
-
         idx = evenly_spaced(S, max_sites)
-        cols = min(4, len(idx))
-        rows = -(-len(idx) // cols)
-        fig, axes = plt.subplots(rows, cols, figsize=(3.1 * cols, 3.0 * rows), squeeze=False)
-        im = None
-        for k, (ax, i) in enumerate(zip(axes.flat, idx)):
-            block = self.intra(i)
-            im = ax.imshow(block, vmin=vmin, vmax=1.0, cmap="viridis")
-            ax.set_title(site_label(names[i]), fontsize=9)
-            ax.set_xticks(range(n))
-            ax.set_yticks(range(n))
-            if k % cols == 0:
-                ax.set_ylabel("stream", fontsize=8)
-            if k + cols >= len(idx):
-                ax.set_xlabel("stream", fontsize=8)
-            if annotate and n <= 8:
-                for a in range(n):
-                    for b in range(n):
-                        v = block[a, b]
-                        ax.text(b, a, "nan" if not np.isfinite(v) else f"{v:.2f}", ha="center",
-                                va="center", fontsize=7, color="w" if v < 0.6 else "k")
-        for ax in list(axes.flat)[len(idx):]:
-            ax.axis("off")
-        if im is not None:
-            fig.colorbar(im, ax=axes.ravel().tolist(), shrink=0.8, label=f"CKA ({which})")
-        fig.suptitle(f"intra-site stream CKA ({which}, {self.meta.get('kernel', 'linear')})")
-        figs["cka_intra"] = fig
+        figs = {}
+        figs["cka_intra"] = heatmap_grid(
+            [self.intra(i) for i in idx], [site_label(names[i]) for i in idx], vmin=vmin, vmax=1.0,
+            xlabel="stream", ylabel="stream", colorbar=f"CKA ({which})",
+            labels=None if annotate else (lambda m: np.full(m.shape, "")),
+            title=f"intra-site stream CKA ({which}, {self.meta.get('kernel', 'linear')})")
 
         R = M.shape[0]
         size = min(12.0, 3.0 + 0.06 * R)
@@ -458,10 +430,8 @@ class CKAResult(ProbeResult):
         step = max(1, int(np.ceil(S / 24)))  # at most ~24 site labels
         ticks = [i * n + (n - 1) / 2 for i in range(0, S, step)]
         tick_labels = [site_label(names[i]) for i in range(0, S, step)]
-        ax.set_xticks(ticks)
-        ax.set_xticklabels(tick_labels, rotation=90, fontsize=7)
-        ax.set_yticks(ticks)
-        ax.set_yticklabels(tick_labels, fontsize=7)
+        ax.set_xticks(ticks, tick_labels, rotation=90, fontsize=7)
+        ax.set_yticks(ticks, tick_labels, fontsize=7)
         for i in range(1, S):
             ax.axhline(i * n - 0.5, color="w", lw=0.3)
             ax.axvline(i * n - 0.5, color="w", lw=0.3)

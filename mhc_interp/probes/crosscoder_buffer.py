@@ -1,18 +1,14 @@
 """Activation sources for crosscoder training: (layer, stream) sites and a shuffled, refilled buffer.
 
-A *site* is one (hook name, stream) pair: the activation a^(l,s)(x_t) in R^{d_model} of stream s
-at a stream-state hook `blocks.{l}.{attn|mlp}.hook_streams_out` (or any other hook of shape
-[batch, pos, n_streams, d_model]). A crosscoder reads and writes S sites at once, so one training
-row is a tensor [S, d_model] per token and a batch is [batch, S, d_model].
+A site is a (hook name, stream) pair (`sites.py`); a crosscoder reads and writes S sites at once,
+so one training row is a tensor [S, d_model] per token and a batch is [batch, S, d_model].
 
 Two sources share one small interface (`ActivationSource`: `sites`, `n_sites`, `d_model`,
 `capacity`, `next_batch(n)`, `peek(n)`):
 
-* `ActivationBuffer(model, tokens, sites)`: runs the model over a token source (anything
-  `mhc_interp.probes.runner.iter_batches` takes: a token tensor, a `datasets.Dataset`, text files)
-  with hooks on the site hooks only, stopping the forward after the last sublayer needed, drops
-  position 0 (BOS) and padding, and stores the rows in bfloat16 in a buffer of `buffer_tokens`
-  rows. Batches are drawn from a random permutation of the buffer; when fewer than
+* `ActivationBuffer(model, tokens, sites)`: collects the sites over a token source through
+  `runner.iter_activations` (any source `iter_batches` takes; position 0 (BOS) and padding
+  dropped) and stores the rows in bfloat16 in a buffer of `buffer_tokens` rows. Batches are drawn from a random permutation of the buffer; when fewer than
   `refill_fraction * buffer_tokens` unread rows are left (or fewer than a batch), the unread rows
   are kept, the rest is refilled from the model, and the whole buffer is shuffled again, so
   documents are mixed and training on many millions of tokens never holds them all
@@ -71,8 +67,7 @@ class ShuffleBuffer:
         if int(capacity) < 1:
             raise ValueError(f"a shuffle buffer needs capacity >= 1, got {capacity}")
         self.capacity = int(capacity)
-        self.dtype = dtype
-        self.device = torch.device(device) if device is not None else None
+        self.dtype, self.device = dtype, device
         self.storage: Optional[Tensor] = None                        # [capacity, *row_shape]
         self._slots = torch.zeros(self.capacity, dtype=torch.long)   # [:unread]: reading order
         self.unread = 0
@@ -83,16 +78,11 @@ class ShuffleBuffer:
         """The slots of the unread rows [unread], in reading order."""
         return self._slots[:self.unread]
 
-    def allocate(self, row_shape: Sequence[int], dtype: torch.dtype, device) -> None:
-        """Allocate the storage [capacity, *row_shape] now (else the first `put` does)."""
-        self.dtype = self.dtype or dtype
-        self.device = self.device if self.device is not None else torch.device(device)
-        self.storage = torch.empty(self.capacity, *row_shape, dtype=self.dtype, device=self.device)
-
     def put(self, rows: Tensor) -> int:
         """Store up to `capacity - unread` of rows [k, *row_shape]; returns how many were taken."""
         if self.storage is None:
-            self.allocate(rows.shape[1:], rows.dtype, rows.device)
+            self.storage = torch.empty(self.capacity, *rows.shape[1:], dtype=self.dtype or rows.dtype,
+                                       device=self.device if self.device is not None else rows.device)
         elif tuple(rows.shape[1:]) != tuple(self.storage.shape[1:]):
             raise ValueError(f"rows of shape {tuple(rows.shape[1:])} do not fit a buffer of rows "
                              f"{tuple(self.storage.shape[1:])}")
@@ -300,8 +290,7 @@ class ActivationBuffer(ActivationSource):
     def _refill(self) -> None:
         """Keep the unread rows, fill the rest of the buffer from the model, shuffle it all."""
         buf = self.buffer
-        if buf.storage is None:
-            buf.allocate((self.n_sites, self.d_model), self.storage_dtype, self.device)
+        if self._rows is None:
             self._rows = self._model_rows()
         while buf.unread < self.capacity and not self._exhausted:
             if self._pending is None or len(self._pending) == 0:
@@ -317,7 +306,7 @@ class ActivationBuffer(ActivationSource):
 
     def _needs_refill(self, n: int) -> bool:
         unread = self.buffer.unread
-        return self.buffer.storage is None or (not self._exhausted and (
+        return self._rows is None or (not self._exhausted and (
             unread < n or unread < self.refill_fraction * self.capacity))
 
     def next_batch(self, n: int) -> Tensor:

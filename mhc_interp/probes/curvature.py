@@ -267,9 +267,7 @@ class Curvature(Probe):
         missing = [n for n in self.site_names if n not in acts]
         if missing:
             raise KeyError(f"curvature: activations missing for sites {missing}")
-        # per site: a non-finite flag and per-sequence curvatures, kept on the device; read back
-        # once per batch (two syncs), not three times per site
-        flags, kappas, counts = [], [], []
+        kappas, counts = [], []   # per site, kept on the device: read back once per batch
         for name in self.site_names:
             x = acts[name]
             if x.ndim != 4:
@@ -278,10 +276,7 @@ class Curvature(Probe):
                 self._init_state(x.shape[2])
             if x.shape[2] != self.n_streams:
                 raise ValueError(f"curvature: {name!r} has {x.shape[2]} streams, expected {self.n_streams}")
-            if mask.shape != x.shape[:2]:
-                raise ValueError(f"curvature: mask {tuple(mask.shape)} does not match {name!r} {tuple(x.shape[:2])}")
             mask_x = mask.to(device=x.device, dtype=torch.bool)
-            flags.append((~torch.isfinite(x)).flatten(2).any(-1).logical_and(mask_x).any())
             cols = []  # per-sequence κ and angle counts, one column at a time (bounds float64 memory)
             stream_sum = None
             for s in range(self.n_streams):
@@ -291,11 +286,7 @@ class Curvature(Probe):
             cols.append(sequence_curvatures(stream_sum, mask_x, self.eps, return_counts=True))
             kappas.append(torch.stack([k for k, _ in cols], 1))                   # [batch, n + 1]
             counts.append(torch.stack([c for _, c in cols], 1))
-        here = flags[0].device
-        bad = torch.stack([f.to(here) for f in flags]).cpu()
-        if bool(bad.any()):
-            name = self.site_names[int(bad.nonzero()[0, 0])]
-            raise FloatingPointError(f"curvature: non-finite values (NaN/inf) in activation {name!r}")
+        here = kappas[0].device   # (a NaN / inf at a valid position raises in `step_angles`)
         kappa = torch.stack([k.to(here) for k in kappas]).cpu().numpy()          # [sites, batch, n + 1]
         n_ang = torch.stack([c.to(here) for c in counts]).cpu().numpy()
         return kappa, n_ang

@@ -129,7 +129,6 @@ def iter_activations(model: "MultiStreamModel", source, names: Sequence[str], *,
     valid tokens in all, yield (tokens [batch, pos] and mask [batch, pos] on the model's device,
     the batch's valid (unpadded) token count, {name: activation} of `sites.forward_sites`; {}
     when `names` is empty: no forward). mask excludes padding and positions [0, exclude_first)."""
-    check_exclude_first(exclude_first)
     names = list(names)
     if names:
         check_hook_names(names, model.hook_dict)

@@ -37,17 +37,13 @@ if TYPE_CHECKING:
     from ..contract import MultiStreamModel
 
 __all__ = ["DEFAULT_SITES", "SiteSpec", "Site", "site_hooks", "resolve_sites", "check_site_spec",
-           "check_site_names", "site_label", "evenly_spaced", "block_output", "last_sublayer_needed",
+           "check_site_names", "site_label", "evenly_spaced", "last_sublayer_needed",
            "forward_sites", "site_rows"]
 
 DEFAULT_SITES = "layers"
 SiteSpec = Union[None, str, int, Sequence]
 Site = Tuple[str, int]  # (hook name, stream index)
 _SPEC_FORMS = "'layers', 'sublayers', an int k (k evenly spaced block outputs) or a list of hook names"
-
-
-def block_output(layer: int) -> str:
-    return f"blocks.{layer}.mlp.hook_streams_out"
 
 
 def evenly_spaced(n: int, k: int) -> List[int]:
@@ -68,10 +64,7 @@ def check_site_spec(spec: SiteSpec, probe: str = "sites") -> SiteSpec:
         return int(spec)
     if isinstance(spec, (str, bytes)) or not isinstance(spec, Iterable):
         raise ValueError(f"{probe}: sites must be {_SPEC_FORMS}, got {spec!r}")
-    items = list(spec)
-    if not items:
-        raise ValueError(f"{probe}: `sites` is an empty list")
-    return items
+    return list(spec)
 
 
 def check_site_names(names: Sequence[str], probe: str = "sites", known: Optional[Dict] = None,
@@ -100,11 +93,11 @@ def site_hooks(model: "MultiStreamModel", spec: SiteSpec = None, probe: str = "s
     spec = check_site_spec(DEFAULT_SITES if spec is None else spec, probe)
     L = int(model.cfg.n_layers)
     if spec == "layers":
-        return ["hook_streams_init"] + [block_output(l) for l in range(L)]
+        return ["hook_streams_init"] + [f"blocks.{l}.mlp.hook_streams_out" for l in range(L)]
     if spec == "sublayers":
         return ["hook_streams_init"] + [f"{s}.hook_streams_out" for s in model.sublayer_names]
     if isinstance(spec, int):
-        return [block_output(l) for l in evenly_spaced(L, spec)]
+        return [f"blocks.{l}.mlp.hook_streams_out" for l in evenly_spaced(L, spec)]
     return check_site_names(spec, probe, model.hook_dict, suffixes)
 
 

@@ -210,7 +210,7 @@ def test_resumed_runs_do_not_depend_on_call_history(hf, toks):
 
 # ------------------------------------------------------------------------------------- probes
 def test_observational_probes_run_end_to_end(model, toks):
-    res = run_probes(model, [StreamUsage(), CKA(minibatch_tokens=16), Curvature(sites="sublayers")], toks,
+    res = run_probes(model, [StreamUsage(), CKA(minibatch_tokens=16, sites="sublayers"), Curvature(sites="sublayers")], toks,
                      batch_size=2, progress=False)
     usage, cka, curv = res["stream_usage"], res["cka"], res["curvature"]
     L, n = model.cfg.n_sublayers, model.cfg.n_streams
@@ -221,7 +221,7 @@ def test_observational_probes_run_end_to_end(model, toks):
     expected = torch.stack([cache[f"{s}.hook_h_res"][mask].double().mean(0) for s in model.sublayer_names])
     np.testing.assert_allclose(usage["mean_h_res"], expected.numpy(), atol=1e-6)
     np.testing.assert_allclose(usage["read_share"].sum(-1), 1, atol=1e-6)
-    assert cka["cka"].shape == (L * n, L * n) and np.isfinite(cka["cka"]).all()
+    assert cka["cka"].shape == ((L + 1) * n, (L + 1) * n) and np.isfinite(cka["cka"]).all()
     np.testing.assert_allclose(np.diagonal(cka["cka"]), 1, atol=1e-6)
     assert curv["mean"].shape == (L + 1, n + 1) and np.isfinite(curv["mean"]).all()
     for r in res.values():
@@ -496,11 +496,12 @@ def test_bad_inputs_fail_clearly(model, toks):
 
 
 def test_probes_that_need_hookedmhc_parts_say_so(model, toks):
-    """The per-stream logit lens and the head detectors rely on HookedMHC's per-stream final
-    LayerNorm and attention sublayers: on the adapter they fail with a message, not a crash."""
+    """The logit lens's write lens (a branch output read as a one-stream state) and the head
+    detectors rely on HookedMHC's per-stream final LayerNorm and attention sublayers: on the
+    adapter they fail with a message, not a crash (the stream views run: tests/test_logit_lens.py)."""
     from mhc_interp.probes import HeadDetector, LogitLens, run_probes
 
-    with pytest.raises(TypeError, match="stream_contributions"):
+    with pytest.raises(ValueError, match="writes=False"):
         run_probes(model, LogitLens(), toks, progress=False)
     with pytest.raises(TypeError, match="multi-head attention"):
         run_probes(model, HeadDetector(), toks, progress=False)

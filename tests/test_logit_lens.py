@@ -189,13 +189,15 @@ class _ReferenceLens:
     full [tokens, views, d_vocab] view logits, a log_softmax per view, KL and argmax from them."""
 
     def __init__(self, model, subsets=(), sites=None, writes=True, translator=None):
-        from mhc_interp.probes.logit_lens import _Unembed, _translate, _view_logits, _kl_top1, lens_sites
+        from mhc_interp.probes.logit_lens import _translate, _view_logits, _kl_top1, lens_sites
         self.f = dict(translate=_translate, view_logits=_view_logits, kl_top1=_kl_top1)
         self.model, self.subsets, self.translator = model, list(subsets), translator
         self.sites = lens_sites(model, sites)
         self.sublayers = model.sublayer_names if writes else []
         self.final_site = f"{model.sublayer_names[-1]}.hook_streams_out"
-        self.unembed = _Unembed(model)
+        ln, W_U = model.ln_final, model.W_U.float()             # the readout, written out: W_U^T LN_f(x)
+        self.unembed = lambda x: F.layer_norm(x.float(), ln.weight.shape, ln.weight.float(),
+                                              None if ln.bias is None else ln.bias.float(), ln.eps) @ W_U
 
     @torch.no_grad()
     def run(self, tokens):
@@ -307,6 +309,34 @@ def test_argmax_is_without_index_tracking_max(host_check):
     z = torch.randint(0, 4, (6, 50, 9), generator=gen).float()          # few values: ties everywhere
     top = torch.randint(0, 9, (50,), generator=gen)
     want = z.argmax(-1) == top[None]
-    z_top = z.gather(-1, top[None, :, None].expand(6, -1, 1))[..., 0]
-    got = _argmax_is(z.clone(), top, z_top, z.amax(-1), host_check=host_check)
+    idx = top[None, :, None].expand(6, -1, 1)
+    z_top = z.gather(-1, idx)[..., 0]
+    got = _argmax_is(z.clone(), idx, z_top, z.amax(-1), host_check=host_check)
     assert torch.equal(got, want) and want.any() and (~want).any()
+
+
+def test_lens_reads_the_deepseek_v4_adapter_through_its_own_readout():
+    """On the HF adapter (a learned hc_head collapses the streams before one RMSNorm) the probe
+    reads each stream through the model's `stream_contributions`: the "sum" view of the final
+    state is the model's output (KL 0, top-1 1), each view's KL equals a direct softmax of the
+    adapter's own contributions, and the write lens (one-stream states) is refused by name."""
+    pytest.importorskip("transformers")
+    from mhc_interp.adapters import HookedHFMHC, tiny_deepseek_v4
+
+    model = HookedHFMHC(tiny_deepseek_v4(seed=0))
+    toks = torch.randint(0, model.cfg.d_vocab, (2, 12), generator=torch.Generator().manual_seed(0))
+    with pytest.raises(ValueError, match="writes=False"):
+        run_probes(model, LogitLens(), toks, progress=False)
+    r = run_probes(model, LogitLens(sites="sublayers", writes=False), toks, progress=False)
+    final = r.meta["sites"].index(f"{model.sublayer_names[-1]}.hook_streams_out")
+    assert r["kl"][final, 0] == pytest.approx(0, abs=1e-5) and r["top1"][final, 0] == 1
+    logits, cache = model.run_with_cache(toks, names_filter=lambda n: n in r.meta["sites"])
+    keep = torch.ones(toks.shape, dtype=torch.bool)
+    keep[:, 0] = False                                       # run_probes' default mask drops position 0
+    lp_final = F.log_softmax(logits[keep].float(), -1)
+    for k, site in enumerate(r.meta["sites"]):
+        c = model.stream_contributions(cache[site])[keep]      # [N, n, V]
+        views = torch.cat([c.sum(1, keepdim=True), c], 1)
+        kl = (lp_final.exp()[:, None] * (lp_final[:, None] - F.log_softmax(views, -1))).sum(-1).mean(0)
+        np.testing.assert_allclose(r["kl"][k], kl.detach().double().numpy(), atol=1e-5, rtol=1e-4)
+    assert r.meta["decomposition_max_error"] < 1e-4

@@ -1,11 +1,14 @@
 """Per-stream logit lens: what each residual stream (or subset, or branch output) "predicts" at
 every site, and the exact decomposition of the final logits into stream contributions.
 
-The model's unembedding applies the final LayerNorm to *each* stream, sums, then unembeds:
+The lens reads states through the model's own readout split by stream (the contract's
+`model.stream_contributions`). HookedMHC applies the final LayerNorm to *each* stream, sums,
+then unembeds:
 
     logits = W_U^T sum_s LN_f(x_s) = sum_s c_s,        c_s = W_U^T LN_f(x_s)   [d_vocab]
 
-so the logits decompose exactly into per-stream contributions `c_s` (float rounding only:
+(DeepSeek-V4's learned hc_head weights the streams and normalises their sum once; its c_s are
+the terms of that sum), so the logits decompose exactly into per-stream contributions `c_s` (float rounding only:
 `decompose_logits` checks it). The lens reads any stream state `x` [n, d] through the same map:
 
     view "sum"         sum_s c_s        (the model's own unembedding of that state)
@@ -21,10 +24,11 @@ Each view's distribution P_view = softmax(view) is compared with the model's fin
 P_final = softmax(logits): KL(P_final || P_view) (nats; the tuned-lens convention) and top-1
 agreement (argmax view == argmax logits).
 
-Sites: by default the state entering every sublayer plus the final state, i.e.
-`hook_streams_init` and every `{sublayer}.hook_streams_out` (2L + 1 sites; site k > 0 is the
-state leaving sublayer k - 1, which is also the state entering sublayer k). The lens of the last
-site's "sum" view is the model's output distribution (KL ~ 0).
+Sites: `sites.py`'s vocabulary; by default "layers" (the embedding streams and every block's
+output, L + 1 sites), "sublayers" for every sublayer's output (2L + 1). The lens of the last
+site's "sum" view is the model's output distribution (KL ~ 0). The write lens reads a branch
+output as a one-stream state; a readout that mixes streams with learned weights cannot, and
+says so (pass writes=False).
 
 Tuned-lens seam: `translator` is applied to the hidden state before LN_f and W_U at every site:
 either a callable `translator(site, x) -> x'` or a mapping `{site name: f(x) -> x'}` (sites not in
@@ -125,39 +129,35 @@ def _translate_is_identity(translator: Translator, site: str) -> bool:
     return translator is None or (isinstance(translator, Mapping) and site not in translator)
 
 
-class _Unembed:
-    """LN_f and W_U in float32 (or float64), detached."""
-
-    def __init__(self, model, dtype=torch.float32):
-        ln = getattr(model, "ln_final", None)
-        if ln is None:
-            raise TypeError(
-                f"the logit lens reads each stream through a per-stream final LayerNorm "
-                f"(`ln_final`), which {type(model).__name__} does not have: its readout collapses the "
-                f"streams first (e.g. DeepSeek-V4's learned hc_head); use "
-                f"model.unembed_streams(state) / model.stream_contributions(state) there"
-            )
-        self.weight = ln.weight.detach().to(dtype)
-        self.bias = None if ln.bias is None else ln.bias.detach().to(dtype)
-        self.eps = ln.eps
-        self.W_U = model.W_U.detach().to(dtype)          # [d_model, d_vocab]
-        self.W_U_mean = self.W_U.mean(1)                 # [d_model]: LN_f(x) . W_U_mean = mean logit
-        self.dtype = dtype
-
-    def normed(self, x: Tensor) -> Tensor:               # [..., d_model] -> LN_f(x) [..., d_model]
-        x = x.to(self.W_U.device, self.dtype)
-        return F.layer_norm(x, self.weight.shape, self.weight, self.bias, self.eps)
-
-    def __call__(self, x: Tensor) -> Tensor:             # [..., d_model] -> [..., d_vocab]
-        return self.normed(x) @ self.W_U
+def _readout(model: "MultiStreamModel", x: Tensor, dtype=torch.float32) -> Tensor:
+    """The model's own per-stream readout (the contract's `stream_contributions`), detached:
+    x [..., n, d_model] -> [..., n, d_vocab]."""
+    with torch.no_grad():
+        return model.stream_contributions(x, dtype=dtype)
 
 
-def stream_contributions(model, x: Tensor, site: str = "", translator: Translator = None,
+def stream_contributions(model: "MultiStreamModel", x: Tensor, site: str = "", translator: Translator = None,
                          dtype=torch.float32) -> Tensor:
-    """Per-stream logit contributions W_U^T LN_f(x_s): x [..., n_streams, d_model] ->
-    [..., n_streams, d_vocab] (the translator, if any, applied first). Their sum over streams is
-    the model's unembedding of x."""
-    return _Unembed(model, dtype)(_translate(translator, site, x))
+    """Per-stream logit contributions c_s (W_U^T LN_f(x_s) for HookedMHC): x [..., n_streams,
+    d_model] -> [..., n_streams, d_vocab], the translator (if any) applied first. Their sum over
+    streams is the model's unembedding of x."""
+    return _readout(model, _translate(translator, site, x), dtype)
+
+
+def _write_readout(model: "MultiStreamModel", w: Tensor) -> Tensor:
+    """A branch output w [..., d_model] read as a one-stream state -> [..., d_vocab]."""
+    return _readout(model, w.unsqueeze(-2))[..., 0, :]
+
+
+def _check_write_readout(model: "MultiStreamModel") -> None:
+    """The write lens reads a branch output as a one-stream state; a readout that mixes the
+    streams with learned weights (DeepSeek-V4's hc_head) cannot, so say so up front."""
+    try:
+        _write_readout(model, torch.zeros(1, model.cfg.d_model, device=model.device))
+    except Exception as e:  # noqa: BLE001 - any failure means the same thing here
+        raise ValueError(f"the write lens reads each branch output as a one-stream state through "
+                         f"model.stream_contributions, which {type(model).__name__} does not support "
+                         f"({type(e).__name__}: {e}); pass writes=False") from e
 
 
 @torch.no_grad()
@@ -200,44 +200,57 @@ class _Final:
     """The final distribution of N tokens, computed once and shared by every site and view.
 
     KL(P_final || softmax(z)) = sum_v p_v (log p_v - z_v) + logsumexp(z)
-                              = negH - p.z + m + log sum_v exp(z_v - m),     m = max_v z_v
-    where negH = sum_v p_v log p_v is per token, and p.z is linear in the view: for z = LN_f(h) W_U
-    (or a sum of such rows) it is LN_f(h) . u with u = W_U p [N, d_model], so it is read in the
-    model's width, not the vocabulary's. Per view row the only vocabulary-sized work is the GEMM
-    that forms z (the stream sum and subsets add rows of it), one amax (a plain reduction, no
-    index tracking) and one fused log_softmax (log sum exp(z - m) = z[y*] - m - log_softmax(z)[y*]
-    at the final top-1 token y*), and the top-1 test `_argmax_is`. The combination is in float64
-    with m - p.z formed before adding the O(log V) term, so large common logit offsets cancel as
-    they do in log_softmax."""
+                              = negH + (m - p.z) + log sum_v exp(z_v - m),     m = max_v z_v
+    where negH = sum_v p_v log p_v is per token. Per view row the vocabulary-sized work is one
+    amax (a plain reduction, no index tracking), one fused log_softmax (log sum exp(z - m) =
+    z[y*] - m - log_softmax(z)[y*] at the final top-1 token y*), the dot p.(z - m) and the top-1
+    test `_argmax_is`. m - p.z is formed as -p.(z - m) before the O(log V) term is added, so large
+    common logit offsets cancel as they do in log_softmax; the combination is in float64."""
 
-    def __init__(self, logits: Tensor, W_U: Tensor):
+    def __init__(self, logits: Tensor):
         final = logits.float()                                             # [N, V]
         lp = F.log_softmax(final, dim=-1)
-        p = lp.exp()
+        self.p = lp.exp()                                                  # [N, V]
         self.top = final.argmax(-1)                                        # [N]
-        self.neg_entropy = (p * lp).sum(-1).double()                       # [N]
-        self.u = (p @ W_U.T).double()                                      # [N, d] = W_U p
+        self.neg_entropy = (self.p * lp).sum(-1).double()                  # [N]
         self.logits = final
 
-    def dot(self, normed: Tensor) -> Tensor:
-        """normed [N, k, d] (LN_f outputs) -> p.z [N, k] in float64."""
-        return torch.bmm(normed.double(), self.u[:, :, None])[..., 0]
+
+def _row_stats(z: Tensor, pz: Tensor, fin: _Final, sl: slice, cpu: bool) -> Tuple[Tensor, Tensor]:
+    """Per row of z [A, c, B, V] (c tokens of block `sl`) with pz = p.z [A, c, B]: KL - negH =
+    log sum exp(z - m) - p.(z - m) [A, B, c] in float64, and the top-1 agreement [A, B, c].
+    z is overwritten."""
+    idx = fin.top[sl][None, :, None, None].expand(*z.shape[:-1], 1)
+    m = z.amax(-1)                                                         # [A, c, B]
+    z_top = z.gather(-1, idx)[..., 0]
+    log_norm = (z_top - m) - F.log_softmax(z, dim=-1).gather(-1, idx)[..., 0]
+    kl = log_norm.double() - (pz.double() - m.double())
+    agree = _argmax_is(z, idx, z_top, m, host_check=cpu)
+    return kl.transpose(1, 2), agree.transpose(1, 2)
 
 
-def _argmax_is(z: Tensor, top: Tensor, z_top: Tensor, z_max: Tensor, host_check: bool = True) -> Tensor:
-    """argmax(z, -1) == top, for z [rows, c, V], top [c], z_top = z[..., top], z_max = z.amax(-1)
-    ([rows, c] each), without the slow index-tracking max over the vocabulary: z[top] must be the
-    max and no earlier entry may tie with it. A tie needs a second maximum, so `top` is masked out
-    of z (z is overwritten) and the max taken again; only tied rows need an argmax - on the host's
-    say-so (`host_check`, one sync) or, sync-free, as one more pass over every row."""
+def _dot_p(z: Tensor, p: Tensor) -> Tensor:
+    """p.z per row: z [A, c, B, V], p [c, V] -> [A, c, B] (one batched GEMV)."""
+    A, c, B, V = z.shape
+    return torch.bmm(z.reshape(A * c, B, V), p.expand(A, c, V).reshape(A * c, V, 1)).view(A, c, B)
+
+
+def _argmax_is(z: Tensor, idx: Tensor, z_top: Tensor, z_max: Tensor, host_check: bool = True) -> Tensor:
+    """argmax(z, -1) == idx[..., 0] for z [..., V], idx [..., 1] (the final top-1 token), z_top =
+    z.gather(-1, idx)[..., 0], z_max = z.amax(-1), without the slow index-tracking max over the
+    vocabulary: z[top] must be the max and no earlier entry may tie with it. A tie needs a second
+    maximum, so `top` is masked out of z (z is overwritten) and the max taken again; only tied rows
+    need an argmax - on the host's say-so (`host_check`, one sync) or, sync-free, as one more pass
+    over every row."""
     hit = z_top == z_max
-    z.scatter_(-1, top[None, :, None].expand(z.shape[0], -1, 1), float("-inf"))
+    z.scatter_(-1, idx, float("-inf"))
     tie = hit & (z.amax(-1) == z_max)
+    top = idx[..., 0]
     if not host_check:
-        return hit & (~tie | (top[None, :] < z.argmax(-1)))
+        return hit & (~tie | (top < z.argmax(-1)))
     if bool(tie.any()):                     # rare: exact ties at the max; argmax decides
-        r_idx, t_idx = tie.nonzero(as_tuple=True)
-        hit[r_idx, t_idx] = top[t_idx] < z[r_idx, t_idx].argmax(-1)
+        where = tie.nonzero(as_tuple=True)
+        hit[where] = top[where] < z[where].argmax(-1)
     return hit
 
 
@@ -266,10 +279,10 @@ class LogitLens(Probe):
     share of the masked tokens (seed); every mean comes with its standard error (`*_se` arrays,
     clustered by sequence), so the sampling error is reported with the estimate.
 
-    Cost per scored token: one GEMM of (sites x n_streams + sublayers) rows of LN_f outputs with
-    W_U (the stream sum and subsets are added in the vocabulary), then per view row one max and
-    one log_softmax; the final distribution (log_softmax, entropy, W_U p) is computed once per
-    token and shared by every site (`_Final`).
+    Cost per scored token: the model's readout of (sites x n_streams + sublayers) rows (the stream
+    sum and subsets are added in the vocabulary), then per row one max, one log_softmax and one
+    dot with P_final; the final distribution (log_softmax, entropy) is computed once per token and
+    shared by every site (`_Final`).
     """
 
     name = "logit_lens"
@@ -297,9 +310,11 @@ class LogitLens(Probe):
         self.final_site = f"{model.sublayer_names[-1]}.hook_streams_out"
         self.views = _view_labels(self.n_streams, self.subsets)
         self.hyper_conn_type = model.cfg.hyper_conn_type
-        self.unembed = _Unembed(model)
+        if self.writes:
+            _check_write_readout(model)
+        self.model = model
         n_sites, n_views, n_sub = len(self.sites), len(self.views), len(self.sublayers)
-        f64 = dict(dtype=torch.float64, device=self.unembed.W_U.device)
+        f64 = dict(dtype=torch.float64, device=model.device)
         # per statistic: sum over tokens, and for its standard error sum_i S_i^2 and sum_i S_i n_i
         # over sequences i (S_i the sequence's sum, n_i its scored tokens)
         shapes = {"kl": (n_sites, n_views), "top1": (n_sites, n_views), "kl_write": (n_sub,), "top1_write": (n_sub,)}
@@ -332,78 +347,64 @@ class LogitLens(Probe):
         n_tok = len(rows)
         if n_tok == 0:
             return
-        n, n_sites, n_sub, W_U = self.n_streams, len(self.sites), len(self.sublayers), self.unembed.W_U
-        n_views = 1 + len(self.subsets)                 # views that add streams: "sum", then each subset
-        fin = _Final(take_rows(acts["hook_logits"], rows), W_U)          # shared by every site and view
+        n, n_sites, n_sub = self.n_streams, len(self.sites), len(self.sublayers)
+        fin = _Final(take_rows(acts["hook_logits"], rows))               # shared by every site and view
         # the final state's contributions are one site's rows unless a translator changes that site
         shared_final = self.final_site in self.sites and _translate_is_identity(self.translator, self.final_site)
-        # LN_f of every row the lens unembeds, rows first [R, N, d]: each site's streams (site-major),
-        # each branch output, then (only if not shared) the final state's streams
-        parts = [_translate(self.translator, site, take_rows(acts[site], rows)).transpose(0, 1) for site in self.sites]
-        parts += [_translate(self.translator, f"{sub}.hook_write", take_rows(acts[f"{sub}.hook_write"], rows))[None]
-                  for sub in self.sublayers]
-        if not shared_final:
-            parts.append(take_rows(acts[self.final_site], rows).transpose(0, 1))
-        h = self.unembed.normed(torch.cat(parts, 0))                     # [R, N, d]
-        R, n_st = h.shape[0], n_sites * n
+        states = torch.stack([_translate(self.translator, site, take_rows(acts[site], rows))
+                              for site in self.sites])                    # [sites, N, n, d]
+        writes = [_translate(self.translator, f"{sub}.hook_write", take_rows(acts[f"{sub}.hook_write"], rows))
+                  for sub in self.sublayers]                             # each [N, d]
+        final_state = None if shared_final else take_rows(acts[self.final_site], rows)
         k_final = self.sites.index(self.final_site) if shared_final else None
-        # p.z of every row, and of the views that add rows (linear: the same sums in the model's width)
-        pz_rows = fin.dot(h.transpose(0, 1)).T                            # [R, N] float64
-        pz_st = pz_rows[:n_st].unflatten(0, (n_sites, n))
-        pz = torch.cat([pz_rows] + [pz_st.sum(1)] + [pz_st[:, list(sub)].sum(1) for sub in self.subsets], 0)
-        # vocabulary-sized work, a block of tokens at a time: z = h W_U [R, c, V] and the view rows
-        # [n_views x n_sites, c, V] in one buffer; per row one amax, one fused log_softmax, gathers
-        rows_all, V = R + n_views * n_sites, W_U.shape[1]
-        m = torch.empty(rows_all, n_tok, dtype=torch.float32, device=device)
-        agree = torch.empty(rows_all, n_tok, dtype=torch.bool, device=device)
-        log_norm = torch.empty_like(m)
-        at_top = torch.empty(n, n_tok, dtype=torch.float32, device=device)
+        kl = torch.empty(n_sites, 1 + n + len(self.subsets), n_tok, dtype=torch.float64, device=device)
+        agree = torch.empty(kl.shape, dtype=torch.bool, device=device)
+        kl_w = torch.empty(n_sub, n_tok, dtype=torch.float64, device=device)
+        agree_w = torch.empty(kl_w.shape, dtype=torch.bool, device=device)
+        at_top = torch.empty(n, n_tok, dtype=torch.float64, device=device)
         err = torch.zeros((), dtype=torch.float32, device=device)
-        chunk = self._block_tokens(rows_all)
-        buf = torch.empty(rows_all * min(chunk, n_tok) * V, dtype=W_U.dtype, device=device)
+        chunk = self._block_tokens(n_sites * (n + 1 + len(self.subsets)) + n_sub)
+        cpu = device.type == "cpu"
         for lo in range(0, n_tok, chunk):
             sl = slice(lo, lo + chunk)
-            c = len(range(n_tok)[sl])
-            z = buf[:rows_all * c * V].view(rows_all, c, V)
-            torch.mm(h[:, sl].reshape(R * c, -1), W_U, out=z[:R].view(R * c, V))    # one GEMM
-            zs = z[:n_st].unflatten(0, (n_sites, n))                      # [sites, n, c, V]
-            torch.sum(zs, 1, out=z[R:R + n_sites])
+            z = _readout(self.model, states[:, sl].contiguous())         # [sites, c, n, V]
+            pz = _dot_p(z, fin.p[sl])                                    # [sites, c, n]; views add rows
+            views = torch.empty(n_sites, z.shape[1], 1 + len(self.subsets), z.shape[-1], dtype=z.dtype, device=device)
+            torch.sum(z, 2, out=views[:, :, 0])
             for j, sub in enumerate(self.subsets, 1):
-                torch.sum(zs[:, list(sub)], 1, out=z[R + j * n_sites:R + (j + 1) * n_sites])
+                torch.sum(z[:, :, list(sub)], 2, out=views[:, :, j])
+            pz_views = torch.stack([pz.sum(2)] + [pz[:, :, list(sub)].sum(2) for sub in self.subsets], 2)
             # exact decomposition at the final state (no translator: it is the model's own map)
-            if shared_final:
-                contrib, total = zs[k_final], z[R + k_final]                     # [n, c, V], [c, V]
-            else:
-                contrib = z[R - n:R]
-                total = contrib.sum(0)
-            err = torch.maximum(err, (total - fin.logits[sl]).abs_().amax())
-            at_top[:, sl] = contrib.gather(-1, fin.top[sl][None, :, None].expand(n, -1, 1))[..., 0]
-            # per row: the max (amax: a plain reduction, no index), the logit of the final top-1 token
-            # y* and log sum exp(z - max) = z[y*] - max - log_softmax(z)[y*]
-            final_top = fin.top[sl][None, :, None].expand(rows_all, -1, 1)
-            mc = z.amax(-1)                                                # [rows, c]
-            z_top = z.gather(-1, final_top)[..., 0]
-            log_norm[:, sl] = (z_top - mc) - F.log_softmax(z, dim=-1).gather(-1, final_top)[..., 0]
-            m[:, sl] = mc
-            agree[:, sl] = _argmax_is(z, fin.top[sl], z_top, mc, host_check=z.device.type == "cpu")
-        kl = ((m.double() - pz) + log_norm.double() + fin.neg_entropy).clamp_min(0)   # [rows, N]
-        agree = agree.double()
-        # per sequence sums (for the standard errors): S [rows, batch], n_i [batch]
+            contrib = z[k_final] if shared_final else _readout(self.model, final_state[sl])   # [c, n, V]
+            err = torch.maximum(err, (views[k_final, :, 0] if shared_final else contrib.sum(1)).sub(fin.logits[sl])
+                                .abs_().amax())
+            top = fin.top[sl][:, None, None].expand(-1, n, 1)
+            at_top[:, sl] = (contrib.gather(-1, top)[..., 0] - contrib.mean(-1)).T.double()   # c_s[y*] - mean c_s
+            del contrib
+            kl[:, 1:1 + n, sl], agree[:, 1:1 + n, sl] = _row_stats(z, pz, fin, sl, cpu)
+            del z
+            view_kl, view_agree = _row_stats(views, pz_views, fin, sl, cpu)   # [sites, 1 + subsets, c]
+            kl[:, :1, sl], kl[:, 1 + n:, sl] = view_kl[:, :1], view_kl[:, 1:]
+            agree[:, :1, sl], agree[:, 1 + n:, sl] = view_agree[:, :1], view_agree[:, 1:]
+            if writes:
+                zw = _readout(self.model, torch.stack([w[sl] for w in writes])[:, :, None])   # [sub, c, 1, V]
+                w_kl, w_agree = _row_stats(zw, _dot_p(zw, fin.p[sl]), fin, sl, cpu)
+                kl_w[:, sl], agree_w[:, sl] = w_kl[:, 0], w_agree[:, 0]
+        kl = (kl + fin.neg_entropy).clamp_min(0)
+        kl_w = (kl_w + fin.neg_entropy).clamp_min(0)
+        # per sequence sums (for the standard errors): S [..., batch], n_i [batch]
         seq = torch.div(rows, mask.shape[1], rounding_mode="floor")
         n_i = torch.bincount(seq, minlength=mask.shape[0]).double()
-        for key, per_tok in (("kl", kl), ("top1", agree)):
-            S = torch.zeros(rows_all, mask.shape[0], dtype=torch.float64, device=device).index_add_(1, seq, per_tok)
-            for acc, per_row in ((self.sums, S.sum(1)), (self.sq, (S * S).sum(1)), (self.cross, S @ n_i)):
-                views = per_row[R:].unflatten(0, (n_views, n_sites)).T             # [sites, n_views]
-                acc[key] += torch.cat([views[:, :1], per_row[:n_st].unflatten(0, (n_sites, n)), views[:, 1:]], 1)
-                acc[f"{key}_write"] += per_row[n_st:n_st + n_sub]
+        for key, per_tok in (("kl", kl), ("top1", agree.double()), ("kl_write", kl_w), ("top1_write", agree_w.double())):
+            S = torch.zeros(*per_tok.shape[:-1], mask.shape[0], dtype=torch.float64, device=device)
+            S.index_add_(-1, seq, per_tok)
+            self.sums[key] += S.sum(-1)
+            self.sq[key] += (S * S).sum(-1)
+            self.cross[key] += S @ n_i
         self.n_sq += float((n_i * n_i).sum())
         self.groups += int((n_i > 0).sum())
-        self.decomposition_error = torch.maximum(torch.as_tensor(self.decomposition_error, dtype=torch.float64,
-                                                                 device=device), err.double())
-        # c_s[y*] - mean_v c_s[v]; the mean over the vocabulary is LN_f(x_s) . mean_v W_U[:, v]
-        final_h = h[k_final * n:(k_final + 1) * n] if shared_final else h[R - n:]
-        self.final_contrib += (at_top.double() - final_h.double() @ self.unembed.W_U_mean.double()).sum(1)
+        self.decomposition_error = max(self.decomposition_error, float(err))
+        self.final_contrib += at_top.sum(1)
         self.count += n_tok
 
     def _block_tokens(self, rows: int) -> int:
@@ -534,7 +535,8 @@ def logit_lens(model, tokens, *, k: int = 5, subsets=None, sites: SiteSpec = Non
     final_site = f"{model.sublayer_names[-1]}.hook_streams_out"
     wanted = set(site_names) | {final_site} | {f"{s}.hook_write" for s in subs}
     logits, cache = model.run_with_cache(tokens, names_filter=lambda name: name in wanted)
-    unembed = _Unembed(model)
+    if subs:
+        _check_write_readout(model)
     final = logits[0].float()
     final_lp = F.log_softmax(final, dim=-1)
     top = final.argmax(-1)
@@ -543,7 +545,7 @@ def logit_lens(model, tokens, *, k: int = 5, subsets=None, sites: SiteSpec = Non
     arrays: Dict[str, List] = {key: [] for key in ("topk_ids", "topk_probs", "kl", "top1_agree")}
     for site in site_names:
         x = _translate(translator, site, cache[site][0])
-        vl = _view_logits(unembed(x), subsets)                          # [pos, views, V]
+        vl = _view_logits(_readout(model, x), subsets)                          # [pos, views, V]
         kl, agree = _kl_top1(final_lp, top, vl)
         probs, ids = F.softmax(vl, -1).topk(k, dim=-1)
         for key, v in zip(arrays, (ids.transpose(0, 1), probs.transpose(0, 1), kl.T, agree.T)):
@@ -552,7 +554,7 @@ def logit_lens(model, tokens, *, k: int = 5, subsets=None, sites: SiteSpec = Non
     w_ids, w_probs, w_kl = [], [], []
     for sub in subs:
         site = f"{sub}.hook_write"
-        wl = unembed(_translate(translator, site, cache[site][0]))         # [pos, V]
+        wl = _write_readout(model, _translate(translator, site, cache[site][0]))         # [pos, V]
         kl, _ = _kl_top1(final_lp, top, wl[:, None])
         probs, ids = F.softmax(wl, -1).topk(k, dim=-1)
         w_ids.append(ids), w_probs.append(probs), w_kl.append(kl[:, 0])
@@ -560,7 +562,7 @@ def logit_lens(model, tokens, *, k: int = 5, subsets=None, sites: SiteSpec = Non
     out["write_topk_ids"] = torch.stack(w_ids).cpu().numpy() if subs else np.zeros((0, p, k), np.int64)
     out["write_topk_probs"] = torch.stack(w_probs).cpu().numpy() if subs else np.zeros((0, p, k), np.float32)
     out["write_kl"] = torch.stack(w_kl).cpu().numpy() if subs else np.zeros((0, p), np.float32)
-    contrib = unembed(cache[final_site][0])                                # [pos, n, V]
+    contrib = _readout(model, cache[final_site][0])                                # [pos, n, V]
     f_ids = final.topk(k, dim=-1).indices                                  # [pos, k]
     out["final_topk_ids"] = f_ids.cpu().numpy()
     out["final_topk_contributions"] = contrib.gather(-1, f_ids[:, None].expand(-1, n, -1)).cpu().numpy()

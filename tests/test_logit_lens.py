@@ -9,8 +9,9 @@ from torch.nn import functional as F
 from mhc_interp import HookedMHC
 from mhc_interp.hooks import HookNameError
 from mhc_interp.probes import ProbeResult, run_probes
-from mhc_interp.probes.logit_lens import (LogitLens, LogitLensResult, PromptLensResult, all_subsets,
-                                          check_subsets, decompose_logits, logit_lens, stream_contributions)
+from mhc_interp.probes.logit_lens import (LogitLens, LogitLensResult, all_subsets, check_subsets, decompose_logits,
+                                          stream_contributions)
+from mhc_interp.probes.logit_lens_prompt import PromptLensResult, logit_lens
 
 from .conftest import FIXTURES, REFERENCE_NAMES, perturbed_model, tiny_config
 
@@ -189,7 +190,8 @@ class _ReferenceLens:
     full [tokens, views, d_vocab] view logits, a log_softmax per view, KL and argmax from them."""
 
     def __init__(self, model, subsets=(), sites=None, writes=True, translator=None):
-        from mhc_interp.probes.logit_lens import _translate, _view_logits, _kl_top1, lens_sites
+        from mhc_interp.probes.logit_lens import _translate, lens_sites
+        from mhc_interp.probes.logit_lens_prompt import _kl_top1, _view_logits
         self.f = dict(translate=_translate, view_logits=_view_logits, kl_top1=_kl_top1)
         self.model, self.subsets, self.translator = model, list(subsets), translator
         self.sites = lens_sites(model, sites)

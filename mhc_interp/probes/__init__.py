@@ -17,8 +17,9 @@ from .attribution import AttributionPatching, AttributionResult, attribution_pat
 from .rescue import AblateRescue, RescueResult, ablate_and_rescue
 from .heads import (DEFAULT_ORDINAL_WORDS, HEAD_SCORES, HeadDetector, HeadScores, check_attention_model,
                     detect_heads, head_ablation_hook, repeated_random_tokens, successor_scores)
-from .logit_lens import (LogitLens, LogitLensResult, PromptLensResult, all_subsets, check_subsets,
-                         decompose_logits, lens_sites, logit_lens, stream_contributions)
+from .logit_lens import (LogitLens, LogitLensResult, all_subsets, check_subsets, decompose_logits, lens_sites,
+                         stream_contributions)
+from .logit_lens_prompt import PromptLensResult, logit_lens
 from .predictability import CrossStreamPredictability, PredictabilityResult, predictability_sites, ridge_r2_matrix
 from .crosscoder import (Crosscoder, CrosscoderConfig, CrosscoderEval, CrosscoderResult, analyze_crosscoder,
                          match_decoder_directions, train_crosscoder)

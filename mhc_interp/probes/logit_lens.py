@@ -56,7 +56,7 @@ from .sites import SiteSpec, check_site_spec, site_hooks, site_label
 if TYPE_CHECKING:
     from ..contract import MultiStreamModel
 
-__all__ = ["LogitLens", "LogitLensResult", "PromptLensResult", "logit_lens", "decompose_logits",
+__all__ = ["LogitLens", "LogitLensResult", "decompose_logits",
            "stream_contributions", "lens_sites", "check_subsets", "all_subsets"]
 
 Translator = Union[None, Callable[[str, Tensor], Tensor], Mapping[str, Callable[[Tensor], Tensor]]]
@@ -178,22 +178,6 @@ def decompose_logits(model, tokens, dtype=torch.float32, atol: Optional[float] =
             raise ArithmeticError(f"stream contributions sum to the logits only within {err:.3g} > atol={atol:g} "
                                   f"(model dtype {model.dtype}; compare in float32 or raise atol)")
     return contributions, logits
-
-
-def _view_logits(contrib: Tensor, subsets: Sequence[Tuple[int, ...]]) -> Tensor:
-    """contrib [N, n, V] -> view logits [N, n_views, V]: sum, each stream, each subset."""
-    views = [contrib.sum(1)] + [contrib[:, s] for s in range(contrib.shape[1])]
-    views += [contrib[:, list(sub)].sum(1) for sub in subsets]
-    return torch.stack(views, 1)
-
-
-def _kl_top1(final_lp: Tensor, final_top: Tensor, logits: Tensor) -> Tuple[Tensor, Tensor]:
-    """final_lp [N, V] (log-probs), final_top [N]; logits [N, k, V] -> KL(P_final||P) [N, k],
-    agreement [N, k] (bool). The direct formula (the single-prompt lens; `_Final.stats` is the
-    probe's cheaper equivalent)."""
-    lp = F.log_softmax(logits, dim=-1)
-    kl = (final_lp.exp()[:, None] * (final_lp[:, None] - lp)).sum(-1).clamp_min(0)  # >= 0 up to rounding
-    return kl, logits.argmax(-1) == final_top[:, None]
 
 
 class _Final:
@@ -506,161 +490,5 @@ class LogitLensResult(ProbeResult):
         ax.bar(np.arange(n), self["final_top1_contribution"])
         ax.set_xticks(np.arange(n), [f"stream {s}" for s in range(n)], fontsize=7)
         ax.set_title("contribution to final top-1 logit\n(minus mean logit)", fontsize=9)
-        figs["final_decomposition"] = fig
-        return figs
-
-
-# ------------------------------------------------------------------------ single prompt
-@torch.no_grad()
-def logit_lens(model, tokens, *, k: int = 5, subsets=None, sites: SiteSpec = None,
-               writes: bool = True, translator: Translator = None) -> "PromptLensResult":
-    """The lens on one prompt (tokens [pos] or [1, pos], or text with a tokenizer), every position.
-
-    Arrays: topk_ids / topk_probs [site, view, pos, k], kl [site, view, pos] (KL(P_final||P_view)),
-    top1_agree [site, view, pos]; write_topk_ids / write_topk_probs [sublayer, pos, k], write_kl
-    [sublayer, pos]; final_topk_ids [pos, k] and final_topk_contributions [pos, n_streams, k]
-    (the exact per-stream split of the final top-k logits); tokens [pos].
-    meta: sites, site_labels, views, sublayers, token_strs (if the model has a tokenizer),
-    decomposition_max_error."""
-    if int(k) < 1:
-        raise ValueError(f"k must be >= 1, got {k}")
-    tokens = model._check_tokens(tokens)
-    if tokens.shape[0] != 1:
-        raise ValueError(f"logit_lens takes one prompt (tokens [pos] or [1, pos]), got batch "
-                         f"{tokens.shape[0]}; use the LogitLens probe with run_probes for a corpus")
-    n = model.cfg.n_streams
-    subsets = check_subsets(subsets, n)
-    site_names = lens_sites(model, sites)
-    subs = model.sublayer_names if writes else []
-    final_site = f"{model.sublayer_names[-1]}.hook_streams_out"
-    wanted = set(site_names) | {final_site} | {f"{s}.hook_write" for s in subs}
-    logits, cache = model.run_with_cache(tokens, names_filter=lambda name: name in wanted)
-    if subs:
-        _check_write_readout(model)
-    final = logits[0].float()
-    final_lp = F.log_softmax(final, dim=-1)
-    top = final.argmax(-1)
-    k = min(int(k), final.shape[-1])
-    views = _view_labels(n, subsets)
-    arrays: Dict[str, List] = {key: [] for key in ("topk_ids", "topk_probs", "kl", "top1_agree")}
-    for site in site_names:
-        x = _translate(translator, site, cache[site][0])
-        vl = _view_logits(_readout(model, x), subsets)                          # [pos, views, V]
-        kl, agree = _kl_top1(final_lp, top, vl)
-        probs, ids = F.softmax(vl, -1).topk(k, dim=-1)
-        for key, v in zip(arrays, (ids.transpose(0, 1), probs.transpose(0, 1), kl.T, agree.T)):
-            arrays[key].append(v)
-    out = {key: torch.stack(v).cpu().numpy() for key, v in arrays.items()}
-    w_ids, w_probs, w_kl = [], [], []
-    for sub in subs:
-        site = f"{sub}.hook_write"
-        wl = _write_readout(model, _translate(translator, site, cache[site][0]))         # [pos, V]
-        kl, _ = _kl_top1(final_lp, top, wl[:, None])
-        probs, ids = F.softmax(wl, -1).topk(k, dim=-1)
-        w_ids.append(ids), w_probs.append(probs), w_kl.append(kl[:, 0])
-    p = tokens.shape[1]
-    out["write_topk_ids"] = torch.stack(w_ids).cpu().numpy() if subs else np.zeros((0, p, k), np.int64)
-    out["write_topk_probs"] = torch.stack(w_probs).cpu().numpy() if subs else np.zeros((0, p, k), np.float32)
-    out["write_kl"] = torch.stack(w_kl).cpu().numpy() if subs else np.zeros((0, p), np.float32)
-    contrib = _readout(model, cache[final_site][0])                                # [pos, n, V]
-    f_ids = final.topk(k, dim=-1).indices                                  # [pos, k]
-    out["final_topk_ids"] = f_ids.cpu().numpy()
-    out["final_topk_contributions"] = contrib.gather(-1, f_ids[:, None].expand(-1, n, -1)).cpu().numpy()
-    out["tokens"] = tokens[0].cpu().numpy()
-    meta = {"sites": site_names, "site_labels": [site_label(s) for s in site_names], "views": views,
-            "subsets": [list(s) for s in subsets], "sublayers": subs, "n_streams": n, "k": k,
-            "hyper_conn_type": model.cfg.hyper_conn_type,
-            "decomposition_max_error": float((contrib.sum(1) - final).abs().max()),
-            "translator": None if translator is None else repr(translator),
-            "kl_direction": "KL(P_final || P_view), nats"}
-    if model.tokenizer is not None:
-        meta["token_strs"] = [model.tokenizer.decode([int(t)]) for t in out["tokens"]]
-        meta["vocab_strs"] = {int(t): model.tokenizer.decode([int(t)])
-                              for t in np.unique(np.concatenate([out["topk_ids"].ravel(),
-                                                                 out["write_topk_ids"].ravel(),
-                                                                 out["final_topk_ids"].ravel()]))}
-    return PromptLensResult("logit_lens_prompt", out, meta)
-
-
-@register_result
-class PromptLensResult(LogitLensResult):
-    """Single-prompt logit lens (see `logit_lens`)."""
-
-    def _tok(self, t: int) -> str:
-        strs = self.meta.get("vocab_strs")
-        if strs:
-            return repr(strs.get(int(t), strs.get(str(int(t)), str(int(t)))))
-        return str(int(t))
-
-    def _site_index(self, site: Union[str, int]) -> int:
-        if isinstance(site, str):
-            for names in (self.meta["sites"], self.meta["site_labels"]):
-                if site in names:
-                    return names.index(site)
-            raise KeyError(f"unknown site {site!r}; sites: {self.meta['site_labels']}")
-        n = len(self.meta["sites"])
-        if not -n <= site < n:
-            raise IndexError(f"site index {site} out of range ({n} sites)")
-        return int(site) % n
-
-    def top_tokens(self, site: Union[str, int] = -1, view: Union[str, int] = "sum",
-                   position: int = -1) -> List[Tuple[int, float]]:
-        """[(token id, probability)] top-k of one site / view at one position."""
-        i, j = self._site_index(site), self.view_index(view)
-        return [(int(t), float(p)) for t, p in zip(self["topk_ids"][i, j, position],
-                                                   self["topk_probs"][i, j, position])]
-
-    def table(self, position: int = -1, views: Optional[Sequence[Union[str, int]]] = None) -> str:
-        """Top-k tokens (with probability) per site (rows) and view at one position; branch
-        outputs at the end."""
-        cols = [self.view_index(v) for v in (views if views is not None else range(len(self.meta["views"])))]
-        lines = []
-        for i, lab in enumerate(self.meta["site_labels"]):
-            for j in cols:
-                toks = ", ".join(f"{self._tok(t)} {p:.2f}" for t, p in
-                                 zip(self["topk_ids"][i, j, position], self["topk_probs"][i, j, position]))
-                lines.append(f"{lab:<16} {self.meta['views'][j]:<14} KL {self['kl'][i, j, position]:7.3f} | {toks}")
-        for i, sub in enumerate(self.meta["sublayers"]):
-            toks = ", ".join(f"{self._tok(t)} {p:.2f}" for t, p in
-                             zip(self["write_topk_ids"][i, position], self["write_topk_probs"][i, position]))
-            lines.append(f"{sub:<16} {'write':<14} KL {self['write_kl'][i, position]:7.3f} | {toks}")
-        return "\n".join(lines)
-
-    def plot(self, position: int = -1):
-        """{"kl": KL per site and view at `position`, "top1_grid": the stream-sum view's top-1
-        token per site (rows) and position (columns), coloured by its probability,
-        "final_decomposition": per-stream contributions to the final top-k logits at `position`}."""
-        import matplotlib.pyplot as plt
-
-        labels, views = self.meta["site_labels"], self.meta["views"]
-        figs = {}
-        fig, ax = plt.subplots(figsize=(max(6, 0.45 * len(labels)), 3.6))
-        colours = _view_colours(views)
-        for j, v in enumerate(views):
-            ax.plot(np.arange(len(labels)), self["kl"][:, j, position], marker=".", label=v,
-                    color=colours[v], lw=2 if v == "sum" else 1)
-        ax.set_yscale("symlog", linthresh=1e-3)
-        ax.set_xticks(np.arange(len(labels)), labels, rotation=60, fontsize=7, ha="right")
-        ax.set_title(f"KL(P_final || P_lens) at position {position}")
-        ax.legend(fontsize=7)
-        figs["kl"] = fig
-        probs = self["topk_probs"][:, 0, :, 0]                                # [site, pos]
-        ids = self["topk_ids"][:, 0, :, 0]
-        fig, ax = plt.subplots(figsize=(max(5, 0.6 * probs.shape[1]), max(3, 0.3 * len(labels))))
-        ax.imshow(probs, aspect="auto", cmap="Blues", vmin=0, vmax=1)
-        for (i, j), t in np.ndenumerate(ids):
-            ax.text(j, i, self._tok(t)[:8], ha="center", va="center", fontsize=6)
-        ax.set_yticks(np.arange(len(labels)), labels, fontsize=7)
-        ax.set_xlabel("position")
-        ax.set_title("top-1 of the stream sum per site")
-        figs["top1_grid"] = fig
-        contrib = self["final_topk_contributions"][position]                # [n, k]
-        fig, ax = plt.subplots(figsize=(5, 3))
-        n, k = contrib.shape
-        for s in range(n):
-            ax.bar(np.arange(k) + (s - (n - 1) / 2) * 0.8 / n, contrib[s], width=0.8 / n, label=f"stream {s}")
-        ax.set_xticks(np.arange(k), [self._tok(t) for t in self["final_topk_ids"][position]], fontsize=7)
-        ax.set_title("final top-k logits split by stream")
-        ax.legend(fontsize=7)
         figs["final_decomposition"] = fig
         return figs

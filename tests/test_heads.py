@@ -249,3 +249,26 @@ def test_result_save_load_plot(model, corpus, tmp_path):
     paths = back.save_figures(tmp_path / "png")
     assert {p.stem for p in paths} == {"scores", "layer_distribution", "read_write"}
     assert all(p.stat().st_size > 0 for p in paths)
+
+
+def test_default_ordinal_sequences_are_runs_of_single_tokens():
+    """A built-in ordinal word that splits into several tokens ends the run: the sequence never
+    skips a step (the demo tokenizer used to give " one two three ten"), and a list with no run
+    of 3 is left out; with no usable list the skip reason says so (not "no tokenizer")."""
+    from types import SimpleNamespace
+
+    from mhc_interp.probes.heads import DEFAULT_ORDINAL_WORDS, _default_ordinal_ids
+
+    split = {" four", " five", " six", " seven", " eight", " nine", " March", " 4"}
+    vocab = {w: i for i, w in enumerate(w for ws in DEFAULT_ORDINAL_WORDS.values() for w in ws)}
+    tok = SimpleNamespace(encode=lambda w: [vocab[w], vocab[w]] if w in split else [vocab[w]])
+    model = SimpleNamespace(tokenizer=tok, cfg=SimpleNamespace(d_vocab=len(vocab)))
+    got = _default_ordinal_ids(model)
+    ids = lambda words: [vocab[w] for w in words]
+    assert got == [ids(DEFAULT_ORDINAL_WORDS["days"]),
+                   ids([" April", " May", " June", " July", " August", " September", " October", " November",
+                        " December"]),
+                   ids([" one", " two", " three"]),
+                   ids([" 5", " 6", " 7", " 8", " 9"])]
+    assert _default_ordinal_ids(SimpleNamespace(tokenizer=SimpleNamespace(encode=lambda w: [0, 1]),
+                                                cfg=model.cfg)) == []

@@ -194,13 +194,19 @@ def _ordinal_ids(model, sequences) -> List[List[int]]:
 
 
 def _default_ordinal_ids(model) -> List[List[int]]:
-    tok = model.tokenizer
-    out = []
+    """Per built-in ordinal list, its longest run of consecutive words that are single, distinct
+    tokens (>= 3): a word that splits into several tokens ends a run, so no sequence skips a step
+    (" one two three ten" is not ordinal)."""
+    tok, out = model.tokenizer, []
     for words in DEFAULT_ORDINAL_WORDS.values():
-        ids = [tok.encode(w) for w in words]
-        ids = [i[0] for i in ids if len(i) == 1 and 0 <= i[0] < model.cfg.d_vocab]
-        if len(ids) >= 3 and len(set(ids)) == len(ids):
-            out.append(ids)
+        run, best = [], []
+        for w in words:
+            ids = tok.encode(w)
+            single = len(ids) == 1 and 0 <= ids[0] < model.cfg.d_vocab
+            run = (run if single and ids[0] not in run else []) + (ids if single else [])
+            best = run if len(run) > len(best) else best
+        if len(best) >= 3:
+            out.append(best)
     return out
 
 
@@ -558,7 +564,10 @@ def detect_heads(model, corpus=None, *, ordinal_sequences=None, n_random: int = 
         ordinal_sequences = _default_ordinal_ids(model) or None
     if ordinal_sequences is None:
         arrays["successor"] = np.full((L, H), np.nan)
-        skipped["successor"] = ("successor scores need ordinal sequences and this model has no tokenizer: "
+        why = ("this model has no tokenizer" if model.tokenizer is None else
+               "no built-in ordinal list (days, months, number words, digits) has 3 consecutive words that "
+               "are single tokens of this model's tokenizer")
+        skipped["successor"] = (f"successor scores need ordinal sequences and {why}: "
                                 "pass ordinal_sequences=[[id, id, ...], ...] (token ids in ordinal order)")
         sources["successor"] = "skipped"
     else:

@@ -99,7 +99,7 @@ HookList = List[Tuple[Union[str, Callable[..., Any]], Callable[..., Any]]]   # (
 class MultiStreamModel(Protocol):
     """A hooked model with `cfg.n_streams` residual streams and `cfg.n_sublayers` hyper-connected
     sublayers, named `sublayer_names[k]` ("blocks.{l}.attn" / "blocks.{l}.mlp"), each with the hook
-    points of the README table (`{name}.hook_streams_in`, `.hook_h_pre`, ...)."""
+    points of the hook table in docs/hooks.md (`{name}.hook_streams_in`, `.hook_h_pre`, ...)."""
 
     tokenizer: Any                   # encode(str) -> List[int], or None
     hook_dict: Dict[str, HookPoint]  # every hook point by name

@@ -2,7 +2,7 @@
 
 Every hook point of `HookedMHC` ends in one of the suffixes of `HOOK_SPECS`; the spec gives its
 axes symbolically. `hook_table(model)` checks each spec against a real forward, so the table
-published in the README is generated from the model and cannot drift.
+published in docs/hooks.md is generated from the model and cannot drift.
 """
 from __future__ import annotations
 
@@ -62,7 +62,7 @@ def unknown_hook_error(name: str, known: Iterable[str]) -> HookNameError:
     hint = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
     return HookNameError(
         f"unknown hook name {name!r}.{hint} ({len(known)} hook points exist; "
-        f"see model.hook_dict or the README's hook table)"
+        f"see model.hook_dict or the hook table in docs/hooks.md)"
     )
 
 

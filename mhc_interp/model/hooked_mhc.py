@@ -133,7 +133,7 @@ class HookedMHC(StreamHookedRoot):
 
     # ------------------------------------------------------------------------------ fast paths
     def compile(self, enable: bool = True) -> "HookedMHC":
-        """Hook-safe `torch.compile` (README "Compiled fast path"): each sublayer's coefficient maths
+        """Hook-safe `torch.compile` (docs/models.md "Compiled fast path"): each sublayer's coefficient maths
         and `apply` run as compiled graphs, one per variant and sublayer type, between the boundary
         hook points; a sublayer whose interior is observed runs eagerly, so no hook is skipped.
         Outputs agree with eager to float rounding; the first forward of a shape or dtype compiles.

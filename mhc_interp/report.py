@@ -33,7 +33,6 @@ from .probes.base import ReportSection
 # PENDING: the sections of probes in files other helpers were editing. Each entry moves into its
 # probe class as `report = ReportSection(...)` (a `for_report` classmethod where PENDING_FACTORIES
 # has one; the tuple under attribution_patching goes to AttributionPatching), then leaves here.
-_ROUTING = "the same with the mixing frozen to the corrupted run"
 PENDING_SECTIONS: Dict[str, ReportSection] = {
     "cka": ReportSection("How alike the streams' representations are (CKA)", order=20, min_streams=2, captions={
         "cka_intra": "Debiased linear CKA between the streams of one sublayer: 1 = same representation up to "

@@ -243,19 +243,13 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--texts", nargs="+", required=True)
     train.add_argument("--out", required=True)
     train.add_argument("--force", action="store_true", help="overwrite a model already in --out")
-    train.add_argument("--steps", type=positive_int, default=1000)
-    train.add_argument("--hyper-conn-type", default="mhc")
-    train.add_argument("--n-streams", type=positive_int, default=4)
-    train.add_argument("--lss-init", type=float, default=None)
-    train.add_argument("--n-layers", type=positive_int, default=4)
-    train.add_argument("--n-heads", type=positive_int, default=4)
-    train.add_argument("--d-model", type=positive_int, default=128)
-    train.add_argument("--seq-len", type=positive_int, default=128)
-    train.add_argument("--batch-size", type=positive_int, default=32)
-    train.add_argument("--vocab", type=positive_int, default=2048)
-    train.add_argument("--lr", type=float, default=3e-3)
-    train.add_argument("--val-fraction", type=float, default=0.05)
-    train.add_argument("--seed", type=int, default=0)
+    for flag, kind, default in (("--steps", positive_int, 1000), ("--hyper-conn-type", str, "mhc"),
+                                ("--n-streams", positive_int, 4), ("--lss-init", float, None),
+                                ("--n-layers", positive_int, 4), ("--n-heads", positive_int, 4),
+                                ("--d-model", positive_int, 128), ("--seq-len", positive_int, 128),
+                                ("--batch-size", positive_int, 32), ("--vocab", positive_int, 2048),
+                                ("--lr", float, 3e-3), ("--val-fraction", float, 0.05), ("--seed", int, 0)):
+        train.add_argument(flag, type=kind, default=default)
     train.add_argument("--device", default="cpu")
     check = sub.add_parser("check", help="summary + logits check against shipped reference logits")
     common(check)

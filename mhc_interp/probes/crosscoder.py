@@ -11,6 +11,7 @@ from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from .base import Probe, ProbeResult, register_result
@@ -32,6 +33,12 @@ MAIN_RELATIVE_THRESHOLD = 1 / 3       # tau = 0.5 with 4 streams
 def _even_share(n: int) -> float:
     """1/n, the share of a latent spread evenly over n streams (0 for one stream: no constraint)."""
     return 1.0 / n if n > 1 else 0.0
+
+
+def _relative(tau, n: int):
+    """rho = (tau - 1/n) / (1 - 1/n), the inverse of `thresholds_for`."""
+    u = _even_share(n)
+    return (tau - u) / (1 - u)
 
 
 def thresholds_for(n_streams: int, relative: Union[float, Sequence[float]]):
@@ -134,8 +141,7 @@ def _build_result(cc: Crosscoder, stats: Optional[_EvalStats], threshold: Option
     best = stream_share.argmax(-1)
     top = stream_share.max(-1)
     assignment = np.stack([np.where(dead, DEAD, np.where(top > t, best, SHARED)) for t in thresholds])
-    counts = np.stack([np.concatenate([[(a == s).sum() for s in range(n)], [(a == SHARED).sum()],
-                                       [(a == DEAD).sum()]]) for a in assignment])  # [n_thr, n + 2]
+    counts = np.array([[(a == code).sum() for code in [*range(n), SHARED, DEAD]] for a in assignment])  # [n_thr, n + 2]
     main = thresholds.index(float(threshold))
     ev_grid = np.full((L, n), np.nan)
     ev_grid[layer_of, stream_of] = arrays["explained_variance"]
@@ -147,8 +153,7 @@ def _build_result(cc: Crosscoder, stats: Optional[_EvalStats], threshold: Option
             profile[g] = layer_share[sel].mean(0)
     arrays.update(decoder_norms=norms.astype(np.float32), stream_share=stream_share,
                   layer_share=layer_share, max_share=top, assignment=assignment,
-                  thresholds=np.asarray(thresholds),
-                  thresholds_relative=(np.asarray(thresholds) - _even_share(n)) / (1 - _even_share(n)),
+                  thresholds=np.asarray(thresholds), thresholds_relative=_relative(np.asarray(thresholds), n),
                   counts=counts, dead=dead, dead_train=dead_train,
                   explained_variance_grid=ev_grid, layer_profile=profile,
                   norm_factors=cc.norm_factors.detach().cpu().numpy(),
@@ -156,7 +161,7 @@ def _build_result(cc: Crosscoder, stats: Optional[_EvalStats], threshold: Option
     labels = [f"stream {s}" for s in range(n)] + ["shared", "dead"]
     meta = {"sites": [list(s) for s in sites], "site_labels": [site_label(s) for s in sites],
             "layers": layers, "n_streams": n, "threshold": float(threshold),
-            "threshold_relative": (float(threshold) - _even_share(n)) / (1 - _even_share(n)),
+            "threshold_relative": _relative(float(threshold), n),
             "even_share": _even_share(n),
             "space": space,
             "count_labels": labels,
@@ -280,7 +285,7 @@ def match_decoder_directions(learned: Tensor, true: Tensor,
     if cand.size == 0:
         return idx, sim
     a = a[torch.as_tensor(cand)]
-    cos = (b / b.norm(dim=1, keepdim=True).clamp_min(1e-30)) @ (a / a.norm(dim=1, keepdim=True).clamp_min(1e-30)).T
+    cos = F.normalize(b, dim=1) @ F.normalize(a, dim=1).T                              # [F, candidates]
     rows, cols = linear_sum_assignment(-cos.numpy())
     idx[rows] = cand[cols]
     sim[rows] = cos.numpy()[rows, cols]
@@ -324,8 +329,7 @@ class CrosscoderResult(ProbeResult):
         n = self.n_streams
         lines = ["tau   rho   " + " ".join(f"{l:>9s}" for l in labs)]
         for t, row in zip(self.arrays["thresholds"], self.arrays["counts"]):
-            u = _even_share(n)
-            lines.append(f"{t:4.2f}  {(t - u) / (1 - u):4.2f}  " + " ".join(f"{int(c):9d}" for c in row))
+            lines.append(f"{t:4.2f}  {_relative(t, n):4.2f}  " + " ".join(f"{int(c):9d}" for c in row))
         lines.append(f"(rho = (tau - 1/n) / (1 - 1/n) with n = {n} streams: 0 = an even split, 1 = one stream)")
         return "\n".join(lines)
 
@@ -343,8 +347,7 @@ class CrosscoderResult(ProbeResult):
         # order: by group (stream 0..n-1, then shared), then by decreasing max share
         group = np.where(assign[alive] == SHARED, n, assign[alive])
         order = alive[np.lexsort((-a["max_share"][alive], group))][:max_features]
-        layers = [l[: -len(".hook_streams_out")] if l.endswith(".hook_streams_out") else l
-                  for l in self.meta["layers"]]
+        layers = [l.removesuffix(".hook_streams_out") for l in self.meta["layers"]]
         figs = {"stream_share": _plot_stream_share(a, n, order, alive, tau),
                 "assignment_counts": _plot_counts(a, n, ti, self.meta["count_labels"]),
                 "layer_profile": _plot_layer_profile(a, n, order, layers),
@@ -397,12 +400,12 @@ def _plot_counts(a: Dict[str, np.ndarray], n: int, ti: int, labels: Sequence[str
     axes[0].set_xticks(range(n + 2))
     axes[0].set_xticklabels(labels, rotation=30, fontsize=8)
     axes[0].set_ylabel("latents")
-    axes[0].set_title(f"assignment at tau = {tau:.3g} (rho = {(tau - u) / (1 - u):.2f})")
+    axes[0].set_title(f"assignment at tau = {tau:.3g} (rho = {_relative(tau, n):.2f})")
     for s in range(n):
         axes[1].plot(a["thresholds"], a["counts"][:, s], marker=".", label=f"stream {s}")
     axes[1].plot(a["thresholds"], a["counts"][:, n], marker=".", color="grey", label="shared")
     axes[1].set_xlabel("threshold tau (share of the top stream)")
-    top = axes[1].secondary_xaxis("top", functions=(lambda t: (t - u) / (1 - u), lambda r: u + r * (1 - u)))
+    top = axes[1].secondary_xaxis("top", functions=(lambda t: _relative(t, n), lambda r: u + r * (1 - u)))
     top.set_xlabel(f"rho = (tau - 1/n) / (1 - 1/n), n = {n}", fontsize=8)
     axes[1].set_ylabel("latents")
     axes[1].legend(fontsize=7)

@@ -59,31 +59,21 @@ class CrosscoderConfig:
         self.betas = tuple(self.betas)
         if self.sparsity not in ("batchtopk", "l1"):
             raise ValueError(f"sparsity must be 'batchtopk' or 'l1', got {self.sparsity!r}")
-        if int(self.dict_size) < 1:
-            raise ValueError(f"dict_size must be >= 1, got {self.dict_size}")
-        if int(self.k) < 1:
-            raise ValueError(f"k must be >= 1, got {self.k}")
+        for name in ("dict_size", "k", "batch_size", "dead_after_tokens", "n_sites", "d_model"):
+            v = getattr(self, name)
+            if v is not None and int(v) < 1:
+                raise ValueError(f"{name} must be >= 1, got {v}")
         if self.k > self.dict_size:
             raise ValueError(f"k={self.k} is larger than the dictionary (dict_size={self.dict_size}); "
                              f"a token cannot use more latents than exist")
         if self.aux_k is not None and not 1 <= self.aux_k <= self.dict_size:
             raise ValueError(f"aux_k={self.aux_k} must lie in [1, dict_size={self.dict_size}]")
-        for name in ("n_sites", "d_model"):
-            v = getattr(self, name)
-            if v is not None and int(v) < 1:
-                raise ValueError(f"{name} must be >= 1, got {v}")
         if self.l1_coeff < 0 or self.aux_coeff < 0:
             raise ValueError("l1_coeff and aux_coeff must be >= 0")
-        if int(self.batch_size) < 1:
-            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
-        if int(self.dead_after_tokens) < 1:
-            raise ValueError(f"dead_after_tokens must be >= 1, got {self.dead_after_tokens}")
         if not 0 <= self.lr_decay_frac < 1:
             raise ValueError(f"lr_decay_frac must lie in [0, 1), got {self.lr_decay_frac}")
-        if not self.lr > 0:
-            raise ValueError(f"lr must be > 0, got {self.lr}")
-        if not self.dec_init_norm > 0:
-            raise ValueError(f"dec_init_norm must be > 0, got {self.dec_init_norm}")
+        if not (self.lr > 0 and self.dec_init_norm > 0):
+            raise ValueError(f"lr and dec_init_norm must be > 0, got {self.lr} and {self.dec_init_norm}")
 
     @property
     def resolved_aux_k(self) -> int:
@@ -265,21 +255,14 @@ class Crosscoder(nn.Module):
 
     def decoder_norms(self, space: str = "normalized") -> Tensor:
         """||W_dec[i, s]|| [m, S]; space="raw" divides by c_s (the decoder in raw units)."""
-        n = self.W_dec.detach().norm(dim=-1)
-        if space == "normalized":
-            return n
-        if space == "raw":
-            return n / self.norm_factors[None, :]
-        raise ValueError(f"space must be 'normalized' or 'raw', got {space!r}")
+        return self.decoder_directions(space).norm(dim=-1)
 
     def decoder_directions(self, space: str = "raw") -> Tensor:
         """W_dec [m, S, d] in raw (default: / c_s) or normalised units."""
+        if space not in ("normalized", "raw"):
+            raise ValueError(f"space must be 'normalized' or 'raw', got {space!r}")
         W = self.W_dec.detach()
-        if space == "raw":
-            return W / self.norm_factors[None, :, None]
-        if space == "normalized":
-            return W.clone()
-        raise ValueError(f"space must be 'normalized' or 'raw', got {space!r}")
+        return W / self.norm_factors[None, :, None] if space == "raw" else W.clone()
 
     # --------------------------------------------------------------------------- save / load
     def save(self, path) -> Path:

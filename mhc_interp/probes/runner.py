@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Dict, Iterator, List, Optional, Sequence, Tupl
 
 import torch
 from torch import Tensor
+from torch.nn.utils.rnn import pad_sequence
 from tqdm.auto import tqdm
 
 from ..data import read_text_file
@@ -52,13 +53,10 @@ def _tokenize(model, text: str) -> List[int]:
 
 
 def _pad(rows: List[Sequence[int]], pad_id: int) -> Batch:
-    width = max(len(r) for r in rows)
-    tokens = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    valid = torch.zeros(len(rows), width, dtype=torch.bool)
-    for i, r in enumerate(rows):
-        tokens[i, :len(r)] = torch.as_tensor(list(r), dtype=torch.long)
-        valid[i, :len(r)] = True
-    return tokens, valid
+    seqs = [torch.as_tensor(list(r), dtype=torch.long) for r in rows]
+    tokens = pad_sequence(seqs, batch_first=True, padding_value=pad_id)     # [batch, pos]
+    lengths = torch.tensor([len(r) for r in seqs])
+    return tokens, torch.arange(tokens.shape[1]) < lengths[:, None]
 
 
 def iter_batches(model, source, batch_size: int, seq_len: Optional[int] = None,

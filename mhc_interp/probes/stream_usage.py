@@ -29,10 +29,6 @@ from .base import (Probe, ProbeResult, ReportSection, masked_rows, register_prob
 from .figure_helpers import MAX_ANNOTATED_COLUMNS, heatmap_grid, text_color
 from .sites import evenly_spaced
 
-SUM_KEYS = ("h_res", "h_res_dist", "read_share", "read_share_norm", "write_share", "stream_norm",
-            "h_pre", "h_post", "h_post_sq", "h_post_fro", "h_post_var_streams")
-
-
 def _share(weights: Tensor) -> Tensor:  # [..., n] -> [..., n], |w| normalised to sum 1
     w = weights.abs()
     return w / w.sum(-1, keepdim=True).clamp_min(1e-30)
@@ -63,42 +59,27 @@ class StreamUsage(Probe):
                  for k in ("streams_in", "h_pre", "h_post", "h_res")]
         return names + [f"{model.sublayer_names[-1]}.hook_streams_out"]
 
-    def _add(self, key: str, per_token: Tensor) -> None:
-        """Accumulate the sum over tokens of `per_token` [tokens, ...] (float64)."""
-        total = per_token.sum(0)
-        self.sums[key] = self.sums[key] + total if key in self.sums else total
-
     def update(self, acts: Dict[str, Tensor], mask: Tensor) -> None:
         eye = torch.eye(self.n_streams, dtype=torch.float64, device=mask.device)
         rows = masked_rows(mask)
 
-        def masked(name: str) -> Tensor:                            # [tokens, ...] float64
-            return take_rows(acts[name], rows).double()
+        def stacked(kind: str) -> Tensor:                           # [tokens, n_sublayers, ...] float64
+            return torch.stack([take_rows(acts[f"{s}.hook_{kind}"], rows).double() for s in self.sublayers], dim=1)
 
         def masked_norms(name: str) -> Tensor:                      # [tokens, n] float64
             # the norm is reduced from the state as it is (no float64 copy of [tokens, n, d])
             return take_rows(torch.linalg.vector_norm(acts[name], dim=-1, dtype=torch.float32), rows).double()
 
-        stats = {k: [] for k in SUM_KEYS}
-        for s in self.sublayers:
-            h_pre = masked(f"{s}.hook_h_pre")                      # [tokens, n]
-            h_post = masked(f"{s}.hook_h_post")                    # [tokens, n]
-            h_res = masked(f"{s}.hook_h_res")                      # [tokens, n, n]
-            norms = masked_norms(f"{s}.hook_streams_in")           # [tokens, n]
-            stats["h_res"].append(h_res)
-            stats["h_res_dist"].append((h_res - eye).flatten(1).norm(dim=-1))
-            stats["read_share"].append(_share(h_pre))
-            stats["read_share_norm"].append(_share(h_pre.abs() * norms))
-            stats["write_share"].append(_share(h_post))
-            stats["stream_norm"].append(norms)
-            stats["h_pre"].append(h_pre)
-            stats["h_post"].append(h_post)
-            stats["h_post_sq"].append(h_post ** 2)
-            stats["h_post_fro"].append(h_post.norm(dim=-1))
-            stats["h_post_var_streams"].append(h_post.var(dim=-1, unbiased=False))
-        stats["stream_norm"].append(masked_norms(f"{self.sublayers[-1]}.hook_streams_out"))
-        for key, values in stats.items():
-            self._add(key, torch.stack(values, dim=1))          # [tokens, n_sublayers(+1), ...]
+        h_pre, h_post, h_res = stacked("h_pre"), stacked("h_post"), stacked("h_res")   # [tokens, L, n(, n)]
+        states = [f"{s}.hook_streams_in" for s in self.sublayers] + [f"{self.sublayers[-1]}.hook_streams_out"]
+        norms = torch.stack([masked_norms(name) for name in states], dim=1)          # [tokens, L + 1, n]
+        stats = {"h_res": h_res, "h_res_dist": (h_res - eye).flatten(2).norm(dim=-1),
+                 "read_share": _share(h_pre), "read_share_norm": _share(h_pre.abs() * norms[:, :-1]),
+                 "write_share": _share(h_post), "stream_norm": norms, "h_pre": h_pre, "h_post": h_post,
+                 "h_post_sq": h_post ** 2, "h_post_fro": h_post.norm(dim=-1),
+                 "h_post_var_streams": h_post.var(dim=-1, unbiased=False)}
+        for key, per_token in stats.items():                         # sums over tokens
+            self.sums[key] = self.sums.get(key, 0) + per_token.sum(0)
         self.count += len(rows)
 
     def result(self) -> "StreamUsageResult":

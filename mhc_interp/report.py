@@ -11,11 +11,11 @@ import html
 import json
 import math
 import shutil
-from concurrent.futures import Future
 import time
+from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Sequence, Tuple, Type
+from typing import Dict, List, Optional, Sequence, Tuple, Type
 
 import numpy as np
 from torch import Tensor
@@ -23,98 +23,10 @@ from torch import Tensor
 from . import output_folder
 from .data import read_texts
 from .figure_pool import FigurePool
-from .timing import PhaseTimer
-from .token_windows import TokenBudget, corpus_tokens, patching_prompts
-from .probes import (CKA, PROBES, AblateRescue, ActivationPatching, CrossStreamPredictability, HeadDetector, Probe,
-                     ProbeResult, run_probes)
+from .probes import PROBES, Probe, ProbeResult, run_probes
 from .probes.base import ReportSection
-
-# ------------------------------------------------------------------------------ pending sections
-# PENDING: the sections of probes in files other helpers were editing. Each entry moves into its
-# probe class as `report = ReportSection(...)` (a `for_report` classmethod where PENDING_FACTORIES
-# has one; the tuple under attribution_patching goes to AttributionPatching), then leaves here.
-PENDING_SECTIONS: Dict[str, ReportSection] = {
-    "cka": ReportSection("How alike the streams' representations are (CKA)", order=20, min_streams=2, captions={
-        "cka_intra": "Debiased linear CKA between the streams of one sublayer: 1 = same representation up to "
-                     "rotation and scale, 0 = unrelated.",
-        "cka_inter": "Debiased CKA between every (sublayer, stream) representation."}),
-    "predictability": ReportSection("How well one stream predicts another (ridge R\u00b2)", order=30, min_streams=2,
-                                    captions={
-        "matrices": "Held-out ridge R^2 of stream j (columns) predicted linearly from stream i (rows), per layer: "
-                    "a complement to CKA that is sensitive to scale.",
-        "trend": "Mean off-diagonal cross-stream R^2 over depth."}),
-    "curvature": ReportSection("How straight the token trajectories are", order=40, captions={
-        "curvature": "Token-trajectory curvature per stream and for the stream sum (degrees; lower = straighter), "
-                     "with its controls: the same windows with their tokens shuffled (dotted), i.i.d. points "
-                     "(120°, exact) and a random walk (90°, exact)."}),
-    "logit_lens": ReportSection("What each stream predicts (logit lens)", order=50, captions={
-        "kl": "Logit lens: KL from the final distribution to the prediction read off each site through the final "
-              "LayerNorm and unembedding, for the stream sum and each stream alone.",
-        "top1": "Logit lens: how often each view's top-1 token agrees with the final prediction.",
-        "writes": "Each sublayer's branch output (what it writes) read through the final LayerNorm and unembedding: "
-                  "KL to the final distribution and top-1 agreement.",
-        "final_decomposition": "The final logits split exactly into per-stream contributions."}),
-    "sae_features": ReportSection("Where the features of a sparse autoencoder fire (SAELens)", order=60),
-    "head_detector": ReportSection("What the attention heads do", order=70, captions={
-        "scores": "Attention-head scores per (layer, head): previous-token, duplicate-token, induction, successor "
-                  "and copy-suppression.",
-        "layer_distribution": "Where the best heads of each kind sit.",
-        "read_write": "Which streams the attention sublayer of each top head reads (H_pre) and writes (H_post); "
-                      "heads of one layer share their sublayer's mixing."}),
-    "ablate_rescue": ReportSection("Which streams the model needs (ablation and rescue)", order=80, min_streams=2,
-                                   captions={
-        "rescue_global": "Global rescue % (rows: ablated stream, columns: recovered stream), one-shot zero ablation "
-                         "with frozen mixing, as in Table 1 of 'Ablate and Rescue'.",
-        "rescue_layers": "Rescue % per sublayer (rows: ablated stream, columns: recovered stream; low = the pair's "
-                         "damage is below min_kl, so no rescue fraction is given).",
-        "rescue_difference": "Per-sublayer rescue difference R(i|ij) - R(j|ij) for every pair: far from 0 = one "
-                             "stream of the pair carries what matters.",
-        "kl_ablated": "Damage KL(P_clean || P_ablated) of every pair ablation per sublayer."}),
-    "activation_patching": ReportSection("Where one clean stream repairs a corrupted run (activation patching)",
-                                         order=90, captions={
-        "patching_recomputed": "Activation patching (denoising) per sublayer and stream: KL to the clean distribution "
-                               "after restoring one clean stream into the corrupted run, mixing recomputed (lower = "
-                               "more repaired). Each cell: mean and 95% interval over the prompts; hatched cells' "
-                               "intervals include 0 (indistinguishable from the clean run).",
-        "patching_frozen": "The same with the mixing frozen to the corrupted run (content effect).",
-        "patching_routing": "Recomputed minus frozen: the part of the effect mediated by the mixers; hatched cells are "
-                            "within 2 s.e.m. of 0 (s.e.m. bounded by the sum of both maps'), i.e. no routing effect "
-                            "above the noise."}),
-    "attribution_positions": ReportSection(
-        "Which positions and mixers matter, estimated from gradients (attribution patching)", order=100,
-        min_streams=2, result="attribution_positions", captions={
-            "attribution_recomputed": "The position-resolved estimate summed over positions: estimated KL to the "
-                                      "clean distribution after restoring one clean stream (compare the activation "
-                                      "patching map; the table below grades it).",
-            "attribution_frozen": "The same with the mixing frozen to the corrupted run.",
-            "attribution_positions_recomputed": "Position-resolved AtP estimate (rows: sublayer x stream, columns: "
-                                                "patched position) of the KL change when one clean stream is "
-                                                "restored at one position; 2 forwards + 1 backward for all cells.",
-            "attribution_positions_frozen": "The same with the mixing frozen to the corrupted run.",
-            "mixer_attribution_recomputed": "First-order change of the KL if one sublayer's H_pre, H_post or H_res "
-                                            "were taken from the clean run.",
-            "mixer_attribution_frozen": "The same with the rest of the mixing frozen to the corrupted run."}),
-    "stream_edges": ReportSection("Which writer reaches which reader through which stream (stream edges)",
-                                  order=110, min_streams=2, result="stream_edges", captions={
-        "stream_edges": "Estimated KL change when writer u's write reaches reader v through one stream as in the "
-                        "clean run (path patching, mixing frozen to the corrupted run)."}),
-}
-
-
-def _sae_probe(cfg) -> Optional[Probe]:
-    if cfg.sae is None:
-        return None
-    from .interop.sae_features import SAEFeatures
-
-    return SAEFeatures(cfg.sae, sites="sublayers")
-
-
-PENDING_FACTORIES: Dict[str, Callable[["ReportConfig"], Optional[Probe]]] = {
-    "cka": lambda cfg: CKA(minibatch_tokens=cfg.cka_minibatch),
-    "predictability": lambda cfg: CrossStreamPredictability(max_tokens=cfg.predictability_tokens),
-    "sae_features": _sae_probe,
-}
-# ------------------------------------------------------------------------------ end of PENDING
+from .timing import PhaseTimer
+from .token_windows import TokenBudget, corpus_tokens
 
 # The summary's findings, in this order, at most MAX_FINDINGS of them.
 FINDING_ORDER = ("dominant_stream", "mixers", "cka_last", "needed_rescue", "needed_patching", "logit_lens")
@@ -135,9 +47,9 @@ class ReportConfig(TokenBudget):
 
 
 def report_sections() -> List[Tuple[str, Optional[Type[Probe]], ReportSection]]:
-    """(result label, probe class or None, section) of every report section, in page order: the
-    sections registered probes declare (`Probe.report`), then the PENDING ones. The class is None
-    for a result another probe's run yields."""
+    """(result label, probe class or None, section) of every report section registered probes
+    declare (`Probe.report`), in page order. The class is None for a result another probe's run
+    yields."""
     found: Dict[str, Tuple[Optional[Type[Probe]], ReportSection]] = {}
     for cls in PROBES.values():
         declared = cls.report if isinstance(cls.report, tuple) else (cls.report,) if cls.report else ()
@@ -149,24 +61,18 @@ def report_sections() -> List[Tuple[str, Optional[Type[Probe]], ReportSection]]:
                 raise ValueError(f"two probes declare the report section {label!r}: {cls.__name__} and "
                                  f"{found[label][0].__name__ if found[label][0] else 'another'}")
             found[label] = (cls if label == cls.name else None, sec)
-    for label, sec in PENDING_SECTIONS.items():
-        found.setdefault(label, (PROBES.get(label), sec))
     return sorted(((label, cls, sec) for label, (cls, sec) in found.items()), key=lambda item: item[2].order)
 
 
 def shared_forward_probes(model, cfg: "ReportConfig") -> List[Probe]:
     """The probes the report runs in its shared forward over the corpus windows: every section's
-    probe that the report does not run itself (`OWN_RUNS`), fits the model's stream count, is not
-    skipped, and is built by its `for_report(cfg)` (or PENDING_FACTORIES) as not None."""
-    probes = []
-    for label, cls, sec in report_sections():
-        if label in OWN_RUNS or label in cfg.skip or model.cfg.n_streams < sec.min_streams:
-            continue
-        make = PENDING_FACTORIES.get(label) or (cls.for_report if cls is not None else None)
-        probe = make(cfg) if make is not None else None
-        if probe is not None:
-            probes.append(probe)
-    return probes
+    probe that fits the model's stream count, is not skipped, and is built by its `for_report(cfg)`
+    as not None (the others run themselves: `Probe.report_run`)."""
+    if cfg.sae is not None:
+        from .interop import sae_features  # noqa: F401 - registers SAEFeatures (its imports are SAELens's)
+    return [probe for label, cls, sec in report_sections()
+            if cls is not None and label not in cfg.skip and model.cfg.n_streams >= sec.min_streams
+            for probe in [cls.for_report(cfg)] if probe is not None]
 
 
 def build_report(model, out: Path, corpus: Optional[Sequence[Path]] = None,
@@ -255,7 +161,7 @@ def _section(result: ProbeResult, folder: Path, timer: PhaseTimer, figures: Figu
             "title": declared.title if declared else result.probe.replace("_", " "),
             "figures": figures.submit(f"{result.probe}: figures", _figures, result, folder,
                                       dict(declared.captions) if declared else {}),
-            "tables": list(_TABLES[result.probe](result)) if result.probe in _TABLES else [],
+            "tables": result.tables(),
             "findings": findings(result), **extra}
     if hasattr(result, "save_layer_figures"):
         page["layer_figures"] = figures.submit(f"{result.probe}: per-sublayer figures", _layer_figures, result, folder)
@@ -265,129 +171,22 @@ def _section(result: ProbeResult, folder: Path, timer: PhaseTimer, figures: Figu
 def _run_all(model, tokens: Tensor, folder: Path, cfg: ReportConfig, timer: PhaseTimer,
              figures: FigurePool) -> List[Dict]:
     """Every section's probe on the model: the shared forward over `tokens` [n_seq, seq_len]
-    first, then the probes the report runs itself (`OWN_RUNS`); the page sections in order."""
+    first, then the probes that run themselves (`Probe.report_run`); the page sections in order."""
     figures.start()   # its imports overlap the shared forward
+    shared = shared_forward_probes(model, cfg)
     declared = report_sections()
     sections_of = {label: sec for label, _, sec in declared}
-    shared = shared_forward_probes(model, cfg)
     results = run_probes(model, shared, tokens, batch_size=cfg.batch_size, progress=cfg.progress,
                          timer=timer) if shared else {}
     pages: Dict[str, Dict] = {}
-    for label, _, sec in declared:
-        if label in OWN_RUNS and label not in cfg.skip and model.cfg.n_streams >= sec.min_streams:
-            for result, extra in OWN_RUNS[label](model, tokens, cfg, timer):
-                pages[result.probe] = _section(result, folder, timer, figures, sections_of, **extra)
-        elif label in results:
+    for label, cls, sec in declared:
+        if label in results:
             pages[label] = _section(results.pop(label), folder, timer, figures, sections_of)
+        elif cls is not None and label not in cfg.skip and model.cfg.n_streams >= sec.min_streams:
+            for result, extra in cls.report_run(model, tokens, cfg, timer):
+                pages[result.probe] = _section(result, folder, timer, figures, sections_of, **extra)
     rank = {label: i for i, (label, _, _) in enumerate(declared)}
     return sorted(pages.values(), key=lambda page: rank.get(page["probe"], len(rank)))
-
-
-def _run_heads(model, tokens: Tensor, cfg: ReportConfig, timer: PhaseTimer):
-    """Head scores on a smaller budget (per-head ablations cost a forward per head), in one batch."""
-    heads = run_probes(model, HeadDetector(), tokens[: 2 * cfg.causal_prompts, : cfg.causal_seq_len],
-                       batch_size=2 * cfg.causal_prompts, progress=cfg.progress, timer=timer)   # one batch: 0.61x
-    with timer("head_detector: successor"):
-        _successor(model, heads)
-    return [(heads, {})]
-
-
-def _run_rescue(model, tokens: Tensor, cfg: ReportConfig, timer: PhaseTimer):
-    return [(run_probes(model, AblateRescue(), tokens[: cfg.causal_prompts, : cfg.causal_seq_len],
-                        batch_size=cfg.causal_prompts, progress=cfg.progress, timer=timer), {})]
-
-
-def _run_patching(model, tokens: Tensor, cfg: ReportConfig, timer: PhaseTimer):
-    """Activation patching on corpus prompts, then (several streams) the attribution estimates
-    graded against it on the same prompts."""
-    multi = model.cfg.n_streams > 1
-    clean, corrupted, how = patching_prompts(model, tokens, cfg)
-    probe = ActivationPatching(mixing="both" if multi else "recomputed")
-    with timer("activation_patching: interventions"):
-        _patch(model, probe, clean, corrupted, cfg.progress)
-    with timer("activation_patching: result"):
-        patching = probe.result()
-    out = [(patching, {"note": f"corruption: {how}"})]
-    if multi and "attribution_patching" not in cfg.skip:
-        from .probes.attribution.section import report_results
-
-        with timer("attribution_patching: gradients"):
-            attributions, attr_table = report_results(model, clean, corrupted, patching)
-        out += [(r, {"tables": [attr_table]} if r.probe == "attribution_positions" else {}) for r in attributions]
-    return out
-
-
-# The probes the report runs itself (their own prompts and budgets): result label -> run
-# (model, tokens, cfg, timer) -> [(result, extra page fields)].
-OWN_RUNS: Dict[str, Callable] = {"head_detector": _run_heads, "ablate_rescue": _run_rescue,
-                                 "activation_patching": _run_patching}
-# Tables shown under a result's figures: result label -> tables (PENDING: into the results' classes).
-_TABLES: Dict[str, Callable[[ProbeResult], List[Dict]]] = {
-    "cka": lambda r: [_matrix_table("CKA between streams, last sublayer", r.intra(-1))],
-    "ablate_rescue": lambda r: [_matrix_table("global rescue % (rows: ablated, columns: recovered)",
-                                              100 * r["global_rescue"], diagonal="-")],
-}
-
-
-def _patch(model, probe: ActivationPatching, clean: Tensor, corrupted: Tensor, progress: bool) -> None:
-    """`probe.patch` on every prompt in one call (split calls cost 10-40% more: each repeats the
-    clean and corrupted runs and shrinks the batched replicas), under a bar that names the phase
-    and counts the patched runs (with an ETA)."""
-    from tqdm.auto import tqdm
-
-    probe.setup(model)
-    with tqdm(total=probe.n_runs(clean.shape[1]), desc=f"activation_patching ({len(clean)} prompts)",
-              unit="run", disable=not progress) as bar:
-        probe.patch(model, clean.to(model.device), corrupted.to(model.device), progress=bar.update)
-
-
-def _ordinal_runs(model) -> List[List[str]]:
-    """Per built-in ordinal list (days, months, number words, digits), its longest run of
-    consecutive words that are one token each in the model's tokenizer."""
-    from .probes.heads import DEFAULT_ORDINAL_WORDS
-
-    runs = []
-    for words in DEFAULT_ORDINAL_WORDS.values():
-        best: List[str] = []
-        run: List[str] = []
-        for word in words:
-            ids = model.tokenizer.encode(word)
-            run = run + [word] if len(ids) == 1 and 0 <= ids[0] < model.cfg.d_vocab else []
-            best = run if len(run) > len(best) else best
-        runs.append(best)
-    return runs
-
-
-def _successor(model, heads: ProbeResult) -> None:
-    """Successor heads need ordinal sequences, which the corpus run does not have: score the
-    built-in lists that are single tokens in full in this tokenizer, or say on the result (and so on
-    its empty panel) why none could be scored."""
-    from .probes.heads import DEFAULT_ORDINAL_WORDS, successor_scores
-
-    skipped = heads.meta.setdefault("skipped", {})
-    if model.tokenizer is None:
-        skipped["successor"] = ("the model has no tokenizer, so there are no ordinal words (days, months, "
-                                "numbers) to score; detect_heads(model, ordinal_sequences=[[id, ...]]) takes ids")
-        return
-    runs = _ordinal_runs(model)
-    full = [r for r, words in zip(runs, DEFAULT_ORDINAL_WORDS.values()) if len(r) == len(words)]
-    if not full:
-        longest = max(runs, key=len)
-        have = f"longest run: {''.join(longest).strip()!r}" if longest else "none is"
-        skipped["successor"] = (f"no ordinal word list (days, months, number words, digits) is single tokens "
-                                f"in this tokenizer ({have}), so no successor sequence to score")
-        return
-    scores, count = successor_scores(model, full)
-    heads.arrays["successor"] = scores
-    skipped.pop("successor", None)
-    heads.meta.setdefault("sources", {})["successor"] = "ordinal"
-    heads.meta.setdefault("counts", {})["successor"] = int(count)
-
-
-def _matrix_table(title: str, m: np.ndarray, diagonal: Optional[str] = None) -> Dict:
-    rows = [[diagonal if (diagonal is not None and i == j) else ("n/a" if np.isnan(v) else f"{v:.2f}")
-             for j, v in enumerate(row)] for i, row in enumerate(np.asarray(m))]
-    return {"title": title, "header": [str(j) for j in range(len(rows))], "rows": rows}
 
 
 # ------------------------------------------------------------------------------ findings

@@ -59,10 +59,10 @@ def test_demo_model_minibatch_cka_matches_full_data():
     from mhc_interp import HookedMHC
     from mhc_interp.cli import default_corpus, default_model_path
     from mhc_interp.data import read_texts
-    from mhc_interp.report import ReportConfig, corpus_tokens
+    from mhc_interp.token_windows import TokenBudget, corpus_tokens
 
     model = HookedMHC.from_pretrained(default_model_path()).eval()
-    tokens = corpus_tokens(model, read_texts(default_corpus()), ReportConfig(max_tokens=4096, seq_len=128))
+    tokens = corpus_tokens(model, read_texts(default_corpus()), TokenBudget(max_tokens=4096, seq_len=128))
     assert tokens.shape == (32, 128)
     res = run_probes(model, CKA(sites="layers", minibatch_tokens=256), tokens, batch_size=8, progress=False)
     sites = res.site_names

@@ -90,8 +90,9 @@ def test_cli_bad_input_is_one_line(tmp_path, capsys):
 
 
 def test_fast_keeps_an_explicit_max_tokens():
-    from mhc_interp.cli import _report_config
     import argparse
+
+    from mhc_interp.cli import _report_config
 
     assert _report_config(argparse.Namespace(quiet=True, fast=True, max_tokens=4096)).max_tokens == 4096
     assert _report_config(argparse.Namespace(quiet=True, fast=True, max_tokens=None)).max_tokens == 1024
@@ -140,7 +141,7 @@ def test_report_says_why_successor_heads_are_not_scored_or_scores_them():
     single tokens in full; otherwise the result (and so its empty panel) says why not."""
     import numpy as np
 
-    from mhc_interp.probes.heads import DEFAULT_ORDINAL_WORDS, HeadScores
+    from mhc_interp.probes.heads import DEFAULT_ORDINAL_WORDS, HeadScores, add_whole_list_successor
 
     model = HookedMHC.from_pretrained(asset("tiny-mhc-n4"))
     L, H = model.cfg.n_layers, model.cfg.n_heads
@@ -150,7 +151,7 @@ def test_report_says_why_successor_heads_are_not_scored_or_scores_them():
                           {"skipped": {"successor": "successor scores need ordinal sequences"}})
 
     no_tokenizer = heads()
-    report._successor(model, no_tokenizer)
+    add_whole_list_successor(model, no_tokenizer)
     assert "no tokenizer" in no_tokenizer.meta["skipped"]["successor"]
 
     numbers = DEFAULT_ORDINAL_WORDS["number_words"]
@@ -161,7 +162,7 @@ def test_report_says_why_successor_heads_are_not_scored_or_scores_them():
 
     model.tokenizer = Numbers()
     split = heads()
-    report._successor(model, split)
+    add_whole_list_successor(model, split)
     reason = split.meta["skipped"]["successor"]
     assert "no ordinal word list" in reason and "one two three" in reason
     assert np.isnan(split["successor"]).all()
@@ -172,7 +173,7 @@ def test_report_says_why_successor_heads_are_not_scored_or_scores_them():
 
     model.tokenizer = Whole()
     scored = heads()
-    report._successor(model, scored)
+    add_whole_list_successor(model, scored)
     assert "successor" not in scored.meta["skipped"] and scored.meta["sources"]["successor"] == "ordinal"
     assert scored["successor"].shape == (L, H) and np.isfinite(scored["successor"]).all()
     assert scored.meta["counts"]["successor"] == len(numbers) - 1
@@ -230,9 +231,9 @@ def test_train_and_check(tmp_path):
 def test_model_names_paths_and_tokenizers(tmp_path, monkeypatch):
     """A local folder wins over a shipped model's name; ~ is expanded; a tokenizer larger than the
     model's vocabulary is refused (its ids would index past the embedding)."""
-    from mhc_interp.shipped import resolve_model_path
     from mhc_interp.config import MHCConfig
     from mhc_interp.loading import CheckpointError, load_tokenizer
+    from mhc_interp.shipped import resolve_model_path
 
     monkeypatch.chdir(tmp_path)
     (tmp_path / "demo-mhc").mkdir()

@@ -24,14 +24,22 @@ loaded with `sae_lens.SAE.load_from_disk`). Importing this module registers the 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Dict, List, Sequence, Union
+from typing import Dict, List, Optional, Sequence, Union
 
 import numpy as np
 import torch
 from torch import Tensor
 
 from ..hooks.names import check_hook_names, suffix
-from ..probes.base import Probe, ProbeResult, masked_rows, register_probe, register_result, take_rows
+from ..probes.base import (
+    Probe,
+    ProbeResult,
+    ReportSection,
+    masked_rows,
+    register_probe,
+    register_result,
+    take_rows,
+)
 from .saelens import STREAM_STATE_SUFFIXES, check_sae, check_site, require_saelens, stream_site
 
 Sites = Union[str, Sequence[str]]
@@ -49,6 +57,12 @@ class SAEFeatures(Probe):
     """
 
     name = "sae_features"
+    report = ReportSection("Where the features of a sparse autoencoder fire (SAELens)", order=60)
+
+    @classmethod
+    def for_report(cls, cfg) -> Optional["SAEFeatures"]:
+        """Only where the report is given an SAE folder (`--sae`), read at every sublayer."""
+        return None if cfg.sae is None else cls(cfg.sae, sites="sublayers")
 
     def __init__(self, sae=None, sites: Sites = "own", threshold: float = 0.0):
         if sae is None:

@@ -17,7 +17,8 @@ probe needs beyond it (e.g. a control on altered tokens).
 
 A probe shows up in `mhc-interp report` by declaring its section, `report = ReportSection(title,
 captions={figure name: caption})`: the report runs it in its shared forward (built by
-`for_report(cfg)`, `cls()` by default) and shows the figures of its result's `plot()`.
+`for_report(cfg)`, `cls()` by default) or, where its `report_run` returns results, on prompts of
+its own, and shows the figures of its result's `plot()` and the tables of its `tables()`.
 
 Results are `ProbeResult`s: a dict of numpy arrays plus JSON metadata, saved as `PATH.json` +
 `PATH.npz` and loaded back with `ProbeResult.load(PATH)`, with a `plot()` per probe.
@@ -115,6 +116,13 @@ class Probe:
         """The probe as the report runs it (cfg: the `ReportConfig`), or None to leave it out."""
         return cls()
 
+    @classmethod
+    def report_run(cls, model, tokens: Tensor, cfg, timer) -> List[Tuple["ProbeResult", Dict[str, Any]]]:
+        """The report's run of the probe on prompts and budgets of its own (tokens [n_seq, seq_len]:
+        the corpus windows; timer: a `PhaseTimer`) -> [(result, extra page fields)]. Empty by
+        default: a probe `for_report` builds runs in the shared forward instead."""
+        return []
+
     def setup(self, model) -> None:
         """Called once by the runner before the first batch (validate, size the state)."""
 
@@ -164,6 +172,10 @@ class ProbeResult:
         klass = RESULTS.get(info.get("result_class"), ProbeResult)
         return klass(probe=info["probe"], arrays=arrays, meta=info["meta"])
 
+    def tables(self) -> List[Dict[str, Any]]:
+        """Tables the report shows under the figures: {"title", "header": [str], "rows": [[str]]}."""
+        return []
+
     def plot(self, **kwargs):  # pragma: no cover - overridden
         raise NotImplementedError(f"{type(self).__name__} has no plot")
 
@@ -181,6 +193,14 @@ class ProbeResult:
             fig.savefig(paths[-1], dpi=120, bbox_inches="tight")
             plt.close(fig)
         return paths
+
+
+def matrix_table(title: str, m: np.ndarray, diagonal: Optional[str] = None) -> Dict[str, Any]:
+    """A `ProbeResult.tables()` entry for a square matrix m [n, n]: 2 decimals, NaN as "n/a", the
+    diagonal as `diagonal` where given."""
+    rows = [[diagonal if (diagonal is not None and i == j) else ("n/a" if np.isnan(v) else f"{v:.2f}")
+             for j, v in enumerate(row)] for i, row in enumerate(np.asarray(m))]
+    return {"title": title, "header": [str(j) for j in range(len(rows))], "rows": rows}
 
 
 def _result_paths(path) -> Tuple[Path, Path]:

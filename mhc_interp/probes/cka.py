@@ -57,7 +57,16 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .base import Probe, ProbeResult, masked_rows, register_probe, register_result, require_streams
+from .base import (
+    Probe,
+    ProbeResult,
+    ReportSection,
+    masked_rows,
+    matrix_table,
+    register_probe,
+    register_result,
+    require_streams,
+)
 from .crosscoder_buffer import ShuffleBuffer
 from .figure_helpers import heatmap_grid
 from .sites import SiteSpec, check_site_spec, evenly_spaced, site_hooks, site_label, site_rows
@@ -232,6 +241,14 @@ class CKA(Probe):
     """
 
     name = "cka"
+    report = ReportSection("How alike the streams' representations are (CKA)", order=20, min_streams=2, captions={
+        "cka_intra": "Debiased linear CKA between the streams of one sublayer: 1 = same representation up to "
+                     "rotation and scale, 0 = unrelated.",
+        "cka_inter": "Debiased CKA between every (sublayer, stream) representation."})
+
+    @classmethod
+    def for_report(cls, cfg) -> "CKA":
+        return cls(minibatch_tokens=cfg.cka_minibatch)
 
     def __init__(self, sites: SiteSpec = None, minibatch_tokens: int = 512,
                  kernel: str = "linear", rbf_threshold: float = 1.0, debiased: bool = True,
@@ -401,6 +418,9 @@ class CKAResult(ProbeResult):
         """[n, n] stream-by-stream CKA at one site (index, hook name or 'blocks.3.mlp')."""
         i, n = self._site_index(site), self.n_streams
         return self.arrays["cka"][i * n:(i + 1) * n, i * n:(i + 1) * n]
+
+    def tables(self):
+        return [matrix_table("CKA between streams, last sublayer", self.intra(-1))]
 
     def intra_all(self) -> np.ndarray:
         """[n_sites, n, n] stream-by-stream CKA at every site."""

@@ -58,11 +58,11 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .base import Probe, ProbeResult, register_probe, register_result
+from .base import Probe, ProbeResult, ReportSection, register_probe, register_result
 from .sites import SiteSpec, check_site_names, check_site_spec, forward_sites, site_hooks, site_label
 
 if TYPE_CHECKING:
-    from ..contract import MultiStreamModel
+    pass
 
 __all__ = ["Curvature", "CurvatureResult", "sequence_curvatures", "step_angles",
            "shuffle_valid_positions", "IID_POINTS_DEG", "RANDOM_WALK_DEG"]
@@ -196,6 +196,10 @@ class Curvature(Probe):
     """
 
     name = "curvature"
+    report = ReportSection("How straight the token trajectories are", order=40, captions={
+        "curvature": "Token-trajectory curvature per stream and for the stream sum (degrees; lower = straighter), "
+                     "with its controls: the same windows with their tokens shuffled (dotted), i.i.d. points "
+                     "(120°, exact) and a random walk (90°, exact)."})
 
     def __init__(self, sites: SiteSpec = None, eps: float = 1e-12, shuffled_control: bool = True,
                  control_fraction: float = 0.25, seed: int = 0):

@@ -55,8 +55,9 @@ import torch
 from torch import Tensor
 
 from ..model.attention import AttentionSublayer
-from .base import ProbeResult, register_probe, register_result
+from .base import ProbeResult, ReportSection, register_probe, register_result
 from .causal import CausalProbe
+from .runner import run_probes
 
 __all__ = ["HeadDetector", "HeadScores", "detect_heads", "repeated_random_tokens", "successor_scores",
            "head_ablation_hook", "check_attention_model", "HEAD_SCORES", "DEFAULT_ORDINAL_WORDS"]
@@ -193,21 +194,48 @@ def _ordinal_ids(model, sequences) -> List[List[int]]:
     return out
 
 
-def _default_ordinal_ids(model) -> List[List[int]]:
+def _ordinal_runs(model) -> List[Tuple[List[str], List[int]]]:
     """Per built-in ordinal list, its longest run of consecutive words that are single, distinct
-    tokens (>= 3): a word that splits into several tokens ends a run, so no sequence skips a step
-    (" one two three ten" is not ordinal)."""
-    tok, out = model.tokenizer, []
+    tokens, as (words, ids): a word that splits into several tokens ends a run, so no sequence
+    skips a step (" one two three ten" is not ordinal)."""
+    out = []
     for words in DEFAULT_ORDINAL_WORDS.values():
-        run, best = [], []
+        run, best = [], []                                               # [(word, id)]
         for w in words:
-            ids = tok.encode(w)
+            ids = model.tokenizer.encode(w)
             single = len(ids) == 1 and 0 <= ids[0] < model.cfg.d_vocab
-            run = (run if single and ids[0] not in run else []) + (ids if single else [])
+            run = (run if single and ids[0] not in [i for _, i in run] else []) + ([(w, ids[0])] if single else [])
             best = run if len(run) > len(best) else best
-        if len(best) >= 3:
-            out.append(best)
+        out.append(([w for w, _ in best], [i for _, i in best]))
     return out
+
+
+def _default_ordinal_ids(model) -> List[List[int]]:
+    """The ids of every `_ordinal_runs` run of >= 3 words."""
+    return [ids for _, ids in _ordinal_runs(model) if len(ids) >= 3]
+
+
+def add_whole_list_successor(model, heads: "HeadScores") -> None:
+    """The report's successor scores (its corpus run has no ordinal sequences): on the built-in
+    lists that are single tokens in full in this tokenizer, or, on `heads.meta["skipped"]` (and so
+    its empty panel), why none could be scored."""
+    skipped = heads.meta.setdefault("skipped", {})
+    if model.tokenizer is None:
+        skipped["successor"] = ("the model has no tokenizer, so there are no ordinal words (days, months, "
+                                "numbers) to score; detect_heads(model, ordinal_sequences=[[id, ...]]) takes ids")
+        return
+    runs = _ordinal_runs(model)
+    whole = [ids for (words, ids), listed in zip(runs, DEFAULT_ORDINAL_WORDS.values()) if len(ids) == len(listed)]
+    if not whole:
+        longest = max((words for words, _ in runs), key=len)
+        have = f"longest run: {''.join(longest).strip()!r}" if longest else "none is"
+        skipped["successor"] = (f"no ordinal word list (days, months, number words, digits) is single tokens "
+                                f"in this tokenizer ({have}), so no successor sequence to score")
+        return
+    heads.arrays["successor"], count = successor_scores(model, whole)
+    skipped.pop("successor", None)
+    heads.meta.setdefault("sources", {})["successor"] = "ordinal"
+    heads.meta.setdefault("counts", {})["successor"] = int(count)
 
 
 @torch.no_grad()
@@ -259,6 +287,26 @@ class HeadDetector(CausalProbe):
     """
 
     name = "head_detector"
+    report = ReportSection("What the attention heads do", order=70, captions={
+        "scores": "Attention-head scores per (layer, head): previous-token, duplicate-token, induction, successor "
+                  "and copy-suppression.",
+        "layer_distribution": "Where the best heads of each kind sit.",
+        "read_write": "Which streams the attention sublayer of each top head reads (H_pre) and writes (H_post); "
+                      "heads of one layer share their sublayer's mixing."})
+
+    @classmethod
+    def for_report(cls, cfg) -> None:
+        return None   # not in the shared forward: `report_run`
+
+    @classmethod
+    def report_run(cls, model, tokens: Tensor, cfg, timer):
+        """Head scores on the report's causal budget (a forward per ablated head) in one batch of
+        the corpus windows, and the successor scores on whole ordinal lists."""
+        heads = run_probes(model, cls(), tokens[: 2 * cfg.causal_prompts, : cfg.causal_seq_len],
+                           batch_size=2 * cfg.causal_prompts, progress=cfg.progress, timer=timer)   # one batch: 0.61x
+        with timer("head_detector: successor"):
+            add_whole_list_successor(model, heads)
+        return [(heads, {})]
 
     def __init__(self, copy_suppression: bool = True, heads: Optional[Sequence[Tuple[int, int]]] = None,
                  max_rows: int = 64):
@@ -535,8 +583,6 @@ def detect_heads(model, corpus=None, *, ordinal_sequences=None, n_random: int = 
     n_random, half_len, seed: the repeated random sequences (`repeated_random_tokens`).
     heads: restrict copy-suppression ablations to these (layer, head) pairs.
     """
-    from .runner import run_probes
-
     check_attention_model(model)
     _check_heads(model, heads)   # fail early on bad indices
     rep = repeated_random_tokens(model, n_random, half_len, seed)

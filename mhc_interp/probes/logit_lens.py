@@ -50,7 +50,7 @@ import torch
 from torch import Tensor
 from torch.nn import functional as F
 
-from .base import Probe, ProbeResult, masked_rows, register_probe, register_result, take_rows
+from .base import Probe, ProbeResult, ReportSection, masked_rows, register_probe, register_result, take_rows
 from .sites import SiteSpec, check_site_spec, site_hooks, site_label
 
 if TYPE_CHECKING:
@@ -270,6 +270,13 @@ class LogitLens(Probe):
     """
 
     name = "logit_lens"
+    report = ReportSection("What each stream predicts (logit lens)", order=50, captions={
+        "kl": "Logit lens: KL from the final distribution to the prediction read off each site through the final "
+              "LayerNorm and unembedding, for the stream sum and each stream alone.",
+        "top1": "Logit lens: how often each view's top-1 token agrees with the final prediction.",
+        "writes": "Each sublayer's branch output (what it writes) read through the final LayerNorm and "
+                  "unembedding: KL to the final distribution and top-1 agreement.",
+        "final_decomposition": "The final logits split exactly into per-stream contributions."})
 
     def __init__(self, subsets=None, sites: SiteSpec = None, writes: bool = True,
                  translator: Translator = None, chunk_tokens: int = 256, token_fraction: float = 1.0,

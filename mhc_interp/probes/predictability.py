@@ -30,7 +30,15 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .base import Probe, ProbeResult, masked_rows, register_probe, register_result, require_streams
+from .base import (
+    Probe,
+    ProbeResult,
+    ReportSection,
+    masked_rows,
+    register_probe,
+    register_result,
+    require_streams,
+)
 from .sites import SiteSpec, check_site_spec, evenly_spaced, site_hooks, site_label, site_rows
 
 if TYPE_CHECKING:
@@ -116,6 +124,14 @@ class CrossStreamPredictability(Probe):
     """
 
     name = "predictability"
+    report = ReportSection("How well one stream predicts another (ridge R²)", order=30, min_streams=2, captions={
+        "matrices": "Held-out ridge R^2 of stream j (columns) predicted linearly from stream i (rows), per layer: "
+                    "a complement to CKA that is sensitive to scale.",
+        "trend": "Mean off-diagonal cross-stream R^2 over depth."})
+
+    @classmethod
+    def for_report(cls, cfg) -> "CrossStreamPredictability":
+        return cls(max_tokens=cfg.predictability_tokens)
 
     def __init__(self, sites: SiteSpec = None, max_tokens: int = 4096,
                  sampling: str = "reservoir", test_fraction: float = 0.25,

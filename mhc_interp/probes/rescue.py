@@ -31,10 +31,11 @@ import torch
 from torch import Tensor
 
 from ..hooks.batched import Edit, run_edits
-from .base import ProbeResult, register_probe, register_result, require_streams
+from .base import ProbeResult, ReportSection, matrix_table, register_probe, register_result, require_streams
 from .causal import CausalProbe, PromptStats, clean_run, kl_metric, stats_arrays, t_half_width
 from .corpus_mean import corpus_mean_with_count
 from .figure_helpers import annotate, heatmap_grid
+from .runner import run_probes
 
 MODES = ("one_shot", "persistent")
 ABLATIONS = ("zero", "mean", "corpus_mean")
@@ -67,6 +68,24 @@ class AblateRescue(CausalProbe):
     or a tensor. Positions scored: the runner's mask (position 0 and padding excluded by default)."""
 
     name = "ablate_rescue"
+    report = ReportSection("Which streams the model needs (ablation and rescue)", order=80, min_streams=2, captions={
+        "rescue_global": "Global rescue % (rows: ablated stream, columns: recovered stream), one-shot zero "
+                         "ablation with frozen mixing, as in Table 1 of 'Ablate and Rescue'.",
+        "rescue_layers": "Rescue % per sublayer (rows: ablated stream, columns: recovered stream; low = the pair's "
+                         "damage is below min_kl, so no rescue fraction is given).",
+        "rescue_difference": "Per-sublayer rescue difference R(i|ij) - R(j|ij) for every pair: far from 0 = one "
+                             "stream of the pair carries what matters.",
+        "kl_ablated": "Damage KL(P_clean || P_ablated) of every pair ablation per sublayer."})
+
+    @classmethod
+    def for_report(cls, cfg) -> None:
+        return None   # not in the shared forward: `report_run`
+
+    @classmethod
+    def report_run(cls, model, tokens: Tensor, cfg, timer):
+        """One-shot zero ablation on the report's causal budget, in one batch of the corpus windows."""
+        return [(run_probes(model, cls(), tokens[: cfg.causal_prompts, : cfg.causal_seq_len],
+                            batch_size=cfg.causal_prompts, progress=cfg.progress, timer=timer), {})]
 
     def __init__(self, mode: str = "one_shot", ablation: Union[str, Tensor] = "zero",
                  temperature: float = 1.0, sublayers: Optional[Sequence[int]] = None,
@@ -214,6 +233,10 @@ class RescueResult(ProbeResult):
         if i == j or not (0 <= i < n and 0 <= j < n):
             raise ValueError(f"a stream pair needs two different streams in 0..{n - 1}, got ({i}, {j})")
         return self["rescue"][:, j, i] - self["rescue"][:, i, j]
+
+    def tables(self):
+        return [matrix_table("global rescue % (rows: ablated, columns: recovered)", 100 * self["global_rescue"],
+                             diagonal="-")]
 
     def table(self, weighted: bool = False) -> str:
         """The global rescue matrix as Markdown (rows: ablated stream, columns: recovered)."""

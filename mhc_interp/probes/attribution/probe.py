@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ..base import ProbeResult, register_probe, register_result, require_streams
+from ..base import ProbeResult, ReportSection, register_probe, register_result, require_streams
 from ..causal import PromptStats, clean_run, stats_arrays
 from ..patching import ActivationPatching, from_first_difference, patch_aligned
 from .core import atp_gradients, ig_gradients, mixing_effects, site_effects
@@ -68,6 +68,24 @@ class AttributionPatching(ActivationPatching):
     """
 
     name = "attribution_patching"
+    report = (
+        ReportSection("Which positions and mixers matter, estimated from gradients (attribution patching)",
+                      order=100, min_streams=2, result="attribution_positions", captions={
+            "attribution_recomputed": "The position-resolved estimate summed over positions: estimated KL to the "
+                                      "clean distribution after restoring one clean stream (compare the activation "
+                                      "patching map; the table below grades it).",
+            "attribution_frozen": "The same with the mixing frozen to the corrupted run.",
+            "attribution_positions_recomputed": "Position-resolved AtP estimate (rows: sublayer x stream, columns: "
+                                                "patched position) of the KL change when one clean stream is "
+                                                "restored at one position; 2 forwards + 1 backward for all cells.",
+            "attribution_positions_frozen": "The same with the mixing frozen to the corrupted run.",
+            "mixer_attribution_recomputed": "First-order change of the KL if one sublayer's H_pre, H_post or H_res "
+                                            "were taken from the clean run.",
+            "mixer_attribution_frozen": "The same with the rest of the mixing frozen to the corrupted run."}),
+        ReportSection("Which writer reaches which reader through which stream (stream edges)",
+                      order=110, min_streams=2, result="stream_edges", captions={
+            "stream_edges": "Estimated KL change when writer u's write reaches reader v through one stream as in "
+                            "the clean run (path patching, mixing frozen to the corrupted run)."}))
 
     def __init__(self, *args, method: str = "atp", steps: int = 4, mixers: Optional[bool] = None, **kwargs):
         super().__init__(*args, **kwargs)

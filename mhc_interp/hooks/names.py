@@ -72,6 +72,39 @@ def check_hook_names(names: Iterable[str], known: Dict[str, object]) -> None:
             raise unknown_hook_error(name, known)
 
 
+class CheckedHookNames:
+    """A mixin before TransformerLens' `HookedRootModule`: hooks added by name and `run_with_cache`'s
+    `names_filter` (a str or a list) are checked with `check_hook_name` (TransformerLens would skip
+    an unknown name silently), and `pos_slice` is refused (it slices axis -2, a stream axis here)."""
+
+    def check_hook_name(self, name: str) -> None:
+        check_hook_names([name], self.hook_dict)
+
+    def add_hook(self, name, hook, dir="fwd", is_permanent=False, level=None, prepend=False) -> None:
+        if isinstance(name, str):
+            self.check_hook_name(name)
+        super().add_hook(name, hook, dir=dir, is_permanent=is_permanent, level=level, prepend=prepend)
+
+    def _enable_hook_with_name(self, name: str, hook, dir) -> None:
+        self.check_hook_name(name)
+        super()._enable_hook_with_name(name, hook, dir)
+
+    def get_caching_hooks(self, names_filter=None, *args, **kwargs):
+        if isinstance(names_filter, str):
+            names_filter = [names_filter]
+        if isinstance(names_filter, (list, tuple)):
+            names_filter = list(names_filter)
+            for name in names_filter:
+                self.check_hook_name(name)
+        return super().get_caching_hooks(names_filter, *args, **kwargs)
+
+    def run_with_cache(self, *args, **kwargs):
+        if kwargs.get("pos_slice") is not None:
+            raise ValueError("pos_slice is not supported: TransformerLens slices axis -2, which is the stream "
+                             "axis of [batch, pos, n_streams, d_model] hooks; slice positions yourself")
+        return super().run_with_cache(*args, **kwargs)
+
+
 def sizes(cfg, batch: int, pos: int) -> Dict[str, int]:
     return dict(batch=batch, pos=pos, n_streams=cfg.n_streams, d_model=cfg.d_model,
                 n_heads=cfg.n_heads, d_head=cfg.d_head, d_mlp=cfg.d_mlp, d_vocab=cfg.d_vocab)

@@ -9,23 +9,22 @@ A subclass implements the rest of `contract.MultiStreamModel` (`cfg`, `device`, 
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import Any, Callable, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import Any, Iterator, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor
 from torch.nn import functional as F
 from transformer_lens.HookedRootModule import HookedRootModule  # not via transformer_lens/__init__ (see deferred_init)
-from transformer_lens.hook_points import HookPoint
 
 from .cache import MHCCache
 from .freeze import frozen_mixing
-from .names import check_hook_names, unknown_hook_error
+from .names import CheckedHookNames
 from .streams import stream_hook
 
 TokensLike = Union[Tensor, str, Sequence[str], Sequence[int]]
 
 
-class StreamHookedRoot(HookedRootModule):
+class StreamHookedRoot(CheckedHookNames, HookedRootModule):
     # ------------------------------------------------------------------------------ structure
     @property
     def sublayers(self) -> list:
@@ -128,45 +127,16 @@ class StreamHookedRoot(HookedRootModule):
         loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), tokens[:, 1:].flatten().to(logits.device))
         return loss if return_type == "loss" else (logits, loss)
 
-    # ------------------------------------------------------------------- hook-name validation
-    def add_hook(self, name, hook, dir="fwd", is_permanent=False, level=None, prepend=False) -> None:
-        if isinstance(name, str):
-            check_hook_names([name], self.hook_dict)
-        super().add_hook(name, hook, dir=dir, is_permanent=is_permanent, level=level, prepend=prepend)
-
-    def _enable_hook_with_name(self, name: str, hook: Callable, dir) -> None:
-        check_hook_names([name], self.hook_dict)
-        super()._enable_hook_with_name(name, hook, dir)
-
-    def get_caching_hooks(self, names_filter=None, *args, **kwargs):
-        if isinstance(names_filter, str):
-            check_hook_names([names_filter], self.hook_dict)
-        elif isinstance(names_filter, (list, tuple)):
-            check_hook_names(names_filter, self.hook_dict)
-            names_filter = list(names_filter)
-        return super().get_caching_hooks(names_filter, *args, **kwargs)
-
     def run_with_cache(self, *args, **kwargs):
-        """TransformerLens `run_with_cache`, returning an `MHCCache` (a dict with per-stream
-        addressing: `cache.stream(name, s)`); unknown names in `names_filter` raise."""
+        """TransformerLens `run_with_cache` (names checked, `CheckedHookNames`), returning an
+        `MHCCache` (a dict with per-stream addressing: `cache.stream(name, s)`)."""
         if kwargs.get("remove_batch_dim"):
             raise ValueError(
                 "remove_batch_dim is not supported: the per-stream addressing of the cache "
                 "(cache.stream) indexes axis 2 of [batch, pos, n_streams, d_model]; index [0] yourself"
             )
-        if kwargs.get("pos_slice") is not None:
-            raise ValueError(
-                "pos_slice is not supported: TransformerLens slices axis -2, which is the stream "
-                "axis of [batch, pos, n_streams, d_model] hooks; slice positions yourself"
-            )
         out, cache = super().run_with_cache(*args, **kwargs)
         return out, MHCCache(cache, self)
-
-    def hook_point(self, name: str) -> HookPoint:
-        try:
-            return self.hook_dict[name]
-        except KeyError:
-            raise unknown_hook_error(name, self.hook_dict) from None
 
     # ---------------------------------------------------------------- stream-level conveniences
     def stream_hook(self, name: str, stream: Union[int, Sequence[int]], value: Any):

@@ -51,7 +51,7 @@ from torch.nn import functional as F
 from transformer_lens import HookedRootModule
 from transformer_lens.hook_points import HookPoint
 
-from ..hooks.names import HOOK_SPECS, check_hook_names, suffix, unknown_hook_error
+from ..hooks.names import HOOK_SPECS, CheckedHookNames, check_hook_names, suffix, unknown_hook_error
 
 # hooks with a stream axis at dim 2 whose per-stream slice is a [batch, pos, d_model] vector
 STREAM_STATE_SUFFIXES = ("hook_streams_init", "hook_streams_in", "hook_streams_out", "hook_res_mix",
@@ -153,7 +153,7 @@ def _write_stream(act: Tensor, stream: Optional[int], new: Tensor) -> Tensor:
 
 
 # ---------------------------------------------------------------------------------------- adapter
-class StreamAdapter(HookedRootModule):
+class StreamAdapter(CheckedHookNames, HookedRootModule):
     """The model as SAELens sees it: one `[batch, pos, d_model]` hook point per site.
 
     model: a `HookedMHC` (or any `StreamHookedRoot`); it is wrapped, not copied or changed, and is
@@ -205,6 +205,9 @@ class StreamAdapter(HookedRootModule):
     def W_E(self) -> Tensor:  # SAELens finds the input device from W_E: [d_vocab, d_model]
         return self.mhc.embed.weight
 
+    def check_hook_name(self, name: str) -> None:   # CheckedHookNames: hooks and names_filter are sites
+        self.site(name)
+
     def site(self, name: str) -> Site:
         """(hook name, stream) of an exposed site; a clear error for anything else."""
         try:
@@ -213,32 +216,6 @@ class StreamAdapter(HookedRootModule):
             pass
         check_site(self.mhc, name)   # raises for unknown / stream-valued-without-index / bad hooks
         raise unknown_hook_error(name, self._sites)
-
-    # ------------------------------------------------------------------- hook-name validation
-    def add_hook(self, name, hook, dir="fwd", is_permanent=False, level=None, prepend=False) -> None:
-        if isinstance(name, str):
-            self.site(name)
-        super().add_hook(name, hook, dir=dir, is_permanent=is_permanent, level=level, prepend=prepend)
-
-    def _enable_hook_with_name(self, name: str, hook: Callable, dir) -> None:
-        self.site(name)
-        super()._enable_hook_with_name(name, hook, dir)
-
-    def get_caching_hooks(self, names_filter=None, *args, **kwargs):
-        if isinstance(names_filter, str):
-            self.site(names_filter)
-        elif isinstance(names_filter, (list, tuple)):
-            for name in names_filter:
-                self.site(name)
-            names_filter = list(names_filter)
-        return super().get_caching_hooks(names_filter, *args, **kwargs)
-
-    def run_with_cache(self, *args, **kwargs):
-        """TransformerLens `run_with_cache` over sites (SAELens's activation source); the names in a
-        list / str `names_filter` are checked (TransformerLens would skip unknown ones silently)."""
-        if kwargs.get("pos_slice") is not None:
-            raise ValueError("pos_slice is not supported here; slice positions yourself")
-        return super().run_with_cache(*args, **kwargs)
 
     # --------------------------------------------------------------------------------- forward
     def _bridge(self, stream: Optional[int], point: HookPoint) -> Callable:

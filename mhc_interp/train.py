@@ -7,7 +7,6 @@ gradient clipping, bf16 autocast on CUDA, periodic validation loss, checkpoints 
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import time
@@ -68,9 +67,7 @@ def evaluate(model, ids: Tensor, cfg: TrainConfig, generator: torch.Generator) -
 
 
 def _autocast(device: str):
-    if device.startswith("cuda"):
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
+    return torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.startswith("cuda"))
 
 
 def train(model, train_ids: Tensor, val_ids: Tensor, cfg: TrainConfig, out_dir: Optional[str] = None,

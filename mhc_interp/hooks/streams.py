@@ -11,7 +11,6 @@ from torch import Tensor
 from ..contract import MultiStreamModel
 from .names import STREAM_VALUED, check_hook_names, suffix
 
-STREAM_AXIS = 2
 Streams = Union[int, Sequence[int]]
 
 

@@ -252,17 +252,11 @@ class StreamAdapter(CheckedHookNames, HookedRootModule):
         with self.mhc.hooks(fwd_hooks=self.active_bridges()):
             if stop is not None:
                 return self.mhc(tokens, stop_at_sublayer=stop, **kwargs)
+            if not loss_per_token or return_type not in ("loss", "both"):
+                return self.mhc(tokens, return_type=return_type, **kwargs)
             logits = self.mhc(tokens, return_type="logits", **kwargs)   # [batch, pos, d_vocab]
-        if return_type == "logits":
-            return logits
-        if return_type is None:
-            return None
-        if return_type not in ("loss", "both"):
-            raise ValueError(f"unknown return_type {return_type!r}; use 'logits', 'loss', 'both' or None")
         loss = F.cross_entropy(logits[:, :-1].float().transpose(1, 2), tokens[:, 1:],
                                reduction="none")                          # [batch, pos - 1]
-        if not loss_per_token:
-            loss = loss.mean()
         return loss if return_type == "loss" else (logits, loss)
 
 

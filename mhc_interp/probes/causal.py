@@ -7,7 +7,7 @@ runner (`run_probes`) hands it every batch of the token source.
 """
 from __future__ import annotations
 
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -123,9 +123,9 @@ class PromptStats:
     entry with fewer than two prompts is NaN (undefined), not 0."""
 
     def __init__(self) -> None:
-        self.total: Optional[Tensor] = None
-        self.total_sq: Optional[Tensor] = None
-        self.scored: Optional[Tensor] = None   # [*shape] prompts that entered each entry
+        self.total: Union[int, Tensor] = 0     # [*shape] sums over prompts, once one was added
+        self.total_sq: Union[int, Tensor] = 0
+        self.scored: Union[int, Tensor] = 0    # [*shape] prompts that entered each entry
         self.count = 0                         # prompts seen
 
     def add(self, per_prompt: Tensor) -> None:
@@ -133,10 +133,9 @@ class PromptStats:
         v = per_prompt.detach().double().cpu()
         ok = ~torch.isnan(v)
         v = torch.where(ok, v, torch.zeros((), dtype=v.dtype))
-        s, sq, n = v.sum(-1), (v ** 2).sum(-1), ok.sum(-1).double()
-        self.total = s if self.total is None else self.total + s
-        self.total_sq = sq if self.total_sq is None else self.total_sq + sq
-        self.scored = n if self.scored is None else self.scored + n
+        self.total = self.total + v.sum(-1)
+        self.total_sq = self.total_sq + (v ** 2).sum(-1)
+        self.scored = self.scored + ok.sum(-1).double()
         self.count += v.shape[-1]
 
     def mean_sem(self) -> Tuple[np.ndarray, np.ndarray]:

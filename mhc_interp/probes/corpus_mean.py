@@ -11,7 +11,7 @@ damage moves with the batch size.
 """
 from __future__ import annotations
 
-from typing import List, Optional
+from typing import List, Union
 
 import numpy as np
 import torch
@@ -28,7 +28,7 @@ class CorpusMean(Probe):
 
     def setup(self, model) -> None:
         self.sites: List[str] = [f"{s}.hook_streams_in" for s in model.sublayer_names]
-        self.total: Optional[Tensor] = None        # [n_sublayers, n, d] float64 running sums
+        self.total: Union[int, Tensor] = 0         # [n_sublayers, n, d] float64 running sums
         self.count = 0
 
     def hook_names(self, model) -> List[str]:
@@ -39,7 +39,7 @@ class CorpusMean(Probe):
         rows = masked_rows(mask, first.device)                               # [N]
         acc = torch.device("cpu") if first.device.type == "mps" else first.device   # MPS has no float64
         sums = torch.stack([take_rows(acts[s], rows).to(acc, torch.float64).sum(0) for s in self.sites])
-        self.total = sums if self.total is None else self.total + sums
+        self.total = self.total + sums
         self.count += int(rows.numel())
 
     def result(self) -> ProbeResult:
@@ -51,16 +51,13 @@ class CorpusMean(Probe):
                             "layout": "[sublayer, stream, d_model], float64"})
 
 
-def corpus_mean(model, source, *, batch_size: int = 8, seq_len: Optional[int] = None,
-                max_tokens: Optional[int] = None, exclude_first: int = 1, pad_id: int = 0,
-                device=None, dtype=None, progress: bool = False) -> Tensor:
+def corpus_mean(model, source, **runner_options) -> Tensor:
     """mu [n_sublayers, n_streams, d_model] float64 (CPU): the mean of every sublayer's input
     stream over all masked tokens of `source` (any token source of `run_probes`, with its options
-    and its mask), ready to pass as `AblateRescue(ablation=mu)`. `corpus_mean_with_count`
-    returns the token count N too."""
-    return corpus_mean_with_count(model, source, batch_size=batch_size, seq_len=seq_len, max_tokens=max_tokens,
-                                  exclude_first=exclude_first, pad_id=pad_id, device=device, dtype=dtype,
-                                  progress=progress)[0]
+    - batch_size, seq_len, max_tokens, exclude_first, pad_id, device, dtype, progress (default
+    False here) - and its mask), ready to pass as `AblateRescue(ablation=mu)`.
+    `corpus_mean_with_count` returns the token count N too."""
+    return corpus_mean_with_count(model, source, **{"progress": False, **runner_options})[0]
 
 
 def corpus_mean_with_count(model, source, **runner_options):

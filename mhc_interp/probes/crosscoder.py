@@ -18,6 +18,7 @@ from .base import Probe, ProbeResult, register_result
 from .crosscoder_buffer import InMemoryActivations
 from .crosscoder_model import Crosscoder, CrosscoderConfig, as_activation_source
 from .crosscoder_training import train_crosscoder
+from .figure_helpers import annotate
 from .sites import Site, resolve_sites, site_label
 
 __all__ = ["CrosscoderConfig", "Crosscoder", "train_crosscoder", "analyze_crosscoder",
@@ -347,7 +348,7 @@ class CrosscoderResult(ProbeResult):
         # order: by group (stream 0..n-1, then shared), then by decreasing max share
         group = np.where(assign[alive] == SHARED, n, assign[alive])
         order = alive[np.lexsort((-a["max_share"][alive], group))][:max_features]
-        layers = [l.removesuffix(".hook_streams_out") for l in self.meta["layers"]]
+        layers = [site_label(l) for l in self.meta["layers"]]
         figs = {"stream_share": _plot_stream_share(a, n, order, alive, tau),
                 "assignment_counts": _plot_counts(a, n, ti, self.meta["count_labels"]),
                 "layer_profile": _plot_layer_profile(a, n, order, layers),
@@ -447,9 +448,7 @@ def _plot_explained_variance(grid: np.ndarray, layers: Sequence[str]):
     fig, ax = plt.subplots(figsize=(1.2 + 0.9 * n, 1.2 + 0.45 * len(layers)))
     im = ax.imshow(grid, vmin=min(0.0, float(np.nanmin(grid))) if np.isfinite(grid).any() else 0,
                    vmax=1, cmap="viridis", aspect="auto")
-    for (i, j), v in np.ndenumerate(grid):
-        if np.isfinite(v):
-            ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=7, color="w" if v < 0.6 else "k")
+    annotate(ax, im, grid, fontsize=7)
     ax.set_xticks(range(n))
     ax.set_xlabel("stream")
     ax.set_yticks(range(len(layers)))

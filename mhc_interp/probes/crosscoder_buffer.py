@@ -176,7 +176,6 @@ class InMemoryActivations(ActivationSource):
         self.x = x
         self.d_model = int(x.shape[-1])
         self.capacity = int(x.shape[0])
-        self.epochs = 0
         self.tokens_served = 0
         self._gen = torch.Generator().manual_seed(seed)
         self._perm = torch.randperm(self.capacity, generator=self._gen)
@@ -189,7 +188,6 @@ class InMemoryActivations(ActivationSource):
             if self._pos == self.capacity:
                 self._perm = torch.randperm(self.capacity, generator=self._gen)
                 self._pos = 0
-                self.epochs += 1
             take = min(need, self.capacity - self._pos)
             parts.append(self._perm[self._pos:self._pos + take])
             self._pos += take

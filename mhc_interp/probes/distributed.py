@@ -33,6 +33,7 @@ import torch
 from torch import Tensor
 
 from .base import ProbeResult
+from .causal import CausalProbe
 from .patching import activation_patching
 from .rescue import ablate_and_rescue, global_rescue
 
@@ -118,10 +119,7 @@ def _token_signature(*tensors: Tensor) -> tuple:
 
 def _sweep(model, run, sublayers, group, signature) -> ProbeResult:
     rank, world = _rank_world(group)
-    layers = list(range(model.cfg.n_sublayers)) if sublayers is None else [int(s) for s in sublayers]
-    bad = [s for s in layers if not 0 <= s < model.cfg.n_sublayers]
-    if bad:
-        raise IndexError(f"sublayer {bad} out of range: the model has {model.cfg.n_sublayers} sublayers")
+    layers = CausalProbe.sublayer_indices(model, None if sublayers is None else [int(s) for s in sublayers])
     mine = split_sublayers(layers, rank, world)
     try:
         part = run(mine) if mine else None

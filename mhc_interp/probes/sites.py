@@ -136,7 +136,7 @@ def site_label(site: Union[str, Site]) -> str:
         return f"{site_label(hook)}/s{stream}"
     if site == "hook_streams_init":
         return "embed"
-    return site[: -len(".hook_streams_out")] if site.endswith(".hook_streams_out") else site
+    return site.removesuffix(".hook_streams_out")
 
 
 def last_sublayer_needed(model: "MultiStreamModel", names: Iterable[str]) -> Optional[int]:

@@ -79,9 +79,7 @@ class MHCNNsight(NNsight):
 
     def _invoke_input(self, inputs: Tuple[Any, ...], kwargs: dict) -> Any:
         """The invoke's data input: the first positional argument, or `input=`; None if none."""
-        if inputs:
-            return inputs[0]
-        return kwargs.get("input")
+        return inputs[0] if inputs else kwargs.get("input")
 
     def _invoke_rows(self, x: Any) -> Tensor:
         """The data input as a tensor with a batch axis: tokens [batch, pos] (text and 1-D

@@ -204,7 +204,7 @@ def analyze_crosscoder(crosscoder: Crosscoder, data=None, *, n_tokens: int = 655
     cc = crosscoder
     stats = None
     if data is not None:
-        src = as_activation_source(data, sites=cc.sites if isinstance(data, Tensor) and data.ndim == 3 else None)
+        src = as_activation_source(data, sites=cc.sites)
         if (src.n_sites, src.d_model) != (cc.n_sites, cc.d_model):
             raise ValueError(f"the data has {src.n_sites} sites x d_model {src.d_model}, the "
                              f"crosscoder {cc.n_sites} x {cc.d_model}")

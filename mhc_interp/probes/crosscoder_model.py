@@ -304,10 +304,12 @@ class Crosscoder(nn.Module):
 
 
 def as_activation_source(data, sites=None) -> ActivationSource:
-    """The crosscoder's data as an `ActivationSource`: a source as is, a tensor [N, S, d] in memory."""
+    """The crosscoder's data as an `ActivationSource`: a source as is, a tensor in memory (`sites`
+    label a [N, S, d] one; [N, n_layers, n_streams, d] names its own)."""
     if isinstance(data, ActivationSource):
         return data
     if isinstance(data, (Tensor, np.ndarray)):
-        return InMemoryActivations(torch.as_tensor(data), sites=sites)
+        x = torch.as_tensor(data)
+        return InMemoryActivations(x, sites=sites if x.ndim == 3 else None)
     raise TypeError(f"crosscoder data must be an ActivationBuffer, an ActivationSource or a "
                     f"tensor [N, sites, d_model], got {type(data).__name__}")

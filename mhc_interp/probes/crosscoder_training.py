@@ -8,7 +8,6 @@ import math
 import warnings
 from typing import Dict, Optional, Tuple, Union
 
-import numpy as np
 import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
@@ -29,8 +28,7 @@ def _source_and_config(data, config) -> Tuple[ActivationSource, Optional[Crossco
     """(the data as a source, the crosscoder to train further or None, its config with n_sites,
     d_model and sites filled from the data); refuses data that does not fit the config."""
     given = config.cfg.sites if isinstance(config, Crosscoder) else getattr(config, "sites", None)
-    in_memory = isinstance(data, (Tensor, np.ndarray)) and np.ndim(data) == 3
-    src = as_activation_source(data, sites=given if in_memory else None)
+    src = as_activation_source(data, sites=given)
     if isinstance(config, Crosscoder):
         cc, cfg = config, config.cfg
     else:

@@ -24,16 +24,13 @@ from . import output_folder
 from .data import read_texts
 from .figure_pool import FigurePool
 from .probes import PROBES, Probe, ProbeResult, run_probes
-from .probes.base import ReportSection
+from .probes.base import ReportSection, finding, percent
 from .timing import PhaseTimer
 from .token_windows import TokenBudget, corpus_tokens
 
-# The summary's findings, in this order, at most MAX_FINDINGS of them.
+# The summary's findings (`ProbeResult.findings()`), in this order, at most MAX_FINDINGS of them.
 FINDING_ORDER = ("dominant_stream", "mixers", "cka_last", "needed_rescue", "needed_patching", "logit_lens")
 MAX_FINDINGS = 5
-# Below this KL (nats) between the clean and corrupted runs the patching finding says there is
-# nothing to repair (the rescue probe's default min_kl for a pair's damage).
-MIN_CORRUPTION_KL = 1e-3
 
 
 @dataclass
@@ -67,12 +64,16 @@ def report_sections() -> List[Tuple[str, Optional[Type[Probe]], ReportSection]]:
 def shared_forward_probes(model, cfg: "ReportConfig") -> List[Probe]:
     """The probes the report runs in its shared forward over the corpus windows: every section's
     probe that fits the model's stream count, is not skipped, and is built by its `for_report(cfg)`
-    as not None (the others run themselves: `Probe.report_run`)."""
+    as not None (a probe whose `for_report` is None runs itself: `Probe.report_run`)."""
     if cfg.sae is not None:
         from .interop import sae_features  # noqa: F401 - registers SAEFeatures (its imports are SAELens's)
-    return [probe for label, cls, sec in report_sections()
-            if cls is not None and label not in cfg.skip and model.cfg.n_streams >= sec.min_streams
+    return [probe for label, cls, sec in report_sections() if _runs(model, cfg, label, cls, sec) and cls.for_report
             for probe in [cls.for_report(cfg)] if probe is not None]
+
+
+def _runs(model, cfg: "ReportConfig", label: str, cls: Optional[Type[Probe]], sec: ReportSection) -> bool:
+    """Whether the report runs a section's probe: one of its own, not skipped, enough streams."""
+    return cls is not None and label not in cfg.skip and model.cfg.n_streams >= sec.min_streams
 
 
 def build_report(model, out: Path, corpus: Optional[Sequence[Path]] = None,
@@ -182,7 +183,7 @@ def _run_all(model, tokens: Tensor, folder: Path, cfg: ReportConfig, timer: Phas
     for label, cls, sec in declared:
         if label in results:
             pages[label] = _section(results.pop(label), folder, timer, figures, sections_of)
-        elif cls is not None and label not in cfg.skip and model.cfg.n_streams >= sec.min_streams:
+        elif _runs(model, cfg, label, cls, sec) and cls.for_report is None:
             for result, extra in cls.report_run(model, tokens, cfg, timer):
                 pages[result.probe] = _section(result, folder, timer, figures, sections_of, **extra)
     rank = {label: i for i, (label, _, _) in enumerate(declared)}
@@ -193,8 +194,8 @@ def _run_all(model, tokens: Tensor, folder: Path, cfg: ReportConfig, timer: Phas
 def findings(result: ProbeResult) -> List[Dict]:
     """The one-line findings a probe's result supports, each {"key", "text", "values"} (plain
     data: numbers, strings and lists); none where the result cannot say (NaN, one stream)."""
-    make = _FINDINGS.get(result.probe)
-    return [f for f in (make(result) if make else []) if f is not None]
+    make = _PENDING_FINDINGS.get(result.probe, type(result).findings)
+    return [f for f in make(result) if f is not None]
 
 
 def collect_findings(sections: List[Dict]) -> List[Dict]:
@@ -203,15 +204,6 @@ def collect_findings(sections: List[Dict]) -> List[Dict]:
     rank = {k: i for i, k in enumerate(FINDING_ORDER)}
     found.sort(key=lambda f: rank.get(f["key"], len(rank)))
     return found[:MAX_FINDINGS]
-
-
-def _finding(key: str, text: str, **values) -> Dict:
-    plain = {k: (v.item() if isinstance(v, np.generic) else v) for k, v in values.items()}
-    return {"key": key, "text": text, "values": plain}
-
-
-def _pct(x: float) -> str:
-    return f"{100 * x:.0f}%"
 
 
 def _stream_usage_findings(r: ProbeResult) -> List[Optional[Dict]]:
@@ -223,12 +215,12 @@ def _stream_usage_findings(r: ProbeResult) -> List[Optional[Dict]]:
         top, low, even = int(share.argmax()), int(share.argmin()), 1 / n
         if share[top] - even < 0.05:
             text = (f"No stream dominates what the sublayers read: norm-weighted read shares from "
-                    f"{_pct(share[low])} to {_pct(share[top])} (an even split is {_pct(even)}).")
+                    f"{percent(share[low])} to {percent(share[top])} (an even split is {percent(even)}).")
         else:
-            text = (f"Stream {top} dominates what the sublayers read: {_pct(share[top])} of the norm-weighted "
-                    f"read share (an even split is {_pct(even)}; stream {low} least, {_pct(share[low])}).")
-        out[0] = _finding("dominant_stream", text, stream=top, share=float(share[top]), least_stream=low,
-                          least_share=float(share[low]), even_share=even)
+            text = (f"Stream {top} dominates what the sublayers read: {percent(share[top])} of the norm-weighted "
+                    f"read share (an even split is {percent(even)}; stream {low} least, {percent(share[low])}).")
+        out[0] = finding("dominant_stream", text, stream=top, share=float(share[top]), least_stream=low,
+                         least_share=float(share[low]), even_share=even)
     dist = np.asarray(r["h_res_dist"], dtype=float)                        # E_t ||H_res - I||_F per sublayer
     if n > 1 and np.isfinite(dist).all() and dist.size:
         ref, k, mean = math.sqrt(n - 1), int(dist.argmax()), float(dist.mean())
@@ -236,92 +228,15 @@ def _stream_usage_findings(r: ProbeResult) -> List[Optional[Dict]]:
                    "mix the streams partly" if mean < 0.5 * ref else "mix the streams strongly")
         where = (f"except at {subs[k]} ({dist[k]:.2f})" if mean < 0.2 * ref and dist[k] >= 0.5 * ref
                  else f"most at {subs[k]} ({dist[k]:.2f})")
-        out[1] = _finding("mixers", f"The mixers H_res {verdict}: ||H_res - I||_F = {mean:.2f} on average "
-                                    f"(0 = identity, {ref:.2f} = uniform mixing), {where}.",
-                          mean_distance=mean, max_distance=float(dist[k]), max_sublayer=subs[k],
-                          uniform_mixing_distance=ref)
+        out[1] = finding("mixers", f"The mixers H_res {verdict}: ||H_res - I||_F = {mean:.2f} on average "
+                                   f"(0 = identity, {ref:.2f} = uniform mixing), {where}.",
+                         mean_distance=mean, max_distance=float(dist[k]), max_sublayer=subs[k],
+                         uniform_mixing_distance=ref)
     return out
 
 
-def _cka_findings(r: ProbeResult) -> List[Optional[Dict]]:
-    m = np.asarray(r.intra(-1), dtype=float)
-    n = m.shape[0]
-    pairs = [(i, j, m[i, j]) for i in range(n) for j in range(i + 1, n) if np.isfinite(m[i, j])]
-    if not pairs:
-        return []
-    values = np.array([v for _, _, v in pairs])
-    mean = float(values.mean())
-    lo, hi = pairs[int(values.argmin())], pairs[int(values.argmax())]
-    site = str(r.meta["site_names"][-1]).replace(".hook_streams_out", "")
-    verdict = ("nearly the same" if mean >= 0.8 else "partly shared" if mean >= 0.4 else "largely distinct")
-    text = (f"At the last sublayer ({site}) the streams' representations are {verdict}: CKA {mean:.2f} on "
-            f"average, from {lo[2]:.2f} (streams {lo[0]}, {lo[1]}) to {hi[2]:.2f} (streams {hi[0]}, {hi[1]}).")
-    return [_finding("cka_last", text, site=site, mean=mean, min=float(lo[2]), min_pair=[lo[0], lo[1]],
-                     max=float(hi[2]), max_pair=[hi[0], hi[1]])]
-
-
-def _rescue_findings(r: ProbeResult) -> List[Optional[Dict]]:
-    g = np.array(r["global_rescue"], dtype=float)                         # [ablated, recovered]
-    np.fill_diagonal(g, np.nan)
-    valid = np.isfinite(g)
-    if g.shape[0] < 2 or valid.sum(0).min() == 0:
-        return []
-    by_stream = np.nansum(g, 0) / valid.sum(0)                          # mean rescue of recovering r
-    top, low = int(by_stream.argmax()), int(by_stream.argmin())
-    text = (f"Stream {top} is the most needed: restoring it undoes {_pct(by_stream[top])} of a pair ablation's "
-            f"damage, stream {low} the least ({_pct(by_stream[low])}) ({r.meta.get('ablation', 'zero')} ablation, "
-            f"frozen mixing, {r.meta.get('prompts', '?')} prompts).")
-    return [_finding("needed_rescue", text, most_needed=top, rescue=float(by_stream[top]), least_needed=low,
-                     least_rescue=float(by_stream[low]))]
-
-
-def _patching_findings(r: ProbeResult) -> List[Optional[Dict]]:
-    metric = r.meta.get("metric")
-    key = f"{metric}_recomputed" if f"{metric}_recomputed" in r.arrays else f"{metric}_{r.meta['mixing'][0]}"
-    m = np.asarray(r[key], dtype=float)
-    if metric != "kl" or m.ndim != 2 or m.shape[1] < 2 or not np.isfinite(m).all():
-        return []
-    clean, corrupted = float(r["baseline_clean"]), float(r["baseline_corrupted"])
-    effect = corrupted - clean
-    prompts = r.meta.get("prompts", "?")
-    if not effect >= MIN_CORRUPTION_KL:
-        return [_finding("needed_patching", f"The corruption hardly changes the output (KL to clean {corrupted:.2g} "
-                                            f"< {MIN_CORRUPTION_KL:g} over {prompts} prompts): activation patching "
-                                            f"has nothing to repair.", corrupted_kl=corrupted)]
-    repaired = ((corrupted - m) / effect).mean(0)                        # [stream], mean over sublayers
-    top, low = int(repaired.argmax()), int(repaired.argmin())
-    text = (f"Patching stream {top} back in repairs the most: {_pct(repaired[top])} of the corruption's KL on "
-            f"average, stream {low} the least ({_pct(repaired[low])})")
-    values = dict(best_stream=top, repaired=float(repaired[top]), worst_stream=low,
-                  worst_repaired=float(repaired[low]), corrupted_kl=corrupted)
-    routing = r.arrays.get(f"{metric}_routing")
-    sems = [r.arrays.get(f"{metric}_{x}_sem") for x in ("recomputed", "frozen")]
-    if routing is not None and all(x is not None for x in sems):
-        within = int((np.abs(routing) < 2 * (sems[0] + sems[1])).sum())
-        text += f"; routing within 2 s.e.m. of 0 in {within}/{routing.size} cells"
-        values.update(routing_within_noise=within, cells=int(routing.size))
-    return [_finding("needed_patching", text + f" ({prompts} prompts).", **values)]
-
-
-def _logit_lens_findings(r: ProbeResult) -> List[Optional[Dict]]:
-    top1, labels, views = np.asarray(r["top1"], dtype=float), r.meta.get("site_labels", []), r.meta.get("views", [])
-    if top1.ndim != 2 or not views or views[0] != "sum" or len(labels) != top1.shape[0]:
-        return []
-    readable = np.nonzero(top1[:, 0] >= 0.5)[0]
-    if not readable.size:
-        return []
-    first = int(readable[0])
-    text = f"The final top-1 token can be read off the stream sum from {labels[first]} on (>= 50% agreement)"
-    values = dict(first_site=labels[first], agreement=float(top1[first, 0]))
-    if top1.shape[1] > 2:
-        s = int(top1[-1, 1:].argmax())
-        text += f"; of single streams, {views[1 + s]} agrees best at the last site ({_pct(top1[-1, 1 + s])})"
-        values.update(best_single_view=views[1 + s], best_single_agreement=float(top1[-1, 1 + s]))
-    return [_finding("logit_lens", text + ".", **values)]
-
-
-_FINDINGS = {"stream_usage": _stream_usage_findings, "cka": _cka_findings, "ablate_rescue": _rescue_findings,
-             "activation_patching": _patching_findings, "logit_lens": _logit_lens_findings}
+# PENDING: into StreamUsageResult.findings() (stream_usage.py), then this table goes.
+_PENDING_FINDINGS = {"stream_usage": _stream_usage_findings}
 
 
 # ------------------------------------------------------------------------------ the page

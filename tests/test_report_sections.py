@@ -105,6 +105,35 @@ def test_declarations_decide_where_a_probe_runs(toy_registered, model, monkeypat
     assert "toy_section" not in [p.name for p in report.shared_forward_probes(model, cfg)]
 
 
+def test_a_probe_that_runs_itself_shows_its_tables_and_findings(tmp_path, toy_registered, model, monkeypatch):
+    """`for_report = None`: not in the shared forward; the report calls `report_run` with the corpus
+    windows and shows what its results' `tables()` and `findings()` return, plus the extra fields."""
+    calls = []
+
+    def report_run(cls, model, tokens, cfg, timer):
+        calls.append(tokens.shape)
+        norms = np.array([1.0, 3.0])
+        return [(TabledResult("toy_section", {"norms": norms}, {}), {"note": "on its own prompts"})]
+
+    class TabledResult(ToyResult):
+        def tables(self):
+            return [{"title": "toy table", "header": ["0", "1"], "rows": [[f"{v:.1f}" for v in self["norms"]]]}]
+
+        def findings(self):
+            return [None, {"key": "toy", "text": f"largest norm {self['norms'].max():.1f}", "values": {}}]
+
+    monkeypatch.setattr(ToyProbe, "for_report", None)
+    monkeypatch.setattr(ToyProbe, "report_run", classmethod(report_run))
+    cfg = report.ReportConfig(progress=False, background_figures=False).fast()
+    assert "toy_section" not in [p.name for p in report.shared_forward_probes(model, cfg)]
+    cfg.skip = _everything_but("toy_section")
+    written = json.loads((report.build_report(model, tmp_path / "r", cfg=cfg).parent / "report.json").read_text())
+    assert len(calls) == 1 and calls[0][0] > 1                       # the corpus windows [n_seq, seq_len]
+    [toy] = written["sections"]
+    assert toy["note"] == "on its own prompts" and toy["title"] == TITLE
+    assert toy["tables"] == [{"title": "toy table", "header": ["0", "1"], "rows": [["1.0", "3.0"]]}]
+    assert written["summary"]["findings"] == [{"key": "toy", "text": "largest norm 3.0", "values": {}}]
+
 def test_bad_declarations_are_refused(toy_registered, monkeypatch):
     with pytest.raises(ValueError, match="title"):
         ReportSection("")

@@ -113,14 +113,15 @@ class Probe:
 
     @classmethod
     def for_report(cls, cfg) -> Optional["Probe"]:
-        """The probe as the report runs it (cfg: the `ReportConfig`), or None to leave it out."""
+        """The probe as the report runs it in its shared forward (cfg: the `ReportConfig`), or None
+        to leave it out; None in place of the method: the probe runs itself (`report_run`)."""
         return cls()
 
     @classmethod
     def report_run(cls, model, tokens: Tensor, cfg, timer) -> List[Tuple["ProbeResult", Dict[str, Any]]]:
         """The report's run of the probe on prompts and budgets of its own (tokens [n_seq, seq_len]:
-        the corpus windows; timer: a `PhaseTimer`) -> [(result, extra page fields)]. Empty by
-        default: a probe `for_report` builds runs in the shared forward instead."""
+        the corpus windows; timer: a `PhaseTimer`) -> [(result, extra page fields)]. Called
+        where `for_report` is None."""
         return []
 
     def setup(self, model) -> None:
@@ -176,6 +177,11 @@ class ProbeResult:
         """Tables the report shows under the figures: {"title", "header": [str], "rows": [[str]]}."""
         return []
 
+    def findings(self) -> List[Optional[Dict[str, Any]]]:
+        """One-line findings for the report's summary (`finding`), none where the result cannot say
+        (NaN, one stream)."""
+        return []
+
     def plot(self, **kwargs):  # pragma: no cover - overridden
         raise NotImplementedError(f"{type(self).__name__} has no plot")
 
@@ -193,6 +199,16 @@ class ProbeResult:
             fig.savefig(paths[-1], dpi=120, bbox_inches="tight")
             plt.close(fig)
         return paths
+
+
+def finding(key: str, text: str, **values) -> Dict[str, Any]:
+    """A `ProbeResult.findings()` entry {"key", "text", "values"}: plain data (numpy scalars made Python)."""
+    plain = {k: (v.item() if isinstance(v, np.generic) else v) for k, v in values.items()}
+    return {"key": key, "text": text, "values": plain}
+
+
+def percent(x: float) -> str:
+    return f"{100 * x:.0f}%"
 
 
 def matrix_table(title: str, m: np.ndarray, diagonal: Optional[str] = None) -> Dict[str, Any]:

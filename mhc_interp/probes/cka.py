@@ -61,6 +61,7 @@ from .base import (
     Probe,
     ProbeResult,
     ReportSection,
+    finding,
     masked_rows,
     matrix_table,
     register_probe,
@@ -425,6 +426,23 @@ class CKAResult(ProbeResult):
     def intra_all(self) -> np.ndarray:
         """[n_sites, n, n] stream-by-stream CKA at every site."""
         return np.stack([self.intra(i) for i in range(len(self.site_names))])
+
+    def findings(self) -> List[Optional[Dict]]:
+        """How alike the streams are at the last site (mean, least and most alike pair)."""
+        m = np.asarray(self.intra(-1), dtype=float)
+        n = m.shape[0]
+        pairs = [(i, j, m[i, j]) for i in range(n) for j in range(i + 1, n) if np.isfinite(m[i, j])]
+        if not pairs:
+            return []
+        values = np.array([v for _, _, v in pairs])
+        mean = float(values.mean())
+        lo, hi = pairs[int(values.argmin())], pairs[int(values.argmax())]
+        site = str(self.meta["site_names"][-1]).replace(".hook_streams_out", "")
+        verdict = ("nearly the same" if mean >= 0.8 else "partly shared" if mean >= 0.4 else "largely distinct")
+        text = (f"At the last sublayer ({site}) the streams' representations are {verdict}: CKA {mean:.2f} on "
+                f"average, from {lo[2]:.2f} (streams {lo[0]}, {lo[1]}) to {hi[2]:.2f} (streams {hi[0]}, {hi[1]}).")
+        return [finding("cka_last", text, site=site, mean=mean, min=float(lo[2]), min_pair=[lo[0], lo[1]],
+                        max=float(hi[2]), max_pair=[hi[0], hi[1]])]
 
     def plot(self, max_sites: int = 8, annotate: bool = True):
         """{"cka_intra": n x n heatmaps at up to `max_sites` evenly spaced sites,

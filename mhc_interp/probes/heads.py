@@ -294,9 +294,7 @@ class HeadDetector(CausalProbe):
         "read_write": "Which streams the attention sublayer of each top head reads (H_pre) and writes (H_post); "
                       "heads of one layer share their sublayer's mixing."})
 
-    @classmethod
-    def for_report(cls, cfg) -> None:
-        return None   # not in the shared forward: `report_run`
+    for_report = None   # not in the shared forward: `report_run`
 
     @classmethod
     def report_run(cls, model, tokens: Tensor, cfg, timer):

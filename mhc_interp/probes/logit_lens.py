@@ -50,7 +50,17 @@ import torch
 from torch import Tensor
 from torch.nn import functional as F
 
-from .base import Probe, ProbeResult, ReportSection, masked_rows, register_probe, register_result, take_rows
+from .base import (
+    Probe,
+    ProbeResult,
+    ReportSection,
+    finding,
+    masked_rows,
+    percent,
+    register_probe,
+    register_result,
+    take_rows,
+)
 from .sites import SiteSpec, check_site_spec, site_hooks, site_label
 
 if TYPE_CHECKING:
@@ -458,6 +468,25 @@ class LogitLensResult(ProbeResult):
             lines.append(f"{lab:<{w}}" + "".join(f"{self['kl'][k, j]:9.3f} /{self['top1'][k, j]:6.1%}"
                                                   for j in range(len(views))))
         return "\n".join(lines)
+
+    def findings(self) -> List[Optional[Dict]]:
+        """From which site the final top-1 token can be read off the stream sum."""
+        top1 = np.asarray(self["top1"], dtype=float)                         # [site, view]
+        labels, views = self.meta.get("site_labels", []), self.meta.get("views", [])
+        if top1.ndim != 2 or not views or views[0] != "sum" or len(labels) != top1.shape[0]:
+            return []
+        readable = np.nonzero(top1[:, 0] >= 0.5)[0]
+        if not readable.size:
+            return []
+        first = int(readable[0])
+        text = f"The final top-1 token can be read off the stream sum from {labels[first]} on (>= 50% agreement)"
+        values = dict(first_site=labels[first], agreement=float(top1[first, 0]))
+        if top1.shape[1] > 2:
+            s = int(top1[-1, 1:].argmax())
+            text += (f"; of single streams, {views[1 + s]} agrees best at the last site "
+                     f"({percent(top1[-1, 1 + s])})")
+            values.update(best_single_view=views[1 + s], best_single_agreement=float(top1[-1, 1 + s]))
+        return [finding("logit_lens", text + ".", **values)]
 
     def plot(self):
         """{"kl": mean KL to the final distribution per site and view (log scale), "top1": top-1

@@ -19,7 +19,7 @@ position; the numbers change). Scores are float64 for a float64 model, float32 o
 """
 from __future__ import annotations
 
-from typing import Callable, Optional, Sequence, Union
+from typing import Callable, Dict, List, Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -27,7 +27,15 @@ from torch import Tensor
 
 from ..hooks.batched import Edit, run_edits
 from ..token_windows import patching_prompts
-from .base import ProbeResult, ReportSection, register_probe, register_result, require_streams
+from .base import (
+    ProbeResult,
+    ReportSection,
+    finding,
+    percent,
+    register_probe,
+    register_result,
+    require_streams,
+)
 from .causal import (
     CausalProbe,
     PromptStats,
@@ -42,6 +50,10 @@ from .causal import (
 DIRECTIONS = ("denoise", "noise")
 MIXING = ("recomputed", "frozen", "both")
 SCORE_POSITIONS = ("all", "from_corruption")
+
+# Below this KL (nats) between the clean and corrupted runs the patching finding says there is
+# nothing to repair (the rescue probe's default min_kl for a pair's damage).
+MIN_CORRUPTION_KL = 1e-3
 
 
 @register_probe
@@ -68,9 +80,7 @@ class ActivationPatching(CausalProbe):
                             "are within 2 s.e.m. of 0 (s.e.m. bounded by the sum of both maps'), i.e. no routing "
                             "effect above the noise."})
 
-    @classmethod
-    def for_report(cls, cfg) -> None:
-        return None   # not in the shared forward: `report_run`
+    for_report = None   # not in the shared forward: `report_run`
 
     @classmethod
     def report_run(cls, model, tokens: Tensor, cfg, timer):
@@ -240,6 +250,34 @@ class PatchingResult(ProbeResult):
             parts = [self.arrays.get(f"{metric}_{m}_sem") for m in ("recomputed", "frozen")]
             return None if any(p is None for p in parts) else parts[0] + parts[1]
         return self.arrays.get(f"{metric}_{mixing}_sem")
+
+    def findings(self) -> List[Optional[Dict]]:
+        """Which stream patched back in repairs the most and the least of the corruption (KL)."""
+        metric = self.meta.get("metric")
+        key = f"{metric}_{'recomputed' if f'{metric}_recomputed' in self.arrays else self.meta['mixing'][0]}"
+        m = np.asarray(self[key], dtype=float)
+        if metric != "kl" or m.ndim != 2 or m.shape[1] < 2 or not np.isfinite(m).all():
+            return []
+        clean, corrupted = float(self["baseline_clean"]), float(self["baseline_corrupted"])
+        effect = corrupted - clean
+        prompts = self.meta.get("prompts", "?")
+        if not effect >= MIN_CORRUPTION_KL:
+            return [finding("needed_patching", f"The corruption hardly changes the output (KL to clean "
+                                               f"{corrupted:.2g} < {MIN_CORRUPTION_KL:g} over {prompts} prompts): "
+                                               f"activation patching has nothing to repair.", corrupted_kl=corrupted)]
+        repaired = ((corrupted - m) / effect).mean(0)                        # [stream], mean over sublayers
+        top, low = int(repaired.argmax()), int(repaired.argmin())
+        text = (f"Patching stream {top} back in repairs the most: {percent(repaired[top])} of the corruption's "
+                f"KL on average, stream {low} the least ({percent(repaired[low])})")
+        values = dict(best_stream=top, repaired=float(repaired[top]), worst_stream=low,
+                      worst_repaired=float(repaired[low]), corrupted_kl=corrupted)
+        routing = self.arrays.get(f"{metric}_routing")
+        sems = [self.arrays.get(f"{metric}_{x}_sem") for x in ("recomputed", "frozen")]
+        if routing is not None and all(x is not None for x in sems):
+            within = int((np.abs(routing) < 2 * (sems[0] + sems[1])).sum())
+            text += f"; routing within 2 s.e.m. of 0 in {within}/{routing.size} cells"
+            values.update(routing_within_noise=within, cells=int(routing.size))
+        return [finding("needed_patching", text + f" ({prompts} prompts).", **values)]
 
     def plot(self):
         """{f"patching_{mixing}": sublayer x stream heatmap, each cell annotated with its mean and

@@ -24,14 +24,23 @@ Scores are float64 for a float64 model, float32 otherwise.
 from __future__ import annotations
 
 import itertools
-from typing import Optional, Sequence, Union
+from typing import Dict, List, Optional, Sequence, Union
 
 import numpy as np
 import torch
 from torch import Tensor
 
 from ..hooks.batched import Edit, run_edits
-from .base import ProbeResult, ReportSection, matrix_table, register_probe, register_result, require_streams
+from .base import (
+    ProbeResult,
+    ReportSection,
+    finding,
+    matrix_table,
+    percent,
+    register_probe,
+    register_result,
+    require_streams,
+)
 from .causal import CausalProbe, PromptStats, clean_run, kl_metric, stats_arrays, t_half_width
 from .corpus_mean import corpus_mean_with_count
 from .figure_helpers import annotate, heatmap_grid
@@ -77,9 +86,7 @@ class AblateRescue(CausalProbe):
                              "stream of the pair carries what matters.",
         "kl_ablated": "Damage KL(P_clean || P_ablated) of every pair ablation per sublayer."})
 
-    @classmethod
-    def for_report(cls, cfg) -> None:
-        return None   # not in the shared forward: `report_run`
+    for_report = None   # not in the shared forward: `report_run`
 
     @classmethod
     def report_run(cls, model, tokens: Tensor, cfg, timer):
@@ -248,6 +255,22 @@ class RescueResult(ProbeResult):
             cells = ["-" if a == r else ("n/a" if np.isnan(m[a, r]) else f"{100 * m[a, r]:.2f}") for r in range(n)]
             lines.append(f"| {a} | " + " | ".join(cells) + " |")
         return "\n".join(lines)
+
+    def findings(self) -> List[Optional[Dict]]:
+        """Which stream restoring rescues the most and the least of a pair ablation's damage."""
+        g = np.array(self["global_rescue"], dtype=float)                    # [ablated, recovered]
+        np.fill_diagonal(g, np.nan)
+        valid = np.isfinite(g)
+        if g.shape[0] < 2 or valid.sum(0).min() == 0:
+            return []
+        by_stream = np.nansum(g, 0) / valid.sum(0)                          # [recovered]: its mean rescue
+        top, low = int(by_stream.argmax()), int(by_stream.argmin())
+        text = (f"Stream {top} is the most needed: restoring it undoes {percent(by_stream[top])} of a pair "
+                f"ablation's damage, stream {low} the least ({percent(by_stream[low])}) "
+                f"({self.meta.get('ablation', 'zero')} ablation, frozen mixing, {self.meta.get('prompts', '?')} "
+                f"prompts).")
+        return [finding("needed_rescue", text, most_needed=top, rescue=float(by_stream[top]), least_needed=low,
+                        least_rescue=float(by_stream[low]))]
 
     def plot(self, max_layers: int = 8):
         """{"rescue_global", "rescue_layers", "rescue_difference", "kl_ablated"} figures."""

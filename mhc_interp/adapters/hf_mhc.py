@@ -25,6 +25,7 @@ from transformer_lens.hook_points import HookPoint
 from ..contract import MixingCoefficients
 from ..hooks.root import StreamHookedRoot
 from ..model.compiled import torch_hooks_attached
+from ..model.sublayer import HookedSublayer
 from .deepseek_v4 import DEEPSEEK_V4
 from .devices import AdapterHookPoint, execution_device, onloaded
 from .spec import HyperConnectionSpec, UnsupportedModelError, stream_count, validate_structure
@@ -143,11 +144,13 @@ class _Context:
 
 
 # ------------------------------------------------------------------------------ sublayers
-class HFHyperConnectedSublayer(nn.Module):
+class HFHyperConnectedSublayer(HookedSublayer):
     """One hyper-connected sublayer of an HF decoder layer, driven with HookedMHC's hook points.
 
     The HF modules are referenced, not registered (so they are not walked twice and their weights
     live only under `HookedHFMHC.hf_model`): `self.hf.hc`, `self.hf.norm`, `self.hf.branch`."""
+
+    hook_point_class = AdapterHookPoint
 
     def __init__(self, layer: nn.Module, kind: str, index: int, spec: HyperConnectionSpec):
         super().__init__()
@@ -156,16 +159,7 @@ class HFHyperConnectedSublayer(nn.Module):
         self.hf = SimpleNamespace(layer=layer, hc=getattr(layer, hc_name), norm=getattr(layer, norm_name),
                                   branch=getattr(layer, branch_name))
         self.needs_input_ids = spec.routes_by_token(self.hf.branch)
-        self.frozen: Optional[MixingCoefficients] = None
         self.device: Optional[torch.device] = None  # execution device, set by the adapter
-        self.hook_streams_in = AdapterHookPoint()   # [batch, pos, n_streams, d_model]
-        self.hook_h_pre = AdapterHookPoint()        # [batch, pos, n_streams]
-        self.hook_h_post = AdapterHookPoint()       # [batch, pos, n_streams]
-        self.hook_h_res = AdapterHookPoint()        # [batch, pos, n_streams(target), n_streams(source)]
-        self.hook_read = AdapterHookPoint()         # [batch, pos, d_model]
-        self.hook_write = AdapterHookPoint()        # [batch, pos, d_model]
-        self.hook_res_mix = AdapterHookPoint()      # [batch, pos, n_streams, d_model]
-        self.hook_streams_out = AdapterHookPoint()  # [batch, pos, n_streams, d_model]
 
     def coefficients(self, x: Tensor) -> MixingCoefficients:
         """(H_pre, H_post, H_res [target, source]) for state x: the spec's, or the frozen ones (a
@@ -182,11 +176,7 @@ class HFHyperConnectedSublayer(nn.Module):
         ctx = ctx.on(x.device)
         if self.needs_input_ids and ctx.ids is None:
             raise ValueError(f"{self.name} routes by token id (hash routing) and the run has no token ids")
-        x = self.hook_streams_in(x)
-        coeffs = self.coefficients(x)
-        h_pre = self.hook_h_pre(coeffs.h_pre)
-        h_post = self.hook_h_post(coeffs.h_post)
-        h_res = self.hook_h_res(coeffs.h_res)
+        x, h_pre, h_post, h_res = self.hooked_coefficients(x)
         read = self.hook_read((h_pre.unsqueeze(-1) * x).sum(dim=2).to(x.dtype))
         write = self.hook_write(self.spec.branch(self.kind, self.hf.branch, self.hf.norm(read), ctx.kwargs, ctx.ids))
         mixed = self.hook_res_mix(torch.matmul(h_res.to(x.dtype), x))

@@ -18,7 +18,7 @@ hooks there fire as usual; `apply` falls back to eager whenever anything inside 
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -31,6 +31,9 @@ from .components import LayerNorm
 from .mixers import build_mixer
 
 
+# every sublayer's hook points, in forward order (shapes: hooks.names.HOOK_SPECS)
+SUBLAYER_HOOKS = ("hook_streams_in", "hook_h_pre", "hook_h_post", "hook_h_res", "hook_read", "hook_write",
+                  "hook_res_mix", "hook_streams_out")
 # hook points called outside the compiled `apply` region
 BOUNDARY_HOOKS = ("hook_streams_in", "hook_h_pre", "hook_h_post", "hook_h_res", "hook_streams_out")
 
@@ -46,7 +49,27 @@ def mix_streams(coef: Tensor, x: Tensor) -> Tensor:
     return coef @ x
 
 
-class HyperConnectedSublayer(nn.Module):
+class HookedSublayer(nn.Module):
+    """What every hyper-connected sublayer (HookedMHC's, the HF adapter's) has: the hook points
+    `SUBLAYER_HOOKS` (made by `hook_point_class`) and a `frozen` coefficients slot; a subclass
+    defines `coefficients(x)`."""
+
+    hook_point_class = HookPoint
+
+    def __init__(self):
+        super().__init__()
+        self.frozen: Optional[MixingCoefficients] = None
+        for name in SUBLAYER_HOOKS:
+            setattr(self, name, self.hook_point_class())
+
+    def hooked_coefficients(self, x: Tensor) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+        """(x, h_pre, h_post, h_res): the state through hook_streams_in, its coefficients through theirs."""
+        x = self.hook_streams_in(x)
+        coeffs = self.coefficients(x)
+        return x, self.hook_h_pre(coeffs.h_pre), self.hook_h_post(coeffs.h_post), self.hook_h_res(coeffs.h_res)
+
+
+class HyperConnectedSublayer(HookedSublayer):
     """Base class; subclasses define `branch(h [batch, pos, d_model]) -> [batch, pos, d_model]`."""
 
     compiled = False  # set by HookedMHC.compile(): run `apply` torch.compile'd when unobserved
@@ -56,15 +79,6 @@ class HyperConnectedSublayer(nn.Module):
         self.cfg = cfg
         self.mixer = build_mixer(cfg, init_stream)
         self.ln = LayerNorm(cfg.d_model, cfg.bias, cfg.layer_norm_eps)
-        self.frozen: Optional[MixingCoefficients] = None
-        self.hook_streams_in = HookPoint()   # [batch, pos, n_streams, d_model]
-        self.hook_h_pre = HookPoint()        # [batch, pos, n_streams]
-        self.hook_h_post = HookPoint()       # [batch, pos, n_streams]
-        self.hook_h_res = HookPoint()        # [batch, pos, n_streams(target), n_streams(source)]
-        self.hook_read = HookPoint()         # [batch, pos, d_model]
-        self.hook_write = HookPoint()        # [batch, pos, d_model]
-        self.hook_res_mix = HookPoint()      # [batch, pos, n_streams, d_model]
-        self.hook_streams_out = HookPoint()  # [batch, pos, n_streams, d_model]
 
     def coefficients(self, x: Tensor) -> MixingCoefficients:
         """The mixing coefficients for stream state `x`: the mixer's, or the frozen ones.
@@ -79,11 +93,7 @@ class HyperConnectedSublayer(nn.Module):
         raise NotImplementedError
 
     def forward(self, x: Tensor) -> Tensor:
-        x = self.hook_streams_in(x)
-        coeffs = self.coefficients(x)
-        h_pre = self.hook_h_pre(coeffs.h_pre)
-        h_post = self.hook_h_post(coeffs.h_post)
-        h_res = self.hook_h_res(coeffs.h_res)
+        x, h_pre, h_post, h_res = self.hooked_coefficients(x)
         fast = self.compiled and not self.interior_observed()
         apply = compile_once(type(self).apply) if fast else type(self).apply
         return self.hook_streams_out(apply(self, x, h_pre, h_post, h_res))

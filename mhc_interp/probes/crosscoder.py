@@ -127,8 +127,8 @@ def _build_result(cc: Crosscoder, stats: Optional[_EvalStats], threshold: Option
     norms = cc.decoder_norms(space).double().cpu().numpy()                          # [m, S]
     total = norms.sum(-1, keepdims=True)
     safe = np.where(total > 0, total, 1.0)
-    stream_share = np.stack([norms[:, stream_of == t].sum(-1) for t in range(n)], -1) / safe  # [m, n]
-    layer_share = np.stack([norms[:, layer_of == l].sum(-1) for l in range(L)], -1) / safe    # [m, L]
+    stream_share = norms @ np.eye(n)[stream_of] / safe                             # [m, n]: [m, S] @ one-hot [S, n]
+    layer_share = norms @ np.eye(L)[layer_of] / safe                                # [m, L]
     arrays: Dict[str, np.ndarray] = {}
     dead_train = cc.dead_mask().cpu().numpy()
     if stats is not None:

@@ -274,14 +274,14 @@ def main(argv: Optional[List[str]] = None) -> int:
     with interrupts_as_keyboard_interrupt():
         try:
             return commands[args.command](args)
-        except KeyboardInterrupt:   # Ctrl-C or SIGTERM: partial output is removed on the way out
+        # Ctrl-C or SIGTERM (partial output is removed on the way out), or bad input
+        except (KeyboardInterrupt, CheckpointError, ConfigError, OutputFolderError, FileNotFoundError,
+                FloatingPointError, ValueError) as e:
             if os.environ.get("MHC_INTERP_TRACEBACK"):
                 raise
-            print("mhc-interp: interrupted", file=sys.stderr)
-            return 130
-        except (CheckpointError, ConfigError, OutputFolderError, FileNotFoundError, FloatingPointError, ValueError) as e:  # bad input
-            if os.environ.get("MHC_INTERP_TRACEBACK"):
-                raise
+            if isinstance(e, KeyboardInterrupt):
+                print("mhc-interp: interrupted", file=sys.stderr)
+                return 130
             raise SystemExit(f"mhc-interp: {e}\n(MHC_INTERP_TRACEBACK=1 shows where it came from)") from None
 
 

@@ -5,6 +5,7 @@ autocast of the matmuls on CUDA. The maths: docs/crosscoder.md."""
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 import warnings
 from typing import Dict, Optional, Tuple, Union
 
@@ -33,15 +34,9 @@ def _source_and_config(data, config) -> Tuple[ActivationSource, Optional[Crossco
         cc, cfg = config, config.cfg
     else:
         cc, cfg = None, config if config is not None else CrosscoderConfig()
-        updates = {}
-        if cfg.n_sites is None:
-            updates["n_sites"] = src.n_sites
-        if cfg.d_model is None:
-            updates["d_model"] = src.d_model
-        if cfg.sites is None and len(src.sites) == (cfg.n_sites or src.n_sites):
-            updates["sites"] = list(src.sites)
-        if updates:
-            cfg = CrosscoderConfig.from_dict({**cfg.to_dict(), **updates})
+        n_sites = cfg.n_sites or src.n_sites
+        cfg = replace(cfg, n_sites=n_sites, d_model=cfg.d_model or src.d_model,
+                      sites=list(src.sites) if cfg.sites is None and len(src.sites) == n_sites else cfg.sites)
     if (cfg.n_sites, cfg.d_model) != (src.n_sites, src.d_model):
         raise ValueError(f"the data has {src.n_sites} sites x d_model {src.d_model}, the crosscoder "
                          f"{cfg.n_sites} x {cfg.d_model}")

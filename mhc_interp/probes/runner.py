@@ -16,6 +16,7 @@ default and padding always.
 """
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
 from typing import TYPE_CHECKING, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
@@ -71,7 +72,7 @@ def iter_batches(model, source, batch_size: int, seq_len: Optional[int] = None,
     if isinstance(source, Tensor):
         if source.ndim != 1:
             raise ValueError(f"a token tensor must be [n_seq, pos] or 1-D, got shape {tuple(source.shape)}")
-        rows = iter(_windows(source.tolist(), seq_len))
+        rows = _windows(source.tolist(), seq_len)
     elif hasattr(source, "column_names"):  # a datasets.Dataset
         if "input_ids" in source.column_names:
             rows = (r["input_ids"] for r in source)
@@ -89,13 +90,8 @@ def iter_batches(model, source, batch_size: int, seq_len: Optional[int] = None,
             f"unsupported token source {type(source).__name__}: use a token tensor, a "
             f"datasets.Dataset, or a list of text-file paths"
         )
-    batch: List[Sequence[int]] = []
-    for row in rows:
-        batch.append(row)
-        if len(batch) == batch_size:
-            yield _pad(batch, pad_id)
-            batch = []
-    if batch:
+    rows = iter(rows)
+    while batch := list(itertools.islice(rows, batch_size)):
         yield _pad(batch, pad_id)
 
 

@@ -235,19 +235,15 @@ class CrosscoderEval(Probe):
         self.cc = crosscoder
         self.threshold, self.thresholds, self.space, self.mode = threshold, thresholds, space, mode
         self._stats: Optional[_EvalStats] = None
-        self._hooks: Optional[List[str]] = None
 
     def setup(self, model) -> None:
-        sites = resolve_sites(model, self.cc.sites)
+        resolve_sites(model, self.cc.sites)     # checks the sites against the model
         if model.cfg.d_model != self.cc.d_model:
             raise ValueError(f"the crosscoder has d_model {self.cc.d_model}, the model {model.cfg.d_model}")
-        self._hooks = list(dict.fromkeys(h for h, _ in sites))
         self._stats = _EvalStats(self.cc, self.mode)
 
     def hook_names(self, model) -> List[str]:
-        if self._hooks is None:
-            self.setup(model)
-        return list(self._hooks)
+        return list(dict.fromkeys(h for h, _ in self.cc.sites))
 
     def update(self, acts: Dict[str, Tensor], mask: Tensor) -> None:
         x = torch.stack([acts[h][mask.to(acts[h].device)][:, s] for h, s in self.cc.sites], dim=1)

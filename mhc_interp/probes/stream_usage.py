@@ -73,9 +73,9 @@ class StreamUsage(Probe):
         h_pre, h_post, h_res = stacked("h_pre"), stacked("h_post"), stacked("h_res")   # [tokens, L, n(, n)]
         states = [f"{s}.hook_streams_in" for s in self.sublayers] + [f"{self.sublayers[-1]}.hook_streams_out"]
         norms = torch.stack([masked_norms(name) for name in states], dim=1)          # [tokens, L + 1, n]
-        stats = {"h_res": h_res, "h_res_dist": (h_res - eye).flatten(2).norm(dim=-1),
+        stats = {"mean_h_res": h_res, "h_res_dist": (h_res - eye).flatten(2).norm(dim=-1),
                  "read_share": _share(h_pre), "read_share_norm": _share(h_pre.abs() * norms[:, :-1]),
-                 "write_share": _share(h_post), "stream_norm": norms, "h_pre": h_pre, "h_post": h_post,
+                 "write_share": _share(h_post), "stream_norm": norms, "mean_h_pre": h_pre, "mean_h_post": h_post,
                  "h_post_sq": h_post ** 2, "h_post_fro": h_post.norm(dim=-1),
                  "h_post_var_streams": h_post.var(dim=-1, unbiased=False)}
         for key, per_token in stats.items():                         # sums over tokens
@@ -85,22 +85,10 @@ class StreamUsage(Probe):
     def result(self) -> "StreamUsageResult":
         if self.count == 0:
             raise ValueError("stream_usage saw no unmasked tokens")
-        mean = {k: (v / self.count).cpu().numpy() for k, v in self.sums.items()}
-        eye = np.eye(self.n_streams)
-        arrays = {
-            "mean_h_res": mean["h_res"],
-            "mean_h_res_dist": np.linalg.norm(mean["h_res"] - eye, axis=(-2, -1)),
-            "h_res_dist": mean["h_res_dist"],
-            "read_share": mean["read_share"],
-            "read_share_norm": mean["read_share_norm"],
-            "write_share": mean["write_share"],
-            "stream_norm": mean["stream_norm"],
-            "mean_h_pre": mean["h_pre"],
-            "mean_h_post": mean["h_post"],
-            "h_post_fro": mean["h_post_fro"],
-            "h_post_var_tokens": (mean["h_post_sq"] - mean["h_post"] ** 2).clip(min=0).mean(-1),
-            "h_post_var_streams": mean["h_post_var_streams"],
-        }
+        arrays = {k: (v / self.count).cpu().numpy() for k, v in self.sums.items()}   # token means
+        h_post_sq = arrays.pop("h_post_sq")
+        arrays["mean_h_res_dist"] = np.linalg.norm(arrays["mean_h_res"] - np.eye(self.n_streams), axis=(-2, -1))
+        arrays["h_post_var_tokens"] = (h_post_sq - arrays["mean_h_post"] ** 2).clip(min=0).mean(-1)
         meta = {"sublayers": self.sublayers, "n_streams": self.n_streams,
                 "hyper_conn_type": self.hyper_conn_type, "tokens": self.count}
         return StreamUsageResult(self.name, arrays, meta)

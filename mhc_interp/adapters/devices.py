@@ -27,7 +27,7 @@ def execution_device(module: nn.Module, fallback: Optional[torch.device] = None)
         dev = getattr(hook, "execution_device", None)
         if dev is not None:
             return torch.device(dev if not isinstance(dev, int) else f"cuda:{dev}")
-    for t in list(module.parameters(recurse=False)) + list(module.parameters()):
+    for t in module.parameters():   # its own first, then its submodules
         if t.device.type != "meta":
             return t.device
     if fallback is not None:

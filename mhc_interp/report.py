@@ -24,7 +24,7 @@ from . import output_folder
 from .data import read_texts
 from .figure_pool import FigurePool
 from .probes import PROBES, Probe, ProbeResult, run_probes
-from .probes.base import ReportSection, finding, percent
+from .probes.base import ReportSection
 from .timing import PhaseTimer
 from .token_windows import TokenBudget, corpus_tokens
 
@@ -215,12 +215,12 @@ def _stream_usage_findings(r: ProbeResult) -> List[Optional[Dict]]:
         top, low, even = int(share.argmax()), int(share.argmin()), 1 / n
         if share[top] - even < 0.05:
             text = (f"No stream dominates what the sublayers read: norm-weighted read shares from "
-                    f"{percent(share[low])} to {percent(share[top])} (an even split is {percent(even)}).")
+                    f"{share[low]:.0%} to {share[top]:.0%} (an even split is {even:.0%}).")
         else:
-            text = (f"Stream {top} dominates what the sublayers read: {percent(share[top])} of the norm-weighted "
-                    f"read share (an even split is {percent(even)}; stream {low} least, {percent(share[low])}).")
-        out[0] = finding("dominant_stream", text, stream=top, share=float(share[top]), least_stream=low,
-                         least_share=float(share[low]), even_share=even)
+            text = (f"Stream {top} dominates what the sublayers read: {share[top]:.0%} of the norm-weighted "
+                    f"read share (an even split is {even:.0%}; stream {low} least, {share[low]:.0%}).")
+        out[0] = r.finding("dominant_stream", text, stream=top, share=float(share[top]), least_stream=low,
+                           least_share=float(share[low]), even_share=even)
     dist = np.asarray(r["h_res_dist"], dtype=float)                        # E_t ||H_res - I||_F per sublayer
     if n > 1 and np.isfinite(dist).all() and dist.size:
         ref, k, mean = math.sqrt(n - 1), int(dist.argmax()), float(dist.mean())
@@ -228,10 +228,10 @@ def _stream_usage_findings(r: ProbeResult) -> List[Optional[Dict]]:
                    "mix the streams partly" if mean < 0.5 * ref else "mix the streams strongly")
         where = (f"except at {subs[k]} ({dist[k]:.2f})" if mean < 0.2 * ref and dist[k] >= 0.5 * ref
                  else f"most at {subs[k]} ({dist[k]:.2f})")
-        out[1] = finding("mixers", f"The mixers H_res {verdict}: ||H_res - I||_F = {mean:.2f} on average "
-                                   f"(0 = identity, {ref:.2f} = uniform mixing), {where}.",
-                         mean_distance=mean, max_distance=float(dist[k]), max_sublayer=subs[k],
-                         uniform_mixing_distance=ref)
+        out[1] = r.finding("mixers", f"The mixers H_res {verdict}: ||H_res - I||_F = {mean:.2f} on average "
+                                     f"(0 = identity, {ref:.2f} = uniform mixing), {where}.",
+                           mean_distance=mean, max_distance=float(dist[k]), max_sublayer=subs[k],
+                           uniform_mixing_distance=ref)
     return out
 
 

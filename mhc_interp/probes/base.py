@@ -178,9 +178,15 @@ class ProbeResult:
         return []
 
     def findings(self) -> List[Optional[Dict[str, Any]]]:
-        """One-line findings for the report's summary (`finding`), none where the result cannot say
-        (NaN, one stream)."""
+        """One-line findings for the report's summary (each made by `finding`), none where the result
+        cannot say (NaN, one stream)."""
         return []
+
+    @staticmethod
+    def finding(key: str, text: str, **values) -> Dict[str, Any]:
+        """A `findings()` entry {"key", "text", "values"}: plain data (numpy scalars made Python)."""
+        return {"key": key, "text": text, "values": {k: v.item() if isinstance(v, np.generic) else v
+                                                     for k, v in values.items()}}
 
     def plot(self, **kwargs):  # pragma: no cover - overridden
         raise NotImplementedError(f"{type(self).__name__} has no plot")
@@ -199,16 +205,6 @@ class ProbeResult:
             fig.savefig(paths[-1], dpi=120, bbox_inches="tight")
             plt.close(fig)
         return paths
-
-
-def finding(key: str, text: str, **values) -> Dict[str, Any]:
-    """A `ProbeResult.findings()` entry {"key", "text", "values"}: plain data (numpy scalars made Python)."""
-    plain = {k: (v.item() if isinstance(v, np.generic) else v) for k, v in values.items()}
-    return {"key": key, "text": text, "values": plain}
-
-
-def percent(x: float) -> str:
-    return f"{100 * x:.0f}%"
 
 
 def matrix_table(title: str, m: np.ndarray, diagonal: Optional[str] = None) -> Dict[str, Any]:

@@ -61,7 +61,6 @@ from .base import (
     Probe,
     ProbeResult,
     ReportSection,
-    finding,
     masked_rows,
     matrix_table,
     register_probe,
@@ -441,8 +440,8 @@ class CKAResult(ProbeResult):
         verdict = ("nearly the same" if mean >= 0.8 else "partly shared" if mean >= 0.4 else "largely distinct")
         text = (f"At the last sublayer ({site}) the streams' representations are {verdict}: CKA {mean:.2f} on "
                 f"average, from {lo[2]:.2f} (streams {lo[0]}, {lo[1]}) to {hi[2]:.2f} (streams {hi[0]}, {hi[1]}).")
-        return [finding("cka_last", text, site=site, mean=mean, min=float(lo[2]), min_pair=[lo[0], lo[1]],
-                        max=float(hi[2]), max_pair=[hi[0], hi[1]])]
+        return [self.finding("cka_last", text, site=site, mean=mean, min=float(lo[2]), min_pair=[lo[0], lo[1]],
+                             max=float(hi[2]), max_pair=[hi[0], hi[1]])]
 
     def plot(self, max_sites: int = 8, annotate: bool = True):
         """{"cka_intra": n x n heatmaps at up to `max_sites` evenly spaced sites,

@@ -50,17 +50,7 @@ import torch
 from torch import Tensor
 from torch.nn import functional as F
 
-from .base import (
-    Probe,
-    ProbeResult,
-    ReportSection,
-    finding,
-    masked_rows,
-    percent,
-    register_probe,
-    register_result,
-    take_rows,
-)
+from .base import Probe, ProbeResult, ReportSection, masked_rows, register_probe, register_result, take_rows
 from .sites import SiteSpec, check_site_spec, site_hooks, site_label
 
 if TYPE_CHECKING:
@@ -484,9 +474,9 @@ class LogitLensResult(ProbeResult):
         if top1.shape[1] > 2:
             s = int(top1[-1, 1:].argmax())
             text += (f"; of single streams, {views[1 + s]} agrees best at the last site "
-                     f"({percent(top1[-1, 1 + s])})")
+                     f"({top1[-1, 1 + s]:.0%})")
             values.update(best_single_view=views[1 + s], best_single_agreement=float(top1[-1, 1 + s]))
-        return [finding("logit_lens", text + ".", **values)]
+        return [self.finding("logit_lens", text + ".", **values)]
 
     def plot(self):
         """{"kl": mean KL to the final distribution per site and view (log scale), "top1": top-1

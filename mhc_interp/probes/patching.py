@@ -27,15 +27,7 @@ from torch import Tensor
 
 from ..hooks.batched import Edit, run_edits
 from ..token_windows import patching_prompts
-from .base import (
-    ProbeResult,
-    ReportSection,
-    finding,
-    percent,
-    register_probe,
-    register_result,
-    require_streams,
-)
+from .base import ProbeResult, ReportSection, register_probe, register_result, require_streams
 from .causal import (
     CausalProbe,
     PromptStats,
@@ -249,13 +241,14 @@ class PatchingResult(ProbeResult):
         effect = corrupted - clean
         prompts = self.meta.get("prompts", "?")
         if not effect >= MIN_CORRUPTION_KL:
-            return [finding("needed_patching", f"The corruption hardly changes the output (KL to clean "
-                                               f"{corrupted:.2g} < {MIN_CORRUPTION_KL:g} over {prompts} prompts): "
-                                               f"activation patching has nothing to repair.", corrupted_kl=corrupted)]
+            return [self.finding("needed_patching", f"The corruption hardly changes the output (KL to clean "
+                                                    f"{corrupted:.2g} < {MIN_CORRUPTION_KL:g} over {prompts} "
+                                                    f"prompts): activation patching has nothing to repair.",
+                                 corrupted_kl=corrupted)]
         repaired = ((corrupted - m) / effect).mean(0)                        # [stream], mean over sublayers
         top, low = int(repaired.argmax()), int(repaired.argmin())
-        text = (f"Patching stream {top} back in repairs the most: {percent(repaired[top])} of the corruption's "
-                f"KL on average, stream {low} the least ({percent(repaired[low])})")
+        text = (f"Patching stream {top} back in repairs the most: {repaired[top]:.0%} of the corruption's "
+                f"KL on average, stream {low} the least ({repaired[low]:.0%})")
         values = dict(best_stream=top, repaired=float(repaired[top]), worst_stream=low,
                       worst_repaired=float(repaired[low]), corrupted_kl=corrupted)
         routing = self.arrays.get(f"{metric}_routing")
@@ -264,7 +257,7 @@ class PatchingResult(ProbeResult):
             within = int((np.abs(routing) < 2 * (sems[0] + sems[1])).sum())
             text += f"; routing within 2 s.e.m. of 0 in {within}/{routing.size} cells"
             values.update(routing_within_noise=within, cells=int(routing.size))
-        return [finding("needed_patching", text + f" ({prompts} prompts).", **values)]
+        return [self.finding("needed_patching", text + f" ({prompts} prompts).", **values)]
 
     def plot(self):
         """{f"patching_{mixing}": sublayer x stream heatmap, each cell annotated with its mean and

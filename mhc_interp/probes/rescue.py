@@ -31,16 +31,7 @@ import torch
 from torch import Tensor
 
 from ..hooks.batched import Edit, run_edits
-from .base import (
-    ProbeResult,
-    ReportSection,
-    finding,
-    matrix_table,
-    percent,
-    register_probe,
-    register_result,
-    require_streams,
-)
+from .base import ProbeResult, ReportSection, matrix_table, register_probe, register_result, require_streams
 from .causal import CausalProbe, PromptStats, clean_run, kl_metric, stats_arrays, t_half_width
 from .corpus_mean import corpus_mean_with_count
 from .figure_helpers import annotate, heatmap_grid
@@ -265,12 +256,12 @@ class RescueResult(ProbeResult):
             return []
         by_stream = np.nansum(g, 0) / valid.sum(0)                          # [recovered]: its mean rescue
         top, low = int(by_stream.argmax()), int(by_stream.argmin())
-        text = (f"Stream {top} is the most needed: restoring it undoes {percent(by_stream[top])} of a pair "
-                f"ablation's damage, stream {low} the least ({percent(by_stream[low])}) "
+        text = (f"Stream {top} is the most needed: restoring it undoes {by_stream[top]:.0%} of a pair "
+                f"ablation's damage, stream {low} the least ({by_stream[low]:.0%}) "
                 f"({self.meta.get('ablation', 'zero')} ablation, frozen mixing, {self.meta.get('prompts', '?')} "
                 f"prompts).")
-        return [finding("needed_rescue", text, most_needed=top, rescue=float(by_stream[top]), least_needed=low,
-                        least_rescue=float(by_stream[low]))]
+        return [self.finding("needed_rescue", text, most_needed=top, rescue=float(by_stream[top]),
+                             least_needed=low, least_rescue=float(by_stream[low]))]
 
     def plot(self, max_layers: int = 8):
         """{"rescue_global", "rescue_layers", "rescue_difference", "kl_ablated"} figures."""

@@ -166,9 +166,7 @@ class InMemoryActivations(ActivationSource):
         if x.ndim != 3:
             raise ValueError(f"activations must be [N, n_sites, d_model] or "
                              f"[N, n_layers, n_streams, d_model], got {tuple(x.shape)}")
-        if sites is None:
-            sites = [(f"site{j}", 0) for j in range(x.shape[1])]
-        self.sites = [(str(h), int(s)) for h, s in sites]
+        self.sites = [(str(h), int(s)) for h, s in (grid_sites(x.shape[1], 1, "site") if sites is None else sites)]
         if len(self.sites) != x.shape[1]:
             raise ValueError(f"{len(self.sites)} sites for activations with {x.shape[1]} sites")
         if x.shape[0] == 0:

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from .crosscoder_buffer import ActivationSource, InMemoryActivations
+from .crosscoder_buffer import ActivationSource, InMemoryActivations, grid_sites
 from .sites import Site
 
 _FORMAT = "mhc_interp.crosscoder/1"
@@ -134,8 +134,7 @@ class Crosscoder(nn.Module):
 
     @property
     def sites(self) -> List[Site]:
-        return list(self.cfg.sites) if self.cfg.sites is not None else [
-            (f"site{j}", 0) for j in range(self.n_sites)]
+        return list(self.cfg.sites or grid_sites(self.n_sites, 1, prefix="site"))
 
     @property
     def device(self) -> torch.device:

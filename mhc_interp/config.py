@@ -12,6 +12,9 @@ from dataclasses import asdict, dataclass, fields
 from typing import Any, Optional
 
 PUBLIC_SINKHORN_ITERS = 20   # the public code's Sinkhorn iterations (not in its model_args)
+# the public code's model_args names of the shapes (all required) -> ours
+NANOGPT_SIZES = {"n_layer": "n_layers", "n_head": "n_heads", "n_embd": "d_model", "block_size": "n_ctx",
+                 "vocab_size": "d_vocab"}
 # model_args keys understood besides the required shapes: the public code's GPTConfig fields, and
 # sinkhorn_iters (forks that vary it; written only when it differs from PUBLIC_SINKHORN_ITERS)
 NANOGPT_OPTIONAL_ARGS = ("hyper_conn_type", "hyper_conn_n", "bias", "dropout", "expand_lss_init", "sinkhorn_iters")
@@ -103,11 +106,10 @@ class MHCConfig:
         """Build from the `model_args` dict of the public mHC code (nanoGPT `GPTConfig`)."""
         if not isinstance(args, dict):
             raise ConfigError(f"model_args must be a dict, got {type(args).__name__}")
-        required = ("n_layer", "n_head", "n_embd", "block_size", "vocab_size")
-        missing = [k for k in required if k not in args]
+        missing = [k for k in NANOGPT_SIZES if k not in args]
         if missing:
             raise ConfigError(f"model_args lacks {missing}; got keys {sorted(args)}")
-        unknown = sorted(set(args) - set(required) - set(NANOGPT_OPTIONAL_ARGS))
+        unknown = sorted(set(args) - set(NANOGPT_SIZES) - set(NANOGPT_OPTIONAL_ARGS))
         if unknown:
             warnings.warn(f"model_args keys {unknown} are not part of the public mHC code's GPTConfig and are "
                           f"ignored: if they change the model's maths (a fork), its outputs will differ",
@@ -116,11 +118,7 @@ class MHCConfig:
         mixer = mixer_class(hc_type)
         n_streams = _check_int("hyper_conn_n", args.get("hyper_conn_n", 1), minimum=1)
         return cls(
-            n_layers=_check_int("n_layer", args["n_layer"], minimum=1),
-            n_heads=_check_int("n_head", args["n_head"], minimum=1),
-            d_model=_check_int("n_embd", args["n_embd"], minimum=1),
-            n_ctx=_check_int("block_size", args["block_size"], minimum=1),
-            d_vocab=_check_int("vocab_size", args["vocab_size"], minimum=1),
+            **{ours: _check_int(theirs, args[theirs], minimum=1) for theirs, ours in NANOGPT_SIZES.items()},
             # the public code builds 'none' as a plain residual whatever hyper_conn_n says
             n_streams=mixer.n_streams_required or n_streams,
             hyper_conn_type=hc_type,
@@ -132,8 +130,7 @@ class MHCConfig:
 
     def to_nanogpt_args(self) -> dict[str, Any]:
         return dict(
-            n_layer=self.n_layers, n_head=self.n_heads, n_embd=self.d_model, block_size=self.n_ctx,
-            bias=self.bias, vocab_size=self.d_vocab, dropout=0.0,
+            {theirs: getattr(self, ours) for theirs, ours in NANOGPT_SIZES.items()}, bias=self.bias, dropout=0.0,
             hyper_conn_type=self.hyper_conn_type, hyper_conn_n=self.n_streams,
             expand_lss_init=self.lss_init,
             **({} if self.sinkhorn_iters == PUBLIC_SINKHORN_ITERS else {"sinkhorn_iters": self.sinkhorn_iters}),

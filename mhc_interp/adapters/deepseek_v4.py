@@ -166,12 +166,9 @@ def tiny_deepseek_v4(seed: int = 0, *, mixing_std: float = 0.05, **overrides: An
 
     config = tiny_deepseek_v4_config(**overrides)
     gen = torch.Generator().manual_seed(seed)
-    state = torch.random.get_rng_state()
-    torch.manual_seed(seed)
-    try:
+    with torch.random.fork_rng(devices=[]):   # the global CPU generator is left as it was
+        torch.manual_seed(seed)
         model = DeepseekV4ForCausalLM(config)
-    finally:
-        torch.random.set_rng_state(state)
     with torch.no_grad():
         for module in model.modules():
             kind = type(module).__name__

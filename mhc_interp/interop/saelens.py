@@ -282,7 +282,8 @@ def check_sae(model, sae, site: Optional[str] = None) -> Site:
     """Validate splicing `sae` into `model` (at `site`, default the SAE's own): the site is valid for
     the model, it is the one the SAE was trained on, and the SAE's d_in is the model's d_model.
     Returns (hook name, stream or None)."""
-    trained = check_site(model, sae_site(sae)) if site is None or _has_site(sae) else None
+    recorded = getattr(getattr(getattr(sae, "cfg", None), "metadata", None), "hook_name", None)
+    trained = check_site(model, sae_site(sae)) if site is None or recorded else None
     target = check_site(model, site) if site is not None else trained
     if trained is not None and target != trained:
         raise ValueError(
@@ -296,11 +297,6 @@ def check_sae(model, sae, site: Optional[str] = None) -> Site:
                          f"(at {stream_site(*target)!r} activations are [batch, pos, {d_model}]): "
                          f"this SAE belongs to another model")
     return target
-
-
-def _has_site(sae) -> bool:
-    meta = getattr(getattr(sae, "cfg", None), "metadata", None)
-    return bool(getattr(meta, "hook_name", None))
 
 
 def sae_hook(model, sae, site: Optional[str] = None) -> Tuple[str, Callable]:

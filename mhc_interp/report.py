@@ -25,6 +25,7 @@ from .data import read_texts
 from .figure_pool import FigurePool
 from .probes import PROBES, Probe, ProbeResult, run_probes
 from .probes.base import ReportSection
+from .probes.sites import evenly_spaced
 from .timing import PhaseTimer
 from .token_windows import TokenBudget, corpus_tokens
 
@@ -41,6 +42,36 @@ class ReportConfig(TokenBudget):
     skip: Sequence[str] = ()
     sae: Optional[str] = None
     background_figures: bool = True
+    heads_per_layer: Optional[int] = None    # head detector: k evenly spaced heads per layer (None: all)
+    causal_sublayers: Optional[int] = None   # rescue / patching sweeps: k evenly spaced sublayers (None: all)
+
+    def __post_init__(self):
+        for name in ("heads_per_layer", "causal_sublayers"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise ValueError(f"{name} must be a positive int or None (all), got {value!r}")
+
+    def sampled_sublayers(self, model) -> Optional[List[int]]:
+        """The sublayers the causal sweeps cover: k evenly spaced ones, or None (all)."""
+        k = self.causal_sublayers
+        return None if k is None or k >= model.cfg.n_sublayers else evenly_spaced(model.cfg.n_sublayers, k)
+
+    def sample_note(self, model, what: str) -> Dict[str, str]:
+        """A section's note when its sweep covers a sample (`what`: "heads" or "sublayers"), else {}."""
+        if what == "heads":
+            picked, total = self.sampled_heads(model), model.cfg.n_layers * model.cfg.n_heads
+            note = f"{len(picked or [])} of {total} heads ({self.heads_per_layer} evenly spaced per layer)"
+        else:
+            picked, total = self.sampled_sublayers(model), model.cfg.n_sublayers
+            note = f"{len(picked or [])} of {total} sublayers (evenly spaced: {picked})"
+        return {} if picked is None else {"note": f"sampled: {note}; the others are not run"}
+
+    def sampled_heads(self, model) -> Optional[List[Tuple[int, int]]]:
+        """The (layer, head) pairs the head detector ablates: k evenly spaced per layer, or None (all)."""
+        k = self.heads_per_layer
+        if k is None or k >= model.cfg.n_heads:
+            return None
+        return [(l, h) for l in range(model.cfg.n_layers) for h in evenly_spaced(model.cfg.n_heads, k)]
 
 
 def report_sections() -> List[Tuple[str, Optional[Type[Probe]], ReportSection]]:

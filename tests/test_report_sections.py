@@ -145,3 +145,30 @@ def test_bad_declarations_are_refused(toy_registered, monkeypatch):
     monkeypatch.setattr(ToyProbe, "report", ReportSection("t", result="stream_usage"))
     with pytest.raises(ValueError, match="two probes declare the report section 'stream_usage'"):
         report.report_sections()
+
+
+def test_the_report_samples_heads_and_sweep_sublayers_and_says_so(tmp_path):
+    """At depth the report can ablate k evenly spaced heads per layer and sweep k evenly spaced
+    sublayers (`heads_per_layer`, `causal_sublayers`): the results cover exactly those, and each
+    section says what was sampled; bad values are refused by name."""
+    from mhc_interp.report import ReportConfig, build_report
+    from mhc_interp.shipped import default_model_path
+
+    model = load(default_model_path())
+    cfg = ReportConfig(max_tokens=512, seq_len=64, causal_prompts=2, causal_seq_len=16, predictability_tokens=128,
+                       heads_per_layer=2, causal_sublayers=3, progress=False, background_figures=False,
+                       skip=("cka", "predictability", "curvature", "logit_lens", "stream_usage"))
+    assert cfg.sampled_sublayers(model) == [0, 4, 7]
+    assert cfg.sampled_heads(model) == [(l, h) for l in range(4) for h in (0, 3)]
+    build_report(model, tmp_path / "r", corpus=default_corpus(), cfg=cfg)
+    page = (tmp_path / "r" / "index.html").read_text()
+    assert "sampled: 8 of 16 heads (2 evenly spaced per layer)" in page
+    assert page.count("sampled: 3 of 8 sublayers (evenly spaced: [0, 4, 7])") == 2    # rescue, patching
+    for probe in ("ablate_rescue", "activation_patching"):
+        meta = json.loads((tmp_path / "r" / "results" / f"{probe}.json").read_text())
+        assert meta["meta"]["sublayers"] == [model.sublayer_names[k] for k in (0, 4, 7)]
+    ablated = np.load(tmp_path / "r" / "results" / "head_detector.npz")["copy_suppression"]   # [layer, head]
+    assert np.isfinite(ablated[:, [0, 3]]).all() and np.isnan(ablated[:, [1, 2]]).all()
+    for bad in (0, -1, 1.5, True):
+        with pytest.raises(ValueError, match="causal_sublayers"):
+            ReportConfig(causal_sublayers=bad)

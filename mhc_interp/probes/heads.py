@@ -300,11 +300,11 @@ class HeadDetector(CausalProbe):
     def report_run(cls, model, tokens: Tensor, cfg, timer):
         """Head scores on the report's causal budget (a forward per ablated head) in one batch of
         the corpus windows, and the successor scores on whole ordinal lists."""
-        heads = run_probes(model, cls(), tokens[: 2 * cfg.causal_prompts, : cfg.causal_seq_len],
+        heads = run_probes(model, cls(heads=cfg.sampled_heads(model)), tokens[: 2 * cfg.causal_prompts, : cfg.causal_seq_len],
                            batch_size=2 * cfg.causal_prompts, progress=cfg.progress, timer=timer)   # one batch: 0.61x
         with timer("head_detector: successor"):
             add_whole_list_successor(model, heads)
-        return [(heads, {})]
+        return [(heads, cfg.sample_note(model, "heads"))]
 
     def __init__(self, copy_suppression: bool = True, heads: Optional[Sequence[Tuple[int, int]]] = None,
                  max_rows: int = 64):

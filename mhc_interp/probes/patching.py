@@ -81,9 +81,11 @@ class ActivationPatching(CausalProbe):
         multi = model.cfg.n_streams > 1
         clean, corrupted, how = patching_prompts(model, tokens, cfg)
         with timer("activation_patching: interventions"):   # one batch: split calls cost 10-40% more
-            patching = patch_aligned(cls(mixing="both" if multi else "recomputed"), model, clean, corrupted,
+            patching = patch_aligned(cls(mixing="both" if multi else "recomputed", sublayers=cfg.sampled_sublayers(model)),
+                                     model, clean, corrupted,
                                      batch_size=len(clean), progress=cfg.progress)
-        out = [(patching, {"note": f"corruption: {how}"})]
+        sampled = cfg.sample_note(model, "sublayers").get("note")
+        out = [(patching, {"note": f"corruption: {how}" + (f"; {sampled}" if sampled else "")})]
         if multi and "attribution_patching" not in cfg.skip:
             from .attribution.section import report_results
 

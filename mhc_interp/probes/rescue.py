@@ -82,8 +82,9 @@ class AblateRescue(CausalProbe):
     @classmethod
     def report_run(cls, model, tokens: Tensor, cfg, timer):
         """One-shot zero ablation on the report's causal budget, in one batch of the corpus windows."""
-        return [(run_probes(model, cls(), tokens[: cfg.causal_prompts, : cfg.causal_seq_len],
-                            batch_size=cfg.causal_prompts, progress=cfg.progress, timer=timer), {})]
+        return [(run_probes(model, cls(sublayers=cfg.sampled_sublayers(model)), tokens[: cfg.causal_prompts, : cfg.causal_seq_len],
+                            batch_size=cfg.causal_prompts, progress=cfg.progress, timer=timer),
+                 cfg.sample_note(model, "sublayers"))]
 
     def __init__(self, mode: str = "one_shot", ablation: Union[str, Tensor] = "zero",
                  temperature: float = 1.0, sublayers: Optional[Sequence[int]] = None,

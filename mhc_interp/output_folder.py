@@ -45,7 +45,7 @@ def _files(folder: Path) -> List[str]:
         rel = Path(root).relative_to(folder)
         out += [str(rel / f) for f in files]
         out += [str(rel / d) for d in dirs if (Path(root) / d).is_symlink()]
-    return sorted(p[2:] if p.startswith("./") else p for p in out)
+    return sorted(out)
 
 
 def read_manifest(folder: Path) -> Dict[str, str]:

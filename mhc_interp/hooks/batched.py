@@ -75,7 +75,7 @@ def rows_per_forward(model, batch: int, pos: int, max_rows: Optional[int] = None
     if model.device.type != "cuda":
         return max(batch, CPU_TOKENS_PER_FORWARD // max(pos, 1))
     cfg = model.cfg
-    width = torch.finfo(model.dtype).bits // 8
+    width = model.dtype.itemsize
     per_row = pos * (cfg.n_streams * cfg.d_model * width * 8 + cfg.d_mlp * width * 2 + cfg.d_vocab * 4 * 3)
     free, _ = torch.cuda.mem_get_info(model.device)
     return max(batch, int(0.6 * free // per_row))

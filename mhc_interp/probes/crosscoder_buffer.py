@@ -323,7 +323,7 @@ class ActivationBuffer(ActivationSource):
 
     @property
     def memory_bytes(self) -> int:
-        return self.capacity * self.n_sites * self.d_model * torch.empty(0, dtype=self.storage_dtype).element_size()
+        return self.capacity * self.n_sites * self.d_model * self.storage_dtype.itemsize
 
     def __repr__(self) -> str:
         return (f"ActivationBuffer({self.n_sites} sites x d_model {self.d_model}, "

@@ -72,9 +72,6 @@ class _DeferringLoader(importlib.abc.Loader):
     def __init__(self, loader: importlib.abc.Loader):
         self.loader = loader
 
-    def create_module(self, spec):
-        return None  # the default module
-
     def exec_module(self, module: types.ModuleType) -> None:
         module.__class__ = _DeferredPackage
 

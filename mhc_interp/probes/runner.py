@@ -198,6 +198,5 @@ def run_probes(model: "MultiStreamModel", probes: Union[Probe, Sequence[Probe]],
     for p in probes:
         with maybe(timer, f"{p.name}: result"):
             results[p.name] = p.result()
-    for r in results.values():
-        r.meta.setdefault("tokens_seen", seen)
+        results[p.name].meta.setdefault("tokens_seen", seen)
     return results[probes[0].name] if single else results

@@ -74,6 +74,14 @@ class Mixer(nn.Module):
         return {k: v.to(dtype) for k, v in tensors.items()}
 
 
+def favoured_stream(n: int, init_stream: int, rest: float = -1.0) -> Tensor:
+    """[n]: 1.0 at stream init_stream % n, `rest` elsewhere (the public code's static inits
+    favour one stream per sublayer)."""
+    out = torch.full((n,), rest)
+    out[init_stream % n] = 1.0
+    return out
+
+
 def normed_projection(x: Tensor, gamma: Tensor, weight: Tensor) -> Tensor:
     """RMSNorm(x) @ weight, with the public code's RMSNorm  x / ||x||_2 * sqrt(dim) * (1 + gamma)
     over the last axis, computed as

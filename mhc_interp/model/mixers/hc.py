@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from ...config import MHCConfig
-from .base import Mixer, normed_projection, register_mixer
+from .base import Mixer, favoured_stream, normed_projection, register_mixer
 
 
 @register_mixer("hc")
@@ -21,8 +21,7 @@ class HyperConnectionMixer(Mixer):
     def __init__(self, cfg: MHCConfig, init_stream: int = 0):
         super().__init__(cfg, init_stream)
         n, d = cfg.n_streams, cfg.d_model
-        static_pre = torch.zeros(n, 1)
-        static_pre[init_stream % n] = 1.0
+        static_pre = favoured_stream(n, init_stream, rest=0.0)[:, None]
         self.static_alpha = nn.Parameter(torch.cat([static_pre, torch.eye(n)], dim=1))  # [n, 1+n]
         self.dynamic_alpha_fn = nn.Parameter(torch.zeros(d, n + 1))
         self.dynamic_alpha_scale = nn.Parameter(torch.tensor(1e-2))

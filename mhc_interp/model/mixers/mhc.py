@@ -13,7 +13,7 @@ import torch
 from torch import Tensor, nn
 
 from ...config import MHCConfig
-from .base import Mixer, normed_projection, register_mixer, sinkhorn
+from .base import Mixer, favoured_stream, normed_projection, register_mixer, sinkhorn
 
 
 class _ManifoldMixerBase(Mixer):
@@ -26,9 +26,7 @@ class _ManifoldMixerBase(Mixer):
         n, d = cfg.n_streams, cfg.d_model
         self.pre_branch_scale = nn.Parameter(torch.full((1,), 1e-2))
         self.residual_scale = nn.Parameter(torch.full((1,), 1e-2))
-        beta = -torch.ones(n)
-        beta[init_stream % n] = 1.0
-        self.static_beta = nn.Parameter(beta)
+        self.static_beta = nn.Parameter(favoured_stream(n, init_stream))
         self.dynamic_beta_fn = nn.Parameter(torch.zeros(n * d, n))
         self.h_post_scale = nn.Parameter(torch.tensor(1e-2))
         self.norm_gamma = nn.Parameter(torch.zeros(n * d))
@@ -53,8 +51,7 @@ class SinkhornMixer(_ManifoldMixerBase):
     def __init__(self, cfg: MHCConfig, init_stream: int = 0):
         super().__init__(cfg, init_stream)
         n, d = cfg.n_streams, cfg.d_model
-        static_pre = -torch.ones(n, 1)
-        static_pre[init_stream % n] = 1.0
+        static_pre = favoured_stream(n, init_stream)[:, None]
         static_res = torch.full((n, n), -8.0).fill_diagonal_(0.0)
         self.static_alpha = nn.Parameter(torch.cat([static_pre, static_res], dim=1))  # [n(src), 1+n]
         self.dynamic_alpha_fn = nn.Parameter(torch.zeros(n * d, n * (n + 1)))

@@ -18,7 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from ...config import MHCConfig
-from .base import register_mixer
+from .base import favoured_stream, register_mixer
 from .mhc import _ManifoldMixerBase
 
 
@@ -36,8 +36,7 @@ class PermutationMixer(_ManifoldMixerBase):
         super().__init__(cfg, init_stream)
         n, d = cfg.n_streams, cfg.d_model
         n_perms = math.factorial(n)
-        static_pre = -torch.ones(n)
-        static_pre[init_stream % n] = 1.0
+        static_pre = favoured_stream(n, init_stream)
         static_res = torch.full((n_perms,), -8.0)
         static_res[0] = 0.0  # the identity permutation comes first
         self.static_alpha = nn.Parameter(torch.cat([static_pre, static_res]))   # [n + n!]

@@ -45,12 +45,11 @@ def _relative(tau, n: int):
 def thresholds_for(n_streams: int, relative: Union[float, Sequence[float]]):
     """Absolute share thresholds tau = 1/n + rho (1 - 1/n) for relative ones rho in [0, 1)
     (a float for a float, else a list). One stream (n = 1, every latent is its own): tau = rho."""
-    rhos = [relative] if isinstance(relative, (int, float)) else list(relative)
-    if any(not 0 <= float(r) < 1 for r in rhos):
-        raise ValueError(f"relative thresholds must lie in [0, 1), got {rhos}")
+    rho = np.asarray(relative, dtype=float)
+    if not ((rho >= 0) & (rho < 1)).all():
+        raise ValueError(f"relative thresholds must lie in [0, 1), got {rho.tolist()}")
     u = _even_share(int(n_streams))
-    taus = [u + float(r) * (1 - u) for r in rhos]
-    return taus[0] if isinstance(relative, (int, float)) else taus
+    return (u + rho * (1 - u)).tolist()
 
 
 class _EvalStats:

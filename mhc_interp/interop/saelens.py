@@ -172,15 +172,13 @@ class StreamAdapter(CheckedHookNames, HookedRootModule):
         object.__setattr__(self, "mhc", model)   # not registered: setup() must not rename its hook points
         names = all_sites(model) if sites is None else list(sites)
         self._sites: Dict[str, Site] = {}
-        points = []
         for name in names:
             hook, stream = check_site(model, name)
             canonical = stream_site(hook, stream)
             if canonical in self._sites:
                 raise ValueError(f"site {canonical!r} given twice")
             self._sites[canonical] = (hook, stream)
-            points.append(HookPoint())
-        self.site_points = nn.ModuleList(points)
+        self.site_points = nn.ModuleList(HookPoint() for _ in self._sites)
         self.setup()
 
     def setup(self) -> None:

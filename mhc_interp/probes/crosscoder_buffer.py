@@ -29,12 +29,12 @@ from torch import Tensor
 
 from .base import masked_rows
 from .runner import check_exclude_first, iter_activations
-from .sites import Site, SiteSpec, resolve_sites, site_label, site_rows
+from .sites import Site, SiteSpec, resolve_sites, site_rows
 
 if TYPE_CHECKING:
     from ..contract import MultiStreamModel
 
-__all__ = ["Site", "resolve_sites", "default_sites", "grid_sites", "site_label", "ShuffleBuffer",
+__all__ = ["Site", "resolve_sites", "default_sites", "grid_sites", "ShuffleBuffer",
            "ActivationSource", "ActivationBuffer", "InMemoryActivations"]
 
 DEFAULT_LAYERS = 4   # the buffer's default sites: every stream of 4 evenly spaced block outputs

@@ -7,6 +7,7 @@ published in docs/hooks.md is generated from the model and cannot drift.
 from __future__ import annotations
 
 import difflib
+import re
 from typing import Dict, Iterable, List, Tuple
 
 import torch
@@ -125,12 +126,8 @@ def hook_table(model: MultiStreamModel, batch: int = 2, pos: int = 3) -> List[Tu
         expected = tuple(dims[a] for a in axes)
         if tuple(act.shape) != expected:
             raise AssertionError(f"{name}: shape {tuple(act.shape)} != spec {axes} = {expected}")
-        parts = name.split(".")
-        if parts[0] == "blocks":
-            parts[1] = "{l}"
-        pattern = ".".join(parts)
-        if pattern not in rows:
-            rows[pattern] = (pattern, "[" + ", ".join(axes) + "]", desc)
+        pattern = re.sub(r"^blocks\.\d+\.", "blocks.{l}.", name)
+        rows.setdefault(pattern, (pattern, "[" + ", ".join(axes) + "]", desc))
     return list(rows.values())
 
 

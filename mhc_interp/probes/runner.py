@@ -65,8 +65,7 @@ def iter_batches(model, source, batch_size: int, seq_len: Optional[int] = None,
     """Yield (tokens [batch, pos], valid [batch, pos]) from any supported token source."""
     seq_len = seq_len or model.cfg.n_ctx
     if isinstance(source, Tensor) and source.ndim == 2:
-        for i in range(0, len(source), batch_size):
-            chunk = source[i:i + batch_size].long()
+        for chunk in source.long().split(batch_size):
             yield chunk, torch.ones_like(chunk, dtype=torch.bool)
         return
     if isinstance(source, Tensor):

@@ -156,11 +156,6 @@ class Crosscoder(nn.Module):
         """||d_i|| = sum_s ||W_dec[i, s]||, [m]."""
         return self.W_dec.norm(dim=-1).sum(-1)
 
-    def _check(self, x: Tensor) -> None:
-        if x.ndim != 3 or tuple(x.shape[1:]) != (self.n_sites, self.d_model):
-            raise ValueError(f"crosscoder input must be [batch, {self.n_sites}, {self.d_model}] "
-                             f"(batch, sites, d_model), got {tuple(x.shape)}")
-
     def relu_pre(self, xn: Tensor) -> Tensor:
         """ReLU(sum_s W_enc^s (x^s - b_dec^s) + b_enc): normalised [B, S, d] -> [B, m]."""
         B = xn.shape[0]
@@ -189,7 +184,9 @@ class Crosscoder(nn.Module):
         is set); "batchtopk" (k * B largest of this batch; the default before theta is set);
         "topk" (the k largest per row).
         """
-        self._check(x)
+        if x.ndim != 3 or tuple(x.shape[1:]) != (self.n_sites, self.d_model):
+            raise ValueError(f"crosscoder input must be [batch, {self.n_sites}, {self.d_model}] "
+                             f"(batch, sites, d_model), got {tuple(x.shape)}")
         xn = x if normalized else self.normalize(x)
         acts = self.relu_pre(xn)
         if mode is None:

@@ -107,6 +107,8 @@ def _report_config(args):
     if args.max_tokens is not None:   # an explicit --max-tokens wins over --fast's
         cfg.max_tokens = args.max_tokens
     cfg.sae = getattr(args, "sae", None)
+    cfg.heads_per_layer = getattr(args, "heads_per_layer", None)
+    cfg.causal_sublayers = getattr(args, "causal_sublayers", None)
     return cfg
 
 
@@ -232,6 +234,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "fire, per sublayer and stream (needs the saelens extra)")
     report.add_argument("--force", action="store_true", help="write into --out even if it holds other files "
                         "(files with the report's names are overwritten, the others stay)")
+    report.add_argument("--heads-per-layer", type=positive_int, default=None, metavar="K",
+                        help="the head detector ablates K evenly spaced heads per layer (default: all; for big models)")
+    report.add_argument("--causal-sublayers", type=positive_int, default=None, metavar="K",
+                        help="the rescue and patching sweeps cover K evenly spaced sublayers (default: all)")
     probe = sub.add_parser("probe", help="run one probe")
     probe.add_argument("name", nargs="?")
     probe.add_argument("--list", action="store_true")

@@ -99,6 +99,20 @@ def test_fast_keeps_an_explicit_max_tokens():
     assert _report_config(argparse.Namespace(quiet=True, fast=False, max_tokens=None)).max_tokens == 16384
 
 
+def test_report_samples_for_big_models_from_the_command_line(capsys):
+    """--heads-per-layer / --causal-sublayers reach the report's config; 0 is refused by the parser."""
+    import pytest
+
+    from mhc_interp.cli import _report_config, build_parser
+
+    args = build_parser().parse_args(["report", "--heads-per-layer", "2", "--causal-sublayers", "8"])
+    cfg = _report_config(args)
+    assert (cfg.heads_per_layer, cfg.causal_sublayers) == (2, 8)
+    assert _report_config(build_parser().parse_args(["report"])).causal_sublayers is None
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["report", "--causal-sublayers", "0"])
+
+
 def test_probe_command(tmp_path, capsys):
     assert main(["probe", "--list"]) == 0
     listed = capsys.readouterr().out

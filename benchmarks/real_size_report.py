@@ -30,8 +30,12 @@ from typing import Any, Dict, List, Optional
 
 from .real_size import MIB, RESULTS, ROOT, child_env, cli_cmd, random_model, real_config, run_child, save_hub
 
-EXPECTED_SECTIONS = ("stream_usage", "cka", "predictability", "curvature", "logit_lens", "head_detector",
-                     "ablate_rescue", "activation_patching", "attribution_positions", "stream_edges")
+
+def expected_sections() -> List[str]:
+    """Every section the report declares (the probes' `report` sections; the SAE one needs --sae)."""
+    from mhc_interp.report import report_sections
+
+    return [label for label, _, _ in report_sections()]
 
 
 def hub_checkpoint(folder: Path, layers: int) -> Path:
@@ -47,11 +51,14 @@ def hub_checkpoint(folder: Path, layers: int) -> Path:
 
 
 def report_run(hub: Path, n_tokens: int, out: Path, fast: bool = True, sample_s: float = 2.0,
-               env: Optional[Dict[str, str]] = None, code: Path = ROOT) -> Dict[str, Any]:
+               env: Optional[Dict[str, str]] = None, code: Path = ROOT, heads_per_layer: Optional[int] = 1,
+               causal_sublayers: Optional[int] = 8) -> Dict[str, Any]:
     """One `mhc-interp report` on `hub` at `n_tokens`: rc, seconds, peak RSS, sections, phase times.
     `code`: the folder whose mhc_interp runs (a snapshot, while others edit the working tree)."""
     cmd = cli_cmd("report", "--model", hub, "--max-tokens", n_tokens, "--dtype", "bfloat16", "--quiet",
-                  "--out", out, "--force", *(["--fast"] if fast else []))
+                  "--out", out, "--force", *(["--fast"] if fast else []),
+                  *(["--heads-per-layer", heads_per_layer] if heads_per_layer else []),
+                  *(["--causal-sublayers", causal_sublayers] if causal_sublayers else []))
     env = dict(env or child_env(), PYTHONPATH=str(code))
     r = run_child(cmd, env=env, cwd=code, sample_s=sample_s)
     r.update(max_tokens=n_tokens, fast=fast)
@@ -59,7 +66,7 @@ def report_run(hub: Path, n_tokens: int, out: Path, fast: bool = True, sample_s:
     if r["rc"] == 0:
         rep = json.loads((Path(out) / "report.json").read_text())
         r["sections"] = [s.get("probe") for s in rep["sections"]]
-        r["missing_sections"] = [s for s in EXPECTED_SECTIONS if s not in r["sections"]]
+        r["missing_sections"] = [s for s in expected_sections() if s not in r["sections"]]
         r["timings"] = rep.get("timings", [])
         r["worker_timings"] = rep.get("worker_timings", [])
         r["corpus"] = rep["summary"]["corpus"]
@@ -90,6 +97,8 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     p.add_argument("--tokens", type=int, nargs="+", default=[256, 512], help="report --max-tokens values")
     p.add_argument("--full", action="store_true", help="the report's default settings instead of --fast")
     p.add_argument("--sample-s", type=float, default=2.0, help="RSS sampling interval")
+    p.add_argument("--heads-per-layer", type=int, default=1, help="report --heads-per-layer (0: all heads)")
+    p.add_argument("--causal-sublayers", type=int, default=8, help="report --causal-sublayers (0: all)")
     p.add_argument("--code", default=str(ROOT), help="the folder whose mhc_interp runs (default: this checkout; "
                    "a copy of a commit keeps the run off other people's edits)")
     p.add_argument("--out", default=None)
@@ -103,7 +112,8 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
                                   load_average_before=os.getloadavg(), runs=[])
     for n_tokens in args.tokens:
         r = report_run(hub, n_tokens, folder / f"report-{n_tokens}", fast=not args.full, sample_s=args.sample_s,
-                       code=Path(args.code))
+                       code=Path(args.code), heads_per_layer=args.heads_per_layer or None,
+                       causal_sublayers=args.causal_sublayers or None)
         r["load_average_after"] = os.getloadavg()
         result["runs"].append(r)
         print(summary_line(r), flush=True)

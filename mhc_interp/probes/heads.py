@@ -113,14 +113,12 @@ def _check_heads(model, heads) -> Dict[int, List[int]]:
     pairs = list(heads)
     if not pairs:
         raise ValueError("heads is an empty list; pass None for every head")
-    out: Dict[int, List[int]] = {}
+    out: Dict[int, set] = {}
     for pair in pairs:
         if not isinstance(pair, (tuple, list)) or len(pair) != 2:
             raise TypeError(f"heads must be (layer, head) pairs, got {pair!r}")
         l, h = _check_head(model, *pair)
-        out.setdefault(l, [])
-        if h not in out[l]:
-            out[l].append(h)
+        out.setdefault(l, set()).add(h)
     return {l: sorted(hs) for l, hs in sorted(out.items())}
 
 
@@ -428,23 +426,18 @@ class HeadDetector(CausalProbe):
     def result(self) -> "HeadScores":
         if self.n_tokens == 0:
             raise ValueError("head_detector saw no unmasked tokens")
-        arrays, skipped = {}, {}
+        arrays = {"successor": np.full((self.n_layers, self.n_heads), np.nan)}
+        skipped = {"successor": "successor scores need ordinal sequences: use detect_heads(..., ordinal_sequences=...)"}
+        if not self.copy_suppression:
+            skipped["copy_suppression"] = "copy_suppression=False"
         for key in _PATTERN_SCORES + ("copy_suppression",):
-            n = self.counts[key]
-            if key == "copy_suppression" and not self.copy_suppression:
-                skipped[key] = "copy_suppression=False"
-                arrays[key] = np.full((self.n_layers, self.n_heads), np.nan)
-                continue
-            if n == 0:
-                skipped[key] = f"no query position qualified for {key} in the tokens seen"
-            arrays[key] = (self.sums[key] / n).numpy() if n else np.full((self.n_layers, self.n_heads), np.nan)
-        if self.copy_suppression:
-            for l in range(self.n_layers):
-                for h in range(self.n_heads):
-                    if h not in self.ablate.get(l, []):
-                        arrays["copy_suppression"][l, h] = np.nan
-        arrays["successor"] = np.full((self.n_layers, self.n_heads), np.nan)
-        skipped["successor"] = "successor scores need ordinal sequences: use detect_heads(..., ordinal_sequences=...)"
+            if self.counts[key] == 0:
+                skipped.setdefault(key, f"no query position qualified for {key} in the tokens seen")
+            arrays[key] = (self.sums[key] / self.counts[key]).numpy() if key not in skipped else arrays["successor"].copy()
+        ablated = np.zeros((self.n_layers, self.n_heads), dtype=bool)                  # [L, H]
+        for l, heads in self.ablate.items():
+            ablated[l, heads] = True
+        arrays["copy_suppression"][~ablated] = np.nan
         arrays["mean_h_pre"] = (self.h_sums["h_pre"] / self.n_tokens).numpy()
         arrays["mean_h_post"] = (self.h_sums["h_post"] / self.n_tokens).numpy()
         sources = {k: "corpus" for k in HEAD_SCORES if k not in skipped}

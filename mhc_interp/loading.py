@@ -58,6 +58,9 @@ class Placement:
 
 # ------------------------------------------------------------------- nanoGPT key translation
 _BLOCK_KEY = re.compile(r"transformer\.h\.(\d+)\.(.+)")
+_TOP_LEVEL_KEYS = {"transformer.wte.weight": "embed.weight", "transformer.wpe.weight": "pos_embed.weight",
+                   "transformer.ln_f.weight": "ln_final.weight", "transformer.ln_f.bias": "ln_final.bias",
+                   "expand_stream.lss": "expand.lss"}   # nanoGPT key -> ours, outside the blocks
 
 
 def _translate_block_key(layer: str, rest: str) -> Optional[str]:
@@ -89,35 +92,27 @@ def nanogpt_state_dict_to_hooked(sd: Dict[str, Tensor]) -> Tuple[Dict[str, Tenso
     sources: Dict[str, str] = {}
     lm_head = None
     for key, value in sd.items():
-        key = key[len("_orig_mod."):] if key.startswith("_orig_mod.") else key
+        key = key.removeprefix("_orig_mod.")
+        block = _BLOCK_KEY.fullmatch(key)
         if key == "lm_head.weight":
             lm_head = value
             continue
-        if key == "transformer.wte.weight":
-            ours = "embed.weight"
-        elif key == "transformer.wpe.weight":
-            ours = "pos_embed.weight"
-        elif key.startswith("transformer.ln_f."):
-            ours = "ln_final." + key[len("transformer.ln_f."):]
-        elif key == "expand_stream.lss":
-            ours = "expand.lss"
-        elif _BLOCK_KEY.fullmatch(key):
-            ours = _translate_block_key(*_BLOCK_KEY.fullmatch(key).groups())
+        if key in _TOP_LEVEL_KEYS:
+            ours = _TOP_LEVEL_KEYS[key]
+        elif block:
+            ours = _translate_block_key(*block.groups())
             if ours is None:
                 continue
         else:
             raise CheckpointError(f"unexpected key {key!r} in checkpoint")
         if ours in out:
-            if out[ours].shape != value.shape or not torch.equal(out[ours], value):
+            if not torch.equal(out[ours], value):   # False for different shapes too
                 raise CheckpointError(
                     f"checkpoint keys {sources[ours]!r} and {key!r} should hold the same tensor but differ"
                 )
             continue
         out[ours], sources[ours] = value, key
-    tied = lm_head is None or (
-        "embed.weight" in out and lm_head.shape == out["embed.weight"].shape
-        and torch.equal(lm_head, out["embed.weight"])
-    )
+    tied = lm_head is None or ("embed.weight" in out and torch.equal(lm_head, out["embed.weight"]))
     if not tied:
         out["unembed.weight"] = lm_head
     return out, tied
@@ -126,23 +121,17 @@ def nanogpt_state_dict_to_hooked(sd: Dict[str, Tensor]) -> Tuple[Dict[str, Tenso
 def hooked_state_dict_to_nanogpt(sd: Dict[str, Tensor], cfg: MHCConfig) -> Dict[str, Tensor]:
     """The inverse of `nanogpt_state_dict_to_hooked`, with the public code's duplicate keys, so a
     model can be exported to (and re-read by) that code's `GPT.load_state_dict`."""
+    nanogpt_keys = {ours: theirs for theirs, ours in _TOP_LEVEL_KEYS.items()}
     out: Dict[str, Tensor] = {}
     for key, value in sd.items():
-        if key == "embed.weight":
-            out["transformer.wte.weight"] = value
-            if cfg.tie_embeddings:
-                out["lm_head.weight"] = value
-        elif key == "unembed.weight":
+        if key == "unembed.weight" or (key == "embed.weight" and cfg.tie_embeddings):
             out["lm_head.weight"] = value
-        elif key == "pos_embed.weight":
-            out["transformer.wpe.weight"] = value
-        elif key.startswith("ln_final."):
-            out["transformer.ln_f." + key[len("ln_final."):]] = value
-        elif key == "expand.lss":
-            out["expand_stream.lss"] = value
+        if key == "expand.lss":
             for layer in range(cfg.n_layers):
                 out[f"transformer.h.{layer}.expand_stream.lss"] = value
-        else:
+        if key in nanogpt_keys:
+            out[nanogpt_keys[key]] = value
+        elif key != "unembed.weight":
             layer, sub, rest = re.fullmatch(r"blocks\.(\d+)\.(attn|mlp)\.(.+)", key).groups()
             if rest.startswith("mixer."):
                 out[f"transformer.h.{layer}.hc_{sub}.{rest[6:].replace('norm_gamma', 'norm.gamma')}"] = value
@@ -168,7 +157,7 @@ def build_model(cls, cfg: MHCConfig, state_dict: Dict[str, Tensor], source: str,
         model = cls(cfg)
     expected = model.state_dict()   # meta tensors: the target shape and dtype of every key
     _check_keys(state_dict, expected, cfg, source)
-    n_bytes = sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
+    n_bytes = sum(t.nbytes for t in (*model.parameters(), *model.buffers()))
     _check_fits_in_memory(n_bytes, placement.device, source)
     bad = nonfinite_tensors(state_dict)
     if bad:
@@ -231,7 +220,7 @@ def _own_tensor(t: Tensor, dtype: torch.dtype, device: torch.device, storages: s
     out = t.detach().to(device=device, dtype=dtype)
     storage = out.untyped_storage()
     if (out.data_ptr() in storages or not out.is_contiguous()
-            or storage.nbytes() != out.numel() * out.element_size()):
+            or storage.nbytes() != out.nbytes):
         out = out.clone(memory_format=torch.contiguous_format)
     storages.add(out.data_ptr())
     return out

@@ -23,7 +23,8 @@ from .logit_lens_prompt import PromptLensResult, logit_lens
 from .predictability import CrossStreamPredictability, PredictabilityResult, predictability_sites, ridge_r2_matrix
 from .crosscoder import (Crosscoder, CrosscoderConfig, CrosscoderEval, CrosscoderResult, analyze_crosscoder,
                          match_decoder_directions, train_crosscoder)
-from .crosscoder_buffer import ActivationBuffer, InMemoryActivations, default_sites, grid_sites, resolve_sites
+from .crosscoder_buffer import ActivationBuffer, InMemoryActivations, default_sites, grid_sites
+from .sites import resolve_sites
 from .curvature import Curvature, CurvatureResult, sequence_curvatures, step_angles
 from .stream_usage import StreamUsage, StreamUsageResult
 

@@ -32,8 +32,7 @@ class SymmetricReplacement:
             ids = [i for i in ids if i is not None]
             if len(ids) < 2:
                 raise ValueError(f"word group {kind!r} has fewer than two single-token words")
-            for a, b in zip(ids, ids[1:] + ids[:1]):
-                self.successor[a] = b
+            self.successor.update(zip(ids, ids[1:] + ids[:1]))
 
     @staticmethod
     def _single_token(tokenizer, word) -> Optional[int]:
@@ -45,8 +44,7 @@ class SymmetricReplacement:
         return ids[0] if len(ids) == 1 else None
 
     def __call__(self, tokens: Tensor) -> Tensor:
-        corrupted, _ = self.corrupt_with_positions(tokens)
-        return corrupted
+        return self.corrupt_with_positions(tokens)[0]
 
     def corrupt_with_positions(self, tokens: Tensor) -> Tuple[Tensor, Tensor]:
         """(corrupted tokens, replaced position per prompt [B])."""

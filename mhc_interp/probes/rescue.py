@@ -24,6 +24,7 @@ Scores are float64 for a float64 model, float32 otherwise.
 from __future__ import annotations
 
 import itertools
+import warnings
 from typing import Dict, List, Optional, Sequence, Union
 
 import numpy as np
@@ -48,8 +49,7 @@ def ablation_values(model, states, mask: Tensor, ablation) -> dict:
     n_sub = model.cfg.n_sublayers
     if isinstance(ablation, str):
         if ablation == "zero":
-            zero = torch.zeros((), device=model.device, dtype=model.dtype)
-            return {s: zero for s in range(n_sub)}
+            return dict.fromkeys(range(n_sub), torch.zeros((), device=model.device, dtype=model.dtype))
         if ablation == "mean":
             return {s: states[s][mask].mean(0) for s in range(n_sub)}            # [n, d]
         raise ValueError(f"unknown ablation {ablation!r}: use one of {ABLATIONS} or a tensor")
@@ -57,8 +57,8 @@ def ablation_values(model, states, mask: Tensor, ablation) -> dict:
     if value.ndim == 3:
         if value.shape[0] != n_sub:
             raise ValueError(f"per-sublayer ablation values need {n_sub} rows, got {value.shape[0]}")
-        return {s: value[s] for s in range(n_sub)}
-    return {s: value for s in range(n_sub)}
+        return dict(enumerate(value))
+    return dict.fromkeys(range(n_sub), value)
 
 
 @register_probe
@@ -197,12 +197,6 @@ class _Slice:
         return t_half_width(self.stats.scored.numpy()[self.index], sem, level)
 
 
-def _nanmean(x: np.ndarray, axis: int) -> np.ndarray:
-    with np.errstate(invalid="ignore"):
-        valid = ~np.isnan(x)
-        return np.where(valid.any(axis), np.nansum(x, axis) / valid.sum(axis).clip(min=1), np.nan)
-
-
 def global_rescue(rescue, damage, rescued, low) -> dict:
     """The global matrices [n, n] from the per-sublayer ones [L, n, n] (R, D, D_rescued, low
     damage): "global_rescue" = mean_l R over the sublayers where R is defined, and
@@ -212,7 +206,9 @@ def global_rescue(rescue, damage, rescued, low) -> dict:
     r = np.where(keep, rescued, 0).sum(0)
     with np.errstate(invalid="ignore", divide="ignore"):
         weighted = np.where(keep.any(0), (d - r) / d, np.nan)
-    return {"global_rescue": _nanmean(rescue, axis=0), "global_rescue_weighted": weighted}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)   # "mean of empty slice": NaN where no sublayer has R
+        return {"global_rescue": np.nanmean(rescue, axis=0), "global_rescue_weighted": weighted}
 
 
 def _rescue_labels(m: np.ndarray, low: str = "n/a", digits: int = 1) -> np.ndarray:
@@ -243,8 +239,7 @@ class RescueResult(ProbeResult):
         n = m.shape[0]
         lines = ["| ablated \\ recovered | " + " | ".join(str(c) for c in range(n)) + " |",
                  "|---" * (n + 1) + "|"]
-        for a in range(n):
-            cells = ["-" if a == r else ("n/a" if np.isnan(m[a, r]) else f"{100 * m[a, r]:.2f}") for r in range(n)]
+        for a, cells in enumerate(_rescue_labels(100 * m, digits=2)):
             lines.append(f"| {a} | " + " | ".join(cells) + " |")
         return "\n".join(lines)
 

@@ -284,13 +284,11 @@ class ApproxAblateRescue(AblateRescue):
                              "one site's state change); run ablate_and_rescue(mode='persistent') for it")
         if kwargs.get("pairs") is not None:
             raise ValueError("the approximate map covers every stream pair (pairs= is not supported)")
-        if isinstance(samples, bool) or not isinstance(samples, int) or samples < 1:
-            raise ValueError(f"samples must be a positive int, got {samples!r}")
-        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-            raise ValueError(f"steps must be a positive int, got {steps!r}")
+        for name, value in (("samples", samples), ("steps", steps)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
         super().__init__(**kwargs)
         self.method, self.samples, self.seed, self.steps = method, samples, seed, steps
-        self.passes = {"forwards": 0.0, "backwards": 0.0, "readouts": 0.0}
 
     def setup(self, model) -> None:
         super().setup(model)
@@ -316,9 +314,7 @@ class ApproxAblateRescue(AblateRescue):
         if self.method == "readout":
             carried = carried_damage(model, tokens, states, cache, deltas, kl_metric(logits, mask, self.temperature),
                                      self.pair_list)
-            for li, l in enumerate(self.layers):
-                singles[li] = carried[l][0]
-                pairs[li] = carried[l][1]
+            singles, pairs = (torch.stack([carried[l][k] for l in self.layers]) for k in (0, 1))
             self.passes["forwards"] += 2                   # the clean run and the run to the final state
             self.passes["readouts"] += len(self.layers) * (n + len(self.pair_list))
         elif self.method == "readout_fisher":

@@ -77,17 +77,12 @@ def logit_lens(model: "MultiStreamModel", tokens, *, k: int = 5, subsets=None, s
         for key, v in zip(arrays, (ids.transpose(0, 1), probs.transpose(0, 1), kl.T, agree.T)):
             arrays[key].append(v)
     out = {key: torch.stack(v).cpu().numpy() for key, v in arrays.items()}
-    w_ids, w_probs, w_kl = [], [], []
-    for sub in subs:
-        site = f"{sub}.hook_write"
-        wl = _write_readout(model, _translate(translator, site, cache[site][0]))         # [pos, V]
-        kl, _ = _kl_top1(final_lp, top, wl[:, None])
-        probs, ids = F.softmax(wl, -1).topk(k, dim=-1)
-        w_ids.append(ids), w_probs.append(probs), w_kl.append(kl[:, 0])
-    p = tokens.shape[1]
-    out["write_topk_ids"] = torch.stack(w_ids).cpu().numpy() if subs else np.zeros((0, p, k), np.int64)
-    out["write_topk_probs"] = torch.stack(w_probs).cpu().numpy() if subs else np.zeros((0, p, k), np.float32)
-    out["write_kl"] = torch.stack(w_kl).cpu().numpy() if subs else np.zeros((0, p), np.float32)
+    writes = [f"{sub}.hook_write" for sub in subs]
+    wl = torch.stack([_write_readout(model, _translate(translator, site, cache[site][0])) for site in writes]
+                     ) if writes else final.new_zeros(0, *final.shape)                  # [sublayer, pos, V]
+    w_probs, w_ids = F.softmax(wl, -1).topk(k, dim=-1)
+    out["write_topk_ids"], out["write_topk_probs"] = w_ids.cpu().numpy(), w_probs.cpu().numpy()
+    out["write_kl"] = _kl_top1(final_lp, top, wl.transpose(0, 1))[0].T.cpu().numpy()
     contrib = _readout(model, cache[final_site][0])                                # [pos, n, V]
     f_ids = final.topk(k, dim=-1).indices                                  # [pos, k]
     out["final_topk_ids"] = f_ids.cpu().numpy()

@@ -196,11 +196,9 @@ class SAEFeaturesResult(ProbeResult):
         im = axes[1].imshow(grid, aspect="auto", cmap="viridis", interpolation="nearest")
         short = [s.replace("blocks.", "b").replace(".hook_", ".") for s in sites]
         labels = [f"{sh}[{s}]" if n > 1 else sh for sh in short for s in range(n)]
-        axes[1].set_xticks(range(len(labels)))
-        axes[1].set_xticklabels(labels, rotation=90, fontsize=6)
+        axes[1].set_xticks(range(len(labels)), labels, rotation=90, fontsize=6)
         axes[1].set_ylabel(f"feature (top {len(order)} by home frequency)")
-        axes[1].set_yticks(range(len(order)))
-        axes[1].set_yticklabels([str(i) for i in order], fontsize=5)
+        axes[1].set_yticks(range(len(order)), [str(i) for i in order], fontsize=5)
         fig.colorbar(im, ax=axes[1], label="firing frequency")
         fig.suptitle(f"SAE features ({self.meta['architecture']}, d_sae={self.meta['d_sae']}) trained on "
                      f"{self.meta['home_site']}: where they fire")

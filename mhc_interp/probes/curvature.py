@@ -368,8 +368,7 @@ class CurvatureResult(ProbeResult):
             ax.axhline(base["random_walk"], color="grey", linestyle="-.", linewidth=1,
                        label=f"random walk ({base['random_walk']:g}°)")
         labels = self.meta.get("site_labels") or self.meta.get("site_names") or [str(i) for i in xs]
-        ax.set_xticks(xs)
-        ax.set_xticklabels(labels, rotation=45 if len(labels) > 6 else 0, ha="right" if len(labels) > 6 else "center")
+        ax.set_xticks(xs, labels, rotation=45 if len(labels) > 6 else 0, ha="right" if len(labels) > 6 else "center")
         ax.set_xlabel("site")
         ax.set_ylabel("curvature change vs first site (degrees)" if change else "curvature (degrees)")
         ax.set_title("token-trajectory curvature (mean ± SEM over sequences)")

@@ -416,15 +416,14 @@ class CKAResult(ProbeResult):
 
     def intra(self, site: Union[int, str]) -> np.ndarray:
         """[n, n] stream-by-stream CKA at one site (index, hook name or 'blocks.3.mlp')."""
-        i, n = self._site_index(site), self.n_streams
-        return self.arrays["cka"][i * n:(i + 1) * n, i * n:(i + 1) * n]
+        return self["intra"][self._site_index(site)]
 
     def tables(self):
         return [matrix_table("CKA between streams, last sublayer", self.intra(-1))]
 
     def intra_all(self) -> np.ndarray:
         """[n_sites, n, n] stream-by-stream CKA at every site."""
-        return np.stack([self.intra(i) for i in range(len(self.site_names))])
+        return self["intra"]
 
     def findings(self) -> List[Optional[Dict]]:
         """How alike the streams are at the last site (mean, least and most alike pair)."""

@@ -223,6 +223,7 @@ class AttributionResult(ProbeResult):
         import matplotlib.pyplot as plt
 
         figs = {}
+        base = self["baseline_corrupted" if self.meta["direction"] == "denoise" else "baseline_clean"]   # unpatched
         for mixing in self.meta["mixing"]:
             m = self[f"attribution_{mixing}"]
             if m.ndim == 3:
@@ -238,7 +239,6 @@ class AttributionResult(ProbeResult):
             figs[f"attribution_{mixing}"] = fig
             full = self[f"attribution_{mixing}"]
             if full.ndim == 3:     # position-resolved: rows (sublayer, stream), columns positions
-                base = self["baseline_corrupted" if self.meta["direction"] == "denoise" else "baseline_clean"]
                 e = (full - base).reshape(-1, full.shape[-1])
                 lim = np.nanmax(np.abs(e)) or 1.0
                 fig, ax = plt.subplots(figsize=(min(12, 2 + 0.12 * e.shape[1]), 1 + 0.06 * e.shape[0]))
@@ -251,8 +251,7 @@ class AttributionResult(ProbeResult):
                 fig.colorbar(im, ax=ax)
                 figs[f"attribution_positions_{mixing}"] = fig
             if f"mixer_{mixing}" in self.arrays:
-                e = self[f"mixer_{mixing}"] - self["baseline_corrupted" if self.meta["direction"] == "denoise"
-                                                   else "baseline_clean"]
+                e = self[f"mixer_{mixing}"] - base
                 fig, ax = plt.subplots(figsize=(4, 0.8 + 0.28 * e.shape[0]))
                 lim = np.nanmax(np.abs(e)) or 1.0
                 im = ax.imshow(e, aspect="auto", cmap="RdBu_r", vmin=-lim, vmax=lim)

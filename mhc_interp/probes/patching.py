@@ -19,7 +19,7 @@ position; the numbers change). Scores are float64 for a float64 model, float32 o
 """
 from __future__ import annotations
 
-from typing import Callable, Dict, List, Optional, Sequence, Union
+from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -146,21 +146,8 @@ class ActivationPatching(CausalProbe):
               progress: Optional[Callable[[int], None]] = None) -> None:
         """One batch of aligned clean / corrupted prompts [B, pos]; mask [B, pos] (default: every
         position but 0). progress(k) is called as each k patched runs finish (`n_runs` in all)."""
-        if clean.shape != corrupted.shape:
-            raise ValueError(
-                f"clean prompts {tuple(clean.shape)} and corrupted prompts {tuple(corrupted.shape)} "
-                f"differ in shape: align them (same length, position by position) first"
-            )
+        mask, rows = self._scored(model, clean, corrupted, mask)
         b, p = clean.shape
-        if self.n_pos is None:
-            self.n_pos = p
-        elif self.positions == "each" and p != self.n_pos:
-            raise ValueError(f"per-position patching needs one prompt length, got {p} after {self.n_pos}")
-        if mask is None:
-            mask = position_mask(torch.ones(b, p, dtype=torch.bool, device=model.device))
-        if self.score_positions == "from_corruption":
-            mask = mask & from_first_difference(clean, corrupted, self.baselines.count).to(mask.device)
-        rows = slice(self.baselines.count, self.baselines.count + b)
         clean_logits, clean_states, clean_cache = clean_run(model, clean)
         corr_logits, corr_states, corr_cache = clean_run(model, corrupted, run="corrupted")
         base_tokens, base_states, base_cache, source = (
@@ -176,6 +163,26 @@ class ActivationPatching(CausalProbe):
                                frozen=base_cache if mixing == "frozen" else None, tokens=base_tokens,
                                max_rows=self.max_rows, progress=progress)
             self.stats[mixing].add(values.view(len(self.layers), self.n, len(cells), b))
+
+    def _scored(self, model, clean: Tensor, corrupted: Tensor, mask: Optional[Tensor]) -> Tuple[Tensor, slice]:
+        """Check a batch of aligned prompts [B, pos] -> (the positions scored [B, pos]: `mask`, by
+        default every position but 0, from the first corrupted token on where asked; the batch's
+        prompt numbers, a slice of `answers`)."""
+        if clean.shape != corrupted.shape:
+            raise ValueError(
+                f"clean prompts {tuple(clean.shape)} and corrupted prompts {tuple(corrupted.shape)} "
+                f"differ in shape: align them (same length, position by position) first"
+            )
+        b, p = clean.shape
+        if self.n_pos is None:
+            self.n_pos = p
+        elif self.positions == "each" and p != self.n_pos:
+            raise ValueError(f"per-position {self.name} needs one prompt length, got {p} after {self.n_pos}")
+        if mask is None:
+            mask = position_mask(torch.ones(b, p, dtype=torch.bool, device=model.device))
+        if self.score_positions == "from_corruption":
+            mask = mask & from_first_difference(clean, corrupted, self.baselines.count).to(mask.device)
+        return mask, slice(self.baselines.count, self.baselines.count + b)
 
     def n_runs(self, n_pos: int) -> int:
         """Patched runs (one per sublayer, stream, position cell and mixing) that `patch` makes for
@@ -253,10 +260,9 @@ class PatchingResult(ProbeResult):
                 f"KL on average, stream {low} the least ({repaired[low]:.0%})")
         values = dict(best_stream=top, repaired=float(repaired[top]), worst_stream=low,
                       worst_repaired=float(repaired[low]), corrupted_kl=corrupted)
-        routing = self.arrays.get(f"{metric}_routing")
-        sems = [self.arrays.get(f"{metric}_{x}_sem") for x in ("recomputed", "frozen")]
-        if routing is not None and all(x is not None for x in sems):
-            within = int((np.abs(routing) < 2 * (sems[0] + sems[1])).sum())
+        routing, bound = self.arrays.get(f"{metric}_routing"), self._sem(metric, "routing")
+        if routing is not None and bound is not None:
+            within = int((np.abs(routing) < 2 * bound).sum())
             text += f"; routing within 2 s.e.m. of 0 in {within}/{routing.size} cells"
             values.update(routing_within_noise=within, cells=int(routing.size))
         return [self.finding("needed_patching", text + f" ({prompts} prompts).", **values)]

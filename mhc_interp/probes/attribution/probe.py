@@ -24,7 +24,7 @@ from torch import Tensor
 
 from ..base import ProbeResult, ReportSection, register_probe, register_result, require_streams
 from ..causal import PromptStats, clean_run, stats_arrays
-from ..patching import ActivationPatching, from_first_difference, patch_aligned
+from ..patching import ActivationPatching, patch_aligned
 from .core import atp_gradients, ig_gradients, mixing_effects, site_effects
 
 METHODS = ("atp", "ig")
@@ -105,27 +105,13 @@ class AttributionPatching(ActivationPatching):
               progress: Optional[Callable[[int], None]] = None) -> None:
         """One batch of aligned clean / corrupted prompts [B, pos]; mask [B, pos] (default: every
         position but 0). progress(1) is called after each mixing's gradient pass (`n_runs`)."""
-        if clean.shape != corrupted.shape:
-            raise ValueError(
-                f"clean prompts {tuple(clean.shape)} and corrupted prompts {tuple(corrupted.shape)} "
-                f"differ in shape: align them (same length, position by position) first")
+        mask, rows = self._scored(model, clean, corrupted, mask)
         same = (clean == corrupted).all(-1).nonzero().flatten().tolist()
         if same:
             raise ValueError(f"prompts {[self.baselines.count + i for i in same]}: clean and corrupted are "
                              f"identical; there is no patch effect to attribute")
-        b, p = clean.shape
-        if self.n_pos is None:
-            self.n_pos = p
-        elif self.positions == "each" and p != self.n_pos:
-            raise ValueError(f"per-position attribution needs one prompt length, got {p} after {self.n_pos}")
-        cells = self._cells(p)
+        cells = self._cells(clean.shape[1])
         cells = None if cells == [None] else [c[0] for c in cells]
-        if mask is None:
-            mask = torch.ones(b, p, dtype=torch.bool, device=model.device)
-            mask[:, 0] = False
-        if self.score_positions == "from_corruption":
-            mask = mask & from_first_difference(clean, corrupted, self.baselines.count).to(mask.device)
-        rows = slice(self.baselines.count, self.baselines.count + b)
         base_tokens, source_tokens = (corrupted, clean) if self.direction == "denoise" else (clean, corrupted)
         # the source run (no grad): the states patched in, and its coefficients for mixer attribution
         source_logits, source_states, source_cache = clean_run(model, source_tokens)

@@ -579,23 +579,20 @@ def detect_heads(model, corpus=None, *, ordinal_sequences=None, n_random: int = 
     rep = repeated_random_tokens(model, n_random, half_len, seed)
     probe = HeadDetector(copy_suppression=copy_suppression and corpus is None, heads=heads, max_rows=max_rows)
     synthetic = run_probes(model, probe, rep, batch_size=batch_size, progress=progress)
-    arrays = {k: synthetic[k] for k in ("induction", "duplicate_token")}
-    sources = {"induction": "repeated_random", "duplicate_token": "repeated_random"}
-    skipped = {k: v for k, v in synthetic.meta["skipped"].items() if k in arrays}
-    counts = {k: synthetic.meta["counts"][k] for k in arrays}
     if corpus is None:
         on, where = synthetic, "repeated_random"
     else:
         on = run_probes(model, HeadDetector(copy_suppression=copy_suppression, heads=heads, max_rows=max_rows),
                         corpus, batch_size=batch_size, max_tokens=max_tokens, seq_len=seq_len, progress=progress)
         where = "corpus"
-    for key in ("previous_token", "copy_suppression", "mean_h_pre", "mean_h_post"):
-        arrays[key] = on[key]
-    for key in ("previous_token", "copy_suppression"):
-        sources[key] = where
-        counts[key] = on.meta["counts"][key]
-        if key in on.meta["skipped"]:
-            skipped[key] = on.meta["skipped"][key]
+    arrays = {"mean_h_pre": on["mean_h_pre"], "mean_h_post": on["mean_h_post"]}
+    sources, counts, skipped = {}, {}, {}
+    for run, run_source, keys in ((synthetic, "repeated_random", ("induction", "duplicate_token")),
+                                  (on, where, ("previous_token", "copy_suppression"))):
+        for key in keys:
+            arrays[key], sources[key], counts[key] = run[key], run_source, run.meta["counts"][key]
+            if key in run.meta["skipped"]:
+                skipped[key] = run.meta["skipped"][key]
     L, H = model.cfg.n_layers, model.cfg.n_heads
     if ordinal_sequences is None and model.tokenizer is not None:
         ordinal_sequences = _default_ordinal_ids(model) or None

@@ -575,7 +575,6 @@ def detect_heads(model, corpus=None, *, ordinal_sequences=None, n_random: int = 
     heads: restrict copy-suppression ablations to these (layer, head) pairs.
     """
     check_attention_model(model)
-    _check_heads(model, heads)   # fail early on bad indices
     rep = repeated_random_tokens(model, n_random, half_len, seed)
     probe = HeadDetector(copy_suppression=copy_suppression and corpus is None, heads=heads, max_rows=max_rows)
     synthetic = run_probes(model, probe, rep, batch_size=batch_size, progress=progress)

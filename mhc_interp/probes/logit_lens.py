@@ -321,13 +321,8 @@ class LogitLens(Probe):
         self.gen = torch.Generator().manual_seed(self.seed)
 
     def hook_names(self, model) -> List[str]:
-        names = list(lens_sites(model, self.sites_spec))
-        final = f"{model.sublayer_names[-1]}.hook_streams_out"
-        if final not in names:
-            names.append(final)
-        if self.writes:
-            names += [f"{s}.hook_write" for s in model.sublayer_names]
-        return names + ["hook_logits"]
+        sites = list(dict.fromkeys([*self.sites, self.final_site]))         # the final state once
+        return sites + [f"{s}.hook_write" for s in self.sublayers] + ["hook_logits"]
 
     def update(self, acts: Dict[str, Tensor], mask: Tensor) -> None:
         device = acts["hook_logits"].device

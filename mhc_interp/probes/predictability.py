@@ -164,7 +164,7 @@ class CrossStreamPredictability(Probe):
         self.gen = torch.Generator().manual_seed(self.seed)
 
     def hook_names(self, model) -> List[str]:
-        return predictability_sites(model, self.sites_spec)
+        return self.sites
 
     def update(self, acts: Dict[str, Tensor], mask: Tensor) -> None:
         first = acts[self.sites[0]]

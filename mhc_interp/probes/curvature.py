@@ -52,7 +52,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from typing import TYPE_CHECKING, Dict, List, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -60,9 +60,6 @@ from torch import Tensor
 
 from .base import Probe, ProbeResult, ReportSection, register_probe, register_result
 from .sites import SiteSpec, check_site_names, check_site_spec, forward_sites, site_hooks, site_label
-
-if TYPE_CHECKING:
-    pass
 
 __all__ = ["Curvature", "CurvatureResult", "sequence_curvatures", "step_angles",
            "shuffle_valid_positions", "IID_POINTS_DEG", "RANDOM_WALK_DEG"]
@@ -97,7 +94,7 @@ def step_angles(x: Tensor, mask: Optional[Tensor] = None, eps: float = 1e-12) ->
         x, mask = x.cpu(), mask.cpu()
     x = x.to(torch.float64)
     m = mask.view(mask.shape + (1,) * (x.ndim - 2))
-    x = torch.where(m, x, torch.zeros((), dtype=x.dtype, device=x.device))  # masked values unused
+    x = x.masked_fill(~m, 0)                                 # masked values unused
     if not torch.isfinite(x).all():
         raise FloatingPointError("curvature: non-finite values (NaN/inf) at valid positions of the input")
     v = x[:, 1:] - x[:, :-1]                                 # [batch, pos-1, ..., d]
@@ -108,12 +105,10 @@ def step_angles(x: Tensor, mask: Optional[Tensor] = None, eps: float = 1e-12) ->
     # arccos(clamp(cos)) loses accuracy near 0 and 180 degrees (an exactly straight line comes out
     # at ~1e-6 degrees); the equivalent 2 atan2(|u - w|, |u + w|) on unit vectors u, w (Kahan) is
     # accurate everywhere. Zero-length steps get a dummy norm of 1; their angles are discarded.
-    safe = torch.where(step_ok, norm, torch.ones((), dtype=norm.dtype, device=norm.device))
-    u = v / safe.unsqueeze(-1)
+    u = v / norm.masked_fill(~step_ok, 1).unsqueeze(-1)
     a, b = u[:, :-1], u[:, 1:]
     theta = 2.0 * torch.atan2(torch.linalg.vector_norm(a - b, dim=-1), torch.linalg.vector_norm(a + b, dim=-1))
-    angles = torch.where(valid, torch.rad2deg(theta), torch.zeros((), dtype=theta.dtype, device=theta.device))
-    return angles, valid
+    return torch.rad2deg(theta).masked_fill_(~valid, 0), valid
 
 
 def sequence_curvatures(x: Tensor, mask: Optional[Tensor] = None, eps: float = 1e-12,
@@ -127,9 +122,7 @@ def sequence_curvatures(x: Tensor, mask: Optional[Tensor] = None, eps: float = 1
     """
     angles, valid = step_angles(x, mask, eps)
     count = valid.sum(1)
-    total = angles.sum(1)
-    kappa = torch.where(count > 0, total / count.clamp(min=1),
-                        torch.full((), float("nan"), dtype=total.dtype, device=total.device))
+    kappa = angles.sum(1) / count                            # 0 / 0 = NaN where no angle is valid
     return (kappa, count) if return_counts else kappa
 
 

@@ -130,7 +130,7 @@ def gram_rbf(X: Tensor, threshold: float = 1.0) -> Tensor:
     flat = d2.flatten(-2)
     med = _median_last(flat)
     scale = torch.where(med > 0, med, flat.mean(-1))
-    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    scale = scale.masked_fill(scale <= 0, 1.0)
     sigma2 = threshold ** 2 * scale
     return torch.exp(-d2 / (2 * sigma2[..., None, None]))
 

@@ -83,7 +83,7 @@ def ridge_r2_matrix(x, train, test, alphas: Sequence[float] = DEFAULT_ALPHAS, de
     X_tr, X_te = X[:, tr], X[:, te]
     mu, sd = X_tr.mean(1, keepdim=True), X_tr.std(1, unbiased=False, keepdim=True)
     scale = X.abs().amax((1, 2), keepdim=True).clamp_min(1.0)
-    sd = torch.where(sd > 1e-12 * scale, sd, torch.full_like(sd, float("inf")))
+    sd = sd.masked_fill(~(sd > 1e-12 * scale), float("inf"))
     X_train, X_test = (X_tr - mu) / sd, (X_te - mu) / sd                  # constant features -> 0
     U, sv, Vh = torch.linalg.svd(X_train, full_matrices=False)              # [n, m, r], [n, r], [n, r, d]
     UtY = U.transpose(1, 2) @ Y_train                                       # [n, r, targets]
@@ -110,7 +110,7 @@ def ridge_r2_matrix(x, train, test, alphas: Sequence[float] = DEFAULT_ALPHAS, de
         best_alpha = a[torch.nan_to_num(err, nan=float("inf")).argmin(0)]   # [targets]
         coef = Vh[i].T @ (sv[i, :, None] / (s2[i, :, None] + best_alpha[None, :]) * UtY[i])   # [d, targets]
         sse = ((Y_test - X_test[i] @ coef) ** 2).reshape(len(te), n, d).sum((0, 2))
-        out[i] = torch.where(sst > 0, 1 - sse / sst, torch.full_like(sse, float("nan")))
+        out[i] = (1 - sse / sst).masked_fill(~(sst > 0), float("nan"))
     return out.cpu().numpy()
 
 

@@ -215,14 +215,14 @@ class CrossStreamPredictability(Probe):
         r2 = np.stack([ridge_r2_matrix(x[:, k], train, test, self.alphas, device=self.device)
                        for k in range(len(self.sites))])
         off = ~np.eye(self.n_streams, dtype=bool)
-        arrays = {"r2": r2, "mean_offdiag": np.nanmean(r2[:, off], axis=1) if self.n_streams > 1 else np.full(len(self.sites), np.nan),
+        arrays = {"r2": r2, "mean_offdiag": np.nanmean(r2[:, off], axis=1),
                   "min_offdiag": np.nanmin(r2[:, off], axis=1), "max_offdiag": np.nanmax(r2[:, off], axis=1)}
         labels = [site_label(s) for s in self.sites]
         meta = {"sites": self.sites, "site_labels": labels, "n_streams": self.n_streams,
                 "hyper_conn_type": self.hyper_conn_type, "tokens_sampled": self.filled,
                 "tokens_seen_by_probe": self.seen, "sampling": self.sampling, "n_train": len(train),
                 "n_test": len(test), "alphas": list(self.alphas), "seed": self.seed,
-                "sample_bytes": int(self.max_tokens * len(self.sites) * self.n_streams * self.d_model * 4),
+                "sample_bytes": self.sample.nbytes,
                 "r2_axes": "[site, source stream i, target stream j]"}
         return PredictabilityResult(self.name, arrays, meta)
 

@@ -34,18 +34,14 @@ def exact_mixer_patching(model, clean: Tensor, corrupted: Tensor, *, mixing: str
                               temperature=temperature, sublayers=sublayers)
     spec.setup(model)
     clean, corrupted = clean.to(model.device), corrupted.to(model.device)
-    if clean.shape != corrupted.shape:
-        raise ValueError(f"clean {tuple(clean.shape)} and corrupted {tuple(corrupted.shape)} differ in shape")
-    b, p = clean.shape
-    if mask is None:
-        mask = torch.ones(b, p, dtype=torch.bool, device=model.device)
-        mask[:, 0] = False
+    mask, rows = spec._scored(model, clean, corrupted, mask)
+    b = clean.shape[0]
     clean_logits, clean_states, clean_cache = clean_run(model, clean)
     _, corr_states, corr_cache = clean_run(model, corrupted)
     base_tokens, base_states, base_cache, source_cache = (
         (corrupted, corr_states, corr_cache, clean_cache) if direction == "denoise"
         else (clean, clean_states, clean_cache, corr_cache))
-    score = spec._metric(clean_logits, mask, slice(0, b))
+    score = spec._metric(clean_logits, mask, rows)
     out = torch.empty(len(spec.layers), len(PARTS), b, dtype=torch.float64)
     freeze = model.frozen_mixing(base_cache) if mixing == "frozen" else contextlib.nullcontext()
     with torch.no_grad(), freeze:

@@ -28,9 +28,8 @@ def report_results(model, clean: Tensor, corrupted: Tensor, patching: ProbeResul
     for mixing in patching.meta["mixing"]:
         exact = patching[f"kl_{mixing}"]
         ig = attribution_patching(model, clean, corrupted, mixing=mixing, method="ig", steps=steps)
-        for label, est in (("AtP (per position, summed effects)", None), (f"IG ({steps} steps)", ig["attribution"])):
-            if est is None:   # first order, effects add up over positions: the all-position estimate
-                est = base + per_position[f"effect_{mixing}"].sum(-1)
+        atp = base + per_position[f"effect_{mixing}"].sum(-1)   # first order: the effects add over positions
+        for label, est in (("AtP (per position, summed effects)", atp), (f"IG ({steps} steps)", ig["attribution"])):
             f = fidelity(est[graded], exact, base)
             rows.append([label, mixing, f"{f['pearson']:.3f}", f"{f['spearman']:.3f}", f"{f['top_k']}/{f['k']}"])
     edges = edge_attribution(model, clean, corrupted)

@@ -60,18 +60,13 @@ def routes(cache, names: Sequence[str]) -> Dict[Tuple[int, int], Tensor]:
 
 
 def _prepare(model, clean, corrupted, direction, spec, mask):
-    b, p = clean.shape
-    if clean.shape != corrupted.shape:
-        raise ValueError(f"clean {tuple(clean.shape)} and corrupted {tuple(corrupted.shape)} prompts differ in shape")
+    mask, rows = spec._scored(model, clean, corrupted, mask)
     if bool((clean == corrupted).all(-1).any()):
         raise ValueError("some clean and corrupted prompts are identical: there is no edge effect to attribute")
-    if mask is None:
-        mask = torch.ones(b, p, dtype=torch.bool, device=model.device)
-        mask[:, 0] = False
     base_tokens, source_tokens = (corrupted, clean) if direction == "denoise" else (clean, corrupted)
     clean_logits, _, _ = clean_run(model, clean)
     base_logits, base_states, base_cache = clean_run(model, base_tokens)
-    metric = spec._metric(clean_logits, mask, slice(0, b))
+    metric = spec._metric(clean_logits, mask, rows)
     src_w, base_w = _writes(model, source_tokens), _writes(model, base_tokens)
     return base_tokens, base_logits, base_states, base_cache, metric, src_w, base_w
 

@@ -181,8 +181,6 @@ def _ordinal_ids(model, sequences) -> List[List[int]]:
             raise ValueError(f"an ordinal sequence needs >= 3 elements, got {seq}")
         if len(set(seq)) != len(seq):
             raise ValueError(f"ordinal sequence {seq} repeats a token")
-        if len(seq) > model.cfg.n_ctx:
-            raise ValueError(f"ordinal sequence of length {len(seq)} exceeds n_ctx={model.cfg.n_ctx}")
         bad = [t for t in seq if not 0 <= t < model.cfg.d_vocab]
         if bad:
             raise ValueError(f"token ids {bad} outside the vocabulary [0, {model.cfg.d_vocab})")

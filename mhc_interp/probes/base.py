@@ -28,7 +28,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, Dict, List, Mapping, Optional, Tuple, Type, Union
+from typing import Any, ClassVar, Dict, List, Mapping, Optional, Sequence, Tuple, Type, Union
 
 import numpy as np
 import torch
@@ -213,6 +213,19 @@ def matrix_table(title: str, m: np.ndarray, diagonal: Optional[str] = None) -> D
     rows = [[diagonal if (diagonal is not None and i == j) else ("n/a" if np.isnan(v) else f"{v:.2f}")
              for j, v in enumerate(row)] for i, row in enumerate(np.asarray(m))]
     return {"title": title, "header": [str(j) for j in range(len(rows))], "rows": rows}
+
+
+def index_of(key: Union[str, int], names: Sequence[str], what: str, aliases: Sequence[str] = ()) -> int:
+    """The position of `key` in `names` (or in `aliases`, e.g. their labels), or `key` as an index
+    into them (negative: from the end); KeyError / IndexError name the choices."""
+    if isinstance(key, str):
+        for listed in (list(names), list(aliases)):
+            if key in listed:
+                return listed.index(key)
+        raise KeyError(f"unknown {what} {key!r}; {what}s: {list(aliases or names)}")
+    if not -len(names) <= key < len(names):
+        raise IndexError(f"{what} index {key} out of range ({len(names)} {what}s)")
+    return int(key) % len(names)
 
 
 def _result_paths(path) -> Tuple[Path, Path]:

@@ -61,6 +61,7 @@ from .base import (
     Probe,
     ProbeResult,
     ReportSection,
+    index_of,
     masked_rows,
     matrix_table,
     register_probe,
@@ -404,15 +405,7 @@ class CKAResult(ProbeResult):
         return int(self.meta["n_streams"])
 
     def _site_index(self, site: Union[int, str]) -> int:
-        names = self.site_names
-        if isinstance(site, (int, np.integer)):
-            if not -len(names) <= site < len(names):
-                raise IndexError(f"site index {site} out of range for {len(names)} sites")
-            return int(site) % len(names)
-        for i, s in enumerate(names):
-            if site in (s, site_label(s)):
-                return i
-        raise KeyError(f"unknown site {site!r}; sites: {[site_label(s) for s in names]}")
+        return index_of(site, self.site_names, "site", [site_label(s) for s in self.site_names])
 
     def intra(self, site: Union[int, str]) -> np.ndarray:
         """[n, n] stream-by-stream CKA at one site (index, hook name or 'blocks.3.mlp')."""

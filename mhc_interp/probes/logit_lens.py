@@ -50,7 +50,7 @@ import torch
 from torch import Tensor
 from torch.nn import functional as F
 
-from .base import Probe, ProbeResult, ReportSection, masked_rows, register_probe, register_result, take_rows
+from .base import Probe, ProbeResult, ReportSection, index_of, masked_rows, register_probe, register_result, take_rows
 from .sites import SiteSpec, check_site_spec, site_hooks, site_label
 
 if TYPE_CHECKING:
@@ -435,14 +435,7 @@ def _view_colours(views: Sequence[str]):
 @register_result
 class LogitLensResult(ProbeResult):
     def view_index(self, view: Union[str, int]) -> int:
-        views = self.meta["views"]
-        if isinstance(view, str):
-            if view not in views:
-                raise KeyError(f"unknown view {view!r}; views: {views}")
-            return views.index(view)
-        if not -len(views) <= view < len(views):
-            raise IndexError(f"view index {view} out of range ({len(views)} views)")
-        return int(view) % len(views)
+        return index_of(view, self.meta["views"], "view")
 
     def table(self) -> str:
         """KL (nats) / top-1 agreement per site (rows) and view (columns)."""

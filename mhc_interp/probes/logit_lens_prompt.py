@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 from torch.nn import functional as F
 
-from .base import register_result
+from .base import index_of, register_result
 from .logit_lens import (LogitLensResult, Translator, _check_write_readout, _readout, _translate, _view_colours,
                          _view_labels, _write_readout, check_subsets, lens_sites)
 from .sites import SiteSpec, site_label
@@ -114,15 +114,7 @@ class PromptLensResult(LogitLensResult):
         return str(int(t))
 
     def _site_index(self, site: Union[str, int]) -> int:
-        if isinstance(site, str):
-            for names in (self.meta["sites"], self.meta["site_labels"]):
-                if site in names:
-                    return names.index(site)
-            raise KeyError(f"unknown site {site!r}; sites: {self.meta['site_labels']}")
-        n = len(self.meta["sites"])
-        if not -n <= site < n:
-            raise IndexError(f"site index {site} out of range ({n} sites)")
-        return int(site) % n
+        return index_of(site, self.meta["sites"], "site", self.meta["site_labels"])
 
     def top_tokens(self, site: Union[str, int] = -1, view: Union[str, int] = "sum",
                    position: int = -1) -> List[Tuple[int, float]]:

@@ -237,9 +237,7 @@ def _result_paths(path) -> Tuple[Path, Path]:
 
 
 def _jsonable(obj):
-    if isinstance(obj, (np.integer, np.floating)):
-        return obj.item()
-    if isinstance(obj, np.ndarray):
+    if isinstance(obj, (np.generic, np.ndarray)):   # numpy scalars and arrays as Python values
         return obj.tolist()
     return str(obj)
 

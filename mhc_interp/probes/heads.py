@@ -95,14 +95,11 @@ def check_attention_model(model) -> None:
 
 
 def _check_head(model, layer: int, head: int) -> Tuple[int, int]:
-    L, H = model.cfg.n_layers, model.cfg.n_heads
-    for v, what in ((layer, "layer"), (head, "head")):
+    for v, what, n in ((layer, "layer", model.cfg.n_layers), (head, "head", model.cfg.n_heads)):
         if isinstance(v, bool) or not isinstance(v, (int, np.integer)):
             raise TypeError(f"{what} index must be an int, got {v!r}")
-    if not 0 <= layer < L:
-        raise IndexError(f"layer index {layer} out of range: the model has {L} layers (0..{L - 1})")
-    if not 0 <= head < H:
-        raise IndexError(f"head index {head} out of range: the model has {H} heads per layer (0..{H - 1})")
+        if not 0 <= v < n:
+            raise IndexError(f"{what} index {v} out of range: the model has {n} {what}s (0..{n - 1})")
     return int(layer), int(head)
 
 

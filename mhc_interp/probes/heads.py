@@ -151,8 +151,8 @@ def repeated_random_tokens(model, n_seq: int = 32, half_len: Optional[int] = Non
             r = torch.randperm(cfg.d_vocab, generator=g)[:half_len + 1]
         else:
             r = torch.randint(0, cfg.d_vocab, (half_len + 1,), generator=g)
-        rows.append(torch.cat([r[:1], r[1:], r[1:]]))
-    return torch.stack(rows).long()
+        rows.append(torch.cat([r, r[1:]]))                                   # bos, r_1..r_m, r_1..r_m
+    return torch.stack(rows)
 
 
 def _ordinal_ids(model, sequences) -> List[List[int]]:

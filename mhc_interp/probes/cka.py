@@ -168,14 +168,6 @@ def center_gram(K: Tensor, unbiased: bool = False) -> Tensor:
     return _center_gram_(_f64(K).clone(), unbiased)
 
 
-def _hsic_from_centred(C: Tensor, unbiased: bool) -> Tensor:
-    R, n, _ = C.shape
-    G = C.reshape(R, n * n)
-    M = G @ G.T
-    M = (M + M.T) / 2  # exact symmetry
-    return M / (n * (n - 3)) if unbiased else M / (n - 1) ** 2
-
-
 def hsic_matrix(grams: Tensor, unbiased: bool = True) -> Tensor:
     """All-pairs HSIC of R representations from their Grams [R, N, N] -> [R, R] float64.
 
@@ -186,7 +178,11 @@ def hsic_matrix(grams: Tensor, unbiased: bool = True) -> Tensor:
     grams = _f64(grams)
     if grams.ndim != 3 or grams.shape[-1] != grams.shape[-2]:
         raise ValueError(f"grams must be [R, N, N], got {tuple(grams.shape)}")
-    return _hsic_from_centred(_center_gram_(grams.clone(), unbiased), unbiased)
+    n = grams.shape[-1]
+    G = _center_gram_(grams.clone(), unbiased).flatten(1)                  # [R, N^2]
+    M = G @ G.T
+    M = (M + M.T) / 2  # exact symmetry
+    return M / (n * (n - 3)) if unbiased else M / (n - 1) ** 2
 
 
 def _hsic_both(grams: Tensor) -> tuple:

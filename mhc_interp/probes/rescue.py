@@ -37,6 +37,7 @@ from .causal import CausalProbe, PromptStats, clean_run, kl_metric, stats_arrays
 from .corpus_mean import corpus_mean_with_count
 from .figure_helpers import annotate, heatmap_grid
 from .runner import run_probes
+from .sites import evenly_spaced
 
 MODES = ("one_shot", "persistent")
 ABLATIONS = ("zero", "mean", "corpus_mean")
@@ -277,7 +278,7 @@ class RescueResult(ProbeResult):
         fig.colorbar(im, ax=ax, shrink=0.8, label="rescue %")
         figs["rescue_global"] = fig
 
-        picks = np.unique(np.linspace(0, len(names) - 1, min(max_layers, len(names))).round().astype(int))
+        picks = evenly_spaced(len(names), max_layers)
         fig = heatmap_grid([100 * self["rescue"][k] for k in picks], [names[k] for k in picks], vmin=0, vmax=100,
                            xlabel="recovered stream", ylabel="ablated stream", colorbar="rescue %", chars=3,
                            labels=lambda m: _rescue_labels(m, low="low", digits=0),

@@ -108,12 +108,11 @@ class SAEFeatures(Probe):
         check_hook_names(names, model.hook_dict)
         own_kind = "stream states" if self.stream_valued else "[batch, pos, d_model] hooks"
         bad = [n for n in names if (suffix(n) in STREAM_STATE_SUFFIXES) != self.stream_valued]
-        for n in names:
-            if n not in bad:
-                check_site(model, (n, 0) if self.stream_valued else (n, None))
         if bad:
             raise ValueError(f"{self.name}: the SAE was trained on {stream_site(hook, self.home_stream)!r}, "
                              f"so its sites must be {own_kind}; these are not: {bad}")
+        for n in names:
+            check_site(model, (n, 0) if self.stream_valued else (n, None))
         return names
 
     def hook_names(self, model) -> List[str]:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import html
 import json
-import math
 import shutil
 import time
 from concurrent.futures import Future
@@ -17,7 +16,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple, Type
 
-import numpy as np
 from torch import Tensor
 
 from . import output_folder
@@ -225,8 +223,7 @@ def _run_all(model, tokens: Tensor, folder: Path, cfg: ReportConfig, timer: Phas
 def findings(result: ProbeResult) -> List[Dict]:
     """The one-line findings a probe's result supports, each {"key", "text", "values"} (plain
     data: numbers, strings and lists); none where the result cannot say (NaN, one stream)."""
-    make = _PENDING_FINDINGS.get(result.probe, type(result).findings)
-    return [f for f in make(result) if f is not None]
+    return [f for f in result.findings() if f is not None]
 
 
 def collect_findings(sections: List[Dict]) -> List[Dict]:
@@ -237,37 +234,6 @@ def collect_findings(sections: List[Dict]) -> List[Dict]:
     return found[:MAX_FINDINGS]
 
 
-def _stream_usage_findings(r: ProbeResult) -> List[Optional[Dict]]:
-    subs = r.meta["sublayers"]
-    share = np.asarray(r["read_share_norm"], dtype=float).mean(0)          # [n] over sublayers
-    n = share.size
-    out: List[Optional[Dict]] = [None, None]
-    if n > 1 and np.isfinite(share).all():
-        top, low, even = int(share.argmax()), int(share.argmin()), 1 / n
-        if share[top] - even < 0.05:
-            text = (f"No stream dominates what the sublayers read: norm-weighted read shares from "
-                    f"{share[low]:.0%} to {share[top]:.0%} (an even split is {even:.0%}).")
-        else:
-            text = (f"Stream {top} dominates what the sublayers read: {share[top]:.0%} of the norm-weighted "
-                    f"read share (an even split is {even:.0%}; stream {low} least, {share[low]:.0%}).")
-        out[0] = r.finding("dominant_stream", text, stream=top, share=float(share[top]), least_stream=low,
-                           least_share=float(share[low]), even_share=even)
-    dist = np.asarray(r["h_res_dist"], dtype=float)                        # E_t ||H_res - I||_F per sublayer
-    if n > 1 and np.isfinite(dist).all() and dist.size:
-        ref, k, mean = math.sqrt(n - 1), int(dist.argmax()), float(dist.mean())
-        verdict = ("stay close to the identity" if mean < 0.2 * ref else
-                   "mix the streams partly" if mean < 0.5 * ref else "mix the streams strongly")
-        where = (f"except at {subs[k]} ({dist[k]:.2f})" if mean < 0.2 * ref and dist[k] >= 0.5 * ref
-                 else f"most at {subs[k]} ({dist[k]:.2f})")
-        out[1] = r.finding("mixers", f"The mixers H_res {verdict}: ||H_res - I||_F = {mean:.2f} on average "
-                                     f"(0 = identity, {ref:.2f} = uniform mixing), {where}.",
-                           mean_distance=mean, max_distance=float(dist[k]), max_sublayer=subs[k],
-                           uniform_mixing_distance=ref)
-    return out
-
-
-# PENDING: into StreamUsageResult.findings() (stream_usage.py), then this table goes.
-_PENDING_FINDINGS = {"stream_usage": _stream_usage_findings}
 
 
 # ------------------------------------------------------------------------------ the page

@@ -17,17 +17,27 @@ For sublayer l with stream state x [n, d] and coefficients (h_pre, h_post, H_res
 """
 from __future__ import annotations
 
+import math
 from pathlib import Path
-from typing import Dict, List, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from .base import (Probe, ProbeResult, ReportSection, masked_rows, register_probe, register_result, require_streams,
-                   take_rows)
+from .base import (
+    Probe,
+    ProbeResult,
+    ReportSection,
+    masked_rows,
+    register_probe,
+    register_result,
+    require_streams,
+    take_rows,
+)
 from .figure_helpers import MAX_ANNOTATED_COLUMNS, heatmap_grid, text_color
 from .sites import evenly_spaced
+
 
 def _share(weights: Tensor) -> Tensor:  # [..., n] -> [..., n], |w| normalised to sum 1
     w = weights.abs()
@@ -96,6 +106,36 @@ class StreamUsage(Probe):
 
 @register_result
 class StreamUsageResult(ProbeResult):
+    def findings(self) -> List[Optional[Dict]]:
+        """The stream the sublayers read most (norm-weighted read share) and how far the mixers are
+        from the identity (E_t ||H_res - I||_F against sqrt(n - 1), uniform mixing)."""
+        subs = self.meta["sublayers"]
+        share = np.asarray(self["read_share_norm"], dtype=float).mean(0)          # [n] over sublayers
+        n = share.size
+        out: List[Optional[Dict]] = [None, None]
+        if n > 1 and np.isfinite(share).all():
+            top, low, even = int(share.argmax()), int(share.argmin()), 1 / n
+            if share[top] - even < 0.05:
+                text = (f"No stream dominates what the sublayers read: norm-weighted read shares from "
+                        f"{share[low]:.0%} to {share[top]:.0%} (an even split is {even:.0%}).")
+            else:
+                text = (f"Stream {top} dominates what the sublayers read: {share[top]:.0%} of the norm-weighted "
+                        f"read share (an even split is {even:.0%}; stream {low} least, {share[low]:.0%}).")
+            out[0] = self.finding("dominant_stream", text, stream=top, share=float(share[top]), least_stream=low,
+                               least_share=float(share[low]), even_share=even)
+        dist = np.asarray(self["h_res_dist"], dtype=float)                        # E_t ||H_res - I||_F per sublayer
+        if n > 1 and np.isfinite(dist).all() and dist.size:
+            ref, k, mean = math.sqrt(n - 1), int(dist.argmax()), float(dist.mean())
+            verdict = ("stay close to the identity" if mean < 0.2 * ref else
+                       "mix the streams partly" if mean < 0.5 * ref else "mix the streams strongly")
+            where = (f"except at {subs[k]} ({dist[k]:.2f})" if mean < 0.2 * ref and dist[k] >= 0.5 * ref
+                     else f"most at {subs[k]} ({dist[k]:.2f})")
+            out[1] = self.finding("mixers", f"The mixers H_res {verdict}: ||H_res - I||_F = {mean:.2f} on average "
+                                         f"(0 = identity, {ref:.2f} = uniform mixing), {where}.",
+                               mean_distance=mean, max_distance=float(dist[k]), max_sublayer=subs[k],
+                               uniform_mixing_distance=ref)
+        return out
+
     def collapse_summary(self) -> Dict[str, float]:
         """Scalars that say how far the streams have collapsed onto one:
         read_share_entropy   mean over sublayers of H(norm-weighted read share) / log2(n)

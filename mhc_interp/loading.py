@@ -9,6 +9,7 @@ Formats read by `load_pretrained(name_or_path)`:
 - a folder written by `save_pretrained` (our keys, `config.json` with `mhc_interp_format`);
 - a HuggingFace hub repo id: downloaded with `huggingface_hub`, then read as a folder.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -18,8 +19,8 @@ import os
 import re
 import warnings
 import zipfile
-from pathlib import Path
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Dict, Optional, Tuple, Union
 
 import torch
@@ -32,8 +33,13 @@ log = logging.getLogger(__name__)
 FORMAT_KEY = "mhc_interp_format"
 FORMAT_VERSION = 1
 WEIGHT_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt",
-                   "special_tokens_map.json")
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "vocab.json",
+    "merges.txt",
+    "special_tokens_map.json",
+)
 
 
 class CheckpointError(ValueError):
@@ -53,14 +59,20 @@ class Placement:
         if self.dtype != "auto":
             return Placement(self.dtype, torch.device(self.device))
         floats = [v.dtype for v in state_dict.values() if v.is_floating_point()]
-        return Placement(max(set(floats), key=floats.count) if floats else torch.float32, torch.device(self.device))
+        return Placement(
+            max(set(floats), key=floats.count) if floats else torch.float32, torch.device(self.device)
+        )
 
 
 # ------------------------------------------------------------------- nanoGPT key translation
 _BLOCK_KEY = re.compile(r"transformer\.h\.(\d+)\.(.+)")
-_TOP_LEVEL_KEYS = {"transformer.wte.weight": "embed.weight", "transformer.wpe.weight": "pos_embed.weight",
-                   "transformer.ln_f.weight": "ln_final.weight", "transformer.ln_f.bias": "ln_final.bias",
-                   "expand_stream.lss": "expand.lss"}   # nanoGPT key -> ours, outside the blocks
+_TOP_LEVEL_KEYS = {
+    "transformer.wte.weight": "embed.weight",
+    "transformer.wpe.weight": "pos_embed.weight",
+    "transformer.ln_f.weight": "ln_final.weight",
+    "transformer.ln_f.bias": "ln_final.bias",
+    "expand_stream.lss": "expand.lss",
+}  # nanoGPT key -> ours, outside the blocks
 
 
 def _translate_block_key(layer: str, rest: str) -> Optional[str]:
@@ -106,13 +118,15 @@ def nanogpt_state_dict_to_hooked(sd: Dict[str, Tensor]) -> Tuple[Dict[str, Tenso
         else:
             raise CheckpointError(f"unexpected key {key!r} in checkpoint")
         if ours in out:
-            if not torch.equal(out[ours], value):   # False for different shapes too
+            if not torch.equal(out[ours], value):  # False for different shapes too
                 raise CheckpointError(
                     f"checkpoint keys {sources[ours]!r} and {key!r} should hold the same tensor but differ"
                 )
             continue
         out[ours], sources[ours] = value, key
-    tied = lm_head is None or ("embed.weight" in out and torch.equal(lm_head, out["embed.weight"]))
+    if "embed.weight" not in out and lm_head is not None:  # a tied pair stored once, under lm_head.weight
+        out["embed.weight"], lm_head = lm_head, None  # (safetensors' save_model keeps the first name sorted)
+    tied = lm_head is None or torch.equal(lm_head, out["embed.weight"])
     if not tied:
         out["unembed.weight"] = lm_head
     return out, tied
@@ -124,14 +138,14 @@ def hooked_state_dict_to_nanogpt(sd: Dict[str, Tensor], cfg: MHCConfig) -> Dict[
     nanogpt_keys = {ours: theirs for theirs, ours in _TOP_LEVEL_KEYS.items()}
     out: Dict[str, Tensor] = {}
     for key, value in sd.items():
+        if key in nanogpt_keys:  # before lm_head: writers that store a shared tensor once keep the first key
+            out[nanogpt_keys[key]] = value
         if key == "unembed.weight" or (key == "embed.weight" and cfg.tie_embeddings):
             out["lm_head.weight"] = value
         if key == "expand.lss":
             for layer in range(cfg.n_layers):
                 out[f"transformer.h.{layer}.expand_stream.lss"] = value
-        if key in nanogpt_keys:
-            out[nanogpt_keys[key]] = value
-        elif key != "unembed.weight":
+        if key not in nanogpt_keys and key != "unembed.weight":
             layer, sub, rest = re.fullmatch(r"blocks\.(\d+)\.(attn|mlp)\.(.+)", key).groups()
             if rest.startswith("mixer."):
                 out[f"transformer.h.{layer}.hc_{sub}.{rest[6:].replace('norm_gamma', 'norm.gamma')}"] = value
@@ -143,8 +157,9 @@ def hooked_state_dict_to_nanogpt(sd: Dict[str, Tensor], cfg: MHCConfig) -> Dict[
 
 
 # ------------------------------------------------------------------------- building a model
-def build_model(cls, cfg: MHCConfig, state_dict: Dict[str, Tensor], source: str,
-                placement: Placement = Placement()):
+def build_model(
+    cls, cfg: MHCConfig, state_dict: Dict[str, Tensor], source: str, placement: Placement = Placement()
+):
     """`cls(cfg)` holding `state_dict`'s tensors (taken out of it) in `placement`'s dtype and device.
 
     Built on the meta device (no allocation, no init, the global RNG untouched) and checked against
@@ -155,21 +170,30 @@ def build_model(cls, cfg: MHCConfig, state_dict: Dict[str, Tensor], source: str,
     placement = placement.resolve(state_dict)
     with torch.random.fork_rng(devices=[]), _defaults(placement.dtype, "meta"):
         model = cls(cfg)
-    expected = model.state_dict()   # meta tensors: the target shape and dtype of every key
+    expected = model.state_dict()  # meta tensors: the target shape and dtype of every key
     _check_keys(state_dict, expected, cfg, source)
     n_bytes = sum(t.nbytes for t in (*model.parameters(), *model.buffers()))
     _check_fits_in_memory(n_bytes, placement.device, source)
     bad = nonfinite_tensors(state_dict)
     if bad:
-        warnings.warn(f"{source}: non-finite weights (NaN or inf) in {bad[:8]}{'...' if len(bad) > 8 else ''}: "
-                      f"every output of this model will be wrong", stacklevel=3)
+        warnings.warn(
+            f"{source}: non-finite weights (NaN or inf) in {bad[:8]}{'...' if len(bad) > 8 else ''}: "
+            f"every output of this model will be wrong",
+            stacklevel=3,
+        )
     # a narrowing cast peaks at the start (all sources + the first copy), a widening one at the end
     # (all copies + the last source): smallest first, resp. last
-    order = sorted(state_dict, key=lambda k: state_dict[k].numel() * (
-        -1 if expected[k].element_size() > state_dict[k].element_size() else 1))
+    order = sorted(
+        state_dict,
+        key=lambda k: (
+            state_dict[k].numel() * (-1 if expected[k].element_size() > state_dict[k].element_size() else 1)
+        ),
+    )
     storages: set = set()
-    placed = {key: _own_tensor(state_dict.pop(key), expected[key].dtype, placement.device, storages)
-              for key in order}
+    placed = {
+        key: _own_tensor(state_dict.pop(key), expected[key].dtype, placement.device, storages)
+        for key in order
+    }
     model.load_state_dict(placed, strict=True, assign=True)
     del placed
     with _defaults(placement.dtype, placement.device):
@@ -178,8 +202,10 @@ def build_model(cls, cfg: MHCConfig, state_dict: Dict[str, Tensor], source: str,
                 module.rebuild_buffers()
     unset = [name for name, t in (*model.named_parameters(), *model.named_buffers()) if t.is_meta]
     if unset:
-        raise CheckpointError(f"{source}: {unset[:8]} are neither in the checkpoint nor rebuilt: a module with a "
-                              f"non-persistent buffer must define rebuild_buffers()")
+        raise CheckpointError(
+            f"{source}: {unset[:8]} are neither in the checkpoint nor rebuilt: a module with a "
+            f"non-persistent buffer must define rebuild_buffers()"
+        )
     return model.eval()
 
 
@@ -195,10 +221,14 @@ def _defaults(dtype: torch.dtype, device):
         torch.set_default_dtype(previous)
 
 
-def _check_keys(state_dict: Dict[str, Tensor], expected: Dict[str, Tensor], cfg: MHCConfig, source: str) -> None:
+def _check_keys(
+    state_dict: Dict[str, Tensor], expected: Dict[str, Tensor], cfg: MHCConfig, source: str
+) -> None:
     layers = {int(m.group(1)) for k in state_dict if (m := re.match(r"blocks\.(\d+)\.", k))}
     if layers and max(layers) + 1 != cfg.n_layers:
-        raise CheckpointError(f"{source}: the config says {cfg.n_layers} layers but the weights hold {max(layers) + 1}")
+        raise CheckpointError(
+            f"{source}: the config says {cfg.n_layers} layers but the weights hold {max(layers) + 1}"
+        )
     missing = sorted(set(expected) - set(state_dict))
     unexpected = sorted(set(state_dict) - set(expected))
     if missing or unexpected:
@@ -208,8 +238,11 @@ def _check_keys(state_dict: Dict[str, Tensor], expected: Dict[str, Tensor], cfg:
             f"missing keys {missing[:8]}{'...' if len(missing) > 8 else ''}, "
             f"unexpected keys {unexpected[:8]}{'...' if len(unexpected) > 8 else ''}"
         )
-    wrong = [f"{k}: {tuple(v.shape)} vs expected {tuple(expected[k].shape)}"
-             for k, v in state_dict.items() if v.shape != expected[k].shape]
+    wrong = [
+        f"{k}: {tuple(v.shape)} vs expected {tuple(expected[k].shape)}"
+        for k, v in state_dict.items()
+        if v.shape != expected[k].shape
+    ]
     if wrong:
         raise CheckpointError(f"{source}: tensor shapes do not match the config: {wrong[:8]}")
 
@@ -219,8 +252,7 @@ def _own_tensor(t: Tensor, dtype: torch.dtype, device: torch.device, storages: s
     storage or one another key took (`storages`): then a copy, so no two parameters share memory."""
     out = t.detach().to(device=device, dtype=dtype)
     storage = out.untyped_storage()
-    if (out.data_ptr() in storages or not out.is_contiguous()
-            or storage.nbytes() != out.nbytes):
+    if out.data_ptr() in storages or not out.is_contiguous() or storage.nbytes() != out.nbytes:
         out = out.clone(memory_format=torch.contiguous_format)
     storages.add(out.data_ptr())
     return out
@@ -233,8 +265,10 @@ def _check_fits_in_memory(need: int, device: torch.device, source: str) -> None:
     else:
         free = available_memory_bytes() if device.type == "cpu" else None
     if free is not None and need > free:
-        raise CheckpointError(f"{source}: the model needs {need / 2**30:.2f} GiB but {device} has "
-                              f"{free / 2**30:.2f} GiB of memory available")
+        raise CheckpointError(
+            f"{source}: the model needs {need / 2**30:.2f} GiB but {device} has "
+            f"{free / 2**30:.2f} GiB of memory available"
+        )
 
 
 def nonfinite_tensors(tensors) -> list:
@@ -248,7 +282,7 @@ def _all_finite(t: Tensor, chunk: int = 1 << 22) -> bool:
     """isfinite over `chunk` elements at a time: no temporary the size of the tensor (the float32
     embedding of a 50k vocabulary at d 1280 would add 430 MiB to a load's peak)."""
     flat = t.detach().reshape(-1)
-    return all(bool(torch.isfinite(flat[i:i + chunk]).all()) for i in range(0, flat.numel(), chunk))
+    return all(bool(torch.isfinite(flat[i : i + chunk]).all()) for i in range(0, flat.numel(), chunk))
 
 
 def _config(parse, raw, source) -> MHCConfig:
@@ -262,7 +296,7 @@ def _config(parse, raw, source) -> MHCConfig:
 def _from_nanogpt(cls, model_args: Dict[str, Any], sd: Dict[str, Tensor], source: str, placement: Placement):
     cfg = _config(MHCConfig.from_nanogpt_args, model_args, source)
     ours, tied = nanogpt_state_dict_to_hooked(sd)
-    sd.clear()   # `ours` holds the tensors now: each is freed once build_model has converted it
+    sd.clear()  # `ours` holds the tensors now: each is freed once build_model has converted it
     cfg.tie_embeddings = tied
     return build_model(cls, cfg, ours, source, placement)
 
@@ -279,13 +313,15 @@ def verify_archive(path: Path) -> None:
     except (zipfile.BadZipFile, OSError, EOFError, ValueError) as e:
         raise CheckpointError(f"{path}: damaged checkpoint archive ({e}): download or copy it again") from e
     if damaged is not None:
-        raise CheckpointError(f"{path}: damaged checkpoint: the checksum of {damaged!r} does not match its data "
-                              f"(corrupted on disk or in transfer): download or copy it again")
+        raise CheckpointError(
+            f"{path}: damaged checkpoint: the checksum of {damaged!r} does not match its data "
+            f"(corrupted on disk or in transfer): download or copy it again"
+        )
 
 
 def load_nanogpt_checkpoint(cls, path: Path, placement: Placement = Placement()):
     verify_archive(path)
-    try:   # read into memory (not mapped): `build_model` assigns these tensors to the model
+    try:  # read into memory (not mapped): `build_model` assigns these tensors to the model
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - any unpickling failure means a bad file
         raise CheckpointError(f"{path}: not a loadable torch checkpoint ({e})") from e
@@ -304,9 +340,9 @@ def _read_safetensors(path: Path) -> Dict[str, Tensor]:
 
     try:
         try:
-            with safe_open(str(path), "pt", backend="pread") as f:   # safetensors >= 0.8
+            with safe_open(str(path), "pt", backend="pread") as f:  # safetensors >= 0.8
                 return f.get_tensors()
-        except TypeError:   # an older safetensors maps the file: copy the tensors out of it
+        except TypeError:  # an older safetensors maps the file: copy the tensors out of it
             with safe_open(str(path), "pt") as f:
                 return {k: f.get_tensor(k).clone() for k in f.keys()}
     except (SafetensorError, OSError) as e:
@@ -336,7 +372,9 @@ def load_folder(cls, folder: Path, placement: Placement = Placement(), filename:
         config = read_json(config_path)
         if FORMAT_KEY in config:
             if "config" not in config:
-                raise CheckpointError(f"{config_path}: has {FORMAT_KEY!r} but no 'config' entry; keys {sorted(config)}")
+                raise CheckpointError(
+                    f"{config_path}: has {FORMAT_KEY!r} but no 'config' entry; keys {sorted(config)}"
+                )
             cfg = _config(MHCConfig.from_dict, config["config"], config_path)
             return build_model(cls, cfg, _read_safetensors(weights), str(folder), placement)
         return _from_nanogpt(cls, config, _read_safetensors(weights), str(folder), placement)
@@ -367,8 +405,13 @@ def _pick_hub_files(files) -> list:
     )
 
 
-def download_from_hub(repo_id: str, revision: Optional[str] = None, cache_dir: Optional[str] = None,
-                      local_files_only: Optional[bool] = None, filename: Optional[str] = None) -> Path:
+def download_from_hub(
+    repo_id: str,
+    revision: Optional[str] = None,
+    cache_dir: Optional[str] = None,
+    local_files_only: Optional[bool] = None,
+    filename: Optional[str] = None,
+) -> Path:
     """Fetch what `load_folder` needs from the hub (or the local HF cache) -> snapshot folder."""
     import huggingface_hub
     from huggingface_hub import constants, snapshot_download
@@ -382,8 +425,13 @@ def download_from_hub(repo_id: str, revision: Optional[str] = None, cache_dir: O
             patterns = ["*.json", "*.safetensors", *[f"*{s}" for s in WEIGHT_SUFFIXES], "merges.txt"]
         else:
             patterns = _pick_hub_files(huggingface_hub.list_repo_files(repo_id, revision=revision))
-        folder = snapshot_download(repo_id, revision=revision, cache_dir=cache_dir,
-                                   local_files_only=local_files_only, allow_patterns=patterns)
+        folder = snapshot_download(
+            repo_id,
+            revision=revision,
+            cache_dir=cache_dir,
+            local_files_only=local_files_only,
+            allow_patterns=patterns,
+        )
     except CheckpointError:
         raise
     except Exception as e:  # noqa: BLE001 - network, auth, missing repo: all the same to the user
@@ -422,16 +470,25 @@ def load_tokenizer(folder: Optional[Path], cfg: MHCConfig):
 def _checked_tokenizer(tokenizer, cfg: MHCConfig, where):
     """A tokenizer whose ids all index the model's embedding (len(tokenizer) <= d_vocab)."""
     if len(tokenizer) > cfg.d_vocab:
-        raise CheckpointError(f"the tokenizer of {where} has {len(tokenizer)} tokens but the model's vocabulary "
-                              f"only {cfg.d_vocab}: they do not belong together")
+        raise CheckpointError(
+            f"the tokenizer of {where} has {len(tokenizer)} tokens but the model's vocabulary "
+            f"only {cfg.d_vocab}: they do not belong together"
+        )
     return tokenizer
 
 
 # ------------------------------------------------------------------------------ entry points
-def load_pretrained(cls, name_or_path, device=None, dtype: Union[torch.dtype, str, None] = None,
-                    revision: Optional[str] = None, cache_dir: Optional[str] = None,
-                    local_files_only: Optional[bool] = None, filename: Optional[str] = None,
-                    tokenizer: Any = "auto"):
+def load_pretrained(
+    cls,
+    name_or_path,
+    device=None,
+    dtype: Union[torch.dtype, str, None] = None,
+    revision: Optional[str] = None,
+    cache_dir: Optional[str] = None,
+    local_files_only: Optional[bool] = None,
+    filename: Optional[str] = None,
+    tokenizer: Any = "auto",
+):
     """Load a model from a .pt file, a folder, or a hub repo id; see the module docstring.
 
     dtype: float32 by default; "auto" keeps the checkpoint's floating dtype (e.g. bf16). The model is
@@ -462,9 +519,12 @@ def save_pretrained(model, path) -> None:
 
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    (path / "config.json").write_text(json.dumps(
-        {FORMAT_KEY: FORMAT_VERSION, "config": model.cfg.to_dict()}, indent=2))
-    save_file({k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()},
-              str(path / "model.safetensors"))
+    (path / "config.json").write_text(
+        json.dumps({FORMAT_KEY: FORMAT_VERSION, "config": model.cfg.to_dict()}, indent=2)
+    )
+    save_file(
+        {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()},
+        str(path / "model.safetensors"),
+    )
     if model.tokenizer is not None and hasattr(model.tokenizer, "save_pretrained"):
         model.tokenizer.save_pretrained(str(path))

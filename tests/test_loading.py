@@ -1,6 +1,7 @@
 """Loading and saving: our format round-trips, the nanoGPT format generalises beyond the six
 reference checkpoints, the hub code path works from a local HF cache, and bad checkpoints fail
 with errors that name the problem."""
+
 import json
 import shutil
 
@@ -17,13 +18,28 @@ from .conftest import FIXTURES, perturbed_model, tiny_config
 
 def save_nanogpt(model: HookedMHC, path, prefix=""):
     sd = hooked_state_dict_to_nanogpt(model.state_dict(), model.cfg)
-    torch.save({"model": {prefix + k: v for k, v in sd.items()},
-                "model_args": model.cfg.to_nanogpt_args(), "iter_num": 0}, path)
+    torch.save(
+        {
+            "model": {prefix + k: v for k, v in sd.items()},
+            "model_args": model.cfg.to_nanogpt_args(),
+            "iter_num": 0,
+        },
+        path,
+    )
     return path
 
 
-@pytest.mark.parametrize("kind,n,bias", [("mhc", 3, False), ("mhc_lite", 3, True), ("hc", 2, False),
-                                         ("mhc_lite_lss", 2, False), ("none", 1, False), ("mhc", 5, True)])
+@pytest.mark.parametrize(
+    "kind,n,bias",
+    [
+        ("mhc", 3, False),
+        ("mhc_lite", 3, True),
+        ("hc", 2, False),
+        ("mhc_lite_lss", 2, False),
+        ("none", 1, False),
+        ("mhc", 5, True),
+    ],
+)
 def test_nanogpt_format_generalises(kind, n, bias, tmp_path, tokens):
     model = perturbed_model(tiny_config(kind, n, bias=bias, d_vocab=128, n_ctx=32))
     path = save_nanogpt(model, tmp_path / "ckpt.pt", prefix="_orig_mod.")
@@ -44,6 +60,19 @@ def test_untied_unembedding_is_kept(tmp_path, tokens):
     loaded = HookedMHC.from_pretrained(save_nanogpt(model, tmp_path / "c.pt"))
     assert loaded.cfg.tie_embeddings is False
     assert torch.equal(loaded(tokens), model(tokens))
+
+
+def test_tied_embedding_stored_once_under_either_name(tokens):
+    """A tied embedding written once (safetensors' save_model keeps the first name in sorted order,
+    `lm_head.weight`) loads the same as one written under `transformer.wte.weight`."""
+    from mhc_interp.loading import nanogpt_state_dict_to_hooked
+
+    model = perturbed_model(tiny_config("mhc", d_vocab=128, n_ctx=32))
+    sd = hooked_state_dict_to_nanogpt(model.state_dict(), model.cfg)
+    for dropped in ("lm_head.weight", "transformer.wte.weight"):
+        ours, tied = nanogpt_state_dict_to_hooked({k: v for k, v in sd.items() if k != dropped})
+        assert tied and "unembed.weight" not in ours
+        assert torch.equal(ours["embed.weight"], model.embed.weight)
 
 
 def test_dtype_and_device(tokens):
@@ -156,9 +185,11 @@ def test_nanogpt_args_edge_cases():
     assert none.n_streams == 1
     five = MHCConfig.from_nanogpt_args(dict(shapes, hyper_conn_type="mhc", hyper_conn_n=2, sinkhorn_iters=5))
     assert five.sinkhorn_iters == 5 and MHCConfig.from_nanogpt_args(five.to_nanogpt_args()) == five
-    assert "sinkhorn_iters" not in tiny_config("mhc").to_nanogpt_args()   # the public GPTConfig has none
+    assert "sinkhorn_iters" not in tiny_config("mhc").to_nanogpt_args()  # the public GPTConfig has none
     with pytest.warns(UserWarning, match=r"\['mhc_gate_fn'\] are not part of the public mHC code"):
-        MHCConfig.from_nanogpt_args(dict(shapes, hyper_conn_type="mhc", hyper_conn_n=2, mhc_gate_fn="softmax"))
+        MHCConfig.from_nanogpt_args(
+            dict(shapes, hyper_conn_type="mhc", hyper_conn_n=2, mhc_gate_fn="softmax")
+        )
 
 
 def test_bf16_checkpoint_is_built_in_bf16_without_a_float32_copy(tmp_path, tokens, monkeypatch):
@@ -187,8 +218,15 @@ def _all_tensors(model):
 
 
 @pytest.mark.parametrize("variant", sorted(MIXERS))
-@pytest.mark.parametrize("layout,dtype", [("ours", torch.float32), ("ours", torch.bfloat16),
-                                          ("nanogpt", torch.float32), ("nanogpt", torch.bfloat16)])
+@pytest.mark.parametrize(
+    "layout,dtype",
+    [
+        ("ours", torch.float32),
+        ("ours", torch.bfloat16),
+        ("nanogpt", torch.float32),
+        ("nanogpt", torch.bfloat16),
+    ],
+)
 def test_loaded_model_holds_exactly_the_checkpoint(variant, layout, dtype, tmp_path):
     """Built on the meta device and assigned: every parameter and buffer equals the checkpoint's
     tensor cast to the dtype (none left at an init value, none on meta), the buffers no checkpoint
@@ -211,8 +249,11 @@ def test_loaded_model_holds_exactly_the_checkpoint(variant, layout, dtype, tmp_p
         want = saved[name].to(dtype) if name in saved else fresh[name]
         assert tensor.dtype == want.dtype and torch.equal(tensor, want), name
     unsaved = set(got) - set(saved)
-    assert unsaved == ({f"blocks.{l}.{s}.mixer.perms" for l in range(2) for s in ("attn", "mlp")}
-                       if variant.startswith("mhc_lite") else set())
+    assert unsaved == (
+        {f"blocks.{l}.{s}.mixer.perms" for l in range(2) for s in ("attn", "mlp")}
+        if variant.startswith("mhc_lite")
+        else set()
+    )
     # each parameter owns its memory: an in-place edit of one reaches no other
     ptrs = [t.data_ptr() for t in loaded.parameters()]
     assert len(set(ptrs)) == len(ptrs)
@@ -240,7 +281,7 @@ def test_a_buffer_nobody_rebuilds_is_named(tmp_path, monkeypatch):
 
     perturbed_model(tiny_config("mhc_lite", 3)).save_pretrained(tmp_path / "m")
 
-    def only_once(self):   # made by the constructor (on meta), not again by the loader
+    def only_once(self):  # made by the constructor (on meta), not again by the loader
         if not hasattr(self, "perms"):
             self.register_buffer("perms", permutation_matrices(self.n_streams), persistent=False)
 

@@ -20,6 +20,7 @@ count is forward-equivalents: a cell at sublayer l costs (L - l) / L of a forwar
 `torch.autograd.graph.saved_tensors_hooks`, so also on a CPU; on cuda also peak MiB), and the
 speed-up of each estimate over its exact sweep. Never asserts timings.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -30,7 +31,16 @@ import torch
 from mhc_interp.probes import activation_patching, attribution_patching
 from mhc_interp.probes.causal import clean_run, kl_metric
 
-from .common import add_common_args, build_model, cli, prepare, print_table, random_tokens, timed, write_result
+from .common import (
+    add_common_args,
+    build_model,
+    cli,
+    prepare,
+    print_table,
+    random_tokens,
+    timed,
+    write_result,
+)
 
 
 def saved_mib(fn) -> float:
@@ -42,13 +52,13 @@ def saved_mib(fn) -> float:
         try:
             key = t.untyped_storage().data_ptr()
             seen[key] = max(seen.get(key, 0), t.untyped_storage().nbytes())
-        except (RuntimeError, NotImplementedError):   # tensors without storage (e.g. sparse, meta)
+        except (RuntimeError, NotImplementedError):  # tensors without storage (e.g. sparse, meta)
             pass
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         fn()
-    return sum(seen.values()) / 2 ** 20
+    return sum(seen.values()) / 2**20
 
 
 def exact_forward_equivalents(n_sub: int, n: int, positions: int = 1) -> float:
@@ -56,11 +66,17 @@ def exact_forward_equivalents(n_sub: int, n: int, positions: int = 1) -> float:
 
 
 def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
-    p = add_common_args(argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter),
-                        repeats=1)
+    p = add_common_args(
+        argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter),
+        repeats=1,
+    )
     p.add_argument("--steps", type=int, default=2, help="integrated-gradient points (default 2)")
-    p.add_argument("--position-sublayers", type=int, default=2,
-                   help="sublayers the exact per-position sweep is timed on (scaled to all)")
+    p.add_argument(
+        "--position-sublayers",
+        type=int,
+        default=2,
+        help="sublayers the exact per-position sweep is timed on (scaled to all)",
+    )
     args = p.parse_args(argv)
     device = prepare(args)
     if args.steps < 1 or args.position_sublayers < 1:
@@ -74,7 +90,9 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     subset = list(range(0, n_sub, max(1, n_sub // args.position_sublayers)))[: args.position_sublayers]
     # a cell at sublayer l runs (L - l) / L of the model: scale by cost, not by count
     scale = sum(n_sub - l for l in range(n_sub)) / sum(n_sub - l for l in subset)
-    print(f"{model.summary()}\nprompts {batch} x {seq}; exact per-position sweep timed on sublayers {subset}, x{scale:.2f}")
+    print(
+        f"{model.summary()}\nprompts {batch} x {seq}; exact per-position sweep timed on sublayers {subset}, x{scale:.2f}"
+    )
     kw = dict(batch_size=batch)
 
     def plain():
@@ -97,28 +115,45 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     rows["exact"] = run(lambda: activation_patching(model, tokens, corrupted, **kw))
     rows["exact"]["passes"] = exact_forward_equivalents(n_sub, n)
     for name, method, steps in (("atp", "atp", 1), (f"ig ({args.steps})", "ig", args.steps)):
-        fn = (lambda method=method, steps=steps: attribution_patching(model, tokens, corrupted, method=method,
-                                                                      steps=steps, **kw))
+        fn = lambda method=method, steps=steps: attribution_patching(
+            model, tokens, corrupted, method=method, steps=steps, **kw
+        )
         rows[name] = run(fn)
         if not rows[name]["oom"]:
             res = fn()
-            rows[name].update(passes=(res.meta["forward_passes"] + res.meta["backward_passes"]) / -(-batch // batch),
-                              saved_mib=saved_mib(fn), speedup=rows["exact"]["seconds"] / rows[name]["seconds"])
-    rows["exact per-pos"] = run(lambda: activation_patching(model, tokens, corrupted, positions="each",
-                                                            sublayers=subset, **kw), scale_by=scale)
+            rows[name].update(
+                passes=(res.meta["forward_passes"] + res.meta["backward_passes"]) / -(-batch // batch),
+                saved_mib=saved_mib(fn),
+                speedup=rows["exact"]["seconds"] / rows[name]["seconds"],
+            )
+    rows["exact per-pos"] = run(
+        lambda: activation_patching(model, tokens, corrupted, positions="each", sublayers=subset, **kw),
+        scale_by=scale,
+    )
     rows["exact per-pos"]["passes"] = exact_forward_equivalents(n_sub, n, seq)
     per_pos = lambda: attribution_patching(model, tokens, corrupted, positions="each", **kw)  # noqa: E731
     rows["atp per-pos"] = run(per_pos)
     if not rows["atp per-pos"]["oom"]:
-        rows["atp per-pos"].update(passes=3.0, saved_mib=saved_mib(per_pos),
-                                   speedup=rows["exact per-pos"]["seconds"] / rows["atp per-pos"]["seconds"])
+        rows["atp per-pos"].update(
+            passes=3.0,
+            saved_mib=saved_mib(per_pos),
+            speedup=rows["exact per-pos"]["seconds"] / rows["atp per-pos"]["seconds"],
+        )
     base = rows["fwd+bwd"].get("saved_mib")
     for r in rows.values():
         if r.get("saved_mib") is not None and base:
             r["saved_ratio"] = r["saved_mib"] / base
-    print_table(rows, [("seconds", "seconds", ".3f"), ("passes", "passes", ".1f"), ("saved MiB", "saved_mib", ".1f"),
-                       ("x fwd+bwd", "saved_ratio", ".2f"), ("peak MiB", "peak_mib", ".0f"),
-                       ("speed-up", "speedup", ".1f")])
+    print_table(
+        rows,
+        [
+            ("seconds", "seconds", ".3f"),
+            ("passes", "passes", ".1f"),
+            ("saved MiB", "saved_mib", ".1f"),
+            ("x fwd+bwd", "saved_ratio", ".2f"),
+            ("peak MiB", "peak_mib", ".0f"),
+            ("speed-up", "speedup", ".1f"),
+        ],
+    )
     result = {"rows": rows, "steps": args.steps, "position_sublayers": subset}
     write_result("attribution", args, device, result)
     return result

@@ -24,6 +24,7 @@ only). `ideal s` = those FLOPs at the plain forward's achieved rate; `efficiency
 measured s (1.0 = no overhead beyond the FLOPs; the issue's target is >= 0.5); `MFU` = needed
 FLOPs / measured s / peak (cuda). Columns also: seconds, peak GPU MiB, speed-up over naive.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -37,9 +38,22 @@ from mhc_interp.hooks import is_mixing_hook
 from mhc_interp.probes import ablate_and_rescue, activation_patching
 from mhc_interp.probes.causal import clean_run
 
-from .common import (add_common_args, build_model, check_batch_fits, cli, forward_flops_per_token, peak_flops,
-                     prepare, print_table, random_tokens, readout_flops_per_token, sublayer_flops_per_token,
-                     sync, timed, write_result)
+from .common import (
+    add_common_args,
+    build_model,
+    check_batch_fits,
+    cli,
+    forward_flops_per_token,
+    peak_flops,
+    prepare,
+    print_table,
+    random_tokens,
+    readout_flops_per_token,
+    sublayer_flops_per_token,
+    sync,
+    timed,
+    write_result,
+)
 
 
 @torch.no_grad()
@@ -55,7 +69,9 @@ def naive_rescue(model, tokens, corrupted, cache, sublayers):
     with model.frozen_mixing(cache):
         for l in sublayers:
             for streams in ablations:
-                model.run_with_hooks(tokens, fwd_hooks=[model.stream_hook(f"{names[l]}.hook_streams_in", list(streams), 0.0)])
+                model.run_with_hooks(
+                    tokens, fwd_hooks=[model.stream_hook(f"{names[l]}.hook_streams_in", list(streams), 0.0)]
+                )
 
 
 @torch.no_grad()
@@ -72,7 +88,9 @@ def naive_patching(model, clean, corrupted, cache, sublayers):
             model.run_with_hooks(corrupted, fwd_hooks=[model.stream_hook(name, s, cache[name][:, :, s])])
 
 
-def naive_sweep(make_cache, loop, chunks, subset, scale: float, device, repeats: int, warmup: int) -> Dict[str, Any]:
+def naive_sweep(
+    make_cache, loop, chunks, subset, scale: float, device, repeats: int, warmup: int
+) -> Dict[str, Any]:
     """Seconds of the naive sweep: for every prompt batch, its cache run once plus the intervention
     loop, timed on the `subset` of sublayers and extrapolated to all of them (x `scale`; the cache
     run is not scaled); peak memory over the prompt batches."""
@@ -86,7 +104,7 @@ def naive_sweep(make_cache, loop, chunks, subset, scale: float, device, repeats:
         except torch.OutOfMemoryError:
             return {"oom": True}
         total += time.perf_counter() - t0
-        r = timed(lambda: loop(clean, corrupted, cache, subset), device, repeats, warmup)
+        r = timed(lambda cache=cache: loop(clean, corrupted, cache, subset), device, repeats, warmup)
         del cache
         if r["oom"]:
             return r
@@ -110,14 +128,24 @@ def sweep_flops(cfg, seq: int, n_tokens: int, per_sublayer: int, full_runs: int)
 
 
 def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
-    p = add_common_args(argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter),
-                        repeats=1)
-    p.add_argument("--prompt-batch", type=int, default=None,
-                   help="prompts per probe batch (its clean states are cached at every sublayer); default --batch")
+    p = add_common_args(
+        argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter),
+        repeats=1,
+    )
+    p.add_argument(
+        "--prompt-batch",
+        type=int,
+        default=None,
+        help="prompts per probe batch (its clean states are cached at every sublayer); default --batch",
+    )
     p.add_argument("--naive-sublayers", type=int, default=2)
     p.add_argument("--max-rows", type=int, default=None, help="cap on rows per batched forward")
-    p.add_argument("--only", choices=["rescue", "patching"], default=None,
-                   help="measure one sweep (each fits a 10-minute device call at mhc-780m)")
+    p.add_argument(
+        "--only",
+        choices=["rescue", "patching"],
+        default=None,
+        help="measure one sweep (each fits a 10-minute device call at mhc-780m)",
+    )
     args = p.parse_args(argv)
     device = prepare(args)
     model = build_model(args, device)
@@ -134,8 +162,10 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     n_sub = cfg.n_sublayers
     subset = list(range(0, n_sub, max(1, n_sub // args.naive_sublayers)))[: args.naive_sublayers]
     scale = n_sub / len(subset)
-    print(f"{model.summary()}\nprompts {batch} x {seq} in probe batches of {prompt_batch}; "
-          f"naive loops timed on sublayers {subset}, x{scale:.0f}")
+    print(
+        f"{model.summary()}\nprompts {batch} x {seq} in probe batches of {prompt_batch}; "
+        f"naive loops timed on sublayers {subset}, x{scale:.0f}"
+    )
 
     def run(fn, extrapolate: float = 1.0, warmup: int = args.warmup):
         r = timed(fn, device, args.repeats, warmup)
@@ -145,8 +175,13 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
 
     prompt_tokens = tokens[:prompt_batch]
     # a probe batch caches its clean stream state at every sublayer: say so if that cannot fit
-    check_batch_fits(lambda b: clean_run(model, prompt_tokens[:b]), prompt_batch, device,
-                     "the clean run of one probe batch (--prompt-batch)", flag="--prompt-batch")
+    check_batch_fits(
+        lambda b: clean_run(model, prompt_tokens[:b]),
+        prompt_batch,
+        device,
+        "the clean run of one probe batch (--prompt-batch)",
+        flag="--prompt-batch",
+    )
     kw = dict(batch_size=prompt_batch, max_rows=args.max_rows)
     kinds = [args.only] if args.only else ["rescue", "patching"]
     if args.compile:  # compile outside the timings: edits at sublayer 0 run every sublayer on a replica stack
@@ -157,11 +192,21 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     rows: Dict[str, Dict[str, Any]] = {}
     with torch.inference_mode():
         rows["forward"] = run(lambda: model(prompt_tokens), warmup=max(1, args.warmup))  # cheap: always warm
-    chunks = [(tokens[i:i + prompt_batch], corrupted[i:i + prompt_batch]) for i in range(0, batch, prompt_batch)]
+    chunks = [
+        (tokens[i : i + prompt_batch], corrupted[i : i + prompt_batch]) for i in range(0, batch, prompt_batch)
+    ]
 
     def naive(make_cache, loop):
-        return naive_sweep(lambda *c: make_cache(model, *c), lambda *a: loop(model, *a), chunks, subset, scale,
-                           device, args.repeats, args.warmup)
+        return naive_sweep(
+            lambda *c: make_cache(model, *c),
+            lambda *a: loop(model, *a),
+            chunks,
+            subset,
+            scale,
+            device,
+            args.repeats,
+            args.warmup,
+        )
 
     if "rescue" in kinds:
         rows["rescue batched"] = run(lambda: ablate_and_rescue(model, tokens, **kw))
@@ -173,8 +218,10 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     peak = peak_flops(device)
     fwd = rows["forward"]
     rate = None if fwd["oom"] else forward_flops_per_token(cfg, seq) * prompt_batch * seq / fwd["seconds"]
-    needed = {"rescue": sweep_flops(cfg, seq, batch * seq, n * (n - 1) // 2 + n, full_runs=1),
-              "patching": sweep_flops(cfg, seq, batch * seq, n, full_runs=2)}
+    needed = {
+        "rescue": sweep_flops(cfg, seq, batch * seq, n * (n - 1) // 2 + n, full_runs=1),
+        "patching": sweep_flops(cfg, seq, batch * seq, n, full_runs=2),
+    }
     for name, r in rows.items():
         kind, _, how = name.partition(" ")
         if r["oom"] or how != "batched":
@@ -185,11 +232,20 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
         r["ideal_seconds"] = needed[kind] / rate if rate else None
         r["efficiency"] = r["ideal_seconds"] / r["seconds"] if rate else None
         r["mfu"] = needed[kind] / r["seconds"] / peak if peak else None
-    print_table(rows, [("seconds", "seconds", ".2f"), ("peak MiB", "peak_mib", ".0f"),
-                       ("speed-up", "speedup_vs_naive", ".1f"), ("ideal s", "ideal_seconds", ".2f"),
-                       ("efficiency", "efficiency", ".2f"), ("MFU", "mfu", ".1%")])
-    result = dict(prompt_batch=prompt_batch, naive_sublayers=subset, forward_flop_rate=rate,
-                  peak_flops=peak, rows=rows)
+    print_table(
+        rows,
+        [
+            ("seconds", "seconds", ".2f"),
+            ("peak MiB", "peak_mib", ".0f"),
+            ("speed-up", "speedup_vs_naive", ".1f"),
+            ("ideal s", "ideal_seconds", ".2f"),
+            ("efficiency", "efficiency", ".2f"),
+            ("MFU", "mfu", ".1%"),
+        ],
+    )
+    result = dict(
+        prompt_batch=prompt_batch, naive_sublayers=subset, forward_flop_rate=rate, peak_flops=peak, rows=rows
+    )
     write_result("causal_sweeps", args, device, result)
     return result
 

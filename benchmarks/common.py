@@ -1,6 +1,7 @@
 """What every benchmark shares: the model shapes, the common command-line options, device and
 memory checks that fail with a clear message, timing with peak GPU memory, FLOP counts, and the
 JSON result file."""
+
 from __future__ import annotations
 
 import argparse
@@ -22,12 +23,17 @@ from mhc_interp.config import mixer_class
 
 SHAPES: Dict[str, Dict[str, Any]] = {
     # a seconds-long smoke run (CI runs every benchmark at this shape)
-    "tiny": dict(cfg=dict(n_layers=2, n_heads=2, d_model=32, n_ctx=32, d_vocab=128, n_streams=4),
-                 batch=2, seq=16),
-    "small": dict(cfg=dict(n_layers=4, n_heads=4, d_model=256, n_ctx=256, d_vocab=1024, n_streams=4),
-                  batch=8, seq=128),
-    "mhc-780m": dict(cfg=dict(n_layers=36, n_heads=20, d_model=1280, n_ctx=1024, d_vocab=50304,
-                              n_streams=4), batch=16, seq=1024),
+    "tiny": dict(
+        cfg=dict(n_layers=2, n_heads=2, d_model=32, n_ctx=32, d_vocab=128, n_streams=4), batch=2, seq=16
+    ),
+    "small": dict(
+        cfg=dict(n_layers=4, n_heads=4, d_model=256, n_ctx=256, d_vocab=1024, n_streams=4), batch=8, seq=128
+    ),
+    "mhc-780m": dict(
+        cfg=dict(n_layers=36, n_heads=20, d_model=1280, n_ctx=1024, d_vocab=50304, n_streams=4),
+        batch=16,
+        seq=1024,
+    ),
 }
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # dense bf16 tensor-core peaks (FLOP/s) of the GPUs model FLOPs utilisation is reported for
@@ -44,25 +50,36 @@ def add_common_args(parser: argparse.ArgumentParser, repeats: int = 3) -> argpar
     parser.add_argument("--shape", default="small", choices=sorted(SHAPES))
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
     parser.add_argument("--dtype", default="float32", choices=sorted(DTYPES), help="model weights")
-    parser.add_argument("--batch", type=int, default=None, help="sequences per forward (default: the shape's)")
+    parser.add_argument(
+        "--batch", type=int, default=None, help="sequences per forward (default: the shape's)"
+    )
     parser.add_argument("--seq", type=int, default=None, help="tokens per sequence (default: the shape's)")
-    parser.add_argument("--compile", action="store_true",
-                        help="HookedMHC.compile(): the hook-safe compiled fast path (first call compiles)")
+    parser.add_argument(
+        "--compile",
+        action="store_true",
+        help="HookedMHC.compile(): the hook-safe compiled fast path (first call compiles)",
+    )
     parser.add_argument("--repeats", type=int, default=repeats, help="timed runs per row (median)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed runs before them")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")
-    parser.add_argument("--out", default=None, help="JSON path (default benchmarks/results/<name>-<shape>-<device>.json)")
+    parser.add_argument(
+        "--out", default=None, help="JSON path (default benchmarks/results/<name>-<shape>-<device>.json)"
+    )
     return parser
 
 
 def prepare(args: argparse.Namespace) -> torch.device:
     """Check the options and the device; set threads and the seed. Returns the device."""
     if args.repeats < 1 or args.warmup < 0:
-        raise BenchmarkError(f"--repeats must be >= 1 and --warmup >= 0, got {args.repeats} and {args.warmup}")
+        raise BenchmarkError(
+            f"--repeats must be >= 1 and --warmup >= 0, got {args.repeats} and {args.warmup}"
+        )
     shape = SHAPES[args.shape]
     args.batch, args.seq = args.batch or shape["batch"], args.seq or shape["seq"]
     if args.seq > shape["cfg"]["n_ctx"]:
-        raise BenchmarkError(f"--seq {args.seq} is longer than the {args.shape} context ({shape['cfg']['n_ctx']})")
+        raise BenchmarkError(
+            f"--seq {args.seq} is longer than the {args.shape} context ({shape['cfg']['n_ctx']})"
+        )
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -110,8 +127,13 @@ def quartiles(times: Sequence[float]) -> Dict[str, float]:
     return dict(seconds=median, q1=q1, q3=q3)
 
 
-def interleaved(rows: Dict[str, Callable[[], Any]], device: torch.device, repeats: int, warmup: int = 1,
-                before: Optional[Dict[str, Callable[[], None]]] = None) -> Dict[str, Dict[str, Any]]:
+def interleaved(
+    rows: Dict[str, Callable[[], Any]],
+    device: torch.device,
+    repeats: int,
+    warmup: int = 1,
+    before: Optional[Dict[str, Callable[[], None]]] = None,
+) -> Dict[str, Dict[str, Any]]:
     """Time the compared `rows` {name: fn} round by round: every round runs each row once, in
     alternating order (A B C, C B A, A B C, ...), so load drift on a shared machine lands on all rows
     alike instead of on whichever ran during it. `warmup` untimed rounds first; then `repeats`
@@ -128,7 +150,7 @@ def interleaved(rows: Dict[str, Callable[[], Any]], device: torch.device, repeat
     peaks: Dict[str, List[int]] = {name: [0, 0] for name in rows}
     live = list(rows)
     for rnd in range(warmup + repeats):
-        for name in (live if rnd % 2 == 0 else live[::-1]):
+        for name in live if rnd % 2 == 0 else live[::-1]:
             try:
                 before.get(name, lambda: None)()
                 sync(device)
@@ -171,16 +193,21 @@ def timed(fn: Callable[[], Any], device: torch.device, repeats: int, warmup: int
 
 @contextlib.contextmanager
 def autocast_if(device: torch.device, dtype: Optional[torch.dtype]):
-    with (torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()):
+    with torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext():
         yield
 
 
 # ------------------------------------------------------------------------------------ memory
-MEMORY_RESERVE = 0.1   # share of the free memory a batch may not use (fragmentation, workspaces)
+MEMORY_RESERVE = 0.1  # share of the free memory a batch may not use (fragmentation, workspaces)
 
 
-def batch_fit(per_sequence_bytes: float, available_bytes: float, batch: int, fixed_bytes: float = 0.0,
-              reserve: float = MEMORY_RESERVE):
+def batch_fit(
+    per_sequence_bytes: float,
+    available_bytes: float,
+    batch: int,
+    fixed_bytes: float = 0.0,
+    reserve: float = MEMORY_RESERVE,
+):
     """(fits, largest batch that fits) for work needing `fixed_bytes` plus `per_sequence_bytes`
     per sequence, given `available_bytes`, keeping `reserve` of them free."""
     usable = (1 - reserve) * available_bytes - fixed_bytes
@@ -200,8 +227,9 @@ def _peak_extra(run: Callable[[int], Any], b: int, device: torch.device) -> int:
     return extra
 
 
-def check_batch_fits(run: Callable[[int], Any], batch: int, device: torch.device, what: str,
-                     flag: str = "--batch") -> None:
+def check_batch_fits(
+    run: Callable[[int], Any], batch: int, device: torch.device, what: str, flag: str = "--batch"
+) -> None:
     """On cuda: run `run(1)` and `run(2)` and split the memory they need on top of what is
     resident into a fixed part (e.g. autocast's weight copies) and a per-sequence part; raise a
     BenchmarkError if `batch` sequences would not fit - saying how much they need and which batch
@@ -223,19 +251,29 @@ def check_batch_fits(run: Callable[[int], Any], batch: int, device: torch.device
         raise BenchmarkError(problem)
 
 
-def batch_fit_problem(what: str, batch: int, per_sequence: float, resident: float, free: float,
-                      total: float, fixed: float = 0.0, flag: str = "--batch") -> Optional[str]:
+def batch_fit_problem(
+    what: str,
+    batch: int,
+    per_sequence: float,
+    resident: float,
+    free: float,
+    total: float,
+    fixed: float = 0.0,
+    flag: str = "--batch",
+) -> Optional[str]:
     """None if `fixed` + `batch` sequences of `per_sequence` bytes fit in `free` bytes (less the
     reserve), else the message: how much the batch needs, and which batch fits."""
     fits, largest = batch_fit(per_sequence, free, batch, fixed_bytes=fixed)
     if fits:
         return None
     gib = 2**30
-    return (f"{what}: batch {batch} needs about {(fixed + batch * per_sequence) / gib:.1f} GiB of GPU memory "
-            f"({per_sequence / gib:.2f} GiB per sequence + {fixed / gib:.2f} GiB fixed) on top of "
-            f"{resident / gib:.1f} GiB resident, but {free / gib:.1f} of {total / gib:.1f} GiB are free "
-            f"and {MEMORY_RESERVE:.0%} of that is kept in reserve: at most batch {largest} fits "
-            + (f"(use {flag} {largest})" if largest else "(not even one sequence: use a shorter --seq)"))
+    return (
+        f"{what}: batch {batch} needs about {(fixed + batch * per_sequence) / gib:.1f} GiB of GPU memory "
+        f"({per_sequence / gib:.2f} GiB per sequence + {fixed / gib:.2f} GiB fixed) on top of "
+        f"{resident / gib:.1f} GiB resident, but {free / gib:.1f} of {total / gib:.1f} GiB are free "
+        f"and {MEMORY_RESERVE:.0%} of that is kept in reserve: at most batch {largest} fits "
+        + (f"(use {flag} {largest})" if largest else "(not even one sequence: use a shorter --seq)")
+    )
 
 
 # ------------------------------------------------------------------------------------ FLOPs
@@ -276,14 +314,28 @@ def device_name(device: torch.device) -> str:
     return platform.processor() or platform.machine()
 
 
-def write_result(benchmark: str, args: argparse.Namespace, device: torch.device, result: Dict[str, Any]) -> Path:
+def write_result(
+    benchmark: str, args: argparse.Namespace, device: torch.device, result: Dict[str, Any]
+) -> Path:
     """Write `result` with what it was measured on (device, torch, shape, variant, dtype, batch) as JSON."""
     variant = getattr(args, "variant", "mhc")
-    info = dict(benchmark=benchmark, shape=args.shape, device=str(device), device_name=device_name(device),
-                torch_version=torch.__version__, dtype=args.dtype, compiled=args.compile, batch=args.batch,
-                seq=args.seq, repeats=args.repeats, warmup=args.warmup, threads=torch.get_num_threads(),
-                omp_wait_policy=os.environ.get("OMP_WAIT_POLICY"),
-                config=make_config(args.shape, variant).to_dict(), **result)
+    info = dict(
+        benchmark=benchmark,
+        shape=args.shape,
+        device=str(device),
+        device_name=device_name(device),
+        torch_version=torch.__version__,
+        dtype=args.dtype,
+        compiled=args.compile,
+        batch=args.batch,
+        seq=args.seq,
+        repeats=args.repeats,
+        warmup=args.warmup,
+        threads=torch.get_num_threads(),
+        omp_wait_policy=os.environ.get("OMP_WAIT_POLICY"),
+        config=make_config(args.shape, variant).to_dict(),
+        **result,
+    )
     path = Path(args.out) if args.out else RESULTS / f"{benchmark}-{args.shape}-{device.type}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(info, indent=1) + "\n")

@@ -52,6 +52,7 @@ how much it needs and which batch fits, and the run goes on (`cache all` at mhc-
 bf16: `--dtype bfloat16` casts the model's weights; with `--autocast` the weights stay fp32 and
 the forwards run under `torch.autocast(device, bfloat16)`.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -67,10 +68,22 @@ from mhc_interp import HookedMHC
 from mhc_interp.model.mixers import MIXERS
 from mhc_interp.model.sublayer import BOUNDARY_HOOKS
 
-from .common import (DTYPES, BenchmarkError, add_common_args, autocast_if, check_batch_fits, cli,
-                     forward_flops_per_token, interleaved, make_config, peak_flops, prepare, print_table,
-                     random_tokens, write_result)
-
+from .common import (
+    DTYPES,
+    BenchmarkError,
+    add_common_args,
+    autocast_if,
+    check_batch_fits,
+    cli,
+    forward_flops_per_token,
+    interleaved,
+    make_config,
+    peak_flops,
+    prepare,
+    print_table,
+    random_tokens,
+    write_result,
+)
 
 
 def strip_hooks(model: HookedMHC) -> HookedMHC:
@@ -103,8 +116,12 @@ def cache_bytes(out: Any) -> int:
 def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     p = add_common_args(argparse.ArgumentParser(description=__doc__.split("\n")[0]), repeats=10)
     p.add_argument("--autocast", action="store_true", help="keep fp32 weights, run under autocast(--dtype)")
-    p.add_argument("--variant", choices=sorted(MIXERS), default="mhc",
-                   help="hyper_conn_type of the rows other than 'residual'")
+    p.add_argument(
+        "--variant",
+        choices=sorted(MIXERS),
+        default="mhc",
+        help="hyper_conn_type of the rows other than 'residual'",
+    )
     args = p.parse_args(argv)
     device = prepare(args)
     amp_dtype = DTYPES[args.dtype] if args.autocast else None
@@ -123,6 +140,7 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
         def fn() -> Any:
             with torch.inference_mode(), autocast_if(device, amp_dtype):
                 return model(tokens) if cache is False else model.run_with_cache(tokens, names_filter=cache)
+
         return fn
 
     def cache_mib(model: nn.Module, cache: Any) -> float:
@@ -135,12 +153,14 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
 
     def compile_state(model: HookedMHC, mode: str) -> Callable[[], None]:
         """Put `model` into `mode` (eager / mixers / all) before a row's call."""
+
         def switch() -> None:
             model.compile(False)
             if mode == "mixers":
                 model.compile_mixers()
             elif mode == "all":
                 model.compile()
+
         return switch
 
     # Models are built on the CPU, then all go to the device: the rows are timed interleaved.
@@ -151,11 +171,20 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     stripped = on_device(strip_hooks(model))
     model = on_device(model)
     # (model, cache, compile mode) per row; cache False = plain forward, None = every hook point
-    specs: Dict[str, tuple] = {"stripped": (stripped, False, "eager"), "hooked": (model, False, "eager"),
-                               "cache streams": (model, stream_names, "eager"), "cache all": (model, None, "eager")}
+    specs: Dict[str, tuple] = {
+        "stripped": (stripped, False, "eager"),
+        "hooked": (model, False, "eager"),
+        "cache streams": (model, stream_names, "eager"),
+        "cache all": (model, None, "eager"),
+    }
     if args.compile:
-        specs.update({"compiled mixers": (model, False, "mixers"), "compiled": (model, False, "all"),
-                      "compiled cache streams": (model, stream_names, "all")})
+        specs.update(
+            {
+                "compiled mixers": (model, False, "mixers"),
+                "compiled": (model, False, "all"),
+                "compiled cache streams": (model, stream_names, "all"),
+            }
+        )
     residual = on_device(strip_hooks(HookedMHC(make_config(args.shape, "none"))))
     specs["residual"] = (residual, False, "eager")
     if args.compile:
@@ -172,6 +201,7 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
             with torch.inference_mode(), autocast_if(device, amp_dtype), traced.trace(tokens):
                 out = traced.output.save()
             return out
+
         return fn
 
     rows: Dict[str, Dict[str, Any]] = {}
@@ -215,16 +245,35 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
             r["ratio"] = r["seconds"] / base
             r["mfu"] = r["tokens_per_s"] * flops_per_token / peak if peak else None
 
-    print(f"forward_overhead | {args.shape} ({cfg.n_layers}L d{cfg.d_model} {cfg.n_streams} streams "
-          f"{args.variant}) | batch {batch} x seq {seq} | {args.dtype}{' autocast' if args.autocast else ''} | "
-          f"torch {torch.__version__} | {torch.get_num_threads()} threads, OMP_WAIT_POLICY="
-          f"{os.environ.get('OMP_WAIT_POLICY', 'unset')} | median and quartiles of "
-          f"{args.repeats} interleaved rounds")
-    print_table(rows, [("ms/fwd", "ms", ".2f"), ("q1", "q1_ms", ".2f"), ("q3", "q3_ms", ".2f"), ("tokens/s", "tokens_per_s", ",.0f"), ("ratio", "ratio", ".2f"),
-                       ("cache MiB", "cache_mib", ".1f"), ("peak MiB", "peak_mib", ".0f"), ("MFU", "mfu", ".1%")])
-    result = dict(variant=args.variant, autocast=args.autocast, n_hook_points=n_hooks,
-                  n_stream_mixer_hooks=len(stream_names), flops_per_token=flops_per_token,
-                  peak_flops=peak, rows=rows)
+    print(
+        f"forward_overhead | {args.shape} ({cfg.n_layers}L d{cfg.d_model} {cfg.n_streams} streams "
+        f"{args.variant}) | batch {batch} x seq {seq} | {args.dtype}{' autocast' if args.autocast else ''} | "
+        f"torch {torch.__version__} | {torch.get_num_threads()} threads, OMP_WAIT_POLICY="
+        f"{os.environ.get('OMP_WAIT_POLICY', 'unset')} | median and quartiles of "
+        f"{args.repeats} interleaved rounds"
+    )
+    print_table(
+        rows,
+        [
+            ("ms/fwd", "ms", ".2f"),
+            ("q1", "q1_ms", ".2f"),
+            ("q3", "q3_ms", ".2f"),
+            ("tokens/s", "tokens_per_s", ",.0f"),
+            ("ratio", "ratio", ".2f"),
+            ("cache MiB", "cache_mib", ".1f"),
+            ("peak MiB", "peak_mib", ".0f"),
+            ("MFU", "mfu", ".1%"),
+        ],
+    )
+    result = dict(
+        variant=args.variant,
+        autocast=args.autocast,
+        n_hook_points=n_hooks,
+        n_stream_mixer_hooks=len(stream_names),
+        flops_per_token=flops_per_token,
+        peak_flops=peak,
+        rows=rows,
+    )
     write_result("forward_overhead", args, device, result)
     return result
 

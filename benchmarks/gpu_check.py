@@ -12,6 +12,7 @@ and counts the host-device synchronisations of that sweep (torch.cuda.set_sync_d
 Accuracy is judged against a float32 copy of the model: the compiled model in --dtype must be no
 less accurate than the eager one (within 1.5x); the sweeps' KLs agree within 5% (+1e-3).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -56,29 +57,49 @@ def main(argv=None) -> int:
         return ((got.float() - ref.float()).abs().max() / (ref.float().abs().mean() + 1e-6)).item()
 
     def no_worse(name, eager_err, fast_err):  # compiled no less accurate than eager (vs float32)
-        check(name, fast_err <= 1.5 * eager_err + 1e-4,
-              f"relative error vs float32: compiled {fast_err:.2e}, eager {eager_err:.2e}")
+        check(
+            name,
+            fast_err <= 1.5 * eager_err + 1e-4,
+            f"relative error vs float32: compiled {fast_err:.2e}, eager {eager_err:.2e}",
+        )
 
     with torch.inference_mode():
         ref_logits, ref_cache = reference.run_with_cache(tokens, names_filter=boundary)
         ref_hooked = reference.run_with_hooks(tokens, fwd_hooks=hook)
         eager, cache = model.run_with_cache(tokens, names_filter=boundary)
         eager_hooked = model.run_with_hooks(tokens, fwd_hooks=hook)
-        check("eager forward finite", bool(torch.isfinite(eager).all()),
-              f"relative error vs float32 {rel_err(eager, ref_logits):.2e}")
+        check(
+            "eager forward finite",
+            bool(torch.isfinite(eager).all()),
+            f"relative error vs float32 {rel_err(eager, ref_logits):.2e}",
+        )
         col_err = max((cache[f"{s}.hook_h_res"].sum(-2) - 1).abs().max().item() for s in model.sublayer_names)
         dtypes = {cache[f"{s}.hook_h_res"].dtype for s in model.sublayer_names}
-        check("H_res columns sum to 1", col_err < 1e-4 and dtypes == {torch.float32}, f"max error {col_err:.2e}, {dtypes}")
+        check(
+            "H_res columns sum to 1",
+            col_err < 1e-4 and dtypes == {torch.float32},
+            f"max error {col_err:.2e}, {dtypes}",
+        )
 
         model.compile()
         fast, fast_cache = model.run_with_cache(tokens, names_filter=boundary)
         fast_hooked = model.run_with_hooks(tokens, fwd_hooks=hook)  # attached after compiling
         no_worse("compiled logits", rel_err(eager, ref_logits), rel_err(fast, ref_logits))
-        no_worse("compiled boundary caches", max(rel_err(cache[k], ref_cache[k]) for k in ref_cache),
-                 max(rel_err(fast_cache[k], ref_cache[k]) for k in ref_cache))
-        no_worse("hook inside a compiled sublayer", rel_err(eager_hooked, ref_hooked), rel_err(fast_hooked, ref_hooked))
-        check("the hook changed the output", rel_err(fast_hooked, fast) > 10 * rel_err(fast_hooked, ref_hooked),
-              f"relative effect {rel_err(fast_hooked, fast):.2e}")
+        no_worse(
+            "compiled boundary caches",
+            max(rel_err(cache[k], ref_cache[k]) for k in ref_cache),
+            max(rel_err(fast_cache[k], ref_cache[k]) for k in ref_cache),
+        )
+        no_worse(
+            "hook inside a compiled sublayer",
+            rel_err(eager_hooked, ref_hooked),
+            rel_err(fast_hooked, ref_hooked),
+        )
+        check(
+            "the hook changed the output",
+            rel_err(fast_hooked, fast) > 10 * rel_err(fast_hooked, ref_hooked),
+            f"relative effect {rel_err(fast_hooked, fast):.2e}",
+        )
 
     subs = [0, model.cfg.n_sublayers - 1]
     fast_r = ablate_and_rescue(model, tokens, sublayers=subs, batch_size=batch)
@@ -87,8 +108,12 @@ def main(argv=None) -> int:
     for key in ("kl_ablated", "kl_rescued"):
         a, b = torch.as_tensor(fast_r[key]), torch.as_tensor(eager_r[key])
         ok = torch.allclose(a, b, rtol=0.05, atol=1e-3, equal_nan=True)
-        check(f"rescue {key} compiled == eager", ok, f"max |diff| {(a - b).nan_to_num().abs().max().item():.3e}, "
-              f"max value {b.nan_to_num().abs().max().item():.3e}")
+        check(
+            f"rescue {key} compiled == eager",
+            ok,
+            f"max |diff| {(a - b).nan_to_num().abs().max().item():.3e}, "
+            f"max value {b.nan_to_num().abs().max().item():.3e}",
+        )
     if device.type == "cuda":  # informational: host-device syncs inside one batched sweep
         import warnings
 
@@ -100,8 +125,10 @@ def main(argv=None) -> int:
             finally:
                 torch.cuda.set_sync_debug_mode("default")
         syncs = [str(w.message).splitlines()[0] for w in caught if "synchroniz" in str(w.message)]
-        print(f"INFO  host-device syncs in a 2-sublayer rescue sweep: {len(syncs)}"
-              + (f" (first: {syncs[0]})" if syncs else ""))
+        print(
+            f"INFO  host-device syncs in a 2-sublayer rescue sweep: {len(syncs)}"
+            + (f" (first: {syncs[0]})" if syncs else "")
+        )
     print("all passed" if not failures else f"FAILED: {failures}")
     return 1 if failures else 0
 

@@ -17,6 +17,7 @@ Rows (each the median of `--repeats` runs after `--warmup` ones, random weights 
 Columns: seconds per run, tokens/s over the corpus, peak GPU MiB (cuda). JSON goes to `--out`.
 No timing asserts.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -27,11 +28,21 @@ import torch
 from mhc_interp.probes import CKA, Curvature, Probe, ProbeResult, StreamUsage, run_probes
 from mhc_interp.probes.cka import gram_linear, hsic_matrix
 
-from .common import add_common_args, build_model, cli, prepare, print_table, random_tokens, timed, write_result
+from .common import (
+    add_common_args,
+    build_model,
+    cli,
+    prepare,
+    print_table,
+    random_tokens,
+    timed,
+    write_result,
+)
 
 
 class FinalStateOnly(Probe):
     """Needs only the last stream state: measures the runner + forward alone."""
+
     name = "forward"
 
     def hook_names(self, model):
@@ -45,11 +56,17 @@ class FinalStateOnly(Probe):
 
 
 def main(argv=None):
-    p = add_common_args(argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter))
+    p = add_common_args(
+        argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    )
     p.add_argument("--n-seq", type=int, default=None, help="sequences in the corpus (default 2 x --batch)")
     p.add_argument("--cka-minibatch", type=int, default=512)
-    p.add_argument("--cka-tokens", type=int, default=None,
-                   help="N of the standalone GEMM row (default 4096; 256 at the tiny shape)")
+    p.add_argument(
+        "--cka-tokens",
+        type=int,
+        default=None,
+        help="N of the standalone GEMM row (default 4096; 256 at the tiny shape)",
+    )
     args = p.parse_args(argv)
     device = prepare(args)
     batch, seq = args.batch, args.seq
@@ -74,12 +91,19 @@ def main(argv=None):
     N = args.cka_tokens or (256 if args.shape == "tiny" else 4096)
     reps = torch.randn(R, N, d, device=device, dtype=torch.float64)
     gemm_row = f"cka GEMM ({R} x {N})"
-    results[gemm_row] = timed(lambda: hsic_matrix(torch.stack([gram_linear(x) for x in reps]), unbiased=True),
-                              device, args.repeats, args.warmup)
+    results[gemm_row] = timed(
+        lambda: hsic_matrix(torch.stack([gram_linear(x) for x in reps]), unbiased=True),
+        device,
+        args.repeats,
+        args.warmup,
+    )
     for name, r in results.items():
         if not r["oom"] and name != gemm_row:
             r["tokens_per_s"] = n_tokens / r["seconds"]
-    print_table(results, [("s/run", "seconds", ".3f"), ("tokens/s", "tokens_per_s", ",.0f"), ("peak MiB", "peak_mib", ".0f")])
+    print_table(
+        results,
+        [("s/run", "seconds", ".3f"), ("tokens/s", "tokens_per_s", ",.0f"), ("peak MiB", "peak_mib", ".0f")],
+    )
     result = dict(n_seq=n_seq, cka_gemm=dict(R=R, N=N), rows=results)
     write_result("probe_throughput", args, device, result)
     return result

@@ -40,6 +40,7 @@ reports the peak over the RSS before it. With --probes it then runs every probe 
 model loaded last on N x T random tokens, each measured the same way; tests/test_real_width.py
 asserts on its output at 2 layers.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -53,7 +54,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
-MIB = 2 ** 20
+MIB = 2**20
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = Path(__file__).parent / "results"
 
@@ -84,8 +85,12 @@ def peak_over(fn: Callable[[], Any]) -> Tuple[Any, Dict[str, float]]:
     out = fn()
     seconds = time.perf_counter() - t0
     peak = status_bytes("VmHWM")
-    return out, dict(seconds=seconds, rss_before_mib=before / MIB, peak_mib=peak / MIB,
-                     extra_peak_mib=(peak - before) / MIB)
+    return out, dict(
+        seconds=seconds,
+        rss_before_mib=before / MIB,
+        peak_mib=peak / MIB,
+        extra_peak_mib=(peak - before) / MIB,
+    )
 
 
 # Started by a small launcher, not from this process: a child's ru_maxrss also holds the high-water
@@ -118,19 +123,33 @@ print(json.dumps(dict(rc=os.waitstatus_to_exitcode(status), seconds=time.perf_co
 """
 
 
-def run_child(cmd: Sequence[str], env: Optional[Dict[str, str]] = None, cwd=None,
-              sample_s: float = 0.0) -> Dict[str, Any]:
+def run_child(
+    cmd: Sequence[str], env: Optional[Dict[str, str]] = None, cwd=None, sample_s: float = 0.0
+) -> Dict[str, Any]:
     """Run `cmd`; its exit status, wall seconds, peak RSS (MiB, the child's own ru_maxrss, measured
     by a launcher process: see above) and output; with `sample_s` > 0 also its RSS every `sample_s`
     seconds ("rss_timeline": [(seconds, MiB)])."""
     with tempfile.NamedTemporaryFile() as out:
-        launched = subprocess.run([sys.executable, "-c", _LAUNCHER, out.name, str(sample_s), *map(str, cmd)],
-                                  env=env, cwd=cwd, capture_output=True, text=True, check=True)
+        launched = subprocess.run(
+            [sys.executable, "-c", _LAUNCHER, out.name, str(sample_s), *map(str, cmd)],
+            env=env,
+            cwd=cwd,
+            capture_output=True,
+            text=True,
+            check=True,
+        )
         r = json.loads(launched.stdout)
         text = Path(out.name).read_bytes().decode(errors="replace")
     timeline = {"rss_timeline": r["rss_timeline"]} if sample_s > 0 else {}
-    return dict(cmd=" ".join(map(str, cmd)), rc=r["rc"], seconds=r["seconds"], peak_rss_mib=r["peak_rss_mib"],
-                output_tail=text[-2000:], output=text, **timeline)
+    return dict(
+        cmd=" ".join(map(str, cmd)),
+        rc=r["rc"],
+        seconds=r["seconds"],
+        peak_rss_mib=r["peak_rss_mib"],
+        output_tail=text[-2000:],
+        output=text,
+        **timeline,
+    )
 
 
 def last_json(r: Dict[str, Any]) -> Dict[str, Any]:
@@ -144,8 +163,13 @@ def child_env() -> Dict[str, str]:
     """The environment of the measured children: offline (no hub look-ups for a tokenizer),
     sleeping OpenMP threads, and a fixed malloc mmap threshold so freed tensors go back to the
     OS (glibc's dynamic threshold would keep some in the heap and hide the next step's peak)."""
-    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_WAIT_POLICY=os.environ.get("OMP_WAIT_POLICY", "PASSIVE"),
-               MALLOC_MMAP_THRESHOLD_="131072", PYTHONPATH=str(ROOT))
+    env = dict(
+        os.environ,
+        HF_HUB_OFFLINE="1",
+        OMP_WAIT_POLICY=os.environ.get("OMP_WAIT_POLICY", "PASSIVE"),
+        MALLOC_MMAP_THRESHOLD_="131072",
+        PYTHONPATH=str(ROOT),
+    )
     return env
 
 
@@ -188,8 +212,14 @@ def save_layouts(model, folder: Path, pt_dtype=None) -> Dict[str, Path]:
     # float32 copies made once per tensor: the duplicate keys share them (torch.save stores each once)
     cast = {k: v.detach().to(pt_dtype) for k, v in model.state_dict().items()}
     nano = hooked_state_dict_to_nanogpt(cast, model.cfg)
-    torch.save({"model": {"_orig_mod." + k: v for k, v in nano.items()}, "model_args": model.cfg.to_nanogpt_args(),
-                "iter_num": 0}, folder / "nanogpt.pt")
+    torch.save(
+        {
+            "model": {"_orig_mod." + k: v for k, v in nano.items()},
+            "model_args": model.cfg.to_nanogpt_args(),
+            "iter_num": 0,
+        },
+        folder / "nanogpt.pt",
+    )
     del cast, nano
     return {"pt": folder / "nanogpt.pt", "hub": save_hub(model, folder / "hub")}
 
@@ -206,7 +236,7 @@ def save_hub(model, folder: Path) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     seen, hub = set(), {}
     for k, v in hooked_state_dict_to_nanogpt(model.state_dict(), model.cfg).items():
-        if id(v) in seen:   # the duplicate keys (and the tied lm_head) hold the same tensor: stored once
+        if id(v) in seen:  # the duplicate keys (and the tied lm_head) hold the same tensor: stored once
             continue
         seen.add(id(v))
         hub[k] = v.detach().to(torch.bfloat16).contiguous()
@@ -227,7 +257,10 @@ def tensor_bytes(path: Path) -> int:
         with safe_open(str(path / "model.safetensors"), "pt") as f:
             for k in f.keys():
                 s = f.get_slice(k)
-                total += torch.Size(s.get_shape()).numel() * {"BF16": 2, "F16": 2, "F32": 4, "F64": 8}[s.get_dtype()]
+                total += (
+                    torch.Size(s.get_shape()).numel()
+                    * {"BF16": 2, "F16": 2, "F32": 4, "F64": 8}[s.get_dtype()]
+                )
         return total
     ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     storages = {v.untyped_storage().data_ptr(): v.untyped_storage().nbytes() for v in ckpt["model"].values()}
@@ -245,8 +278,17 @@ def probe_runs(model, n_seq: int, seq: int) -> Dict[str, Callable[[], Any]]:
     """Every probe on `n_seq` x `seq` random tokens (the causal ones on sublayer 0 only)."""
     import torch
 
-    from mhc_interp.probes import (CKA, AblateRescue, CrossStreamPredictability, Curvature, HeadDetector,
-                                   LogitLens, StreamUsage, activation_patching, run_probes)
+    from mhc_interp.probes import (
+        CKA,
+        AblateRescue,
+        CrossStreamPredictability,
+        Curvature,
+        HeadDetector,
+        LogitLens,
+        StreamUsage,
+        activation_patching,
+        run_probes,
+    )
 
     gen = torch.Generator().manual_seed(0)
     tokens = torch.randint(0, model.cfg.d_vocab, (n_seq, seq), generator=gen)
@@ -263,17 +305,19 @@ def probe_runs(model, n_seq: int, seq: int) -> Dict[str, Callable[[], Any]]:
     return {
         "forward": forward,
         "stream_usage": run(StreamUsage()),
-        "cka": run(CKA()),                       # default minibatch 512, shuffle buffer 4096 rows
-        "cka_report": run(CKA(minibatch_tokens=256)),   # the report's setting
+        "cka": run(CKA()),  # default minibatch 512, shuffle buffer 4096 rows
+        "cka_report": run(CKA(minibatch_tokens=256)),  # the report's setting
         "curvature": run(Curvature()),
         "logit_lens": run(LogitLens()),
         "predictability": run(CrossStreamPredictability()),
-        "all_observational": run(StreamUsage(), CKA(minibatch_tokens=256), CrossStreamPredictability(),
-                                 Curvature(), LogitLens()),
+        "all_observational": run(
+            StreamUsage(), CKA(minibatch_tokens=256), CrossStreamPredictability(), Curvature(), LogitLens()
+        ),
         "head_detector_2_heads": run(HeadDetector(heads=[(0, 0), (model.cfg.n_layers - 1, 1)])),
         "ablate_rescue_sublayer_0": run(AblateRescue(sublayers=[0])),
-        "activation_patching_sublayer_0": lambda: activation_patching(model, tokens, corrupted, sublayers=[0],
-                                                                      batch_size=n_seq),
+        "activation_patching_sublayer_0": lambda: activation_patching(
+            model, tokens, corrupted, sublayers=[0], batch_size=n_seq
+        ),
     }
 
 
@@ -282,9 +326,12 @@ def measure(argv: List[str]) -> Dict[str, Any]:
     p.add_argument("--load", nargs="+", required=True, help="PATH:DTYPE (dtype: auto, bfloat16, float32)")
     p.add_argument("--probes", default=None, help="N,T: run every probe on N x T tokens with the last model")
     p.add_argument("--only", nargs="*", default=None, help="probe names (see probe_runs)")
-    p.add_argument("--warmup", action="store_true",
-                   help="load the shipped demo model first (unmeasured), so the first load's lazy imports "
-                        "(safetensors, zipfile, ...) are not counted")
+    p.add_argument(
+        "--warmup",
+        action="store_true",
+        help="load the shipped demo model first (unmeasured), so the first load's lazy imports "
+        "(safetensors, zipfile, ...) are not counted",
+    )
     args = p.parse_args(argv)
     allowance = status_bytes("VmHWM")
     import torch
@@ -293,8 +340,9 @@ def measure(argv: List[str]) -> Dict[str, Any]:
     from mhc_interp import HookedMHC
 
     torch.set_num_threads(int(os.environ.get("REAL_SIZE_THREADS", torch.get_num_threads())))
-    out: Dict[str, Any] = dict(import_peak_mib=status_bytes("VmHWM") / MIB, python_peak_mib=allowance / MIB,
-                               loads=[], probes={})
+    out: Dict[str, Any] = dict(
+        import_peak_mib=status_bytes("VmHWM") / MIB, python_peak_mib=allowance / MIB, loads=[], probes={}
+    )
     model = None
     if args.warmup:
         from mhc_interp.shipped import default_model_path
@@ -305,10 +353,15 @@ def measure(argv: List[str]) -> Dict[str, Any]:
         model = None
         gc.collect()
         model, r = peak_over(lambda: HookedMHC.from_pretrained(path, dtype=_dtype(dtype), tokenizer=None))
-        r.update(path=path, dtype=dtype, model_dtype=str(model.dtype).replace("torch.", ""),
-                 model_mib=sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers())) / MIB,
-                 checkpoint_tensor_mib=tensor_bytes(Path(path)) / MIB,
-                 rss_after_mib=status_bytes("VmRSS") / MIB)
+        r.update(
+            path=path,
+            dtype=dtype,
+            model_dtype=str(model.dtype).replace("torch.", ""),
+            model_mib=sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
+            / MIB,
+            checkpoint_tensor_mib=tensor_bytes(Path(path)) / MIB,
+            rss_after_mib=status_bytes("VmRSS") / MIB,
+        )
         out["loads"].append(r)
     if args.probes:
         n_seq, seq = (int(x) for x in args.probes.split(","))
@@ -317,7 +370,7 @@ def measure(argv: List[str]) -> Dict[str, Any]:
             if args.only and name not in args.only and name != "forward":
                 continue
             result, r = peak_over(fn)
-            del result   # not held while the next probe is measured
+            del result  # not held while the next probe is measured
             r["rss_after_mib"] = status_bytes("VmRSS") / MIB
             out["probes"][name] = r
     return out
@@ -343,13 +396,23 @@ def sweeps(hub: Path, layers: int, n_sample: int, prompts: int, seq: int) -> Dic
     corrupted = tokens.clone()
     corrupted[:, seq // 2] = (corrupted[:, seq // 2] + 1) % model.cfg.d_vocab
     with torch.no_grad():
-        model(tokens)   # warm-up
+        model(tokens)  # warm-up
         t0 = time.perf_counter()
         model(tokens)
         forward_s = time.perf_counter() - t0
-    out: Dict[str, Any] = dict(prompts=prompts, seq=seq, n_sublayers=n_sub, sublayers=sample, forward_s=forward_s)
-    kinds = {"rescue": (n * (n - 1) // 2 + n, lambda l: ablate_and_rescue(model, tokens, sublayers=[l], batch_size=prompts)),
-             "patching": (n, lambda l: activation_patching(model, tokens, corrupted, sublayers=[l], batch_size=prompts))}
+    out: Dict[str, Any] = dict(
+        prompts=prompts, seq=seq, n_sublayers=n_sub, sublayers=sample, forward_s=forward_s
+    )
+    kinds = {
+        "rescue": (
+            n * (n - 1) // 2 + n,
+            lambda l: ablate_and_rescue(model, tokens, sublayers=[l], batch_size=prompts),
+        ),
+        "patching": (
+            n,
+            lambda l: activation_patching(model, tokens, corrupted, sublayers=[l], batch_size=prompts),
+        ),
+    }
     for kind, (per_sublayer, fn) in kinds.items():
         times = []
         for l in sample:
@@ -360,12 +423,18 @@ def sweeps(hub: Path, layers: int, n_sample: int, prompts: int, seq: int) -> Dic
         clean_runs = 1 if kind == "rescue" else 2
         own = [max(0.0, t - clean_runs * forward_s) for t in times]
         mean_own = sum(own) / len(own)
-        out[kind] = dict(interventions_per_sublayer=per_sublayer, seconds=times,
-                         seconds_per_intervention=[o / per_sublayer for o in own],
-                         full_sweep_estimate_s=clean_runs * forward_s + n_sub * mean_own)
-        print(f"{kind}: sublayers {sample}: {', '.join(f'{t:.1f}' for t in times)} s "
-              f"({', '.join(f'{o / per_sublayer:.2f}' for o in own)} s per intervention); "
-              f"full sweep over {n_sub} sublayers ~ {out[kind]['full_sweep_estimate_s']:.0f} s", flush=True)
+        out[kind] = dict(
+            interventions_per_sublayer=per_sublayer,
+            seconds=times,
+            seconds_per_intervention=[o / per_sublayer for o in own],
+            full_sweep_estimate_s=clean_runs * forward_s + n_sub * mean_own,
+        )
+        print(
+            f"{kind}: sublayers {sample}: {', '.join(f'{t:.1f}' for t in times)} s "
+            f"({', '.join(f'{o / per_sublayer:.2f}' for o in own)} s per intervention); "
+            f"full sweep over {n_sub} sublayers ~ {out[kind]['full_sweep_estimate_s']:.0f} s",
+            flush=True,
+        )
     return out
 
 
@@ -376,7 +445,9 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
         return {}
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--layers", type=int, default=36, help="36 = mhc-780m; 2 for a quick run")
-    p.add_argument("--dir", default=None, help="where the checkpoints go (default: a temporary folder, removed)")
+    p.add_argument(
+        "--dir", default=None, help="where the checkpoints go (default: a temporary folder, removed)"
+    )
     p.add_argument("--pt-dtype", default="float32", choices=["float32", "bfloat16"])
     p.add_argument("--tokens", type=int, nargs="+", default=[256, 1024], help="report --max-tokens values")
     p.add_argument("--sweep-sublayers", type=int, default=3)
@@ -384,9 +455,13 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     p.add_argument("--sweep-seq", type=int, default=64, help="the report's causal_seq_len")
     p.add_argument("--probes", default="2,32", help="N,T tokens for the per-probe memory step ('' skips it)")
     p.add_argument("--skip", nargs="*", default=[], choices=["load", "cli", "report", "sweeps", "probes"])
-    p.add_argument("--code", nargs="+", default=[str(ROOT)],
-                   help="folders holding mhc_interp and benchmarks (e.g. two commits' `git archive`): the load "
-                        "step measures each one's loader, interleaved")
+    p.add_argument(
+        "--code",
+        nargs="+",
+        default=[str(ROOT)],
+        help="folders holding mhc_interp and benchmarks (e.g. two commits' `git archive`): the load "
+        "step measures each one's loader, interleaved",
+    )
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
     import torch
@@ -397,8 +472,13 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
         folder = Path(tmp.name)
     else:
         folder = Path(args.dir)
-    result: Dict[str, Any] = dict(layers=args.layers, torch=torch.__version__, threads=torch.get_num_threads(),
-                                  omp_wait_policy=os.environ.get("OMP_WAIT_POLICY"), cpu_count=os.cpu_count())
+    result: Dict[str, Any] = dict(
+        layers=args.layers,
+        torch=torch.__version__,
+        threads=torch.get_num_threads(),
+        omp_wait_policy=os.environ.get("OMP_WAIT_POLICY"),
+        cpu_count=os.cpu_count(),
+    )
     out_path = Path(args.out) if args.out else RESULTS / f"real_size-L{args.layers}-cpu.json"
 
     def save():
@@ -409,54 +489,86 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
         cfg = real_config(args.layers)
         t0 = time.perf_counter()
         paths = {"pt": folder / "nanogpt.pt", "hub": folder / "hub"}
-        reuse = paths["pt"].is_file() and (paths["hub"] / "config.json").is_file() and \
-            json.loads((paths["hub"] / "config.json").read_text())["n_layer"] == args.layers
-        if reuse:   # a --dir from an earlier run with these layers is used as it is
+        reuse = (
+            paths["pt"].is_file()
+            and (paths["hub"] / "config.json").is_file()
+            and json.loads((paths["hub"] / "config.json").read_text())["n_layer"] == args.layers
+        )
+        if reuse:  # a --dir from an earlier run with these layers is used as it is
             from mhc_interp import HookedMHC
 
             with torch.device("meta"):
-                model = HookedMHC(cfg)   # only counted
+                model = HookedMHC(cfg)  # only counted
         else:
             model = random_model(cfg)
             paths = save_layouts(model, folder, getattr(torch, args.pt_dtype))
         n_params = sum(t.numel() for t in model.parameters())
         del model
-        result["build"] = dict(seconds=time.perf_counter() - t0, parameters=n_params, config=cfg.to_dict(),
-                               pt_mib=paths["pt"].stat().st_size / MIB, pt_dtype=args.pt_dtype, reused=reuse,
-                               safetensors_mib=(paths["hub"] / "model.safetensors").stat().st_size / MIB)
-        print(f"built {n_params / 1e6:.0f}M parameters{' (files reused)' if reuse else ', saved'} in "
-              f"{result['build']['seconds']:.0f} s: nanogpt.pt {result['build']['pt_mib']:.0f} MiB, model.safetensors "
-              f"{result['build']['safetensors_mib']:.0f} MiB", flush=True)
+        result["build"] = dict(
+            seconds=time.perf_counter() - t0,
+            parameters=n_params,
+            config=cfg.to_dict(),
+            pt_mib=paths["pt"].stat().st_size / MIB,
+            pt_dtype=args.pt_dtype,
+            reused=reuse,
+            safetensors_mib=(paths["hub"] / "model.safetensors").stat().st_size / MIB,
+        )
+        print(
+            f"built {n_params / 1e6:.0f}M parameters{' (files reused)' if reuse else ', saved'} in "
+            f"{result['build']['seconds']:.0f} s: nanogpt.pt {result['build']['pt_mib']:.0f} MiB, model.safetensors "
+            f"{result['build']['safetensors_mib']:.0f} MiB",
+            flush=True,
+        )
         env = child_env()
         me = [sys.executable, "-m", "benchmarks.real_size", "measure"]
         if "load" not in args.skip:
             result["load"] = []
-            for path, dtype in [(paths["hub"], "auto"), (paths["hub"], "bfloat16"), (paths["hub"], "float32"),
-                                (paths["pt"], "bfloat16"), (paths["pt"], "float32")]:
-                for code in args.code:   # interleaved: the machine's load drifts
-                    r = run_child([*me, "--warmup", "--load", f"{path}:{dtype}"], env=dict(env, PYTHONPATH=code),
-                                  cwd=code)
+            for path, dtype in [
+                (paths["hub"], "auto"),
+                (paths["hub"], "bfloat16"),
+                (paths["hub"], "float32"),
+                (paths["pt"], "bfloat16"),
+                (paths["pt"], "float32"),
+            ]:
+                for code in args.code:  # interleaved: the machine's load drifts
+                    r = run_child(
+                        [*me, "--warmup", "--load", f"{path}:{dtype}"],
+                        env=dict(env, PYTHONPATH=code),
+                        cwd=code,
+                    )
                     if r["rc"] != 0:
                         r.pop("output")
                         result["load"].append(dict(r, path=str(path), dtype=dtype, code=code))
                         print(f"load {path} {dtype}: FAILED\n{r['output_tail']}", flush=True)
                         continue
                     m = last_json(r)
-                    row = dict(m["loads"][0], import_peak_mib=m["import_peak_mib"], process_peak_mib=r["peak_rss_mib"],
-                               code=code)
+                    row = dict(
+                        m["loads"][0],
+                        import_peak_mib=m["import_peak_mib"],
+                        process_peak_mib=r["peak_rss_mib"],
+                        code=code,
+                    )
                     row["x_model"] = row["extra_peak_mib"] / row["model_mib"]
                     result["load"].append(row)
-                    print(f"load {Path(path).name} as {dtype} ({code}): {row['seconds']:.1f} s, peak "
-                          f"+{row['extra_peak_mib']:.0f} MiB over {row['rss_before_mib']:.0f} MiB (model "
-                          f"{row['model_mib']:.0f} MiB, checkpoint tensors {row['checkpoint_tensor_mib']:.0f} MiB; "
-                          f"{row['x_model']:.2f}x the model)", flush=True)
+                    print(
+                        f"load {Path(path).name} as {dtype} ({code}): {row['seconds']:.1f} s, peak "
+                        f"+{row['extra_peak_mib']:.0f} MiB over {row['rss_before_mib']:.0f} MiB (model "
+                        f"{row['model_mib']:.0f} MiB, checkpoint tensors {row['checkpoint_tensor_mib']:.0f} MiB; "
+                        f"{row['x_model']:.2f}x the model)",
+                        flush=True,
+                    )
             save()
         if "probes" not in args.skip and args.probes:
-            r = run_child([*me, "--load", f"{paths['hub']}:bfloat16", "--probes", args.probes], env=env, cwd=ROOT)
+            r = run_child(
+                [*me, "--load", f"{paths['hub']}:bfloat16", "--probes", args.probes], env=env, cwd=ROOT
+            )
             if r["rc"] == 0:
                 result["probes"] = last_json(r)["probes"]
                 for name, row in result["probes"].items():
-                    print(f"probe {name}: {row['seconds']:.2f} s, peak +{row['extra_peak_mib']:.0f} MiB", flush=True)
+                    print(
+                        f"probe {name}: {row['seconds']:.2f} s, peak +{row['extra_peak_mib']:.0f} MiB",
+                        flush=True,
+                    )
             else:
                 r.pop("output")
                 result["probes"] = dict(r)
@@ -466,12 +578,17 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
             result["cli"] = []
             for cmd in ("check", "hooks"):
                 for layout in ("pt", "hub"):
-                    r = run_child(cli_cmd(cmd, "--model", paths[layout], "--dtype", "bfloat16"), env=env, cwd=ROOT)
+                    r = run_child(
+                        cli_cmd(cmd, "--model", paths[layout], "--dtype", "bfloat16"), env=env, cwd=ROOT
+                    )
                     r.update(command=cmd, layout=layout)
                     r.pop("output")
                     result["cli"].append(r)
-                    print(f"mhc-interp {cmd} ({layout}): rc {r['rc']}, {r['seconds']:.1f} s, peak RSS "
-                          f"{r['peak_rss_mib']:.0f} MiB", flush=True)
+                    print(
+                        f"mhc-interp {cmd} ({layout}): rc {r['rc']}, {r['seconds']:.1f} s, peak RSS "
+                        f"{r['peak_rss_mib']:.0f} MiB",
+                        flush=True,
+                    )
             save()
         if "report" not in args.skip:
             from .real_size_report import report_run, summary_line
@@ -483,8 +600,9 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
                 print(summary_line(r), flush=True)
                 save()
         if "sweeps" not in args.skip:
-            result["sweeps"] = sweeps(paths["hub"], args.layers, args.sweep_sublayers, args.sweep_prompts,
-                                      args.sweep_seq)
+            result["sweeps"] = sweeps(
+                paths["hub"], args.layers, args.sweep_sublayers, args.sweep_prompts, args.sweep_seq
+            )
             save()
     finally:
         if tmp is not None:

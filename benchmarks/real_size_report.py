@@ -17,6 +17,7 @@ phase table (report.json "timings"), in benchmarks/results/real_size_report-L<la
 predictability tokens; an explicit --max-tokens still sets the corpus size. Offline the model has
 no tokenizer, so the corpus is random token ids (the report says so).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -50,15 +51,35 @@ def hub_checkpoint(folder: Path, layers: int) -> Path:
     return hub
 
 
-def report_run(hub: Path, n_tokens: int, out: Path, fast: bool = True, sample_s: float = 2.0,
-               env: Optional[Dict[str, str]] = None, code: Path = ROOT, heads_per_layer: Optional[int] = 1,
-               causal_sublayers: Optional[int] = 8) -> Dict[str, Any]:
+def report_run(
+    hub: Path,
+    n_tokens: int,
+    out: Path,
+    fast: bool = True,
+    sample_s: float = 2.0,
+    env: Optional[Dict[str, str]] = None,
+    code: Path = ROOT,
+    heads_per_layer: Optional[int] = 1,
+    causal_sublayers: Optional[int] = 8,
+) -> Dict[str, Any]:
     """One `mhc-interp report` on `hub` at `n_tokens`: rc, seconds, peak RSS, sections, phase times.
     `code`: the folder whose mhc_interp runs (a snapshot, while others edit the working tree)."""
-    cmd = cli_cmd("report", "--model", hub, "--max-tokens", n_tokens, "--dtype", "bfloat16", "--quiet",
-                  "--out", out, "--force", *(["--fast"] if fast else []),
-                  *(["--heads-per-layer", heads_per_layer] if heads_per_layer else []),
-                  *(["--causal-sublayers", causal_sublayers] if causal_sublayers else []))
+    cmd = cli_cmd(
+        "report",
+        "--model",
+        hub,
+        "--max-tokens",
+        n_tokens,
+        "--dtype",
+        "bfloat16",
+        "--quiet",
+        "--out",
+        out,
+        "--force",
+        *(["--fast"] if fast else []),
+        *(["--heads-per-layer", heads_per_layer] if heads_per_layer else []),
+        *(["--causal-sublayers", causal_sublayers] if causal_sublayers else []),
+    )
     env = dict(env or child_env(), PYTHONPATH=str(code))
     r = run_child(cmd, env=env, cwd=code, sample_s=sample_s)
     r.update(max_tokens=n_tokens, fast=fast)
@@ -74,8 +95,10 @@ def report_run(hub: Path, n_tokens: int, out: Path, fast: bool = True, sample_s:
 
 
 def summary_line(r: Dict[str, Any]) -> str:
-    head = (f"report --max-tokens {r['max_tokens']}{' --fast' if r['fast'] else ''}: rc {r['rc']}, "
-            f"{r['seconds']:.0f} s, peak RSS {r['peak_rss_mib']:.0f} MiB")
+    head = (
+        f"report --max-tokens {r['max_tokens']}{' --fast' if r['fast'] else ''}: rc {r['rc']}, "
+        f"{r['seconds']:.0f} s, peak RSS {r['peak_rss_mib']:.0f} MiB"
+    )
     if r["rc"] != 0:
         return head + "\n" + r["output_tail"]
     slow = ", ".join(f"{t['phase']} {t['seconds']:.0f}" for t in r["timings"][:8])
@@ -84,36 +107,57 @@ def summary_line(r: Dict[str, Any]) -> str:
 
 def git_state() -> str:
     """The commit the run measured, and whether the library had uncommitted changes."""
+
     def git(*a):
         return subprocess.run(["git", *a], cwd=ROOT, capture_output=True, text=True).stdout.strip()
-    return git("rev-parse", "--short", "HEAD") + (" (mhc_interp modified)" if git("status", "--short", "mhc_interp")
-                                                   else "")
+
+    return git("rev-parse", "--short", "HEAD") + (
+        " (mhc_interp modified)" if git("status", "--short", "mhc_interp") else ""
+    )
 
 
 def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--layers", type=int, default=36, help="36 = mhc-780m")
-    p.add_argument("--dir", default="/tmp/real_size_report", help="where the checkpoint (kept) and reports go")
+    p.add_argument(
+        "--dir", default="/tmp/real_size_report", help="where the checkpoint (kept) and reports go"
+    )
     p.add_argument("--tokens", type=int, nargs="+", default=[256, 512], help="report --max-tokens values")
     p.add_argument("--full", action="store_true", help="the report's default settings instead of --fast")
     p.add_argument("--sample-s", type=float, default=2.0, help="RSS sampling interval")
     p.add_argument("--heads-per-layer", type=int, default=1, help="report --heads-per-layer (0: all heads)")
     p.add_argument("--causal-sublayers", type=int, default=8, help="report --causal-sublayers (0: all)")
-    p.add_argument("--code", default=str(ROOT), help="the folder whose mhc_interp runs (default: this checkout; "
-                   "a copy of a commit keeps the run off other people's edits)")
+    p.add_argument(
+        "--code",
+        default=str(ROOT),
+        help="the folder whose mhc_interp runs (default: this checkout; "
+        "a copy of a commit keeps the run off other people's edits)",
+    )
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
     folder = Path(args.dir)
     out_path = Path(args.out) if args.out else RESULTS / f"real_size_report-L{args.layers}-cpu.json"
     hub = hub_checkpoint(folder, args.layers)
     weights_mib = (hub / "model.safetensors").stat().st_size / MIB
-    result: Dict[str, Any] = dict(layers=args.layers, weights_mib=weights_mib, cpu_count=os.cpu_count(),
-                                  commit=git_state() if args.code == str(ROOT) else args.code,
-                                  load_average_before=os.getloadavg(), runs=[])
+    result: Dict[str, Any] = dict(
+        layers=args.layers,
+        weights_mib=weights_mib,
+        cpu_count=os.cpu_count(),
+        commit=git_state() if args.code == str(ROOT) else args.code,
+        load_average_before=os.getloadavg(),
+        runs=[],
+    )
     for n_tokens in args.tokens:
-        r = report_run(hub, n_tokens, folder / f"report-{n_tokens}", fast=not args.full, sample_s=args.sample_s,
-                       code=Path(args.code), heads_per_layer=args.heads_per_layer or None,
-                       causal_sublayers=args.causal_sublayers or None)
+        r = report_run(
+            hub,
+            n_tokens,
+            folder / f"report-{n_tokens}",
+            fast=not args.full,
+            sample_s=args.sample_s,
+            code=Path(args.code),
+            heads_per_layer=args.heads_per_layer or None,
+            causal_sublayers=args.causal_sublayers or None,
+        )
         r["load_average_after"] = os.getloadavg()
         result["runs"].append(r)
         print(summary_line(r), flush=True)

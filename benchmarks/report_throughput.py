@@ -15,6 +15,7 @@ each row's slowest phases from the report's own timing table (`report.json` "tim
 seconds over the timed runs). `import mhc_interp` and loading the model are outside the timing.
 JSON goes to `--out`. No timing asserts.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -30,11 +31,16 @@ from .common import add_common_args, build_model, cli, interleaved, prepare, pri
 
 
 def main(argv=None):
-    p = add_common_args(argparse.ArgumentParser(description=__doc__,
-                                                formatter_class=argparse.RawDescriptionHelpFormatter),
-                        repeats=1)
-    p.add_argument("--max-tokens", type=int, default=ReportConfig.max_tokens,
-                   help="corpus tokens per report (default: the main job's)")
+    p = add_common_args(
+        argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter),
+        repeats=1,
+    )
+    p.add_argument(
+        "--max-tokens",
+        type=int,
+        default=ReportConfig.max_tokens,
+        help="corpus tokens per report (default: the main job's)",
+    )
     p.add_argument("--no-demo", action="store_true", help="only the --shape row")
     p.add_argument("--phases", type=int, default=8, help="slowest report phases printed per row")
     args = p.parse_args(argv)
@@ -57,22 +63,31 @@ def main(argv=None):
                 info = json.loads((index.parent / "report.json").read_text())
             timings[name].append({t["phase"]: t["seconds"] for t in info["timings"]})
             tokens[name] = _corpus_tokens(info["notes"])
+
         return run
 
     for name, (model, _) in models.items():
         print(f"{name}: {model.summary()}")
     rows = interleaved({name: report(name) for name in models}, device, args.repeats, args.warmup)
     for name, r in rows.items():
-        runs = timings[name][args.warmup:] or timings[name]
+        runs = timings[name][args.warmup :] or timings[name]
         phases = {ph: statistics.median(t.get(ph, 0.0) for t in runs) for ph in runs[-1]}
         r["phases"] = dict(sorted(phases.items(), key=lambda kv: -kv[1]))
         r["tokens"] = tokens[name]
         r["tokens_per_s"] = tokens[name] / r["seconds"]
-    print_table(rows, [("s/report", "seconds", ".2f"), ("q1", "q1", ".2f"), ("q3", "q3", ".2f"),
-                       ("tokens", "tokens", ",d"), ("tokens/s", "tokens_per_s", ",.0f")])
+    print_table(
+        rows,
+        [
+            ("s/report", "seconds", ".2f"),
+            ("q1", "q1", ".2f"),
+            ("q3", "q3", ".2f"),
+            ("tokens", "tokens", ",d"),
+            ("tokens/s", "tokens_per_s", ",.0f"),
+        ],
+    )
     for name, r in rows.items():
         print(f"\n{name}: slowest phases (s)")
-        for ph, s in list(r["phases"].items())[:args.phases]:
+        for ph, s in list(r["phases"].items())[: args.phases]:
             print(f"  {s:8.2f}  {ph}")
     result = dict(max_tokens=args.max_tokens, rows=rows)
     write_result("report_throughput", args, device, result)

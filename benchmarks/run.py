@@ -11,6 +11,7 @@ need) and `crosscoder_throughput`; each writes its own JSON under `--out-dir`, a
 `summary-<shape>-<device>.json` collects them. `--only NAME ...` picks some; options after `--`
 go to every benchmark (e.g. `-- --repeats 1`). Never asserts timings.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -46,10 +47,24 @@ def main(argv=None):
         p.error(str(e))
     out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    common = ["--shape", args.shape, "--device", args.device, "--dtype", args.dtype,
-              *(["--compile"] if args.compile else []), *args.extra]
-    summary = {"shape": args.shape, "device": args.device, "dtype": args.dtype, "compiled": args.compile,
-               "results": {}, "errors": {}}
+    common = [
+        "--shape",
+        args.shape,
+        "--device",
+        args.device,
+        "--dtype",
+        args.dtype,
+        *(["--compile"] if args.compile else []),
+        *args.extra,
+    ]
+    summary = {
+        "shape": args.shape,
+        "device": args.device,
+        "dtype": args.dtype,
+        "compiled": args.compile,
+        "results": {},
+        "errors": {},
+    }
     for name in args.only or BENCHMARKS:
         path = out_dir / f"{name}-{args.shape}-{device.type}.json"
         print(f"\n=== {name}")

@@ -11,6 +11,7 @@ which `make_gallery.py` and the tests read. The default model is the shipped dem
 (`mhc_interp.shipped.default_model_path()`: the tiny parity checkpoint while no demo model is shipped);
 `--model wgpeng/mhc-780m --device cuda --dtype bfloat16` runs the papers' model.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -26,9 +27,9 @@ matplotlib.use("Agg")  # the scripts only write files
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from mhc_interp.shipped import default_corpus, default_model_path, load  # noqa: E402
 from mhc_interp.data import read_texts  # noqa: E402
 from mhc_interp.probes import ProbeResult  # noqa: E402
+from mhc_interp.shipped import default_corpus, default_model_path, load  # noqa: E402
 from mhc_interp.token_windows import TokenBudget, corpus_tokens, patching_prompts  # noqa: E402
 
 
@@ -36,47 +37,72 @@ from mhc_interp.token_windows import TokenBudget, corpus_tokens, patching_prompt
 class Output:
     """What a script's `main` returns (and `make_gallery.py` collects)."""
 
-    name: str                                   # script name, e.g. "h_res_matrices"
-    summary: str                                # the one-line summary it printed
-    text: str = ""                              # the summary without script name, model and timing
-    figures: Dict[str, str] = field(default_factory=dict)        # PNG path -> caption
+    name: str  # script name, e.g. "h_res_matrices"
+    summary: str  # the one-line summary it printed
+    text: str = ""  # the summary without script name, model and timing
+    figures: Dict[str, str] = field(default_factory=dict)  # PNG path -> caption
     results: Dict[str, ProbeResult] = field(default_factory=dict)
-    files: List[str] = field(default_factory=list)               # other files written (tables)
-    extra: Dict = field(default_factory=dict)                     # script-specific numbers
+    files: List[str] = field(default_factory=list)  # other files written (tables)
+    extra: Dict = field(default_factory=dict)  # script-specific numbers
 
 
 class Example:
     """One script run: parsed arguments, the loaded model, the output folder, the token budget."""
 
-    def __init__(self, name: str, doc: str, argv: Optional[Sequence[str]] = None, causal: bool = False,
-                 add_arguments=None):
+    def __init__(
+        self,
+        name: str,
+        doc: str,
+        argv: Optional[Sequence[str]] = None,
+        causal: bool = False,
+        add_arguments=None,
+    ):
         self.name = name
-        parser = argparse.ArgumentParser(prog=f"{name}.py", description=doc,
-                                         formatter_class=argparse.RawDescriptionHelpFormatter)
-        parser.add_argument("--model", default=None,
-                            help="hub id (e.g. wgpeng/mhc-780m), folder or .pt "
-                                 f"(default: the shipped demo model, now {default_model_path().name})")
+        parser = argparse.ArgumentParser(
+            prog=f"{name}.py", description=doc, formatter_class=argparse.RawDescriptionHelpFormatter
+        )
+        parser.add_argument(
+            "--model",
+            default=None,
+            help="hub id (e.g. wgpeng/mhc-780m), folder or .pt "
+            f"(default: the shipped demo model, now {default_model_path().name})",
+        )
         parser.add_argument("--out", default=None, help=f"output folder (default: out/{name})")
         parser.add_argument("--fast", action="store_true", help="tiny token budgets: a few seconds")
         parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, mps ...")
-        parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16", "float64"])
-        parser.add_argument("--max-tokens", type=int, default=None,
-                            help="corpus tokens for the observational probes (default 16384; --fast 1024)")
-        parser.add_argument("--corpus", nargs="*", default=None,
-                            help="text files (default: the shipped Hamlet excerpt; random token ids "
-                                 "if the model has no tokenizer)")
+        parser.add_argument(
+            "--dtype", default="float32", choices=["float32", "bfloat16", "float16", "float64"]
+        )
+        parser.add_argument(
+            "--max-tokens",
+            type=int,
+            default=None,
+            help="corpus tokens for the observational probes (default 16384; --fast 1024)",
+        )
+        parser.add_argument(
+            "--corpus",
+            nargs="*",
+            default=None,
+            help="text files (default: the shipped Hamlet excerpt; random token ids "
+            "if the model has no tokenizer)",
+        )
         parser.add_argument("--quiet", action="store_true", help="no progress bars")
         if causal:
-            parser.add_argument("--prompts", type=int, default=None,
-                                help="prompts for the interventions (default 8; --fast 4)")
-            parser.add_argument("--prompt-len", type=int, default=None,
-                                help="tokens per prompt (default 64; --fast 32)")
+            parser.add_argument(
+                "--prompts",
+                type=int,
+                default=None,
+                help="prompts for the interventions (default 8; --fast 4)",
+            )
+            parser.add_argument(
+                "--prompt-len", type=int, default=None, help="tokens per prompt (default 64; --fast 32)"
+            )
         if add_arguments is not None:
             add_arguments(parser)
         self.args = args = parser.parse_args(list(argv) if argv is not None else None)
         self.out = Path(args.out or Path("out") / name)
         self.cfg = TokenBudget(progress=not args.quiet)
-        if args.fast:   # a smoke run of a few seconds on the tiny models (tests, gallery previews)
+        if args.fast:  # a smoke run of a few seconds on the tiny models (tests, gallery previews)
             self.cfg = self.cfg.fast(cka_minibatch=128)
         if args.max_tokens is not None:
             self.cfg.max_tokens = args.max_tokens
@@ -85,7 +111,7 @@ class Example:
                 self.cfg.causal_prompts = args.prompts
             if args.prompt_len is not None:
                 self.cfg.causal_seq_len = args.prompt_len
-                self.cfg.seq_len = max(self.cfg.seq_len, args.prompt_len)   # windows long enough to cut from
+                self.cfg.seq_len = max(self.cfg.seq_len, args.prompt_len)  # windows long enough to cut from
         self.t0 = time.perf_counter()
         self.model = load(args.model, args.device, args.dtype)
         self.model.eval()
@@ -101,7 +127,9 @@ class Example:
 
     def require_streams(self) -> None:
         if self.n_streams < 2:
-            raise SystemExit(f"{self.name}: the model has {self.n_streams} stream; this figure compares streams")
+            raise SystemExit(
+                f"{self.name}: the model has {self.n_streams} stream; this figure compares streams"
+            )
 
     def tokens(self) -> torch.Tensor:
         """[n_seq, seq_len] corpus windows (random ids if the model has no tokenizer), up to the budget."""
@@ -122,9 +150,11 @@ class Example:
         """Prompts for the causal probes: the first `causal_prompts` windows, `causal_seq_len` long."""
         tokens = self.tokens()
         if self.cfg.causal_seq_len > tokens.shape[1]:
-            raise SystemExit(f"{self.output.name}: --prompt-len {self.cfg.causal_seq_len} is longer than the corpus "
-                             f"windows ({tokens.shape[1]} tokens: the model's context {self.model.cfg.n_ctx} or the "
-                             f"window length, whichever is shorter)")
+            raise SystemExit(
+                f"{self.output.name}: --prompt-len {self.cfg.causal_seq_len} is longer than the corpus "
+                f"windows ({tokens.shape[1]} tokens: the model's context {self.model.cfg.n_ctx} or the "
+                f"window length, whichever is shorter)"
+            )
         return tokens[: self.cfg.causal_prompts, : self.cfg.causal_seq_len]
 
     def patching_prompts(self):
@@ -135,8 +165,13 @@ class Example:
         """`run_probes` over the corpus windows (or `source`) with this run's batch size."""
         from mhc_interp.probes import run_probes
 
-        return run_probes(self.model, probes, self.tokens() if source is None else source,
-                          batch_size=self.cfg.batch_size, progress=self.cfg.progress)
+        return run_probes(
+            self.model,
+            probes,
+            self.tokens() if source is None else source,
+            batch_size=self.cfg.batch_size,
+            progress=self.cfg.progress,
+        )
 
     # ------------------------------------------------------------------------------ outputs
     def save_result(self, result: ProbeResult, name: Optional[str] = None) -> Path:
@@ -178,7 +213,7 @@ def fmt(values, precision: int = 2) -> str:
 
 def short(sublayer: str) -> str:
     """'blocks.3.mlp' -> '3.mlp'."""
-    return sublayer[len("blocks."):] if sublayer.startswith("blocks.") else sublayer
+    return sublayer[len("blocks.") :] if sublayer.startswith("blocks.") else sublayer
 
 
 def site_label(hook: str) -> str:
@@ -197,7 +232,7 @@ def sublayer_ticks(ax, names: Sequence[str], axis: str = "x", max_labels: int = 
     """Label a sublayer axis with '3.attn'-style names, thinned to at most `max_labels`."""
     step = max(1, int(np.ceil(len(names) / max_labels)))
     if step > 1 and any(n.endswith(".attn") for n in names):
-        step += step % 2                        # whole blocks: every label is a block's attn sublayer
+        step += step % 2  # whole blocks: every label is a block's attn sublayer
     idx = list(range(0, len(names), step))
     labels = [short(names[i]) for i in idx]
     if axis == "x":

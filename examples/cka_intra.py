@@ -9,6 +9,7 @@ rotation and scale, 0 = unrelated. CKA ignores scale: read it together with the 
 
     python examples/cka_intra.py [--model NAME_OR_PATH] [--out DIR] [--fast] [--layers 4]
 """
+
 from __future__ import annotations
 
 import os
@@ -26,6 +27,7 @@ def _options(p):
 def main(argv=None):
     import matplotlib.pyplot as plt
     import numpy as np
+
     from mhc_interp.probes import CKA
     from mhc_interp.probes.figure_helpers import annotate
     from mhc_interp.probes.sites import evenly_spaced
@@ -36,12 +38,13 @@ def main(argv=None):
     ex.save_result(result)
     sites, n = result.site_names, ex.n_streams
     picks = evenly_spaced(len(sites), ex.args.layers)
-    fig, axes = plt.subplots(2, len(picks), figsize=(0.4 + (0.75 * n + 0.6) * len(picks), 1.2 + 1.5 * n),
-                             squeeze=False)
+    fig, axes = plt.subplots(
+        2, len(picks), figsize=(0.4 + (0.75 * n + 0.6) * len(picks), 1.2 + 1.5 * n), squeeze=False
+    )
     blocks = {}
     for row, key in enumerate(("cka_debiased", "cka_biased")):
         M = result[key]
-        blocks[key] = np.stack([M[i * n:(i + 1) * n, i * n:(i + 1) * n] for i in range(len(sites))])
+        blocks[key] = np.stack([M[i * n : (i + 1) * n, i * n : (i + 1) * n] for i in range(len(sites))])
         for ax, i in zip(axes[row], picks):
             im = ax.imshow(blocks[key][i], vmin=0, vmax=1, cmap="viridis")
             annotate(ax, im, blocks[key][i], fontsize=8 if n <= 4 else 6)
@@ -52,20 +55,26 @@ def main(argv=None):
     for ax in axes[-1]:
         ax.set_xlabel("stream")
     fig.colorbar(im, ax=axes.ravel().tolist(), shrink=0.7, pad=0.02, label="linear CKA")
-    fig.suptitle(f"stream-by-stream CKA at block outputs (top: debiased, bottom: biased); "
-                 f"{result.meta['tokens_used']:,} tokens, minibatches of {result.meta['minibatch_tokens']} "
-                 f"drawn from a {result.meta['shuffle_tokens']}-token shuffle",
-                 fontsize=9)
-    caption = ("Linear CKA between the streams of one layer (block output) at evenly spaced layers: debiased "
-               "(top) and biased (bottom, inflated when features outnumber tokens); 1 = same representation "
-               "up to rotation and scale ('Ablate and Rescue').")
+    fig.suptitle(
+        f"stream-by-stream CKA at block outputs (top: debiased, bottom: biased); "
+        f"{result.meta['tokens_used']:,} tokens, minibatches of {result.meta['minibatch_tokens']} "
+        f"drawn from a {result.meta['shuffle_tokens']}-token shuffle",
+        fontsize=9,
+    )
+    caption = (
+        "Linear CKA between the streams of one layer (block output) at evenly spaced layers: debiased "
+        "(top) and biased (bottom, inflated when features outnumber tokens); 1 = same representation "
+        "up to rotation and scale ('Ablate and Rescue')."
+    )
     ex.save_figure(fig, "cka_intra", caption)
     off = ~np.eye(n, dtype=bool)
     mean_u = np.array([b[off].mean() for b in blocks["cka_debiased"]])
     mean_b = np.array([b[off].mean() for b in blocks["cka_biased"]])
-    return ex.finish(f"mean off-diagonal stream CKA per layer: debiased {fmt(mean_u)}; biased {fmt(mean_b)} "
-                     f"({ex.corpus_note})",
-                     picks=[int(i) for i in picks])
+    return ex.finish(
+        f"mean off-diagonal stream CKA per layer: debiased {fmt(mean_u)}; biased {fmt(mean_b)} "
+        f"({ex.corpus_note})",
+        picks=[int(i) for i in picks],
+    )
 
 
 if __name__ == "__main__":

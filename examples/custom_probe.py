@@ -9,6 +9,7 @@ log2(n) bits = reads all streams evenly, 0 bits = reads a single stream.
 Its `report` declaration makes it a section of every report built once it is registered
 (`build_report`), with the figure its result's `plot()` draws under the caption given.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -17,17 +18,21 @@ import numpy as np
 import torch
 
 from mhc_interp import HookedMHC
-from mhc_interp.shipped import default_model_path, resolve_model_path
 from mhc_interp.probes import Probe, ProbeResult, register_probe, register_result, run_probes
 from mhc_interp.probes.base import ReportSection
+from mhc_interp.shipped import default_model_path, resolve_model_path
 
 
 @register_probe
 class ReadEntropy(Probe):
     name = "read_entropy"
-    report = ReportSection("How spread each sublayer's read is over the streams", captions={
-        "read_entropy": "Entropy of the read weights |H_pre_s| / sum |H_pre| per sublayer (bits; "
-                        "log2(n) = all streams read evenly, 0 = a single stream)."})
+    report = ReportSection(
+        "How spread each sublayer's read is over the streams",
+        captions={
+            "read_entropy": "Entropy of the read weights |H_pre_s| / sum |H_pre| per sublayer (bits; "
+            "log2(n) = all streams read evenly, 0 = a single stream)."
+        },
+    )
 
     def setup(self, model):
         self.sublayers = model.sublayer_names
@@ -45,13 +50,16 @@ class ReadEntropy(Probe):
         self.count += int(mask.sum())
 
     def result(self):
-        return ReadEntropyResult(self.name, {"entropy_bits": (self.total / self.count).numpy()},
-                                 {"sublayers": self.sublayers, "tokens": self.count})
+        return ReadEntropyResult(
+            self.name,
+            {"entropy_bits": (self.total / self.count).numpy()},
+            {"sublayers": self.sublayers, "tokens": self.count},
+        )
 
 
 @register_result
 class ReadEntropyResult(ProbeResult):
-    def plot(self):   # one figure, saved as read_entropy.png (a dict {name: figure} for several)
+    def plot(self):  # one figure, saved as read_entropy.png (a dict {name: figure} for several)
         import matplotlib.pyplot as plt
 
         fig, ax = plt.subplots(figsize=(6, 3))
@@ -62,11 +70,13 @@ class ReadEntropyResult(ProbeResult):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--model", default=str(default_model_path()))
     parser.add_argument("--out", default="out/read_entropy", help="result path: writes OUT.json + OUT.npz")
     args = parser.parse_args(argv)
-    model = HookedMHC.from_pretrained(resolve_model_path(args.model))   # shipped names, paths, hub ids
+    model = HookedMHC.from_pretrained(resolve_model_path(args.model))  # shipped names, paths, hub ids
     torch.manual_seed(0)
     tokens = torch.randint(0, model.cfg.d_vocab, (16, min(32, model.cfg.n_ctx)))
     result = run_probes(model, ReadEntropy(), tokens, batch_size=4)

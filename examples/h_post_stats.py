@@ -8,6 +8,7 @@ streams (how unevenly the write is split among the streams).
 
     python examples/h_post_stats.py [--model NAME_OR_PATH] [--out DIR] [--fast]
 """
+
 from __future__ import annotations
 
 import os
@@ -17,14 +18,17 @@ if os.path.dirname(os.path.abspath(__file__)) not in sys.path:  # run as a file 
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _common import Example, sublayer_ticks  # noqa: E402
 
-PANELS = (("h_post_fro", "E_t ||H_post||_F"),
-          ("h_post_var_tokens", "variance over tokens (mean over streams)"),
-          ("h_post_var_streams", "variance across streams (mean over tokens)"))
+PANELS = (
+    ("h_post_fro", "E_t ||H_post||_F"),
+    ("h_post_var_tokens", "variance over tokens (mean over streams)"),
+    ("h_post_var_streams", "variance across streams (mean over tokens)"),
+)
 
 
 def main(argv=None):
     import matplotlib.pyplot as plt
     import numpy as np
+
     from mhc_interp.probes import StreamUsage
 
     ex = Example("h_post_stats", __doc__, argv)
@@ -46,14 +50,18 @@ def main(argv=None):
     axes[0].legend(fontsize=7)
     fig.suptitle(f"H_post per sublayer ({ex.corpus_note})", fontsize=9)
     fig.tight_layout()
-    caption = ("H_post per sublayer: mean Frobenius norm of the write vector, its variance over tokens "
-               "(how dynamic the routing is) and across streams (how uneven the write split is); "
-               "'Ablate and Rescue' routing plot.")
+    caption = (
+        "H_post per sublayer: mean Frobenius norm of the write vector, its variance over tokens "
+        "(how dynamic the routing is) and across streams (how uneven the write split is); "
+        "'Ablate and Rescue' routing plot."
+    )
     ex.save_figure(fig, "h_post_stats", caption)
     fro = usage["h_post_fro"]
     k = int(fro.argmax())
-    return ex.finish(f"E||H_post|| from {fro.min():.2f} to {fro.max():.2f} (max at {names[k]}), "
-                     f"token variance up to {usage['h_post_var_tokens'].max():.2g} ({ex.corpus_note})")
+    return ex.finish(
+        f"E||H_post|| from {fro.min():.2f} to {fro.max():.2f} (max at {names[k]}), "
+        f"token variance up to {usage['h_post_var_tokens'].max():.2g} ({ex.corpus_note})"
+    )
 
 
 if __name__ == "__main__":

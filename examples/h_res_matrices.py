@@ -9,6 +9,7 @@ are far from I but average out, e.g. token-dependent permutations).
 
     python examples/h_res_matrices.py [--model NAME_OR_PATH] [--out DIR] [--fast] [--early K] [--deep K]
 """
+
 from __future__ import annotations
 
 import os
@@ -38,6 +39,7 @@ def pick(names, spec: str) -> int:
 
 def main(argv=None):
     import matplotlib.pyplot as plt
+
     from mhc_interp.probes import StreamUsage
     from mhc_interp.probes.figure_helpers import annotate
 
@@ -58,18 +60,25 @@ def main(argv=None):
         ax.set_yticks(range(n))
         ax.set_xlabel("source stream")
         ax.set_ylabel("target stream")
-        ax.set_title(f"{role}: {names[k]}\n||E H_res - I|| = {usage['mean_h_res_dist'][k]:.2f}, "
-                     f"E||H_res - I|| = {usage['h_res_dist'][k]:.2f}", fontsize=8)
+        ax.set_title(
+            f"{role}: {names[k]}\n||E H_res - I|| = {usage['mean_h_res_dist'][k]:.2f}, "
+            f"E||H_res - I|| = {usage['h_res_dist'][k]:.2f}",
+            fontsize=8,
+        )
     fig.colorbar(im, ax=axes[0].tolist(), shrink=0.8, pad=0.03)
     fig.suptitle(f"token-averaged H_res [target, source], {n} streams", fontsize=9)
-    caption = (f"Token-averaged H_res [target, source] at an early ({names[picks[0]]}) and a deep "
-               f"({names[picks[1]]}) sublayer; identity = streams kept apart, off-diagonal mass = "
-               f"streams mixed (stream-collapse paper).")
+    caption = (
+        f"Token-averaged H_res [target, source] at an early ({names[picks[0]]}) and a deep "
+        f"({names[picks[1]]}) sublayer; identity = streams kept apart, off-diagonal mass = "
+        f"streams mixed (stream-collapse paper)."
+    )
     ex.save_figure(fig, "h_res_matrices", caption)
     d = usage["mean_h_res_dist"]
-    return ex.finish(f"distance of the mean mixer to the identity ||E H_res - I||_F = {d[picks[0]]:.3f} at "
-                     f"{short(names[picks[0]])}, {d[picks[1]]:.3f} at {short(names[picks[1]])} ({ex.corpus_note})",
-                     picks=picks)
+    return ex.finish(
+        f"distance of the mean mixer to the identity ||E H_res - I||_F = {d[picks[0]]:.3f} at "
+        f"{short(names[picks[0]])}, {d[picks[1]]:.3f} at {short(names[picks[1]])} ({ex.corpus_note})",
+        picks=picks,
+    )
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ even split 1/n. Collapse shows as one stream taking most of the (norm-weighted) 
 
     python examples/read_write_share.py [--model NAME_OR_PATH] [--out DIR] [--fast]
 """
+
 from __future__ import annotations
 
 import os
@@ -18,14 +19,17 @@ if os.path.dirname(os.path.abspath(__file__)) not in sys.path:  # run as a file 
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _common import Example, sublayer_ticks  # noqa: E402
 
-PANELS = (("read_share", "read share (H_pre)"),
-          ("read_share_norm", "norm-weighted read share (H_pre · ||x_s||)"),
-          ("write_share", "write share (H_post)"))
+PANELS = (
+    ("read_share", "read share (H_pre)"),
+    ("read_share_norm", "norm-weighted read share (H_pre · ||x_s||)"),
+    ("write_share", "write share (H_post)"),
+)
 
 
 def main(argv=None):
     import matplotlib.pyplot as plt
     import numpy as np
+
     from mhc_interp.probes import StreamUsage
 
     ex = Example("read_write_share", __doc__, argv)
@@ -52,15 +56,20 @@ def main(argv=None):
     fig.tight_layout()
     dom = usage["read_share_norm"].argmax(-1)
     top = np.bincount(dom, minlength=n).argmax()
-    caption = ("Read share (H_pre), norm-weighted read share and write share (H_post) of every stream per "
-               "sublayer, stacked (each bar sums to 1; dotted lines = even split). A stream taking most "
-               "of the norm-weighted read share is the dominant stream of the stream-collapse paper.")
+    caption = (
+        "Read share (H_pre), norm-weighted read share and write share (H_post) of every stream per "
+        "sublayer, stacked (each bar sums to 1; dotted lines = even split). A stream taking most "
+        "of the norm-weighted read share is the dominant stream of the stream-collapse paper."
+    )
     ex.save_figure(fig, "read_write_share", caption)
     summary = usage.collapse_summary()
-    return ex.finish(f"stream {top} has the largest norm-weighted read share at {int((dom == top).sum())}/"
-                     f"{len(names)} sublayers; mean dominant read share {summary['dominant_read_share']:.2f}, "
-                     f"read entropy {summary['read_share_entropy']:.2f} of max 1 ({ex.corpus_note})",
-                     dominant_stream=int(top), **summary)
+    return ex.finish(
+        f"stream {top} has the largest norm-weighted read share at {int((dom == top).sum())}/"
+        f"{len(names)} sublayers; mean dominant read share {summary['dominant_read_share']:.2f}, "
+        f"read entropy {summary['read_share_entropy']:.2f} of max 1 ({ex.corpus_note})",
+        dominant_stream=int(top),
+        **summary,
+    )
 
 
 if __name__ == "__main__":

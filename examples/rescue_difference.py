@@ -10,6 +10,7 @@ gaps = sublayers where the pair's ablation did too little damage to score).
 
     python examples/rescue_difference.py [--model NAME_OR_PATH] [--out DIR] [--fast] [--mode one_shot]
 """
+
 from __future__ import annotations
 
 import itertools
@@ -49,26 +50,41 @@ def main(argv=None):
         if pair not in (sym, asym):
             ax.plot(x, 100 * result.pair_difference(*pair), color="lightgrey", lw=0.8, zorder=1)
     for (i, j), kind, color in ((sym, "symmetric", "tab:blue"), (asym, "asymmetric", "tab:red")):
-        ax.plot(x, 100 * result.pair_difference(i, j), marker="o", ms=4, color=color, zorder=3,
-                label=f"{kind} pair ({i},{j}): R({i}|{i}{j}) - R({j}|{i}{j}), mean |.| = {100 * score[(i, j)]:.1f}%")
+        ax.plot(
+            x,
+            100 * result.pair_difference(i, j),
+            marker="o",
+            ms=4,
+            color=color,
+            zorder=3,
+            label=f"{kind} pair ({i},{j}): R({i}|{i}{j}) - R({j}|{i}{j}), mean |.| = {100 * score[(i, j)]:.1f}%",
+        )
     ax.axhline(0, color="black", lw=0.8)
     sublayer_ticks(ax, names)
     ax.set_xlabel("ablated sublayer")
     ax.set_ylabel("rescue difference (% of damage)")
-    ax.set_title(f"rescue difference per sublayer: symmetric pair ({sym[0]},{sym[1]}) vs asymmetric pair "
-                 f"({asym[0]},{asym[1]})\n(chosen as smallest / largest mean |R(i|ij) - R(j|ij)|; "
-                 f"{result.meta['mode'].replace('_', '-')} {result.meta['ablation']} ablation, frozen mixing)",
-                 fontsize=9)
+    ax.set_title(
+        f"rescue difference per sublayer: symmetric pair ({sym[0]},{sym[1]}) vs asymmetric pair "
+        f"({asym[0]},{asym[1]})\n(chosen as smallest / largest mean |R(i|ij) - R(j|ij)|; "
+        f"{result.meta['mode'].replace('_', '-')} {result.meta['ablation']} ablation, frozen mixing)",
+        fontsize=9,
+    )
     ax.legend(fontsize=7)
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    caption = (f"Per-sublayer rescue difference R(i|ij) - R(j|ij) for the most symmetric pair ({sym[0]},{sym[1]}) "
-               f"and the most asymmetric pair ({asym[0]},{asym[1]}) (smallest / largest mean |difference|; other "
-               f"pairs grey): far from 0 = one stream of the pair carries what matters ('Ablate and Rescue').")
+    caption = (
+        f"Per-sublayer rescue difference R(i|ij) - R(j|ij) for the most symmetric pair ({sym[0]},{sym[1]}) "
+        f"and the most asymmetric pair ({asym[0]},{asym[1]}) (smallest / largest mean |difference|; other "
+        f"pairs grey): far from 0 = one stream of the pair carries what matters ('Ablate and Rescue')."
+    )
     ex.save_figure(fig, "rescue_difference", caption)
-    return ex.finish(f"symmetric pair {sym} (mean |dR| {100 * score[sym]:.1f}%), asymmetric pair {asym} "
-                     f"(mean |dR| {100 * score[asym]:.1f}%)",
-                     symmetric=sym, asymmetric=asym, scores={f"{i},{j}": v for (i, j), v in score.items()})
+    return ex.finish(
+        f"symmetric pair {sym} (mean |dR| {100 * score[sym]:.1f}%), asymmetric pair {asym} "
+        f"(mean |dR| {100 * score[asym]:.1f}%)",
+        symmetric=sym,
+        asymmetric=asym,
+        scores={f"{i},{j}": v for (i, j), v in score.items()},
+    )
 
 
 if __name__ == "__main__":

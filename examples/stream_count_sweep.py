@@ -5,6 +5,7 @@
 
 Writes results.json and stream_count_sweep.png.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -28,8 +29,19 @@ def main(argv=None):
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     tokenizer, train_ids, val_ids = corpus_ids(args.texts, vocab=256 if args.fast else 1024)
-    results = {n: run(train_ids, val_ids, len(tokenizer), "none" if n == 1 else "mhc", n, args.seed,
-                      args.steps, args.fast) for n in args.streams}
+    results = {
+        n: run(
+            train_ids,
+            val_ids,
+            len(tokenizer),
+            "none" if n == 1 else "mhc",
+            n,
+            args.seed,
+            args.steps,
+            args.fast,
+        )
+        for n in args.streams
+    }
     (out / "results.json").write_text(json.dumps(results, indent=1))
 
     import matplotlib.pyplot as plt

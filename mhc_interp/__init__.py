@@ -4,6 +4,7 @@
 `import mhc_interp` is light: `HookedMHC` (torch, TransformerLens's hook machinery) is imported
 on first use, and TransformerLens's own `__init__` (which pulls transformers and datasets) only
 when something other than its hook machinery is used (`hooks.deferred_init`)."""
+
 from importlib import import_module
 
 from .hooks.deferred_init import defer_package_inits

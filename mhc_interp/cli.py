@@ -9,6 +9,7 @@
 
 M is a hub id, a folder or a .pt file; by default the demo model shipped in the package.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -22,8 +23,16 @@ from pathlib import Path
 from typing import List, Optional
 
 from . import __version__
-from .shipped import (DEMO_MODEL, PARITY_MODEL, asset, default_corpus, default_model_path,  # noqa: F401
-                      load, resolve_model_path, torch_dtype)
+from .shipped import (  # noqa: F401
+    DEMO_MODEL,
+    PARITY_MODEL,
+    asset,
+    default_corpus,
+    default_model_path,
+    load,
+    resolve_model_path,
+    torch_dtype,
+)
 
 # torch, the model and the probes are imported inside the commands: --help, --version and argument
 # errors answer without them
@@ -53,36 +62,44 @@ def cmd_check(args) -> int:
     from .model import HookedMHC
 
     path = resolve_model_path(args.model)
-    with warnings.catch_warnings():   # the non-finite weights are reported below, once
+    with warnings.catch_warnings():  # the non-finite weights are reported below, once
         warnings.filterwarnings("ignore", message=".*non-finite weights")
         model = HookedMHC.from_pretrained(path, device=args.device, dtype=torch_dtype(args.dtype))
     print(model.summary())
     bad = nonfinite_tensors(model.named_parameters())
     if bad:
-        print(f"FAILED: non-finite weights (NaN or inf) in {len(bad)} tensors: {', '.join(bad[:8])}"
-              f"{'...' if len(bad) > 8 else ''}")
+        print(
+            f"FAILED: non-finite weights (NaN or inf) in {len(bad)} tensors: {', '.join(bad[:8])}"
+            f"{'...' if len(bad) > 8 else ''}"
+        )
         return 1
     ref_path = Path(path) / "reference_logits.pt"
     if not ref_path.is_file():
         tokens = torch.arange(min(8, model.cfg.n_ctx), device=model.device)[None] % model.cfg.d_vocab
         with torch.no_grad():
             finite = bool(torch.isfinite(model(tokens)).all())
-        print(f"no reference logits shipped with {path}: checked only that the logits are finite -> "
-              f"{'OK' if finite else 'FAILED (NaN or inf logits)'} ({PARITY_MODEL} ships the public mHC code's "
-              f"logits: mhc-interp check --model {PARITY_MODEL})")
+        print(
+            f"no reference logits shipped with {path}: checked only that the logits are finite -> "
+            f"{'OK' if finite else 'FAILED (NaN or inf logits)'} ({PARITY_MODEL} ships the public mHC code's "
+            f"logits: mhc-interp check --model {PARITY_MODEL})"
+        )
         return 0 if finite else 1
     try:
         ref = torch.load(ref_path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - a crafted or damaged file: refuse, never execute it
-        raise CheckpointError(f"{ref_path}: not a loadable reference-logits file ({type(e).__name__})") from None
+        raise CheckpointError(
+            f"{ref_path}: not a loadable reference-logits file ({type(e).__name__})"
+        ) from None
     if not isinstance(ref, dict) or not {"tokens", "logits"} <= set(ref):
         raise CheckpointError(f"{ref_path}: expected {{'tokens': ..., 'logits': ...}}")
     with torch.no_grad():
         logits = model(ref["tokens"].to(model.device)).float().cpu()
     err = (logits - ref["logits"]).abs().max().item()
     ok = err <= args.tol
-    print(f"logits check vs {ref.get('source', ref_path)}: tokens {tuple(ref['tokens'].shape)}, "
-          f"max |diff| = {err:.2e} (tolerance {args.tol:.0e}) -> {'OK' if ok else 'MISMATCH'}")
+    print(
+        f"logits check vs {ref.get('source', ref_path)}: tokens {tuple(ref['tokens'].shape)}, "
+        f"max |diff| = {err:.2e} (tolerance {args.tol:.0e}) -> {'OK' if ok else 'MISMATCH'}"
+    )
     return 0 if ok else 1
 
 
@@ -104,7 +121,7 @@ def _report_config(args):
     cfg = ReportConfig(progress=not args.quiet)
     if args.fast:
         cfg = cfg.fast()
-    if args.max_tokens is not None:   # an explicit --max-tokens wins over --fast's
+    if args.max_tokens is not None:  # an explicit --max-tokens wins over --fast's
         cfg.max_tokens = args.max_tokens
     cfg.sae = getattr(args, "sae", None)
     cfg.heads_per_layer = getattr(args, "heads_per_layer", None)
@@ -117,8 +134,10 @@ def corpus_paths(args) -> List[Path]:
     if args.corpus is None:
         return default_corpus()
     if not args.corpus:
-        raise ValueError("--corpus was given no files: name text files or folders, or leave the flag out "
-                         "for the shipped corpus")
+        raise ValueError(
+            "--corpus was given no files: name text files or folders, or leave the flag out "
+            "for the shipped corpus"
+        )
     return [Path(c) for c in args.corpus]
 
 
@@ -126,28 +145,38 @@ def cmd_report(args) -> int:
     from .report import build_report
 
     model = load(args.model, args.device, args.dtype)
-    index = build_report(model, Path(args.out), corpus_paths(args), _report_config(args),
-                         model_name=str(args.model or "demo model"), force=args.force)
+    index = build_report(
+        model,
+        Path(args.out),
+        corpus_paths(args),
+        _report_config(args),
+        model_name=str(args.model or "demo model"),
+        force=args.force,
+    )
     print(f"report written to {index}")
     return 0
 
 
 def cmd_probe(args) -> int:
+    from .data import read_texts
     from .interop import sae_features  # noqa: F401 - registers sae_features (SAELens is imported only to load an SAE)
     from .probes import PROBES, run_probes
-    from .data import read_texts
     from .token_windows import corpus_tokens, patching_prompts
 
     if args.list or not args.name:
         print("probes: " + ", ".join(sorted(PROBES)))
         return 0
     if args.name not in PROBES:
-        raise SystemExit(f"mhc-interp: unknown probe {args.name!r}; valid probes: {', '.join(sorted(PROBES))}")
+        raise SystemExit(
+            f"mhc-interp: unknown probe {args.name!r}; valid probes: {', '.join(sorted(PROBES))}"
+        )
     model = load(args.model, args.device, args.dtype)
     cfg = _report_config(args)
     tokens = corpus_tokens(model, read_texts(corpus_paths(args)), cfg)
     if args.name == "sae_features" and not args.sae:
-        raise SystemExit("mhc-interp: probe sae_features needs --sae FOLDER (an SAE saved in SAELens's format)")
+        raise SystemExit(
+            "mhc-interp: probe sae_features needs --sae FOLDER (an SAE saved in SAELens's format)"
+        )
     probe = PROBES[args.name](args.sae) if args.name == "sae_features" else PROBES[args.name]()
     if args.name in ("activation_patching", "attribution_patching"):
         clean, corrupted, _ = patching_prompts(model, tokens, cfg)
@@ -177,52 +206,85 @@ def check_train_out(out: Path, force: bool) -> None:
         raise ValueError(f"--out {out} exists and is a file")
     taken = [n for n in (*TRAIN_OUTPUTS, *TOKENIZER_FILES) if (out / n).exists()]
     if taken and not force:
-        raise ValueError(f"--out {out} already holds {', '.join(taken)}: training would overwrite them; "
-                         f"choose a new folder or pass --force")
+        raise ValueError(
+            f"--out {out} already holds {', '.join(taken)}: training would overwrite them; "
+            f"choose a new folder or pass --force"
+        )
 
 
 def cmd_train(args) -> int:
-    from .config import MHCConfig, mixer_class
-    from .data import encode_texts, read_texts, split_stream, train_bpe_tokenizer
-    from .train import TrainConfig, train
     import torch
 
+    from .config import MHCConfig, mixer_class
+    from .data import encode_texts, read_texts, split_stream, train_bpe_tokenizer
     from .model import HookedMHC
+    from .train import TrainConfig, train
 
     check_train_out(Path(args.out), args.force)
     texts = read_texts(args.texts)
     tokenizer = train_bpe_tokenizer(texts, vocab_size=args.vocab)
     train_ids, val_ids = split_stream(encode_texts(tokenizer, texts), args.val_fraction)
     torch.manual_seed(args.seed)
-    cfg = MHCConfig(n_layers=args.n_layers, n_heads=args.n_heads, d_model=args.d_model, n_ctx=args.seq_len + 1,
-                    d_vocab=len(tokenizer), n_streams=mixer_class(args.hyper_conn_type).n_streams_required or args.n_streams,
-                    hyper_conn_type=args.hyper_conn_type, lss_init=args.lss_init)
+    cfg = MHCConfig(
+        n_layers=args.n_layers,
+        n_heads=args.n_heads,
+        d_model=args.d_model,
+        n_ctx=args.seq_len + 1,
+        d_vocab=len(tokenizer),
+        n_streams=mixer_class(args.hyper_conn_type).n_streams_required or args.n_streams,
+        hyper_conn_type=args.hyper_conn_type,
+        lss_init=args.lss_init,
+    )
     model = HookedMHC(cfg, tokenizer=tokenizer)
-    history = train(model, train_ids, val_ids, TrainConfig(max_steps=args.steps, batch_size=args.batch_size,
-                                                           seq_len=args.seq_len, lr=args.lr, seed=args.seed,
-                                                           device=args.device), out_dir=args.out)
+    history = train(
+        model,
+        train_ids,
+        val_ids,
+        TrainConfig(
+            max_steps=args.steps,
+            batch_size=args.batch_size,
+            seq_len=args.seq_len,
+            lr=args.lr,
+            seed=args.seed,
+            device=args.device,
+        ),
+        out_dir=args.out,
+    )
     print(f"saved {args.out}; final validation loss {history['val_loss'][-1]:.3f}")
     return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The command line's parser: one subcommand per `cmd_*`."""
-    parser = argparse.ArgumentParser(prog="mhc-interp", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="mhc-interp", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--version", action="version", version=f"mhc-interp {__version__}")
     sub = parser.add_subparsers(dest="command")
 
     def common(p, default_model="the shipped demo model"):
         p.add_argument("--model", default=None, help=f"hub id, folder or .pt (default: {default_model})")
         p.add_argument("--device", default="cpu")
-        p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16", "float64", "auto"],
-                       help="the model's dtype; auto = the checkpoint's own (default float32)")
+        p.add_argument(
+            "--dtype",
+            default="float32",
+            choices=["float32", "bfloat16", "float16", "float64", "auto"],
+            help="the model's dtype; auto = the checkpoint's own (default float32)",
+        )
 
     def corpus_opts(p):
-        p.add_argument("--corpus", nargs="*", default=None, help="UTF-8 text files or folders of *.txt "
-                       "(default: shipped Hamlet excerpt)")
-        p.add_argument("--max-tokens", type=positive_int, default=None,
-                       help="tokens to run the probes on (default 16384; --fast 1024)")
+        p.add_argument(
+            "--corpus",
+            nargs="*",
+            default=None,
+            help="UTF-8 text files or folders of *.txt (default: shipped Hamlet excerpt)",
+        )
+        p.add_argument(
+            "--max-tokens",
+            type=positive_int,
+            default=None,
+            help="tokens to run the probes on (default 16384; --fast 1024)",
+        )
         p.add_argument("--fast", action="store_true", help="a small run (tests, smoke checks)")
         p.add_argument("--quiet", action="store_true", help="no progress bars")
 
@@ -230,14 +292,32 @@ def build_parser() -> argparse.ArgumentParser:
     common(report)
     corpus_opts(report)
     report.add_argument("--out", default="mhc-report")
-    report.add_argument("--sae", default=None, help="an SAE folder in SAELens's format: adds where its features "
-                        "fire, per sublayer and stream (needs the saelens extra)")
-    report.add_argument("--force", action="store_true", help="write into --out even if it holds other files "
-                        "(files with the report's names are overwritten, the others stay)")
-    report.add_argument("--heads-per-layer", type=positive_int, default=None, metavar="K",
-                        help="the head detector ablates K evenly spaced heads per layer (default: all; for big models)")
-    report.add_argument("--causal-sublayers", type=positive_int, default=None, metavar="K",
-                        help="the rescue and patching sweeps cover K evenly spaced sublayers (default: all)")
+    report.add_argument(
+        "--sae",
+        default=None,
+        help="an SAE folder in SAELens's format: adds where its features "
+        "fire, per sublayer and stream (needs the saelens extra)",
+    )
+    report.add_argument(
+        "--force",
+        action="store_true",
+        help="write into --out even if it holds other files "
+        "(files with the report's names are overwritten, the others stay)",
+    )
+    report.add_argument(
+        "--heads-per-layer",
+        type=positive_int,
+        default=None,
+        metavar="K",
+        help="the head detector ablates K evenly spaced heads per layer (default: all; for big models)",
+    )
+    report.add_argument(
+        "--causal-sublayers",
+        type=positive_int,
+        default=None,
+        metavar="K",
+        help="the rescue and patching sweeps cover K evenly spaced sublayers (default: all)",
+    )
     probe = sub.add_parser("probe", help="run one probe")
     probe.add_argument("name", nargs="?")
     probe.add_argument("--list", action="store_true")
@@ -249,12 +329,21 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--texts", nargs="+", required=True)
     train.add_argument("--out", required=True)
     train.add_argument("--force", action="store_true", help="overwrite a model already in --out")
-    for flag, kind, default in (("--steps", positive_int, 1000), ("--hyper-conn-type", str, "mhc"),
-                                ("--n-streams", positive_int, 4), ("--lss-init", float, None),
-                                ("--n-layers", positive_int, 4), ("--n-heads", positive_int, 4),
-                                ("--d-model", positive_int, 128), ("--seq-len", positive_int, 128),
-                                ("--batch-size", positive_int, 32), ("--vocab", positive_int, 2048),
-                                ("--lr", float, 3e-3), ("--val-fraction", float, 0.05), ("--seed", int, 0)):
+    for flag, kind, default in (
+        ("--steps", positive_int, 1000),
+        ("--hyper-conn-type", str, "mhc"),
+        ("--n-streams", positive_int, 4),
+        ("--lss-init", float, None),
+        ("--n-layers", positive_int, 4),
+        ("--n-heads", positive_int, 4),
+        ("--d-model", positive_int, 128),
+        ("--seq-len", positive_int, 128),
+        ("--batch-size", positive_int, 32),
+        ("--vocab", positive_int, 2048),
+        ("--lr", float, 3e-3),
+        ("--val-fraction", float, 0.05),
+        ("--seed", int, 0),
+    ):
         train.add_argument(flag, type=kind, default=default)
     train.add_argument("--device", default="cpu")
     check = sub.add_parser("check", help="summary + logits check against shipped reference logits")
@@ -271,7 +360,13 @@ def main(argv: Optional[List[str]] = None) -> int:
     if not argv or (argv[0].startswith("-") and argv[0] not in ("-h", "--help", "--version")):
         argv = ["report", *argv]
     args = build_parser().parse_args(argv)
-    commands = {"check": cmd_check, "hooks": cmd_hooks, "report": cmd_report, "probe": cmd_probe, "train": cmd_train}
+    commands = {
+        "check": cmd_check,
+        "hooks": cmd_hooks,
+        "report": cmd_report,
+        "probe": cmd_probe,
+        "train": cmd_train,
+    }
     from .config import ConfigError
     from .loading import CheckpointError
     from .output_folder import OutputFolderError
@@ -281,8 +376,15 @@ def main(argv: Optional[List[str]] = None) -> int:
         try:
             return commands[args.command](args)
         # Ctrl-C or SIGTERM (partial output is removed on the way out), or bad input
-        except (KeyboardInterrupt, CheckpointError, ConfigError, OutputFolderError, FileNotFoundError,
-                FloatingPointError, ValueError) as e:
+        except (
+            KeyboardInterrupt,
+            CheckpointError,
+            ConfigError,
+            OutputFolderError,
+            FileNotFoundError,
+            FloatingPointError,
+            ValueError,
+        ) as e:
             if os.environ.get("MHC_INTERP_TRACEBACK"):
                 raise
             if isinstance(e, KeyboardInterrupt):

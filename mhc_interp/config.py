@@ -4,6 +4,7 @@ Field names follow TransformerLens (`n_layers`, `d_model`, `n_ctx`, `d_vocab`); 
 training code (a nanoGPT fork) calls the same things `n_layer`, `n_embd`, `block_size`,
 `vocab_size`, `hyper_conn_n`. `from_nanogpt_args` / `to_nanogpt_args` translate between the two.
 """
+
 from __future__ import annotations
 
 import math
@@ -11,15 +12,27 @@ import warnings
 from dataclasses import asdict, dataclass, fields
 from typing import Any, Optional
 
-PUBLIC_SINKHORN_ITERS = 20   # the public code's Sinkhorn iterations (not in its model_args)
+PUBLIC_SINKHORN_ITERS = 20  # the public code's Sinkhorn iterations (not in its model_args)
 # the public code's model_args names of the shapes (all required) -> ours
-NANOGPT_SIZES = {"n_layer": "n_layers", "n_head": "n_heads", "n_embd": "d_model", "block_size": "n_ctx",
-                 "vocab_size": "d_vocab"}
+NANOGPT_SIZES = {
+    "n_layer": "n_layers",
+    "n_head": "n_heads",
+    "n_embd": "d_model",
+    "block_size": "n_ctx",
+    "vocab_size": "d_vocab",
+}
 # model_args keys understood besides the required shapes: the public code's GPTConfig fields, and
 # sinkhorn_iters (forks that vary it; written only when it differs from PUBLIC_SINKHORN_ITERS)
-NANOGPT_OPTIONAL_ARGS = ("hyper_conn_type", "hyper_conn_n", "bias", "dropout", "expand_lss_init", "sinkhorn_iters")
-MAX_SINKHORN_ITERS = 1000   # every forward runs them per sublayer: 10**9 would hang, not fail
-MAX_STREAMS = 16   # for every variant; a mixer class may set a lower `max_streams`
+NANOGPT_OPTIONAL_ARGS = (
+    "hyper_conn_type",
+    "hyper_conn_n",
+    "bias",
+    "dropout",
+    "expand_lss_init",
+    "sinkhorn_iters",
+)
+MAX_SINKHORN_ITERS = 1000  # every forward runs them per sublayer: 10**9 would hang, not fail
+MAX_STREAMS = 16  # for every variant; a mixer class may set a lower `max_streams`
 
 
 class ConfigError(ValueError):
@@ -56,7 +69,7 @@ class MHCConfig:
             _check_float("lss_init", self.lss_init)
         if self.tokenizer_name is not None and not isinstance(self.tokenizer_name, str):
             raise ConfigError(f"tokenizer_name must be a string, got {self.tokenizer_name!r}")
-        mixer = mixer_class(self.hyper_conn_type)   # per-variant facts live on the mixer class
+        mixer = mixer_class(self.hyper_conn_type)  # per-variant facts live on the mixer class
         variant = f"hyper_conn_type {self.hyper_conn_type!r} ({mixer.__module__}.{mixer.__qualname__})"
         if self.lss_init is None:
             self.lss_init = mixer.default_lss_init
@@ -67,8 +80,10 @@ class MHCConfig:
         if mixer.max_streams is not None and self.n_streams > mixer.max_streams:
             raise ConfigError(f"{variant} takes at most n_streams={mixer.max_streams}, got {self.n_streams}")
         if self.sinkhorn_iters > MAX_SINKHORN_ITERS:
-            raise ConfigError(f"sinkhorn_iters={self.sinkhorn_iters} is more than {MAX_SINKHORN_ITERS} "
-                              f"(the public code uses {PUBLIC_SINKHORN_ITERS})")
+            raise ConfigError(
+                f"sinkhorn_iters={self.sinkhorn_iters} is more than {MAX_SINKHORN_ITERS} "
+                f"(the public code uses {PUBLIC_SINKHORN_ITERS})"
+            )
         if self.d_model % self.n_heads:
             raise ConfigError(f"d_model={self.d_model} is not divisible by n_heads={self.n_heads}")
         if self.attn_impl not in ("auto", "eager"):
@@ -111,9 +126,11 @@ class MHCConfig:
             raise ConfigError(f"model_args lacks {missing}; got keys {sorted(args)}")
         unknown = sorted(set(args) - set(NANOGPT_SIZES) - set(NANOGPT_OPTIONAL_ARGS))
         if unknown:
-            warnings.warn(f"model_args keys {unknown} are not part of the public mHC code's GPTConfig and are "
-                          f"ignored: if they change the model's maths (a fork), its outputs will differ",
-                          stacklevel=2)
+            warnings.warn(
+                f"model_args keys {unknown} are not part of the public mHC code's GPTConfig and are "
+                f"ignored: if they change the model's maths (a fork), its outputs will differ",
+                stacklevel=2,
+            )
         hc_type = args.get("hyper_conn_type", "none")
         mixer = mixer_class(hc_type)
         n_streams = _check_int("hyper_conn_n", args.get("hyper_conn_n", 1), minimum=1)
@@ -125,15 +142,24 @@ class MHCConfig:
             bias=args.get("bias", True),
             # the public code reads expand_lss_init only for a variant that is stream scaling
             lss_init=None if mixer.default_lss_init is None else args.get("expand_lss_init"),
-            sinkhorn_iters=_check_int("sinkhorn_iters", args.get("sinkhorn_iters", PUBLIC_SINKHORN_ITERS), minimum=1),
+            sinkhorn_iters=_check_int(
+                "sinkhorn_iters", args.get("sinkhorn_iters", PUBLIC_SINKHORN_ITERS), minimum=1
+            ),
         )
 
     def to_nanogpt_args(self) -> dict[str, Any]:
         return dict(
-            {theirs: getattr(self, ours) for theirs, ours in NANOGPT_SIZES.items()}, bias=self.bias, dropout=0.0,
-            hyper_conn_type=self.hyper_conn_type, hyper_conn_n=self.n_streams,
+            {theirs: getattr(self, ours) for theirs, ours in NANOGPT_SIZES.items()},
+            bias=self.bias,
+            dropout=0.0,
+            hyper_conn_type=self.hyper_conn_type,
+            hyper_conn_n=self.n_streams,
             expand_lss_init=self.lss_init,
-            **({} if self.sinkhorn_iters == PUBLIC_SINKHORN_ITERS else {"sinkhorn_iters": self.sinkhorn_iters}),
+            **(
+                {}
+                if self.sinkhorn_iters == PUBLIC_SINKHORN_ITERS
+                else {"sinkhorn_iters": self.sinkhorn_iters}
+            ),
         )
 
 
@@ -147,8 +173,9 @@ def mixer_class(hyper_conn_type: Any) -> type:
 
     if isinstance(hyper_conn_type, str) and hyper_conn_type in MIXERS:
         return MIXERS[hyper_conn_type]
-    raise ConfigError(f"unknown hyper_conn_type {hyper_conn_type!r}; "
-                      f"known types: {', '.join(sorted(MIXERS))}")
+    raise ConfigError(
+        f"unknown hyper_conn_type {hyper_conn_type!r}; known types: {', '.join(sorted(MIXERS))}"
+    )
 
 
 def _check_int(name: str, value: Any, minimum: int) -> int:

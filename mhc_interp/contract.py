@@ -7,10 +7,27 @@ hyper-connected sublayer computes or is frozen to.
 At run time nothing here imports torch or the models: `hooks/` and `model/` both build on this module, and
 `isinstance(model, MultiStreamModel)` checks that every member is present (not their signatures).
 """
+
 from __future__ import annotations
 
-from typing import (TYPE_CHECKING, Any, Callable, ContextManager, Dict, List, Literal, Mapping, NamedTuple,
-                    Optional, Protocol, Sequence, Tuple, Union, overload, runtime_checkable)
+from typing import (
+    TYPE_CHECKING,
+    Any,
+    Callable,
+    ContextManager,
+    Dict,
+    List,
+    Literal,
+    Mapping,
+    NamedTuple,
+    Optional,
+    Protocol,
+    Sequence,
+    Tuple,
+    Union,
+    overload,
+    runtime_checkable,
+)
 
 if TYPE_CHECKING:
     import torch
@@ -26,9 +43,9 @@ class MixingCoefficients(NamedTuple):
     tools which walk containers - nnsight's per-invoke batching, torch.compile, pytree - see the
     three tensors inside."""
 
-    h_pre: Tensor   # [batch, pos, n_streams]                             read = sum_s h_pre[s] x[s]
+    h_pre: Tensor  # [batch, pos, n_streams]                             read = sum_s h_pre[s] x[s]
     h_post: Tensor  # [batch, pos, n_streams]                             x'[t] += h_post[t] F(read)
-    h_res: Tensor   # [batch, pos, n_streams(target), n_streams(source)]  x'[t] += sum_s h_res[t, s] x[s]
+    h_res: Tensor  # [batch, pos, n_streams(target), n_streams(source)]  x'[t] += sum_s h_res[t, s] x[s]
 
     def fit(self, x: Tensor, name: str) -> MixingCoefficients:
         """These (frozen) coefficients for a run on state x [batch, pos, ...]: cached on batch B,
@@ -42,8 +59,12 @@ class MixingCoefficients(NamedTuple):
             )
         k = b // fb
         # always a copy: the hooks may edit these in place, and they must not reach the cache
-        return MixingCoefficients(*(t.to(x.device).repeat(k, *([1] * (t.ndim - 1))) if k > 1
-                                    else t.to(x.device, copy=True) for t in self))
+        return MixingCoefficients(
+            *(
+                t.to(x.device).repeat(k, *([1] * (t.ndim - 1))) if k > 1 else t.to(x.device, copy=True)
+                for t in self
+            )
+        )
 
 
 class ModelConfig(Protocol):
@@ -54,8 +75,8 @@ class ModelConfig(Protocol):
     n_streams: int
     d_model: int
     d_vocab: int
-    n_ctx: int               # the longest sequence a forward takes
-    hyper_conn_type: str     # the mixer variant ("mhc", "hc", ...), a registry key
+    n_ctx: int  # the longest sequence a forward takes
+    hyper_conn_type: str  # the mixer variant ("mhc", "hc", ...), a registry key
 
     @property
     def n_sublayers(self) -> int: ...  # 2 * n_layers (attention, MLP, attention, ...)
@@ -72,27 +93,51 @@ class Forward(Protocol):
     (k = n_sublayers: the final state)."""
 
     @overload
-    def __call__(self, input: TokensLike, return_type: Literal["logits", "loss"] = ..., *,
-                 start_at_sublayer: Optional[int] = ..., stop_at_sublayer: None = ...,
-                 tokens: Optional[Tensor] = ...) -> Tensor: ...
+    def __call__(
+        self,
+        input: TokensLike,
+        return_type: Literal["logits", "loss"] = ...,
+        *,
+        start_at_sublayer: Optional[int] = ...,
+        stop_at_sublayer: None = ...,
+        tokens: Optional[Tensor] = ...,
+    ) -> Tensor: ...
 
     @overload
-    def __call__(self, input: TokensLike, return_type: Literal["both"], *,
-                 start_at_sublayer: Optional[int] = ..., stop_at_sublayer: None = ...,
-                 tokens: Optional[Tensor] = ...) -> Tuple[Tensor, Tensor]: ...
+    def __call__(
+        self,
+        input: TokensLike,
+        return_type: Literal["both"],
+        *,
+        start_at_sublayer: Optional[int] = ...,
+        stop_at_sublayer: None = ...,
+        tokens: Optional[Tensor] = ...,
+    ) -> Tuple[Tensor, Tensor]: ...
 
     @overload
-    def __call__(self, input: TokensLike, return_type: None, *,
-                 start_at_sublayer: Optional[int] = ..., stop_at_sublayer: None = ...,
-                 tokens: Optional[Tensor] = ...) -> None: ...
+    def __call__(
+        self,
+        input: TokensLike,
+        return_type: None,
+        *,
+        start_at_sublayer: Optional[int] = ...,
+        stop_at_sublayer: None = ...,
+        tokens: Optional[Tensor] = ...,
+    ) -> None: ...
 
     @overload
-    def __call__(self, input: TokensLike, return_type: Optional[str] = ..., *,
-                 start_at_sublayer: Optional[int] = ..., stop_at_sublayer: int,
-                 tokens: Optional[Tensor] = ...) -> Tensor: ...
+    def __call__(
+        self,
+        input: TokensLike,
+        return_type: Optional[str] = ...,
+        *,
+        start_at_sublayer: Optional[int] = ...,
+        stop_at_sublayer: int,
+        tokens: Optional[Tensor] = ...,
+    ) -> Tensor: ...
 
 
-HookList = List[Tuple[Union[str, Callable[..., Any]], Callable[..., Any]]]   # (name or predicate, fn)
+HookList = List[Tuple[Union[str, Callable[..., Any]], Callable[..., Any]]]  # (name or predicate, fn)
 
 
 @runtime_checkable
@@ -101,7 +146,7 @@ class MultiStreamModel(Protocol):
     sublayers, named `sublayer_names[k]` ("blocks.{l}.attn" / "blocks.{l}.mlp"), each with the hook
     points of the hook table in docs/hooks.md (`{name}.hook_streams_in`, `.hook_h_pre`, ...)."""
 
-    tokenizer: Any                   # encode(str) -> List[int], or None
+    tokenizer: Any  # encode(str) -> List[int], or None
     hook_dict: Dict[str, HookPoint]  # every hook point by name
     __call__: Forward
 
@@ -112,16 +157,16 @@ class MultiStreamModel(Protocol):
     def cfg(self) -> ModelConfig: ...
 
     @property
-    def device(self) -> torch.device: ...     # where tokens go and logits come back
+    def device(self) -> torch.device: ...  # where tokens go and logits come back
 
     @property
-    def dtype(self) -> torch.dtype: ...       # of the stream state
+    def dtype(self) -> torch.dtype: ...  # of the stream state
 
     @property
     def sublayer_names(self) -> List[str]: ...
 
     @property
-    def W_U(self) -> Tensor: ...              # [d_model, d_vocab] unembedding
+    def W_U(self) -> Tensor: ...  # [d_model, d_vocab] unembedding
 
     def to_tokens(self, text: Union[str, Sequence[str]]) -> Tensor: ...  # -> [batch, pos] on `device`
 
@@ -138,17 +183,23 @@ class MultiStreamModel(Protocol):
         """`forward(*args, **kwargs)` and an `MHCCache` {hook name: activation} of the hooks
         `names_filter=` selects (a name, a list or a predicate; all by default)."""
 
-    def hooks(self, fwd_hooks: HookList = ..., bwd_hooks: HookList = ..., reset_hooks_end: bool = ...,
-              clear_contexts: bool = ...) -> ContextManager[Any]:
+    def hooks(
+        self,
+        fwd_hooks: HookList = ...,
+        bwd_hooks: HookList = ...,
+        reset_hooks_end: bool = ...,
+        clear_contexts: bool = ...,
+    ) -> ContextManager[Any]:
         """Run with the hooks: fn(activation, hook) returns the new activation or None."""
 
-    def frozen_mixing(self, source: Mapping[str, Tensor], sublayers: Optional[Sequence[Union[int, str]]] = ...
-                      ) -> ContextManager[Any]:
+    def frozen_mixing(
+        self, source: Mapping[str, Tensor], sublayers: Optional[Sequence[Union[int, str]]] = ...
+    ) -> ContextManager[Any]:
         """Inside: every sublayer's (or the chosen ones') H_pre/H_post/H_res - and a learned readout's
         weights, if the model has one and `source` holds them - come from `source` (a cache of the
         hooks `hooks.is_mixing_hook` selects), not from the (possibly edited) state. A cache of
         batch B serves a run of batch k*B."""
 
-    def to(self, *args: Any, **kwargs: Any) -> Any: ...   # `nn.Module.to`
+    def to(self, *args: Any, **kwargs: Any) -> Any: ...  # `nn.Module.to`
 
-    def summary(self) -> str: ...             # one line: architecture, size, dtype, device
+    def summary(self) -> str: ...  # one line: architecture, size, dtype, device

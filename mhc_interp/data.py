@@ -1,6 +1,7 @@
 """Text corpora and tokenizers for training small models: read text files or a `datasets`
 dataset, train a small byte-level BPE tokenizer with `tokenizers`, and cut token streams into
 train / validation tensors."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -32,13 +33,17 @@ def read_texts(paths: Sequence[PathLike]) -> List[str]:
 def read_text_file(path: Path) -> str:
     data = path.read_bytes()
     if b"\x00" in data:
-        raise ValueError(f"corpus file {path} is not text (it holds NUL bytes at offset {data.index(0)}): "
-                         f"pass UTF-8 text files")
+        raise ValueError(
+            f"corpus file {path} is not text (it holds NUL bytes at offset {data.index(0)}): "
+            f"pass UTF-8 text files"
+        )
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError as e:
-        raise ValueError(f"corpus file {path} is not UTF-8 text (byte {data[e.start]:#04x} at offset {e.start}): "
-                         f"convert it to UTF-8 (e.g. iconv -t utf-8)") from None
+        raise ValueError(
+            f"corpus file {path} is not UTF-8 text (byte {data[e.start]:#04x} at offset {e.start}): "
+            f"convert it to UTF-8 (e.g. iconv -t utf-8)"
+        ) from None
 
 
 def train_bpe_tokenizer(texts: Iterable[str], vocab_size: int = 2048, min_frequency: int = 2):
@@ -50,9 +55,12 @@ def train_bpe_tokenizer(texts: Iterable[str], vocab_size: int = 2048, min_freque
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=min_frequency,
-                                  special_tokens=["<|endoftext|>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        min_frequency=min_frequency,
+        special_tokens=["<|endoftext|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
     tok.train_from_iterator(texts, trainer)
     return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>")
 
@@ -74,7 +82,9 @@ def split_stream(ids: Tensor, val_fraction: float = 0.05) -> Tuple[Tensor, Tenso
     return ids[:cut], ids[cut:]
 
 
-def random_windows(ids: Tensor, batch: int, seq_len: int, generator: Optional[torch.Generator] = None) -> Tuple[Tensor, Tensor]:
+def random_windows(
+    ids: Tensor, batch: int, seq_len: int, generator: Optional[torch.Generator] = None
+) -> Tuple[Tensor, Tensor]:
     """A batch of random (input, target) windows [batch, seq_len] from a token stream."""
     if len(ids) < seq_len + 2:
         raise ValueError(f"token stream of {len(ids)} tokens is too short for windows of {seq_len}")

@@ -1,4 +1,5 @@
 """Which device a run may use: one check, shared by the command line and the benchmarks."""
+
 from __future__ import annotations
 
 from typing import Optional
@@ -19,11 +20,15 @@ def resolve_device(name: str) -> torch.device:
         raise DeviceError(f"unknown device {name!r}: {e}") from None
     if device.type == "cuda":
         if not torch.cuda.is_available():
-            raise DeviceError(f"device {name!r} is not available: this torch ({torch.__version__}) sees "
-                              "no CUDA GPU; use --device cpu")
+            raise DeviceError(
+                f"device {name!r} is not available: this torch ({torch.__version__}) sees "
+                "no CUDA GPU; use --device cpu"
+            )
         if device.index is not None and device.index >= torch.cuda.device_count():
-            raise DeviceError(f"device {name!r} is not available: there are {torch.cuda.device_count()} "
-                              f"CUDA device(s), cuda:0..cuda:{torch.cuda.device_count() - 1}")
+            raise DeviceError(
+                f"device {name!r} is not available: there are {torch.cuda.device_count()} "
+                f"CUDA device(s), cuda:0..cuda:{torch.cuda.device_count() - 1}"
+            )
     elif device.type != "cpu":
         backend = getattr(torch.backends, device.type, None)
         if backend is None or not backend.is_available():

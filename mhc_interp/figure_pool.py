@@ -9,6 +9,7 @@ each job took, so the report can say what ran overlapped. At `wait()` the jobs t
 started are drawn in the calling process meanwhile: two renderers for the tail.
 `FigurePool(enabled=False)` renders in the calling process instead, same interface.
 """
+
 from __future__ import annotations
 
 import importlib
@@ -20,14 +21,16 @@ from typing import Any, Callable, Dict, List, Sequence, Tuple
 
 
 def _init_worker(preload: Sequence[str]) -> None:
-    signal.signal(signal.SIGINT, signal.SIG_IGN)   # Ctrl-C reaches the whole process group: the main process handles it
+    signal.signal(
+        signal.SIGINT, signal.SIG_IGN
+    )  # Ctrl-C reaches the whole process group: the main process handles it
     import matplotlib
 
     matplotlib.use("Agg")
     import torch
 
     torch.set_num_threads(1)
-    for module in ("matplotlib.pyplot", *preload):   # imported while idle, not by the first job
+    for module in ("matplotlib.pyplot", *preload):  # imported while idle, not by the first job
         importlib.import_module(module)
 
 
@@ -47,17 +50,25 @@ def _run_into(future: Future, fn: Callable, args: Tuple) -> None:
 class FigurePool:
     def __init__(self, enabled: bool = True, preload: Sequence[str] = ()):
         self.enabled = enabled
-        self.preload = tuple(preload)           # modules the worker imports when it starts
-        self._pool = None                      # started by start() or the first job: a run with no figures spawns nothing
-        self.seconds: Dict[str, float] = {}    # phase -> seconds spent on it (worker or, at the tail, this process)
+        self.preload = tuple(preload)  # modules the worker imports when it starts
+        self._pool = None  # started by start() or the first job: a run with no figures spawns nothing
+        self.seconds: Dict[
+            str, float
+        ] = {}  # phase -> seconds spent on it (worker or, at the tail, this process)
         self._jobs: List[Tuple[str, Future, Callable, Tuple]] = []
-        self._drawn_here: Dict[Future, Future] = {}   # a job wait() took back from the worker -> its result here
+        self._drawn_here: Dict[
+            Future, Future
+        ] = {}  # a job wait() took back from the worker -> its result here
 
     def start(self) -> None:
         """Spawn the worker now (if enabled and not running), so its imports overlap what follows."""
         if self.enabled and self._pool is None:
-            self._pool = ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn"),
-                                             initializer=_init_worker, initargs=(self.preload,))
+            self._pool = ProcessPoolExecutor(
+                max_workers=1,
+                mp_context=multiprocessing.get_context("spawn"),
+                initializer=_init_worker,
+                initargs=(self.preload,),
+            )
 
     def submit(self, phase: str, fn: Callable, *args) -> Future:
         """fn(*args) in the worker (fn and args picklable); `value(future)` is fn's value."""
@@ -77,13 +88,15 @@ class FigurePool:
         """Wait for every job, drawing here the queued ones the worker has not started (latest
         first); record their times; raise the first job's error."""
         for _, future, fn, args in reversed(self._jobs):
-            if future.cancel():   # not started (a finished or running job, or one drawn here, refuses)
+            if future.cancel():  # not started (a finished or running job, or one drawn here, refuses)
                 self._drawn_here[future] = Future()
                 _run_into(self._drawn_here[future], fn, args)
         for phase, future, _, _ in self._jobs:
             here = future in self._drawn_here
             phase += " (drawn in the main process)" if here else ""
-            self.seconds[phase] = self.seconds.get(phase, 0.0) + self._drawn_here.get(future, future).result()[1]
+            self.seconds[phase] = (
+                self.seconds.get(phase, 0.0) + self._drawn_here.get(future, future).result()[1]
+            )
         self._jobs.clear()
 
     def close(self) -> None:

@@ -11,6 +11,7 @@ holding it) is never removed or renamed; it is updated file by file.
 Interrupted runs leave their partial folder behind only when killed outright (SIGKILL); the next
 run into the same parent removes partial folders of this naming whose process is gone.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -55,13 +56,21 @@ def read_manifest(folder: Path) -> Dict[str, str]:
     except (OSError, ValueError):
         return {}
     files = data.get("files") if isinstance(data, dict) and data.get("written_by") == WRITER else None
-    return {k: v for k, v in files.items() if isinstance(k, str) and isinstance(v, str)} if isinstance(files, dict) else {}
+    return (
+        {k: v for k, v in files.items() if isinstance(k, str) and isinstance(v, str)}
+        if isinstance(files, dict)
+        else {}
+    )
 
 
 def foreign_files(folder: Path) -> List[str]:
     """Files under `folder` that are not an unchanged output of an earlier run (the user's)."""
     own = read_manifest(folder)
-    return [p for p in _files(folder) if p != MANIFEST and not (p in own and _sha256_or_none(folder / p) == own[p])]
+    return [
+        p
+        for p in _files(folder)
+        if p != MANIFEST and not (p in own and _sha256_or_none(folder / p) == own[p])
+    ]
 
 
 def check(out: Path, force: bool = False) -> None:
@@ -77,7 +86,8 @@ def check(out: Path, force: bool = False) -> None:
         raise OutputFolderError(
             f"output folder {out} holds files this program did not write, or changed since: {shown}. "
             f"Choose a new folder, or pass --force to write the report into it anyway (files with the "
-            f"report's names are overwritten, the others stay)")
+            f"report's names are overwritten, the others stay)"
+        )
 
 
 def _partial_pattern(out: Path) -> "re.Pattern[str]":
@@ -91,7 +101,7 @@ def _alive(pid: int) -> bool:
     except ProcessLookupError:
         return False
     except (PermissionError, OverflowError, ValueError):
-        return pid < 2 ** 31   # exists but not ours, or an impossible pid (treated as gone)
+        return pid < 2**31  # exists but not ours, or an impossible pid (treated as gone)
     return True
 
 

@@ -5,6 +5,7 @@ offline `index.html` that shows them with one-line explanations.
 The folder is built under a temporary name and renamed into place only when complete, so an
 interrupted run never leaves a half-written report that a re-run (or a reader) would trust.
 """
+
 from __future__ import annotations
 
 import html
@@ -40,8 +41,8 @@ class ReportConfig(TokenBudget):
     skip: Sequence[str] = ()
     sae: Optional[str] = None
     background_figures: bool = True
-    heads_per_layer: Optional[int] = None    # head detector: k evenly spaced heads per layer (None: all)
-    causal_sublayers: Optional[int] = None   # rescue / patching sweeps: k evenly spaced sublayers (None: all)
+    heads_per_layer: Optional[int] = None  # head detector: k evenly spaced heads per layer (None: all)
+    causal_sublayers: Optional[int] = None  # rescue / patching sweeps: k evenly spaced sublayers (None: all)
 
     def __post_init__(self):
         for name in ("heads_per_layer", "causal_sublayers"):
@@ -81,11 +82,15 @@ def report_sections() -> List[Tuple[str, Optional[Type[Probe]], ReportSection]]:
         declared = cls.report if isinstance(cls.report, tuple) else (cls.report,) if cls.report else ()
         for sec in declared:
             if not isinstance(sec, ReportSection):
-                raise TypeError(f"{cls.__name__}.report must be a ReportSection or a tuple of them, got {sec!r}")
+                raise TypeError(
+                    f"{cls.__name__}.report must be a ReportSection or a tuple of them, got {sec!r}"
+                )
             label = sec.result or cls.name
             if label in found:
-                raise ValueError(f"two probes declare the report section {label!r}: {cls.__name__} and "
-                                 f"{found[label][0].__name__ if found[label][0] else 'another'}")
+                raise ValueError(
+                    f"two probes declare the report section {label!r}: {cls.__name__} and "
+                    f"{found[label][0].__name__ if found[label][0] else 'another'}"
+                )
             found[label] = (cls if label == cls.name else None, sec)
     return sorted(((label, cls, sec) for label, (cls, sec) in found.items()), key=lambda item: item[2].order)
 
@@ -96,8 +101,13 @@ def shared_forward_probes(model, cfg: "ReportConfig") -> List[Probe]:
     as not None (a probe whose `for_report` is None runs itself: `Probe.report_run`)."""
     if cfg.sae is not None:
         from .interop import sae_features  # noqa: F401 - registers SAEFeatures (its imports are SAELens's)
-    return [probe for label, cls, sec in report_sections() if _runs(model, cfg, label, cls, sec) and cls.for_report
-            for probe in [cls.for_report(cfg)] if probe is not None]
+    return [
+        probe
+        for label, cls, sec in report_sections()
+        if _runs(model, cfg, label, cls, sec) and cls.for_report
+        for probe in [cls.for_report(cfg)]
+        if probe is not None
+    ]
 
 
 def _runs(model, cfg: "ReportConfig", label: str, cls: Optional[Type[Probe]], sec: ReportSection) -> bool:
@@ -105,8 +115,14 @@ def _runs(model, cfg: "ReportConfig", label: str, cls: Optional[Type[Probe]], se
     return cls is not None and label not in cfg.skip and model.cfg.n_streams >= sec.min_streams
 
 
-def build_report(model, out: Path, corpus: Optional[Sequence[Path]] = None,
-                 cfg: Optional[ReportConfig] = None, model_name: str = "", force: bool = False) -> Path:
+def build_report(
+    model,
+    out: Path,
+    corpus: Optional[Sequence[Path]] = None,
+    cfg: Optional[ReportConfig] = None,
+    model_name: str = "",
+    force: bool = False,
+) -> Path:
     """Run the probes and write the report folder `out`; returns its index.
 
     `out` is built under a hidden partial folder and put in place when complete
@@ -120,28 +136,55 @@ def build_report(model, out: Path, corpus: Optional[Sequence[Path]] = None,
         texts = read_texts(corpus) if corpus else []
         tokens = corpus_tokens(model, texts, cfg)
     tmp = output_folder.staging_folder(out)
-    figures = FigurePool(cfg.background_figures, preload=(__name__,))   # the worker imports the report's figure code
+    figures = FigurePool(
+        cfg.background_figures, preload=(__name__,)
+    )  # the worker imports the report's figure code
     try:
         sections = _run_all(model, tokens, tmp, cfg, timer, figures)
         with timer("figures: waiting for the worker"):
             figures.wait()
             _resolve_figures(sections, figures)
-        worker = [{"phase": p, "seconds": round(sec, 3)} for p, sec in sorted(figures.seconds.items(), key=lambda kv: -kv[1])]
-        corpus_line = (f"{_corpus_note(model, corpus)}; "
-                       f"{tokens.numel():,} tokens in {tokens.shape[0]} windows of {tokens.shape[1]}")
-        notes = [f"model: {model_name} - {model.summary()}", f"corpus: {corpus_line}",
-                 f"written {time.strftime('%Y-%m-%d %H:%M:%S')}"]
-        summary = {"model": model_name, "model_summary": model.summary(), "corpus": corpus_line,
-                   "tokens": int(tokens.numel()), "findings": collect_findings(sections)}
+        worker = [
+            {"phase": p, "seconds": round(sec, 3)}
+            for p, sec in sorted(figures.seconds.items(), key=lambda kv: -kv[1])
+        ]
+        corpus_line = (
+            f"{_corpus_note(model, corpus)}; "
+            f"{tokens.numel():,} tokens in {tokens.shape[0]} windows of {tokens.shape[1]}"
+        )
+        notes = [
+            f"model: {model_name} - {model.summary()}",
+            f"corpus: {corpus_line}",
+            f"written {time.strftime('%Y-%m-%d %H:%M:%S')}",
+        ]
+        summary = {
+            "model": model_name,
+            "model_summary": model.summary(),
+            "corpus": corpus_line,
+            "tokens": int(tokens.numel()),
+            "findings": collect_findings(sections),
+        }
         with timer("page (index.html, report.json)"):
-            timings = [{"phase": p, "seconds": round(sec, 3), "share": round(f, 4)} for p, sec, f in timer.rows()]
+            timings = [
+                {"phase": p, "seconds": round(sec, 3), "share": round(f, 4)} for p, sec, f in timer.rows()
+            ]
             (tmp / "index.html").write_text(render_html(sections, notes, timings, summary, worker))
-            (tmp / "report.json").write_text(json.dumps({"notes": notes, "summary": summary, "sections": sections,
-                                                         "timings": timings, "worker_timings": worker}, indent=1))
-        output_folder.check(out, force)   # again: files may have appeared while the probes ran
+            (tmp / "report.json").write_text(
+                json.dumps(
+                    {
+                        "notes": notes,
+                        "summary": summary,
+                        "sections": sections,
+                        "timings": timings,
+                        "worker_timings": worker,
+                    },
+                    indent=1,
+                )
+            )
+        output_folder.check(out, force)  # again: files may have appeared while the probes ran
         output_folder.commit(tmp, out)
     finally:
-        figures.close()   # before the partial folder goes: a running job writes into it
+        figures.close()  # before the partial folder goes: a running job writes into it
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     return out / "index.html"
@@ -166,48 +209,69 @@ def _figures(result: ProbeResult, folder: Path, captions: Dict[str, str]) -> Lis
     """Save the result's figures under figures/<probe>/ (figure names are only unique per probe)."""
     try:
         paths = result.save_figures(folder / "figures" / result.probe)
-    except NotImplementedError:   # a result class without plot(): a section without figures
+    except NotImplementedError:  # a result class without plot(): a section without figures
         return []
-    return [{"src": f"figures/{result.probe}/{p.name}", "name": p.stem, "caption": captions.get(p.stem, "")}
-            for p in paths]
+    return [
+        {"src": f"figures/{result.probe}/{p.name}", "name": p.stem, "caption": captions.get(p.stem, "")}
+        for p in paths
+    ]
 
 
 def _layer_figures(result: ProbeResult, folder: Path) -> List[Dict[str, str]]:
     """The result's per-sublayer figures (`save_layer_figures`) under figures/layers/, for the
     page's layer selector."""
-    return [{"src": f"figures/layers/{p.name}", "label": label}
-            for p, label in result.save_layer_figures(folder / "figures" / "layers")]
+    return [
+        {"src": f"figures/layers/{p.name}", "label": label}
+        for p, label in result.save_layer_figures(folder / "figures" / "layers")
+    ]
 
 
-def _section(result: ProbeResult, folder: Path, timer: PhaseTimer, figures: FigurePool,
-             sections: Dict[str, ReportSection], **extra) -> Dict:
+def _section(
+    result: ProbeResult,
+    folder: Path,
+    timer: PhaseTimer,
+    figures: FigurePool,
+    sections: Dict[str, ReportSection],
+    **extra,
+) -> Dict:
     """Save the result (timed) and queue its figures -> the page section that shows them, titled
     and captioned by its declared `ReportSection`, with the findings the summary may quote
     (removed again by `collect_findings`); its figure lists are Futures until `_resolve_figures`."""
     with timer(f"{result.probe}: save results"):
         result.save(folder / "results" / result.probe)
     declared = sections.get(result.probe)
-    page = {"id": f"sec-{result.probe}", "probe": result.probe,
-            "title": declared.title if declared else result.probe.replace("_", " "),
-            "figures": figures.submit(f"{result.probe}: figures", _figures, result, folder,
-                                      dict(declared.captions) if declared else {}),
-            "tables": result.tables(),
-            "findings": findings(result), **extra}
+    page = {
+        "id": f"sec-{result.probe}",
+        "probe": result.probe,
+        "title": declared.title if declared else result.probe.replace("_", " "),
+        "figures": figures.submit(
+            f"{result.probe}: figures", _figures, result, folder, dict(declared.captions) if declared else {}
+        ),
+        "tables": result.tables(),
+        "findings": findings(result),
+        **extra,
+    }
     if hasattr(result, "save_layer_figures"):
-        page["layer_figures"] = figures.submit(f"{result.probe}: per-sublayer figures", _layer_figures, result, folder)
+        page["layer_figures"] = figures.submit(
+            f"{result.probe}: per-sublayer figures", _layer_figures, result, folder
+        )
     return page
 
 
-def _run_all(model, tokens: Tensor, folder: Path, cfg: ReportConfig, timer: PhaseTimer,
-             figures: FigurePool) -> List[Dict]:
+def _run_all(
+    model, tokens: Tensor, folder: Path, cfg: ReportConfig, timer: PhaseTimer, figures: FigurePool
+) -> List[Dict]:
     """Every section's probe on the model: the shared forward over `tokens` [n_seq, seq_len]
     first, then the probes that run themselves (`Probe.report_run`); the page sections in order."""
-    figures.start()   # its imports overlap the shared forward
+    figures.start()  # its imports overlap the shared forward
     shared = shared_forward_probes(model, cfg)
     declared = report_sections()
     sections_of = {label: sec for label, _, sec in declared}
-    results = run_probes(model, shared, tokens, batch_size=cfg.batch_size, progress=cfg.progress,
-                         timer=timer) if shared else {}
+    results = (
+        run_probes(model, shared, tokens, batch_size=cfg.batch_size, progress=cfg.progress, timer=timer)
+        if shared
+        else {}
+    )
     pages: Dict[str, Dict] = {}
     for label, cls, sec in declared:
         if label in results:
@@ -234,26 +298,33 @@ def collect_findings(sections: List[Dict]) -> List[Dict]:
     return found[:MAX_FINDINGS]
 
 
-
-
 # ------------------------------------------------------------------------------ the page
-CSS = ("body{font-family:sans-serif;max-width:1300px;margin:auto;padding:1em;line-height:1.4}"
-       "figure{margin:1em 0}img{max-width:100%}figcaption{color:#444;font-size:0.9em}"
-       "table{border-collapse:collapse;margin:0.5em 0}td,th{border:1px solid #bbb;padding:2px 8px;"
-       "text-align:right}#summary{background:#f4f6f8;border:1px solid #d8dde3;padding:0.2em 1.2em 0.8em}"
-       "#summary ul.notes{color:#333;padding-left:1.2em}ol.findings li{margin:0.3em 0}"
-       "nav#toc ol{columns:2;padding-left:1.5em}nav#toc a{text-decoration:none}nav#toc a:hover{text-decoration:underline}"
-       "section.probe{border-top:1px solid #ccc;margin-top:2em}.probe-id{color:#666;font-size:0.85em;margin-top:-0.6em}")
+CSS = (
+    "body{font-family:sans-serif;max-width:1300px;margin:auto;padding:1em;line-height:1.4}"
+    "figure{margin:1em 0}img{max-width:100%}figcaption{color:#444;font-size:0.9em}"
+    "table{border-collapse:collapse;margin:0.5em 0}td,th{border:1px solid #bbb;padding:2px 8px;"
+    "text-align:right}#summary{background:#f4f6f8;border:1px solid #d8dde3;padding:0.2em 1.2em 0.8em}"
+    "#summary ul.notes{color:#333;padding-left:1.2em}ol.findings li{margin:0.3em 0}"
+    "nav#toc ol{columns:2;padding-left:1.5em}nav#toc a{text-decoration:none}nav#toc a:hover{text-decoration:underline}"
+    "section.probe{border-top:1px solid #ccc;margin-top:2em}.probe-id{color:#666;font-size:0.85em;margin-top:-0.6em}"
+)
 
 
-def render_html(sections: List[Dict], notes: List[str], timings: Sequence[Dict] = (),
-                summary: Optional[Dict] = None, worker_timings: Sequence[Dict] = ()) -> str:
+def render_html(
+    sections: List[Dict],
+    notes: List[str],
+    timings: Sequence[Dict] = (),
+    summary: Optional[Dict] = None,
+    worker_timings: Sequence[Dict] = (),
+) -> str:
     """A self-contained page (no external resources): a summary (model, corpus, findings), a table
     of contents, one section per probe named for what it shows (figures with captions, tables, a
     layer selector for per-sublayer figures), and a footer table of where the run's time went."""
-    esc = html.escape   # every string that reaches the page: names of files, models and hooks included
-    parts = ["<!doctype html><html><head><meta charset='utf-8'><title>mhc-interp report</title>",
-             f"<style>{CSS}</style></head><body><h1>mhc-interp report</h1>"]
+    esc = html.escape  # every string that reaches the page: names of files, models and hooks included
+    parts = [
+        "<!doctype html><html><head><meta charset='utf-8'><title>mhc-interp report</title>",
+        f"<style>{CSS}</style></head><body><h1>mhc-interp report</h1>",
+    ]
     ids = [sec.get("id") or f"section-{s_i}" for s_i, sec in enumerate(sections)]
     found = (summary or {}).get("findings", [])
     parts.append("<section id='summary'><h2>Summary</h2><ul class='notes'>")
@@ -277,34 +348,52 @@ def render_html(sections: List[Dict], notes: List[str], timings: Sequence[Dict] 
         if sec.get("note"):
             parts.append(f"<p>{esc(sec['note'])}</p>")
         for fig in sec["figures"]:
-            parts.append(f"<figure><img src='{esc(fig['src'])}' alt='{esc(fig['name'])}'>"
-                         f"<figcaption>{esc(fig['caption'])}</figcaption></figure>")
+            parts.append(
+                f"<figure><img src='{esc(fig['src'])}' alt='{esc(fig['name'])}'>"
+                f"<figcaption>{esc(fig['caption'])}</figcaption></figure>"
+            )
         if sec.get("layer_figures"):
-            opts = "".join(f"<option value='{esc(f['src'])}'>{esc(f['label'])}</option>" for f in sec["layer_figures"])
+            opts = "".join(
+                f"<option value='{esc(f['src'])}'>{esc(f['label'])}</option>" for f in sec["layer_figures"]
+            )
             first = esc(sec["layer_figures"][0]["src"])
-            parts.append(f"<p>Per sublayer: <select id='layer-select-{s_i}' onchange=\"document.getElementById("
-                         f"'layer-img-{s_i}').src=this.value\">{opts}</select></p>"
-                         f"<figure><img id='layer-img-{s_i}' src='{first}' alt='per-sublayer figure'></figure>")
+            parts.append(
+                f"<p>Per sublayer: <select id='layer-select-{s_i}' onchange=\"document.getElementById("
+                f"'layer-img-{s_i}').src=this.value\">{opts}</select></p>"
+                f"<figure><img id='layer-img-{s_i}' src='{first}' alt='per-sublayer figure'></figure>"
+            )
         for table in sec["tables"]:
-            parts.append(f"<table><caption>{esc(table['title'])}</caption><tr><th></th>"
-                         + "".join(f"<th>{esc(h)}</th>" for h in table["header"]) + "</tr>")
+            parts.append(
+                f"<table><caption>{esc(table['title'])}</caption><tr><th></th>"
+                + "".join(f"<th>{esc(h)}</th>" for h in table["header"])
+                + "</tr>"
+            )
             for i, row in enumerate(table["rows"]):
                 parts.append(f"<tr><th>{i}</th>" + "".join(f"<td>{esc(c)}</td>" for c in row) + "</tr>")
             parts.append("</table>")
         parts.append("</section>")
     if timings:
-        parts.append("<footer><h2 id='timings'>Where the time went</h2><table><caption>wall time per phase "
-                     "(the page itself is written after this table)</caption><tr><th>phase</th><th>seconds</th>"
-                     "<th>share</th></tr>")
-        parts += [f"<tr><td style='text-align:left'>{esc(t['phase'])}</td><td>{t['seconds']:.2f}</td>"
-                  f"<td>{100 * t['share']:.1f}%</td></tr>" for t in timings]
+        parts.append(
+            "<footer><h2 id='timings'>Where the time went</h2><table><caption>wall time per phase "
+            "(the page itself is written after this table)</caption><tr><th>phase</th><th>seconds</th>"
+            "<th>share</th></tr>"
+        )
+        parts += [
+            f"<tr><td style='text-align:left'>{esc(t['phase'])}</td><td>{t['seconds']:.2f}</td>"
+            f"<td>{100 * t['share']:.1f}%</td></tr>"
+            for t in timings
+        ]
         parts.append("</table>")
         if worker_timings:
-            parts.append("<table class='worker'><caption>figures drawn in a worker process, overlapped with the "
-                         "phases above (the last ones, if the worker had not started them, in the main process "
-                         "while waiting for it)</caption><tr><th>phase</th><th>seconds</th></tr>")
-            parts += [f"<tr><td style='text-align:left'>{esc(t['phase'])}</td><td>{t['seconds']:.2f}</td></tr>"
-                      for t in worker_timings]
+            parts.append(
+                "<table class='worker'><caption>figures drawn in a worker process, overlapped with the "
+                "phases above (the last ones, if the worker had not started them, in the main process "
+                "while waiting for it)</caption><tr><th>phase</th><th>seconds</th></tr>"
+            )
+            parts += [
+                f"<tr><td style='text-align:left'>{esc(t['phase'])}</td><td>{t['seconds']:.2f}</td></tr>"
+                for t in worker_timings
+            ]
             parts.append("</table>")
         parts.append("</footer>")
     parts.append("</body></html>")

@@ -2,14 +2,15 @@
 checkpoint written by the public mHC code, and the corpus; and how a model name resolves.
 
 Light on purpose (no torch): the command line resolves names before it imports the model."""
+
 from __future__ import annotations
 
 from importlib import resources
 from pathlib import Path
 from typing import List, Optional, Union
 
-DEMO_MODEL = "demo-mhc"          # trained on Shakespeare by examples/train_demo_model.py
-PARITY_MODEL = "tiny-mhc-n4"     # written by the public mHC code, with its logits
+DEMO_MODEL = "demo-mhc"  # trained on Shakespeare by examples/train_demo_model.py
+PARITY_MODEL = "tiny-mhc-n4"  # written by the public mHC code, with its logits
 
 
 def asset(name: str) -> Path:

@@ -9,6 +9,7 @@ Host wall time: on a GPU a phase that only queues kernels is charged to the next
 for them (pass `sync=torch.cuda.synchronize` to charge each phase its own kernels, at the price
 of a sync per phase).
 """
+
 from __future__ import annotations
 
 import contextlib

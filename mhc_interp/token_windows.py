@@ -1,6 +1,7 @@
 """The tokens the probes run on: a corpus cut into windows under a budget (`TokenBudget`,
 `corpus_tokens`), and the clean / corrupted prompt pairs of the causal probes
 (`patching_prompts`). Shared by the report, `mhc-interp probe` and the example scripts."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
@@ -14,19 +15,30 @@ from torch import Tensor
 class TokenBudget:
     """How many tokens each kind of probe sees (and how they are batched)."""
 
-    max_tokens: int = 16384            # corpus tokens for the observational probes
-    seq_len: int = 128                 # corpus window length (capped at the model's context)
-    batch_size: int = 8                # windows per forward
-    causal_prompts: int = 8            # prompts for the interventions
-    causal_seq_len: int = 64           # tokens per prompt
-    cka_minibatch: int = 256           # CKA's minibatch, tokens
+    max_tokens: int = 16384  # corpus tokens for the observational probes
+    seq_len: int = 128  # corpus window length (capped at the model's context)
+    batch_size: int = 8  # windows per forward
+    causal_prompts: int = 8  # prompts for the interventions
+    causal_seq_len: int = 64  # tokens per prompt
+    cka_minibatch: int = 256  # CKA's minibatch, tokens
     predictability_tokens: int = 2048  # tokens the ridge fits of CrossStreamPredictability keep
-    progress: bool = True              # progress bars
+    progress: bool = True  # progress bars
 
     def fast(self, **overrides):
         """A smoke run of a few seconds on the tiny models (`--fast`): a copy with small budgets."""
-        return replace(self, **{**dict(max_tokens=1024, seq_len=64, causal_prompts=4, causal_seq_len=32,
-                                       predictability_tokens=256), **overrides})
+        return replace(
+            self,
+            **{
+                **dict(
+                    max_tokens=1024,
+                    seq_len=64,
+                    causal_prompts=4,
+                    causal_seq_len=32,
+                    predictability_tokens=256,
+                ),
+                **overrides,
+            },
+        )
 
 
 def corpus_tokens(model, texts: Sequence[str], budget: TokenBudget) -> Tensor:
@@ -35,7 +47,9 @@ def corpus_tokens(model, texts: Sequence[str], budget: TokenBudget) -> Tensor:
     seq_len = min(budget.seq_len, model.cfg.n_ctx)
     n_seq = max(1, budget.max_tokens // seq_len)
     if model.tokenizer is None:
-        return torch.randint(0, model.cfg.d_vocab, (n_seq, seq_len), generator=torch.Generator().manual_seed(0))
+        return torch.randint(
+            0, model.cfg.d_vocab, (n_seq, seq_len), generator=torch.Generator().manual_seed(0)
+        )
     ids: List[int] = []
     for t in texts:
         ids += model.tokenizer.encode(t)
@@ -58,7 +72,7 @@ def patching_prompts(model, tokens: Tensor, budget: TokenBudget):
     if model.tokenizer is not None:
         try:
             corrupt = SymmetricReplacement(model.tokenizer)
-        except ValueError:   # the tokenizer splits the listed words: fall back below
+        except ValueError:  # the tokenizer splits the listed words: fall back below
             corrupt = SymmetricReplacement(groups={"none": [-1, -2]})
         keep = [i for i, row in enumerate(windows.tolist()) if any(t in corrupt.successor for t in row[1:])]
         if keep:

@@ -5,6 +5,7 @@ gradient clipping, bf16 autocast on CUDA, periodic validation loss, checkpoints 
     model = HookedMHC(cfg)
     history = train(model, train_ids, val_ids, TrainConfig(max_steps=2000), out_dir="runs/demo")
 """
+
 from __future__ import annotations
 
 import json
@@ -50,8 +51,11 @@ def make_optimizer(model, cfg: TrainConfig) -> torch.optim.AdamW:
     params = [p for p in model.parameters() if p.requires_grad]
     decay = [p for p in params if p.dim() >= 2]
     no_decay = [p for p in params if p.dim() < 2]
-    return torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                              {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=cfg.betas)
+    return torch.optim.AdamW(
+        [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=cfg.lr,
+        betas=cfg.betas,
+    )
 
 
 @torch.no_grad()
@@ -70,17 +74,30 @@ def _autocast(device: str):
     return torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.startswith("cuda"))
 
 
-def train(model, train_ids: Tensor, val_ids: Tensor, cfg: TrainConfig, out_dir: Optional[str] = None,
-          progress: bool = True) -> Dict[str, List]:
+def train(
+    model,
+    train_ids: Tensor,
+    val_ids: Tensor,
+    cfg: TrainConfig,
+    out_dir: Optional[str] = None,
+    progress: bool = True,
+) -> Dict[str, List]:
     """Train `model` in place on random windows of `train_ids`; returns the history
     {"step", "train_loss", "val_step", "val_loss", "lr"} (also written to out_dir/train_log.json
     with the config, and the final model saved there with `save_pretrained`)."""
     if cfg.seq_len + 1 > model.cfg.n_ctx:
-        raise ValueError(f"seq_len {cfg.seq_len} (+1 for targets) exceeds the model's n_ctx {model.cfg.n_ctx}")
-    for split, ids in (("training", train_ids), ("validation", val_ids)):   # before any step, not at the first eval
+        raise ValueError(
+            f"seq_len {cfg.seq_len} (+1 for targets) exceeds the model's n_ctx {model.cfg.n_ctx}"
+        )
+    for split, ids in (
+        ("training", train_ids),
+        ("validation", val_ids),
+    ):  # before any step, not at the first eval
         if len(ids) < cfg.seq_len + 3:
-            raise ValueError(f"the {split} split has {len(ids)} tokens, too few for windows of {cfg.seq_len + 1}: "
-                             f"use more text, a shorter seq_len or a larger validation fraction")
+            raise ValueError(
+                f"the {split} split has {len(ids)} tokens, too few for windows of {cfg.seq_len + 1}: "
+                f"use more text, a shorter seq_len or a larger validation fraction"
+            )
     torch.manual_seed(cfg.seed)
     gen_train = torch.Generator().manual_seed(cfg.seed)
     gen_val = torch.Generator().manual_seed(cfg.seed + 1)
@@ -115,6 +132,10 @@ def train(model, train_ids: Tensor, val_ids: Tensor, cfg: TrainConfig, out_dir: 
     if out_dir is not None:
         out = Path(out_dir)
         model.save_pretrained(out)
-        (out / "train_log.json").write_text(json.dumps(
-            {"train_config": asdict(cfg), "model_config": model.cfg.to_dict(), "history": history}, indent=1))
+        (out / "train_log.json").write_text(
+            json.dumps(
+                {"train_config": asdict(cfg), "model_config": model.cfg.to_dict(), "history": history},
+                indent=1,
+            )
+        )
     return history

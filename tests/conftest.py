@@ -31,8 +31,15 @@ def tokens():
 
 
 def tiny_config(hyper_conn_type="mhc", n_streams=4, **kw) -> MHCConfig:
-    base = dict(n_layers=2, n_heads=2, d_model=16, n_ctx=12, d_vocab=40, n_streams=n_streams,
-                hyper_conn_type=hyper_conn_type)
+    base = dict(
+        n_layers=2,
+        n_heads=2,
+        d_model=16,
+        n_ctx=12,
+        d_vocab=40,
+        n_streams=n_streams,
+        hyper_conn_type=hyper_conn_type,
+    )
     if hyper_conn_type == "mhc_lite_lss":
         base["lss_init"] = 0.6
     base.update(kw)
@@ -80,6 +87,6 @@ def planted_reader_model(reader: int = 0, dropped: int = 1) -> HookedMHC:
             m = sub.mixer
             m.dynamic_alpha_fn.zero_()
             m.dynamic_beta_fn.zero_()
-            m.static_alpha.copy_(torch.cat([torch.eye(n)[:, reader:reader + 1], h_res.T], dim=1))
+            m.static_alpha.copy_(torch.cat([torch.eye(n)[:, reader : reader + 1], h_res.T], dim=1))
             m.static_beta.copy_(torch.linspace(0.5, 1.5, n))
     return model

@@ -1,6 +1,7 @@
 """Attribution patching on the DeepSeek-V4 adapter (tiny random model, CPU): both methods and both
 mixing modes run (IG resumes hash-routed layers with the base prompts' token ids), report the
 exact sweep's baselines, and the frozen-mixing AtP map has the exact map's shape and ordering."""
+
 import numpy as np
 import pytest
 import torch
@@ -27,4 +28,4 @@ def test_attribution_on_deepseek_v4():
             assert np.isfinite(est[f"attribution_{m}"]).all()
         np.testing.assert_allclose(est["baseline_corrupted"], exact["baseline_corrupted"], rtol=1e-5)
     a, e = est["attribution_frozen"].ravel(), exact["kl_frozen"].ravel()
-    assert np.corrcoef(a, e)[0, 1] > 0.5          # measured 0.92 (IG, 2 steps)
+    assert np.corrcoef(a, e)[0, 1] > 0.5  # measured 0.92 (IG, 2 steps)

@@ -1,6 +1,7 @@
 """The benchmark suite: a tiny CPU smoke run of the entry point (so it does not rot), its FLOP
 counts against the model's real parameter counts, and its clear errors on bad input. Timings are
 never asserted."""
+
 import dataclasses
 import json
 
@@ -10,18 +11,33 @@ from torch import nn
 
 from benchmarks import run as bench_run
 from benchmarks.causal_sweeps import sweep_flops
-from benchmarks.common import (BenchmarkError, batch_fit, batch_fit_problem, forward_flops_per_token,
-                               make_config, readout_flops_per_token, resolve_device, sublayer_flops_per_token)
+from benchmarks.common import (
+    BenchmarkError,
+    batch_fit,
+    batch_fit_problem,
+    forward_flops_per_token,
+    make_config,
+    readout_flops_per_token,
+    resolve_device,
+    sublayer_flops_per_token,
+)
 from mhc_interp import HookedMHC
 
 
 def test_entry_point_smoke_run(tmp_path):
-    summary = bench_run.main(["--shape", "tiny", "--out-dir", str(tmp_path), "--", "--repeats", "1", "--warmup", "0"])
+    summary = bench_run.main(
+        ["--shape", "tiny", "--out-dir", str(tmp_path), "--", "--repeats", "1", "--warmup", "0"]
+    )
     assert summary["errors"] == {}
     assert set(summary["results"]) == set(bench_run.BENCHMARKS)
-    assert json.loads((tmp_path / "summary-tiny-cpu.json").read_text())["results"].keys() == summary["results"].keys()
+    assert (
+        json.loads((tmp_path / "summary-tiny-cpu.json").read_text())["results"].keys()
+        == summary["results"].keys()
+    )
     fwd = summary["results"]["forward_overhead"]
-    assert {"stripped", "hooked", "cache streams", "cache all", "nnsight trace", "residual"} <= set(fwd["rows"])
+    assert {"stripped", "hooked", "cache streams", "cache all", "nnsight trace", "residual"} <= set(
+        fwd["rows"]
+    )
     assert fwd["rows"]["stripped"]["ratio"] == 1.0 and fwd["torch_version"] == torch.__version__
     assert fwd["rows"]["cache all"]["cache_mib"] > fwd["rows"]["cache streams"]["cache_mib"] > 0
     sweeps = summary["results"]["causal_sweeps"]["rows"]
@@ -35,11 +51,24 @@ def test_entry_point_smoke_run(tmp_path):
 def test_compiled_rows(tmp_path):
     from benchmarks import forward_overhead
 
-    res = forward_overhead.main(["--shape", "tiny", "--compile", "--repeats", "1", "--warmup", "1",
-                                 "--out", str(tmp_path / "fo.json")])
+    res = forward_overhead.main(
+        [
+            "--shape",
+            "tiny",
+            "--compile",
+            "--repeats",
+            "1",
+            "--warmup",
+            "1",
+            "--out",
+            str(tmp_path / "fo.json"),
+        ]
+    )
     for row in ("compiled mixers", "compiled", "compiled cache streams", "residual compiled"):
         assert res["rows"][row]["seconds"] > 0
-    assert res["rows"]["compiled cache streams"]["cache_mib"] == pytest.approx(res["rows"]["cache streams"]["cache_mib"])
+    assert res["rows"]["compiled cache streams"]["cache_mib"] == pytest.approx(
+        res["rows"]["cache streams"]["cache_mib"]
+    )
 
 
 def test_flop_counts_match_the_model():
@@ -84,7 +113,9 @@ def test_batch_fit_says_what_it_needs_and_what_fits():
     assert "not even one sequence" in batch_fit_problem("forward", 1, 90 * gib, 0, 70 * gib, 80 * gib)
     # a fixed part (e.g. autocast's weight copies) is paid once, not per sequence
     assert batch_fit(2 * gib, 10 * gib, 4, fixed_bytes=1.5 * gib) == (False, 3)
-    msg = batch_fit_problem("sweep", 8, 2 * gib, 0, 10 * gib, 80 * gib, fixed=1.5 * gib, flag="--prompt-batch")
+    msg = batch_fit_problem(
+        "sweep", 8, 2 * gib, 0, 10 * gib, 80 * gib, fixed=1.5 * gib, flag="--prompt-batch"
+    )
     assert "batch 8 needs about 17.5 GiB of GPU memory (2.00 GiB per sequence + 1.50 GiB fixed)" in msg
     assert msg.endswith("(use --prompt-batch 3)")
 
@@ -103,7 +134,7 @@ def test_naive_sweep_extrapolates_the_loop_not_the_cache_run():
 
     chunks = [("a", "a'"), ("b", "b'")]
     r = naive_sweep(make_cache, loop, chunks, [0, 3], 9.0, torch.device("cpu"), repeats=2, warmup=1)
-    assert [c[0] for c in calls] == ["cache", "loop", "loop", "loop"] * 2       # warm-up + 2 timed loops
+    assert [c[0] for c in calls] == ["cache", "loop", "loop", "loop"] * 2  # warm-up + 2 timed loops
     assert calls[1] == ("loop", "a", (0, 3)) and len(r["times"]) == 4
     assert r["seconds"] >= 9.0 * sorted(r["times"][:2])[0]
 

@@ -1,5 +1,6 @@
 """Causal probes: batched, prefix-reusing interventions equal a naive loop (one run_with_hooks
 forward per intervention), planted stream roles give the expected rescue, and bad input fails."""
+
 import itertools
 
 import numpy as np
@@ -9,8 +10,14 @@ from torch.nn import functional as F
 
 from mhc_interp.hooks import is_mixing_hook
 from mhc_interp.hooks.batched import Edit, run_edits
-from mhc_interp.probes import (AblateRescue, ActivationPatching, SymmetricReplacement,
-                               ablate_and_rescue, activation_patching, run_probes)
+from mhc_interp.probes import (
+    AblateRescue,
+    ActivationPatching,
+    SymmetricReplacement,
+    ablate_and_rescue,
+    activation_patching,
+    run_probes,
+)
 from mhc_interp.probes.causal import clean_run, kl_metric
 
 from .conftest import perturbed_model, tiny_config
@@ -44,7 +51,9 @@ def default_mask(tokens):
 
 def naive_rescue(model, tokens, mode, ablation="zero"):
     """One full forward per intervention, mixing frozen to the clean run."""
-    clean, cache = model.run_with_cache(tokens, names_filter=lambda n: is_mixing_hook(n) or n.endswith("streams_in"))
+    clean, cache = model.run_with_cache(
+        tokens, names_filter=lambda n: is_mixing_hook(n) or n.endswith("streams_in")
+    )
     mask, n, names = default_mask(tokens), model.cfg.n_streams, model.sublayer_names
     L = len(names)
     ablated = np.full((L, n, n), np.nan)
@@ -69,6 +78,7 @@ def naive_rescue(model, tokens, mode, ablation="zero"):
                 for st in restore:
                     x[:, :, st] = cache[name][:, :, st]
                 return x
+
             out.append((name, hook))
         return out
 
@@ -83,14 +93,17 @@ def naive_rescue(model, tokens, mode, ablation="zero"):
     return ablated, rescued
 
 
-@pytest.mark.parametrize("mode,ablation", [("one_shot", "zero"), ("persistent", "zero"), ("one_shot", "mean")])
+@pytest.mark.parametrize(
+    "mode,ablation", [("one_shot", "zero"), ("persistent", "zero"), ("one_shot", "mean")]
+)
 def test_rescue_matches_naive_loop(model, prompts, mode, ablation):
     ablated, rescued = naive_rescue(model, prompts, mode, ablation)
     # mean ablation uses the batch's mean, so it is compared on one batch only
     splits = ((3, None), (2, 5)) if ablation == "zero" else ((3, 5),)
     for batch_size, max_rows in splits:  # several batches, and chunks smaller than one sublayer's edits
-        r = ablate_and_rescue(model, prompts, mode=mode, ablation=ablation, batch_size=batch_size,
-                              max_rows=max_rows)
+        r = ablate_and_rescue(
+            model, prompts, mode=mode, ablation=ablation, batch_size=batch_size, max_rows=max_rows
+        )
         np.testing.assert_allclose(r["kl_ablated"], ablated, atol=1e-5, rtol=1e-4)
         np.testing.assert_allclose(r["kl_rescued"], rescued, atol=1e-5, rtol=1e-4)
         expected = (ablated - rescued) / ablated
@@ -120,7 +133,10 @@ def test_patching_matches_naive_loop(model, prompts):
     corrupted = prompts.clone()
     corrupted[:, 4] = (corrupted[:, 4] + 7) % 40
     r = activation_patching(model, prompts, corrupted, mixing="both", batch_size=2, max_rows=4)
-    recomputed, frozen = naive_patching(model, prompts, corrupted, False), naive_patching(model, prompts, corrupted, True)
+    recomputed, frozen = (
+        naive_patching(model, prompts, corrupted, False),
+        naive_patching(model, prompts, corrupted, True),
+    )
     np.testing.assert_allclose(r["kl_recomputed"], recomputed, atol=1e-5, rtol=1e-4)
     np.testing.assert_allclose(r["kl_frozen"], frozen, atol=1e-5, rtol=1e-4)
     np.testing.assert_allclose(r["kl_routing"], recomputed - frozen, atol=2e-5)
@@ -131,7 +147,9 @@ def test_patching_matches_naive_loop(model, prompts):
     assert r["baseline_corrupted"] > 0 and r["baseline_clean"] == 0
 
 
-@pytest.mark.parametrize("kw", [dict(mixing="both"), dict(mixing="frozen", positions="each", sublayers=[1, 3])])
+@pytest.mark.parametrize(
+    "kw", [dict(mixing="both"), dict(mixing="frozen", positions="each", sublayers=[1, 3])]
+)
 def test_patching_progress_counts_every_run(model, prompts, kw):
     """The bar's total (`n_runs`) is what `patch` reports, with runs split into chunks (max_rows)."""
     corrupted = prompts.clone()
@@ -148,25 +166,41 @@ def test_patching_scored_from_the_corruption(model, prompts):
     after: the naive loop with that mask written out by hand; positions before it score ~0, so the
     all-positions score is the same sum over more positions."""
     corrupted = prompts.clone()
-    corrupted[0, 2] = (corrupted[0, 2] + 5) % 40      # prompts corrupted at different depths
+    corrupted[0, 2] = (corrupted[0, 2] + 5) % 40  # prompts corrupted at different depths
     corrupted[1:, 5] = (corrupted[1:, 5] + 7) % 40
-    corrupted[2, 6] = (corrupted[2, 6] + 1) % 40      # a second difference does not move the start
+    corrupted[2, 6] = (corrupted[2, 6] + 1) % 40  # a second difference does not move the start
     mask = default_mask(prompts)
     mask[0, :2] = False
     mask[1:, :5] = False
     r = activation_patching(model, prompts, corrupted, batch_size=2, score_positions="from_corruption")
-    np.testing.assert_allclose(r["kl_recomputed"], naive_patching(model, prompts, corrupted, False, mask),
-                               atol=1e-5, rtol=1e-4)
+    np.testing.assert_allclose(
+        r["kl_recomputed"], naive_patching(model, prompts, corrupted, False, mask), atol=1e-5, rtol=1e-4
+    )
     assert r.meta["score_positions"] == "from_corruption"
-    per_prompt = activation_patching(model, prompts, corrupted, batch_size=1, sublayers=[2], score_positions="all")
-    scored = mask.sum(-1).double() / default_mask(prompts).sum(-1)          # share of positions scored
-    single = [activation_patching(model, prompts[i:i + 1], corrupted[i:i + 1], sublayers=[2],
-                                  score_positions="from_corruption")["kl_recomputed"] for i in range(3)]
-    np.testing.assert_allclose(per_prompt["kl_recomputed"], np.mean([scored[i].item() * single[i] for i in range(3)], 0),
-                               rtol=1e-4, atol=1e-6)
+    per_prompt = activation_patching(
+        model, prompts, corrupted, batch_size=1, sublayers=[2], score_positions="all"
+    )
+    scored = mask.sum(-1).double() / default_mask(prompts).sum(-1)  # share of positions scored
+    single = [
+        activation_patching(
+            model, prompts[i : i + 1], corrupted[i : i + 1], sublayers=[2], score_positions="from_corruption"
+        )["kl_recomputed"]
+        for i in range(3)
+    ]
+    np.testing.assert_allclose(
+        per_prompt["kl_recomputed"],
+        np.mean([scored[i].item() * single[i] for i in range(3)], 0),
+        rtol=1e-4,
+        atol=1e-6,
+    )
     with pytest.raises(ValueError, match=r"prompts \[3, 4\]: clean and corrupted are identical"):
-        activation_patching(model, torch.cat([prompts, prompts[:2]]), torch.cat([corrupted, prompts[:2]]),
-                            batch_size=3, score_positions="from_corruption")
+        activation_patching(
+            model,
+            torch.cat([prompts, prompts[:2]]),
+            torch.cat([corrupted, prompts[:2]]),
+            batch_size=3,
+            score_positions="from_corruption",
+        )
     with pytest.raises(ValueError, match="score_positions must be one of"):
         ActivationPatching(score_positions="after")
     with pytest.raises(ValueError, match="applies to the KL metric"):
@@ -179,8 +213,13 @@ def test_patching_all_streams_restores_clean(model, prompts):
     clean_logits, clean_states, _ = clean_run(model, prompts)
     _, corr_states, _ = clean_run(model, corrupted)
     mask = default_mask(prompts)
-    kl = run_edits(model, [Edit((2,), restore=(0, 1, 2, 3))], corr_states, kl_metric(clean_logits, mask),
-                   source_states=clean_states)
+    kl = run_edits(
+        model,
+        [Edit((2,), restore=(0, 1, 2, 3))],
+        corr_states,
+        kl_metric(clean_logits, mask),
+        source_states=clean_states,
+    )
     assert kl.abs().max() < 1e-9
 
 
@@ -191,14 +230,14 @@ def planted_roles_model():
     re-averaged by H_res every sublayer; branch writes go to stream 2 only; stream 3 is never read
     and never carried on (its H_res column is zero), so it cannot matter."""
     model = perturbed_model(tiny_config("hc"), seed=2)
-    h_res = torch.tensor([[.5, .5, 0, 0], [.5, .5, 0, 0], [0, 0, 1, 0], [0, 0, 0, 0]])
+    h_res = torch.tensor([[0.5, 0.5, 0, 0], [0.5, 0.5, 0, 0], [0, 0, 1, 0], [0, 0, 0, 0]])
     with torch.no_grad():
         for sub in model.sublayers:
             m = sub.mixer
             m.dynamic_alpha_fn.zero_()
             m.dynamic_beta_fn.zero_()
-            m.static_alpha.copy_(torch.cat([torch.tensor([[.5], [.5], [0.], [0.]]), h_res.T], dim=1))
-            m.static_beta.copy_(torch.tensor([0., 0., 1., 0.]))
+            m.static_alpha.copy_(torch.cat([torch.tensor([[0.5], [0.5], [0.0], [0.0]]), h_res.T], dim=1))
+            m.static_beta.copy_(torch.tensor([0.0, 0.0, 1.0, 0.0]))
     return model
 
 
@@ -241,8 +280,13 @@ def test_runner_with_causal_and_observational_probes(model, prompts, tmp_path):
     corrupt = SymmetricReplacement(groups={"a": [1, 2, 3], "b": [4, 5]})
     tokens = prompts.clone()
     tokens[:, 5] = 2
-    results = run_probes(model, [AblateRescue(sublayers=[1]), ActivationPatching(corrupt=corrupt, sublayers=[0, 1])],
-                         tokens, batch_size=2, progress=False)
+    results = run_probes(
+        model,
+        [AblateRescue(sublayers=[1]), ActivationPatching(corrupt=corrupt, sublayers=[0, 1])],
+        tokens,
+        batch_size=2,
+        progress=False,
+    )
     assert results["activation_patching"]["kl_recomputed"].shape == (2, 4)
     assert results["ablate_rescue"].meta["prompts"] == 3
     for res in results.values():
@@ -298,7 +342,11 @@ def test_answer_metrics(model, prompts):
     answers = torch.tensor([[1, 2], [3, 4], [5, 6]])
     r = activation_patching(model, prompts, corrupted, metric="logit_diff", answers=answers, sublayers=[0])
     clean = model(prompts)[:, -1]
-    np.testing.assert_allclose(r["baseline_clean"], (clean[:, [1, 3, 5]].diagonal() - clean[:, [2, 4, 6]].diagonal()).mean().item(), atol=1e-5)
+    np.testing.assert_allclose(
+        r["baseline_clean"],
+        (clean[:, [1, 3, 5]].diagonal() - clean[:, [2, 4, 6]].diagonal()).mean().item(),
+        atol=1e-5,
+    )
     r = activation_patching(model, prompts, corrupted, metric="logprob", answers=answers[:, 0], sublayers=[0])
     assert r["logprob_recomputed"].shape == (1, 4) and (r["logprob_recomputed"] < 0).all()
 
@@ -317,8 +365,8 @@ def test_prompt_statistics_skip_unscorable_prompts_and_use_student_t():
     sem = values.std(ddof=1) / np.sqrt(3)
     np.testing.assert_allclose(arrays["kl"], [3.0, 5.0])
     np.testing.assert_allclose(arrays["kl_sem"][0], sem)
-    np.testing.assert_allclose(arrays["kl_ci_high"][0] - 3.0, 4.302652729911275 * sem)   # t_{0.975, 2}
-    assert np.isnan(arrays["kl_sem"][1]) and np.isnan(arrays["kl_ci_low"][1])           # one prompt
+    np.testing.assert_allclose(arrays["kl_ci_high"][0] - 3.0, 4.302652729911275 * sem)  # t_{0.975, 2}
+    assert np.isnan(arrays["kl_sem"][1]) and np.isnan(arrays["kl_ci_low"][1])  # one prompt
     assert stats.count == 4
 
 
@@ -345,7 +393,9 @@ def test_a_prompt_with_no_scored_position_is_left_out(model, prompts):
 def test_run_edits_refuses_edits_it_has_no_values_for(model, prompts):
     logits, states, cache = clean_run(model, prompts)
     metric = kl_metric(logits, default_mask(prompts))
-    with pytest.raises(ValueError, match=r"needs ablation_values at sublayer\(s\) \[2\], which were not given"):
+    with pytest.raises(
+        ValueError, match=r"needs ablation_values at sublayer\(s\) \[2\], which were not given"
+    ):
         run_edits(model, [Edit((2,), ablate=(0, 1))], states, metric)
     with pytest.raises(ValueError, match=r"needs source_states at sublayer\(s\) \[3\], which it lacks"):
         run_edits(model, [Edit((2, 3), restore=(1,))], states, metric, source_states={2: states[2]})
@@ -357,7 +407,7 @@ def test_results_with_dots_in_their_names_stay_apart(model, prompts, tmp_path):
     hot = ablate_and_rescue(model, prompts, temperature=0.5, sublayers=[0])
     cold = ablate_and_rescue(model, prompts, temperature=0.7, sublayers=[0])
     assert hot.save(tmp_path / "rescue_T0.5").name == "rescue_T0.5.json"
-    cold.save(tmp_path / "rescue_T0.7.json")                      # an explicit extension is fine too
+    cold.save(tmp_path / "rescue_T0.7.json")  # an explicit extension is fine too
     from mhc_interp.probes import ProbeResult
 
     assert ProbeResult.load(tmp_path / "rescue_T0.5").meta["temperature"] == 0.5

@@ -2,11 +2,19 @@
 model is scored in float64; the helpers take the runner's options (the position-0 mask among
 them); a corpus-mean ablation does not depend on the batch size; NaN weights raise, they do not
 return NaN arrays."""
+
 import numpy as np
 import pytest
 import torch
 
-from mhc_interp.probes import AblateRescue, ActivationPatching, StreamUsage, ablate_and_rescue, activation_patching, run_probes
+from mhc_interp.probes import (
+    AblateRescue,
+    ActivationPatching,
+    StreamUsage,
+    ablate_and_rescue,
+    activation_patching,
+    run_probes,
+)
 from mhc_interp.probes.causal import kl_metric, log_probs, logit_diff_metric
 
 from .conftest import perturbed_model, tiny_config
@@ -30,15 +38,19 @@ def test_float64_model_is_scored_in_float64(prompts):
     np.testing.assert_allclose(r["kl_rescued"], rescued, rtol=1e-11, atol=1e-14)
     corrupted = corrupt(prompts)
     p = activation_patching(model, prompts, corrupted, batch_size=2)
-    np.testing.assert_allclose(p["kl_recomputed"], naive_patching(model, prompts, corrupted, False),
-                               rtol=1e-11, atol=1e-14)
+    np.testing.assert_allclose(
+        p["kl_recomputed"], naive_patching(model, prompts, corrupted, False), rtol=1e-11, atol=1e-14
+    )
     logits = torch.randn(2, 3, 5, dtype=torch.float64)
     assert log_probs(logits).dtype == torch.float64
     assert kl_metric(logits, torch.ones(2, 3, dtype=torch.bool))(logits[None]).dtype == torch.float64
     assert logit_diff_metric(torch.tensor([[0, 1], [2, 3]]))(logits[None]).dtype == torch.float64
     for low in (torch.float32, torch.bfloat16, torch.float16):
         assert log_probs(logits.to(low)).dtype == torch.float32
-        assert kl_metric(logits.to(low), torch.ones(2, 3, dtype=torch.bool))(logits[None].to(low)).dtype == torch.float32
+        assert (
+            kl_metric(logits.to(low), torch.ones(2, 3, dtype=torch.bool))(logits[None].to(low)).dtype
+            == torch.float32
+        )
 
 
 # ------------------------------------------------------------------------- runner options (14.5)
@@ -49,20 +61,33 @@ def test_helpers_take_the_runner_options(model, prompts):
     probe = AblateRescue(sublayers=[1, 2])
     probe.setup(model)
     probe.intervene(model, prompts, every)
-    r = ablate_and_rescue(model, prompts, sublayers=[1, 2], exclude_first=0, batch_size=3, max_tokens=24,
-                          seq_len=8, progress=False)
+    r = ablate_and_rescue(
+        model,
+        prompts,
+        sublayers=[1, 2],
+        exclude_first=0,
+        batch_size=3,
+        max_tokens=24,
+        seq_len=8,
+        progress=False,
+    )
     np.testing.assert_allclose(r["kl_ablated"], probe.result()["kl_ablated"], rtol=1e-6, atol=1e-9)
     default = ablate_and_rescue(model, prompts, sublayers=[1, 2])
-    assert np.nanmax(np.abs(default["kl_ablated"] - r["kl_ablated"])) > 1e-4     # the mask changes the numbers
+    assert np.nanmax(np.abs(default["kl_ablated"] - r["kl_ablated"])) > 1e-4  # the mask changes the numbers
     corrupted = corrupt(prompts)
     p = activation_patching(model, prompts, corrupted, exclude_first=0, batch_size=2, progress=False)
-    np.testing.assert_allclose(p["kl_recomputed"], naive_patching(model, prompts, corrupted, False, every),
-                               rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(
+        p["kl_recomputed"], naive_patching(model, prompts, corrupted, False, every), rtol=1e-4, atol=1e-6
+    )
     first3 = activation_patching(model, prompts, corrupted, exclude_first=3, sublayers=[0])
     mask = every.clone()
     mask[:, :3] = False
-    np.testing.assert_allclose(first3["kl_recomputed"], naive_patching(model, prompts, corrupted, False, mask)[:1],
-                               rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(
+        first3["kl_recomputed"],
+        naive_patching(model, prompts, corrupted, False, mask)[:1],
+        rtol=1e-4,
+        atol=1e-6,
+    )
     with pytest.raises(ValueError, match="exclude_first must be a non-negative int"):
         activation_patching(model, prompts, corrupted, exclude_first=-1)
     with pytest.raises(TypeError, match="seq_len"):
@@ -87,14 +112,20 @@ def test_corpus_mean_ablation_does_not_depend_on_the_batch_size(model, prompts):
     assert means.dtype == torch.float64
     torch.testing.assert_close(means, naive, rtol=1e-6, atol=1e-7)
 
-    runs = {b: ablate_and_rescue(model, tokens, ablation="corpus_mean", batch_size=b, min_kl=0) for b in (1, 2, 5)}
+    runs = {
+        b: ablate_and_rescue(model, tokens, ablation="corpus_mean", batch_size=b, min_kl=0) for b in (1, 2, 5)
+    }
     for b in (2, 5):
         for key in ("kl_ablated", "kl_rescued", "rescue"):
             np.testing.assert_allclose(runs[b][key], runs[1][key], rtol=1e-5, atol=1e-7)
     assert runs[1].meta["ablation"] == "corpus_mean" and runs[1].meta["corpus_mean_tokens"] == 5 * 7
-    batch_mean = {b: ablate_and_rescue(model, tokens, ablation="mean", batch_size=b, min_kl=0) for b in (1, 5)}
-    assert np.nanmax(np.abs(batch_mean[1]["kl_ablated"] - batch_mean[5]["kl_ablated"])) > 1e-3   # the problem
-    np.testing.assert_allclose(runs[5]["kl_ablated"], batch_mean[5]["kl_ablated"], rtol=1e-5)  # one batch: same
+    batch_mean = {
+        b: ablate_and_rescue(model, tokens, ablation="mean", batch_size=b, min_kl=0) for b in (1, 5)
+    }
+    assert np.nanmax(np.abs(batch_mean[1]["kl_ablated"] - batch_mean[5]["kl_ablated"])) > 1e-3  # the problem
+    np.testing.assert_allclose(
+        runs[5]["kl_ablated"], batch_mean[5]["kl_ablated"], rtol=1e-5
+    )  # one batch: same
     # the probe run directly needs its first pass; it says how to get it
     with pytest.raises(ValueError, match="corpus_mean.*fit_corpus_mean"):
         run_probes(model, AblateRescue(ablation="corpus_mean"), tokens, progress=False)
@@ -113,14 +144,16 @@ def test_nan_weights_raise_like_run_probes(prompts):
         for p in model.parameters():
             p.fill_(float("nan"))
     with pytest.raises(FloatingPointError, match="non-finite"):
-        run_probes(model, StreamUsage(), prompts, progress=False)                 # observational: raises
+        run_probes(model, StreamUsage(), prompts, progress=False)  # observational: raises
     with pytest.raises(FloatingPointError, match="non-finite .* clean run's logits"):
         ablate_and_rescue(model, prompts)
     with pytest.raises(FloatingPointError, match="non-finite .* clean run's logits"):
-        run_probes(model, AblateRescue(sublayers=[0]), prompts, progress=False)   # `mhc-interp probe ablate_rescue`
+        run_probes(
+            model, AblateRescue(sublayers=[0]), prompts, progress=False
+        )  # `mhc-interp probe ablate_rescue`
     with pytest.raises(FloatingPointError, match="non-finite"):
         activation_patching(model, prompts, corrupt(prompts))
-    probe = ActivationPatching()                                                 # the CLI's patching path
+    probe = ActivationPatching()  # the CLI's patching path
     probe.setup(model)
     with pytest.raises(FloatingPointError, match="non-finite"):
         probe.patch(model, prompts, corrupt(prompts))

@@ -1,12 +1,20 @@
 """CKA probe: maths against a slow numpy reference, planted cases, the probe through the runner,
 bounded memory, bad input, save/load and plots."""
+
 import numpy as np
 import pytest
 import torch
 
 from mhc_interp.probes.base import ProbeResult
-from mhc_interp.probes.cka import (CKA, CKAResult, center_gram, cka_from_hsic, gram_linear,
-                                   gram_rbf, hsic_matrix)
+from mhc_interp.probes.cka import (
+    CKA,
+    CKAResult,
+    center_gram,
+    cka_from_hsic,
+    gram_linear,
+    gram_rbf,
+    hsic_matrix,
+)
 from mhc_interp.probes.runner import run_probes
 
 from .conftest import perturbed_model, tiny_config
@@ -22,7 +30,7 @@ def ref_gram_rbf(x, threshold=1.0):
     sq_norms = np.diag(dot_products)
     sq_distances = -2 * dot_products + sq_norms[:, None] + sq_norms[None, :]
     sq_median_distance = np.median(sq_distances)
-    return np.exp(-sq_distances / (2 * threshold ** 2 * sq_median_distance))
+    return np.exp(-sq_distances / (2 * threshold**2 * sq_median_distance))
 
 
 def ref_center_gram(gram, unbiased=False):
@@ -64,10 +72,11 @@ def ref_feature_space_linear_cka(x, y, debiased=False):
     def helper(xty_, rx, ry, nx, ny):
         return xty_ - n / (n - 2.0) * rx.dot(ry) + nx * ny / ((n - 1) * (n - 2))
 
-    rx, ry = np.sum(x ** 2, 1), np.sum(y ** 2, 1)
+    rx, ry = np.sum(x**2, 1), np.sum(y**2, 1)
     nx, ny = np.sum(rx), np.sum(ry)
-    return helper(xty, rx, ry, nx, ny) / (np.sqrt(helper(xtx ** 2, rx, rx, nx, nx))
-                                          * np.sqrt(helper(yty ** 2, ry, ry, ny, ny)))
+    return helper(xty, rx, ry, nx, ny) / (
+        np.sqrt(helper(xtx**2, rx, rx, nx, nx)) * np.sqrt(helper(yty**2, ry, ry, ny, ny))
+    )
 
 
 def ref_hsic_song(K, L):
@@ -77,8 +86,11 @@ def ref_hsic_song(K, L):
     np.fill_diagonal(Kt, 0)
     np.fill_diagonal(Lt, 0)
     one = np.ones(n)
-    return (np.trace(Kt @ Lt) + (one @ Kt @ one) * (one @ Lt @ one) / ((n - 1) * (n - 2))
-            - 2.0 / (n - 2) * one @ Kt @ Lt @ one) / (n * (n - 3))
+    return (
+        np.trace(Kt @ Lt)
+        + (one @ Kt @ one) * (one @ Lt @ one) / ((n - 1) * (n - 2))
+        - 2.0 / (n - 2) * one @ Kt @ Lt @ one
+    ) / (n * (n - 3))
 
 
 def ref_hsic_biased(K, L):
@@ -117,7 +129,9 @@ def shuffled_minibatches(n_tok, minibatch, shuffle_tokens=None, seed=0):
                 buf = buf[minibatch:]
     left = len(buf)
     if left >= 4:
-        buf = [buf[p] for p in torch.randperm(left, generator=torch.Generator().manual_seed(seed + 1)).tolist()]
+        buf = [
+            buf[p] for p in torch.randperm(left, generator=torch.Generator().manual_seed(seed + 1)).tolist()
+        ]
         n_groups = min(-(-left // minibatch), left // 4)
         sizes = [left // n_groups + (i < left % n_groups) for i in range(n_groups)]
         for size in sizes:
@@ -152,11 +166,13 @@ def _cka(reps, kernel="linear", debiased=True, threshold=1.0):
 # ------------------------------------------------------------------------------------ 1. maths
 def _random_reps(rng, N=40, p=12):
     base = rng.standard_normal((N, p))
-    reps = [base + 5.0,                                      # offset: centring matters
-            base @ rng.standard_normal((p, p)) + rng.standard_normal(p) * 3,
-            rng.standard_normal((N, p)) * 2.0 - 1.0,
-            np.tanh(base) + 0.3 * rng.standard_normal((N, p)),
-            rng.standard_normal((N, p)) * np.linspace(0.1, 10, p)]  # anisotropic
+    reps = [
+        base + 5.0,  # offset: centring matters
+        base @ rng.standard_normal((p, p)) + rng.standard_normal(p) * 3,
+        rng.standard_normal((N, p)) * 2.0 - 1.0,
+        np.tanh(base) + 0.3 * rng.standard_normal((N, p)),
+        rng.standard_normal((N, p)) * np.linspace(0.1, 10, p),
+    ]  # anisotropic
     return reps
 
 
@@ -165,7 +181,7 @@ def _random_reps(rng, N=40, p=12):
 def test_matches_numpy_reference(kernel, debiased):
     rng = np.random.default_rng(0)
     reps = _random_reps(rng)
-    for threshold in ([1.0] if kernel == "linear" else [0.5, 1.0, 2.0]):
+    for threshold in [1.0] if kernel == "linear" else [0.5, 1.0, 2.0]:
         ours = _cka(reps, kernel, debiased, threshold)
         ref = ref_cka_matrix(reps, kernel, debiased, threshold)
         assert ours.dtype == np.float64
@@ -179,12 +195,15 @@ def test_matches_numpy_reference(kernel, debiased):
 def test_hsic_values_and_grams_match_reference():
     rng = np.random.default_rng(1)
     reps = _random_reps(rng, N=23, p=7)
-    for gram, ref_gram in [(gram_linear, ref_gram_linear),
-                           (lambda x: gram_rbf(x, 0.7), lambda x: ref_gram_rbf(x, 0.7))]:
+    for gram, ref_gram in [
+        (gram_linear, ref_gram_linear),
+        (lambda x: gram_rbf(x, 0.7), lambda x: ref_gram_rbf(x, 0.7)),
+    ]:
         ours = torch.stack([gram(torch.as_tensor(r)) for r in reps])
         if gram is not gram_linear:  # RBF Grams are identical; linear ones differ by centring
-            np.testing.assert_allclose(ours.numpy(), np.stack([ref_gram(r) for r in reps]),
-                                       atol=1e-12, rtol=0)
+            np.testing.assert_allclose(
+                ours.numpy(), np.stack([ref_gram(r) for r in reps]), atol=1e-12, rtol=0
+            )
         refs = [ref_gram(r) for r in reps]
         hu, hb = hsic_matrix(ours, unbiased=True).numpy(), hsic_matrix(ours, unbiased=False).numpy()
         for i in range(len(reps)):
@@ -193,10 +212,12 @@ def test_hsic_values_and_grams_match_reference():
                 assert hb[i, j] == pytest.approx(ref_hsic_biased(refs[i], refs[j]), abs=1e-10, rel=1e-10)
         # U-centring and H K H centring against the verbatim reference
         K = refs[1]
-        np.testing.assert_allclose(center_gram(torch.as_tensor(K), True).numpy(),
-                                   ref_center_gram(K, True), atol=1e-10)
-        np.testing.assert_allclose(center_gram(torch.as_tensor(K), False).numpy(),
-                                   ref_center_gram(K, False), atol=1e-10)
+        np.testing.assert_allclose(
+            center_gram(torch.as_tensor(K), True).numpy(), ref_center_gram(K, True), atol=1e-10
+        )
+        np.testing.assert_allclose(
+            center_gram(torch.as_tensor(K), False).numpy(), ref_center_gram(K, False), atol=1e-10
+        )
 
 
 def test_float64_everywhere():
@@ -262,8 +283,10 @@ def _reps_from_cache(model, tokens, sites, batch_size=None):
     """[R] list of [tokens, d] arrays (site-major, stream-minor), position 0 excluded, cached in
     chunks of `batch_size` sequences (the runner's split: same shapes, same float32 forward)."""
     batch_size = batch_size or len(tokens)
-    caches = [model.run_with_cache(tokens[i:i + batch_size], names_filter=sites)[1]
-              for i in range(0, len(tokens), batch_size)]
+    caches = [
+        model.run_with_cache(tokens[i : i + batch_size], names_filter=sites)[1]
+        for i in range(0, len(tokens), batch_size)
+    ]
     reps = []
     for s in sites:
         act = torch.cat([c[s] for c in caches])[:, 1:]  # [seq, pos-1, n, d]
@@ -290,8 +313,14 @@ def test_probe_equals_full_cache_reference(probe_setup):
         assert res.meta["tokens_dropped"] == 0
         assert res["cka"].shape == (len(sites) * 4,) * 2
     assert not np.allclose(res["cka_debiased"], res["cka_biased"], atol=1e-3)
-    assert res.meta["labels"][:6] == ["embed/s0", "embed/s1", "embed/s2", "embed/s3", "blocks.0.attn/s0",
-                                      "blocks.0.attn/s1"]
+    assert res.meta["labels"][:6] == [
+        "embed/s0",
+        "embed/s1",
+        "embed/s2",
+        "embed/s3",
+        "blocks.0.attn/s0",
+        "blocks.0.attn/s1",
+    ]
     np.testing.assert_allclose(res.intra("blocks.1.attn"), res["cka"][12:16, 12:16])
     np.testing.assert_allclose(res.intra_all(), res["intra"])
     np.testing.assert_allclose(res["intra"][3], res.intra(3))
@@ -307,14 +336,22 @@ def test_probe_minibatches_match_reference_for_every_runner_split(probe_setup, m
     sites = ["hook_streams_init"] + [f"blocks.{l}.mlp.hook_streams_out" for l in range(model.cfg.n_layers)]
     n_tok = N_SEQ * (SEQ - 1)
     batches = shuffled_minibatches(n_tok, minibatch, shuffle_tokens)
-    assert sorted(i for b in batches for i in b) == list(range(n_tok))   # every token, once
+    assert sorted(i for b in batches for i in b) == list(range(n_tok))  # every token, once
     for bs in [1, 2, 5]:
         reps = _reps_from_cache(model, tokens, sites, batch_size=bs)
         for debiased in [True, False]:
-            res = _run(model, tokens, bs, sites="layers", minibatch_tokens=minibatch, debiased=debiased,
-                       shuffle_tokens=shuffle_tokens)
-            np.testing.assert_allclose(res["cka"], ref_minibatch_cka(reps, batches, debiased),
-                                       atol=1e-10, rtol=0)
+            res = _run(
+                model,
+                tokens,
+                bs,
+                sites="layers",
+                minibatch_tokens=minibatch,
+                debiased=debiased,
+                shuffle_tokens=shuffle_tokens,
+            )
+            np.testing.assert_allclose(
+                res["cka"], ref_minibatch_cka(reps, batches, debiased), atol=1e-10, rtol=0
+            )
         assert res.meta["site_names"] == sites
         assert res.meta["n_minibatches"] == len(batches)
         assert res.meta["tokens_dropped"] == 0 and res.meta["tokens_used"] == n_tok
@@ -336,7 +373,7 @@ def test_online_aggregation_independent_of_batch_split(probe_setup, minibatch):
     for bs in [1, 2, 5]:
         probe.setup(model)
         for i in range(0, N_SEQ, bs):
-            probe.update({n: cache[n][i:i + bs] for n in names}, mask[i:i + bs])
+            probe.update({n: cache[n][i : i + bs] for n in names}, mask[i : i + bs])
         out.append(probe.result())
     for r in out[1:]:
         for k in ["cka", "cka_debiased", "cka_biased"]:
@@ -381,7 +418,9 @@ def _state_nbytes(obj):
     for v in vars(obj).values():
         items = v.values() if isinstance(v, dict) else v if isinstance(v, (list, tuple)) else [v]
         total += sum(t.numel() * t.element_size() for t in items if isinstance(t, torch.Tensor))
-        total += sum(_state_nbytes(t) for t in items if hasattr(t, "__dict__") and not isinstance(t, torch.Tensor))
+        total += sum(
+            _state_nbytes(t) for t in items if hasattr(t, "__dict__") and not isinstance(t, torch.Tensor)
+        )
     return total
 
 
@@ -403,7 +442,7 @@ def test_state_size_constant():
     assert probe._n_minibatches == 5 * 4
     R = len(names) * 4
     assert len(set(sizes)) == 1, sizes
-    assert sizes[0] == 8 * 64 * R * 16 * 4 + 2 * R * R * 8 + 8 * 64 * 8   # rows, HSIC sums, row order
+    assert sizes[0] == 8 * 64 * R * 16 * 4 + 2 * R * R * 8 + 8 * 64 * 8  # rows, HSIC sums, row order
     # the 1620 - 20 * 64 = 340 tokens left are flushed as 6 minibatches of 56-57
     meta = probe.result().meta
     assert (meta["n_minibatches"], meta["tokens_used"], meta["tokens_dropped"]) == (26, 1620, 0)
@@ -464,6 +503,7 @@ def test_save_load_and_plot(probe_setup, tmp_path):
     figs = back.plot()
     assert set(figs) == {"cka_intra", "cka_inter"}
     import matplotlib.pyplot as plt
+
     for name, fig in figs.items():
         fig.savefig(tmp_path / f"{name}.png")
         plt.close(fig)
@@ -481,7 +521,7 @@ def test_one_gemm_hsic_equals_centring_both_ways(offset):
 
     g = torch.Generator().manual_seed(3)
     X = torch.randn(5, 40, 8, generator=g, dtype=torch.float64) + offset
-    X[1] = 2 * X[0] + 0.1 * X[1]                                          # a related pair
+    X[1] = 2 * X[0] + 0.1 * X[1]  # a related pair
     for grams in (gram_linear(X), gram_rbf(X, 1.0)):
         unbiased, biased = _hsic_both(grams.clone())
         torch.testing.assert_close(unbiased, hsic_matrix(grams, unbiased=True), rtol=1e-9, atol=1e-12)

@@ -1,6 +1,7 @@
 """CKA minibatches are drawn from a token shuffle across sequences (Nguyen et al.'s estimator
 assumes random minibatches): a planted per-sequence component, and the demo model on the shipped
 Hamlet corpus against the full-data debiased CKA."""
+
 import numpy as np
 import pytest
 import torch
@@ -18,9 +19,9 @@ def full_data_debiased_cka(reps):
     X = X - X.mean(1, keepdim=True)
     R, N, p = X.shape
     flat = X.permute(1, 0, 2).reshape(N, R * p)
-    cross = (flat.T @ flat).view(R, p, R, p).pow(2).sum((1, 3))        # ||X_a^T X_b||_F^2 [R, R]
-    rows = X.pow(2).sum(-1)                                             # [R, N]
-    sq = rows.sum(-1)                                                   # [R]
+    cross = (flat.T @ flat).view(R, p, R, p).pow(2).sum((1, 3))  # ||X_a^T X_b||_F^2 [R, R]
+    rows = X.pow(2).sum(-1)  # [R, N]
+    sq = rows.sum(-1)  # [R]
     hsic = cross - N / (N - 2) * rows @ rows.T + torch.outer(sq, sq) / ((N - 1) * (N - 2))
     return cka_from_hsic(hsic).numpy()
 
@@ -39,11 +40,11 @@ def test_planted_per_sequence_component_is_seen():
     n_seq, pos, d = 128, 33, 4
     a = torch.randn(n_seq, 1, 1, d, generator=g).expand(n_seq, pos, 4, d).clone()
     a[:, :, 2] = 0
-    x = a + torch.randn(n_seq, pos, 4, d, generator=g)                 # [seq, pos, n, d]
+    x = a + torch.randn(n_seq, pos, 4, d, generator=g)  # [seq, pos, n, d]
     mask = torch.ones(n_seq, pos, dtype=torch.bool)
     mask[:, 0] = False
-    for i in range(0, n_seq, 8):                                        # runner-like batches
-        probe.update({"blocks.0.mlp.hook_streams_out": x[i:i + 8]}, mask[i:i + 8])
+    for i in range(0, n_seq, 8):  # runner-like batches
+        probe.update({"blocks.0.mlp.hook_streams_out": x[i : i + 8]}, mask[i : i + 8])
     res = probe.result()
     full = full_data_debiased_cka(x[:, 1:].reshape(-1, 4, d).transpose(0, 1))
     assert full[0, 1] == pytest.approx(0.25, abs=0.05)
@@ -68,7 +69,7 @@ def test_demo_model_minibatch_cka_matches_full_data():
     sites = res.site_names
     with torch.no_grad():
         _, cache = model.run_with_cache(tokens, names_filter=sites)
-    x = torch.stack([cache[s][:, 1:] for s in sites], 2)               # [seq, pos-1, S, n, d]
+    x = torch.stack([cache[s][:, 1:] for s in sites], 2)  # [seq, pos-1, S, n, d]
     reps = x.reshape(-1, len(sites) * model.cfg.n_streams, model.cfg.d_model).transpose(0, 1)
     full = full_data_debiased_cka(reps)
     assert res.meta["tokens_used"] == 32 * 127 and res.meta["tokens_dropped"] == 0

@@ -1,4 +1,5 @@
 """The command line: report, probe, train, check, hooks - and its errors."""
+
 import json
 import os
 import time
@@ -17,21 +18,41 @@ def test_report_writes_a_complete_folder(tmp_path):
     assert main(["report", "--model", "tiny-mhc-n4", "--fast", "--quiet", "--out", str(out)]) == 0
     page = (out / "index.html").read_text()
     figures = sorted(str(p.relative_to(out)) for p in (out / "figures").glob("*/*.png"))
-    assert {"figures/stream_usage/h_res.png", "figures/cka/cka_intra.png", "figures/curvature/curvature.png",
-            "figures/ablate_rescue/rescue_global.png", "figures/activation_patching/patching_recomputed.png",
-            "figures/logit_lens/kl.png", "figures/predictability/matrices.png"} <= set(figures)
+    assert {
+        "figures/stream_usage/h_res.png",
+        "figures/cka/cka_intra.png",
+        "figures/curvature/curvature.png",
+        "figures/ablate_rescue/rescue_global.png",
+        "figures/activation_patching/patching_recomputed.png",
+        "figures/logit_lens/kl.png",
+        "figures/predictability/matrices.png",
+    } <= set(figures)
     for name in figures:
         assert name in page
     assert "<table>" in page and "layer-select" in page
     results = {p.stem for p in (out / "results").glob("*.json")}
-    assert results == {"stream_usage", "cka", "curvature", "ablate_rescue", "activation_patching",
-                       "logit_lens", "head_detector", "predictability", "attribution_positions", "stream_edges"}
+    assert results == {
+        "stream_usage",
+        "cka",
+        "curvature",
+        "ablate_rescue",
+        "activation_patching",
+        "logit_lens",
+        "head_detector",
+        "predictability",
+        "attribution_positions",
+        "stream_edges",
+    }
     written = json.loads((out / "report.json").read_text())
     assert written["sections"]
     timings = {t["phase"]: t["seconds"] for t in written["timings"]}
     worker = {t["phase"]: t["seconds"] for t in written["worker_timings"]}
-    for probe in results:   # every probe's work and figures are timed, and the phases add up to the whole
-        drawn = [s for p, s in worker.items() if p in (f"{probe}: figures", f"{probe}: figures (drawn in the main process)")]
+    for probe in results:  # every probe's work and figures are timed, and the phases add up to the whole
+        drawn = [
+            s
+            for p, s in worker.items()
+            if p in (f"{probe}: figures", f"{probe}: figures (drawn in the main process)")
+        ]
         assert any(p.startswith(f"{probe}: ") for p in timings) and len(drawn) == 1 and drawn[0] > 0, probe
     assert "forward (shared by the observational probes)" in timings and min(timings.values()) >= 0
     assert abs(sum(t["share"] for t in written["timings"]) - 1) < 0.01
@@ -56,8 +77,8 @@ def test_interrupted_report_leaves_nothing_to_trust(tmp_path, monkeypatch, capsy
     monkeypatch.setattr(report, "_run_all", interrupted)
     assert main(["report", "--model", "tiny-mhc-n4", "--fast", "--quiet", "--out", str(out)]) == 130
     assert capsys.readouterr().err.strip() == "mhc-interp: interrupted"
-    assert (out / "index.html").read_text() == "old report"   # the previous complete report stays
-    assert [p.name for p in tmp_path.iterdir()] == ["rep"]     # no partial folder left behind
+    assert (out / "index.html").read_text() == "old report"  # the previous complete report stays
+    assert [p.name for p in tmp_path.iterdir()] == ["rep"]  # no partial folder left behind
 
 
 def test_report_never_replaces_a_folder_of_other_files(tmp_path, monkeypatch):
@@ -83,9 +104,30 @@ def test_cli_bad_input_is_one_line(tmp_path, capsys):
         main(["report", "--fast", "--quiet", "--corpus", str(short), "--out", str(tmp_path / "r")])
     longer = tmp_path / "longer.txt"
     longer.write_text("To be, or not to be, that is the question. " * 20)
-    with pytest.raises(SystemExit, match="the validation split has .* tokens"):   # before step 0
-        main(["train", "--texts", str(longer), "--out", str(tmp_path / "t"), "--steps", "2", "--seq-len", "16",
-              "--vocab", "260", "--n-layers", "1", "--d-model", "16", "--n-heads", "2", "--val-fraction", "0.01"])
+    with pytest.raises(SystemExit, match="the validation split has .* tokens"):  # before step 0
+        main(
+            [
+                "train",
+                "--texts",
+                str(longer),
+                "--out",
+                str(tmp_path / "t"),
+                "--steps",
+                "2",
+                "--seq-len",
+                "16",
+                "--vocab",
+                "260",
+                "--n-layers",
+                "1",
+                "--d-model",
+                "16",
+                "--n-heads",
+                "2",
+                "--val-fraction",
+                "0.01",
+            ]
+        )
     assert not (tmp_path / "t").exists()
 
 
@@ -119,11 +161,30 @@ def test_probe_command(tmp_path, capsys):
     assert "stream_usage" in listed and "ablate_rescue" in listed
     with pytest.raises(SystemExit, match="unknown probe 'nope'.*stream_usage"):
         main(["probe", "nope", "--model", "tiny-mhc-n4"])
-    assert main(["probe", "curvature", "--model", "tiny-mhc-n4", "--fast", "--quiet", "--out", str(tmp_path)]) == 0
+    assert (
+        main(["probe", "curvature", "--model", "tiny-mhc-n4", "--fast", "--quiet", "--out", str(tmp_path)])
+        == 0
+    )
     assert (tmp_path / "curvature.json").is_file() and (tmp_path / "figures" / "curvature.png").is_file()
-    assert main(["probe", "logit_lens", "--model", "tiny-mhc-n4", "--fast", "--quiet", "--out", str(tmp_path)]) == 0
-    assert main(["probe", "attribution_patching", "--model", "tiny-mhc-n4", "--fast", "--quiet",
-                 "--out", str(tmp_path)]) == 0
+    assert (
+        main(["probe", "logit_lens", "--model", "tiny-mhc-n4", "--fast", "--quiet", "--out", str(tmp_path)])
+        == 0
+    )
+    assert (
+        main(
+            [
+                "probe",
+                "attribution_patching",
+                "--model",
+                "tiny-mhc-n4",
+                "--fast",
+                "--quiet",
+                "--out",
+                str(tmp_path),
+            ]
+        )
+        == 0
+    )
     assert (tmp_path / "attribution_patching.json").is_file()
     with pytest.raises(SystemExit, match="sae_features needs --sae FOLDER"):
         main(["probe", "sae_features", "--model", "tiny-mhc-n4", "--fast", "--quiet", "--out", str(tmp_path)])
@@ -132,7 +193,7 @@ def test_probe_command(tmp_path, capsys):
 def test_missing_model_path(tmp_path):
     with pytest.raises(SystemExit, match="does not exist"):
         main(["report", "--model", "./no/such/model.pt", "--fast"])
-    with pytest.raises(SystemExit, match="no checkpoint found"):   # an existing folder without one
+    with pytest.raises(SystemExit, match="no checkpoint found"):  # an existing folder without one
         main(["check", "--model", str(tmp_path)])
     with pytest.raises(SystemExit, match="corpus path .* does not exist"):
         main(["report", "--model", "tiny-mhc-n4", "--fast", "--corpus", str(tmp_path / "none.txt")])
@@ -161,8 +222,11 @@ def test_report_says_why_successor_heads_are_not_scored_or_scores_them():
     L, H = model.cfg.n_layers, model.cfg.n_heads
 
     def heads():
-        return HeadScores("head_detector", {"successor": np.full((L, H), np.nan)},
-                          {"skipped": {"successor": "successor scores need ordinal sequences"}})
+        return HeadScores(
+            "head_detector",
+            {"successor": np.full((L, H), np.nan)},
+            {"skipped": {"successor": "successor scores need ordinal sequences"}},
+        )
 
     no_tokenizer = heads()
     add_whole_list_successor(model, no_tokenizer)
@@ -170,7 +234,7 @@ def test_report_says_why_successor_heads_are_not_scored_or_scores_them():
 
     numbers = DEFAULT_ORDINAL_WORDS["number_words"]
 
-    class Numbers:   # " one" .. " three" single tokens, the rest split: no whole list
+    class Numbers:  # " one" .. " three" single tokens, the rest split: no whole list
         def encode(self, text):
             return [10 + numbers.index(text)] if text in numbers[:3] else [1, 2]
 
@@ -181,7 +245,7 @@ def test_report_says_why_successor_heads_are_not_scored_or_scores_them():
     assert "no ordinal word list" in reason and "one two three" in reason
     assert np.isnan(split["successor"]).all()
 
-    class Whole(Numbers):   # every number word one token
+    class Whole(Numbers):  # every number word one token
         def encode(self, text):
             return [10 + numbers.index(text)] if text in numbers else [1, 2]
 
@@ -203,15 +267,25 @@ def test_findings_say_only_what_the_results_support():
     from mhc_interp.probes.stream_usage import StreamUsageResult
 
     subs = ["blocks.0.attn", "blocks.0.mlp"]
-    usage = StreamUsageResult("stream_usage", {"read_share_norm": np.array([[0.7, 0.1, 0.1, 0.1], [0.5, 0.2, 0.2, 0.1]]),
-                                               "h_res_dist": np.array([0.1, 1.2])}, {"sublayers": subs})
+    usage = StreamUsageResult(
+        "stream_usage",
+        {
+            "read_share_norm": np.array([[0.7, 0.1, 0.1, 0.1], [0.5, 0.2, 0.2, 0.1]]),
+            "h_res_dist": np.array([0.1, 1.2]),
+        },
+        {"sublayers": subs},
+    )
     found = {f["key"]: f for f in report.findings(usage)}
     assert found["dominant_stream"]["values"]["stream"] == 0
     assert found["dominant_stream"]["values"]["share"] == pytest.approx(0.6)
-    assert "mix the streams partly" in found["mixers"]["text"] and "most at blocks.0.mlp (1.20)" in found["mixers"]["text"]
+    assert (
+        "mix the streams partly" in found["mixers"]["text"]
+        and "most at blocks.0.mlp (1.20)" in found["mixers"]["text"]
+    )
     assert found["mixers"]["values"]["mean_distance"] == pytest.approx(0.65)
-    one = StreamUsageResult("stream_usage", {"read_share_norm": np.ones((2, 1)), "h_res_dist": np.zeros(2)},
-                            {"sublayers": subs})
+    one = StreamUsageResult(
+        "stream_usage", {"read_share_norm": np.ones((2, 1)), "h_res_dist": np.zeros(2)}, {"sublayers": subs}
+    )
     assert report.findings(one) == []
 
     nan = np.full((2, 4, 4), np.nan)
@@ -219,22 +293,54 @@ def test_findings_say_only_what_the_results_support():
 
     def patching(corrupted):
         m = np.full((2, 4), 0.5 * corrupted)
-        return PatchingResult("activation_patching", {
-            "kl_recomputed": m, "kl_recomputed_sem": m / 10, "baseline_clean": np.float64(0),
-            "baseline_corrupted": np.float64(corrupted)}, {"metric": "kl", "mixing": ["recomputed"], "prompts": 3})
+        return PatchingResult(
+            "activation_patching",
+            {
+                "kl_recomputed": m,
+                "kl_recomputed_sem": m / 10,
+                "baseline_clean": np.float64(0),
+                "baseline_corrupted": np.float64(corrupted),
+            },
+            {"metric": "kl", "mixing": ["recomputed"], "prompts": 3},
+        )
+
     quiet = report.findings(patching(1e-5))
     assert len(quiet) == 1 and "nothing to repair" in quiet[0]["text"]
     loud = report.findings(patching(0.1))
     assert loud[0]["values"]["repaired"] == pytest.approx(0.5)
-    assert json.loads(json.dumps(loud)) == loud                      # plain data
+    assert json.loads(json.dumps(loud)) == loud  # plain data
 
 
 def test_train_and_check(tmp_path):
     text = tmp_path / "t.txt"
     text.write_text("the cat sat on the mat. the dog ran to the cat. " * 200)
     out = tmp_path / "model"
-    assert main(["train", "--texts", str(text), "--out", str(out), "--steps", "3", "--n-layers", "1",
-                 "--d-model", "32", "--n-heads", "2", "--seq-len", "16", "--batch-size", "4", "--vocab", "300"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--texts",
+                str(text),
+                "--out",
+                str(out),
+                "--steps",
+                "3",
+                "--n-layers",
+                "1",
+                "--d-model",
+                "32",
+                "--n-heads",
+                "2",
+                "--seq-len",
+                "16",
+                "--batch-size",
+                "4",
+                "--vocab",
+                "300",
+            ]
+        )
+        == 0
+    )
     model = HookedMHC.from_pretrained(out)
     assert model.tokenizer is not None and model.to_tokens("the cat").shape[0] == 1
     assert json.loads((out / "train_log.json").read_text())["history"]["val_loss"]
@@ -278,12 +384,13 @@ def test_figure_pool_draws_the_unstarted_jobs_here_while_waiting():
         slow = pool.submit("slow", _slow_job, 2.0)
         squares = [pool.submit(f"square {i}", _square_job, i) for i in range(6)]
         pool.wait()
-        assert pool.value(slow) != os.getpid()                     # the worker drew the first
+        assert pool.value(slow) != os.getpid()  # the worker drew the first
         values = [pool.value(f) for f in squares]
         assert [v for v, _ in values] == [i * i for i in range(6)]
         here = [i for i, (_, pid) in enumerate(values) if pid == os.getpid()]
-        assert len(here) >= 4 and here == list(range(6 - len(here), 6))   # the latest queued
-        assert {p for p in pool.seconds if p.endswith("(drawn in the main process)")} == \
-            {f"square {i} (drawn in the main process)" for i in here}
+        assert len(here) >= 4 and here == list(range(6 - len(here), 6))  # the latest queued
+        assert {p for p in pool.seconds if p.endswith("(drawn in the main process)")} == {
+            f"square {i} (drawn in the main process)" for i in here
+        }
     finally:
         pool.close()

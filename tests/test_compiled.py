@@ -8,6 +8,7 @@ test shares one compiled model and one token shape (conftest's `compile_test_con
 COMPILE_SHAPE), and the module compiles as few graphs as it can: static shapes only (no dynamic
 re-trace), a 3-iteration Sinkhorn, and the mHC-lite model of the last test has the same shapes, so
 it shares `apply`'s graphs and compiles only its own mixer."""
+
 import numpy as np
 import pytest
 import torch
@@ -97,7 +98,7 @@ def test_compiled_mixers_match_eager_and_keep_hooks(models, toks):
         torch.testing.assert_close(compiled, ref, **TOL)
         for name in ref_cache:
             torch.testing.assert_close(cache[name], ref_cache[name], **TOL)
-        with fast.frozen_mixing(cache):   # frozen runs never call the mixers
+        with fast.frozen_mixing(cache):  # frozen runs never call the mixers
             assert torch.equal(fast(toks), compiled)
         fast.compile_mixers(False)
         assert not any(s.mixer.compiled for s in fast.sublayers)
@@ -106,8 +107,10 @@ def test_compiled_mixers_match_eager_and_keep_hooks(models, toks):
     assert all(uses_compiled_apply(fast))
 
 
-@pytest.mark.parametrize("hook_name", ["blocks.0.attn.hook_q", "blocks.1.mlp.hook_post",
-                                       "blocks.1.attn.hook_write", "blocks.0.mlp.hook_read"])
+@pytest.mark.parametrize(
+    "hook_name",
+    ["blocks.0.attn.hook_q", "blocks.1.mlp.hook_post", "blocks.1.attn.hook_write", "blocks.0.mlp.hook_read"],
+)
 def test_interior_hook_added_after_compiling_fires_and_changes_the_run(models, toks, hook_name):
     eager, fast = models
     flip = lambda x, hook: x.flip(-1)  # noqa: E731  (not a rescaling: LayerNorm would undo that)
@@ -223,4 +226,4 @@ def test_compiled_model_leaves_torchs_recompile_limit_alone(models, toks):
     limit = torch._dynamo.config.recompile_limit
     with torch.no_grad():
         models[1](toks)
-    assert torch._dynamo.config.recompile_limit == limit == 8   # torch's default: nothing raised it
+    assert torch._dynamo.config.recompile_limit == limit == 8  # torch's default: nothing raised it

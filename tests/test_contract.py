@@ -2,6 +2,7 @@
 `stream_contributions` split their own readout exactly, `forward` returns what its overloads say,
 and the causal probes' clean run plus the model's `frozen_mixing` freeze every coefficient the model
 has (a learned readout's included) without naming any of them."""
+
 import pytest
 import torch
 
@@ -14,13 +15,18 @@ from .conftest import perturbed_model, tiny_config
 
 transformers = pytest.importorskip("transformers")
 HAS_DEEPSEEK = hasattr(transformers, "DeepseekV4Config")
-MODELS = ["HookedMHC", pytest.param("HookedHFMHC", marks=pytest.mark.skipif(
-    not HAS_DEEPSEEK, reason="this transformers has no DeepSeek-V4"))]
+MODELS = [
+    "HookedMHC",
+    pytest.param(
+        "HookedHFMHC",
+        marks=pytest.mark.skipif(not HAS_DEEPSEEK, reason="this transformers has no DeepSeek-V4"),
+    ),
+]
 
 
 @pytest.fixture(scope="module", params=MODELS)
 def model(request):
-    if request.param == "HookedMHC":   # float64: the split is exact to ~1e-15, not ~1e-7
+    if request.param == "HookedMHC":  # float64: the split is exact to ~1e-15, not ~1e-7
         return perturbed_model(tiny_config(), seed=0).double()
     from mhc_interp.adapters import HookedHFMHC, tiny_deepseek_v4
 
@@ -66,11 +72,11 @@ def test_forward_returns_what_its_overloads_say(model, toks):
 def test_stream_contributions_sum_to_the_models_logits(model, toks):
     with torch.no_grad():
         logits = model(toks)
-        final = model(toks, stop_at_sublayer=model.cfg.n_sublayers)   # [b, p, n, d]
-        c = model.stream_contributions(final, dtype=model.dtype)       # [b, p, n, vocab]
+        final = model(toks, stop_at_sublayer=model.cfg.n_sublayers)  # [b, p, n, d]
+        c = model.stream_contributions(final, dtype=model.dtype)  # [b, p, n, vocab]
     assert c.shape == (*final.shape[:3], model.cfg.d_vocab)
     torch.testing.assert_close(c.sum(-2), logits, **tolerance(model))
-    assert not torch.allclose(c[:, :, 0], c[:, :, 1])   # a real split, not n copies of logits / n
+    assert not torch.allclose(c[:, :, 0], c[:, :, 1])  # a real split, not n copies of logits / n
 
 
 def test_hooked_mhc_stream_contribution_is_its_streams_own_readout():
@@ -81,7 +87,9 @@ def test_hooked_mhc_stream_contribution_is_its_streams_own_readout():
         final = model(toks, stop_at_sublayer=model.cfg.n_sublayers)
         c = model.stream_contributions(final, dtype=torch.float64)
         for s in range(model.cfg.n_streams):
-            torch.testing.assert_close(c[:, :, s], model.ln_final(final[:, :, s]) @ model.W_U, atol=1e-12, rtol=0)
+            torch.testing.assert_close(
+                c[:, :, s], model.ln_final(final[:, :, s]) @ model.W_U, atol=1e-12, rtol=0
+            )
     assert model.stream_contributions(final).dtype == torch.float32
 
 
@@ -99,4 +107,4 @@ def test_clean_run_and_frozen_mixing_freeze_every_coefficient(model, toks):
         torch.testing.assert_close(edited[name], cache[name], atol=0, rtol=0, msg=name)
     with torch.no_grad(), model.hooks(fwd_hooks=edit):
         _, unfrozen = model.run_with_cache(toks, names_filter=mixing)
-    assert not torch.allclose(unfrozen[mixing[-1]], cache[mixing[-1]])   # the edit does reach them
+    assert not torch.allclose(unfrozen[mixing[-1]], cache[mixing[-1]])  # the edit does reach them

@@ -4,33 +4,49 @@ the per-source normalisation bias, the analysis maths on hand-set decoders, the 
 
 Tiny matmuls on busy shared cores are ~15x slower with 2 threads than with 1, so this module
 runs single-threaded (restored afterwards)."""
+
 import numpy as np
 import pytest
 import torch
 
 from mhc_interp.hooks.names import HookNameError
 from mhc_interp.probes.base import ProbeResult
-from mhc_interp.probes.crosscoder import (DEAD, SHARED, Crosscoder, CrosscoderConfig,
-                                          CrosscoderEval, CrosscoderResult, analyze_crosscoder,
-                                          match_decoder_directions, thresholds_for, train_crosscoder)
-from mhc_interp.probes.crosscoder_buffer import (ActivationBuffer, ActivationSource,
-                                                 InMemoryActivations, default_sites, grid_sites,
-                                                 resolve_sites)
+from mhc_interp.probes.crosscoder import (
+    DEAD,
+    SHARED,
+    Crosscoder,
+    CrosscoderConfig,
+    CrosscoderEval,
+    CrosscoderResult,
+    analyze_crosscoder,
+    match_decoder_directions,
+    thresholds_for,
+    train_crosscoder,
+)
+from mhc_interp.probes.crosscoder_buffer import (
+    ActivationBuffer,
+    ActivationSource,
+    InMemoryActivations,
+    default_sites,
+    grid_sites,
+    resolve_sites,
+)
 from mhc_interp.probes.runner import run_probes
 
 from .conftest import perturbed_model, tiny_config
 
 N_LAYERS, N_STREAMS, D = 2, 4, 16
-N_EXCL, N_SHARED = 12, 12          # ground truth: 12 features only in stream 0, 12 in all streams
-
+N_EXCL, N_SHARED = 12, 12  # ground truth: 12 features only in stream 0, 12 in all streams
 
 
 def reference_counts(share: np.ndarray, dead: np.ndarray, tau: float, thresholds):
     """The assignment written out: ({stream t / shared / dead: count} at tau, counts [threshold,
     n + 2] at every swept threshold) from decoder-norm shares [m, n] and a dead mask [m]."""
     n = share.shape[-1]
-    at = lambda u: [int(((share.argmax(-1) == t) & (share.max(-1) > u) & ~dead).sum()) for t in range(n)] \
+    at = lambda u: (
+        [int(((share.argmax(-1) == t) & (share.max(-1) > u) & ~dead).sum()) for t in range(n)]
         + [int(((share.max(-1) <= u) & ~dead).sum()), int(dead.sum())]
+    )
     expect = dict(zip([f"stream {t}" for t in range(n)] + ["shared", "dead"], at(tau)))
     return expect, np.array([at(u) for u in thresholds])
 
@@ -84,7 +100,7 @@ def test_planted_features_recovered_and_assigned(planted_run):
     assert (cos > 0.9).mean() >= 0.7, np.round(cos, 3)
     assert np.median(cos) > 0.98
     excl, shared = assign[:N_EXCL], assign[N_EXCL:]
-    assert (excl == 0).sum() >= N_EXCL - 1, excl          # stream-0-only features -> stream 0
+    assert (excl == 0).sum() >= N_EXCL - 1, excl  # stream-0-only features -> stream 0
     assert (shared == SHARED).sum() >= N_SHARED - 1, shared  # features in every stream -> shared
     counts = res.counts_at(0.5)
     assert counts["stream 1"] == counts["stream 2"] == counts["stream 3"] == 0
@@ -107,8 +123,8 @@ def test_training_tracks_dead_latents_and_aux_loss(planted_run):
     assert max(h["dead_frac"] for h in hist) > 0
     assert any(h["aux"] > 0 for h in hist)
     assert hist[-1]["fvu"] < 0.01 and hist[-1]["l0"] == pytest.approx(3)
-    assert hist[-1]["lr"] < 0.1 * hist[0]["lr"]            # linear decay at the end
-    assert float(cc.threshold) > 0                          # BatchTopK inference threshold learned
+    assert hist[-1]["lr"] < 0.1 * hist[0]["lr"]  # linear decay at the end
+    assert float(cc.threshold) > 0  # BatchTopK inference threshold learned
     assert torch.equal(cc.dead_mask(), cc.tokens_since_fired >= 5000)
 
 
@@ -142,7 +158,7 @@ def test_l1_mode_recovers_planted_features():
     res, cos, assign = matched_assignment(cc, x, Dirs)
     assert (cos > 0.9).mean() >= 0.7, np.round(cos, 3)
     assert (assign[:N_EXCL] == 0).sum() >= N_EXCL - 1
-    assert cc.history[0]["l1_coeff"] == pytest.approx(0.3 / 20)   # warm-up over 5% of 400 steps
+    assert cc.history[0]["l1_coeff"] == pytest.approx(0.3 / 20)  # warm-up over 5% of 400 steps
     assert cc.history[-1]["l1_coeff"] == pytest.approx(0.3)
     assert cc.history[-1]["sparsity"] > 0
 
@@ -163,12 +179,16 @@ def hand_set(norms):
 
 def test_shares_assignment_and_counts_on_hand_set_decoders():
     # sites: (layer0, s0), (layer0, s1), (layer1, s0), (layer1, s1)
-    cc = hand_set([[1, 0, 1, 0],        # stream 0 only
-                   [0, 2, 0, 2],        # stream 1 only
-                   [1, 1, 1, 1],        # shared
-                   [3, 1, 0, 0],        # stream 0: share 0.75, layer 0 only
-                   [0, 0, 0, 0]])       # no decoder: dead
-    cc.tokens_since_fired[2] = 10 ** 9  # dead by the training tracker
+    cc = hand_set(
+        [
+            [1, 0, 1, 0],  # stream 0 only
+            [0, 2, 0, 2],  # stream 1 only
+            [1, 1, 1, 1],  # shared
+            [3, 1, 0, 0],  # stream 0: share 0.75, layer 0 only
+            [0, 0, 0, 0],
+        ]
+    )  # no decoder: dead
+    cc.tokens_since_fired[2] = 10**9  # dead by the training tracker
     res = analyze_crosscoder(cc, threshold=0.5, thresholds=(0.5, 0.8))
     share = res["stream_share"]
     np.testing.assert_allclose(share[:4], [[1, 0], [0, 1], [0.5, 0.5], [0.75, 0.25]])
@@ -177,7 +197,7 @@ def test_shares_assignment_and_counts_on_hand_set_decoders():
     np.testing.assert_array_equal(res.assignment_at(0.8), [0, 1, DEAD, SHARED, DEAD])
     assert res.counts_at(0.5) == {"stream 0": 2, "stream 1": 1, "shared": 0, "dead": 2}
     assert res.counts_at(0.8) == {"stream 0": 1, "stream 1": 1, "shared": 1, "dead": 2}
-    assert np.isnan(res["explained_variance"]).all()       # no data given
+    assert np.isnan(res["explained_variance"]).all()  # no data given
     np.testing.assert_allclose(res["layer_profile"][0], [0.75, 0.25])  # stream-0 group at tau 0.5
     # raw space divides by the normalisation factors: stream 1 halved -> shared feature leans to 0
     cc.norm_factors.copy_(torch.tensor([1.0, 2.0, 1.0, 2.0]))
@@ -193,10 +213,14 @@ def test_thresholds_are_relative_to_an_even_split():
     latent can be shared), and an absolute threshold below 1/n is refused."""
     from mhc_interp.probes.crosscoder import MAIN_RELATIVE_THRESHOLD
 
-    norms = torch.tensor([[1.0, 1.0, 1.0],        # even: share 1/3 each
-                          [1.2, 1.0, 1.0],        # nearly even: 0.375
-                          [3.0, 1.0, 0.0],        # stream 0: 0.75
-                          [0.0, 0.0, 2.0]])       # stream 2 only
+    norms = torch.tensor(
+        [
+            [1.0, 1.0, 1.0],  # even: share 1/3 each
+            [1.2, 1.0, 1.0],  # nearly even: 0.375
+            [3.0, 1.0, 0.0],  # stream 0: 0.75
+            [0.0, 0.0, 2.0],
+        ]
+    )  # stream 2 only
     cc = Crosscoder(CrosscoderConfig(dict_size=4, k=1, n_sites=3, d_model=3, sites=grid_sites(1, 3)))
     with torch.no_grad():
         cc.W_dec.zero_()
@@ -204,8 +228,9 @@ def test_thresholds_are_relative_to_an_even_split():
     res = analyze_crosscoder(cc)
     n_shared = res["counts"][:, 3]
     assert res["thresholds"].min() > 1 / 3 and (n_shared >= 1).all(), res.table()
-    np.testing.assert_allclose(res["thresholds"], sorted(thresholds_for(3, [0.1, 0.2, 0.3, 0.4, 0.5, 0.6,
-                                                                             0.7, 0.8, 0.9, 1 / 3])))
+    np.testing.assert_allclose(
+        res["thresholds"], sorted(thresholds_for(3, [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1 / 3]))
+    )
     np.testing.assert_allclose(res["thresholds_relative"], (res["thresholds"] - 1 / 3) / (2 / 3))
     assert res.meta["threshold"] == pytest.approx(1 / 3 + (2 / 3) / 3)
     np.testing.assert_array_equal(res.assignment_at(), [SHARED, SHARED, 0, 2])
@@ -220,16 +245,20 @@ def test_thresholds_are_relative_to_an_even_split():
 
 def test_recovery_matches_only_alive_latents():
     """A dead latent whose decoder happens to equal a planted direction is not a recovery."""
-    true = torch.eye(3)[:2].view(2, 1, 3)                                       # 2 directions, 1 site
-    learned = torch.tensor([[1.0, 0.0, 0.0],                                   # dead, exact copy of dir 0
-                            [0.9, 0.4, 0.1],                                   # alive, near dir 0
-                            [0.0, 1.0, 0.0]]).view(3, 1, 3)                    # alive, dir 1
+    true = torch.eye(3)[:2].view(2, 1, 3)  # 2 directions, 1 site
+    learned = torch.tensor(
+        [
+            [1.0, 0.0, 0.0],  # dead, exact copy of dir 0
+            [0.9, 0.4, 0.1],  # alive, near dir 0
+            [0.0, 1.0, 0.0],
+        ]
+    ).view(3, 1, 3)  # alive, dir 1
     idx, cos = match_decoder_directions(learned, true)
-    assert idx.tolist() == [0, 2]                                               # all latents: the dead one wins
+    assert idx.tolist() == [0, 2]  # all latents: the dead one wins
     idx, cos = match_decoder_directions(learned, true, alive=np.array([False, True, True]))
     assert idx.tolist() == [1, 2] and cos[0] == pytest.approx(0.9 / np.sqrt(0.98)) and cos[1] == 1
     idx, cos = match_decoder_directions(learned, true, alive=np.array([False, False, True]))
-    assert idx.tolist() == [-1, 2] and np.isnan(cos[0])                        # too few alive latents
+    assert idx.tolist() == [-1, 2] and np.isnan(cos[0])  # too few alive latents
     with pytest.raises(ValueError, match="alive must be a \\[3\\] bool mask"):
         match_decoder_directions(learned, true, alive=np.ones(2, bool))
 
@@ -242,7 +271,7 @@ def test_encode_modes_init_and_explained_variance():
     assert torch.equal(cc.W_enc, cc.W_dec.permute(1, 2, 0))
     torch.testing.assert_close(cc.W_dec.norm(dim=-1), torch.full((20, 4), 0.08))
     with torch.no_grad():
-        cc.b_enc.fill_(1.0)             # every ReLU(pre) > 0
+        cc.b_enc.fill_(1.0)  # every ReLU(pre) > 0
         cc.b_dec.normal_(0, 0.1)
     x = torch.randn(7, 4, 5)
     f = cc.encode(x, mode="batchtopk")
@@ -257,12 +286,14 @@ def test_encode_modes_init_and_explained_variance():
     with pytest.raises(ValueError, match="threshold is not set"):
         cc.encode(x, mode="threshold")
     cc.threshold.fill_(0.0)
-    torch.testing.assert_close(cc.encode(x), pre)           # threshold 0 keeps every positive
+    torch.testing.assert_close(cc.encode(x), pre)  # threshold 0 keeps every positive
     # decode: f W_dec + b_dec; forward works in raw units
     cc.norm_factors.copy_(torch.tensor([1.0, 2.0, 4.0, 0.5]))
     out = cc(x)
     f = cc.encode(x)
-    torch.testing.assert_close(out, (torch.einsum("bm,msd->bsd", f, cc.W_dec) + cc.b_dec) / cc.norm_factors[:, None])
+    torch.testing.assert_close(
+        out, (torch.einsum("bm,msd->bsd", f, cc.W_dec) + cc.b_dec) / cc.norm_factors[:, None]
+    )
     # explained variance per site, against a direct computation in normalised units
     res = analyze_crosscoder(cc, x, n_tokens=7, thresholds=(0.5,))
     xn = cc.normalize(x)
@@ -274,13 +305,18 @@ def test_encode_modes_init_and_explained_variance():
 
 def test_normalisation_factors_and_b_dec_init():
     x = torch.randn(2000, 3, 8) * torch.tensor([1.0, 10.0, 0.1])[None, :, None] + 2.0
-    cc = train_crosscoder(x, CrosscoderConfig(dict_size=16, k=2, batch_size=100, lr=1e-9,
-                                              norm_estimate_tokens=2000), n_steps=1, progress=False)
+    cc = train_crosscoder(
+        x,
+        CrosscoderConfig(dict_size=16, k=2, batch_size=100, lr=1e-9, norm_estimate_tokens=2000),
+        n_steps=1,
+        progress=False,
+    )
     normed = cc.normalize(x).norm(dim=-1).mean(0)
-    torch.testing.assert_close(normed, torch.full((3,), 8 ** 0.5), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(normed, torch.full((3,), 8**0.5), rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(cc.b_dec.detach(), cc.normalize(x).mean(0), atol=1e-3, rtol=1e-3)
-    off = train_crosscoder(x, CrosscoderConfig(dict_size=16, k=2, batch_size=100, normalize=False),
-                           n_steps=1, progress=False)
+    off = train_crosscoder(
+        x, CrosscoderConfig(dict_size=16, k=2, batch_size=100, normalize=False), n_steps=1, progress=False
+    )
     assert torch.equal(off.norm_factors, torch.ones(3))
 
 
@@ -288,7 +324,9 @@ def test_normalisation_factors_and_b_dec_init():
 @pytest.fixture(scope="module")
 def tiny():
     model = perturbed_model(tiny_config())
-    tokens = torch.randint(0, model.cfg.d_vocab, (24, model.cfg.n_ctx), generator=torch.Generator().manual_seed(0))
+    tokens = torch.randint(
+        0, model.cfg.d_vocab, (24, model.cfg.n_ctx), generator=torch.Generator().manual_seed(0)
+    )
     return model, tokens
 
 
@@ -297,8 +335,8 @@ def test_buffer_holds_exactly_the_non_bos_site_activations(tiny):
     sites = [("blocks.0.attn.hook_streams_out", 2), ("blocks.1.mlp.hook_streams_out", 0)]
     buf = ActivationBuffer(model, tokens, sites, buffer_tokens=10_000, loop=False, model_batch_size=5)
     assert buf.hook_names == ["blocks.0.attn.hook_streams_out", "blocks.1.mlp.hook_streams_out"]
-    rows = buf.next_batch(10_000)                           # one pass: the last, partial batch
-    n_tok = tokens.shape[0] * (tokens.shape[1] - 1)         # position 0 dropped
+    rows = buf.next_batch(10_000)  # one pass: the last, partial batch
+    n_tok = tokens.shape[0] * (tokens.shape[1] - 1)  # position 0 dropped
     assert rows.shape == (n_tok, 2, model.cfg.d_model) and rows.dtype == torch.float32
     assert buf.buffer.storage.dtype == torch.bfloat16
     with pytest.raises(StopIteration):
@@ -309,7 +347,7 @@ def test_buffer_holds_exactly_the_non_bos_site_activations(tiny):
     # same multiset of rows (the buffer is shuffled): sort by a fixed projection
     key = lambda r: r.flatten(1) @ torch.linspace(-1, 1, r[0].numel())
     torch.testing.assert_close(rows[key(rows).argsort()], ref[key(ref).argsort()])
-    assert not torch.equal(rows, ref)                       # ... and shuffled
+    assert not torch.equal(rows, ref)  # ... and shuffled
 
 
 def test_buffer_drops_padding_and_respects_exclude_first(tiny):
@@ -318,8 +356,9 @@ def test_buffer_drops_padding_and_respects_exclude_first(tiny):
     ds = datasets.Dataset.from_dict({"input_ids": [tokens[0, :5].tolist(), tokens[1].tolist()]})
     buf = ActivationBuffer(model, ds, [("blocks.0.mlp.hook_streams_out", 1)], loop=False, buffer_tokens=100)
     assert buf.next_batch(100).shape[0] == 4 + 11
-    buf = ActivationBuffer(model, tokens[:3], ["blocks.0.mlp.hook_streams_out"], loop=False,
-                           buffer_tokens=100, exclude_first=0)
+    buf = ActivationBuffer(
+        model, tokens[:3], ["blocks.0.mlp.hook_streams_out"], loop=False, buffer_tokens=100, exclude_first=0
+    )
     assert buf.next_batch(100).shape == (36, 4, 16)
 
 
@@ -327,8 +366,8 @@ def test_buffer_refills_as_it_drains_with_bounded_memory(tiny):
     model, tokens = tiny
     buf = ActivationBuffer(model, tokens, buffer_tokens=40, model_batch_size=2, batch_size=16)
     assert len(buf.sites) == 8 and buf.sites == default_sites(model)
-    served = [buf.next_batch(16) for _ in range(60)]         # 960 rows > 3 passes of 264
-    assert buf.buffer.storage.shape == (40, 8, 16)                 # never grows
+    served = [buf.next_batch(16) for _ in range(60)]  # 960 rows > 3 passes of 264
+    assert buf.buffer.storage.shape == (40, 8, 16)  # never grows
     assert buf.tokens_served == 960 and buf.passes >= 3 and buf.refills > 10
     assert buf.tokens_read <= 960 + 40 + 2 * 11
     assert all(torch.isfinite(b).all() for b in served)
@@ -352,11 +391,11 @@ def test_end_to_end_from_a_tiny_model(tiny, tmp_path):
     np.testing.assert_allclose(res["stream_share"].sum(-1), 1, rtol=1e-6)
     assert res.meta["layers"] == ["blocks.0.mlp.hook_streams_out", "blocks.1.mlp.hook_streams_out"]
     # the counts at tau, recomputed from the decoder norms and the firing frequencies
-    norms = cc.decoder_norms().double().numpy().reshape(32, 2, 4).sum(1)       # [m, n] per stream
+    norms = cc.decoder_norms().double().numpy().reshape(32, 2, 4).sum(1)  # [m, n] per stream
     share = norms / norms.sum(-1, keepdims=True)
     dead = res["firing_frequency"] == 0
     tau = res.meta["threshold"]
-    assert tau == pytest.approx(0.5)                                            # rho = 1/3, 4 streams
+    assert tau == pytest.approx(0.5)  # rho = 1/3, 4 streams
     expect, sweep = reference_counts(share, dead, tau, res["thresholds"])
     # ... and at every swept threshold (the low ones assign latents to streams)
     np.testing.assert_array_equal(res["counts"], sweep)
@@ -366,9 +405,9 @@ def test_end_to_end_from_a_tiny_model(tiny, tmp_path):
     # batches of 8, so the float32 forward is the same): statistics and assignment agree
     acts = []
     for i in range(0, len(tokens), 8):
-        _, cache = model.run_with_cache(tokens[i:i + 8], names_filter=res.meta["layers"])
+        _, cache = model.run_with_cache(tokens[i : i + 8], names_filter=res.meta["layers"])
         acts.append(torch.stack([cache[h][:, 1:, s].reshape(-1, 16) for h, s in cc.sites], 1))
-    acts = torch.cat(acts)                                                      # [N, S, d]
+    acts = torch.cat(acts)  # [N, S, d]
     direct = analyze_crosscoder(cc, acts, n_tokens=len(acts), batch_size=100, thresholds=thresholds)
     assert direct.meta["tokens_used"] == res.meta["tokens_used"] == len(acts)
     np.testing.assert_allclose(direct["explained_variance"], res["explained_variance"], rtol=1e-5, atol=1e-6)
@@ -390,8 +429,13 @@ def test_end_to_end_from_a_tiny_model(tiny, tmp_path):
     np.testing.assert_array_equal(again["assignment"], res["assignment"])
     assert again.counts_at() == res.counts_at()
     figs = again.save_figures(tmp_path / "figs")
-    assert {p.stem for p in figs} == {"stream_share", "assignment_counts", "layer_profile",
-                                      "explained_variance", "firing"}
+    assert {p.stem for p in figs} == {
+        "stream_share",
+        "assignment_counts",
+        "layer_profile",
+        "explained_variance",
+        "firing",
+    }
 
 
 def test_progress_bar_shows_loss_l0_and_dead_fraction(capsys):
@@ -418,7 +462,9 @@ def test_bad_sites(tiny):
         resolve_sites(model, [])
     with pytest.raises(TypeError, match="stream must be an int"):
         resolve_sites(model, [("blocks.0.mlp.hook_streams_out", 0.5)])
-    assert len(resolve_sites(model, "sublayers")) == (4 + 1) * 4   # the embedding streams and 4 sublayer outputs
+    assert (
+        len(resolve_sites(model, "sublayers")) == (4 + 1) * 4
+    )  # the embedding streams and 4 sublayer outputs
 
 
 def test_bad_config():
@@ -442,8 +488,12 @@ def test_buffer_smaller_than_a_batch(tiny):
     with pytest.raises(ValueError, match="smaller than one training batch"):
         train_crosscoder(buf, CrosscoderConfig(dict_size=8, k=2, batch_size=128), n_steps=1, progress=False)
     with pytest.raises(ValueError, match="smaller than one training batch"):
-        train_crosscoder(torch.randn(50, 2, 4), CrosscoderConfig(dict_size=8, k=2, batch_size=64),
-                         n_steps=1, progress=False)
+        train_crosscoder(
+            torch.randn(50, 2, 4),
+            CrosscoderConfig(dict_size=8, k=2, batch_size=64),
+            n_steps=1,
+            progress=False,
+        )
 
 
 def test_data_shape_mismatch_and_missing_length():
@@ -457,7 +507,7 @@ def test_data_shape_mismatch_and_missing_length():
 
 
 def test_non_finite_loss_names_the_step():
-    x = torch.randn(256, 2, 4) * 1e20                       # squared errors overflow float32
+    x = torch.randn(256, 2, 4) * 1e20  # squared errors overflow float32
     cfg = CrosscoderConfig(dict_size=8, k=2, batch_size=32, normalize=False, init_b_dec_from_data=False)
     with pytest.raises(FloatingPointError, match=r"the loss is inf at step 1 "):
         train_crosscoder(x, cfg, n_steps=5, progress=False)
@@ -509,9 +559,9 @@ def test_shuffle_buffer_serves_rows_in_the_documented_order():
     rows = torch.arange(60, dtype=torch.float32)[:, None].expand(60, 3)
     fed, served, expected = 0, [], []
     for k_put, k_take in [(7, 0), (9, 4), (6, 5), (12, 3), (10, 10), (8, 2)]:
-        took = buf.put(rows[fed:fed + k_put])
+        took = buf.put(rows[fed : fed + k_put])
         assert took == min(k_put, 10 - len(ref))
-        ref += rows[fed:fed + took].tolist()
+        ref += rows[fed : fed + took].tolist()
         fed += took
         buf.shuffle()
         ref = [ref[i] for i in torch.randperm(len(ref), generator=gen).tolist()]

@@ -1,4 +1,5 @@
 """Token-trajectory curvature: reference parity, planted geometry, masking, bounded state, errors, I/O."""
+
 import math
 
 import matplotlib
@@ -56,13 +57,13 @@ def reference(model, rows, sites, batch_size=1, exclude_first=1, pad_id=0):
     count = np.zeros_like(mean, dtype=np.int64)
     per = {(i, k): [] for i in range(len(sites)) for k in range(n + 1)}
     for c in range(0, len(rows), batch_size):
-        chunk = rows[c:c + batch_size]
+        chunk = rows[c : c + batch_size]
         width = max(len(r) for r in chunk)
         toks = torch.tensor([list(r) + [pad_id] * (width - len(r)) for r in chunk])
         _, cache = model.run_with_cache(toks, names_filter=list(sites))
         for b, row in enumerate(chunk):
             valid = np.zeros(width, bool)
-            valid[exclude_first:len(row)] = True
+            valid[exclude_first : len(row)] = True
             for i, site in enumerate(sites):
                 X = cache[site][b].detach().double().numpy()  # [pos, n, d]
                 for k in range(n + 1):
@@ -127,14 +128,14 @@ def test_online_aggregation_ignores_batching(mhc):
     acts = {n: cache[n] for n in probe0.site_names}
     mask = torch.ones(7, 12, dtype=torch.bool)
     mask[:, 0] = False
-    mask[2, 7:] = False                                                      # ragged tails too
+    mask[2, 7:] = False  # ragged tails too
     mask[5, 4:] = False
     results = []
     for bs in (7, 1, 2, 3):
         probe = Curvature(sites="sublayers")
         probe.setup(mhc)
         for c in range(0, 7, bs):
-            probe.update({n: a[c:c + bs] for n, a in acts.items()}, mask[c:c + bs])
+            probe.update({n: a[c : c + bs] for n, a in acts.items()}, mask[c : c + bs])
         results.append(probe.result())
     for r in results[1:]:
         for key in ("mean", "sem", "change_from_first"):
@@ -181,15 +182,15 @@ def _turning(batch, pos, d, theta_deg, seed=0):
     g = torch.Generator().manual_seed(seed)
     th = math.radians(theta_deg)
     t = torch.arange(pos - 1, dtype=torch.float64)
-    steps2 = torch.stack([torch.cos(t * th), torch.sin(t * th)], -1)            # [pos-1, 2]
+    steps2 = torch.stack([torch.cos(t * th), torch.sin(t * th)], -1)  # [pos-1, 2]
     out = []
     for _ in range(batch):
         basis, _ = torch.linalg.qr(torch.randn(d, 2, generator=g, dtype=torch.float64))
         scale = 0.5 + torch.rand((), generator=g, dtype=torch.float64)
-        steps = scale * steps2 @ basis.T                                          # [pos-1, d]
+        steps = scale * steps2 @ basis.T  # [pos-1, d]
         start = torch.randn(1, d, generator=g, dtype=torch.float64)
         out.append(torch.cat([start, start + steps.cumsum(0)], 0))
-    return torch.stack(out)                                                       # [batch, pos, d]
+    return torch.stack(out)  # [batch, pos, d]
 
 
 def test_planted_geometry_helper():
@@ -210,11 +211,14 @@ def test_planted_geometry_helper():
 
 def test_planted_geometry_through_update():
     batch, pos, d = 3, 30, 2000
-    streams = torch.stack([
-        _line(batch, pos, d, seed=1),
-        torch.randn(batch, pos, d, generator=torch.Generator().manual_seed(2), dtype=torch.float64),
-        _turning(batch, pos, d, 60.0, seed=3),
-    ], 2).float()                                                               # [batch, pos, 3, d]
+    streams = torch.stack(
+        [
+            _line(batch, pos, d, seed=1),
+            torch.randn(batch, pos, d, generator=torch.Generator().manual_seed(2), dtype=torch.float64),
+            _turning(batch, pos, d, 60.0, seed=3),
+        ],
+        2,
+    ).float()  # [batch, pos, 3, d]
     mask = torch.ones(batch, pos, dtype=torch.bool)
     mask[:, 0] = False
     probe = Curvature(sites=["hook_streams_init", "blocks.0.mlp.hook_streams_out"])
@@ -224,7 +228,7 @@ def test_planted_geometry_through_update():
         probe.update({"hook_streams_init": streams, "blocks.0.mlp.hook_streams_out": same_line}, mask)
     r = probe.result()
     assert r["mean"].shape == (2, 4) and r.meta["columns"] == ["stream 0", "stream 1", "stream 2", "sum"]
-    assert abs(r["mean"][0, 0]) < 1e-3          # float32 storage of a line: tiny rounding kinks
+    assert abs(r["mean"][0, 0]) < 1e-3  # float32 storage of a line: tiny rounding kinks
     assert abs(r["mean"][0, 1] - 120) < 2
     assert abs(r["mean"][0, 2] - 60) < 1e-2
     assert np.all(np.abs(r["mean"][1]) < 1e-3)
@@ -239,7 +243,7 @@ def test_planted_geometry_through_update():
 # ------------------------------------------------------------------------------ 3. masking
 def test_zero_length_steps_are_excluded():
     x = _turning(2, 10, 8, 50.0, seed=5)
-    dup = torch.cat([x[:, :4], x[:, 3:4], x[:, 4:]], 1)                         # point 3 repeated
+    dup = torch.cat([x[:, :4], x[:, 3:4], x[:, 4:]], 1)  # point 3 repeated
     _, valid = step_angles(dup)
     assert valid.shape == (2, 9)
     # step 3 (3 -> 3') has length 0: angles 2 (steps 2,3) and 3 (steps 3,4) are dropped, not joined
@@ -257,7 +261,7 @@ def test_zero_length_steps_are_excluded():
 
 def test_masked_positions_break_trajectories():
     x = _turning(1, 10, 8, 40.0, seed=6)
-    x[0, 5] = float("nan")                                                       # ignored: masked
+    x[0, 5] = float("nan")  # ignored: masked
     mask = torch.ones(1, 10, dtype=torch.bool)
     mask[0, 5] = False
     _, valid = step_angles(x, mask)
@@ -273,7 +277,7 @@ def test_masked_positions_break_trajectories():
     # too few valid positions -> NaN curvature, and the probe counts the sequence as skipped
     clean = _turning(2, 10, 8, 40.0, seed=7)
     short = torch.zeros(2, 10, dtype=torch.bool)
-    short[0, 2:4] = True                                                         # one step, no angle
+    short[0, 2:4] = True  # one step, no angle
     short[1, 1:] = True
     k = sequence_curvatures(clean, short)
     assert torch.isnan(k[0]) and abs(k[1].item() - 40.0) < 1e-8
@@ -321,13 +325,19 @@ def test_bad_sites(mhc):
     with pytest.raises(ValueError, match="control_fraction"):
         Curvature(control_fraction=0)
     with pytest.raises(HookNameError, match="unknown hook name"):
-        run_probes(mhc, Curvature(sites=["blocks.7.mlp.hook_streams_out"]), torch.zeros(1, 4, dtype=torch.long),
-                   progress=False)
+        run_probes(
+            mhc,
+            Curvature(sites=["blocks.7.mlp.hook_streams_out"]),
+            torch.zeros(1, 4, dtype=torch.long),
+            progress=False,
+        )
     with pytest.raises(RuntimeError, match="setup"):
         Curvature().update({}, torch.ones(1, 3, dtype=torch.bool))
     probe = Curvature(sites=["hook_streams_init"])
     with pytest.raises(KeyError, match="missing"):
-        probe.update({"blocks.0.mlp.hook_streams_out": torch.zeros(1, 3, 2, 4)}, torch.ones(1, 3, dtype=torch.bool))
+        probe.update(
+            {"blocks.0.mlp.hook_streams_out": torch.zeros(1, 3, 2, 4)}, torch.ones(1, 3, dtype=torch.bool)
+        )
 
 
 def test_nan_activation_raises():
@@ -367,7 +377,9 @@ def test_save_load_and_plot(mhc, tmp_path):
 
 
 # ---------------------------------------------------------------------------- 7. controls
-@pytest.mark.parametrize("fraction,rows", [(1.0, [0, 1, 2, 3, 4]), (0.25, [0, 2, 4]), (0.75, [0, 1, 2, 3, 4])])
+@pytest.mark.parametrize(
+    "fraction,rows", [(1.0, [0, 1, 2, 3, 4]), (0.25, [0, 2, 4]), (0.75, [0, 1, 2, 3, 4])]
+)
 def test_shuffled_token_control_matches_reference(mhc, fraction, rows):
     """The control is the curvature of each batch's first ceil(control_fraction x batch) windows
     (batches of 2 here) with the valid positions' tokens permuted within each row (position 0 and
@@ -404,7 +416,7 @@ def test_shuffle_keeps_masked_positions():
     tokens = torch.arange(24).view(3, 8)
     mask = torch.ones(3, 8, dtype=torch.bool)
     mask[:, 0] = False
-    mask[1, 5:] = False                                                        # padding
+    mask[1, 5:] = False  # padding
     out = shuffle_valid_positions(tokens, mask, torch.Generator().manual_seed(0))
     assert torch.equal(out[~mask], tokens[~mask])
     for b in range(3):
@@ -420,7 +432,7 @@ def test_iid_and_random_walk_baselines_exact_in_low_dimension():
     g = torch.Generator().manual_seed(0)
     for d in (2, 3):
         iid = sequence_curvatures(torch.rand(400, 200, d, generator=g, dtype=torch.float64))
-        steps = torch.randn(400, 200, d, generator=g, dtype=torch.float64) ** 3   # symmetric, heavy-tailed
+        steps = torch.randn(400, 200, d, generator=g, dtype=torch.float64) ** 3  # symmetric, heavy-tailed
         walk = sequence_curvatures(steps.cumsum(1))
         for k, target in ((iid, IID_POINTS_DEG), (walk, RANDOM_WALK_DEG)):
             sem = k.std() / len(k) ** 0.5

@@ -2,6 +2,7 @@
 input to the loader, the CLI and the report folder, each with the behaviour the README's
 reliability table names. The report's folder handling is tested with the probes stubbed out
 (`fast_report`): what is checked is which files survive, not the probes."""
+
 import json
 import os
 import pickle
@@ -35,9 +36,9 @@ def test_every_torch_load_passes_weights_only():
         for path in (ROOT / folder).rglob("*.py"):
             text = path.read_text()
             for m in re.finditer(r"torch\.load\(", text):
-                call = text[m.start(): text.find("\n\n", m.start())]
+                call = text[m.start() : text.find("\n\n", m.start())]
                 depth, end = 0, 0
-                for i, ch in enumerate(call):   # the call's own parentheses
+                for i, ch in enumerate(call):  # the call's own parentheses
                     depth += ch == "("
                     depth -= ch == ")"
                     if depth == 0 and ch == ")":
@@ -72,10 +73,17 @@ def test_check_never_executes_a_crafted_reference_file(tmp_path, monkeypatch):
 @pytest.fixture
 def fast_report(monkeypatch):
     """`report` with the probes replaced by one tiny figure: the folder logic runs for real."""
+
     def run_all(model, tokens, folder, cfg, timer, figures):
         (folder / "figures" / "p").mkdir(parents=True)
         (folder / "figures" / "p" / "f.png").write_bytes(b"png")
-        return [{"title": "stub", "figures": [{"src": "figures/p/f.png", "name": "f", "caption": ""}], "tables": []}]
+        return [
+            {
+                "title": "stub",
+                "figures": [{"src": "figures/p/f.png", "name": "f", "caption": ""}],
+                "tables": [],
+            }
+        ]
 
     monkeypatch.setattr(report, "_run_all", run_all)
 
@@ -102,7 +110,7 @@ def test_files_added_to_an_earlier_report_are_never_deleted(tmp_path, fast_repor
 def test_an_earlier_unchanged_report_is_replaced_and_an_edited_one_refused(tmp_path, fast_report):
     out = tmp_path / "rep"
     assert write_report(out) == 0
-    assert write_report(out) == 0                        # only its own files: replaced
+    assert write_report(out) == 0  # only its own files: replaced
     assert sorted(p.name for p in tmp_path.iterdir()) == ["rep"]
     (out / "index.html").write_text("edited by hand")
     with pytest.raises(SystemExit, match="changed since: index.html"):
@@ -126,17 +134,24 @@ def test_out_dot_inside_a_report_updates_it_in_place(tmp_path, fast_report, monk
     inode = out.stat().st_ino
     monkeypatch.chdir(out)
     assert write_report(".") == 0
-    assert out.stat().st_ino == inode and Path.cwd() == out      # the shell's folder was never removed
+    assert out.stat().st_ino == inode and Path.cwd() == out  # the shell's folder was never removed
     assert (out / "index.html").is_file()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["rep"]
 
 
 def test_stale_partial_folders_of_dead_runs_are_removed(tmp_path, fast_report):
-    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
-                          text=True, check=True).stdout.strip()
-    stale = [tmp_path / f".rep.partial-{dead}-abcd1234", tmp_path / ".rep.partial-k2j4_x9z"]   # dead pid; old naming
-    kept = [tmp_path / f".rep.partial-{os.getppid()}-abcd1234",   # a run still going
-            tmp_path / ".rep.partial-my-notes", tmp_path / ".other.partial-k2j4_x9z"]   # not ours
+    dead = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True, check=True
+    ).stdout.strip()
+    stale = [
+        tmp_path / f".rep.partial-{dead}-abcd1234",
+        tmp_path / ".rep.partial-k2j4_x9z",
+    ]  # dead pid; old naming
+    kept = [
+        tmp_path / f".rep.partial-{os.getppid()}-abcd1234",  # a run still going
+        tmp_path / ".rep.partial-my-notes",
+        tmp_path / ".other.partial-k2j4_x9z",
+    ]  # not ours
     for d in stale + kept:
         d.mkdir()
         (d / "x").write_text("x")
@@ -154,8 +169,8 @@ def test_sigterm_is_handled_like_ctrl_c(tmp_path, monkeypatch, capsys):
     before = signal.getsignal(signal.SIGTERM)
     assert write_report(tmp_path / "rep") == 130
     assert capsys.readouterr().err.strip() == "mhc-interp: interrupted"
-    assert list(tmp_path.iterdir()) == []                         # no partial folder, no report
-    assert signal.getsignal(signal.SIGTERM) is before             # the handler is put back
+    assert list(tmp_path.iterdir()) == []  # no partial folder, no report
+    assert signal.getsignal(signal.SIGTERM) is before  # the handler is put back
 
 
 # ------------------------------------------------------------------------------- 3. train --out
@@ -165,8 +180,27 @@ def test_train_refuses_to_overwrite_a_model(tmp_path):
     before = (out / "model.safetensors").read_bytes()
     text = tmp_path / "t.txt"
     text.write_text("the cat sat on the mat. " * 200)
-    args = ["train", "--texts", str(text), "--out", str(out), "--steps", "1", "--n-layers", "1", "--d-model", "16",
-            "--n-heads", "2", "--seq-len", "8", "--batch-size", "2", "--vocab", "270"]
+    args = [
+        "train",
+        "--texts",
+        str(text),
+        "--out",
+        str(out),
+        "--steps",
+        "1",
+        "--n-layers",
+        "1",
+        "--d-model",
+        "16",
+        "--n-heads",
+        "2",
+        "--seq-len",
+        "8",
+        "--batch-size",
+        "2",
+        "--vocab",
+        "270",
+    ]
     with pytest.raises(SystemExit, match="already holds config.json, model.safetensors.*--force"):
         main(args)
     assert (out / "model.safetensors").read_bytes() == before
@@ -178,19 +212,35 @@ def test_train_refuses_to_overwrite_a_model(tmp_path):
 def test_every_string_reaching_the_page_is_escaped():
     hostile = "<img src=x onerror=alert(1)>"
     page = report.render_html(
-        [{"title": hostile, "note": hostile, "figures": [{"src": "a'.png", "name": hostile, "caption": hostile}],
-          "layer_figures": [{"src": "b'.png", "label": hostile}],
-          "tables": [{"title": hostile, "header": [hostile], "rows": [[hostile]]}]}], [hostile])
+        [
+            {
+                "title": hostile,
+                "note": hostile,
+                "figures": [{"src": "a'.png", "name": hostile, "caption": hostile}],
+                "layer_figures": [{"src": "b'.png", "label": hostile}],
+                "tables": [{"title": hostile, "header": [hostile], "rows": [[hostile]]}],
+            }
+        ],
+        [hostile],
+    )
     assert "<img src=x" not in page and "a'.png" not in page and "b'.png" not in page
-    assert page.count("&lt;img src=x onerror=alert(1)&gt;") == 10   # the title twice: heading and contents
+    assert page.count("&lt;img src=x onerror=alert(1)&gt;") == 10  # the title twice: heading and contents
 
 
 # ------------------------------------------------------------------------ 6-7. untrusted configs
-@pytest.mark.parametrize("field,value,message", [
-    ("n_heads", 0, "n_heads must be >= 1"), ("d_model", "128", "d_model must be an integer"),
-    ("n_layers", True, "n_layers must be an integer"), ("sinkhorn_iters", 10 ** 9, "sinkhorn_iters=1000000000"),
-    ("n_ctx", -1, "n_ctx must be >= 1"), ("layer_norm_eps", float("nan"), "layer_norm_eps must be a finite"),
-    ("bias", "yes", "bias must be true or false"), ("n_streams", 64, "more than 16 streams")])
+@pytest.mark.parametrize(
+    "field,value,message",
+    [
+        ("n_heads", 0, "n_heads must be >= 1"),
+        ("d_model", "128", "d_model must be an integer"),
+        ("n_layers", True, "n_layers must be an integer"),
+        ("sinkhorn_iters", 10**9, "sinkhorn_iters=1000000000"),
+        ("n_ctx", -1, "n_ctx must be >= 1"),
+        ("layer_norm_eps", float("nan"), "layer_norm_eps must be a finite"),
+        ("bias", "yes", "bias must be true or false"),
+        ("n_streams", 64, "more than 16 streams"),
+    ],
+)
 def test_config_fields_are_checked(field, value, message):
     with pytest.raises(ConfigError, match=re.escape(message)):
         MHCConfig(**{**tiny_config().to_dict(), field: value})
@@ -210,14 +260,17 @@ def our_config(**changes):
     return json.dumps({"mhc_interp_format": 1, "config": {**tiny_config().to_dict(), **changes}})
 
 
-@pytest.mark.parametrize("config_text,weights,message", [
-    ('{"mhc_interp_format": 1}', None, "no 'config' entry"),
-    (our_config(n_heads=0), None, "n_heads must be >= 1"),
-    (our_config(d_model="16"), None, "d_model must be an integer"),
-    ('{"mhc_interp_format": 1, "config": ', None, "config.json: not valid JSON"),
-    (None, b"\x10\x00\x00\x00\x00\x00\x00\x00{\"a\"", "not a readable safetensors file"),
-    (our_config(sinkhorn_iters=10 ** 9), None, "sinkhorn_iters=1000000000 is more than 1000"),
-])
+@pytest.mark.parametrize(
+    "config_text,weights,message",
+    [
+        ('{"mhc_interp_format": 1}', None, "no 'config' entry"),
+        (our_config(n_heads=0), None, "n_heads must be >= 1"),
+        (our_config(d_model="16"), None, "d_model must be an integer"),
+        ('{"mhc_interp_format": 1, "config": ', None, "config.json: not valid JSON"),
+        (None, b'\x10\x00\x00\x00\x00\x00\x00\x00{"a"', "not a readable safetensors file"),
+        (our_config(sinkhorn_iters=10**9), None, "sinkhorn_iters=1000000000 is more than 1000"),
+    ],
+)
 def test_bad_model_folders_are_one_line_errors(tmp_path, config_text, weights, message):
     folder = save_ours(tmp_path / "m", config_text, weights)
     with pytest.raises(SystemExit, match=re.escape(message)):
@@ -236,8 +289,11 @@ def test_weights_are_checked_against_the_config_before_anything_is_allocated(tmp
     """A small file claiming a huge model fails on the shapes, without building the model."""
     wide = save_ours(tmp_path / "wide", our_config(d_model=4096, n_heads=32, d_vocab=50304))
     deep = save_ours(tmp_path / "deep", our_config(n_layers=4000))
-    monkeypatch.setattr(HookedMHC, "_init_weights",   # the meta-device shape check may build; nothing else
-                        lambda self: self.embed.weight.is_meta or pytest.fail("the model was allocated"))
+    monkeypatch.setattr(
+        HookedMHC,
+        "_init_weights",  # the meta-device shape check may build; nothing else
+        lambda self: self.embed.weight.is_meta or pytest.fail("the model was allocated"),
+    )
     with pytest.raises(CheckpointError, match="tensor shapes do not match the config"):
         HookedMHC.from_pretrained(wide)
     with pytest.raises(CheckpointError, match="the config says 4000 layers but the weights hold 2"):
@@ -257,8 +313,10 @@ def flip_bytes_in_largest_tensor(src: Path, dst: Path, n: int = 200) -> None:
     data = bytearray(src.read_bytes())
     with zipfile.ZipFile(src) as z:
         info = max(z.infolist(), key=lambda i: i.file_size)
-    local = info.header_offset    # the local header's own name and extra-field lengths (torch pads the extra field)
-    name_len, extra_len = (int.from_bytes(data[local + k: local + k + 2], "little") for k in (26, 28))
+    local = (
+        info.header_offset
+    )  # the local header's own name and extra-field lengths (torch pads the extra field)
+    name_len, extra_len = (int.from_bytes(data[local + k : local + k + 2], "little") for k in (26, 28))
     start = local + 30 + name_len + extra_len + info.file_size // 2
     for i in range(start, start + n):
         data[i] ^= 0x5A
@@ -268,7 +326,7 @@ def flip_bytes_in_largest_tensor(src: Path, dst: Path, n: int = 200) -> None:
 def test_flipped_bytes_in_a_pt_are_caught(tmp_path):
     bad = tmp_path / "flipped.pt"
     flip_bytes_in_largest_tensor(FIXTURES / "mhc_n4.pt", bad)
-    torch.load(bad, weights_only=True)                    # torch itself does not notice
+    torch.load(bad, weights_only=True)  # torch itself does not notice
     with pytest.raises(CheckpointError, match="checksum of .* does not match"):
         HookedMHC.from_pretrained(bad)
     with pytest.raises(SystemExit, match="damaged checkpoint"):
@@ -277,7 +335,9 @@ def test_flipped_bytes_in_a_pt_are_caught(tmp_path):
 
 def test_non_finite_weights_warn_by_name_and_fail_check(tmp_path, capsys):
     model = HookedMHC(tiny_config())
-    name, weight = next((n, p) for n, p in model.named_parameters() if n.startswith("blocks.1.mlp") and p.ndim == 2)
+    name, weight = next(
+        (n, p) for n, p in model.named_parameters() if n.startswith("blocks.1.mlp") and p.ndim == 2
+    )
     with torch.no_grad():
         weight[0, 0] = float("nan")
     model.save_pretrained(tmp_path / "nan")

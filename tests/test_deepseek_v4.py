@@ -5,6 +5,7 @@ The adapter's hooks reproduce the HF logits, its cached mixing equals the HF mod
 equal hand-made edits of the HF forward, resuming from any sublayer is exact (hash routing
 included), the observational and causal probes run unchanged (and the causal ones agree with a
 naive loop), accelerate offloading works, and bad models / inputs fail clearly."""
+
 import itertools
 
 import numpy as np
@@ -20,8 +21,15 @@ from mhc_interp.adapters import HookedHFMHC, UnsupportedModelError, find_hyper_c
 from mhc_interp.hooks import HookNameError, is_mixing_hook  # noqa: E402
 from mhc_interp.hooks.freeze import frozen_mixing  # noqa: E402
 from mhc_interp.hooks.names import hook_table  # noqa: E402
-from mhc_interp.probes import (CKA, AblateRescue, Curvature, StreamUsage, ablate_and_rescue,  # noqa: E402
-                               activation_patching, run_probes)
+from mhc_interp.probes import (  # noqa: E402
+    CKA,
+    AblateRescue,
+    Curvature,
+    StreamUsage,
+    ablate_and_rescue,
+    activation_patching,
+    run_probes,
+)
 
 VOCAB = 96
 
@@ -66,7 +74,12 @@ def test_tiny_model_is_deterministic_in_its_seed(hf, toks):
     assert torch.equal(logits, logits_again)
     assert (logits - logits_seed0).abs().max() > 1e-3
     cfg = tiny.config
-    assert (cfg.hidden_size, cfg.num_hidden_layers, cfg.n_routed_experts, cfg.num_nextn_predict_layers) == (64, 2, 4, 0)
+    assert (cfg.hidden_size, cfg.num_hidden_layers, cfg.n_routed_experts, cfg.num_nextn_predict_layers) == (
+        64,
+        2,
+        4,
+        0,
+    )
     assert len(find_hyper_connections(hf)) == 4
 
 
@@ -74,7 +87,7 @@ def test_logits_match_hf_without_hooks(model, hf, toks):
     with torch.no_grad():
         ref = hf(toks).logits
         out = model(toks)
-        cached, cache = model.run_with_cache(toks)      # every hook point attached
+        cached, cache = model.run_with_cache(toks)  # every hook point attached
     torch.testing.assert_close(out, ref, atol=1e-6, rtol=1e-6)
     torch.testing.assert_close(cached, ref, atol=1e-6, rtol=1e-6)
     assert len(cache) == len(model.hook_dict) == 4 + 8 * 4 + 3
@@ -94,12 +107,14 @@ def test_cached_mixing_equals_hf_module(model, hf, toks):
     _, cache = model.run_with_cache(toks)
     eps = model.cfg.hc_eps
     for l, layer in enumerate(hf.model.layers):
-        for sub, hc, norm, branch in (("attn", layer.attn_hc, layer.input_layernorm, None),
-                                      ("mlp", layer.ffn_hc, layer.post_attention_layernorm, layer.mlp)):
+        for sub, hc, norm, branch in (
+            ("attn", layer.attn_hc, layer.input_layernorm, None),
+            ("mlp", layer.ffn_hc, layer.post_attention_layernorm, layer.mlp),
+        ):
             name = f"blocks.{l}.{sub}"
             x = cache[f"{name}.hook_streams_in"]
             with torch.no_grad():
-                post, comb, collapsed = hc(x)                    # the HF module itself
+                post, comb, collapsed = hc(x)  # the HF module itself
             h_res = cache[f"{name}.hook_h_res"]
             torch.testing.assert_close(h_res, comb.transpose(-1, -2), atol=0, rtol=0)  # [target, source]
             torch.testing.assert_close(cache[f"{name}.hook_h_post"], post, atol=0, rtol=0)
@@ -108,13 +123,18 @@ def test_cached_mixing_equals_hf_module(model, hf, toks):
             # Sinkhorn residual; non-negative
             assert (h_res >= 0).all()
             assert (h_res.sum(-1) - 1).abs().max() <= 2 * eps
-            assert (h_res.sum(-2) - 1).abs().max() <= 1e-4    # 20 iterations: ~1e-5 here
+            assert (h_res.sum(-2) - 1).abs().max() <= 1e-4  # 20 iterations: ~1e-5 here
             # H_pre = sigmoid(.) + hc_eps, read = sum_s H_pre_s x_s
             h_pre = cache[f"{name}.hook_h_pre"]
             assert (h_pre > eps).all() and (h_pre < 1 + eps).all()
-            torch.testing.assert_close(cache[f"{name}.hook_read"], (h_pre[..., None] * x).sum(2), atol=1e-6, rtol=1e-6)
+            torch.testing.assert_close(
+                cache[f"{name}.hook_read"], (h_pre[..., None] * x).sum(2), atol=1e-6, rtol=1e-6
+            )
             # update rule through the hooks
-            out = torch.einsum("bpts,bpsd->bptd", h_res, x) + cache[f"{name}.hook_h_post"][..., None] * cache[f"{name}.hook_write"][:, :, None]
+            out = (
+                torch.einsum("bpts,bpsd->bptd", h_res, x)
+                + cache[f"{name}.hook_h_post"][..., None] * cache[f"{name}.hook_write"][:, :, None]
+            )
             torch.testing.assert_close(cache[f"{name}.hook_streams_out"], out, atol=1e-5, rtol=1e-5)
             if branch is not None:
                 with torch.no_grad():
@@ -129,7 +149,9 @@ def test_cached_mixing_equals_hf_module(model, hf, toks):
     final = cache["head.hook_streams_in"]
     with torch.no_grad():
         torch.testing.assert_close(cache["head.hook_read"], hf.model.hc_head(final), atol=1e-6, rtol=1e-6)
-        torch.testing.assert_close(cache["head.hook_write"], hf.model.norm(hf.model.hc_head(final)), atol=1e-6, rtol=1e-6)
+        torch.testing.assert_close(
+            cache["head.hook_write"], hf.model.norm(hf.model.hc_head(final)), atol=1e-6, rtol=1e-6
+        )
 
 
 # ---------------------------------------------------------------------- edits == hand edits in HF
@@ -138,6 +160,7 @@ def _zero_stream(s):
         t = t.clone()
         t[:, :, s] = 0
         return t
+
     return edit
 
 
@@ -155,7 +178,8 @@ def test_zeroing_a_stream_equals_zeroing_it_in_the_hf_forward(model, hf, toks):
             edit = _zero_stream(s)
             if kind == "pre":
                 handle = module.register_forward_pre_hook(
-                    lambda m, args, kwargs, edit=edit: ((edit(args[0]), *args[1:]), kwargs), with_kwargs=True)
+                    lambda m, args, kwargs, edit=edit: ((edit(args[0]), *args[1:]), kwargs), with_kwargs=True
+                )
             else:
                 handle = module.register_forward_hook(lambda m, args, out, edit=edit: edit(out))
             try:
@@ -174,8 +198,12 @@ def test_resume_from_every_sublayer_including_hash_routing(model, toks):
     with torch.no_grad():
         for k, state in enumerate(states):
             torch.testing.assert_close(model(state, start_at_sublayer=k, tokens=toks), logits, atol=0, rtol=0)
-            torch.testing.assert_close(model(state.repeat(2, 1, 1, 1), start_at_sublayer=k, tokens=toks),
-                                       logits.repeat(2, 1, 1), atol=1e-6, rtol=1e-6)   # replicas, ids of batch B
+            torch.testing.assert_close(
+                model(state.repeat(2, 1, 1, 1), start_at_sublayer=k, tokens=toks),
+                logits.repeat(2, 1, 1),
+                atol=1e-6,
+                rtol=1e-6,
+            )  # replicas, ids of batch B
             wrong = model(state, start_at_sublayer=k, tokens=other)
             # sublayer 1 (blocks.0.mlp) routes by token id: wrong ids change the logits until it has run
             assert (wrong - logits).abs().max() > 1e-4 if k <= 1 else torch.equal(wrong, logits)
@@ -185,7 +213,7 @@ def test_resume_from_every_sublayer_including_hash_routing(model, toks):
         for k in (0, 1):
             with pytest.raises(ValueError, match=r"routes by token id.*tokens=ids"):
                 model(states[k], start_at_sublayer=k)
-        model(states[2] * 1.5, start_at_sublayer=2)                 # no hash layer ahead: no ids needed
+        model(states[2] * 1.5, start_at_sublayer=2)  # no hash layer ahead: no ids needed
         loss = model(states[2], start_at_sublayer=2, tokens=toks, return_type="loss")
         torch.testing.assert_close(loss, model(toks, return_type="loss"))
 
@@ -198,20 +226,27 @@ def test_resumed_runs_do_not_depend_on_call_history(hf, toks):
     used, fresh = HookedHFMHC(hf), HookedHFMHC(hf)
     with torch.no_grad():
         state_a, state_b = used(a, stop_at_sublayer=1), used(b, stop_at_sublayer=1)
-        for t in range(20):                     # more runs than any "recent runs" memory would keep
+        for t in range(20):  # more runs than any "recent runs" memory would keep
             used(torch.randint(0, VOCAB, (2, 16), generator=torch.Generator().manual_seed(t)))
         for state, ids in ((state_a, a), (state_b, b)):
             expected = fresh(ids)
             torch.testing.assert_close(used(state, start_at_sublayer=1, tokens=ids), expected, atol=0, rtol=0)
-            torch.testing.assert_close(fresh(state, start_at_sublayer=1, tokens=ids), expected, atol=0, rtol=0)
+            torch.testing.assert_close(
+                fresh(state, start_at_sublayer=1, tokens=ids), expected, atol=0, rtol=0
+            )
         swapped = used(state_a, start_at_sublayer=1, tokens=b)
-        assert (swapped - fresh(a)).abs().max() > 1e-4       # the ids are what routes, not the state
+        assert (swapped - fresh(a)).abs().max() > 1e-4  # the ids are what routes, not the state
 
 
 # ------------------------------------------------------------------------------------- probes
 def test_observational_probes_run_end_to_end(model, toks):
-    res = run_probes(model, [StreamUsage(), CKA(minibatch_tokens=16, sites="sublayers"), Curvature(sites="sublayers")], toks,
-                     batch_size=2, progress=False)
+    res = run_probes(
+        model,
+        [StreamUsage(), CKA(minibatch_tokens=16, sites="sublayers"), Curvature(sites="sublayers")],
+        toks,
+        batch_size=2,
+        progress=False,
+    )
     usage, cka, curv = res["stream_usage"], res["cka"], res["curvature"]
     L, n = model.cfg.n_sublayers, model.cfg.n_streams
     assert usage["mean_h_res"].shape == (L, n, n) and usage["stream_norm"].shape == (L + 1, n)
@@ -230,7 +265,9 @@ def test_observational_probes_run_end_to_end(model, toks):
 
 def naive_rescue_kl(model, tokens, mode):
     """KL of each ablation (and each ablate-a-restore-r) with one full forward per intervention."""
-    clean, cache = model.run_with_cache(tokens, names_filter=lambda n: is_mixing_hook(n) or n.endswith("streams_in"))
+    clean, cache = model.run_with_cache(
+        tokens, names_filter=lambda n: is_mixing_hook(n) or n.endswith("streams_in")
+    )
     names, n, mask = model.sublayer_names, model.cfg.n_streams, default_mask(tokens)
     L = len(names)
     ablated, rescued = np.full((L, n, n), np.nan), np.full((L, n, n), np.nan)
@@ -247,15 +284,20 @@ def naive_rescue_kl(model, tokens, mode):
                 for r in restore:
                     x[:, :, r] = cache[name][:, :, r]
                 return x
+
             out.append((name, hook))
         return out
 
-    with torch.no_grad(), model.frozen_mixing(cache):    # what the probe freezes: every sublayer + the head
+    with torch.no_grad(), model.frozen_mixing(cache):  # what the probe freezes: every sublayer + the head
         for l in range(L):
             for i, j in itertools.combinations(range(n), 2):
-                ablated[l, i, j] = ablated[l, j, i] = naive_kl(clean, model.run_with_hooks(tokens, fwd_hooks=hooks(l, (i, j), ())), mask)
+                ablated[l, i, j] = ablated[l, j, i] = naive_kl(
+                    clean, model.run_with_hooks(tokens, fwd_hooks=hooks(l, (i, j), ())), mask
+                )
             for a, r in itertools.permutations(range(n), 2):
-                rescued[l, a, r] = naive_kl(clean, model.run_with_hooks(tokens, fwd_hooks=hooks(l, (a, r), (r,))), mask)
+                rescued[l, a, r] = naive_kl(
+                    clean, model.run_with_hooks(tokens, fwd_hooks=hooks(l, (a, r), (r,))), mask
+                )
     return ablated, rescued
 
 
@@ -295,23 +337,25 @@ def test_activation_patching_runs_and_matches_naive_loop(model, toks, direction)
 
 def test_frozen_mixing_and_the_head(model, toks):
     logits, cache = model.run_with_cache(toks, names_filter=lambda n: is_mixing_hook(n) or "streams_in" in n)
-    assert "head.hook_h_pre" in cache                           # is_mixing_hook picks up the head weights
+    assert "head.hook_h_pre" in cache  # is_mixing_hook picks up the head weights
     edit = [model.stream_hook("head.hook_streams_in", 0, 0.0)]
     with torch.no_grad():
-        with model.frozen_mixing(cache):                        # sublayers and head
-            assert torch.equal(model(toks), logits)             # no edit: identical
-            frozen_head = model.run_with_hooks(toks, fwd_hooks=edit + [("head.hook_h_pre", _assert_equal(cache["head.hook_h_pre"]))])
-        with frozen_mixing(model, cache):                       # the function: sublayers only
+        with model.frozen_mixing(cache):  # sublayers and head
+            assert torch.equal(model(toks), logits)  # no edit: identical
+            frozen_head = model.run_with_hooks(
+                toks, fwd_hooks=edit + [("head.hook_h_pre", _assert_equal(cache["head.hook_h_pre"]))]
+            )
+        with frozen_mixing(model, cache):  # the function: sublayers only
             recomputed_head = model.run_with_hooks(toks, fwd_hooks=edit)
     assert (frozen_head - recomputed_head).abs().max() > 1e-4
     # logit lens through the head: hc_head collapse of the state itself, or fixed weights
     state = cache["head.hook_streams_in"]
     torch.testing.assert_close(model.unembed_streams(state), logits)
     torch.testing.assert_close(model.unembed_streams(state, head_weights=cache["head.hook_h_pre"]), logits)
-    contributions = model.stream_contributions(state)          # per-stream lens: exact decomposition
+    contributions = model.stream_contributions(state)  # per-stream lens: exact decomposition
     assert contributions.shape == (*toks.shape, 4, VOCAB)
     torch.testing.assert_close(contributions.sum(-2), logits, atol=1e-5, rtol=1e-5)
-    mid = cache["blocks.1.attn.hook_streams_in"]                # an intermediate state, read by hc_head
+    mid = cache["blocks.1.attn.hook_streams_in"]  # an intermediate state, read by hc_head
     with torch.no_grad():
         lens = hf_readout(model, mid)
     torch.testing.assert_close(model.unembed_streams(mid), lens, atol=1e-6, rtol=1e-6)
@@ -330,6 +374,7 @@ def hf_readout(model, state):
 def _assert_equal(expected):
     def hook(act, hook):
         torch.testing.assert_close(act, expected, atol=0, rtol=0)
+
     return hook
 
 
@@ -343,7 +388,7 @@ def test_nnsight_edit_equals_tl_edit(toks):
     pytest.importorskip("nnsight")
     from mhc_interp.hooks.nnsight_support import to_nnsight
 
-    model = HookedHFMHC(tiny_deepseek_v4(seed=0))   # nnsight wrapping is permanent: own model
+    model = HookedHFMHC(tiny_deepseek_v4(seed=0))  # nnsight wrapping is permanent: own model
     ref = model.run_with_hooks(toks, fwd_hooks=[model.stream_hook("blocks.1.mlp.hook_streams_in", 1, 0.0)])
     nn_model = to_nnsight(model)
     with nn_model.trace(toks):
@@ -360,10 +405,21 @@ def test_device_map_with_disk_offload_gives_the_same_results(toks, tmp_path, mod
     disk (meta weights, loaded by accelerate's hooks while they run); the adapter loads the
     hyper-connection weights through the same hooks. Same logits, same rescue matrix."""
     tiny_deepseek_v4(seed=0).save_pretrained(tmp_path / "ckpt")
-    device_map = {"model.embed_tokens": "cpu", "model.layers.0": "disk", "model.layers.1": "cpu",
-                  "model.norm": "cpu", "model.rotary_emb": "cpu", "model.hc_head": "disk", "lm_head": "cpu"}
-    offloaded = HookedHFMHC.from_pretrained(str(tmp_path / "ckpt"), device_map=device_map, local_files_only=True,
-                                            offload_folder=str(tmp_path / "offload"))
+    device_map = {
+        "model.embed_tokens": "cpu",
+        "model.layers.0": "disk",
+        "model.layers.1": "cpu",
+        "model.norm": "cpu",
+        "model.rotary_emb": "cpu",
+        "model.hc_head": "disk",
+        "lm_head": "cpu",
+    }
+    offloaded = HookedHFMHC.from_pretrained(
+        str(tmp_path / "ckpt"),
+        device_map=device_map,
+        local_files_only=True,
+        offload_folder=str(tmp_path / "offload"),
+    )
     hf = offloaded.hf_model
     assert hf.model.layers[0].attn_hc.fn.device.type == "meta" and offloaded.tokenizer is None
     with torch.no_grad():
@@ -371,9 +427,13 @@ def test_device_map_with_disk_offload_gives_the_same_results(toks, tmp_path, mod
     a = ablate_and_rescue(offloaded, toks, batch_size=3)
     b = ablate_and_rescue(model, toks, batch_size=3)
     np.testing.assert_allclose(a["rescue"], b["rescue"], atol=1e-6, equal_nan=True)
-    torch.testing.assert_close(offloaded.stream_contributions(model(toks, stop_at_sublayer=4)).sum(-2), model(toks),
-                               atol=1e-5, rtol=1e-5)
-    assert hf.model.layers[0].attn_hc.fn.device.type == "meta"   # offloaded again afterwards
+    torch.testing.assert_close(
+        offloaded.stream_contributions(model(toks, stop_at_sublayer=4)).sum(-2),
+        model(toks),
+        atol=1e-5,
+        rtol=1e-5,
+    )
+    assert hf.model.layers[0].attn_hc.fn.device.type == "meta"  # offloaded again afterwards
 
 
 def test_hooks_gathered_on_the_main_device_keep_their_semantics(model, toks):
@@ -389,8 +449,9 @@ def test_hooks_gathered_on_the_main_device_keep_their_semantics(model, toks):
         b, cb = model.run_with_cache(toks)
     assert torch.equal(a, b) and all(torch.equal(ca[k], cb[k]) for k in cb)
     edit = [m.stream_hook("blocks.1.mlp.hook_streams_in", 2, 0.0)]
-    torch.testing.assert_close(m.run_with_hooks(toks, fwd_hooks=edit), model.run_with_hooks(toks, fwd_hooks=edit),
-                               atol=0, rtol=0)
+    torch.testing.assert_close(
+        m.run_with_hooks(toks, fwd_hooks=edit), model.run_with_hooks(toks, fwd_hooks=edit), atol=0, rtol=0
+    )
     r1, r2 = ablate_and_rescue(m, toks, batch_size=3), ablate_and_rescue(model, toks, batch_size=3)
     np.testing.assert_allclose(r1["kl_ablated"], r2["kl_ablated"], atol=1e-7, rtol=1e-6)
     with m.hooks(fwd_hooks=[("hook_logits", lambda act, hook: None)]):
@@ -419,8 +480,15 @@ def test_split_across_cpu_and_cuda_gives_the_same_probe_results(model, toks):
     assert split.is_multi_device and split.device.type == "cpu"
 
     hf2 = tiny_deepseek_v4(seed=0)
-    device_map = {"model.embed_tokens": 0, "model.layers.0": "cpu", "model.layers.1": 0, "model.norm": 0,
-                  "model.rotary_emb": 0, "model.hc_head": 0, "lm_head": 0}
+    device_map = {
+        "model.embed_tokens": 0,
+        "model.layers.0": "cpu",
+        "model.layers.1": 0,
+        "model.norm": 0,
+        "model.rotary_emb": 0,
+        "model.hc_head": 0,
+        "lm_head": 0,
+    }
     offloaded = HookedHFMHC(dispatch_model(hf2, device_map=device_map))
 
     for m in (split, offloaded):
@@ -434,15 +502,23 @@ def test_split_across_cpu_and_cuda_gives_the_same_probe_results(model, toks):
         p = activation_patching(m, toks, corrupted, mixing="both")
         np.testing.assert_allclose(p["kl_recomputed"], ref_patch["kl_recomputed"], atol=1e-5, rtol=1e-3)
         _, cache = m.run_with_cache(toks, names_filter=lambda n: n.endswith("hook_streams_out"))
-        assert {t.device.type for t in cache.values()} == {m.device.type}   # aggregated on one device
+        assert {t.device.type for t in cache.values()} == {m.device.type}  # aggregated on one device
 
 
 # ------------------------------------------------------------------------------------ bad input
 def test_model_without_hyper_connections_is_refused():
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    llama = LlamaForCausalLM(LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                                         num_attention_heads=2, num_key_value_heads=2))
+    llama = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=32,
+            hidden_size=16,
+            intermediate_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            num_key_value_heads=2,
+        )
+    )
     with pytest.raises(UnsupportedModelError, match="no hyper-connections.*DeepseekV4HyperConnection"):
         HookedHFMHC(llama)
     with pytest.raises(UnsupportedModelError, match="torch.nn.Module"):
@@ -468,13 +544,14 @@ def test_unsupported_configs_are_refused(hf):
         out, _ = layer.self_attn(layer.input_layernorm(collapsed), **kwargs)
         h = post.unsqueeze(-1) * out.unsqueeze(-2) + torch.matmul(comb, hidden_states)
         post, comb, collapsed = layer.ffn_hc(h)
-        return post.unsqueeze(-1) * layer.mlp(layer.post_attention_layernorm(collapsed), input_ids=input_ids).unsqueeze(-2) \
-            + torch.matmul(comb, h)
+        return post.unsqueeze(-1) * layer.mlp(
+            layer.post_attention_layernorm(collapsed), input_ids=input_ids
+        ).unsqueeze(-2) + torch.matmul(comb, h)
 
     layer.forward = forward
     with pytest.raises(UnsupportedModelError, match="does not compute"):
         HookedHFMHC(lookalike)
-    HookedHFMHC(lookalike, check=False)   # the check can be skipped deliberately
+    HookedHFMHC(lookalike, check=False)  # the check can be skipped deliberately
 
 
 def test_bad_inputs_fail_clearly(model, toks):

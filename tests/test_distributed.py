@@ -3,6 +3,7 @@
 The workers are started with torch.multiprocessing.spawn, as a launcher (torchrun / accelerate
 launch) would; each builds the same tiny DeepSeek-V4 adapter, runs its share of the sublayers and
 gets the merged result."""
+
 import os
 import sys
 import warnings
@@ -19,9 +20,13 @@ import torch.distributed as dist  # noqa: E402
 import torch.multiprocessing as mp  # noqa: E402
 
 from mhc_interp.adapters import HookedHFMHC, tiny_deepseek_v4  # noqa: E402
-from mhc_interp.probes.distributed import (distributed_ablate_and_rescue, distributed_activation_patching,  # noqa: E402
-                                           merge_sublayer_results, split_sublayers)
 from mhc_interp.probes import ProbeResult, ablate_and_rescue, activation_patching  # noqa: E402
+from mhc_interp.probes.distributed import (  # noqa: E402
+    distributed_ablate_and_rescue,
+    distributed_activation_patching,
+    merge_sublayer_results,
+    split_sublayers,
+)
 
 pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed unavailable")
 
@@ -43,7 +48,7 @@ def _worker(rank: int, world: int, init_file: str, out: str) -> None:
         patching = distributed_activation_patching(model, clean, corrupted, mixing="both", batch_size=2)
         rescue.save(f"{out}/rescue_rank{rank}")
         patching.save(f"{out}/patching_rank{rank}")
-        dist.barrier()          # no rank tears gloo down while its peer still talks to it
+        dist.barrier()  # no rank tears gloo down while its peer still talks to it
     finally:
         dist.destroy_process_group()
     # Gloo's worker threads can abort the interpreter's own teardown ("terminate called without an
@@ -60,8 +65,11 @@ def single():
     try:
         model = HookedHFMHC(tiny_deepseek_v4(seed=0))
         clean, corrupted = prompts()
-        yield (model, ablate_and_rescue(model, clean, mode="persistent", batch_size=2),
-               activation_patching(model, clean, corrupted, mixing="both", batch_size=2))
+        yield (
+            model,
+            ablate_and_rescue(model, clean, mode="persistent", batch_size=2),
+            activation_patching(model, clean, corrupted, mixing="both", batch_size=2),
+        )
     finally:
         torch.set_num_threads(before)
 
@@ -84,11 +92,11 @@ def test_two_gloo_processes_give_the_single_process_results(tmp_path, single):
         if crash.signal_name is None or not all(path.exists() for path in saved):
             raise
         warnings.warn(f"a gloo worker crashed after saving its result: {crash}")
-    for rank in range(2):   # every rank holds the merged result
+    for rank in range(2):  # every rank holds the merged result
         assert_same(ProbeResult.load(tmp_path / f"rescue_rank{rank}"), rescue)
         assert_same(ProbeResult.load(tmp_path / f"patching_rank{rank}"), patching)
     merged = ProbeResult.load(tmp_path / "rescue_rank0")
-    assert merged.table() == rescue.table()   # the global matrix is recomputed from all sublayers
+    assert merged.table() == rescue.table()  # the global matrix is recomputed from all sublayers
 
 
 def test_split_and_merge_in_process(single):
@@ -96,8 +104,10 @@ def test_split_and_merge_in_process(single):
     assert split_sublayers(range(5), 0, 2) == [0, 2, 4] and split_sublayers(range(5), 1, 2) == [1, 3]
     assert split_sublayers(range(1), 1, 2) == []
     clean, _ = prompts()
-    parts = [(ls, ablate_and_rescue(model, clean, mode="persistent", batch_size=2, sublayers=ls))
-             for ls in ([3, 0], [2], [1])]
+    parts = [
+        (ls, ablate_and_rescue(model, clean, mode="persistent", batch_size=2, sublayers=ls))
+        for ls in ([3, 0], [2], [1])
+    ]
     assert_same(merge_sublayer_results(parts, range(4)), rescue)
     # without a process group the distributed helper runs everything in-process
     assert_same(distributed_ablate_and_rescue(model, clean, mode="persistent", batch_size=2), rescue)

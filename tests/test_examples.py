@@ -1,4 +1,5 @@
 """The examples run, and the custom-probe example computes what it says."""
+
 import runpy
 from pathlib import Path
 
@@ -34,11 +35,14 @@ def test_custom_probe_example(tmp_path, custom_probe_module):
     np.testing.assert_array_equal(loaded["entropy_bits"], result["entropy_bits"])
     assert ((0 <= result["entropy_bits"]) & (result["entropy_bits"] <= 2 + 1e-9)).all()
     # planted: a model that reads exactly one stream has zero read entropy
-    planted = run_probes(planted_reader_model(), module["ReadEntropy"](), torch.randint(0, 40, (2, 6)), progress=False)
+    planted = run_probes(
+        planted_reader_model(), module["ReadEntropy"](), torch.randint(0, 40, (2, 6)), progress=False
+    )
     np.testing.assert_allclose(planted["entropy_bits"], 0.0, atol=1e-12)
     # its report section captions the figure its result draws
-    assert [p.stem for p in result.save_figures(tmp_path / "figures")] == list(module["ReadEntropy"].report.captions)
-
+    assert [p.stem for p in result.save_figures(tmp_path / "figures")] == list(
+        module["ReadEntropy"].report.captions
+    )
 
 
 def test_crosscoder_assignment_example(tmp_path, monkeypatch):
@@ -53,7 +57,7 @@ def test_crosscoder_assignment_example(tmp_path, monkeypatch):
     res = out.results["crosscoder"]
     share, dead, tau = res["stream_share"], res["firing_frequency"] == 0, res.meta["threshold"]
     assert tau == pytest.approx(0.5)
-    expect, sweep = reference_counts(share, dead, tau, res["thresholds"])   # ... and at every swept threshold
+    expect, sweep = reference_counts(share, dead, tau, res["thresholds"])  # ... and at every swept threshold
     np.testing.assert_array_equal(res["counts"], sweep)
     assert counts == expect and expect["dead"] < 128
     loaded = ProbeResult.load(tmp_path / "crosscoder")

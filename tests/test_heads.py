@@ -1,6 +1,7 @@
 """Attention-head detectors: planted previous-token, duplicate-token and copy-suppression heads are
 found; pattern scores, ablation scores and successor scores against slow direct computations;
 bad input; results."""
+
 import math
 
 import numpy as np
@@ -9,8 +10,15 @@ import torch
 
 from mhc_interp.model.mlp import MLPSublayer
 from mhc_interp.probes import ProbeResult, run_probes
-from mhc_interp.probes.heads import (HEAD_SCORES, HeadDetector, HeadScores, detect_heads, head_ablation_hook,
-                                     repeated_random_tokens, successor_scores)
+from mhc_interp.probes.heads import (
+    HEAD_SCORES,
+    HeadDetector,
+    HeadScores,
+    detect_heads,
+    head_ablation_hook,
+    repeated_random_tokens,
+    successor_scores,
+)
 
 from .conftest import perturbed_model, tiny_config
 
@@ -50,7 +58,7 @@ def planted_model(copy_sign: float = -1.0, seed: int = 0):
         model.embed.weight.zero_()
         model.embed.weight[:, 4:10] = tok / tok.norm(dim=1, keepdim=True) * math.sqrt(12)
         c, s = math.cos(t), math.sin(t)
-        for (layer, head) in (PREV, DUP, COPY):
+        for layer, head in (PREV, DUP, COPY):
             attn = model.blocks[layer].attn
             attn.ln.weight.fill_(1.0)
             attn.ln.bias.zero_()
@@ -66,9 +74,9 @@ def planted_model(copy_sign: float = -1.0, seed: int = 0):
                 W[k0, 0] = W[k0 + 1, 1] = 1.0
             elif (layer, head) == DUP:
                 G2, cpos = 30000.0, 200.0
-                W[q0, 0] = W[q0 + 1, 1] = -cpos                       # -c * pos(q) . pos(k)
+                W[q0, 0] = W[q0 + 1, 1] = -cpos  # -c * pos(q) . pos(k)
                 W[k0, 0] = W[k0 + 1, 1] = 1.0
-                for i in range(2, dh):                                # token dims 4..9 of the key / query
+                for i in range(2, dh):  # token dims 4..9 of the key / query
                     W[q0 + i, 2 + i] = G2
                     W[k0 + i, 2 + i] = 1.0
             else:
@@ -76,8 +84,8 @@ def planted_model(copy_sign: float = -1.0, seed: int = 0):
                 b[v] = 0
                 for i in range(dh):
                     W[v0 + i, 4 + i] = 1.0
-                P = attn.c_proj.weight                                # [d_out, d_in]
-                P[:, head * dh:(head + 1) * dh] = 0
+                P = attn.c_proj.weight  # [d_out, d_in]
+                P[:, head * dh : (head + 1) * dh] = 0
                 for i in range(dh):
                     P[4 + i, head * dh + i] = copy_sign * 4.0
     return model
@@ -103,9 +111,13 @@ def test_planted_heads_rank_first(model, corpus):
     assert top["duplicate_token"]["score"] > 0.99
     assert (top["copy_suppression"]["layer"], top["copy_suppression"]["head"]) == COPY
     assert top["copy_suppression"]["score"] > 0.1
-    assert scores.meta["sources"] == {"previous_token": "corpus", "copy_suppression": "corpus",
-                                      "induction": "repeated_random", "duplicate_token": "repeated_random",
-                                      "successor": "ordinal"}
+    assert scores.meta["sources"] == {
+        "previous_token": "corpus",
+        "copy_suppression": "corpus",
+        "induction": "repeated_random",
+        "duplicate_token": "repeated_random",
+        "successor": "ordinal",
+    }
     # reads / writes: the layer's mean H_pre / H_post at its attention sublayer
     row = scores.top_heads("previous_token", 1)[0]
     assert row["reads"] == scores["mean_h_pre"][1].tolist() and len(row["writes"]) == 4
@@ -125,7 +137,10 @@ def _reference_pattern_scores(model, tokens):
     """Slow loops over (sequence, query) from an eager cache of the patterns; position 0 excluded."""
     _, cache = model.run_with_cache(tokens, names_filter=lambda n: n.endswith("hook_pattern"))
     L, H = model.cfg.n_layers, model.cfg.n_heads
-    out = {k: [[[] for _ in range(H)] for _ in range(L)] for k in ("previous_token", "duplicate_token", "induction")}
+    out = {
+        k: [[[] for _ in range(H)] for _ in range(L)]
+        for k in ("previous_token", "duplicate_token", "induction")
+    }
     toks = tokens.tolist()
     for l in range(L):
         pat = cache[f"blocks.{l}.attn.hook_pattern"].double().numpy()
@@ -153,7 +168,7 @@ def _reference_copy_suppression(model, tokens):
             vals = []
             for b in range(tokens.shape[0]):
                 for q in range(1, p):
-                    ctx = tokens[b, 1:q + 1]
+                    ctx = tokens[b, 1 : q + 1]
                     vals.append((delta[b, q, ctx].mean() - delta[b, q].mean()).item())
             out[l, h] = np.mean(vals)
     return out
@@ -162,7 +177,7 @@ def _reference_copy_suppression(model, tokens):
 @torch.no_grad()
 def test_scores_match_direct_computation(corpus):
     model = perturbed_model(tiny_config("mhc_lite", n_layers=2, n_heads=4), seed=2)
-    toks = corpus[:, :10] % 7            # small alphabet: many duplicates and induction targets
+    toks = corpus[:, :10] % 7  # small alphabet: many duplicates and induction targets
     ref = _reference_pattern_scores(model, toks)
     cs_ref = _reference_copy_suppression(model, toks)
     for batch_size, max_rows in ((12, 64), (5, 7), (1, 1)):
@@ -170,8 +185,16 @@ def test_scores_match_direct_computation(corpus):
         for key, want in ref.items():
             np.testing.assert_allclose(r[key], want, atol=1e-6, err_msg=key)
         np.testing.assert_allclose(r["copy_suppression"], cs_ref, atol=2e-5)
-    h_pre = torch.stack([model.run_with_cache(toks, names_filter=f"blocks.{l}.attn.hook_h_pre")[1]
-                         [f"blocks.{l}.attn.hook_h_pre"][:, 1:].double().mean((0, 1)) for l in range(2)])
+    h_pre = torch.stack(
+        [
+            model.run_with_cache(toks, names_filter=f"blocks.{l}.attn.hook_h_pre")[1][
+                f"blocks.{l}.attn.hook_h_pre"
+            ][:, 1:]
+            .double()
+            .mean((0, 1))
+            for l in range(2)
+        ]
+    )
     np.testing.assert_allclose(r["mean_h_pre"], h_pre.numpy(), atol=1e-6)
     # repeated random sequences: distinct halves, each second-half query has one earlier copy
     rep = repeated_random_tokens(model, n_seq=3, half_len=5, seed=1)
@@ -190,7 +213,7 @@ def test_successor_scores(model):
     hits = 0
     for seq in seqs:
         _, cache = model.run_with_cache(torch.tensor([seq]), names_filter=f"blocks.{l}.attn.hook_v")
-        W_O = model.blocks[l].attn.c_proj.weight[:, h * dh:(h + 1) * dh]
+        W_O = model.blocks[l].attn.c_proj.weight[:, h * dh : (h + 1) * dh]
         for k in range(len(seq) - 1):
             o = W_O @ cache[f"blocks.{l}.attn.hook_v"][0, k, h]
             o = (o - o.mean()) * model.ln_final.weight
@@ -199,7 +222,9 @@ def test_successor_scores(model):
     # no tokenizer and no sequences: skipped with a clear message
     r = detect_heads(model, n_random=4, copy_suppression=False)
     assert np.isnan(r["successor"]).all()
-    assert "ordinal_sequences" in r.meta["skipped"]["successor"] and r.meta["sources"]["successor"] == "skipped"
+    assert (
+        "ordinal_sequences" in r.meta["skipped"]["successor"] and r.meta["sources"]["successor"] == "skipped"
+    )
     assert "skipped: successor scores need ordinal sequences" in r.table()
     with pytest.raises(ValueError, match="need a tokenizer"):
         successor_scores(model, [["one", "two", "three"]])
@@ -231,11 +256,12 @@ def test_bad_input(model, corpus):
     with pytest.raises(TypeError, match="blocks.1.attn.*MLPSublayer"):
         detect_heads(odd)
     with pytest.raises(ValueError, match="half_len"):
-        repeated_random_tokens(model, half_len=6)       # n_ctx 12: 1 + 2 * 6 > 12
+        repeated_random_tokens(model, half_len=6)  # n_ctx 12: 1 + 2 * 6 > 12
 
 
 def test_result_save_load_plot(model, corpus, tmp_path):
     import matplotlib
+
     matplotlib.use("Agg")
     r = detect_heads(model, corpus, n_random=4, ordinal_sequences=[[1, 2, 3]])
     assert set(HEAD_SCORES) <= set(r.arrays) and all(r[s].shape == (2, 2) for s in HEAD_SCORES)
@@ -265,10 +291,27 @@ def test_default_ordinal_sequences_are_runs_of_single_tokens():
     model = SimpleNamespace(tokenizer=tok, cfg=SimpleNamespace(d_vocab=len(vocab)))
     got = _default_ordinal_ids(model)
     ids = lambda words: [vocab[w] for w in words]
-    assert got == [ids(DEFAULT_ORDINAL_WORDS["days"]),
-                   ids([" April", " May", " June", " July", " August", " September", " October", " November",
-                        " December"]),
-                   ids([" one", " two", " three"]),
-                   ids([" 5", " 6", " 7", " 8", " 9"])]
-    assert _default_ordinal_ids(SimpleNamespace(tokenizer=SimpleNamespace(encode=lambda w: [0, 1]),
-                                                cfg=model.cfg)) == []
+    assert got == [
+        ids(DEFAULT_ORDINAL_WORDS["days"]),
+        ids(
+            [
+                " April",
+                " May",
+                " June",
+                " July",
+                " August",
+                " September",
+                " October",
+                " November",
+                " December",
+            ]
+        ),
+        ids([" one", " two", " three"]),
+        ids([" 5", " 6", " 7", " 8", " 9"]),
+    ]
+    assert (
+        _default_ordinal_ids(
+            SimpleNamespace(tokenizer=SimpleNamespace(encode=lambda w: [0, 1]), cfg=model.cfg)
+        )
+        == []
+    )

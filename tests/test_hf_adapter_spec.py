@@ -6,6 +6,7 @@ its spec, loaded into `HookedHFMHC` and probed. Planted ground truth: every subl
 read stream 0 only (H_pre and the head weights one-hot) and no other stream feeds stream 0
 (H_res row 0 = e_0), so with the mixing frozen nothing that happens to streams 1.. can reach the
 logits; H_post depends on the whole state, so with the mixing recomputed it can."""
+
 import itertools
 
 import numpy as np
@@ -34,7 +35,7 @@ class ToyHyperConnection(nn.Module):
         self.hc_mult, self.gain = n, 0.5
         self.pre = nn.Parameter(torch.rand(n))
         self.post = nn.Parameter(torch.rand(n))
-        self.res = nn.Parameter(torch.softmax(torch.randn(n, n), -1))   # [target, source]
+        self.res = nn.Parameter(torch.softmax(torch.randn(n, n), -1))  # [target, source]
         self.w_post = nn.Parameter(torch.randn(n * d, n) / d)
 
 
@@ -43,7 +44,7 @@ class ToyAttention(nn.Module):
         super().__init__()
         self.qkv, self.out = nn.Linear(d, 3 * d), nn.Linear(d, d)
 
-    def forward(self, h):                                             # [b, p, d]
+    def forward(self, h):  # [b, p, d]
         q, k, v = self.qkv(h).chunk(3, -1)
         return self.out(F.scaled_dot_product_attention(q, k, v, is_causal=True))
 
@@ -66,8 +67,11 @@ class ToyLayer(nn.Module):
         self.mix_a, self.norm_a, self.attention = ToyHyperConnection(n, d), nn.LayerNorm(d), ToyAttention(d)
         self.mix_m, self.norm_m, self.ffn = ToyHyperConnection(n, d), nn.LayerNorm(d), ToyTokenMLP(d, vocab)
 
-    def forward(self, x, ids):                                        # the toy's own forward
-        for hc, norm, branch in ((self.mix_a, self.norm_a, self.attention), (self.mix_m, self.norm_m, self.ffn)):
+    def forward(self, x, ids):  # the toy's own forward
+        for hc, norm, branch in (
+            (self.mix_a, self.norm_a, self.attention),
+            (self.mix_m, self.norm_m, self.ffn),
+        ):
             pre, post, res = toy_coefficients(hc, x)
             out = norm((pre.unsqueeze(-1) * x).sum(2))
             out = branch(out, ids) if branch is self.ffn else branch(out)
@@ -80,7 +84,7 @@ class ToyHead(nn.Module):
         super().__init__()
         self.weights = nn.Parameter(torch.rand(n))
 
-    def forward(self, x):                                             # [b, p, n, d] -> [b, p, d]
+    def forward(self, x):  # [b, p, n, d] -> [b, p, d]
         return (self.weights.unsqueeze(-1) * x).sum(2)
 
 
@@ -107,9 +111,11 @@ class ToyForCausalLM(nn.Module):
 
 
 TOY = HyperConnectionSpec(
-    name="toy", description="the toy model of tests/test_hf_adapter_spec.py",
+    name="toy",
+    description="the toy model of tests/test_hf_adapter_spec.py",
     layout={"attn": ("mix_a", "norm_a", "attention"), "mlp": ("mix_m", "norm_m", "ffn")},
-    hc_attrs=("hc_mult", "pre", "post", "res", "w_post"), head_attrs=("weights",),
+    hc_attrs=("hc_mult", "pre", "post", "res", "w_post"),
+    head_attrs=("weights",),
     coefficients=toy_coefficients,
     head_weights=lambda head, x: head.weights.float().expand(*x.shape[:2], -1),
     branch=lambda kind, module, h, context, ids: module(h) if kind == "attn" else module(h, ids),
@@ -138,30 +144,36 @@ def toks():
 
 def test_toy_family_loads_and_matches_its_own_forward(toks):
     toy = ToyForCausalLM(1).eval()
-    model = HookedHFMHC(toy, spec=TOY)                    # the parity check runs here
-    assert model.cfg.n_streams == N and model.cfg.n_sublayers == 2 * LAYERS and model.cfg.hash_layers == (0, 1)
+    model = HookedHFMHC(toy, spec=TOY)  # the parity check runs here
+    assert (
+        model.cfg.n_streams == N and model.cfg.n_sublayers == 2 * LAYERS and model.cfg.hash_layers == (0, 1)
+    )
     with torch.no_grad():
         logits, cache = model.run_with_cache(toks)
         torch.testing.assert_close(logits, toy(toks), atol=1e-5, rtol=1e-5)
         state = cache["blocks.1.attn.hook_streams_in"]
-        torch.testing.assert_close(model(state, start_at_sublayer=2, tokens=toks), logits, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(
+            model(state, start_at_sublayer=2, tokens=toks), logits, atol=1e-5, rtol=1e-5
+        )
         with pytest.raises(ValueError, match="routes by token id"):
             model(state, start_at_sublayer=2)
-        contributions = model.stream_contributions(cache["head.hook_streams_in"])    # [b, p, n, vocab]
+        contributions = model.stream_contributions(cache["head.hook_streams_in"])  # [b, p, n, vocab]
         torch.testing.assert_close(contributions.sum(2), logits, atol=1e-4, rtol=1e-4)
 
 
 def test_a_spec_that_gets_the_maths_wrong_is_caught():
     """H_res read as [source, target] (the transpose): the parity check refuses the model."""
+
     def transposed(hc, x):
         pre, post, res = toy_coefficients(hc, x)
         return pre, post, res.transpose(-1, -2)
+
     from dataclasses import replace
 
     with pytest.raises(UnsupportedModelError, match="does not compute"):
         HookedHFMHC(ToyForCausalLM(2), spec=replace(TOY, coefficients=transposed))
     with pytest.raises(UnsupportedModelError, match="no hyper-connections"):
-        HookedHFMHC(ToyForCausalLM(2))                    # the default (DeepSeek-V4) spec finds none
+        HookedHFMHC(ToyForCausalLM(2))  # the default (DeepSeek-V4) spec finds none
 
 
 def test_stream_usage_sees_the_planted_reads(toks):
@@ -183,13 +195,13 @@ def test_ablate_and_rescue_with_frozen_mixing_finds_the_planted_stream(toks):
     stream that is never read still matters - the freezing is what isolates the content."""
     model = HookedHFMHC(planted(), spec=TOY)
     frozen = ablate_and_rescue(model, toks, batch_size=3)
-    kl_pair, kl_rescued = frozen["kl_ablated"], frozen["kl_rescued"]       # [sublayer, a, r]
+    kl_pair, kl_rescued = frozen["kl_ablated"], frozen["kl_rescued"]  # [sublayer, a, r]
     for i, j in itertools.combinations(range(1, N), 2):
         np.testing.assert_allclose(kl_pair[:, i, j], 0, atol=1e-7)
     for s in range(1, N):
         assert (kl_pair[:, 0, s] > 1e-3).all()
-        np.testing.assert_allclose(frozen["rescue"][:, s, 0], 1, atol=1e-5)       # s stays ablated, 0 restored
-        np.testing.assert_allclose(frozen["rescue"][:, 0, s], 0, atol=1e-5)       # 0 stays ablated
+        np.testing.assert_allclose(frozen["rescue"][:, s, 0], 1, atol=1e-5)  # s stays ablated, 0 restored
+        np.testing.assert_allclose(frozen["rescue"][:, 0, s], 0, atol=1e-5)  # 0 stays ablated
         np.testing.assert_allclose(kl_rescued[:, 0, s], kl_pair[:, 0, s], rtol=1e-6)
     recomputed = ablate_and_rescue(model, toks, batch_size=3, frozen=False)
     assert (recomputed["kl_ablated"][:, 1, 2] > 1e-6).all()

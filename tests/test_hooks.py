@@ -1,5 +1,6 @@
 """Hook points: the sublayer maths seen through the hooks, planted stream usage, per-stream
 addressing, frozen mixing, TransformerLens compatibility and clear errors."""
+
 import pytest
 import torch
 
@@ -23,10 +24,18 @@ def test_hooks_satisfy_update_rule(kind, n, toks):
     model = perturbed_model(tiny_config(kind, n))
     logits, cache = model.run_with_cache(toks)
     for name in model.sublayer_names:
-        x, h_pre, h_post, h_res = (cache[f"{name}.hook_{k}"] for k in ("streams_in", "h_pre", "h_post", "h_res"))
+        x, h_pre, h_post, h_res = (
+            cache[f"{name}.hook_{k}"] for k in ("streams_in", "h_pre", "h_post", "h_res")
+        )
         read_ref = sum(h_pre[:, :, s, None] * x[:, :, s] for s in range(n))
-        out_ref = torch.stack([sum(h_res[:, :, t, s, None] * x[:, :, s] for s in range(n))
-                               + h_post[:, :, t, None] * cache[f"{name}.hook_write"] for t in range(n)], dim=2)
+        out_ref = torch.stack(
+            [
+                sum(h_res[:, :, t, s, None] * x[:, :, s] for s in range(n))
+                + h_post[:, :, t, None] * cache[f"{name}.hook_write"]
+                for t in range(n)
+            ],
+            dim=2,
+        )
         torch.testing.assert_close(cache[f"{name}.hook_read"], read_ref, atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(cache[f"{name}.hook_streams_out"], out_ref, atol=1e-5, rtol=1e-5)
     final = cache[model.sublayer_names[-1] + ".hook_streams_out"]
@@ -37,7 +46,12 @@ def test_hooks_satisfy_update_rule(kind, n, toks):
 def test_every_hook_fires_exactly_once(toks):
     model = perturbed_model(tiny_config("mhc"))
     calls = {}
-    model.run_with_hooks(toks, fwd_hooks=[(lambda n: True, lambda a, hook: calls.__setitem__(hook.name, calls.get(hook.name, 0) + 1))])
+    model.run_with_hooks(
+        toks,
+        fwd_hooks=[
+            (lambda n: True, lambda a, hook: calls.__setitem__(hook.name, calls.get(hook.name, 0) + 1))
+        ],
+    )
     assert set(calls) == set(model.hook_dict)
     assert set(calls.values()) == {1}
 
@@ -141,9 +155,11 @@ def test_stream_addressing_reads_and_replaces(toks):
     assert cache.stream(name, [0, 2]).shape == (*toks.shape, 2, model.cfg.d_model)
     seen = {}
     value = torch.randn(model.cfg.d_model)
-    hooks = [model.stream_hook(name, 2, value),
-             model.stream_hook(name, [0, 1], lambda s, hook: 2 * s),
-             (name, lambda a, hook: seen.setdefault("x", a))]
+    hooks = [
+        model.stream_hook(name, 2, value),
+        model.stream_hook(name, [0, 1], lambda s, hook: 2 * s),
+        (name, lambda a, hook: seen.setdefault("x", a)),
+    ]
     model.run_with_hooks(toks, fwd_hooks=hooks)
     x = seen["x"]
     assert torch.equal(x[:, :, 2], value.expand_as(x[:, :, 2]))
@@ -193,8 +209,13 @@ def test_hooks_removed_after_exception(toks):
     _, cache = model.run_with_cache(toks, names_filter=is_mixing_hook)
     with pytest.raises(RuntimeError, match="boom"):
         with model.frozen_mixing(cache):
-            model.run_with_hooks(toks, fwd_hooks=[("blocks.1.mlp.hook_write", boom),
-                                                  model.stream_hook("blocks.0.attn.hook_streams_in", 0, 0.0)])
+            model.run_with_hooks(
+                toks,
+                fwd_hooks=[
+                    ("blocks.1.mlp.hook_write", boom),
+                    model.stream_hook("blocks.0.attn.hook_streams_in", 0, 0.0),
+                ],
+            )
     with pytest.raises(RuntimeError):
         model.run_with_hooks(toks, fwd_hooks=[(lambda n: n.endswith("hook_pattern"), boom)])
     assert all(not hp.fwd_hooks and not hp._forward_hooks for hp in model.hook_dict.values())
@@ -205,7 +226,9 @@ def test_hooks_removed_after_exception(toks):
 def test_hooks_context_and_backward_hooks(toks):
     model = perturbed_model(tiny_config("mhc"))
     grads = {}
-    with model.hooks(bwd_hooks=[("blocks.0.attn.hook_h_pre", lambda g, hook: grads.__setitem__(hook.name, g))]):
+    with model.hooks(
+        bwd_hooks=[("blocks.0.attn.hook_h_pre", lambda g, hook: grads.__setitem__(hook.name, g))]
+    ):
         model(toks, return_type="loss", tokens=toks).backward()
     assert grads["blocks.0.attn.hook_h_pre"].shape == (*toks.shape, 4)
     assert grads["blocks.0.attn.hook_h_pre"].abs().sum() > 0
@@ -215,7 +238,9 @@ def test_hooks_context_and_backward_hooks(toks):
 def test_attention_pattern_hook_matches_fused_path(toks):
     model = perturbed_model(tiny_config("mhc"))
     fused = model(toks)
-    logits, cache = model.run_with_cache(toks, names_filter=lambda n: n.endswith(("hook_pattern", "hook_attn_scores")))
+    logits, cache = model.run_with_cache(
+        toks, names_filter=lambda n: n.endswith(("hook_pattern", "hook_attn_scores"))
+    )
     torch.testing.assert_close(logits, fused, atol=1e-5, rtol=1e-5)
     pattern = cache["blocks.0.attn.hook_pattern"]
     torch.testing.assert_close(pattern.sum(-1), torch.ones(pattern.shape[:-1]))
@@ -257,9 +282,11 @@ def test_in_place_hook_edits_stay_where_they_are_made(toks):
         act[0, 2, 0] = 0.0
         return act
 
-    hooks = [("blocks.0.attn.hook_h_post", zero_one_h_post),
-             ("blocks.0.attn.hook_h_res", lambda a, hook: seen.setdefault("h_res", a.clone())),
-             ("blocks.0.attn.hook_h_pre", lambda a, hook: seen.setdefault("h_pre", a.clone()))]
+    hooks = [
+        ("blocks.0.attn.hook_h_post", zero_one_h_post),
+        ("blocks.0.attn.hook_h_res", lambda a, hook: seen.setdefault("h_res", a.clone())),
+        ("blocks.0.attn.hook_h_pre", lambda a, hook: seen.setdefault("h_pre", a.clone())),
+    ]
     plain.run_with_hooks(toks, fwd_hooks=hooks)
     assert bool((seen["h_res"] == 1).all()) and bool((seen["h_pre"] == 1).all())
 
@@ -270,12 +297,17 @@ def test_stream_hook_value_without_a_stream_axis_is_per_position(toks):
     model = perturbed_model(tiny_config("mhc"))
     name, d = "blocks.0.attn.hook_streams_in", model.cfg.d_model
     seen = {}
-    for pos in (2, 4):   # 2 = the number of selected streams, 4 = the model's n_streams
+    for pos in (2, 4):  # 2 = the number of selected streams, 4 = the model's n_streams
         t = toks[:, :pos]
         per_pos = (torch.arange(pos, dtype=torch.float32) + 1)[:, None].expand(pos, d)
         for value in (per_pos, per_pos.expand(t.shape[0], pos, d)):
-            model.run_with_hooks(t, fwd_hooks=[model.stream_hook(name, [0, 3], value),
-                                               (name, lambda a, hook: seen.__setitem__("x", a.clone()))])
+            model.run_with_hooks(
+                t,
+                fwd_hooks=[
+                    model.stream_hook(name, [0, 3], value),
+                    (name, lambda a, hook: seen.__setitem__("x", a.clone())),
+                ],
+            )
             for s in (0, 3):
                 torch.testing.assert_close(seen["x"][:, :, s], per_pos.expand(t.shape[0], pos, d))
 
@@ -306,7 +338,9 @@ def test_in_place_edits_never_reach_caches_or_resumed_states(toks):
     assert all(torch.equal(cache[k], kept[k]) for k in cache)
     state = model(toks, stop_at_sublayer=2)
     before = state.clone()
-    model.run_with_hooks(state, start_at_sublayer=2, fwd_hooks=[("blocks.1.attn.hook_streams_in", zero_stream_0)])
+    model.run_with_hooks(
+        state, start_at_sublayer=2, fwd_hooks=[("blocks.1.attn.hook_streams_in", zero_stream_0)]
+    )
     assert torch.equal(state, before)
     # a state in another float dtype runs in the model's; an integer one or empty tokens are refused
     torch.testing.assert_close(model(state.double(), start_at_sublayer=2), model(state, start_at_sublayer=2))
@@ -314,7 +348,9 @@ def test_in_place_edits_never_reach_caches_or_resumed_states(toks):
         model(state.long(), start_at_sublayer=2)
     with pytest.raises(ValueError, match="have no positions"):
         model(torch.zeros(2, 0, dtype=torch.long))
-    with pytest.raises(ValueError, match=r"tokens= \(3, 9\) do not match the resumed state's \[batch, pos\] \(2, 9\)"):
+    with pytest.raises(
+        ValueError, match=r"tokens= \(3, 9\) do not match the resumed state's \[batch, pos\] \(2, 9\)"
+    ):
         model(state[:2], start_at_sublayer=2, tokens=toks, return_type="loss")
     with pytest.raises(TypeError, match="must be an int sublayer index"):
         model(state, start_at_sublayer=True)

@@ -1,6 +1,7 @@
 """`import mhc_interp` is light, and `HookedMHC` needs TransformerLens's hook machinery only:
 its `__init__` (transformers, datasets) runs when something else of it is used, and then every
 class is the one a plain `import transformer_lens` gives."""
+
 import ast
 import importlib.metadata
 import importlib.util
@@ -25,8 +26,11 @@ assert not heavy, f"HookedMHC imported {heavy}"
 """
 
 
-@pytest.mark.skipif(TL_MAJOR < 4, reason="the deferred TransformerLens __init__ is for transformer-lens 4.x; "
-                                          "3.x (the SAELens environment) is imported whole")
+@pytest.mark.skipif(
+    TL_MAJOR < 4,
+    reason="the deferred TransformerLens __init__ is for transformer-lens 4.x; "
+    "3.x (the SAELens environment) is imported whole",
+)
 def test_import_is_light():
     done = subprocess.run([sys.executable, "-c", LIGHT], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
@@ -66,7 +70,11 @@ def imported_modules(source: str, package: str) -> set:
 
 def test_imported_modules_sees_function_local_imports():
     source = "import os\n\ndef f():\n    from ..model import mixers\n"
-    assert imported_modules(source, "mhc_interp.hooks") >= {"os", "mhc_interp.model", "mhc_interp.model.mixers"}
+    assert imported_modules(source, "mhc_interp.hooks") >= {
+        "os",
+        "mhc_interp.model",
+        "mhc_interp.model.mixers",
+    }
 
 
 @pytest.mark.parametrize("path", sorted((PACKAGE / "hooks").glob("*.py")), ids=lambda p: p.name)
@@ -79,9 +87,11 @@ def test_hooks_do_not_import_the_models(path):
 
 
 def test_contract_imports_neither_torch_nor_the_models():
-    code = ("import sys, mhc_interp.contract\n"
-            "loaded = sorted(m for m in sys.modules if m == 'torch' or m.startswith(('mhc_interp.model', "
-            "'mhc_interp.hooks.root')))\n"
-            "assert not loaded, loaded\n")
+    code = (
+        "import sys, mhc_interp.contract\n"
+        "loaded = sorted(m for m in sys.modules if m == 'torch' or m.startswith(('mhc_interp.model', "
+        "'mhc_interp.hooks.root')))\n"
+        "assert not loaded, loaded\n"
+    )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr

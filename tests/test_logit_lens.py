@@ -1,6 +1,7 @@
 """Per-stream logit lens: the exact decomposition on the public code's reference checkpoints, the
 last site's stream sum = the final distribution, every view against a direct computation, the
 probe's online means against per-prompt lenses, the translator seam, bad input, results."""
+
 import numpy as np
 import pytest
 import torch
@@ -9,8 +10,14 @@ from torch.nn import functional as F
 from mhc_interp import HookedMHC
 from mhc_interp.hooks import HookNameError
 from mhc_interp.probes import ProbeResult, run_probes
-from mhc_interp.probes.logit_lens import (LogitLens, LogitLensResult, all_subsets, check_subsets, decompose_logits,
-                                          stream_contributions)
+from mhc_interp.probes.logit_lens import (
+    LogitLens,
+    LogitLensResult,
+    all_subsets,
+    check_subsets,
+    decompose_logits,
+    stream_contributions,
+)
 from mhc_interp.probes.logit_lens_prompt import PromptLensResult, logit_lens
 
 from .conftest import FIXTURES, REFERENCE_NAMES, perturbed_model, tiny_config
@@ -34,7 +41,7 @@ def test_decomposition_sums_to_logits_on_reference_checkpoints(name, tokens):
     assert contributions.shape == (*tokens.shape, model.cfg.n_streams, model.cfg.d_vocab)
     assert torch.equal(logits, model(tokens))
     assert (contributions.sum(-2) - logits).abs().max() <= 1e-5
-    reference = torch.load(FIXTURES / f"{name}.logits.pt", weights_only=True)       # the public code's logits
+    reference = torch.load(FIXTURES / f"{name}.logits.pt", weights_only=True)  # the public code's logits
     assert (contributions.sum(-2) - reference).abs().max() <= 1e-4
     # the lens of the last site's stream sum is the final distribution; so is the probe's
     lens = logit_lens(model, tokens[:1], k=3)
@@ -45,7 +52,7 @@ def test_decomposition_sums_to_logits_on_reference_checkpoints(name, tokens):
     probe = run_probes(model, LogitLens(), tokens, batch_size=1, progress=False)
     assert probe["kl"][-1, 0] < 1e-6 and probe["top1"][-1, 0] == 1.0
     assert probe.meta["decomposition_max_error"] <= 1e-5
-    if model.cfg.n_streams == 1:      # one stream: the stream alone is the sum
+    if model.cfg.n_streams == 1:  # one stream: the stream alone is the sum
         np.testing.assert_allclose(probe["kl"][:, 1], probe["kl"][:, 0], atol=1e-6)
 
 
@@ -70,14 +77,24 @@ def test_views_match_direct_computation(hc_model, corpus):
     def kl(view):
         return (final_lp.exp() * (final_lp - F.log_softmax(view, -1))).sum(-1).numpy()
 
-    assert lens.meta["views"] == ["sum", "stream 0", "stream 1", "stream 2", "stream 3", "streams 0+2", "streams 1+2+3"]
+    assert lens.meta["views"] == [
+        "sum",
+        "stream 0",
+        "stream 1",
+        "stream 2",
+        "stream 3",
+        "streams 0+2",
+        "streams 1+2+3",
+    ]
     for i, site in enumerate(lens.meta["sites"]):
-        c = unembed(cache[site][0])                                    # [pos, n, V]
+        c = unembed(cache[site][0])  # [pos, n, V]
         views = [c.sum(1)] + [c[:, s] for s in range(4)] + [c[:, list(s)].sum(1) for s in subsets]
         for j, view in enumerate(views):
             np.testing.assert_allclose(lens["kl"][i, j], kl(view), atol=2e-5)
             np.testing.assert_array_equal(lens["topk_ids"][i, j][:, 0], view.argmax(-1).numpy())
-            np.testing.assert_allclose(lens["topk_probs"][i, j], F.softmax(view, -1).topk(4).values.numpy(), atol=1e-5)
+            np.testing.assert_allclose(
+                lens["topk_probs"][i, j], F.softmax(view, -1).topk(4).values.numpy(), atol=1e-5
+            )
     for i, sub in enumerate(model.sublayer_names):
         w = unembed(cache[f"{sub}.hook_write"][0])
         np.testing.assert_allclose(lens["write_kl"][i], kl(w), atol=2e-5)
@@ -85,8 +102,10 @@ def test_views_match_direct_computation(hc_model, corpus):
     contrib = stream_contributions(model, cache[lens.meta["sites"][-1]][0])
     ids = lens["final_topk_ids"]
     np.testing.assert_array_equal(ids[:, 0], logits[0].argmax(-1).numpy())
-    np.testing.assert_allclose(lens["final_topk_contributions"],
-                               contrib.gather(-1, torch.as_tensor(ids)[:, None].expand(-1, 4, -1)).numpy())
+    np.testing.assert_allclose(
+        lens["final_topk_contributions"],
+        contrib.gather(-1, torch.as_tensor(ids)[:, None].expand(-1, 4, -1)).numpy(),
+    )
 
 
 def test_probe_is_the_token_mean_of_the_prompt_lens(hc_model, corpus):
@@ -96,8 +115,13 @@ def test_probe_is_the_token_mean_of_the_prompt_lens(hc_model, corpus):
     top1 = np.mean(np.concatenate([p["top1_agree"][:, :, 1:] for p in per_prompt], axis=-1), axis=-1)
     kl_w = np.mean(np.concatenate([p["write_kl"][:, 1:] for p in per_prompt], axis=-1), axis=-1)
     for batch_size, chunk in ((1, 128), (2, 3), (5, 7)):
-        r = run_probes(hc_model, LogitLens(subsets=subsets, chunk_tokens=chunk), corpus,
-                       batch_size=batch_size, progress=False)
+        r = run_probes(
+            hc_model,
+            LogitLens(subsets=subsets, chunk_tokens=chunk),
+            corpus,
+            batch_size=batch_size,
+            progress=False,
+        )
         assert r["kl"].shape == (hc_model.cfg.n_layers + 1, 1 + 4 + 1)
         np.testing.assert_allclose(r["kl"], kl, atol=1e-6)
         np.testing.assert_allclose(r["top1"], top1, atol=1e-12)
@@ -121,8 +145,10 @@ def test_translator_seam(hc_model, corpus):
     seen = logit_lens(hc_model, toks, subsets=[(0, 1)], translator=recorder)
     np.testing.assert_array_equal(plain["kl"], seen["kl"])
     p = toks.shape[1]
-    assert calls[:len(plain.meta["sites"])] == [(s, (p, 4, 16)) for s in plain.meta["sites"]]
-    assert calls[len(plain.meta["sites"]):] == [(f"{s}.hook_write", (p, 16)) for s in hc_model.sublayer_names]
+    assert calls[: len(plain.meta["sites"])] == [(s, (p, 4, 16)) for s in plain.meta["sites"]]
+    assert calls[len(plain.meta["sites"]) :] == [
+        (f"{s}.hook_write", (p, 16)) for s in hc_model.sublayer_names
+    ]
     # a mapping translates only the named sites
     site = plain.meta["sites"][1]
     mapped = logit_lens(hc_model, toks, translator={site: lambda x: -x})
@@ -138,9 +164,14 @@ def test_translator_seam(hc_model, corpus):
 
 
 def test_bad_input(hc_model, corpus):
-    for bad, err, match in (([()], ValueError, "empty"), ([(0, 4)], IndexError, "out of range"),
-                            ([(-1,)], IndexError, "out of range"), ([(1, 1)], ValueError, "repeats"),
-                            ([(0, 1.5)], TypeError, "ints"), ((0, 1), TypeError, "list of stream subsets")):
+    for bad, err, match in (
+        ([()], ValueError, "empty"),
+        ([(0, 4)], IndexError, "out of range"),
+        ([(-1,)], IndexError, "out of range"),
+        ([(1, 1)], ValueError, "repeats"),
+        ([(0, 1.5)], TypeError, "ints"),
+        ((0, 1), TypeError, "list of stream subsets"),
+    ):
         with pytest.raises(err, match=match):
             logit_lens(hc_model, corpus[:1], subsets=bad)
         with pytest.raises(err, match=match):
@@ -163,6 +194,7 @@ def test_bad_input(hc_model, corpus):
 
 def test_results_save_load_plot(hc_model, corpus, tmp_path):
     import matplotlib
+
     matplotlib.use("Agg")
     r = run_probes(hc_model, LogitLens(subsets=[(0, 3)], sites="layers"), corpus, progress=False)
     assert r.meta["site_labels"] == ["embed", "blocks.0.mlp", "blocks.1.mlp"]
@@ -192,14 +224,23 @@ class _ReferenceLens:
     def __init__(self, model, subsets=(), sites=None, writes=True, translator=None):
         from mhc_interp.probes.logit_lens import _translate, lens_sites
         from mhc_interp.probes.logit_lens_prompt import _kl_top1, _view_logits
+
         self.f = dict(translate=_translate, view_logits=_view_logits, kl_top1=_kl_top1)
         self.model, self.subsets, self.translator = model, list(subsets), translator
         self.sites = lens_sites(model, sites)
         self.sublayers = model.sublayer_names if writes else []
         self.final_site = f"{model.sublayer_names[-1]}.hook_streams_out"
-        ln, W_U = model.ln_final, model.W_U.float()             # the readout, written out: W_U^T LN_f(x)
-        self.unembed = lambda x: F.layer_norm(x.float(), ln.weight.shape, ln.weight.float(),
-                                              None if ln.bias is None else ln.bias.float(), ln.eps) @ W_U
+        ln, W_U = model.ln_final, model.W_U.float()  # the readout, written out: W_U^T LN_f(x)
+        self.unembed = lambda x: (
+            F.layer_norm(
+                x.float(),
+                ln.weight.shape,
+                ln.weight.float(),
+                None if ln.bias is None else ln.bias.float(),
+                ln.eps,
+            )
+            @ W_U
+        )
 
     @torch.no_grad()
     def run(self, tokens):
@@ -212,30 +253,58 @@ class _ReferenceLens:
         final = take(logits).float()
         final_lp, top = F.log_softmax(final, -1), final.argmax(-1)
         tr, n = self.f["translate"], self.model.cfg.n_streams
-        kl = torch.stack([self.f["kl_top1"](final_lp, top, self.f["view_logits"](
-            self.unembed(tr(self.translator, s, take(cache[s]))), self.subsets))[0].double().mean(0) for s in self.sites])
-        top1 = torch.stack([self.f["kl_top1"](final_lp, top, self.f["view_logits"](
-            self.unembed(tr(self.translator, s, take(cache[s]))), self.subsets))[1].double().mean(0) for s in self.sites])
+        kl = torch.stack(
+            [
+                self.f["kl_top1"](
+                    final_lp,
+                    top,
+                    self.f["view_logits"](self.unembed(tr(self.translator, s, take(cache[s]))), self.subsets),
+                )[0]
+                .double()
+                .mean(0)
+                for s in self.sites
+            ]
+        )
+        top1 = torch.stack(
+            [
+                self.f["kl_top1"](
+                    final_lp,
+                    top,
+                    self.f["view_logits"](self.unembed(tr(self.translator, s, take(cache[s]))), self.subsets),
+                )[1]
+                .double()
+                .mean(0)
+                for s in self.sites
+            ]
+        )
         kl_w, top1_w = [], []
         for sub in self.sublayers:
-            w = self.unembed(tr(self.translator, f"{sub}.hook_write", take(cache[f"{sub}.hook_write"])))[:, None]
+            w = self.unembed(tr(self.translator, f"{sub}.hook_write", take(cache[f"{sub}.hook_write"])))[
+                :, None
+            ]
             k, a = self.f["kl_top1"](final_lp, top, w)
             kl_w.append(k[:, 0].double().mean()), top1_w.append(a[:, 0].double().mean())
         contrib = self.unembed(take(cache[self.final_site]))
         centred = contrib - contrib.mean(-1, keepdim=True)
         share = centred.gather(-1, top[:, None, None].expand(-1, n, 1))[..., 0].double().mean(0)
-        return {"kl": kl.numpy(), "top1": top1.numpy(), "kl_write": torch.stack(kl_w).numpy() if kl_w else np.zeros(0),
-                "top1_write": torch.stack(top1_w).numpy() if top1_w else np.zeros(0),
-                "final_top1_contribution": share.numpy(),
-                "decomposition_max_error": float((contrib.sum(1) - final).abs().max())}
+        return {
+            "kl": kl.numpy(),
+            "top1": top1.numpy(),
+            "kl_write": torch.stack(kl_w).numpy() if kl_w else np.zeros(0),
+            "top1_write": torch.stack(top1_w).numpy() if top1_w else np.zeros(0),
+            "final_top1_contribution": share.numpy(),
+            "decomposition_max_error": float((contrib.sum(1) - final).abs().max()),
+        }
 
 
 def _compare_with_reference(model, tokens, batch_size=2, **kw):
     ref = _ReferenceLens(model, **kw).run(tokens)
     for chunk in (1, 3, 64):
-        r = run_probes(model, LogitLens(chunk_tokens=chunk, **kw), tokens, batch_size=batch_size, progress=False)
+        r = run_probes(
+            model, LogitLens(chunk_tokens=chunk, **kw), tokens, batch_size=batch_size, progress=False
+        )
         np.testing.assert_allclose(r["kl"], ref["kl"], atol=2e-6, rtol=1e-6)
-        np.testing.assert_array_equal(r["top1"], ref["top1"])          # the same argmax decisions
+        np.testing.assert_array_equal(r["top1"], ref["top1"])  # the same argmax decisions
         np.testing.assert_allclose(r["kl_write"], ref["kl_write"], atol=2e-6, rtol=1e-6)
         np.testing.assert_array_equal(r["top1_write"], ref["top1_write"])
         np.testing.assert_allclose(r["final_top1_contribution"], ref["final_top1_contribution"], atol=1e-6)
@@ -243,16 +312,23 @@ def _compare_with_reference(model, tokens, batch_size=2, **kw):
     return r
 
 
-@pytest.mark.parametrize("case", ["default", "subsets_layers", "sites_without_final", "translated_final", "no_writes"])
+@pytest.mark.parametrize(
+    "case", ["default", "subsets_layers", "sites_without_final", "translated_final", "no_writes"]
+)
 def test_probe_equals_slow_reference(hc_model, corpus, case):
     """The probe's batched form (one GEMM for every site and write, one log_softmax and amax per
     view row, p.z from the model's width, the final distribution shared) equals the direct
     per-site computation to float rounding, with the same top-1 decisions."""
     sites = [f"{s}.hook_streams_out" for s in hc_model.sublayer_names[:2]]
-    kw = {"default": {}, "subsets_layers": dict(subsets=[(0, 2), (1, 2, 3)], sites="layers"),
-          "sites_without_final": dict(sites=sites, subsets=[(0, 1)]),
-          "translated_final": dict(translator={f"{hc_model.sublayer_names[-1]}.hook_streams_out": lambda x: 0.5 * x + 0.1}),
-          "no_writes": dict(writes=False)}[case]
+    kw = {
+        "default": {},
+        "subsets_layers": dict(subsets=[(0, 2), (1, 2, 3)], sites="layers"),
+        "sites_without_final": dict(sites=sites, subsets=[(0, 1)]),
+        "translated_final": dict(
+            translator={f"{hc_model.sublayer_names[-1]}.hook_streams_out": lambda x: 0.5 * x + 0.1}
+        ),
+        "no_writes": dict(writes=False),
+    }[case]
     _compare_with_reference(hc_model, corpus, **kw)
 
 
@@ -265,9 +341,10 @@ def test_top1_ties_follow_argmax(hc_model, corpus):
     """Two identical unembedding columns make exact ties at the max: the lens must decide them
     as argmax does (the first index), like the reference."""
     import copy
+
     model = copy.deepcopy(hc_model)
     with torch.no_grad():
-        W = model.W_U                                    # tied or not, edit what the lens reads
+        W = model.W_U  # tied or not, edit what the lens reads
         W[:, 7] = 3 * W[:, 3]
         W[:, 3] = W[:, 7]
     ref = _ReferenceLens(model).run(corpus)
@@ -275,7 +352,7 @@ def test_top1_ties_follow_argmax(hc_model, corpus):
     np.testing.assert_array_equal(r["top1"], ref["top1"])
     np.testing.assert_allclose(r["kl"], ref["kl"], atol=2e-6, rtol=1e-6)
     logits = model(corpus)[:, 1:]
-    assert (logits.argmax(-1) == 3).float().mean() > 0.2    # ties did happen at the top
+    assert (logits.argmax(-1) == 3).float().mean() > 0.2  # ties did happen at the top
 
 
 def test_token_fraction_and_standard_errors(hc_model, corpus):
@@ -286,7 +363,7 @@ def test_token_fraction_and_standard_errors(hc_model, corpus):
         assert se.shape == full[key].shape and np.all(np.isfinite(se)) and np.all(se >= 0)
     # the clustered SE against a direct computation from per-sequence means
     per_prompt = [logit_lens(hc_model, corpus[i]) for i in range(len(corpus))]
-    S = np.stack([p["kl"][:, :, 1:].sum(-1) for p in per_prompt])                 # [seq, site, view]
+    S = np.stack([p["kl"][:, :, 1:].sum(-1) for p in per_prompt])  # [seq, site, view]
     n_i = corpus.shape[1] - 1
     mean = S.sum(0) / (n_i * len(S))
     g = len(S)
@@ -296,7 +373,7 @@ def test_token_fraction_and_standard_errors(hc_model, corpus):
     assert 0 < half.meta["tokens"] < full.meta["tokens"] and half.meta["tokens_seen"] == full.meta["tokens"]
     assert half.meta["token_fraction"] == 0.5
     again = run_probes(hc_model, LogitLens(token_fraction=0.5, seed=3), corpus, batch_size=2, progress=False)
-    np.testing.assert_array_equal(half["kl"], again["kl"])                        # seeded
+    np.testing.assert_array_equal(half["kl"], again["kl"])  # seeded
     assert np.all(np.abs(half["kl"] - full["kl"]) < 6 * half["kl_se"] + 1e-6)
     with pytest.raises(ValueError, match="token_fraction"):
         LogitLens(token_fraction=0)
@@ -307,8 +384,9 @@ def test_argmax_is_without_index_tracking_max(host_check):
     """The lens's top-1 test (z[y*] is the max and no earlier entry ties) equals argmax == y* on
     logits with many exact ties, in both the host-checked and the sync-free form."""
     from mhc_interp.probes.logit_lens import _argmax_is
+
     gen = torch.Generator().manual_seed(0)
-    z = torch.randint(0, 4, (6, 50, 9), generator=gen).float()          # few values: ties everywhere
+    z = torch.randint(0, 4, (6, 50, 9), generator=gen).float()  # few values: ties everywhere
     top = torch.randint(0, 9, (50,), generator=gen)
     want = z.argmax(-1) == top[None]
     idx = top[None, :, None].expand(6, -1, 1)
@@ -334,10 +412,10 @@ def test_lens_reads_the_deepseek_v4_adapter_through_its_own_readout():
     assert r["kl"][final, 0] == pytest.approx(0, abs=1e-5) and r["top1"][final, 0] == 1
     logits, cache = model.run_with_cache(toks, names_filter=lambda n: n in r.meta["sites"])
     keep = torch.ones(toks.shape, dtype=torch.bool)
-    keep[:, 0] = False                                       # run_probes' default mask drops position 0
+    keep[:, 0] = False  # run_probes' default mask drops position 0
     lp_final = F.log_softmax(logits[keep].float(), -1)
     for k, site in enumerate(r.meta["sites"]):
-        c = model.stream_contributions(cache[site])[keep]      # [N, n, V]
+        c = model.stream_contributions(cache[site])[keep]  # [N, n, V]
         views = torch.cat([c.sum(1, keepdim=True), c], 1)
         kl = (lp_final.exp()[:, None] * (lp_final[:, None] - F.log_softmax(views, -1))).sum(-1).mean(0)
         np.testing.assert_allclose(r["kl"][k], kl.detach().double().numpy(), atol=1e-5, rtol=1e-4)

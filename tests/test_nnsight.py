@@ -3,6 +3,7 @@
 Each test builds its own model: nnsight wrapping permanently installs a controller `forward`
 on every module, which must not leak into other tests.
 """
+
 import pytest
 import torch
 from nnsight import NNsight
@@ -17,8 +18,9 @@ ATOL = 1e-6
 
 
 def make_model():
-    cfg = MHCConfig(n_layers=2, n_heads=2, d_model=16, n_ctx=12, d_vocab=40, n_streams=4,
-                    hyper_conn_type="mhc")
+    cfg = MHCConfig(
+        n_layers=2, n_heads=2, d_model=16, n_ctx=12, d_vocab=40, n_streams=4, hyper_conn_type="mhc"
+    )
     torch.manual_seed(0)
     model = HookedMHC(cfg).eval()
     with torch.no_grad():
@@ -100,8 +102,9 @@ def test_identity_h_res_matches_tl_hook(setup):
     nn_model = NNsight(model)
     clean = model(tokens)
     tl_frozen = model.run_with_hooks(
-        tokens, fwd_hooks=[(lambda name: name.endswith("hook_h_res"),
-                            lambda h, hook: eye.expand_as(h).clone())])
+        tokens,
+        fwd_hooks=[(lambda name: name.endswith("hook_h_res"), lambda h, hook: eye.expand_as(h).clone())],
+    )
     with nn_model.trace(tokens):
         for block in nn_model.blocks:  # forward order: attn then mlp of each block
             for sub in (block.attn, block.mlp):
@@ -122,7 +125,8 @@ def test_two_invokes_match_separate_runs(setup):
     both_logits, both = model.run_with_cache(torch.cat([tokens, other]), names_filter=names)
     rows = (slice(0, 2), slice(2, 5))
     patched_ref = model.run_with_hooks(
-        other, fwd_hooks=[model.stream_hook("blocks.1.mlp.hook_streams_in", 2, 0.0)])
+        other, fwd_hooks=[model.stream_hook("blocks.1.mlp.hook_streams_in", 2, 0.0)]
+    )
     with nn_model.trace() as tracer:
         with tracer.invoke(tokens):
             pat_a = nn_model.blocks[1].attn.hook_pattern.output.save()
@@ -168,9 +172,9 @@ def test_batching_rejects_mismatched_positions(setup):
     with pytest.raises(ValueError, match="same|share"):
         with nn_model.trace() as tracer:
             with tracer.invoke(tokens):
-                a = nn_model.output.save()
+                a = nn_model.output.save()  # noqa: F841 - nnsight traces the assignment
             with tracer.invoke(tokens[:, :5]):
-                b = nn_model.output.save()
+                b = nn_model.output.save()  # noqa: F841
 
 
 @pytest.mark.parametrize("wrap", [NNsight, to_nnsight])
@@ -227,8 +231,13 @@ def test_invokes_stay_apart_for_mixer_outputs_and_position_embeddings(setup):
     b = torch.randint(0, 40, (3, 7), generator=torch.Generator().manual_seed(1))
     eye = torch.eye(4)
     ref_a = model(torch.cat([a, b]))[:2]
-    ref_b = model.run_with_hooks(b, fwd_hooks=[("blocks.0.attn.hook_h_res", lambda h, hook: eye.expand_as(h).clone()),
-                                               ("hook_pos_embed", lambda p, hook: torch.zeros_like(p))])
+    ref_b = model.run_with_hooks(
+        b,
+        fwd_hooks=[
+            ("blocks.0.attn.hook_h_res", lambda h, hook: eye.expand_as(h).clone()),
+            ("hook_pos_embed", lambda p, hook: torch.zeros_like(p)),
+        ],
+    )
     nn_model = to_nnsight(model)
     with nn_model.trace() as tracer:
         with tracer.invoke(a):

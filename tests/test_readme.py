@@ -1,6 +1,7 @@
 """The README and docs/ stay true: the hook table is the one generated from the shipped model, the
 Python examples run, every relative link points to a file (and heading) that exists, and every test
 docs/reliability.md names exists."""
+
 import re
 import runpy
 from pathlib import Path
@@ -24,8 +25,9 @@ def python_blocks(page: Path):
 
 def test_hook_table_is_generated_from_the_model():
     table = hook_table_markdown(HookedMHC.from_pretrained(default_model_path()))
-    assert table in (DOCS / "hooks.md").read_text(), \
+    assert table in (DOCS / "hooks.md").read_text(), (
         "docs/hooks.md's hook table is stale: paste `mhc-interp hooks --markdown`"
+    )
 
 
 def test_python_examples_run(tmp_path):
@@ -38,7 +40,7 @@ def test_python_examples_run(tmp_path):
     ns = runpy.run_path(str(script))
     assert not torch.equal(ns["ablated"], ns["clean"])
     assert not torch.allclose(ns["patched"], ns["clean"])
-    assert ns["results"]["logit_lens"]["kl"].shape[0] == ns["model"].cfg.n_layers + 1   # "layers" by default
+    assert ns["results"]["logit_lens"]["kl"].shape[0] == ns["model"].cfg.n_layers + 1  # "layers" by default
 
 
 def heading_anchors(page: Path):
@@ -75,16 +77,24 @@ def test_relative_links_resolve():
 def test_broken_links_are_found(tmp_path):
     page = tmp_path / "page.md"
     (tmp_path / "other.md").write_text("# A heading: with `code`\n\n## Twice\n\n## Twice\n")
-    page.write_text("[ok](other.md#a-heading-with-code) [ok](other.md#twice-1) [ok](https://x.org/y)\n"
-                    "[bad](missing.md) [bad](other.md#nope) [bad](#none)\n")
+    page.write_text(
+        "[ok](other.md#a-heading-with-code) [ok](other.md#twice-1) [ok](https://x.org/y)\n"
+        "[bad](missing.md) [bad](other.md#nope) [bad](#none)\n"
+    )
     found = list(broken_links(page, root=tmp_path))
-    assert [f.split(": ")[1] for f in found] == ["missing.md (no such file)", "other.md#nope (no such heading)",
-                                                  "#none (no such heading)"]
+    assert [f.split(": ")[1] for f in found] == [
+        "missing.md (no such file)",
+        "other.md#nope (no such heading)",
+        "#none (no such heading)",
+    ]
 
 
 def test_every_test_the_reliability_table_names_exists():
     named = re.findall(r"`(tests/\w+\.py)::(\w+)`", (DOCS / "reliability.md").read_text())
     assert len(named) >= 20
-    missing = [f"{f}::{t}" for f, t in named
-               if not (ROOT / f).is_file() or not re.search(rf"^def {t}\(", (ROOT / f).read_text(), flags=re.M)]
+    missing = [
+        f"{f}::{t}"
+        for f, t in named
+        if not (ROOT / f).is_file() or not re.search(rf"^def {t}\(", (ROOT / f).read_text(), flags=re.M)
+    ]
     assert not missing, f"docs/reliability.md names tests that do not exist: {missing}"

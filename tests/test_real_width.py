@@ -12,6 +12,7 @@ the probes within the state their docstrings promise (a shuffle buffer, a reserv
 lens's vocabulary-sized blocks), computed from the config, + PROBE_ALLOWANCE. The full-depth run
 is `python -m benchmarks.real_size` (benchmarks/README.md).
 """
+
 import json
 import subprocess
 import sys
@@ -23,20 +24,21 @@ import torch
 from mhc_interp.device import available_memory_bytes
 
 ROOT = Path(__file__).resolve().parent.parent
-MIB = 2 ** 20
-NEEDED = 8 * 2 ** 30
+MIB = 2**20
+NEEDED = 8 * 2**30
 # transient allocations of torch and safetensors and the first load's lazy imports: the first
 # load in the child rose 79 MiB more than the same load repeated (hub layout, bf16)
 LOAD_ALLOWANCE_MIB = 128
-PROBE_ALLOWANCE_MIB = 256   # the forward's activations and logits at 2 x 16 tokens, allocator slack
+PROBE_ALLOWANCE_MIB = 256  # the forward's activations and logits at 2 x 16 tokens, allocator slack
 N_SEQ, SEQ = 2, 16
 
 _free = available_memory_bytes()
 pytestmark = pytest.mark.skipif(
     _free is not None and _free < NEEDED,
     reason=f"the real-width test needs 8 GiB of free memory (the model is 201 MiB in bf16, its probes and "
-           f"checkpoint copies ~2 GiB, with margin for other work); this machine has "
-           f"{(_free or 0) / 2 ** 30:.1f} GiB available")
+    f"checkpoint copies ~2 GiB, with margin for other work); this machine has "
+    f"{(_free or 0) / 2**30:.1f} GiB available",
+)
 
 
 @pytest.fixture(scope="module")
@@ -55,12 +57,25 @@ def measured(tmp_path_factory):
     del model
     # two children at once, one thread each (2 cores): the loads, and the probes on a third load
     me = [sys.executable, "-m", "benchmarks.real_size", "measure"]
-    cmds = {"loads": [*me, "--load", f"{paths['hub']}:auto", f"{paths['pt']}:bfloat16"],
-            "probes": [*me, "--load", f"{paths['hub']}:bfloat16", "--probes", f"{N_SEQ},{SEQ}", "--only",
-                       "all_observational", "ablate_rescue_sublayer_0", "activation_patching_sublayer_0"]}
+    cmds = {
+        "loads": [*me, "--load", f"{paths['hub']}:auto", f"{paths['pt']}:bfloat16"],
+        "probes": [
+            *me,
+            "--load",
+            f"{paths['hub']}:bfloat16",
+            "--probes",
+            f"{N_SEQ},{SEQ}",
+            "--only",
+            "all_observational",
+            "ablate_rescue_sublayer_0",
+            "activation_patching_sublayer_0",
+        ],
+    }
     env = dict(child_env(), REAL_SIZE_THREADS="1")
-    procs = {k: subprocess.Popen(c, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-             for k, c in cmds.items()}
+    procs = {
+        k: subprocess.Popen(c, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for k, c in cmds.items()
+    }
     out = {}
     for k, proc in procs.items():
         stdout, stderr = proc.communicate(timeout=300)
@@ -85,30 +100,36 @@ def test_loading_keeps_one_copy_of_the_weights(measured):
         bound = weights + LOAD_ALLOWANCE_MIB
         assert row["extra_peak_mib"] <= bound, (
             f"loading {where}: peak RSS rose {row['extra_peak_mib']:.0f} MiB, over {weights:.0f} MiB of weights "
-            f"+ {LOAD_ALLOWANCE_MIB} MiB = {bound:.0f} MiB: {row}")
+            f"+ {LOAD_ALLOWANCE_MIB} MiB = {bound:.0f} MiB: {row}"
+        )
         kept = row["rss_after_mib"] - row["rss_before_mib"]
         assert kept <= row["model_mib"] + LOAD_ALLOWANCE_MIB, (
             f"loading {where}: {kept:.0f} MiB still resident after it, more than one model "
-            f"({row['model_mib']:.0f} MiB) + {LOAD_ALLOWANCE_MIB} MiB: a copy of the checkpoint is kept")
+            f"({row['model_mib']:.0f} MiB) + {LOAD_ALLOWANCE_MIB} MiB: a copy of the checkpoint is kept"
+        )
 
 
 def _observational_bound_mib(cfg) -> float:
     """The state the five observational probes promise at their defaults (the report's CKA
     minibatch, 256 tokens), whatever the number of tokens."""
     n, d, v = cfg.n_streams, cfg.d_model, cfg.d_vocab
-    cka_buffer = 8 * 256 * (cfg.n_sublayers * n) * d * 2          # shuffle buffer, bf16 activations
-    cka_minibatch = 2 * 256 * (cfg.n_sublayers * n) * d * 8        # float64 copy + centred copy
-    predictability = 4096 * cfg.n_layers * n * d * 4                # float32 reservoir, max_tokens 4096
-    views = 1 + n + 0                                                # sum, each stream (no subsets)
-    lens = 2 * 256 * (views + n) * v * 4 + d * v * 4                 # vocabulary blocks + float32 W_U
+    cka_buffer = 8 * 256 * (cfg.n_sublayers * n) * d * 2  # shuffle buffer, bf16 activations
+    cka_minibatch = 2 * 256 * (cfg.n_sublayers * n) * d * 8  # float64 copy + centred copy
+    predictability = 4096 * cfg.n_layers * n * d * 4  # float32 reservoir, max_tokens 4096
+    views = 1 + n + 0  # sum, each stream (no subsets)
+    lens = 2 * 256 * (views + n) * v * 4 + d * v * 4  # vocabulary blocks + float32 W_U
     return (cka_buffer + cka_minibatch + predictability + lens) / MIB + PROBE_ALLOWANCE_MIB
 
 
 def test_every_probe_runs_at_width_with_bounded_memory(measured):
     cfg, out = measured
     probes = out["probes"]
-    assert set(probes) == {"forward", "all_observational", "ablate_rescue_sublayer_0",
-                           "activation_patching_sublayer_0"}
+    assert set(probes) == {
+        "forward",
+        "all_observational",
+        "ablate_rescue_sublayer_0",
+        "activation_patching_sublayer_0",
+    }
     obs = probes["all_observational"]["extra_peak_mib"]
     assert obs <= _observational_bound_mib(cfg), (obs, _observational_bound_mib(cfg))
     # the causal sweeps on one sublayer: replicas of the prompts (10 rescue interventions, 4
@@ -116,6 +137,9 @@ def test_every_probe_runs_at_width_with_bounded_memory(measured):
     v = cfg.d_vocab
     rescue_bound = 4 * N_SEQ * 10 * SEQ * v * 4 / MIB + PROBE_ALLOWANCE_MIB
     patch_bound = 4 * N_SEQ * 2 * cfg.n_streams * SEQ * v * 4 / MIB + PROBE_ALLOWANCE_MIB
-    assert probes["ablate_rescue_sublayer_0"]["extra_peak_mib"] <= rescue_bound, probes["ablate_rescue_sublayer_0"]
-    assert probes["activation_patching_sublayer_0"]["extra_peak_mib"] <= patch_bound, \
-        probes["activation_patching_sublayer_0"]
+    assert probes["ablate_rescue_sublayer_0"]["extra_peak_mib"] <= rescue_bound, probes[
+        "ablate_rescue_sublayer_0"
+    ]
+    assert probes["activation_patching_sublayer_0"]["extra_peak_mib"] <= patch_bound, probes[
+        "activation_patching_sublayer_0"
+    ]

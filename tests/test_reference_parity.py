@@ -1,5 +1,6 @@
 """`from_pretrained` + forward reproduces the public mHC code's logits on every reference
 checkpoint (written by that code; see tests/fixtures/reference_checkpoints/README.md)."""
+
 import pytest
 import torch
 

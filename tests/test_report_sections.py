@@ -1,6 +1,7 @@
 """Probes declare their report section (`Probe.report = ReportSection(...)`): a toy probe defined
 here appears in a built report with its title, caption and figure, in its declared place, and
 is left out where its declaration says so; bad declarations are refused."""
+
 import json
 
 import numpy as np
@@ -8,9 +9,9 @@ import pytest
 import torch
 
 from mhc_interp import report
+from mhc_interp.data import read_texts
 from mhc_interp.probes import PROBES, Probe, ProbeResult, register_probe
 from mhc_interp.probes.base import RESULTS, ReportSection, register_result
-from mhc_interp.data import read_texts
 from mhc_interp.shipped import default_corpus, load
 from mhc_interp.token_windows import corpus_tokens
 
@@ -39,7 +40,7 @@ class ToyProbe(Probe):
         return ["hook_streams_init"]
 
     def update(self, acts, mask):
-        x = acts["hook_streams_init"][mask].double()                 # [tokens, n_streams, d_model]
+        x = acts["hook_streams_init"][mask].double()  # [tokens, n_streams, d_model]
         self.total = self.total + x.norm(dim=-1).sum(0)
         self.count += x.shape[0]
 
@@ -69,7 +70,9 @@ def _everything_but(*labels):
 
 def test_a_declared_probe_appears_in_the_built_report(tmp_path, toy_registered, model):
     labels = [label for label, _, _ in report.report_sections()]
-    assert labels.index("stream_usage") < labels.index("toy_section") < labels.index("cka")   # order 10 < 15 < 20
+    assert (
+        labels.index("stream_usage") < labels.index("toy_section") < labels.index("cka")
+    )  # order 10 < 15 < 20
     cfg = report.ReportConfig(progress=False, background_figures=False).fast()
     cfg.skip = _everything_but("toy_section", "curvature")
     index = report.build_report(model, tmp_path / "r", cfg=cfg)
@@ -85,7 +88,7 @@ def test_a_declared_probe_appears_in_the_built_report(tmp_path, toy_registered, 
     tokens = corpus_tokens(model, read_texts(default_corpus()), cfg)
     with torch.no_grad():
         _, cache = model.run_with_cache(tokens, names_filter="hook_streams_init")
-    x = cache["hook_streams_init"][:, 1:].double()                   # the runner masks position 0
+    x = cache["hook_streams_init"][:, 1:].double()  # the runner masks position 0
     np.testing.assert_allclose(saved["norms"], x.norm(dim=-1).mean((0, 1)).numpy(), rtol=1e-6)
 
 
@@ -117,7 +120,9 @@ def test_a_probe_that_runs_itself_shows_its_tables_and_findings(tmp_path, toy_re
 
     class TabledResult(ToyResult):
         def tables(self):
-            return [{"title": "toy table", "header": ["0", "1"], "rows": [[f"{v:.1f}" for v in self["norms"]]]}]
+            return [
+                {"title": "toy table", "header": ["0", "1"], "rows": [[f"{v:.1f}" for v in self["norms"]]]}
+            ]
 
         def findings(self):
             return [None, {"key": "toy", "text": f"largest norm {self['norms'].max():.1f}", "values": {}}]
@@ -127,12 +132,15 @@ def test_a_probe_that_runs_itself_shows_its_tables_and_findings(tmp_path, toy_re
     cfg = report.ReportConfig(progress=False, background_figures=False).fast()
     assert "toy_section" not in [p.name for p in report.shared_forward_probes(model, cfg)]
     cfg.skip = _everything_but("toy_section")
-    written = json.loads((report.build_report(model, tmp_path / "r", cfg=cfg).parent / "report.json").read_text())
-    assert len(calls) == 1 and calls[0][0] > 1                       # the corpus windows [n_seq, seq_len]
+    written = json.loads(
+        (report.build_report(model, tmp_path / "r", cfg=cfg).parent / "report.json").read_text()
+    )
+    assert len(calls) == 1 and calls[0][0] > 1  # the corpus windows [n_seq, seq_len]
     [toy] = written["sections"]
     assert toy["note"] == "on its own prompts" and toy["title"] == TITLE
     assert toy["tables"] == [{"title": "toy table", "header": ["0", "1"], "rows": [["1.0", "3.0"]]}]
     assert written["summary"]["findings"] == [{"key": "toy", "text": "largest norm 3.0", "values": {}}]
+
 
 def test_bad_declarations_are_refused(toy_registered, monkeypatch):
     with pytest.raises(ValueError, match="title"):
@@ -155,19 +163,28 @@ def test_the_report_samples_heads_and_sweep_sublayers_and_says_so(tmp_path):
     from mhc_interp.shipped import default_model_path
 
     model = load(default_model_path())
-    cfg = ReportConfig(max_tokens=512, seq_len=64, causal_prompts=2, causal_seq_len=16, predictability_tokens=128,
-                       heads_per_layer=2, causal_sublayers=3, progress=False, background_figures=False,
-                       skip=("cka", "predictability", "curvature", "logit_lens", "stream_usage"))
+    cfg = ReportConfig(
+        max_tokens=512,
+        seq_len=64,
+        causal_prompts=2,
+        causal_seq_len=16,
+        predictability_tokens=128,
+        heads_per_layer=2,
+        causal_sublayers=3,
+        progress=False,
+        background_figures=False,
+        skip=("cka", "predictability", "curvature", "logit_lens", "stream_usage"),
+    )
     assert cfg.sampled_sublayers(model) == [0, 4, 7]
     assert cfg.sampled_heads(model) == [(l, h) for l in range(4) for h in (0, 3)]
     build_report(model, tmp_path / "r", corpus=default_corpus(), cfg=cfg)
     page = (tmp_path / "r" / "index.html").read_text()
     assert "sampled: 8 of 16 heads (2 evenly spaced per layer)" in page
-    assert page.count("sampled: 3 of 8 sublayers (evenly spaced: [0, 4, 7])") == 2    # rescue, patching
+    assert page.count("sampled: 3 of 8 sublayers (evenly spaced: [0, 4, 7])") == 2  # rescue, patching
     for probe in ("ablate_rescue", "activation_patching"):
         meta = json.loads((tmp_path / "r" / "results" / f"{probe}.json").read_text())
         assert meta["meta"]["sublayers"] == [model.sublayer_names[k] for k in (0, 4, 7)]
-    ablated = np.load(tmp_path / "r" / "results" / "head_detector.npz")["copy_suppression"]   # [layer, head]
+    ablated = np.load(tmp_path / "r" / "results" / "head_detector.npz")["copy_suppression"]  # [layer, head]
     assert np.isfinite(ablated[:, [0, 3]]).all() and np.isnan(ablated[:, [1, 2]]).all()
     for bad in (0, -1, 1.5, True):
         with pytest.raises(ValueError, match="causal_sublayers"):

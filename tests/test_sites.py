@@ -1,5 +1,6 @@
 """The one site vocabulary (mhc_interp.probes.sites): every spec form, the same defaults in every
 probe, clear errors, and the shared collecting forward."""
+
 import copy
 
 import pytest
@@ -9,8 +10,15 @@ from mhc_interp.hooks.names import HookNameError
 from mhc_interp.probes import CKA, CrossStreamPredictability, Curvature, LogitLens, run_probes
 from mhc_interp.probes.crosscoder_buffer import ActivationBuffer
 from mhc_interp.probes.runner import iter_activations
-from mhc_interp.probes.sites import (DEFAULT_SITES, evenly_spaced, forward_sites, last_sublayer_needed,
-                                     resolve_sites, site_hooks, site_label)
+from mhc_interp.probes.sites import (
+    DEFAULT_SITES,
+    evenly_spaced,
+    forward_sites,
+    last_sublayer_needed,
+    resolve_sites,
+    site_hooks,
+    site_label,
+)
 
 from .conftest import perturbed_model, tiny_config
 
@@ -25,12 +33,13 @@ def model():
 def test_each_spec_form(model):
     L = model.cfg.n_layers
     assert site_hooks(model, "layers") == ["hook_streams_init"] + [f"blocks.{l}.mlp.{OUT}" for l in range(L)]
-    assert site_hooks(model, "sublayers") == ["hook_streams_init"] + [f"blocks.{l}.{k}.{OUT}" for l in range(L)
-                                                                      for k in ("attn", "mlp")]
+    assert site_hooks(model, "sublayers") == ["hook_streams_init"] + [
+        f"blocks.{l}.{k}.{OUT}" for l in range(L) for k in ("attn", "mlp")
+    ]
     assert site_hooks(model, 3) == [f"blocks.{l}.mlp.{OUT}" for l in (0, 2, 4)]
     assert site_hooks(model, 99) == [f"blocks.{l}.mlp.{OUT}" for l in range(L)]
     names = [f"blocks.3.attn.{OUT}", "blocks.1.mlp.hook_streams_in", "hook_streams_init"]
-    assert site_hooks(model, names) == names                         # the order given
+    assert site_hooks(model, names) == names  # the order given
     assert site_hooks(model, tuple(names)) == names
     assert site_hooks(model, None) == site_hooks(model, DEFAULT_SITES) == site_hooks(model, "layers")
 
@@ -39,15 +48,25 @@ def test_stream_pairs(model):
     n = model.cfg.n_streams
     assert resolve_sites(model, 2) == [(f"blocks.{l}.mlp.{OUT}", s) for l in (0, 4) for s in range(n)]
     assert resolve_sites(model, [f"blocks.0.mlp.{OUT}", (f"blocks.2.attn.{OUT}", 3)]) == (
-        [(f"blocks.0.mlp.{OUT}", s) for s in range(n)] + [(f"blocks.2.attn.{OUT}", 3)])
+        [(f"blocks.0.mlp.{OUT}", s) for s in range(n)] + [(f"blocks.2.attn.{OUT}", 3)]
+    )
     assert len(resolve_sites(model, "sublayers")) == (2 * model.cfg.n_layers + 1) * n
 
 
 def test_same_defaults_in_every_probe(model):
     tokens = torch.randint(0, model.cfg.d_vocab, (4, 12), generator=torch.Generator().manual_seed(0))
     expected = site_hooks(model, None)
-    res = run_probes(model, [CKA(minibatch_tokens=8), Curvature(), LogitLens(writes=False),
-                             CrossStreamPredictability(max_tokens=40)], tokens, progress=False)
+    res = run_probes(
+        model,
+        [
+            CKA(minibatch_tokens=8),
+            Curvature(),
+            LogitLens(writes=False),
+            CrossStreamPredictability(max_tokens=40),
+        ],
+        tokens,
+        progress=False,
+    )
     assert res["cka"].site_names == expected
     assert res["curvature"].meta["site_names"] == expected
     assert res["logit_lens"].meta["sites"] == expected
@@ -63,9 +82,17 @@ def test_every_probe_takes_every_form(model):
     tokens = torch.randint(0, model.cfg.d_vocab, (2, 12), generator=torch.Generator().manual_seed(1))
     for spec in ("sublayers", 2, [f"blocks.1.attn.{OUT}", "hook_streams_init"]):
         expected = site_hooks(model, spec)
-        res = run_probes(model, [CKA(sites=spec, minibatch_tokens=8), Curvature(sites=spec),
-                                 LogitLens(sites=spec, writes=False),
-                                 CrossStreamPredictability(sites=spec, max_tokens=22)], tokens, progress=False)
+        res = run_probes(
+            model,
+            [
+                CKA(sites=spec, minibatch_tokens=8),
+                Curvature(sites=spec),
+                LogitLens(sites=spec, writes=False),
+                CrossStreamPredictability(sites=spec, max_tokens=22),
+            ],
+            tokens,
+            progress=False,
+        )
         assert res["cka"].site_names == expected
         assert res["cka"]["cka"].shape == (len(expected) * model.cfg.n_streams,) * 2
         assert res["curvature"].meta["site_names"] == expected
@@ -77,7 +104,7 @@ def test_every_probe_takes_every_form(model):
 
 def test_errors(model):
     with pytest.raises(HookNameError, match="Did you mean"):
-        site_hooks(model, [f"blocks.0.mlp.hook_stream_out"])
+        site_hooks(model, ["blocks.0.mlp.hook_stream_out"])
     with pytest.raises(ValueError, match="stream states.*hook_write"):
         site_hooks(model, ["blocks.0.mlp.hook_write"])
     with pytest.raises(ValueError, match="duplicate"):
@@ -88,7 +115,7 @@ def test_errors(model):
         site_hooks(model, 0)
     with pytest.raises(TypeError, match="hook-name strings"):
         site_hooks(model, [3])
-    for probe in (CKA, Curvature, LogitLens, CrossStreamPredictability):   # at construction
+    for probe in (CKA, Curvature, LogitLens, CrossStreamPredictability):  # at construction
         with pytest.raises(ValueError, match="sites must be 'layers', 'sublayers', an int"):
             probe(sites="everything")
     with pytest.raises(ValueError, match="stream index out of range"):
@@ -126,7 +153,7 @@ def test_forward_sites_stops_early_and_checks_values(model):
 def test_iter_activations_budget_and_mask(model):
     tokens = torch.randint(0, model.cfg.d_vocab, (5, 6), generator=torch.Generator().manual_seed(3))
     out = list(iter_activations(model, tokens, [f"blocks.0.mlp.{OUT}"], batch_size=2, max_tokens=15))
-    assert [n for _, _, n, _ in out] == [12, 3]                       # cut to the budget
+    assert [n for _, _, n, _ in out] == [12, 3]  # cut to the budget
     assert [tuple(m.shape) for _, m, _, _ in out] == [(2, 6), (1, 6)]
-    assert not out[0][1][:, 0].any() and int(out[1][1].sum()) == 2     # position 0 and the cut masked
+    assert not out[0][1][:, 0].any() and int(out[1][1].sum()) == 2  # position 0 and the cut masked
     assert all(not acts for *_, acts in iter_activations(model, tokens, [], batch_size=5))  # no forward

@@ -1,5 +1,6 @@
 """Stream-usage diagnostics against a slow reference from a full cache, planted read shares, and
 the runner (token sources, masking, batching invariance, bounded state, errors)."""
+
 import numpy as np
 import pytest
 import torch
@@ -29,7 +30,12 @@ def reference_usage(model, tokens, exclude_first=1):
     n = model.cfg.n_streams
     out = {k: [] for k in ("h_res", "dist", "read", "read_norm", "write", "norm", "fro", "var_s", "h_post")}
     for s in model.sublayer_names:
-        x = cache[f"{s}.hook_streams_in"][:, exclude_first:].double().numpy().reshape(-1, n, model.cfg.d_model)
+        x = (
+            cache[f"{s}.hook_streams_in"][:, exclude_first:]
+            .double()
+            .numpy()
+            .reshape(-1, n, model.cfg.d_model)
+        )
         hp = cache[f"{s}.hook_h_pre"][:, exclude_first:].double().numpy().reshape(-1, n)
         hq = cache[f"{s}.hook_h_post"][:, exclude_first:].double().numpy().reshape(-1, n)
         hr = cache[f"{s}.hook_h_res"][:, exclude_first:].double().numpy().reshape(-1, n, n)
@@ -75,8 +81,9 @@ def test_matches_reference_for_any_batch_split(hc_model, corpus):
         r = run_probes(hc_model, StreamUsage(), corpus, batch_size=batch_size, progress=False)
         np.testing.assert_allclose(r["mean_h_res"], ref["h_res"], atol=1e-7)
         np.testing.assert_allclose(r["h_res_dist"], ref["dist"], atol=1e-7)
-        np.testing.assert_allclose(r["mean_h_res_dist"],
-                                   np.linalg.norm(ref["h_res"] - np.eye(4), axis=(1, 2)), atol=1e-7)
+        np.testing.assert_allclose(
+            r["mean_h_res_dist"], np.linalg.norm(ref["h_res"] - np.eye(4), axis=(1, 2)), atol=1e-7
+        )
         np.testing.assert_allclose(r["read_share"], ref["read"], atol=1e-7)
         np.testing.assert_allclose(r["read_share_norm"], ref["read_norm"], atol=1e-7)
         np.testing.assert_allclose(r["write_share"], ref["write"], atol=1e-7)
@@ -142,6 +149,7 @@ def test_single_stream_model_is_refused(corpus):
 # ------------------------------------------------------------------------------- runner
 class TokenCount(Probe):
     """A minimal custom probe: counts unmasked tokens and sums the logits' first entry."""
+
     name = "token_count"
 
     def __init__(self, hook="hook_logits"):
@@ -176,7 +184,9 @@ def test_runner_sources_masking_and_max_tokens(hc_model, tmp_path):
     r = run_probes(hc_model, TokenCount(), torch.arange(1, 6), seq_len=10, progress=False)
     assert int(r["count"]) == 4
     # max_tokens is exact: 2 x 5 tokens, then the first 2 tokens of the next batch's first row
-    r = run_probes(hc_model, TokenCount(), torch.randint(0, 40, (8, 5)), batch_size=2, max_tokens=12, progress=False)
+    r = run_probes(
+        hc_model, TokenCount(), torch.randint(0, 40, (8, 5)), batch_size=2, max_tokens=12, progress=False
+    )
     assert int(r["count"]) == 2 * 4 + 1 and r.meta["tokens_seen"] == 12
 
     class Bytes:  # a stand-in tokenizer: one token per character, ids mod vocab
@@ -188,7 +198,9 @@ def test_runner_sources_masking_and_max_tokens(hc_model, tmp_path):
         (tmp_path / "a.txt").write_text("abcdefghij" * 3)
         r = run_probes(hc_model, TokenCount(), [tmp_path / "a.txt"], seq_len=10, progress=False)
         assert int(r["count"]) == 3 * 9
-        r = run_probes(hc_model, TokenCount(), Dataset.from_dict({"text": ["x" * 25]}), seq_len=12, progress=False)
+        r = run_probes(
+            hc_model, TokenCount(), Dataset.from_dict({"text": ["x" * 25]}), seq_len=12, progress=False
+        )
         assert int(r["count"]) == 2 * 11
         # documents shorter than a window (short sentences) are scored, not dropped
         short = Dataset.from_dict({"text": ["a" * 8, "b" * 17, "c" * 7]})
@@ -202,11 +214,11 @@ def test_token_budget_cuts_row_major_over_valid_tokens():
     from mhc_interp.probes.runner import within_budget
 
     tokens = torch.arange(12).view(3, 4)
-    valid = torch.tensor([[1, 1, 0, 0], [1, 1, 1, 0], [1, 1, 1, 1]], dtype=torch.bool)   # 2 + 3 + 4 valid
+    valid = torch.tensor([[1, 1, 0, 0], [1, 1, 1, 0], [1, 1, 1, 1]], dtype=torch.bool)  # 2 + 3 + 4 valid
     same = within_budget(tokens, valid, 9)
     assert same[0] is tokens and same[1] is valid
     cut_tokens, cut_valid = within_budget(tokens, valid, 4)
-    assert torch.equal(cut_tokens, tokens[:2])                                          # row 2 dropped
+    assert torch.equal(cut_tokens, tokens[:2])  # row 2 dropped
     assert cut_valid.tolist() == [[True, True, False, False], [True, True, False, False]]
     assert within_budget(tokens, valid, 2)[1].tolist() == [[True, True, False, False]]
 

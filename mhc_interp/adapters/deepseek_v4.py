@@ -14,6 +14,7 @@ compression rates small enough to fire on 16-token inputs, a hash-routed MoE lay
 routed one, 4 hyper-connection streams, no multi-token-prediction layers. The conventions
 (H_res = comb^T, hc_eps in H_pre, the hc_head readout) are in docs/adapters.md.
 """
+
 from __future__ import annotations
 
 import inspect
@@ -35,7 +36,7 @@ def hc_coefficients(hc: nn.Module, x: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
         pre = sigmoid(.) + eps,  post = 2 sigmoid(.),  comb = Sinkhorn(softmax(.) + eps)"""
     b, p = x.shape[:2]
     n, eps = int(hc.hc_mult), hc.hc_eps
-    flat = F.linear(hc.input_norm(x.reshape(b, p, -1).float()), hc.fn.float())     # [b, p, (2+n)n]
+    flat = F.linear(hc.input_norm(x.reshape(b, p, -1).float()), hc.fn.float())  # [b, p, (2+n)n]
     pre_w, post_w, comb_w = flat.split([n, n, n * n], dim=-1)
     pre_b, post_b, comb_b = hc.base.split([n, n, n * n])
     pre_scale, post_scale, comb_scale = hc.scale.unbind(0)
@@ -74,16 +75,27 @@ def _context(hf_model: nn.Module, like: Tensor) -> Dict[str, Any]:
     from transformers.masking_utils import create_sliding_window_causal_mask
 
     base = getattr(hf_model, "model", hf_model)
-    position_ids = torch.arange(like.shape[1], device=like.device).unsqueeze(0)   # [1, pos]
-    mask = create_sliding_window_causal_mask(config=hf_model.config, inputs_embeds=like, attention_mask=None,
-                                             position_ids=position_ids, **_no_cache(create_sliding_window_causal_mask))
+    position_ids = torch.arange(like.shape[1], device=like.device).unsqueeze(0)  # [1, pos]
+    mask = create_sliding_window_causal_mask(
+        config=hf_model.config,
+        inputs_embeds=like,
+        attention_mask=None,
+        position_ids=position_ids,
+        **_no_cache(create_sliding_window_causal_mask),
+    )
     layer_types = getattr(base.rotary_emb, "layer_types", ["main", "compress"])
     rotary = {t: base.rotary_emb(like, position_ids=position_ids, layer_type=t) for t in layer_types}
-    return dict(position_embeddings=rotary, position_ids=position_ids, attention_mask=mask,
-                **_no_cache(base.layers[0].self_attn.forward))
+    return dict(
+        position_embeddings=rotary,
+        position_ids=position_ids,
+        attention_mask=mask,
+        **_no_cache(base.layers[0].self_attn.forward),
+    )
 
 
-def _branch(kind: str, module: nn.Module, h: Tensor, context: Dict[str, Any], ids: Optional[Tensor]) -> Tensor:
+def _branch(
+    kind: str, module: nn.Module, h: Tensor, context: Dict[str, Any], ids: Optional[Tensor]
+) -> Tensor:
     if kind == "attn":
         return module(h, **context)[0]
     return module(h, input_ids=ids)
@@ -103,17 +115,26 @@ def _check_shapes(base: nn.Module, n: int, d: int) -> None:
                 raise UnsupportedModelError(
                     f"layer {i} {name}: fn {tuple(hc.fn.shape)} / base {tuple(hc.base.shape)} / scale "
                     f"{tuple(hc.scale.shape)} do not match the mHC parameterisation for hc_mult={n}, "
-                    f"hidden_size={d} (fn [(2+n)n, n*d], base [(2+n)n], scale [3])")
+                    f"hidden_size={d} (fn [(2+n)n, n*d], base [(2+n)n], scale [3])"
+                )
     if tuple(base.hc_head.hc_fn.shape) != (n, n * d):
-        raise UnsupportedModelError(f"hc_head.hc_fn has shape {tuple(base.hc_head.hc_fn.shape)}, expected {(n, n * d)}")
+        raise UnsupportedModelError(
+            f"hc_head.hc_fn has shape {tuple(base.hc_head.hc_fn.shape)}, expected {(n, n * d)}"
+        )
 
 
 def _describe(hf_model: nn.Module, base: nn.Module) -> Dict[str, Any]:
     config, hc0, attn = getattr(hf_model, "config", None), base.layers[0].attn_hc, base.layers[0].self_attn
     inter = int(getattr(config, "moe_intermediate_size", 0) or 4 * hc0.fn.shape[1] // int(hc0.hc_mult))
-    per_tok = int(getattr(config, "num_experts_per_tok", 1) or 1) + int(getattr(config, "n_shared_experts", 0) or 0)
-    out = dict(d_mlp=inter * per_tok, hc_eps=float(hc0.hc_eps), sinkhorn_iters=int(hc0.hc_sinkhorn_iters),
-               hyper_conn_type="mhc")   # sigmoid / 2 sigmoid / Sinkhorn
+    per_tok = int(getattr(config, "num_experts_per_tok", 1) or 1) + int(
+        getattr(config, "n_shared_experts", 0) or 0
+    )
+    out = dict(
+        d_mlp=inter * per_tok,
+        hc_eps=float(hc0.hc_eps),
+        sinkhorn_iters=int(hc0.hc_sinkhorn_iters),
+        hyper_conn_type="mhc",
+    )  # sigmoid / 2 sigmoid / Sinkhorn
     for key, attr in (("n_heads", "num_heads"), ("d_head", "head_dim")):
         if hasattr(attn, attr):
             out[key] = int(getattr(attn, attr))
@@ -123,13 +144,20 @@ def _describe(hf_model: nn.Module, base: nn.Module) -> Dict[str, Any]:
 DEEPSEEK_V4 = HyperConnectionSpec(
     name="deepseek_v4",
     description="transformers' DeepSeek-V4: DeepseekV4ForCausalLM, hyper-connections like DeepseekV4HyperConnection",
-    layout={"attn": ("attn_hc", "input_layernorm", "self_attn"), "mlp": ("ffn_hc", "post_attention_layernorm", "mlp")},
+    layout={
+        "attn": ("attn_hc", "input_layernorm", "self_attn"),
+        "mlp": ("ffn_hc", "post_attention_layernorm", "mlp"),
+    },
     hc_attrs=("hc_mult", "fn", "base", "scale", "hc_sinkhorn_iters", "hc_eps", "input_norm"),
     head_attrs=("hc_fn", "hc_base", "hc_scale", "eps", "input_norm"),
     coefficients=_coefficients,
-    head_weights=head_weights_of, branch=_branch, layer_forward=_layer_forward, context=_context,
+    head_weights=head_weights_of,
+    branch=_branch,
+    layer_forward=_layer_forward,
+    context=_context,
     routes_by_token=lambda branch: bool(getattr(branch, "is_hash", False)),
-    check_shapes=_check_shapes, describe=_describe,
+    check_shapes=_check_shapes,
+    describe=_describe,
     parts=dict(embed="embed_tokens", layers="layers", final_norm="norm", head="hc_head", rotary="rotary_emb"),
 )
 
@@ -139,14 +167,30 @@ def tiny_deepseek_v4_config(**overrides: Any):
     from transformers import DeepseekV4Config
 
     kwargs = dict(
-        vocab_size=96, hidden_size=64, moe_intermediate_size=32, num_hidden_layers=2,
-        num_attention_heads=4, head_dim=16, q_lora_rank=32, o_groups=2, o_lora_rank=16,
-        num_experts_per_tok=2, n_routed_experts=4, n_shared_experts=1,
-        index_n_heads=2, index_head_dim=16, index_topk=4, sliding_window=8,
+        vocab_size=96,
+        hidden_size=64,
+        moe_intermediate_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        head_dim=16,
+        q_lora_rank=32,
+        o_groups=2,
+        o_lora_rank=16,
+        num_experts_per_tok=2,
+        n_routed_experts=4,
+        n_shared_experts=1,
+        index_n_heads=2,
+        index_head_dim=16,
+        index_topk=4,
+        sliding_window=8,
         compress_rates={"compressed_sparse_attention": 4, "heavily_compressed_attention": 8},
         layer_types=["compressed_sparse_attention", "heavily_compressed_attention"],
-        mlp_layer_types=["hash_moe", "moe"], num_nextn_predict_layers=0,
-        max_position_embeddings=64, partial_rotary_factor=0.5, hc_mult=4, initializer_range=0.1,
+        mlp_layer_types=["hash_moe", "moe"],
+        num_nextn_predict_layers=0,
+        max_position_embeddings=64,
+        partial_rotary_factor=0.5,
+        hc_mult=4,
+        initializer_range=0.1,
     )
     kwargs.update(overrides)
     n = kwargs["num_hidden_layers"]
@@ -166,7 +210,7 @@ def tiny_deepseek_v4(seed: int = 0, *, mixing_std: float = 0.05, **overrides: An
 
     config = tiny_deepseek_v4_config(**overrides)
     gen = torch.Generator().manual_seed(seed)
-    with torch.random.fork_rng(devices=[]):   # the global CPU generator is left as it was
+    with torch.random.fork_rng(devices=[]):  # the global CPU generator is left as it was
         torch.manual_seed(seed)
         model = DeepseekV4ForCausalLM(config)
     with torch.no_grad():
@@ -179,7 +223,9 @@ def tiny_deepseek_v4(seed: int = 0, *, mixing_std: float = 0.05, **overrides: An
                 module.hc_fn.copy_(torch.randn(module.hc_fn.shape, generator=gen) * mixing_std)
                 module.hc_base.copy_(torch.randn(module.hc_base.shape, generator=gen))
             elif kind == "DeepseekV4HashRouter":
-                module.tid2eid.copy_(torch.randint(0, module.num_experts, module.tid2eid.shape, generator=gen))
+                module.tid2eid.copy_(
+                    torch.randint(0, module.num_experts, module.tid2eid.shape, generator=gen)
+                )
             elif kind == "DeepseekV4Attention":
                 module.sinks.copy_(torch.randn(module.sinks.shape, generator=gen) * 0.5)
     return model.eval()

@@ -1,5 +1,6 @@
 """Models spread over devices (accelerate `device_map`, cpu / disk offload): where a module runs,
 its offloaded weights made real for a step, and hook points that run their hooks on one device."""
+
 from __future__ import annotations
 
 from contextlib import contextmanager
@@ -27,12 +28,14 @@ def execution_device(module: nn.Module, fallback: Optional[torch.device] = None)
         dev = getattr(hook, "execution_device", None)
         if dev is not None:
             return torch.device(dev if not isinstance(dev, int) else f"cuda:{dev}")
-    for t in module.parameters():   # its own first, then its submodules
+    for t in module.parameters():  # its own first, then its submodules
         if t.device.type != "meta":
             return t.device
     if fallback is not None:
         return fallback
-    raise UnsupportedModelError(f"cannot tell which device {type(module).__name__} runs on (meta weights, no hook)")
+    raise UnsupportedModelError(
+        f"cannot tell which device {type(module).__name__} runs on (meta weights, no hook)"
+    )
 
 
 @contextmanager
@@ -75,4 +78,6 @@ class AdapterHookPoint(HookPoint):
     def add_hook(self, hook, dir="fwd", is_permanent=False, level=None, prepend=False, **kwargs):
         if self.gather_device is not None and not isinstance(hook, _GatheringHook):
             hook = _GatheringHook(hook, self.gather_device)
-        return super().add_hook(hook, dir=dir, is_permanent=is_permanent, level=level, prepend=prepend, **kwargs)
+        return super().add_hook(
+            hook, dir=dir, is_permanent=is_permanent, level=level, prepend=prepend, **kwargs
+        )

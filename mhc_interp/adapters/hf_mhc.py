@@ -11,6 +11,7 @@ about a model family is a `HyperConnectionSpec` (`spec.py`; DeepSeek-V4's: `deep
 Hook points, the semantic differences from `HookedMHC`, resuming token-routed layers and
 several-device runs: docs/adapters.md.
 """
+
 from __future__ import annotations
 
 from contextlib import contextmanager
@@ -46,7 +47,7 @@ class HFMHCConfig:
     n_ctx: int
     n_heads: int
     d_head: int
-    d_mlp: int                       # a memory estimate (DeepSeek-V4: expert width x experts per token)
+    d_mlp: int  # a memory estimate (DeepSeek-V4: expert width x experts per token)
     hc_eps: float = 0.0
     sinkhorn_iters: int = 0
     hash_layers: Tuple[int, ...] = ()  # layers with a branch that routes by token id
@@ -63,24 +64,39 @@ class HFMHCConfig:
         return asdict(self)
 
 
-def _config_from(hf_model: nn.Module, base: nn.Module, lm_head: nn.Module, spec: HyperConnectionSpec) -> HFMHCConfig:
+def _config_from(
+    hf_model: nn.Module, base: nn.Module, lm_head: nn.Module, spec: HyperConnectionSpec
+) -> HFMHCConfig:
     config = getattr(hf_model, "config", None)
     layers = spec.part(base, "layers")
     d = int(spec.part(base, "embed").weight.shape[-1])
     n_heads = int(getattr(config, "num_attention_heads", 1) or 1)
-    token_routed = [i for i, layer in enumerate(layers)
-                    if any(spec.routes_by_token(getattr(layer, branch)) for _, _, branch in spec.layout.values())]
-    fields = dict(n_layers=len(layers), d_model=d, n_streams=stream_count(base, spec), d_vocab=int(lm_head.weight.shape[0]),
-                  n_ctx=int(getattr(config, "max_position_embeddings", 0) or 1 << 20), n_heads=n_heads,
-                  d_head=int(getattr(config, "head_dim", 0) or d // n_heads), d_mlp=4 * d, hash_layers=tuple(token_routed),
-                  model_type=str(getattr(config, "model_type", spec.name)),
-                  attn_impl=str(getattr(config, "_attn_implementation", None) or "eager"),
-                  tokenizer_name=getattr(config, "_name_or_path", None) or None)
+    token_routed = [
+        i
+        for i, layer in enumerate(layers)
+        if any(spec.routes_by_token(getattr(layer, branch)) for _, _, branch in spec.layout.values())
+    ]
+    fields = dict(
+        n_layers=len(layers),
+        d_model=d,
+        n_streams=stream_count(base, spec),
+        d_vocab=int(lm_head.weight.shape[0]),
+        n_ctx=int(getattr(config, "max_position_embeddings", 0) or 1 << 20),
+        n_heads=n_heads,
+        d_head=int(getattr(config, "head_dim", 0) or d // n_heads),
+        d_mlp=4 * d,
+        hash_layers=tuple(token_routed),
+        model_type=str(getattr(config, "model_type", spec.name)),
+        attn_impl=str(getattr(config, "_attn_implementation", None) or "eager"),
+        tokenizer_name=getattr(config, "_name_or_path", None) or None,
+    )
     fields.update(spec.describe(hf_model, base))
     return HFMHCConfig(**fields)
 
 
-def _bypassed_modules(hf_model: nn.Module, base: nn.Module, spec: HyperConnectionSpec) -> List[Tuple[str, nn.Module]]:
+def _bypassed_modules(
+    hf_model: nn.Module, base: nn.Module, spec: HyperConnectionSpec
+) -> List[Tuple[str, nn.Module]]:
     """(name, module) of the HF modules whose forward the adapter never calls: it recomputes the
     hyper-connection modules (to expose and freeze H_pre/H_post/H_res) and runs each decoder
     layer's parts itself, so the HF model, its decoder layers, their hyper-connections and the
@@ -101,7 +117,8 @@ def _refuse_bypassed_hooks(bypassed: List[Tuple[str, nn.Module]]) -> None:
             f"does not run as modules (it recomputes the hyper-connections and calls each layer's parts "
             f"itself), so they would never fire; use the adapter's hook points (blocks.{{l}}.attn.hook_h_pre, "
             f"...hook_streams_out, head.hook_h_pre, ...) or hooks on the parts it calls (the branches, "
-            f"their norms, the final norm, lm_head)")
+            f"their norms, the final norm, lm_head)"
+        )
 
 
 def _repeat_to(t: Tensor, batch: int, what: str, name: str) -> Tensor:
@@ -110,8 +127,9 @@ def _repeat_to(t: Tensor, batch: int, what: str, name: str) -> Tensor:
     if t.shape[0] == batch:
         return t.clone()
     if batch % t.shape[0]:
-        raise ValueError(f"{what} for {name!r} has batch {t.shape[0]}, the run {batch}: the run's batch "
-                         f"must be a multiple")
+        raise ValueError(
+            f"{what} for {name!r} has batch {t.shape[0]}, the run {batch}: the run's batch must be a multiple"
+        )
     return t.repeat(batch // t.shape[0], *([1] * (t.ndim - 1)))
 
 
@@ -156,8 +174,12 @@ class HFHyperConnectedSublayer(HookedSublayer):
         super().__init__()
         hc_name, norm_name, branch_name = spec.layout[kind]
         self.kind, self.index, self.spec = kind, index, spec
-        self.hf = SimpleNamespace(layer=layer, hc=getattr(layer, hc_name), norm=getattr(layer, norm_name),
-                                  branch=getattr(layer, branch_name))
+        self.hf = SimpleNamespace(
+            layer=layer,
+            hc=getattr(layer, hc_name),
+            norm=getattr(layer, norm_name),
+            branch=getattr(layer, branch_name),
+        )
         self.needs_input_ids = spec.routes_by_token(self.hf.branch)
         self.device: Optional[torch.device] = None  # execution device, set by the adapter
 
@@ -178,7 +200,9 @@ class HFHyperConnectedSublayer(HookedSublayer):
             raise ValueError(f"{self.name} routes by token id (hash routing) and the run has no token ids")
         x, h_pre, h_post, h_res = self.hooked_coefficients(x)
         read = self.hook_read((h_pre.unsqueeze(-1) * x).sum(dim=2).to(x.dtype))
-        write = self.hook_write(self.spec.branch(self.kind, self.hf.branch, self.hf.norm(read), ctx.kwargs, ctx.ids))
+        write = self.hook_write(
+            self.spec.branch(self.kind, self.hf.branch, self.hf.norm(read), ctx.kwargs, ctx.ids)
+        )
         mixed = self.hook_res_mix(torch.matmul(h_res.to(x.dtype), x))
         return self.hook_streams_out(h_post.to(x.dtype).unsqueeze(-1) * write.unsqueeze(-2) + mixed)
 
@@ -196,14 +220,16 @@ class HFHead(nn.Module):
 
     def __init__(self, base: nn.Module, lm_head: nn.Module, spec: HyperConnectionSpec):
         super().__init__()
-        self.hf = SimpleNamespace(head=spec.part(base, "head"), norm=spec.part(base, "final_norm"), lm_head=lm_head)
+        self.hf = SimpleNamespace(
+            head=spec.part(base, "head"), norm=spec.part(base, "final_norm"), lm_head=lm_head
+        )
         self.weights_of = spec.head_weights
         self.frozen: Optional[Tensor] = None
         self.device: Optional[torch.device] = None
         self.hook_streams_in = AdapterHookPoint()  # [batch, pos, n_streams, d_model]
-        self.hook_h_pre = AdapterHookPoint()       # [batch, pos, n_streams]
-        self.hook_read = AdapterHookPoint()        # [batch, pos, d_model]
-        self.hook_write = AdapterHookPoint()       # [batch, pos, d_model]
+        self.hook_h_pre = AdapterHookPoint()  # [batch, pos, n_streams]
+        self.hook_read = AdapterHookPoint()  # [batch, pos, d_model]
+        self.hook_write = AdapterHookPoint()  # [batch, pos, d_model]
 
     def weights(self, x: Tensor, weights: Optional[Tensor] = None) -> Tensor:
         """Collapse weights [b, p, n] for the final state x: `weights`, else the frozen ones, else
@@ -238,8 +264,14 @@ class HookedHFMHC(StreamHookedRoot):
         a model whose modules look the same but compute something else.
     """
 
-    def __init__(self, hf_model: nn.Module, tokenizer: Any = None, *, check: bool = True,
-                 spec: HyperConnectionSpec = DEEPSEEK_V4):
+    def __init__(
+        self,
+        hf_model: nn.Module,
+        tokenizer: Any = None,
+        *,
+        check: bool = True,
+        spec: HyperConnectionSpec = DEEPSEEK_V4,
+    ):
         super().__init__()
         base, lm_head = validate_structure(hf_model, spec)
         self.spec = spec
@@ -248,13 +280,19 @@ class HookedHFMHC(StreamHookedRoot):
             spec.check_shapes(base, self.cfg.n_streams, self.cfg.d_model)
         self.hf_model = hf_model  # registered: parameters()/eval()/named_modules() see it, nothing is copied
         self.tokenizer = tokenizer
-        self._hf = SimpleNamespace(base=base, lm_head=lm_head, embed=spec.part(base, "embed"),
-                                   bypassed=_bypassed_modules(hf_model, base, spec))
-        self.blocks = nn.ModuleList([HFBlock(layer, i, spec) for i, layer in enumerate(spec.part(base, "layers"))])
+        self._hf = SimpleNamespace(
+            base=base,
+            lm_head=lm_head,
+            embed=spec.part(base, "embed"),
+            bypassed=_bypassed_modules(hf_model, base, spec),
+        )
+        self.blocks = nn.ModuleList(
+            [HFBlock(layer, i, spec) for i, layer in enumerate(spec.part(base, "layers"))]
+        )
         self.head = HFHead(base, lm_head, spec)
-        self.hook_embed = AdapterHookPoint()         # [batch, pos, d_model]
+        self.hook_embed = AdapterHookPoint()  # [batch, pos, d_model]
         self.hook_streams_init = AdapterHookPoint()  # [batch, pos, n_streams, d_model]
-        self.hook_logits = AdapterHookPoint()        # [batch, pos, d_vocab]
+        self.hook_logits = AdapterHookPoint()  # [batch, pos, d_vocab]
         self.setup()
         self.refresh_devices()
         if check:
@@ -278,7 +316,9 @@ class HookedHFMHC(StreamHookedRoot):
         self._main_device = main
         for sub in self.sublayers:
             sub.device = execution_device(sub.hf.hc, fallback=execution_device(sub.hf.branch, main))
-        self.head.device = execution_device(self.head.hf.head, fallback=execution_device(self.head.hf.norm, main))
+        self.head.device = execution_device(
+            self.head.hf.head, fallback=execution_device(self.head.hf.norm, main)
+        )
         devices = {main, self.head.device, *(s.device for s in self.sublayers)}
         self.devices = sorted(devices, key=str)
         gather = main if len(devices) > 1 else None
@@ -311,7 +351,7 @@ class HookedHFMHC(StreamHookedRoot):
     # -------------------------------------------------------------------------------- forward
     def _context(self, x: Tensor, ids: Optional[Tensor]) -> _Context:
         """The run's context from its state x [b, p, n, d] (on the main device)."""
-        like = x[:, :, 0].to(self.device)                                           # [b, p, d]
+        like = x[:, :, 0].to(self.device)  # [b, p, d]
         return _Context(self.spec.context(self.hf_model, like), ids, self.device)
 
     def _resume_ids(self, x: Tensor, start: int, stop: int, tokens: Optional[Tensor]) -> Optional[Tensor]:
@@ -320,18 +360,26 @@ class HookedHFMHC(StreamHookedRoot):
         if tokens is None:
             routed = [s.name for s in self.sublayers[start:stop] if s.needs_input_ids]
             if routed:
-                raise ValueError(f"resuming at sublayer {start} runs {routed}, whose branch routes by token id "
-                                 f"(hash routing): pass the run's token ids, model(state, "
-                                 f"start_at_sublayer={start}, tokens=ids)")
+                raise ValueError(
+                    f"resuming at sublayer {start} runs {routed}, whose branch routes by token id "
+                    f"(hash routing): pass the run's token ids, model(state, "
+                    f"start_at_sublayer={start}, tokens=ids)"
+                )
             return None
         ids = self._check_tokens(tokens)
         if ids.shape[1] != x.shape[1]:
             raise ValueError(f"tokens= has {ids.shape[1]} positions, the state {x.shape[1]}")
         return _repeat_to(ids, x.shape[0], "tokens=", "the resumed run")
 
-    def forward(self, input: Any, return_type: Optional[str] = "logits", *,
-                start_at_sublayer: Optional[int] = None, stop_at_sublayer: Optional[int] = None,
-                tokens: Optional[Tensor] = None) -> Any:
+    def forward(
+        self,
+        input: Any,
+        return_type: Optional[str] = "logits",
+        *,
+        start_at_sublayer: Optional[int] = None,
+        stop_at_sublayer: Optional[int] = None,
+        tokens: Optional[Tensor] = None,
+    ) -> Any:
         """Same contract as `HookedMHC.forward`: tokens [batch, pos] (or text), or with
         `start_at_sublayer=k` the stream state entering sublayer k; `stop_at_sublayer=k` returns
         the state entering sublayer k (on `model.device`). return_type "logits" | "loss" | "both" |
@@ -343,7 +391,9 @@ class HookedHFMHC(StreamHookedRoot):
         if start_at_sublayer is None:
             tokens = self._check_tokens(input)
             embeds = self.hook_embed(self._hf.embed(tokens))
-            x = self.hook_streams_init(embeds.unsqueeze(2).expand(-1, -1, self.cfg.n_streams, -1).contiguous())
+            x = self.hook_streams_init(
+                embeds.unsqueeze(2).expand(-1, -1, self.cfg.n_streams, -1).contiguous()
+            )
         else:
             x = self._check_state(input, self.dtype)
             tokens = self._resume_ids(x, start, end, tokens)
@@ -362,8 +412,9 @@ class HookedHFMHC(StreamHookedRoot):
         return self.hook_logits(self._hf.lm_head(normed)).to(self.device)
 
     @torch.no_grad()
-    def stream_contributions(self, x: Tensor, dtype: torch.dtype = torch.float32, *,
-                             head_weights: Optional[Tensor] = None) -> Tensor:
+    def stream_contributions(
+        self, x: Tensor, dtype: torch.dtype = torch.float32, *, head_weights: Optional[Tensor] = None
+    ) -> Tensor:
         """Exact per-stream decomposition of the readout: x [batch, pos, n, d] -> c [batch, pos, n,
         d_vocab] with sum_s c_s = unembed_streams(x), for an RMSNorm final norm (gamma, eps):
 
@@ -375,17 +426,19 @@ class HookedHFMHC(StreamHookedRoot):
         norm, lm_head = self.head.hf.norm, self._hf.lm_head
         eps = getattr(norm, "variance_epsilon", getattr(norm, "eps", None))
         if eps is None or not hasattr(norm, "weight"):
-            raise NotImplementedError(f"stream_contributions needs an RMSNorm final norm, got {type(norm).__name__}")
+            raise NotImplementedError(
+                f"stream_contributions needs an RMSNorm final norm, got {type(norm).__name__}"
+            )
         x = x.to(self.head.device)
-        terms = (self.head.weights(x, head_weights).unsqueeze(-1) * x).to(dtype)   # [b, p, n, d]
-        r = torch.rsqrt(terms.sum(-2).pow(2).mean(-1, keepdim=True) + eps)         # [b, p, 1]
+        terms = (self.head.weights(x, head_weights).unsqueeze(-1) * x).to(dtype)  # [b, p, n, d]
+        r = torch.rsqrt(terms.sum(-2).pow(2).mean(-1, keepdim=True) + eps)  # [b, p, 1]
         with onloaded(norm, lm_head):
             gamma = norm.weight.to(terms.device, dtype)
-            W_U = lm_head.weight.to(terms.device, dtype)                           # [vocab, d]
+            W_U = lm_head.weight.to(terms.device, dtype)  # [vocab, d]
             bias = getattr(lm_head, "bias", None)
             bias = None if bias is None else bias.to(terms.device, dtype)
         out = (gamma * terms * r.unsqueeze(-2)) @ W_U.T
-        if bias is not None:                                                       # shared evenly
+        if bias is not None:  # shared evenly
             out = out + bias / x.shape[-2]
         return out.to(self.device)
 
@@ -397,7 +450,7 @@ class HookedHFMHC(StreamHookedRoot):
         n, d, p = self.cfg.n_streams, self.cfg.d_model, 4
         dev = self.sublayers[0].device
         g = torch.Generator().manual_seed(0)
-        x = torch.randn(1, p, n, d, generator=g).to(dev, self.dtype)                # [1, pos, n, d]
+        x = torch.randn(1, p, n, d, generator=g).to(dev, self.dtype)  # [1, pos, n, d]
         ids = torch.randint(0, self.cfg.d_vocab, (1, p), generator=g).to(self.device)
         ctx = self._context(x, ids)
         frozen = [(s, s.frozen) for s in (*self.sublayers[:2], self.head)]
@@ -413,12 +466,17 @@ class HookedHFMHC(StreamHookedRoot):
         ref = self.spec.layer_forward(self.sublayers[0].hf.layer, x, c.kwargs, c.ids)
         head_ref = self.head.hf.norm(self.head.hf.head(x.to(self.head.device)))
         err = max(_rel_err(ours, ref), _rel_err(head_ours, head_ref))
-        tol = tolerance if tolerance is not None else (1e-4 if self.dtype in (torch.float32, torch.float64) else 3e-2)
+        tol = (
+            tolerance
+            if tolerance is not None
+            else (1e-4 if self.dtype in (torch.float32, torch.float64) else 3e-2)
+        )
         if not err <= tol:
             raise UnsupportedModelError(
                 f"{type(self.sublayers[0].hf.layer).__name__} does not compute x' = H_res x + H_post^T F(H_pre x) "
                 f"(and its head sum_s w_s x_s) the way the {self.spec.name} spec assumes: relative difference "
-                f"{err:.2e} > {tol:.0e} between the HF forward and the adapter's split")
+                f"{err:.2e} > {tol:.0e} between the HF forward and the adapter's split"
+            )
         return err
 
     @contextmanager
@@ -443,9 +501,18 @@ class HookedHFMHC(StreamHookedRoot):
 
     # --------------------------------------------------------------------------------- loading
     @classmethod
-    def from_pretrained(cls, name_or_path: str, *, device_map: Any = None, tp_plan: Any = None,
-                        dtype: Any = None, tokenizer: Any = True, check: bool = True,
-                        spec: HyperConnectionSpec = DEEPSEEK_V4, **hf_kwargs) -> "HookedHFMHC":
+    def from_pretrained(
+        cls,
+        name_or_path: str,
+        *,
+        device_map: Any = None,
+        tp_plan: Any = None,
+        dtype: Any = None,
+        tokenizer: Any = True,
+        check: bool = True,
+        spec: HyperConnectionSpec = DEEPSEEK_V4,
+        **hf_kwargs,
+    ) -> "HookedHFMHC":
         """`AutoModelForCausalLM.from_pretrained(name_or_path, device_map=, tp_plan=, dtype=, ...)`
         wrapped. device_map="auto" (accelerate) shards over the visible GPUs (and offloads to cpu /
         disk past them); tp_plan="auto" uses transformers' tensor-parallel plan (run under torchrun,
@@ -460,8 +527,14 @@ class HookedHFMHC(StreamHookedRoot):
             try:
                 from transformers import AutoTokenizer
 
-                tok = AutoTokenizer.from_pretrained(name_or_path, **{k: v for k, v in hf_kwargs.items()
-                                                                   if k in ("revision", "cache_dir", "local_files_only", "token")})
+                tok = AutoTokenizer.from_pretrained(
+                    name_or_path,
+                    **{
+                        k: v
+                        for k, v in hf_kwargs.items()
+                        if k in ("revision", "cache_dir", "local_files_only", "token")
+                    },
+                )
             except Exception:  # a checkpoint without a tokenizer: the model takes token ids
                 tok = None
         return cls(hf, tok, check=check, spec=spec)
@@ -469,10 +542,12 @@ class HookedHFMHC(StreamHookedRoot):
     def summary(self) -> str:
         c = self.cfg
         n_params = sum(p.numel() for p in self.hf_model.parameters())
-        return (f"HookedHFMHC({type(self.hf_model).__name__}) {c.model_type} | {c.n_layers} layers x 2 "
-                f"sublayers | d_model {c.d_model} | {c.n_streams} streams | vocab {c.d_vocab} | token-routed "
-                f"layers {list(c.hash_layers)} | {n_params / 1e6:.2f}M params | {len(self.hook_dict)} hook "
-                f"points | {self.dtype} on {', '.join(map(str, self.devices))}")
+        return (
+            f"HookedHFMHC({type(self.hf_model).__name__}) {c.model_type} | {c.n_layers} layers x 2 "
+            f"sublayers | d_model {c.d_model} | {c.n_streams} streams | vocab {c.d_vocab} | token-routed "
+            f"layers {list(c.hash_layers)} | {n_params / 1e6:.2f}M params | {len(self.hook_dict)} hook "
+            f"points | {self.dtype} on {', '.join(map(str, self.devices))}"
+        )
 
 
 def _rel_err(a: Tensor, b: Tensor) -> float:

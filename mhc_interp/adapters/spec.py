@@ -4,6 +4,7 @@ readout weights are computed, and how a branch is called - and the structure che
 A new family is one spec (see `deepseek_v4.DEEPSEEK_V4`, and the toy spec in
 tests/test_hf_adapter_spec.py); docs/adapters.md describes the contract.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -44,9 +45,9 @@ class HyperConnectionSpec:
     """
 
     name: str
-    description: str                              # for error messages: what models this spec is for
-    layout: Mapping[str, Tuple[str, str, str]]    # kind -> (hyper-connection, norm, branch) of a layer
-    hc_attrs: Tuple[str, ...]                     # every hyper-connection module has these
+    description: str  # for error messages: what models this spec is for
+    layout: Mapping[str, Tuple[str, str, str]]  # kind -> (hyper-connection, norm, branch) of a layer
+    hc_attrs: Tuple[str, ...]  # every hyper-connection module has these
     head_attrs: Tuple[str, ...]
     coefficients: Coefficients
     head_weights: Callable[[nn.Module, Tensor], Tensor]
@@ -56,13 +57,16 @@ class HyperConnectionSpec:
     routes_by_token: Callable[[nn.Module], bool] = lambda branch: False
     check_shapes: Optional[Callable[[nn.Module, int, int], None]] = None
     describe: Callable[[nn.Module, nn.Module], Dict[str, Any]] = lambda hf_model, base: {}
-    streams_attr: str = "hc_mult"                 # stream count, an attribute of each hc module
-    parts: Dict[str, str] = field(default_factory=lambda: dict(
-        embed="embed_tokens", layers="layers", final_norm="norm", head="hc_head"))  # base-model attributes
+    streams_attr: str = "hc_mult"  # stream count, an attribute of each hc module
+    parts: Dict[str, str] = field(
+        default_factory=lambda: dict(embed="embed_tokens", layers="layers", final_norm="norm", head="hc_head")
+    )  # base-model attributes
 
     def __post_init__(self):
         if tuple(self.layout) != ("attn", "mlp"):
-            raise ValueError(f"a spec's layout names the sublayers ('attn', 'mlp') in forward order, got {tuple(self.layout)}")
+            raise ValueError(
+                f"a spec's layout names the sublayers ('attn', 'mlp') in forward order, got {tuple(self.layout)}"
+            )
 
     def part(self, base: nn.Module, what: str) -> nn.Module:
         return getattr(base, self.parts[what])
@@ -94,16 +98,21 @@ def validate_structure(hf_model: Any, spec: HyperConnectionSpec) -> Tuple[nn.Mod
             f"{kind} has no hyper-connections: looked for modules with attributes {', '.join(spec.hc_attrs)} at "
             f"model.{spec.parts['layers']}[i].{hc_names} ({spec.description}) and found none "
             f"(config.model_type={getattr(config, 'model_type', None)!r}). A plain residual model has one "
-            f"stream - use HookedMHC or TransformerLens for it.")
+            f"stream - use HookedMHC or TransformerLens for it."
+        )
     base = _base_model(hf_model, spec.parts["layers"])
     missing = [a for a in spec.parts.values() if not hasattr(base, a)]
     if missing:
-        raise UnsupportedModelError(f"{kind} has hyper-connection modules but not the {spec.name} layout: its base "
-                                    f"model lacks {missing} (expected {list(spec.parts.values())})")
+        raise UnsupportedModelError(
+            f"{kind} has hyper-connection modules but not the {spec.name} layout: its base "
+            f"model lacks {missing} (expected {list(spec.parts.values())})"
+        )
     lm_head = hf_model.get_output_embeddings() if hasattr(hf_model, "get_output_embeddings") else None
     if lm_head is None:
-        raise UnsupportedModelError(f"{kind} has no language-model head (get_output_embeddings() is None): load "
-                                    f"the causal LM (e.g. AutoModelForCausalLM), not the bare base model")
+        raise UnsupportedModelError(
+            f"{kind} has no language-model head (get_output_embeddings() is None): load "
+            f"the causal LM (e.g. AutoModelForCausalLM), not the bare base model"
+        )
     layers = spec.part(base, "layers")
     if len(layers) == 0:
         raise UnsupportedModelError("the model has no decoder layers")
@@ -111,8 +120,10 @@ def validate_structure(hf_model: Any, spec: HyperConnectionSpec) -> Tuple[nn.Mod
         for attrs in spec.layout.values():
             absent = [a for a in attrs if not hasattr(layer, a)]
             if absent:
-                raise UnsupportedModelError(f"decoder layer {i} ({type(layer).__name__}) lacks {absent}: the adapter "
-                                            f"needs {[a for v in spec.layout.values() for a in v]} ({spec.name})")
+                raise UnsupportedModelError(
+                    f"decoder layer {i} ({type(layer).__name__}) lacks {absent}: the adapter "
+                    f"needs {[a for v in spec.layout.values() for a in v]} ({spec.name})"
+                )
             absent = [a for a in spec.hc_attrs if not hasattr(getattr(layer, attrs[0]), a)]
             if absent:
                 raise UnsupportedModelError(f"layer {i} {attrs[0]} lacks {absent}")
@@ -125,10 +136,15 @@ def validate_structure(hf_model: Any, spec: HyperConnectionSpec) -> Tuple[nn.Mod
 
 def stream_count(base: nn.Module, spec: HyperConnectionSpec) -> int:
     """The one stream count n >= 1 of every hyper-connection module."""
-    counts = {(i, hc): int(getattr(getattr(layer, hc), spec.streams_attr))
-              for i, layer in enumerate(spec.part(base, "layers")) for hc, _, _ in spec.layout.values()}
+    counts = {
+        (i, hc): int(getattr(getattr(layer, hc), spec.streams_attr))
+        for i, layer in enumerate(spec.part(base, "layers"))
+        for hc, _, _ in spec.layout.values()
+    }
     n = next(iter(counts.values()))
     for (i, hc), value in counts.items():
         if value != n or value < 1:
-            raise UnsupportedModelError(f"layer {i} {hc} has {spec.streams_attr}={value}, the model {n} (need >= 1)")
+            raise UnsupportedModelError(
+                f"layer {i} {hc} has {spec.streams_attr}={value}, the model {n} (need >= 1)"
+            )
     return n

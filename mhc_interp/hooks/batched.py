@@ -16,26 +16,25 @@ batch axis (replica-major: rows [r*B, (r+1)*B) are replica r), optionally freeze
 a cache (which `frozen_mixing` repeats for the replicas), and reduces each replica's logits with
 a metric, chunk by chunk, so only one chunk's logits exist at a time.
 """
+
 from __future__ import annotations
 
+import contextlib
 from collections import defaultdict
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
-import contextlib
-
 import torch
 from torch import Tensor
-
 
 Metric = Callable[[Tensor], Tensor]  # logits [k, B, pos, vocab] -> per-replica values [k, B]
 
 
 @dataclass(frozen=True)
 class Edit:
-    sublayers: Tuple[int, ...]                 # where the edit applies (indices into model.sublayers)
-    ablate: Tuple[int, ...] = ()               # streams set to the ablation value
-    restore: Tuple[int, ...] = ()              # streams copied from the source states (after ablation)
+    sublayers: Tuple[int, ...]  # where the edit applies (indices into model.sublayers)
+    ablate: Tuple[int, ...] = ()  # streams set to the ablation value
+    restore: Tuple[int, ...] = ()  # streams copied from the source states (after ablation)
     positions: Optional[Tuple[int, ...]] = None  # None = every position
 
     @property
@@ -90,8 +89,16 @@ def _to_device(mask: Tensor, device) -> Tensor:
     return mask.to(device)
 
 
-def _edit_hook(edits: Sequence[Edit], sublayer: int, batch: int, n_streams: int, n_pos: int,
-               ablation: Optional[Tensor], source: Optional[Tensor], device) -> Optional[Callable]:
+def _edit_hook(
+    edits: Sequence[Edit],
+    sublayer: int,
+    batch: int,
+    n_streams: int,
+    n_pos: int,
+    ablation: Optional[Tensor],
+    source: Optional[Tensor],
+    device,
+) -> Optional[Callable]:
     """A hook for `hook_streams_in` of `sublayer` applying each replica's edit there, or None."""
     k = len(edits)
     ablate = torch.zeros(k, n_pos, n_streams, dtype=torch.bool)
@@ -106,10 +113,10 @@ def _edit_hook(edits: Sequence[Edit], sublayer: int, batch: int, n_streams: int,
             restore[r, pos, s] = True
     if not ablate.any() and not restore.any():
         return None
-    ablate = _to_device(ablate[:, None, :, :, None], device)    # [k, 1, pos, n, 1]
+    ablate = _to_device(ablate[:, None, :, :, None], device)  # [k, 1, pos, n, 1]
     restore = _to_device(restore[:, None, :, :, None], device)
 
-    def hook(x: Tensor, hook) -> Tensor:                # x [k*B, pos, n, d], on the device it fires on
+    def hook(x: Tensor, hook) -> Tensor:  # x [k*B, pos, n, d], on the device it fires on
         x = x.view(k, batch, *x.shape[1:])
         if ablation is not None:
             x = torch.where(ablate.to(x.device), ablation.to(x.device, x.dtype), x)
@@ -120,30 +127,43 @@ def _edit_hook(edits: Sequence[Edit], sublayer: int, batch: int, n_streams: int,
     return hook
 
 
-def check_edit_inputs(edits: Sequence[Edit], base_states: Mapping[int, Tensor],
-                      source_states: Optional[Mapping[int, Tensor]],
-                      ablation_values: Optional[Mapping[int, Tensor]]) -> None:
+def check_edit_inputs(
+    edits: Sequence[Edit],
+    base_states: Mapping[int, Tensor],
+    source_states: Optional[Mapping[int, Tensor]],
+    ablation_values: Optional[Mapping[int, Tensor]],
+) -> None:
     """Every edit has its start state, and a value wherever it ablates or restores: a missing one
     would silently leave that part of the edit out."""
     for e in edits:
         needs = [("base_states", base_states, [e.start])]
-        if set(e.ablate) - set(e.restore):      # a stream ablated and restored needs no value
+        if set(e.ablate) - set(e.restore):  # a stream ablated and restored needs no value
             needs.append(("ablation_values", ablation_values, e.sublayers))
         if e.restore:
             needs.append(("source_states", source_states, e.sublayers))
         for what, given, sublayers in needs:
             missing = [s for s in sublayers if given is None or s not in given]
             if missing:
-                raise ValueError(f"{e} needs {what} at sublayer(s) {missing}, which "
-                                 f"{'were not given' if given is None else 'it lacks'}")
+                raise ValueError(
+                    f"{e} needs {what} at sublayer(s) {missing}, which "
+                    f"{'were not given' if given is None else 'it lacks'}"
+                )
 
 
-def run_edits(model, edits: Sequence[Edit], base_states: Mapping[int, Tensor], metric: Metric, *,
-              source_states: Optional[Mapping[int, Tensor]] = None,
-              ablation_values: Optional[Mapping[int, Tensor]] = None,
-              frozen: Optional[Mapping[str, Tensor]] = None, source_is_base: bool = False,
-              tokens: Optional[Tensor] = None, max_rows: Optional[int] = None,
-              progress: Optional[Callable[[int], None]] = None) -> Tensor:
+def run_edits(
+    model,
+    edits: Sequence[Edit],
+    base_states: Mapping[int, Tensor],
+    metric: Metric,
+    *,
+    source_states: Optional[Mapping[int, Tensor]] = None,
+    ablation_values: Optional[Mapping[int, Tensor]] = None,
+    frozen: Optional[Mapping[str, Tensor]] = None,
+    source_is_base: bool = False,
+    tokens: Optional[Tensor] = None,
+    max_rows: Optional[int] = None,
+    progress: Optional[Callable[[int], None]] = None,
+) -> Tensor:
     """Run every edit; returns the metric per edit and prompt [n_edits, batch] (float32; float64 for a float64 model).
 
     base_states[s]: state entering sublayer s in the run being edited [B, pos, n, d] (needed
@@ -185,12 +205,19 @@ def run_edits(model, edits: Sequence[Edit], base_states: Mapping[int, Tensor], m
         for start in sorted(groups):
             todo = groups[start]
             for c in range(0, len(todo), k_max):
-                chunk = todo[c:c + k_max]
+                chunk = todo[c : c + k_max]
                 hooks = []
                 for s in range(start, max(max(e.sublayers) for e in chunk) + 1):
-                    h = _edit_hook(chunk, s, batch, cfg.n_streams, n_pos,
-                                   None if ablation_values is None else ablation_values.get(s),
-                                   None if source_states is None else source_states.get(s), model.device)
+                    h = _edit_hook(
+                        chunk,
+                        s,
+                        batch,
+                        cfg.n_streams,
+                        n_pos,
+                        None if ablation_values is None else ablation_values.get(s),
+                        None if source_states is None else source_states.get(s),
+                        model.device,
+                    )
                     if h is not None:
                         hooks.append((f"{model.sublayer_names[s]}.hook_streams_in", h))
                 logits = _run_chunk(model, base_states[start], start, len(chunk), hooks, tokens)
@@ -198,8 +225,8 @@ def run_edits(model, edits: Sequence[Edit], base_states: Mapping[int, Tensor], m
                 values.update({e: out[r] for r, e in enumerate(chunk)})
                 if progress is not None:
                     progress(len(chunk))
-    out = torch.stack([values[e] for e in edits])                  # [n_edits, batch]
-    return out.to(torch.promote_types(out.dtype, torch.float32))   # a float64 model's scores stay float64
+    out = torch.stack([values[e] for e in edits])  # [n_edits, batch]
+    return out.to(torch.promote_types(out.dtype, torch.float32))  # a float64 model's scores stay float64
 
 
 def _run_chunk(model, state: Tensor, start: int, k: int, hooks, tokens: Optional[Tensor]) -> Tensor:

@@ -1,4 +1,5 @@
 """`MHCCache`: the dict `run_with_cache` returns, with helpful errors and per-stream access."""
+
 from __future__ import annotations
 
 from typing import Dict

@@ -15,6 +15,7 @@ takes from `transformer_lens.utilities`), by the object that `__init__` would bi
 If TransformerLens is already imported, nothing changes; if its layout differs, the deferred
 `__init__` simply runs on the first attribute read (what a plain import would have done up front).
 """
+
 from __future__ import annotations
 
 import importlib
@@ -24,12 +25,20 @@ import sys
 import types
 from typing import Dict, Optional
 
-DEFERRED = ("transformer_lens", "transformer_lens.utilities", "transformer_lens.conversion_utils",
-            "transformer_lens.conversion_utils.conversion_steps")
+DEFERRED = (
+    "transformer_lens",
+    "transformer_lens.utilities",
+    "transformer_lens.conversion_utils",
+    "transformer_lens.conversion_utils.conversion_steps",
+)
 # package -> {name: submodule defining it}: served without running the package's __init__
 LIGHT_NAMES: Dict[str, Dict[str, str]] = {
-    "transformer_lens.utilities": {"Slice": "slice", "SliceInput": "slice", "remove_batch_dim": "tensors",
-                                   "warn_if_mps": "devices"},
+    "transformer_lens.utilities": {
+        "Slice": "slice",
+        "SliceInput": "slice",
+        "remove_batch_dim": "tensors",
+        "warn_if_mps": "devices",
+    },
 }
 
 

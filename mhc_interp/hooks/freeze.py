@@ -7,6 +7,7 @@ re-routed by the mixers. It does not freeze attention patterns or LayerNorm scal
 branches. Freezing lives in one place, `HyperConnectedSublayer.coefficients`; this module only
 fills and clears its `frozen` slot, exception-safely.
 """
+
 from __future__ import annotations
 
 from contextlib import contextmanager
@@ -45,8 +46,11 @@ def _select_sublayers(model: StreamHookedRoot, sublayers: Optional[Iterable[Unio
 
 
 @contextmanager
-def frozen_mixing(model: StreamHookedRoot, source: Mapping[str, Tensor],
-                  sublayers: Optional[Iterable[Union[int, str]]] = None) -> Iterator[None]:
+def frozen_mixing(
+    model: StreamHookedRoot,
+    source: Mapping[str, Tensor],
+    sublayers: Optional[Iterable[Union[int, str]]] = None,
+) -> Iterator[None]:
     """Inside the context, the chosen sublayers (all by default; or indices 0..2L-1 / names like
     "blocks.3.mlp") use the coefficients cached in `source` under
     `{sublayer}.hook_h_pre|hook_h_post|hook_h_res` (e.g. from
@@ -60,7 +64,9 @@ def frozen_mixing(model: StreamHookedRoot, source: Mapping[str, Tensor],
         missing = [f"{sub.name}.{s}" for s in MIXING_SUFFIXES if f"{sub.name}.{s}" not in source]
         if missing:
             raise KeyError(f"cannot freeze {sub.name}: the cache lacks {missing}")
-        frozen[sub] = MixingCoefficients(*(source[f"{sub.name}.{s}"].to(model.device) for s in MIXING_SUFFIXES))
+        frozen[sub] = MixingCoefficients(
+            *(source[f"{sub.name}.{s}"].to(model.device) for s in MIXING_SUFFIXES)
+        )
     previous = {sub: sub.frozen for sub in chosen}
     try:
         for sub, coeffs in frozen.items():

@@ -4,6 +4,7 @@ Every hook point of `HookedMHC` ends in one of the suffixes of `HOOK_SPECS`; the
 axes symbolically. `hook_table(model)` checks each spec against a real forward, so the table
 published in docs/hooks.md is generated from the model and cannot drift.
 """
+
 from __future__ import annotations
 
 import difflib
@@ -41,8 +42,15 @@ HOOK_SPECS: Dict[str, Tuple[Tuple[str, ...], str]] = {
 }
 
 # Hooks whose axis 2 is the stream axis: per-stream addressing works on them.
-STREAM_VALUED = ("hook_streams_init", "hook_streams_in", "hook_streams_out", "hook_res_mix",
-                 "hook_ln_final", "hook_h_pre", "hook_h_post")
+STREAM_VALUED = (
+    "hook_streams_init",
+    "hook_streams_in",
+    "hook_streams_out",
+    "hook_res_mix",
+    "hook_ln_final",
+    "hook_h_pre",
+    "hook_h_post",
+)
 MIXING_SUFFIXES = ("hook_h_pre", "hook_h_post", "hook_h_res")
 
 
@@ -101,14 +109,24 @@ class CheckedHookNames:
 
     def run_with_cache(self, *args, **kwargs):
         if kwargs.get("pos_slice") is not None:
-            raise ValueError("pos_slice is not supported: TransformerLens slices axis -2, which is the stream "
-                             "axis of [batch, pos, n_streams, d_model] hooks; slice positions yourself")
+            raise ValueError(
+                "pos_slice is not supported: TransformerLens slices axis -2, which is the stream "
+                "axis of [batch, pos, n_streams, d_model] hooks; slice positions yourself"
+            )
         return super().run_with_cache(*args, **kwargs)
 
 
 def sizes(cfg, batch: int, pos: int) -> Dict[str, int]:
-    return dict(batch=batch, pos=pos, n_streams=cfg.n_streams, d_model=cfg.d_model,
-                n_heads=cfg.n_heads, d_head=cfg.d_head, d_mlp=cfg.d_mlp, d_vocab=cfg.d_vocab)
+    return dict(
+        batch=batch,
+        pos=pos,
+        n_streams=cfg.n_streams,
+        d_model=cfg.d_model,
+        n_heads=cfg.n_heads,
+        d_head=cfg.d_head,
+        d_mlp=cfg.d_mlp,
+        d_vocab=cfg.d_vocab,
+    )
 
 
 def hook_table(model: MultiStreamModel, batch: int = 2, pos: int = 3) -> List[Tuple[str, str, str]]:

@@ -44,6 +44,7 @@ Gotchas (nnsight 0.8):
   also outside traces and for plain `model(tokens)` calls. TransformerLens hooks
   (`run_with_hooks`, `run_with_cache`) keep working on the wrapped model.
 """
+
 from __future__ import annotations
 
 from typing import Any, List, Tuple
@@ -103,8 +104,7 @@ class MHCNNsight(NNsight):
                 "invokes batched in one trace must share every dimension but the batch one; got "
                 f"input shapes {[tuple(r.shape) for r in rows]} (pad or split into separate traces)"
             )
-        rest = [(args[1:], {k: v for k, v in kwargs.items() if k != "input"})
-                for args, kwargs in invokes]
+        rest = [(args[1:], {k: v for k, v in kwargs.items() if k != "input"}) for args, kwargs in invokes]
         first_args, first_kwargs = rest[0]
         if any(len(a) != len(first_args) or set(k) != set(first_kwargs) for a, k in rest):
             raise ValueError("invokes batched in one trace must pass the same arguments")

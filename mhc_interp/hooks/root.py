@@ -6,6 +6,7 @@ A subclass implements the rest of `contract.MultiStreamModel` (`cfg`, `device`, 
 `tokenizer`, `W_U`, `forward`, `unembed_streams`, `stream_contributions`, `summary`), has `blocks`
 (each with `attn` and `mlp` sublayers that have a `name` and a `frozen` slot) and calls `setup()`.
 """
+
 from __future__ import annotations
 
 from contextlib import contextmanager
@@ -14,7 +15,9 @@ from typing import Any, Iterator, List, Optional, Sequence, Tuple, Union
 import torch
 from torch import Tensor
 from torch.nn import functional as F
-from transformer_lens.HookedRootModule import HookedRootModule  # not via transformer_lens/__init__ (see deferred_init)
+from transformer_lens.HookedRootModule import (
+    HookedRootModule,  # not via transformer_lens/__init__ (see deferred_init)
+)
 
 from .cache import MHCCache
 from .freeze import frozen_mixing
@@ -51,7 +54,9 @@ class StreamHookedRoot(CheckedHookNames, HookedRootModule):
         return torch.tensor(ids, dtype=torch.long, device=self.device)
 
     def _check_tokens(self, tokens: TokensLike) -> Tensor:
-        if isinstance(tokens, str) or (isinstance(tokens, (list, tuple)) and tokens and isinstance(tokens[0], str)):
+        if isinstance(tokens, str) or (
+            isinstance(tokens, (list, tuple)) and tokens and isinstance(tokens[0], str)
+        ):
             tokens = self.to_tokens(tokens)
         if not isinstance(tokens, Tensor):
             tokens = torch.as_tensor(tokens, dtype=torch.long)
@@ -65,8 +70,7 @@ class StreamHookedRoot(CheckedHookNames, HookedRootModule):
             raise ValueError(f"tokens {tuple(tokens.shape)} have no positions")
         if tokens.shape[1] > self.cfg.n_ctx:
             raise ValueError(
-                f"sequence length {tokens.shape[1]} is longer than the model's context "
-                f"n_ctx={self.cfg.n_ctx}"
+                f"sequence length {tokens.shape[1]} is longer than the model's context n_ctx={self.cfg.n_ctx}"
             )
         if tokens.numel() and (int(tokens.min()) < 0 or int(tokens.max()) >= self.cfg.d_vocab):
             raise ValueError(
@@ -85,13 +89,17 @@ class StreamHookedRoot(CheckedHookNames, HookedRootModule):
             raise ValueError(f"{what}={index} is out of range: the model has {n} sublayers (0..{n})")
         return index
 
-    def _check_sublayer_span(self, start_at: Optional[int], stop_at: Optional[int]) -> Tuple[int, Optional[int]]:
+    def _check_sublayer_span(
+        self, start_at: Optional[int], stop_at: Optional[int]
+    ) -> Tuple[int, Optional[int]]:
         """(first sublayer to run, sublayer to stop before or None) of a forward; start <= stop."""
         start = self._check_sublayer_index(start_at, "start_at_sublayer") or 0
         stop = self._check_sublayer_index(stop_at, "stop_at_sublayer")
         if stop is not None and stop < start:
-            raise ValueError(f"stop_at_sublayer={stop} comes before start_at_sublayer={start}: "
-                             f"the run would return its input state unchanged")
+            raise ValueError(
+                f"stop_at_sublayer={stop} comes before start_at_sublayer={start}: "
+                f"the run would return its input state unchanged"
+            )
         return start, stop
 
     def _check_state(self, x: Any, dtype: torch.dtype) -> Tensor:
@@ -124,7 +132,9 @@ class StreamHookedRoot(CheckedHookNames, HookedRootModule):
             return logits
         if tokens is None:
             raise ValueError("return_type 'loss' needs the token ids (pass tokens=...)")
-        loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), tokens[:, 1:].flatten().to(logits.device))
+        loss = F.cross_entropy(
+            logits[:, :-1].flatten(0, 1).float(), tokens[:, 1:].flatten().to(logits.device)
+        )
         return loss if return_type == "loss" else (logits, loss)
 
     def run_with_cache(self, *args, **kwargs):

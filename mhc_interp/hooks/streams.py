@@ -1,6 +1,7 @@
 """Per-stream addressing: read or replace stream `s` of any stream-valued hook without slicing
 by hand. Stream-valued hooks (`names.STREAM_VALUED`) carry the stream axis at dim 2:
 [batch, pos, n_streams, d_model] states and [batch, pos, n_streams] read/write weights."""
+
 from __future__ import annotations
 
 from typing import Any, Callable, List, Sequence, Tuple, Union
@@ -56,7 +57,7 @@ def stream_hook(model: MultiStreamModel, name: str, streams: Streams, value: Any
         else:
             # a value without a stream axis ([pos, d_model], [batch, pos, d_model], ...) is the same
             # for every selected stream: put the stream axis where it belongs, after its pos axis
-            trailing = selected.ndim - 3                    # axes after [batch, pos, n_sel]
+            trailing = selected.ndim - 3  # axes after [batch, pos, n_sel]
             at = new.ndim - trailing
             if new.ndim < selected.ndim and at >= 1:
                 new = new.unsqueeze(at)

@@ -21,6 +21,7 @@ home_frequency 0 is dead on this corpus.
 Needs only an object with SAELens's `encode`, `cfg.d_in`, `cfg.metadata.hook_name` (a path is
 loaded with `sae_lens.SAE.load_from_disk`). Importing this module registers the probe.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -66,13 +67,17 @@ class SAEFeatures(Probe):
 
     def __init__(self, sae=None, sites: Sites = "own", threshold: float = 0.0):
         if sae is None:
-            raise TypeError("SAEFeatures needs an SAE: SAEFeatures(sae) with a sae_lens SAE, or "
-                            "SAEFeatures('path/to/sae') for one saved in SAELens's format")
+            raise TypeError(
+                "SAEFeatures needs an SAE: SAEFeatures(sae) with a sae_lens SAE, or "
+                "SAEFeatures('path/to/sae') for one saved in SAELens's format"
+            )
         if isinstance(sae, (str, Path)):
             path = Path(sae).expanduser()
             if not path.is_dir():
-                raise FileNotFoundError(f"no SAE folder at {str(path)!r} (SAELens saves an SAE as a folder "
-                                        f"with cfg.json and sae_weights.safetensors)")
+                raise FileNotFoundError(
+                    f"no SAE folder at {str(path)!r} (SAELens saves an SAE as a folder "
+                    f"with cfg.json and sae_weights.safetensors)"
+                )
             sae = require_saelens().SAE.load_from_disk(str(path))
         self.sae = sae
         self.sites_spec = sites
@@ -88,8 +93,10 @@ class SAEFeatures(Probe):
         self.sae.to(model.device)
         self.sae.eval()
         d_sae, shape = int(self.sae.cfg.d_sae), (len(self.sites), self.n_streams)
-        self.fires = torch.zeros(*shape, d_sae, dtype=torch.float64, device=model.device)    # [sites, n, d_sae]
-        self.act_sum = torch.zeros(*shape, d_sae, dtype=torch.float64, device=model.device)  # [sites, n, d_sae]
+        self.fires = torch.zeros(*shape, d_sae, dtype=torch.float64, device=model.device)  # [sites, n, d_sae]
+        self.act_sum = torch.zeros(
+            *shape, d_sae, dtype=torch.float64, device=model.device
+        )  # [sites, n, d_sae]
         self.n_tokens = 0
 
     def _resolve_sites(self, model, hook: str) -> List[str]:
@@ -100,8 +107,10 @@ class SAEFeatures(Probe):
             if self.sites_spec == "sublayers":
                 names = [f"{s}.{kind}" for s in model.sublayer_names if f"{s}.{kind}" in model.hook_dict]
                 return names or [hook]
-            raise ValueError(f"{self.name}: sites must be 'own', 'sublayers' or a list of hook names, "
-                             f"got {self.sites_spec!r}")
+            raise ValueError(
+                f"{self.name}: sites must be 'own', 'sublayers' or a list of hook names, "
+                f"got {self.sites_spec!r}"
+            )
         names = list(self.sites_spec)
         if not names or len(set(names)) != len(names):
             raise ValueError(f"{self.name}: sites must be a non-empty list without duplicates, got {names}")
@@ -109,8 +118,10 @@ class SAEFeatures(Probe):
         own_kind = "stream states" if self.stream_valued else "[batch, pos, d_model] hooks"
         bad = [n for n in names if (suffix(n) in STREAM_STATE_SUFFIXES) != self.stream_valued]
         if bad:
-            raise ValueError(f"{self.name}: the SAE was trained on {stream_site(hook, self.home_stream)!r}, "
-                             f"so its sites must be {own_kind}; these are not: {bad}")
+            raise ValueError(
+                f"{self.name}: the SAE was trained on {stream_site(hook, self.home_stream)!r}, "
+                f"so its sites must be {own_kind}; these are not: {bad}"
+            )
         for n in names:
             check_site(model, (n, 0) if self.stream_valued else (n, None))
         return names
@@ -124,10 +135,10 @@ class SAEFeatures(Probe):
         if rows.numel() == 0:
             return
         for j, name in enumerate(self.sites):
-            x = take_rows(acts[name], rows)                        # [N, n, d] or [N, d]
+            x = take_rows(acts[name], rows)  # [N, n, d] or [N, d]
             if not self.stream_valued:
-                x = x.unsqueeze(1)                                 # [N, 1, d]
-            f = self.sae.encode(x.to(dtype=self.sae.dtype))        # [N, n, d_sae]
+                x = x.unsqueeze(1)  # [N, 1, d]
+            f = self.sae.encode(x.to(dtype=self.sae.dtype))  # [N, n, d_sae]
             on = f > self.threshold
             self.fires[j] += on.sum(0, dtype=torch.float64)
             self.act_sum[j] += torch.where(on, f, 0).sum(0, dtype=torch.float64)
@@ -136,7 +147,7 @@ class SAEFeatures(Probe):
     def result(self) -> "SAEFeaturesResult":
         if self.n_tokens == 0:
             raise ValueError(f"{self.name}: no unmasked tokens were seen")
-        fires = self.fires.permute(2, 0, 1).cpu().numpy()              # [d_sae, sites, n]
+        fires = self.fires.permute(2, 0, 1).cpu().numpy()  # [d_sae, sites, n]
         act_sum = self.act_sum.permute(2, 0, 1).cpu().numpy()
         frequency = fires / self.n_tokens
         mean_activation = np.divide(act_sum, fires, out=np.zeros_like(act_sum), where=fires > 0)
@@ -144,15 +155,24 @@ class SAEFeatures(Probe):
         home_s = self.home_stream or 0
         flat = frequency.reshape(len(frequency), -1).argmax(1)
         arrays = {
-            "frequency": frequency, "mean_activation": mean_activation,
-            "top_site": flat // self.n_streams, "top_stream": flat % self.n_streams,
+            "frequency": frequency,
+            "mean_activation": mean_activation,
+            "top_site": flat // self.n_streams,
+            "top_stream": flat % self.n_streams,
         }
         if home_j is not None:
             arrays["home_frequency"] = frequency[:, home_j, home_s]
-        meta = {"sites": self.sites, "home_site": stream_site(self.home_hook, self.home_stream),
-                "home_hook": self.home_hook, "home_stream": self.home_stream,
-                "n_streams": self.n_streams, "d_sae": int(self.sae.cfg.d_sae), "n_tokens": self.n_tokens,
-                "threshold": self.threshold, "architecture": self.sae.cfg.architecture()}
+        meta = {
+            "sites": self.sites,
+            "home_site": stream_site(self.home_hook, self.home_stream),
+            "home_hook": self.home_hook,
+            "home_stream": self.home_stream,
+            "n_streams": self.n_streams,
+            "d_sae": int(self.sae.cfg.d_sae),
+            "n_tokens": self.n_tokens,
+            "threshold": self.threshold,
+            "architecture": self.sae.cfg.architecture(),
+        }
         return SAEFeaturesResult(probe=self.name, arrays=arrays, meta=meta)
 
 
@@ -168,11 +188,18 @@ class SAEFeaturesResult(ProbeResult):
         freq = self["frequency"]
         home = self.arrays.get("home_frequency")
         live = home > min_frequency if home is not None else np.ones(len(freq), bool)
-        home_j = self.meta["sites"].index(self.meta["home_hook"]) if self.meta["home_hook"] in self.meta["sites"] else -1
+        home_j = (
+            self.meta["sites"].index(self.meta["home_hook"])
+            if self.meta["home_hook"] in self.meta["sites"]
+            else -1
+        )
         home_s = self.meta["home_stream"] or 0
         off = (self["top_site"] != home_j) | (self["top_stream"] != home_s)
-        out = {"dead": float(1 - live.mean()), "off_home": float(off[live].mean()) if live.any() else 0.0,
-               "l0": freq.sum(0).tolist()}
+        out = {
+            "dead": float(1 - live.mean()),
+            "off_home": float(off[live].mean()) if live.any() else 0.0,
+            "l0": freq.sum(0).tolist(),
+        }
         if home_j >= 0 and live.any():
             # at the home hook: the fraction of live features that fire most often in the home stream
             out["home_stream_top"] = float((freq[live, home_j].argmax(-1) == home_s).mean())
@@ -191,7 +218,7 @@ class SAEFeaturesResult(ProbeResult):
         axes[0].set_xlabel(f"log10 firing frequency at {self.meta['home_site']} (dead at left)")
         axes[0].set_ylabel("features")
         order = np.argsort(-home)[:top]
-        grid = freq[order].reshape(len(order), -1)                        # [top, sites * n]
+        grid = freq[order].reshape(len(order), -1)  # [top, sites * n]
         im = axes[1].imshow(grid, aspect="auto", cmap="viridis", interpolation="nearest")
         short = [s.replace("blocks.", "b").replace(".hook_", ".") for s in sites]
         labels = [f"{sh}[{s}]" if n > 1 else sh for sh in short for s in range(n)]
@@ -199,7 +226,9 @@ class SAEFeaturesResult(ProbeResult):
         axes[1].set_ylabel(f"feature (top {len(order)} by home frequency)")
         axes[1].set_yticks(range(len(order)), [str(i) for i in order], fontsize=5)
         fig.colorbar(im, ax=axes[1], label="firing frequency")
-        fig.suptitle(f"SAE features ({self.meta['architecture']}, d_sae={self.meta['d_sae']}) trained on "
-                     f"{self.meta['home_site']}: where they fire")
+        fig.suptitle(
+            f"SAE features ({self.meta['architecture']}, d_sae={self.meta['d_sae']}) trained on "
+            f"{self.meta['home_site']}: where they fire"
+        )
         fig.tight_layout()
         return fig

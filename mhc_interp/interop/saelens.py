@@ -37,6 +37,7 @@ Metrics (SAELens's definitions, over the evaluated tokens t with x_t in R^d_mode
 Requires the `saelens` extra (`pip install -e ".[saelens]"`): SAELens 6.x, which pins
 transformer-lens < 4, so this runs on transformer-lens 3.x (>= 3.3).
 """
+
 from __future__ import annotations
 
 import re
@@ -54,14 +55,19 @@ from transformer_lens.hook_points import HookPoint
 from ..hooks.names import HOOK_SPECS, CheckedHookNames, check_hook_names, suffix, unknown_hook_error
 
 # hooks with a stream axis at dim 2 whose per-stream slice is a [batch, pos, d_model] vector
-STREAM_STATE_SUFFIXES = ("hook_streams_init", "hook_streams_in", "hook_streams_out", "hook_res_mix",
-                         "hook_ln_final")
+STREAM_STATE_SUFFIXES = (
+    "hook_streams_init",
+    "hook_streams_in",
+    "hook_streams_out",
+    "hook_res_mix",
+    "hook_ln_final",
+)
 # hooks that already are [batch, pos, d_model]
 PLAIN_SUFFIXES = tuple(s for s, (axes, _) in HOOK_SPECS.items() if axes == ("batch", "pos", "d_model"))
 
 _SITE = re.compile(r"^(?P<hook>[^\[\]]+?)(?:\[(?P<stream>[^\]]*)\])?$")
 
-Site = Tuple[str, Optional[int]]   # (hook name, stream index or None)
+Site = Tuple[str, Optional[int]]  # (hook name, stream index or None)
 
 
 def require_saelens():
@@ -71,7 +77,7 @@ def require_saelens():
     except ImportError as e:  # pragma: no cover - depends on the environment
         raise ImportError(
             "this needs SAELens, which pins transformer-lens<4: install the extra into its own "
-            "environment with `pip install torch==2.13.0 -e \".[saelens]\"` (see docs/saelens.md)"
+            'environment with `pip install torch==2.13.0 -e ".[saelens]"` (see docs/saelens.md)'
         ) from e
     return sae_lens
 
@@ -83,14 +89,17 @@ def stream_site(hook_name: str, stream: Optional[int] = None) -> str:
 
 
 def parse_site(site: str) -> Site:
-    """"blocks.2.attn.hook_streams_in[1]" -> ("blocks.2.attn.hook_streams_in", 1); no index -> None.
+    """ "blocks.2.attn.hook_streams_in[1]" -> ("blocks.2.attn.hook_streams_in", 1); no index -> None.
     Checks only the syntax; `check_site` checks it against a model."""
     if not isinstance(site, str):
-        raise TypeError(f"a site is a hook name string such as 'blocks.0.attn.hook_streams_in[1]', got {site!r}")
+        raise TypeError(
+            f"a site is a hook name string such as 'blocks.0.attn.hook_streams_in[1]', got {site!r}"
+        )
     m = _SITE.match(site.strip())
     if m is None:
-        raise ValueError(f"cannot parse site {site!r}; write HOOK or HOOK[stream], e.g. "
-                         f"'blocks.0.attn.hook_streams_in[1]'")
+        raise ValueError(
+            f"cannot parse site {site!r}; write HOOK or HOOK[stream], e.g. 'blocks.0.attn.hook_streams_in[1]'"
+        )
     stream = m.group("stream")
     if stream is None:
         return m.group("hook"), None
@@ -116,18 +125,24 @@ def check_site(model, site: Union[str, Site]) -> Site:
                 f"flattened or shared"
             )
         if not 0 <= stream < n:
-            raise IndexError(f"site {stream_site(hook, stream)!r}: stream {stream} is out of range, "
-                             f"the model has {n} streams (0..{n - 1})")
+            raise IndexError(
+                f"site {stream_site(hook, stream)!r}: stream {stream} is out of range, "
+                f"the model has {n} streams (0..{n - 1})"
+            )
         return hook, stream
     if kind in PLAIN_SUFFIXES:
         if stream is not None:
-            raise ValueError(f"{hook!r} has no stream axis (it is [batch, pos, d_model]); drop the "
-                             f"[{stream}], or use a stream state ({', '.join(STREAM_STATE_SUFFIXES)})")
+            raise ValueError(
+                f"{hook!r} has no stream axis (it is [batch, pos, d_model]); drop the "
+                f"[{stream}], or use a stream state ({', '.join(STREAM_STATE_SUFFIXES)})"
+            )
         return hook, None
     axes = ", ".join(HOOK_SPECS[kind][0])
-    raise ValueError(f"{hook!r} is [{axes}], not an SAE input: use a stream state "
-                     f"({', '.join(STREAM_STATE_SUFFIXES)}) with a stream index, or a [batch, pos, "
-                     f"d_model] hook ({', '.join(PLAIN_SUFFIXES)})")
+    raise ValueError(
+        f"{hook!r} is [{axes}], not an SAE input: use a stream state "
+        f"({', '.join(STREAM_STATE_SUFFIXES)}) with a stream index, or a [batch, pos, "
+        f"d_model] hook ({', '.join(PLAIN_SUFFIXES)})"
+    )
 
 
 def all_sites(model) -> List[str]:
@@ -169,7 +184,7 @@ class StreamAdapter(CheckedHookNames, HookedRootModule):
 
     def __init__(self, model, sites: Optional[Sequence[str]] = None):
         super().__init__()
-        object.__setattr__(self, "mhc", model)   # not registered: setup() must not rename its hook points
+        object.__setattr__(self, "mhc", model)  # not registered: setup() must not rename its hook points
         names = all_sites(model) if sites is None else list(sites)
         self._sites: Dict[str, Site] = {}
         for name in names:
@@ -203,7 +218,7 @@ class StreamAdapter(CheckedHookNames, HookedRootModule):
     def W_E(self) -> Tensor:  # SAELens finds the input device from W_E: [d_vocab, d_model]
         return self.mhc.embed.weight
 
-    def check_hook_name(self, name: str) -> None:   # CheckedHookNames: hooks and names_filter are sites
+    def check_hook_name(self, name: str) -> None:  # CheckedHookNames: hooks and names_filter are sites
         self.site(name)
 
     def site(self, name: str) -> Site:
@@ -212,24 +227,35 @@ class StreamAdapter(CheckedHookNames, HookedRootModule):
             return self._sites[name]
         except KeyError:
             pass
-        check_site(self.mhc, name)   # raises for unknown / stream-valued-without-index / bad hooks
+        check_site(self.mhc, name)  # raises for unknown / stream-valued-without-index / bad hooks
         raise unknown_hook_error(name, self._sites)
 
     # --------------------------------------------------------------------------------- forward
     def _bridge(self, stream: Optional[int], point: HookPoint) -> Callable:
         def bridge(act: Tensor, hook) -> Tensor:
-            x = act if stream is None else act[:, :, stream].clone()   # [batch, pos, d_model]
+            x = act if stream is None else act[:, :, stream].clone()  # [batch, pos, d_model]
             return _write_stream(act, stream, point(x))
+
         return bridge
 
     def active_bridges(self) -> List[Tuple[str, Callable]]:
         """(real hook name, bridge) for every site that has a hook attached now."""
-        return [(hook, self._bridge(stream, point))
-                for (hook, stream), point in zip(self._sites.values(), self.site_points)
-                if point.fwd_hooks or point.bwd_hooks]
+        return [
+            (hook, self._bridge(stream, point))
+            for (hook, stream), point in zip(self._sites.values(), self.site_points)
+            if point.fwd_hooks or point.bwd_hooks
+        ]
 
-    def forward(self, input, return_type: Optional[str] = "logits", *, loss_per_token: bool = False,
-                stop_at_layer: Optional[int] = None, prepend_bos: Optional[bool] = None, **kwargs) -> Any:
+    def forward(
+        self,
+        input,
+        return_type: Optional[str] = "logits",
+        *,
+        loss_per_token: bool = False,
+        stop_at_layer: Optional[int] = None,
+        prepend_bos: Optional[bool] = None,
+        **kwargs,
+    ) -> Any:
         """Run the wrapped model with the site hooks bridged in.
 
         input: tokens [batch, pos] (fed as they are: `prepend_bos=True` is refused).
@@ -239,8 +265,10 @@ class StreamAdapter(CheckedHookNames, HookedRootModule):
             site's block + 1 when it only needs activations).
         """
         if prepend_bos:
-            raise ValueError("prepend_bos=True is not supported: tokens are fed as they are; "
-                             "prepend a BOS token yourself (SAELens: prepend_bos=False)")
+            raise ValueError(
+                "prepend_bos=True is not supported: tokens are fed as they are; "
+                "prepend a BOS token yourself (SAELens: prepend_bos=False)"
+            )
         tokens = self.mhc._check_tokens(input)
         stop = None
         if stop_at_layer is not None:
@@ -252,9 +280,10 @@ class StreamAdapter(CheckedHookNames, HookedRootModule):
                 return self.mhc(tokens, stop_at_sublayer=stop, **kwargs)
             if not loss_per_token or return_type not in ("loss", "both"):
                 return self.mhc(tokens, return_type=return_type, **kwargs)
-            logits = self.mhc(tokens, return_type="logits", **kwargs)   # [batch, pos, d_vocab]
-        loss = F.cross_entropy(logits[:, :-1].float().transpose(1, 2), tokens[:, 1:],
-                               reduction="none")                          # [batch, pos - 1]
+            logits = self.mhc(tokens, return_type="logits", **kwargs)  # [batch, pos, d_vocab]
+        loss = F.cross_entropy(
+            logits[:, :-1].float().transpose(1, 2), tokens[:, 1:], reduction="none"
+        )  # [batch, pos - 1]
         return loss if return_type == "loss" else (logits, loss)
 
 
@@ -265,8 +294,10 @@ def sae_site(sae) -> str:
     meta = getattr(getattr(sae, "cfg", None), "metadata", None)
     name = getattr(meta, "hook_name", None)
     if not name:
-        raise ValueError("this SAE records no hook_name in its metadata (cfg.metadata.hook_name), so "
-                         "where it was trained is unknown; pass site= explicitly")
+        raise ValueError(
+            "this SAE records no hook_name in its metadata (cfg.metadata.hook_name), so "
+            "where it was trained is unknown; pass site= explicitly"
+        )
     head = getattr(meta, "hook_head_index", None)
     if head is not None:
         hook, stream = parse_site(name)
@@ -291,9 +322,11 @@ def check_sae(model, sae, site: Optional[str] = None) -> Site:
         )
     d_in, d_model = int(sae.cfg.d_in), int(model.cfg.d_model)
     if d_in != d_model:
-        raise ValueError(f"the SAE's d_in={d_in} does not match the model's d_model={d_model} "
-                         f"(at {stream_site(*target)!r} activations are [batch, pos, {d_model}]): "
-                         f"this SAE belongs to another model")
+        raise ValueError(
+            f"the SAE's d_in={d_in} does not match the model's d_model={d_model} "
+            f"(at {stream_site(*target)!r} activations are [batch, pos, {d_model}]): "
+            f"this SAE belongs to another model"
+        )
     return target
 
 
@@ -304,7 +337,7 @@ def sae_hook(model, sae, site: Optional[str] = None) -> Tuple[str, Callable]:
     hook_name, stream = check_sae(model, sae, site)
 
     def splice(act: Tensor, hook) -> Tensor:
-        x = act if stream is None else act[:, :, stream]                    # [batch, pos, d_model]
+        x = act if stream is None else act[:, :, stream]  # [batch, pos, d_model]
         x_hat = sae(x.to(device=sae.device, dtype=sae.dtype)).to(device=act.device, dtype=act.dtype)
         return _write_stream(act, stream, x_hat)
 
@@ -338,7 +371,7 @@ def corpus_windows(model, paths: Sequence[Union[str, Path]], context_size: int) 
     rows = []
     for path in paths:
         ids = model.tokenizer.encode(read_text_file(Path(path)))
-        rows += [ids[i:i + context_size] for i in range(0, len(ids) - context_size + 1, context_size)]
+        rows += [ids[i : i + context_size] for i in range(0, len(ids) - context_size + 1, context_size)]
     if not rows:
         raise ValueError(f"the corpus {[str(p) for p in paths]} holds fewer than {context_size} tokens")
     return torch.tensor(rows, dtype=torch.long)
@@ -364,40 +397,75 @@ def _sae_config(sl, d_in: int, d_sae: int, architecture: str, k: int, l1_coeffic
         return sl.TopKTrainingSAEConfig(d_in=d_in, d_sae=d_sae, k=k)
     if architecture == "standard":
         return sl.StandardTrainingSAEConfig(d_in=d_in, d_sae=d_sae, l1_coefficient=l1_coefficient)
-    raise ValueError(f"architecture must be 'topk' or 'standard', got {architecture!r} (other SAELens "
-                     f"architectures: build the runner config yourself)")
+    raise ValueError(
+        f"architecture must be 'topk' or 'standard', got {architecture!r} (other SAELens "
+        f"architectures: build the runner config yourself)"
+    )
 
 
-def _runner_fields(model, *, context_size: int = 128, training_tokens: int = 200_000,
-                   train_batch_size_tokens: int = 1024, store_batch_size_prompts: int = 16,
-                   n_batches_in_buffer: int = 32, lr: float = 1e-3, seed: int = 0,
-                   output_path: Optional[Union[str, Path]] = None, device: Optional[str] = None,
-                   model_name: str = "mhc-interp", exclude_first: int = 1) -> Dict[str, Any]:
+def _runner_fields(
+    model,
+    *,
+    context_size: int = 128,
+    training_tokens: int = 200_000,
+    train_batch_size_tokens: int = 1024,
+    store_batch_size_prompts: int = 16,
+    n_batches_in_buffer: int = 32,
+    lr: float = 1e-3,
+    seed: int = 0,
+    output_path: Optional[Union[str, Path]] = None,
+    device: Optional[str] = None,
+    model_name: str = "mhc-interp",
+    exclude_first: int = 1,
+) -> Dict[str, Any]:
     """The runner-config fields shared by the single- and multi-SAE runners (see `runner_config`)."""
     sl = require_saelens()
     if not isinstance(exclude_first, int) or not 0 <= exclude_first < context_size:
-        raise ValueError(f"exclude_first must be an int in [0, context_size={context_size}), got {exclude_first!r}")
+        raise ValueError(
+            f"exclude_first must be an int in [0, context_size={context_size}), got {exclude_first!r}"
+        )
     positions = context_size - exclude_first
     if n_batches_in_buffer * positions < train_batch_size_tokens:
         # SAELens's mixing buffer holds n_batches_in_buffer * (trained positions per window) tokens
-        raise ValueError(f"n_batches_in_buffer={n_batches_in_buffer} x {positions} trained positions per "
-                         f"window < train_batch_size_tokens={train_batch_size_tokens}: raise "
-                         f"n_batches_in_buffer or lower the batch")
+        raise ValueError(
+            f"n_batches_in_buffer={n_batches_in_buffer} x {positions} trained positions per "
+            f"window < train_batch_size_tokens={train_batch_size_tokens}: raise "
+            f"n_batches_in_buffer or lower the batch"
+        )
     return dict(
-        model_name=model_name, model_class_name=type(model).__name__,
-        dataset_path="", streaming=False, context_size=context_size,
-        prepend_bos=False, seqpos_slice=(exclude_first, None) if exclude_first else (None,),
-        exclude_special_tokens=False, training_tokens=training_tokens,
-        train_batch_size_tokens=train_batch_size_tokens, store_batch_size_prompts=store_batch_size_prompts,
-        n_batches_in_buffer=n_batches_in_buffer, lr=lr, seed=seed,
+        model_name=model_name,
+        model_class_name=type(model).__name__,
+        dataset_path="",
+        streaming=False,
+        context_size=context_size,
+        prepend_bos=False,
+        seqpos_slice=(exclude_first, None) if exclude_first else (None,),
+        exclude_special_tokens=False,
+        training_tokens=training_tokens,
+        train_batch_size_tokens=train_batch_size_tokens,
+        store_batch_size_prompts=store_batch_size_prompts,
+        n_batches_in_buffer=n_batches_in_buffer,
+        lr=lr,
+        seed=seed,
         device=str(model.device) if device is None else device,
-        logger=sl.LoggingConfig(log_to_wandb=False), checkpoint_path=None, n_checkpoints=0,
+        logger=sl.LoggingConfig(log_to_wandb=False),
+        checkpoint_path=None,
+        n_checkpoints=0,
         output_path=None if output_path is None else str(output_path),
     )
 
 
-def runner_config(model, site: str, *, d_sae: int = 512, architecture: str = "topk", k: int = 16,
-                  l1_coefficient: float = 5.0, runner_kwargs: Optional[Dict[str, Any]] = None, **fields):
+def runner_config(
+    model,
+    site: str,
+    *,
+    d_sae: int = 512,
+    architecture: str = "topk",
+    k: int = 16,
+    l1_coefficient: float = 5.0,
+    runner_kwargs: Optional[Dict[str, Any]] = None,
+    **fields,
+):
     """A SAELens `LanguageModelSAERunnerConfig` for an SAE on one site of `model`.
 
     architecture: "topk" (f = TopK_k(W_enc(x - b_dec) + b_enc): exactly k active features per
@@ -413,8 +481,12 @@ def runner_config(model, site: str, *, d_sae: int = 512, architecture: str = "to
     sl = require_saelens()
     hook, stream = check_site(model, site)
     cfg = _runner_fields(model, **fields)
-    cfg.update(sae=_sae_config(sl, int(model.cfg.d_model), d_sae, architecture, k, l1_coefficient),
-               hook_name=stream_site(hook, stream), is_dataset_tokenized=True, verbose=False)
+    cfg.update(
+        sae=_sae_config(sl, int(model.cfg.d_model), d_sae, architecture, k, l1_coefficient),
+        hook_name=stream_site(hook, stream),
+        is_dataset_tokenized=True,
+        verbose=False,
+    )
     cfg.update(runner_kwargs or {})
     return sl.LanguageModelSAERunnerConfig(**cfg)
 
@@ -455,9 +527,19 @@ def train_stream_sae(model, site: str, dataset, *, out: Optional[Union[str, Path
         return runner.run()
 
 
-def train_stream_saes(model, sites: Sequence[str], dataset, *, out: Optional[Union[str, Path]] = None,
-                      d_sae: int = 512, architecture: str = "topk", k: int = 16, l1_coefficient: float = 5.0,
-                      runner_kwargs: Optional[Dict[str, Any]] = None, **fields) -> Dict[str, Any]:
+def train_stream_saes(
+    model,
+    sites: Sequence[str],
+    dataset,
+    *,
+    out: Optional[Union[str, Path]] = None,
+    d_sae: int = 512,
+    architecture: str = "topk",
+    k: int = 16,
+    l1_coefficient: float = 5.0,
+    runner_kwargs: Optional[Dict[str, Any]] = None,
+    **fields,
+) -> Dict[str, Any]:
     """One SAE per site, all trained together by SAELens's `MultiSAETrainingRunner` from one shared
     forward per batch (e.g. every stream of one hook, to compare streams). Same options as
     `runner_config`. Returns {site: trained SAE}; with `out`, SAE i is saved in SAELens's format
@@ -468,24 +550,45 @@ def train_stream_saes(model, sites: Sequence[str], dataset, *, out: Optional[Uni
         raise ValueError(f"sites must be a non-empty list without duplicates, got {sites}")
     names = {sae_folder_name(s): s for s in sites}
     cfg = _runner_fields(model, output_path=out, **fields)
-    sae_cfg = {n: _sae_config(sl, int(model.cfg.d_model), d_sae, architecture, k, l1_coefficient) for n in names}
+    sae_cfg = {
+        n: _sae_config(sl, int(model.cfg.d_model), d_sae, architecture, k, l1_coefficient) for n in names
+    }
     cfg.update(saes=sae_cfg, hook_names=names)
     cfg.update(runner_kwargs or {})
     adapter = StreamAdapter(model, sites=sites)
     with _quiet_overrides():
-        runner = sl.MultiSAETrainingRunner(sl.MultiSAETrainingRunnerConfig(**cfg), override_dataset=dataset,
-                                           override_model=adapter)
+        runner = sl.MultiSAETrainingRunner(
+            sl.MultiSAETrainingRunnerConfig(**cfg), override_dataset=dataset, override_model=adapter
+        )
         saes = runner.run()
     return {names[n]: sae for n, sae in saes.items()}
 
 
 # ----------------------------------------------------------------------------------- evaluation
-EVAL_KEYS = ("mse", "explained_variance", "l0", "kl_div_with_sae", "kl_div_with_ablation", "kl_div_score",
-             "ce_loss_without_sae", "ce_loss_with_sae", "ce_loss_with_ablation", "ce_loss_score", "cossim")
+EVAL_KEYS = (
+    "mse",
+    "explained_variance",
+    "l0",
+    "kl_div_with_sae",
+    "kl_div_with_ablation",
+    "kl_div_score",
+    "ce_loss_without_sae",
+    "ce_loss_with_sae",
+    "ce_loss_with_ablation",
+    "ce_loss_score",
+    "cossim",
+)
 
 
-def evaluate_sae(model, sae, dataset, *, n_batches: int = 4, batch_size_prompts: int = 8,
-                 context_size: Optional[int] = None) -> Dict[str, float]:
+def evaluate_sae(
+    model,
+    sae,
+    dataset,
+    *,
+    n_batches: int = 4,
+    batch_size_prompts: int = 8,
+    context_size: Optional[int] = None,
+) -> Dict[str, float]:
     """SAELens's standard evaluation (`sae_lens.run_evals`) of `sae` at its site, through the
     adapter: reconstruction (mse, explained_variance, cossim), sparsity (l0), and the model with the
     SAE spliced into its stream against the clean model (kl_div_with_sae, ce_loss_with_sae) and
@@ -499,15 +602,30 @@ def evaluate_sae(model, sae, dataset, *, n_batches: int = 4, batch_size_prompts:
     hook, stream = check_sae(model, sae)
     adapter = StreamAdapter(model, sites=[stream_site(hook, stream)])
     context_size = context_size or sae.cfg.metadata.context_size or len(dataset[0]["input_ids"])
-    store = sl.ActivationsStore.from_sae(adapter, sae, dataset, context_size=context_size, streaming=False,
-                                         store_batch_size_prompts=batch_size_prompts, device=str(model.device))
-    config = EvalConfig(batch_size_prompts=batch_size_prompts, n_eval_reconstruction_batches=n_batches,
-                        n_eval_sparsity_variance_batches=n_batches, compute_kl=True, compute_ce_loss=True,
-                        compute_sparsity_metrics=True, compute_variance_metrics=True)
+    store = sl.ActivationsStore.from_sae(
+        adapter,
+        sae,
+        dataset,
+        context_size=context_size,
+        streaming=False,
+        store_batch_size_prompts=batch_size_prompts,
+        device=str(model.device),
+    )
+    config = EvalConfig(
+        batch_size_prompts=batch_size_prompts,
+        n_eval_reconstruction_batches=n_batches,
+        n_eval_sparsity_variance_batches=n_batches,
+        compute_kl=True,
+        compute_ce_loss=True,
+        compute_sparsity_metrics=True,
+        compute_variance_metrics=True,
+    )
     was_training = sae.training
     sae.eval()
     try:
-        metrics, _ = sl.run_evals(sae, store, adapter, ActivationScaler(), config, exclude_special_tokens=False)
+        metrics, _ = sl.run_evals(
+            sae, store, adapter, ActivationScaler(), config, exclude_special_tokens=False
+        )
     finally:
         sae.train(was_training)
     flat = {k: v for group in metrics.values() for k, v in group.items()}

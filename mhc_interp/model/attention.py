@@ -6,6 +6,7 @@ Branch maths (GPT-2 layout, fused `c_attn` -> q, k, v), on `h = LN(read)` [batch
 The fused SDPA kernel is used unless the pattern or scores are observed (a TransformerLens hook,
 or nnsight instrumentation) or `cfg.attn_impl == "eager"`; then they are materialised.
 """
+
 from __future__ import annotations
 
 import math
@@ -25,16 +26,18 @@ class AttentionSublayer(HyperConnectedSublayer):
         super().__init__(cfg, init_stream)
         self.c_attn = nn.Linear(cfg.d_model, 3 * cfg.d_model, bias=cfg.bias)
         self.c_proj = nn.Linear(cfg.d_model, cfg.d_model, bias=cfg.bias)
-        self.hook_q = HookPoint()            # [batch, pos, head, d_head]
-        self.hook_k = HookPoint()            # [batch, pos, head, d_head]
-        self.hook_v = HookPoint()            # [batch, pos, head, d_head]
+        self.hook_q = HookPoint()  # [batch, pos, head, d_head]
+        self.hook_k = HookPoint()  # [batch, pos, head, d_head]
+        self.hook_v = HookPoint()  # [batch, pos, head, d_head]
         self.hook_attn_scores = HookPoint()  # [batch, head, query_pos, key_pos]
-        self.hook_pattern = HookPoint()      # [batch, head, query_pos, key_pos]
-        self.hook_z = HookPoint()            # [batch, pos, head, d_head]
+        self.hook_pattern = HookPoint()  # [batch, head, query_pos, key_pos]
+        self.hook_z = HookPoint()  # [batch, pos, head, d_head]
 
     def _eager(self) -> bool:
-        return self.cfg.attn_impl == "eager" or module_observed(self.hook_pattern) or (
-            module_observed(self.hook_attn_scores)
+        return (
+            self.cfg.attn_impl == "eager"
+            or module_observed(self.hook_pattern)
+            or (module_observed(self.hook_attn_scores))
         )
 
     def branch(self, h: Tensor) -> Tensor:  # [batch, pos, d_model] -> [batch, pos, d_model]

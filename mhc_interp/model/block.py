@@ -1,4 +1,5 @@
 """A transformer layer = two hyper-connected sublayers, `attn` then `mlp`, and stream expansion."""
+
 from __future__ import annotations
 
 import torch

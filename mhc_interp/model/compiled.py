@@ -8,6 +8,7 @@ Hook points stay *outside* the regions (see `HyperConnectedSublayer.forward`), w
 TransformerLens hooks, caching, frozen mixing and nnsight working on a compiled model: a region is
 only entered when nothing inside it can be observed.
 """
+
 from __future__ import annotations
 
 import functools
@@ -34,7 +35,8 @@ def compile_once(fn: Callable) -> Callable:
         except TypeError:  # a torch without per-region limits: raise the global one around each call
             compiled = torch.compile(fn)
             _COMPILED[fn] = functools.wraps(fn)(
-                lambda *args, **kwargs: _with_limit(limit, compiled, args, kwargs))
+                lambda *args, **kwargs: _with_limit(limit, compiled, args, kwargs)
+            )
     return _COMPILED[fn]
 
 
@@ -45,8 +47,12 @@ def _with_limit(limit: int, compiled: Callable, args: tuple, kwargs: dict):
 
 def torch_hooks_attached(module: nn.Module) -> bool:
     """True if any torch forward/backward (pre-)hook is registered on `module` itself."""
-    return bool(module._forward_hooks or module._forward_pre_hooks or module._backward_hooks
-                or module._backward_pre_hooks)
+    return bool(
+        module._forward_hooks
+        or module._forward_pre_hooks
+        or module._backward_hooks
+        or module._backward_pre_hooks
+    )
 
 
 def module_observed(module: nn.Module) -> bool:
@@ -54,8 +60,10 @@ def module_observed(module: nn.Module) -> bool:
     torch forward/backward (pre-)hook is attached, or nnsight has instrumented it (it installs its
     own `forward` on the instance)."""
     return bool(
-        torch_hooks_attached(module) or "forward" in module.__dict__
-        or getattr(module, "fwd_hooks", None) or getattr(module, "bwd_hooks", None)
+        torch_hooks_attached(module)
+        or "forward" in module.__dict__
+        or getattr(module, "fwd_hooks", None)
+        or getattr(module, "bwd_hooks", None)
     )
 
 
@@ -63,5 +71,9 @@ def global_module_hooks() -> bool:
     """True if hooks registered for *every* module (`torch.nn.modules.module.register_module_*`)
     are active: they would not fire inside a compiled region."""
     m = torch.nn.modules.module
-    return bool(m._global_forward_hooks or m._global_forward_pre_hooks or m._global_backward_hooks
-                or m._global_backward_pre_hooks)
+    return bool(
+        m._global_forward_hooks
+        or m._global_forward_pre_hooks
+        or m._global_backward_hooks
+        or m._global_backward_pre_hooks
+    )

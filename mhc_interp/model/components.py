@@ -1,4 +1,5 @@
 """Small shared pieces: nanoGPT's LayerNorm."""
+
 from __future__ import annotations
 
 import torch

@@ -9,6 +9,7 @@ and `nnsight.NNsight(model)` can trace it).
       -> LayerNorm per stream, sum over streams  [batch, pos, d_model]
       -> unembed (tied to the embedding)         [batch, pos, d_vocab]   (every position)
 """
+
 from __future__ import annotations
 
 import math
@@ -37,12 +38,12 @@ class HookedMHC(StreamHookedRoot):
         self.blocks = nn.ModuleList([TransformerBlock(cfg) for _ in range(cfg.n_layers)])
         self.ln_final = LayerNorm(cfg.d_model, cfg.bias, cfg.layer_norm_eps)
         self.unembed = None if cfg.tie_embeddings else nn.Linear(cfg.d_model, cfg.d_vocab, bias=False)
-        self.hook_embed = HookPoint()         # [batch, pos, d_model]
-        self.hook_pos_embed = HookPoint()     # [batch, pos, d_model]
+        self.hook_embed = HookPoint()  # [batch, pos, d_model]
+        self.hook_pos_embed = HookPoint()  # [batch, pos, d_model]
         self.hook_streams_init = HookPoint()  # [batch, pos, n_streams, d_model]
-        self.hook_ln_final = HookPoint()      # [batch, pos, n_streams, d_model]
-        self.hook_stream_sum = HookPoint()    # [batch, pos, d_model]
-        self.hook_logits = HookPoint()        # [batch, pos, d_vocab]
+        self.hook_ln_final = HookPoint()  # [batch, pos, n_streams, d_model]
+        self.hook_stream_sum = HookPoint()  # [batch, pos, d_model]
+        self.hook_logits = HookPoint()  # [batch, pos, d_vocab]
         self._init_weights()
         self.setup()
 
@@ -122,10 +123,12 @@ class HookedMHC(StreamHookedRoot):
             if tokens is not None:
                 tokens = self._check_tokens(tokens)
                 if tokens.shape != x.shape[:2]:
-                    raise ValueError(f"tokens= {tuple(tokens.shape)} do not match the resumed state's "
-                                     f"[batch, pos] {tuple(x.shape[:2])}")
+                    raise ValueError(
+                        f"tokens= {tuple(tokens.shape)} do not match the resumed state's "
+                        f"[batch, pos] {tuple(x.shape[:2])}"
+                    )
         sublayers = self.sublayers
-        for sub in sublayers[start: stop if stop is not None else len(sublayers)]:
+        for sub in sublayers[start : stop if stop is not None else len(sublayers)]:
             x = sub(x)
         if stop is not None:
             return x
@@ -152,8 +155,13 @@ class HookedMHC(StreamHookedRoot):
 
     # --------------------------------------------------------------------------- loading/saving
     @classmethod
-    def from_pretrained(cls, name_or_path: str, device: Union[str, torch.device, None] = None,
-                        dtype: Optional[torch.dtype] = None, **kwargs) -> "HookedMHC":
+    def from_pretrained(
+        cls,
+        name_or_path: str,
+        device: Union[str, torch.device, None] = None,
+        dtype: Optional[torch.dtype] = None,
+        **kwargs,
+    ) -> "HookedMHC":
         """Load a nanoGPT-format mHC `.pt`, a folder (our format or the hub layout), or a hub id."""
         return load_pretrained(cls, name_or_path, device=device, dtype=dtype, **kwargs)
 

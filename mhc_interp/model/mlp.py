@@ -1,5 +1,6 @@
 """`blocks.{l}.mlp`: a hyper-connected sublayer whose branch is the GPT-2 MLP,
 write = c_proj(GELU(c_fc(LN(read)))), d_mlp = 4 d_model."""
+
 from __future__ import annotations
 
 from torch import Tensor, nn
@@ -15,7 +16,7 @@ class MLPSublayer(HyperConnectedSublayer):
         super().__init__(cfg, init_stream)
         self.c_fc = nn.Linear(cfg.d_model, cfg.d_mlp, bias=cfg.bias)
         self.c_proj = nn.Linear(cfg.d_mlp, cfg.d_model, bias=cfg.bias)
-        self.hook_pre = HookPoint()   # [batch, pos, d_mlp]
+        self.hook_pre = HookPoint()  # [batch, pos, d_mlp]
         self.hook_post = HookPoint()  # [batch, pos, d_mlp]
 
     def branch(self, h: Tensor) -> Tensor:

@@ -16,6 +16,7 @@ hook points (streams_in, h_pre, h_post, h_res, streams_out) are called outside t
 hooks there fire as usual; `apply` falls back to eager whenever anything inside it is observed
 (hook_read/write/res_mix, the branch's hook points, any torch hook or nnsight instrumentation).
 """
+
 from __future__ import annotations
 
 from typing import Optional, Tuple
@@ -30,10 +31,17 @@ from .compiled import compile_once, global_module_hooks, module_observed
 from .components import LayerNorm
 from .mixers import build_mixer
 
-
 # every sublayer's hook points, in forward order (shapes: hooks.names.HOOK_SPECS)
-SUBLAYER_HOOKS = ("hook_streams_in", "hook_h_pre", "hook_h_post", "hook_h_res", "hook_read", "hook_write",
-                  "hook_res_mix", "hook_streams_out")
+SUBLAYER_HOOKS = (
+    "hook_streams_in",
+    "hook_h_pre",
+    "hook_h_post",
+    "hook_h_res",
+    "hook_read",
+    "hook_write",
+    "hook_res_mix",
+    "hook_streams_out",
+)
 # hook points called outside the compiled `apply` region
 BOUNDARY_HOOKS = ("hook_streams_in", "hook_h_pre", "hook_h_post", "hook_h_res", "hook_streams_out")
 
@@ -66,7 +74,12 @@ class HookedSublayer(nn.Module):
         """(x, h_pre, h_post, h_res): the state through hook_streams_in, its coefficients through theirs."""
         x = self.hook_streams_in(x)
         coeffs = self.coefficients(x)
-        return x, self.hook_h_pre(coeffs.h_pre), self.hook_h_post(coeffs.h_post), self.hook_h_res(coeffs.h_res)
+        return (
+            x,
+            self.hook_h_pre(coeffs.h_pre),
+            self.hook_h_post(coeffs.h_post),
+            self.hook_h_res(coeffs.h_res),
+        )
 
 
 class HyperConnectedSublayer(HookedSublayer):
@@ -102,7 +115,7 @@ class HyperConnectedSublayer(HookedSublayer):
         """x' = H_res x + H_post^T F(H_pre x), given the coefficients (cast to the state's dtype).
         x [b, p, n, d], h_pre/h_post [b, p, n], h_res [b, p, n, n] -> [b, p, n, d]."""
         h_pre, h_post, h_res = (t.to(x.dtype) for t in (h_pre, h_post, h_res))
-        mix = mix_streams(torch.cat([h_pre.unsqueeze(-2), h_res], dim=-2), x)   # [b, p, 1 + n, d]
+        mix = mix_streams(torch.cat([h_pre.unsqueeze(-2), h_res], dim=-2), x)  # [b, p, 1 + n, d]
         read = self.hook_read(mix[:, :, 0])
         write = self.hook_write(self.branch(self.ln(read)))
         mixed = self.hook_res_mix(mix[:, :, 1:])
@@ -114,5 +127,7 @@ class HyperConnectedSublayer(HookedSublayer):
         sublayer module itself see only its input and output, so they do not count.)"""
         outside = {"mixer", *BOUNDARY_HOOKS}
         return global_module_hooks() or any(
-            module_observed(m) for name, m in self.named_modules() if name and name.split(".")[0] not in outside
+            module_observed(m)
+            for name, m in self.named_modules()
+            if name and name.split(".")[0] not in outside
         )

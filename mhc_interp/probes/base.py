@@ -23,6 +23,7 @@ its own, and shows the figures of its result's `plot()` and the tables of its `t
 Results are `ProbeResult`s: a dict of numpy arrays plus JSON metadata, saved as `PATH.json` +
 `PATH.npz` and loaded back with `ProbeResult.load(PATH)`, with a `plot()` per probe.
 """
+
 from __future__ import annotations
 
 import json
@@ -79,8 +80,13 @@ def require_streams(model, probe_name: str, minimum: int = 2) -> None:
 
 
 # hooks whose activations are stream states [batch, pos, n_streams, d_model]
-STREAM_STATE_SUFFIXES = ("hook_streams_init", "hook_streams_in", "hook_streams_out", "hook_res_mix",
-                         "hook_ln_final")
+STREAM_STATE_SUFFIXES = (
+    "hook_streams_init",
+    "hook_streams_in",
+    "hook_streams_out",
+    "hook_res_mix",
+    "hook_ln_final",
+)
 
 
 @dataclass(frozen=True)
@@ -102,14 +108,16 @@ class ReportSection:
             raise ValueError(f"a report section needs a title saying what it shows, got {self.title!r}")
         bad = [k for k, v in dict(self.captions).items() if not (isinstance(k, str) and isinstance(v, str))]
         if bad:
-            raise ValueError(f"report section {self.title!r}: captions map figure names to text; bad entries {bad}")
+            raise ValueError(
+                f"report section {self.title!r}: captions map figure names to text; bad entries {bad}"
+            )
 
 
 class Probe:
     """Base class; see the module docstring for the contract."""
 
     name: ClassVar[str] = "probe"
-    report: ClassVar[Union[ReportSection, Tuple[ReportSection, ...], None]] = None   # its report section(s)
+    report: ClassVar[Union[ReportSection, Tuple[ReportSection, ...], None]] = None  # its report section(s)
 
     @classmethod
     def for_report(cls, cfg) -> Optional["Probe"]:
@@ -159,8 +167,12 @@ class ProbeResult:
         json_path, npz_path = _result_paths(path)
         json_path.parent.mkdir(parents=True, exist_ok=True)
         np.savez(npz_path, **self.arrays)
-        info = {"probe": self.probe, "result_class": type(self).__name__, "meta": self.meta,
-                "arrays": {k: list(v.shape) for k, v in self.arrays.items()}}
+        info = {
+            "probe": self.probe,
+            "result_class": type(self).__name__,
+            "meta": self.meta,
+            "arrays": {k: list(v.shape) for k, v in self.arrays.items()},
+        }
         json_path.write_text(json.dumps(info, indent=2, default=_jsonable))
         return json_path
 
@@ -185,8 +197,11 @@ class ProbeResult:
     @staticmethod
     def finding(key: str, text: str, **values) -> Dict[str, Any]:
         """A `findings()` entry {"key", "text", "values"}: plain data (numpy scalars made Python)."""
-        return {"key": key, "text": text, "values": {k: v.item() if isinstance(v, np.generic) else v
-                                                     for k, v in values.items()}}
+        return {
+            "key": key,
+            "text": text,
+            "values": {k: v.item() if isinstance(v, np.generic) else v for k, v in values.items()},
+        }
 
     def plot(self, **kwargs):  # pragma: no cover - overridden
         raise NotImplementedError(f"{type(self).__name__} has no plot")
@@ -210,8 +225,13 @@ class ProbeResult:
 def matrix_table(title: str, m: np.ndarray, diagonal: Optional[str] = None) -> Dict[str, Any]:
     """A `ProbeResult.tables()` entry for a square matrix m [n, n]: 2 decimals, NaN as "n/a", the
     diagonal as `diagonal` where given."""
-    rows = [[diagonal if (diagonal is not None and i == j) else ("n/a" if np.isnan(v) else f"{v:.2f}")
-             for j, v in enumerate(row)] for i, row in enumerate(np.asarray(m))]
+    rows = [
+        [
+            diagonal if (diagonal is not None and i == j) else ("n/a" if np.isnan(v) else f"{v:.2f}")
+            for j, v in enumerate(row)
+        ]
+        for i, row in enumerate(np.asarray(m))
+    ]
     return {"title": title, "header": [str(j) for j in range(len(rows))], "rows": rows}
 
 
@@ -237,7 +257,6 @@ def _result_paths(path) -> Tuple[Path, Path]:
 
 
 def _jsonable(obj):
-    if isinstance(obj, (np.generic, np.ndarray)):   # numpy scalars and arrays as Python values
+    if isinstance(obj, (np.generic, np.ndarray)):  # numpy scalars and arrays as Python values
         return obj.tolist()
     return str(obj)
-

@@ -5,6 +5,7 @@ over prompts.
 A causal probe implements `intervene(model, tokens, mask)` (one batch) and `result()`; the
 runner (`run_probes`) hands it every batch of the token source.
 """
+
 from __future__ import annotations
 
 from typing import Dict, List, Optional, Sequence, Tuple, Union
@@ -60,13 +61,13 @@ def kl_metric(reference_logits: Tensor, mask: Tensor, temperature: float = 1.0):
     reference_logits [B, pos, vocab]; mask [B, pos]; returns f(logits [k, B, pos, vocab]) -> [k, B].
     A prompt with no masked-in position scores NaN (not 0), and `PromptStats` leaves it out.
     """
-    ref_lp = log_probs(reference_logits, temperature)                     # [B, pos, vocab]
+    ref_lp = log_probs(reference_logits, temperature)  # [B, pos, vocab]
     ref_p = ref_lp.exp()
     m = mask.to(ref_lp.device, ref_lp.dtype)
-    weights = m / m.sum(-1, keepdim=True)                                  # [B, pos]; 0/0 = NaN: nothing to score
+    weights = m / m.sum(-1, keepdim=True)  # [B, pos]; 0/0 = NaN: nothing to score
 
     def metric(logits: Tensor) -> Tensor:
-        kl = (ref_p * (ref_lp - log_probs(logits, temperature))).sum(-1)   # [k, B, pos]
+        kl = (ref_p * (ref_lp - log_probs(logits, temperature))).sum(-1)  # [k, B, pos]
         return (kl * weights).sum(-1)
 
     return metric
@@ -75,8 +76,8 @@ def kl_metric(reference_logits: Tensor, mask: Tensor, temperature: float = 1.0):
 def logit_diff_metric(answers: Tensor, position: int = -1):
     """Metric: logit[correct] - logit[wrong] at `position`; answers [B, 2] (correct, wrong)."""
 
-    def metric(logits: Tensor) -> Tensor:                                 # [k, B, pos, vocab]
-        last = logits[:, :, position].to(score_dtype(logits.dtype))       # [k, B, vocab]
+    def metric(logits: Tensor) -> Tensor:  # [k, B, pos, vocab]
+        last = logits[:, :, position].to(score_dtype(logits.dtype))  # [k, B, vocab]
         idx = answers.to(logits.device)[None].expand(last.shape[0], -1, -1)
         picked = last.gather(-1, idx)
         return picked[..., 0] - picked[..., 1]
@@ -88,7 +89,7 @@ def logprob_metric(targets: Tensor, position: int = -1, temperature: float = 1.0
     """Metric: log P(target) at `position`; targets [B]."""
 
     def metric(logits: Tensor) -> Tensor:
-        lp = log_probs(logits[:, :, position], temperature)               # [k, B, vocab]
+        lp = log_probs(logits[:, :, position], temperature)  # [k, B, vocab]
         idx = targets.to(logits.device)[None, :, None].expand(lp.shape[0], -1, 1)
         return lp.gather(-1, idx)[..., 0]
 
@@ -110,11 +111,13 @@ def position_mask(valid: Tensor, exclude_first: int = 1) -> Tensor:
 def check_finite(logits: Tensor, run: str) -> None:
     """Raise the runner's FloatingPointError if `logits` [B, pos, vocab] hold NaN/inf (one
     host-device sync): a causal probe would otherwise return all-NaN arrays and figures."""
-    finite = torch.isfinite(logits).flatten(1).all(-1)                    # [B]
+    finite = torch.isfinite(logits).flatten(1).all(-1)  # [B]
     if not bool(finite.all()):
         bad = (~finite).nonzero().flatten().tolist()
-        raise FloatingPointError(f"non-finite values (NaN/inf) in the {run} run's logits (prompts {bad[:8]} "
-                                 f"of the batch): check the model's weights and dtype")
+        raise FloatingPointError(
+            f"non-finite values (NaN/inf) in the {run} run's logits (prompts {bad[:8]} "
+            f"of the batch): check the model's weights and dtype"
+        )
 
 
 class PromptStats:
@@ -123,10 +126,10 @@ class PromptStats:
     entry with fewer than two prompts is NaN (undefined), not 0."""
 
     def __init__(self) -> None:
-        self.total: Union[int, Tensor] = 0     # [*shape] sums over prompts, once one was added
+        self.total: Union[int, Tensor] = 0  # [*shape] sums over prompts, once one was added
         self.total_sq: Union[int, Tensor] = 0
-        self.scored: Union[int, Tensor] = 0    # [*shape] prompts that entered each entry
-        self.count = 0                         # prompts seen
+        self.scored: Union[int, Tensor] = 0  # [*shape] prompts that entered each entry
+        self.count = 0  # prompts seen
 
     def add(self, per_prompt: Tensor) -> None:
         """per_prompt [..., B]: one value per prompt in the last axis."""
@@ -134,7 +137,7 @@ class PromptStats:
         ok = ~torch.isnan(v)
         v = torch.where(ok, v, torch.zeros((), dtype=v.dtype))
         self.total = self.total + v.sum(-1)
-        self.total_sq = self.total_sq + (v ** 2).sum(-1)
+        self.total_sq = self.total_sq + (v**2).sum(-1)
         self.scored = self.scored + ok.sum(-1).double()
         self.count += v.shape[-1]
 
@@ -142,8 +145,8 @@ class PromptStats:
         if not self.count:
             raise ValueError("no prompts were processed")
         n = self.scored
-        mean = self.total / n                                              # NaN where no prompt scored
-        var = (self.total_sq / n - mean ** 2).clamp_min(0) * n / (n - 1)   # NaN / inf where n < 2
+        mean = self.total / n  # NaN where no prompt scored
+        var = (self.total_sq / n - mean**2).clamp_min(0) * n / (n - 1)  # NaN / inf where n < 2
         sem = torch.where(n >= 2, (var / n).sqrt(), torch.full_like(n, float("nan")))
         return mean.numpy(), sem.numpy()
 
@@ -164,8 +167,12 @@ def stats_arrays(prefix: str, stats: PromptStats) -> Dict[str, np.ndarray]:
     interval mean -/+ t_{0.975, n-1} s.e.m. (NaN with fewer than two prompts)}."""
     mean, sem = stats.mean_sem()
     half = stats.ci_half_width(sem)
-    return {prefix: mean, f"{prefix}_sem": sem, f"{prefix}_ci_low": mean - half,
-            f"{prefix}_ci_high": mean + half}
+    return {
+        prefix: mean,
+        f"{prefix}_sem": sem,
+        f"{prefix}_ci_low": mean - half,
+        f"{prefix}_ci_high": mean + half,
+    }
 
 
 def clean_run(model: MultiStreamModel, tokens: Tensor, run: str = "clean"):

@@ -49,6 +49,7 @@ anisotropic scaling (outlier dimensions can dominate: `standardize=True` z-score
 within the minibatch as a robustness check), and it ignores scale (pair it with stream norms).
 A constant representation has HSIC(K, K) = 0 and CKA NaN.
 """
+
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, Dict, List, Optional, Union
@@ -75,11 +76,10 @@ from .sites import SiteSpec, check_site_spec, evenly_spaced, site_hooks, site_la
 if TYPE_CHECKING:
     from ..contract import MultiStreamModel
 
-__all__ = ["gram_linear", "gram_rbf", "center_gram", "hsic_matrix", "cka_from_hsic",
-           "CKA", "CKAResult"]
+__all__ = ["gram_linear", "gram_rbf", "center_gram", "hsic_matrix", "cka_from_hsic", "CKA", "CKAResult"]
 
-SHUFFLE_BYTES = 2 ** 30   # the default shuffle buffer's cap: 1 GiB (never under 2 minibatches)
-_CHUNK_BYTES = 64 * 2 ** 20  # float64 features converted at a time (a few representations)
+SHUFFLE_BYTES = 2**30  # the default shuffle buffer's cap: 1 GiB (never under 2 minibatches)
+_CHUNK_BYTES = 64 * 2**20  # float64 features converted at a time (a few representations)
 
 
 # ---------------------------------------------------------------------------------- functions
@@ -132,7 +132,7 @@ def gram_rbf(X: Tensor, threshold: float = 1.0) -> Tensor:
     med = _median_last(flat)
     scale = torch.where(med > 0, med, flat.mean(-1))
     scale = scale.masked_fill(scale <= 0, 1.0)
-    sigma2 = threshold ** 2 * scale
+    sigma2 = threshold**2 * scale
     return torch.exp(-d2 / (2 * sigma2[..., None, None]))
 
 
@@ -179,7 +179,7 @@ def hsic_matrix(grams: Tensor, unbiased: bool = True) -> Tensor:
     if grams.ndim != 3 or grams.shape[-1] != grams.shape[-2]:
         raise ValueError(f"grams must be [R, N, N], got {tuple(grams.shape)}")
     n = grams.shape[-1]
-    G = _center_gram_(grams.clone(), unbiased).flatten(1)                  # [R, N^2]
+    G = _center_gram_(grams.clone(), unbiased).flatten(1)  # [R, N^2]
     M = G @ G.T
     M = (M + M.T) / 2  # exact symmetry
     return M / (n * (n - 3)) if unbiased else M / (n - 1) ** 2
@@ -201,16 +201,16 @@ def _hsic_both(grams: Tensor) -> tuple:
     if n < 4:
         raise ValueError(f"debiased CKA needs at least 4 tokens, got {n}")
     diag = torch.diagonal(grams, dim1=-2, dim2=-1)
-    d = diag.clone()                                                      # [R, N]
+    d = diag.clone()  # [R, N]
     diag.zero_()
-    r = grams.sum(dim=-1)                                                 # [R, N]
-    s = r.sum(dim=-1)                                                     # [R]
+    r = grams.sum(dim=-1)  # [R, N]
+    s = r.sum(dim=-1)  # [R]
     flat = grams.reshape(R, n * n)
     tr = flat @ flat.T
-    tr = (tr + tr.T) / 2                                                  # exact symmetry
+    tr = (tr + tr.T) / 2  # exact symmetry
     unbiased = (tr + torch.outer(s, s) / ((n - 1) * (n - 2)) - 2 / (n - 2) * (r @ r.T)) / (n * (n - 3))
     rows, total = r + d, s + d.sum(dim=-1)
-    biased = (tr + d @ d.T - 2 / n * (rows @ rows.T) + torch.outer(total, total) / n ** 2) / (n - 1) ** 2
+    biased = (tr + d @ d.T - 2 / n * (rows @ rows.T) + torch.outer(total, total) / n**2) / (n - 1) ** 2
     return unbiased, biased
 
 
@@ -238,26 +238,44 @@ class CKA(Probe):
     """
 
     name = "cka"
-    report = ReportSection("How alike the streams' representations are (CKA)", order=20, min_streams=2, captions={
-        "cka_intra": "Debiased linear CKA between the streams of one sublayer: 1 = same representation up to "
-                     "rotation and scale, 0 = unrelated.",
-        "cka_inter": "Debiased CKA between every (sublayer, stream) representation."})
+    report = ReportSection(
+        "How alike the streams' representations are (CKA)",
+        order=20,
+        min_streams=2,
+        captions={
+            "cka_intra": "Debiased linear CKA between the streams of one sublayer: 1 = same representation up to "
+            "rotation and scale, 0 = unrelated.",
+            "cka_inter": "Debiased CKA between every (sublayer, stream) representation.",
+        },
+    )
 
     @classmethod
     def for_report(cls, cfg) -> "CKA":
         return cls(minibatch_tokens=cfg.cka_minibatch)
 
-    def __init__(self, sites: SiteSpec = None, minibatch_tokens: int = 512,
-                 kernel: str = "linear", rbf_threshold: float = 1.0, debiased: bool = True,
-                 standardize: bool = False, shuffle_tokens: Optional[int] = None, seed: int = 0):
+    def __init__(
+        self,
+        sites: SiteSpec = None,
+        minibatch_tokens: int = 512,
+        kernel: str = "linear",
+        rbf_threshold: float = 1.0,
+        debiased: bool = True,
+        standardize: bool = False,
+        shuffle_tokens: Optional[int] = None,
+        seed: int = 0,
+    ):
         if kernel not in ("linear", "rbf"):
             raise ValueError(f"kernel must be 'linear' or 'rbf', got {kernel!r}")
         if int(minibatch_tokens) < 4:
-            raise ValueError(f"minibatch_tokens must be >= 4 (debiased CKA needs at least 4 "
-                             f"tokens), got {minibatch_tokens}")
+            raise ValueError(
+                f"minibatch_tokens must be >= 4 (debiased CKA needs at least 4 "
+                f"tokens), got {minibatch_tokens}"
+            )
         if shuffle_tokens is not None and int(shuffle_tokens) < 2 * int(minibatch_tokens):
-            raise ValueError(f"shuffle_tokens must be >= 2 * minibatch_tokens = {2 * int(minibatch_tokens)} "
-                             f"(half the buffer stays to be mixed with later tokens), got {shuffle_tokens}")
+            raise ValueError(
+                f"shuffle_tokens must be >= 2 * minibatch_tokens = {2 * int(minibatch_tokens)} "
+                f"(half the buffer stays to be mixed with later tokens), got {shuffle_tokens}"
+            )
         if rbf_threshold <= 0:
             raise ValueError(f"rbf_threshold must be > 0, got {rbf_threshold}")
         self.sites = check_site_spec(sites, "CKA")
@@ -273,7 +291,7 @@ class CKA(Probe):
         self._reset_state()
 
     def _reset_state(self) -> None:
-        self._buffer: Optional[ShuffleBuffer] = None   # rows [R, d], made by the first update
+        self._buffer: Optional[ShuffleBuffer] = None  # rows [R, d], made by the first update
         self._hsic_u: Optional[Tensor] = None  # [R, R] sums over minibatches
         self._hsic_b: Optional[Tensor] = None
         self._n_minibatches = 0
@@ -297,18 +315,18 @@ class CKA(Probe):
         first = acts[self._site_names[0]]
         if first.shape[2] != self._n_streams:
             raise ValueError(f"CKA: activations have {first.shape[2]} streams, the model {self._n_streams}")
-        rows = masked_rows(mask, first.device)       # found once (one device sync), not once per site
+        rows = masked_rows(mask, first.device)  # found once (one device sync), not once per site
         m, R, d = self.minibatch_tokens, len(self._site_names) * self._n_streams, first.shape[-1]
         if self._buffer is None:
             rows_max = max(2 * m, min(8 * m, SHUFFLE_BYTES // (R * d * first.element_size())))
             self._buffer = ShuffleBuffer(self.shuffle_tokens or rows_max, seed=self.seed)
         buf = self._buffer
-        per_fill = max(1, buf.capacity // (2 * m))   # minibatches taken per full buffer
+        per_fill = max(1, buf.capacity // (2 * m))  # minibatches taken per full buffer
         for chunk in torch.split(rows, max(1, _CHUNK_BYTES // (R * d * first.element_size()))):
             # rows in arrival order, at most 64 MiB of them stacked at a time
             start = 0
             while start < len(chunk):
-                x = site_rows(acts, self._site_names, chunk[start:]).reshape(-1, R, d)   # [T, R, d]
+                x = site_rows(acts, self._site_names, chunk[start:]).reshape(-1, R, d)  # [T, R, d]
                 start += buf.put(x)
                 if buf.unread == buf.capacity:
                     buf.shuffle()
@@ -316,22 +334,27 @@ class CKA(Probe):
                         u, b = self._minibatch_hsic(buf.take_slots(m))
                         self._hsic_u = u if self._hsic_u is None else self._hsic_u.add_(u)
                         self._hsic_b = b if self._hsic_b is None else self._hsic_b.add_(b)
-                        self._n_minibatches, self._tokens_used = self._n_minibatches + 1, self._tokens_used + m
+                        self._n_minibatches, self._tokens_used = (
+                            self._n_minibatches + 1,
+                            self._tokens_used + m,
+                        )
 
     def _minibatch_hsic(self, slots: Tensor) -> tuple:
         """The buffer rows at `slots` [N] -> (unbiased HSIC [R, R], biased HSIC [R, R]) of this
         minibatch (float64); its Grams [R, N, N] are formed a few representations at a time."""
-        storage = self._buffer.storage                                     # [capacity, R, d]
+        storage = self._buffer.storage  # [capacity, R, d]
         N, R, d = len(slots), storage.shape[1], storage.shape[2]
         slots = slots.to(storage.device)
         grams = torch.empty(R, N, N, dtype=torch.float64, device=storage.device)
         step = max(1, _CHUNK_BYTES // (N * d * 8))
         for lo in range(0, R, step):
-            X = storage[slots, lo:lo + step].transpose(0, 1)                  # [r, N, d], a copy
-            if self.standardize:   # z-score every feature (centred in place on a float64 copy)
+            X = storage[slots, lo : lo + step].transpose(0, 1)  # [r, N, d], a copy
+            if self.standardize:  # z-score every feature (centred in place on a float64 copy)
                 X = _centred_f64(X)
                 X /= X.pow(2).mean(dim=-2, keepdim=True).sqrt_().clamp_min_(torch.finfo(X.dtype).tiny)
-            grams[lo:lo + step] = gram_linear(X) if self.kernel == "linear" else gram_rbf(X, self.rbf_threshold)
+            grams[lo : lo + step] = (
+                gram_linear(X) if self.kernel == "linear" else gram_rbf(X, self.rbf_threshold)
+            )
         return _hsic_both(grams)
 
     def _flush_sizes(self, left: int) -> List[int]:
@@ -350,7 +373,9 @@ class CKA(Probe):
         left = 0 if self._buffer is None else self._buffer.unread
         sizes = self._flush_sizes(left)
         if sizes:
-            rest = self._buffer.order[torch.randperm(left, generator=torch.Generator().manual_seed(self.seed + 1))]
+            rest = self._buffer.order[
+                torch.randperm(left, generator=torch.Generator().manual_seed(self.seed + 1))
+            ]
             for chunk in torch.split(rest, sizes):
                 u, b = self._minibatch_hsic(chunk)
                 hu, hb = (u, b) if hu is None else (hu + u, hb + b)
@@ -362,26 +387,41 @@ class CKA(Probe):
             raise RuntimeError("CKA.result called before setup(model)")
         hu, hb, k, used, dropped = self._flushed_hsic()
         if k == 0:
-            raise ValueError(f"CKA needs at least 4 tokens (a minibatch; debiased CKA needs at "
-                             f"least 4 tokens), but only {dropped} token(s) were seen after masking")
+            raise ValueError(
+                f"CKA needs at least 4 tokens (a minibatch; debiased CKA needs at "
+                f"least 4 tokens), but only {dropped} token(s) were seen after masking"
+            )
         hu, hb = hu / k, hb / k
         cka_u, cka_b = cka_from_hsic(hu), cka_from_hsic(hb)
         main = cka_u if self.debiased else cka_b
         n, S = self._n_streams, len(self._site_names)
-        intra = torch.stack([main[i * n:(i + 1) * n, i * n:(i + 1) * n] for i in range(S)])
-        arrays = {k_: v.detach().cpu().numpy() for k_, v in dict(
-            cka=main, cka_debiased=cka_u, cka_biased=cka_b, intra=intra,
-            hsic_debiased=hu, hsic_biased=hb).items()}
+        intra = torch.stack([main[i * n : (i + 1) * n, i * n : (i + 1) * n] for i in range(S)])
+        arrays = {
+            k_: v.detach().cpu().numpy()
+            for k_, v in dict(
+                cka=main, cka_debiased=cka_u, cka_biased=cka_b, intra=intra, hsic_debiased=hu, hsic_biased=hb
+            ).items()
+        }
         capacity = None if self._buffer is None else self._buffer.capacity
-        meta = dict(site_names=list(self._site_names), n_streams=n,
-                    labels=[site_label((s, j)) for s in self._site_names for j in range(n)],
-                    n_minibatches=k, tokens_used=used, tokens_dropped=dropped,
-                    minibatch_tokens=self.minibatch_tokens, shuffle_tokens=capacity,
-                    seed=self.seed, kernel=self.kernel,
-                    rbf_threshold=self.rbf_threshold if self.kernel == "rbf" else None,
-                    debiased=self.debiased, standardize=self.standardize,
-                    estimator=("minibatch debiased (unbiased HSIC_1)" if self.debiased
-                               else "minibatch biased (HSIC_0)") + ", minibatches from a token shuffle")
+        meta = dict(
+            site_names=list(self._site_names),
+            n_streams=n,
+            labels=[site_label((s, j)) for s in self._site_names for j in range(n)],
+            n_minibatches=k,
+            tokens_used=used,
+            tokens_dropped=dropped,
+            minibatch_tokens=self.minibatch_tokens,
+            shuffle_tokens=capacity,
+            seed=self.seed,
+            kernel=self.kernel,
+            rbf_threshold=self.rbf_threshold if self.kernel == "rbf" else None,
+            debiased=self.debiased,
+            standardize=self.standardize,
+            estimator=(
+                "minibatch debiased (unbiased HSIC_1)" if self.debiased else "minibatch biased (HSIC_0)"
+            )
+            + ", minibatches from a token shuffle",
+        )
         return CKAResult(probe=self.name, arrays=arrays, meta=meta)
 
 
@@ -425,11 +465,23 @@ class CKAResult(ProbeResult):
         mean = float(values.mean())
         lo, hi = pairs[int(values.argmin())], pairs[int(values.argmax())]
         site = str(self.meta["site_names"][-1]).replace(".hook_streams_out", "")
-        verdict = ("nearly the same" if mean >= 0.8 else "partly shared" if mean >= 0.4 else "largely distinct")
-        text = (f"At the last sublayer ({site}) the streams' representations are {verdict}: CKA {mean:.2f} on "
-                f"average, from {lo[2]:.2f} (streams {lo[0]}, {lo[1]}) to {hi[2]:.2f} (streams {hi[0]}, {hi[1]}).")
-        return [self.finding("cka_last", text, site=site, mean=mean, min=float(lo[2]), min_pair=[lo[0], lo[1]],
-                             max=float(hi[2]), max_pair=[hi[0], hi[1]])]
+        verdict = "nearly the same" if mean >= 0.8 else "partly shared" if mean >= 0.4 else "largely distinct"
+        text = (
+            f"At the last sublayer ({site}) the streams' representations are {verdict}: CKA {mean:.2f} on "
+            f"average, from {lo[2]:.2f} (streams {lo[0]}, {lo[1]}) to {hi[2]:.2f} (streams {hi[0]}, {hi[1]})."
+        )
+        return [
+            self.finding(
+                "cka_last",
+                text,
+                site=site,
+                mean=mean,
+                min=float(lo[2]),
+                min_pair=[lo[0], lo[1]],
+                max=float(hi[2]),
+                max_pair=[hi[0], hi[1]],
+            )
+        ]
 
     def plot(self, max_sites: int = 8, annotate: bool = True):
         """{"cka_intra": n x n heatmaps at up to `max_sites` evenly spaced sites,
@@ -443,10 +495,16 @@ class CKAResult(ProbeResult):
         idx = evenly_spaced(S, max_sites)
         figs = {}
         figs["cka_intra"] = heatmap_grid(
-            [self.intra(i) for i in idx], [site_label(names[i]) for i in idx], vmin=vmin, vmax=1.0,
-            xlabel="stream", ylabel="stream", colorbar=f"CKA ({which})",
+            [self.intra(i) for i in idx],
+            [site_label(names[i]) for i in idx],
+            vmin=vmin,
+            vmax=1.0,
+            xlabel="stream",
+            ylabel="stream",
+            colorbar=f"CKA ({which})",
             labels=None if annotate else (lambda m: np.full(m.shape, "")),
-            title=f"intra-site stream CKA ({which}, {self.meta.get('kernel', 'linear')})")
+            title=f"intra-site stream CKA ({which}, {self.meta.get('kernel', 'linear')})",
+        )
 
         R = M.shape[0]
         size = min(12.0, 3.0 + 0.06 * R)
@@ -461,7 +519,6 @@ class CKAResult(ProbeResult):
             ax.axhline(i * n - 0.5, color="w", lw=0.3)
             ax.axvline(i * n - 0.5, color="w", lw=0.3)
         fig.colorbar(im, ax=ax, label=f"CKA ({which})")
-        ax.set_title(f"(site, stream) CKA, {n} streams per site; "
-                     f"{self.meta.get('tokens_used', '?')} tokens")
+        ax.set_title(f"(site, stream) CKA, {n} streams per site; {self.meta.get('tokens_used', '?')} tokens")
         figs["cka_inter"] = fig
         return figs

@@ -9,6 +9,7 @@ streaming pass (`run_probes`), so the mean is the same whatever the batch size o
 batch-mean ablation (`ablation="mean"`) averages over each batch's tokens instead, and its
 damage moves with the batch size.
 """
+
 from __future__ import annotations
 
 from typing import List, Union
@@ -28,7 +29,7 @@ class CorpusMean(Probe):
 
     def setup(self, model) -> None:
         self.sites: List[str] = [f"{s}.hook_streams_in" for s in model.sublayer_names]
-        self.total: Union[int, Tensor] = 0         # [n_sublayers, n, d] float64 running sums
+        self.total: Union[int, Tensor] = 0  # [n_sublayers, n, d] float64 running sums
         self.count = 0
 
     def hook_names(self, model) -> List[str]:
@@ -36,8 +37,8 @@ class CorpusMean(Probe):
 
     def update(self, acts, mask) -> None:
         first = acts[self.sites[0]]
-        rows = masked_rows(mask, first.device)                               # [N]
-        acc = torch.device("cpu") if first.device.type == "mps" else first.device   # MPS has no float64
+        rows = masked_rows(mask, first.device)  # [N]
+        acc = torch.device("cpu") if first.device.type == "mps" else first.device  # MPS has no float64
         sums = torch.stack([take_rows(acts[s], rows).to(acc, torch.float64).sum(0) for s in self.sites])
         self.total = self.total + sums
         self.count += int(rows.numel())
@@ -46,9 +47,11 @@ class CorpusMean(Probe):
         if not self.count:
             raise ValueError("corpus mean: no token was left after masking (every position excluded)")
         mean = (self.total / self.count).cpu().numpy()
-        return ProbeResult(self.name, {"mean": mean, "tokens": np.array(self.count)},
-                           {"sites": self.sites, "tokens": self.count,
-                            "layout": "[sublayer, stream, d_model], float64"})
+        return ProbeResult(
+            self.name,
+            {"mean": mean, "tokens": np.array(self.count)},
+            {"sites": self.sites, "tokens": self.count, "layout": "[sublayer, stream, d_model], float64"},
+        )
 
 
 def corpus_mean(model, source, **runner_options) -> Tensor:

@@ -1,6 +1,7 @@
 """Corrupted prompts by symmetric token replacement: swap one word for another single-token word
 of the same kind (noun for noun, verb for verb, adjective for adjective), so clean and corrupted
 prompts align position by position (STR, the recommended corruption for activation patching)."""
+
 from __future__ import annotations
 
 from typing import Dict, List, Optional, Sequence, Tuple

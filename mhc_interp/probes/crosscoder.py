@@ -5,6 +5,7 @@ activations; `analyze_crosscoder` / the `CrosscoderEval` probe assign each laten
 holding more than tau of its decoder norm, else "shared" (thresholds relative to an even split,
 `thresholds_for`), with explained variance and firing statistics. The maths: docs/crosscoder.md.
 """
+
 from __future__ import annotations
 
 from typing import Dict, List, Optional, Sequence, Tuple, Union
@@ -21,14 +22,25 @@ from .crosscoder_training import train_crosscoder
 from .figure_helpers import annotate
 from .sites import Site, resolve_sites, site_label
 
-__all__ = ["CrosscoderConfig", "Crosscoder", "train_crosscoder", "analyze_crosscoder",
-           "CrosscoderResult", "CrosscoderEval", "match_decoder_directions", "thresholds_for",
-           "DEFAULT_RELATIVE_THRESHOLDS", "MAIN_RELATIVE_THRESHOLD", "SHARED", "DEAD"]
+__all__ = [
+    "CrosscoderConfig",
+    "Crosscoder",
+    "train_crosscoder",
+    "analyze_crosscoder",
+    "CrosscoderResult",
+    "CrosscoderEval",
+    "match_decoder_directions",
+    "thresholds_for",
+    "DEFAULT_RELATIVE_THRESHOLDS",
+    "MAIN_RELATIVE_THRESHOLD",
+    "SHARED",
+    "DEAD",
+]
 
-SHARED, DEAD = -1, -2   # assignment codes besides stream indices
+SHARED, DEAD = -1, -2  # assignment codes besides stream indices
 # assignment thresholds as rho = (tau - 1/n) / (1 - 1/n): 0 = an even split over the n streams
 DEFAULT_RELATIVE_THRESHOLDS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
-MAIN_RELATIVE_THRESHOLD = 1 / 3       # tau = 0.5 with 4 streams
+MAIN_RELATIVE_THRESHOLD = 1 / 3  # tau = 0.5 with 4 streams
 
 
 def _even_share(n: int) -> float:
@@ -71,8 +83,8 @@ class _EvalStats:
     def update(self, x: Tensor) -> None:
         cc = self.cc
         for lo in range(0, x.shape[0], self.chunk):
-            xn = cc.normalize(x[lo:lo + self.chunk].to(cc.device, torch.float32))  # [T, S, d]
-            f = cc.encode(xn, normalized=True, mode=self.mode)                      # [T, m]
+            xn = cc.normalize(x[lo : lo + self.chunk].to(cc.device, torch.float32))  # [T, S, d]
+            f = cc.encode(xn, normalized=True, mode=self.mode)  # [T, m]
             err = xn - cc.decode(f)
             xd = xn.double()
             self.sq_err += err.double().pow(2).sum((0, 2))
@@ -86,13 +98,15 @@ class _EvalStats:
     def summary(self) -> Dict[str, np.ndarray]:
         if self.n == 0:
             raise ValueError("crosscoder analysis saw no tokens")
-        var = self.sum_sq - self.sum_x.pow(2).sum(-1) / self.n                      # [S]
+        var = self.sum_sq - self.sum_x.pow(2).sum(-1) / self.n  # [S]
         ev = 1 - self.sq_err / var.clamp_min(1e-30)
         ev_total = 1 - self.sq_err.sum() / var.sum().clamp_min(1e-30)
-        return {"explained_variance": ev.cpu().numpy(),
-                "explained_variance_total": np.asarray(float(ev_total)),
-                "firing_frequency": (self.fires / self.n).cpu().numpy(),
-                "l0": np.asarray(self.l0_sum / self.n)}
+        return {
+            "explained_variance": ev.cpu().numpy(),
+            "explained_variance_total": np.asarray(float(ev_total)),
+            "firing_frequency": (self.fires / self.n).cpu().numpy(),
+            "l0": np.asarray(self.l0_sum / self.n),
+        }
 
 
 def _structure(sites: Sequence[Site]) -> Tuple[List[str], np.ndarray, np.ndarray, int]:
@@ -105,7 +119,11 @@ def _structure(sites: Sequence[Site]) -> Tuple[List[str], np.ndarray, np.ndarray
 def _resolve_thresholds(n: int, threshold: Optional[float], thresholds: Optional[Sequence[float]]):
     """(main tau, sorted swept taus) for n streams; defaults relative to 1/n (docs/crosscoder.md)."""
     main = thresholds_for(n, MAIN_RELATIVE_THRESHOLD) if threshold is None else float(threshold)
-    swept = thresholds_for(n, DEFAULT_RELATIVE_THRESHOLDS) if thresholds is None else [float(t) for t in thresholds]
+    swept = (
+        thresholds_for(n, DEFAULT_RELATIVE_THRESHOLDS)
+        if thresholds is None
+        else [float(t) for t in thresholds]
+    )
     swept = sorted(set(swept) | {main})
     u = _even_share(n)
     low = [t for t in swept if not u - 1e-12 <= t < 1]
@@ -113,21 +131,28 @@ def _resolve_thresholds(n: int, threshold: Optional[float], thresholds: Optional
         raise ValueError(
             f"assignment thresholds must lie in [1/n, 1) = [{u:.3g}, 1) for {n} streams, got {low}: "
             f"the largest of n stream shares is at least 1/n, so a lower threshold labels no latent "
-            f"'shared'; give relative ones with thresholds_for(n_streams, rho)")
+            f"'shared'; give relative ones with thresholds_for(n_streams, rho)"
+        )
     return main, swept
 
 
-def _build_result(cc: Crosscoder, stats: Optional[_EvalStats], threshold: Optional[float],
-                  thresholds: Optional[Sequence[float]], space: str, probe: str = "crosscoder") -> "CrosscoderResult":
+def _build_result(
+    cc: Crosscoder,
+    stats: Optional[_EvalStats],
+    threshold: Optional[float],
+    thresholds: Optional[Sequence[float]],
+    space: str,
+    probe: str = "crosscoder",
+) -> "CrosscoderResult":
     sites = cc.sites
     layers, layer_of, stream_of, n = _structure(sites)
     threshold, thresholds = _resolve_thresholds(n, threshold, thresholds)
     L = len(layers)
-    norms = cc.decoder_norms(space).double().cpu().numpy()                          # [m, S]
+    norms = cc.decoder_norms(space).double().cpu().numpy()  # [m, S]
     total = norms.sum(-1, keepdims=True)
     safe = np.where(total > 0, total, 1.0)
-    stream_share = norms @ np.eye(n)[stream_of] / safe                             # [m, n]: [m, S] @ one-hot [S, n]
-    layer_share = norms @ np.eye(L)[layer_of] / safe                                # [m, L]
+    stream_share = norms @ np.eye(n)[stream_of] / safe  # [m, n]: [m, S] @ one-hot [S, n]
+    layer_share = norms @ np.eye(L)[layer_of] / safe  # [m, L]
     arrays: Dict[str, np.ndarray] = {}
     dead_train = cc.dead_mask().cpu().numpy()
     if stats is not None:
@@ -141,7 +166,9 @@ def _build_result(cc: Crosscoder, stats: Optional[_EvalStats], threshold: Option
     best = stream_share.argmax(-1)
     top = stream_share.max(-1)
     assignment = np.stack([np.where(dead, DEAD, np.where(top > t, best, SHARED)) for t in thresholds])
-    counts = np.array([[(a == code).sum() for code in [*range(n), SHARED, DEAD]] for a in assignment])  # [n_thr, n + 2]
+    counts = np.array(
+        [[(a == code).sum() for code in [*range(n), SHARED, DEAD]] for a in assignment]
+    )  # [n_thr, n + 2]
     main = thresholds.index(float(threshold))
     ev_grid = np.full((L, n), np.nan)
     ev_grid[layer_of, stream_of] = arrays["explained_variance"]
@@ -151,37 +178,62 @@ def _build_result(cc: Crosscoder, stats: Optional[_EvalStats], threshold: Option
         sel = assignment[main] == code
         if sel.any():
             profile[g] = layer_share[sel].mean(0)
-    arrays.update(decoder_norms=norms.astype(np.float32), stream_share=stream_share,
-                  layer_share=layer_share, max_share=top, assignment=assignment,
-                  thresholds=np.asarray(thresholds), thresholds_relative=_relative(np.asarray(thresholds), n),
-                  counts=counts, dead=dead, dead_train=dead_train,
-                  explained_variance_grid=ev_grid, layer_profile=profile,
-                  norm_factors=cc.norm_factors.detach().cpu().numpy(),
-                  site_stream=stream_of, site_layer=layer_of)
+    arrays.update(
+        decoder_norms=norms.astype(np.float32),
+        stream_share=stream_share,
+        layer_share=layer_share,
+        max_share=top,
+        assignment=assignment,
+        thresholds=np.asarray(thresholds),
+        thresholds_relative=_relative(np.asarray(thresholds), n),
+        counts=counts,
+        dead=dead,
+        dead_train=dead_train,
+        explained_variance_grid=ev_grid,
+        layer_profile=profile,
+        norm_factors=cc.norm_factors.detach().cpu().numpy(),
+        site_stream=stream_of,
+        site_layer=layer_of,
+    )
     labels = [f"stream {s}" for s in range(n)] + ["shared", "dead"]
-    meta = {"sites": [list(s) for s in sites], "site_labels": [site_label(s) for s in sites],
-            "layers": layers, "n_streams": n, "threshold": float(threshold),
-            "threshold_relative": _relative(float(threshold), n),
-            "even_share": _even_share(n),
-            "space": space,
-            "count_labels": labels,
-            "counts_at_threshold": {lab: int(c) for lab, c in zip(labels, counts[main])},
-            "n_alive": int((~dead).sum()), "dict_size": cc.dict_size,
-            "tokens_used": int(stats.n) if stats is not None else 0,
-            "dead_from": "evaluation tokens (never fired)" if stats is not None else
-                         f"training tracker (no firing in {cc.cfg.dead_after_tokens} tokens)",
-            "crosscoder_config": cc.cfg.to_dict(), "training_steps": int(cc.steps),
-            "training_tokens": int(cc.tokens_seen)}
+    meta = {
+        "sites": [list(s) for s in sites],
+        "site_labels": [site_label(s) for s in sites],
+        "layers": layers,
+        "n_streams": n,
+        "threshold": float(threshold),
+        "threshold_relative": _relative(float(threshold), n),
+        "even_share": _even_share(n),
+        "space": space,
+        "count_labels": labels,
+        "counts_at_threshold": {lab: int(c) for lab, c in zip(labels, counts[main])},
+        "n_alive": int((~dead).sum()),
+        "dict_size": cc.dict_size,
+        "tokens_used": int(stats.n) if stats is not None else 0,
+        "dead_from": "evaluation tokens (never fired)"
+        if stats is not None
+        else f"training tracker (no firing in {cc.cfg.dead_after_tokens} tokens)",
+        "crosscoder_config": cc.cfg.to_dict(),
+        "training_steps": int(cc.steps),
+        "training_tokens": int(cc.tokens_seen),
+    }
     if stats is not None:
         meta["l0"] = float(arrays["l0"])
         meta["explained_variance_total"] = float(arrays["explained_variance_total"])
     return CrosscoderResult(probe=probe, arrays=arrays, meta=meta)
 
 
-def analyze_crosscoder(crosscoder: Crosscoder, data=None, *, n_tokens: int = 65536,
-                       batch_size: int = 4096, threshold: Optional[float] = None,
-                       thresholds: Optional[Sequence[float]] = None, space: str = "normalized",
-                       mode: Optional[str] = None) -> "CrosscoderResult":
+def analyze_crosscoder(
+    crosscoder: Crosscoder,
+    data=None,
+    *,
+    n_tokens: int = 65536,
+    batch_size: int = 4096,
+    threshold: Optional[float] = None,
+    thresholds: Optional[Sequence[float]] = None,
+    space: str = "normalized",
+    mode: Optional[str] = None,
+) -> "CrosscoderResult":
     """Feature-to-stream assignment and quality statistics of a trained crosscoder.
 
     Per latent i: decoder norms n_{i,s} = ||W_dec[i, s]|| (`space`="normalized", the default,
@@ -205,8 +257,10 @@ def analyze_crosscoder(crosscoder: Crosscoder, data=None, *, n_tokens: int = 655
     if data is not None:
         src = as_activation_source(data, sites=cc.sites)
         if (src.n_sites, src.d_model) != (cc.n_sites, cc.d_model):
-            raise ValueError(f"the data has {src.n_sites} sites x d_model {src.d_model}, the "
-                             f"crosscoder {cc.n_sites} x {cc.d_model}")
+            raise ValueError(
+                f"the data has {src.n_sites} sites x d_model {src.d_model}, the "
+                f"crosscoder {cc.n_sites} x {cc.d_model}"
+            )
         stats = _EvalStats(cc, mode)
         seen = 0
         n_tokens = min(int(n_tokens), src.capacity) if isinstance(src, InMemoryActivations) else int(n_tokens)
@@ -228,15 +282,20 @@ class CrosscoderEval(Probe):
 
     name = "crosscoder"
 
-    def __init__(self, crosscoder: Crosscoder, threshold: Optional[float] = None,
-                 thresholds: Optional[Sequence[float]] = None, space: str = "normalized",
-                 mode: Optional[str] = None):
+    def __init__(
+        self,
+        crosscoder: Crosscoder,
+        threshold: Optional[float] = None,
+        thresholds: Optional[Sequence[float]] = None,
+        space: str = "normalized",
+        mode: Optional[str] = None,
+    ):
         self.cc = crosscoder
         self.threshold, self.thresholds, self.space, self.mode = threshold, thresholds, space, mode
         self._stats: Optional[_EvalStats] = None
 
     def setup(self, model) -> None:
-        resolve_sites(model, self.cc.sites)     # checks the sites against the model
+        resolve_sites(model, self.cc.sites)  # checks the sites against the model
         if model.cfg.d_model != self.cc.d_model:
             raise ValueError(f"the crosscoder has d_model {self.cc.d_model}, the model {model.cfg.d_model}")
         self._stats = _EvalStats(self.cc, self.mode)
@@ -246,17 +305,19 @@ class CrosscoderEval(Probe):
 
     def update(self, acts: Dict[str, Tensor], mask: Tensor) -> None:
         x = torch.stack([acts[h][mask.to(acts[h].device)][:, s] for h, s in self.cc.sites], dim=1)
-        self._stats.update(x)                                      # [T, S, d]
+        self._stats.update(x)  # [T, S, d]
 
     def result(self) -> "CrosscoderResult":
         if self._stats is None:
             raise RuntimeError("CrosscoderEval.result called before setup(model)")
-        return _build_result(self.cc, self._stats, self.threshold, self.thresholds, self.space,
-                             probe=self.name)
+        return _build_result(
+            self.cc, self._stats, self.threshold, self.thresholds, self.space, probe=self.name
+        )
 
 
-def match_decoder_directions(learned: Tensor, true: Tensor,
-                             alive: Optional[Union[Tensor, np.ndarray]] = None) -> Tuple[np.ndarray, np.ndarray]:
+def match_decoder_directions(
+    learned: Tensor, true: Tensor, alive: Optional[Union[Tensor, np.ndarray]] = None
+) -> Tuple[np.ndarray, np.ndarray]:
     """Hungarian matching of ground-truth directions true [F, S, d] (or [F, D]) to learned ones
     [m, S, d] by cosine of the flattened vectors. alive: [m] bool, the latents that may be
     matched (pass `~result["dead"]`: a dead latent never fires, so its decoder direction -
@@ -281,7 +342,7 @@ def match_decoder_directions(learned: Tensor, true: Tensor,
     if cand.size == 0:
         return idx, sim
     a = a[torch.as_tensor(cand)]
-    cos = F.normalize(b, dim=1) @ F.normalize(a, dim=1).T                              # [F, candidates]
+    cos = F.normalize(b, dim=1) @ F.normalize(a, dim=1).T  # [F, candidates]
     rows, cols = linear_sum_assignment(-cos.numpy())
     idx[rows] = cand[cols]
     sim[rows] = cos.numpy()[rows, cols]
@@ -326,7 +387,9 @@ class CrosscoderResult(ProbeResult):
         lines = ["tau   rho   " + " ".join(f"{l:>9s}" for l in labs)]
         for t, row in zip(self.arrays["thresholds"], self.arrays["counts"]):
             lines.append(f"{t:4.2f}  {_relative(t, n):4.2f}  " + " ".join(f"{int(c):9d}" for c in row))
-        lines.append(f"(rho = (tau - 1/n) / (1 - 1/n) with n = {n} streams: 0 = an even split, 1 = one stream)")
+        lines.append(
+            f"(rho = (tau - 1/n) / (1 - 1/n) with n = {n} streams: 0 = an even split, 1 = one stream)"
+        )
         return "\n".join(lines)
 
     def plot(self, threshold: Optional[float] = None, max_features: int = 2000):
@@ -344,10 +407,12 @@ class CrosscoderResult(ProbeResult):
         group = np.where(assign[alive] == SHARED, n, assign[alive])
         order = alive[np.lexsort((-a["max_share"][alive], group))][:max_features]
         layers = [site_label(l) for l in self.meta["layers"]]
-        figs = {"stream_share": _plot_stream_share(a, n, order, alive, tau),
-                "assignment_counts": _plot_counts(a, n, ti, self.meta["count_labels"]),
-                "layer_profile": _plot_layer_profile(a, n, order, layers),
-                "explained_variance": _plot_explained_variance(a["explained_variance_grid"], layers)}
+        figs = {
+            "stream_share": _plot_stream_share(a, n, order, alive, tau),
+            "assignment_counts": _plot_counts(a, n, ti, self.meta["count_labels"]),
+            "layer_profile": _plot_layer_profile(a, n, order, layers),
+            "explained_variance": _plot_explained_variance(a["explained_variance_grid"], layers),
+        }
         if "firing_frequency" in a:
             figs["firing"] = _plot_firing(a, self.meta.get("tokens_used", "?"))
         return figs
@@ -366,8 +431,9 @@ def _plot_stream_share(a: Dict[str, np.ndarray], n: int, order: np.ndarray, aliv
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), gridspec_kw={"width_ratios": [1, 1.3]})
     ax = axes[0]
     if order.size:
-        im = ax.imshow(a["stream_share"][order], aspect="auto", vmin=0, vmax=1, cmap="viridis",
-                       interpolation="nearest")
+        im = ax.imshow(
+            a["stream_share"][order], aspect="auto", vmin=0, vmax=1, cmap="viridis", interpolation="nearest"
+        )
         fig.colorbar(im, ax=ax, label="decoder-norm share")
     ax.set_xticks(range(n))
     ax.set_xlabel("stream")
@@ -392,7 +458,11 @@ def _plot_counts(a: Dict[str, np.ndarray], n: int, ti: int, labels: Sequence[str
     colors, u = _colors(), _even_share(n)
     tau = float(a["thresholds"][ti])
     fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
-    axes[0].bar(range(n + 2), a["counts"][ti], color=[colors[s % len(colors)] for s in range(n)] + ["grey", "lightgrey"])
+    axes[0].bar(
+        range(n + 2),
+        a["counts"][ti],
+        color=[colors[s % len(colors)] for s in range(n)] + ["grey", "lightgrey"],
+    )
     axes[0].set_xticks(range(n + 2))
     axes[0].set_xticklabels(labels, rotation=30, fontsize=8)
     axes[0].set_ylabel("latents")
@@ -417,15 +487,20 @@ def _plot_layer_profile(a: Dict[str, np.ndarray], n: int, order: np.ndarray, lay
     fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
     for g in range(n + 1):
         if np.isfinite(a["layer_profile"][g]).all():
-            axes[0].plot(range(len(layers)), a["layer_profile"][g], marker=".",
-                         color="grey" if g == n else colors[g % len(colors)],
-                         label="shared" if g == n else f"stream {g}")
+            axes[0].plot(
+                range(len(layers)),
+                a["layer_profile"][g],
+                marker=".",
+                color="grey" if g == n else colors[g % len(colors)],
+                label="shared" if g == n else f"stream {g}",
+            )
     axes[0].set_ylabel("mean layer share")
     axes[0].legend(fontsize=7)
     axes[0].set_title("layer profile per assigned group")
     if order.size:
-        im = axes[1].imshow(a["layer_share"][order], aspect="auto", vmin=0, vmax=1,
-                            cmap="viridis", interpolation="nearest")
+        im = axes[1].imshow(
+            a["layer_share"][order], aspect="auto", vmin=0, vmax=1, cmap="viridis", interpolation="nearest"
+        )
         fig.colorbar(im, ax=axes[1], label="decoder-norm share")
     axes[1].set_ylabel("alive latents (sorted as above)")
     axes[1].set_title("layer share")
@@ -441,8 +516,13 @@ def _plot_explained_variance(grid: np.ndarray, layers: Sequence[str]):
 
     n = grid.shape[1]
     fig, ax = plt.subplots(figsize=(1.2 + 0.9 * n, 1.2 + 0.45 * len(layers)))
-    im = ax.imshow(grid, vmin=min(0.0, float(np.nanmin(grid))) if np.isfinite(grid).any() else 0,
-                   vmax=1, cmap="viridis", aspect="auto")
+    im = ax.imshow(
+        grid,
+        vmin=min(0.0, float(np.nanmin(grid))) if np.isfinite(grid).any() else 0,
+        vmax=1,
+        cmap="viridis",
+        aspect="auto",
+    )
     annotate(ax, im, grid, fontsize=7)
     ax.set_xticks(range(n))
     ax.set_xlabel("stream")
@@ -464,6 +544,8 @@ def _plot_firing(a: Dict[str, np.ndarray], tokens_used):
         ax.hist(np.log10(live), bins=40, color=_colors()[0])
     ax.set_xlabel("log10 firing frequency")
     ax.set_ylabel("latents")
-    ax.set_title(f"{int((freq == 0).sum())} of {freq.size} latents never fired "
-                 f"({tokens_used} tokens); L0 {float(a['l0']):.1f}")
+    ax.set_title(
+        f"{int((freq == 0).sum())} of {freq.size} latents never fired "
+        f"({tokens_used} tokens); L0 {float(a['l0']):.1f}"
+    )
     return fig

@@ -20,6 +20,7 @@ Two sources share one small interface (`ActivationSource`: `sites`, `n_sites`, `
 The mixing itself is `ShuffleBuffer` (rows pushed in arrival order, unread rows shuffled, batches
 read from the front), shared with the CKA probe, which draws its minibatches from it.
 """
+
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, Iterator, List, Optional, Sequence
@@ -34,10 +35,18 @@ from .sites import Site, SiteSpec, resolve_sites, site_rows
 if TYPE_CHECKING:
     from ..contract import MultiStreamModel
 
-__all__ = ["Site", "resolve_sites", "default_sites", "grid_sites", "ShuffleBuffer",
-           "ActivationSource", "ActivationBuffer", "InMemoryActivations"]
+__all__ = [
+    "Site",
+    "resolve_sites",
+    "default_sites",
+    "grid_sites",
+    "ShuffleBuffer",
+    "ActivationSource",
+    "ActivationBuffer",
+    "InMemoryActivations",
+]
 
-DEFAULT_LAYERS = 4   # the buffer's default sites: every stream of 4 evenly spaced block outputs
+DEFAULT_LAYERS = 4  # the buffer's default sites: every stream of 4 evenly spaced block outputs
 
 
 def default_sites(model: "MultiStreamModel", max_layers: int = DEFAULT_LAYERS) -> List[Site]:
@@ -68,42 +77,48 @@ class ShuffleBuffer:
             raise ValueError(f"a shuffle buffer needs capacity >= 1, got {capacity}")
         self.capacity = int(capacity)
         self.dtype, self.device = dtype, device
-        self.storage: Optional[Tensor] = None                        # [capacity, *row_shape]
-        self._slots = torch.zeros(self.capacity, dtype=torch.long)   # [:unread]: reading order
+        self.storage: Optional[Tensor] = None  # [capacity, *row_shape]
+        self._slots = torch.zeros(self.capacity, dtype=torch.long)  # [:unread]: reading order
         self.unread = 0
         self._gen = torch.Generator().manual_seed(seed)
 
     @property
     def order(self) -> Tensor:
         """The slots of the unread rows [unread], in reading order."""
-        return self._slots[:self.unread]
+        return self._slots[: self.unread]
 
     def put(self, rows: Tensor) -> int:
         """Store up to `capacity - unread` of rows [k, *row_shape]; returns how many were taken."""
         if self.storage is None:
-            self.storage = torch.empty(self.capacity, *rows.shape[1:], dtype=self.dtype or rows.dtype,
-                                       device=self.device if self.device is not None else rows.device)
+            self.storage = torch.empty(
+                self.capacity,
+                *rows.shape[1:],
+                dtype=self.dtype or rows.dtype,
+                device=self.device if self.device is not None else rows.device,
+            )
         elif tuple(rows.shape[1:]) != tuple(self.storage.shape[1:]):
-            raise ValueError(f"rows of shape {tuple(rows.shape[1:])} do not fit a buffer of rows "
-                             f"{tuple(self.storage.shape[1:])}")
+            raise ValueError(
+                f"rows of shape {tuple(rows.shape[1:])} do not fit a buffer of rows "
+                f"{tuple(self.storage.shape[1:])}"
+            )
         take = min(len(rows), self.capacity - self.unread)
         free = torch.ones(self.capacity, dtype=torch.bool)
         free[self.order] = False
-        slots = free.nonzero()[:take, 0]                                        # [take]
+        slots = free.nonzero()[:take, 0]  # [take]
         self.storage.index_copy_(0, slots.to(self.storage.device), rows[:take].to(self.storage))
-        self._slots[self.unread:self.unread + take] = slots
+        self._slots[self.unread : self.unread + take] = slots
         self.unread += take
         return take
 
     def shuffle(self) -> None:
         """Permute the unread rows (seeded)."""
-        self._slots[:self.unread] = self.order[torch.randperm(self.unread, generator=self._gen)]
+        self._slots[: self.unread] = self.order[torch.randperm(self.unread, generator=self._gen)]
 
     def take_slots(self, k: int) -> Tensor:
         """The slots of the next min(k, unread) unread rows, marked read (valid until the next `put`)."""
         k = min(int(k), self.unread)
         out = self._slots[:k].clone()
-        self._slots[:self.unread - k] = self._slots[k:self.unread].clone()
+        self._slots[: self.unread - k] = self._slots[k : self.unread].clone()
         self.unread -= k
         return out
 
@@ -119,7 +134,7 @@ class ShuffleBuffer:
 
     def peek(self, k: int) -> Tensor:
         """A copy of the next min(k, unread) unread rows, left unread."""
-        return self.rows(self.order[:int(k)])
+        return self.rows(self.order[: int(k)])
 
 
 # ----------------------------------------------------------------------------------- sources
@@ -147,7 +162,8 @@ class ActivationSource:
         if n > self.capacity:
             raise ValueError(
                 f"the activation buffer holds {self.capacity} tokens, which is smaller than one "
-                f"training batch of {n}; raise buffer_tokens (or lower the batch size)")
+                f"training batch of {n}; raise buffer_tokens (or lower the batch size)"
+            )
 
 
 class InMemoryActivations(ActivationSource):
@@ -159,14 +175,20 @@ class InMemoryActivations(ActivationSource):
         x = torch.as_tensor(x)
         if x.ndim == 4:
             if sites is not None:
-                raise ValueError("activations [N, n_layers, n_streams, d] name their own sites; "
-                                 "pass [N, S, d] to give `sites`")
+                raise ValueError(
+                    "activations [N, n_layers, n_streams, d] name their own sites; "
+                    "pass [N, S, d] to give `sites`"
+                )
             sites = grid_sites(x.shape[1], x.shape[2])
             x = x.reshape(x.shape[0], -1, x.shape[-1])
         if x.ndim != 3:
-            raise ValueError(f"activations must be [N, n_sites, d_model] or "
-                             f"[N, n_layers, n_streams, d_model], got {tuple(x.shape)}")
-        self.sites = [(str(h), int(s)) for h, s in (grid_sites(x.shape[1], 1, "site") if sites is None else sites)]
+            raise ValueError(
+                f"activations must be [N, n_sites, d_model] or "
+                f"[N, n_layers, n_streams, d_model], got {tuple(x.shape)}"
+            )
+        self.sites = [
+            (str(h), int(s)) for h, s in (grid_sites(x.shape[1], 1, "site") if sites is None else sites)
+        ]
         if len(self.sites) != x.shape[1]:
             raise ValueError(f"{len(self.sites)} sites for activations with {x.shape[1]} sites")
         if x.shape[0] == 0:
@@ -187,7 +209,7 @@ class InMemoryActivations(ActivationSource):
                 self._perm = torch.randperm(self.capacity, generator=self._gen)
                 self._pos = 0
             take = min(need, self.capacity - self._pos)
-            parts.append(self._perm[self._pos:self._pos + take])
+            parts.append(self._perm[self._pos : self._pos + take])
             self._pos += take
             need -= take
         idx = torch.cat(parts).to(self.x.device)
@@ -218,12 +240,24 @@ class ActivationBuffer(ActivationSource):
     passes over the source), `refills`.
     """
 
-    def __init__(self, model: "MultiStreamModel", source, sites: SiteSpec = None, *,
-                 buffer_tokens: int = 65536, model_batch_size: int = 8,
-                 seq_len: Optional[int] = None, exclude_first: int = 1, pad_id: int = 0,
-                 storage_dtype: torch.dtype = torch.bfloat16, device=None,
-                 refill_fraction: float = 0.5, loop: bool = True, seed: int = 0,
-                 batch_size: Optional[int] = None):
+    def __init__(
+        self,
+        model: "MultiStreamModel",
+        source,
+        sites: SiteSpec = None,
+        *,
+        buffer_tokens: int = 65536,
+        model_batch_size: int = 8,
+        seq_len: Optional[int] = None,
+        exclude_first: int = 1,
+        pad_id: int = 0,
+        storage_dtype: torch.dtype = torch.bfloat16,
+        device=None,
+        refill_fraction: float = 0.5,
+        loop: bool = True,
+        seed: int = 0,
+        batch_size: Optional[int] = None,
+    ):
         if int(buffer_tokens) < 1:
             raise ValueError(f"buffer_tokens must be >= 1, got {buffer_tokens}")
         if not 0.0 <= refill_fraction <= 1.0:
@@ -264,9 +298,15 @@ class ActivationBuffer(ActivationSource):
         d = self.model.cfg.d_model
         while True:
             got = 0
-            for _, mask, _, acts in iter_activations(self.model, self.source, self.hook_names,
-                                                     batch_size=self.model_batch_size, seq_len=self.seq_len,
-                                                     pad_id=self.pad_id, exclude_first=self.exclude_first):
+            for _, mask, _, acts in iter_activations(
+                self.model,
+                self.source,
+                self.hook_names,
+                batch_size=self.model_batch_size,
+                seq_len=self.seq_len,
+                pad_id=self.pad_id,
+                exclude_first=self.exclude_first,
+            ):
                 rows = masked_rows(mask)
                 if len(rows) == 0:
                     continue
@@ -276,8 +316,10 @@ class ActivationBuffer(ActivationSource):
                 got += x.shape[0]
                 yield x.to(self.device, self.storage_dtype)
             if got == 0:
-                raise ValueError("the token source yielded no tokens (after dropping the first "
-                                 f"{self.exclude_first} position(s) and padding)")
+                raise ValueError(
+                    "the token source yielded no tokens (after dropping the first "
+                    f"{self.exclude_first} position(s) and padding)"
+                )
             self.passes += 1
             if not self.loop:
                 return
@@ -296,14 +338,15 @@ class ActivationBuffer(ActivationSource):
                     self._exhausted = True
                     break
                 self.tokens_read += len(self._pending)
-            self._pending = self._pending[buf.put(self._pending):]
+            self._pending = self._pending[buf.put(self._pending) :]
         buf.shuffle()
         self.refills += 1
 
     def _needs_refill(self, n: int) -> bool:
         unread = self.buffer.unread
-        return self._rows is None or (not self._exhausted and (
-            unread < n or unread < self.refill_fraction * self.capacity))
+        return self._rows is None or (
+            not self._exhausted and (unread < n or unread < self.refill_fraction * self.capacity)
+        )
 
     def next_batch(self, n: int) -> Tensor:
         self.check_batch_size(n)
@@ -311,7 +354,7 @@ class ActivationBuffer(ActivationSource):
             self._refill()
         if self.buffer.unread == 0:
             raise StopIteration("the activation buffer is used up (loop=False)")
-        out = self.buffer.take(n).float()   # the last batch of a single pass may be partial
+        out = self.buffer.take(n).float()  # the last batch of a single pass may be partial
         self.tokens_served += len(out)
         return out
 
@@ -326,7 +369,9 @@ class ActivationBuffer(ActivationSource):
         return self.capacity * self.n_sites * self.d_model * self.storage_dtype.itemsize
 
     def __repr__(self) -> str:
-        return (f"ActivationBuffer({self.n_sites} sites x d_model {self.d_model}, "
-                f"{self.capacity} tokens = {self.memory_bytes / 2 ** 20:.1f} MiB "
-                f"{str(self.storage_dtype).replace('torch.', '')}, read {self.tokens_read}, "
-                f"served {self.tokens_served}, passes {self.passes})")
+        return (
+            f"ActivationBuffer({self.n_sites} sites x d_model {self.d_model}, "
+            f"{self.capacity} tokens = {self.memory_bytes / 2**20:.1f} MiB "
+            f"{str(self.storage_dtype).replace('torch.', '')}, read {self.tokens_read}, "
+            f"served {self.tokens_served}, passes {self.passes})"
+        )

@@ -1,6 +1,7 @@
 """The sparse crosscoder itself: its hyperparameters (`CrosscoderConfig`) and the module
 (`Crosscoder`: per-source normalisation, encode with BatchTopK / threshold / L1 sparsity, decode,
 training losses, save / load). The maths: docs/crosscoder.md."""
+
 from __future__ import annotations
 
 import json
@@ -26,26 +27,26 @@ class CrosscoderConfig:
     takes them from the data. Defaults follow Bussmann et al. (BatchTopK, aux 1/32) and Kissane
     et al. (decoder-norm init 0.08, L1 coefficient 2, L1 warm-up 5%, lr decay over the last 20%)."""
 
-    dict_size: int = 4096                 # m, latents
-    n_sites: Optional[int] = None         # S
-    d_model: Optional[int] = None         # d
-    sites: Optional[List[Site]] = None    # [(hook name, stream)] * S, for labels and analysis
-    sparsity: str = "batchtopk"           # "batchtopk" | "l1"
-    k: int = 32                           # BatchTopK: mean active latents per token
-    l1_coeff: float = 2.0                 # L1: final lambda
+    dict_size: int = 4096  # m, latents
+    n_sites: Optional[int] = None  # S
+    d_model: Optional[int] = None  # d
+    sites: Optional[List[Site]] = None  # [(hook name, stream)] * S, for labels and analysis
+    sparsity: str = "batchtopk"  # "batchtopk" | "l1"
+    k: int = 32  # BatchTopK: mean active latents per token
+    l1_coeff: float = 2.0  # L1: final lambda
     l1_warmup_steps: Optional[int] = None  # L1: lambda ramp length (None: 5% of the run)
-    aux_k: Optional[int] = None           # BatchTopK aux loss: dead latents per row (None: min(512, m // 2))
+    aux_k: Optional[int] = None  # BatchTopK aux loss: dead latents per row (None: min(512, m // 2))
     aux_coeff: float = 1 / 32
-    dead_after_tokens: int = 1_000_000    # dead = not fired in this many training tokens
-    threshold_lr: float = 0.01            # EMA rate of the inference threshold theta
+    dead_after_tokens: int = 1_000_000  # dead = not fired in this many training tokens
+    threshold_lr: float = 0.01  # EMA rate of the inference threshold theta
     lr: float = 2e-4
     betas: Tuple[float, float] = (0.9, 0.999)
-    lr_decay_frac: float = 0.2            # linear lr decay to 0 over the last fraction of steps
+    lr_decay_frac: float = 0.2  # linear lr decay to 0 over the last fraction of steps
     grad_clip: Optional[float] = 1.0
     batch_size: int = 4096
-    normalize: bool = True                # per-source normalisation to mean norm sqrt(d)
+    normalize: bool = True  # per-source normalisation to mean norm sqrt(d)
     norm_estimate_tokens: int = 16384
-    dec_init_norm: float = 0.08           # ||W_dec[i, s]|| at init
+    dec_init_norm: float = 0.08  # ||W_dec[i, s]|| at init
     init_b_dec_from_data: bool = True
     seed: int = 0
 
@@ -64,8 +65,10 @@ class CrosscoderConfig:
             if v is not None and int(v) < 1:
                 raise ValueError(f"{name} must be >= 1, got {v}")
         if self.k > self.dict_size:
-            raise ValueError(f"k={self.k} is larger than the dictionary (dict_size={self.dict_size}); "
-                             f"a token cannot use more latents than exist")
+            raise ValueError(
+                f"k={self.k} is larger than the dictionary (dict_size={self.dict_size}); "
+                f"a token cannot use more latents than exist"
+            )
         if self.aux_k is not None and not 1 <= self.aux_k <= self.dict_size:
             raise ValueError(f"aux_k={self.aux_k} must lie in [1, dict_size={self.dict_size}]")
         if self.l1_coeff < 0 or self.aux_coeff < 0:
@@ -100,19 +103,20 @@ class Crosscoder(nn.Module):
     def __init__(self, cfg: CrosscoderConfig):
         super().__init__()
         if cfg.n_sites is None or cfg.d_model is None:
-            raise ValueError("CrosscoderConfig needs n_sites and d_model (train_crosscoder fills "
-                             "them from the data)")
+            raise ValueError(
+                "CrosscoderConfig needs n_sites and d_model (train_crosscoder fills them from the data)"
+            )
         self.cfg = cfg
         S, d, m = int(cfg.n_sites), int(cfg.d_model), int(cfg.dict_size)
         g = torch.Generator().manual_seed(cfg.seed)
         W_dec = torch.randn(m, S, d, generator=g)
         W_dec *= cfg.dec_init_norm / W_dec.norm(dim=-1, keepdim=True)
-        self.W_dec = nn.Parameter(W_dec)                                      # [m, S, d]
-        self.W_enc = nn.Parameter(W_dec.permute(1, 2, 0).contiguous())        # [S, d, m]
-        self.b_enc = nn.Parameter(torch.zeros(m))                             # [m]
-        self.b_dec = nn.Parameter(torch.zeros(S, d))                          # [S, d]
-        self.register_buffer("norm_factors", torch.ones(S))                   # [S]
-        self.register_buffer("threshold", torch.tensor(-1.0))                 # [] theta
+        self.W_dec = nn.Parameter(W_dec)  # [m, S, d]
+        self.W_enc = nn.Parameter(W_dec.permute(1, 2, 0).contiguous())  # [S, d, m]
+        self.b_enc = nn.Parameter(torch.zeros(m))  # [m]
+        self.b_dec = nn.Parameter(torch.zeros(S, d))  # [S, d]
+        self.register_buffer("norm_factors", torch.ones(S))  # [S]
+        self.register_buffer("threshold", torch.tensor(-1.0))  # [] theta
         self.register_buffer("tokens_since_fired", torch.zeros(m, dtype=torch.long))  # [m]
         self.register_buffer("steps", torch.tensor(0, dtype=torch.long))
         self.register_buffer("tokens_seen", torch.tensor(0, dtype=torch.long))
@@ -159,14 +163,14 @@ class Crosscoder(nn.Module):
     def relu_pre(self, xn: Tensor) -> Tensor:
         """ReLU(sum_s W_enc^s (x^s - b_dec^s) + b_enc): normalised [B, S, d] -> [B, m]."""
         B = xn.shape[0]
-        W = self.W_enc.reshape(-1, self.dict_size)                 # [S*d, m]
-        pre = (xn - self.b_dec).reshape(B, -1).to(W.dtype) @ W + self.b_enc   # [B, m]
+        W = self.W_enc.reshape(-1, self.dict_size)  # [S*d, m]
+        pre = (xn - self.b_dec).reshape(B, -1).to(W.dtype) @ W + self.b_enc  # [B, m]
         return torch.relu(pre.float())
 
     def _batchtopk(self, acts: Tensor, code_norm: Tensor) -> Tuple[Tensor, Tensor]:
         """Keep the k*B largest scores acts * ||d_i|| of the batch -> (f [B, m], smallest kept score)."""
         B, m = acts.shape
-        score = (acts * code_norm).flatten()                       # [B*m]
+        score = (acts * code_norm).flatten()  # [B*m]
         kk = min(self.cfg.k * B, B * m)
         top = score.topk(kk, sorted=False)
         keep = torch.zeros_like(score, dtype=torch.bool)
@@ -185,13 +189,18 @@ class Crosscoder(nn.Module):
         "topk" (the k largest per row).
         """
         if x.ndim != 3 or tuple(x.shape[1:]) != (self.n_sites, self.d_model):
-            raise ValueError(f"crosscoder input must be [batch, {self.n_sites}, {self.d_model}] "
-                             f"(batch, sites, d_model), got {tuple(x.shape)}")
+            raise ValueError(
+                f"crosscoder input must be [batch, {self.n_sites}, {self.d_model}] "
+                f"(batch, sites, d_model), got {tuple(x.shape)}"
+            )
         xn = x if normalized else self.normalize(x)
         acts = self.relu_pre(xn)
         if mode is None:
-            mode = "relu" if self.cfg.sparsity == "l1" else (
-                "threshold" if float(self.threshold) >= 0 else "batchtopk")
+            mode = (
+                "relu"
+                if self.cfg.sparsity == "l1"
+                else ("threshold" if float(self.threshold) >= 0 else "batchtopk")
+            )
         if mode == "relu":
             return acts
         cn = self.code_norm().detach()
@@ -212,7 +221,7 @@ class Crosscoder(nn.Module):
         """f [B, m] -> reconstruction [B, S, d] = f W_dec + b_dec (normalised space unless
         `normalized=False`, which divides by c_s)."""
         B = f.shape[0]
-        W = self.W_dec.reshape(self.dict_size, -1)                 # [m, S*d]
+        W = self.W_dec.reshape(self.dict_size, -1)  # [m, S*d]
         out = (f.to(W.dtype) @ W).float().view(B, self.n_sites, self.d_model) + self.b_dec
         return out if normalized else self.denormalize(out)
 
@@ -223,8 +232,8 @@ class Crosscoder(nn.Module):
     def training_losses(self, xn: Tensor, l1_coeff: float = 0.0) -> Dict[str, Tensor]:
         """One training forward on normalised xn [B, S, d]: {loss, recon, sparsity, aux, f,
         smallest (BatchTopK: smallest kept score)}; recon/aux are mean_b sum_{s,d} squared errors."""
-        acts = self.relu_pre(xn)                                   # [B, m]
-        cn = self.code_norm()                                      # [m]
+        acts = self.relu_pre(xn)  # [B, m]
+        cn = self.code_norm()  # [m]
         zero = xn.new_zeros(())
         out: Dict[str, Tensor] = {"aux": zero, "sparsity": zero, "smallest": zero}
         if self.cfg.sparsity == "batchtopk":
@@ -232,18 +241,18 @@ class Crosscoder(nn.Module):
         else:
             f = acts
             out["sparsity"] = (f * cn).sum(-1).mean()
-        xh = self.decode(f)                                        # [B, S, d]
+        xh = self.decode(f)  # [B, S, d]
         recon = (xn - xh).pow(2).sum((-2, -1)).mean()
         loss = recon + l1_coeff * out["sparsity"]
         if self.cfg.sparsity == "batchtopk" and self.cfg.aux_coeff > 0:
             dead = self.dead_mask()
             n_dead = int(dead.sum())
             if n_dead:
-                e = (xn - xh).detach().reshape(xn.shape[0], -1)    # residual [B, S*d]
-                a = acts[:, dead]                                  # [B, n_dead]
+                e = (xn - xh).detach().reshape(xn.shape[0], -1)  # residual [B, S*d]
+                a = acts[:, dead]  # [B, n_dead]
                 top = a.topk(min(self.cfg.resolved_aux_k, n_dead), dim=-1)
                 fa = torch.zeros_like(a).scatter_(-1, top.indices, top.values)
-                eh = fa @ self.W_dec[dead].reshape(n_dead, -1)     # [B, S*d], no bias
+                eh = fa @ self.W_dec[dead].reshape(n_dead, -1)  # [B, S*d], no bias
                 out["aux"] = (e - eh).pow(2).sum(-1).mean()
                 loss = loss + self.cfg.aux_coeff * out["aux"]
         out.update(loss=loss, recon=recon, f=f)
@@ -270,8 +279,13 @@ class Crosscoder(nn.Module):
         path.mkdir(parents=True, exist_ok=True)
         tensors = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
         save_file(tensors, str(path / _WEIGHTS), metadata={"format": _FORMAT})
-        info = {"format": _FORMAT, "config": self.cfg.to_dict(), "steps": int(self.steps),
-                "tokens_seen": int(self.tokens_seen), "history": self.history}
+        info = {
+            "format": _FORMAT,
+            "config": self.cfg.to_dict(),
+            "steps": int(self.steps),
+            "tokens_seen": int(self.tokens_seen),
+            "history": self.history,
+        }
         (path / _CONFIG).write_text(json.dumps(info, indent=2))
         return path
 
@@ -294,9 +308,9 @@ class Crosscoder(nn.Module):
 
     def extra_repr(self) -> str:
         c = self.cfg
-        return (f"sites={c.n_sites}, d_model={c.d_model}, dict_size={c.dict_size}, "
-                f"sparsity={c.sparsity}" + (f", k={c.k}" if c.sparsity == "batchtopk" else
-                                            f", l1_coeff={c.l1_coeff}"))
+        return f"sites={c.n_sites}, d_model={c.d_model}, dict_size={c.dict_size}, sparsity={c.sparsity}" + (
+            f", k={c.k}" if c.sparsity == "batchtopk" else f", l1_coeff={c.l1_coeff}"
+        )
 
 
 def as_activation_source(data, sites=None) -> ActivationSource:
@@ -307,5 +321,7 @@ def as_activation_source(data, sites=None) -> ActivationSource:
     if isinstance(data, (Tensor, np.ndarray)):
         x = torch.as_tensor(data)
         return InMemoryActivations(x, sites=sites if x.ndim == 3 else None)
-    raise TypeError(f"crosscoder data must be an ActivationBuffer, an ActivationSource or a "
-                    f"tensor [N, sites, d_model], got {type(data).__name__}")
+    raise TypeError(
+        f"crosscoder data must be an ActivationBuffer, an ActivationSource or a "
+        f"tensor [N, sites, d_model], got {type(data).__name__}"
+    )

@@ -2,11 +2,12 @@
 `lr_decay_frac` of the steps, gradient clipping, L1 warm-up, the dead-latent tracker and the
 BatchTopK inference threshold theta (an EMA of the smallest kept score); float32 on CPU, bf16
 autocast of the matmuls on CUDA. The maths: docs/crosscoder.md."""
+
 from __future__ import annotations
 
 import math
-from dataclasses import replace
 import warnings
+from dataclasses import replace
 from typing import Dict, Optional, Tuple, Union
 
 import torch
@@ -35,11 +36,17 @@ def _source_and_config(data, config) -> Tuple[ActivationSource, Optional[Crossco
     else:
         cc, cfg = None, config if config is not None else CrosscoderConfig()
         n_sites = cfg.n_sites or src.n_sites
-        cfg = replace(cfg, n_sites=n_sites, d_model=cfg.d_model or src.d_model,
-                      sites=list(src.sites) if cfg.sites is None and len(src.sites) == n_sites else cfg.sites)
+        cfg = replace(
+            cfg,
+            n_sites=n_sites,
+            d_model=cfg.d_model or src.d_model,
+            sites=list(src.sites) if cfg.sites is None and len(src.sites) == n_sites else cfg.sites,
+        )
     if (cfg.n_sites, cfg.d_model) != (src.n_sites, src.d_model):
-        raise ValueError(f"the data has {src.n_sites} sites x d_model {src.d_model}, the crosscoder "
-                         f"{cfg.n_sites} x {cfg.d_model}")
+        raise ValueError(
+            f"the data has {src.n_sites} sites x d_model {src.d_model}, the crosscoder "
+            f"{cfg.n_sites} x {cfg.d_model}"
+        )
     if isinstance(src, ActivationBuffer) and cfg.sites is not None and list(cfg.sites) != list(src.sites):
         raise ValueError(f"the buffer's sites {src.sites} differ from the crosscoder's {cfg.sites}")
     return src, cc, cfg
@@ -60,20 +67,23 @@ def _set_normalization(cc: Crosscoder, src: ActivationSource) -> None:
     """Once per crosscoder: c_s = sqrt(d) / E||a^s|| (normalize=True) and b_dec = mean of the
     normalised sample (init_b_dec_from_data), from `norm_estimate_tokens` rows of `src`."""
     cfg = cc.cfg
-    sample = src.peek(cfg.norm_estimate_tokens).to(cc.device)          # [N, S, d]
+    sample = src.peek(cfg.norm_estimate_tokens).to(cc.device)  # [N, S, d]
     if len(sample) == 0:
-        raise ValueError("the activation source has no rows left for the normalisation sample "
-                         "(a buffer with loop=False that an earlier training run used up?)")
+        raise ValueError(
+            "the activation source has no rows left for the normalisation sample "
+            "(a buffer with loop=False that an earlier training run used up?)"
+        )
     if not torch.isfinite(sample).all():
         raise FloatingPointError("non-finite values (NaN/inf) in the activations (normalisation sample)")
     if cfg.normalize:
-        mean_norm = sample.norm(dim=-1).mean(0)                          # [S]
+        mean_norm = sample.norm(dim=-1).mean(0)  # [S]
         zero = mean_norm <= 0
         if bool(zero.any()):
             bad = [site_label(cc.sites[j]) for j in torch.nonzero(zero).flatten().tolist()]
             warnings.warn(f"crosscoder: sites {bad} are all zero; their normalisation factor is left at 1")
-        cc.norm_factors.copy_(torch.where(zero, torch.ones_like(mean_norm),
-                                          math.sqrt(cfg.d_model) / mean_norm.clamp_min(1e-30)))
+        cc.norm_factors.copy_(
+            torch.where(zero, torch.ones_like(mean_norm), math.sqrt(cfg.d_model) / mean_norm.clamp_min(1e-30))
+        )
     if cfg.init_b_dec_from_data and int(cc.steps) == 0:
         cc.b_dec.copy_(cc.normalize(sample).mean(0))
     cc.norm_set.fill_(True)
@@ -81,23 +91,26 @@ def _set_normalization(cc: Crosscoder, src: ActivationSource) -> None:
 
 def _check_loss(out: Dict[str, Tensor], x: Tensor, step: int, cfg: CrosscoderConfig) -> None:
     loss = out["loss"]
-    if torch.isfinite(loss):   # the one host sync of a step
+    if torch.isfinite(loss):  # the one host sync of a step
         return
     if not torch.isfinite(x).all():
-        raise FloatingPointError(f"crosscoder training stopped at step {step}: non-finite "
-                                 f"values (NaN/inf) in that step's activations")
+        raise FloatingPointError(
+            f"crosscoder training stopped at step {step}: non-finite "
+            f"values (NaN/inf) in that step's activations"
+        )
     raise FloatingPointError(
         f"crosscoder training: the loss is {float(loss.detach())} at step {step} (reconstruction "
         f"{float(out['recon'].detach()):.4g}, sparsity {float(out['sparsity'].detach()):.4g}, aux "
         f"{float(out['aux'].detach()):.4g}); lower the learning rate (lr={cfg.lr}) or check the "
-        f"activations' scale (normalize={cfg.normalize})")
+        f"activations' scale (normalize={cfg.normalize})"
+    )
 
 
 @torch.no_grad()
 def _track(cc: Crosscoder, out: Dict[str, Tensor], n_rows: int) -> None:
     """After a step: the dead-latent tracker, step / token counts and (BatchTopK) theta <- EMA of
     the smallest kept score."""
-    fired = (out["f"] > 0).any(0)                                        # [m]
+    fired = (out["f"] > 0).any(0)  # [m]
     cc.tokens_since_fired.add_(n_rows)
     cc.tokens_since_fired[fired] = 0
     cc.steps.add_(1)
@@ -110,18 +123,32 @@ def _track(cc: Crosscoder, out: Dict[str, Tensor], n_rows: int) -> None:
 
 @torch.no_grad()
 def _log_record(cc: Crosscoder, out: Dict[str, Tensor], xn: Tensor, step: int, lr: float, l1: float) -> Dict:
-    var = (xn - xn.mean(0)).pow(2).sum((-2, -1)).mean()                 # xn [B, S, d]
-    return {"step": step, "tokens": int(cc.tokens_seen), "lr": lr, "l1_coeff": l1,
-            "loss": float(out["loss"]), "recon": float(out["recon"]),
-            "sparsity": float(out["sparsity"]), "aux": float(out["aux"]),
-            "l0": float((out["f"] > 0).sum(-1).float().mean()),
-            "dead_frac": float(cc.dead_mask().float().mean()),
-            "fvu": float(out["recon"] / var.clamp_min(1e-30))}
+    var = (xn - xn.mean(0)).pow(2).sum((-2, -1)).mean()  # xn [B, S, d]
+    return {
+        "step": step,
+        "tokens": int(cc.tokens_seen),
+        "lr": lr,
+        "l1_coeff": l1,
+        "loss": float(out["loss"]),
+        "recon": float(out["recon"]),
+        "sparsity": float(out["sparsity"]),
+        "aux": float(out["aux"]),
+        "l0": float((out["f"] > 0).sum(-1).float().mean()),
+        "dead_frac": float(cc.dead_mask().float().mean()),
+        "fvu": float(out["recon"] / var.clamp_min(1e-30)),
+    }
 
 
-def train_crosscoder(data, config: Union[CrosscoderConfig, Crosscoder, None] = None,
-                     n_steps: Optional[int] = None, *, n_tokens: Optional[int] = None,
-                     device=None, progress: bool = True, log_every: int = 50) -> Crosscoder:
+def train_crosscoder(
+    data,
+    config: Union[CrosscoderConfig, Crosscoder, None] = None,
+    n_steps: Optional[int] = None,
+    *,
+    n_tokens: Optional[int] = None,
+    device=None,
+    progress: bool = True,
+    log_every: int = 50,
+) -> Crosscoder:
     """Train a crosscoder on `data` and return it (with `.history`: one dict per `log_every`
     steps of step, tokens, lr, l1_coeff, loss, recon, sparsity, aux, l0, dead_frac, fvu) and a
     tqdm bar showing loss, L0 and the dead fraction.
@@ -153,9 +180,9 @@ def train_crosscoder(data, config: Union[CrosscoderConfig, Crosscoder, None] = N
     bar = tqdm(total=n_steps, unit="step", desc="crosscoder", disable=not progress)
     start = int(cc.steps)
     for i in range(n_steps):
-        step = start + i + 1     # 1-based, counted over the crosscoder's life
+        step = start + i + 1  # 1-based, counted over the crosscoder's life
         try:
-            x = src.next_batch(B).to(cc.device, non_blocking=True)      # [B, S, d]
+            x = src.next_batch(B).to(cc.device, non_blocking=True)  # [B, S, d]
         except StopIteration:
             warnings.warn(f"crosscoder: the activation source is used up after {i} of {n_steps} steps")
             break
@@ -176,8 +203,14 @@ def train_crosscoder(data, config: Union[CrosscoderConfig, Crosscoder, None] = N
         if i % log_every == 0 or i == n_steps - 1:
             rec = _log_record(cc, out, xn, step, lr, l1)
             cc.history.append(rec)
-            bar.set_postfix({"loss": f"{rec['loss']:.4g}", "L0": f"{rec['l0']:.1f}",
-                             "dead": f"{100 * rec['dead_frac']:.1f}%", "fvu": f"{rec['fvu']:.3f}"})
+            bar.set_postfix(
+                {
+                    "loss": f"{rec['loss']:.4g}",
+                    "L0": f"{rec['l0']:.1f}",
+                    "dead": f"{100 * rec['dead_frac']:.1f}%",
+                    "fvu": f"{rec['fvu']:.3f}",
+                }
+            )
         bar.update(1)
     bar.close()
     cc.eval()

@@ -48,6 +48,7 @@ Controls, reported with every result (`meta["baselines"]`, arrays `shuffled_*`):
   is about twice that of all windows; `shuffled_n_sequences` counts them); the real
   trajectories come from the runner's shared forward, over every window.
 """
+
 from __future__ import annotations
 
 import math
@@ -61,11 +62,18 @@ from torch import Tensor
 from .base import Probe, ProbeResult, ReportSection, register_probe, register_result
 from .sites import SiteSpec, check_site_names, check_site_spec, forward_sites, site_hooks, site_label
 
-__all__ = ["Curvature", "CurvatureResult", "sequence_curvatures", "step_angles",
-           "shuffle_valid_positions", "IID_POINTS_DEG", "RANDOM_WALK_DEG"]
+__all__ = [
+    "Curvature",
+    "CurvatureResult",
+    "sequence_curvatures",
+    "step_angles",
+    "shuffle_valid_positions",
+    "IID_POINTS_DEG",
+    "RANDOM_WALK_DEG",
+]
 
-IID_POINTS_DEG = 120.0    # mean turning angle of i.i.d. points (exact, see the module docstring)
-RANDOM_WALK_DEG = 90.0    # mean turning angle of a random walk with symmetric increments (exact)
+IID_POINTS_DEG = 120.0  # mean turning angle of i.i.d. points (exact, see the module docstring)
+RANDOM_WALK_DEG = 90.0  # mean turning angle of a random walk with symmetric increments (exact)
 
 
 # ------------------------------------------------------------------------------- the maths
@@ -94,25 +102,28 @@ def step_angles(x: Tensor, mask: Optional[Tensor] = None, eps: float = 1e-12) ->
         x, mask = x.cpu(), mask.cpu()
     x = x.to(torch.float64)
     m = mask.view(mask.shape + (1,) * (x.ndim - 2))
-    x = x.masked_fill(~m, 0)                                 # masked values unused
+    x = x.masked_fill(~m, 0)  # masked values unused
     if not torch.isfinite(x).all():
         raise FloatingPointError("curvature: non-finite values (NaN/inf) at valid positions of the input")
-    v = x[:, 1:] - x[:, :-1]                                 # [batch, pos-1, ..., d]
-    norm = torch.linalg.vector_norm(v, dim=-1)               # [batch, pos-1, ...]
+    v = x[:, 1:] - x[:, :-1]  # [batch, pos-1, ..., d]
+    norm = torch.linalg.vector_norm(v, dim=-1)  # [batch, pos-1, ...]
     step_ok = (mask[:, 1:] & mask[:, :-1]).view(mask.shape[0], -1, *(1,) * (norm.ndim - 2))
     step_ok = step_ok & (norm > eps)
-    valid = step_ok[:, :-1] & step_ok[:, 1:]                 # [batch, pos-2, ...]
+    valid = step_ok[:, :-1] & step_ok[:, 1:]  # [batch, pos-2, ...]
     # arccos(clamp(cos)) loses accuracy near 0 and 180 degrees (an exactly straight line comes out
     # at ~1e-6 degrees); the equivalent 2 atan2(|u - w|, |u + w|) on unit vectors u, w (Kahan) is
     # accurate everywhere. Zero-length steps get a dummy norm of 1; their angles are discarded.
     u = v / norm.masked_fill(~step_ok, 1).unsqueeze(-1)
     a, b = u[:, :-1], u[:, 1:]
-    theta = 2.0 * torch.atan2(torch.linalg.vector_norm(a - b, dim=-1), torch.linalg.vector_norm(a + b, dim=-1))
+    theta = 2.0 * torch.atan2(
+        torch.linalg.vector_norm(a - b, dim=-1), torch.linalg.vector_norm(a + b, dim=-1)
+    )
     return torch.rad2deg(theta).masked_fill_(~valid, 0), valid
 
 
-def sequence_curvatures(x: Tensor, mask: Optional[Tensor] = None, eps: float = 1e-12,
-                        return_counts: bool = False):
+def sequence_curvatures(
+    x: Tensor, mask: Optional[Tensor] = None, eps: float = 1e-12, return_counts: bool = False
+):
     """Per-sequence curvature κ = mean over valid t of the turning angle c_t (degrees, float64).
 
     x: [batch, pos, ..., d]; mask: [batch, pos] bool (True = valid; default all valid).
@@ -122,7 +133,7 @@ def sequence_curvatures(x: Tensor, mask: Optional[Tensor] = None, eps: float = 1
     """
     angles, valid = step_angles(x, mask, eps)
     count = valid.sum(1)
-    kappa = angles.sum(1) / count                            # 0 / 0 = NaN where no angle is valid
+    kappa = angles.sum(1) / count  # 0 / 0 = NaN where no angle is valid
     return (kappa, count) if return_counts else kappa
 
 
@@ -189,16 +200,28 @@ class Curvature(Probe):
     """
 
     name = "curvature"
-    report = ReportSection("How straight the token trajectories are", order=40, captions={
-        "curvature": "Token-trajectory curvature per stream and for the stream sum (degrees; lower = straighter), "
-                     "with its controls: the same windows with their tokens shuffled (dotted), i.i.d. points "
-                     "(120°, exact) and a random walk (90°, exact)."})
+    report = ReportSection(
+        "How straight the token trajectories are",
+        order=40,
+        captions={
+            "curvature": "Token-trajectory curvature per stream and for the stream sum (degrees; lower = straighter), "
+            "with its controls: the same windows with their tokens shuffled (dotted), i.i.d. points "
+            "(120°, exact) and a random walk (90°, exact)."
+        },
+    )
 
-    def __init__(self, sites: SiteSpec = None, eps: float = 1e-12, shuffled_control: bool = True,
-                 control_fraction: float = 0.25, seed: int = 0):
+    def __init__(
+        self,
+        sites: SiteSpec = None,
+        eps: float = 1e-12,
+        shuffled_control: bool = True,
+        control_fraction: float = 0.25,
+        seed: int = 0,
+    ):
         self.sites = check_site_spec(sites, "curvature")
-        self.site_names: Optional[List[str]] = (check_site_names(self.sites, "curvature")
-                                                if isinstance(self.sites, list) else None)
+        self.site_names: Optional[List[str]] = (
+            check_site_names(self.sites, "curvature") if isinstance(self.sites, list) else None
+        )
         if not eps >= 0:
             raise ValueError(f"curvature: eps must be >= 0, got {eps}")
         self.eps = float(eps)
@@ -210,7 +233,7 @@ class Curvature(Probe):
         self.n_streams: Optional[int] = None
         self._main: Optional[_Moments] = None
         self._shuffled: Optional[_Moments] = None
-        self._max_valid: Optional[Tensor] = None   # [] most valid positions in one sequence (no sync)
+        self._max_valid: Optional[Tensor] = None  # [] most valid positions in one sequence (no sync)
         self._gen = torch.Generator().manual_seed(self.seed)
 
     # --- set-up
@@ -264,11 +287,13 @@ class Curvature(Probe):
         missing = [n for n in self.site_names if n not in acts]
         if missing:
             raise KeyError(f"curvature: activations missing for sites {missing}")
-        kappas, counts = [], []   # per site, kept on the device: read back once per batch
+        kappas, counts = [], []  # per site, kept on the device: read back once per batch
         for name in self.site_names:
             x = acts[name]
             if x.ndim != 4:
-                raise ValueError(f"curvature: {name!r} must be [batch, pos, n_streams, d_model], got {tuple(x.shape)}")
+                raise ValueError(
+                    f"curvature: {name!r} must be [batch, pos, n_streams, d_model], got {tuple(x.shape)}"
+                )
             if self._main is None:
                 self._init_state(x.shape[2])
             if x.shape[2] != self.n_streams:
@@ -281,10 +306,10 @@ class Curvature(Probe):
                 stream_sum = xs if stream_sum is None else stream_sum + xs
                 cols.append(sequence_curvatures(xs, mask_x, self.eps, return_counts=True))
             cols.append(sequence_curvatures(stream_sum, mask_x, self.eps, return_counts=True))
-            kappas.append(torch.stack([k for k, _ in cols], 1))                   # [batch, n + 1]
+            kappas.append(torch.stack([k for k, _ in cols], 1))  # [batch, n + 1]
             counts.append(torch.stack([c for _, c in cols], 1))
-        here = kappas[0].device   # (a NaN / inf at a valid position raises in `step_angles`)
-        kappa = torch.stack([k.to(here) for k in kappas]).cpu().numpy()          # [sites, batch, n + 1]
+        here = kappas[0].device  # (a NaN / inf at a valid position raises in `step_angles`)
+        kappa = torch.stack([k.to(here) for k in kappas]).cpu().numpy()  # [sites, batch, n + 1]
         n_ang = torch.stack([c.to(here) for c in counts]).cpu().numpy()
         return kappa, n_ang
 
@@ -296,29 +321,47 @@ class Curvature(Probe):
                 f"curvature: no sequence has a turning angle. Curvature needs >= 3 consecutive valid "
                 f"positions per sequence (two steps) after the excluded first position(s) and padding; "
                 f"the longest sequence had {int(self._max_valid or 0)} valid position(s). Use longer windows "
-                f"(or a smaller exclude_first).")
+                f"(or a smaller exclude_first)."
+            )
         mean, sem = self._main.mean_sem()
         columns = [f"stream {s}" for s in range(self.n_streams)] + ["sum"]
         labels = [site_label(s) for s in self.site_names]
         empty = [f"{labels[i]}/{columns[k]}" for i, k in zip(*np.nonzero(self._main.count == 0))]
         if empty:
-            warnings.warn(f"curvature: no valid angle (every step of zero length?) at {empty}; their "
-                          f"curvature is NaN")
+            warnings.warn(
+                f"curvature: no valid angle (every step of zero length?) at {empty}; their curvature is NaN"
+            )
         acc = self._main
-        arrays = dict(mean=mean, sem=sem, n_sequences=acc.count.copy(), n_skipped=acc.skipped.copy(),
-                      n_angles=acc.angles.copy(), change_from_first=mean - mean[:1])
+        arrays = dict(
+            mean=mean,
+            sem=sem,
+            n_sequences=acc.count.copy(),
+            n_skipped=acc.skipped.copy(),
+            n_angles=acc.angles.copy(),
+            change_from_first=mean - mean[:1],
+        )
         if self._shuffled is not None and self._shuffled.count.any():
             s_mean, s_sem = self._shuffled.mean_sem()
-            arrays.update(shuffled_mean=s_mean, shuffled_sem=s_sem,
-                          shuffled_n_sequences=self._shuffled.count.copy())
+            arrays.update(
+                shuffled_mean=s_mean, shuffled_sem=s_sem, shuffled_n_sequences=self._shuffled.count.copy()
+            )
         baselines = {"iid_points": IID_POINTS_DEG, "random_walk": RANDOM_WALK_DEG}
         return CurvatureResult(
-            probe=self.name, arrays=arrays,
-            meta=dict(site_names=list(self.site_names), site_labels=labels,
-                      columns=columns, n_streams=self.n_streams, eps=self.eps, units="degrees",
-                      sites=self.sites if isinstance(self.sites, (str, int)) else "explicit",
-                      baselines=baselines, shuffled_control="shuffled_mean" in arrays,
-                      control_fraction=self.control_fraction, shuffle_seed=self.seed),
+            probe=self.name,
+            arrays=arrays,
+            meta=dict(
+                site_names=list(self.site_names),
+                site_labels=labels,
+                columns=columns,
+                n_streams=self.n_streams,
+                eps=self.eps,
+                units="degrees",
+                sites=self.sites if isinstance(self.sites, (str, int)) else "explicit",
+                baselines=baselines,
+                shuffled_control="shuffled_mean" in arrays,
+                control_fraction=self.control_fraction,
+                shuffle_seed=self.seed,
+            ),
         )
 
 
@@ -348,20 +391,47 @@ class CurvatureResult(ProbeResult):
         shuffled = self.arrays.get("shuffled_mean") if baseline else None
         for k, label in enumerate(columns):
             is_sum = k == y.shape[1] - 1
-            line = ax.errorbar(xs, y[:, k], yerr=sem[:, k], label=label, capsize=3, marker="o", ms=3,
-                               color="black" if is_sum else None, linestyle="--" if is_sum else "-")
+            line = ax.errorbar(
+                xs,
+                y[:, k],
+                yerr=sem[:, k],
+                label=label,
+                capsize=3,
+                marker="o",
+                ms=3,
+                color="black" if is_sum else None,
+                linestyle="--" if is_sum else "-",
+            )
             if shuffled is not None:
                 ys = shuffled[:, k] - (shuffled[0, k] if change else 0.0)
-                ax.plot(xs, ys, linestyle=":", linewidth=1.2, color=line.lines[0].get_color(),
-                        label="shuffled-token control (dotted)" if k == 0 else None)
+                ax.plot(
+                    xs,
+                    ys,
+                    linestyle=":",
+                    linewidth=1.2,
+                    color=line.lines[0].get_color(),
+                    label="shuffled-token control (dotted)" if k == 0 else None,
+                )
         if baseline and not change:
             base = self.meta.get("baselines") or {"iid_points": 120.0, "random_walk": 90.0}
-            ax.axhline(base["iid_points"], color="grey", linestyle=(0, (1, 3)), linewidth=1,
-                       label=f"i.i.d. points ({base['iid_points']:g}°)")
-            ax.axhline(base["random_walk"], color="grey", linestyle="-.", linewidth=1,
-                       label=f"random walk ({base['random_walk']:g}°)")
+            ax.axhline(
+                base["iid_points"],
+                color="grey",
+                linestyle=(0, (1, 3)),
+                linewidth=1,
+                label=f"i.i.d. points ({base['iid_points']:g}°)",
+            )
+            ax.axhline(
+                base["random_walk"],
+                color="grey",
+                linestyle="-.",
+                linewidth=1,
+                label=f"random walk ({base['random_walk']:g}°)",
+            )
         labels = self.meta.get("site_labels") or self.meta.get("site_names") or [str(i) for i in xs]
-        ax.set_xticks(xs, labels, rotation=45 if len(labels) > 6 else 0, ha="right" if len(labels) > 6 else "center")
+        ax.set_xticks(
+            xs, labels, rotation=45 if len(labels) > 6 else 0, ha="right" if len(labels) > 6 else "center"
+        )
         ax.set_xlabel("site")
         ax.set_ylabel("curvature change vs first site (degrees)" if change else "curvature (degrees)")
         ax.set_title("token-trajectory curvature (mean ± SEM over sequences)")

@@ -24,6 +24,7 @@ e.g. 8 GPUs, 2 processes, device_map="auto" with max_memory limited to the proce
 Without an initialised process group the functions run the whole sweep in-process. Results
 agree with the single-process run to float rounding (batch composition differs), not bit for bit.
 """
+
 from __future__ import annotations
 
 from typing import Any, Dict, List, Optional, Sequence, Tuple
@@ -37,12 +38,18 @@ from .causal import CausalProbe
 from .patching import activation_patching
 from .rescue import ablate_and_rescue, global_rescue
 
-__all__ = ["split_sublayers", "merge_sublayer_results", "distributed_ablate_and_rescue",
-           "distributed_activation_patching"]
+__all__ = [
+    "split_sublayers",
+    "merge_sublayer_results",
+    "distributed_ablate_and_rescue",
+    "distributed_activation_patching",
+]
 
 # arrays that are not per sublayer (everything else has the sublayer as axis 0)
-_GLOBAL_KEYS = {"ablate_rescue": ("global_rescue", "global_rescue_weighted"),
-                "activation_patching": ("baseline_clean", "baseline_corrupted")}
+_GLOBAL_KEYS = {
+    "ablate_rescue": ("global_rescue", "global_rescue_weighted"),
+    "activation_patching": ("baseline_clean", "baseline_corrupted"),
+}
 
 
 def split_sublayers(sublayers: Sequence[int], rank: int, world_size: int) -> List[int]:
@@ -60,7 +67,9 @@ def _rank_world(group=None) -> Tuple[int, int]:
     return 0, 1
 
 
-def merge_sublayer_results(parts: Sequence[Tuple[Sequence[int], ProbeResult]], sublayers: Sequence[int]) -> ProbeResult:
+def merge_sublayer_results(
+    parts: Sequence[Tuple[Sequence[int], ProbeResult]], sublayers: Sequence[int]
+) -> ProbeResult:
     """Merge results of one sweep run on disjoint sublayer subsets into the result over
     `sublayers` (in that order). parts: (the sublayers a part ran, its result) per part."""
     parts = [(list(ls), r) for ls, r in parts if r is not None and len(ls)]
@@ -82,8 +91,10 @@ def merge_sublayer_results(parts: Sequence[Tuple[Sequence[int], ProbeResult]], s
         raise ValueError(f"no partial result covers sublayers {missing}")
     prompts = {r.meta.get("prompts") for _, r in parts}
     if len(prompts) > 1:
-        raise ValueError(f"the partial results saw different numbers of prompts {sorted(prompts)}: "
-                         f"every rank must run the same prompts")
+        raise ValueError(
+            f"the partial results saw different numbers of prompts {sorted(prompts)}: "
+            f"every rank must run the same prompts"
+        )
     first = parts[0][1]
     arrays: Dict[str, np.ndarray] = {}
     for key, value in first.arrays.items():
@@ -93,7 +104,9 @@ def merge_sublayer_results(parts: Sequence[Tuple[Sequence[int], ProbeResult]], s
         arrays[key] = np.stack([parts[where[l][0]][1].arrays[key][where[l][1]] for l in sublayers])
     names = [parts[where[l][0]][1].meta["sublayers"][where[l][1]] for l in sublayers]
     if probe == "ablate_rescue":
-        arrays.update(global_rescue(arrays["rescue"], arrays["kl_ablated"], arrays["kl_rescued"], arrays["low_damage"]))
+        arrays.update(
+            global_rescue(arrays["rescue"], arrays["kl_ablated"], arrays["kl_rescued"], arrays["low_damage"])
+        )
     meta = dict(first.meta, sublayers=names)
     return type(first)(probe, arrays, meta)
 
@@ -135,21 +148,39 @@ def _sweep(model, run, sublayers, group, signature) -> ProbeResult:
     return merge_sublayer_results([(p[2], p[3]) for p in gathered], layers)
 
 
-def distributed_ablate_and_rescue(model, tokens: Tensor, *, sublayers: Optional[Sequence[int]] = None,
-                                  group=None, batch_size: int = 8, **kwargs) -> ProbeResult:
+def distributed_ablate_and_rescue(
+    model,
+    tokens: Tensor,
+    *,
+    sublayers: Optional[Sequence[int]] = None,
+    group=None,
+    batch_size: int = 8,
+    **kwargs,
+) -> ProbeResult:
     """`ablate_and_rescue(model, tokens, **kwargs)` with the sublayers split over the ranks of
     `group` (the default process group); every rank gets the merged `RescueResult`."""
+
     def run(mine):
         return ablate_and_rescue(model, tokens, sublayers=mine, batch_size=batch_size, **kwargs)
 
     return _sweep(model, run, sublayers, group, _token_signature(torch.as_tensor(tokens)))
 
 
-def distributed_activation_patching(model, clean: Tensor, corrupted: Tensor, *,
-                                    sublayers: Optional[Sequence[int]] = None, group=None,
-                                    batch_size: int = 8, **kwargs) -> ProbeResult:
+def distributed_activation_patching(
+    model,
+    clean: Tensor,
+    corrupted: Tensor,
+    *,
+    sublayers: Optional[Sequence[int]] = None,
+    group=None,
+    batch_size: int = 8,
+    **kwargs,
+) -> ProbeResult:
     """`activation_patching(model, clean, corrupted, **kwargs)` split over the ranks by sublayer."""
+
     def run(mine):
         return activation_patching(model, clean, corrupted, sublayers=mine, batch_size=batch_size, **kwargs)
 
-    return _sweep(model, run, sublayers, group, _token_signature(torch.as_tensor(clean), torch.as_tensor(corrupted)))
+    return _sweep(
+        model, run, sublayers, group, _token_signature(torch.as_tensor(clean), torch.as_tensor(corrupted))
+    )

@@ -5,6 +5,7 @@ on light cells, white on dark ones), and a panel that says why it is empty.
 
 matplotlib is imported by the callers (inside `plot()`), never at module import time.
 """
+
 from __future__ import annotations
 
 import math
@@ -15,7 +16,7 @@ import numpy as np
 
 
 def text_color(rgba) -> str:
-    """"black" or "white", whichever reads better on a cell of colour `rgba` (WCAG relative
+    """ "black" or "white", whichever reads better on a cell of colour `rgba` (WCAG relative
     luminance of the sRGB colour, threshold 0.179: the point where both contrasts are equal)."""
     rgb = np.asarray(rgba, dtype=float)[:3]
     lin = np.where(rgb <= 0.04045, rgb / 12.92, ((rgb + 0.055) / 1.055) ** 2.4)
@@ -36,11 +37,17 @@ def cell_fontsize(ax, shape: Tuple[int, int], chars: int = 4, equal: bool = True
     return float(np.clip(size, 6, 11))
 
 
-MAX_ANNOTATED_COLUMNS = 8   # wider heatmaps get no numbers: they would not fit their cells
+MAX_ANNOTATED_COLUMNS = 8  # wider heatmaps get no numbers: they would not fit their cells
 
 
-def annotate(ax, im, values: np.ndarray, fmt: Callable[[float], str] = "{:.2f}".format,
-             fontsize: float = 8, labels: Optional[np.ndarray] = None) -> bool:
+def annotate(
+    ax,
+    im,
+    values: np.ndarray,
+    fmt: Callable[[float], str] = "{:.2f}".format,
+    fontsize: float = 8,
+    labels: Optional[np.ndarray] = None,
+) -> bool:
     """Write each cell's value (or `labels[i, j]`, where given and not empty) on an `imshow`
     heatmap, in black or white according to the cell's colour under `im`'s colormap and norm.
     NaN cells are left blank unless `labels` names them (then in black: they are not drawn).
@@ -57,26 +64,45 @@ def annotate(ax, im, values: np.ndarray, fmt: Callable[[float], str] = "{:.2f}".
     return True
 
 
-def panel_grid(n_panels: int, panel_in: Tuple[float, float], max_cols: int = 4, extra_width: float = 0.9,
-               extra_height: float = 0.6):
+def panel_grid(
+    n_panels: int,
+    panel_in: Tuple[float, float],
+    max_cols: int = 4,
+    extra_width: float = 0.9,
+    extra_height: float = 0.6,
+):
     """(fig, axes [n_panels], n_cols): up to `max_cols` panels a row, each `panel_in` inches,
     unused grid cells hidden; `extra_width` inches for a colour bar on the right."""
     import matplotlib.pyplot as plt
 
     cols = min(max_cols, n_panels)
     rows = math.ceil(n_panels / cols)
-    cols = math.ceil(n_panels / rows)          # balance the rows: 5 panels -> 3 + 2, not 4 + 1
-    fig, axes = plt.subplots(rows, cols, figsize=(panel_in[0] * cols + extra_width, panel_in[1] * rows + extra_height),
-                             squeeze=False)
+    cols = math.ceil(n_panels / rows)  # balance the rows: 5 panels -> 3 + 2, not 4 + 1
+    fig, axes = plt.subplots(
+        rows,
+        cols,
+        figsize=(panel_in[0] * cols + extra_width, panel_in[1] * rows + extra_height),
+        squeeze=False,
+    )
     flat = axes.ravel()
     for ax in flat[n_panels:]:
         ax.set_visible(False)
     return fig, flat[:n_panels], cols
 
 
-def heatmap_grid(matrices: Sequence[np.ndarray], titles: Sequence[str], *, vmin: float, vmax: float,
-                 xlabel: str, ylabel: str, colorbar: str, title: str, chars: int = 4,
-                 labels: Optional[Callable[[np.ndarray], np.ndarray]] = None):
+def heatmap_grid(
+    matrices: Sequence[np.ndarray],
+    titles: Sequence[str],
+    *,
+    vmin: float,
+    vmax: float,
+    xlabel: str,
+    ylabel: str,
+    colorbar: str,
+    title: str,
+    chars: int = 4,
+    labels: Optional[Callable[[np.ndarray], np.ndarray]] = None,
+):
     """Small multiples: one annotated [rows, columns] heatmap per matrix (up to 4 a row, axis
     labels on the outer panels only, one shared colour bar and scale) -> the figure. `labels(m)`
     gives each panel's cell texts (default: the values to 2 decimals)."""
@@ -108,6 +134,15 @@ def outer_labels(axes: Sequence, n_cols: int, xlabel: str, ylabel: str) -> None:
 
 def empty_panel(ax, reason: str, width: int = 30) -> None:
     """Say on an empty panel why it is empty (wrapped, centred, no ticks)."""
-    ax.tick_params(left=False, labelleft=False, bottom=False, labelbottom=False)   # shared axes keep theirs
-    ax.text(0.5, 0.5, textwrap.fill(reason, width), transform=ax.transAxes, ha="center", va="center",
-            fontsize=8, color="#444", wrap=True)
+    ax.tick_params(left=False, labelleft=False, bottom=False, labelbottom=False)  # shared axes keep theirs
+    ax.text(
+        0.5,
+        0.5,
+        textwrap.fill(reason, width),
+        transform=ax.transAxes,
+        ha="center",
+        va="center",
+        fontsize=8,
+        color="#444",
+        wrap=True,
+    )

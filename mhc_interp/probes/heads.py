@@ -46,6 +46,7 @@ for each top head.
 The pattern pass caches `hook_pattern`, which switches attention to the eager path; the
 ablation runs (and their clean baseline) use the fused path, so each compares like with like.
 """
+
 from __future__ import annotations
 
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -59,16 +60,37 @@ from .base import ProbeResult, ReportSection, register_probe, register_result
 from .causal import CausalProbe
 from .runner import run_probes
 
-__all__ = ["HeadDetector", "HeadScores", "detect_heads", "repeated_random_tokens", "successor_scores",
-           "head_ablation_hook", "check_attention_model", "HEAD_SCORES", "DEFAULT_ORDINAL_WORDS"]
+__all__ = [
+    "HeadDetector",
+    "HeadScores",
+    "detect_heads",
+    "repeated_random_tokens",
+    "successor_scores",
+    "head_ablation_hook",
+    "check_attention_model",
+    "HEAD_SCORES",
+    "DEFAULT_ORDINAL_WORDS",
+]
 
 HEAD_SCORES = ("previous_token", "duplicate_token", "induction", "successor", "copy_suppression")
 _PATTERN_SCORES = ("previous_token", "duplicate_token", "induction")
 
 DEFAULT_ORDINAL_WORDS: Dict[str, List[str]] = {
     "days": [" Monday", " Tuesday", " Wednesday", " Thursday", " Friday", " Saturday", " Sunday"],
-    "months": [" January", " February", " March", " April", " May", " June", " July", " August",
-               " September", " October", " November", " December"],
+    "months": [
+        " January",
+        " February",
+        " March",
+        " April",
+        " May",
+        " June",
+        " July",
+        " August",
+        " September",
+        " October",
+        " November",
+        " December",
+    ],
     "number_words": [" one", " two", " three", " four", " five", " six", " seven", " eight", " nine", " ten"],
     "digits": [" 1", " 2", " 3", " 4", " 5", " 6", " 7", " 8", " 9"],
 }
@@ -80,8 +102,10 @@ def check_attention_model(model) -> None:
     an `AttentionSublayer`: c_attn / c_proj, hook_pattern, hook_z)."""
     blocks, cfg = getattr(model, "blocks", None), getattr(model, "cfg", None)
     if blocks is None or cfg is None or not hasattr(model, "hook_dict"):
-        raise TypeError(f"head detectors need a HookedMHC (blocks.{{l}}.attn multi-head attention), "
-                        f"got {type(model).__name__}")
+        raise TypeError(
+            f"head detectors need a HookedMHC (blocks.{{l}}.attn multi-head attention), "
+            f"got {type(model).__name__}"
+        )
     if len(blocks) == 0:
         raise TypeError("head detectors: the model has no blocks, hence no attention heads")
     for l, block in enumerate(blocks):
@@ -89,7 +113,8 @@ def check_attention_model(model) -> None:
         if not isinstance(attn, AttentionSublayer):
             raise TypeError(
                 f"head detectors need multi-head attention at blocks.{l}.attn (an AttentionSublayer "
-                f"with hook_pattern, hook_z and c_proj); found {type(attn).__name__}")
+                f"with hook_pattern, hook_z and c_proj); found {type(attn).__name__}"
+            )
     if getattr(cfg, "n_heads", 0) < 1:
         raise TypeError(f"head detectors: the model has n_heads={getattr(cfg, 'n_heads', None)}")
 
@@ -148,10 +173,10 @@ def repeated_random_tokens(model, n_seq: int = 32, half_len: Optional[int] = Non
     rows = []
     for _ in range(n_seq):
         if cfg.d_vocab >= half_len + 1:
-            r = torch.randperm(cfg.d_vocab, generator=g)[:half_len + 1]
+            r = torch.randperm(cfg.d_vocab, generator=g)[: half_len + 1]
         else:
             r = torch.randint(0, cfg.d_vocab, (half_len + 1,), generator=g)
-        rows.append(torch.cat([r, r[1:]]))                                   # bos, r_1..r_m, r_1..r_m
+        rows.append(torch.cat([r, r[1:]]))  # bos, r_1..r_m, r_1..r_m
     return torch.stack(rows)
 
 
@@ -162,14 +187,18 @@ def _ordinal_ids(model, sequences) -> List[List[int]]:
         seq = list(seq)
         if seq and all(isinstance(t, str) for t in seq):
             if model.tokenizer is None:
-                raise ValueError("ordinal sequences given as words need a tokenizer, and this model "
-                                 "has none; pass token-id sequences")
+                raise ValueError(
+                    "ordinal sequences given as words need a tokenizer, and this model "
+                    "has none; pass token-id sequences"
+                )
             ids = []
             for word in seq:
                 enc = model.tokenizer.encode(word)
                 if len(enc) != 1:
-                    raise ValueError(f"ordinal word {word!r} is {len(enc)} tokens; successor scoring "
-                                     f"needs single-token words")
+                    raise ValueError(
+                        f"ordinal word {word!r} is {len(enc)} tokens; successor scoring "
+                        f"needs single-token words"
+                    )
                 ids.append(enc[0])
             seq = ids
         if not all(isinstance(t, (int, np.integer)) and not isinstance(t, bool) for t in seq):
@@ -193,11 +222,13 @@ def _ordinal_runs(model) -> List[Tuple[List[str], List[int]]]:
     skips a step (" one two three ten" is not ordinal)."""
     out = []
     for words in DEFAULT_ORDINAL_WORDS.values():
-        run, best = [], []                                               # [(word, id)]
+        run, best = [], []  # [(word, id)]
         for w in words:
             ids = model.tokenizer.encode(w)
             single = len(ids) == 1 and 0 <= ids[0] < model.cfg.d_vocab
-            run = (run if single and ids[0] not in [i for _, i in run] else []) + ([(w, ids[0])] if single else [])
+            run = (run if single and ids[0] not in [i for _, i in run] else []) + (
+                [(w, ids[0])] if single else []
+            )
             best = run if len(run) > len(best) else best
         out.append(([w for w, _ in best], [i for _, i in best]))
     return out
@@ -214,16 +245,22 @@ def add_whole_list_successor(model, heads: "HeadScores") -> None:
     its empty panel), why none could be scored."""
     skipped = heads.meta.setdefault("skipped", {})
     if model.tokenizer is None:
-        skipped["successor"] = ("the model has no tokenizer, so there are no ordinal words (days, months, "
-                                "numbers) to score; detect_heads(model, ordinal_sequences=[[id, ...]]) takes ids")
+        skipped["successor"] = (
+            "the model has no tokenizer, so there are no ordinal words (days, months, "
+            "numbers) to score; detect_heads(model, ordinal_sequences=[[id, ...]]) takes ids"
+        )
         return
     runs = _ordinal_runs(model)
-    whole = [ids for (words, ids), listed in zip(runs, DEFAULT_ORDINAL_WORDS.values()) if len(ids) == len(listed)]
+    whole = [
+        ids for (words, ids), listed in zip(runs, DEFAULT_ORDINAL_WORDS.values()) if len(ids) == len(listed)
+    ]
     if not whole:
         longest = max((words for words, _ in runs), key=len)
         have = f"longest run: {''.join(longest).strip()!r}" if longest else "none is"
-        skipped["successor"] = (f"no ordinal word list (days, months, number words, digits) is single tokens "
-                                f"in this tokenizer ({have}), so no successor sequence to score")
+        skipped["successor"] = (
+            f"no ordinal word list (days, months, number words, digits) is single tokens "
+            f"in this tokenizer ({have}), so no successor sequence to score"
+        )
         return
     heads.arrays["successor"], count = successor_scores(model, whole)
     skipped.pop("successor", None)
@@ -247,14 +284,14 @@ def successor_scores(model, sequences) -> Tuple[np.ndarray, int]:
     for seq in seqs:
         ids = torch.tensor(seq, device=model.device)[None]
         _, cache = model.run_with_cache(ids, names_filter=names)
-        target = torch.arange(1, len(seq), device=model.device)          # next element's index
+        target = torch.arange(1, len(seq), device=model.device)  # next element's index
         for l in range(L):
-            v = cache[names[l]][0, :-1].float()                         # [k, H, dh]
-            W = model.blocks[l].attn.c_proj.weight.detach().float()    # [d_out, d_in]
-            W_O = W.T.reshape(H, dh, -1)                                # [H, dh, d]
-            o = torch.einsum("khe,hed->khd", v, W_O)                    # [k, H, d]
+            v = cache[names[l]][0, :-1].float()  # [k, H, dh]
+            W = model.blocks[l].attn.c_proj.weight.detach().float()  # [d_out, d_in]
+            W_O = W.T.reshape(H, dh, -1)  # [H, dh, d]
+            o = torch.einsum("khe,hed->khd", v, W_O)  # [k, H, d]
             o = (o - o.mean(-1, keepdim=True)) * ln_w
-            readout = o @ W_U[:, ids[0]]                                # [k, H, len(seq)]
+            readout = o @ W_U[:, ids[0]]  # [k, H, len(seq)]
             hits[l] += (readout.argmax(-1) == target[:, None]).double().sum(0).cpu()
         count += len(seq) - 1
     return (hits / count).numpy(), count
@@ -280,27 +317,42 @@ class HeadDetector(CausalProbe):
     """
 
     name = "head_detector"
-    report = ReportSection("What the attention heads do", order=70, captions={
-        "scores": "Attention-head scores per (layer, head): previous-token, duplicate-token, induction, successor "
-                  "and copy-suppression.",
-        "layer_distribution": "Where the best heads of each kind sit.",
-        "read_write": "Which streams the attention sublayer of each top head reads (H_pre) and writes (H_post); "
-                      "heads of one layer share their sublayer's mixing."})
+    report = ReportSection(
+        "What the attention heads do",
+        order=70,
+        captions={
+            "scores": "Attention-head scores per (layer, head): previous-token, duplicate-token, induction, successor "
+            "and copy-suppression.",
+            "layer_distribution": "Where the best heads of each kind sit.",
+            "read_write": "Which streams the attention sublayer of each top head reads (H_pre) and writes (H_post); "
+            "heads of one layer share their sublayer's mixing.",
+        },
+    )
 
-    for_report = None   # not in the shared forward: `report_run`
+    for_report = None  # not in the shared forward: `report_run`
 
     @classmethod
     def report_run(cls, model, tokens: Tensor, cfg, timer):
         """Head scores on the report's causal budget (a forward per ablated head) in one batch of
         the corpus windows, and the successor scores on whole ordinal lists."""
-        heads = run_probes(model, cls(heads=cfg.sampled_heads(model)), tokens[: 2 * cfg.causal_prompts, : cfg.causal_seq_len],
-                           batch_size=2 * cfg.causal_prompts, progress=cfg.progress, timer=timer)   # one batch: 0.61x
+        heads = run_probes(
+            model,
+            cls(heads=cfg.sampled_heads(model)),
+            tokens[: 2 * cfg.causal_prompts, : cfg.causal_seq_len],
+            batch_size=2 * cfg.causal_prompts,
+            progress=cfg.progress,
+            timer=timer,
+        )  # one batch: 0.61x
         with timer("head_detector: successor"):
             add_whole_list_successor(model, heads)
         return [(heads, cfg.sample_note(model, "heads"))]
 
-    def __init__(self, copy_suppression: bool = True, heads: Optional[Sequence[Tuple[int, int]]] = None,
-                 max_rows: int = 64):
+    def __init__(
+        self,
+        copy_suppression: bool = True,
+        heads: Optional[Sequence[Tuple[int, int]]] = None,
+        max_rows: int = 64,
+    ):
         if int(max_rows) < 1:
             raise ValueError(f"max_rows must be >= 1, got {max_rows}")
         self.copy_suppression = bool(copy_suppression)
@@ -316,36 +368,43 @@ class HeadDetector(CausalProbe):
         LH = (self.n_layers, self.n_heads)
         self.sums = {k: torch.zeros(LH, dtype=torch.float64) for k in _PATTERN_SCORES + ("copy_suppression",)}
         self.counts = {k: 0 for k in self.sums}
-        self.h_sums = {k: torch.zeros(self.n_layers, self.n_streams, dtype=torch.float64) for k in ("h_pre", "h_post")}
+        self.h_sums = {
+            k: torch.zeros(self.n_layers, self.n_streams, dtype=torch.float64) for k in ("h_pre", "h_post")
+        }
         self.n_tokens = 0
 
     # -- pattern scores ------------------------------------------------------------------
     def _pattern_pass(self, model, tokens: Tensor, mask: Tensor) -> None:
         b, p = tokens.shape
         dev = tokens.device
-        lower = torch.ones(p, p, dtype=torch.bool, device=dev).tril(-1)            # k < q
-        dup = (tokens[:, :, None] == tokens[:, None, :]) & lower                   # [B, q, k]
+        lower = torch.ones(p, p, dtype=torch.bool, device=dev).tril(-1)  # k < q
+        dup = (tokens[:, :, None] == tokens[:, None, :]) & lower  # [B, q, k]
         ind = torch.zeros_like(dup)
-        ind[:, :, 1:] = dup[:, :, :-1]                                              # key k+1 of an earlier match
+        ind[:, :, 1:] = dup[:, :, :-1]  # key k+1 of an earlier match
         ind &= lower
         prev_q = mask.clone()
         prev_q[:, 0] = False
-        q_masks = {"previous_token": prev_q, "duplicate_token": dup.any(-1) & mask,
-                   "induction": ind.any(-1) & mask}
+        q_masks = {
+            "previous_token": prev_q,
+            "duplicate_token": dup.any(-1) & mask,
+            "induction": ind.any(-1) & mask,
+        }
         for key, qm in q_masks.items():
             self.counts[key] += int(qm.sum())
         weights = {k: v.double() for k, v in q_masks.items()}
         dup_f, ind_f = dup.float(), ind.float()
-        found: Dict[tuple, Tensor] = {}     # (kind, key, layer) -> sums on the device, read back once
+        found: Dict[tuple, Tensor] = {}  # (kind, key, layer) -> sums on the device, read back once
 
         def on_pattern(pattern: Tensor, hook) -> None:
             layer = int(hook.name.split(".")[1])
-            pat = pattern.float()                                                   # [B, H, q, k]
+            pat = pattern.float()  # [B, H, q, k]
             prev = torch.zeros(b, self.n_heads, p, dtype=torch.float32, device=dev)
             prev[:, :, 1:] = pat.diagonal(offset=-1, dim1=-2, dim2=-1)
-            per_q = {"previous_token": prev,                                        # [B, H, q] each
-                     "duplicate_token": torch.einsum("bhqk,bqk->bhq", pat, dup_f),
-                     "induction": torch.einsum("bhqk,bqk->bhq", pat, ind_f)}
+            per_q = {
+                "previous_token": prev,  # [B, H, q] each
+                "duplicate_token": torch.einsum("bhqk,bqk->bhq", pat, dup_f),
+                "induction": torch.einsum("bhqk,bqk->bhq", pat, ind_f),
+            }
             for key, v in per_q.items():
                 found["pattern", key, layer] = (v.double() * weights[key][:, None]).sum((0, 2))
 
@@ -355,11 +414,13 @@ class HeadDetector(CausalProbe):
             found["coeff", key, layer] = (h.double() * mask[..., None]).sum((0, 1))
 
         hooks = [(f"blocks.{l}.attn.hook_pattern", on_pattern) for l in range(self.n_layers)]
-        hooks += [(f"blocks.{l}.attn.hook_{k}", on_coeff) for l in range(self.n_layers) for k in ("h_pre", "h_post")]
+        hooks += [
+            (f"blocks.{l}.attn.hook_{k}", on_coeff) for l in range(self.n_layers) for k in ("h_pre", "h_post")
+        ]
         with model.hooks(fwd_hooks=hooks):
             model(tokens, stop_at_sublayer=2 * self.n_layers - 1, return_type=None)
         keys = list(found)
-        if keys:                                                    # one copy back for all of them
+        if keys:  # one copy back for all of them
             flat = torch.cat([found[k].to(dev).flatten() for k in keys]).cpu()
             for (kind, key, layer), v in zip(keys, flat.split([found[k].numel() for k in keys])):
                 (self.sums if kind == "pattern" else self.h_sums)[key][layer] += v
@@ -370,10 +431,10 @@ class HeadDetector(CausalProbe):
         layers = sorted(self.ablate)
         names = [f"blocks.{l}.attn.hook_streams_in" for l in layers] + ["hook_stream_sum"]
         _, cache = model.run_with_cache(tokens, names_filter=names)
-        clean = cache["hook_stream_sum"].float()                                    # [B, pos, d]
+        clean = cache["hook_stream_sum"].float()  # [B, pos, d]
         W_U = model.W_U.detach().float()
-        w_tok = W_U.T[tokens]                                                        # [B, pos(k), d]
-        w_mean = W_U.mean(1)                                                         # [d]
+        w_tok = W_U.T[tokens]  # [B, pos(k), d]
+        w_mean = W_U.mean(1)  # [d]
         ctx = torch.ones(p, p, dtype=torch.bool, device=tokens.device).tril() & mask[:, None, :]  # [B, q, k]
         ctx_w = ctx.float() / ctx.float().sum(-1, keepdim=True).clamp_min(1)
         q_ok = mask & ctx.any(-1)
@@ -382,7 +443,7 @@ class HeadDetector(CausalProbe):
             heads = self.ablate[l]
             per_chunk = max(1, self.max_rows // b)
             for lo in range(0, len(heads), per_chunk):
-                chunk = heads[lo:lo + per_chunk]
+                chunk = heads[lo : lo + per_chunk]
                 c = len(chunk)
                 keep = torch.ones(c, 1, 1, self.n_heads, 1, device=tokens.device, dtype=model.dtype)
                 for i, h in enumerate(chunk):
@@ -394,19 +455,21 @@ class HeadDetector(CausalProbe):
 
                 def grab(x: Tensor, hook, out=out) -> None:
                     out["sum"] = x
-                    raise _StopForward          # the logits are never formed: [rows, pos, d_vocab] saved
+                    raise _StopForward  # the logits are never formed: [rows, pos, d_vocab] saved
 
                 state = cache[f"blocks.{l}.attn.hook_streams_in"].repeat(c, 1, 1, 1)
                 try:
-                    with model.hooks(fwd_hooks=[(f"blocks.{l}.attn.hook_z", zero_heads), ("hook_stream_sum", grab)]):
+                    with model.hooks(
+                        fwd_hooks=[(f"blocks.{l}.attn.hook_z", zero_heads), ("hook_stream_sum", grab)]
+                    ):
                         model(state, start_at_sublayer=2 * l, return_type=None, tokens=tokens.repeat(c, 1))
                 except _StopForward:
                     pass
-                d_sum = out["sum"].float().unflatten(0, (c, b)) - clean                # [c, B, pos, d]
-                d_ctx = torch.einsum("cbqd,bkd->cbqk", d_sum, w_tok)                  # dlogit[q, tok_k]
-                d_ctx = (d_ctx * ctx_w).sum(-1)                                        # [c, B, q]
-                d_mean = d_sum @ w_mean                                                # [c, B, q]
-                score = ((d_ctx - d_mean) * q_ok).double().sum((1, 2)).cpu()         # [c]
+                d_sum = out["sum"].float().unflatten(0, (c, b)) - clean  # [c, B, pos, d]
+                d_ctx = torch.einsum("cbqd,bkd->cbqk", d_sum, w_tok)  # dlogit[q, tok_k]
+                d_ctx = (d_ctx * ctx_w).sum(-1)  # [c, B, q]
+                d_mean = d_sum @ w_mean  # [c, B, q]
+                score = ((d_ctx - d_mean) * q_ok).double().sum((1, 2)).cpu()  # [c]
                 for i, h in enumerate(chunk):
                     self.sums["copy_suppression"][l, h] += score[i]
 
@@ -422,14 +485,20 @@ class HeadDetector(CausalProbe):
         if self.n_tokens == 0:
             raise ValueError("head_detector saw no unmasked tokens")
         arrays = {"successor": np.full((self.n_layers, self.n_heads), np.nan)}
-        skipped = {"successor": "successor scores need ordinal sequences: use detect_heads(..., ordinal_sequences=...)"}
+        skipped = {
+            "successor": "successor scores need ordinal sequences: use detect_heads(..., ordinal_sequences=...)"
+        }
         if not self.copy_suppression:
             skipped["copy_suppression"] = "copy_suppression=False"
         for key in _PATTERN_SCORES + ("copy_suppression",):
             if self.counts[key] == 0:
                 skipped.setdefault(key, f"no query position qualified for {key} in the tokens seen")
-            arrays[key] = (self.sums[key] / self.counts[key]).numpy() if key not in skipped else arrays["successor"].copy()
-        ablated = np.zeros((self.n_layers, self.n_heads), dtype=bool)                  # [L, H]
+            arrays[key] = (
+                (self.sums[key] / self.counts[key]).numpy()
+                if key not in skipped
+                else arrays["successor"].copy()
+            )
+        ablated = np.zeros((self.n_layers, self.n_heads), dtype=bool)  # [L, H]
         for l, heads in self.ablate.items():
             ablated[l, heads] = True
         arrays["copy_suppression"][~ablated] = np.nan
@@ -437,10 +506,17 @@ class HeadDetector(CausalProbe):
         arrays["mean_h_post"] = (self.h_sums["h_post"] / self.n_tokens).numpy()
         sources = {k: "corpus" for k in HEAD_SCORES if k not in skipped}
         sources.update({k: "skipped" for k in skipped})
-        meta = {"n_layers": self.n_layers, "n_heads": self.n_heads, "n_streams": self.n_streams,
-                "hyper_conn_type": self.hyper_conn_type, "tokens": self.n_tokens,
-                "counts": {k: int(v) for k, v in self.counts.items()}, "sources": sources,
-                "skipped": skipped, "reads_writes_source": "corpus"}
+        meta = {
+            "n_layers": self.n_layers,
+            "n_heads": self.n_heads,
+            "n_streams": self.n_streams,
+            "hyper_conn_type": self.hyper_conn_type,
+            "tokens": self.n_tokens,
+            "counts": {k: int(v) for k, v in self.counts.items()},
+            "sources": sources,
+            "skipped": skipped,
+            "reads_writes_source": "corpus",
+        }
         return HeadScores(self.name, arrays, meta)
 
 
@@ -457,10 +533,23 @@ class HeadScores(ProbeResult):
         if score not in HEAD_SCORES:
             raise KeyError(f"unknown score {score!r}; scores: {HEAD_SCORES}")
         s = self[score]
-        flat = [(float(s[l, h]), l, h) for l in range(s.shape[0]) for h in range(s.shape[1]) if np.isfinite(s[l, h])]
+        flat = [
+            (float(s[l, h]), l, h)
+            for l in range(s.shape[0])
+            for h in range(s.shape[1])
+            if np.isfinite(s[l, h])
+        ]
         flat.sort(key=lambda t: -t[0])
-        return [{"layer": l, "head": h, "score": v, "reads": self["mean_h_pre"][l].tolist(),
-                 "writes": self["mean_h_post"][l].tolist()} for v, l, h in flat[:k]]
+        return [
+            {
+                "layer": l,
+                "head": h,
+                "score": v,
+                "reads": self["mean_h_pre"][l].tolist(),
+                "writes": self["mean_h_post"][l].tolist(),
+            }
+            for v, l, h in flat[:k]
+        ]
 
     def table(self, scores: Optional[Sequence[str]] = None, k: int = 10) -> str:
         """Top-k heads per score, with the streams each reads from / writes to."""
@@ -475,7 +564,9 @@ class HeadScores(ProbeResult):
             for r, row in enumerate(self.top_heads(score, k)):
                 reads = " ".join(f"{v:.2f}" for v in row["reads"])
                 writes = " ".join(f"{v:.2f}" for v in row["writes"])
-                lines.append(f"  {r + 1:>4} {row['layer']:>3}.{row['head']:<3} {row['score']:9.4f}   {reads}   {writes}")
+                lines.append(
+                    f"  {r + 1:>4} {row['layer']:>3}.{row['head']:<3} {row['score']:9.4f}   {reads}   {writes}"
+                )
         return "\n".join(lines)
 
     def plot(self, k: int = 5):
@@ -532,8 +623,13 @@ class HeadScores(ProbeResult):
                 labels.append(f"{score.replace('_', ' ')}  L{row['layer']} H{row['head']}")
                 rows.append((row["reads"], row["writes"]))
             groups.append(len(rows))
-        fig, axes = plt.subplots(1, 2, figsize=(3.4 + 2 * (0.55 * n + 1.1), max(2.5, 0.3 * len(rows) + 1.4)),
-                                 squeeze=False, sharey=True)
+        fig, axes = plt.subplots(
+            1,
+            2,
+            figsize=(3.4 + 2 * (0.55 * n + 1.1), max(2.5, 0.3 * len(rows) + 1.4)),
+            squeeze=False,
+            sharey=True,
+        )
         for ax, j, title in ((axes[0][0], 0, "reads: mean H_pre"), (axes[0][1], 1, "writes: mean H_post")):
             if rows:
                 values = np.array([r[j] for r in rows])
@@ -548,17 +644,30 @@ class HeadScores(ProbeResult):
             ax.set_title(title, fontsize=9)
         if rows:
             axes[0][0].set_yticks(np.arange(len(rows)), labels, fontsize=8)
-        fig.suptitle(f"streams read / written by the sublayers of the top-{k} heads of each score", fontsize=9)
+        fig.suptitle(
+            f"streams read / written by the sublayers of the top-{k} heads of each score", fontsize=9
+        )
         figs["read_write"] = fig
         return figs
 
 
 # ------------------------------------------------------------------------------ the driver
-def detect_heads(model, corpus=None, *, ordinal_sequences=None, n_random: int = 32,
-                 half_len: Optional[int] = None, seed: int = 0, batch_size: int = 8,
-                 copy_suppression: bool = True, heads: Optional[Sequence[Tuple[int, int]]] = None,
-                 max_rows: int = 64, max_tokens: Optional[int] = None, seq_len: Optional[int] = None,
-                 progress: bool = False) -> HeadScores:
+def detect_heads(
+    model,
+    corpus=None,
+    *,
+    ordinal_sequences=None,
+    n_random: int = 32,
+    half_len: Optional[int] = None,
+    seed: int = 0,
+    batch_size: int = 8,
+    copy_suppression: bool = True,
+    heads: Optional[Sequence[Tuple[int, int]]] = None,
+    max_rows: int = 64,
+    max_tokens: Optional[int] = None,
+    seq_len: Optional[int] = None,
+    progress: bool = False,
+) -> HeadScores:
     """Every head score (see the module docstring) in one `HeadScores`.
 
     corpus: any `run_probes` token source, for previous-token and copy-suppression scores and the
@@ -576,13 +685,22 @@ def detect_heads(model, corpus=None, *, ordinal_sequences=None, n_random: int = 
     if corpus is None:
         on, where = synthetic, "repeated_random"
     else:
-        on = run_probes(model, HeadDetector(copy_suppression=copy_suppression, heads=heads, max_rows=max_rows),
-                        corpus, batch_size=batch_size, max_tokens=max_tokens, seq_len=seq_len, progress=progress)
+        on = run_probes(
+            model,
+            HeadDetector(copy_suppression=copy_suppression, heads=heads, max_rows=max_rows),
+            corpus,
+            batch_size=batch_size,
+            max_tokens=max_tokens,
+            seq_len=seq_len,
+            progress=progress,
+        )
         where = "corpus"
     arrays = {"mean_h_pre": on["mean_h_pre"], "mean_h_post": on["mean_h_post"]}
     sources, counts, skipped = {}, {}, {}
-    for run, run_source, keys in ((synthetic, "repeated_random", ("induction", "duplicate_token")),
-                                  (on, where, ("previous_token", "copy_suppression"))):
+    for run, run_source, keys in (
+        (synthetic, "repeated_random", ("induction", "duplicate_token")),
+        (on, where, ("previous_token", "copy_suppression")),
+    ):
         for key in keys:
             arrays[key], sources[key], counts[key] = run[key], run_source, run.meta["counts"][key]
             if key in run.meta["skipped"]:
@@ -592,20 +710,32 @@ def detect_heads(model, corpus=None, *, ordinal_sequences=None, n_random: int = 
         ordinal_sequences = _default_ordinal_ids(model) or None
     if ordinal_sequences is None:
         arrays["successor"] = np.full((L, H), np.nan)
-        why = ("this model has no tokenizer" if model.tokenizer is None else
-               "no built-in ordinal list (days, months, number words, digits) has 3 consecutive words that "
-               "are single tokens of this model's tokenizer")
-        skipped["successor"] = (f"successor scores need ordinal sequences and {why}: "
-                                "pass ordinal_sequences=[[id, id, ...], ...] (token ids in ordinal order)")
+        why = (
+            "this model has no tokenizer"
+            if model.tokenizer is None
+            else "no built-in ordinal list (days, months, number words, digits) has 3 consecutive words that "
+            "are single tokens of this model's tokenizer"
+        )
+        skipped["successor"] = (
+            f"successor scores need ordinal sequences and {why}: "
+            "pass ordinal_sequences=[[id, id, ...], ...] (token ids in ordinal order)"
+        )
         sources["successor"] = "skipped"
     else:
         arrays["successor"], counts["successor"] = successor_scores(model, ordinal_sequences)
         sources["successor"] = "ordinal"
     for k in skipped:
         sources[k] = "skipped"
-    meta = {"n_layers": L, "n_heads": H, "n_streams": model.cfg.n_streams,
-            "hyper_conn_type": model.cfg.hyper_conn_type, "sources": sources, "counts": counts,
-            "skipped": skipped, "reads_writes_source": where,
-            "repeated_random": {"n_seq": int(rep.shape[0]), "seq_len": int(rep.shape[1]), "seed": seed},
-            "tokens": on.meta["tokens"]}
+    meta = {
+        "n_layers": L,
+        "n_heads": H,
+        "n_streams": model.cfg.n_streams,
+        "hyper_conn_type": model.cfg.hyper_conn_type,
+        "sources": sources,
+        "counts": counts,
+        "skipped": skipped,
+        "reads_writes_source": where,
+        "repeated_random": {"n_seq": int(rep.shape[0]), "seq_len": int(rep.shape[1]), "seed": seed},
+        "tokens": on.meta["tokens"],
+    }
     return HeadScores("head_detector", arrays, meta)

@@ -40,6 +40,7 @@ identity (the default) is the plain logit lens; a tuned lens is an affine map pe
 `LogitLens` is the corpus probe (online means over masked tokens); `logit_lens(model, tokens)`
 is the single-prompt version with top-k tokens per site / view / position.
 """
+
 from __future__ import annotations
 
 from itertools import combinations
@@ -50,14 +51,30 @@ import torch
 from torch import Tensor
 from torch.nn import functional as F
 
-from .base import Probe, ProbeResult, ReportSection, index_of, masked_rows, register_probe, register_result, take_rows
+from .base import (
+    Probe,
+    ProbeResult,
+    ReportSection,
+    index_of,
+    masked_rows,
+    register_probe,
+    register_result,
+    take_rows,
+)
 from .sites import SiteSpec, check_site_spec, site_hooks, site_label
 
 if TYPE_CHECKING:
     from ..contract import MultiStreamModel
 
-__all__ = ["LogitLens", "LogitLensResult", "decompose_logits",
-           "stream_contributions", "lens_sites", "check_subsets", "all_subsets"]
+__all__ = [
+    "LogitLens",
+    "LogitLensResult",
+    "decompose_logits",
+    "stream_contributions",
+    "lens_sites",
+    "check_subsets",
+    "all_subsets",
+]
 
 Translator = Union[None, Callable[[str, Tensor], Tensor], Mapping[str, Callable[[Tensor], Tensor]]]
 _LENS_SITE_SUFFIXES = ("hook_streams_init", "hook_streams_in", "hook_streams_out", "hook_res_mix")
@@ -75,8 +92,9 @@ def check_subsets(subsets, n_streams: int) -> List[Tuple[int, ...]]:
     Raises ValueError (empty subset, repeated stream), IndexError (index out of range), TypeError."""
     if subsets is None:
         return []
-    if isinstance(subsets, (int, np.integer)) or (isinstance(subsets, (list, tuple)) and subsets
-                                                  and isinstance(subsets[0], (int, np.integer))):
+    if isinstance(subsets, (int, np.integer)) or (
+        isinstance(subsets, (list, tuple)) and subsets and isinstance(subsets[0], (int, np.integer))
+    ):
         raise TypeError(f"subsets must be a list of stream subsets, e.g. [(0, 1), (2,)], got {subsets!r}")
     out = []
     for sub in subsets:
@@ -89,8 +107,10 @@ def check_subsets(subsets, n_streams: int) -> List[Tuple[int, ...]]:
             if not isinstance(s, (int, np.integer)) or isinstance(s, bool):
                 raise TypeError(f"stream indices must be ints, got {s!r} in subset {sub}")
             if not 0 <= s < n_streams:
-                raise IndexError(f"stream index {s} in subset {sub} is out of range: the model has "
-                                 f"{n_streams} streams (0..{n_streams - 1})")
+                raise IndexError(
+                    f"stream index {s} in subset {sub} is out of range: the model has "
+                    f"{n_streams} streams (0..{n_streams - 1})"
+                )
         if len(set(sub)) != len(sub):
             raise ValueError(f"stream subset {sub} repeats a stream")
         out.append(tuple(sorted(int(s) for s in sub)))
@@ -104,8 +124,11 @@ def all_subsets(n_streams: int, min_size: int = 2, max_size: Optional[int] = Non
 
 
 def _view_labels(n_streams: int, subsets: Sequence[Tuple[int, ...]]) -> List[str]:
-    return (["sum"] + [f"stream {s}" for s in range(n_streams)]
-            + ["streams " + "+".join(str(s) for s in sub) for sub in subsets])
+    return (
+        ["sum"]
+        + [f"stream {s}" for s in range(n_streams)]
+        + ["streams " + "+".join(str(s) for s in sub) for sub in subsets]
+    )
 
 
 # ------------------------------------------------------------------------------------ maths
@@ -118,8 +141,10 @@ def _translate(translator: Translator, site: str, x: Tensor) -> Tensor:
     else:
         out = translator(site, x)
     if not isinstance(out, Tensor) or out.shape != x.shape:
-        raise ValueError(f"translator for site {site!r} must return a tensor of shape "
-                         f"{tuple(x.shape)}, got {getattr(out, 'shape', type(out))}")
+        raise ValueError(
+            f"translator for site {site!r} must return a tensor of shape "
+            f"{tuple(x.shape)}, got {getattr(out, 'shape', type(out))}"
+        )
     return out
 
 
@@ -136,8 +161,9 @@ def _readout(model: "MultiStreamModel", x: Tensor, dtype=torch.float32) -> Tenso
         return model.stream_contributions(x, dtype=dtype)
 
 
-def stream_contributions(model: "MultiStreamModel", x: Tensor, site: str = "", translator: Translator = None,
-                         dtype=torch.float32) -> Tensor:
+def stream_contributions(
+    model: "MultiStreamModel", x: Tensor, site: str = "", translator: Translator = None, dtype=torch.float32
+) -> Tensor:
     """Per-stream logit contributions c_s (W_U^T LN_f(x_s) for HookedMHC): x [..., n_streams,
     d_model] -> [..., n_streams, d_vocab], the translator (if any) applied first. Their sum over
     streams is the model's unembedding of x."""
@@ -155,13 +181,17 @@ def _check_write_readout(model: "MultiStreamModel") -> None:
     try:
         _write_readout(model, torch.zeros(1, model.cfg.d_model, device=model.device))
     except Exception as e:  # noqa: BLE001 - any failure means the same thing here
-        raise ValueError(f"the write lens reads each branch output as a one-stream state through "
-                         f"model.stream_contributions, which {type(model).__name__} does not support "
-                         f"({type(e).__name__}: {e}); pass writes=False") from e
+        raise ValueError(
+            f"the write lens reads each branch output as a one-stream state through "
+            f"model.stream_contributions, which {type(model).__name__} does not support "
+            f"({type(e).__name__}: {e}); pass writes=False"
+        ) from e
 
 
 @torch.no_grad()
-def decompose_logits(model, tokens, dtype=torch.float32, atol: Optional[float] = None) -> Tuple[Tensor, Tensor]:
+def decompose_logits(
+    model, tokens, dtype=torch.float32, atol: Optional[float] = None
+) -> Tuple[Tensor, Tensor]:
     """The exact decomposition of the final logits into stream contributions.
 
     Returns (contributions [batch, pos, n_streams, d_vocab], logits [batch, pos, d_vocab]) where
@@ -175,8 +205,10 @@ def decompose_logits(model, tokens, dtype=torch.float32, atol: Optional[float] =
     if atol is not None:
         err = float((contributions.sum(-2) - logits.to(contributions.dtype)).abs().max())
         if err > atol:
-            raise ArithmeticError(f"stream contributions sum to the logits only within {err:.3g} > atol={atol:g} "
-                                  f"(model dtype {model.dtype}; compare in float32 or raise atol)")
+            raise ArithmeticError(
+                f"stream contributions sum to the logits only within {err:.3g} > atol={atol:g} "
+                f"(model dtype {model.dtype}; compare in float32 or raise atol)"
+            )
     return contributions, logits
 
 
@@ -192,11 +224,11 @@ class _Final:
     common logit offsets cancel as they do in log_softmax; the combination is in float64."""
 
     def __init__(self, logits: Tensor):
-        final = logits.float()                                             # [N, V]
+        final = logits.float()  # [N, V]
         lp = F.log_softmax(final, dim=-1)
-        self.p = lp.exp()                                                  # [N, V]
-        self.top = final.argmax(-1)                                        # [N]
-        self.neg_entropy = (self.p * lp).sum(-1).double()                  # [N]
+        self.p = lp.exp()  # [N, V]
+        self.top = final.argmax(-1)  # [N]
+        self.neg_entropy = (self.p * lp).sum(-1).double()  # [N]
         self.logits = final
 
 
@@ -205,7 +237,7 @@ def _row_stats(z: Tensor, pz: Tensor, fin: _Final, sl: slice, cpu: bool) -> Tupl
     log sum exp(z - m) - p.(z - m) [A, B, c] in float64, and the top-1 agreement [A, B, c].
     z is overwritten."""
     idx = fin.top[sl][None, :, None, None].expand(*z.shape[:-1], 1)
-    m = z.amax(-1)                                                         # [A, c, B]
+    m = z.amax(-1)  # [A, c, B]
     z_top = z.gather(-1, idx)[..., 0]
     log_norm = (z_top - m) - F.log_softmax(z, dim=-1).gather(-1, idx)[..., 0]
     kl = log_norm.double() - (pz.double() - m.double())
@@ -232,7 +264,7 @@ def _argmax_is(z: Tensor, idx: Tensor, z_top: Tensor, z_max: Tensor, host_check:
     top = idx[..., 0]
     if not host_check:
         return hit & (~tie | (top < z.argmax(-1)))
-    if bool(tie.any()):                     # rare: exact ties at the max; argmax decides
+    if bool(tie.any()):  # rare: exact ties at the max; argmax decides
         where = tie.nonzero(as_tuple=True)
         hit[where] = top[where] < z[where].argmax(-1)
     return hit
@@ -270,17 +302,29 @@ class LogitLens(Probe):
     """
 
     name = "logit_lens"
-    report = ReportSection("What each stream predicts (logit lens)", order=50, captions={
-        "kl": "Logit lens: KL from the final distribution to the prediction read off each site through the final "
-              "LayerNorm and unembedding, for the stream sum and each stream alone.",
-        "top1": "Logit lens: how often each view's top-1 token agrees with the final prediction.",
-        "writes": "Each sublayer's branch output (what it writes) read through the final LayerNorm and "
-                  "unembedding: KL to the final distribution and top-1 agreement.",
-        "final_decomposition": "The final logits split exactly into per-stream contributions."})
+    report = ReportSection(
+        "What each stream predicts (logit lens)",
+        order=50,
+        captions={
+            "kl": "Logit lens: KL from the final distribution to the prediction read off each site through the final "
+            "LayerNorm and unembedding, for the stream sum and each stream alone.",
+            "top1": "Logit lens: how often each view's top-1 token agrees with the final prediction.",
+            "writes": "Each sublayer's branch output (what it writes) read through the final LayerNorm and "
+            "unembedding: KL to the final distribution and top-1 agreement.",
+            "final_decomposition": "The final logits split exactly into per-stream contributions.",
+        },
+    )
 
-    def __init__(self, subsets=None, sites: SiteSpec = None, writes: bool = True,
-                 translator: Translator = None, chunk_tokens: int = 256, token_fraction: float = 1.0,
-                 seed: int = 0):
+    def __init__(
+        self,
+        subsets=None,
+        sites: SiteSpec = None,
+        writes: bool = True,
+        translator: Translator = None,
+        chunk_tokens: int = 256,
+        token_fraction: float = 1.0,
+        seed: int = 0,
+    ):
         if int(chunk_tokens) < 1:
             raise ValueError(f"chunk_tokens must be >= 1, got {chunk_tokens}")
         if not 0 < float(token_fraction) <= 1:
@@ -308,12 +352,17 @@ class LogitLens(Probe):
         f64 = dict(dtype=torch.float64, device=model.device)
         # per statistic: sum over tokens, and for its standard error sum_i S_i^2 and sum_i S_i n_i
         # over sequences i (S_i the sequence's sum, n_i its scored tokens)
-        shapes = {"kl": (n_sites, n_views), "top1": (n_sites, n_views), "kl_write": (n_sub,), "top1_write": (n_sub,)}
+        shapes = {
+            "kl": (n_sites, n_views),
+            "top1": (n_sites, n_views),
+            "kl_write": (n_sub,),
+            "top1_write": (n_sub,),
+        }
         self.sums = {k: torch.zeros(v, **f64) for k, v in shapes.items()}
         self.sq = {k: torch.zeros(v, **f64) for k, v in shapes.items()}
         self.cross = {k: torch.zeros(v, **f64) for k, v in shapes.items()}
-        self.n_sq = 0                 # sum_i n_i^2
-        self.groups = 0               # sequences with a scored token
+        self.n_sq = 0  # sum_i n_i^2
+        self.groups = 0  # sequences with a scored token
         self.final_contrib = torch.zeros(self.n_streams, **f64)
         self.decomposition_error = 0.0
         self.count = 0
@@ -321,26 +370,31 @@ class LogitLens(Probe):
         self.gen = torch.Generator().manual_seed(self.seed)
 
     def hook_names(self, model) -> List[str]:
-        sites = list(dict.fromkeys([*self.sites, self.final_site]))         # the final state once
+        sites = list(dict.fromkeys([*self.sites, self.final_site]))  # the final state once
         return sites + [f"{s}.hook_write" for s in self.sublayers] + ["hook_logits"]
 
     def update(self, acts: Dict[str, Tensor], mask: Tensor) -> None:
         device = acts["hook_logits"].device
         rows = masked_rows(mask, device)
         self.seen += len(rows)
-        if self.token_fraction < 1 and len(rows):     # a seeded Bernoulli sample of the masked tokens
+        if self.token_fraction < 1 and len(rows):  # a seeded Bernoulli sample of the masked tokens
             rows = rows[(torch.rand(len(rows), generator=self.gen) < self.token_fraction).to(device)]
         n_tok = len(rows)
         if n_tok == 0:
             return
         n, n_sites, n_sub = self.n_streams, len(self.sites), len(self.sublayers)
-        fin = _Final(take_rows(acts["hook_logits"], rows))               # shared by every site and view
+        fin = _Final(take_rows(acts["hook_logits"], rows))  # shared by every site and view
         # the final state's contributions are one site's rows unless a translator changes that site
-        shared_final = self.final_site in self.sites and _translate_is_identity(self.translator, self.final_site)
-        states = torch.stack([_translate(self.translator, site, take_rows(acts[site], rows))
-                              for site in self.sites])                    # [sites, N, n, d]
-        writes = [_translate(self.translator, f"{sub}.hook_write", take_rows(acts[f"{sub}.hook_write"], rows))
-                  for sub in self.sublayers]                             # each [N, d]
+        shared_final = self.final_site in self.sites and _translate_is_identity(
+            self.translator, self.final_site
+        )
+        states = torch.stack(
+            [_translate(self.translator, site, take_rows(acts[site], rows)) for site in self.sites]
+        )  # [sites, N, n, d]
+        writes = [
+            _translate(self.translator, f"{sub}.hook_write", take_rows(acts[f"{sub}.hook_write"], rows))
+            for sub in self.sublayers
+        ]  # each [N, d]
         final_state = None if shared_final else take_rows(acts[self.final_site], rows)
         k_final = self.sites.index(self.final_site) if shared_final else None
         kl = torch.empty(n_sites, 1 + n + len(self.subsets), n_tok, dtype=torch.float64, device=device)
@@ -353,27 +407,33 @@ class LogitLens(Probe):
         cpu = device.type == "cpu"
         for lo in range(0, n_tok, chunk):
             sl = slice(lo, lo + chunk)
-            z = _readout(self.model, states[:, sl].contiguous())         # [sites, c, n, V]
-            pz = _dot_p(z, fin.p[sl])                                    # [sites, c, n]; views add rows
-            views = torch.empty(n_sites, z.shape[1], 1 + len(self.subsets), z.shape[-1], dtype=z.dtype, device=device)
+            z = _readout(self.model, states[:, sl].contiguous())  # [sites, c, n, V]
+            pz = _dot_p(z, fin.p[sl])  # [sites, c, n]; views add rows
+            views = torch.empty(
+                n_sites, z.shape[1], 1 + len(self.subsets), z.shape[-1], dtype=z.dtype, device=device
+            )
             torch.sum(z, 2, out=views[:, :, 0])
             for j, sub in enumerate(self.subsets, 1):
                 torch.sum(z[:, :, list(sub)], 2, out=views[:, :, j])
             pz_views = torch.stack([pz.sum(2)] + [pz[:, :, list(sub)].sum(2) for sub in self.subsets], 2)
             # exact decomposition at the final state (no translator: it is the model's own map)
-            contrib = z[k_final] if shared_final else _readout(self.model, final_state[sl])   # [c, n, V]
-            err = torch.maximum(err, (views[k_final, :, 0] if shared_final else contrib.sum(1)).sub(fin.logits[sl])
-                                .abs_().amax())
+            contrib = z[k_final] if shared_final else _readout(self.model, final_state[sl])  # [c, n, V]
+            err = torch.maximum(
+                err,
+                (views[k_final, :, 0] if shared_final else contrib.sum(1)).sub(fin.logits[sl]).abs_().amax(),
+            )
             top = fin.top[sl][:, None, None].expand(-1, n, 1)
-            at_top[:, sl] = (contrib.gather(-1, top)[..., 0] - contrib.mean(-1)).T.double()   # c_s[y*] - mean c_s
+            at_top[:, sl] = (
+                contrib.gather(-1, top)[..., 0] - contrib.mean(-1)
+            ).T.double()  # c_s[y*] - mean c_s
             del contrib
-            kl[:, 1:1 + n, sl], agree[:, 1:1 + n, sl] = _row_stats(z, pz, fin, sl, cpu)
+            kl[:, 1 : 1 + n, sl], agree[:, 1 : 1 + n, sl] = _row_stats(z, pz, fin, sl, cpu)
             del z
-            view_kl, view_agree = _row_stats(views, pz_views, fin, sl, cpu)   # [sites, 1 + subsets, c]
-            kl[:, :1, sl], kl[:, 1 + n:, sl] = view_kl[:, :1], view_kl[:, 1:]
-            agree[:, :1, sl], agree[:, 1 + n:, sl] = view_agree[:, :1], view_agree[:, 1:]
+            view_kl, view_agree = _row_stats(views, pz_views, fin, sl, cpu)  # [sites, 1 + subsets, c]
+            kl[:, :1, sl], kl[:, 1 + n :, sl] = view_kl[:, :1], view_kl[:, 1:]
+            agree[:, :1, sl], agree[:, 1 + n :, sl] = view_agree[:, :1], view_agree[:, 1:]
             if writes:
-                zw = _readout(self.model, torch.stack([w[sl] for w in writes])[:, :, None])   # [sub, c, 1, V]
+                zw = _readout(self.model, torch.stack([w[sl] for w in writes])[:, :, None])  # [sub, c, 1, V]
                 w_kl, w_agree = _row_stats(zw, _dot_p(zw, fin.p[sl]), fin, sl, cpu)
                 kl_w[:, sl], agree_w[:, sl] = w_kl[:, 0], w_agree[:, 0]
         kl = (kl + fin.neg_entropy).clamp_min(0)
@@ -381,7 +441,12 @@ class LogitLens(Probe):
         # per sequence sums (for the standard errors): S [..., batch], n_i [batch]
         seq = torch.div(rows, mask.shape[1], rounding_mode="floor")
         n_i = torch.bincount(seq, minlength=mask.shape[0]).double()
-        for key, per_tok in (("kl", kl), ("top1", agree.double()), ("kl_write", kl_w), ("top1_write", agree_w.double())):
+        for key, per_tok in (
+            ("kl", kl),
+            ("top1", agree.double()),
+            ("kl_write", kl_w),
+            ("top1_write", agree_w.double()),
+        ):
             S = torch.zeros(*per_tok.shape[:-1], mask.shape[0], dtype=torch.float64, device=device)
             S.index_add_(-1, seq, per_tok)
             self.sums[key] += S.sum(-1)
@@ -411,17 +476,26 @@ class LogitLens(Probe):
             se = (ss * g / (g - 1)).sqrt() / c if g > 1 else torch.full_like(ss, float("nan"))
             arrays[f"{k}_se"] = se.cpu().numpy()
         arrays["final_top1_contribution"] = (self.final_contrib / c).cpu().numpy()
-        meta = {"sites": self.sites, "site_labels": [site_label(s) for s in self.sites],
-                "views": self.views, "subsets": [list(s) for s in self.subsets],
-                "sublayers": self.sublayers, "n_streams": self.n_streams,
-                "hyper_conn_type": self.hyper_conn_type, "tokens": c, "tokens_seen": self.seen,
-                "sequences": g, "token_fraction": self.token_fraction, "seed": self.seed,
-                "standard_errors": "*_se: standard error of each mean, clustered by sequence (the tokens "
-                                   "of a sequence are not independent); with token_fraction < 1 it also "
-                                   "covers the sampling of tokens",
-                "decomposition_max_error": float(self.decomposition_error),
-                "translator": None if self.translator is None else repr(self.translator),
-                "kl_direction": "KL(P_final || P_view), nats"}
+        meta = {
+            "sites": self.sites,
+            "site_labels": [site_label(s) for s in self.sites],
+            "views": self.views,
+            "subsets": [list(s) for s in self.subsets],
+            "sublayers": self.sublayers,
+            "n_streams": self.n_streams,
+            "hyper_conn_type": self.hyper_conn_type,
+            "tokens": c,
+            "tokens_seen": self.seen,
+            "sequences": g,
+            "token_fraction": self.token_fraction,
+            "seed": self.seed,
+            "standard_errors": "*_se: standard error of each mean, clustered by sequence (the tokens "
+            "of a sequence are not independent); with token_fraction < 1 it also "
+            "covers the sampling of tokens",
+            "decomposition_max_error": float(self.decomposition_error),
+            "translator": None if self.translator is None else repr(self.translator),
+            "kl_direction": "KL(P_final || P_view), nats",
+        }
         return LogitLensResult(self.name, arrays, meta)
 
 
@@ -443,13 +517,15 @@ class LogitLensResult(ProbeResult):
         w = max(len(l) for l in labels) + 2
         lines = [" " * w + "".join(f"{v:>18}" for v in views)]
         for k, lab in enumerate(labels):
-            lines.append(f"{lab:<{w}}" + "".join(f"{self['kl'][k, j]:9.3f} /{self['top1'][k, j]:6.1%}"
-                                                  for j in range(len(views))))
+            lines.append(
+                f"{lab:<{w}}"
+                + "".join(f"{self['kl'][k, j]:9.3f} /{self['top1'][k, j]:6.1%}" for j in range(len(views)))
+            )
         return "\n".join(lines)
 
     def findings(self) -> List[Optional[Dict]]:
         """From which site the final top-1 token can be read off the stream sum."""
-        top1 = np.asarray(self["top1"], dtype=float)                         # [site, view]
+        top1 = np.asarray(self["top1"], dtype=float)  # [site, view]
         labels, views = self.meta.get("site_labels", []), self.meta.get("views", [])
         if top1.ndim != 2 or not views or views[0] != "sum" or len(labels) != top1.shape[0]:
             return []
@@ -457,12 +533,15 @@ class LogitLensResult(ProbeResult):
         if not readable.size:
             return []
         first = int(readable[0])
-        text = f"The final top-1 token can be read off the stream sum from {labels[first]} on (>= 50% agreement)"
+        text = (
+            f"The final top-1 token can be read off the stream sum from {labels[first]} on (>= 50% agreement)"
+        )
         values = dict(first_site=labels[first], agreement=float(top1[first, 0]))
         if top1.shape[1] > 2:
             s = int(top1[-1, 1:].argmax())
-            text += (f"; of single streams, {views[1 + s]} agrees best at the last site "
-                     f"({top1[-1, 1 + s]:.0%})")
+            text += (
+                f"; of single streams, {views[1 + s]} agrees best at the last site ({top1[-1, 1 + s]:.0%})"
+            )
             values.update(best_single_view=views[1 + s], best_single_agreement=float(top1[-1, 1 + s]))
         return [self.finding("logit_lens", text + ".", **values)]
 
@@ -476,12 +555,13 @@ class LogitLensResult(ProbeResult):
         colours = _view_colours(views)
         x = np.arange(len(labels))
         figs = {}
-        for key, title, log in (("kl", "KL(P_final || P_lens) [nats]", True),
-                                ("top1", "top-1 agreement with the final prediction", False)):
+        for key, title, log in (
+            ("kl", "KL(P_final || P_lens) [nats]", True),
+            ("top1", "top-1 agreement with the final prediction", False),
+        ):
             fig, ax = plt.subplots(figsize=(max(6, 0.45 * len(labels)), 3.6))
             for j, v in enumerate(views):
-                ax.plot(x, self[key][:, j], marker=".", label=v, color=colours[v],
-                        lw=2 if v == "sum" else 1)
+                ax.plot(x, self[key][:, j], marker=".", label=v, color=colours[v], lw=2 if v == "sum" else 1)
             if log:
                 ax.set_yscale("symlog", linthresh=1e-3)
             ax.set_xticks(x, labels, rotation=60, fontsize=7, ha="right")

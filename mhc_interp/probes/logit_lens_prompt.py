@@ -1,5 +1,6 @@
 """The logit lens on one prompt: top-k tokens per site, view and position (`logit_lens`), with
 the same views and readout as the corpus probe `LogitLens` (see `logit_lens.py`)."""
+
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, Dict, List, Optional, Sequence, Tuple, Union
@@ -10,8 +11,18 @@ from torch import Tensor
 from torch.nn import functional as F
 
 from .base import index_of, register_result
-from .logit_lens import (LogitLensResult, Translator, _check_write_readout, _readout, _translate, _view_colours,
-                         _view_labels, _write_readout, check_subsets, lens_sites)
+from .logit_lens import (
+    LogitLensResult,
+    Translator,
+    _check_write_readout,
+    _readout,
+    _translate,
+    _view_colours,
+    _view_labels,
+    _write_readout,
+    check_subsets,
+    lens_sites,
+)
 from .sites import SiteSpec, site_label
 
 if TYPE_CHECKING:
@@ -38,8 +49,16 @@ def _view_logits(contrib: Tensor, subsets: Sequence[Tuple[int, ...]]) -> Tensor:
 
 # ------------------------------------------------------------------------ single prompt
 @torch.no_grad()
-def logit_lens(model: "MultiStreamModel", tokens, *, k: int = 5, subsets=None, sites: SiteSpec = None,
-               writes: bool = True, translator: Translator = None) -> "PromptLensResult":
+def logit_lens(
+    model: "MultiStreamModel",
+    tokens,
+    *,
+    k: int = 5,
+    subsets=None,
+    sites: SiteSpec = None,
+    writes: bool = True,
+    translator: Translator = None,
+) -> "PromptLensResult":
     """The lens on one prompt (tokens [pos] or [1, pos], or text with a tokenizer), every position.
 
     Arrays: topk_ids / topk_probs [site, view, pos, k], kl [site, view, pos] (KL(P_final||P_view)),
@@ -52,8 +71,10 @@ def logit_lens(model: "MultiStreamModel", tokens, *, k: int = 5, subsets=None, s
         raise ValueError(f"k must be >= 1, got {k}")
     tokens = model._check_tokens(tokens)
     if tokens.shape[0] != 1:
-        raise ValueError(f"logit_lens takes one prompt (tokens [pos] or [1, pos]), got batch "
-                         f"{tokens.shape[0]}; use the LogitLens probe with run_probes for a corpus")
+        raise ValueError(
+            f"logit_lens takes one prompt (tokens [pos] or [1, pos]), got batch "
+            f"{tokens.shape[0]}; use the LogitLens probe with run_probes for a corpus"
+        )
     n = model.cfg.n_streams
     subsets = check_subsets(subsets, n)
     site_names = lens_sites(model, sites)
@@ -71,35 +92,49 @@ def logit_lens(model: "MultiStreamModel", tokens, *, k: int = 5, subsets=None, s
     arrays: Dict[str, List] = {key: [] for key in ("topk_ids", "topk_probs", "kl", "top1_agree")}
     for site in site_names:
         x = _translate(translator, site, cache[site][0])
-        vl = _view_logits(_readout(model, x), subsets)                          # [pos, views, V]
+        vl = _view_logits(_readout(model, x), subsets)  # [pos, views, V]
         kl, agree = _kl_top1(final_lp, top, vl)
         probs, ids = F.softmax(vl, -1).topk(k, dim=-1)
         for key, v in zip(arrays, (ids.transpose(0, 1), probs.transpose(0, 1), kl.T, agree.T)):
             arrays[key].append(v)
     out = {key: torch.stack(v).cpu().numpy() for key, v in arrays.items()}
     writes = [f"{sub}.hook_write" for sub in subs]
-    wl = torch.stack([_write_readout(model, _translate(translator, site, cache[site][0])) for site in writes]
-                     ) if writes else final.new_zeros(0, *final.shape)                  # [sublayer, pos, V]
+    wl = (
+        torch.stack([_write_readout(model, _translate(translator, site, cache[site][0])) for site in writes])
+        if writes
+        else final.new_zeros(0, *final.shape)
+    )  # [sublayer, pos, V]
     w_probs, w_ids = F.softmax(wl, -1).topk(k, dim=-1)
     out["write_topk_ids"], out["write_topk_probs"] = w_ids.cpu().numpy(), w_probs.cpu().numpy()
     out["write_kl"] = _kl_top1(final_lp, top, wl.transpose(0, 1))[0].T.cpu().numpy()
-    contrib = _readout(model, cache[final_site][0])                                # [pos, n, V]
-    f_ids = final.topk(k, dim=-1).indices                                  # [pos, k]
+    contrib = _readout(model, cache[final_site][0])  # [pos, n, V]
+    f_ids = final.topk(k, dim=-1).indices  # [pos, k]
     out["final_topk_ids"] = f_ids.cpu().numpy()
     out["final_topk_contributions"] = contrib.gather(-1, f_ids[:, None].expand(-1, n, -1)).cpu().numpy()
     out["tokens"] = tokens[0].cpu().numpy()
-    meta = {"sites": site_names, "site_labels": [site_label(s) for s in site_names], "views": views,
-            "subsets": [list(s) for s in subsets], "sublayers": subs, "n_streams": n, "k": k,
-            "hyper_conn_type": model.cfg.hyper_conn_type,
-            "decomposition_max_error": float((contrib.sum(1) - final).abs().max()),
-            "translator": None if translator is None else repr(translator),
-            "kl_direction": "KL(P_final || P_view), nats"}
+    meta = {
+        "sites": site_names,
+        "site_labels": [site_label(s) for s in site_names],
+        "views": views,
+        "subsets": [list(s) for s in subsets],
+        "sublayers": subs,
+        "n_streams": n,
+        "k": k,
+        "hyper_conn_type": model.cfg.hyper_conn_type,
+        "decomposition_max_error": float((contrib.sum(1) - final).abs().max()),
+        "translator": None if translator is None else repr(translator),
+        "kl_direction": "KL(P_final || P_view), nats",
+    }
     if model.tokenizer is not None:
         meta["token_strs"] = [model.tokenizer.decode([int(t)]) for t in out["tokens"]]
-        meta["vocab_strs"] = {int(t): model.tokenizer.decode([int(t)])
-                              for t in np.unique(np.concatenate([out["topk_ids"].ravel(),
-                                                                 out["write_topk_ids"].ravel(),
-                                                                 out["final_topk_ids"].ravel()]))}
+        meta["vocab_strs"] = {
+            int(t): model.tokenizer.decode([int(t)])
+            for t in np.unique(
+                np.concatenate(
+                    [out["topk_ids"].ravel(), out["write_topk_ids"].ravel(), out["final_topk_ids"].ravel()]
+                )
+            )
+        }
     return PromptLensResult("logit_lens_prompt", out, meta)
 
 
@@ -116,12 +151,15 @@ class PromptLensResult(LogitLensResult):
     def _site_index(self, site: Union[str, int]) -> int:
         return index_of(site, self.meta["sites"], "site", self.meta["site_labels"])
 
-    def top_tokens(self, site: Union[str, int] = -1, view: Union[str, int] = "sum",
-                   position: int = -1) -> List[Tuple[int, float]]:
+    def top_tokens(
+        self, site: Union[str, int] = -1, view: Union[str, int] = "sum", position: int = -1
+    ) -> List[Tuple[int, float]]:
         """[(token id, probability)] top-k of one site / view at one position."""
         i, j = self._site_index(site), self.view_index(view)
-        return [(int(t), float(p)) for t, p in zip(self["topk_ids"][i, j, position],
-                                                   self["topk_probs"][i, j, position])]
+        return [
+            (int(t), float(p))
+            for t, p in zip(self["topk_ids"][i, j, position], self["topk_probs"][i, j, position])
+        ]
 
     def table(self, position: int = -1, views: Optional[Sequence[Union[str, int]]] = None) -> str:
         """Top-k tokens (with probability) per site (rows) and view at one position; branch
@@ -130,12 +168,18 @@ class PromptLensResult(LogitLensResult):
         lines = []
         for i, lab in enumerate(self.meta["site_labels"]):
             for j in cols:
-                toks = ", ".join(f"{self._tok(t)} {p:.2f}" for t, p in
-                                 zip(self["topk_ids"][i, j, position], self["topk_probs"][i, j, position]))
-                lines.append(f"{lab:<16} {self.meta['views'][j]:<14} KL {self['kl'][i, j, position]:7.3f} | {toks}")
+                toks = ", ".join(
+                    f"{self._tok(t)} {p:.2f}"
+                    for t, p in zip(self["topk_ids"][i, j, position], self["topk_probs"][i, j, position])
+                )
+                lines.append(
+                    f"{lab:<16} {self.meta['views'][j]:<14} KL {self['kl'][i, j, position]:7.3f} | {toks}"
+                )
         for i, sub in enumerate(self.meta["sublayers"]):
-            toks = ", ".join(f"{self._tok(t)} {p:.2f}" for t, p in
-                             zip(self["write_topk_ids"][i, position], self["write_topk_probs"][i, position]))
+            toks = ", ".join(
+                f"{self._tok(t)} {p:.2f}"
+                for t, p in zip(self["write_topk_ids"][i, position], self["write_topk_probs"][i, position])
+            )
             lines.append(f"{sub:<16} {'write':<14} KL {self['write_kl'][i, position]:7.3f} | {toks}")
         return "\n".join(lines)
 
@@ -150,14 +194,20 @@ class PromptLensResult(LogitLensResult):
         fig, ax = plt.subplots(figsize=(max(6, 0.45 * len(labels)), 3.6))
         colours = _view_colours(views)
         for j, v in enumerate(views):
-            ax.plot(np.arange(len(labels)), self["kl"][:, j, position], marker=".", label=v,
-                    color=colours[v], lw=2 if v == "sum" else 1)
+            ax.plot(
+                np.arange(len(labels)),
+                self["kl"][:, j, position],
+                marker=".",
+                label=v,
+                color=colours[v],
+                lw=2 if v == "sum" else 1,
+            )
         ax.set_yscale("symlog", linthresh=1e-3)
         ax.set_xticks(np.arange(len(labels)), labels, rotation=60, fontsize=7, ha="right")
         ax.set_title(f"KL(P_final || P_lens) at position {position}")
         ax.legend(fontsize=7)
         figs["kl"] = fig
-        probs = self["topk_probs"][:, 0, :, 0]                                # [site, pos]
+        probs = self["topk_probs"][:, 0, :, 0]  # [site, pos]
         ids = self["topk_ids"][:, 0, :, 0]
         fig, ax = plt.subplots(figsize=(max(5, 0.6 * probs.shape[1]), max(3, 0.3 * len(labels))))
         ax.imshow(probs, aspect="auto", cmap="Blues", vmin=0, vmax=1)
@@ -167,7 +217,7 @@ class PromptLensResult(LogitLensResult):
         ax.set_xlabel("position")
         ax.set_title("top-1 of the stream sum per site")
         figs["top1_grid"] = fig
-        contrib = self["final_topk_contributions"][position]                # [n, k]
+        contrib = self["final_topk_contributions"][position]  # [n, k]
         fig, ax = plt.subplots(figsize=(5, 3))
         n, k = contrib.shape
         for s in range(n):

@@ -17,6 +17,7 @@ Scored positions: padding and positions [0, exclude_first) are left out - positi
 default, under `run_probes` and `activation_patching` alike (`exclude_first=0` scores every
 position; the numbers change). Scores are float64 for a float64 model, float32 otherwise.
 """
+
 from __future__ import annotations
 
 from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
@@ -62,17 +63,22 @@ class ActivationPatching(CausalProbe):
     """
 
     name = "activation_patching"
-    report = ReportSection("Where one clean stream repairs a corrupted run (activation patching)", order=90, captions={
-        "patching_recomputed": "Activation patching (denoising) per sublayer and stream: KL to the clean "
-                               "distribution after restoring one clean stream into the corrupted run, mixing "
-                               "recomputed (lower = more repaired). Each cell: mean and 95% interval over the "
-                               "prompts; hatched cells' intervals include 0 (indistinguishable from the clean run).",
-        "patching_frozen": "The same with the mixing frozen to the corrupted run (content effect).",
-        "patching_routing": "Recomputed minus frozen: the part of the effect mediated by the mixers; hatched cells "
-                            "are within 2 s.e.m. of 0 (s.e.m. bounded by the sum of both maps'), i.e. no routing "
-                            "effect above the noise."})
+    report = ReportSection(
+        "Where one clean stream repairs a corrupted run (activation patching)",
+        order=90,
+        captions={
+            "patching_recomputed": "Activation patching (denoising) per sublayer and stream: KL to the clean "
+            "distribution after restoring one clean stream into the corrupted run, mixing "
+            "recomputed (lower = more repaired). Each cell: mean and 95% interval over the "
+            "prompts; hatched cells' intervals include 0 (indistinguishable from the clean run).",
+            "patching_frozen": "The same with the mixing frozen to the corrupted run (content effect).",
+            "patching_routing": "Recomputed minus frozen: the part of the effect mediated by the mixers; hatched cells "
+            "are within 2 s.e.m. of 0 (s.e.m. bounded by the sum of both maps'), i.e. no routing "
+            "effect above the noise.",
+        },
+    )
 
-    for_report = None   # not in the shared forward: `report_run`
+    for_report = None  # not in the shared forward: `report_run`
 
     @classmethod
     def report_run(cls, model, tokens: Tensor, cfg, timer):
@@ -80,10 +86,15 @@ class ActivationPatching(CausalProbe):
         (several streams) the attribution estimates graded against it on the same prompts."""
         multi = model.cfg.n_streams > 1
         clean, corrupted, how = patching_prompts(model, tokens, cfg)
-        with timer("activation_patching: interventions"):   # one batch: split calls cost 10-40% more
-            patching = patch_aligned(cls(mixing="both" if multi else "recomputed", sublayers=cfg.sampled_sublayers(model)),
-                                     model, clean, corrupted,
-                                     batch_size=len(clean), progress=cfg.progress)
+        with timer("activation_patching: interventions"):  # one batch: split calls cost 10-40% more
+            patching = patch_aligned(
+                cls(mixing="both" if multi else "recomputed", sublayers=cfg.sampled_sublayers(model)),
+                model,
+                clean,
+                corrupted,
+                batch_size=len(clean),
+                progress=cfg.progress,
+            )
         sampled = cfg.sample_note(model, "sublayers").get("note")
         out = [(patching, {"note": f"corruption: {how}" + (f"; {sampled}" if sampled else "")})]
         if multi and "attribution_patching" not in cfg.skip:
@@ -91,14 +102,25 @@ class ActivationPatching(CausalProbe):
 
             with timer("attribution_patching: gradients"):
                 attributions, attr_table = report_results(model, clean, corrupted, patching)
-            out += [(r, {"tables": [attr_table]} if r.probe == "attribution_positions" else {}) for r in attributions]
+            out += [
+                (r, {"tables": [attr_table]} if r.probe == "attribution_positions" else {})
+                for r in attributions
+            ]
         return out
 
-    def __init__(self, corrupt: Optional[Callable[[Tensor], Tensor]] = None, direction: str = "denoise",
-                 mixing: str = "recomputed", positions: Union[None, str, Sequence[int]] = None,
-                 sublayers: Optional[Sequence[int]] = None, metric: str = "kl",
-                 answers: Optional[Tensor] = None, temperature: float = 1.0,
-                 max_rows: Optional[int] = None, score_positions: str = "all"):
+    def __init__(
+        self,
+        corrupt: Optional[Callable[[Tensor], Tensor]] = None,
+        direction: str = "denoise",
+        mixing: str = "recomputed",
+        positions: Union[None, str, Sequence[int]] = None,
+        sublayers: Optional[Sequence[int]] = None,
+        metric: str = "kl",
+        answers: Optional[Tensor] = None,
+        temperature: float = 1.0,
+        max_rows: Optional[int] = None,
+        score_positions: str = "all",
+    ):
         if direction not in DIRECTIONS:
             raise ValueError(f"direction must be one of {DIRECTIONS}, got {direction!r}")
         if mixing not in MIXING:
@@ -110,8 +132,10 @@ class ActivationPatching(CausalProbe):
         if score_positions not in SCORE_POSITIONS:
             raise ValueError(f"score_positions must be one of {SCORE_POSITIONS}, got {score_positions!r}")
         if score_positions != "all" and metric != "kl":
-            raise ValueError(f"score_positions={score_positions!r} applies to the KL metric; "
-                             f"metric {metric!r} reads the last position")
+            raise ValueError(
+                f"score_positions={score_positions!r} applies to the KL metric; "
+                f"metric {metric!r} reads the last position"
+            )
         self.score_positions = score_positions
         self.corrupt, self.direction, self.mixing, self.positions = corrupt, direction, mixing, positions
         self.sublayers, self.metric_name, self.answers = sublayers, metric, answers
@@ -131,7 +155,9 @@ class ActivationPatching(CausalProbe):
 
     def intervene(self, model, tokens: Tensor, mask: Tensor) -> None:
         if self.corrupt is None:
-            raise ValueError("activation patching over a corpus needs corrupt=...; or call patch(model, clean, corrupted)")
+            raise ValueError(
+                "activation patching over a corpus needs corrupt=...; or call patch(model, clean, corrupted)"
+            )
         self.patch(model, tokens, self.corrupt(tokens.cpu()).to(tokens.device), mask)
 
     def _metric(self, clean_logits: Tensor, mask: Tensor, rows: slice):
@@ -142,8 +168,14 @@ class ActivationPatching(CausalProbe):
             return logit_diff_metric(answers)
         return logprob_metric(answers, temperature=self.temperature)
 
-    def patch(self, model, clean: Tensor, corrupted: Tensor, mask: Optional[Tensor] = None,
-              progress: Optional[Callable[[int], None]] = None) -> None:
+    def patch(
+        self,
+        model,
+        clean: Tensor,
+        corrupted: Tensor,
+        mask: Optional[Tensor] = None,
+        progress: Optional[Callable[[int], None]] = None,
+    ) -> None:
         """One batch of aligned clean / corrupted prompts [B, pos]; mask [B, pos] (default: every
         position but 0). progress(k) is called as each k patched runs finish (`n_runs` in all)."""
         mask, rows = self._scored(model, clean, corrupted, mask)
@@ -151,20 +183,37 @@ class ActivationPatching(CausalProbe):
         clean_logits, clean_states, clean_cache = clean_run(model, clean)
         corr_logits, corr_states, corr_cache = clean_run(model, corrupted, run="corrupted")
         base_tokens, base_states, base_cache, source = (
-            (corrupted, corr_states, corr_cache, clean_states) if self.direction == "denoise"
-            else (clean, clean_states, clean_cache, corr_states))
+            (corrupted, corr_states, corr_cache, clean_states)
+            if self.direction == "denoise"
+            else (clean, clean_states, clean_cache, corr_states)
+        )
         metric = self._metric(clean_logits, mask, rows)
         with torch.no_grad():
             self.baselines.add(torch.stack([metric(clean_logits[None])[0], metric(corr_logits[None])[0]]))
         cells = self._cells(p)
-        edits = [Edit((l,), restore=(s,), positions=pos) for l in self.layers for s in range(self.n) for pos in cells]
+        edits = [
+            Edit((l,), restore=(s,), positions=pos)
+            for l in self.layers
+            for s in range(self.n)
+            for pos in cells
+        ]
         for mixing in self._mixings():
-            values = run_edits(model, edits, base_states, metric, source_states=source,
-                               frozen=base_cache if mixing == "frozen" else None, tokens=base_tokens,
-                               max_rows=self.max_rows, progress=progress)
+            values = run_edits(
+                model,
+                edits,
+                base_states,
+                metric,
+                source_states=source,
+                frozen=base_cache if mixing == "frozen" else None,
+                tokens=base_tokens,
+                max_rows=self.max_rows,
+                progress=progress,
+            )
             self.stats[mixing].add(values.view(len(self.layers), self.n, len(cells), b))
 
-    def _scored(self, model, clean: Tensor, corrupted: Tensor, mask: Optional[Tensor]) -> Tuple[Tensor, slice]:
+    def _scored(
+        self, model, clean: Tensor, corrupted: Tensor, mask: Optional[Tensor]
+    ) -> Tuple[Tensor, slice]:
         """Check a batch of aligned prompts [B, pos] -> (the positions scored [B, pos]: `mask`, by
         default every position but 0, from the first corrupted token on where asked; the batch's
         prompt numbers, a slice of `answers`)."""
@@ -204,28 +253,38 @@ class ActivationPatching(CausalProbe):
         for mixing, stats in self.stats.items():
             arrays.update(stats_arrays(f"{self.metric_name}_{mixing}", stats))
         if self.mixing == "both":
-            arrays[f"{self.metric_name}_routing"] = (arrays[f"{self.metric_name}_recomputed"]
-                                                     - arrays[f"{self.metric_name}_frozen"])
+            arrays[f"{self.metric_name}_routing"] = (
+                arrays[f"{self.metric_name}_recomputed"] - arrays[f"{self.metric_name}_frozen"]
+            )
         base_mean, _ = self.baselines.mean_sem()
         arrays["baseline_clean"], arrays["baseline_corrupted"] = base_mean[0], base_mean[1]
         if self.positions is None:
             arrays = {k: v[..., 0] if v.ndim == 3 else v for k, v in arrays.items()}
-        meta = {"direction": self.direction, "mixing": list(self.stats), "metric": self.metric_name,
-                "sublayers": self.names, "n_streams": self.n, "prompts": self.baselines.count,
-                "positions": self.positions if self.positions in (None, "each") else list(self.positions),
-                "temperature": self.temperature, "score_positions": self.score_positions,
-                "layout": "[sublayer, stream]" + ("" if self.positions is None else "[, position]"),
-                "frozen_to": "the edited (base) run's mixing"}
+        meta = {
+            "direction": self.direction,
+            "mixing": list(self.stats),
+            "metric": self.metric_name,
+            "sublayers": self.names,
+            "n_streams": self.n,
+            "prompts": self.baselines.count,
+            "positions": self.positions if self.positions in (None, "each") else list(self.positions),
+            "temperature": self.temperature,
+            "score_positions": self.score_positions,
+            "layout": "[sublayer, stream]" + ("" if self.positions is None else "[, position]"),
+            "frozen_to": "the edited (base) run's mixing",
+        }
         return PatchingResult(self.name, arrays, meta)
 
 
 def from_first_difference(clean: Tensor, corrupted: Tensor, first_prompt: int = 0) -> Tensor:
     """[B, pos] bool: True at and after each prompt's first position where clean != corrupted."""
-    differs = clean != corrupted                                           # [B, pos]
+    differs = clean != corrupted  # [B, pos]
     same = (~differs.any(-1)).nonzero().flatten().tolist()
     if same:
-        raise ValueError(f"prompts {[first_prompt + i for i in same]}: clean and corrupted are identical, "
-                         f"nothing to score from the corruption on")
+        raise ValueError(
+            f"prompts {[first_prompt + i for i in same]}: clean and corrupted are identical, "
+            f"nothing to score from the corruption on"
+        )
     return differs.cumsum(-1) > 0
 
 
@@ -250,16 +309,28 @@ class PatchingResult(ProbeResult):
         effect = corrupted - clean
         prompts = self.meta.get("prompts", "?")
         if not effect >= MIN_CORRUPTION_KL:
-            return [self.finding("needed_patching", f"The corruption hardly changes the output (KL to clean "
-                                                    f"{corrupted:.2g} < {MIN_CORRUPTION_KL:g} over {prompts} "
-                                                    f"prompts): activation patching has nothing to repair.",
-                                 corrupted_kl=corrupted)]
-        repaired = ((corrupted - m) / effect).mean(0)                        # [stream], mean over sublayers
+            return [
+                self.finding(
+                    "needed_patching",
+                    f"The corruption hardly changes the output (KL to clean "
+                    f"{corrupted:.2g} < {MIN_CORRUPTION_KL:g} over {prompts} "
+                    f"prompts): activation patching has nothing to repair.",
+                    corrupted_kl=corrupted,
+                )
+            ]
+        repaired = ((corrupted - m) / effect).mean(0)  # [stream], mean over sublayers
         top, low = int(repaired.argmax()), int(repaired.argmin())
-        text = (f"Patching stream {top} back in repairs the most: {repaired[top]:.0%} of the corruption's "
-                f"KL on average, stream {low} the least ({repaired[low]:.0%})")
-        values = dict(best_stream=top, repaired=float(repaired[top]), worst_stream=low,
-                      worst_repaired=float(repaired[low]), corrupted_kl=corrupted)
+        text = (
+            f"Patching stream {top} back in repairs the most: {repaired[top]:.0%} of the corruption's "
+            f"KL on average, stream {low} the least ({repaired[low]:.0%})"
+        )
+        values = dict(
+            best_stream=top,
+            repaired=float(repaired[top]),
+            worst_stream=low,
+            worst_repaired=float(repaired[low]),
+            corrupted_kl=corrupted,
+        )
         routing, bound = self.arrays.get(f"{metric}_routing"), self._sem(metric, "routing")
         if routing is not None and bound is not None:
             within = int((np.abs(routing) < 2 * bound).sum())
@@ -283,13 +354,15 @@ class PatchingResult(ProbeResult):
         for mixing in self.meta["mixing"] + (["routing"] if len(self.meta["mixing"]) == 2 else []):
             m = self[f"{metric}_{mixing}"]
             sem = self._sem(metric, mixing)
-            high = self.arrays.get(f"{metric}_{mixing}_ci_high")     # 95% Student-t interval
+            high = self.arrays.get(f"{metric}_{mixing}_ci_high")  # 95% Student-t interval
             low = self.arrays.get(f"{metric}_{mixing}_ci_low")
-            if m.ndim == 3:                                           # per position: averaged for the map
+            if m.ndim == 3:  # per position: averaged for the map
                 m = m.mean(-1)
                 sem = high = low = None
             annotated = m.shape[0] <= 24
-            fig, ax = plt.subplots(figsize=(1.8 + 1.0 * m.shape[1], 1.2 + (0.42 if annotated else 0.22) * m.shape[0]))
+            fig, ax = plt.subplots(
+                figsize=(1.8 + 1.0 * m.shape[1], 1.2 + (0.42 if annotated else 0.22) * m.shape[0])
+            )
             diverging = metric != "kl" or mixing == "routing"
             if diverging:
                 lim = float(np.nanmax(np.abs(m))) if np.isfinite(m).any() else 1.0
@@ -298,8 +371,10 @@ class PatchingResult(ProbeResult):
                 im = ax.imshow(m, aspect="auto", cmap="magma")
             ax.set_yticks(range(m.shape[0]), self.meta["sublayers"], fontsize=8)
             ax.set_xticks(range(m.shape[1]), [f"stream {s}" for s in range(m.shape[1])], fontsize=8)
-            interval = high is not None and low is not None and np.isfinite(high).all() and np.isfinite(low).all()
-            if interval:                                      # the interval shown on the cell includes 0
+            interval = (
+                high is not None and low is not None and np.isfinite(high).all() and np.isfinite(low).all()
+            )
+            if interval:  # the interval shown on the cell includes 0
                 noise, test = (low <= 0) & (high >= 0), "with a 95% interval including 0"
             else:
                 noise, test = (None, "") if sem is None else (np.abs(m) < 2 * sem, "within 2 s.e.m. of 0")
@@ -309,15 +384,38 @@ class PatchingResult(ProbeResult):
                         continue
                     color = text_color(im.cmap(im.norm(v)))
                     below = high is not None and high.ndim == 2 and np.isfinite(high[i, j])
-                    ax.text(j, i - (0.12 if below else 0), f"{v:.2g}", ha="center", va="center", fontsize=8,
-                            color=color)
+                    ax.text(
+                        j,
+                        i - (0.12 if below else 0),
+                        f"{v:.2g}",
+                        ha="center",
+                        va="center",
+                        fontsize=8,
+                        color=color,
+                    )
                     if below:
-                        ax.text(j, i + 0.22, f"\u00b1{high[i, j] - v:.2g}", ha="center", va="center", fontsize=6,
-                                color=color)
+                        ax.text(
+                            j,
+                            i + 0.22,
+                            f"\u00b1{high[i, j] - v:.2g}",
+                            ha="center",
+                            va="center",
+                            fontsize=6,
+                            color=color,
+                        )
             if noise is not None and noise.any():
                 for i, j in zip(*np.nonzero(noise)):
-                    ax.add_patch(Rectangle((j - 0.5, i - 0.5), 1, 1, fill=False, hatch="///", linewidth=0,
-                                           edgecolor=(0.5, 0.5, 0.5, 0.6)))
+                    ax.add_patch(
+                        Rectangle(
+                            (j - 0.5, i - 0.5),
+                            1,
+                            1,
+                            fill=False,
+                            hatch="///",
+                            linewidth=0,
+                            edgecolor=(0.5, 0.5, 0.5, 0.6),
+                        )
+                    )
             title = {"routing": "recomputed - frozen (routing)"}.get(mixing, f"mixing {mixing}")
             ax.set_title(f"{self.meta['direction']} patching, {metric}, {title}", fontsize=9)
             if noise is None:
@@ -326,8 +424,11 @@ class PatchingResult(ProbeResult):
                 within = int(noise.sum())
                 bound = " (s.e.m. bound: the sum of both maps')" if mixing == "routing" else ""
                 ci = "; \u00b1 95% interval" if high is not None else ""
-                note = (f"{prompts} prompts{ci}; {within} of {noise.size} cells {test}{bound}"
-                        + (" (hatched)" if within else "") + (": none clearly differs from 0" if within == noise.size else ""))
+                note = (
+                    f"{prompts} prompts{ci}; {within} of {noise.size} cells {test}{bound}"
+                    + (" (hatched)" if within else "")
+                    + (": none clearly differs from 0" if within == noise.size else "")
+                )
             base = self.arrays.get("baseline_corrupted")
             if mixing != "routing" and base is not None and np.ndim(base) == 0:
                 note = f"unpatched corrupted run: {float(base):.2g}; " + note
@@ -337,22 +438,53 @@ class PatchingResult(ProbeResult):
         return figs
 
 
-def activation_patching(model, clean: Tensor, corrupted: Tensor, *, batch_size: int = 8, exclude_first: int = 1,
-                        device=None, dtype=None, progress: bool = False, **kwargs) -> PatchingResult:
+def activation_patching(
+    model,
+    clean: Tensor,
+    corrupted: Tensor,
+    *,
+    batch_size: int = 8,
+    exclude_first: int = 1,
+    device=None,
+    dtype=None,
+    progress: bool = False,
+    **kwargs,
+) -> PatchingResult:
     """Patch over aligned clean / corrupted prompt tensors [N, pos], in batches, with the runner's
     options that apply to aligned prompts: positions [0, exclude_first) are not scored (position 0
     by default; 0 scores every position), device / dtype move the model first, progress shows a bar.
     `kwargs` go to `ActivationPatching`."""
     not_here = sorted({"seq_len", "max_tokens", "pad_id"} & set(kwargs))
     if not_here:
-        raise TypeError(f"activation_patching takes aligned prompt tensors [N, pos]: {not_here} do not apply "
-                        f"(cut the prompts yourself)")
-    return patch_aligned(ActivationPatching(**kwargs), model, clean, corrupted, batch_size=batch_size,
-                         exclude_first=exclude_first, device=device, dtype=dtype, progress=progress)
+        raise TypeError(
+            f"activation_patching takes aligned prompt tensors [N, pos]: {not_here} do not apply "
+            f"(cut the prompts yourself)"
+        )
+    return patch_aligned(
+        ActivationPatching(**kwargs),
+        model,
+        clean,
+        corrupted,
+        batch_size=batch_size,
+        exclude_first=exclude_first,
+        device=device,
+        dtype=dtype,
+        progress=progress,
+    )
 
 
-def patch_aligned(probe: ActivationPatching, model, clean: Tensor, corrupted: Tensor, *, batch_size: int = 8,
-                  exclude_first: int = 1, device=None, dtype=None, progress: bool = False) -> ProbeResult:
+def patch_aligned(
+    probe: ActivationPatching,
+    model,
+    clean: Tensor,
+    corrupted: Tensor,
+    *,
+    batch_size: int = 8,
+    exclude_first: int = 1,
+    device=None,
+    dtype=None,
+    progress: bool = False,
+) -> ProbeResult:
     """`probe.patch` (an `ActivationPatching` or a subclass) over aligned prompt tensors [N, pos] in
     batches of `batch_size` (each batch repeats the clean and corrupted runs), positions
     [0, exclude_first) not scored, the model moved to device / dtype first, under a bar counting the
@@ -360,17 +492,28 @@ def patch_aligned(probe: ActivationPatching, model, clean: Tensor, corrupted: Te
     from tqdm.auto import tqdm
 
     if clean.shape != corrupted.shape:
-        raise ValueError(f"clean {tuple(clean.shape)} and corrupted {tuple(corrupted.shape)} prompts "
-                         f"differ in shape: align them first")
-    mask = position_mask(torch.ones(clean.shape, dtype=torch.bool), exclude_first)   # [N, pos]
+        raise ValueError(
+            f"clean {tuple(clean.shape)} and corrupted {tuple(corrupted.shape)} prompts "
+            f"differ in shape: align them first"
+        )
+    mask = position_mask(torch.ones(clean.shape, dtype=torch.bool), exclude_first)  # [N, pos]
     if device is not None or dtype is not None:
         model.to(device=device, dtype=dtype)
     probe.setup(model)
     starts = range(0, len(clean), batch_size)
-    with tqdm(total=len(starts) * probe.n_runs(clean.shape[1]), desc=f"{probe.name} ({len(clean)} prompts)",
-              unit="run", disable=not progress) as bar:
+    with tqdm(
+        total=len(starts) * probe.n_runs(clean.shape[1]),
+        desc=f"{probe.name} ({len(clean)} prompts)",
+        unit="run",
+        disable=not progress,
+    ) as bar:
         for i in starts:
             rows = slice(i, i + batch_size)
-            probe.patch(model, clean[rows].to(model.device), corrupted[rows].to(model.device),
-                        mask[rows].to(model.device), progress=bar.update)
+            probe.patch(
+                model,
+                clean[rows].to(model.device),
+                corrupted[rows].to(model.device),
+                mask[rows].to(model.device),
+                progress=bar.update,
+            )
     return probe.result()

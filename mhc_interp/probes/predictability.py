@@ -22,6 +22,7 @@ a stream predicting itself (~1 when the training tokens well outnumber d_model, 
 with fewer tokens than dimensions even the identity cannot be learned and every R^2 drops). A target stream with no variance on the test
 tokens gives NaN. `mean_offdiag[site]` = mean over i != j: the trend over depth.
 """
+
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, Dict, List, Optional, Sequence
@@ -47,7 +48,7 @@ if TYPE_CHECKING:
 __all__ = ["CrossStreamPredictability", "PredictabilityResult", "ridge_r2_matrix", "predictability_sites"]
 
 DEFAULT_ALPHAS = tuple(np.logspace(-3, 4, 8))
-_LOO_BYTES = 256 * 2 ** 20    # the leave-one-out residuals of this many bytes per batched GEMM
+_LOO_BYTES = 256 * 2**20  # the leave-one-out residuals of this many bytes per batched GEMM
 
 
 def predictability_sites(model: "MultiStreamModel", sites: SiteSpec = None) -> List[str]:
@@ -76,39 +77,44 @@ def ridge_r2_matrix(x, train, test, alphas: Sequence[float] = DEFAULT_ALPHAS, de
     n, d = x.shape[1], x.shape[2]
     Y = x.reshape(len(x), n * d)
     y_mean = Y[tr].mean(0)
-    Y_train, Y_test = Y[tr] - y_mean, Y[te] - y_mean                       # [m, n d], [t, n d]
-    sst = ((Y_test - Y_test.mean(0)) ** 2).reshape(len(te), n, d).sum((0, 2))   # [n]
+    Y_train, Y_test = Y[tr] - y_mean, Y[te] - y_mean  # [m, n d], [t, n d]
+    sst = ((Y_test - Y_test.mean(0)) ** 2).reshape(len(te), n, d).sum((0, 2))  # [n]
     # every source stream at once: standardise with the train mean / std, one batched thin SVD
-    X = x.transpose(0, 1)                                                   # [n, tokens, d]
+    X = x.transpose(0, 1)  # [n, tokens, d]
     X_tr, X_te = X[:, tr], X[:, te]
     mu, sd = X_tr.mean(1, keepdim=True), X_tr.std(1, unbiased=False, keepdim=True)
     scale = X.abs().amax((1, 2), keepdim=True).clamp_min(1.0)
     sd = sd.masked_fill(~(sd > 1e-12 * scale), float("inf"))
-    X_train, X_test = (X_tr - mu) / sd, (X_te - mu) / sd                  # constant features -> 0
-    U, sv, Vh = torch.linalg.svd(X_train, full_matrices=False)              # [n, m, r], [n, r], [n, r, d]
-    UtY = U.transpose(1, 2) @ Y_train                                       # [n, r, targets]
-    u2, s2 = U ** 2, sv ** 2
-    a = torch.tensor([float(v) for v in alphas], dtype=torch.float64, device=x.device)   # [A]
-    w = 1.0 / (s2[:, None, :] + a[None, :, None])                           # [n, A, r]
+    X_train, X_test = (X_tr - mu) / sd, (X_te - mu) / sd  # constant features -> 0
+    U, sv, Vh = torch.linalg.svd(X_train, full_matrices=False)  # [n, m, r], [n, r], [n, r, d]
+    UtY = U.transpose(1, 2) @ Y_train  # [n, r, targets]
+    u2, s2 = U**2, sv**2
+    a = torch.tensor([float(v) for v in alphas], dtype=torch.float64, device=x.device)  # [A]
+    w = 1.0 / (s2[:, None, :] + a[None, :, None])  # [n, A, r]
     # diag(G^-1)^-2 for every source and alpha: [n, A, m]
     inv_d2 = (w @ u2.transpose(1, 2) + (1.0 - u2.sum(2))[:, None, :] / a[None, :, None]).pow_(-2)
     m_tr, T = Y_train.shape
-    per_chunk = max(1, min(len(a), _LOO_BYTES // max(1, 2 * m_tr * T * 8)))   # alphas per batched GEMM
+    per_chunk = max(1, min(len(a), _LOO_BYTES // max(1, 2 * m_tr * T * 8)))  # alphas per batched GEMM
     out = torch.full((n, n), float("nan"), dtype=torch.float64, device=x.device)
     for i in range(n):
-        outside = Y_train - U[i] @ UtY[i]                                   # (I - U U^T) y  [m, targets]
+        outside = Y_train - U[i] @ UtY[i]  # (I - U U^T) y  [m, targets]
         err = torch.empty(len(a), T, dtype=torch.float64, device=x.device)
         for lo in range(0, len(a), per_chunk):
-            ak = a[lo:lo + per_chunk]
+            ak = a[lo : lo + per_chunk]
             k = len(ak)
             # alpha G^-1 y = outside + U (alpha w UtY), k alphas in one batched GEMM  [k, m, targets]
-            g = torch.baddbmm(outside.expand(k, -1, -1), U[i].expand(k, -1, -1),
-                              (ak[:, None] * w[i, lo:lo + k])[:, :, None] * UtY[i])
+            g = torch.baddbmm(
+                outside.expand(k, -1, -1),
+                U[i].expand(k, -1, -1),
+                (ak[:, None] * w[i, lo : lo + k])[:, :, None] * UtY[i],
+            )
             # leave-one-out error: sum_m (G^-1 y / diag G^-1)^2  [k, targets]
-            err[lo:lo + k] = torch.bmm(inv_d2[i, lo:lo + k, None, :], g.square_())[:, 0] / (ak * ak)[:, None]
+            err[lo : lo + k] = (
+                torch.bmm(inv_d2[i, lo : lo + k, None, :], g.square_())[:, 0] / (ak * ak)[:, None]
+            )
         # per target the alpha of least error, the first of equals (argmin's first minimum)
-        best_alpha = a[torch.nan_to_num(err, nan=float("inf")).argmin(0)]   # [targets]
-        coef = Vh[i].T @ (sv[i, :, None] / (s2[i, :, None] + best_alpha[None, :]) * UtY[i])   # [d, targets]
+        best_alpha = a[torch.nan_to_num(err, nan=float("inf")).argmin(0)]  # [targets]
+        coef = Vh[i].T @ (sv[i, :, None] / (s2[i, :, None] + best_alpha[None, :]) * UtY[i])  # [d, targets]
         sse = ((Y_test - X_test[i] @ coef) ** 2).reshape(len(te), n, d).sum((0, 2))
         out[i] = (1 - sse / sst).masked_fill(~(sst > 0), float("nan"))
     return out.cpu().numpy()
@@ -124,18 +130,31 @@ class CrossStreamPredictability(Probe):
     """
 
     name = "predictability"
-    report = ReportSection("How well one stream predicts another (ridge R²)", order=30, min_streams=2, captions={
-        "matrices": "Held-out ridge R^2 of stream j (columns) predicted linearly from stream i (rows), per layer: "
-                    "a complement to CKA that is sensitive to scale.",
-        "trend": "Mean off-diagonal cross-stream R^2 over depth."})
+    report = ReportSection(
+        "How well one stream predicts another (ridge R²)",
+        order=30,
+        min_streams=2,
+        captions={
+            "matrices": "Held-out ridge R^2 of stream j (columns) predicted linearly from stream i (rows), per layer: "
+            "a complement to CKA that is sensitive to scale.",
+            "trend": "Mean off-diagonal cross-stream R^2 over depth.",
+        },
+    )
 
     @classmethod
     def for_report(cls, cfg) -> "CrossStreamPredictability":
         return cls(max_tokens=cfg.predictability_tokens)
 
-    def __init__(self, sites: SiteSpec = None, max_tokens: int = 4096,
-                 sampling: str = "reservoir", test_fraction: float = 0.25,
-                 alphas: Sequence[float] = DEFAULT_ALPHAS, seed: int = 0, min_tokens: int = 20):
+    def __init__(
+        self,
+        sites: SiteSpec = None,
+        max_tokens: int = 4096,
+        sampling: str = "reservoir",
+        test_fraction: float = 0.25,
+        alphas: Sequence[float] = DEFAULT_ALPHAS,
+        seed: int = 0,
+        min_tokens: int = 20,
+    ):
         if sampling not in ("reservoir", "first"):
             raise ValueError(f"sampling must be 'reservoir' or 'first', got {sampling!r}")
         if not 0 < test_fraction < 1:
@@ -157,10 +176,10 @@ class CrossStreamPredictability(Probe):
         self.sites = predictability_sites(model, self.sites_spec)
         self.n_streams, self.d_model = model.cfg.n_streams, model.cfg.d_model
         self.hyper_conn_type = model.cfg.hyper_conn_type
-        self.device = model.device                # where the ridge fits run (float64)
-        self.sample: Optional[Tensor] = None      # [max_tokens, n_sites, n, d] float32, allocated lazily
-        self.filled = 0                           # slots in use
-        self.seen = 0                             # masked tokens seen
+        self.device = model.device  # where the ridge fits run (float64)
+        self.sample: Optional[Tensor] = None  # [max_tokens, n_sites, n, d] float32, allocated lazily
+        self.filled = 0  # slots in use
+        self.seen = 0  # masked tokens seen
         self.gen = torch.Generator().manual_seed(self.seed)
 
     def hook_names(self, model) -> List[str]:
@@ -168,16 +187,17 @@ class CrossStreamPredictability(Probe):
 
     def update(self, acts: Dict[str, Tensor], mask: Tensor) -> None:
         first = acts[self.sites[0]]
-        masked = masked_rows(mask, first.device)                                   # [n_tok]
+        masked = masked_rows(mask, first.device)  # [n_tok]
         n_tok = len(masked)
         if n_tok == 0:
             return
         if self.sample is None:
-            self.sample = torch.zeros(self.max_tokens, len(self.sites), self.n_streams, self.d_model,
-                                      dtype=torch.float32)
+            self.sample = torch.zeros(
+                self.max_tokens, len(self.sites), self.n_streams, self.d_model, dtype=torch.float32
+            )
         # decide on the host which of this batch's tokens enter which slot; only those rows are
         # gathered on the device and copied back (not every masked row of every site)
-        take = min(n_tok, self.max_tokens - self.filled)      # the free slots first (both schemes)
+        take = min(n_tok, self.max_tokens - self.filled)  # the free slots first (both schemes)
         local, slots = list(range(take)), list(range(self.filled, self.filled + take))
         self.filled += take
         if self.sampling == "reservoir" and take < n_tok:
@@ -196,34 +216,55 @@ class CrossStreamPredictability(Probe):
         if not local:
             return
         chosen = masked[torch.as_tensor(local, device=masked.device)]
-        rows = site_rows(acts, self.sites, chosen).float().cpu()                     # [k, sites, n, d]
-        self.sample[self.filled - take:self.filled] = rows[:take]
-        self.sample[torch.as_tensor(slots[take:], dtype=torch.long)] = rows[take:]   # after: a reservoir
+        rows = site_rows(acts, self.sites, chosen).float().cpu()  # [k, sites, n, d]
+        self.sample[self.filled - take : self.filled] = rows[:take]
+        self.sample[torch.as_tensor(slots[take:], dtype=torch.long)] = rows[take:]  # after: a reservoir
         # pick may replace a slot this same batch has just filled
 
     def result(self) -> "PredictabilityResult":
         if self.filled < self.min_tokens:
-            raise ValueError(f"predictability: only {self.filled} tokens sampled, need >= {self.min_tokens} "
-                             f"(min_tokens) to fit and test a ridge map")
-        x = self.sample[:self.filled].double().numpy()
+            raise ValueError(
+                f"predictability: only {self.filled} tokens sampled, need >= {self.min_tokens} "
+                f"(min_tokens) to fit and test a ridge map"
+            )
+        x = self.sample[: self.filled].double().numpy()
         rng = np.random.default_rng(self.seed)
         perm = rng.permutation(self.filled)
         n_test = max(2, int(round(self.test_fraction * self.filled)))
         test, train = np.sort(perm[:n_test]), np.sort(perm[n_test:])
         if len(train) < 2:
-            raise ValueError("predictability: too few training tokens; raise max_tokens or lower test_fraction")
-        r2 = np.stack([ridge_r2_matrix(x[:, k], train, test, self.alphas, device=self.device)
-                       for k in range(len(self.sites))])
+            raise ValueError(
+                "predictability: too few training tokens; raise max_tokens or lower test_fraction"
+            )
+        r2 = np.stack(
+            [
+                ridge_r2_matrix(x[:, k], train, test, self.alphas, device=self.device)
+                for k in range(len(self.sites))
+            ]
+        )
         off = ~np.eye(self.n_streams, dtype=bool)
-        arrays = {"r2": r2, "mean_offdiag": np.nanmean(r2[:, off], axis=1),
-                  "min_offdiag": np.nanmin(r2[:, off], axis=1), "max_offdiag": np.nanmax(r2[:, off], axis=1)}
+        arrays = {
+            "r2": r2,
+            "mean_offdiag": np.nanmean(r2[:, off], axis=1),
+            "min_offdiag": np.nanmin(r2[:, off], axis=1),
+            "max_offdiag": np.nanmax(r2[:, off], axis=1),
+        }
         labels = [site_label(s) for s in self.sites]
-        meta = {"sites": self.sites, "site_labels": labels, "n_streams": self.n_streams,
-                "hyper_conn_type": self.hyper_conn_type, "tokens_sampled": self.filled,
-                "tokens_seen_by_probe": self.seen, "sampling": self.sampling, "n_train": len(train),
-                "n_test": len(test), "alphas": list(self.alphas), "seed": self.seed,
-                "sample_bytes": self.sample.nbytes,
-                "r2_axes": "[site, source stream i, target stream j]"}
+        meta = {
+            "sites": self.sites,
+            "site_labels": labels,
+            "n_streams": self.n_streams,
+            "hyper_conn_type": self.hyper_conn_type,
+            "tokens_sampled": self.filled,
+            "tokens_seen_by_probe": self.seen,
+            "sampling": self.sampling,
+            "n_train": len(train),
+            "n_test": len(test),
+            "alphas": list(self.alphas),
+            "seed": self.seed,
+            "sample_bytes": self.sample.nbytes,
+            "r2_axes": "[site, source stream i, target stream j]",
+        }
         return PredictabilityResult(self.name, arrays, meta)
 
 
@@ -239,9 +280,16 @@ class PredictabilityResult(ProbeResult):
         picks = evenly_spaced(len(labels), max_heatmaps)
         from .figure_helpers import heatmap_grid
 
-        fig = heatmap_grid([r2[k] for k in picks], [labels[k] for k in picks], vmin=0, vmax=1,
-                           xlabel="target stream j", ylabel="source stream i", colorbar="held-out R^2",
-                           title="held-out R^2 of stream j from stream i (ridge)")
+        fig = heatmap_grid(
+            [r2[k] for k in picks],
+            [labels[k] for k in picks],
+            vmin=0,
+            vmax=1,
+            xlabel="target stream j",
+            ylabel="source stream i",
+            colorbar="held-out R^2",
+            title="held-out R^2 of stream j from stream i (ridge)",
+        )
         figs["matrices"] = fig
         fig, ax = plt.subplots(figsize=(max(5, 0.45 * len(labels)), 3.4))
         x = np.arange(len(labels))

@@ -21,6 +21,7 @@ depends on the batch size); "corpus_mean", the mean over every masked token of t
 first streaming pass (`corpus_mean.py`: batch-size independent); or a tensor.
 Scores are float64 for a float64 model, float32 otherwise.
 """
+
 from __future__ import annotations
 
 import itertools
@@ -52,7 +53,7 @@ def ablation_values(model, states, mask: Tensor, ablation) -> dict:
         if ablation == "zero":
             return dict.fromkeys(range(n_sub), torch.zeros((), device=model.device, dtype=model.dtype))
         if ablation == "mean":
-            return {s: states[s][mask].mean(0) for s in range(n_sub)}            # [n, d]
+            return {s: states[s][mask].mean(0) for s in range(n_sub)}  # [n, d]
         raise ValueError(f"unknown ablation {ablation!r}: use one of {ABLATIONS} or a tensor")
     value = torch.as_tensor(ablation, device=model.device, dtype=model.dtype)
     if value.ndim == 3:
@@ -69,34 +70,57 @@ class AblateRescue(CausalProbe):
     or a tensor. Positions scored: the runner's mask (position 0 and padding excluded by default)."""
 
     name = "ablate_rescue"
-    report = ReportSection("Which streams the model needs (ablation and rescue)", order=80, min_streams=2, captions={
-        "rescue_global": "Global rescue % (rows: ablated stream, columns: recovered stream), one-shot zero "
-                         "ablation with frozen mixing, as in Table 1 of 'Ablate and Rescue'.",
-        "rescue_layers": "Rescue % per sublayer (rows: ablated stream, columns: recovered stream; low = the pair's "
-                         "damage is below min_kl, so no rescue fraction is given).",
-        "rescue_difference": "Per-sublayer rescue difference R(i|ij) - R(j|ij) for every pair: far from 0 = one "
-                             "stream of the pair carries what matters.",
-        "kl_ablated": "Damage KL(P_clean || P_ablated) of every pair ablation per sublayer."})
+    report = ReportSection(
+        "Which streams the model needs (ablation and rescue)",
+        order=80,
+        min_streams=2,
+        captions={
+            "rescue_global": "Global rescue % (rows: ablated stream, columns: recovered stream), one-shot zero "
+            "ablation with frozen mixing, as in Table 1 of 'Ablate and Rescue'.",
+            "rescue_layers": "Rescue % per sublayer (rows: ablated stream, columns: recovered stream; low = the pair's "
+            "damage is below min_kl, so no rescue fraction is given).",
+            "rescue_difference": "Per-sublayer rescue difference R(i|ij) - R(j|ij) for every pair: far from 0 = one "
+            "stream of the pair carries what matters.",
+            "kl_ablated": "Damage KL(P_clean || P_ablated) of every pair ablation per sublayer.",
+        },
+    )
 
-    for_report = None   # not in the shared forward: `report_run`
+    for_report = None  # not in the shared forward: `report_run`
 
     @classmethod
     def report_run(cls, model, tokens: Tensor, cfg, timer):
         """One-shot zero ablation on the report's causal budget, in one batch of the corpus windows."""
-        return [(run_probes(model, cls(sublayers=cfg.sampled_sublayers(model)), tokens[: cfg.causal_prompts, : cfg.causal_seq_len],
-                            batch_size=cfg.causal_prompts, progress=cfg.progress, timer=timer),
-                 cfg.sample_note(model, "sublayers"))]
+        return [
+            (
+                run_probes(
+                    model,
+                    cls(sublayers=cfg.sampled_sublayers(model)),
+                    tokens[: cfg.causal_prompts, : cfg.causal_seq_len],
+                    batch_size=cfg.causal_prompts,
+                    progress=cfg.progress,
+                    timer=timer,
+                ),
+                cfg.sample_note(model, "sublayers"),
+            )
+        ]
 
-    def __init__(self, mode: str = "one_shot", ablation: Union[str, Tensor] = "zero",
-                 temperature: float = 1.0, sublayers: Optional[Sequence[int]] = None,
-                 min_kl: float = 1e-3, frozen: bool = True, max_rows: Optional[int] = None,
-                 pairs: Optional[Sequence[Sequence[int]]] = None):
+    def __init__(
+        self,
+        mode: str = "one_shot",
+        ablation: Union[str, Tensor] = "zero",
+        temperature: float = 1.0,
+        sublayers: Optional[Sequence[int]] = None,
+        min_kl: float = 1e-3,
+        frozen: bool = True,
+        max_rows: Optional[int] = None,
+        pairs: Optional[Sequence[Sequence[int]]] = None,
+    ):
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         if isinstance(ablation, str) and ablation not in ABLATIONS:
             raise ValueError(f"unknown ablation {ablation!r}: use one of {ABLATIONS} or a tensor")
         self.uses_corpus_mean = isinstance(ablation, str) and ablation == "corpus_mean"
-        self.corpus_means: Optional[Tensor] = None     # [n_sublayers, n, d] for ablation="corpus_mean"
+        self.corpus_means: Optional[Tensor] = None  # [n_sublayers, n, d] for ablation="corpus_mean"
         self.corpus_mean_tokens = 0
         self.mode, self.ablation, self.temperature = mode, ablation, temperature
         self.sublayers, self.min_kl, self.frozen, self.max_rows = sublayers, min_kl, frozen, max_rows
@@ -117,13 +141,17 @@ class AblateRescue(CausalProbe):
         if self.uses_corpus_mean:
             cfg = model.cfg
             if self.corpus_means is None:
-                raise ValueError("ablation='corpus_mean' needs a first pass over the corpus: call "
-                                 "probe.fit_corpus_mean(model, source) before the run, or use "
-                                 "ablate_and_rescue(model, source, ablation='corpus_mean'), which does")
+                raise ValueError(
+                    "ablation='corpus_mean' needs a first pass over the corpus: call "
+                    "probe.fit_corpus_mean(model, source) before the run, or use "
+                    "ablate_and_rescue(model, source, ablation='corpus_mean'), which does"
+                )
             want = (cfg.n_sublayers, cfg.n_streams, cfg.d_model)
             if tuple(self.corpus_means.shape) != want:
-                raise ValueError(f"the corpus means have shape {tuple(self.corpus_means.shape)}, this model needs "
-                                 f"{want}: fit them on this model")
+                raise ValueError(
+                    f"the corpus means have shape {tuple(self.corpus_means.shape)}, this model needs "
+                    f"{want}: fit them on this model"
+                )
         self.layers = self.sublayer_indices(model, self.sublayers)
         self.n = model.cfg.n_streams
         pairs = self.pairs or list(itertools.combinations(range(self.n), 2))
@@ -144,7 +172,7 @@ class AblateRescue(CausalProbe):
                 edits.append(Edit(span, ablate=(i, j)))
                 slots.append(("ablated", li, i, j))
             for a, r in [o for p in self.pair_list for o in (p, p[::-1])]:
-                if self.mode == "one_shot":    # restoring r at the same site == ablating a alone
+                if self.mode == "one_shot":  # restoring r at the same site == ablating a alone
                     edits.append(Edit(span, ablate=(a,)))
                 else:
                     edits.append(Edit(span, ablate=(a, r), restore=(r,)))
@@ -154,12 +182,21 @@ class AblateRescue(CausalProbe):
     def intervene(self, model, tokens: Tensor, mask: Tensor) -> None:
         logits, states, cache = clean_run(model, tokens)
         ablation = self.corpus_means if self.uses_corpus_mean else self.ablation
-        kl = run_edits(model, self.edits, states, kl_metric(logits, mask, self.temperature),
-                       source_states=states, ablation_values=ablation_values(model, states, mask, ablation),
-                       frozen=cache if self.frozen else None, source_is_base=True, tokens=tokens,
-                       max_rows=self.max_rows)
-        per_prompt = torch.full((2, len(self.layers), self.n, self.n, tokens.shape[0]), float("nan"),
-                                dtype=kl.dtype)                             # float64 scores stay float64
+        kl = run_edits(
+            model,
+            self.edits,
+            states,
+            kl_metric(logits, mask, self.temperature),
+            source_states=states,
+            ablation_values=ablation_values(model, states, mask, ablation),
+            frozen=cache if self.frozen else None,
+            source_is_base=True,
+            tokens=tokens,
+            max_rows=self.max_rows,
+        )
+        per_prompt = torch.full(
+            (2, len(self.layers), self.n, self.n, tokens.shape[0]), float("nan"), dtype=kl.dtype
+        )  # float64 scores stay float64
         for (kind, li, a, r), values in zip(self.slots, kl.cpu()):
             if kind == "ablated":
                 per_prompt[0, li, a, r] = per_prompt[0, li, r, a] = values
@@ -168,17 +205,26 @@ class AblateRescue(CausalProbe):
         self.stats.add(per_prompt)
 
     def result(self) -> "RescueResult":
-        arrays = {**stats_arrays("kl_ablated", _Slice(self.stats, 0)),
-                  **stats_arrays("kl_rescued", _Slice(self.stats, 1))}
+        arrays = {
+            **stats_arrays("kl_ablated", _Slice(self.stats, 0)),
+            **stats_arrays("kl_rescued", _Slice(self.stats, 1)),
+        }
         damage, rescued = arrays["kl_ablated"], arrays["kl_rescued"]
-        low = ~(damage >= self.min_kl)                                     # NaN diagonal counts as low
+        low = ~(damage >= self.min_kl)  # NaN diagonal counts as low
         with np.errstate(invalid="ignore", divide="ignore"):
             rescue = np.where(low, np.nan, (damage - rescued) / damage)
         arrays.update(rescue=rescue, low_damage=low, **global_rescue(rescue, damage, rescued, low))
-        meta = {"mode": self.mode, "ablation": self.ablation if isinstance(self.ablation, str) else "user tensor",
-                "temperature": self.temperature, "frozen_mixing": self.frozen, "min_kl": self.min_kl,
-                "sublayers": self.names, "n_streams": self.n, "prompts": self.stats.count,
-                "layout": "[sublayer, a (stays ablated), r (recovered)]"}
+        meta = {
+            "mode": self.mode,
+            "ablation": self.ablation if isinstance(self.ablation, str) else "user tensor",
+            "temperature": self.temperature,
+            "frozen_mixing": self.frozen,
+            "min_kl": self.min_kl,
+            "sublayers": self.names,
+            "n_streams": self.n,
+            "prompts": self.stats.count,
+            "layout": "[sublayer, a (stays ablated), r (recovered)]",
+        }
         if self.uses_corpus_mean:
             meta["corpus_mean_tokens"] = self.corpus_mean_tokens
         return RescueResult(self.name, arrays, meta)
@@ -208,7 +254,7 @@ def global_rescue(rescue, damage, rescued, low) -> dict:
     with np.errstate(invalid="ignore", divide="ignore"):
         weighted = np.where(keep.any(0), (d - r) / d, np.nan)
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)   # "mean of empty slice": NaN where no sublayer has R
+        warnings.simplefilter("ignore", RuntimeWarning)  # "mean of empty slice": NaN where no sublayer has R
         return {"global_rescue": np.nanmean(rescue, axis=0), "global_rescue_weighted": weighted}
 
 
@@ -231,34 +277,51 @@ class RescueResult(ProbeResult):
         return self["rescue"][:, j, i] - self["rescue"][:, i, j]
 
     def tables(self):
-        return [matrix_table("global rescue % (rows: ablated, columns: recovered)", 100 * self["global_rescue"],
-                             diagonal="-")]
+        return [
+            matrix_table(
+                "global rescue % (rows: ablated, columns: recovered)",
+                100 * self["global_rescue"],
+                diagonal="-",
+            )
+        ]
 
     def table(self, weighted: bool = False) -> str:
         """The global rescue matrix as Markdown (rows: ablated stream, columns: recovered)."""
         m = self["global_rescue_weighted" if weighted else "global_rescue"]
         n = m.shape[0]
-        lines = ["| ablated \\ recovered | " + " | ".join(str(c) for c in range(n)) + " |",
-                 "|---" * (n + 1) + "|"]
+        lines = [
+            "| ablated \\ recovered | " + " | ".join(str(c) for c in range(n)) + " |",
+            "|---" * (n + 1) + "|",
+        ]
         for a, cells in enumerate(_rescue_labels(100 * m, digits=2)):
             lines.append(f"| {a} | " + " | ".join(cells) + " |")
         return "\n".join(lines)
 
     def findings(self) -> List[Optional[Dict]]:
         """Which stream restoring rescues the most and the least of a pair ablation's damage."""
-        g = np.array(self["global_rescue"], dtype=float)                    # [ablated, recovered]
+        g = np.array(self["global_rescue"], dtype=float)  # [ablated, recovered]
         np.fill_diagonal(g, np.nan)
         valid = np.isfinite(g)
         if g.shape[0] < 2 or valid.sum(0).min() == 0:
             return []
-        by_stream = np.nansum(g, 0) / valid.sum(0)                          # [recovered]: its mean rescue
+        by_stream = np.nansum(g, 0) / valid.sum(0)  # [recovered]: its mean rescue
         top, low = int(by_stream.argmax()), int(by_stream.argmin())
-        text = (f"Stream {top} is the most needed: restoring it undoes {by_stream[top]:.0%} of a pair "
-                f"ablation's damage, stream {low} the least ({by_stream[low]:.0%}) "
-                f"({self.meta.get('ablation', 'zero')} ablation, frozen mixing, {self.meta.get('prompts', '?')} "
-                f"prompts).")
-        return [self.finding("needed_rescue", text, most_needed=top, rescue=float(by_stream[top]),
-                             least_needed=low, least_rescue=float(by_stream[low]))]
+        text = (
+            f"Stream {top} is the most needed: restoring it undoes {by_stream[top]:.0%} of a pair "
+            f"ablation's damage, stream {low} the least ({by_stream[low]:.0%}) "
+            f"({self.meta.get('ablation', 'zero')} ablation, frozen mixing, {self.meta.get('prompts', '?')} "
+            f"prompts)."
+        )
+        return [
+            self.finding(
+                "needed_rescue",
+                text,
+                most_needed=top,
+                rescue=float(by_stream[top]),
+                least_needed=low,
+                least_rescue=float(by_stream[low]),
+            )
+        ]
 
     def plot(self, max_layers: int = 8):
         """{"rescue_global", "rescue_layers", "rescue_difference", "kl_ablated"} figures."""
@@ -279,10 +342,18 @@ class RescueResult(ProbeResult):
         figs["rescue_global"] = fig
 
         picks = evenly_spaced(len(names), max_layers)
-        fig = heatmap_grid([100 * self["rescue"][k] for k in picks], [names[k] for k in picks], vmin=0, vmax=100,
-                           xlabel="recovered stream", ylabel="ablated stream", colorbar="rescue %", chars=3,
-                           labels=lambda m: _rescue_labels(m, low="low", digits=0),
-                           title="rescue % per sublayer (rows: ablated, columns: recovered; low: damage below min_kl)")
+        fig = heatmap_grid(
+            [100 * self["rescue"][k] for k in picks],
+            [names[k] for k in picks],
+            vmin=0,
+            vmax=100,
+            xlabel="recovered stream",
+            ylabel="ablated stream",
+            colorbar="rescue %",
+            chars=3,
+            labels=lambda m: _rescue_labels(m, low="low", digits=0),
+            title="rescue % per sublayer (rows: ablated, columns: recovered; low: damage below min_kl)",
+        )
         figs["rescue_layers"] = fig
 
         fig, ax = plt.subplots(figsize=(7, 3.2))
@@ -306,17 +377,36 @@ class RescueResult(ProbeResult):
         return figs
 
 
-def ablate_and_rescue(model, tokens, *, batch_size: int = 8, seq_len: Optional[int] = None,
-                      max_tokens: Optional[int] = None, exclude_first: int = 1, pad_id: int = 0,
-                      device=None, dtype=None, progress: bool = False, **kwargs) -> RescueResult:
+def ablate_and_rescue(
+    model,
+    tokens,
+    *,
+    batch_size: int = 8,
+    seq_len: Optional[int] = None,
+    max_tokens: Optional[int] = None,
+    exclude_first: int = 1,
+    pad_id: int = 0,
+    device=None,
+    dtype=None,
+    progress: bool = False,
+    **kwargs,
+) -> RescueResult:
     """Run `AblateRescue(**kwargs)` over `tokens` (any token source of `run_probes`), with the
     runner's options: positions [0, exclude_first) and padding are not scored (position 0 by
     default; 0 scores every position). ablation="corpus_mean" first averages every sublayer's
     input streams over the same source and mask (a second pass over it)."""
     from .runner import run_probes
 
-    options = dict(batch_size=batch_size, seq_len=seq_len, max_tokens=max_tokens, exclude_first=exclude_first,
-                   pad_id=pad_id, device=device, dtype=dtype, progress=progress)
+    options = dict(
+        batch_size=batch_size,
+        seq_len=seq_len,
+        max_tokens=max_tokens,
+        exclude_first=exclude_first,
+        pad_id=pad_id,
+        device=device,
+        dtype=dtype,
+        progress=progress,
+    )
     probe = AblateRescue(**kwargs)
     if probe.uses_corpus_mean:
         probe.fit_corpus_mean(model, tokens, **options)

@@ -14,6 +14,7 @@ Only the hooks the probes ask for are cached, each batch is checked for NaN/inf,
 stops after the last sublayer any probe needs. The position mask excludes position 0 (BOS) by
 default and padding always.
 """
+
 from __future__ import annotations
 
 import itertools
@@ -26,9 +27,8 @@ from torch.nn.utils.rnn import pad_sequence
 from tqdm.auto import tqdm
 
 from ..data import read_text_file
-from ..timing import PhaseTimer, maybe
-
 from ..hooks.names import check_hook_names
+from ..timing import PhaseTimer, maybe
 from .base import Probe, ProbeResult
 from .causal import CausalProbe, position_mask
 from .sites import forward_sites, last_sublayer_needed
@@ -39,12 +39,12 @@ if TYPE_CHECKING:
 Batch = Tuple[Tensor, Tensor]  # tokens [batch, pos], valid [batch, pos] (False = padding)
 
 
-MIN_WINDOW = 2   # a shorter remainder has nothing to score once position 0 is masked
+MIN_WINDOW = 2  # a shorter remainder has nothing to score once position 0 is masked
 
 
 def _windows(ids: Sequence[int], seq_len: int) -> List[List[int]]:
     """`ids` cut into consecutive windows of `seq_len`; the last may be shorter (>= MIN_WINDOW)."""
-    return [list(ids[i:i + seq_len]) for i in range(0, len(ids), seq_len) if len(ids) - i >= MIN_WINDOW]
+    return [list(ids[i : i + seq_len]) for i in range(0, len(ids), seq_len) if len(ids) - i >= MIN_WINDOW]
 
 
 def _tokenize(model, text: str) -> List[int]:
@@ -55,13 +55,14 @@ def _tokenize(model, text: str) -> List[int]:
 
 def _pad(rows: List[Sequence[int]], pad_id: int) -> Batch:
     seqs = [torch.as_tensor(list(r), dtype=torch.long) for r in rows]
-    tokens = pad_sequence(seqs, batch_first=True, padding_value=pad_id)     # [batch, pos]
+    tokens = pad_sequence(seqs, batch_first=True, padding_value=pad_id)  # [batch, pos]
     lengths = torch.tensor([len(r) for r in seqs])
     return tokens, torch.arange(tokens.shape[1]) < lengths[:, None]
 
 
-def iter_batches(model, source, batch_size: int, seq_len: Optional[int] = None,
-                 pad_id: int = 0) -> Iterator[Batch]:
+def iter_batches(
+    model, source, batch_size: int, seq_len: Optional[int] = None, pad_id: int = 0
+) -> Iterator[Batch]:
     """Yield (tokens [batch, pos], valid [batch, pos]) from any supported token source."""
     seq_len = seq_len or model.cfg.n_ctx
     if isinstance(source, Tensor) and source.ndim == 2:
@@ -97,10 +98,10 @@ def iter_batches(model, source, batch_size: int, seq_len: Optional[int] = None,
 def within_budget(tokens: Tensor, valid: Tensor, budget: int) -> Batch:
     """The batch cut to its first `budget` valid tokens (row-major): rows past the budget are
     dropped, and the valid positions beyond it in the last row kept are masked."""
-    counted = valid.flatten().cumsum(0).view_as(valid)                    # [batch, pos]
+    counted = valid.flatten().cumsum(0).view_as(valid)  # [batch, pos]
     if int(counted[-1, -1]) <= budget:
         return tokens, valid
-    rows = int((counted[:, 0] - valid[:, 0].long() < budget).sum())       # rows that start within it
+    rows = int((counted[:, 0] - valid[:, 0].long() < budget).sum())  # rows that start within it
     tokens, valid, counted = tokens[:rows], valid[:rows], counted[:rows]
     return tokens, valid & (counted <= budget)
 
@@ -109,15 +110,25 @@ def check_exclude_first(exclude_first) -> int:
     """exclude_first masks positions [0, exclude_first): a non-negative int (a negative one would
     slice from the end and mask nearly everything)."""
     if isinstance(exclude_first, bool) or not isinstance(exclude_first, int) or exclude_first < 0:
-        raise ValueError(f"exclude_first must be a non-negative int (positions masked from the start), "
-                         f"got {exclude_first!r}")
+        raise ValueError(
+            f"exclude_first must be a non-negative int (positions masked from the start), "
+            f"got {exclude_first!r}"
+        )
     return exclude_first
 
 
-def iter_activations(model: "MultiStreamModel", source, names: Sequence[str], *, batch_size: int = 8,
-                     seq_len: Optional[int] = None, pad_id: int = 0, exclude_first: int = 1,
-                     max_tokens: Optional[int] = None, timer: Optional[PhaseTimer] = None
-                     ) -> Iterator[Tuple[Tensor, Tensor, int, Dict[str, Tensor]]]:
+def iter_activations(
+    model: "MultiStreamModel",
+    source,
+    names: Sequence[str],
+    *,
+    batch_size: int = 8,
+    seq_len: Optional[int] = None,
+    pad_id: int = 0,
+    exclude_first: int = 1,
+    max_tokens: Optional[int] = None,
+    timer: Optional[PhaseTimer] = None,
+) -> Iterator[Tuple[Tensor, Tensor, int, Dict[str, Tensor]]]:
     """The activation-collection loop: per batch of `source` (`iter_batches`), cut to `max_tokens`
     valid tokens in all, yield (tokens [batch, pos] and mask [batch, pos] on the model's device,
     the batch's valid (unpadded) token count, {name: activation} of `sites.forward_sites`; {}
@@ -143,10 +154,21 @@ def iter_activations(model: "MultiStreamModel", source, names: Sequence[str], *,
         yield tokens, mask, n_valid, acts
 
 
-def run_probes(model: "MultiStreamModel", probes: Union[Probe, Sequence[Probe]], source, *, batch_size: int = 8,
-               seq_len: Optional[int] = None, max_tokens: Optional[int] = None,
-               exclude_first: int = 1, pad_id: int = 0, device=None, dtype=None,
-               progress: bool = True, timer: Optional[PhaseTimer] = None) -> Dict[str, ProbeResult]:
+def run_probes(
+    model: "MultiStreamModel",
+    probes: Union[Probe, Sequence[Probe]],
+    source,
+    *,
+    batch_size: int = 8,
+    seq_len: Optional[int] = None,
+    max_tokens: Optional[int] = None,
+    exclude_first: int = 1,
+    pad_id: int = 0,
+    device=None,
+    dtype=None,
+    progress: bool = True,
+    timer: Optional[PhaseTimer] = None,
+) -> Dict[str, ProbeResult]:
     """Run `probes` over `source`; returns {probe.name: result}.
 
     exclude_first: positions [0, exclude_first) are masked out (BOS / position 0; 0 keeps all).
@@ -171,16 +193,28 @@ def run_probes(model: "MultiStreamModel", probes: Union[Probe, Sequence[Probe]],
     wanted = {p.name: list(p.hook_names(model)) for p in observers}
     names = sorted({n for ns in wanted.values() for n in ns})
     seen = 0
-    bar = tqdm(total=min(source.numel(), max_tokens or source.numel()) if isinstance(source, Tensor) else max_tokens,
-               unit="tok", desc=", ".join(p.name for p in probes), disable=not progress)   # a total: an ETA
+    bar = tqdm(
+        total=min(source.numel(), max_tokens or source.numel()) if isinstance(source, Tensor) else max_tokens,
+        unit="tok",
+        desc=", ".join(p.name for p in probes),
+        disable=not progress,
+    )  # a total: an ETA
     with torch.no_grad():
         for tokens, mask, n_tok, acts in iter_activations(
-                model, source, names if observers else [], batch_size=batch_size, seq_len=seq_len,
-                pad_id=pad_id, exclude_first=exclude_first, max_tokens=max_tokens, timer=timer):
+            model,
+            source,
+            names if observers else [],
+            batch_size=batch_size,
+            seq_len=seq_len,
+            pad_id=pad_id,
+            exclude_first=exclude_first,
+            max_tokens=max_tokens,
+            timer=timer,
+        ):
             for probe in observers:
                 with maybe(timer, f"{probe.name}: update"):
                     probe.update({n: acts[n] for n in wanted[probe.name]}, mask)
-            acts.clear()   # the shared activations are not kept while probes run their own forwards
+            acts.clear()  # the shared activations are not kept while probes run their own forwards
             for probe in observers:
                 if type(probe).own_runs is not Probe.own_runs:
                     with maybe(timer, f"{probe.name}: own forwards"):

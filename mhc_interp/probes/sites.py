@@ -21,6 +21,7 @@ probe's `suffixes`), distinct, and at least one.
 Also here: `site_label` ("embed", "blocks.3.mlp", "blocks.3.mlp/s2"), `evenly_spaced` picks, and
 `forward_sites`, the one collecting forward (run_probes, the crosscoder buffer, the curvature control).
 """
+
 from __future__ import annotations
 
 import numbers
@@ -36,9 +37,20 @@ from .base import STREAM_STATE_SUFFIXES, take_rows
 if TYPE_CHECKING:
     from ..contract import MultiStreamModel
 
-__all__ = ["DEFAULT_SITES", "SiteSpec", "Site", "site_hooks", "resolve_sites", "check_site_spec",
-           "check_site_names", "site_label", "evenly_spaced", "last_sublayer_needed",
-           "forward_sites", "site_rows"]
+__all__ = [
+    "DEFAULT_SITES",
+    "SiteSpec",
+    "Site",
+    "site_hooks",
+    "resolve_sites",
+    "check_site_spec",
+    "check_site_names",
+    "site_label",
+    "evenly_spaced",
+    "last_sublayer_needed",
+    "forward_sites",
+    "site_rows",
+]
 
 DEFAULT_SITES = "layers"
 SiteSpec = Union[None, str, int, Sequence]
@@ -59,16 +71,21 @@ def check_site_spec(spec: SiteSpec, probe: str = "sites") -> SiteSpec:
         return spec
     if isinstance(spec, numbers.Integral) and not isinstance(spec, bool):
         if spec < 1:
-            raise ValueError(f"{probe}: an int site spec counts evenly spaced block outputs and must be >= 1, "
-                             f"got {spec}")
+            raise ValueError(
+                f"{probe}: an int site spec counts evenly spaced block outputs and must be >= 1, got {spec}"
+            )
         return int(spec)
     if isinstance(spec, (str, bytes)) or not isinstance(spec, Iterable):
         raise ValueError(f"{probe}: sites must be {_SPEC_FORMS}, got {spec!r}")
     return list(spec)
 
 
-def check_site_names(names: Sequence[str], probe: str = "sites", known: Optional[Dict] = None,
-                     suffixes: Sequence[str] = STREAM_STATE_SUFFIXES) -> List[str]:
+def check_site_names(
+    names: Sequence[str],
+    probe: str = "sites",
+    known: Optional[Dict] = None,
+    suffixes: Sequence[str] = STREAM_STATE_SUFFIXES,
+) -> List[str]:
     """Explicit hook names: non-empty, distinct, stream states (`suffixes`) and, given the
     model's `known` hook dict, existing (HookNameError with the closest names)."""
     names = list(names)
@@ -82,13 +99,19 @@ def check_site_names(names: Sequence[str], probe: str = "sites", known: Optional
         check_hook_names(names, known)
     bad = [n for n in names if suffix(n) not in suffixes]
     if bad:
-        raise ValueError(f"{probe} sites must be stream states [batch, pos, n_streams, d_model]; these hooks "
-                         f"are not: {bad} (use one of {tuple(suffixes)})")
+        raise ValueError(
+            f"{probe} sites must be stream states [batch, pos, n_streams, d_model]; these hooks "
+            f"are not: {bad} (use one of {tuple(suffixes)})"
+        )
     return names
 
 
-def site_hooks(model: "MultiStreamModel", spec: SiteSpec = None, probe: str = "sites",
-               suffixes: Sequence[str] = STREAM_STATE_SUFFIXES) -> List[str]:
+def site_hooks(
+    model: "MultiStreamModel",
+    spec: SiteSpec = None,
+    probe: str = "sites",
+    suffixes: Sequence[str] = STREAM_STATE_SUFFIXES,
+) -> List[str]:
     """Hook names of a site spec (module docstring), checked against `model`."""
     spec = check_site_spec(DEFAULT_SITES if spec is None else spec, probe)
     L = int(model.cfg.n_layers)
@@ -117,12 +140,15 @@ def resolve_sites(model: "MultiStreamModel", spec: SiteSpec = None, probe: str =
                 raise TypeError(f"site {tuple(item)!r}: the stream must be an int")
             out.append((item[0], int(item[1])))
         else:
-            raise TypeError(f"a site is a hook name (all streams) or a (hook name, stream) pair, got {item!r}")
+            raise TypeError(
+                f"a site is a hook name (all streams) or a (hook name, stream) pair, got {item!r}"
+            )
     check_site_names(list(dict.fromkeys(h for h, _ in out)), probe, model.hook_dict)
     wrong = [site for site in out if not 0 <= site[1] < n]
     if wrong:
-        raise ValueError(f"{probe} sites {wrong}: stream index out of range, the model has {n} "
-                         f"streams (0..{n - 1})")
+        raise ValueError(
+            f"{probe} sites {wrong}: stream index out of range, the model has {n} streams (0..{n - 1})"
+        )
     if len(set(out)) != len(out):
         raise ValueError(f"{probe}: duplicate sites {sorted({s for s in out if out.count(s) > 1})}")
     return out
@@ -153,8 +179,9 @@ def last_sublayer_needed(model: "MultiStreamModel", names: Iterable[str]) -> Opt
     return last + 1
 
 
-def forward_sites(model: "MultiStreamModel", tokens: Tensor, names: Sequence[str],
-                  stop: Optional[int] = None) -> Dict[str, Tensor]:
+def forward_sites(
+    model: "MultiStreamModel", tokens: Tensor, names: Sequence[str], stop: Optional[int] = None
+) -> Dict[str, Tensor]:
     """{name: activation} of one no-grad forward of tokens [batch, pos] with hooks on `names`
     only, stopped before sublayer `stop` (default: after the last one `names` need). Raises
     FloatingPointError naming the first non-finite activation (one host sync for all)."""

@@ -15,6 +15,7 @@ For sublayer l with stream state x [n, d] and coefficients (h_pre, h_post, H_res
     h_post_var_streams[l]   = E_t[Var_s(h_post_s)]                     (how uneven across streams)
 |.| matters only for unconstrained HC, whose coefficients can be negative. All sums are float64.
 """
+
 from __future__ import annotations
 
 import math
@@ -48,13 +49,18 @@ def _share(weights: Tensor) -> Tensor:  # [..., n] -> [..., n], |w| normalised t
 class StreamUsage(Probe):
     name = "stream_usage"
     report = ReportSection(
-        "How the sublayers read, write and mix the streams", order=10, min_streams=2, captions={
+        "How the sublayers read, write and mix the streams",
+        order=10,
+        min_streams=2,
+        captions={
             "h_res": "Token-averaged residual mixer H_res [target, source] at evenly spaced sublayers: "
-                     "near-identity means streams are kept apart; off-diagonal mass means they are mixed.",
+            "near-identity means streams are kept apart; off-diagonal mass means they are mixed.",
             "shares": "Read share (H_pre), norm-weighted read share and write share (H_post) per stream: "
-                      "a stream with most of the share dominates what the sublayers read or write.",
+            "a stream with most of the share dominates what the sublayers read or write.",
             "stream_norms": "Mean L2 norm of each stream entering every sublayer (log scale).",
-            "h_post": "H_post Frobenius norm and its variance across tokens and across streams per sublayer."})
+            "h_post": "H_post Frobenius norm and its variance across tokens and across streams per sublayer.",
+        },
+    )
 
     def setup(self, model) -> None:
         require_streams(model, self.name)
@@ -65,42 +71,59 @@ class StreamUsage(Probe):
         self.count = 0
 
     def hook_names(self, model) -> List[str]:
-        names = [f"{s}.hook_{k}" for s in model.sublayer_names
-                 for k in ("streams_in", "h_pre", "h_post", "h_res")]
+        names = [
+            f"{s}.hook_{k}" for s in model.sublayer_names for k in ("streams_in", "h_pre", "h_post", "h_res")
+        ]
         return names + [f"{model.sublayer_names[-1]}.hook_streams_out"]
 
     def update(self, acts: Dict[str, Tensor], mask: Tensor) -> None:
         eye = torch.eye(self.n_streams, dtype=torch.float64, device=mask.device)
         rows = masked_rows(mask)
 
-        def stacked(kind: str) -> Tensor:                           # [tokens, n_sublayers, ...] float64
-            return torch.stack([take_rows(acts[f"{s}.hook_{kind}"], rows).double() for s in self.sublayers], dim=1)
+        def stacked(kind: str) -> Tensor:  # [tokens, n_sublayers, ...] float64
+            return torch.stack(
+                [take_rows(acts[f"{s}.hook_{kind}"], rows).double() for s in self.sublayers], dim=1
+            )
 
-        def masked_norms(name: str) -> Tensor:                      # [tokens, n] float64
+        def masked_norms(name: str) -> Tensor:  # [tokens, n] float64
             # the norm is reduced from the state as it is (no float64 copy of [tokens, n, d])
             return take_rows(torch.linalg.vector_norm(acts[name], dim=-1, dtype=torch.float32), rows).double()
 
-        h_pre, h_post, h_res = stacked("h_pre"), stacked("h_post"), stacked("h_res")   # [tokens, L, n(, n)]
+        h_pre, h_post, h_res = stacked("h_pre"), stacked("h_post"), stacked("h_res")  # [tokens, L, n(, n)]
         states = [f"{s}.hook_streams_in" for s in self.sublayers] + [f"{self.sublayers[-1]}.hook_streams_out"]
-        norms = torch.stack([masked_norms(name) for name in states], dim=1)          # [tokens, L + 1, n]
-        stats = {"mean_h_res": h_res, "h_res_dist": (h_res - eye).flatten(2).norm(dim=-1),
-                 "read_share": _share(h_pre), "read_share_norm": _share(h_pre.abs() * norms[:, :-1]),
-                 "write_share": _share(h_post), "stream_norm": norms, "mean_h_pre": h_pre, "mean_h_post": h_post,
-                 "h_post_sq": h_post ** 2, "h_post_fro": h_post.norm(dim=-1),
-                 "h_post_var_streams": h_post.var(dim=-1, unbiased=False)}
-        for key, per_token in stats.items():                         # sums over tokens
+        norms = torch.stack([masked_norms(name) for name in states], dim=1)  # [tokens, L + 1, n]
+        stats = {
+            "mean_h_res": h_res,
+            "h_res_dist": (h_res - eye).flatten(2).norm(dim=-1),
+            "read_share": _share(h_pre),
+            "read_share_norm": _share(h_pre.abs() * norms[:, :-1]),
+            "write_share": _share(h_post),
+            "stream_norm": norms,
+            "mean_h_pre": h_pre,
+            "mean_h_post": h_post,
+            "h_post_sq": h_post**2,
+            "h_post_fro": h_post.norm(dim=-1),
+            "h_post_var_streams": h_post.var(dim=-1, unbiased=False),
+        }
+        for key, per_token in stats.items():  # sums over tokens
             self.sums[key] = self.sums.get(key, 0) + per_token.sum(0)
         self.count += len(rows)
 
     def result(self) -> "StreamUsageResult":
         if self.count == 0:
             raise ValueError("stream_usage saw no unmasked tokens")
-        arrays = {k: (v / self.count).cpu().numpy() for k, v in self.sums.items()}   # token means
+        arrays = {k: (v / self.count).cpu().numpy() for k, v in self.sums.items()}  # token means
         h_post_sq = arrays.pop("h_post_sq")
-        arrays["mean_h_res_dist"] = np.linalg.norm(arrays["mean_h_res"] - np.eye(self.n_streams), axis=(-2, -1))
+        arrays["mean_h_res_dist"] = np.linalg.norm(
+            arrays["mean_h_res"] - np.eye(self.n_streams), axis=(-2, -1)
+        )
         arrays["h_post_var_tokens"] = (h_post_sq - arrays["mean_h_post"] ** 2).clip(min=0).mean(-1)
-        meta = {"sublayers": self.sublayers, "n_streams": self.n_streams,
-                "hyper_conn_type": self.hyper_conn_type, "tokens": self.count}
+        meta = {
+            "sublayers": self.sublayers,
+            "n_streams": self.n_streams,
+            "hyper_conn_type": self.hyper_conn_type,
+            "tokens": self.count,
+        }
         return StreamUsageResult(self.name, arrays, meta)
 
 
@@ -110,30 +133,54 @@ class StreamUsageResult(ProbeResult):
         """The stream the sublayers read most (norm-weighted read share) and how far the mixers are
         from the identity (E_t ||H_res - I||_F against sqrt(n - 1), uniform mixing)."""
         subs = self.meta["sublayers"]
-        share = np.asarray(self["read_share_norm"], dtype=float).mean(0)          # [n] over sublayers
+        share = np.asarray(self["read_share_norm"], dtype=float).mean(0)  # [n] over sublayers
         n = share.size
         out: List[Optional[Dict]] = [None, None]
         if n > 1 and np.isfinite(share).all():
             top, low, even = int(share.argmax()), int(share.argmin()), 1 / n
             if share[top] - even < 0.05:
-                text = (f"No stream dominates what the sublayers read: norm-weighted read shares from "
-                        f"{share[low]:.0%} to {share[top]:.0%} (an even split is {even:.0%}).")
+                text = (
+                    f"No stream dominates what the sublayers read: norm-weighted read shares from "
+                    f"{share[low]:.0%} to {share[top]:.0%} (an even split is {even:.0%})."
+                )
             else:
-                text = (f"Stream {top} dominates what the sublayers read: {share[top]:.0%} of the norm-weighted "
-                        f"read share (an even split is {even:.0%}; stream {low} least, {share[low]:.0%}).")
-            out[0] = self.finding("dominant_stream", text, stream=top, share=float(share[top]), least_stream=low,
-                               least_share=float(share[low]), even_share=even)
-        dist = np.asarray(self["h_res_dist"], dtype=float)                        # E_t ||H_res - I||_F per sublayer
+                text = (
+                    f"Stream {top} dominates what the sublayers read: {share[top]:.0%} of the norm-weighted "
+                    f"read share (an even split is {even:.0%}; stream {low} least, {share[low]:.0%})."
+                )
+            out[0] = self.finding(
+                "dominant_stream",
+                text,
+                stream=top,
+                share=float(share[top]),
+                least_stream=low,
+                least_share=float(share[low]),
+                even_share=even,
+            )
+        dist = np.asarray(self["h_res_dist"], dtype=float)  # E_t ||H_res - I||_F per sublayer
         if n > 1 and np.isfinite(dist).all() and dist.size:
             ref, k, mean = math.sqrt(n - 1), int(dist.argmax()), float(dist.mean())
-            verdict = ("stay close to the identity" if mean < 0.2 * ref else
-                       "mix the streams partly" if mean < 0.5 * ref else "mix the streams strongly")
-            where = (f"except at {subs[k]} ({dist[k]:.2f})" if mean < 0.2 * ref and dist[k] >= 0.5 * ref
-                     else f"most at {subs[k]} ({dist[k]:.2f})")
-            out[1] = self.finding("mixers", f"The mixers H_res {verdict}: ||H_res - I||_F = {mean:.2f} on average "
-                                         f"(0 = identity, {ref:.2f} = uniform mixing), {where}.",
-                               mean_distance=mean, max_distance=float(dist[k]), max_sublayer=subs[k],
-                               uniform_mixing_distance=ref)
+            verdict = (
+                "stay close to the identity"
+                if mean < 0.2 * ref
+                else "mix the streams partly"
+                if mean < 0.5 * ref
+                else "mix the streams strongly"
+            )
+            where = (
+                f"except at {subs[k]} ({dist[k]:.2f})"
+                if mean < 0.2 * ref and dist[k] >= 0.5 * ref
+                else f"most at {subs[k]} ({dist[k]:.2f})"
+            )
+            out[1] = self.finding(
+                "mixers",
+                f"The mixers H_res {verdict}: ||H_res - I||_F = {mean:.2f} on average "
+                f"(0 = identity, {ref:.2f} = uniform mixing), {where}.",
+                mean_distance=mean,
+                max_distance=float(dist[k]),
+                max_sublayer=subs[k],
+                uniform_mixing_distance=ref,
+            )
         return out
 
     def collapse_summary(self) -> Dict[str, float]:
@@ -147,10 +194,12 @@ class StreamUsageResult(ProbeResult):
         share = np.clip(self["read_share_norm"], 1e-12, 1.0)
         entropy = -(share * np.log2(share)).sum(-1) / np.log2(n)
         final = self["stream_norm"][-1]
-        return {"read_share_entropy": float(entropy.mean()),
-                "dominant_read_share": float(self["read_share_norm"].max(-1).mean()),
-                "norm_imbalance": float(final.max() / final.mean()),
-                "h_res_dist": float(self["h_res_dist"].mean())}
+        return {
+            "read_share_entropy": float(entropy.mean()),
+            "dominant_read_share": float(self["read_share_norm"].max(-1).mean()),
+            "norm_imbalance": float(final.max() / final.mean()),
+            "h_res_dist": float(self["h_res_dist"].mean()),
+        }
 
     def plot(self, max_heatmaps: int = 8):
         """{"h_res": token-averaged H_res heatmaps, "shares": read/write shares,
@@ -161,14 +210,24 @@ class StreamUsageResult(ProbeResult):
         x = np.arange(len(subs))
         figs = {}
         picks = evenly_spaced(len(subs), max_heatmaps)
-        fig = heatmap_grid([self["mean_h_res"][k] for k in picks], [subs[k] for k in picks], vmin=0, vmax=1,
-                           xlabel="source stream", ylabel="target stream", colorbar="mean H_res",
-                           title="token-averaged H_res [target, source]")
+        fig = heatmap_grid(
+            [self["mean_h_res"][k] for k in picks],
+            [subs[k] for k in picks],
+            vmin=0,
+            vmax=1,
+            xlabel="source stream",
+            ylabel="target stream",
+            colorbar="mean H_res",
+            title="token-averaged H_res [target, source]",
+        )
         figs["h_res"] = fig
 
         fig, axes = plt.subplots(1, 3, figsize=(14, 3.4), sharey=True)
-        for ax, key, title in zip(axes, ("read_share", "read_share_norm", "write_share"),
-                                  ("read share (H_pre)", "norm-weighted read share", "write share (H_post)")):
+        for ax, key, title in zip(
+            axes,
+            ("read_share", "read_share_norm", "write_share"),
+            ("read share (H_pre)", "norm-weighted read share", "write share (H_post)"),
+        ):
             for s in range(n):
                 ax.plot(x, self[key][:, s], label=f"stream {s}")
             ax.axhline(1 / n, color="grey", ls=":", lw=1)
@@ -188,8 +247,11 @@ class StreamUsageResult(ProbeResult):
         figs["stream_norms"] = fig
 
         fig, axes = plt.subplots(1, 3, figsize=(13, 3.2))
-        for ax, key, title in zip(axes, ("h_post_fro", "h_post_var_tokens", "h_post_var_streams"),
-                                  ("E||H_post||", "Var over tokens", "Var over streams")):
+        for ax, key, title in zip(
+            axes,
+            ("h_post_fro", "h_post_var_tokens", "h_post_var_streams"),
+            ("E||H_post||", "Var over tokens", "Var over streams"),
+        ):
             ax.plot(x, self[key], marker=".")
             ax.set_title(title)
             ax.set_xlabel("sublayer")
@@ -201,13 +263,20 @@ class StreamUsageResult(ProbeResult):
         sublayer)]: one figure, its image, numbers and title updated for each sublayer."""
         import matplotlib.pyplot as plt
 
-        mats, names = self["mean_h_res"], self.meta["sublayers"]        # [sublayer, n, n]
+        mats, names = self["mean_h_res"], self.meta["sublayers"]  # [sublayer, n, n]
         n = mats.shape[-1]
         fig, ax = plt.subplots(figsize=(3.2, 2.8))
         im = ax.imshow(mats[0], vmin=0, vmax=1, cmap="viridis")
         size = float(np.clip(40 / n, 6, 10))
-        texts = {(i, j): ax.text(j, i, "", ha="center", va="center", fontsize=size)
-                 for i in range(n) for j in range(n)} if n <= MAX_ANNOTATED_COLUMNS else {}   # else they would not fit
+        texts = (
+            {
+                (i, j): ax.text(j, i, "", ha="center", va="center", fontsize=size)
+                for i in range(n)
+                for j in range(n)
+            }
+            if n <= MAX_ANNOTATED_COLUMNS
+            else {}
+        )  # else they would not fit
         ax.set_xticks(range(n))
         ax.set_yticks(range(n))
         ax.set_xlabel("source stream")

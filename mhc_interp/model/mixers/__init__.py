@@ -3,8 +3,16 @@
 A variant is one file, in this package or anywhere else: a `Mixer` subclass under
 `@register_mixer("name")` that declares what is particular to it as class attributes (see
 `Mixer`); the config, loading, hooks, frozen mixing and the probes need nothing else."""
-from .base import MIXERS, Mixer, MixingCoefficients, build_mixer, register_mixer, sinkhorn, sinkhorn_log
-from . import residual, hc, mhc, mhc_lite  # noqa: F401  (registration side effects)
 
-__all__ = ["MIXERS", "Mixer", "MixingCoefficients", "build_mixer", "register_mixer", "sinkhorn",
-           "sinkhorn_log"]
+from . import hc, mhc, mhc_lite, residual  # noqa: F401  (registration side effects)
+from .base import MIXERS, Mixer, MixingCoefficients, build_mixer, register_mixer, sinkhorn, sinkhorn_log
+
+__all__ = [
+    "MIXERS",
+    "Mixer",
+    "MixingCoefficients",
+    "build_mixer",
+    "register_mixer",
+    "sinkhorn",
+    "sinkhorn_log",
+]

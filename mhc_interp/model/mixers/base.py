@@ -12,6 +12,7 @@ the papers' convention and in float32:
 so that the hyper-connected sublayer computes  x' = H_res x + H_post^T F(H_pre x).
 (The public mHC code stores the residual mixer as alpha[source, target]; mixers transpose it.)
 """
+
 from __future__ import annotations
 
 import math
@@ -38,10 +39,10 @@ class Mixer(nn.Module):
     # What a variant declares about its configs, read by `MHCConfig` (config.py keeps no list of
     # variants): a new variant states here, in its own file, what differs from these defaults.
     n_streams_required: ClassVar[Optional[int]] = None  # the only stream count it takes (`none`: 1)
-    max_streams: ClassVar[Optional[int]] = None        # a limit below config.MAX_STREAMS, if any
+    max_streams: ClassVar[Optional[int]] = None  # a limit below config.MAX_STREAMS, if any
     default_lss_init: ClassVar[Optional[float]] = None  # not None: the variant *is* learned stream
     # scaling - `lss_init` when the config gives none, and the checkpoint's expand_lss_init is read
-    uses_sinkhorn_iters: ClassVar[bool] = False        # `compute` gets cfg.sinkhorn_iters (else 0)
+    uses_sinkhorn_iters: ClassVar[bool] = False  # `compute` gets cfg.sinkhorn_iters (else 0)
 
     def __init__(self, cfg: MHCConfig, init_stream: int = 0):
         super().__init__()
@@ -162,7 +163,7 @@ def sinkhorn(logits: Tensor, iters: int) -> Tensor:
     return linear.index_put((bad,), sinkhorn_log(logits[bad], iters))
 
 
-MIXERS: Dict[str, Type[Mixer]] = {}   # the one list of variants: MHCConfig validates against it
+MIXERS: Dict[str, Type[Mixer]] = {}  # the one list of variants: MHCConfig validates against it
 
 
 def register_mixer(*names: str) -> Callable[[Type[Mixer]], Type[Mixer]]:
@@ -172,7 +173,7 @@ def register_mixer(*names: str) -> Callable[[Type[Mixer]], Type[Mixer]]:
 
     def deco(cls: Type[Mixer]) -> Type[Mixer]:
         names_taken = dict(MIXERS)
-        for name in names:   # every name checked before any is taken
+        for name in names:  # every name checked before any is taken
             register(names_taken, name, cls, "mixer")
         MIXERS.update(names_taken)
         return cls

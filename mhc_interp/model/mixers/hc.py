@@ -7,6 +7,7 @@ For each stream s, with  y_s = RMSNorm(x_s)  (one norm over d_model, shared by t
     h_post[s]   = tanh(y_s . w_beta) * b_scale + static_beta[s]
 Unconstrained: coefficients may be negative and H_res is not doubly stochastic.
 """
+
 from __future__ import annotations
 
 import torch
@@ -34,7 +35,7 @@ class HyperConnectionMixer(Mixer):
     def compute(x, w, n, iters):  # x [batch, pos, n, d]
         # both projections of the per-stream RMSNorm in one GEMM: [d, 1 + n] and [d] -> [d, 2 + n]
         weight = torch.cat([w["dynamic_alpha_fn"], w["dynamic_beta_fn"][:, None]], dim=-1)
-        both = torch.tanh(normed_projection(x, w["norm_gamma"], weight))               # [b, p, n, 2 + n]
+        both = torch.tanh(normed_projection(x, w["norm_gamma"], weight))  # [b, p, n, 2 + n]
         alpha = both[..., :-1] * w["dynamic_alpha_scale"] + w["static_alpha"]
         h_post = both[..., -1] * w["dynamic_beta_scale"] + w["static_beta"]
         return alpha[..., 0].contiguous(), h_post, alpha[..., 1:].transpose(-1, -2).contiguous()

@@ -7,6 +7,7 @@ With  y = RMSNorm(flatten_{s,d}(x))  (one norm over all n*d values of the token)
     h_post[s]   = 2 sigmoid((y W_beta)[s] * post_scale + static_beta[s])
 H_res is doubly stochastic up to the Sinkhorn residual (columns exactly, rows approximately).
 """
+
 from __future__ import annotations
 
 import torch
@@ -35,8 +36,9 @@ class _ManifoldMixerBase(Mixer):
     def projections(x: Tensor, w) -> tuple:
         """RMSNorm(flatten(x)) projected by W_alpha and W_beta in one GEMM over the state:
         x [b, p, n, d] -> (y W_alpha [b, p, k], y W_beta [b, p, n])."""
-        both = normed_projection(x.flatten(-2), w["norm_gamma"],
-                                 torch.cat([w["dynamic_alpha_fn"], w["dynamic_beta_fn"]], dim=-1))
+        both = normed_projection(
+            x.flatten(-2), w["norm_gamma"], torch.cat([w["dynamic_alpha_fn"], w["dynamic_beta_fn"]], dim=-1)
+        )
         return both.split([w["dynamic_alpha_fn"].shape[-1], w["dynamic_beta_fn"].shape[-1]], dim=-1)
 
     @staticmethod
@@ -59,9 +61,9 @@ class SinkhornMixer(_ManifoldMixerBase):
     @staticmethod
     def compute(x, w, n, iters):  # x [batch, pos, n, d]
         dyn, beta = _ManifoldMixerBase.projections(x, w)
-        dyn = dyn.unflatten(-1, (n, n + 1))                                           # [b, p, s, 1+n]
+        dyn = dyn.unflatten(-1, (n, n + 1))  # [b, p, s, 1+n]
         alpha = dyn * torch.cat([w["pre_branch_scale"], w["residual_scale"].expand(n)]) + w["static_alpha"]
         # contiguous [t, s] logits: Sinkhorn's elementwise steps run on dense memory, and h_res
         # comes out in the row-major layout every mixer returns (see `Mixer.compute`)
-        h_res = sinkhorn(alpha[..., 1:].transpose(-1, -2).contiguous(), iters)        # [b, p, t, s]
+        h_res = sinkhorn(alpha[..., 1:].transpose(-1, -2).contiguous(), iters)  # [b, p, t, s]
         return torch.sigmoid(alpha[..., 0]), _ManifoldMixerBase.h_post(beta, w), h_res

@@ -9,6 +9,7 @@ With  y = RMSNorm(flatten_{s,d}(x)) :
 Permutations are enumerated in `itertools.permutations` order (as the public code does), so the
 weight vector of a checkpoint keeps its meaning. `mhc_lite_lss` differs only at stream expansion.
 """
+
 from __future__ import annotations
 
 import itertools
@@ -24,13 +25,13 @@ from .mhc import _ManifoldMixerBase
 
 def permutation_matrices(n: int) -> Tensor:
     """[n!, n(target), n(source)] with P_r[t, s] = 1 iff t == perm_r[s]."""
-    perms = torch.tensor(list(itertools.permutations(range(n))))            # [n!, n]
+    perms = torch.tensor(list(itertools.permutations(range(n))))  # [n!, n]
     return torch.eye(n)[perms].transpose(-1, -2).contiguous()
 
 
 @register_mixer("mhc_lite")
 class PermutationMixer(_ManifoldMixerBase):
-    max_streams = 8   # a weight per permutation and token: 8! = 40320
+    max_streams = 8  # a weight per permutation and token: 8! = 40320
 
     def __init__(self, cfg: MHCConfig, init_stream: int = 0):
         super().__init__(cfg, init_stream)
@@ -39,7 +40,7 @@ class PermutationMixer(_ManifoldMixerBase):
         static_pre = favoured_stream(n, init_stream)
         static_res = torch.full((n_perms,), -8.0)
         static_res[0] = 0.0  # the identity permutation comes first
-        self.static_alpha = nn.Parameter(torch.cat([static_pre, static_res]))   # [n + n!]
+        self.static_alpha = nn.Parameter(torch.cat([static_pre, static_res]))  # [n + n!]
         self.dynamic_alpha_fn = nn.Parameter(torch.zeros(n * d, n + n_perms))
         self.rebuild_buffers()
 
@@ -50,7 +51,7 @@ class PermutationMixer(_ManifoldMixerBase):
 
     @staticmethod
     def compute(x, w, n, iters):  # x [batch, pos, n, d]
-        logits, beta = _ManifoldMixerBase.projections(x, w)                           # [b, p, n + n!]
+        logits, beta = _ManifoldMixerBase.projections(x, w)  # [b, p, n + n!]
         h_pre = torch.sigmoid(logits[..., :n] * w["pre_branch_scale"] + w["static_alpha"][:n])
         weights = torch.softmax(logits[..., n:] * w["residual_scale"] + w["static_alpha"][n:], dim=-1)
         h_res = torch.einsum("bpr,rts->bpts", weights, w["perms"])
@@ -61,4 +62,4 @@ class PermutationMixer(_ManifoldMixerBase):
 class LSSPermutationMixer(PermutationMixer):
     """mHC-lite with learned stream scaling at expansion (`StreamExpand`): the same mixer."""
 
-    default_lss_init = 0.6   # the public code's expand_lss_init
+    default_lss_init = 0.6  # the public code's expand_lss_init

@@ -1,4 +1,5 @@
 """`none`: the plain residual stream, x' = x + F(x), as the degenerate mixer with n = 1."""
+
 from __future__ import annotations
 
 import torch
@@ -17,5 +18,8 @@ class ResidualMixer(Mixer):
         b, p, n, _ = x.shape
         # three real tensors (not views of one scalar): an in-place hook edit of one stays in it
         ones = dict(dtype=torch.float32, device=x.device)
-        return MixingCoefficients(h_pre=torch.ones(b, p, n, **ones), h_post=torch.ones(b, p, n, **ones),
-                                  h_res=torch.ones(b, p, n, n, **ones))
+        return MixingCoefficients(
+            h_pre=torch.ones(b, p, n, **ones),
+            h_post=torch.ones(b, p, n, **ones),
+            h_res=torch.ones(b, p, n, n, **ones),
+        )

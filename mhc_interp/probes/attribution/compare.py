@@ -1,4 +1,5 @@
 """How far an attribution map can be trusted: agreement with the exact map it estimates."""
+
 from __future__ import annotations
 
 from typing import Dict, Optional
@@ -12,8 +13,9 @@ def top_k(effect: np.ndarray, k: int) -> set:
     return set(np.argsort(-flat, kind="stable")[:k].tolist())
 
 
-def fidelity(estimate: np.ndarray, exact: np.ndarray, baseline: float, k: int = 10,
-             cells: Optional[np.ndarray] = None) -> Dict[str, float]:
+def fidelity(
+    estimate: np.ndarray, exact: np.ndarray, baseline: float, k: int = 10, cells: Optional[np.ndarray] = None
+) -> Dict[str, float]:
     """Pearson and Spearman correlation of an estimated map with the exact one, and the overlap of
     their top-k cells by |effect| (effect = value - baseline, the unpatched base run's metric).
     cells: optional bool mask of the cells to compare (e.g. positions a patch can change)."""
@@ -27,5 +29,10 @@ def fidelity(estimate: np.ndarray, exact: np.ndarray, baseline: float, k: int = 
         keep &= np.ravel(cells)
     est, ex = est[keep], ex[keep]
     k = min(k, len(ex))
-    return {"pearson": float(pearsonr(est, ex)[0]), "spearman": float(spearmanr(est, ex)[0]),
-            "top_k": len(top_k(est - baseline, k) & top_k(ex - baseline, k)), "k": k, "cells": int(len(ex))}
+    return {
+        "pearson": float(pearsonr(est, ex)[0]),
+        "spearman": float(spearmanr(est, ex)[0]),
+        "top_k": len(top_k(est - baseline, k) & top_k(ex - baseline, k)),
+        "k": k,
+        "cells": int(len(ex)),
+    }

@@ -23,6 +23,7 @@ which mixer attribution multiplies by the coefficient change (H* - H).
 Memory: only the captured states' and coefficients' gradients are kept ([B, pos, n, d] per
 sublayer, like a state cache); nothing else is cached beyond what autograd itself saves.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -65,19 +66,26 @@ def mixing_hook_names(model, sublayers: Sequence[int], frozen: bool) -> List[str
     return [f"{model.sublayer_names[l]}.{h}" for l in sublayers for h in MIXING_SUFFIXES]
 
 
-def _capture_hooks(model, sublayers: Sequence[int], capture_mixing: bool, detach_mixing: bool,
-                   states: Dict[int, Tensor], mixing: Dict[str, Tensor]):
+def _capture_hooks(
+    model,
+    sublayers: Sequence[int],
+    capture_mixing: bool,
+    detach_mixing: bool,
+    states: Dict[int, Tensor],
+    mixing: Dict[str, Tensor],
+):
     """Forward hooks that record the tensors to differentiate with respect to: the state entering
     each chosen sublayer, and (optionally) the coefficients; `detach_mixing` cuts the graph at every
     coefficient hook so that gradients do not flow through the mixers (frozen mixing)."""
     hooks = []
 
     def state_hook(l):
-        def hook(x: Tensor, hook) -> Tensor:            # [rows, pos, n, d]
-            if not x.requires_grad:                     # e.g. parameters with requires_grad=False
+        def hook(x: Tensor, hook) -> Tensor:  # [rows, pos, n, d]
+            if not x.requires_grad:  # e.g. parameters with requires_grad=False
                 x = x.detach().requires_grad_(True)
             states[l] = x
             return x
+
         return hook
 
     for l in sublayers:
@@ -92,6 +100,7 @@ def _capture_hooks(model, sublayers: Sequence[int], capture_mixing: bool, detach
             if name in wanted:
                 mixing[name] = h
             return h
+
         return hook
 
     for name in sorted(wanted | cut):
@@ -99,20 +108,29 @@ def _capture_hooks(model, sublayers: Sequence[int], capture_mixing: bool, detach
     return hooks
 
 
-def _backward(model, run: Callable[[], Tensor], metric, k: int, sublayers: Sequence[int],
-              capture_mixing: bool, detach_mixing: bool):
+def _backward(
+    model,
+    run: Callable[[], Tensor],
+    metric,
+    k: int,
+    sublayers: Sequence[int],
+    capture_mixing: bool,
+    detach_mixing: bool,
+):
     """One forward (k replicas stacked replica-major) and one backward. Returns (logits, values
     [k, B], states {l}, state grads {l}, mixing grads {name}), every grad summed over replicas."""
     states: Dict[int, Tensor] = {}
     mixing: Dict[str, Tensor] = {}
     hooks = _capture_hooks(model, sublayers, capture_mixing, detach_mixing, states, mixing)
     with torch.enable_grad(), model.hooks(fwd_hooks=hooks):
-        logits = run()                                                     # [k*B, pos, vocab]
+        logits = run()  # [k*B, pos, vocab]
         finite = torch.isfinite(logits).flatten(1).all(-1)
         if not bool(finite.all()):
-            raise FloatingPointError(f"non-finite values (NaN/inf) in the logits of the gradient pass (rows "
-                                     f"{(~finite).nonzero().flatten().tolist()[:8]}): check the model's weights and dtype")
-        values = metric(logits.view(k, -1, *logits.shape[1:]))             # [k, B]
+            raise FloatingPointError(
+                f"non-finite values (NaN/inf) in the logits of the gradient pass (rows "
+                f"{(~finite).nonzero().flatten().tolist()[:8]}): check the model's weights and dtype"
+            )
+        values = metric(logits.view(k, -1, *logits.shape[1:]))  # [k, B]
         missing = [l for l in sublayers if l not in states]
         if missing:
             raise RuntimeError(f"hook_streams_in of sublayers {missing} did not fire")
@@ -125,17 +143,26 @@ def _backward(model, run: Callable[[], Tensor], metric, k: int, sublayers: Seque
     def fold(t: Optional[Tensor], like: Tensor) -> Tensor:  # [k*B, ...] -> [B, ...], summed over replicas
         t = torch.zeros_like(like) if t is None else t
         return t.view(k, -1, *t.shape[1:]).sum(0).detach()
+
     g_states = {l: fold(g, states[l]) for l, g in zip(sublayers, grads)}
-    g_mixing = {n: fold(g, mixing[n]) for n, g in zip(names, grads[len(sublayers):])}
-    return (logits.detach(), values.detach(), {l: states[l].detach() for l in sublayers}, g_states,
-            g_mixing, {n: mixing[n].detach() for n in names})
+    g_mixing = {n: fold(g, mixing[n]) for n, g in zip(names, grads[len(sublayers) :])}
+    return (
+        logits.detach(),
+        values.detach(),
+        {l: states[l].detach() for l in sublayers},
+        g_states,
+        g_mixing,
+        {n: mixing[n].detach() for n in names},
+    )
 
 
-def atp_gradients(model, tokens: Tensor, metric, sublayers: Sequence[int], *, frozen: bool,
-                  capture_mixing: bool = True) -> Gradients:
+def atp_gradients(
+    model, tokens: Tensor, metric, sublayers: Sequence[int], *, frozen: bool, capture_mixing: bool = True
+) -> Gradients:
     """AtP: one forward of the base prompts `tokens` [B, pos] and one backward."""
     logits, values, states, g_states, g_mixing, mixing = _backward(
-        model, lambda: model(tokens), metric, 1, sublayers, capture_mixing, detach_mixing=frozen)
+        model, lambda: model(tokens), metric, 1, sublayers, capture_mixing, detach_mixing=frozen
+    )
     return Gradients(values[0], logits, states, g_states, g_mixing, mixing, passes=1.0)
 
 
@@ -144,9 +171,19 @@ def ig_alphas(steps: int) -> Tensor:
     return (torch.arange(steps, dtype=torch.float64) + 0.5) / steps
 
 
-def ig_gradients(model, base_init: Tensor, source_init: Tensor, tokens: Tensor, metric,
-                 sublayers: Sequence[int], *, steps: int, frozen_cache=None, capture_mixing: bool = True,
-                 max_rows: Optional[int] = None) -> Gradients:
+def ig_gradients(
+    model,
+    base_init: Tensor,
+    source_init: Tensor,
+    tokens: Tensor,
+    metric,
+    sublayers: Sequence[int],
+    *,
+    steps: int,
+    frozen_cache=None,
+    capture_mixing: bool = True,
+    max_rows: Optional[int] = None,
+) -> Gradients:
     """Integrated gradients along x_0(a) = x_0 + a (x*_0 - x_0): `steps` points, stacked as
     replicas in the batch axis, `rows // B` replicas per forward. base_init, source_init
     [B, pos, n, d] are the states entering sublayer 0; `tokens` the base prompts (hash-routed
@@ -158,39 +195,46 @@ def ig_gradients(model, base_init: Tensor, source_init: Tensor, tokens: Tensor, 
     b, p = base_init.shape[:2]
     per_chunk = max(1, rows_per_forward(model, b, p, max_rows) // b)
     alphas = ig_alphas(steps)
-    delta = (source_init - base_init).double()                                  # [B, pos, n, d]
+    delta = (source_init - base_init).double()  # [B, pos, n, d]
     total_states: Dict[int, Tensor] = {}
     total_mixing: Dict[str, Tensor] = {}
     freeze = model.frozen_mixing(frozen_cache) if frozen_cache is not None else contextlib.nullcontext()
     with freeze:
         for c in range(0, steps, per_chunk):
-            a = alphas[c:c + per_chunk]
+            a = alphas[c : c + per_chunk]
             k = len(a)
-            x0 = (base_init.double()[None] + a.view(k, 1, 1, 1, 1).to(delta.device) * delta[None])
-            x0 = x0.to(base_init.dtype).flatten(0, 1)                              # [k*B, pos, n, d]
+            x0 = base_init.double()[None] + a.view(k, 1, 1, 1, 1).to(delta.device) * delta[None]
+            x0 = x0.to(base_init.dtype).flatten(0, 1)  # [k*B, pos, n, d]
             ids = tokens.repeat(k, 1)
 
             def run(x0=x0, ids=ids):
                 return model(x0, start_at_sublayer=0, tokens=ids)
 
-            _, _, _, g_states, g_mixing, _ = _backward(model, run, metric, k, sublayers, capture_mixing,
-                                                    detach_mixing=False)
+            _, _, _, g_states, g_mixing, _ = _backward(
+                model, run, metric, k, sublayers, capture_mixing, detach_mixing=False
+            )
             for l, g in g_states.items():
                 total_states[l] = g if l not in total_states else total_states[l] + g
             for n, g in g_mixing.items():
                 total_mixing[n] = g if n not in total_mixing else total_mixing[n] + g
-    return Gradients(torch.full((b,), float("nan")), None, {},
-                     {l: g / steps for l, g in total_states.items()},
-                     {n: g / steps for n, g in total_mixing.items()}, {}, passes=float(steps))
+    return Gradients(
+        torch.full((b,), float("nan")),
+        None,
+        {},
+        {l: g / steps for l, g in total_states.items()},
+        {n: g / steps for n, g in total_mixing.items()},
+        {},
+        passes=float(steps),
+    )
 
 
 def site_effects(delta: Tensor, grad: Tensor, cells: Optional[Sequence[int]]) -> Tensor:
     """First-order effects of patching each stream (at all positions, or at each cell position):
     delta, grad [B, pos, n, d] -> [n, cells, B] float64 (cells = 1 when `cells` is None)."""
-    prod = (delta.double() * grad.double()).sum(-1)                   # [B, pos, n]
+    prod = (delta.double() * grad.double()).sum(-1)  # [B, pos, n]
     if cells is None:
-        return prod.sum(1).T[:, None, :]                               # [n, 1, B]
-    return prod[:, list(cells)].permute(2, 1, 0)                       # [n, cells, B]
+        return prod.sum(1).T[:, None, :]  # [n, 1, B]
+    return prod[:, list(cells)].permute(2, 1, 0)  # [n, cells, B]
 
 
 def mixing_effects(source_cache, base_cache, grads: Dict[str, Tensor]) -> Dict[str, Tensor]:

@@ -17,6 +17,7 @@ frozen; sublayers after v see the change through v only). The estimate is first 
 with dM/d read_v taken once, at the base run with frozen mixing. `exact_edge_patching` runs the
 path patch of chosen edges (one resumed forward each) to grade it.
 """
+
 from __future__ import annotations
 
 from typing import Dict, Optional, Sequence, Tuple
@@ -31,8 +32,9 @@ from ..patching import ActivationPatching
 
 
 def _spec(model, direction, metric, answers, temperature) -> ActivationPatching:
-    spec = ActivationPatching(direction=direction, mixing="frozen", metric=metric, answers=answers,
-                              temperature=temperature)
+    spec = ActivationPatching(
+        direction=direction, mixing="frozen", metric=metric, answers=answers, temperature=temperature
+    )
     spec.setup(model)
     return spec
 
@@ -40,8 +42,10 @@ def _spec(model, direction, metric, answers, temperature) -> ActivationPatching:
 def _writes(model, tokens: Tensor) -> Dict[int, Tensor]:
     """Every sublayer's write [B, pos, d] (no grad)."""
     out: Dict[int, Tensor] = {}
-    hooks = [(f"{s}.hook_write", (lambda k: lambda w, hook: out.__setitem__(k, w.detach()))(k))
-             for k, s in enumerate(model.sublayer_names)]
+    hooks = [
+        (f"{s}.hook_write", (lambda k: lambda w, hook: out.__setitem__(k, w.detach()))(k))
+        for k, s in enumerate(model.sublayer_names)
+    ]
     with torch.no_grad(), model.hooks(fwd_hooks=hooks):
         model(tokens)
     return out
@@ -52,7 +56,7 @@ def routes(cache, names: Sequence[str]) -> Dict[Tuple[int, int], Tensor]:
     coefficients: the weight with which v reads u's write through each stream."""
     out = {}
     for u in range(len(names)):
-        q = cache[f"{names[u]}.hook_h_post"].double()                              # [B, pos, n]
+        q = cache[f"{names[u]}.hook_h_post"].double()  # [B, pos, n]
         for v in range(u + 1, len(names)):
             out[(u, v)] = cache[f"{names[v]}.hook_h_pre"].double() * q
             q = (cache[f"{names[v]}.hook_h_res"].double() @ q.unsqueeze(-1)).squeeze(-1)
@@ -62,7 +66,9 @@ def routes(cache, names: Sequence[str]) -> Dict[Tuple[int, int], Tensor]:
 def _prepare(model, clean, corrupted, direction, spec, mask):
     mask, rows = spec._scored(model, clean, corrupted, mask)
     if bool((clean == corrupted).all(-1).any()):
-        raise ValueError("some clean and corrupted prompts are identical: there is no edge effect to attribute")
+        raise ValueError(
+            "some clean and corrupted prompts are identical: there is no edge effect to attribute"
+        )
     base_tokens, source_tokens = (corrupted, clean) if direction == "denoise" else (clean, corrupted)
     clean_logits, _, _ = clean_run(model, clean)
     base_logits, base_states, base_cache = clean_run(model, base_tokens)
@@ -71,21 +77,32 @@ def _prepare(model, clean, corrupted, direction, spec, mask):
     return base_tokens, base_logits, base_states, base_cache, metric, src_w, base_w
 
 
-def edge_attribution(model, clean: Tensor, corrupted: Tensor, *, direction: str = "denoise", metric: str = "kl",
-                     answers: Optional[Tensor] = None, temperature: float = 1.0, mask: Optional[Tensor] = None,
-                     ) -> "EdgeResult":
+def edge_attribution(
+    model,
+    clean: Tensor,
+    corrupted: Tensor,
+    *,
+    direction: str = "denoise",
+    metric: str = "kl",
+    answers: Optional[Tensor] = None,
+    temperature: float = 1.0,
+    mask: Optional[Tensor] = None,
+) -> "EdgeResult":
     """Edge scores for one batch of aligned prompts [B, pos]: "edge" [u, v, stream] = estimated
     metric after patching u's write into v's read through that stream (NaN where u >= v),
     "edge_effect" = that minus the base run's metric, with _sem over prompts; mixing frozen to the
     base run (the route is defined by its coefficients). Cost: 3 forwards + 1 forward and backward."""
     require_streams(model, "stream edges", minimum=2)
     if direction == "noise" and metric == "kl":
-        raise ValueError("direction='noise' with metric='kl' is first-order degenerate (the KL from the clean "
-                         "run has zero gradient there): use direction='denoise' or an answer metric")
+        raise ValueError(
+            "direction='noise' with metric='kl' is first-order degenerate (the KL from the clean "
+            "run has zero gradient there): use direction='denoise' or an answer metric"
+        )
     spec = _spec(model, direction, metric, answers, temperature)
     clean, corrupted = clean.to(model.device), corrupted.to(model.device)
-    base_tokens, base_logits, _, base_cache, score, src_w, base_w = _prepare(model, clean, corrupted, direction,
-                                                                              spec, mask)
+    base_tokens, base_logits, _, base_cache, score, src_w, base_w = _prepare(
+        model, clean, corrupted, direction, spec, mask
+    )
     names = model.sublayer_names
     reads: Dict[int, Tensor] = {}
 
@@ -93,46 +110,70 @@ def edge_attribution(model, clean: Tensor, corrupted: Tensor, *, direction: str 
         def hook(r, hook):
             reads[k] = r
             return r
+
         return hook
 
-    with torch.enable_grad(), model.frozen_mixing(base_cache), \
-            model.hooks(fwd_hooks=[(f"{s}.hook_read", keep_read(k)) for k, s in enumerate(names)]):
-        values = score(model(base_tokens)[None])[0]                                     # [B]
+    with (
+        torch.enable_grad(),
+        model.frozen_mixing(base_cache),
+        model.hooks(fwd_hooks=[(f"{s}.hook_read", keep_read(k)) for k, s in enumerate(names)]),
+    ):
+        values = score(model(base_tokens)[None])[0]  # [B]
         grads = torch.autograd.grad(values.sum(), [reads[k] for k in range(len(names))], allow_unused=True)
     g_read = [torch.zeros_like(reads[k]) if g is None else g for k, g in enumerate(grads)]
     n_sub, n, b = len(names), model.cfg.n_streams, clean.shape[0]
     effect = torch.full((n_sub, n_sub, n, b), float("nan"), dtype=torch.float64)
     for (u, v), rho in routes(base_cache, names).items():
-        a = ((src_w[u] - base_w[u]).double() * g_read[v].double()).sum(-1)            # [B, pos]
-        effect[u, v] = (rho * a.unsqueeze(-1)).sum(1).T.cpu()                           # [n, B]
+        a = ((src_w[u] - base_w[u]).double() * g_read[v].double()).sum(-1)  # [B, pos]
+        effect[u, v] = (rho * a.unsqueeze(-1)).sum(1).T.cpu()  # [n, B]
     base = values.detach().double().cpu()
     stats, eff = PromptStats(), PromptStats()
     stats.add(effect + base)
     eff.add(effect)
     arrays = {**stats_arrays("edge", stats), **stats_arrays("edge_effect", eff)}
-    meta = {"direction": direction, "metric": metric, "sublayers": names, "n_streams": n, "prompts": b,
-            "layout": "[upstream sublayer u, downstream sublayer v, stream entering v]", "mixing": "frozen",
-            "forward_passes": 4, "backward_passes": 1}
+    meta = {
+        "direction": direction,
+        "metric": metric,
+        "sublayers": names,
+        "n_streams": n,
+        "prompts": b,
+        "layout": "[upstream sublayer u, downstream sublayer v, stream entering v]",
+        "mixing": "frozen",
+        "forward_passes": 4,
+        "backward_passes": 1,
+    }
     return EdgeResult("stream_edges", arrays, meta)
 
 
-def exact_edge_patching(model, clean: Tensor, corrupted: Tensor, edges: Sequence[Tuple[int, int, int]], *,
-                        direction: str = "denoise", metric: str = "kl", answers: Optional[Tensor] = None,
-                        temperature: float = 1.0, mask: Optional[Tensor] = None) -> np.ndarray:
+def exact_edge_patching(
+    model,
+    clean: Tensor,
+    corrupted: Tensor,
+    edges: Sequence[Tuple[int, int, int]],
+    *,
+    direction: str = "denoise",
+    metric: str = "kl",
+    answers: Optional[Tensor] = None,
+    temperature: float = 1.0,
+    mask: Optional[Tensor] = None,
+) -> np.ndarray:
     """Path patching of each edge (u, v, s): the base run (mixing frozen to it) with v's read
     increased by H_pre_v[s] q_{u->v}[s] (w*_u - w_u); per-prompt metric [edges, B] (float64)."""
     spec = _spec(model, direction, metric, answers, temperature)
     clean, corrupted = clean.to(model.device), corrupted.to(model.device)
-    base_tokens, _, base_states, base_cache, score, src_w, base_w = _prepare(model, clean, corrupted, direction,
-                                                                             spec, mask)
+    base_tokens, _, base_states, base_cache, score, src_w, base_w = _prepare(
+        model, clean, corrupted, direction, spec, mask
+    )
     names = model.sublayer_names
     rho = routes(base_cache, names)
     out = []
     with torch.no_grad(), model.frozen_mixing(base_cache):
         for u, v, s in edges:
             if not 0 <= u < v < len(names) or not 0 <= s < model.cfg.n_streams:
-                raise IndexError(f"edge {(u, v, s)}: need 0 <= u < v < {len(names)} and 0 <= s < {model.cfg.n_streams}")
-            add = rho[(u, v)][..., s, None] * (src_w[u] - base_w[u]).double()            # [B, pos, d]
+                raise IndexError(
+                    f"edge {(u, v, s)}: need 0 <= u < v < {len(names)} and 0 <= s < {model.cfg.n_streams}"
+                )
+            add = rho[(u, v)][..., s, None] * (src_w[u] - base_w[u]).double()  # [B, pos, d]
 
             def hook(r, hook, add=add):
                 return r + add.to(r.dtype)
@@ -151,7 +192,10 @@ class EdgeResult(ProbeResult):
         flat = np.where(np.isfinite(e), np.abs(e), -1).ravel()
         idx = np.argsort(-flat)[:k]
         names = self.meta["sublayers"]
-        return [(names[u], names[v], int(s), float(e[u, v, s])) for u, v, s in zip(*np.unravel_index(idx, e.shape))]
+        return [
+            (names[u], names[v], int(s), float(e[u, v, s]))
+            for u, v, s in zip(*np.unravel_index(idx, e.shape))
+        ]
 
     def plot(self):
         """{"stream_edges": one u x v heat-map of the edge effect per stream}."""

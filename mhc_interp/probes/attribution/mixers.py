@@ -6,6 +6,7 @@ sublayer l replaced by the source run's C (every position), all other coefficien
 patching metric. Mixer attribution estimates this as M_base + sum (C* - C) . dM/dC.
 Cost: 3 x (number of sublayers) resumed forwards per prompt batch.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -21,17 +22,32 @@ from ..patching import ActivationPatching
 PARTS = ("h_pre", "h_post", "h_res")
 
 
-def exact_mixer_patching(model, clean: Tensor, corrupted: Tensor, *, mixing: str = "recomputed",
-                         direction: str = "denoise", metric: str = "kl", answers: Optional[Tensor] = None,
-                         temperature: float = 1.0, sublayers: Optional[Sequence[int]] = None,
-                         mask: Optional[Tensor] = None) -> np.ndarray:
+def exact_mixer_patching(
+    model,
+    clean: Tensor,
+    corrupted: Tensor,
+    *,
+    mixing: str = "recomputed",
+    direction: str = "denoise",
+    metric: str = "kl",
+    answers: Optional[Tensor] = None,
+    temperature: float = 1.0,
+    sublayers: Optional[Sequence[int]] = None,
+    mask: Optional[Tensor] = None,
+) -> np.ndarray:
     """Per-prompt metric with one coefficient tensor patched: [sublayer, 3 (h_pre, h_post, h_res), B]
     (float64), for one batch of aligned prompts [B, pos]; the metric and its checks are
     `ActivationPatching`'s (mixing "recomputed" or "frozen")."""
     if mixing not in ("recomputed", "frozen"):
         raise ValueError(f"mixing must be 'recomputed' or 'frozen', got {mixing!r}")
-    spec = ActivationPatching(direction=direction, mixing=mixing, metric=metric, answers=answers,
-                              temperature=temperature, sublayers=sublayers)
+    spec = ActivationPatching(
+        direction=direction,
+        mixing=mixing,
+        metric=metric,
+        answers=answers,
+        temperature=temperature,
+        sublayers=sublayers,
+    )
     spec.setup(model)
     clean, corrupted = clean.to(model.device), corrupted.to(model.device)
     mask, rows = spec._scored(model, clean, corrupted, mask)
@@ -39,8 +55,10 @@ def exact_mixer_patching(model, clean: Tensor, corrupted: Tensor, *, mixing: str
     clean_logits, clean_states, clean_cache = clean_run(model, clean)
     _, corr_states, corr_cache = clean_run(model, corrupted)
     base_tokens, base_states, base_cache, source_cache = (
-        (corrupted, corr_states, corr_cache, clean_cache) if direction == "denoise"
-        else (clean, clean_states, clean_cache, corr_cache))
+        (corrupted, corr_states, corr_cache, clean_cache)
+        if direction == "denoise"
+        else (clean, clean_states, clean_cache, corr_cache)
+    )
     score = spec._metric(clean_logits, mask, rows)
     out = torch.empty(len(spec.layers), len(PARTS), b, dtype=torch.float64)
     freeze = model.frozen_mixing(base_cache) if mixing == "frozen" else contextlib.nullcontext()

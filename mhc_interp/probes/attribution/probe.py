@@ -14,6 +14,7 @@ the baseline 0: method "atp" refuses it (use "ig", whose path leaves the minimum
 direction="denoise" (base = the corrupted run) the KL gradient is non-zero and AtP is fine; the
 answer metrics (logit_diff, logprob) are first-order informative in both directions.
 """
+
 from __future__ import annotations
 
 from typing import Callable, Dict, Optional
@@ -38,7 +39,8 @@ def check_method(method: str, steps: int, direction: str, metric: str) -> None:
             "exact local step (the patched sublayer's mixer, attention softmax, LayerNorm and MLP run exactly, "
             "which covers AtP*'s QK fix and the mixer fix) gains ~0.01 Spearman over 'atp' for n extra "
             "forwards, the mixer fix alone nothing, while method='ig' with steps=2 gains ~0.03 for 2 passes "
-            "(docs/attribution.md). Use method='ig', steps=2")
+            "(docs/attribution.md). Use method='ig', steps=2"
+        )
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
@@ -48,7 +50,8 @@ def check_method(method: str, steps: int, direction: str, metric: str) -> None:
             "method='atp' with direction='noise' and metric='kl' is first-order degenerate: the base run "
             "is the clean run, where KL(P_clean || P) is at its minimum (value 0, gradient 0), so every "
             "estimate would be 0. Use method='ig' (integrated gradients leave the minimum), "
-            "direction='denoise', or an answer metric (logit_diff / logprob)")
+            "direction='denoise', or an answer metric (logit_diff / logprob)"
+        )
 
 
 @register_probe
@@ -69,30 +72,47 @@ class AttributionPatching(ActivationPatching):
 
     name = "attribution_patching"
     report = (
-        ReportSection("Which positions and mixers matter, estimated from gradients (attribution patching)",
-                      order=100, min_streams=2, result="attribution_positions", captions={
-            "attribution_recomputed": "The position-resolved estimate summed over positions: estimated KL to the "
-                                      "clean distribution after restoring one clean stream (compare the activation "
-                                      "patching map; the table below grades it).",
-            "attribution_frozen": "The same with the mixing frozen to the corrupted run.",
-            "attribution_positions_recomputed": "Position-resolved AtP estimate (rows: sublayer x stream, columns: "
-                                                "patched position) of the KL change when one clean stream is "
-                                                "restored at one position; 2 forwards + 1 backward for all cells.",
-            "attribution_positions_frozen": "The same with the mixing frozen to the corrupted run.",
-            "mixer_attribution_recomputed": "First-order change of the KL if one sublayer's H_pre, H_post or H_res "
-                                            "were taken from the clean run.",
-            "mixer_attribution_frozen": "The same with the rest of the mixing frozen to the corrupted run."}),
-        ReportSection("Which writer reaches which reader through which stream (stream edges)",
-                      order=110, min_streams=2, result="stream_edges", captions={
-            "stream_edges": "Estimated KL change when writer u's write reaches reader v through one stream as in "
-                            "the clean run (path patching, mixing frozen to the corrupted run)."}))
+        ReportSection(
+            "Which positions and mixers matter, estimated from gradients (attribution patching)",
+            order=100,
+            min_streams=2,
+            result="attribution_positions",
+            captions={
+                "attribution_recomputed": "The position-resolved estimate summed over positions: estimated KL to the "
+                "clean distribution after restoring one clean stream (compare the activation "
+                "patching map; the table below grades it).",
+                "attribution_frozen": "The same with the mixing frozen to the corrupted run.",
+                "attribution_positions_recomputed": "Position-resolved AtP estimate (rows: sublayer x stream, columns: "
+                "patched position) of the KL change when one clean stream is "
+                "restored at one position; 2 forwards + 1 backward for all cells.",
+                "attribution_positions_frozen": "The same with the mixing frozen to the corrupted run.",
+                "mixer_attribution_recomputed": "First-order change of the KL if one sublayer's H_pre, H_post or H_res "
+                "were taken from the clean run.",
+                "mixer_attribution_frozen": "The same with the rest of the mixing frozen to the corrupted run.",
+            },
+        ),
+        ReportSection(
+            "Which writer reaches which reader through which stream (stream edges)",
+            order=110,
+            min_streams=2,
+            result="stream_edges",
+            captions={
+                "stream_edges": "Estimated KL change when writer u's write reaches reader v through one stream as in "
+                "the clean run (path patching, mixing frozen to the corrupted run)."
+            },
+        ),
+    )
 
     def __init__(self, *args, method: str = "atp", steps: int = 4, mixers: Optional[bool] = None, **kwargs):
         super().__init__(*args, **kwargs)
         check_method(method, steps, self.direction, self.metric_name)
         # mixer attribution by default with AtP only: along IG's input path (coefficients frozen to
         # the base run, or recomputed on the path) it tracks exact mixer patching poorly (docs/attribution.md)
-        self.method, self.steps, self.mixers = method, steps, (method == "atp") if mixers is None else bool(mixers)
+        self.method, self.steps, self.mixers = (
+            method,
+            steps,
+            (method == "atp") if mixers is None else bool(mixers),
+        )
 
     def setup(self, model) -> None:
         require_streams(model, self.name, minimum=2)
@@ -101,22 +121,30 @@ class AttributionPatching(ActivationPatching):
         self.mixer_stats = {m: {p: PromptStats() for p in ("tensor",) + MIXER_PARTS} for m in self._mixings()}
         self.passes = {"forward": 0.0, "backward": 0.0}
 
-    def patch(self, model, clean: Tensor, corrupted: Tensor, mask: Optional[Tensor] = None,
-              progress: Optional[Callable[[int], None]] = None) -> None:
+    def patch(
+        self,
+        model,
+        clean: Tensor,
+        corrupted: Tensor,
+        mask: Optional[Tensor] = None,
+        progress: Optional[Callable[[int], None]] = None,
+    ) -> None:
         """One batch of aligned clean / corrupted prompts [B, pos]; mask [B, pos] (default: every
         position but 0). progress(1) is called after each mixing's gradient pass (`n_runs`)."""
         mask, rows = self._scored(model, clean, corrupted, mask)
         same = (clean == corrupted).all(-1).nonzero().flatten().tolist()
         if same:
-            raise ValueError(f"prompts {[self.baselines.count + i for i in same]}: clean and corrupted are "
-                             f"identical; there is no patch effect to attribute")
+            raise ValueError(
+                f"prompts {[self.baselines.count + i for i in same]}: clean and corrupted are "
+                f"identical; there is no patch effect to attribute"
+            )
         cells = self._cells(clean.shape[1])
         cells = None if cells == [None] else [c[0] for c in cells]
         base_tokens, source_tokens = (corrupted, clean) if self.direction == "denoise" else (clean, corrupted)
         # the source run (no grad): the states patched in, and its coefficients for mixer attribution
         source_logits, source_states, source_cache = clean_run(model, source_tokens)
         base_logits = base_states = base_cache = None
-        if self.method == "ig":     # IG needs the base run's states, its metric and (frozen) its coefficients
+        if self.method == "ig":  # IG needs the base run's states, its metric and (frozen) its coefficients
             base_logits, base_states, base_cache = clean_run(model, base_tokens)
         # noising with AtP: the clean run is the gradient pass itself (KL is refused there, and
         # the answer metrics need no reference distribution)
@@ -126,19 +154,34 @@ class AttributionPatching(ActivationPatching):
         for mixing in self._mixings():
             frozen = mixing == "frozen"
             if self.method == "atp":
-                g = atp_gradients(model, base_tokens, metric, self.layers, frozen=frozen, capture_mixing=self.mixers)
+                g = atp_gradients(
+                    model, base_tokens, metric, self.layers, frozen=frozen, capture_mixing=self.mixers
+                )
                 base_values, base_logits, states, mixing_base = g.values, g.logits, g.states, g.mixing
             else:
-                g = ig_gradients(model, base_states[0], source_states[0], base_tokens, metric, self.layers,
-                                 steps=self.steps, frozen_cache=base_cache if frozen else None,
-                                 capture_mixing=self.mixers, max_rows=self.max_rows)
+                g = ig_gradients(
+                    model,
+                    base_states[0],
+                    source_states[0],
+                    base_tokens,
+                    metric,
+                    self.layers,
+                    steps=self.steps,
+                    frozen_cache=base_cache if frozen else None,
+                    capture_mixing=self.mixers,
+                    max_rows=self.max_rows,
+                )
                 with torch.no_grad():
                     base_values = metric(base_logits[None])[0]
                 states, mixing_base = base_states, base_cache
             n_fwd += g.passes
             self.passes["backward"] += g.passes
-            effect = torch.stack([site_effects(source_states[l].to(states[l].device) - states[l],
-                                               g.state_grads[l], cells) for l in self.layers])  # [L, n, cells, B]
+            effect = torch.stack(
+                [
+                    site_effects(source_states[l].to(states[l].device) - states[l], g.state_grads[l], cells)
+                    for l in self.layers
+                ]
+            )  # [L, n, cells, B]
             base64 = base_values.double().to(effect.device)
             self.effects[mixing].add(effect)
             self.stats[mixing].add(base64 + effect)
@@ -159,13 +202,13 @@ class AttributionPatching(ActivationPatching):
         return len(self._mixings())
 
     def _add_mixers(self, model, mixing: str, source_cache, base_mixing, grads, base64: Tensor) -> None:
-        eff = mixing_effects(source_cache, base_mixing, grads)          # {name: [B, ...]}
+        eff = mixing_effects(source_cache, base_mixing, grads)  # {name: [B, ...]}
         per_part = {}
         for part in MIXER_PARTS:
             per_part[part] = torch.stack([eff[f"{model.sublayer_names[l]}.hook_{part}"] for l in self.layers])
             # [L, B, n] or [L, B, n, n] -> prompts last
             self.mixer_stats[mixing][part].add(per_part[part].movedim(1, -1))
-        tensor = torch.stack([per_part[p].flatten(2).sum(-1) for p in MIXER_PARTS], dim=1)   # [L, 3, B]
+        tensor = torch.stack([per_part[p].flatten(2).sum(-1) for p in MIXER_PARTS], dim=1)  # [L, 3, B]
         self.mixer_stats[mixing]["tensor"].add(base64.to(tensor.device) + tensor)
 
     def result(self) -> "AttributionResult":
@@ -177,7 +220,10 @@ class AttributionPatching(ActivationPatching):
                 arrays.update(stats_arrays(f"mixer_{mixing}", self.mixer_stats[mixing]["tensor"]))
                 for part in MIXER_PARTS:
                     mean, sem = self.mixer_stats[mixing][part].mean_sem()
-                    arrays[f"mixer_{part}_effect_{mixing}"], arrays[f"mixer_{part}_effect_{mixing}_sem"] = mean, sem
+                    arrays[f"mixer_{part}_effect_{mixing}"], arrays[f"mixer_{part}_effect_{mixing}_sem"] = (
+                        mean,
+                        sem,
+                    )
         if self.mixing != "both":
             for suffix in ("", "_sem", "_ci_low", "_ci_high"):
                 arrays[f"attribution{suffix}"] = arrays[f"attribution_{self.mixing}{suffix}"]
@@ -186,18 +232,30 @@ class AttributionPatching(ActivationPatching):
         base_mean, _ = self.baselines.mean_sem()
         arrays["baseline_clean"], arrays["baseline_corrupted"] = base_mean[0], base_mean[1]
         if self.positions is None:
-            arrays = {k: v[:, :, 0] if (v.ndim == 3 and k.startswith(("attribution", "effect"))) else v
-                      for k, v in arrays.items()}
+            arrays = {
+                k: v[:, :, 0] if (v.ndim == 3 and k.startswith(("attribution", "effect"))) else v
+                for k, v in arrays.items()
+            }
         prompts = self.baselines.count
-        meta = {"method": self.method, "steps": self.steps if self.method == "ig" else None,
-                "direction": self.direction, "mixing": list(self.stats), "metric": self.metric_name,
-                "sublayers": self.names, "n_streams": self.n, "prompts": prompts,
-                "positions": self.positions if self.positions in (None, "each") else list(self.positions),
-                "temperature": self.temperature, "score_positions": self.score_positions,
-                "layout": "[sublayer, stream]" + ("" if self.positions is None else "[, position]"),
-                "mixer_layout": "[sublayer, (h_pre, h_post, h_res)]",
-                "frozen_to": "the edited (base) run's mixing", "estimates": "activation_patching",
-                "forward_passes": self.passes["forward"], "backward_passes": self.passes["backward"]}
+        meta = {
+            "method": self.method,
+            "steps": self.steps if self.method == "ig" else None,
+            "direction": self.direction,
+            "mixing": list(self.stats),
+            "metric": self.metric_name,
+            "sublayers": self.names,
+            "n_streams": self.n,
+            "prompts": prompts,
+            "positions": self.positions if self.positions in (None, "each") else list(self.positions),
+            "temperature": self.temperature,
+            "score_positions": self.score_positions,
+            "layout": "[sublayer, stream]" + ("" if self.positions is None else "[, position]"),
+            "mixer_layout": "[sublayer, (h_pre, h_post, h_res)]",
+            "frozen_to": "the edited (base) run's mixing",
+            "estimates": "activation_patching",
+            "forward_passes": self.passes["forward"],
+            "backward_passes": self.passes["backward"],
+        }
         return AttributionResult(self.name, arrays, meta)
 
 
@@ -209,7 +267,9 @@ class AttributionResult(ProbeResult):
         import matplotlib.pyplot as plt
 
         figs = {}
-        base = self["baseline_corrupted" if self.meta["direction"] == "denoise" else "baseline_clean"]   # unpatched
+        base = self[
+            "baseline_corrupted" if self.meta["direction"] == "denoise" else "baseline_clean"
+        ]  # unpatched
         for mixing in self.meta["mixing"]:
             m = self[f"attribution_{mixing}"]
             if m.ndim == 3:
@@ -219,12 +279,15 @@ class AttributionResult(ProbeResult):
             im = ax.imshow(m, aspect="auto", cmap="magma" if self.meta["metric"] == "kl" else "RdBu")
             ax.set_yticks(range(m.shape[0]), names, fontsize=6)
             ax.set_xticks(range(m.shape[1]), [f"stream {s}" for s in range(m.shape[1])], fontsize=7)
-            ax.set_title(f"{self.meta['method']} estimate of {self.meta['direction']} patching, "
-                         f"{self.meta['metric']}, mixing {mixing}", fontsize=8)
+            ax.set_title(
+                f"{self.meta['method']} estimate of {self.meta['direction']} patching, "
+                f"{self.meta['metric']}, mixing {mixing}",
+                fontsize=8,
+            )
             fig.colorbar(im, ax=ax)
             figs[f"attribution_{mixing}"] = fig
             full = self[f"attribution_{mixing}"]
-            if full.ndim == 3:     # position-resolved: rows (sublayer, stream), columns positions
+            if full.ndim == 3:  # position-resolved: rows (sublayer, stream), columns positions
                 e = (full - base).reshape(-1, full.shape[-1])
                 lim = np.nanmax(np.abs(e)) or 1.0
                 fig, ax = plt.subplots(figsize=(min(12, 2 + 0.12 * e.shape[1]), 1 + 0.06 * e.shape[0]))
@@ -232,8 +295,11 @@ class AttributionResult(ProbeResult):
                 n = full.shape[1]
                 ax.set_yticks(range(0, e.shape[0], n), [s.replace("blocks.", "") for s in names], fontsize=6)
                 ax.set_xlabel("patched position")
-                ax.set_title(f"{self.meta['method']} per position (rows: sublayer x {n} streams), mixing {mixing}: "
-                             f"estimated effect", fontsize=8)
+                ax.set_title(
+                    f"{self.meta['method']} per position (rows: sublayer x {n} streams), mixing {mixing}: "
+                    f"estimated effect",
+                    fontsize=8,
+                )
                 fig.colorbar(im, ax=ax)
                 figs[f"attribution_positions_{mixing}"] = fig
             if f"mixer_{mixing}" in self.arrays:
@@ -243,17 +309,37 @@ class AttributionResult(ProbeResult):
                 im = ax.imshow(e, aspect="auto", cmap="RdBu_r", vmin=-lim, vmax=lim)
                 ax.set_yticks(range(e.shape[0]), names, fontsize=6)
                 ax.set_xticks(range(3), ["H_pre", "H_post", "H_res"], fontsize=7)
-                ax.set_title(f"mixer attribution (effect of patching each coefficient tensor), {mixing}",
-                             fontsize=8)
+                ax.set_title(
+                    f"mixer attribution (effect of patching each coefficient tensor), {mixing}", fontsize=8
+                )
                 fig.colorbar(im, ax=ax)
                 figs[f"mixer_attribution_{mixing}"] = fig
         return figs
 
 
-def attribution_patching(model, clean: Tensor, corrupted: Tensor, *, batch_size: int = 8, exclude_first: int = 1,
-                         device=None, dtype=None, progress: bool = False, **kwargs) -> AttributionResult:
+def attribution_patching(
+    model,
+    clean: Tensor,
+    corrupted: Tensor,
+    *,
+    batch_size: int = 8,
+    exclude_first: int = 1,
+    device=None,
+    dtype=None,
+    progress: bool = False,
+    **kwargs,
+) -> AttributionResult:
     """Attribute over aligned clean / corrupted prompt tensors [N, pos], in batches, with the
     options of `activation_patching` (positions [0, exclude_first) are not scored; device / dtype
     move the model first) plus method= ("atp" | "ig"), steps= and mixers= (`AttributionPatching`)."""
-    return patch_aligned(AttributionPatching(**kwargs), model, clean, corrupted, batch_size=batch_size,
-                         exclude_first=exclude_first, device=device, dtype=dtype, progress=progress)
+    return patch_aligned(
+        AttributionPatching(**kwargs),
+        model,
+        clean,
+        corrupted,
+        batch_size=batch_size,
+        exclude_first=exclude_first,
+        device=device,
+        dtype=dtype,
+        progress=progress,
+    )

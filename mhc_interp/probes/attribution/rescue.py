@@ -68,6 +68,7 @@ g_l^k . delta - g_L^k . C_l delta = v_k . u (g_L the draw's gradient at the fina
 
 (dz_c the carried logit change): 3 forwards, `samples` backwards and the same readouts.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -96,10 +97,20 @@ def _deltas(states: Dict[int, Tensor], values: Dict[int, Tensor], layers: Sequen
     return {l: (values[l].to(states[l].dtype) - states[l]).expand_as(states[l]) for l in layers}
 
 
-def fisher_projections(model, tokens: Tensor, mask: Tensor, deltas: Dict[int, Tensor], *, samples: int,
-                       temperature: float = 1.0, frozen: bool = True, generator: Optional[torch.Generator] = None,
-                       clean_logits: Optional[Tensor] = None, carried: Optional[Dict[int, Tensor]] = None,
-                       draws: Optional[Tensor] = None):
+def fisher_projections(
+    model,
+    tokens: Tensor,
+    mask: Tensor,
+    deltas: Dict[int, Tensor],
+    *,
+    samples: int,
+    temperature: float = 1.0,
+    frozen: bool = True,
+    generator: Optional[torch.Generator] = None,
+    clean_logits: Optional[Tensor] = None,
+    carried: Optional[Dict[int, Tensor]] = None,
+    draws: Optional[Tensor] = None,
+):
     """(g_l^k . delta_l[s]) for every draw k, sublayer l (the keys of `deltas`), prompt and stream:
     [samples, L, B, n] float64, from one forward of `tokens` and `samples` backwards (module docstring).
     frozen: the mixing coefficients are constants (detached where they enter), as with `frozen_mixing`.
@@ -107,21 +118,25 @@ def fisher_projections(model, tokens: Tensor, mask: Tensor, deltas: Dict[int, Te
     (given, not sampled) also returns g_L^k . C_l delta_l[s] [samples, L, B, n] (g_L at the final state)."""
     if samples < 1 or int(samples) != samples:
         raise ValueError(f"samples must be a positive int, got {samples!r}")
-    layers = list(deltas)                                  # in the caller's order (rows of the result)
+    layers = list(deltas)  # in the caller's order (rows of the result)
     states: Dict[int, Tensor] = {}
-    hooks = _capture_hooks(model, layers, capture_mixing=False, detach_mixing=frozen, states=states, mixing={})
+    hooks = _capture_hooks(
+        model, layers, capture_mixing=False, detach_mixing=frozen, states=states, mixing={}
+    )
     out = torch.zeros(samples, len(layers), tokens.shape[0], model.cfg.n_streams, dtype=torch.float64)
     out_final = torch.zeros_like(out)
     with torch.enable_grad(), model.hooks(fwd_hooks=hooks):
         if carried is None:
-            logits = model(tokens)                                               # [B, pos, vocab]
+            logits = model(tokens)  # [B, pos, vocab]
         else:
             final = model(tokens, stop_at_sublayer=model.cfg.n_sublayers)
             logits = model.unembed_streams(final)
         lp = log_probs(logits, temperature)
         ref = lp.detach() if clean_logits is None else log_probs(clean_logits, temperature)
-        root_w = _weights(mask.to(lp.device), lp.dtype).nan_to_num(0.0).sqrt()   # a prompt with no scored position: 0
-        probs = ref.exp().flatten(0, 1).float().cpu()                           # [B*pos, vocab]
+        root_w = (
+            _weights(mask.to(lp.device), lp.dtype).nan_to_num(0.0).sqrt()
+        )  # a prompt with no scored position: 0
+        probs = ref.exp().flatten(0, 1).float().cpu()  # [B*pos, vocab]
         inputs = [states[l] for l in layers] + ([final] if carried is not None else [])
         for k in range(samples):
             if draws is None:
@@ -132,7 +147,7 @@ def fisher_projections(model, tokens: Tensor, mask: Tensor, deltas: Dict[int, Te
             grads = torch.autograd.grad(score, inputs, retain_graph=k + 1 < samples, allow_unused=True)
             for i, (l, g) in enumerate(zip(layers, grads)):
                 if g is not None:
-                    out[k, i] = (g.double() * deltas[l].double()).sum((1, 3)).cpu()      # [B, n]
+                    out[k, i] = (g.double() * deltas[l].double()).sum((1, 3)).cpu()  # [B, n]
             if carried is not None and grads[-1] is not None:
                 g_final = grads[-1].double()
                 for i, l in enumerate(layers):
@@ -140,14 +155,17 @@ def fisher_projections(model, tokens: Tensor, mask: Tensor, deltas: Dict[int, Te
     return out if carried is None else (out, out_final)
 
 
-def _resumed_logits(model, state: Tensor, start: int, cache, frozen: bool, tokens: Optional[Tensor]) -> Tensor:
+def _resumed_logits(
+    model, state: Tensor, start: int, cache, frozen: bool, tokens: Optional[Tensor]
+) -> Tensor:
     freeze = model.frozen_mixing(cache) if frozen else contextlib.nullcontext()
     with torch.no_grad(), freeze:
         return model(state, start_at_sublayer=start, tokens=tokens)
 
 
-def logit_changes(model, states, deltas, cache, *, tokens: Optional[Tensor] = None, frozen: bool = True,
-                  eps: float = 1e-3) -> Dict[int, Tensor]:
+def logit_changes(
+    model, states, deltas, cache, *, tokens: Optional[Tensor] = None, frozen: bool = True, eps: float = 1e-3
+) -> Dict[int, Tensor]:
     """dz = J delta per (sublayer, stream) by central differences of resumed forwards:
     {l: [n, B, pos, vocab]} (2 n resumed forwards per sublayer; float64 models give ~1e-7).
     tokens [B, pos]: the clean run's ids (for models that route by token id)."""
@@ -191,9 +209,19 @@ def residual_carry(model, cache) -> Dict[int, Tensor]:
     return out
 
 
-def carried_damage(model, tokens: Tensor, states, cache, deltas: Dict[int, Tensor], metric, pairs,
-                   draws: Optional[Tensor] = None, clean_logits: Optional[Tensor] = None, mask: Optional[Tensor] = None,
-                   temperature: float = 1.0):
+def carried_damage(
+    model,
+    tokens: Tensor,
+    states,
+    cache,
+    deltas: Dict[int, Tensor],
+    metric,
+    pairs,
+    draws: Optional[Tensor] = None,
+    clean_logits: Optional[Tensor] = None,
+    mask: Optional[Tensor] = None,
+    temperature: float = 1.0,
+):
     """Method "readout": {l: (singles [n, B], pairs [n, n, B])} = metric(unembed_streams(x_L + C_l delta))
     for each stream and pair ablated at l (module docstring); `metric` is the exact map's KL. With
     `draws` y [K, B, pos] (and clean_logits, mask) also {l: (singles [K, n, B], pairs [K, n, n, B])}
@@ -203,7 +231,7 @@ def carried_damage(model, tokens: Tensor, states, cache, deltas: Dict[int, Tenso
         ref_p = log_probs(clean_logits, temperature).double().exp()
         root_w = _weights(mask.to(ref_p.device), torch.float64).nan_to_num(0.0).sqrt()
     with torch.no_grad(), model.frozen_mixing(cache):
-        final = model(tokens, stop_at_sublayer=n_sub)                            # [B, pos, n, d]
+        final = model(tokens, stop_at_sublayer=n_sub)  # [B, pos, n, d]
         carry = residual_carry(model, cache)
         out = {}
         for l, d in deltas.items():
@@ -221,10 +249,11 @@ def carried_damage(model, tokens: Tensor, states, cache, deltas: Dict[int, Tenso
                 value = metric(z[None])[0].double().cpu()
                 if draws is None:
                     return value, None
-                dz = (z.double() - clean_logits.double()) / temperature                      # [B, pos, vocab]
-                mean = (ref_p * dz).sum(-1)                                                     # [B, pos]
-                picked = dz[None].expand(k, *dz.shape).gather(-1, draws[..., None])[..., 0]    # [K, B, pos]
-                return value, ((picked - mean) * root_w).sum(-1).cpu()                          # [K, B]
+                dz = (z.double() - clean_logits.double()) / temperature  # [B, pos, vocab]
+                mean = (ref_p * dz).sum(-1)  # [B, pos]
+                picked = dz[None].expand(k, *dz.shape).gather(-1, draws[..., None])[..., 0]  # [K, B, pos]
+                return value, ((picked - mean) * root_w).sum(-1).cpu()  # [K, B]
+
             for s in range(n):
                 singles[s], vd = score(moved[s])
                 if vd is not None:
@@ -237,8 +266,19 @@ def carried_damage(model, tokens: Tensor, states, cache, deltas: Dict[int, Tenso
     return out
 
 
-def ig_site_damage(model, states, cache, delta: Tensor, start: int, metric, *, steps: int, frozen: bool = True,
-                   tokens: Optional[Tensor] = None, max_rows: Optional[int] = None) -> Tensor:
+def ig_site_damage(
+    model,
+    states,
+    cache,
+    delta: Tensor,
+    start: int,
+    metric,
+    *,
+    steps: int,
+    frozen: bool = True,
+    tokens: Optional[Tensor] = None,
+    max_rows: Optional[int] = None,
+) -> Tensor:
     """Integrated-gradient estimate of M(x_start + delta) - M(x_start) along the straight path
     (midpoint rule, `steps` points stacked as replicas): [B] float64. `metric` maps logits
     [k, B, pos, vocab] to [k, B]; tokens [B, pos]: the clean run's ids (token-routed models)."""
@@ -252,14 +292,14 @@ def ig_site_damage(model, states, cache, delta: Tensor, start: int, metric, *, s
     freeze = model.frozen_mixing(cache) if frozen else contextlib.nullcontext()
     with torch.enable_grad(), freeze:
         for c in range(0, steps, per_chunk):
-            a = alphas[c:c + per_chunk].to(x.device)
+            a = alphas[c : c + per_chunk].to(x.device)
             k = len(a)
             point = (x.double()[None] + a.view(k, 1, 1, 1, 1) * delta.double()[None]).to(x.dtype)
-            point = point.flatten(0, 1).requires_grad_(True)                       # [k*B, pos, n, d]
-            ids = None if tokens is None else tokens.repeat(k, 1)                   # [k*B, pos]
+            point = point.flatten(0, 1).requires_grad_(True)  # [k*B, pos, n, d]
+            ids = None if tokens is None else tokens.repeat(k, 1)  # [k*B, pos]
             logits = model(point, start_at_sublayer=start, tokens=ids)
             values = metric(logits.view(k, b, *logits.shape[1:]))
-            g, = torch.autograd.grad(values.nan_to_num(0.0).sum(), point)
+            (g,) = torch.autograd.grad(values.nan_to_num(0.0).sum(), point)
             total += (g.view(k, b, *g.shape[1:]).double() * delta.double()[None]).sum((0, 2, 3, 4))
     return total / steps
 
@@ -280,8 +320,10 @@ class ApproxAblateRescue(AblateRescue):
         if method not in METHODS:
             raise ValueError(f"unknown method {method!r}: use one of {METHODS}")
         if kwargs.get("mode", "one_shot") != "one_shot":
-            raise ValueError("the approximate map estimates mode='one_shot' only (a persistent ablation is not "
-                             "one site's state change); run ablate_and_rescue(mode='persistent') for it")
+            raise ValueError(
+                "the approximate map estimates mode='one_shot' only (a persistent ablation is not "
+                "one site's state change); run ablate_and_rescue(mode='persistent') for it"
+            )
         if kwargs.get("pairs") is not None:
             raise ValueError("the approximate map covers every stream pair (pairs= is not supported)")
         for name, value in (("samples", samples), ("steps", steps)):
@@ -293,11 +335,15 @@ class ApproxAblateRescue(AblateRescue):
     def setup(self, model) -> None:
         super().setup(model)
         if self.method.startswith("readout") and not self.frozen:
-            raise ValueError(f"method={self.method!r} carries the ablation along the frozen residual mixing: it needs "
-                             "frozen=True (the exact map's default)")
+            raise ValueError(
+                f"method={self.method!r} carries the ablation along the frozen residual mixing: it needs "
+                "frozen=True (the exact map's default)"
+            )
         if self.method.startswith("readout") and not hasattr(model, "unembed_streams"):
-            raise ValueError(f"method={self.method!r} needs model.unembed_streams (the final readout); "
-                             f"{type(model).__name__} has none")
+            raise ValueError(
+                f"method={self.method!r} needs model.unembed_streams (the final readout); "
+                f"{type(model).__name__} has none"
+            )
         self.generator = torch.Generator().manual_seed(self.seed)
         self.passes = {"forwards": 0.0, "backwards": 0.0, "readouts": 0.0}
 
@@ -312,10 +358,17 @@ class ApproxAblateRescue(AblateRescue):
         singles = torch.zeros(len(self.layers), n, b, dtype=torch.float64)
         pairs = torch.zeros(len(self.layers), n, n, b, dtype=torch.float64)
         if self.method == "readout":
-            carried = carried_damage(model, tokens, states, cache, deltas, kl_metric(logits, mask, self.temperature),
-                                     self.pair_list)
+            carried = carried_damage(
+                model,
+                tokens,
+                states,
+                cache,
+                deltas,
+                kl_metric(logits, mask, self.temperature),
+                self.pair_list,
+            )
             singles, pairs = (torch.stack([carried[l][k] for l in self.layers]) for k in (0, 1))
-            self.passes["forwards"] += 2                   # the clean run and the run to the final state
+            self.passes["forwards"] += 2  # the clean run and the run to the final state
             self.passes["readouts"] += len(self.layers) * (n + len(self.pair_list))
         elif self.method == "readout_fisher":
             self._readout_fisher(model, tokens, mask, logits, states, cache, deltas, singles, pairs)
@@ -323,9 +376,18 @@ class ApproxAblateRescue(AblateRescue):
             self.passes["backwards"] += self.samples
             self.passes["readouts"] += len(self.layers) * (n + len(self.pair_list))
         elif self.method == "fisher":
-            proj = fisher_projections(model, tokens, mask, deltas, samples=self.samples, temperature=self.temperature,
-                                      frozen=self.frozen, generator=self.generator, clean_logits=logits)
-            singles = 0.5 * (proj ** 2).mean(0).permute(0, 2, 1)                                    # [L, n, B]
+            proj = fisher_projections(
+                model,
+                tokens,
+                mask,
+                deltas,
+                samples=self.samples,
+                temperature=self.temperature,
+                frozen=self.frozen,
+                generator=self.generator,
+                clean_logits=logits,
+            )
+            singles = 0.5 * (proj**2).mean(0).permute(0, 2, 1)  # [L, n, B]
             for i, j in self.pair_list:
                 pairs[:, i, j] = 0.5 * ((proj[..., i] + proj[..., j]) ** 2).mean(0)
             # the clean run above and the gradient pass's own forward; `samples` backwards
@@ -338,27 +400,49 @@ class ApproxAblateRescue(AblateRescue):
                 for streams in [(s,) for s in range(n)] + self.pair_list:
                     d = torch.zeros_like(deltas[l])
                     d[:, :, list(streams)] = deltas[l][:, :, list(streams)]
-                    target = singles[li, streams[0]] if len(streams) == 1 else pairs[li, streams[0], streams[1]]
-                    target.copy_(ig_site_damage(model, states, cache, d, l, metric, steps=self.steps,
-                                                frozen=self.frozen, tokens=tokens, max_rows=self.max_rows).cpu())
-            site_fwd = self.steps * len(self.pair_list + list(range(n))) * sum((n_sub - l) / n_sub for l in self.layers)
+                    target = (
+                        singles[li, streams[0]] if len(streams) == 1 else pairs[li, streams[0], streams[1]]
+                    )
+                    target.copy_(
+                        ig_site_damage(
+                            model,
+                            states,
+                            cache,
+                            d,
+                            l,
+                            metric,
+                            steps=self.steps,
+                            frozen=self.frozen,
+                            tokens=tokens,
+                            max_rows=self.max_rows,
+                        ).cpu()
+                    )
+            site_fwd = (
+                self.steps
+                * len(self.pair_list + list(range(n)))
+                * sum((n_sub - l) / n_sub for l in self.layers)
+            )
             self.passes["forwards"] += 1 + site_fwd
             self.passes["backwards"] += site_fwd
         else:
-            dz = logit_changes(model, states, deltas, cache if self.frozen else None, tokens=tokens, frozen=self.frozen)
+            dz = logit_changes(
+                model, states, deltas, cache if self.frozen else None, tokens=tokens, frozen=self.frozen
+            )
             score = _quadratic if self.method == "gauss_newton" else _kl_linearised
             for li, l in enumerate(self.layers):
                 for s in range(n):
                     singles[li, s] = score(ref, dz[l][s], weights, self.temperature).double().cpu()
                 for i, j in self.pair_list:
-                    pairs[li, i, j] = score(ref, dz[l][i] + dz[l][j], weights, self.temperature).double().cpu()
+                    pairs[li, i, j] = (
+                        score(ref, dz[l][i] + dz[l][j], weights, self.temperature).double().cpu()
+                    )
             n_sub = model.cfg.n_sublayers
             self.passes["forwards"] += 1 + 2 * n * sum((n_sub - l) / n_sub for l in self.layers)
-        nan = torch.isnan(weights.sum(-1)).cpu()                         # a prompt with nothing to score
+        nan = torch.isnan(weights.sum(-1)).cpu()  # a prompt with nothing to score
         per_prompt = torch.full((2, len(self.layers), n, n, b), float("nan"), dtype=torch.float64)
         for i, j in self.pair_list:
             per_prompt[0, :, i, j] = per_prompt[0, :, j, i] = pairs[:, i, j]
-            per_prompt[1, :, i, j] = singles[:, i]                       # one-shot: restoring j leaves i ablated
+            per_prompt[1, :, i, j] = singles[:, i]  # one-shot: restoring j leaves i ablated
             per_prompt[1, :, j, i] = singles[:, j]
         per_prompt[..., nan] = float("nan")
         self.stats.add(per_prompt)
@@ -366,44 +450,90 @@ class ApproxAblateRescue(AblateRescue):
     def _readout_fisher(self, model, tokens, mask, logits, states, cache, deltas, singles, pairs) -> None:
         """Method "readout_fisher" into singles [L, n, B] / pairs [L, n, n, B]: the carried readout
         plus the later reads' part u to second order from the Fisher draws (module docstring)."""
-        ref_p = log_probs(logits, self.temperature).exp().flatten(0, 1).float().cpu()    # [B*pos, vocab]
-        draws = torch.stack([torch.multinomial(ref_p, 1, generator=self.generator).view(tokens.shape)
-                             for _ in range(self.samples)])                               # [K, B, pos]
-        carried = carried_damage(model, tokens, states, cache, deltas, kl_metric(logits, mask, self.temperature),
-                                 self.pair_list, draws=draws.to(logits.device), clean_logits=logits, mask=mask,
-                                 temperature=self.temperature)
+        ref_p = log_probs(logits, self.temperature).exp().flatten(0, 1).float().cpu()  # [B*pos, vocab]
+        draws = torch.stack(
+            [
+                torch.multinomial(ref_p, 1, generator=self.generator).view(tokens.shape)
+                for _ in range(self.samples)
+            ]
+        )  # [K, B, pos]
+        carried = carried_damage(
+            model,
+            tokens,
+            states,
+            cache,
+            deltas,
+            kl_metric(logits, mask, self.temperature),
+            self.pair_list,
+            draws=draws.to(logits.device),
+            clean_logits=logits,
+            mask=mask,
+            temperature=self.temperature,
+        )
         carry = residual_carry(model, cache)
         moved = {l: torch.einsum("bpts,bpsd->sbptd", carry[l], deltas[l].double()) for l in self.layers}
-        proj, proj_final = fisher_projections(model, tokens, mask, deltas, samples=self.samples,
-                                              temperature=self.temperature, frozen=True, clean_logits=logits,
-                                              carried=moved, draws=draws)
-        ind = proj - proj_final                                                           # [K, L, B, n]: v . u
+        proj, proj_final = fisher_projections(
+            model,
+            tokens,
+            mask,
+            deltas,
+            samples=self.samples,
+            temperature=self.temperature,
+            frozen=True,
+            clean_logits=logits,
+            carried=moved,
+            draws=draws,
+        )
+        ind = proj - proj_final  # [K, L, B, n]: v . u
         for li, l in enumerate(self.layers):
             c_single, c_pair, v_single, v_pair = carried[l]
-            u = ind[:, li].permute(0, 2, 1)                                                # [K, n, B]
-            singles[li] = c_single + (v_single * u).mean(0) + 0.5 * (u ** 2).mean(0)
+            u = ind[:, li].permute(0, 2, 1)  # [K, n, B]
+            singles[li] = c_single + (v_single * u).mean(0) + 0.5 * (u**2).mean(0)
             for i, j in self.pair_list:
                 uij = u[:, i] + u[:, j]
-                pairs[li, i, j] = c_pair[i, j] + (v_pair[:, i, j] * uij).mean(0) + 0.5 * (uij ** 2).mean(0)
+                pairs[li, i, j] = c_pair[i, j] + (v_pair[:, i, j] * uij).mean(0) + 0.5 * (uij**2).mean(0)
 
     def result(self) -> RescueResult:
         out = super().result()
-        out.meta.update(method=self.method, samples=self.samples if "fisher" in self.method else None,
-                        steps=self.steps if self.method == "ig_site" else None,
-                        passes=dict(self.passes), estimate="approximate (docs/attribution.md)")
+        out.meta.update(
+            method=self.method,
+            samples=self.samples if "fisher" in self.method else None,
+            steps=self.steps if self.method == "ig_site" else None,
+            passes=dict(self.passes),
+            estimate="approximate (docs/attribution.md)",
+        )
         return out
 
 
-def approximate_rescue(model, tokens, *, method: str = "readout", samples: int = 4, seed: int = 0, steps: int = 2,
-                       batch_size: int = 8, seq_len: Optional[int] = None, max_tokens: Optional[int] = None,
-                       exclude_first: int = 1, pad_id: int = 0, progress: bool = False, **kwargs) -> RescueResult:
+def approximate_rescue(
+    model,
+    tokens,
+    *,
+    method: str = "readout",
+    samples: int = 4,
+    seed: int = 0,
+    steps: int = 2,
+    batch_size: int = 8,
+    seq_len: Optional[int] = None,
+    max_tokens: Optional[int] = None,
+    exclude_first: int = 1,
+    pad_id: int = 0,
+    progress: bool = False,
+    **kwargs,
+) -> RescueResult:
     """Estimate `ablate_and_rescue(model, tokens, **kwargs)` (one-shot) with `ApproxAblateRescue`;
     the runner's options and masks are those of `ablate_and_rescue`. `meta["passes"]` counts the
     forwards and backwards (in prompt batches)."""
     from ..runner import run_probes
 
-    options = dict(batch_size=batch_size, seq_len=seq_len, max_tokens=max_tokens, exclude_first=exclude_first,
-                   pad_id=pad_id, progress=progress)
+    options = dict(
+        batch_size=batch_size,
+        seq_len=seq_len,
+        max_tokens=max_tokens,
+        exclude_first=exclude_first,
+        pad_id=pad_id,
+        progress=progress,
+    )
     probe = ApproxAblateRescue(method=method, samples=samples, seed=seed, steps=steps, **kwargs)
     if probe.uses_corpus_mean:
         probe.fit_corpus_mean(model, tokens, **options)
@@ -430,8 +560,12 @@ def rescue_fidelity(estimate: RescueResult, exact: RescueResult, k: int = 10) ->
     off = ~np.eye(n, dtype=bool)
     pick_single = lambda r: np.stack([r["kl_rescued"][:, a, (a + 1) % n] for a in range(n)], 1)  # noqa: E731
     return {
-        "damage_pairs": fidelity(estimate["kl_ablated"][:, iu[0], iu[1]], exact["kl_ablated"][:, iu[0], iu[1]], 0.0, k),
+        "damage_pairs": fidelity(
+            estimate["kl_ablated"][:, iu[0], iu[1]], exact["kl_ablated"][:, iu[0], iu[1]], 0.0, k
+        ),
         "damage_single": fidelity(pick_single(estimate), pick_single(exact), 0.0, k),
         "rescue": fidelity(estimate["rescue"][:, off], exact["rescue"][:, off], 0.0, k),
-        "global_rescue": fidelity(estimate["global_rescue"][off], exact["global_rescue"][off], 0.0, min(k, 3)),
+        "global_rescue": fidelity(
+            estimate["global_rescue"][off], exact["global_rescue"][off], 0.0, min(k, 3)
+        ),
     }

@@ -283,7 +283,7 @@ def test_default_ordinal_sequences_are_runs_of_single_tokens():
     of 3 is left out; with no usable list the skip reason says so (not "no tokenizer")."""
     from types import SimpleNamespace
 
-    from mhc_interp.probes.heads import DEFAULT_ORDINAL_WORDS, _default_ordinal_ids
+    from mhc_interp.probes.head_inputs import DEFAULT_ORDINAL_WORDS, _default_ordinal_ids
 
     split = {" four", " five", " six", " seven", " eight", " nine", " March", " 4"}
     vocab = {w: i for i, w in enumerate(w for ws in DEFAULT_ORDINAL_WORDS.values() for w in ws)}

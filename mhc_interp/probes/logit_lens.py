@@ -438,25 +438,26 @@ class LogitLens(Probe):
                 kl_w[:, sl], agree_w[:, sl] = w_kl[:, 0], w_agree[:, 0]
         kl = (kl + fin.neg_entropy).clamp_min(0)
         kl_w = (kl_w + fin.neg_entropy).clamp_min(0)
-        # per sequence sums (for the standard errors): S [..., batch], n_i [batch]
-        seq = torch.div(rows, mask.shape[1], rounding_mode="floor")
-        n_i = torch.bincount(seq, minlength=mask.shape[0]).double()
-        for key, per_tok in (
-            ("kl", kl),
-            ("top1", agree.double()),
-            ("kl_write", kl_w),
-            ("top1_write", agree_w.double()),
-        ):
-            S = torch.zeros(*per_tok.shape[:-1], mask.shape[0], dtype=torch.float64, device=device)
-            S.index_add_(-1, seq, per_tok)
+        per_token = {"kl": kl, "top1": agree.double(), "kl_write": kl_w, "top1_write": agree_w.double()}
+        self._add_sequence_sums(per_token, rows, mask)
+        self.decomposition_error = max(self.decomposition_error, float(err))
+        self.final_contrib += at_top.sum(1)
+        self.count += n_tok
+
+    def _add_sequence_sums(self, per_token: Dict[str, Tensor], rows: Tensor, mask: Tensor) -> None:
+        """Add each statistic's per-token values [..., N] to its token sum, and per sequence i (S_i
+        its sum, n_i its scored tokens) to sum_i S_i^2 and sum_i S_i n_i, for `result`'s
+        clustered standard errors."""
+        seq = torch.div(rows, mask.shape[1], rounding_mode="floor")  # [N] sequence of each row
+        n_i = torch.bincount(seq, minlength=mask.shape[0]).double()  # [batch]
+        for key, values in per_token.items():
+            S = torch.zeros(*values.shape[:-1], mask.shape[0], dtype=torch.float64, device=values.device)
+            S.index_add_(-1, seq, values)  # [..., batch]
             self.sums[key] += S.sum(-1)
             self.sq[key] += (S * S).sum(-1)
             self.cross[key] += S @ n_i
         self.n_sq += float((n_i * n_i).sum())
         self.groups += int((n_i > 0).sum())
-        self.decomposition_error = max(self.decomposition_error, float(err))
-        self.final_contrib += at_top.sum(1)
-        self.count += n_tok
 
     def _block_tokens(self, rows: int) -> int:
         """Tokens per vocabulary-sized block: `chunk_tokens` x (n_views + n_streams) rows of d_vocab

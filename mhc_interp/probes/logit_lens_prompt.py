@@ -47,6 +47,32 @@ def _view_logits(contrib: Tensor, subsets: Sequence[Tuple[int, ...]]) -> Tensor:
     return torch.stack(views, 1)
 
 
+def _write_arrays(
+    model, cache, subs: List[str], translator: Translator, final_lp: Tensor, top: Tensor, k: int
+) -> Dict[str, Tensor]:
+    """The lens on each sublayer's branch output (`{sub}.hook_write` [1, pos, d] in `cache`):
+    write_topk_ids / write_topk_probs [sublayer, pos, k] and write_kl [sublayer, pos], against the
+    final log-probs `final_lp` [pos, V] (top [pos]: their argmax)."""
+    writes = [f"{sub}.hook_write" for sub in subs]
+    wl = (
+        torch.stack([_write_readout(model, _translate(translator, site, cache[site][0])) for site in writes])
+        if writes
+        else final_lp.new_zeros(0, *final_lp.shape)
+    )  # [sublayer, pos, V]
+    w_probs, w_ids = F.softmax(wl, -1).topk(k, dim=-1)
+    kl = _kl_top1(final_lp, top, wl.transpose(0, 1))[0].T  # [sublayer, pos]
+    return {"write_topk_ids": w_ids, "write_topk_probs": w_probs, "write_kl": kl}
+
+
+def _token_strings(tokenizer, out: Dict[str, np.ndarray]) -> Dict[str, object]:
+    """meta's token_strs (the prompt's tokens) and vocab_strs (every token id in a top-k)."""
+    shown = np.concatenate([out[key].ravel() for key in ("topk_ids", "write_topk_ids", "final_topk_ids")])
+    return {
+        "token_strs": [tokenizer.decode([int(t)]) for t in out["tokens"]],
+        "vocab_strs": {int(t): tokenizer.decode([int(t)]) for t in np.unique(shown)},
+    }
+
+
 # ------------------------------------------------------------------------ single prompt
 @torch.no_grad()
 def logit_lens(
@@ -98,15 +124,8 @@ def logit_lens(
         for key, v in zip(arrays, (ids.transpose(0, 1), probs.transpose(0, 1), kl.T, agree.T)):
             arrays[key].append(v)
     out = {key: torch.stack(v).cpu().numpy() for key, v in arrays.items()}
-    writes = [f"{sub}.hook_write" for sub in subs]
-    wl = (
-        torch.stack([_write_readout(model, _translate(translator, site, cache[site][0])) for site in writes])
-        if writes
-        else final.new_zeros(0, *final.shape)
-    )  # [sublayer, pos, V]
-    w_probs, w_ids = F.softmax(wl, -1).topk(k, dim=-1)
-    out["write_topk_ids"], out["write_topk_probs"] = w_ids.cpu().numpy(), w_probs.cpu().numpy()
-    out["write_kl"] = _kl_top1(final_lp, top, wl.transpose(0, 1))[0].T.cpu().numpy()
+    for key, v in _write_arrays(model, cache, subs, translator, final_lp, top, k).items():
+        out[key] = v.cpu().numpy()
     contrib = _readout(model, cache[final_site][0])  # [pos, n, V]
     f_ids = final.topk(k, dim=-1).indices  # [pos, k]
     out["final_topk_ids"] = f_ids.cpu().numpy()
@@ -126,15 +145,7 @@ def logit_lens(
         "kl_direction": "KL(P_final || P_view), nats",
     }
     if model.tokenizer is not None:
-        meta["token_strs"] = [model.tokenizer.decode([int(t)]) for t in out["tokens"]]
-        meta["vocab_strs"] = {
-            int(t): model.tokenizer.decode([int(t)])
-            for t in np.unique(
-                np.concatenate(
-                    [out["topk_ids"].ravel(), out["write_topk_ids"].ravel(), out["final_topk_ids"].ravel()]
-                )
-            )
-        }
+        meta.update(_token_strings(model.tokenizer, out))
     return PromptLensResult("logit_lens_prompt", out, meta)
 
 

@@ -254,43 +254,41 @@ def cmd_train(args) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The command line's parser: one subcommand per `cmd_*`."""
-    parser = argparse.ArgumentParser(
-        prog="mhc-interp", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+def _model_options(p, default_model="the shipped demo model") -> None:
+    """--model, --device, --dtype: which model to load and how."""
+    p.add_argument("--model", default=None, help=f"hub id, folder or .pt (default: {default_model})")
+    p.add_argument("--device", default="cpu")
+    p.add_argument(
+        "--dtype",
+        default="float32",
+        choices=["float32", "bfloat16", "float16", "float64", "auto"],
+        help="the model's dtype; auto = the checkpoint's own (default float32)",
     )
-    parser.add_argument("--version", action="version", version=f"mhc-interp {__version__}")
-    sub = parser.add_subparsers(dest="command")
 
-    def common(p, default_model="the shipped demo model"):
-        p.add_argument("--model", default=None, help=f"hub id, folder or .pt (default: {default_model})")
-        p.add_argument("--device", default="cpu")
-        p.add_argument(
-            "--dtype",
-            default="float32",
-            choices=["float32", "bfloat16", "float16", "float64", "auto"],
-            help="the model's dtype; auto = the checkpoint's own (default float32)",
-        )
 
-    def corpus_opts(p):
-        p.add_argument(
-            "--corpus",
-            nargs="*",
-            default=None,
-            help="UTF-8 text files or folders of *.txt (default: shipped Hamlet excerpt)",
-        )
-        p.add_argument(
-            "--max-tokens",
-            type=positive_int,
-            default=None,
-            help="tokens to run the probes on (default 16384; --fast 1024)",
-        )
-        p.add_argument("--fast", action="store_true", help="a small run (tests, smoke checks)")
-        p.add_argument("--quiet", action="store_true", help="no progress bars")
+def _corpus_options(p) -> None:
+    """--corpus, --max-tokens, --fast, --quiet: the text the probes run on."""
+    p.add_argument(
+        "--corpus",
+        nargs="*",
+        default=None,
+        help="UTF-8 text files or folders of *.txt (default: shipped Hamlet excerpt)",
+    )
+    p.add_argument(
+        "--max-tokens",
+        type=positive_int,
+        default=None,
+        help="tokens to run the probes on (default 16384; --fast 1024)",
+    )
+    p.add_argument("--fast", action="store_true", help="a small run (tests, smoke checks)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
 
+
+def _add_report_parser(sub) -> None:
+    """The `report` subcommand: every probe into a report folder."""
     report = sub.add_parser("report", help="run every probe and write a report folder")
-    common(report)
-    corpus_opts(report)
+    _model_options(report)
+    _corpus_options(report)
     report.add_argument("--out", default="mhc-report")
     report.add_argument(
         "--sae",
@@ -318,13 +316,10 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="K",
         help="the rescue and patching sweeps cover K evenly spaced sublayers (default: all)",
     )
-    probe = sub.add_parser("probe", help="run one probe")
-    probe.add_argument("name", nargs="?")
-    probe.add_argument("--list", action="store_true")
-    common(probe)
-    corpus_opts(probe)
-    probe.add_argument("--out", default="mhc-probe")
-    probe.add_argument("--sae", default=None, help="an SAE folder in SAELens's format (for sae_features)")
+
+
+def _add_train_parser(sub) -> None:
+    """The `train` subcommand: a small mHC model from text files."""
     train = sub.add_parser("train", help="train a small mHC model on text files")
     train.add_argument("--texts", nargs="+", required=True)
     train.add_argument("--out", required=True)
@@ -346,11 +341,30 @@ def build_parser() -> argparse.ArgumentParser:
     ):
         train.add_argument(flag, type=kind, default=default)
     train.add_argument("--device", default="cpu")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command line's parser: one subcommand per `cmd_*`."""
+    parser = argparse.ArgumentParser(
+        prog="mhc-interp", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--version", action="version", version=f"mhc-interp {__version__}")
+    sub = parser.add_subparsers(dest="command")
+
+    _add_report_parser(sub)
+    probe = sub.add_parser("probe", help="run one probe")
+    probe.add_argument("name", nargs="?")
+    probe.add_argument("--list", action="store_true")
+    _model_options(probe)
+    _corpus_options(probe)
+    probe.add_argument("--out", default="mhc-probe")
+    probe.add_argument("--sae", default=None, help="an SAE folder in SAELens's format (for sae_features)")
+    _add_train_parser(sub)
     check = sub.add_parser("check", help="summary + logits check against shipped reference logits")
-    common(check)
+    _model_options(check)
     check.add_argument("--tol", type=float, default=1e-4)
     hooks = sub.add_parser("hooks", help="list hook points and shapes")
-    common(hooks)
+    _model_options(hooks)
     hooks.add_argument("--markdown", action="store_true")
     return parser
 

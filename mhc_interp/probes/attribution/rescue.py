@@ -394,36 +394,7 @@ class ApproxAblateRescue(AblateRescue):
             self.passes["forwards"] += 2
             self.passes["backwards"] += self.samples
         elif self.method == "ig_site":
-            metric = kl_metric(logits, mask, self.temperature)
-            n_sub = model.cfg.n_sublayers
-            for li, l in enumerate(self.layers):
-                for streams in [(s,) for s in range(n)] + self.pair_list:
-                    d = torch.zeros_like(deltas[l])
-                    d[:, :, list(streams)] = deltas[l][:, :, list(streams)]
-                    target = (
-                        singles[li, streams[0]] if len(streams) == 1 else pairs[li, streams[0], streams[1]]
-                    )
-                    target.copy_(
-                        ig_site_damage(
-                            model,
-                            states,
-                            cache,
-                            d,
-                            l,
-                            metric,
-                            steps=self.steps,
-                            frozen=self.frozen,
-                            tokens=tokens,
-                            max_rows=self.max_rows,
-                        ).cpu()
-                    )
-            site_fwd = (
-                self.steps
-                * len(self.pair_list + list(range(n)))
-                * sum((n_sub - l) / n_sub for l in self.layers)
-            )
-            self.passes["forwards"] += 1 + site_fwd
-            self.passes["backwards"] += site_fwd
+            self._ig_site(model, tokens, mask, logits, states, cache, deltas, singles, pairs)
         else:
             dz = logit_changes(
                 model, states, deltas, cache if self.frozen else None, tokens=tokens, frozen=self.frozen
@@ -438,6 +409,43 @@ class ApproxAblateRescue(AblateRescue):
                     )
             n_sub = model.cfg.n_sublayers
             self.passes["forwards"] += 1 + 2 * n * sum((n_sub - l) / n_sub for l in self.layers)
+        self._record(singles, pairs, weights)
+
+    def _ig_site(self, model, tokens, mask, logits, states, cache, deltas, singles, pairs) -> None:
+        """Method "ig_site" into singles [L, n, B] / pairs [L, n, n, B]: each stream (pair)'s
+        damage integrated along the straight path at its own site (`ig_site_damage`)."""
+        n = self.n
+        metric = kl_metric(logits, mask, self.temperature)
+        n_sub = model.cfg.n_sublayers
+        for li, l in enumerate(self.layers):
+            for streams in [(s,) for s in range(n)] + self.pair_list:
+                d = torch.zeros_like(deltas[l])
+                d[:, :, list(streams)] = deltas[l][:, :, list(streams)]
+                target = singles[li, streams[0]] if len(streams) == 1 else pairs[li, streams[0], streams[1]]
+                target.copy_(
+                    ig_site_damage(
+                        model,
+                        states,
+                        cache,
+                        d,
+                        l,
+                        metric,
+                        steps=self.steps,
+                        frozen=self.frozen,
+                        tokens=tokens,
+                        max_rows=self.max_rows,
+                    ).cpu()
+                )
+        site_fwd = (
+            self.steps * len(self.pair_list + list(range(n))) * sum((n_sub - l) / n_sub for l in self.layers)
+        )
+        self.passes["forwards"] += 1 + site_fwd
+        self.passes["backwards"] += site_fwd
+
+    def _record(self, singles: Tensor, pairs: Tensor, weights: Tensor) -> None:
+        """Add one batch's singles [L, n, B] and pairs [L, n, n, B] to the statistics as
+        [2 (joint, one-shot), L, n, n, B]; prompts with nothing to score are NaN."""
+        n, b = self.n, singles.shape[-1]
         nan = torch.isnan(weights.sum(-1)).cpu()  # a prompt with nothing to score
         per_prompt = torch.full((2, len(self.layers), n, n, b), float("nan"), dtype=torch.float64)
         for i, j in self.pair_list:

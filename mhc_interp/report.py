@@ -310,6 +310,74 @@ CSS = (
 )
 
 
+def _section_html(s_i: int, sec: Dict, section_id: str) -> List[str]:
+    """One probe's section (number s_i, anchor section_id): title, probe id, note, figures, the
+    per-sublayer selector and tables, every string escaped."""
+    esc = html.escape
+    parts = []
+    parts.append(f"<section class='probe' id='{esc(section_id)}'><h2>{esc(sec['title'])}</h2>")
+    if sec.get("probe"):
+        parts.append(f"<p class='probe-id'>probe <code>{esc(sec['probe'])}</code></p>")
+    if sec.get("note"):
+        parts.append(f"<p>{esc(sec['note'])}</p>")
+    for fig in sec["figures"]:
+        parts.append(
+            f"<figure><img src='{esc(fig['src'])}' alt='{esc(fig['name'])}'>"
+            f"<figcaption>{esc(fig['caption'])}</figcaption></figure>"
+        )
+    if sec.get("layer_figures"):
+        opts = "".join(
+            f"<option value='{esc(f['src'])}'>{esc(f['label'])}</option>" for f in sec["layer_figures"]
+        )
+        first = esc(sec["layer_figures"][0]["src"])
+        parts.append(
+            f"<p>Per sublayer: <select id='layer-select-{s_i}' onchange=\"document.getElementById("
+            f"'layer-img-{s_i}').src=this.value\">{opts}</select></p>"
+            f"<figure><img id='layer-img-{s_i}' src='{first}' alt='per-sublayer figure'></figure>"
+        )
+    for table in sec["tables"]:
+        parts.append(
+            f"<table><caption>{esc(table['title'])}</caption><tr><th></th>"
+            + "".join(f"<th>{esc(h)}</th>" for h in table["header"])
+            + "</tr>"
+        )
+        for i, row in enumerate(table["rows"]):
+            parts.append(f"<tr><th>{i}</th>" + "".join(f"<td>{esc(c)}</td>" for c in row) + "</tr>")
+        parts.append("</table>")
+    parts.append("</section>")
+    return parts
+
+
+def _timings_html(timings: Sequence[Dict], worker_timings: Sequence[Dict]) -> List[str]:
+    """The footer: wall time and share per phase, and the figures drawn in the worker process."""
+    esc = html.escape
+    parts = []
+    parts.append(
+        "<footer><h2 id='timings'>Where the time went</h2><table><caption>wall time per phase "
+        "(the page itself is written after this table)</caption><tr><th>phase</th><th>seconds</th>"
+        "<th>share</th></tr>"
+    )
+    parts += [
+        f"<tr><td style='text-align:left'>{esc(t['phase'])}</td><td>{t['seconds']:.2f}</td>"
+        f"<td>{100 * t['share']:.1f}%</td></tr>"
+        for t in timings
+    ]
+    parts.append("</table>")
+    if worker_timings:
+        parts.append(
+            "<table class='worker'><caption>figures drawn in a worker process, overlapped with the "
+            "phases above (the last ones, if the worker had not started them, in the main process "
+            "while waiting for it)</caption><tr><th>phase</th><th>seconds</th></tr>"
+        )
+        parts += [
+            f"<tr><td style='text-align:left'>{esc(t['phase'])}</td><td>{t['seconds']:.2f}</td></tr>"
+            for t in worker_timings
+        ]
+        parts.append("</table>")
+    parts.append("</footer>")
+    return parts
+
+
 def render_html(
     sections: List[Dict],
     notes: List[str],
@@ -342,59 +410,8 @@ def render_html(
     parts += [f"<li><a href='#{esc(i)}'>{esc(t)}</a></li>" for i, t in toc]
     parts.append("</ol></nav>")
     for s_i, sec in enumerate(sections):
-        parts.append(f"<section class='probe' id='{esc(ids[s_i])}'><h2>{esc(sec['title'])}</h2>")
-        if sec.get("probe"):
-            parts.append(f"<p class='probe-id'>probe <code>{esc(sec['probe'])}</code></p>")
-        if sec.get("note"):
-            parts.append(f"<p>{esc(sec['note'])}</p>")
-        for fig in sec["figures"]:
-            parts.append(
-                f"<figure><img src='{esc(fig['src'])}' alt='{esc(fig['name'])}'>"
-                f"<figcaption>{esc(fig['caption'])}</figcaption></figure>"
-            )
-        if sec.get("layer_figures"):
-            opts = "".join(
-                f"<option value='{esc(f['src'])}'>{esc(f['label'])}</option>" for f in sec["layer_figures"]
-            )
-            first = esc(sec["layer_figures"][0]["src"])
-            parts.append(
-                f"<p>Per sublayer: <select id='layer-select-{s_i}' onchange=\"document.getElementById("
-                f"'layer-img-{s_i}').src=this.value\">{opts}</select></p>"
-                f"<figure><img id='layer-img-{s_i}' src='{first}' alt='per-sublayer figure'></figure>"
-            )
-        for table in sec["tables"]:
-            parts.append(
-                f"<table><caption>{esc(table['title'])}</caption><tr><th></th>"
-                + "".join(f"<th>{esc(h)}</th>" for h in table["header"])
-                + "</tr>"
-            )
-            for i, row in enumerate(table["rows"]):
-                parts.append(f"<tr><th>{i}</th>" + "".join(f"<td>{esc(c)}</td>" for c in row) + "</tr>")
-            parts.append("</table>")
-        parts.append("</section>")
+        parts += _section_html(s_i, sec, ids[s_i])
     if timings:
-        parts.append(
-            "<footer><h2 id='timings'>Where the time went</h2><table><caption>wall time per phase "
-            "(the page itself is written after this table)</caption><tr><th>phase</th><th>seconds</th>"
-            "<th>share</th></tr>"
-        )
-        parts += [
-            f"<tr><td style='text-align:left'>{esc(t['phase'])}</td><td>{t['seconds']:.2f}</td>"
-            f"<td>{100 * t['share']:.1f}%</td></tr>"
-            for t in timings
-        ]
-        parts.append("</table>")
-        if worker_timings:
-            parts.append(
-                "<table class='worker'><caption>figures drawn in a worker process, overlapped with the "
-                "phases above (the last ones, if the worker had not started them, in the main process "
-                "while waiting for it)</caption><tr><th>phase</th><th>seconds</th></tr>"
-            )
-            parts += [
-                f"<tr><td style='text-align:left'>{esc(t['phase'])}</td><td>{t['seconds']:.2f}</td></tr>"
-                for t in worker_timings
-            ]
-            parts.append("</table>")
-        parts.append("</footer>")
+        parts += _timings_html(timings, worker_timings)
     parts.append("</body></html>")
     return "\n".join(parts)

@@ -8,7 +8,7 @@ holding more than tau of its decoder norm, else "shared" (thresholds relative to
 
 from __future__ import annotations
 
-from typing import Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -136,6 +136,48 @@ def _resolve_thresholds(n: int, threshold: Optional[float], thresholds: Optional
     return main, swept
 
 
+def _result_meta(
+    cc: Crosscoder,
+    stats: Optional[_EvalStats],
+    arrays: Dict[str, np.ndarray],
+    layers: List,
+    threshold: float,
+    counts_at_threshold: np.ndarray,
+    space: str,
+) -> Dict[str, Any]:
+    """The result's meta: sites and layers, the threshold, the group counts at it
+    (counts_at_threshold [n + 2]: streams, shared, dead), the alive count (from arrays["dead"]),
+    how dead was decided, and the crosscoder's training record."""
+    sites, n = cc.sites, len(counts_at_threshold) - 2
+    dead = arrays["dead"]
+    labels = [f"stream {s}" for s in range(n)] + ["shared", "dead"]
+    meta = {
+        "sites": [list(s) for s in sites],
+        "site_labels": [site_label(s) for s in sites],
+        "layers": layers,
+        "n_streams": n,
+        "threshold": float(threshold),
+        "threshold_relative": _relative(float(threshold), n),
+        "even_share": _even_share(n),
+        "space": space,
+        "count_labels": labels,
+        "counts_at_threshold": {lab: int(c) for lab, c in zip(labels, counts_at_threshold)},
+        "n_alive": int((~dead).sum()),
+        "dict_size": cc.dict_size,
+        "tokens_used": int(stats.n) if stats is not None else 0,
+        "dead_from": "evaluation tokens (never fired)"
+        if stats is not None
+        else f"training tracker (no firing in {cc.cfg.dead_after_tokens} tokens)",
+        "crosscoder_config": cc.cfg.to_dict(),
+        "training_steps": int(cc.steps),
+        "training_tokens": int(cc.tokens_seen),
+    }
+    if stats is not None:
+        meta["l0"] = float(arrays["l0"])
+        meta["explained_variance_total"] = float(arrays["explained_variance_total"])
+    return meta
+
+
 def _build_result(
     cc: Crosscoder,
     stats: Optional[_EvalStats],
@@ -195,31 +237,7 @@ def _build_result(
         site_stream=stream_of,
         site_layer=layer_of,
     )
-    labels = [f"stream {s}" for s in range(n)] + ["shared", "dead"]
-    meta = {
-        "sites": [list(s) for s in sites],
-        "site_labels": [site_label(s) for s in sites],
-        "layers": layers,
-        "n_streams": n,
-        "threshold": float(threshold),
-        "threshold_relative": _relative(float(threshold), n),
-        "even_share": _even_share(n),
-        "space": space,
-        "count_labels": labels,
-        "counts_at_threshold": {lab: int(c) for lab, c in zip(labels, counts[main])},
-        "n_alive": int((~dead).sum()),
-        "dict_size": cc.dict_size,
-        "tokens_used": int(stats.n) if stats is not None else 0,
-        "dead_from": "evaluation tokens (never fired)"
-        if stats is not None
-        else f"training tracker (no firing in {cc.cfg.dead_after_tokens} tokens)",
-        "crosscoder_config": cc.cfg.to_dict(),
-        "training_steps": int(cc.steps),
-        "training_tokens": int(cc.tokens_seen),
-    }
-    if stats is not None:
-        meta["l0"] = float(arrays["l0"])
-        meta["explained_variance_total"] = float(arrays["explained_variance_total"])
+    meta = _result_meta(cc, stats, arrays, layers, float(threshold), counts[main], space)
     return CrosscoderResult(probe=probe, arrays=arrays, meta=meta)
 
 

@@ -344,9 +344,6 @@ class PatchingResult(ProbeResult):
         routing map, which has no interval: cells within 2 s.e.m. of 0, s.e.m. bounded by the sum
         of both maps')}."""
         import matplotlib.pyplot as plt
-        from matplotlib.patches import Rectangle
-
-        from .figure_helpers import text_color
 
         figs = {}
         metric = self.meta["metric"]
@@ -379,43 +376,9 @@ class PatchingResult(ProbeResult):
             else:
                 noise, test = (None, "") if sem is None else (np.abs(m) < 2 * sem, "within 2 s.e.m. of 0")
             if annotated:
-                for (i, j), v in np.ndenumerate(m):
-                    if not np.isfinite(v):
-                        continue
-                    color = text_color(im.cmap(im.norm(v)))
-                    below = high is not None and high.ndim == 2 and np.isfinite(high[i, j])
-                    ax.text(
-                        j,
-                        i - (0.12 if below else 0),
-                        f"{v:.2g}",
-                        ha="center",
-                        va="center",
-                        fontsize=8,
-                        color=color,
-                    )
-                    if below:
-                        ax.text(
-                            j,
-                            i + 0.22,
-                            f"\u00b1{high[i, j] - v:.2g}",
-                            ha="center",
-                            va="center",
-                            fontsize=6,
-                            color=color,
-                        )
+                _annotate_cells(ax, im, m, high)
             if noise is not None and noise.any():
-                for i, j in zip(*np.nonzero(noise)):
-                    ax.add_patch(
-                        Rectangle(
-                            (j - 0.5, i - 0.5),
-                            1,
-                            1,
-                            fill=False,
-                            hatch="///",
-                            linewidth=0,
-                            edgecolor=(0.5, 0.5, 0.5, 0.6),
-                        )
-                    )
+                _hatch_cells(ax, noise)
             title = {"routing": "recomputed - frozen (routing)"}.get(mixing, f"mixing {mixing}")
             ax.set_title(f"{self.meta['direction']} patching, {metric}, {title}", fontsize=9)
             if noise is None:
@@ -436,6 +399,55 @@ class PatchingResult(ProbeResult):
             fig.colorbar(im, ax=ax, label=f"{metric} difference" if mixing == "routing" else metric)
             figs[f"patching_{mixing}"] = fig
         return figs
+
+
+def _annotate_cells(ax, im, m: np.ndarray, high) -> None:
+    """Write each finite cell's value of m [sublayer, stream] on it, and below it (smaller) the
+    95% interval's half-width high - m when `high` [sublayer, stream] has one there."""
+    from .figure_helpers import text_color
+
+    for (i, j), v in np.ndenumerate(m):
+        if not np.isfinite(v):
+            continue
+        color = text_color(im.cmap(im.norm(v)))
+        below = high is not None and high.ndim == 2 and np.isfinite(high[i, j])
+        ax.text(
+            j,
+            i - (0.12 if below else 0),
+            f"{v:.2g}",
+            ha="center",
+            va="center",
+            fontsize=8,
+            color=color,
+        )
+        if below:
+            ax.text(
+                j,
+                i + 0.22,
+                f"\u00b1{high[i, j] - v:.2g}",
+                ha="center",
+                va="center",
+                fontsize=6,
+                color=color,
+            )
+
+
+def _hatch_cells(ax, noise: np.ndarray) -> None:
+    """Hatch the cells where noise [sublayer, stream] is True."""
+    from matplotlib.patches import Rectangle
+
+    for i, j in zip(*np.nonzero(noise)):
+        ax.add_patch(
+            Rectangle(
+                (j - 0.5, i - 0.5),
+                1,
+                1,
+                fill=False,
+                hatch="///",
+                linewidth=0,
+                edgecolor=(0.5, 0.5, 0.5, 0.6),
+            )
+        )
 
 
 def activation_patching(

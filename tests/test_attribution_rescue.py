@@ -136,30 +136,13 @@ def test_site_ig_converges_to_the_exact_map(mhc64):
 def test_probe_uses_the_exact_probes_options_and_masks(mhc64):
     """min_kl flagging, sublayers=, temperature and exclude_first go through the exact probe's code."""
     tokens = _tokens(mhc64.cfg.d_vocab)
-    est = approximate_rescue(
-        mhc64,
-        tokens,
-        method="fisher",
-        samples=4,
-        sublayers=[1, 2],
-        min_kl=1e9,
-        temperature=2.0,
-        exclude_first=2,
-    )
+    options = dict(method="fisher", samples=4, sublayers=[1, 2], min_kl=1e9, temperature=2.0, exclude_first=2)
+    est = approximate_rescue(mhc64, tokens, **options)
     assert approximate_rescue(mhc64, tokens, sublayers=[1, 2]).meta["method"] == "readout"  # the default
     assert est["kl_ablated"].shape == (2, 4, 4) and est["low_damage"].all() and np.isnan(est["rescue"]).all()
     assert est.meta["sublayers"] == [mhc64.sublayer_names[1], mhc64.sublayer_names[2]]
     assert est.meta["method"] == "fisher" and est.meta["samples"] == 4
-    again = approximate_rescue(
-        mhc64,
-        tokens,
-        method="fisher",
-        samples=4,
-        sublayers=[1, 2],
-        min_kl=1e9,
-        temperature=2.0,
-        exclude_first=2,
-    )
+    again = approximate_rescue(mhc64, tokens, **options)
     np.testing.assert_array_equal(est["kl_ablated"], again["kl_ablated"])  # seeded
     for method in ("fisher", "readout_fisher", "readout"):  # rows follow `sublayers`
         fwd, rev = (

@@ -245,6 +245,16 @@ def _row_stats(z: Tensor, pz: Tensor, fin: _Final, sl: slice, cpu: bool) -> Tupl
     return kl.transpose(1, 2), agree.transpose(1, 2)
 
 
+def stream_sums(t: Tensor, subsets: Sequence[Tuple[int, ...]], dim: int) -> Tensor:
+    """The views that add streams, from `t` whose axis `dim` holds the streams: the sum over all
+    streams, then the sum over each subset, in one tensor whose axis `dim` has 1 + len(subsets)."""
+    out = t.new_empty(*t.shape[:dim], 1 + len(subsets), *t.shape[dim + 1 :])
+    torch.sum(t, dim, out=out.select(dim, 0))
+    for j, sub in enumerate(subsets, 1):
+        torch.sum(t.index_select(dim, torch.tensor(sub, device=t.device)), dim, out=out.select(dim, j))
+    return out
+
+
 def _dot_p(z: Tensor, p: Tensor) -> Tensor:
     """p.z per row: z [A, c, B, V], p [c, V] -> [A, c, B] (one batched GEMV)."""
     A, c, B, V = z.shape
@@ -409,13 +419,8 @@ class LogitLens(Probe):
             sl = slice(lo, lo + chunk)
             z = _readout(self.model, states[:, sl].contiguous())  # [sites, c, n, V]
             pz = _dot_p(z, fin.p[sl])  # [sites, c, n]; views add rows
-            views = torch.empty(
-                n_sites, z.shape[1], 1 + len(self.subsets), z.shape[-1], dtype=z.dtype, device=device
-            )
-            torch.sum(z, 2, out=views[:, :, 0])
-            for j, sub in enumerate(self.subsets, 1):
-                torch.sum(z[:, :, list(sub)], 2, out=views[:, :, j])
-            pz_views = torch.stack([pz.sum(2)] + [pz[:, :, list(sub)].sum(2) for sub in self.subsets], 2)
+            views = stream_sums(z, self.subsets, 2)  # [sites, c, 1 + subsets, V]
+            pz_views = stream_sums(pz, self.subsets, 2)  # p.z is linear: the same sums
             # exact decomposition at the final state (no translator: it is the model's own map)
             contrib = z[k_final] if shared_final else _readout(self.model, final_state[sl])  # [c, n, V]
             err = torch.maximum(

@@ -22,6 +22,7 @@ from .logit_lens import (
     _write_readout,
     check_subsets,
     lens_sites,
+    stream_sums,
 )
 from .sites import SiteSpec, site_label
 
@@ -42,9 +43,8 @@ def _kl_top1(final_lp: Tensor, final_top: Tensor, logits: Tensor) -> Tuple[Tenso
 
 def _view_logits(contrib: Tensor, subsets: Sequence[Tuple[int, ...]]) -> Tensor:
     """contrib [N, n, V] -> view logits [N, n_views, V]: sum, each stream, each subset."""
-    views = [contrib.sum(1)] + [contrib[:, s] for s in range(contrib.shape[1])]
-    views += [contrib[:, list(sub)].sum(1) for sub in subsets]
-    return torch.stack(views, 1)
+    added = stream_sums(contrib, subsets, 1)  # [N, 1 + subsets, V]
+    return torch.cat([added[:, :1], contrib, added[:, 1:]], 1)
 
 
 def _write_arrays(

@@ -26,6 +26,7 @@ sublayer, like a state cache); nothing else is cached beyond what autograd itsel
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Sequence
 
@@ -171,6 +172,27 @@ def ig_alphas(steps: int) -> Tensor:
     return (torch.arange(steps, dtype=torch.float64) + 0.5) / steps
 
 
+def mixing_context(model, frozen_cache=None):
+    """`model.frozen_mixing(frozen_cache)`, or a context that changes nothing when it is None."""
+    return contextlib.nullcontext() if frozen_cache is None else model.frozen_mixing(frozen_cache)
+
+
+def ig_path(model, x: Tensor, delta: Tensor, tokens: Optional[Tensor], steps: int, max_rows: Optional[int]):
+    """The points x + a delta (x, delta [B, pos, n, d]) at the midpoints a of `ig_alphas(steps)`,
+    in chunks of k replicas stacked replica-major (k*B rows within `rows_per_forward`): yields
+    (k, points [k*B, pos, n, d] in x's dtype, token ids [k*B, pos] or None)."""
+    from ...hooks.batched import rows_per_forward
+
+    b = x.shape[0]
+    per_chunk = max(1, rows_per_forward(model, b, x.shape[1], max_rows) // b)
+    alphas = ig_alphas(steps).to(x.device)
+    for c in range(0, steps, per_chunk):
+        a = alphas[c : c + per_chunk]
+        k = len(a)
+        points = x.double()[None] + a.view(k, 1, 1, 1, 1) * delta.double()[None]  # [k, B, pos, n, d]
+        yield k, points.to(x.dtype).flatten(0, 1), None if tokens is None else tokens.repeat(k, 1)
+
+
 def ig_gradients(
     model,
     base_init: Tensor,
@@ -185,44 +207,30 @@ def ig_gradients(
     max_rows: Optional[int] = None,
 ) -> Gradients:
     """Integrated gradients along x_0(a) = x_0 + a (x*_0 - x_0): `steps` points, stacked as
-    replicas in the batch axis, `rows // B` replicas per forward. base_init, source_init
-    [B, pos, n, d] are the states entering sublayer 0; `tokens` the base prompts (hash-routed
-    adapters route by them). frozen_cache: freeze every coefficient to this (base) cache."""
-    import contextlib
-
-    from ...hooks.batched import rows_per_forward
-
-    b, p = base_init.shape[:2]
-    per_chunk = max(1, rows_per_forward(model, b, p, max_rows) // b)
-    alphas = ig_alphas(steps)
+    replicas in the batch axis (`ig_path`). base_init, source_init [B, pos, n, d] are the states
+    entering sublayer 0; `tokens` the base prompts (hash-routed adapters route by them).
+    frozen_cache: freeze every coefficient to this (base) cache."""
+    totals = ({}, {})  # over the path: state grads {l}, mixing grads {name}
     delta = (source_init - base_init).double()  # [B, pos, n, d]
-    total_states: Dict[int, Tensor] = {}
-    total_mixing: Dict[str, Tensor] = {}
-    freeze = model.frozen_mixing(frozen_cache) if frozen_cache is not None else contextlib.nullcontext()
-    with freeze:
-        for c in range(0, steps, per_chunk):
-            a = alphas[c : c + per_chunk]
-            k = len(a)
-            x0 = base_init.double()[None] + a.view(k, 1, 1, 1, 1).to(delta.device) * delta[None]
-            x0 = x0.to(base_init.dtype).flatten(0, 1)  # [k*B, pos, n, d]
-            ids = tokens.repeat(k, 1)
-
-            def run(x0=x0, ids=ids):
-                return model(x0, start_at_sublayer=0, tokens=ids)
-
-            _, _, _, g_states, g_mixing, _ = _backward(
-                model, run, metric, k, sublayers, capture_mixing, detach_mixing=False
+    with mixing_context(model, frozen_cache):
+        for k, x0, ids in ig_path(model, base_init, delta, tokens, steps, max_rows):
+            grads = _backward(
+                model,
+                lambda: model(x0, start_at_sublayer=0, tokens=ids),
+                metric,
+                k,
+                sublayers,
+                capture_mixing,
+                detach_mixing=False,
             )
-            for l, g in g_states.items():
-                total_states[l] = g if l not in total_states else total_states[l] + g
-            for n, g in g_mixing.items():
-                total_mixing[n] = g if n not in total_mixing else total_mixing[n] + g
+            for total, new in zip(totals, grads[3:5]):
+                for key, g in new.items():
+                    total[key] = total[key] + g if key in total else g
     return Gradients(
-        torch.full((b,), float("nan")),
+        torch.full((base_init.shape[0],), float("nan")),
         None,
         {},
-        {l: g / steps for l, g in total_states.items()},
-        {n: g / steps for n, g in total_mixing.items()},
+        *({key: g / steps for key, g in total.items()} for total in totals),
         {},
         passes=float(steps),
     )

@@ -9,7 +9,6 @@ Cost: 3 x (number of sublayers) resumed forwards per prompt batch.
 
 from __future__ import annotations
 
-import contextlib
 from typing import Optional, Sequence
 
 import numpy as np
@@ -18,6 +17,7 @@ from torch import Tensor
 
 from ..causal import clean_run
 from ..patching import ActivationPatching
+from .core import mixing_context
 
 PARTS = ("h_pre", "h_post", "h_res")
 
@@ -61,8 +61,7 @@ def exact_mixer_patching(
     )
     score = spec._metric(clean_logits, mask, rows)
     out = torch.empty(len(spec.layers), len(PARTS), b, dtype=torch.float64)
-    freeze = model.frozen_mixing(base_cache) if mixing == "frozen" else contextlib.nullcontext()
-    with torch.no_grad(), freeze:
+    with torch.no_grad(), mixing_context(model, base_cache if mixing == "frozen" else None):
         for i, l in enumerate(spec.layers):
             name = model.sublayer_names[l]
             for j, part in enumerate(PARTS):

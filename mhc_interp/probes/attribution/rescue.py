@@ -71,7 +71,6 @@ g_l^k . delta - g_L^k . C_l delta = v_k . u (g_L the draw's gradient at the fina
 
 from __future__ import annotations
 
-import contextlib
 from typing import Dict, Optional, Sequence
 
 import numpy as np
@@ -80,7 +79,7 @@ from torch import Tensor
 
 from ..causal import clean_run, kl_metric, log_probs, score_dtype
 from ..rescue import AblateRescue, RescueResult, ablation_values
-from .core import _capture_hooks
+from .core import _capture_hooks, ig_path, mixing_context
 
 METHODS = ("readout", "readout_fisher", "fisher", "gauss_newton", "linearised", "ig_site")
 
@@ -95,6 +94,12 @@ def _deltas(states: Dict[int, Tensor], values: Dict[int, Tensor], layers: Sequen
     """Zero / mean / tensor ablation of each stream alone: delta_l = value_l - x_l [B, pos, n, d]
     (stream s of delta_l is the change ablating s makes; a pair's change is the sum of two)."""
     return {l: (values[l].to(states[l].dtype) - states[l]).expand_as(states[l]) for l in layers}
+
+
+def _resumed_share(model, layers: Sequence[int]) -> float:
+    """Forward-equivalents of one resumed forward from each sublayer l of `layers`: sum_l (L - l) / L."""
+    n_sub = model.cfg.n_sublayers
+    return sum((n_sub - l) / n_sub for l in layers)
 
 
 def fisher_projections(
@@ -155,31 +160,24 @@ def fisher_projections(
     return out if carried is None else (out, out_final)
 
 
-def _resumed_logits(
-    model, state: Tensor, start: int, cache, frozen: bool, tokens: Optional[Tensor]
-) -> Tensor:
-    freeze = model.frozen_mixing(cache) if frozen else contextlib.nullcontext()
-    with torch.no_grad(), freeze:
-        return model(state, start_at_sublayer=start, tokens=tokens)
-
-
-def logit_changes(
-    model, states, deltas, cache, *, tokens: Optional[Tensor] = None, frozen: bool = True, eps: float = 1e-3
-) -> Dict[int, Tensor]:
+def logit_changes(model, states, deltas, cache, *, tokens: Optional[Tensor] = None, eps: float = 1e-3):
     """dz = J delta per (sublayer, stream) by central differences of resumed forwards:
-    {l: [n, B, pos, vocab]} (2 n resumed forwards per sublayer; float64 models give ~1e-7).
-    tokens [B, pos]: the clean run's ids (for models that route by token id)."""
+    {l: [n, B, pos, vocab]} (2 n resumed forwards per sublayer; float64 models give ~1e-7), the
+    mixing frozen to `cache` (None: recomputed). tokens [B, pos]: the clean run's ids (for models
+    that route by token id)."""
     out = {}
-    n = model.cfg.n_streams
-    for l, d in deltas.items():
-        per = []
-        for s in range(n):
-            step = torch.zeros_like(d)
-            step[:, :, s] = eps * d[:, :, s]
-            up = _resumed_logits(model, states[l] + step, l, cache, frozen, tokens).to(score_dtype(d.dtype))
-            down = _resumed_logits(model, states[l] - step, l, cache, frozen, tokens).to(score_dtype(d.dtype))
-            per.append((up - down) / (2 * eps))
-        out[l] = torch.stack(per)
+    with torch.no_grad(), mixing_context(model, cache):
+        for l, d in deltas.items():
+            per = []
+            for s in range(model.cfg.n_streams):
+                step = torch.zeros_like(d)
+                step[:, :, s] = eps * d[:, :, s]
+                up, down = (
+                    model(x, start_at_sublayer=l, tokens=tokens).to(score_dtype(d.dtype))
+                    for x in (states[l] + step, states[l] - step)
+                )
+                per.append((up - down) / (2 * eps))
+            out[l] = torch.stack(per)
     return out
 
 
@@ -209,61 +207,49 @@ def residual_carry(model, cache) -> Dict[int, Tensor]:
     return out
 
 
+def carried_deltas(model, cache, deltas: Dict[int, Tensor]) -> Dict[int, Tensor]:
+    """{l: C_l delta_l per source stream s} [n(source), B, pos, n(target), d] float64: column s of
+    C_l (`residual_carry`) times stream s of delta_l, the change ablating s makes to the final state."""
+    carry = residual_carry(model, cache)
+    return {l: torch.einsum("bpts,bpsd->sbptd", carry[l], d.double()) for l, d in deltas.items()}
+
+
 def carried_damage(
     model,
     tokens: Tensor,
-    states,
     cache,
-    deltas: Dict[int, Tensor],
+    moved: Dict[int, Tensor],
     metric,
-    pairs,
+    sites,
     draws: Optional[Tensor] = None,
     clean_logits: Optional[Tensor] = None,
     mask: Optional[Tensor] = None,
     temperature: float = 1.0,
 ):
-    """Method "readout": {l: (singles [n, B], pairs [n, n, B])} = metric(unembed_streams(x_L + C_l delta))
-    for each stream and pair ablated at l (module docstring); `metric` is the exact map's KL. With
-    `draws` y [K, B, pos] (and clean_logits, mask) also {l: (singles [K, n, B], pairs [K, n, n, B])}
-    of v_k . dz_c, v_k = sqrt(w) (e_y - p) / T, dz_c the carried logit change."""
-    n_sub, n = model.cfg.n_sublayers, model.cfg.n_streams
+    """Method "readout": damage [L, n, n, B] = metric(unembed_streams(x_L + C_l delta)) for each
+    site (streams (s,) at [s, s], (i, j) at [i, j]) ablated at each l of `moved` (`carried_deltas`;
+    module docstring); `metric` is the exact map's KL. With `draws` y [K, B, pos] (and
+    clean_logits, mask) also v [K, L, n, n, B] = v_k . dz_c, v_k = sqrt(w) (e_y - p) / T, dz_c the
+    carried logit change (else None)."""
+    damage = torch.zeros(
+        len(moved), model.cfg.n_streams, model.cfg.n_streams, tokens.shape[0], dtype=torch.float64
+    )
+    v = None if draws is None else torch.zeros(len(draws), *damage.shape, dtype=torch.float64)
     if draws is not None:
         ref_p = log_probs(clean_logits, temperature).double().exp()
         root_w = _weights(mask.to(ref_p.device), torch.float64).nan_to_num(0.0).sqrt()
     with torch.no_grad(), model.frozen_mixing(cache):
-        final = model(tokens, stop_at_sublayer=n_sub)  # [B, pos, n, d]
-        carry = residual_carry(model, cache)
-        out = {}
-        for l, d in deltas.items():
-            # column s of C_l times stream s of delta: [n(source), B, pos, n(target), d]
-            moved = torch.einsum("bpts,bpsd->sbptd", carry[l], d.double())
-            b = tokens.shape[0]
-            singles = torch.zeros(n, b, dtype=torch.float64)
-            pair = torch.zeros(n, n, b, dtype=torch.float64)
-            k = 0 if draws is None else draws.shape[0]
-            v_singles = torch.zeros(k, n, b, dtype=torch.float64)
-            v_pair = torch.zeros(k, n, n, b, dtype=torch.float64)
-
-            def score(change):
-                z = model.unembed_streams((final.double() + change).to(final.dtype))
-                value = metric(z[None])[0].double().cpu()
-                if draws is None:
-                    return value, None
-                dz = (z.double() - clean_logits.double()) / temperature  # [B, pos, vocab]
-                mean = (ref_p * dz).sum(-1)  # [B, pos]
-                picked = dz[None].expand(k, *dz.shape).gather(-1, draws[..., None])[..., 0]  # [K, B, pos]
-                return value, ((picked - mean) * root_w).sum(-1).cpu()  # [K, B]
-
-            for s in range(n):
-                singles[s], vd = score(moved[s])
-                if vd is not None:
-                    v_singles[:, s] = vd
-            for i, j in pairs:
-                pair[i, j], vd = score(moved[i] + moved[j])
-                if vd is not None:
-                    v_pair[:, i, j] = vd
-            out[l] = (singles, pair) if draws is None else (singles, pair, v_singles, v_pair)
-    return out
+        final = model(tokens, stop_at_sublayer=model.cfg.n_sublayers)  # [B, pos, n, d]
+        for li, change in enumerate(moved.values()):
+            for site in sites:
+                z = model.unembed_streams((final.double() + sum(change[s] for s in site)).to(final.dtype))
+                damage[li, site[0], site[-1]] = metric(z[None])[0].double().cpu()
+                if draws is not None:
+                    dz = (z.double() - clean_logits.double()) / temperature  # [B, pos, vocab]
+                    mean = (ref_p * dz).sum(-1)  # [B, pos]
+                    picked = dz[None].expand(len(draws), *dz.shape).gather(-1, draws[..., None])[..., 0]
+                    v[:, li, site[0], site[-1]] = ((picked - mean) * root_w).sum(-1).cpu()  # [K, B]
+    return damage, v
 
 
 def ig_site_damage(
@@ -275,28 +261,18 @@ def ig_site_damage(
     metric,
     *,
     steps: int,
-    frozen: bool = True,
     tokens: Optional[Tensor] = None,
     max_rows: Optional[int] = None,
 ) -> Tensor:
     """Integrated-gradient estimate of M(x_start + delta) - M(x_start) along the straight path
-    (midpoint rule, `steps` points stacked as replicas): [B] float64. `metric` maps logits
-    [k, B, pos, vocab] to [k, B]; tokens [B, pos]: the clean run's ids (token-routed models)."""
-    from ...hooks.batched import rows_per_forward
-    from .core import ig_alphas
-
+    (midpoint rule, `steps` points stacked as replicas; mixing frozen to `cache`, None:
+    recomputed): [B] float64. `metric` maps logits [k, B, pos, vocab] to [k, B]; tokens [B, pos]:
+    the clean run's ids (token-routed models)."""
     x, b = states[start], states[start].shape[0]
-    per_chunk = max(1, rows_per_forward(model, b, x.shape[1], max_rows) // b)
-    alphas = ig_alphas(steps)
     total = torch.zeros(b, dtype=torch.float64, device=x.device)
-    freeze = model.frozen_mixing(cache) if frozen else contextlib.nullcontext()
-    with torch.enable_grad(), freeze:
-        for c in range(0, steps, per_chunk):
-            a = alphas[c : c + per_chunk].to(x.device)
-            k = len(a)
-            point = (x.double()[None] + a.view(k, 1, 1, 1, 1) * delta.double()[None]).to(x.dtype)
-            point = point.flatten(0, 1).requires_grad_(True)  # [k*B, pos, n, d]
-            ids = None if tokens is None else tokens.repeat(k, 1)  # [k*B, pos]
+    with torch.enable_grad(), mixing_context(model, cache):
+        for k, point, ids in ig_path(model, x, delta, tokens, steps, max_rows):
+            point.requires_grad_(True)  # [k*B, pos, n, d]
             logits = model(point, start_at_sublayer=start, tokens=ids)
             values = metric(logits.view(k, b, *logits.shape[1:]))
             (g,) = torch.autograd.grad(values.nan_to_num(0.0).sum(), point)
@@ -346,35 +322,22 @@ class ApproxAblateRescue(AblateRescue):
             )
         self.generator = torch.Generator().manual_seed(self.seed)
         self.passes = {"forwards": 0.0, "backwards": 0.0, "readouts": 0.0}
+        # the ablated stream sets: every single stream, then every pair
+        self.sites = [(s,) for s in range(self.n)] + self.pair_list
 
     def intervene(self, model, tokens: Tensor, mask: Tensor) -> None:
+        """One batch's damage [L, n, n, B] (single stream s at [s, s], pair i < j at [i, j]) by
+        `self.method`, recorded with the forward / backward / readout passes it took."""
         logits, states, cache = clean_run(model, tokens)
         ablation = self.corpus_means if self.uses_corpus_mean else self.ablation
-        values = ablation_values(model, states, mask, ablation)
-        deltas = _deltas(states, values, self.layers)
-        n, b = self.n, tokens.shape[0]
+        deltas = _deltas(states, ablation_values(model, states, mask, ablation), self.layers)
         ref = log_probs(logits, self.temperature)
         weights = _weights(mask.to(ref.device), ref.dtype)
-        singles = torch.zeros(len(self.layers), n, b, dtype=torch.float64)
-        pairs = torch.zeros(len(self.layers), n, n, b, dtype=torch.float64)
-        if self.method == "readout":
-            carried = carried_damage(
-                model,
-                tokens,
-                states,
-                cache,
-                deltas,
-                kl_metric(logits, mask, self.temperature),
-                self.pair_list,
-            )
-            singles, pairs = (torch.stack([carried[l][k] for l in self.layers]) for k in (0, 1))
-            self.passes["forwards"] += 2  # the clean run and the run to the final state
-            self.passes["readouts"] += len(self.layers) * (n + len(self.pair_list))
-        elif self.method == "readout_fisher":
-            self._readout_fisher(model, tokens, mask, logits, states, cache, deltas, singles, pairs)
-            self.passes["forwards"] += 3
-            self.passes["backwards"] += self.samples
-            self.passes["readouts"] += len(self.layers) * (n + len(self.pair_list))
+        metric = kl_metric(logits, mask, self.temperature)
+        frozen_cache = cache if self.frozen else None
+        damage = torch.zeros(len(self.layers), self.n, self.n, tokens.shape[0], dtype=torch.float64)
+        if self.method.startswith("readout"):
+            damage = self._readout(model, tokens, mask, logits, cache, deltas, metric)
         elif self.method == "fisher":
             proj = fisher_projections(
                 model,
@@ -386,78 +349,53 @@ class ApproxAblateRescue(AblateRescue):
                 frozen=self.frozen,
                 generator=self.generator,
                 clean_logits=logits,
-            )
-            singles = 0.5 * (proj**2).mean(0).permute(0, 2, 1)  # [L, n, B]
-            for i, j in self.pair_list:
-                pairs[:, i, j] = 0.5 * ((proj[..., i] + proj[..., j]) ** 2).mean(0)
-            # the clean run above and the gradient pass's own forward; `samples` backwards
-            self.passes["forwards"] += 2
-            self.passes["backwards"] += self.samples
+            )  # [K, L, B, n]
+            for site in self.sites:
+                damage[:, site[0], site[-1]] = 0.5 * (sum(proj[..., s] for s in site) ** 2).mean(0)
         elif self.method == "ig_site":
-            self._ig_site(model, tokens, mask, logits, states, cache, deltas, singles, pairs)
-        else:
-            dz = logit_changes(
-                model, states, deltas, cache if self.frozen else None, tokens=tokens, frozen=self.frozen
-            )
-            score = _quadratic if self.method == "gauss_newton" else _kl_linearised
             for li, l in enumerate(self.layers):
-                for s in range(n):
-                    singles[li, s] = score(ref, dz[l][s], weights, self.temperature).double().cpu()
-                for i, j in self.pair_list:
-                    pairs[li, i, j] = (
-                        score(ref, dz[l][i] + dz[l][j], weights, self.temperature).double().cpu()
-                    )
-            n_sub = model.cfg.n_sublayers
-            self.passes["forwards"] += 1 + 2 * n * sum((n_sub - l) / n_sub for l in self.layers)
-        self._record(singles, pairs, weights)
-
-    def _ig_site(self, model, tokens, mask, logits, states, cache, deltas, singles, pairs) -> None:
-        """Method "ig_site" into singles [L, n, B] / pairs [L, n, n, B]: each stream (pair)'s
-        damage integrated along the straight path at its own site (`ig_site_damage`)."""
-        n = self.n
-        metric = kl_metric(logits, mask, self.temperature)
-        n_sub = model.cfg.n_sublayers
-        for li, l in enumerate(self.layers):
-            for streams in [(s,) for s in range(n)] + self.pair_list:
-                d = torch.zeros_like(deltas[l])
-                d[:, :, list(streams)] = deltas[l][:, :, list(streams)]
-                target = singles[li, streams[0]] if len(streams) == 1 else pairs[li, streams[0], streams[1]]
-                target.copy_(
-                    ig_site_damage(
+                for site in self.sites:
+                    d = torch.zeros_like(deltas[l])
+                    d[:, :, list(site)] = deltas[l][:, :, list(site)]
+                    damage[li, site[0], site[-1]] = ig_site_damage(
                         model,
                         states,
-                        cache,
+                        frozen_cache,
                         d,
                         l,
                         metric,
                         steps=self.steps,
-                        frozen=self.frozen,
                         tokens=tokens,
                         max_rows=self.max_rows,
                     ).cpu()
-                )
-        site_fwd = (
-            self.steps * len(self.pair_list + list(range(n))) * sum((n_sub - l) / n_sub for l in self.layers)
-        )
-        self.passes["forwards"] += 1 + site_fwd
-        self.passes["backwards"] += site_fwd
+        else:
+            dz = logit_changes(model, states, deltas, frozen_cache, tokens=tokens)
+            score = _quadratic if self.method == "gauss_newton" else _kl_linearised
+            for li, l in enumerate(self.layers):
+                for site in self.sites:
+                    change = sum(dz[l][s] for s in site)
+                    damage[li, site[0], site[-1]] = (
+                        score(ref, change, weights, self.temperature).double().cpu()
+                    )
+        share, readouts = _resumed_share(model, self.layers), len(self.layers) * len(self.sites)
+        site_passes = self.steps * len(self.sites) * share
+        passes = {  # (forwards, backwards, readouts) of this batch
+            "readout": (2, 0, readouts),  # the clean run and the run to the final state
+            "readout_fisher": (3, self.samples, readouts),
+            "fisher": (2, self.samples, 0),  # the clean run and the gradient pass's own forward
+            "ig_site": (1 + site_passes, site_passes, 0),
+        }.get(self.method, (1 + 2 * self.n * share, 0, 0))
+        for key, count in zip(self.passes, passes):
+            self.passes[key] += count
+        self._record(damage, weights)
 
-    def _record(self, singles: Tensor, pairs: Tensor, weights: Tensor) -> None:
-        """Add one batch's singles [L, n, B] and pairs [L, n, n, B] to the statistics as
-        [2 (joint, one-shot), L, n, n, B]; prompts with nothing to score are NaN."""
-        n, b = self.n, singles.shape[-1]
-        nan = torch.isnan(weights.sum(-1)).cpu()  # a prompt with nothing to score
-        per_prompt = torch.full((2, len(self.layers), n, n, b), float("nan"), dtype=torch.float64)
-        for i, j in self.pair_list:
-            per_prompt[0, :, i, j] = per_prompt[0, :, j, i] = pairs[:, i, j]
-            per_prompt[1, :, i, j] = singles[:, i]  # one-shot: restoring j leaves i ablated
-            per_prompt[1, :, j, i] = singles[:, j]
-        per_prompt[..., nan] = float("nan")
-        self.stats.add(per_prompt)
-
-    def _readout_fisher(self, model, tokens, mask, logits, states, cache, deltas, singles, pairs) -> None:
-        """Method "readout_fisher" into singles [L, n, B] / pairs [L, n, n, B]: the carried readout
-        plus the later reads' part u to second order from the Fisher draws (module docstring)."""
+    def _readout(self, model, tokens, mask, logits, cache, deltas, metric) -> Tensor:
+        """Methods "readout" and "readout_fisher": the carried readout's damage [L, n, n, B], and
+        for "readout_fisher" plus the later reads' part u to second order from the Fisher draws
+        (module docstring)."""
+        moved = carried_deltas(model, cache, deltas)
+        if self.method == "readout":
+            return carried_damage(model, tokens, cache, moved, metric, self.sites)[0]
         ref_p = log_probs(logits, self.temperature).exp().flatten(0, 1).float().cpu()  # [B*pos, vocab]
         draws = torch.stack(
             [
@@ -465,21 +403,18 @@ class ApproxAblateRescue(AblateRescue):
                 for _ in range(self.samples)
             ]
         )  # [K, B, pos]
-        carried = carried_damage(
+        damage, v = carried_damage(
             model,
             tokens,
-            states,
             cache,
-            deltas,
-            kl_metric(logits, mask, self.temperature),
-            self.pair_list,
+            moved,
+            metric,
+            self.sites,
             draws=draws.to(logits.device),
             clean_logits=logits,
             mask=mask,
             temperature=self.temperature,
         )
-        carry = residual_carry(model, cache)
-        moved = {l: torch.einsum("bpts,bpsd->sbptd", carry[l], deltas[l].double()) for l in self.layers}
         proj, proj_final = fisher_projections(
             model,
             tokens,
@@ -493,13 +428,23 @@ class ApproxAblateRescue(AblateRescue):
             draws=draws,
         )
         ind = proj - proj_final  # [K, L, B, n]: v . u
-        for li, l in enumerate(self.layers):
-            c_single, c_pair, v_single, v_pair = carried[l]
-            u = ind[:, li].permute(0, 2, 1)  # [K, n, B]
-            singles[li] = c_single + (v_single * u).mean(0) + 0.5 * (u**2).mean(0)
-            for i, j in self.pair_list:
-                uij = u[:, i] + u[:, j]
-                pairs[li, i, j] = c_pair[i, j] + (v_pair[:, i, j] * uij).mean(0) + 0.5 * (uij**2).mean(0)
+        for site in self.sites:
+            u = sum(ind[..., s] for s in site)  # [K, L, B]
+            i, j = site[0], site[-1]
+            damage[:, i, j] = damage[:, i, j] + (v[:, :, i, j] * u).mean(0) + 0.5 * (u**2).mean(0)
+        return damage
+
+    def _record(self, damage: Tensor, weights: Tensor) -> None:
+        """Add one batch's damage [L, n, n, B] to the statistics as [2 (joint, one-shot), L, n, n,
+        B]; prompts with nothing to score are NaN."""
+        nan = torch.isnan(weights.sum(-1)).cpu()  # a prompt with nothing to score
+        per_prompt = torch.full((2, *damage.shape), float("nan"), dtype=torch.float64)
+        for i, j in self.pair_list:
+            per_prompt[0, :, i, j] = per_prompt[0, :, j, i] = damage[:, i, j]
+            per_prompt[1, :, i, j] = damage[:, i, i]  # one-shot: restoring j leaves i ablated
+            per_prompt[1, :, j, i] = damage[:, j, j]
+        per_prompt[..., nan] = float("nan")
+        self.stats.add(per_prompt)
 
     def result(self) -> RescueResult:
         out = super().result()
@@ -551,9 +496,9 @@ def approximate_rescue(
 def exact_rescue_forwards(model, sublayers: Optional[Sequence[int]] = None) -> float:
     """Forward-equivalents of the exact one-shot map per prompt batch: the clean run plus
     n(n+1)/2 resumed forwards per sublayer l, each (L - l) / L of a forward."""
-    n_sub, n = model.cfg.n_sublayers, model.cfg.n_streams
-    layers = range(n_sub) if sublayers is None else sublayers
-    return 1 + n * (n + 1) / 2 * sum((n_sub - l) / n_sub for l in layers)
+    n = model.cfg.n_streams
+    layers = range(model.cfg.n_sublayers) if sublayers is None else sublayers
+    return 1 + n * (n + 1) / 2 * _resumed_share(model, layers)
 
 
 def rescue_fidelity(estimate: RescueResult, exact: RescueResult, k: int = 10) -> Dict[str, Dict[str, float]]:

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import List, Optional
 
 from . import __version__
+from .process import configure_command_process
 from .shipped import (  # noqa: F401
     DEMO_MODEL,
     PARITY_MODEL,
@@ -36,11 +37,6 @@ from .shipped import (  # noqa: F401
 
 # torch, the model and the probes are imported inside the commands: --help, --version and argument
 # errors answer without them
-
-# OpenMP's idle threads spin by default (libgomp); on cores shared with other work that takes the
-# cores from the threads they wait for (a 2-thread forward: 8-23 s spinning, 4.0 s passive). The
-# runtime reads this once, when torch is first imported: set here, before any command imports it.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 
 def check_device(name: str) -> None:
@@ -374,6 +370,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     if not argv or (argv[0].startswith("-") and argv[0] not in ("-h", "--help", "--version")):
         argv = ["report", *argv]
     args = build_parser().parse_args(argv)
+    configure_command_process()  # before any command imports torch
     commands = {
         "check": cmd_check,
         "hooks": cmd_hooks,

@@ -449,22 +449,39 @@ def load_tokenizer(folder: Optional[Path], cfg: MHCConfig):
     """The folder's tokenizer if it ships one; GPT-2's for GPT-2-sized vocabularies if
     `transformers` can load it (offline: from its cache); otherwise None (use token ids)."""
     try:
-        from transformers import AutoTokenizer
+        import transformers  # noqa: F401 - its classes load lazily, each on first use
     except ImportError:  # pragma: no cover - transformers comes with transformer-lens
         return None
     if folder is not None and any((folder / f).is_file() for f in TOKENIZER_FILES[:3]):
-        return _checked_tokenizer(AutoTokenizer.from_pretrained(str(folder)), cfg, folder)
+        return _checked_tokenizer(_folder_tokenizer_class(folder).from_pretrained(str(folder)), cfg, folder)
     name = cfg.tokenizer_name or ("gpt2" if cfg.d_vocab in (50257, 50304) else None)
     if name is None:
         return None
     offline = os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
     try:
+        from transformers import AutoTokenizer
+
         return _checked_tokenizer(AutoTokenizer.from_pretrained(name, local_files_only=offline), cfg, name)
     except CheckpointError:
         raise
     except Exception as e:  # noqa: BLE001
         log.warning("no tokenizer: could not load %r (%s); the model takes token ids", name, e)
         return None
+
+
+def _folder_tokenizer_class(folder: Path):
+    """The class that loads the folder's tokenizer: the generic fast tokenizer when its config names
+    it (what `save_pretrained` of a tokenizers-backed tokenizer writes, as the shipped models'),
+    else `AutoTokenizer` (whose import costs ~1.5 s more)."""
+    config = folder / "tokenizer_config.json"
+    named = json.loads(config.read_text()).get("tokenizer_class") if config.is_file() else None
+    if named in ("PreTrainedTokenizerFast", "TokenizersBackend") and (folder / "tokenizer.json").is_file():
+        from transformers import PreTrainedTokenizerFast
+
+        return PreTrainedTokenizerFast
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer
 
 
 def _checked_tokenizer(tokenizer, cfg: MHCConfig, where):

@@ -32,8 +32,9 @@ class HookedMHC(StreamHookedRoot):
         super().__init__()
         self.cfg = cfg
         self.tokenizer = tokenizer
-        self.embed = nn.Embedding(cfg.d_vocab, cfg.d_model)
-        self.pos_embed = nn.Embedding(cfg.n_ctx, cfg.d_model)
+        # uninitialised here, drawn by _init_weights (nn.Embedding's own init would draw them twice)
+        self.embed = nn.Embedding.from_pretrained(torch.empty(cfg.d_vocab, cfg.d_model), freeze=False)
+        self.pos_embed = nn.Embedding.from_pretrained(torch.empty(cfg.n_ctx, cfg.d_model), freeze=False)
         self.expand = StreamExpand(cfg)
         self.blocks = nn.ModuleList([TransformerBlock(cfg) for _ in range(cfg.n_layers)])
         self.ln_final = LayerNorm(cfg.d_model, cfg.bias, cfg.layer_norm_eps)
@@ -49,7 +50,11 @@ class HookedMHC(StreamHookedRoot):
 
     # ---------------------------------------------------------------------------------- init
     def _init_weights(self) -> None:
-        """GPT-2 init: N(0, 0.02) for linears and embeddings, N(0, 0.02/sqrt(2L)) for c_proj."""
+        """GPT-2 init: N(0, 0.02) for linears and embeddings, N(0, 0.02/sqrt(2L)) for c_proj. None on
+        the meta device (the loader's build, whose weights come from a checkpoint: drawing there
+        would cost torch's compiler import, ~1 s, for nothing)."""
+        if self.embed.weight.is_meta:
+            return
         for name, module in self.named_modules():
             if isinstance(module, (nn.Linear, nn.Embedding)):
                 std = 0.02 / math.sqrt(2 * self.cfg.n_layers) if name.endswith("c_proj") else 0.02

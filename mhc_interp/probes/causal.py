@@ -157,9 +157,9 @@ class PromptStats:
 def t_half_width(scored: np.ndarray, sem: np.ndarray, level: float = 0.95) -> np.ndarray:
     """Half-width of the two-sided `level` Student-t interval over `scored` prompts:
     t_{(1+level)/2, n-1} x s.e.m. (NaN where n < 2)."""
-    from scipy.stats import t
+    from scipy.special import stdtrit  # the t quantile; scipy.stats' import costs ~0.7 s more
 
-    return t.ppf(0.5 + level / 2, np.maximum(scored - 1, 1)) * np.where(scored >= 2, sem, np.nan)
+    return stdtrit(np.maximum(scored - 1, 1), 0.5 + level / 2) * np.where(scored >= 2, sem, np.nan)
 
 
 def stats_arrays(prefix: str, stats: PromptStats) -> Dict[str, np.ndarray]:

@@ -22,8 +22,11 @@ class HyperConnectionMixer(Mixer):
     def __init__(self, cfg: MHCConfig, init_stream: int = 0):
         super().__init__(cfg, init_stream)
         n, d = cfg.n_streams, cfg.d_model
-        static_pre = favoured_stream(n, init_stream, rest=0.0)[:, None]
-        self.static_alpha = nn.Parameter(torch.cat([static_pre, torch.eye(n)], dim=1))  # [n, 1+n]
+        # [n, 1+n]: the pre logit, then the identity (in place: see SinkhornMixer)
+        self.static_alpha = nn.Parameter(torch.zeros(n, 1 + n))
+        with torch.no_grad():
+            self.static_alpha[:, 0] = favoured_stream(n, init_stream, rest=0.0)
+            self.static_alpha[:, 1:].diagonal().fill_(1.0)
         self.dynamic_alpha_fn = nn.Parameter(torch.zeros(d, n + 1))
         self.dynamic_alpha_scale = nn.Parameter(torch.tensor(1e-2))
         self.static_beta = nn.Parameter(torch.ones(n))

@@ -53,9 +53,12 @@ class SinkhornMixer(_ManifoldMixerBase):
     def __init__(self, cfg: MHCConfig, init_stream: int = 0):
         super().__init__(cfg, init_stream)
         n, d = cfg.n_streams, cfg.d_model
-        static_pre = favoured_stream(n, init_stream)[:, None]
-        static_res = torch.full((n, n), -8.0).fill_diagonal_(0.0)
-        self.static_alpha = nn.Parameter(torch.cat([static_pre, static_res], dim=1))  # [n(src), 1+n]
+        # [n(src), 1+n]: the pre logit, then H_res's (0 on the diagonal, -8 off it); filled in place,
+        # as cat / eye on the loader's meta device would import torch's compiler (~1 s)
+        self.static_alpha = nn.Parameter(torch.full((n, 1 + n), -8.0))
+        with torch.no_grad():
+            self.static_alpha[:, 0] = favoured_stream(n, init_stream)
+            self.static_alpha[:, 1:].diagonal().zero_()
         self.dynamic_alpha_fn = nn.Parameter(torch.zeros(n * d, n * (n + 1)))
 
     @staticmethod

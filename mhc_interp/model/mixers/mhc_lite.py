@@ -37,10 +37,11 @@ class PermutationMixer(_ManifoldMixerBase):
         super().__init__(cfg, init_stream)
         n, d = cfg.n_streams, cfg.d_model
         n_perms = math.factorial(n)
-        static_pre = favoured_stream(n, init_stream)
-        static_res = torch.full((n_perms,), -8.0)
-        static_res[0] = 0.0  # the identity permutation comes first
-        self.static_alpha = nn.Parameter(torch.cat([static_pre, static_res]))  # [n + n!]
+        # [n + n!]: the pre logits, then the permutations' (the identity first) (in place: see SinkhornMixer)
+        self.static_alpha = nn.Parameter(torch.full((n + n_perms,), -8.0))
+        with torch.no_grad():
+            self.static_alpha[:n] = favoured_stream(n, init_stream)
+            self.static_alpha[n] = 0.0
         self.dynamic_alpha_fn = nn.Parameter(torch.zeros(n * d, n + n_perms))
         self.rebuild_buffers()
 

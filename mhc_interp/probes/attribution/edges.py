@@ -31,21 +31,15 @@ from ..causal import PromptStats, clean_run, stats_arrays
 from ..patching import ActivationPatching
 
 
-def _spec(model, direction, metric, answers, temperature) -> ActivationPatching:
-    spec = ActivationPatching(
-        direction=direction, mixing="frozen", metric=metric, answers=answers, temperature=temperature
-    )
-    spec.setup(model)
-    return spec
+def _recorder(store: Dict[int, Tensor], k: int):
+    """A hook that keeps its activation as store[k] and leaves it unchanged."""
+    return lambda act, hook: store.__setitem__(k, act)
 
 
 def _writes(model, tokens: Tensor) -> Dict[int, Tensor]:
     """Every sublayer's write [B, pos, d] (no grad)."""
     out: Dict[int, Tensor] = {}
-    hooks = [
-        (f"{s}.hook_write", (lambda k: lambda w, hook: out.__setitem__(k, w.detach()))(k))
-        for k, s in enumerate(model.sublayer_names)
-    ]
+    hooks = [(f"{s}.hook_write", _recorder(out, k)) for k, s in enumerate(model.sublayer_names)]
     with torch.no_grad(), model.hooks(fwd_hooks=hooks):
         model(tokens)
     return out
@@ -63,7 +57,14 @@ def routes(cache, names: Sequence[str]) -> Dict[Tuple[int, int], Tensor]:
     return out
 
 
-def _prepare(model, clean, corrupted, direction, spec, mask):
+def _prepare(model, clean, corrupted, direction, metric, answers, temperature, mask):
+    """(base tokens, base states, base cache, the metric, source writes, base writes)
+    for aligned prompts [B, pos], the metric and its checks `ActivationPatching`'s (mixing frozen)."""
+    spec = ActivationPatching(
+        direction=direction, mixing="frozen", metric=metric, answers=answers, temperature=temperature
+    )
+    spec.setup(model)
+    clean, corrupted = clean.to(model.device), corrupted.to(model.device)
     mask, rows = spec._scored(model, clean, corrupted, mask)
     if bool((clean == corrupted).all(-1).any()):
         raise ValueError(
@@ -71,10 +72,10 @@ def _prepare(model, clean, corrupted, direction, spec, mask):
         )
     base_tokens, source_tokens = (corrupted, clean) if direction == "denoise" else (clean, corrupted)
     clean_logits, _, _ = clean_run(model, clean)
-    base_logits, base_states, base_cache = clean_run(model, base_tokens)
+    _, base_states, base_cache = clean_run(model, base_tokens)
     metric = spec._metric(clean_logits, mask, rows)
     src_w, base_w = _writes(model, source_tokens), _writes(model, base_tokens)
-    return base_tokens, base_logits, base_states, base_cache, metric, src_w, base_w
+    return base_tokens, base_states, base_cache, metric, src_w, base_w
 
 
 def edge_attribution(
@@ -98,25 +99,15 @@ def edge_attribution(
             "direction='noise' with metric='kl' is first-order degenerate (the KL from the clean "
             "run has zero gradient there): use direction='denoise' or an answer metric"
         )
-    spec = _spec(model, direction, metric, answers, temperature)
-    clean, corrupted = clean.to(model.device), corrupted.to(model.device)
-    base_tokens, base_logits, _, base_cache, score, src_w, base_w = _prepare(
-        model, clean, corrupted, direction, spec, mask
+    base_tokens, _, base_cache, score, src_w, base_w = _prepare(
+        model, clean, corrupted, direction, metric, answers, temperature, mask
     )
     names = model.sublayer_names
     reads: Dict[int, Tensor] = {}
-
-    def keep_read(k):
-        def hook(r, hook):
-            reads[k] = r
-            return r
-
-        return hook
-
     with (
         torch.enable_grad(),
         model.frozen_mixing(base_cache),
-        model.hooks(fwd_hooks=[(f"{s}.hook_read", keep_read(k)) for k, s in enumerate(names)]),
+        model.hooks(fwd_hooks=[(f"{s}.hook_read", _recorder(reads, k)) for k, s in enumerate(names)]),
     ):
         values = score(model(base_tokens)[None])[0]  # [B]
         grads = torch.autograd.grad(values.sum(), [reads[k] for k in range(len(names))], allow_unused=True)
@@ -159,10 +150,8 @@ def exact_edge_patching(
 ) -> np.ndarray:
     """Path patching of each edge (u, v, s): the base run (mixing frozen to it) with v's read
     increased by H_pre_v[s] q_{u->v}[s] (w*_u - w_u); per-prompt metric [edges, B] (float64)."""
-    spec = _spec(model, direction, metric, answers, temperature)
-    clean, corrupted = clean.to(model.device), corrupted.to(model.device)
-    base_tokens, _, base_states, base_cache, score, src_w, base_w = _prepare(
-        model, clean, corrupted, direction, spec, mask
+    base_tokens, base_states, base_cache, score, src_w, base_w = _prepare(
+        model, clean, corrupted, direction, metric, answers, temperature, mask
     )
     names = model.sublayer_names
     rho = routes(base_cache, names)

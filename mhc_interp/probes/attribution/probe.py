@@ -219,11 +219,8 @@ class AttributionPatching(ActivationPatching):
             if self.mixers:
                 arrays.update(stats_arrays(f"mixer_{mixing}", self.mixer_stats[mixing]["tensor"]))
                 for part in MIXER_PARTS:
-                    mean, sem = self.mixer_stats[mixing][part].mean_sem()
-                    arrays[f"mixer_{part}_effect_{mixing}"], arrays[f"mixer_{part}_effect_{mixing}_sem"] = (
-                        mean,
-                        sem,
-                    )
+                    key = f"mixer_{part}_effect_{mixing}"
+                    arrays[key], arrays[f"{key}_sem"] = self.mixer_stats[mixing][part].mean_sem()
         if self.mixing != "both":
             for suffix in ("", "_sem", "_ci_low", "_ci_high"):
                 arrays[f"attribution{suffix}"] = arrays[f"attribution_{self.mixing}{suffix}"]
@@ -264,57 +261,61 @@ class AttributionResult(ProbeResult):
     def plot(self):
         """{f"attribution_{mixing}": sublayer x stream heatmap of the estimate (position-mean when
         resolved by position), and with mixers the sublayer x (h_pre, h_post, h_res) effects}."""
-        import matplotlib.pyplot as plt
-
         figs = {}
-        base = self[
-            "baseline_corrupted" if self.meta["direction"] == "denoise" else "baseline_clean"
-        ]  # unpatched
-        for mixing in self.meta["mixing"]:
-            m = self[f"attribution_{mixing}"]
-            if m.ndim == 3:
-                m = m.mean(-1)
-            names = self.meta["sublayers"]
-            fig, ax = plt.subplots(figsize=(1.2 + 0.9 * m.shape[1], 0.8 + 0.28 * m.shape[0]))
-            im = ax.imshow(m, aspect="auto", cmap="magma" if self.meta["metric"] == "kl" else "RdBu")
-            ax.set_yticks(range(m.shape[0]), names, fontsize=6)
-            ax.set_xticks(range(m.shape[1]), [f"stream {s}" for s in range(m.shape[1])], fontsize=7)
-            ax.set_title(
-                f"{self.meta['method']} estimate of {self.meta['direction']} patching, "
-                f"{self.meta['metric']}, mixing {mixing}",
-                fontsize=8,
-            )
-            fig.colorbar(im, ax=ax)
-            figs[f"attribution_{mixing}"] = fig
+        meta, names = self.meta, self.meta["sublayers"]
+        base = self["baseline_corrupted" if meta["direction"] == "denoise" else "baseline_clean"]  # unpatched
+        for mixing in meta["mixing"]:
             full = self[f"attribution_{mixing}"]
+            m = full.mean(-1) if full.ndim == 3 else full
+            figs[f"attribution_{mixing}"] = _heatmap(
+                m,
+                (1.2 + 0.9 * m.shape[1], 0.8 + 0.28 * m.shape[0]),
+                f"{meta['method']} estimate of {meta['direction']} patching, {meta['metric']}, mixing {mixing}",
+                (range(m.shape[0]), names),
+                (range(m.shape[1]), [f"stream {s}" for s in range(m.shape[1])]),
+                cmap="magma" if meta["metric"] == "kl" else "RdBu",
+            )
             if full.ndim == 3:  # position-resolved: rows (sublayer, stream), columns positions
-                e = (full - base).reshape(-1, full.shape[-1])
-                lim = np.nanmax(np.abs(e)) or 1.0
-                fig, ax = plt.subplots(figsize=(min(12, 2 + 0.12 * e.shape[1]), 1 + 0.06 * e.shape[0]))
-                im = ax.imshow(e, aspect="auto", cmap="RdBu_r", vmin=-lim, vmax=lim, interpolation="nearest")
-                n = full.shape[1]
-                ax.set_yticks(range(0, e.shape[0], n), [s.replace("blocks.", "") for s in names], fontsize=6)
-                ax.set_xlabel("patched position")
-                ax.set_title(
-                    f"{self.meta['method']} per position (rows: sublayer x {n} streams), mixing {mixing}: "
+                e, n = (full - base).reshape(-1, full.shape[-1]), full.shape[1]
+                fig = figs[f"attribution_positions_{mixing}"] = _heatmap(
+                    e,
+                    (min(12, 2 + 0.12 * e.shape[1]), 1 + 0.06 * e.shape[0]),
+                    f"{meta['method']} per position (rows: sublayer x {n} streams), mixing {mixing}: "
                     f"estimated effect",
-                    fontsize=8,
+                    (range(0, e.shape[0], n), [s.replace("blocks.", "") for s in names]),
+                    diverging=True,
+                    interpolation="nearest",
                 )
-                fig.colorbar(im, ax=ax)
-                figs[f"attribution_positions_{mixing}"] = fig
+                fig.axes[0].set_xlabel("patched position")
             if f"mixer_{mixing}" in self.arrays:
                 e = self[f"mixer_{mixing}"] - base
-                fig, ax = plt.subplots(figsize=(4, 0.8 + 0.28 * e.shape[0]))
-                lim = np.nanmax(np.abs(e)) or 1.0
-                im = ax.imshow(e, aspect="auto", cmap="RdBu_r", vmin=-lim, vmax=lim)
-                ax.set_yticks(range(e.shape[0]), names, fontsize=6)
-                ax.set_xticks(range(3), ["H_pre", "H_post", "H_res"], fontsize=7)
-                ax.set_title(
-                    f"mixer attribution (effect of patching each coefficient tensor), {mixing}", fontsize=8
+                figs[f"mixer_attribution_{mixing}"] = _heatmap(
+                    e,
+                    (4, 0.8 + 0.28 * e.shape[0]),
+                    f"mixer attribution (effect of patching each coefficient tensor), {mixing}",
+                    (range(e.shape[0]), names),
+                    (range(3), ["H_pre", "H_post", "H_res"]),
+                    diverging=True,
                 )
-                fig.colorbar(im, ax=ax)
-                figs[f"mixer_attribution_{mixing}"] = fig
         return figs
+
+
+def _heatmap(m: np.ndarray, figsize, title: str, yticks, xticks=None, diverging: bool = False, **imshow):
+    """One figure: m as a heatmap (diverging: RdBu_r, symmetric about 0) with its y / x ticks
+    ((positions, labels)), title and colour bar."""
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=figsize)
+    if diverging:
+        lim = np.nanmax(np.abs(m)) or 1.0
+        imshow.update(cmap="RdBu_r", vmin=-lim, vmax=lim)
+    im = ax.imshow(m, aspect="auto", **imshow)
+    ax.set_yticks(*yticks, fontsize=6)
+    if xticks is not None:
+        ax.set_xticks(*xticks, fontsize=7)
+    ax.set_title(title, fontsize=8)
+    fig.colorbar(im, ax=ax)
+    return fig
 
 
 def attribution_patching(

@@ -8,6 +8,7 @@ holding more than tau of its decoder norm, else "shared" (thresholds relative to
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
@@ -15,12 +16,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .base import Probe, ProbeResult, register_result
+from .base import Probe, ProbeResult, masked_rows, register_result
 from .crosscoder_buffer import InMemoryActivations
 from .crosscoder_model import Crosscoder, CrosscoderConfig, as_activation_source
 from .crosscoder_training import train_crosscoder
 from .figure_helpers import annotate
-from .sites import Site, resolve_sites, site_label
+from .sites import Site, resolve_sites, site_label, site_rows
 
 __all__ = [
     "CrosscoderConfig",
@@ -70,13 +71,12 @@ class _EvalStats:
 
     def __init__(self, cc: Crosscoder, mode: Optional[str] = None, chunk: int = 4096):
         self.cc, self.mode, self.chunk = cc, mode, chunk
-        S, d, m = cc.n_sites, cc.d_model, cc.dict_size
-        dev = cc.device
+        zeros = partial(torch.zeros, dtype=torch.float64, device=cc.device)
         self.n = 0
-        self.sq_err = torch.zeros(S, dtype=torch.float64, device=dev)
-        self.sum_x = torch.zeros(S, d, dtype=torch.float64, device=dev)
-        self.sum_sq = torch.zeros(S, dtype=torch.float64, device=dev)
-        self.fires = torch.zeros(m, dtype=torch.float64, device=dev)
+        self.sq_err = zeros(cc.n_sites)  # [S]
+        self.sum_x = zeros(cc.n_sites, cc.d_model)  # [S, d]
+        self.sum_sq = zeros(cc.n_sites)  # [S]
+        self.fires = zeros(cc.dict_size)  # [m]
         self.l0_sum = 0.0
 
     @torch.no_grad()
@@ -274,22 +274,14 @@ def analyze_crosscoder(
     stats = None
     if data is not None:
         src = as_activation_source(data, sites=cc.sites)
-        if (src.n_sites, src.d_model) != (cc.n_sites, cc.d_model):
-            raise ValueError(
-                f"the data has {src.n_sites} sites x d_model {src.d_model}, the "
-                f"crosscoder {cc.n_sites} x {cc.d_model}"
-            )
+        src.check_fits(cc.n_sites, cc.d_model)
         stats = _EvalStats(cc, mode)
-        seen = 0
         n_tokens = min(int(n_tokens), src.capacity) if isinstance(src, InMemoryActivations) else int(n_tokens)
-        while seen < n_tokens:
-            take = min(batch_size, n_tokens - seen, src.capacity)
+        while stats.n < n_tokens:
             try:
-                x = src.next_batch(take)
+                stats.update(src.next_batch(min(batch_size, n_tokens - stats.n, src.capacity)))
             except StopIteration:
                 break
-            stats.update(x)
-            seen += x.shape[0]
     return _build_result(cc, stats, threshold, thresholds, space)
 
 
@@ -322,8 +314,7 @@ class CrosscoderEval(Probe):
         return list(dict.fromkeys(h for h, _ in self.cc.sites))
 
     def update(self, acts: Dict[str, Tensor], mask: Tensor) -> None:
-        x = torch.stack([acts[h][mask.to(acts[h].device)][:, s] for h, s in self.cc.sites], dim=1)
-        self._stats.update(x)  # [T, S, d]
+        self._stats.update(site_rows(acts, self.cc.sites, masked_rows(mask)))  # [T, S, d]
 
     def result(self) -> "CrosscoderResult":
         if self._stats is None:
@@ -442,30 +433,31 @@ def _colors() -> List[str]:
     return plt.rcParams["axes.prop_cycle"].by_key()["color"]
 
 
+def _share_heatmap(fig, ax, share: np.ndarray) -> None:
+    """share [alive latents, streams or layers] as a heatmap with its colour bar (none without rows)."""
+    if len(share):
+        im = ax.imshow(share, aspect="auto", vmin=0, vmax=1, cmap="viridis", interpolation="nearest")
+        fig.colorbar(im, ax=ax, label="decoder-norm share")
+
+
 def _plot_stream_share(a: Dict[str, np.ndarray], n: int, order: np.ndarray, alive: np.ndarray, tau: float):
     """Alive latents [n_alive] (rows, in `order`) x streams share heatmap + histogram of the max share."""
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), gridspec_kw={"width_ratios": [1, 1.3]})
-    ax = axes[0]
-    if order.size:
-        im = ax.imshow(
-            a["stream_share"][order], aspect="auto", vmin=0, vmax=1, cmap="viridis", interpolation="nearest"
-        )
-        fig.colorbar(im, ax=ax, label="decoder-norm share")
-    ax.set_xticks(range(n))
-    ax.set_xlabel("stream")
-    ax.set_ylabel(f"alive latents ({alive.size}), sorted by assignment")
-    ax.set_title("decoder-norm share per stream")
-    ax = axes[1]
+    _share_heatmap(fig, axes[0], a["stream_share"][order])
+    axes[0].set(
+        xticks=range(n),
+        xlabel="stream",
+        ylabel=f"alive latents ({alive.size}), sorted by assignment",
+        title="decoder-norm share per stream",
+    )
     if alive.size:
-        ax.hist(a["max_share"][alive], bins=40, range=(0, 1), color=_colors()[0])
-    ax.axvline(tau, color="k", ls="--", lw=1, label=f"tau = {tau:g}")
-    ax.axvline(1 / n, color="grey", ls=":", lw=1, label=f"1/n = {1 / n:.2f}")
-    ax.set_xlabel("max_s stream share")
-    ax.set_ylabel("latents")
-    ax.legend(fontsize=8)
-    ax.set_title("how concentrated is each feature?")
+        axes[1].hist(a["max_share"][alive], bins=40, range=(0, 1), color=_colors()[0])
+    axes[1].axvline(tau, color="k", ls="--", lw=1, label=f"tau = {tau:g}")
+    axes[1].axvline(1 / n, color="grey", ls=":", lw=1, label=f"1/n = {1 / n:.2f}")
+    axes[1].set(xlabel="max_s stream share", ylabel="latents", title="how concentrated is each feature?")
+    axes[1].legend(fontsize=8)
     return fig
 
 
@@ -481,17 +473,14 @@ def _plot_counts(a: Dict[str, np.ndarray], n: int, ti: int, labels: Sequence[str
         a["counts"][ti],
         color=[colors[s % len(colors)] for s in range(n)] + ["grey", "lightgrey"],
     )
-    axes[0].set_xticks(range(n + 2))
-    axes[0].set_xticklabels(labels, rotation=30, fontsize=8)
-    axes[0].set_ylabel("latents")
-    axes[0].set_title(f"assignment at tau = {tau:.3g} (rho = {_relative(tau, n):.2f})")
+    axes[0].set_xticks(range(n + 2), labels, rotation=30, fontsize=8)
+    axes[0].set(ylabel="latents", title=f"assignment at tau = {tau:.3g} (rho = {_relative(tau, n):.2f})")
     for s in range(n):
         axes[1].plot(a["thresholds"], a["counts"][:, s], marker=".", label=f"stream {s}")
     axes[1].plot(a["thresholds"], a["counts"][:, n], marker=".", color="grey", label="shared")
-    axes[1].set_xlabel("threshold tau (share of the top stream)")
+    axes[1].set(xlabel="threshold tau (share of the top stream)", ylabel="latents")
     top = axes[1].secondary_xaxis("top", functions=(lambda t: _relative(t, n), lambda r: u + r * (1 - u)))
     top.set_xlabel(f"rho = (tau - 1/n) / (1 - 1/n), n = {n}", fontsize=8)
-    axes[1].set_ylabel("latents")
     axes[1].legend(fontsize=7)
     axes[1].set_title("threshold sweep", pad=30)
     return fig
@@ -512,19 +501,12 @@ def _plot_layer_profile(a: Dict[str, np.ndarray], n: int, order: np.ndarray, lay
                 color="grey" if g == n else colors[g % len(colors)],
                 label="shared" if g == n else f"stream {g}",
             )
-    axes[0].set_ylabel("mean layer share")
+    axes[0].set(ylabel="mean layer share", title="layer profile per assigned group")
     axes[0].legend(fontsize=7)
-    axes[0].set_title("layer profile per assigned group")
-    if order.size:
-        im = axes[1].imshow(
-            a["layer_share"][order], aspect="auto", vmin=0, vmax=1, cmap="viridis", interpolation="nearest"
-        )
-        fig.colorbar(im, ax=axes[1], label="decoder-norm share")
-    axes[1].set_ylabel("alive latents (sorted as above)")
-    axes[1].set_title("layer share")
+    _share_heatmap(fig, axes[1], a["layer_share"][order])
+    axes[1].set(ylabel="alive latents (sorted as above)", title="layer share")
     for ax in axes:
-        ax.set_xticks(range(len(layers)))
-        ax.set_xticklabels(layers, rotation=30, fontsize=7)
+        ax.set_xticks(range(len(layers)), layers, rotation=30, fontsize=7)
     return fig
 
 
@@ -542,12 +524,9 @@ def _plot_explained_variance(grid: np.ndarray, layers: Sequence[str]):
         aspect="auto",
     )
     annotate(ax, im, grid, fontsize=7)
-    ax.set_xticks(range(n))
-    ax.set_xlabel("stream")
-    ax.set_yticks(range(len(layers)))
-    ax.set_yticklabels(layers, fontsize=7)
+    ax.set(xticks=range(n), xlabel="stream", title="explained variance per site")
+    ax.set_yticks(range(len(layers)), layers, fontsize=7)
     fig.colorbar(im, ax=ax, label="explained variance")
-    ax.set_title("explained variance per site")
     return fig
 
 
@@ -560,10 +539,10 @@ def _plot_firing(a: Dict[str, np.ndarray], tokens_used):
     live = freq[freq > 0]
     if live.size:
         ax.hist(np.log10(live), bins=40, color=_colors()[0])
-    ax.set_xlabel("log10 firing frequency")
-    ax.set_ylabel("latents")
-    ax.set_title(
-        f"{int((freq == 0).sum())} of {freq.size} latents never fired "
-        f"({tokens_used} tokens); L0 {float(a['l0']):.1f}"
+    ax.set(
+        xlabel="log10 firing frequency",
+        ylabel="latents",
+        title=f"{int((freq == 0).sum())} of {freq.size} latents never fired "
+        f"({tokens_used} tokens); L0 {float(a['l0']):.1f}",
     )
     return fig

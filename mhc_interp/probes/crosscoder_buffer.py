@@ -158,6 +158,14 @@ class ActivationSource:
         normalisation factors and the decoder-bias init)."""
         raise NotImplementedError
 
+    def check_fits(self, n_sites: int, d_model: int) -> None:
+        """Refuse a crosscoder of another shape (n_sites x d_model) than this data."""
+        if (self.n_sites, self.d_model) != (n_sites, d_model):
+            raise ValueError(
+                f"the data has {self.n_sites} sites x d_model {self.d_model}, the crosscoder "
+                f"{n_sites} x {d_model}"
+            )
+
     def check_batch_size(self, n: int) -> None:
         if n > self.capacity:
             raise ValueError(
@@ -279,10 +287,7 @@ class ActivationBuffer(ActivationSource):
         self.loop = bool(loop)
         self.device = torch.device(device) if device is not None else model.device
         self.storage_dtype = storage_dtype
-        # unique hooks in order of first appearance, and each site's (hook, stream) index
-        self.hook_names: List[str] = list(dict.fromkeys(h for h, _ in self.sites))
-        hook_index = {h: i for i, h in enumerate(self.hook_names)}
-        self._flat_index = torch.tensor([hook_index[h] * model.cfg.n_streams + s for h, s in self.sites])
+        self.hook_names: List[str] = list(dict.fromkeys(h for h, _ in self.sites))  # in first-use order
         self.buffer = ShuffleBuffer(self.capacity, seed=seed, dtype=storage_dtype, device=self.device)
         self._pending: Optional[Tensor] = None  # rows of the last model batch that did not fit
         self._exhausted = False
@@ -295,7 +300,6 @@ class ActivationBuffer(ActivationSource):
     # ----------------------------------------------------------------------------- the model
     def _model_rows(self) -> Iterator[Tensor]:
         """Yield [T, S, d] (storage dtype, buffer device) per forward batch, cycling if `loop`."""
-        d = self.model.cfg.d_model
         while True:
             got = 0
             for _, mask, _, acts in iter_activations(
@@ -310,9 +314,7 @@ class ActivationBuffer(ActivationSource):
                 rows = masked_rows(mask)
                 if len(rows) == 0:
                     continue
-                # [T, n_hooks, n, d] -> [T, n_hooks * n, d] -> the sites [T, S, d]
-                x = site_rows(acts, self.hook_names, rows)
-                x = x.reshape(x.shape[0], -1, d)[:, self._flat_index.to(x.device)]
+                x = site_rows(acts, self.sites, rows)  # [T, S, d]
                 got += x.shape[0]
                 yield x.to(self.device, self.storage_dtype)
             if got == 0:

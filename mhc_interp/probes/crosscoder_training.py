@@ -42,11 +42,7 @@ def _source_and_config(data, config) -> Tuple[ActivationSource, Optional[Crossco
             d_model=cfg.d_model or src.d_model,
             sites=list(src.sites) if cfg.sites is None and len(src.sites) == n_sites else cfg.sites,
         )
-    if (cfg.n_sites, cfg.d_model) != (src.n_sites, src.d_model):
-        raise ValueError(
-            f"the data has {src.n_sites} sites x d_model {src.d_model}, the crosscoder "
-            f"{cfg.n_sites} x {cfg.d_model}"
-        )
+    src.check_fits(cfg.n_sites, cfg.d_model)
     if isinstance(src, ActivationBuffer) and cfg.sites is not None and list(cfg.sites) != list(src.sites):
         raise ValueError(f"the buffer's sites {src.sites} differ from the crosscoder's {cfg.sites}")
     return src, cc, cfg

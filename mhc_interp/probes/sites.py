@@ -201,7 +201,10 @@ def forward_sites(
     return acts
 
 
-def site_rows(acts: Dict[str, Tensor], names: Sequence[str], rows: Tensor) -> Tensor:
-    """The token rows `rows` (flat [batch * pos] indices, `base.masked_rows`) of every site:
-    acts {name: [batch, pos, n_streams, d]} -> [len(rows), len(names), n_streams, d]."""
-    return torch.stack([take_rows(acts[name], rows) for name in names], dim=1)
+def site_rows(acts: Dict[str, Tensor], sites: Sequence[Union[str, Site]], rows: Tensor) -> Tensor:
+    """The token rows `rows` (flat [batch * pos] indices, `base.masked_rows`) of every site, from
+    acts {name: [batch, pos, n_streams, d]}: hook names -> [len(rows), len(sites), n_streams, d],
+    (hook name, stream) pairs -> [len(rows), len(sites), d]."""
+    return torch.stack(
+        [take_rows(acts[s] if isinstance(s, str) else acts[s[0]][:, :, s[1]], rows) for s in sites], dim=1
+    )

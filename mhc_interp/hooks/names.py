@@ -15,30 +15,33 @@ import torch
 
 from ..contract import MultiStreamModel
 
-# suffix -> (axes, what it holds)
+# suffix -> (axes, what it holds); the axes are written space-separated below
 HOOK_SPECS: Dict[str, Tuple[Tuple[str, ...], str]] = {
-    "hook_embed": (("batch", "pos", "d_model"), "token embedding"),
-    "hook_pos_embed": (("batch", "pos", "d_model"), "position embedding"),
-    "hook_streams_init": (("batch", "pos", "n_streams", "d_model"), "initial streams (expanded embedding)"),
-    "hook_streams_in": (("batch", "pos", "n_streams", "d_model"), "stream state entering the sublayer"),
-    "hook_h_pre": (("batch", "pos", "n_streams"), "read weights H_pre"),
-    "hook_h_post": (("batch", "pos", "n_streams"), "write weights H_post"),
-    "hook_h_res": (("batch", "pos", "n_streams", "n_streams"), "stream mixer H_res [target, source]"),
-    "hook_read": (("batch", "pos", "d_model"), "branch input H_pre x (before the branch LayerNorm)"),
-    "hook_q": (("batch", "pos", "n_heads", "d_head"), "attention queries"),
-    "hook_k": (("batch", "pos", "n_heads", "d_head"), "attention keys"),
-    "hook_v": (("batch", "pos", "n_heads", "d_head"), "attention values"),
-    "hook_attn_scores": (("batch", "n_heads", "pos", "pos"), "masked attention scores [query, key]"),
-    "hook_pattern": (("batch", "n_heads", "pos", "pos"), "attention pattern [query, key]"),
-    "hook_z": (("batch", "pos", "n_heads", "d_head"), "attention-weighted values"),
-    "hook_pre": (("batch", "pos", "d_mlp"), "MLP pre-activation"),
-    "hook_post": (("batch", "pos", "d_mlp"), "MLP post-activation (GELU)"),
-    "hook_write": (("batch", "pos", "d_model"), "branch output F(read)"),
-    "hook_res_mix": (("batch", "pos", "n_streams", "d_model"), "mixed residual H_res x"),
-    "hook_streams_out": (("batch", "pos", "n_streams", "d_model"), "stream state leaving the sublayer"),
-    "hook_ln_final": (("batch", "pos", "n_streams", "d_model"), "final LayerNorm, applied per stream"),
-    "hook_stream_sum": (("batch", "pos", "d_model"), "sum over streams of the final-normed state"),
-    "hook_logits": (("batch", "pos", "d_vocab"), "logits at every position"),
+    name: (tuple(axes.split()), holds)
+    for name, (axes, holds) in {
+        "hook_embed": ("batch pos d_model", "token embedding"),
+        "hook_pos_embed": ("batch pos d_model", "position embedding"),
+        "hook_streams_init": ("batch pos n_streams d_model", "initial streams (expanded embedding)"),
+        "hook_streams_in": ("batch pos n_streams d_model", "stream state entering the sublayer"),
+        "hook_h_pre": ("batch pos n_streams", "read weights H_pre"),
+        "hook_h_post": ("batch pos n_streams", "write weights H_post"),
+        "hook_h_res": ("batch pos n_streams n_streams", "stream mixer H_res [target, source]"),
+        "hook_read": ("batch pos d_model", "branch input H_pre x (before the branch LayerNorm)"),
+        "hook_q": ("batch pos n_heads d_head", "attention queries"),
+        "hook_k": ("batch pos n_heads d_head", "attention keys"),
+        "hook_v": ("batch pos n_heads d_head", "attention values"),
+        "hook_attn_scores": ("batch n_heads pos pos", "masked attention scores [query, key]"),
+        "hook_pattern": ("batch n_heads pos pos", "attention pattern [query, key]"),
+        "hook_z": ("batch pos n_heads d_head", "attention-weighted values"),
+        "hook_pre": ("batch pos d_mlp", "MLP pre-activation"),
+        "hook_post": ("batch pos d_mlp", "MLP post-activation (GELU)"),
+        "hook_write": ("batch pos d_model", "branch output F(read)"),
+        "hook_res_mix": ("batch pos n_streams d_model", "mixed residual H_res x"),
+        "hook_streams_out": ("batch pos n_streams d_model", "stream state leaving the sublayer"),
+        "hook_ln_final": ("batch pos n_streams d_model", "final LayerNorm, applied per stream"),
+        "hook_stream_sum": ("batch pos d_model", "sum over streams of the final-normed state"),
+        "hook_logits": ("batch pos d_vocab", "logits at every position"),
+    }.items()
 }
 
 # Hooks whose axis 2 is the stream axis: per-stream addressing works on them.
@@ -117,16 +120,8 @@ class CheckedHookNames:
 
 
 def sizes(cfg, batch: int, pos: int) -> Dict[str, int]:
-    return dict(
-        batch=batch,
-        pos=pos,
-        n_streams=cfg.n_streams,
-        d_model=cfg.d_model,
-        n_heads=cfg.n_heads,
-        d_head=cfg.d_head,
-        d_mlp=cfg.d_mlp,
-        d_vocab=cfg.d_vocab,
-    )
+    dims = ("n_streams", "d_model", "n_heads", "d_head", "d_mlp", "d_vocab")
+    return dict(batch=batch, pos=pos, **{dim: getattr(cfg, dim) for dim in dims})
 
 
 def hook_table(model: MultiStreamModel, batch: int = 2, pos: int = 3) -> List[Tuple[str, str, str]]:

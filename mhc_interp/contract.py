@@ -57,14 +57,14 @@ class MixingCoefficients(NamedTuple):
                 f"frozen mixing for {name!r} was cached on batch {fb} x pos {fp}, but the run "
                 f"has batch {b} x pos {p}; the positions must match and the batch be a multiple"
             )
-        k = b // fb
-        # always a copy: the hooks may edit these in place, and they must not reach the cache
-        return MixingCoefficients(
-            *(
-                t.to(x.device).repeat(k, *([1] * (t.ndim - 1))) if k > 1 else t.to(x.device, copy=True)
-                for t in self
-            )
-        )
+        return MixingCoefficients(*(repeat_batch(t.to(x.device), b) for t in self))
+
+
+def repeat_batch(t: Tensor, batch: int) -> Tensor:
+    """t [B, ...] for a run of batch k*B = `batch` (k replicas stacked along the batch axis,
+    replica-major), always a new tensor: hooks may edit it in place, and it must not reach a cache."""
+    k = batch // t.shape[0]
+    return t.repeat(k, *([1] * (t.ndim - 1))) if k > 1 else t.clone()
 
 
 class ModelConfig(Protocol):

@@ -63,9 +63,9 @@ def evaluate(model, ids: Tensor, cfg: TrainConfig, generator: torch.Generator) -
     model.eval()
     losses = []
     for _ in range(cfg.eval_batches):
-        x, _ = random_windows(ids, cfg.batch_size, cfg.seq_len + 1, generator)
+        x = random_windows(ids, cfg.batch_size, cfg.seq_len + 1, generator)[0].to(cfg.device)
         with _autocast(cfg.device):
-            losses.append(float(model(x.to(cfg.device), return_type="loss", tokens=x.to(cfg.device))))
+            losses.append(float(model(x, return_type="loss", tokens=x)))
     model.train()
     return sum(losses) / len(losses)
 

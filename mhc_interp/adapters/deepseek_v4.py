@@ -213,19 +213,18 @@ def tiny_deepseek_v4(seed: int = 0, *, mixing_std: float = 0.05, **overrides: An
     with torch.random.fork_rng(devices=[]):  # the global CPU generator is left as it was
         torch.manual_seed(seed)
         model = DeepseekV4ForCausalLM(config)
+    normal = {  # module class -> (parameter, standard deviation) drawn from N(0, std^2), in this order
+        "DeepseekV4HyperConnection": (("fn", mixing_std), ("base", 1.0)),
+        "DeepseekV4HyperHead": (("hc_fn", mixing_std), ("hc_base", 1.0)),
+        "DeepseekV4Attention": (("sinks", 0.5),),
+    }
     with torch.no_grad():
         for module in model.modules():
-            kind = type(module).__name__
-            if kind == "DeepseekV4HyperConnection":
-                module.fn.copy_(torch.randn(module.fn.shape, generator=gen) * mixing_std)
-                module.base.copy_(torch.randn(module.base.shape, generator=gen))
-            elif kind == "DeepseekV4HyperHead":
-                module.hc_fn.copy_(torch.randn(module.hc_fn.shape, generator=gen) * mixing_std)
-                module.hc_base.copy_(torch.randn(module.hc_base.shape, generator=gen))
-            elif kind == "DeepseekV4HashRouter":
+            for name, std in normal.get(type(module).__name__, ()):
+                weight = getattr(module, name)
+                weight.copy_(torch.randn(weight.shape, generator=gen) * std)
+            if type(module).__name__ == "DeepseekV4HashRouter":
                 module.tid2eid.copy_(
                     torch.randint(0, module.num_experts, module.tid2eid.shape, generator=gen)
                 )
-            elif kind == "DeepseekV4Attention":
-                module.sinks.copy_(torch.randn(module.sinks.shape, generator=gen) * 0.5)
     return model.eval()

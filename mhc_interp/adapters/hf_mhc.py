@@ -23,7 +23,7 @@ import torch
 from torch import Tensor, nn
 from transformer_lens.hook_points import HookPoint
 
-from ..contract import MixingCoefficients
+from ..contract import MixingCoefficients, repeat_batch
 from ..hooks.root import StreamHookedRoot
 from ..model.compiled import torch_hooks_attached
 from ..model.sublayer import HookedSublayer
@@ -122,15 +122,12 @@ def _refuse_bypassed_hooks(bypassed: List[Tuple[str, nn.Module]]) -> None:
 
 
 def _repeat_to(t: Tensor, batch: int, what: str, name: str) -> Tensor:
-    """Frozen / context tensors of batch B serve a run of batch k*B (replica-major); always a new
-    tensor (hooks may edit what they get in place)."""
-    if t.shape[0] == batch:
-        return t.clone()
+    """Frozen / context tensors of batch B serve a run of batch k*B (`repeat_batch`)."""
     if batch % t.shape[0]:
         raise ValueError(
             f"{what} for {name!r} has batch {t.shape[0]}, the run {batch}: the run's batch must be a multiple"
         )
-    return t.repeat(batch // t.shape[0], *([1] * (t.ndim - 1)))
+    return repeat_batch(t, batch)
 
 
 def _moved(obj: Any, device: torch.device) -> Any:
@@ -466,16 +463,13 @@ class HookedHFMHC(StreamHookedRoot):
         ref = self.spec.layer_forward(self.sublayers[0].hf.layer, x, c.kwargs, c.ids)
         head_ref = self.head.hf.norm(self.head.hf.head(x.to(self.head.device)))
         err = max(_rel_err(ours, ref), _rel_err(head_ours, head_ref))
-        tol = (
-            tolerance
-            if tolerance is not None
-            else (1e-4 if self.dtype in (torch.float32, torch.float64) else 3e-2)
-        )
-        if not err <= tol:
+        if tolerance is None:
+            tolerance = 1e-4 if self.dtype in (torch.float32, torch.float64) else 3e-2
+        if not err <= tolerance:
             raise UnsupportedModelError(
                 f"{type(self.sublayers[0].hf.layer).__name__} does not compute x' = H_res x + H_post^T F(H_pre x) "
                 f"(and its head sum_s w_s x_s) the way the {self.spec.name} spec assumes: relative difference "
-                f"{err:.2e} > {tol:.0e} between the HF forward and the adapter's split"
+                f"{err:.2e} > {tolerance:.0e} between the HF forward and the adapter's split"
             )
         return err
 

@@ -94,9 +94,7 @@ class SAEFeatures(Probe):
         self.sae.eval()
         d_sae, shape = int(self.sae.cfg.d_sae), (len(self.sites), self.n_streams)
         self.fires = torch.zeros(*shape, d_sae, dtype=torch.float64, device=model.device)  # [sites, n, d_sae]
-        self.act_sum = torch.zeros(
-            *shape, d_sae, dtype=torch.float64, device=model.device
-        )  # [sites, n, d_sae]
+        self.act_sum = torch.zeros_like(self.fires)  # [sites, n, d_sae]
         self.n_tokens = 0
 
     def _resolve_sites(self, model, hook: str) -> List[str]:

@@ -163,7 +163,7 @@ def distributed_ablate_and_rescue(
     def run(mine):
         return ablate_and_rescue(model, tokens, sublayers=mine, batch_size=batch_size, **kwargs)
 
-    return _sweep(model, run, sublayers, group, _token_signature(torch.as_tensor(tokens)))
+    return _sweep(model, run, sublayers, group, _token_signature(tokens))
 
 
 def distributed_activation_patching(
@@ -181,6 +181,4 @@ def distributed_activation_patching(
     def run(mine):
         return activation_patching(model, clean, corrupted, sublayers=mine, batch_size=batch_size, **kwargs)
 
-    return _sweep(
-        model, run, sublayers, group, _token_signature(torch.as_tensor(clean), torch.as_tensor(corrupted))
-    )
+    return _sweep(model, run, sublayers, group, _token_signature(clean, corrupted))

@@ -150,7 +150,7 @@ class AttributionPatching(ActivationPatching):
         # the answer metrics need no reference distribution)
         clean_logits = source_logits if self.direction == "denoise" else base_logits
         metric = self._metric(clean_logits, mask, rows)
-        n_fwd = 1.0 + (self.method == "ig")
+        self.passes["forward"] += 1.0 + (self.method == "ig")
         for mixing in self._mixings():
             frozen = mixing == "frozen"
             if self.method == "atp":
@@ -174,7 +174,7 @@ class AttributionPatching(ActivationPatching):
                 with torch.no_grad():
                     base_values = metric(base_logits[None])[0]
                 states, mixing_base = base_states, base_cache
-            n_fwd += g.passes
+            self.passes["forward"] += g.passes
             self.passes["backward"] += g.passes
             effect = torch.stack(
                 [
@@ -189,12 +189,11 @@ class AttributionPatching(ActivationPatching):
                 self._add_mixers(model, mixing, source_cache, mixing_base, g.mixing_grads, base64)
             if progress is not None:
                 progress(1)
-        self.passes["forward"] += n_fwd
-        if clean_logits is None:
-            clean_logits = base_logits
+        clean_and_corrupted = (source_logits, base_logits)  # base_logits: the gradient pass's under AtP
+        if self.direction == "noise":
+            clean_and_corrupted = clean_and_corrupted[::-1]
         with torch.no_grad():
-            corr_logits = base_logits if self.direction == "denoise" else source_logits
-            self.baselines.add(torch.stack([metric(clean_logits[None])[0], metric(corr_logits[None])[0]]))
+            self.baselines.add(torch.stack([metric(z[None])[0] for z in clean_and_corrupted]))
 
     def n_runs(self, n_pos: int) -> int:
         """Gradient passes (one per mixing) that `patch` makes, whatever n_pos: the total of its

@@ -121,8 +121,6 @@ def fisher_projections(
     frozen: the mixing coefficients are constants (detached where they enter), as with `frozen_mixing`.
     With `carried` {l: C_l delta_l per source stream [n, B, pos, n, d]} and `draws` y [K, B, pos]
     (given, not sampled) also returns g_L^k . C_l delta_l[s] [samples, L, B, n] (g_L at the final state)."""
-    if samples < 1 or int(samples) != samples:
-        raise ValueError(f"samples must be a positive int, got {samples!r}")
     layers = list(deltas)  # in the caller's order (rows of the result)
     states: Dict[int, Tensor] = {}
     hooks = _capture_hooks(

@@ -52,7 +52,7 @@ A constant representation has HSIC(K, K) = 0 and CKA NaN.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Dict, List, Optional, Union
+from typing import TYPE_CHECKING, Dict, List, Optional, Tuple, Union
 
 import numpy as np
 import torch
@@ -123,8 +123,7 @@ def gram_rbf(X: Tensor, threshold: float = 1.0) -> Tensor:
     """
     if threshold <= 0:
         raise ValueError(f"rbf threshold must be > 0, got {threshold}")
-    Xc = _centred_f64(X)
-    dots = Xc @ Xc.transpose(-1, -2)
+    dots = gram_linear(X)
     sq = torch.diagonal(dots, dim1=-2, dim2=-1)
     d2 = (sq.unsqueeze(-1) + sq.unsqueeze(-2) - 2 * dots).clamp_min_(0)
     torch.diagonal(d2, dim1=-2, dim2=-1).zero_()
@@ -136,8 +135,15 @@ def gram_rbf(X: Tensor, threshold: float = 1.0) -> Tensor:
     return torch.exp(-d2 / (2 * sigma2[..., None, None]))
 
 
-def _center_gram_(K: Tensor, unbiased: bool) -> Tensor:
-    """In-place version of `center_gram` (K float64, [..., N, N], symmetric)."""
+def center_gram(K: Tensor, unbiased: bool = False) -> Tensor:
+    """Centre a symmetric Gram matrix K [..., N, N] (float64 copy; K is not modified).
+
+    biased:   H K H with H = I - 11^T / N.
+    unbiased: Szekely-Rizzo U-centring (Kornblith's `center_gram(unbiased=True)`): zero the
+              diagonal, m = column sums / (N - 2), m -= sum(m) / (2 (N - 1)),
+              K_ij - m_i - m_j off the diagonal, 0 on it. Needs N >= 4.
+    """
+    K = _f64(K).clone()
     n = K.shape[-1]
     if unbiased:
         if n < 4:
@@ -157,17 +163,6 @@ def _center_gram_(K: Tensor, unbiased: bool) -> Tensor:
     return K
 
 
-def center_gram(K: Tensor, unbiased: bool = False) -> Tensor:
-    """Centre a symmetric Gram matrix K [..., N, N] (float64 copy; K is not modified).
-
-    biased:   H K H with H = I - 11^T / N.
-    unbiased: Szekely-Rizzo U-centring (Kornblith's `center_gram(unbiased=True)`): zero the
-              diagonal, m = column sums / (N - 2), m -= sum(m) / (2 (N - 1)),
-              K_ij - m_i - m_j off the diagonal, 0 on it. Needs N >= 4.
-    """
-    return _center_gram_(_f64(K).clone(), unbiased)
-
-
 def hsic_matrix(grams: Tensor, unbiased: bool = True) -> Tensor:
     """All-pairs HSIC of R representations from their Grams [R, N, N] -> [R, R] float64.
 
@@ -179,7 +174,7 @@ def hsic_matrix(grams: Tensor, unbiased: bool = True) -> Tensor:
     if grams.ndim != 3 or grams.shape[-1] != grams.shape[-2]:
         raise ValueError(f"grams must be [R, N, N], got {tuple(grams.shape)}")
     n = grams.shape[-1]
-    G = _center_gram_(grams.clone(), unbiased).flatten(1)  # [R, N^2]
+    G = center_gram(grams, unbiased).flatten(1)  # [R, N^2]
     M = G @ G.T
     M = (M + M.T) / 2  # exact symmetry
     return M / (n * (n - 3)) if unbiased else M / (n - 1) ** 2
@@ -292,8 +287,7 @@ class CKA(Probe):
 
     def _reset_state(self) -> None:
         self._buffer: Optional[ShuffleBuffer] = None  # rows [R, d], made by the first update
-        self._hsic_u: Optional[Tensor] = None  # [R, R] sums over minibatches
-        self._hsic_b: Optional[Tensor] = None
+        self._hsic: Optional[Tuple[Tensor, Tensor]] = None  # (unbiased, biased) [R, R] sums over minibatches
         self._n_minibatches = 0
         self._tokens_used = 0
 
@@ -331,13 +325,14 @@ class CKA(Probe):
                 if buf.unread == buf.capacity:
                     buf.shuffle()
                     for _ in range(per_fill):
-                        u, b = self._minibatch_hsic(buf.take_slots(m))
-                        self._hsic_u = u if self._hsic_u is None else self._hsic_u.add_(u)
-                        self._hsic_b = b if self._hsic_b is None else self._hsic_b.add_(b)
-                        self._n_minibatches, self._tokens_used = (
-                            self._n_minibatches + 1,
-                            self._tokens_used + m,
-                        )
+                        self._hsic = self._summed(self._hsic, buf.take_slots(m))
+                    self._n_minibatches += per_fill
+                    self._tokens_used += per_fill * m
+
+    def _summed(self, sums: Optional[Tuple[Tensor, Tensor]], slots: Tensor) -> Tuple[Tensor, Tensor]:
+        """HSIC sums (unbiased, biased [R, R], None before the first) plus the minibatch at `slots`."""
+        u, b = self._minibatch_hsic(slots)
+        return (u, b) if sums is None else (sums[0] + u, sums[1] + b)
 
     def _minibatch_hsic(self, slots: Tensor) -> tuple:
         """The buffer rows at `slots` [N] -> (unbiased HSIC [R, R], biased HSIC [R, R]) of this
@@ -368,8 +363,7 @@ class CKA(Probe):
     def _flushed_hsic(self):
         """(HSIC sums, minibatches, tokens used, tokens left over) with the buffer's rest taken
         as the last minibatches, shuffled with a generator of its own: the state is untouched."""
-        hu, hb = self._hsic_u, self._hsic_b
-        k, used = self._n_minibatches, self._tokens_used
+        hsic, k, used = self._hsic, self._n_minibatches, self._tokens_used
         left = 0 if self._buffer is None else self._buffer.unread
         sizes = self._flush_sizes(left)
         if sizes:
@@ -377,21 +371,20 @@ class CKA(Probe):
                 torch.randperm(left, generator=torch.Generator().manual_seed(self.seed + 1))
             ]
             for chunk in torch.split(rest, sizes):
-                u, b = self._minibatch_hsic(chunk)
-                hu, hb = (u, b) if hu is None else (hu + u, hb + b)
+                hsic = self._summed(hsic, chunk)
             k, used = k + len(sizes), used + left
-        return hu, hb, k, used, left - sum(sizes)
+        return hsic, k, used, left - sum(sizes)
 
     def result(self) -> "CKAResult":
         if self._site_names is None:
             raise RuntimeError("CKA.result called before setup(model)")
-        hu, hb, k, used, dropped = self._flushed_hsic()
+        hsic, k, used, dropped = self._flushed_hsic()
         if k == 0:
             raise ValueError(
                 f"CKA needs at least 4 tokens (a minibatch; debiased CKA needs at "
                 f"least 4 tokens), but only {dropped} token(s) were seen after masking"
             )
-        hu, hb = hu / k, hb / k
+        hu, hb = hsic[0] / k, hsic[1] / k
         cka_u, cka_b = cka_from_hsic(hu), cka_from_hsic(hb)
         main = cka_u if self.debiased else cka_b
         n, S = self._n_streams, len(self._site_names)
@@ -493,8 +486,7 @@ class CKAResult(ProbeResult):
         which = "debiased" if self.meta.get("debiased", True) else "biased"
         vmin = min(0.0, float(np.nanmin(M))) if np.isfinite(M).any() else 0.0
         idx = evenly_spaced(S, max_sites)
-        figs = {}
-        figs["cka_intra"] = heatmap_grid(
+        intra = heatmap_grid(
             [self.intra(i) for i in idx],
             [site_label(names[i]) for i in idx],
             vmin=vmin,
@@ -520,5 +512,4 @@ class CKAResult(ProbeResult):
             ax.axvline(i * n - 0.5, color="w", lw=0.3)
         fig.colorbar(im, ax=ax, label=f"CKA ({which})")
         ax.set_title(f"(site, stream) CKA, {n} streams per site; {self.meta.get('tokens_used', '?')} tokens")
-        figs["cka_inter"] = fig
-        return figs
+        return {"cka_intra": intra, "cka_inter": fig}

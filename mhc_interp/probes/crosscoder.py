@@ -336,8 +336,7 @@ def match_decoder_directions(
     Uses scipy.optimize.linear_sum_assignment."""
     from scipy.optimize import linear_sum_assignment
 
-    a = torch.as_tensor(learned).detach().double().cpu().flatten(1)
-    b = torch.as_tensor(true).detach().double().cpu().flatten(1)
+    a, b = (torch.as_tensor(t).detach().double().cpu().flatten(1) for t in (learned, true))
     if a.shape[1] != b.shape[1]:
         raise ValueError(f"direction sizes differ: learned {a.shape[1]}, true {b.shape[1]}")
     cand = np.arange(a.shape[0])
@@ -350,11 +349,10 @@ def match_decoder_directions(
     sim = np.full(b.shape[0], np.nan)
     if cand.size == 0:
         return idx, sim
-    a = a[torch.as_tensor(cand)]
-    cos = F.normalize(b, dim=1) @ F.normalize(a, dim=1).T  # [F, candidates]
-    rows, cols = linear_sum_assignment(-cos.numpy())
+    cos = (F.normalize(b, dim=1) @ F.normalize(a[torch.as_tensor(cand)], dim=1).T).numpy()  # [F, candidates]
+    rows, cols = linear_sum_assignment(-cos)
     idx[rows] = cand[cols]
-    sim[rows] = cos.numpy()[rows, cols]
+    sim[rows] = cos[rows, cols]
     return idx, sim
 
 

@@ -77,16 +77,6 @@ RANDOM_WALK_DEG = 90.0  # mean turning angle of a random walk with symmetric inc
 
 
 # ------------------------------------------------------------------------------- the maths
-def _check_inputs(x: Tensor, mask: Optional[Tensor]) -> Tensor:
-    if x.ndim < 3:
-        raise ValueError(f"x must be [batch, pos, ..., d], got shape {tuple(x.shape)}")
-    if mask is None:
-        return torch.ones(x.shape[:2], dtype=torch.bool, device=x.device)
-    if mask.shape != x.shape[:2]:
-        raise ValueError(f"mask must be [batch, pos] = {tuple(x.shape[:2])}, got {tuple(mask.shape)}")
-    return mask.to(device=x.device, dtype=torch.bool)
-
-
 def step_angles(x: Tensor, mask: Optional[Tensor] = None, eps: float = 1e-12) -> Tuple[Tensor, Tensor]:
     """Turning angles of the trajectories x[b, :, ...] (over the position axis 1), in degrees.
 
@@ -97,7 +87,13 @@ def step_angles(x: Tensor, mask: Optional[Tensor] = None, eps: float = 1e-12) ->
     is True iff positions t, t+1, t+2 are all valid and |v_t|, |v_{t+1}| > eps.
     Raises FloatingPointError if a valid position holds NaN/inf.
     """
-    mask = _check_inputs(x, mask)
+    if x.ndim < 3:
+        raise ValueError(f"x must be [batch, pos, ..., d], got shape {tuple(x.shape)}")
+    if mask is None:
+        mask = torch.ones(x.shape[:2], dtype=torch.bool, device=x.device)
+    elif mask.shape != x.shape[:2]:
+        raise ValueError(f"mask must be [batch, pos] = {tuple(x.shape[:2])}, got {tuple(mask.shape)}")
+    mask = mask.to(device=x.device, dtype=torch.bool)
     if x.device.type == "mps":  # no float64 there
         x, mask = x.cpu(), mask.cpu()
     x = x.to(torch.float64)
@@ -155,14 +151,11 @@ class _Moments:
     """Running float64 Σκ, Σκ², N, skipped-sequence and angle counts, each [n_sites, n_cols]."""
 
     def __init__(self, shape):
-        self.sum = np.zeros(shape, np.float64)
-        self.sumsq = np.zeros(shape, np.float64)
+        self.sum = np.zeros(shape)  # float64
+        self.sumsq = np.zeros(shape)
         self.count = np.zeros(shape, np.int64)
         self.skipped = np.zeros(shape, np.int64)
         self.angles = np.zeros(shape, np.int64)
-
-    def arrays(self):
-        return (self.sum, self.sumsq, self.count, self.skipped, self.angles)
 
     def add(self, kappa: np.ndarray, n_ang: np.ndarray) -> None:
         """kappa, n_ang [n_sites, batch, n_cols] (kappa NaN = no valid angle)."""
@@ -256,7 +249,9 @@ class Curvature(Probe):
 
     def state_nbytes(self) -> int:
         """Bytes held by the running state (constant over batches)."""
-        return sum(a.nbytes for acc in (self._main, self._shuffled) if acc is not None for a in acc.arrays())
+        return sum(
+            a.nbytes for acc in (self._main, self._shuffled) if acc is not None for a in vars(acc).values()
+        )
 
     # --- streaming
     def own_runs(self, model, tokens: Tensor, mask: Tensor) -> None:
@@ -414,27 +409,22 @@ class CurvatureResult(ProbeResult):
                 )
         if baseline and not change:
             base = self.meta.get("baselines") or {"iid_points": 120.0, "random_walk": 90.0}
-            ax.axhline(
-                base["iid_points"],
-                color="grey",
-                linestyle=(0, (1, 3)),
-                linewidth=1,
-                label=f"i.i.d. points ({base['iid_points']:g}°)",
-            )
-            ax.axhline(
-                base["random_walk"],
-                color="grey",
-                linestyle="-.",
-                linewidth=1,
-                label=f"random walk ({base['random_walk']:g}°)",
-            )
+            for key, style, what in (
+                ("iid_points", (0, (1, 3)), "i.i.d. points"),
+                ("random_walk", "-.", "random walk"),
+            ):
+                ax.axhline(
+                    base[key], color="grey", linestyle=style, linewidth=1, label=f"{what} ({base[key]:g}°)"
+                )
         labels = self.meta.get("site_labels") or self.meta.get("site_names") or [str(i) for i in xs]
         ax.set_xticks(
             xs, labels, rotation=45 if len(labels) > 6 else 0, ha="right" if len(labels) > 6 else "center"
         )
-        ax.set_xlabel("site")
-        ax.set_ylabel("curvature change vs first site (degrees)" if change else "curvature (degrees)")
-        ax.set_title("token-trajectory curvature (mean ± SEM over sequences)")
+        ax.set(
+            xlabel="site",
+            ylabel="curvature change vs first site (degrees)" if change else "curvature (degrees)",
+            title="token-trajectory curvature (mean ± SEM over sequences)",
+        )
         ax.legend(fontsize="small")
         fig.tight_layout()
         return fig

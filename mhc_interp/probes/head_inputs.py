@@ -195,7 +195,7 @@ def add_whole_list_successor(model, heads: "HeadScores") -> None:
     """The report's successor scores (its corpus run has no ordinal sequences): on the built-in
     lists that are single tokens in full in this tokenizer, or, on `heads.meta["skipped"]` (and so
     its empty panel), why none could be scored."""
-    skipped = heads.meta.setdefault("skipped", {})
+    skipped = heads.meta["skipped"]
     if model.tokenizer is None:
         skipped["successor"] = (
             "the model has no tokenizer, so there are no ordinal words (days, months, "
@@ -214,10 +214,14 @@ def add_whole_list_successor(model, heads: "HeadScores") -> None:
             f"in this tokenizer ({have}), so no successor sequence to score"
         )
         return
-    heads.arrays["successor"], count = successor_scores(model, whole)
-    skipped.pop("successor", None)
-    heads.meta.setdefault("sources", {})["successor"] = "ordinal"
-    heads.meta.setdefault("counts", {})["successor"] = int(count)
+    _score_successor(model, heads, whole)
+
+
+def _score_successor(model, heads: "HeadScores", sequences) -> None:
+    """`successor_scores` on `sequences` into `heads` (scores, count, source; no longer skipped)."""
+    heads.arrays["successor"], heads.meta["counts"]["successor"] = successor_scores(model, sequences)
+    heads.meta["sources"]["successor"] = "ordinal"
+    heads.meta["skipped"].pop("successor", None)
 
 
 @torch.no_grad()
@@ -256,11 +260,7 @@ def add_successor(model, heads: "HeadScores", ordinal_sequences=None) -> None:
     if ordinal_sequences is None and model.tokenizer is not None:
         ordinal_sequences = _default_ordinal_ids(model) or None
     if ordinal_sequences is not None:
-        heads.arrays["successor"], heads.meta["counts"]["successor"] = successor_scores(
-            model, ordinal_sequences
-        )
-        heads.meta["sources"]["successor"] = "ordinal"
-        return
+        return _score_successor(model, heads, ordinal_sequences)
     heads.arrays["successor"] = np.full((model.cfg.n_layers, model.cfg.n_heads), np.nan)
     why = (
         "this model has no tokenizer"

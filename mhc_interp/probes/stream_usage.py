@@ -85,13 +85,13 @@ class StreamUsage(Probe):
                 [take_rows(acts[f"{s}.hook_{kind}"], rows).double() for s in self.sublayers], dim=1
             )
 
-        def masked_norms(name: str) -> Tensor:  # [tokens, n] float64
-            # the norm is reduced from the state as it is (no float64 copy of [tokens, n, d])
-            return take_rows(torch.linalg.vector_norm(acts[name], dim=-1, dtype=torch.float32), rows).double()
-
         h_pre, h_post, h_res = stacked("h_pre"), stacked("h_post"), stacked("h_res")  # [tokens, L, n(, n)]
         states = [f"{s}.hook_streams_in" for s in self.sublayers] + [f"{self.sublayers[-1]}.hook_streams_out"]
-        norms = torch.stack([masked_norms(name) for name in states], dim=1)  # [tokens, L + 1, n]
+        # the norms are reduced from the states as they are (no float64 copy of [tokens, n, d])
+        norms = torch.stack(
+            [take_rows(torch.linalg.vector_norm(acts[s], dim=-1, dtype=torch.float32), rows) for s in states],
+            dim=1,
+        ).double()  # [tokens, L + 1, n]
         stats = {
             "mean_h_res": h_res,
             "h_res_dist": (h_res - eye).flatten(2).norm(dim=-1),
@@ -208,19 +208,19 @@ class StreamUsageResult(ProbeResult):
 
         subs, n = self.meta["sublayers"], self.meta["n_streams"]
         x = np.arange(len(subs))
-        figs = {}
         picks = evenly_spaced(len(subs), max_heatmaps)
-        fig = heatmap_grid(
-            [self["mean_h_res"][k] for k in picks],
-            [subs[k] for k in picks],
-            vmin=0,
-            vmax=1,
-            xlabel="source stream",
-            ylabel="target stream",
-            colorbar="mean H_res",
-            title="token-averaged H_res [target, source]",
-        )
-        figs["h_res"] = fig
+        figs = {
+            "h_res": heatmap_grid(
+                [self["mean_h_res"][k] for k in picks],
+                [subs[k] for k in picks],
+                vmin=0,
+                vmax=1,
+                xlabel="source stream",
+                ylabel="target stream",
+                colorbar="mean H_res",
+                title="token-averaged H_res [target, source]",
+            )
+        }
 
         fig, axes = plt.subplots(1, 3, figsize=(14, 3.4), sharey=True)
         for ax, key, title in zip(
@@ -228,21 +228,16 @@ class StreamUsageResult(ProbeResult):
             ("read_share", "read_share_norm", "write_share"),
             ("read share (H_pre)", "norm-weighted read share", "write share (H_post)"),
         ):
-            for s in range(n):
-                ax.plot(x, self[key][:, s], label=f"stream {s}")
+            ax.plot(x, self[key], label=[f"stream {s}" for s in range(n)])
             ax.axhline(1 / n, color="grey", ls=":", lw=1)
-            ax.set_title(title)
-            ax.set_xlabel("sublayer")
+            ax.set(title=title, xlabel="sublayer")
         axes[0].set_ylabel("share")
         axes[0].legend(fontsize=7)
         figs["shares"] = fig
 
         fig, ax = plt.subplots(figsize=(6, 3.4))
-        for s in range(n):
-            ax.plot(np.arange(len(subs) + 1), self["stream_norm"][:, s], label=f"stream {s}")
-        ax.set_yscale("log")
-        ax.set_xlabel("sublayer (input; last = final state)")
-        ax.set_ylabel("mean ||x_s||")
+        ax.plot(np.arange(len(subs) + 1), self["stream_norm"], label=[f"stream {s}" for s in range(n)])
+        ax.set(yscale="log", xlabel="sublayer (input; last = final state)", ylabel="mean ||x_s||")
         ax.legend(fontsize=7)
         figs["stream_norms"] = fig
 
@@ -253,8 +248,7 @@ class StreamUsageResult(ProbeResult):
             ("E||H_post||", "Var over tokens", "Var over streams"),
         ):
             ax.plot(x, self[key], marker=".")
-            ax.set_title(title)
-            ax.set_xlabel("sublayer")
+            ax.set(title=title, xlabel="sublayer")
         figs["h_post"] = fig
         return figs
 
@@ -277,10 +271,7 @@ class StreamUsageResult(ProbeResult):
             if n <= MAX_ANNOTATED_COLUMNS
             else {}
         )  # else they would not fit
-        ax.set_xticks(range(n))
-        ax.set_yticks(range(n))
-        ax.set_xlabel("source stream")
-        ax.set_ylabel("target stream")
+        ax.set(xticks=range(n), yticks=range(n), xlabel="source stream", ylabel="target stream")
         fig.colorbar(im, ax=ax, shrink=0.9)
         title = ax.set_title("", fontsize=9)
         folder = Path(folder)
@@ -293,8 +284,8 @@ class StreamUsageResult(ProbeResult):
                     text.set_text(f"{mats[k][i, j]:.2f}")
                     text.set_color(text_color(im.cmap(im.norm(mats[k][i, j]))))
                 title.set_text(f"{name}: mean H_res")
-                fig.savefig(folder / f"h_res_{k:03d}.png", dpi=100, bbox_inches="tight")
                 saved.append((folder / f"h_res_{k:03d}.png", name))
+                fig.savefig(saved[-1][0], dpi=100, bbox_inches="tight")
         finally:
             plt.close(fig)
         return saved

@@ -122,6 +122,8 @@ def _report_config(args):
     cfg.sae = getattr(args, "sae", None)
     cfg.heads_per_layer = getattr(args, "heads_per_layer", None)
     cfg.causal_sublayers = getattr(args, "causal_sublayers", None)
+    if getattr(args, "lens_token_fraction", None) is not None:
+        cfg.lens_token_fraction = args.lens_token_fraction
     return cfg
 
 
@@ -312,6 +314,14 @@ def _add_report_parser(sub) -> None:
         metavar="K",
         help="the rescue and patching sweeps cover K evenly spaced sublayers (default: all)",
     )
+    report.add_argument(
+        "--lens-token-fraction",
+        type=_fraction,
+        default=None,
+        metavar="F",
+        help="the logit lens scores a seeded sample of this share of the corpus tokens, with standard "
+        "errors (default 0.25; 1: every token)",
+    )
 
 
 def _add_train_parser(sub) -> None:
@@ -402,6 +412,17 @@ def main(argv: Optional[List[str]] = None) -> int:
                 print("mhc-interp: interrupted", file=sys.stderr)
                 return 130
             raise SystemExit(f"mhc-interp: {e}\n(MHC_INTERP_TRACEBACK=1 shows where it came from)") from None
+
+
+def _fraction(text: str) -> float:
+    """argparse type: a number in (0, 1]."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"expected a number in (0, 1], got {text!r}")
+    return value
 
 
 def positive_int(text: str) -> int:

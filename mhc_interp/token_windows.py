@@ -22,6 +22,9 @@ class TokenBudget:
     causal_seq_len: int = 64  # tokens per prompt
     cka_minibatch: int = 256  # CKA's minibatch, tokens
     predictability_tokens: int = 2048  # tokens the ridge fits of CrossStreamPredictability keep
+    # share of the corpus tokens the logit lens scores (a seeded sample; 1: all), its standard errors
+    # reported: its vocabulary-sized rows are the main job's largest cost (25%: |z| <= 1.8 vs all)
+    lens_token_fraction: float = 0.25
     progress: bool = True  # progress bars
 
     def fast(self, **overrides):

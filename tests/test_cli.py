@@ -153,6 +153,13 @@ def test_report_samples_for_big_models_from_the_command_line(capsys):
     assert _report_config(build_parser().parse_args(["report"])).causal_sublayers is None
     with pytest.raises(SystemExit):
         build_parser().parse_args(["report", "--causal-sublayers", "0"])
+    assert _report_config(build_parser().parse_args(["report"])).lens_token_fraction == 0.25
+    lens = _report_config(build_parser().parse_args(["report", "--lens-token-fraction", "1"]))
+    assert lens.lens_token_fraction == 1.0
+    for bad in ("0", "1.5", "half", "nan"):
+        with pytest.raises(SystemExit):
+            build_parser().parse_args(["report", "--lens-token-fraction", bad])
+        assert "expected a number in (0, 1]" in capsys.readouterr().err
 
 
 def test_probe_command(tmp_path, capsys):

@@ -317,7 +317,9 @@ class LogitLens(Probe):
         order=50,
         captions={
             "kl": "Logit lens: KL from the final distribution to the prediction read off each site through the final "
-            "LayerNorm and unembedding, for the stream sum and each stream alone.",
+            "LayerNorm and unembedding, for the stream sum and each stream alone. Scored on a seeded sample of "
+            "the corpus tokens (`lens_token_fraction`, 25% by default, as the title says); bands: +-2 standard "
+            "errors, clustered by sequence.",
             "top1": "Logit lens: how often each view's top-1 token agrees with the final prediction.",
             "writes": "Each sublayer's branch output (what it writes) read through the final LayerNorm and "
             "unembedding: KL to the final distribution and top-1 agreement.",
@@ -346,6 +348,11 @@ class LogitLens(Probe):
         self.chunk_tokens = int(chunk_tokens)
         self.token_fraction = float(token_fraction)
         self.seed = int(seed)
+
+    @classmethod
+    def for_report(cls, cfg) -> "LogitLens":
+        """The report's lens scores a sample of the tokens (`cfg.lens_token_fraction`), with its errors."""
+        return cls(token_fraction=cfg.lens_token_fraction)
 
     def setup(self, model) -> None:
         self.n_streams = model.cfg.n_streams
@@ -561,29 +568,36 @@ class LogitLensResult(ProbeResult):
         colours = _view_colours(views)
         x = np.arange(len(labels))
         figs = {}
+        sample = self.meta.get("token_fraction", 1.0)
+        note = f"\n{sample:.0%} token sample; " if sample < 1 else "\n"
         for key, title, log in (
             ("kl", "KL(P_final || P_lens) [nats]", True),
             ("top1", "top-1 agreement with the final prediction", False),
         ):
             fig, ax = plt.subplots(figsize=(max(6, 0.45 * len(labels)), 3.6))
             for j, v in enumerate(views):
-                ax.plot(x, self[key][:, j], marker=".", label=v, color=colours[v], lw=2 if v == "sum" else 1)
+                y = self[key][:, j]
+                ax.plot(x, y, marker=".", label=v, color=colours[v], lw=2 if v == "sum" else 1)
+                if f"{key}_se" in self.arrays:  # +-2 standard errors (clustered by sequence)
+                    band = 2 * np.nan_to_num(self[f"{key}_se"][:, j])
+                    ax.fill_between(x, y - band, y + band, color=colours[v], alpha=0.2, lw=0)
             if log:
                 ax.set_yscale("symlog", linthresh=1e-3)
             ax.set_xticks(x, labels, rotation=60, fontsize=7, ha="right")
-            ax.set_title(title)
+            ax.set_title(title + note + "bands: ±2 standard errors", fontsize=10)
             ax.legend(fontsize=7)
             figs[key] = fig
         subs = self.meta["sublayers"]
         fig, axes = plt.subplots(1, 2, figsize=(max(8, 0.5 * len(subs)), 3.4))
         if subs:
             xs = np.arange(len(subs))
-            axes[0].bar(xs, self["kl_write"])
-            axes[1].bar(xs, self["top1_write"])
+            for ax, key in zip(axes, ("kl_write", "top1_write")):
+                se = self.arrays.get(f"{key}_se")
+                ax.bar(xs, self[key], yerr=None if se is None else 2 * se, ecolor="grey")
             for ax in axes:
                 ax.set_xticks(xs, subs, rotation=60, fontsize=7, ha="right")
-        axes[0].set_title("branch output: KL to final [nats]")
-        axes[1].set_title("branch output: top-1 agreement")
+        axes[0].set_title("branch output: KL to final [nats]" + note + "bars: ±2 s.e.", fontsize=10)
+        axes[1].set_title("branch output: top-1 agreement" + note + "bars: ±2 s.e.", fontsize=10)
         figs["writes"] = fig
         fig, ax = plt.subplots(figsize=(4, 3))
         n = self.meta["n_streams"]

@@ -190,8 +190,7 @@ class HFHyperConnectedSublayer(HookedSublayer):
 
     def forward(self, x: Tensor, ctx: _Context) -> Tensor:
         """x' = H_res x + H_post^T F(H_pre x): x [batch, pos, n, d] -> [batch, pos, n, d]."""
-        if self.device is not None:
-            x = x.to(self.device)
+        x = x.to(self.device)  # (None: where it is)
         ctx = ctx.on(x.device)
         if self.needs_input_ids and ctx.ids is None:
             raise ValueError(f"{self.name} routes by token id (hash routing) and the run has no token ids")
@@ -242,8 +241,7 @@ class HFHead(nn.Module):
 
     def forward(self, x: Tensor, weights: Optional[Tensor] = None) -> Tensor:
         """final state [b, p, n, d] -> normed read [b, p, d] (before lm_head)."""
-        if self.device is not None:
-            x = x.to(self.device)
+        x = x.to(self.device)  # (None: where it is)
         x = self.hook_streams_in(x)
         w = self.hook_h_pre(self.weights(x, weights))
         read = self.hook_read((w.unsqueeze(-1) * x).sum(dim=2).to(x.dtype))

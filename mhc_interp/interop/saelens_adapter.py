@@ -152,11 +152,10 @@ class StreamAdapter(CheckedHookNames, HookedRootModule):
     def setup(self) -> None:
         """hook_dict / mod_dict: {site name: its HookPoint} (the names carry brackets, so they are
         assigned here rather than taken from the module tree)."""
-        self.mod_dict, self.hook_dict = {}, {}
-        for name, point in zip(self._sites, self.site_points):
+        self.hook_dict = dict(zip(self._sites, self.site_points))
+        self.mod_dict = dict(self.hook_dict)
+        for name, point in self.hook_dict.items():
             point.name = name
-            self.mod_dict[name] = point
-            self.hook_dict[name] = point
 
     # what SAELens reads from a model
     @property

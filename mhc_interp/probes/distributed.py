@@ -75,17 +75,18 @@ def merge_sublayer_results(
     parts = [(list(ls), r) for ls, r in parts if r is not None and len(ls)]
     if not parts:
         raise ValueError("no partial results to merge")
-    probe = parts[0][1].probe
+    first = parts[0][1]
+    probe = first.probe
     if probe not in _GLOBAL_KEYS:
         raise ValueError(f"merging is defined for {sorted(_GLOBAL_KEYS)} results, got {probe!r}")
     if any(r.probe != probe for _, r in parts):
         raise ValueError(f"cannot merge results of different probes: {[r.probe for _, r in parts]}")
-    where: Dict[int, Tuple[int, int]] = {}
-    for p, (ls, _) in enumerate(parts):
+    where: Dict[int, Tuple[ProbeResult, int]] = {}  # sublayer -> (the part's result, its index there)
+    for ls, r in parts:
         for i, l in enumerate(ls):
             if l in where:
                 raise ValueError(f"sublayer {l} appears in two partial results")
-            where[l] = (p, i)
+            where[l] = (r, i)
     missing = [l for l in sublayers if l not in where]
     if missing:
         raise ValueError(f"no partial result covers sublayers {missing}")
@@ -95,14 +96,12 @@ def merge_sublayer_results(
             f"the partial results saw different numbers of prompts {sorted(prompts)}: "
             f"every rank must run the same prompts"
         )
-    first = parts[0][1]
-    arrays: Dict[str, np.ndarray] = {}
-    for key, value in first.arrays.items():
-        if key in _GLOBAL_KEYS[probe]:
-            arrays[key] = value
-            continue
-        arrays[key] = np.stack([parts[where[l][0]][1].arrays[key][where[l][1]] for l in sublayers])
-    names = [parts[where[l][0]][1].meta["sublayers"][where[l][1]] for l in sublayers]
+    picked = [where[l] for l in sublayers]
+    arrays = {
+        key: value if key in _GLOBAL_KEYS[probe] else np.stack([r.arrays[key][i] for r, i in picked])
+        for key, value in first.arrays.items()
+    }
+    names = [r.meta["sublayers"][i] for r, i in picked]
     if probe == "ablate_rescue":
         arrays.update(
             global_rescue(arrays["rescue"], arrays["kl_ablated"], arrays["kl_rescued"], arrays["low_damage"])

@@ -35,6 +35,7 @@ from torch import Tensor
 
 from ...hooks.freeze import is_mixing_hook
 from ...hooks.names import MIXING_SUFFIXES
+from ..causal import check_finite
 
 
 @dataclass
@@ -118,19 +119,14 @@ def _backward(
     capture_mixing: bool,
     detach_mixing: bool,
 ):
-    """One forward (k replicas stacked replica-major) and one backward. Returns (logits, values
-    [k, B], states {l}, state grads {l}, mixing grads {name}), every grad summed over replicas."""
+    """One forward (k replicas stacked replica-major) and one backward: `Gradients` with values
+    [k, B] and logits [k*B, pos, vocab], every grad summed over replicas."""
     states: Dict[int, Tensor] = {}
     mixing: Dict[str, Tensor] = {}
     hooks = _capture_hooks(model, sublayers, capture_mixing, detach_mixing, states, mixing)
     with torch.enable_grad(), model.hooks(fwd_hooks=hooks):
         logits = run()  # [k*B, pos, vocab]
-        finite = torch.isfinite(logits).flatten(1).all(-1)
-        if not bool(finite.all()):
-            raise FloatingPointError(
-                f"non-finite values (NaN/inf) in the logits of the gradient pass (rows "
-                f"{(~finite).nonzero().flatten().tolist()[:8]}): check the model's weights and dtype"
-            )
+        check_finite(logits, "gradient")
         values = metric(logits.view(k, -1, *logits.shape[1:]))  # [k, B]
         missing = [l for l in sublayers if l not in states]
         if missing:
@@ -145,14 +141,12 @@ def _backward(
         t = torch.zeros_like(like) if t is None else t
         return t.view(k, -1, *t.shape[1:]).sum(0).detach()
 
-    g_states = {l: fold(g, states[l]) for l, g in zip(sublayers, grads)}
-    g_mixing = {n: fold(g, mixing[n]) for n, g in zip(names, grads[len(sublayers) :])}
-    return (
-        logits.detach(),
+    return Gradients(
         values.detach(),
+        logits.detach(),
         {l: states[l].detach() for l in sublayers},
-        g_states,
-        g_mixing,
+        {l: fold(g, states[l]) for l, g in zip(sublayers, grads)},
+        {n: fold(g, mixing[n]) for n, g in zip(names, grads[len(sublayers) :])},
         {n: mixing[n].detach() for n in names},
     )
 
@@ -161,10 +155,9 @@ def atp_gradients(
     model, tokens: Tensor, metric, sublayers: Sequence[int], *, frozen: bool, capture_mixing: bool = True
 ) -> Gradients:
     """AtP: one forward of the base prompts `tokens` [B, pos] and one backward."""
-    logits, values, states, g_states, g_mixing, mixing = _backward(
-        model, lambda: model(tokens), metric, 1, sublayers, capture_mixing, detach_mixing=frozen
-    )
-    return Gradients(values[0], logits, states, g_states, g_mixing, mixing, passes=1.0)
+    g = _backward(model, lambda: model(tokens), metric, 1, sublayers, capture_mixing, detach_mixing=frozen)
+    g.values = g.values[0]
+    return g
 
 
 def ig_alphas(steps: int) -> Tensor:
@@ -223,7 +216,7 @@ def ig_gradients(
                 capture_mixing,
                 detach_mixing=False,
             )
-            for total, new in zip(totals, grads[3:5]):
+            for total, new in zip(totals, (grads.state_grads, grads.mixing_grads)):
                 for key, g in new.items():
                     total[key] = total[key] + g if key in total else g
     return Gradients(

@@ -288,8 +288,7 @@ class CKA(Probe):
     def _reset_state(self) -> None:
         self._buffer: Optional[ShuffleBuffer] = None  # rows [R, d], made by the first update
         self._hsic: Optional[Tuple[Tensor, Tensor]] = None  # (unbiased, biased) [R, R] sums over minibatches
-        self._n_minibatches = 0
-        self._tokens_used = 0
+        self._n_minibatches = 0  # each of minibatch_tokens tokens (until the flush in `result`)
 
     # ---------------------------------------------------------------------------- contract
     def setup(self, model: "MultiStreamModel") -> None:
@@ -327,7 +326,6 @@ class CKA(Probe):
                     for _ in range(per_fill):
                         self._hsic = self._summed(self._hsic, buf.take_slots(m))
                     self._n_minibatches += per_fill
-                    self._tokens_used += per_fill * m
 
     def _summed(self, sums: Optional[Tuple[Tensor, Tensor]], slots: Tensor) -> Tuple[Tensor, Tensor]:
         """HSIC sums (unbiased, biased [R, R], None before the first) plus the minibatch at `slots`."""
@@ -363,7 +361,8 @@ class CKA(Probe):
     def _flushed_hsic(self):
         """(HSIC sums, minibatches, tokens used, tokens left over) with the buffer's rest taken
         as the last minibatches, shuffled with a generator of its own: the state is untouched."""
-        hsic, k, used = self._hsic, self._n_minibatches, self._tokens_used
+        hsic, k = self._hsic, self._n_minibatches
+        used = k * self.minibatch_tokens
         left = 0 if self._buffer is None else self._buffer.unread
         sizes = self._flush_sizes(left)
         if sizes:

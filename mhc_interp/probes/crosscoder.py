@@ -425,12 +425,6 @@ class CrosscoderResult(ProbeResult):
         return figs
 
 
-def _colors() -> List[str]:
-    import matplotlib.pyplot as plt
-
-    return plt.rcParams["axes.prop_cycle"].by_key()["color"]
-
-
 def _share_heatmap(fig, ax, share: np.ndarray) -> None:
     """share [alive latents, streams or layers] as a heatmap with its colour bar (none without rows)."""
     if len(share):
@@ -451,7 +445,7 @@ def _plot_stream_share(a: Dict[str, np.ndarray], n: int, order: np.ndarray, aliv
         title="decoder-norm share per stream",
     )
     if alive.size:
-        axes[1].hist(a["max_share"][alive], bins=40, range=(0, 1), color=_colors()[0])
+        axes[1].hist(a["max_share"][alive], bins=40, range=(0, 1), color="C0")
     axes[1].axvline(tau, color="k", ls="--", lw=1, label=f"tau = {tau:g}")
     axes[1].axvline(1 / n, color="grey", ls=":", lw=1, label=f"1/n = {1 / n:.2f}")
     axes[1].set(xlabel="max_s stream share", ylabel="latents", title="how concentrated is each feature?")
@@ -463,13 +457,13 @@ def _plot_counts(a: Dict[str, np.ndarray], n: int, ti: int, labels: Sequence[str
     """Counts per stream / shared / dead at threshold index `ti`, and against the tau sweep."""
     import matplotlib.pyplot as plt
 
-    colors, u = _colors(), _even_share(n)
+    u = _even_share(n)
     tau = float(a["thresholds"][ti])
     fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
     axes[0].bar(
         range(n + 2),
         a["counts"][ti],
-        color=[colors[s % len(colors)] for s in range(n)] + ["grey", "lightgrey"],
+        color=[f"C{s}" for s in range(n)] + ["grey", "lightgrey"],  # CN: the colour cycle's N-th
     )
     axes[0].set_xticks(range(n + 2), labels, rotation=30, fontsize=8)
     axes[0].set(ylabel="latents", title=f"assignment at tau = {tau:.3g} (rho = {_relative(tau, n):.2f})")
@@ -488,7 +482,6 @@ def _plot_layer_profile(a: Dict[str, np.ndarray], n: int, order: np.ndarray, lay
     """Mean layer share per assigned group (streams..., shared) + the latents x layers heatmap."""
     import matplotlib.pyplot as plt
 
-    colors = _colors()
     fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
     for g in range(n + 1):
         if np.isfinite(a["layer_profile"][g]).all():
@@ -496,7 +489,7 @@ def _plot_layer_profile(a: Dict[str, np.ndarray], n: int, order: np.ndarray, lay
                 range(len(layers)),
                 a["layer_profile"][g],
                 marker=".",
-                color="grey" if g == n else colors[g % len(colors)],
+                color="grey" if g == n else f"C{g}",
                 label="shared" if g == n else f"stream {g}",
             )
     axes[0].set(ylabel="mean layer share", title="layer profile per assigned group")
@@ -536,7 +529,7 @@ def _plot_firing(a: Dict[str, np.ndarray], tokens_used):
     freq = a["firing_frequency"]
     live = freq[freq > 0]
     if live.size:
-        ax.hist(np.log10(live), bins=40, color=_colors()[0])
+        ax.hist(np.log10(live), bins=40, color="C0")
     ax.set(
         xlabel="log10 firing frequency",
         ylabel="latents",

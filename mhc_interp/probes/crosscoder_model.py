@@ -115,12 +115,16 @@ class Crosscoder(nn.Module):
         self.W_enc = nn.Parameter(W_dec.permute(1, 2, 0).contiguous())  # [S, d, m]
         self.b_enc = nn.Parameter(torch.zeros(m))  # [m]
         self.b_dec = nn.Parameter(torch.zeros(S, d))  # [S, d]
-        self.register_buffer("norm_factors", torch.ones(S))  # [S]
-        self.register_buffer("threshold", torch.tensor(-1.0))  # [] theta
-        self.register_buffer("tokens_since_fired", torch.zeros(m, dtype=torch.long))  # [m]
-        self.register_buffer("steps", torch.tensor(0, dtype=torch.long))
-        self.register_buffer("tokens_seen", torch.tensor(0, dtype=torch.long))
-        self.register_buffer("norm_set", torch.tensor(False))
+        buffers = dict(
+            norm_factors=torch.ones(S),  # [S]
+            threshold=torch.tensor(-1.0),  # [] theta
+            tokens_since_fired=torch.zeros(m, dtype=torch.long),  # [m]
+            steps=torch.tensor(0),  # [] long
+            tokens_seen=torch.tensor(0),
+            norm_set=torch.tensor(False),
+        )
+        for name, value in buffers.items():
+            self.register_buffer(name, value)
         self.history: List[Dict[str, float]] = []
 
     # ---------------------------------------------------------------------------- properties

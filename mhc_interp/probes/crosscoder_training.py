@@ -29,12 +29,10 @@ def _lr_factor(step: int, n_steps: int, decay_frac: float) -> float:
 def _source_and_config(data, config) -> Tuple[ActivationSource, Optional[Crosscoder], CrosscoderConfig]:
     """(the data as a source, the crosscoder to train further or None, its config with n_sites,
     d_model and sites filled from the data); refuses data that does not fit the config."""
-    given = config.cfg.sites if isinstance(config, Crosscoder) else getattr(config, "sites", None)
-    src = as_activation_source(data, sites=given)
-    if isinstance(config, Crosscoder):
-        cc, cfg = config, config.cfg
-    else:
-        cc, cfg = None, config if config is not None else CrosscoderConfig()
+    cc = config if isinstance(config, Crosscoder) else None
+    cfg = config.cfg if cc is not None else config or CrosscoderConfig()
+    src = as_activation_source(data, sites=cfg.sites)
+    if cc is None:
         n_sites = cfg.n_sites or src.n_sites
         cfg = replace(
             cfg,

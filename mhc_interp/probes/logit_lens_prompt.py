@@ -31,6 +31,9 @@ if TYPE_CHECKING:
 
 __all__ = ["logit_lens", "PromptLensResult"]
 
+_SITE_ARRAYS = ("topk_ids", "topk_probs", "kl", "top1_agree")  # [site, view, pos(, k)]
+_WRITE_ARRAYS = ("write_topk_ids", "write_topk_probs", "write_kl")  # [sublayer, pos(, k)]
+
 
 def _kl_top1(final_lp: Tensor, final_top: Tensor, logits: Tensor) -> Tuple[Tensor, Tensor]:
     """final_lp [N, V] (log-probs), final_top [N]; logits [N, k, V] -> KL(P_final||P) [N, k],
@@ -47,21 +50,12 @@ def _view_logits(contrib: Tensor, subsets: Sequence[Tuple[int, ...]]) -> Tensor:
     return torch.cat([added[:, :1], contrib, added[:, 1:]], 1)
 
 
-def _write_arrays(
-    model, cache, subs: List[str], translator: Translator, final_lp: Tensor, top: Tensor, k: int
-) -> Dict[str, Tensor]:
-    """The lens on each sublayer's branch output (`{sub}.hook_write` [1, pos, d] in `cache`):
-    write_topk_ids / write_topk_probs [sublayer, pos, k] and write_kl [sublayer, pos], against the
-    final log-probs `final_lp` [pos, V] (top [pos]: their argmax)."""
-    writes = [f"{sub}.hook_write" for sub in subs]
-    wl = (
-        torch.stack([_write_readout(model, _translate(translator, site, cache[site][0])) for site in writes])
-        if writes
-        else final_lp.new_zeros(0, *final_lp.shape)
-    )  # [sublayer, pos, V]
-    w_probs, w_ids = F.softmax(wl, -1).topk(k, dim=-1)
-    kl = _kl_top1(final_lp, top, wl.transpose(0, 1))[0].T  # [sublayer, pos]
-    return {"write_topk_ids": w_ids, "write_topk_probs": w_probs, "write_kl": kl}
+def _lens_arrays(final_lp: Tensor, top: Tensor, logits: Tensor, k: int) -> Tuple[Tensor, ...]:
+    """Against the final log-probs final_lp [pos, V] (top [pos]: their argmax), logits [pos, j, V]
+    -> (top-k ids, their probabilities [j, pos, k], KL(P_final||P) [j, pos], top-1 agreement [j, pos])."""
+    kl, agree = _kl_top1(final_lp, top, logits)
+    probs, ids = F.softmax(logits, -1).topk(k, dim=-1)
+    return ids.transpose(0, 1), probs.transpose(0, 1), kl.T, agree.T
 
 
 def _token_strings(tokenizer, out: Dict[str, np.ndarray]) -> Dict[str, object]:
@@ -115,16 +109,21 @@ def logit_lens(
     top = final.argmax(-1)
     k = min(int(k), final.shape[-1])
     views = _view_labels(n, subsets)
-    arrays: Dict[str, List] = {key: [] for key in ("topk_ids", "topk_probs", "kl", "top1_agree")}
-    for site in site_names:
-        x = _translate(translator, site, cache[site][0])
-        vl = _view_logits(_readout(model, x), subsets)  # [pos, views, V]
-        kl, agree = _kl_top1(final_lp, top, vl)
-        probs, ids = F.softmax(vl, -1).topk(k, dim=-1)
-        for key, v in zip(arrays, (ids.transpose(0, 1), probs.transpose(0, 1), kl.T, agree.T)):
-            arrays[key].append(v)
-    out = {key: torch.stack(v).cpu().numpy() for key, v in arrays.items()}
-    for key, v in _write_arrays(model, cache, subs, translator, final_lp, top, k).items():
+    per_site = [  # the view logits [pos, views, V] of each site
+        _lens_arrays(
+            final_lp, top, _view_logits(_readout(model, _translate(translator, s, cache[s][0])), subsets), k
+        )
+        for s in site_names
+    ]
+    out = {key: torch.stack(v).cpu().numpy() for key, v in zip(_SITE_ARRAYS, zip(*per_site))}
+    writes = [
+        _write_readout(model, _translate(translator, s, cache[s][0]))
+        for s in (f"{s}.hook_write" for s in subs)
+    ]
+    wl = (
+        torch.stack(writes, 1) if writes else final_lp.new_zeros(len(top), 0, final_lp.shape[-1])
+    )  # [pos, sublayer, V]
+    for key, v in zip(_WRITE_ARRAYS, _lens_arrays(final_lp, top, wl, k)):
         out[key] = v.cpu().numpy()
     contrib = _readout(model, cache[final_site][0])  # [pos, n, V]
     f_ids = final.topk(k, dim=-1).indices  # [pos, k]
@@ -225,8 +224,7 @@ class PromptLensResult(LogitLensResult):
         for (i, j), t in np.ndenumerate(ids):
             ax.text(j, i, self._tok(t)[:8], ha="center", va="center", fontsize=6)
         ax.set_yticks(np.arange(len(labels)), labels, fontsize=7)
-        ax.set_xlabel("position")
-        ax.set_title("top-1 of the stream sum per site")
+        ax.set(xlabel="position", title="top-1 of the stream sum per site")
         figs["top1_grid"] = fig
         contrib = self["final_topk_contributions"][position]  # [n, k]
         fig, ax = plt.subplots(figsize=(5, 3))

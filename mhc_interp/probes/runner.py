@@ -203,7 +203,7 @@ def run_probes(
         for tokens, mask, n_tok, acts in iter_activations(
             model,
             source,
-            names if observers else [],
+            names,
             batch_size=batch_size,
             seq_len=seq_len,
             pad_id=pad_id,

@@ -391,13 +391,15 @@ class CrosscoderResult(ProbeResult):
         """Counts per stream / shared / dead for every swept threshold, as text."""
         labs = self.meta["count_labels"]
         n = self.n_streams
-        lines = ["tau   rho   " + " ".join(f"{l:>9s}" for l in labs)]
-        for t, row in zip(self.arrays["thresholds"], self.arrays["counts"]):
-            lines.append(f"{t:4.2f}  {_relative(t, n):4.2f}  " + " ".join(f"{int(c):9d}" for c in row))
-        lines.append(
-            f"(rho = (tau - 1/n) / (1 - 1/n) with n = {n} streams: 0 = an even split, 1 = one stream)"
+        lines = [
+            f"{t:4.2f}  {_relative(t, n):4.2f}  " + " ".join(f"{int(c):9d}" for c in row)
+            for t, row in zip(self.arrays["thresholds"], self.arrays["counts"])
+        ]
+        return "\n".join(
+            ["tau   rho   " + " ".join(f"{l:>9s}" for l in labs)]
+            + lines
+            + [f"(rho = (tau - 1/n) / (1 - 1/n) with n = {n} streams: 0 = an even split, 1 = one stream)"]
         )
-        return "\n".join(lines)
 
     def plot(self, threshold: Optional[float] = None, max_features: int = 2000):
         """{"stream_share": alive latents x streams heatmap sorted by assignment (features

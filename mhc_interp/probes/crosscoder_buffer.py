@@ -211,18 +211,14 @@ class InMemoryActivations(ActivationSource):
 
     def next_batch(self, n: int) -> Tensor:
         self.check_batch_size(n)
-        parts, need = [], n
-        while need:
-            if self._pos == self.capacity:
-                self._perm = torch.randperm(self.capacity, generator=self._gen)
-                self._pos = 0
-            take = min(need, self.capacity - self._pos)
-            parts.append(self._perm[self._pos : self._pos + take])
-            self._pos += take
-            need -= take
-        idx = torch.cat(parts).to(self.x.device)
+        idx = self._perm[self._pos : self._pos + n]
+        self._pos += len(idx)
+        if len(idx) < n:  # the epoch ends: the rest of the batch from a new permutation
+            self._perm = torch.randperm(self.capacity, generator=self._gen)
+            self._pos = n - len(idx)
+            idx = torch.cat([idx, self._perm[: self._pos]])
         self.tokens_served += n
-        return self.x[idx].float()
+        return self.x[idx.to(self.x.device)].float()
 
     def peek(self, n: int) -> Tensor:
         g = torch.Generator().manual_seed(1234)
@@ -279,10 +275,12 @@ class ActivationBuffer(ActivationSource):
         self.capacity = int(buffer_tokens)
         if batch_size is not None:
             self.check_batch_size(int(batch_size))
-        self.model_batch_size = int(model_batch_size)
-        self.seq_len = seq_len
-        self.exclude_first = check_exclude_first(exclude_first)
-        self.pad_id = pad_id
+        self.forward_batches = dict(  # how `iter_activations` cuts the token source
+            batch_size=int(model_batch_size),
+            seq_len=seq_len,
+            pad_id=pad_id,
+            exclude_first=check_exclude_first(exclude_first),
+        )
         self.refill_fraction = float(refill_fraction)
         self.loop = bool(loop)
         self.device = torch.device(device) if device is not None else model.device
@@ -303,13 +301,7 @@ class ActivationBuffer(ActivationSource):
         while True:
             got = 0
             for _, mask, _, acts in iter_activations(
-                self.model,
-                self.source,
-                self.hook_names,
-                batch_size=self.model_batch_size,
-                seq_len=self.seq_len,
-                pad_id=self.pad_id,
-                exclude_first=self.exclude_first,
+                self.model, self.source, self.hook_names, **self.forward_batches
             ):
                 rows = masked_rows(mask)
                 if len(rows) == 0:
@@ -320,7 +312,7 @@ class ActivationBuffer(ActivationSource):
             if got == 0:
                 raise ValueError(
                     "the token source yielded no tokens (after dropping the first "
-                    f"{self.exclude_first} position(s) and padding)"
+                    f"{self.forward_batches['exclude_first']} position(s) and padding)"
                 )
             self.passes += 1
             if not self.loop:

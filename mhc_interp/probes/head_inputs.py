@@ -27,24 +27,14 @@ if TYPE_CHECKING:
 
 HEAD_SCORES = ("previous_token", "duplicate_token", "induction", "successor", "copy_suppression")
 
-DEFAULT_ORDINAL_WORDS: Dict[str, List[str]] = {
-    "days": [" Monday", " Tuesday", " Wednesday", " Thursday", " Friday", " Saturday", " Sunday"],
-    "months": [
-        " January",
-        " February",
-        " March",
-        " April",
-        " May",
-        " June",
-        " July",
-        " August",
-        " September",
-        " October",
-        " November",
-        " December",
-    ],
-    "number_words": [" one", " two", " three", " four", " five", " six", " seven", " eight", " nine", " ten"],
-    "digits": [" 1", " 2", " 3", " 4", " 5", " 6", " 7", " 8", " 9"],
+DEFAULT_ORDINAL_WORDS: Dict[str, List[str]] = {  # each word with its leading space, as tokenized mid-text
+    name: [f" {word}" for word in words.split()]
+    for name, words in {
+        "days": "Monday Tuesday Wednesday Thursday Friday Saturday Sunday",
+        "months": "January February March April May June July August September October November December",
+        "number_words": "one two three four five six seven eight nine ten",
+        "digits": "1 2 3 4 5 6 7 8 9",
+    }.items()
 }
 
 
@@ -143,16 +133,14 @@ def _ordinal_ids(model, sequences) -> List[List[int]]:
                     "ordinal sequences given as words need a tokenizer, and this model "
                     "has none; pass token-id sequences"
                 )
-            ids = []
-            for word in seq:
-                enc = model.tokenizer.encode(word)
+            encoded = [model.tokenizer.encode(word) for word in seq]
+            for word, enc in zip(seq, encoded):
                 if len(enc) != 1:
                     raise ValueError(
                         f"ordinal word {word!r} is {len(enc)} tokens; successor scoring "
                         f"needs single-token words"
                     )
-                ids.append(enc[0])
-            seq = ids
+            seq = [enc[0] for enc in encoded]
         if not all(isinstance(t, (int, np.integer)) and not isinstance(t, bool) for t in seq):
             raise TypeError(f"an ordinal sequence must be token ids (ints) or words, got {seq!r}")
         if len(seq) < 3:

@@ -110,8 +110,7 @@ class MHCConfig:
     def from_dict(cls, d: dict[str, Any]) -> "MHCConfig":
         if not isinstance(d, dict):
             raise ConfigError(f"a config must be a JSON object of fields, got {type(d).__name__}")
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known)
+        unknown = sorted(set(d) - {f.name for f in fields(cls)})
         if unknown:
             raise ConfigError(f"unknown MHCConfig fields: {unknown}")
         return cls(**d)

@@ -90,8 +90,7 @@ def _config_from(
         attn_impl=str(getattr(config, "_attn_implementation", None) or "eager"),
         tokenizer_name=getattr(config, "_name_or_path", None) or None,
     )
-    fields.update(spec.describe(hf_model, base))
-    return HFMHCConfig(**fields)
+    return HFMHCConfig(**dict(fields, **spec.describe(hf_model, base)))
 
 
 def _bypassed_modules(
@@ -203,13 +202,6 @@ class HFHyperConnectedSublayer(HookedSublayer):
         return self.hook_streams_out(h_post.to(x.dtype).unsqueeze(-1) * write.unsqueeze(-2) + mixed)
 
 
-class HFBlock(nn.Module):
-    def __init__(self, layer: nn.Module, index: int, spec: HyperConnectionSpec):
-        super().__init__()
-        self.attn = HFHyperConnectedSublayer(layer, "attn", index, spec)
-        self.mlp = HFHyperConnectedSublayer(layer, "mlp", index, spec)
-
-
 class HFHead(nn.Module):
     """The final readout as a read-only sublayer: w = head weights (or frozen), read = sum_s w_s
     x_s, write = final norm(read); logits = lm_head(write)."""
@@ -276,13 +268,13 @@ class HookedHFMHC(StreamHookedRoot):
         self.hf_model = hf_model  # registered: parameters()/eval()/named_modules() see it, nothing is copied
         self.tokenizer = tokenizer
         self._hf = SimpleNamespace(
-            base=base,
             lm_head=lm_head,
             embed=spec.part(base, "embed"),
             bypassed=_bypassed_modules(hf_model, base, spec),
         )
-        self.blocks = nn.ModuleList(
-            [HFBlock(layer, i, spec) for i, layer in enumerate(spec.part(base, "layers"))]
+        self.blocks = nn.ModuleList(  # blocks.{i}.attn / .mlp, the layout's kinds
+            nn.ModuleDict({kind: HFHyperConnectedSublayer(layer, kind, i, spec) for kind in spec.layout})
+            for i, layer in enumerate(spec.part(base, "layers"))
         )
         self.head = HFHead(base, lm_head, spec)
         self.hook_embed = AdapterHookPoint()  # [batch, pos, d_model]

@@ -149,8 +149,7 @@ class SAEFeatures(Probe):
         act_sum = self.act_sum.permute(2, 0, 1).cpu().numpy()
         frequency = fires / self.n_tokens
         mean_activation = np.divide(act_sum, fires, out=np.zeros_like(act_sum), where=fires > 0)
-        home_j = self.sites.index(self.home_hook) if self.home_hook in self.sites else None
-        home_s = self.home_stream or 0
+        home_j, home_s = _home(self.sites, self.home_hook, self.home_stream)
         flat = frequency.reshape(len(frequency), -1).argmax(1)
         arrays = {
             "frequency": frequency,
@@ -174,6 +173,12 @@ class SAEFeatures(Probe):
         return SAEFeaturesResult(probe=self.name, arrays=arrays, meta=meta)
 
 
+def _home(sites: List[str], hook: str, stream: Optional[int]):
+    """(index of the SAE's home hook among the sites, None if it is not one; its home stream, 0
+    for a [batch, pos, d_model] hook)."""
+    return (sites.index(hook) if hook in sites else None), stream or 0
+
+
 @register_result
 class SAEFeaturesResult(ProbeResult):
     def summary(self, min_frequency: float = 0.0) -> Dict[str, float]:
@@ -186,19 +191,14 @@ class SAEFeaturesResult(ProbeResult):
         freq = self["frequency"]
         home = self.arrays.get("home_frequency")
         live = home > min_frequency if home is not None else np.ones(len(freq), bool)
-        home_j = (
-            self.meta["sites"].index(self.meta["home_hook"])
-            if self.meta["home_hook"] in self.meta["sites"]
-            else -1
-        )
-        home_s = self.meta["home_stream"] or 0
+        home_j, home_s = _home(self.meta["sites"], self.meta["home_hook"], self.meta["home_stream"])
         off = (self["top_site"] != home_j) | (self["top_stream"] != home_s)
         out = {
             "dead": float(1 - live.mean()),
             "off_home": float(off[live].mean()) if live.any() else 0.0,
             "l0": freq.sum(0).tolist(),
         }
-        if home_j >= 0 and live.any():
+        if home_j is not None and live.any():
             # at the home hook: the fraction of live features that fire most often in the home stream
             out["home_stream_top"] = float((freq[live, home_j].argmax(-1) == home_s).mean())
         return out

@@ -122,11 +122,10 @@ def _gather(payload: Any, group=None) -> List[Any]:
 
 
 def _token_signature(*tensors: Tensor) -> tuple:
-    sig = []
-    for t in tensors:
-        t = torch.as_tensor(t).detach().cpu().long()
-        sig.append((tuple(t.shape), int(t.sum()), int((t * torch.arange(t.numel()).view(t.shape)).sum())))
-    return tuple(sig)
+    flat = [torch.as_tensor(t).detach().cpu().long() for t in tensors]
+    return tuple(
+        (tuple(t.shape), int(t.sum()), int((t.flatten() * torch.arange(t.numel())).sum())) for t in flat
+    )
 
 
 def _sweep(model, run, sublayers, group, signature) -> ProbeResult:

@@ -79,7 +79,6 @@ def _capture_hooks(
     """Forward hooks that record the tensors to differentiate with respect to: the state entering
     each chosen sublayer, and (optionally) the coefficients; `detach_mixing` cuts the graph at every
     coefficient hook so that gradients do not flow through the mixers (frozen mixing)."""
-    hooks = []
 
     def state_hook(l):
         def hook(x: Tensor, hook) -> Tensor:  # [rows, pos, n, d]
@@ -90,8 +89,6 @@ def _capture_hooks(
 
         return hook
 
-    for l in sublayers:
-        hooks.append((f"{model.sublayer_names[l]}.hook_streams_in", state_hook(l)))
     wanted = set(mixing_hook_names(model, sublayers, False)) if capture_mixing else set()
     cut = set(mixing_hook_names(model, sublayers, True)) if detach_mixing else set()
 
@@ -105,9 +102,9 @@ def _capture_hooks(
 
         return hook
 
-    for name in sorted(wanted | cut):
-        hooks.append((name, mixing_hook(name)))
-    return hooks
+    return [(f"{model.sublayer_names[l]}.hook_streams_in", state_hook(l)) for l in sublayers] + [
+        (name, mixing_hook(name)) for name in sorted(wanted | cut)
+    ]
 
 
 def _backward(

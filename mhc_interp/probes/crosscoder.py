@@ -69,8 +69,10 @@ class _EvalStats:
     """Online statistics of a crosscoder over raw activations [T, S, d] (float64 sums):
     per-site squared error and variance (explained variance), firing counts, L0."""
 
-    def __init__(self, cc: Crosscoder, mode: Optional[str] = None, chunk: int = 4096):
-        self.cc, self.mode, self.chunk = cc, mode, chunk
+    chunk = 4096  # rows encoded at a time
+
+    def __init__(self, cc: Crosscoder, mode: Optional[str] = None):
+        self.cc, self.mode = cc, mode
         zeros = partial(torch.zeros, dtype=torch.float64, device=cc.device)
         self.n = 0
         self.sq_err = zeros(cc.n_sites)  # [S]
@@ -149,22 +151,21 @@ def _result_meta(
     (counts_at_threshold [n + 2]: streams, shared, dead), the alive count (from arrays["dead"]),
     how dead was decided, and the crosscoder's training record."""
     sites, n = cc.sites, len(counts_at_threshold) - 2
-    dead = arrays["dead"]
     labels = [f"stream {s}" for s in range(n)] + ["shared", "dead"]
     meta = {
         "sites": [list(s) for s in sites],
         "site_labels": [site_label(s) for s in sites],
         "layers": layers,
         "n_streams": n,
-        "threshold": float(threshold),
-        "threshold_relative": _relative(float(threshold), n),
+        "threshold": threshold,
+        "threshold_relative": _relative(threshold, n),
         "even_share": _even_share(n),
         "space": space,
         "count_labels": labels,
         "counts_at_threshold": {lab: int(c) for lab, c in zip(labels, counts_at_threshold)},
-        "n_alive": int((~dead).sum()),
+        "n_alive": int((~arrays["dead"]).sum()),
         "dict_size": cc.dict_size,
-        "tokens_used": int(stats.n) if stats is not None else 0,
+        "tokens_used": stats.n if stats is not None else 0,
         "dead_from": "evaluation tokens (never fired)"
         if stats is not None
         else f"training tracker (no firing in {cc.cfg.dead_after_tokens} tokens)",
@@ -211,7 +212,7 @@ def _build_result(
     counts = np.array(
         [[(a == code).sum() for code in [*range(n), SHARED, DEAD]] for a in assignment]
     )  # [n_thr, n + 2]
-    main = thresholds.index(float(threshold))
+    main = thresholds.index(threshold)
     ev_grid = np.full((L, n), np.nan)
     ev_grid[layer_of, stream_of] = arrays["explained_variance"]
     # mean layer profile of the alive latents of each group (streams..., shared)
@@ -237,7 +238,7 @@ def _build_result(
         site_stream=stream_of,
         site_layer=layer_of,
     )
-    meta = _result_meta(cc, stats, arrays, layers, float(threshold), counts[main], space)
+    meta = _result_meta(cc, stats, arrays, layers, threshold, counts[main], space)
     return CrosscoderResult(probe=probe, arrays=arrays, meta=meta)
 
 

@@ -175,13 +175,10 @@ class Crosscoder(nn.Module):
         """Keep the k*B largest scores acts * ||d_i|| of the batch -> (f [B, m], smallest kept score)."""
         B, m = acts.shape
         score = (acts * code_norm).flatten()  # [B*m]
-        kk = min(self.cfg.k * B, B * m)
-        top = score.topk(kk, sorted=False)
-        keep = torch.zeros_like(score, dtype=torch.bool)
-        keep[top.indices] = True
-        keep &= score > 0
+        top = score.topk(self.cfg.k * B, sorted=False)  # k <= m: the config checks it
+        keep = torch.zeros_like(score, dtype=torch.bool).index_fill_(0, top.indices, True) & (score > 0)
         # smallest positive kept score (inf if none), without a device sync
-        smallest = torch.where(top.values > 0, top.values, torch.full_like(top.values, float("inf"))).min()
+        smallest = top.values.masked_fill(~(top.values > 0), float("inf")).min()
         return acts * keep.view(B, m), smallest
 
     def encode(self, x: Tensor, *, normalized: bool = False, mode: Optional[str] = None) -> Tensor:
@@ -212,7 +209,7 @@ class Crosscoder(nn.Module):
             return self._batchtopk(acts, cn)[0]
         if mode == "topk":
             score = acts * cn
-            idx = score.topk(min(self.cfg.k, self.dict_size), dim=-1).indices
+            idx = score.topk(self.cfg.k, dim=-1).indices
             keep = torch.zeros_like(acts, dtype=torch.bool).scatter_(-1, idx, True) & (score > 0)
             return acts * keep
         if mode == "threshold":

@@ -261,20 +261,20 @@ class CKA(Probe):
     ):
         if kernel not in ("linear", "rbf"):
             raise ValueError(f"kernel must be 'linear' or 'rbf', got {kernel!r}")
-        if int(minibatch_tokens) < 4:
+        self.minibatch_tokens = int(minibatch_tokens)
+        if self.minibatch_tokens < 4:
             raise ValueError(
                 f"minibatch_tokens must be >= 4 (debiased CKA needs at least 4 "
                 f"tokens), got {minibatch_tokens}"
             )
-        if shuffle_tokens is not None and int(shuffle_tokens) < 2 * int(minibatch_tokens):
+        if shuffle_tokens is not None and int(shuffle_tokens) < 2 * self.minibatch_tokens:
             raise ValueError(
-                f"shuffle_tokens must be >= 2 * minibatch_tokens = {2 * int(minibatch_tokens)} "
+                f"shuffle_tokens must be >= 2 * minibatch_tokens = {2 * self.minibatch_tokens} "
                 f"(half the buffer stays to be mixed with later tokens), got {shuffle_tokens}"
             )
         if rbf_threshold <= 0:
             raise ValueError(f"rbf_threshold must be > 0, got {rbf_threshold}")
         self.sites = check_site_spec(sites, "CKA")
-        self.minibatch_tokens = int(minibatch_tokens)
         self.shuffle_tokens = None if shuffle_tokens is None else int(shuffle_tokens)
         self.seed = int(seed)
         self.kernel = kernel
@@ -310,12 +310,13 @@ class CKA(Probe):
             raise ValueError(f"CKA: activations have {first.shape[2]} streams, the model {self._n_streams}")
         rows = masked_rows(mask, first.device)  # found once (one device sync), not once per site
         m, R, d = self.minibatch_tokens, len(self._site_names) * self._n_streams, first.shape[-1]
+        row_bytes = R * d * first.element_size()
         if self._buffer is None:
-            rows_max = max(2 * m, min(8 * m, SHUFFLE_BYTES // (R * d * first.element_size())))
+            rows_max = max(2 * m, min(8 * m, SHUFFLE_BYTES // row_bytes))
             self._buffer = ShuffleBuffer(self.shuffle_tokens or rows_max, seed=self.seed)
         buf = self._buffer
         per_fill = max(1, buf.capacity // (2 * m))  # minibatches taken per full buffer
-        for chunk in torch.split(rows, max(1, _CHUNK_BYTES // (R * d * first.element_size()))):
+        for chunk in torch.split(rows, max(1, _CHUNK_BYTES // row_bytes)):
             # rows in arrival order, at most 64 MiB of them stacked at a time
             start = 0
             while start < len(chunk):
@@ -394,7 +395,6 @@ class CKA(Probe):
                 cka=main, cka_debiased=cka_u, cka_biased=cka_b, intra=intra, hsic_debiased=hu, hsic_biased=hb
             ).items()
         }
-        capacity = None if self._buffer is None else self._buffer.capacity
         meta = dict(
             site_names=list(self._site_names),
             n_streams=n,
@@ -403,7 +403,7 @@ class CKA(Probe):
             tokens_used=used,
             tokens_dropped=dropped,
             minibatch_tokens=self.minibatch_tokens,
-            shuffle_tokens=capacity,
+            shuffle_tokens=None if self._buffer is None else self._buffer.capacity,
             seed=self.seed,
             kernel=self.kernel,
             rbf_threshold=self.rbf_threshold if self.kernel == "rbf" else None,

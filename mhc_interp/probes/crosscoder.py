@@ -174,8 +174,7 @@ def _result_meta(
         "training_tokens": int(cc.tokens_seen),
     }
     if stats is not None:
-        meta["l0"] = float(arrays["l0"])
-        meta["explained_variance_total"] = float(arrays["explained_variance_total"])
+        meta.update({key: float(arrays[key]) for key in ("l0", "explained_variance_total")})
     return meta
 
 

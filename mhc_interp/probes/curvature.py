@@ -282,7 +282,7 @@ class Curvature(Probe):
         missing = [n for n in self.site_names if n not in acts]
         if missing:
             raise KeyError(f"curvature: activations missing for sites {missing}")
-        kappas, counts = [], []  # per site, kept on the device: read back once per batch
+        per_site = []  # (κ, angle counts) [batch, n + 1] per site, kept on the device: read back once per batch
         for name in self.site_names:
             x = acts[name]
             if x.ndim != 4:
@@ -294,19 +294,15 @@ class Curvature(Probe):
             if x.shape[2] != self.n_streams:
                 raise ValueError(f"curvature: {name!r} has {x.shape[2]} streams, expected {self.n_streams}")
             mask_x = mask.to(device=x.device, dtype=torch.bool)
-            cols = []  # per-sequence κ and angle counts, one column at a time (bounds float64 memory)
-            stream_sum = None
+            cols, stream_sum = [], 0  # one column at a time (bounds float64 memory)
             for s in range(self.n_streams):
                 xs = x[:, :, s].to(torch.float64)
-                stream_sum = xs if stream_sum is None else stream_sum + xs
+                stream_sum = stream_sum + xs
                 cols.append(sequence_curvatures(xs, mask_x, self.eps, return_counts=True))
             cols.append(sequence_curvatures(stream_sum, mask_x, self.eps, return_counts=True))
-            kappas.append(torch.stack([k for k, _ in cols], 1))  # [batch, n + 1]
-            counts.append(torch.stack([c for _, c in cols], 1))
-        here = kappas[0].device  # (a NaN / inf at a valid position raises in `step_angles`)
-        kappa = torch.stack([k.to(here) for k in kappas]).cpu().numpy()  # [sites, batch, n + 1]
-        n_ang = torch.stack([c.to(here) for c in counts]).cpu().numpy()
-        return kappa, n_ang
+            per_site.append([torch.stack(col, 1) for col in zip(*cols)])
+        here = per_site[0][0].device  # (a NaN / inf at a valid position raises in `step_angles`)
+        return tuple(torch.stack([p[i].to(here) for p in per_site]).cpu().numpy() for i in (0, 1))
 
     def result(self) -> "CurvatureResult":
         if self._main is None:

@@ -288,14 +288,10 @@ class HookedHFMHC(StreamHookedRoot):
     # ------------------------------------------------------------------------------ set-up
     def setup(self) -> None:
         """TransformerLens set-up over the adapter's own modules only (the HF tree is not renamed)."""
-        self.mod_dict, self.hook_dict = {}, {}
-        for name, module in self.named_modules():
-            if name == "" or name == "hf_model" or name.startswith("hf_model."):
-                continue
+        self.mod_dict = {n: m for n, m in self.named_modules() if n and n.split(".")[0] != "hf_model"}
+        self.hook_dict = {n: m for n, m in self.mod_dict.items() if isinstance(m, HookPoint)}
+        for name, module in self.mod_dict.items():
             module.name = name
-            self.mod_dict[name] = module
-            if isinstance(module, HookPoint):
-                self.hook_dict[name] = module
 
     def refresh_devices(self) -> None:
         """Re-read where every part runs (call after moving or re-dispatching the HF model)."""
@@ -385,8 +381,8 @@ class HookedHFMHC(StreamHookedRoot):
             x = self._check_state(input, self.dtype)
             tokens = self._resume_ids(x, start, end, tokens)
         ctx = self._context(x, tokens)
-        for k in range(start, end):
-            x = self.sublayers[k](x, ctx)
+        for sub in self.sublayers[start:end]:
+            x = sub(x, ctx)
         if stop is not None:
             return x.to(self.device)
         return self.readout(x, return_type, tokens)

@@ -175,12 +175,10 @@ class StreamAdapter(CheckedHookNames, HookedRootModule):
 
     def site(self, name: str) -> Site:
         """(hook name, stream) of an exposed site; a clear error for anything else."""
-        try:
-            return self._sites[name]
-        except KeyError:
-            pass
-        check_site(self.mhc, name)  # raises for unknown / stream-valued-without-index / bad hooks
-        raise unknown_hook_error(name, self._sites)
+        if name not in self._sites:
+            check_site(self.mhc, name)  # raises for unknown / stream-valued-without-index / bad hooks
+            raise unknown_hook_error(name, self._sites)
+        return self._sites[name]
 
     # --------------------------------------------------------------------------------- forward
     def _bridge(self, stream: Optional[int], point: HookPoint) -> Callable:

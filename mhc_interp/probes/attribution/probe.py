@@ -17,7 +17,7 @@ answer metrics (logit_diff, logprob) are first-order informative in both directi
 
 from __future__ import annotations
 
-from typing import Callable, Dict, Optional
+from typing import Callable, Optional
 
 import numpy as np
 import torch
@@ -211,10 +211,17 @@ class AttributionPatching(ActivationPatching):
         self.mixer_stats[mixing]["tensor"].add(base64.to(tensor.device) + tensor)
 
     def result(self) -> "AttributionResult":
-        arrays: Dict[str, np.ndarray] = {}
+        """`ActivationPatching.result` of the estimates, its "<metric>_<mixing>" maps named
+        "attribution_<mixing>", plus the effects, the mixer attribution and the passes."""
+        patched = super().result()
+        prefix = f"{self.metric_name}_"
+        arrays = {
+            ("attribution_" + k[len(prefix) :] if k.startswith(prefix) else k): v
+            for k, v in patched.arrays.items()
+        }
         for mixing in self._mixings():
-            arrays.update(stats_arrays(f"attribution_{mixing}", self.stats[mixing]))
-            arrays.update(stats_arrays(f"effect_{mixing}", self.effects[mixing]))
+            effects = stats_arrays(f"effect_{mixing}", self.effects[mixing])  # [L, n, cells]
+            arrays.update({k: v[..., 0] if self.positions is None else v for k, v in effects.items()})
             if self.mixers:
                 arrays.update(stats_arrays(f"mixer_{mixing}", self.mixer_stats[mixing]["tensor"]))
                 for part in MIXER_PARTS:
@@ -223,35 +230,15 @@ class AttributionPatching(ActivationPatching):
         if self.mixing != "both":
             for suffix in ("", "_sem", "_ci_low", "_ci_high"):
                 arrays[f"attribution{suffix}"] = arrays[f"attribution_{self.mixing}{suffix}"]
-        else:
-            arrays["attribution_routing"] = arrays["attribution_recomputed"] - arrays["attribution_frozen"]
-        base_mean, _ = self.baselines.mean_sem()
-        arrays["baseline_clean"], arrays["baseline_corrupted"] = base_mean[0], base_mean[1]
-        if self.positions is None:
-            arrays = {
-                k: v[:, :, 0] if (v.ndim == 3 and k.startswith(("attribution", "effect"))) else v
-                for k, v in arrays.items()
-            }
-        prompts = self.baselines.count
-        meta = {
-            "method": self.method,
-            "steps": self.steps if self.method == "ig" else None,
-            "direction": self.direction,
-            "mixing": list(self.stats),
-            "metric": self.metric_name,
-            "sublayers": self.names,
-            "n_streams": self.n,
-            "prompts": prompts,
-            "positions": self.positions if self.positions in (None, "each") else list(self.positions),
-            "temperature": self.temperature,
-            "score_positions": self.score_positions,
-            "layout": "[sublayer, stream]" + ("" if self.positions is None else "[, position]"),
-            "mixer_layout": "[sublayer, (h_pre, h_post, h_res)]",
-            "frozen_to": "the edited (base) run's mixing",
-            "estimates": "activation_patching",
-            "forward_passes": self.passes["forward"],
-            "backward_passes": self.passes["backward"],
-        }
+        meta = dict(
+            patched.meta,
+            method=self.method,
+            steps=self.steps if self.method == "ig" else None,
+            mixer_layout="[sublayer, (h_pre, h_post, h_res)]",
+            estimates="activation_patching",
+            forward_passes=self.passes["forward"],
+            backward_passes=self.passes["backward"],
+        )
         return AttributionResult(self.name, arrays, meta)
 
 

@@ -129,24 +129,21 @@ def fisher_projections(
     out = torch.zeros(samples, len(layers), tokens.shape[0], model.cfg.n_streams, dtype=torch.float64)
     out_final = torch.zeros_like(out)
     with torch.enable_grad(), model.hooks(fwd_hooks=hooks):
-        if carried is None:
-            logits = model(tokens)  # [B, pos, vocab]
-        else:
-            final = model(tokens, stop_at_sublayer=model.cfg.n_sublayers)
-            logits = model.unembed_streams(final)
-        lp = log_probs(logits, temperature)
+        final = model(tokens, stop_at_sublayer=model.cfg.n_sublayers)  # [B, pos, n, d]
+        lp = log_probs(model.unembed_streams(final), temperature)
         ref = lp.detach() if clean_logits is None else log_probs(clean_logits, temperature)
         root_w = (
             _weights(mask.to(lp.device), lp.dtype).nan_to_num(0.0).sqrt()
         )  # a prompt with no scored position: 0
         probs = ref.exp().flatten(0, 1).float().cpu()  # [B*pos, vocab]
-        inputs = [states[l] for l in layers] + ([final] if carried is not None else [])
+        inputs = [states[l] for l in layers] + [final]
         for k in range(samples):
-            if draws is None:
-                y = torch.multinomial(probs, 1, generator=generator).view(tokens.shape).to(lp.device)
-            else:
-                y = draws[k].to(lp.device)
-            score = (lp.gather(-1, y[..., None])[..., 0] * root_w).sum()
+            y = (
+                torch.multinomial(probs, 1, generator=generator).view(tokens.shape)
+                if draws is None
+                else draws[k]
+            )
+            score = (lp.gather(-1, y[..., None].to(lp.device))[..., 0] * root_w).sum()
             grads = torch.autograd.grad(score, inputs, retain_graph=k + 1 < samples, allow_unused=True)
             for i, (l, g) in enumerate(zip(layers, grads)):
                 if g is not None:

@@ -469,9 +469,9 @@ class CKAResult(ProbeResult):
                 site=site,
                 mean=mean,
                 min=float(lo[2]),
-                min_pair=[lo[0], lo[1]],
+                min_pair=list(lo[:2]),
                 max=float(hi[2]),
-                max_pair=[hi[0], hi[1]],
+                max_pair=list(hi[:2]),
             )
         ]
 

@@ -1,7 +1,7 @@
 """The main job's start-up does not pay for libraries it does not use (issue 16): loading the demo
 model imports neither torch's compiler (drawn into a meta-device build by `normal_`, `eye`, `cat`
 on meta tensors), nor transformers' AutoTokenizer machinery (the shipped tokenizer is a plain fast
-tokenizer), and the causal probes' t intervals do not import scipy.stats."""
+tokenizer), and the causal probes' t intervals and the attribution's grading do not import scipy.stats."""
 
 import subprocess
 import sys
@@ -19,6 +19,8 @@ import numpy as np
 model = load(None)
 assert model.tokenizer is not None and model.tokenizer.encode("hello world")
 t_half_width(np.array([8.0]), np.array([1.0]))
+from mhc_interp.probes.attribution.compare import fidelity
+fidelity(np.arange(5.0), np.arange(5.0) ** 2, 0.0)
 heavy = sorted(m for m in ("torch._dynamo", "transformers.models.auto", "scipy.stats") if m in sys.modules)
 assert not heavy, f"loading the demo model imported {heavy}"
 """

@@ -36,7 +36,7 @@ from .base import (
     require_streams,
     take_rows,
 )
-from .figure_helpers import MAX_ANNOTATED_COLUMNS, heatmap_grid, text_color
+from .figure_helpers import annotate, heatmap_grid
 from .sites import evenly_spaced
 
 
@@ -254,23 +254,13 @@ class StreamUsageResult(ProbeResult):
 
     def save_layer_figures(self, folder) -> List[Tuple[Path, str]]:
         """One small H_res heatmap per sublayer, saved as folder/h_res_{k:03d}.png -> [(path,
-        sublayer)]: one figure, its image, numbers and title updated for each sublayer."""
+        sublayer)]: one figure, its image, numbers (`annotate`) and title redrawn for each sublayer."""
         import matplotlib.pyplot as plt
 
         mats, names = self["mean_h_res"], self.meta["sublayers"]  # [sublayer, n, n]
         n = mats.shape[-1]
         fig, ax = plt.subplots(figsize=(3.2, 2.8))
         im = ax.imshow(mats[0], vmin=0, vmax=1, cmap="viridis")
-        size = float(np.clip(40 / n, 6, 10))
-        texts = (
-            {
-                (i, j): ax.text(j, i, "", ha="center", va="center", fontsize=size)
-                for i in range(n)
-                for j in range(n)
-            }
-            if n <= MAX_ANNOTATED_COLUMNS
-            else {}
-        )  # else they would not fit
         ax.set(xticks=range(n), yticks=range(n), xlabel="source stream", ylabel="target stream")
         fig.colorbar(im, ax=ax, shrink=0.9)
         title = ax.set_title("", fontsize=9)
@@ -280,9 +270,9 @@ class StreamUsageResult(ProbeResult):
         try:
             for k, name in enumerate(names):
                 im.set_data(mats[k])
-                for (i, j), text in texts.items():
-                    text.set_text(f"{mats[k][i, j]:.2f}")
-                    text.set_color(text_color(im.cmap(im.norm(mats[k][i, j]))))
+                for text in list(ax.texts):
+                    text.remove()
+                annotate(ax, im, mats[k], fontsize=float(np.clip(40 / n, 6, 10)))
                 title.set_text(f"{name}: mean H_res")
                 saved.append((folder / f"h_res_{k:03d}.png", name))
                 fig.savefig(saved[-1][0], dpi=100, bbox_inches="tight")

@@ -57,7 +57,7 @@ def read_manifest(folder: Path) -> Dict[str, str]:
         return {}
     files = data.get("files") if isinstance(data, dict) and data.get("written_by") == WRITER else None
     return (
-        {k: v for k, v in files.items() if isinstance(k, str) and isinstance(v, str)}
+        {k: v for k, v in files.items() if isinstance(v, str)}  # JSON keys are strings
         if isinstance(files, dict)
         else {}
     )

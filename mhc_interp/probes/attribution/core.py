@@ -132,18 +132,17 @@ def _backward(
         inputs = [states[l] for l in sublayers] + [mixing[n] for n in names]
         # per-prompt gradients from one backward: prompts are independent rows of the batch (a
         # NaN value - nothing to score - only reaches its own prompt's rows)
-        grads = torch.autograd.grad(values.sum(), inputs, allow_unused=True)
+        grads = torch.autograd.grad(values.sum(), inputs, materialize_grads=True)  # unused: zeros
 
-    def fold(t: Optional[Tensor], like: Tensor) -> Tensor:  # [k*B, ...] -> [B, ...], summed over replicas
-        t = torch.zeros_like(like) if t is None else t
+    def fold(t: Tensor) -> Tensor:  # [k*B, ...] -> [B, ...], summed over replicas
         return t.view(k, -1, *t.shape[1:]).sum(0).detach()
 
     return Gradients(
         values.detach(),
         logits.detach(),
         {l: states[l].detach() for l in sublayers},
-        {l: fold(g, states[l]) for l, g in zip(sublayers, grads)},
-        {n: fold(g, mixing[n]) for n, g in zip(names, grads[len(sublayers) :])},
+        {l: fold(g) for l, g in zip(sublayers, grads)},
+        {n: fold(g) for n, g in zip(names, grads[len(sublayers) :])},
         {n: mixing[n].detach() for n in names},
     )
 

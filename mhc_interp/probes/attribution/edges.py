@@ -110,8 +110,9 @@ def edge_attribution(
         model.hooks(fwd_hooks=[(f"{s}.hook_read", _recorder(reads, k)) for k, s in enumerate(names)]),
     ):
         values = score(model(base_tokens)[None])[0]  # [B]
-        grads = torch.autograd.grad(values.sum(), [reads[k] for k in range(len(names))], allow_unused=True)
-    g_read = [torch.zeros_like(reads[k]) if g is None else g for k, g in enumerate(grads)]
+        g_read = torch.autograd.grad(
+            values.sum(), [reads[k] for k in range(len(names))], materialize_grads=True
+        )
     n_sub, n, b = len(names), model.cfg.n_streams, clean.shape[0]
     effect = torch.full((n_sub, n_sub, n, b), float("nan"), dtype=torch.float64)
     for (u, v), rho in routes(base_cache, names).items():

@@ -202,13 +202,15 @@ class AttributionPatching(ActivationPatching):
 
     def _add_mixers(self, model, mixing: str, source_cache, base_mixing, grads, base64: Tensor) -> None:
         eff = mixing_effects(source_cache, base_mixing, grads)  # {name: [B, ...]}
-        per_part = {}
-        for part in MIXER_PARTS:
-            per_part[part] = torch.stack([eff[f"{model.sublayer_names[l]}.hook_{part}"] for l in self.layers])
-            # [L, B, n] or [L, B, n, n] -> prompts last
-            self.mixer_stats[mixing][part].add(per_part[part].movedim(1, -1))
-        tensor = torch.stack([per_part[p].flatten(2).sum(-1) for p in MIXER_PARTS], dim=1)  # [L, 3, B]
-        self.mixer_stats[mixing]["tensor"].add(base64.to(tensor.device) + tensor)
+        stats = self.mixer_stats[mixing]
+        per_part = {  # [L, B, n] or [L, B, n, n]
+            part: torch.stack([eff[f"{model.sublayer_names[l]}.hook_{part}"] for l in self.layers])
+            for part in MIXER_PARTS
+        }
+        for part, effect in per_part.items():
+            stats[part].add(effect.movedim(1, -1))  # prompts last
+        tensor = torch.stack([e.flatten(2).sum(-1) for e in per_part.values()], dim=1)  # [L, 3, B]
+        stats["tensor"].add(base64.to(tensor.device) + tensor)
 
     def result(self) -> "AttributionResult":
         """`ActivationPatching.result` of the estimates, its "<metric>_<mixing>" maps named

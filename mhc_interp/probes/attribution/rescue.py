@@ -144,14 +144,15 @@ def fisher_projections(
                 else draws[k]
             )
             score = (lp.gather(-1, y[..., None].to(lp.device))[..., 0] * root_w).sum()
-            grads = torch.autograd.grad(score, inputs, retain_graph=k + 1 < samples, allow_unused=True)
-            for i, (l, g) in enumerate(zip(layers, grads)):
-                if g is not None:
-                    out[k, i] = (g.double() * deltas[l].double()).sum((1, 3)).cpu()  # [B, n]
-            if carried is not None and grads[-1] is not None:
+            grads = torch.autograd.grad(score, inputs, retain_graph=k + 1 < samples, materialize_grads=True)
+            out[k] = torch.stack(
+                [(g.double() * deltas[l].double()).sum((1, 3)) for l, g in zip(layers, grads)]
+            ).cpu()  # [L, B, n]
+            if carried is not None:
                 g_final = grads[-1].double()
-                for i, l in enumerate(layers):
-                    out_final[k, i] = (g_final[None] * carried[l]).sum((2, 3, 4)).T.cpu()  # [B, n]
+                out_final[k] = torch.stack(
+                    [(g_final[None] * carried[l]).sum((2, 3, 4)).T for l in layers]
+                ).cpu()
     return out if carried is None else (out, out_final)
 
 
@@ -309,11 +310,6 @@ class ApproxAblateRescue(AblateRescue):
             raise ValueError(
                 f"method={self.method!r} carries the ablation along the frozen residual mixing: it needs "
                 "frozen=True (the exact map's default)"
-            )
-        if self.method.startswith("readout") and not hasattr(model, "unembed_streams"):
-            raise ValueError(
-                f"method={self.method!r} needs model.unembed_streams (the final readout); "
-                f"{type(model).__name__} has none"
             )
         self.generator = torch.Generator().manual_seed(self.seed)
         self.passes = {"forwards": 0.0, "backwards": 0.0, "readouts": 0.0}

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import logging
 import os
 import signal
 import sys
@@ -454,5 +455,17 @@ def interrupts_as_keyboard_interrupt():
         signal.signal(signal.SIGTERM, previous)
 
 
+def run() -> None:
+    """The console script: `main()`, then the exit without the interpreter's teardown of torch
+    (~0.5 s of module and object finalisation, a thirtieth of the main job), once every file is
+    written and closed and the standard streams and logging are flushed. Errors (SystemExit with a
+    message) leave through the normal exit."""
+    code = main()
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code or 0)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    run()

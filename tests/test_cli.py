@@ -401,3 +401,21 @@ def test_figure_pool_draws_the_unstarted_jobs_here_while_waiting():
         }
     finally:
         pool.close()
+
+
+def test_console_entry_flushes_before_its_fast_exit():
+    """`run` (the console script) leaves by os._exit after main(): piped output must be complete."""
+    import subprocess
+    import sys
+
+    listed = subprocess.run(
+        [sys.executable, "-m", "mhc_interp.cli", "probe", "--list"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert listed.returncode == 0, listed.stderr
+    assert main(["probe", "--list"]) == 0  # the same list in-process
+    for name in ("logit_lens", "ablate_rescue", "cka"):
+        assert name in listed.stdout
+    assert listed.stdout.endswith("\n")

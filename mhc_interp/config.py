@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import math
 import warnings
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass, fields
 from typing import Any, Optional
+
+from .contract import ModelConfig
 
 PUBLIC_SINKHORN_ITERS = 20  # the public code's Sinkhorn iterations (not in its model_args)
 # the public code's model_args names of the shapes (all required) -> ours
@@ -40,7 +42,7 @@ class ConfigError(ValueError):
 
 
 @dataclass
-class MHCConfig:
+class MHCConfig(ModelConfig):
     n_layers: int = 12
     n_heads: int = 12
     d_model: int = 768
@@ -89,7 +91,7 @@ class MHCConfig:
         if self.attn_impl not in ("auto", "eager"):
             raise ConfigError(f"attn_impl must be 'auto' or 'eager', got {self.attn_impl!r}")
 
-    # derived sizes --------------------------------------------------------------------------
+    # derived sizes (n_sublayers: ModelConfig's) ---------------------------------------------
     @property
     def d_head(self) -> int:
         return self.d_model // self.n_heads
@@ -98,14 +100,7 @@ class MHCConfig:
     def d_mlp(self) -> int:
         return 4 * self.d_model
 
-    @property
-    def n_sublayers(self) -> int:
-        return 2 * self.n_layers
-
-    # (de)serialisation ----------------------------------------------------------------------
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
+    # (de)serialisation (to_dict: ModelConfig's) ------------------------------------------------
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "MHCConfig":
         if not isinstance(d, dict):

@@ -10,6 +10,7 @@ At run time nothing here imports torch or the models: `hooks/` and `model/` both
 
 from __future__ import annotations
 
+from dataclasses import asdict
 from typing import (
     TYPE_CHECKING,
     Any,
@@ -68,7 +69,8 @@ def repeat_batch(t: Tensor, batch: int) -> Tensor:
 
 
 class ModelConfig(Protocol):
-    """The config fields probes read (`MHCConfig`, the HF adapter's `HFMHCConfig`)."""
+    """The config fields probes read (`MHCConfig`, the HF adapter's `HFMHCConfig`). A dataclass
+    that subclasses it explicitly inherits `n_sublayers` and `to_dict`."""
 
     n_layers: int
     n_heads: int
@@ -79,9 +81,11 @@ class ModelConfig(Protocol):
     hyper_conn_type: str  # the mixer variant ("mhc", "hc", ...), a registry key
 
     @property
-    def n_sublayers(self) -> int: ...  # 2 * n_layers (attention, MLP, attention, ...)
+    def n_sublayers(self) -> int:
+        return 2 * self.n_layers  # attention, MLP, attention, ...
 
-    def to_dict(self) -> Dict[str, Any]: ...
+    def to_dict(self) -> Dict[str, Any]:
+        return asdict(self)
 
 
 class Forward(Protocol):

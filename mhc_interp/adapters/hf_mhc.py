@@ -15,7 +15,7 @@ several-device runs: docs/adapters.md.
 from __future__ import annotations
 
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from types import SimpleNamespace
 from typing import Any, Dict, Iterator, List, Optional, Tuple
 
@@ -23,7 +23,7 @@ import torch
 from torch import Tensor, nn
 from transformer_lens.hook_points import HookPoint
 
-from ..contract import MixingCoefficients, repeat_batch
+from ..contract import MixingCoefficients, ModelConfig, repeat_batch
 from ..hooks.root import StreamHookedRoot
 from ..model.compiled import torch_hooks_attached
 from ..model.sublayer import HookedSublayer
@@ -37,7 +37,7 @@ HEAD_HOOKS = ("head.hook_streams_in", "head.hook_h_pre", "head.hook_read", "head
 
 
 @dataclass
-class HFMHCConfig:
+class HFMHCConfig(ModelConfig):
     """The `HookedMHC`-style view of an HF hyper-connection config (what hooks and probes read)."""
 
     n_layers: int
@@ -55,13 +55,6 @@ class HFMHCConfig:
     hyper_conn_type: str = "mhc"
     attn_impl: str = "eager"
     tokenizer_name: Optional[str] = None
-
-    @property
-    def n_sublayers(self) -> int:
-        return 2 * self.n_layers
-
-    def to_dict(self) -> Dict[str, Any]:
-        return asdict(self)
 
 
 def _config_from(

@@ -20,15 +20,14 @@ from .sites import site_label
 
 
 def _lr_factor(step: int, n_steps: int, decay_frac: float) -> float:
+    """1 until the last `decay_frac` of the steps (0 <= step < n_steps), then linearly down to 1 / decay."""
     decay = int(decay_frac * n_steps)
-    if decay == 0 or step < n_steps - decay:
-        return 1.0
-    return max(0.0, (n_steps - step) / decay)
+    return min(1.0, (n_steps - step) / decay) if decay else 1.0
 
 
-def _source_and_config(data, config) -> Tuple[ActivationSource, Optional[Crosscoder], CrosscoderConfig]:
-    """(the data as a source, the crosscoder to train further or None, its config with n_sites,
-    d_model and sites filled from the data); refuses data that does not fit the config."""
+def _source_and_crosscoder(data, config) -> Tuple[ActivationSource, Crosscoder]:
+    """(the data as a source, the crosscoder to train: the one given, or a new one whose config
+    has n_sites, d_model and sites filled from the data); refuses data that does not fit it."""
     cc = config if isinstance(config, Crosscoder) else None
     cfg = config.cfg if cc is not None else config or CrosscoderConfig()
     src = as_activation_source(data, sites=cfg.sites)
@@ -43,7 +42,7 @@ def _source_and_config(data, config) -> Tuple[ActivationSource, Optional[Crossco
     src.check_fits(cfg.n_sites, cfg.d_model)
     if isinstance(src, ActivationBuffer) and cfg.sites is not None and list(cfg.sites) != list(src.sites):
         raise ValueError(f"the buffer's sites {src.sites} differ from the crosscoder's {cfg.sites}")
-    return src, cc, cfg
+    return src, cc if cc is not None else Crosscoder(cfg)
 
 
 def _run_length(n_steps: Optional[int], n_tokens: Optional[int], batch_size: int) -> int:
@@ -155,14 +154,12 @@ def train_crosscoder(
     Raises FloatingPointError naming the step if the batch or the loss is not finite, and
     ValueError for a buffer smaller than a batch or data whose shape does not match the config.
     """
-    src, cc, cfg = _source_and_config(data, config)
-    B = int(cfg.batch_size)
+    src, cc = _source_and_crosscoder(data, config)
+    cfg, B = cc.cfg, int(cc.cfg.batch_size)
     src.check_batch_size(B)
     n_steps = _run_length(n_steps, n_tokens, B)
-    cc = cc if cc is not None else Crosscoder(cfg)
     if device is not None:
         cc.to(device)
-    cuda = cc.device.type == "cuda"
     if not bool(cc.norm_set):
         _set_normalization(cc, src)
     l1_warm = cfg.l1_warmup_steps if cfg.l1_warmup_steps is not None else max(1, int(0.05 * n_steps))
@@ -182,7 +179,7 @@ def train_crosscoder(
             group["lr"] = lr
         l1 = cfg.l1_coeff * min(1.0, (i + 1) / l1_warm) if cfg.sparsity == "l1" else 0.0
         xn = cc.normalize(x)
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda):
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=cc.device.type == "cuda"):
             out = cc.training_losses(xn, l1)
         _check_loss(out, x, step, cfg)
         opt.zero_grad(set_to_none=True)

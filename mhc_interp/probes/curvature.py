@@ -74,6 +74,7 @@ __all__ = [
 
 IID_POINTS_DEG = 120.0  # mean turning angle of i.i.d. points (exact, see the module docstring)
 RANDOM_WALK_DEG = 90.0  # mean turning angle of a random walk with symmetric increments (exact)
+_BASELINES = {"iid_points": IID_POINTS_DEG, "random_walk": RANDOM_WALK_DEG}
 
 
 # ------------------------------------------------------------------------------- the maths
@@ -336,7 +337,6 @@ class Curvature(Probe):
             arrays.update(
                 shuffled_mean=s_mean, shuffled_sem=s_sem, shuffled_n_sequences=self._shuffled.count.copy()
             )
-        baselines = {"iid_points": IID_POINTS_DEG, "random_walk": RANDOM_WALK_DEG}
         return CurvatureResult(
             probe=self.name,
             arrays=arrays,
@@ -348,7 +348,7 @@ class Curvature(Probe):
                 eps=self.eps,
                 units="degrees",
                 sites=self.sites if isinstance(self.sites, (str, int)) else "explicit",
-                baselines=baselines,
+                baselines=dict(_BASELINES),
                 shuffled_control="shuffled_mean" in arrays,
                 control_fraction=self.control_fraction,
                 shuffle_seed=self.seed,
@@ -404,7 +404,7 @@ class CurvatureResult(ProbeResult):
                     label="shuffled-token control (dotted)" if k == 0 else None,
                 )
         if baseline and not change:
-            base = self.meta.get("baselines") or {"iid_points": 120.0, "random_walk": 90.0}
+            base = self.meta.get("baselines") or _BASELINES
             for key, style, what in (
                 ("iid_points", (0, (1, 3)), "i.i.d. points"),
                 ("random_walk", "-.", "random walk"),

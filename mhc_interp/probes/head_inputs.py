@@ -112,14 +112,13 @@ def repeated_random_tokens(model, n_seq: int = 32, half_len: Optional[int] = Non
     if n_seq < 1:
         raise ValueError(f"n_seq must be >= 1, got {n_seq}")
     g = torch.Generator().manual_seed(seed)
-    rows = []
-    for _ in range(n_seq):
-        if cfg.d_vocab >= half_len + 1:
-            r = torch.randperm(cfg.d_vocab, generator=g)[: half_len + 1]
-        else:
-            r = torch.randint(0, cfg.d_vocab, (half_len + 1,), generator=g)
-        rows.append(torch.cat([r, r[1:]]))  # bos, r_1..r_m, r_1..r_m
-    return torch.stack(rows)
+    draws = [  # bos, r_1..r_m
+        torch.randperm(cfg.d_vocab, generator=g)[: half_len + 1]
+        if cfg.d_vocab >= half_len + 1
+        else torch.randint(0, cfg.d_vocab, (half_len + 1,), generator=g)
+        for _ in range(n_seq)
+    ]
+    return torch.stack([torch.cat([r, r[1:]]) for r in draws])  # bos, r_1..r_m, r_1..r_m
 
 
 def _ordinal_ids(model, sequences) -> List[List[int]]:

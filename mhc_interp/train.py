@@ -103,7 +103,7 @@ def train(
     gen_val = torch.Generator().manual_seed(cfg.seed + 1)
     model.to(cfg.device).train()
     opt = make_optimizer(model, cfg)
-    history: Dict[str, List] = {"step": [], "train_loss": [], "val_step": [], "val_loss": [], "lr": []}
+    history: Dict[str, List] = {key: [] for key in ("step", "train_loss", "val_step", "val_loss", "lr")}
     bar = tqdm(range(cfg.max_steps), desc="train", disable=not progress)
     t0 = time.time()
     for step in bar:

@@ -184,8 +184,6 @@ class HFHyperConnectedSublayer(HookedSublayer):
         """x' = H_res x + H_post^T F(H_pre x): x [batch, pos, n, d] -> [batch, pos, n, d]."""
         x = x.to(self.device)  # (None: where it is)
         ctx = ctx.on(x.device)
-        if self.needs_input_ids and ctx.ids is None:
-            raise ValueError(f"{self.name} routes by token id (hash routing) and the run has no token ids")
         x, h_pre, h_post, h_res = self.hooked_coefficients(x)
         read = self.hook_read((h_pre.unsqueeze(-1) * x).sum(dim=2).to(x.dtype))
         write = self.hook_write(
@@ -288,8 +286,7 @@ class HookedHFMHC(StreamHookedRoot):
 
     def refresh_devices(self) -> None:
         """Re-read where every part runs (call after moving or re-dispatching the HF model)."""
-        main = execution_device(self._hf.embed)
-        self._main_device = main
+        self._main_device = main = execution_device(self._hf.embed)
         for sub in self.sublayers:
             sub.device = execution_device(sub.hf.hc, fallback=execution_device(sub.hf.branch, main))
         self.head.device = execution_device(
@@ -424,29 +421,29 @@ class HookedHFMHC(StreamHookedRoot):
         """Run decoder layer 0 and the head both ways (HF forward, adapter split) on a small random
         state; raise UnsupportedModelError if they differ. Returns the relative difference."""
         n, d, p = self.cfg.n_streams, self.cfg.d_model, 4
-        dev = self.sublayers[0].device
+        attn, mlp = self.sublayers[:2]  # decoder layer 0
         g = torch.Generator().manual_seed(0)
-        x = torch.randn(1, p, n, d, generator=g).to(dev, self.dtype)  # [1, pos, n, d]
+        x = torch.randn(1, p, n, d, generator=g).to(attn.device, self.dtype)  # [1, pos, n, d]
         ids = torch.randint(0, self.cfg.d_vocab, (1, p), generator=g).to(self.device)
         ctx = self._context(x, ids)
-        frozen = [(s, s.frozen) for s in (*self.sublayers[:2], self.head)]
+        frozen = [(s, s.frozen) for s in (attn, mlp, self.head)]
         try:
             for s, _ in frozen:
                 s.frozen = None
-            ours = self.sublayers[1](self.sublayers[0](x, ctx), ctx)
+            ours = mlp(attn(x, ctx), ctx)
             head_ours = self.head(x)
         finally:
             for s, f in frozen:
                 s.frozen = f
-        c = ctx.on(dev)
-        ref = self.spec.layer_forward(self.sublayers[0].hf.layer, x, c.kwargs, c.ids)
+        c = ctx.on(attn.device)
+        ref = self.spec.layer_forward(attn.hf.layer, x, c.kwargs, c.ids)
         head_ref = self.head.hf.norm(self.head.hf.head(x.to(self.head.device)))
         err = max(_rel_err(ours, ref), _rel_err(head_ours, head_ref))
         if tolerance is None:
             tolerance = 1e-4 if self.dtype in (torch.float32, torch.float64) else 3e-2
         if not err <= tolerance:
             raise UnsupportedModelError(
-                f"{type(self.sublayers[0].hf.layer).__name__} does not compute x' = H_res x + H_post^T F(H_pre x) "
+                f"{type(attn.hf.layer).__name__} does not compute x' = H_res x + H_post^T F(H_pre x) "
                 f"(and its head sum_s w_s x_s) the way the {self.spec.name} spec assumes: relative difference "
                 f"{err:.2e} > {tolerance:.0e} between the HF forward and the adapter's split"
             )

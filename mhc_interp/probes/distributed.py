@@ -152,14 +152,13 @@ def distributed_ablate_and_rescue(
     *,
     sublayers: Optional[Sequence[int]] = None,
     group=None,
-    batch_size: int = 8,
     **kwargs,
 ) -> ProbeResult:
     """`ablate_and_rescue(model, tokens, **kwargs)` with the sublayers split over the ranks of
     `group` (the default process group); every rank gets the merged `RescueResult`."""
 
     def run(mine):
-        return ablate_and_rescue(model, tokens, sublayers=mine, batch_size=batch_size, **kwargs)
+        return ablate_and_rescue(model, tokens, sublayers=mine, **kwargs)
 
     return _sweep(model, run, sublayers, group, _token_signature(tokens))
 
@@ -171,12 +170,11 @@ def distributed_activation_patching(
     *,
     sublayers: Optional[Sequence[int]] = None,
     group=None,
-    batch_size: int = 8,
     **kwargs,
 ) -> ProbeResult:
     """`activation_patching(model, clean, corrupted, **kwargs)` split over the ranks by sublayer."""
 
     def run(mine):
-        return activation_patching(model, clean, corrupted, sublayers=mine, batch_size=batch_size, **kwargs)
+        return activation_patching(model, clean, corrupted, sublayers=mine, **kwargs)
 
     return _sweep(model, run, sublayers, group, _token_signature(clean, corrupted))

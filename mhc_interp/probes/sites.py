@@ -157,12 +157,9 @@ def resolve_sites(model: "MultiStreamModel", spec: SiteSpec = None, probe: str =
 def site_label(site: Union[str, Site]) -> str:
     """'hook_streams_init' -> 'embed', 'blocks.3.mlp.hook_streams_out' -> 'blocks.3.mlp', other
     hooks keep their name; a pair (hook, 2) -> '<label of hook>/s2'."""
-    if not isinstance(site, str):
-        hook, stream = site
-        return f"{site_label(hook)}/s{stream}"
-    if site == "hook_streams_init":
-        return "embed"
-    return site.removesuffix(".hook_streams_out")
+    if not isinstance(site, str):  # (hook, stream)
+        return f"{site_label(site[0])}/s{site[1]}"
+    return "embed" if site == "hook_streams_init" else site.removesuffix(".hook_streams_out")
 
 
 def last_sublayer_needed(model: "MultiStreamModel", names: Iterable[str]) -> Optional[int]:
@@ -196,8 +193,8 @@ def forward_sites(
     if acts:
         finite = torch.stack([torch.isfinite(a).all() for a in acts.values()])
         if not bool(finite.all()):
-            bad = [n for n, ok in zip(acts, finite.tolist()) if not ok]
-            raise FloatingPointError(f"non-finite values (NaN/inf) in activation {bad[0]!r}")
+            bad = next(n for n, ok in zip(acts, finite.tolist()) if not ok)
+            raise FloatingPointError(f"non-finite values (NaN/inf) in activation {bad!r}")
     return acts
 
 

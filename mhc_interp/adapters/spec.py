@@ -76,7 +76,12 @@ def find_hyper_connections(model: nn.Module, spec: Optional[HyperConnectionSpec]
     """Names of the modules that look like `spec`'s hyper-connections (default: DeepSeek-V4's)."""
     if spec is None:
         from .deepseek_v4 import DEEPSEEK_V4 as spec
-    return [name for name, m in model.named_modules() if all(hasattr(m, a) for a in spec.hc_attrs)]
+    return [name for name, m in model.named_modules() if not _lacking(m, spec.hc_attrs)]
+
+
+def _lacking(obj: Any, attrs) -> List[str]:
+    """The attributes of `attrs` that `obj` does not have."""
+    return [a for a in attrs if not hasattr(obj, a)]
 
 
 def _base_model(hf_model: nn.Module, layers: str) -> nn.Module:
@@ -101,7 +106,7 @@ def validate_structure(hf_model: Any, spec: HyperConnectionSpec) -> Tuple[nn.Mod
             f"stream - use HookedMHC or TransformerLens for it."
         )
     base = _base_model(hf_model, spec.parts["layers"])
-    missing = [a for a in spec.parts.values() if not hasattr(base, a)]
+    missing = _lacking(base, spec.parts.values())
     if missing:
         raise UnsupportedModelError(
             f"{kind} has hyper-connection modules but not the {spec.name} layout: its base "
@@ -118,17 +123,17 @@ def validate_structure(hf_model: Any, spec: HyperConnectionSpec) -> Tuple[nn.Mod
         raise UnsupportedModelError("the model has no decoder layers")
     for i, layer in enumerate(layers):
         for attrs in spec.layout.values():
-            absent = [a for a in attrs if not hasattr(layer, a)]
+            absent = _lacking(layer, attrs)
             if absent:
                 raise UnsupportedModelError(
                     f"decoder layer {i} ({type(layer).__name__}) lacks {absent}: the adapter "
                     f"needs {[a for v in spec.layout.values() for a in v]} ({spec.name})"
                 )
-            absent = [a for a in spec.hc_attrs if not hasattr(getattr(layer, attrs[0]), a)]
+            absent = _lacking(getattr(layer, attrs[0]), spec.hc_attrs)
             if absent:
                 raise UnsupportedModelError(f"layer {i} {attrs[0]} lacks {absent}")
     head = spec.part(base, "head")
-    absent = [a for a in spec.head_attrs if not hasattr(head, a)]
+    absent = _lacking(head, spec.head_attrs)
     if absent:
         raise UnsupportedModelError(f"{spec.parts['head']} ({type(head).__name__}) lacks {absent}")
     return base, lm_head

@@ -110,10 +110,9 @@ def merge_sublayer_results(
     return type(first)(probe, arrays, meta)
 
 
-def _gather(payload: Any, group=None) -> List[Any]:
+def _gather(payload: Any, world: int, group=None) -> List[Any]:
     import torch.distributed as dist
 
-    _, world = _rank_world(group)
     if world == 1:
         return [payload]
     out: List[Any] = [None] * world
@@ -137,7 +136,7 @@ def _sweep(model, run, sublayers, group, signature) -> ProbeResult:
         payload = ("ok", signature, mine, part)
     except Exception as exc:  # report on every rank instead of leaving the others in a collective
         payload = ("error", signature, mine, f"{type(exc).__name__}: {exc}")
-    gathered = _gather(payload, group)
+    gathered = _gather(payload, world, group)
     errors = [f"rank {r}: {p[3]}" for r, p in enumerate(gathered) if p[0] == "error"]
     if errors:
         raise RuntimeError("distributed sweep failed on " + "; ".join(errors))

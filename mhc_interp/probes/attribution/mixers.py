@@ -19,7 +19,7 @@ from ..causal import clean_run
 from ..patching import ActivationPatching
 from .core import mixing_context
 
-PARTS = ("h_pre", "h_post", "h_res")
+PARTS = ("h_pre", "h_post", "h_res")  # the coefficient tensors, as mixer attribution orders them
 
 
 def exact_mixer_patching(
@@ -65,12 +65,12 @@ def exact_mixer_patching(
         for i, l in enumerate(spec.layers):
             name = model.sublayer_names[l]
             for j, part in enumerate(PARTS):
-                value = source_cache[f"{name}.hook_{part}"]
+                hook_name = f"{name}.hook_{part}"
 
-                def replace(h, hook, value=value):
+                def replace(h, hook, value=source_cache[hook_name]):
                     return value.to(h.device, h.dtype).clone()
 
-                with model.hooks(fwd_hooks=[(f"{name}.hook_{part}", replace)]):
+                with model.hooks(fwd_hooks=[(hook_name, replace)]):
                     logits = model(base_states[l], start_at_sublayer=l, tokens=base_tokens)
                 out[i, j] = score(logits[None])[0].double().cpu()
     return out.numpy()

@@ -27,9 +27,9 @@ from ..base import ProbeResult, ReportSection, register_probe, register_result, 
 from ..causal import PromptStats, clean_run, stats_arrays
 from ..patching import ActivationPatching, patch_aligned
 from .core import atp_gradients, ig_gradients, mixing_effects, site_effects
+from .mixers import PARTS
 
 METHODS = ("atp", "ig")
-MIXER_PARTS = ("h_pre", "h_post", "h_res")
 
 
 def check_method(method: str, steps: int, direction: str, metric: str) -> None:
@@ -118,7 +118,7 @@ class AttributionPatching(ActivationPatching):
         require_streams(model, self.name, minimum=2)
         super().setup(model)
         self.effects = {m: PromptStats() for m in self._mixings()}
-        self.mixer_stats = {m: {p: PromptStats() for p in ("tensor",) + MIXER_PARTS} for m in self._mixings()}
+        self.mixer_stats = {m: {p: PromptStats() for p in ("tensor",) + PARTS} for m in self._mixings()}
         self.passes = {"forward": 0.0, "backward": 0.0}
 
     def patch(
@@ -205,7 +205,7 @@ class AttributionPatching(ActivationPatching):
         stats = self.mixer_stats[mixing]
         per_part = {  # [L, B, n] or [L, B, n, n]
             part: torch.stack([eff[f"{model.sublayer_names[l]}.hook_{part}"] for l in self.layers])
-            for part in MIXER_PARTS
+            for part in PARTS
         }
         for part, effect in per_part.items():
             stats[part].add(effect.movedim(1, -1))  # prompts last
@@ -226,7 +226,7 @@ class AttributionPatching(ActivationPatching):
             arrays.update({k: v[..., 0] if self.positions is None else v for k, v in effects.items()})
             if self.mixers:
                 arrays.update(stats_arrays(f"mixer_{mixing}", self.mixer_stats[mixing]["tensor"]))
-                for part in MIXER_PARTS:
+                for part in PARTS:
                     key = f"mixer_{part}_effect_{mixing}"
                     arrays[key], arrays[f"{key}_sem"] = self.mixer_stats[mixing][part].mean_sem()
         if self.mixing != "both":

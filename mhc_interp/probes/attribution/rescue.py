@@ -90,12 +90,6 @@ def _weights(mask: Tensor, dtype) -> Tensor:
     return m / m.sum(-1, keepdim=True)
 
 
-def _deltas(states: Dict[int, Tensor], values: Dict[int, Tensor], layers: Sequence[int]) -> Dict[int, Tensor]:
-    """Zero / mean / tensor ablation of each stream alone: delta_l = value_l - x_l [B, pos, n, d]
-    (stream s of delta_l is the change ablating s makes; a pair's change is the sum of two)."""
-    return {l: (values[l].to(states[l].dtype) - states[l]).expand_as(states[l]) for l in layers}
-
-
 def _resumed_share(model, layers: Sequence[int]) -> float:
     """Forward-equivalents of one resumed forward from each sublayer l of `layers`: sum_l (L - l) / L."""
     n_sub = model.cfg.n_sublayers
@@ -321,7 +315,10 @@ class ApproxAblateRescue(AblateRescue):
         `self.method`, recorded with the forward / backward / readout passes it took."""
         logits, states, cache = clean_run(model, tokens)
         ablation = self.corpus_means if self.uses_corpus_mean else self.ablation
-        deltas = _deltas(states, ablation_values(model, states, mask, ablation), self.layers)
+        values = ablation_values(model, states, mask, ablation)
+        # zero / mean / tensor ablation of each stream alone: delta_l = value_l - x_l [B, pos, n, d]
+        # (stream s of delta_l is the change ablating s makes; a pair's change is the sum of two)
+        deltas = {l: (values[l].to(states[l].dtype) - states[l]).expand_as(states[l]) for l in self.layers}
         ref = log_probs(logits, self.temperature)
         weights = _weights(mask.to(ref.device), ref.dtype)
         metric = kl_metric(logits, mask, self.temperature)

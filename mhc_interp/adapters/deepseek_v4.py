@@ -129,12 +129,8 @@ def _describe(hf_model: nn.Module, base: nn.Module) -> Dict[str, Any]:
     per_tok = int(getattr(config, "num_experts_per_tok", 1) or 1) + int(
         getattr(config, "n_shared_experts", 0) or 0
     )
-    out = dict(
-        d_mlp=inter * per_tok,
-        hc_eps=float(hc0.hc_eps),
-        sinkhorn_iters=int(hc0.hc_sinkhorn_iters),
-        hyper_conn_type="mhc",
-    )  # sigmoid / 2 sigmoid / Sinkhorn
+    # hyper_conn_type: HFMHCConfig's default "mhc" (sigmoid / 2 sigmoid / Sinkhorn)
+    out = dict(d_mlp=inter * per_tok, hc_eps=float(hc0.hc_eps), sinkhorn_iters=int(hc0.hc_sinkhorn_iters))
     for key, attr in (("n_heads", "num_heads"), ("d_head", "head_dim")):
         if hasattr(attn, attr):
             out[key] = int(getattr(attn, attr))

@@ -254,8 +254,7 @@ class HookedHFMHC(StreamHookedRoot):
         base, lm_head = validate_structure(hf_model, spec)
         self.spec = spec
         self.cfg = _config_from(hf_model, base, lm_head, spec)
-        if spec.check_shapes is not None:
-            spec.check_shapes(base, self.cfg.n_streams, self.cfg.d_model)
+        spec.check_shapes(base, self.cfg.n_streams, self.cfg.d_model)
         self.hf_model = hf_model  # registered: parameters()/eval()/named_modules() see it, nothing is copied
         self.tokenizer = tokenizer
         self._hf = SimpleNamespace(

@@ -55,7 +55,7 @@ class HyperConnectionSpec:
     layer_forward: Callable[[nn.Module, Tensor, Dict[str, Any], Optional[Tensor]], Tensor]
     context: Callable[[nn.Module, Tensor], Dict[str, Any]] = lambda hf_model, like: {}
     routes_by_token: Callable[[nn.Module], bool] = lambda branch: False
-    check_shapes: Optional[Callable[[nn.Module, int, int], None]] = None
+    check_shapes: Callable[[nn.Module, int, int], None] = lambda base, n, d: None
     describe: Callable[[nn.Module, nn.Module], Dict[str, Any]] = lambda hf_model, base: {}
     streams_attr: str = "hc_mult"  # stream count, an attribute of each hc module
     parts: Dict[str, str] = field(

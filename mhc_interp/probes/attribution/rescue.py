@@ -327,17 +327,7 @@ class ApproxAblateRescue(AblateRescue):
         if self.method.startswith("readout"):
             damage = self._readout(model, tokens, mask, logits, cache, deltas, metric)
         elif self.method == "fisher":
-            proj = fisher_projections(
-                model,
-                tokens,
-                mask,
-                deltas,
-                samples=self.samples,
-                temperature=self.temperature,
-                frozen=self.frozen,
-                generator=self.generator,
-                clean_logits=logits,
-            )  # [K, L, B, n]
+            proj = self._projections(model, tokens, mask, logits, deltas)  # [K, L, B, n]
             for site in self.sites:
                 damage[:, site[0], site[-1]] = 0.5 * (sum(proj[..., s] for s in site) ** 2).mean(0)
         elif self.method == "ig_site":
@@ -403,24 +393,29 @@ class ApproxAblateRescue(AblateRescue):
             mask=mask,
             temperature=self.temperature,
         )
-        proj, proj_final = fisher_projections(
-            model,
-            tokens,
-            mask,
-            deltas,
-            samples=self.samples,
-            temperature=self.temperature,
-            frozen=True,
-            clean_logits=logits,
-            carried=moved,
-            draws=draws,
-        )
+        proj, proj_final = self._projections(model, tokens, mask, logits, deltas, carried=moved, draws=draws)
         ind = proj - proj_final  # [K, L, B, n]: v . u
         for site in self.sites:
             u = sum(ind[..., s] for s in site)  # [K, L, B]
             i, j = site[0], site[-1]
             damage[:, i, j] = damage[:, i, j] + (v[:, :, i, j] * u).mean(0) + 0.5 * (u**2).mean(0)
         return damage
+
+    def _projections(self, model, tokens, mask, logits, deltas, **carried):
+        """`fisher_projections` with this probe's draws, temperature and mixing (`carried`: its
+        carried= and draws=)."""
+        return fisher_projections(
+            model,
+            tokens,
+            mask,
+            deltas,
+            samples=self.samples,
+            temperature=self.temperature,
+            frozen=self.frozen,
+            generator=self.generator,
+            clean_logits=logits,
+            **carried,
+        )
 
     def _record(self, damage: Tensor, weights: Tensor) -> None:
         """Add one batch's damage [L, n, n, B] to the statistics as [2 (joint, one-shot), L, n, n,

@@ -186,8 +186,7 @@ def _build_result(
     space: str,
     probe: str = "crosscoder",
 ) -> "CrosscoderResult":
-    sites = cc.sites
-    layers, layer_of, stream_of, n = _structure(sites)
+    layers, layer_of, stream_of, n = _structure(cc.sites)
     threshold, thresholds = _resolve_thresholds(n, threshold, thresholds)
     L = len(layers)
     norms = cc.decoder_norms(space).double().cpu().numpy()  # [m, S]
@@ -195,15 +194,16 @@ def _build_result(
     safe = np.where(total > 0, total, 1.0)
     stream_share = norms @ np.eye(n)[stream_of] / safe  # [m, n]: [m, S] @ one-hot [S, n]
     layer_share = norms @ np.eye(L)[layer_of] / safe  # [m, L]
-    arrays: Dict[str, np.ndarray] = {}
     dead_train = cc.dead_mask().cpu().numpy()
     if stats is not None:
-        arrays.update(stats.summary())
+        arrays = stats.summary()
         dead = arrays["firing_frequency"] == 0
     else:
+        arrays = {
+            "explained_variance": np.full(cc.n_sites, np.nan),
+            "explained_variance_total": np.asarray(np.nan),
+        }
         dead = dead_train.copy()
-        arrays["explained_variance"] = np.full(len(sites), np.nan)
-        arrays["explained_variance_total"] = np.asarray(np.nan)
     dead |= total[:, 0] == 0
     best = stream_share.argmax(-1)
     top = stream_share.max(-1)
@@ -216,7 +216,7 @@ def _build_result(
     ev_grid[layer_of, stream_of] = arrays["explained_variance"]
     # mean layer profile of the alive latents of each group (streams..., shared)
     profile = np.full((n + 1, L), np.nan)
-    for g, code in enumerate(list(range(n)) + [SHARED]):
+    for g, code in enumerate([*range(n), SHARED]):
         sel = assignment[main] == code
         if sel.any():
             profile[g] = layer_share[sel].mean(0)

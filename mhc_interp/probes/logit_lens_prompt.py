@@ -100,7 +100,8 @@ def logit_lens(
     site_names = lens_sites(model, sites)
     subs = model.sublayer_names if writes else []
     final_site = f"{model.sublayer_names[-1]}.hook_streams_out"
-    wanted = set(site_names) | {final_site} | {f"{s}.hook_write" for s in subs}
+    write_sites = [f"{s}.hook_write" for s in subs]
+    wanted = {*site_names, final_site, *write_sites}
     logits, cache = model.run_with_cache(tokens, names_filter=lambda name: name in wanted)
     if subs:
         _check_write_readout(model)
@@ -108,7 +109,6 @@ def logit_lens(
     final_lp = F.log_softmax(final, dim=-1)
     top = final.argmax(-1)
     k = min(int(k), final.shape[-1])
-    views = _view_labels(n, subsets)
     per_site = [  # the view logits [pos, views, V] of each site
         _lens_arrays(
             final_lp, top, _view_logits(_readout(model, _translate(translator, s, cache[s][0])), subsets), k
@@ -116,24 +116,21 @@ def logit_lens(
         for s in site_names
     ]
     out = {key: torch.stack(v).cpu().numpy() for key, v in zip(_SITE_ARRAYS, zip(*per_site))}
-    writes = [
-        _write_readout(model, _translate(translator, s, cache[s][0]))
-        for s in (f"{s}.hook_write" for s in subs)
-    ]
-    wl = (
-        torch.stack(writes, 1) if writes else final_lp.new_zeros(len(top), 0, final_lp.shape[-1])
-    )  # [pos, sublayer, V]
+    wl = [_write_readout(model, _translate(translator, s, cache[s][0])) for s in write_sites]
+    wl = torch.stack(wl, 1) if wl else final_lp[:, None][:, :0]  # [pos, sublayer, V]
     for key, v in zip(_WRITE_ARRAYS, _lens_arrays(final_lp, top, wl, k)):
         out[key] = v.cpu().numpy()
     contrib = _readout(model, cache[final_site][0])  # [pos, n, V]
     f_ids = final.topk(k, dim=-1).indices  # [pos, k]
-    out["final_topk_ids"] = f_ids.cpu().numpy()
-    out["final_topk_contributions"] = contrib.gather(-1, f_ids[:, None].expand(-1, n, -1)).cpu().numpy()
-    out["tokens"] = tokens[0].cpu().numpy()
+    out.update(
+        final_topk_ids=f_ids.cpu().numpy(),
+        final_topk_contributions=contrib.gather(-1, f_ids[:, None].expand(-1, n, -1)).cpu().numpy(),
+        tokens=tokens[0].cpu().numpy(),
+    )
     meta = {
         "sites": site_names,
         "site_labels": [site_label(s) for s in site_names],
-        "views": views,
+        "views": _view_labels(n, subsets),
         "subsets": [list(s) for s in subsets],
         "sublayers": subs,
         "n_streams": n,

@@ -25,8 +25,7 @@ class MHCCache(dict):
         raise unknown_hook_error(name, self.model.hook_dict)
 
     def stream(self, name: str, streams) -> Tensor:
-        idx = check_streams(self.model, name, streams)
-        return select_streams(self[name], idx)
+        return select_streams(self[name], check_streams(self.model, name, streams))
 
     def to(self, device) -> "MHCCache":
         return MHCCache({k: v.to(device) for k, v in self.items()}, self.model)

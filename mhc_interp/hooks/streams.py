@@ -45,7 +45,6 @@ def stream_hook(model: MultiStreamModel, name: str, streams: Streams, value: Any
     The activation is cloned before editing, so cached or shared tensors are never mutated.
     """
     idx = check_streams(model, name, streams)
-    index = torch.tensor(idx)
 
     def hook(act: Tensor, hook) -> Tensor:
         act = act.clone()
@@ -61,7 +60,7 @@ def stream_hook(model: MultiStreamModel, name: str, streams: Streams, value: Any
             at = new.ndim - trailing
             if new.ndim < selected.ndim and at >= 1:
                 new = new.unsqueeze(at)
-            act[:, :, index] = torch.broadcast_to(new, selected.shape)
+            act[:, :, idx] = torch.broadcast_to(new, selected.shape)
         return act
 
     return name, hook

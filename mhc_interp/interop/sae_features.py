@@ -85,10 +85,9 @@ class SAEFeatures(Probe):
 
     # ------------------------------------------------------------------------------ contract
     def setup(self, model) -> None:
-        hook, stream = check_sae(model, self.sae)
-        self.home_hook, self.home_stream = hook, stream
-        self.stream_valued = suffix(hook) in STREAM_STATE_SUFFIXES
-        self.sites = self._resolve_sites(model, hook)
+        self.home_hook, self.home_stream = check_sae(model, self.sae)
+        self.stream_valued = suffix(self.home_hook) in STREAM_STATE_SUFFIXES
+        self.sites = self._resolve_sites(model, self.home_hook)
         self.n_streams = model.cfg.n_streams if self.stream_valued else 1
         self.sae.to(model.device)
         self.sae.eval()

@@ -40,10 +40,9 @@ def report_results(
             rows.append(
                 [label, mixing, f"{f['pearson']:.3f}", f"{f['spearman']:.3f}", f"{f['top_k']}/{f['k']}"]
             )
-    edges = edge_attribution(model, clean, corrupted)
     table = {
         "title": "attribution vs exact activation patching on these prompts ([sublayer, stream])",
         "header": ["method", "mixing", "Pearson", "Spearman", "top-10 overlap"],
         "rows": rows,
     }
-    return [per_position, edges], table
+    return [per_position, edge_attribution(model, clean, corrupted)], table

@@ -192,9 +192,7 @@ def _hsic_both(grams: Tensor) -> tuple:
 
     Equal to centring both ways and taking two GEMMs (`hsic_matrix`), at half the GEMM work and
     without the two [R, N, N] copies."""
-    R, n, _ = grams.shape
-    if n < 4:
-        raise ValueError(f"debiased CKA needs at least 4 tokens, got {n}")
+    R, n, _ = grams.shape  # n >= 4: CKA's minibatches are (its constructor and _flush_sizes see to it)
     diag = torch.diagonal(grams, dim1=-2, dim2=-1)
     d = diag.clone()  # [R, N]
     diag.zero_()
@@ -480,7 +478,7 @@ class CKAResult(ProbeResult):
         "cka_inter": the full (site, stream) x (site, stream) heatmap}."""
         import matplotlib.pyplot as plt
 
-        M, n, names = self.arrays["cka"], self.n_streams, self.site_names
+        M, n, names = self["cka"], self.n_streams, self.site_names
         S = len(names)
         which = "debiased" if self.meta.get("debiased", True) else "biased"
         vmin = min(0.0, float(np.nanmin(M))) if np.isfinite(M).any() else 0.0

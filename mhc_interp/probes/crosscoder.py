@@ -373,7 +373,7 @@ class CrosscoderResult(ProbeResult):
 
     def _thr_index(self, threshold: Optional[float]) -> int:
         t = float(self.meta["threshold"] if threshold is None else threshold)
-        thr = self.arrays["thresholds"]
+        thr = self["thresholds"]
         hit = np.flatnonzero(np.isclose(thr, t))
         if not hit.size:
             raise KeyError(f"threshold {t} was not swept; swept: {thr.tolist()}")
@@ -381,10 +381,10 @@ class CrosscoderResult(ProbeResult):
 
     def assignment_at(self, threshold: Optional[float] = None) -> np.ndarray:
         """[m] stream index, -1 (shared) or -2 (dead) at one swept threshold (default: main)."""
-        return self.arrays["assignment"][self._thr_index(threshold)]
+        return self["assignment"][self._thr_index(threshold)]
 
     def counts_at(self, threshold: Optional[float] = None) -> Dict[str, int]:
-        row = self.arrays["counts"][self._thr_index(threshold)]
+        row = self["counts"][self._thr_index(threshold)]
         return {lab: int(c) for lab, c in zip(self.meta["count_labels"], row)}
 
     def table(self) -> str:
@@ -393,7 +393,7 @@ class CrosscoderResult(ProbeResult):
         n = self.n_streams
         lines = [
             f"{t:4.2f}  {_relative(t, n):4.2f}  " + " ".join(f"{int(c):9d}" for c in row)
-            for t, row in zip(self.arrays["thresholds"], self.arrays["counts"])
+            for t, row in zip(self["thresholds"], self["counts"])
         ]
         return "\n".join(
             ["tau   rho   " + " ".join(f"{l:>9s}" for l in labs)]

@@ -371,12 +371,8 @@ class CurvatureResult(ProbeResult):
         every column (dotted, same colour; with change=True its own change from the first site)."""
         import matplotlib.pyplot as plt
 
-        if ax is None:
-            fig, ax = plt.subplots(figsize=kwargs.pop("figsize", (7, 4)))
-        else:
-            fig = ax.figure
-        y = self.arrays["change_from_first" if change else "mean"]
-        sem = self.arrays["sem"]
+        ax = plt.subplots(figsize=kwargs.pop("figsize", (7, 4)))[1] if ax is None else ax
+        y = self["change_from_first" if change else "mean"]
         xs = np.arange(y.shape[0])
         columns = self.meta.get("columns") or [f"col {k}" for k in range(y.shape[1])]
         shuffled = self.arrays.get("shuffled_mean") if baseline else None
@@ -385,7 +381,7 @@ class CurvatureResult(ProbeResult):
             line = ax.errorbar(
                 xs,
                 y[:, k],
-                yerr=sem[:, k],
+                yerr=self["sem"][:, k],
                 label=label,
                 capsize=3,
                 marker="o",
@@ -422,5 +418,5 @@ class CurvatureResult(ProbeResult):
             title="token-trajectory curvature (mean ± SEM over sequences)",
         )
         ax.legend(fontsize="small")
-        fig.tight_layout()
-        return fig
+        ax.figure.tight_layout()
+        return ax.figure

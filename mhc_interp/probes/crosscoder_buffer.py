@@ -94,9 +94,9 @@ class ShuffleBuffer:
                 self.capacity,
                 *rows.shape[1:],
                 dtype=self.dtype or rows.dtype,
-                device=self.device if self.device is not None else rows.device,
+                device=self.device or rows.device,
             )
-        elif tuple(rows.shape[1:]) != tuple(self.storage.shape[1:]):
+        elif rows.shape[1:] != self.storage.shape[1:]:
             raise ValueError(
                 f"rows of shape {tuple(rows.shape[1:])} do not fit a buffer of rows "
                 f"{tuple(self.storage.shape[1:])}"

@@ -495,8 +495,7 @@ class CKAResult(ProbeResult):
             title=f"intra-site stream CKA ({which}, {self.meta.get('kernel', 'linear')})",
         )
 
-        R = M.shape[0]
-        size = min(12.0, 3.0 + 0.06 * R)
+        size = min(12.0, 3.0 + 0.06 * len(M))  # M [R, R]
         fig, ax = plt.subplots(figsize=(size + 1.5, size))
         im = ax.imshow(M, vmin=vmin, vmax=1.0, cmap="viridis", interpolation="nearest")
         step = max(1, int(np.ceil(S / 24)))  # at most ~24 site labels

@@ -272,8 +272,7 @@ class Curvature(Probe):
         """Accumulate the curvature of activations {site: [batch, pos, n_streams, d]} (no control)."""
         if self.site_names is None:
             raise RuntimeError("curvature: call setup(model) first, or construct with explicit hook names")
-        kappa, n_ang = self._batch_curvatures(acts, mask)
-        self._main.add(kappa, n_ang)
+        self._main.add(*self._batch_curvatures(acts, mask))
         if mask.numel():
             most = mask.sum(1).max()
             self._max_valid = most if self._max_valid is None else torch.maximum(self._max_valid, most)

@@ -272,7 +272,8 @@ class Curvature(Probe):
         """Accumulate the curvature of activations {site: [batch, pos, n_streams, d]} (no control)."""
         if self.site_names is None:
             raise RuntimeError("curvature: call setup(model) first, or construct with explicit hook names")
-        self._main.add(*self._batch_curvatures(acts, mask))
+        moments = self._batch_curvatures(acts, mask)  # sets up the state on a first batch without setup()
+        self._main.add(*moments)
         if mask.numel():
             most = mask.sum(1).max()
             self._max_valid = most if self._max_valid is None else torch.maximum(self._max_valid, most)

@@ -141,16 +141,26 @@ def corpus_paths(args) -> List[Path]:
 
 
 def cmd_report(args) -> int:
-    from .report import build_report
+    from .output_folder import check
+    from .report import build_report, figure_pool
 
-    model = load(args.model, args.device, args.dtype)
+    check(Path(args.out).expanduser().resolve(), args.force)  # refused before any work
+    cfg = _report_config(args)
+    figures = figure_pool(cfg)
+    figures.start()  # its worker's imports run while this process loads the model
+    try:
+        model = load(args.model, args.device, args.dtype)
+    except BaseException:
+        figures.close()
+        raise
     index = build_report(
         model,
         Path(args.out),
         corpus_paths(args),
-        _report_config(args),
+        cfg,
         model_name=str(args.model or "demo model"),
         force=args.force,
+        figures=figures,
     )
     print(f"report written to {index}")
     return 0

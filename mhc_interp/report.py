@@ -115,6 +115,11 @@ def _runs(model, cfg: "ReportConfig", label: str, cls: Optional[Type[Probe]], se
     return cls is not None and label not in cfg.skip and model.cfg.n_streams >= sec.min_streams
 
 
+def figure_pool(cfg: ReportConfig) -> FigurePool:
+    """The pool the report draws its figures in; its worker imports the report's figure code."""
+    return FigurePool(cfg.background_figures, preload=(__name__,))
+
+
 def build_report(
     model,
     out: Path,
@@ -122,8 +127,12 @@ def build_report(
     cfg: Optional[ReportConfig] = None,
     model_name: str = "",
     force: bool = False,
+    figures: Optional[FigurePool] = None,
 ) -> Path:
     """Run the probes and write the report folder `out`; returns its index.
+
+    figures: the `figure_pool(cfg)` to draw in, if already started (the CLI starts it before it
+    loads the model, so that the worker's imports overlap the load); closed here either way.
 
     `out` is built under a hidden partial folder and put in place when complete
     (`output_folder.commit`). A folder that holds anything but an earlier, unchanged report is
@@ -131,15 +140,14 @@ def build_report(
     cfg = cfg or ReportConfig()
     timer = PhaseTimer()
     out = Path(out).expanduser().resolve()
-    output_folder.check(out, force)
-    with timer("corpus: read and tokenize"):
-        texts = read_texts(corpus) if corpus else []
-        tokens = corpus_tokens(model, texts, cfg)
-    tmp = output_folder.staging_folder(out)
-    figures = FigurePool(
-        cfg.background_figures, preload=(__name__,)
-    )  # the worker imports the report's figure code
+    figures = figures or figure_pool(cfg)
+    tmp = None
     try:
+        output_folder.check(out, force)
+        with timer("corpus: read and tokenize"):
+            texts = read_texts(corpus) if corpus else []
+            tokens = corpus_tokens(model, texts, cfg)
+        tmp = output_folder.staging_folder(out)
         sections = _run_all(model, tokens, tmp, cfg, timer, figures)
         with timer("figures: waiting for the worker"):
             figures.wait()
@@ -185,7 +193,7 @@ def build_report(
         output_folder.commit(tmp, out)
     finally:
         figures.close()  # before the partial folder goes: a running job writes into it
-        if tmp.exists():
+        if tmp is not None and tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     return out / "index.html"
 

@@ -182,7 +182,7 @@ def add_whole_list_successor(model, heads: "HeadScores") -> None:
     """The report's successor scores (its corpus run has no ordinal sequences): on the built-in
     lists that are single tokens in full in this tokenizer, or, on `heads.meta["skipped"]` (and so
     its empty panel), why none could be scored."""
-    skipped = heads.meta["skipped"]
+    skipped = heads.meta.setdefault("skipped", {})
     if model.tokenizer is None:
         skipped["successor"] = (
             "the model has no tokenizer, so there are no ordinal words (days, months, "
@@ -206,9 +206,10 @@ def add_whole_list_successor(model, heads: "HeadScores") -> None:
 
 def _score_successor(model, heads: "HeadScores", sequences) -> None:
     """`successor_scores` on `sequences` into `heads` (scores, count, source; no longer skipped)."""
-    heads.arrays["successor"], heads.meta["counts"]["successor"] = successor_scores(model, sequences)
-    heads.meta["sources"]["successor"] = "ordinal"
-    heads.meta["skipped"].pop("successor", None)
+    heads.arrays["successor"], count = successor_scores(model, sequences)
+    heads.meta.setdefault("counts", {})["successor"] = int(count)
+    heads.meta.setdefault("sources", {})["successor"] = "ordinal"
+    heads.meta.setdefault("skipped", {}).pop("successor", None)
 
 
 @torch.no_grad()

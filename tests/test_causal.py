@@ -412,3 +412,16 @@ def test_results_with_dots_in_their_names_stay_apart(model, prompts, tmp_path):
 
     assert ProbeResult.load(tmp_path / "rescue_T0.5").meta["temperature"] == 0.5
     assert ProbeResult.load(tmp_path / "rescue_T0.7.npz").meta["temperature"] == 0.7
+
+
+def test_one_call_wrappers_split_runner_and_probe_options():
+    """The wrappers' keywords: the runner's options (no bar by default) apart from the probe's;
+    options that cut a corpus are refused for aligned prompts, by name."""
+    from mhc_interp.probes.patching import ALIGNED_OPTIONS
+    from mhc_interp.probes.runner import split_options
+
+    runner, probe = split_options({"batch_size": 2, "mixing": "frozen", "seq_len": 8})
+    assert runner == {"progress": False, "batch_size": 2, "seq_len": 8} and probe == {"mixing": "frozen"}
+    assert split_options({"progress": True})[0] == {"progress": True}
+    with pytest.raises(TypeError, match=r"\['max_tokens', 'seq_len'\] do not apply"):
+        split_options({"seq_len": 8, "max_tokens": 4, "direction": "noise"}, ALIGNED_OPTIONS)

@@ -39,6 +39,7 @@ from .causal import (
     position_mask,
     stats_arrays,
 )
+from .runner import split_options
 
 DIRECTIONS = ("denoise", "noise")
 MIXING = ("recomputed", "frozen", "both")
@@ -450,39 +451,22 @@ def _hatch_cells(ax, noise: np.ndarray) -> None:
         )
 
 
-def activation_patching(
-    model,
-    clean: Tensor,
-    corrupted: Tensor,
-    *,
-    batch_size: int = 8,
-    exclude_first: int = 1,
-    device=None,
-    dtype=None,
-    progress: bool = False,
-    **kwargs,
-) -> PatchingResult:
-    """Patch over aligned clean / corrupted prompt tensors [N, pos], in batches, with the runner's
-    options that apply to aligned prompts: positions [0, exclude_first) are not scored (position 0
-    by default; 0 scores every position), device / dtype move the model first, progress shows a bar.
-    `kwargs` go to `ActivationPatching`."""
-    not_here = sorted({"seq_len", "max_tokens", "pad_id"} & set(kwargs))
-    if not_here:
-        raise TypeError(
-            f"activation_patching takes aligned prompt tensors [N, pos]: {not_here} do not apply "
-            f"(cut the prompts yourself)"
-        )
-    return patch_aligned(
-        ActivationPatching(**kwargs),
-        model,
-        clean,
-        corrupted,
-        batch_size=batch_size,
-        exclude_first=exclude_first,
-        device=device,
-        dtype=dtype,
-        progress=progress,
-    )
+ALIGNED_OPTIONS = ("batch_size", "exclude_first", "device", "dtype", "progress")
+
+
+def activation_patching(model, clean: Tensor, corrupted: Tensor, **options) -> PatchingResult:
+    """Patch over aligned clean / corrupted prompt tensors [N, pos] (`patch_aligned`): the options
+    in `ALIGNED_OPTIONS` are the runner's that apply to aligned prompts (batch_size=8; positions
+    [0, exclude_first) not scored, position 0 by default, 0 scores every position; device / dtype
+    move the model first; progress shows a bar), the others go to `ActivationPatching`."""
+    return patch_with(ActivationPatching, model, clean, corrupted, options)
+
+
+def patch_with(cls, model, clean: Tensor, corrupted: Tensor, options: Dict) -> ProbeResult:
+    """`patch_aligned(cls(**probe options), ...)` with the `ALIGNED_OPTIONS` among `options`; the
+    runner's options that cut a corpus (seq_len, max_tokens, pad_id) are refused (TypeError)."""
+    runner, probe = split_options(options, ALIGNED_OPTIONS)
+    return patch_aligned(cls(**probe), model, clean, corrupted, **runner)
 
 
 def patch_aligned(

@@ -37,7 +37,7 @@ from .base import ProbeResult, ReportSection, matrix_table, register_probe, regi
 from .causal import CausalProbe, PromptStats, clean_run, kl_metric, stats_arrays, t_half_width
 from .corpus_mean import corpus_mean_with_count
 from .figure_helpers import annotate, heatmap_grid
-from .runner import run_probes
+from .runner import run_probes, split_options
 from .sites import evenly_spaced
 
 MODES = ("one_shot", "persistent")
@@ -377,37 +377,18 @@ class RescueResult(ProbeResult):
         return figs
 
 
-def ablate_and_rescue(
-    model,
-    tokens,
-    *,
-    batch_size: int = 8,
-    seq_len: Optional[int] = None,
-    max_tokens: Optional[int] = None,
-    exclude_first: int = 1,
-    pad_id: int = 0,
-    device=None,
-    dtype=None,
-    progress: bool = False,
-    **kwargs,
-) -> RescueResult:
-    """Run `AblateRescue(**kwargs)` over `tokens` (any token source of `run_probes`), with the
-    runner's options: positions [0, exclude_first) and padding are not scored (position 0 by
-    default; 0 scores every position). ablation="corpus_mean" first averages every sublayer's
-    input streams over the same source and mask (a second pass over it)."""
-    from .runner import run_probes
+def ablate_and_rescue(model, tokens, **options) -> RescueResult:
+    """Run `AblateRescue(**options)` over `tokens` (any token source of `run_probes`); the options
+    named in `runner.RUNNER_OPTIONS` (batch_size, seq_len, max_tokens, exclude_first, pad_id,
+    device, dtype, progress: no bar by default) go to the runner: positions [0, exclude_first) and
+    padding are not scored (position 0 by default; 0 scores every position)."""
+    runner, probe = split_options(options)
+    return run_rescue(AblateRescue(**probe), model, tokens, **runner)
 
-    options = dict(
-        batch_size=batch_size,
-        seq_len=seq_len,
-        max_tokens=max_tokens,
-        exclude_first=exclude_first,
-        pad_id=pad_id,
-        device=device,
-        dtype=dtype,
-        progress=progress,
-    )
-    probe = AblateRescue(**kwargs)
+
+def run_rescue(probe: AblateRescue, model, tokens, **runner) -> RescueResult:
+    """`run_probes(model, probe, tokens, **runner)`, first averaging every sublayer's input streams
+    over the same source and mask where the probe's ablation is "corpus_mean" (a second pass)."""
     if probe.uses_corpus_mean:
-        probe.fit_corpus_mean(model, tokens, **options)
-    return run_probes(model, probe, tokens, **options)
+        probe.fit_corpus_mean(model, tokens, **runner)
+    return run_probes(model, probe, tokens, **runner)

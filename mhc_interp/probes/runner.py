@@ -154,6 +154,28 @@ def iter_activations(
         yield tokens, mask, n_valid, acts
 
 
+RUNNER_OPTIONS = (
+    "batch_size",
+    "seq_len",
+    "max_tokens",
+    "exclude_first",
+    "pad_id",
+    "device",
+    "dtype",
+    "progress",
+)
+
+
+def split_options(options: Dict, allowed: Sequence[str] = RUNNER_OPTIONS) -> Tuple[Dict, Dict]:
+    """A one-call wrapper's keywords -> (the runner's options, the probe's): the `RUNNER_OPTIONS`
+    (no progress bar unless asked) and the rest. A runner option outside `allowed` is a TypeError."""
+    not_here = sorted(k for k in options if k in RUNNER_OPTIONS and k not in allowed)
+    if not_here:
+        raise TypeError(f"{not_here} do not apply here: the options are {list(allowed)}")
+    runner = {"progress": False, **{k: v for k, v in options.items() if k in RUNNER_OPTIONS}}
+    return runner, {k: v for k, v in options.items() if k not in RUNNER_OPTIONS}
+
+
 def run_probes(
     model: "MultiStreamModel",
     probes: Union[Probe, Sequence[Probe]],

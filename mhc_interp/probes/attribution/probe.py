@@ -25,7 +25,7 @@ from torch import Tensor
 
 from ..base import ProbeResult, ReportSection, register_probe, register_result, require_streams
 from ..causal import PromptStats, clean_run, stats_arrays
-from ..patching import ActivationPatching, patch_aligned
+from ..patching import ActivationPatching, patch_with
 from .core import atp_gradients, ig_gradients, mixing_effects, site_effects
 from .mixers import PARTS
 
@@ -306,29 +306,8 @@ def _heatmap(m: np.ndarray, figsize, title: str, yticks, xticks=None, diverging:
     return fig
 
 
-def attribution_patching(
-    model,
-    clean: Tensor,
-    corrupted: Tensor,
-    *,
-    batch_size: int = 8,
-    exclude_first: int = 1,
-    device=None,
-    dtype=None,
-    progress: bool = False,
-    **kwargs,
-) -> AttributionResult:
+def attribution_patching(model, clean: Tensor, corrupted: Tensor, **options) -> AttributionResult:
     """Attribute over aligned clean / corrupted prompt tensors [N, pos], in batches, with the
     options of `activation_patching` (positions [0, exclude_first) are not scored; device / dtype
     move the model first) plus method= ("atp" | "ig"), steps= and mixers= (`AttributionPatching`)."""
-    return patch_aligned(
-        AttributionPatching(**kwargs),
-        model,
-        clean,
-        corrupted,
-        batch_size=batch_size,
-        exclude_first=exclude_first,
-        device=device,
-        dtype=dtype,
-        progress=progress,
-    )
+    return patch_with(AttributionPatching, model, clean, corrupted, options)

@@ -78,7 +78,8 @@ import torch
 from torch import Tensor
 
 from ..causal import clean_run, kl_metric, log_probs, score_dtype
-from ..rescue import AblateRescue, RescueResult, ablation_values
+from ..rescue import AblateRescue, RescueResult, ablation_values, run_rescue
+from ..runner import split_options
 from .core import _capture_hooks, ig_path, mixing_context
 
 METHODS = ("readout", "readout_fisher", "fisher", "gauss_newton", "linearised", "ig_site")
@@ -441,39 +442,13 @@ class ApproxAblateRescue(AblateRescue):
         return out
 
 
-def approximate_rescue(
-    model,
-    tokens,
-    *,
-    method: str = "readout",
-    samples: int = 4,
-    seed: int = 0,
-    steps: int = 2,
-    batch_size: int = 8,
-    seq_len: Optional[int] = None,
-    max_tokens: Optional[int] = None,
-    exclude_first: int = 1,
-    pad_id: int = 0,
-    progress: bool = False,
-    **kwargs,
-) -> RescueResult:
-    """Estimate `ablate_and_rescue(model, tokens, **kwargs)` (one-shot) with `ApproxAblateRescue`;
-    the runner's options and masks are those of `ablate_and_rescue`. `meta["passes"]` counts the
+def approximate_rescue(model, tokens, **options) -> RescueResult:
+    """Estimate `ablate_and_rescue(model, tokens, **options)` (one-shot) with
+    `ApproxAblateRescue(**options)` (method="readout", samples=4, seed=0, steps=2, ...); the
+    runner's options and masks are those of `ablate_and_rescue`. `meta["passes"]` counts the
     forwards and backwards (in prompt batches)."""
-    from ..runner import run_probes
-
-    options = dict(
-        batch_size=batch_size,
-        seq_len=seq_len,
-        max_tokens=max_tokens,
-        exclude_first=exclude_first,
-        pad_id=pad_id,
-        progress=progress,
-    )
-    probe = ApproxAblateRescue(method=method, samples=samples, seed=seed, steps=steps, **kwargs)
-    if probe.uses_corpus_mean:
-        probe.fit_corpus_mean(model, tokens, **options)
-    return run_probes(model, probe, tokens, **options)
+    runner, probe = split_options(options)
+    return run_rescue(ApproxAblateRescue(**probe), model, tokens, **runner)
 
 
 def exact_rescue_forwards(model, sublayers: Optional[Sequence[int]] = None) -> float:

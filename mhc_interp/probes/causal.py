@@ -135,7 +135,7 @@ class PromptStats:
         """per_prompt [..., B]: one value per prompt in the last axis."""
         v = per_prompt.detach().double().cpu()
         ok = ~torch.isnan(v)
-        v = torch.where(ok, v, torch.zeros((), dtype=v.dtype))
+        v = v.masked_fill(~ok, 0)
         self.total = self.total + v.sum(-1)
         self.total_sq = self.total_sq + (v**2).sum(-1)
         self.scored = self.scored + ok.sum(-1).double()
@@ -147,11 +147,8 @@ class PromptStats:
         n = self.scored
         mean = self.total / n  # NaN where no prompt scored
         var = (self.total_sq / n - mean**2).clamp_min(0) * n / (n - 1)  # NaN / inf where n < 2
-        sem = torch.where(n >= 2, (var / n).sqrt(), torch.full_like(n, float("nan")))
+        sem = (var / n).sqrt().masked_fill(n < 2, float("nan"))
         return mean.numpy(), sem.numpy()
-
-    def ci_half_width(self, sem: np.ndarray, level: float = 0.95) -> np.ndarray:
-        return t_half_width(self.scored.numpy(), sem, level)
 
 
 def t_half_width(scored: np.ndarray, sem: np.ndarray, level: float = 0.95) -> np.ndarray:
@@ -162,11 +159,12 @@ def t_half_width(scored: np.ndarray, sem: np.ndarray, level: float = 0.95) -> np
     return stdtrit(np.maximum(scored - 1, 1), 0.5 + level / 2) * np.where(scored >= 2, sem, np.nan)
 
 
-def stats_arrays(prefix: str, stats: PromptStats) -> Dict[str, np.ndarray]:
+def stats_arrays(prefix: str, stats: PromptStats, index=...) -> Dict[str, np.ndarray]:
     """{prefix: mean over prompts, prefix_sem: s.e.m., prefix_ci_low / _high: the 95% Student-t
-    interval mean -/+ t_{0.975, n-1} s.e.m. (NaN with fewer than two prompts)}."""
-    mean, sem = stats.mean_sem()
-    half = stats.ci_half_width(sem)
+    interval mean -/+ t_{0.975, n-1} s.e.m. (NaN with fewer than two prompts)}, of the statistic's
+    entries at `index` (default: all)."""
+    mean, sem = (a[index] for a in stats.mean_sem())
+    half = t_half_width(stats.scored.numpy()[index], sem)
     return {
         prefix: mean,
         f"{prefix}_sem": sem,

@@ -46,6 +46,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 from torch import Tensor
+from torch.nn import functional as F
 
 from .base import ProbeResult, ReportSection, register_probe, register_result
 from .causal import CausalProbe
@@ -76,6 +77,7 @@ __all__ = [
 ]
 
 _PATTERN_SCORES = ("previous_token", "duplicate_token", "induction")
+_CORPUS_SCORES = _PATTERN_SCORES + ("copy_suppression",)  # what HeadDetector scores
 
 
 # ------------------------------------------------------------------------------ the probe
@@ -146,9 +148,8 @@ class HeadDetector(CausalProbe):
         self.n_layers, self.n_heads, self.n_streams = cfg.n_layers, cfg.n_heads, cfg.n_streams
         self.ablate = _check_heads(model, self.heads_spec)
         self.hyper_conn_type = cfg.hyper_conn_type
-        LH = (self.n_layers, self.n_heads)
-        self.sums = {k: torch.zeros(LH, dtype=torch.float64) for k in _PATTERN_SCORES + ("copy_suppression",)}
-        self.counts = {k: 0 for k in self.sums}
+        self.sums = {k: torch.zeros(self.n_layers, self.n_heads, dtype=torch.float64) for k in _CORPUS_SCORES}
+        self.counts = dict.fromkeys(self.sums, 0)
         self.h_sums = {
             k: torch.zeros(self.n_layers, self.n_streams, dtype=torch.float64) for k in ("h_pre", "h_post")
         }
@@ -179,10 +180,8 @@ class HeadDetector(CausalProbe):
         def on_pattern(pattern: Tensor, hook) -> None:
             layer = int(hook.name.split(".")[1])
             pat = pattern.float()  # [B, H, q, k]
-            prev = torch.zeros(b, self.n_heads, p, dtype=torch.float32, device=dev)
-            prev[:, :, 1:] = pat.diagonal(offset=-1, dim1=-2, dim2=-1)
             per_q = {
-                "previous_token": prev,  # [B, H, q] each
+                "previous_token": F.pad(pat.diagonal(-1, -2, -1), (1, 0)),  # [B, H, q] each
                 "duplicate_token": torch.einsum("bhqk,bqk->bhq", pat, dup_f),
                 "induction": torch.einsum("bhqk,bqk->bhq", pat, ind_f),
             }
@@ -227,8 +226,7 @@ class HeadDetector(CausalProbe):
                 chunk = heads[lo : lo + per_chunk]
                 c = len(chunk)
                 keep = torch.ones(c, 1, 1, self.n_heads, 1, device=tokens.device, dtype=model.dtype)
-                for i, h in enumerate(chunk):
-                    keep[i, :, :, h] = 0
+                keep[range(c), :, :, chunk] = 0  # replica i zeroes head chunk[i]
                 out: Dict[str, Tensor] = {}
 
                 def zero_heads(z: Tensor, hook, c=c, keep=keep) -> Tensor:
@@ -250,9 +248,9 @@ class HeadDetector(CausalProbe):
                 d_ctx = torch.einsum("cbqd,bkd->cbqk", d_sum, w_tok)  # dlogit[q, tok_k]
                 d_ctx = (d_ctx * ctx_w).sum(-1)  # [c, B, q]
                 d_mean = d_sum @ w_mean  # [c, B, q]
-                score = ((d_ctx - d_mean) * q_ok).double().sum((1, 2)).cpu()  # [c]
-                for i, h in enumerate(chunk):
-                    self.sums["copy_suppression"][l, h] += score[i]
+                self.sums["copy_suppression"][l, chunk] += (
+                    ((d_ctx - d_mean) * q_ok).double().sum((1, 2)).cpu()
+                )
 
     @torch.no_grad()
     def intervene(self, model, tokens: Tensor, mask: Tensor) -> None:
@@ -271,7 +269,7 @@ class HeadDetector(CausalProbe):
         }
         if not self.copy_suppression:
             skipped["copy_suppression"] = "copy_suppression=False"
-        for key in _PATTERN_SCORES + ("copy_suppression",):
+        for key in _CORPUS_SCORES:
             if self.counts[key] == 0:
                 skipped.setdefault(key, f"no query position qualified for {key} in the tokens seen")
             arrays[key] = (
@@ -283,8 +281,7 @@ class HeadDetector(CausalProbe):
         for l, heads in self.ablate.items():
             ablated[l, heads] = True
         arrays["copy_suppression"][~ablated] = np.nan
-        arrays["mean_h_pre"] = (self.h_sums["h_pre"] / self.n_tokens).numpy()
-        arrays["mean_h_post"] = (self.h_sums["h_post"] / self.n_tokens).numpy()
+        arrays.update({f"mean_{k}": (v / self.n_tokens).numpy() for k, v in self.h_sums.items()})
         sources = {k: "corpus" for k in HEAD_SCORES if k not in skipped}
         sources.update({k: "skipped" for k in skipped})
         meta = {
@@ -314,22 +311,20 @@ class HeadScores(ProbeResult):
         if score not in HEAD_SCORES:
             raise KeyError(f"unknown score {score!r}; scores: {HEAD_SCORES}")
         s = self[score]
-        flat = [
-            (float(s[l, h]), l, h)
-            for l in range(s.shape[0])
-            for h in range(s.shape[1])
-            if np.isfinite(s[l, h])
+        ranked = [
+            divmod(int(i), s.shape[1])
+            for i in np.argsort(-s, axis=None, kind="stable")
+            if np.isfinite(s.flat[i])
         ]
-        flat.sort(key=lambda t: -t[0])
         return [
             {
                 "layer": l,
                 "head": h,
-                "score": v,
+                "score": float(s[l, h]),
                 "reads": self["mean_h_pre"][l].tolist(),
                 "writes": self["mean_h_post"][l].tolist(),
             }
-            for v, l, h in flat[:k]
+            for l, h in ranked[:k]
         ]
 
     def table(self, scores: Optional[Sequence[str]] = None, k: int = 10) -> str:
@@ -408,10 +403,9 @@ class HeadScores(ProbeResult):
             1,
             2,
             figsize=(3.4 + 2 * (0.55 * n + 1.1), max(2.5, 0.3 * len(rows) + 1.4)),
-            squeeze=False,
             sharey=True,
         )
-        for ax, j, title in ((axes[0][0], 0, "reads: mean H_pre"), (axes[0][1], 1, "writes: mean H_post")):
+        for ax, j, title in ((axes[0], 0, "reads: mean H_pre"), (axes[1], 1, "writes: mean H_post")):
             if rows:
                 values = np.array([r[j] for r in rows])
                 im = ax.imshow(values, aspect="auto", cmap="magma")
@@ -424,7 +418,7 @@ class HeadScores(ProbeResult):
             ax.set_xticks(np.arange(n), [f"stream {s}" for s in range(n)], fontsize=8)
             ax.set_title(title, fontsize=9)
         if rows:
-            axes[0][0].set_yticks(np.arange(len(rows)), labels, fontsize=8)
+            axes[0].set_yticks(np.arange(len(rows)), labels, fontsize=8)
         fig.suptitle(
             f"streams read / written by the sublayers of the top-{k} heads of each score", fontsize=9
         )

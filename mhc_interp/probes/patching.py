@@ -218,11 +218,7 @@ class ActivationPatching(CausalProbe):
         """Check a batch of aligned prompts [B, pos] -> (the positions scored [B, pos]: `mask`, by
         default every position but 0, from the first corrupted token on where asked; the batch's
         prompt numbers, a slice of `answers`)."""
-        if clean.shape != corrupted.shape:
-            raise ValueError(
-                f"clean prompts {tuple(clean.shape)} and corrupted prompts {tuple(corrupted.shape)} "
-                f"differ in shape: align them (same length, position by position) first"
-            )
+        check_aligned(clean, corrupted)
         b, p = clean.shape
         if self.n_pos is None:
             self.n_pos = p
@@ -277,6 +273,15 @@ class ActivationPatching(CausalProbe):
         return PatchingResult(self.name, arrays, meta)
 
 
+def check_aligned(clean: Tensor, corrupted: Tensor) -> None:
+    """Refuse clean and corrupted prompts [B, pos] that are not aligned (the same shape)."""
+    if clean.shape != corrupted.shape:
+        raise ValueError(
+            f"clean prompts {tuple(clean.shape)} and corrupted prompts {tuple(corrupted.shape)} "
+            f"differ in shape: align them (same length, position by position) first"
+        )
+
+
 def from_first_difference(clean: Tensor, corrupted: Tensor, first_prompt: int = 0) -> Tensor:
     """[B, pos] bool: True at and after each prompt's first position where clean != corrupted."""
     differs = clean != corrupted  # [B, pos]
@@ -302,8 +307,7 @@ class PatchingResult(ProbeResult):
     def findings(self) -> List[Optional[Dict]]:
         """Which stream patched back in repairs the most and the least of the corruption (KL)."""
         metric = self.meta.get("metric")
-        key = f"{metric}_{'recomputed' if f'{metric}_recomputed' in self.arrays else self.meta['mixing'][0]}"
-        m = np.asarray(self[key], dtype=float)
+        m = np.asarray(self[f"{metric}_{self.meta['mixing'][0]}"], dtype=float)  # recomputed, if run
         if metric != "kl" or m.ndim != 2 or m.shape[1] < 2 or not np.isfinite(m).all():
             return []
         clean, corrupted = float(self["baseline_clean"]), float(self["baseline_corrupted"])
@@ -361,18 +365,14 @@ class PatchingResult(ProbeResult):
             fig, ax = plt.subplots(
                 figsize=(1.8 + 1.0 * m.shape[1], 1.2 + (0.42 if annotated else 0.22) * m.shape[0])
             )
-            diverging = metric != "kl" or mixing == "routing"
-            if diverging:
+            if metric != "kl" or mixing == "routing":  # diverging
                 lim = float(np.nanmax(np.abs(m))) if np.isfinite(m).any() else 1.0
                 im = ax.imshow(m, aspect="auto", cmap="RdBu_r", vmin=-lim or -1, vmax=lim or 1)
             else:
                 im = ax.imshow(m, aspect="auto", cmap="magma")
             ax.set_yticks(range(m.shape[0]), self.meta["sublayers"], fontsize=8)
             ax.set_xticks(range(m.shape[1]), [f"stream {s}" for s in range(m.shape[1])], fontsize=8)
-            interval = (
-                high is not None and low is not None and np.isfinite(high).all() and np.isfinite(low).all()
-            )
-            if interval:  # the interval shown on the cell includes 0
+            if high is not None and np.isfinite([high, low]).all():  # the interval shown includes 0
                 noise, test = (low <= 0) & (high >= 0), "with a 95% interval including 0"
             else:
                 noise, test = (None, "") if sem is None else (np.abs(m) < 2 * sem, "within 2 s.e.m. of 0")
@@ -410,27 +410,11 @@ def _annotate_cells(ax, im, m: np.ndarray, high) -> None:
     for (i, j), v in np.ndenumerate(m):
         if not np.isfinite(v):
             continue
-        color = text_color(im.cmap(im.norm(v)))
-        below = high is not None and high.ndim == 2 and np.isfinite(high[i, j])
-        ax.text(
-            j,
-            i - (0.12 if below else 0),
-            f"{v:.2g}",
-            ha="center",
-            va="center",
-            fontsize=8,
-            color=color,
-        )
+        style = dict(ha="center", va="center", color=text_color(im.cmap(im.norm(v))))
+        below = high is not None and np.isfinite(high[i, j])
+        ax.text(j, i - (0.12 if below else 0), f"{v:.2g}", fontsize=8, **style)
         if below:
-            ax.text(
-                j,
-                i + 0.22,
-                f"\u00b1{high[i, j] - v:.2g}",
-                ha="center",
-                va="center",
-                fontsize=6,
-                color=color,
-            )
+            ax.text(j, i + 0.22, f"\u00b1{high[i, j] - v:.2g}", fontsize=6, **style)
 
 
 def _hatch_cells(ax, noise: np.ndarray) -> None:
@@ -487,11 +471,7 @@ def patch_aligned(
     patched runs -> `probe.result()`."""
     from tqdm.auto import tqdm
 
-    if clean.shape != corrupted.shape:
-        raise ValueError(
-            f"clean {tuple(clean.shape)} and corrupted {tuple(corrupted.shape)} prompts "
-            f"differ in shape: align them first"
-        )
+    check_aligned(clean, corrupted)
     mask = position_mask(torch.ones(clean.shape, dtype=torch.bool), exclude_first)  # [N, pos]
     if device is not None or dtype is not None:
         model.to(device=device, dtype=dtype)

@@ -34,7 +34,7 @@ from torch import Tensor
 
 from ..hooks.batched import Edit, run_edits
 from .base import ProbeResult, ReportSection, matrix_table, register_probe, register_result, require_streams
-from .causal import CausalProbe, PromptStats, clean_run, kl_metric, stats_arrays, t_half_width
+from .causal import CausalProbe, PromptStats, clean_run, kl_metric, stats_arrays
 from .corpus_mean import corpus_mean_with_count
 from .figure_helpers import annotate, heatmap_grid
 from .runner import run_probes, split_options
@@ -206,8 +206,8 @@ class AblateRescue(CausalProbe):
 
     def result(self) -> "RescueResult":
         arrays = {
-            **stats_arrays("kl_ablated", _Slice(self.stats, 0)),
-            **stats_arrays("kl_rescued", _Slice(self.stats, 1)),
+            **stats_arrays("kl_ablated", self.stats, 0),
+            **stats_arrays("kl_rescued", self.stats, 1),
         }
         damage, rescued = arrays["kl_ablated"], arrays["kl_rescued"]
         low = ~(damage >= self.min_kl)  # NaN diagonal counts as low
@@ -228,20 +228,6 @@ class AblateRescue(CausalProbe):
         if self.uses_corpus_mean:
             meta["corpus_mean_tokens"] = self.corpus_mean_tokens
         return RescueResult(self.name, arrays, meta)
-
-
-class _Slice:
-    """View of one row of a PromptStats (so stats_arrays can be reused)."""
-
-    def __init__(self, stats: PromptStats, index: int):
-        self.stats, self.index = stats, index
-
-    def mean_sem(self):
-        mean, sem = self.stats.mean_sem()
-        return mean[self.index], sem[self.index]
-
-    def ci_half_width(self, sem: np.ndarray, level: float = 0.95) -> np.ndarray:
-        return t_half_width(self.stats.scored.numpy()[self.index], sem, level)
 
 
 def global_rescue(rescue, damage, rescued, low) -> dict:

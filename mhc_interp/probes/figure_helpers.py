@@ -44,11 +44,10 @@ def annotate(
     ax,
     im,
     values: np.ndarray,
-    fmt: Callable[[float], str] = "{:.2f}".format,
     fontsize: float = 8,
     labels: Optional[np.ndarray] = None,
 ) -> bool:
-    """Write each cell's value (or `labels[i, j]`, where given and not empty) on an `imshow`
+    """Write each cell's value to 2 decimals (or `labels[i, j]`, where given and not empty) on an `imshow`
     heatmap, in black or white according to the cell's colour under `im`'s colormap and norm.
     NaN cells are left blank unless `labels` names them (then in black: they are not drawn).
     Returns False (and writes nothing) for more than MAX_ANNOTATED_COLUMNS columns."""
@@ -56,7 +55,7 @@ def annotate(
     if values.shape[1] > MAX_ANNOTATED_COLUMNS:
         return False
     for (i, j), v in np.ndenumerate(values):
-        label = fmt(v) if labels is None else labels[i, j]
+        label = f"{v:.2f}" if labels is None else labels[i, j]
         if not label or (labels is None and np.isnan(v)):
             continue
         color = "black" if np.isnan(v) else text_color(im.cmap(im.norm(v)))
@@ -69,10 +68,9 @@ def panel_grid(
     panel_in: Tuple[float, float],
     max_cols: int = 4,
     extra_width: float = 0.9,
-    extra_height: float = 0.6,
 ):
     """(fig, axes [n_panels], n_cols): up to `max_cols` panels a row, each `panel_in` inches,
-    unused grid cells hidden; `extra_width` inches for a colour bar on the right."""
+    unused grid cells hidden; `extra_width` inches for a colour bar on the right, 0.6 for titles."""
     import matplotlib.pyplot as plt
 
     cols = min(max_cols, n_panels)
@@ -81,7 +79,7 @@ def panel_grid(
     fig, axes = plt.subplots(
         rows,
         cols,
-        figsize=(panel_in[0] * cols + extra_width, panel_in[1] * rows + extra_height),
+        figsize=(panel_in[0] * cols + extra_width, panel_in[1] * rows + 0.6),
         squeeze=False,
     )
     flat = axes.ravel()
@@ -132,13 +130,13 @@ def outer_labels(axes: Sequence, n_cols: int, xlabel: str, ylabel: str) -> None:
             ax.set_xlabel(xlabel)
 
 
-def empty_panel(ax, reason: str, width: int = 30) -> None:
-    """Say on an empty panel why it is empty (wrapped, centred, no ticks)."""
+def empty_panel(ax, reason: str) -> None:
+    """Say on an empty panel why it is empty (wrapped at 30 characters, centred, no ticks)."""
     ax.tick_params(left=False, labelleft=False, bottom=False, labelbottom=False)  # shared axes keep theirs
     ax.text(
         0.5,
         0.5,
-        textwrap.fill(reason, width),
+        textwrap.fill(reason, 30),
         transform=ax.transAxes,
         ha="center",
         va="center",

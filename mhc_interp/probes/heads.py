@@ -175,7 +175,7 @@ class HeadDetector(CausalProbe):
             self.counts[key] += int(qm.sum())
         weights = {k: v.double() for k, v in q_masks.items()}
         dup_f, ind_f = dup.float(), ind.float()
-        found: Dict[tuple, Tensor] = {}  # (kind, key, layer) -> sums on the device, read back once
+        found: Dict[tuple, Tensor] = {}  # (score or h_pre / h_post, layer) -> sums on the device
 
         def on_pattern(pattern: Tensor, hook) -> None:
             layer = int(hook.name.split(".")[1])
@@ -186,12 +186,12 @@ class HeadDetector(CausalProbe):
                 "induction": torch.einsum("bhqk,bqk->bhq", pat, ind_f),
             }
             for key, v in per_q.items():
-                found["pattern", key, layer] = (v.double() * weights[key][:, None]).sum((0, 2))
+                found[key, layer] = (v.double() * weights[key][:, None]).sum((0, 2))
 
         def on_coeff(h: Tensor, hook) -> None:
             layer = int(hook.name.split(".")[1])
             key = "h_pre" if hook.name.endswith("h_pre") else "h_post"
-            found["coeff", key, layer] = (h.double() * mask[..., None]).sum((0, 1))
+            found[key, layer] = (h.double() * mask[..., None]).sum((0, 1))
 
         hooks = [(f"blocks.{l}.attn.hook_pattern", on_pattern) for l in range(self.n_layers)]
         hooks += [
@@ -199,11 +199,10 @@ class HeadDetector(CausalProbe):
         ]
         with model.hooks(fwd_hooks=hooks):
             model(tokens, stop_at_sublayer=2 * self.n_layers - 1, return_type=None)
-        keys = list(found)
-        if keys:  # one copy back for all of them
-            flat = torch.cat([found[k].to(dev).flatten() for k in keys]).cpu()
-            for (kind, key, layer), v in zip(keys, flat.split([found[k].numel() for k in keys])):
-                (self.sums if kind == "pattern" else self.h_sums)[key][layer] += v
+        flat = torch.cat([v.to(dev).flatten() for v in found.values()]).cpu()  # one copy back for all
+        sums = {**self.sums, **self.h_sums}
+        for (key, layer), v in zip(found, flat.split([v.numel() for v in found.values()])):
+            sums[key][layer] += v
 
     # -- copy suppression ----------------------------------------------------------------
     def _copy_suppression_pass(self, model, tokens: Tensor, mask: Tensor) -> None:
@@ -355,18 +354,24 @@ class HeadScores(ProbeResult):
 
         L, H, n = self.meta["n_layers"], self.meta["n_heads"], self.meta["n_streams"]
         skipped = self.meta.get("skipped", {})
-
-        def why(score: str) -> str:
-            return f"not computed: {skipped.get(score, 'no value')}"
-
-        figs = {}
         fig, axes, _ = panel_grid(len(HEAD_SCORES), (3.4, max(2.4, 0.3 * L + 1)), max_cols=3, extra_width=0)
-        for ax, score in zip(axes, HEAD_SCORES):
-            ax.set_title(score.replace("_", " "), fontsize=9)
-            if not np.isfinite(self[score]).any():
-                empty_panel(ax, why(score))
+        spread, spread_axes, _ = panel_grid(len(HEAD_SCORES), (3.4, 2.6), max_cols=3, extra_width=0)
+        spread.subplots_adjust(wspace=0.35, hspace=0.45)
+        figs = {"scores": fig, "layer_distribution": spread}
+        rng = np.random.default_rng(0)
+        for ax, spread_ax, score in zip(axes, spread_axes, HEAD_SCORES):
+            s = self[score]  # [layer, head]
+            for l in range(L):
+                spread_ax.scatter(np.full(H, l) + rng.uniform(-0.15, 0.15, H), s[l], s=8, alpha=0.6)
+                if np.isfinite(s[l]).any():
+                    spread_ax.scatter([l], [np.nanmax(s[l])], s=40, facecolors="none", edgecolors="k")
+            for a in (ax, spread_ax):
+                a.set_title(score.replace("_", " "), fontsize=9)
+            if not np.isfinite(s).any():
+                for a in (ax, spread_ax):
+                    empty_panel(a, f"not computed: {skipped.get(score, 'no value')}")
                 continue
-            im = ax.imshow(np.ma.masked_invalid(self[score]), aspect="auto", cmap="viridis")
+            im = ax.imshow(np.ma.masked_invalid(s), aspect="auto", cmap="viridis")
             if H <= 16:
                 ax.set_xticks(range(H))
             if L <= 16:
@@ -374,25 +379,10 @@ class HeadScores(ProbeResult):
             ax.set_xlabel("head")
             ax.set_ylabel("layer")
             fig.colorbar(im, ax=ax, shrink=0.8)
+            spread_ax.set_xticks(np.arange(L))
+            spread_ax.set_xlabel("layer")
+            spread_ax.set_ylabel("head score")
         fig.subplots_adjust(wspace=0.45, hspace=0.45)
-        figs["scores"] = fig
-        fig, axes, _ = panel_grid(len(HEAD_SCORES), (3.4, 2.6), max_cols=3, extra_width=0)
-        fig.subplots_adjust(wspace=0.35, hspace=0.45)
-        rng = np.random.default_rng(0)
-        for ax, score in zip(axes, HEAD_SCORES):
-            s = self[score]
-            for l in range(L):
-                ax.scatter(np.full(H, l) + rng.uniform(-0.15, 0.15, H), s[l], s=8, alpha=0.6)
-                if np.isfinite(s[l]).any():
-                    ax.scatter([l], [np.nanmax(s[l])], s=40, facecolors="none", edgecolors="k")
-            ax.set_title(score.replace("_", " "), fontsize=9)
-            if not np.isfinite(s).any():
-                empty_panel(ax, why(score))
-                continue
-            ax.set_xticks(np.arange(L))
-            ax.set_xlabel("layer")
-            ax.set_ylabel("head score")
-        figs["layer_distribution"] = fig
         rows, labels, groups = [], [], []
         for score in HEAD_SCORES:
             for row in self.top_heads(score, k):

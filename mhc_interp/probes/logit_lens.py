@@ -375,9 +375,9 @@ class LogitLens(Probe):
             "kl_write": (n_sub,),
             "top1_write": (n_sub,),
         }
-        self.sums = {k: torch.zeros(v, **f64) for k, v in shapes.items()}
-        self.sq = {k: torch.zeros(v, **f64) for k, v in shapes.items()}
-        self.cross = {k: torch.zeros(v, **f64) for k, v in shapes.items()}
+        self.sums, self.sq, self.cross = (
+            {k: torch.zeros(v, **f64) for k, v in shapes.items()} for _ in range(3)
+        )
         self.n_sq = 0  # sum_i n_i^2
         self.groups = 0  # sequences with a scored token
         self.final_contrib = torch.zeros(self.n_streams, **f64)
@@ -422,6 +422,7 @@ class LogitLens(Probe):
         err = torch.zeros((), dtype=torch.float32, device=device)
         chunk = self._block_tokens(n_sites * (n + 1 + len(self.subsets)) + n_sub)
         cpu = device.type == "cpu"
+        added = [0, *range(1 + n, kl.shape[1])]  # the views that add streams: sum, then subsets
         for lo in range(0, n_tok, chunk):
             sl = slice(lo, lo + chunk)
             z = _readout(self.model, states[:, sl].contiguous())  # [sites, c, n, V]
@@ -441,9 +442,7 @@ class LogitLens(Probe):
             del contrib
             kl[:, 1 : 1 + n, sl], agree[:, 1 : 1 + n, sl] = _row_stats(z, pz, fin, sl, cpu)
             del z
-            view_kl, view_agree = _row_stats(views, pz_views, fin, sl, cpu)  # [sites, 1 + subsets, c]
-            kl[:, :1, sl], kl[:, 1 + n :, sl] = view_kl[:, :1], view_kl[:, 1:]
-            agree[:, :1, sl], agree[:, 1 + n :, sl] = view_agree[:, :1], view_agree[:, 1:]
+            kl[:, added, sl], agree[:, added, sl] = _row_stats(views, pz_views, fin, sl, cpu)
             if writes:
                 zw = _readout(self.model, torch.stack([w[sl] for w in writes])[:, :, None])  # [sub, c, 1, V]
                 w_kl, w_agree = _row_stats(zw, _dot_p(zw, fin.p[sl]), fin, sl, cpu)
@@ -589,15 +588,12 @@ class LogitLensResult(ProbeResult):
             figs[key] = fig
         subs = self.meta["sublayers"]
         fig, axes = plt.subplots(1, 2, figsize=(max(8, 0.5 * len(subs)), 3.4))
-        if subs:
-            xs = np.arange(len(subs))
-            for ax, key in zip(axes, ("kl_write", "top1_write")):
+        for ax, key, what in zip(axes, ("kl_write", "top1_write"), ("KL to final [nats]", "top-1 agreement")):
+            if subs:
                 se = self.arrays.get(f"{key}_se")
-                ax.bar(xs, self[key], yerr=None if se is None else 2 * se, ecolor="grey")
-            for ax in axes:
-                ax.set_xticks(xs, subs, rotation=60, fontsize=7, ha="right")
-        axes[0].set_title("branch output: KL to final [nats]" + note + "bars: ±2 s.e.", fontsize=10)
-        axes[1].set_title("branch output: top-1 agreement" + note + "bars: ±2 s.e.", fontsize=10)
+                ax.bar(np.arange(len(subs)), self[key], yerr=None if se is None else 2 * se, ecolor="grey")
+                ax.set_xticks(np.arange(len(subs)), subs, rotation=60, fontsize=7, ha="right")
+            ax.set_title(f"branch output: {what}" + note + "bars: ±2 s.e.", fontsize=10)
         figs["writes"] = fig
         fig, ax = plt.subplots(figsize=(4, 3))
         n = self.meta["n_streams"]

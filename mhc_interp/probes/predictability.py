@@ -48,6 +48,7 @@ if TYPE_CHECKING:
 __all__ = ["CrossStreamPredictability", "PredictabilityResult", "ridge_r2_matrix", "predictability_sites"]
 
 DEFAULT_ALPHAS = tuple(np.logspace(-3, 4, 8))
+_OFFDIAG = {"mean": np.nanmean, "min": np.nanmin, "max": np.nanmax}  # the summaries over i != j
 _LOO_BYTES = 256 * 2**20  # the leave-one-out residuals of this many bytes per batched GEMM
 
 
@@ -198,27 +199,25 @@ class CrossStreamPredictability(Probe):
         # decide on the host which of this batch's tokens enter which slot; only those rows are
         # gathered on the device and copied back (not every masked row of every site)
         take = min(n_tok, self.max_tokens - self.filled)  # the free slots first (both schemes)
-        local, slots = list(range(take)), list(range(self.filled, self.filled + take))
+        local, slots = list(range(take)), []  # batch rows to keep; reservoir slots of those past `take`
         self.filled += take
         if self.sampling == "reservoir" and take < n_tok:
             # algorithm R: token number t (0-based, t >= max_tokens) replaces slot j ~ U{0..t} if j < max_tokens
             t = torch.arange(self.seen + take, self.seen + n_tok, dtype=torch.float64)
             j = (torch.rand(len(t), generator=self.gen, dtype=torch.float64) * (t + 1)).floor().long()
-            hit = (j < self.max_tokens).nonzero()[:, 0]
-            if len(hit):
-                hit_slots = j[hit].numpy()
-                # a later token that picks the same slot wins: keep the last occurrence per slot
-                _, last = np.unique(hit_slots[::-1], return_index=True)
-                keep = hit.numpy()[len(hit_slots) - 1 - last]
-                local += (take + keep).tolist()
-                slots += j[keep].tolist()
+            hit = (j < self.max_tokens).nonzero()[:, 0].numpy()
+            # a later token that picks the same slot wins: keep the last occurrence per slot
+            _, last = np.unique(j[hit].numpy()[::-1], return_index=True)
+            keep = hit[len(hit) - 1 - last]
+            local += (take + keep).tolist()
+            slots += j[keep].tolist()
         self.seen += n_tok
         if not local:
             return
         chosen = masked[torch.as_tensor(local, device=masked.device)]
         rows = site_rows(acts, self.sites, chosen).float().cpu()  # [k, sites, n, d]
         self.sample[self.filled - take : self.filled] = rows[:take]
-        self.sample[torch.as_tensor(slots[take:], dtype=torch.long)] = rows[take:]  # after: a reservoir
+        self.sample[torch.as_tensor(slots, dtype=torch.long)] = rows[take:]  # after: a reservoir
         # pick may replace a slot this same batch has just filled
 
     def result(self) -> "PredictabilityResult":
@@ -243,16 +242,10 @@ class CrossStreamPredictability(Probe):
             ]
         )
         off = ~np.eye(self.n_streams, dtype=bool)
-        arrays = {
-            "r2": r2,
-            "mean_offdiag": np.nanmean(r2[:, off], axis=1),
-            "min_offdiag": np.nanmin(r2[:, off], axis=1),
-            "max_offdiag": np.nanmax(r2[:, off], axis=1),
-        }
-        labels = [site_label(s) for s in self.sites]
+        arrays = {"r2": r2, **{f"{k}_offdiag": f(r2[:, off], axis=1) for k, f in _OFFDIAG.items()}}
         meta = {
             "sites": self.sites,
-            "site_labels": labels,
+            "site_labels": [site_label(s) for s in self.sites],
             "n_streams": self.n_streams,
             "hyper_conn_type": self.hyper_conn_type,
             "tokens_sampled": self.filled,
@@ -276,21 +269,21 @@ class PredictabilityResult(ProbeResult):
         import matplotlib.pyplot as plt
 
         labels, r2 = self.meta["site_labels"], self["r2"]
-        figs = {}
-        picks = evenly_spaced(len(labels), max_heatmaps)
         from .figure_helpers import heatmap_grid
 
-        fig = heatmap_grid(
-            [r2[k] for k in picks],
-            [labels[k] for k in picks],
-            vmin=0,
-            vmax=1,
-            xlabel="target stream j",
-            ylabel="source stream i",
-            colorbar="held-out R^2",
-            title="held-out R^2 of stream j from stream i (ridge)",
-        )
-        figs["matrices"] = fig
+        picks = evenly_spaced(len(labels), max_heatmaps)
+        figs = {
+            "matrices": heatmap_grid(
+                [r2[k] for k in picks],
+                [labels[k] for k in picks],
+                vmin=0,
+                vmax=1,
+                xlabel="target stream j",
+                ylabel="source stream i",
+                colorbar="held-out R^2",
+                title="held-out R^2 of stream j from stream i (ridge)",
+            )
+        }
         fig, ax = plt.subplots(figsize=(max(5, 0.45 * len(labels)), 3.4))
         x = np.arange(len(labels))
         ax.plot(x, self["mean_offdiag"], marker="o", label="mean i != j")

@@ -21,7 +21,7 @@ import warnings
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, Optional, Tuple, Union
+from typing import Any, Dict, List, Optional, Tuple, Union
 
 import torch
 from torch import Tensor
@@ -56,16 +56,14 @@ class Placement:
     device: Union[str, torch.device] = "cpu"
 
     def resolve(self, state_dict: Dict[str, Tensor]) -> "Placement":
-        if self.dtype != "auto":
-            return Placement(self.dtype, torch.device(self.device))
-        floats = [v.dtype for v in state_dict.values() if v.is_floating_point()]
-        return Placement(
-            max(set(floats), key=floats.count) if floats else torch.float32, torch.device(self.device)
-        )
+        dtype = self.dtype
+        if dtype == "auto":
+            floats = [v.dtype for v in state_dict.values() if v.is_floating_point()]
+            dtype = max(set(floats), key=floats.count) if floats else torch.float32
+        return Placement(dtype, torch.device(self.device))
 
 
 # ------------------------------------------------------------------- nanoGPT key translation
-_BLOCK_KEY = re.compile(r"transformer\.h\.(\d+)\.(.+)")
 _TOP_LEVEL_KEYS = {
     "transformer.wte.weight": "embed.weight",
     "transformer.wpe.weight": "pos_embed.weight",
@@ -75,8 +73,12 @@ _TOP_LEVEL_KEYS = {
 }  # nanoGPT key -> ours, outside the blocks
 
 
-def _translate_block_key(layer: str, rest: str) -> Optional[str]:
-    """Our key for `transformer.h.{layer}.{rest}`, or None for keys that carry no new tensor."""
+def _translate_key(key: str) -> Optional[str]:
+    """Our key for nanoGPT key `key`, or None for keys that carry no new tensor."""
+    if key in _TOP_LEVEL_KEYS:
+        return _TOP_LEVEL_KEYS[key]
+    block = re.fullmatch(r"transformer\.h\.(\d+)\.(.+)", key)
+    layer, rest = block.groups() if block else (None, "")  # not in a block: refused below
     m = re.fullmatch(r"(?:branch_(attn|mlp)|hc_(attn|mlp)\.branch)\.([01])\.(.+)", rest)
     if m:
         sub = m.group(1) or m.group(2)
@@ -91,7 +93,7 @@ def _translate_block_key(layer: str, rest: str) -> Optional[str]:
         return f"blocks.{layer}.{m.group(1)}.mixer.{m.group(2).replace('norm.gamma', 'norm_gamma')}"
     if rest == "expand_stream.lss":  # the shared expansion module, repeated in every block
         return "expand.lss"
-    raise CheckpointError(f"unexpected key 'transformer.h.{layer}.{rest}' in checkpoint")
+    raise CheckpointError(f"unexpected key {key!r} in checkpoint")
 
 
 def nanogpt_state_dict_to_hooked(sd: Dict[str, Tensor]) -> Tuple[Dict[str, Tensor], bool]:
@@ -105,18 +107,12 @@ def nanogpt_state_dict_to_hooked(sd: Dict[str, Tensor]) -> Tuple[Dict[str, Tenso
     lm_head = None
     for key, value in sd.items():
         key = key.removeprefix("_orig_mod.")
-        block = _BLOCK_KEY.fullmatch(key)
         if key == "lm_head.weight":
             lm_head = value
             continue
-        if key in _TOP_LEVEL_KEYS:
-            ours = _TOP_LEVEL_KEYS[key]
-        elif block:
-            ours = _translate_block_key(*block.groups())
-            if ours is None:
-                continue
-        else:
-            raise CheckpointError(f"unexpected key {key!r} in checkpoint")
+        ours = _translate_key(key)
+        if ours is None:
+            continue
         if ours in out:
             if not torch.equal(out[ours], value):  # False for different shapes too
                 raise CheckpointError(
@@ -378,31 +374,27 @@ def load_folder(cls, folder: Path, placement: Placement = Placement(), filename:
             cfg = _config(MHCConfig.from_dict, config["config"], config_path)
             return build_model(cls, cfg, _read_safetensors(weights), str(folder), placement)
         return _from_nanogpt(cls, config, _read_safetensors(weights), str(folder), placement)
-    candidates = sorted(p.name for p in folder.iterdir() if p.suffix in WEIGHT_SUFFIXES)
-    if len(candidates) == 1:
-        return load_nanogpt_checkpoint(cls, folder / candidates[0], placement)
-    if candidates:
-        raise CheckpointError(f"{folder}: several checkpoints {candidates}; pass filename=...")
+    (checkpoint,) = _checkpoint_files([p.name for p in folder.iterdir()], folder)  # not the hub layout
+    return load_nanogpt_checkpoint(cls, folder / checkpoint, placement)
+
+
+def _checkpoint_files(names: List[str], where) -> List[str]:
+    """Which of the files of a folder or hub repo (`names`) hold its checkpoint: config.json +
+    model.safetensors, else its one weights file (.pt, ...); a CheckpointError for none or several."""
+    if "config.json" in names and "model.safetensors" in names:
+        return ["config.json", "model.safetensors"]
+    weights = sorted(n for n in names if n.endswith(WEIGHT_SUFFIXES) and "/" not in n)
+    if len(weights) == 1:
+        return weights
+    if weights:
+        raise CheckpointError(f"{where}: several checkpoints {weights}; pass filename=...")
     raise CheckpointError(
-        f"{folder}: no checkpoint found (expected config.json + model.safetensors, or one "
-        f"{'/'.join(WEIGHT_SUFFIXES)} file); it holds {sorted(p.name for p in folder.iterdir())}"
+        f"{where}: no checkpoint found (expected config.json + model.safetensors, or one "
+        f"{'/'.join(WEIGHT_SUFFIXES)} file); it holds {sorted(names)}"
     )
 
 
 # --------------------------------------------------------------------------------------- hub
-def _pick_hub_files(files) -> list:
-    """The files of a hub repo worth downloading: weights + config, plus tokenizer files."""
-    files = list(files)
-    extras = [f for f in files if f in TOKENIZER_FILES]
-    if "model.safetensors" in files and "config.json" in files:
-        return ["config.json", "model.safetensors", *extras]
-    pts = [f for f in files if f.endswith(WEIGHT_SUFFIXES) and "/" not in f]
-    if len(pts) == 1:
-        return [pts[0], *extras]
-    raise CheckpointError(
-        f"hub repo holds no single loadable checkpoint (config.json + model.safetensors, or one "
-        f".pt); found weight files {pts}: pass filename=..."
-    )
 
 
 def download_from_hub(
@@ -424,7 +416,9 @@ def download_from_hub(
         elif local_files_only:
             patterns = ["*.json", "*.safetensors", *[f"*{s}" for s in WEIGHT_SUFFIXES], "merges.txt"]
         else:
-            patterns = _pick_hub_files(huggingface_hub.list_repo_files(repo_id, revision=revision))
+            files = huggingface_hub.list_repo_files(repo_id, revision=revision)
+            tokenizer_files = [f for f in files if f in TOKENIZER_FILES]
+            patterns = [*_checkpoint_files(files, f"hub repo {repo_id!r}"), *tokenizer_files]
         folder = snapshot_download(
             repo_id,
             revision=revision,
@@ -447,26 +441,29 @@ def download_from_hub(
 # ------------------------------------------------------------------------------- tokenizers
 def load_tokenizer(folder: Optional[Path], cfg: MHCConfig):
     """The folder's tokenizer if it ships one; GPT-2's for GPT-2-sized vocabularies if
-    `transformers` can load it (offline: from its cache); otherwise None (use token ids)."""
-    try:
-        import transformers  # noqa: F401 - its classes load lazily, each on first use
-    except ImportError:  # pragma: no cover - transformers comes with transformer-lens
-        return None
+    `transformers` can load it (offline: from its cache); otherwise None (use token ids). Refused
+    if its ids do not all index the model's embedding (len(tokenizer) > d_vocab)."""
+    source = cfg.tokenizer_name or ("gpt2" if cfg.d_vocab in (50257, 50304) else None)
     if folder is not None and any((folder / f).is_file() for f in TOKENIZER_FILES[:3]):
-        return _checked_tokenizer(_folder_tokenizer_class(folder).from_pretrained(str(folder)), cfg, folder)
-    name = cfg.tokenizer_name or ("gpt2" if cfg.d_vocab in (50257, 50304) else None)
-    if name is None:
+        source = folder
+        tokenizer = _folder_tokenizer_class(folder).from_pretrained(str(folder))
+    elif source is None:
         return None
-    offline = os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
-    try:
-        from transformers import AutoTokenizer
+    else:
+        offline = os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+        try:
+            from transformers import AutoTokenizer
 
-        return _checked_tokenizer(AutoTokenizer.from_pretrained(name, local_files_only=offline), cfg, name)
-    except CheckpointError:
-        raise
-    except Exception as e:  # noqa: BLE001
-        log.warning("no tokenizer: could not load %r (%s); the model takes token ids", name, e)
-        return None
+            tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=offline)
+        except Exception as e:  # noqa: BLE001
+            log.warning("no tokenizer: could not load %r (%s); the model takes token ids", source, e)
+            return None
+    if len(tokenizer) > cfg.d_vocab:
+        raise CheckpointError(
+            f"the tokenizer of {source} has {len(tokenizer)} tokens but the model's vocabulary "
+            f"only {cfg.d_vocab}: they do not belong together"
+        )
+    return tokenizer
 
 
 def _folder_tokenizer_class(folder: Path):
@@ -482,16 +479,6 @@ def _folder_tokenizer_class(folder: Path):
     from transformers import AutoTokenizer
 
     return AutoTokenizer
-
-
-def _checked_tokenizer(tokenizer, cfg: MHCConfig, where):
-    """A tokenizer whose ids all index the model's embedding (len(tokenizer) <= d_vocab)."""
-    if len(tokenizer) > cfg.d_vocab:
-        raise CheckpointError(
-            f"the tokenizer of {where} has {len(tokenizer)} tokens but the model's vocabulary "
-            f"only {cfg.d_vocab}: they do not belong together"
-        )
-    return tokenizer
 
 
 # ------------------------------------------------------------------------------ entry points
@@ -513,19 +500,16 @@ def load_pretrained(
     tokenizer: "auto" (the checkpoint's, else GPT-2's when the vocabulary matches), a tokenizer
     object, or None.
     """
-    placement = Placement(dtype or torch.float32, device or "cpu")
     path = Path(os.path.expanduser(str(name_or_path)))
     if path.is_file():
-        folder = path.parent
-        model = load_nanogpt_checkpoint(cls, path, placement)
+        folder, filename = path.parent, path.name
     elif path.is_dir():
         folder = path
-        model = load_folder(cls, path, placement, filename=filename)
     elif re.fullmatch(r"[\w.-]+/[\w.-]+", str(name_or_path)) and not str(name_or_path).startswith((".", "/")):
         folder = download_from_hub(str(name_or_path), revision, cache_dir, local_files_only, filename)
-        model = load_folder(cls, folder, placement, filename=filename)
     else:
         raise CheckpointError(f"{name_or_path!r} is neither an existing file or folder nor a hub repo id")
+    model = load_folder(cls, folder, Placement(dtype or torch.float32, device or "cpu"), filename=filename)
     model.tokenizer = load_tokenizer(folder, model.cfg) if tokenizer == "auto" else tokenizer
     return model
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 from collections import defaultdict
 from dataclasses import dataclass
+from functools import partial
 from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
@@ -44,9 +45,7 @@ class Edit:
     def is_identity(self, source_is_base: bool) -> bool:
         """An edit that changes nothing: no streams touched, or - when the restore source is the
         base run itself - every ablated stream restored."""
-        if not self.ablate and not self.restore:
-            return True
-        return source_is_base and set(self.ablate) <= set(self.restore)
+        return not (self.ablate or self.restore) or (source_is_base and set(self.ablate) <= set(self.restore))
 
 
 def validate_edit(edit: Edit, n_sublayers: int, n_streams: int, n_pos: int) -> None:
@@ -56,10 +55,9 @@ def validate_edit(edit: Edit, n_sublayers: int, n_streams: int, n_pos: int) -> N
     bad = [s for s in (*edit.ablate, *edit.restore) if not 0 <= s < n_streams]
     if bad:
         raise IndexError(f"stream index {bad} out of range: the model has {n_streams} streams")
-    if edit.positions is not None:
-        badp = [p for p in edit.positions if not 0 <= p < n_pos]
-        if badp:
-            raise IndexError(f"position {badp} out of range for sequences of length {n_pos}")
+    badp = [p for p in edit.positions or () if not 0 <= p < n_pos]
+    if badp:
+        raise IndexError(f"position {badp} out of range for sequences of length {n_pos}")
 
 
 CPU_TOKENS_PER_FORWARD = 4096
@@ -89,42 +87,47 @@ def _to_device(mask: Tensor, device) -> Tensor:
     return mask.to(device)
 
 
-def _edit_hook(
-    edits: Sequence[Edit],
-    sublayer: int,
-    batch: int,
-    n_streams: int,
+def _edit_hooks(
+    model,
+    chunk: Sequence[Edit],
     n_pos: int,
-    ablation: Optional[Tensor],
-    source: Optional[Tensor],
-    device,
-) -> Optional[Callable]:
-    """A hook for `hook_streams_in` of `sublayer` applying each replica's edit there, or None."""
-    k = len(edits)
-    ablate = torch.zeros(k, n_pos, n_streams, dtype=torch.bool)
-    restore = torch.zeros(k, n_pos, n_streams, dtype=torch.bool)
-    for r, e in enumerate(edits):
-        if sublayer not in e.sublayers:
-            continue
-        pos = slice(None) if e.positions is None else list(e.positions)
-        for s in e.ablate:
-            ablate[r, pos, s] = True
-        for s in e.restore:
-            restore[r, pos, s] = True
-    if not ablate.any() and not restore.any():
-        return None
-    ablate = _to_device(ablate[:, None, :, :, None], device)  # [k, 1, pos, n, 1]
-    restore = _to_device(restore[:, None, :, :, None], device)
+    ablation_values: Mapping[int, Tensor],
+    source_states: Mapping[int, Tensor],
+) -> List[Tuple[str, Callable]]:
+    """(name, hook) for `hook_streams_in` of every sublayer where an edit of `chunk` (replica r =
+    chunk[r]) applies: each hook applies every replica's edit there."""
+    hooks = []
+    for sublayer in range(min(e.start for e in chunk), max(max(e.sublayers) for e in chunk) + 1):
+        # [ablate/restore, k, pos, n]
+        masks = torch.zeros(2, len(chunk), n_pos, model.cfg.n_streams, dtype=torch.bool)
+        for r, e in enumerate(chunk):
+            if sublayer not in e.sublayers:
+                continue
+            pos = slice(None) if e.positions is None else list(e.positions)
+            for mask, streams in zip(masks, (e.ablate, e.restore)):
+                for s in streams:
+                    mask[r, pos, s] = True
+        if masks.any():
+            ablate, restore = _to_device(masks[:, :, None, :, :, None], model.device)  # [k, 1, pos, n, 1]
+            hook = partial(
+                _apply_edits, ablate, restore, ablation_values.get(sublayer), source_states.get(sublayer)
+            )
+            hooks.append((f"{model.sublayer_names[sublayer]}.hook_streams_in", hook))
+    return hooks
 
-    def hook(x: Tensor, hook) -> Tensor:  # x [k*B, pos, n, d], on the device it fires on
-        x = x.view(k, batch, *x.shape[1:])
-        if ablation is not None:
-            x = torch.where(ablate.to(x.device), ablation.to(x.device, x.dtype), x)
-        if source is not None:
-            x = torch.where(restore.to(x.device), source.to(x.device, x.dtype), x)
-        return x.reshape(k * batch, *x.shape[2:])
 
-    return hook
+def _apply_edits(
+    ablate: Tensor, restore: Tensor, ablation: Optional[Tensor], source: Optional[Tensor], x: Tensor, hook
+) -> Tensor:
+    """The `hook_streams_in` hook (its masks and values bound by `partial`): the state x [k*B, pos,
+    n, d] set to `ablation` where `ablate`, then to `source` where `restore` (masks [k, 1, pos, n,
+    1], one per replica of the replica-major rows); on the device the hook fires on."""
+    x = x.view(len(ablate), -1, *x.shape[1:])
+    if ablation is not None:
+        x = torch.where(ablate.to(x.device), ablation.to(x.device, x.dtype), x)
+    if source is not None:
+        x = torch.where(restore.to(x.device), source.to(x.device, x.dtype), x)
+    return x.flatten(0, 1)
 
 
 def check_edit_inputs(
@@ -181,48 +184,32 @@ def run_edits(
     once. Duplicate edits are run once.
     """
     cfg = model.cfg
-    start_state = next(iter(base_states.values()))
-    batch, n_pos = start_state.shape[:2]
-    unique: Dict[Edit, int] = {}
-    for e in edits:
+    batch, n_pos = next(iter(base_states.values())).shape[:2]
+    unique = dict.fromkeys(edits)  # each distinct edit once, in order
+    for e in unique:
         validate_edit(e, cfg.n_sublayers, cfg.n_streams, n_pos)
-        unique.setdefault(e, len(unique))
-    identity = [e for e in unique if e.is_identity(source_is_base)]
-    to_run = [e for e in unique if not e.is_identity(source_is_base)]
+    identity = {e for e in unique if e.is_identity(source_is_base)}
+    to_run = [e for e in unique if e not in identity]
     check_edit_inputs(to_run, base_states, source_states, ablation_values)
-    values: Dict[Edit, Tensor] = {}
     groups: Dict[int, List[Edit]] = defaultdict(list)
     for e in to_run:
         groups[e.start].append(e)
     k_max = max(1, rows_per_forward(model, batch, n_pos, max_rows) // batch)
     # the model's own method: a model may freeze more than its sublayers (e.g. an HF hc_head)
     freeze = model.frozen_mixing(frozen) if frozen is not None else contextlib.nullcontext()
+    values: Dict[Edit, Tensor] = {}
     with torch.no_grad(), freeze:
         if identity:  # the unedited base run, once
             s0 = min(base_states)
             base = metric(_run_chunk(model, base_states[s0], s0, 1, [], tokens).unsqueeze(0))[0]
-            values.update({e: base for e in identity})
-        for start in sorted(groups):
-            todo = groups[start]
+            values = dict.fromkeys(identity, base)
+        for start, todo in sorted(groups.items()):
             for c in range(0, len(todo), k_max):
                 chunk = todo[c : c + k_max]
-                hooks = []
-                for s in range(start, max(max(e.sublayers) for e in chunk) + 1):
-                    h = _edit_hook(
-                        chunk,
-                        s,
-                        batch,
-                        cfg.n_streams,
-                        n_pos,
-                        None if ablation_values is None else ablation_values.get(s),
-                        None if source_states is None else source_states.get(s),
-                        model.device,
-                    )
-                    if h is not None:
-                        hooks.append((f"{model.sublayer_names[s]}.hook_streams_in", h))
+                hooks = _edit_hooks(model, chunk, n_pos, ablation_values or {}, source_states or {})
                 logits = _run_chunk(model, base_states[start], start, len(chunk), hooks, tokens)
                 out = metric(logits.view(len(chunk), batch, *logits.shape[1:]))
-                values.update({e: out[r] for r, e in enumerate(chunk)})
+                values.update(zip(chunk, out))
                 if progress is not None:
                     progress(len(chunk))
     out = torch.stack([values[e] for e in edits])  # [n_edits, batch]

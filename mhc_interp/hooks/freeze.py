@@ -61,12 +61,11 @@ def frozen_mixing(
     chosen = _select_sublayers(model, sublayers)
     frozen = {}
     for sub in chosen:
-        missing = [f"{sub.name}.{s}" for s in MIXING_SUFFIXES if f"{sub.name}.{s}" not in source]
+        keys = [f"{sub.name}.{s}" for s in MIXING_SUFFIXES]
+        missing = [k for k in keys if k not in source]
         if missing:
             raise KeyError(f"cannot freeze {sub.name}: the cache lacks {missing}")
-        frozen[sub] = MixingCoefficients(
-            *(source[f"{sub.name}.{s}"].to(model.device) for s in MIXING_SUFFIXES)
-        )
+        frozen[sub] = MixingCoefficients(*(source[k].to(model.device) for k in keys))
     previous = {sub: sub.frozen for sub in chosen}
     try:
         for sub, coeffs in frozen.items():

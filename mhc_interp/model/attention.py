@@ -37,17 +37,14 @@ class AttentionSublayer(HyperConnectedSublayer):
         return (
             self.cfg.attn_impl == "eager"
             or module_observed(self.hook_pattern)
-            or (module_observed(self.hook_attn_scores))
+            or module_observed(self.hook_attn_scores)
         )
 
     def branch(self, h: Tensor) -> Tensor:  # [batch, pos, d_model] -> [batch, pos, d_model]
-        b, p, d = h.shape
-        heads = (self.cfg.n_heads, self.cfg.d_head)
-        q, k, v = self.c_attn(h).split(d, dim=-1)
-        q = self.hook_q(q.unflatten(-1, heads))
-        k = self.hook_k(k.unflatten(-1, heads))
-        v = self.hook_v(v.unflatten(-1, heads))
-        qt, kt, vt = (t.transpose(1, 2) for t in (q, k, v))  # [batch, head, pos, d_head]
+        p = h.shape[1]
+        qkv = self.c_attn(h).unflatten(-1, (3, self.cfg.n_heads, self.cfg.d_head)).unbind(-3)
+        hooks = (self.hook_q, self.hook_k, self.hook_v)  # each [batch, pos, head, d_head]
+        qt, kt, vt = (hook(t).transpose(1, 2) for hook, t in zip(hooks, qkv))  # [batch, head, pos, d_head]
         if self._eager():
             scores = qt @ kt.transpose(-1, -2) / math.sqrt(self.cfg.d_head)
             causal = torch.ones(p, p, dtype=torch.bool, device=h.device).tril()

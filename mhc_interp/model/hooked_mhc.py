@@ -13,16 +13,16 @@ and `nnsight.NNsight(model)` can trace it).
 from __future__ import annotations
 
 import math
-from typing import Any, Optional, Union
+from typing import Any, Optional
 
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 from transformer_lens.hook_points import HookPoint
 
+from .. import loading
 from ..config import MHCConfig
 from ..hooks.root import StreamHookedRoot, TokensLike
-from ..loading import load_pretrained, save_pretrained
 from .block import StreamExpand, TransformerBlock
 from .components import LayerNorm
 
@@ -132,12 +132,9 @@ class HookedMHC(StreamHookedRoot):
                         f"tokens= {tuple(tokens.shape)} do not match the resumed state's "
                         f"[batch, pos] {tuple(x.shape[:2])}"
                     )
-        sublayers = self.sublayers
-        for sub in sublayers[start : stop if stop is not None else len(sublayers)]:
+        for sub in self.sublayers[start:stop]:
             x = sub(x)
-        if stop is not None:
-            return x
-        return self.readout(x, return_type, tokens)
+        return x if stop is not None else self.readout(x, return_type, tokens)
 
     # ------------------------------------------------------------------------------ fast paths
     def compile(self, enable: bool = True) -> "HookedMHC":
@@ -149,8 +146,7 @@ class HookedMHC(StreamHookedRoot):
         `torch._dynamo.config.patch(automatic_dynamic_shapes=False)`. `enable=False`: eager again."""
         for sub in self.sublayers:
             sub.compiled = enable
-            sub.mixer.compiled = enable
-        return self
+        return self.compile_mixers(enable)
 
     def compile_mixers(self, enable: bool = True) -> "HookedMHC":
         """Compile only the coefficient maths (see `compile`); `apply` stays eager."""
@@ -159,19 +155,10 @@ class HookedMHC(StreamHookedRoot):
         return self
 
     # --------------------------------------------------------------------------- loading/saving
-    @classmethod
-    def from_pretrained(
-        cls,
-        name_or_path: str,
-        device: Union[str, torch.device, None] = None,
-        dtype: Optional[torch.dtype] = None,
-        **kwargs,
-    ) -> "HookedMHC":
-        """Load a nanoGPT-format mHC `.pt`, a folder (our format or the hub layout), or a hub id."""
-        return load_pretrained(cls, name_or_path, device=device, dtype=dtype, **kwargs)
-
-    def save_pretrained(self, path) -> None:
-        save_pretrained(self, path)
+    # HookedMHC.from_pretrained(name_or_path, device=None, dtype=None, ...): a nanoGPT-format mHC
+    # `.pt`, a folder (our format or the hub layout) or a hub id; model.save_pretrained(path)
+    from_pretrained = classmethod(loading.load_pretrained)
+    save_pretrained = loading.save_pretrained
 
     def summary(self) -> str:
         c = self.cfg

@@ -47,7 +47,6 @@ class Mixer(nn.Module):
     def __init__(self, cfg: MHCConfig, init_stream: int = 0):
         super().__init__()
         self.n_streams = cfg.n_streams
-        self.d_model = cfg.d_model
         self.sinkhorn_iters = cfg.sinkhorn_iters if self.uses_sinkhorn_iters else 0
 
     compiled = False  # set by HookedMHC.compile() / compile_mixers(): use the torch.compile'd `compute`
@@ -71,8 +70,8 @@ class Mixer(nn.Module):
         """This mixer's parameters and buffers in the compute dtype for state `x`: float32 for
         bf16/fp16/fp32 models (coefficients never in half precision), float64 for float64."""
         dtype = torch.promote_types(x.dtype, torch.float32)
-        tensors = dict(self.named_parameters(recurse=False), **dict(self.named_buffers(recurse=False)))
-        return {k: v.to(dtype) for k, v in tensors.items()}
+        tensors = (*self.named_parameters(recurse=False), *self.named_buffers(recurse=False))
+        return {k: v.to(dtype) for k, v in tensors}
 
 
 def favoured_stream(n: int, init_stream: int, rest: float = -1.0) -> Tensor:

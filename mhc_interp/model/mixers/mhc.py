@@ -20,8 +20,6 @@ from .base import Mixer, favoured_stream, normed_projection, register_mixer, sin
 class _ManifoldMixerBase(Mixer):
     """Shared parts of mHC and mHC-lite: the flattened RMSNorm and its projections, H_post."""
 
-    n_res_logits: int  # number of dynamic logits that parameterise H_res
-
     def __init__(self, cfg: MHCConfig, init_stream: int = 0):
         super().__init__(cfg, init_stream)
         n, d = cfg.n_streams, cfg.d_model

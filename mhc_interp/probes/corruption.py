@@ -29,8 +29,7 @@ class SymmetricReplacement:
         groups = DEFAULT_WORD_GROUPS if groups is None else groups
         self.successor: Dict[int, int] = {}
         for kind, words in groups.items():
-            ids = [self._single_token(tokenizer, w) for w in words]
-            ids = [i for i in ids if i is not None]
+            ids = [i for w in words if (i := self._single_token(tokenizer, w)) is not None]
             if len(ids) < 2:
                 raise ValueError(f"word group {kind!r} has fewer than two single-token words")
             self.successor.update(zip(ids, ids[1:] + ids[:1]))

@@ -78,6 +78,7 @@ __all__ = [
 
 _PATTERN_SCORES = ("previous_token", "duplicate_token", "induction")
 _CORPUS_SCORES = _PATTERN_SCORES + ("copy_suppression",)  # what HeadDetector scores
+_COEFFICIENTS = ("h_pre", "h_post")  # the attention sublayer's mixing it averages
 
 
 # ------------------------------------------------------------------------------ the probe
@@ -148,11 +149,13 @@ class HeadDetector(CausalProbe):
         self.n_layers, self.n_heads, self.n_streams = cfg.n_layers, cfg.n_heads, cfg.n_streams
         self.ablate = _check_heads(model, self.heads_spec)
         self.hyper_conn_type = cfg.hyper_conn_type
-        self.sums = {k: torch.zeros(self.n_layers, self.n_heads, dtype=torch.float64) for k in _CORPUS_SCORES}
-        self.counts = dict.fromkeys(self.sums, 0)
-        self.h_sums = {
-            k: torch.zeros(self.n_layers, self.n_streams, dtype=torch.float64) for k in ("h_pre", "h_post")
+        self.sums = {  # [L, H] per score, [L, n] per mixing coefficient
+            k: torch.zeros(
+                self.n_layers, self.n_streams if k in _COEFFICIENTS else self.n_heads, dtype=torch.float64
+            )
+            for k in _CORPUS_SCORES + _COEFFICIENTS
         }
+        self.counts = dict.fromkeys(_CORPUS_SCORES, 0)
         self.n_tokens = 0
 
     # -- pattern scores ------------------------------------------------------------------
@@ -161,13 +164,9 @@ class HeadDetector(CausalProbe):
         dev = tokens.device
         lower = torch.ones(p, p, dtype=torch.bool, device=dev).tril(-1)  # k < q
         dup = (tokens[:, :, None] == tokens[:, None, :]) & lower  # [B, q, k]
-        ind = torch.zeros_like(dup)
-        ind[:, :, 1:] = dup[:, :, :-1]  # key k+1 of an earlier match
-        ind &= lower
-        prev_q = mask.clone()
-        prev_q[:, 0] = False
+        ind = F.pad(dup[:, :, :-1], (1, 0)) & lower  # key k+1 of an earlier match
         q_masks = {
-            "previous_token": prev_q,
+            "previous_token": mask & (torch.arange(p, device=dev) > 0),
             "duplicate_token": dup.any(-1) & mask,
             "induction": ind.any(-1) & mask,
         }
@@ -190,19 +189,18 @@ class HeadDetector(CausalProbe):
 
         def on_coeff(h: Tensor, hook) -> None:
             layer = int(hook.name.split(".")[1])
-            key = "h_pre" if hook.name.endswith("h_pre") else "h_post"
-            found[key, layer] = (h.double() * mask[..., None]).sum((0, 1))
+            found[hook.name.split("hook_")[-1], layer] = (h.double() * mask[..., None]).sum((0, 1))
 
-        hooks = [(f"blocks.{l}.attn.hook_pattern", on_pattern) for l in range(self.n_layers)]
-        hooks += [
-            (f"blocks.{l}.attn.hook_{k}", on_coeff) for l in range(self.n_layers) for k in ("h_pre", "h_post")
+        hooks = [
+            (f"blocks.{l}.attn.hook_{k}", on_pattern if k == "pattern" else on_coeff)
+            for l in range(self.n_layers)
+            for k in ("pattern", *_COEFFICIENTS)
         ]
         with model.hooks(fwd_hooks=hooks):
             model(tokens, stop_at_sublayer=2 * self.n_layers - 1, return_type=None)
         flat = torch.cat([v.to(dev).flatten() for v in found.values()]).cpu()  # one copy back for all
-        sums = {**self.sums, **self.h_sums}
         for (key, layer), v in zip(found, flat.split([v.numel() for v in found.values()])):
-            sums[key][layer] += v
+            self.sums[key][layer] += v
 
     # -- copy suppression ----------------------------------------------------------------
     def _copy_suppression_pass(self, model, tokens: Tensor, mask: Tensor) -> None:
@@ -280,7 +278,7 @@ class HeadDetector(CausalProbe):
         for l, heads in self.ablate.items():
             ablated[l, heads] = True
         arrays["copy_suppression"][~ablated] = np.nan
-        arrays.update({f"mean_{k}": (v / self.n_tokens).numpy() for k, v in self.h_sums.items()})
+        arrays.update({f"mean_{k}": (self.sums[k] / self.n_tokens).numpy() for k in _COEFFICIENTS})
         sources = {k: "corpus" for k in HEAD_SCORES if k not in skipped}
         sources.update({k: "skipped" for k in skipped})
         meta = {

@@ -414,13 +414,13 @@ class LogitLens(Probe):
         ]  # each [N, d]
         final_state = None if shared_final else take_rows(acts[self.final_site], rows)
         k_final = self.sites.index(self.final_site) if shared_final else None
-        kl = torch.empty(n_sites, 1 + n + len(self.subsets), n_tok, dtype=torch.float64, device=device)
+        kl = torch.empty(n_sites, len(self.views), n_tok, dtype=torch.float64, device=device)
         agree = torch.empty(kl.shape, dtype=torch.bool, device=device)
         kl_w = torch.empty(n_sub, n_tok, dtype=torch.float64, device=device)
         agree_w = torch.empty(kl_w.shape, dtype=torch.bool, device=device)
         at_top = torch.empty(n, n_tok, dtype=torch.float64, device=device)
         err = torch.zeros((), dtype=torch.float32, device=device)
-        chunk = self._block_tokens(n_sites * (n + 1 + len(self.subsets)) + n_sub)
+        chunk = self._block_tokens(n_sites * len(self.views) + n_sub)
         cpu = device.type == "cpu"
         added = [0, *range(1 + n, kl.shape[1])]  # the views that add streams: sum, then subsets
         for lo in range(0, n_tok, chunk):

@@ -253,8 +253,7 @@ class ActivationPatching(CausalProbe):
             arrays[f"{self.metric_name}_routing"] = (
                 arrays[f"{self.metric_name}_recomputed"] - arrays[f"{self.metric_name}_frozen"]
             )
-        base_mean, _ = self.baselines.mean_sem()
-        arrays["baseline_clean"], arrays["baseline_corrupted"] = base_mean[0], base_mean[1]
+        arrays["baseline_clean"], arrays["baseline_corrupted"] = self.baselines.mean_sem()[0]  # mean [2]
         if self.positions is None:
             arrays = {k: v[..., 0] if v.ndim == 3 else v for k, v in arrays.items()}
         meta = {

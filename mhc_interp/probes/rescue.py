@@ -49,12 +49,10 @@ def ablation_values(model, states, mask: Tensor, ablation) -> dict:
     masked tokens ("mean": it depends on the batch), or a tensor ([n, d], [d], or per sublayer
     [n_sublayers, n, d], e.g. `corpus_mean(model, source)`) cast to the model's dtype."""
     n_sub = model.cfg.n_sublayers
-    if isinstance(ablation, str):
+    if isinstance(ablation, str):  # "zero" or "mean": the probe's constructor refuses the others
         if ablation == "zero":
             return dict.fromkeys(range(n_sub), torch.zeros((), device=model.device, dtype=model.dtype))
-        if ablation == "mean":
-            return {s: states[s][mask].mean(0) for s in range(n_sub)}  # [n, d]
-        raise ValueError(f"unknown ablation {ablation!r}: use one of {ABLATIONS} or a tensor")
+        return {s: states[s][mask].mean(0) for s in range(n_sub)}  # [n, d]
     value = torch.as_tensor(ablation, device=model.device, dtype=model.dtype)
     if value.ndim == 3:
         if value.shape[0] != n_sub:
@@ -172,10 +170,11 @@ class AblateRescue(CausalProbe):
                 edits.append(Edit(span, ablate=(i, j)))
                 slots.append(("ablated", li, i, j))
             for a, r in [o for p in self.pair_list for o in (p, p[::-1])]:
-                if self.mode == "one_shot":  # restoring r at the same site == ablating a alone
-                    edits.append(Edit(span, ablate=(a,)))
-                else:
-                    edits.append(Edit(span, ablate=(a, r), restore=(r,)))
+                edits.append(  # one-shot: restoring r at the same site == ablating a alone
+                    Edit(span, ablate=(a,))
+                    if self.mode == "one_shot"
+                    else Edit(span, ablate=(a, r), restore=(r,))
+                )
                 slots.append(("rescued", li, a, r))
         return edits, slots
 
@@ -279,8 +278,10 @@ class RescueResult(ProbeResult):
             "| ablated \\ recovered | " + " | ".join(str(c) for c in range(n)) + " |",
             "|---" * (n + 1) + "|",
         ]
-        for a, cells in enumerate(_rescue_labels(100 * m, digits=2)):
-            lines.append(f"| {a} | " + " | ".join(cells) + " |")
+        lines += [
+            f"| {a} | " + " | ".join(cells) + " |"
+            for a, cells in enumerate(_rescue_labels(100 * m, digits=2))
+        ]
         return "\n".join(lines)
 
     def findings(self) -> List[Optional[Dict]]:

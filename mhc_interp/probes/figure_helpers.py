@@ -105,12 +105,15 @@ def heatmap_grid(
     labels on the outer panels only, one shared colour bar and scale) -> the figure. `labels(m)`
     gives each panel's cell texts (default: the values to 2 decimals)."""
     fig, axes, cols = panel_grid(len(matrices), (2.4, 2.1))
-    for ax, m, name in zip(axes, matrices, titles):
+    for k, (ax, m, name) in enumerate(zip(axes, matrices, titles)):
         im = ax.imshow(m, vmin=vmin, vmax=vmax, cmap="viridis")
         ax.set_title(name, fontsize=9)
         ax.set_xticks(range(m.shape[1]))
         ax.set_yticks(range(m.shape[0]))
-    outer_labels(axes, cols, xlabel, ylabel)
+        if k % cols == 0:  # axis labels on the left column and the bottom row only (they would overlap)
+            ax.set_ylabel(ylabel)
+        if k + cols >= len(axes):
+            ax.set_xlabel(xlabel)
     fig.subplots_adjust(wspace=0.3, hspace=0.35)
     fig.colorbar(im, ax=list(axes), shrink=0.8, label=colorbar)
     size = cell_fontsize(axes[0], np.shape(matrices[0]), chars=chars)
@@ -118,16 +121,6 @@ def heatmap_grid(
         annotate(ax, ax.images[0], m, fontsize=size, labels=None if labels is None else labels(m))
     fig.suptitle(title, **({"fontsize": 9} if len(title) > 60 else {}))
     return fig
-
-
-def outer_labels(axes: Sequence, n_cols: int, xlabel: str, ylabel: str) -> None:
-    """Axis labels on the left column and the bottom row only (the others would overlap)."""
-    n = len(axes)
-    for k, ax in enumerate(axes):
-        if k % n_cols == 0:
-            ax.set_ylabel(ylabel)
-        if k + n_cols >= n:
-            ax.set_xlabel(xlabel)
 
 
 def empty_panel(ax, reason: str) -> None:

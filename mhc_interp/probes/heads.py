@@ -260,7 +260,8 @@ class HeadDetector(CausalProbe):
     def result(self) -> "HeadScores":
         if self.n_tokens == 0:
             raise ValueError("head_detector saw no unmasked tokens")
-        arrays = {"successor": np.full((self.n_layers, self.n_heads), np.nan)}
+        nan = np.full((self.n_layers, self.n_heads), np.nan)
+        arrays = {"successor": nan}
         skipped = {
             "successor": "successor scores need ordinal sequences: use detect_heads(..., ordinal_sequences=...)"
         }
@@ -269,11 +270,7 @@ class HeadDetector(CausalProbe):
         for key in _CORPUS_SCORES:
             if self.counts[key] == 0:
                 skipped.setdefault(key, f"no query position qualified for {key} in the tokens seen")
-            arrays[key] = (
-                (self.sums[key] / self.counts[key]).numpy()
-                if key not in skipped
-                else arrays["successor"].copy()
-            )
+            arrays[key] = nan.copy() if key in skipped else (self.sums[key] / self.counts[key]).numpy()
         ablated = np.zeros((self.n_layers, self.n_heads), dtype=bool)  # [L, H]
         for l, heads in self.ablate.items():
             ablated[l, heads] = True
@@ -335,8 +332,7 @@ class HeadScores(ProbeResult):
                 continue
             lines.append(f"  {'rank':>4} {'head':>7} {'score':>9}   reads (H_pre)   writes (H_post)")
             for r, row in enumerate(self.top_heads(score, k)):
-                reads = " ".join(f"{v:.2f}" for v in row["reads"])
-                writes = " ".join(f"{v:.2f}" for v in row["writes"])
+                reads, writes = (" ".join(f"{v:.2f}" for v in row[key]) for key in ("reads", "writes"))
                 lines.append(
                     f"  {r + 1:>4} {row['layer']:>3}.{row['head']:<3} {row['score']:9.4f}   {reads}   {writes}"
                 )
@@ -471,10 +467,7 @@ def detect_heads(
     for k in skipped:
         sources[k] = "skipped"
     meta = {
-        "n_layers": model.cfg.n_layers,
-        "n_heads": model.cfg.n_heads,
-        "n_streams": model.cfg.n_streams,
-        "hyper_conn_type": model.cfg.hyper_conn_type,
+        **{k: on.meta[k] for k in ("n_layers", "n_heads", "n_streams", "hyper_conn_type")},
         "sources": sources,
         "counts": counts,
         "skipped": skipped,

@@ -77,6 +77,7 @@ __all__ = [
 ]
 
 Translator = Union[None, Callable[[str, Tensor], Tensor], Mapping[str, Callable[[Tensor], Tensor]]]
+_INT = (int, np.integer)
 _LENS_SITE_SUFFIXES = ("hook_streams_init", "hook_streams_in", "hook_streams_out", "hook_res_mix")
 
 
@@ -92,19 +93,17 @@ def check_subsets(subsets, n_streams: int) -> List[Tuple[int, ...]]:
     Raises ValueError (empty subset, repeated stream), IndexError (index out of range), TypeError."""
     if subsets is None:
         return []
-    if isinstance(subsets, (int, np.integer)) or (
-        isinstance(subsets, (list, tuple)) and subsets and isinstance(subsets[0], (int, np.integer))
+    if isinstance(subsets, _INT) or (
+        isinstance(subsets, (list, tuple)) and subsets and isinstance(subsets[0], _INT)
     ):
         raise TypeError(f"subsets must be a list of stream subsets, e.g. [(0, 1), (2,)], got {subsets!r}")
     out = []
     for sub in subsets:
-        if isinstance(sub, (int, np.integer)):
-            sub = (sub,)
-        sub = tuple(sub)
+        sub = (sub,) if isinstance(sub, _INT) else tuple(sub)
         if not sub:
             raise ValueError("a stream subset is empty; each subset needs at least one stream index")
         for s in sub:
-            if not isinstance(s, (int, np.integer)) or isinstance(s, bool):
+            if not isinstance(s, _INT) or isinstance(s, bool):
                 raise TypeError(f"stream indices must be ints, got {s!r} in subset {sub}")
             if not 0 <= s < n_streams:
                 raise IndexError(
@@ -527,13 +526,12 @@ class LogitLensResult(ProbeResult):
         """KL (nats) / top-1 agreement per site (rows) and view (columns)."""
         views, labels = self.meta["views"], self.meta["site_labels"]
         w = max(len(l) for l in labels) + 2
-        lines = [" " * w + "".join(f"{v:>18}" for v in views)]
-        for k, lab in enumerate(labels):
-            lines.append(
-                f"{lab:<{w}}"
-                + "".join(f"{self['kl'][k, j]:9.3f} /{self['top1'][k, j]:6.1%}" for j in range(len(views)))
-            )
-        return "\n".join(lines)
+        rows = [
+            f"{lab:<{w}}"
+            + "".join(f"{self['kl'][k, j]:9.3f} /{self['top1'][k, j]:6.1%}" for j in range(len(views)))
+            for k, lab in enumerate(labels)
+        ]
+        return "\n".join([" " * w + "".join(f"{v:>18}" for v in views), *rows])
 
     def findings(self) -> List[Optional[Dict]]:
         """From which site the final top-1 token can be read off the stream sum."""

@@ -246,20 +246,21 @@ class ActivationPatching(CausalProbe):
         return [(q,) for q in self.positions]
 
     def result(self) -> "PatchingResult":
-        arrays = {}
-        for mixing, stats in self.stats.items():
-            arrays.update(stats_arrays(f"{self.metric_name}_{mixing}", stats))
+        metric = self.metric_name
+        arrays = {
+            k: v
+            for mixing, stats in self.stats.items()
+            for k, v in stats_arrays(f"{metric}_{mixing}", stats).items()
+        }
         if self.mixing == "both":
-            arrays[f"{self.metric_name}_routing"] = (
-                arrays[f"{self.metric_name}_recomputed"] - arrays[f"{self.metric_name}_frozen"]
-            )
+            arrays[f"{metric}_routing"] = arrays[f"{metric}_recomputed"] - arrays[f"{metric}_frozen"]
         arrays["baseline_clean"], arrays["baseline_corrupted"] = self.baselines.mean_sem()[0]  # mean [2]
         if self.positions is None:
             arrays = {k: v[..., 0] if v.ndim == 3 else v for k, v in arrays.items()}
         meta = {
             "direction": self.direction,
             "mixing": list(self.stats),
-            "metric": self.metric_name,
+            "metric": metric,
             "sublayers": self.names,
             "n_streams": self.n,
             "prompts": self.baselines.count,

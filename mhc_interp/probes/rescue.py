@@ -344,7 +344,8 @@ class RescueResult(ProbeResult):
         figs["rescue_layers"] = fig
 
         fig, ax = plt.subplots(figsize=(7, 3.2))
-        for i, j in itertools.combinations(range(n), 2):
+        pairs = list(itertools.combinations(range(n), 2))
+        for i, j in pairs:
             ax.plot(100 * self.pair_difference(i, j), marker=".", label=f"R({i}|{i}{j}) - R({j}|{i}{j})")
         ax.axhline(0, color="grey", lw=0.8)
         ax.set_xlabel("sublayer")
@@ -353,7 +354,6 @@ class RescueResult(ProbeResult):
         figs["rescue_difference"] = fig
 
         fig, ax = plt.subplots(figsize=(7, 3.2))
-        pairs = list(itertools.combinations(range(n), 2))
         kl = np.stack([self["kl_ablated"][:, i, j] for i, j in pairs], axis=1)
         im = ax.imshow(kl.T, aspect="auto", cmap="magma")
         ax.set_yticks(range(len(pairs)), [f"{i},{j}" for i, j in pairs])

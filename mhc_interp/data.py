@@ -4,6 +4,7 @@ train / validation tensors."""
 
 from __future__ import annotations
 
+from itertools import chain
 from pathlib import Path
 from typing import Iterable, List, Optional, Sequence, Tuple, Union
 
@@ -68,12 +69,8 @@ def train_bpe_tokenizer(texts: Iterable[str], vocab_size: int = 2048, min_freque
 def encode_texts(tokenizer, texts: Iterable[str]) -> Tensor:
     """One long token stream: each text's tokens followed by the end-of-text token if any."""
     eos = getattr(tokenizer, "eos_token_id", None)
-    ids: List[int] = []
-    for t in texts:
-        ids += tokenizer.encode(t)
-        if eos is not None:
-            ids.append(eos)
-    return torch.tensor(ids, dtype=torch.long)
+    end = [] if eos is None else [eos]
+    return torch.tensor(list(chain.from_iterable(tokenizer.encode(t) + end for t in texts)), dtype=torch.long)
 
 
 def split_stream(ids: Tensor, val_fraction: float = 0.05) -> Tuple[Tensor, Tensor]:

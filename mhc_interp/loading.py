@@ -168,8 +168,9 @@ def build_model(
         model = cls(cfg)
     expected = model.state_dict()  # meta tensors: the target shape and dtype of every key
     _check_keys(state_dict, expected, cfg, source)
-    n_bytes = sum(t.nbytes for t in (*model.parameters(), *model.buffers()))
-    _check_fits_in_memory(n_bytes, placement.device, source)
+    _check_fits_in_memory(
+        sum(t.nbytes for t in (*model.parameters(), *model.buffers())), placement.device, source
+    )
     bad = nonfinite_tensors(state_dict)
     if bad:
         warnings.warn(
@@ -190,8 +191,7 @@ def build_model(
         key: _own_tensor(state_dict.pop(key), expected[key].dtype, placement.device, storages)
         for key in order
     }
-    model.load_state_dict(placed, strict=True, assign=True)
-    del placed
+    model.load_state_dict(placed, strict=True, assign=True)  # the model holds `placed`'s tensors themselves
     with _defaults(placement.dtype, placement.device):
         for module in model.modules():
             if callable(getattr(module, "rebuild_buffers", None)):
@@ -247,8 +247,7 @@ def _own_tensor(t: Tensor, dtype: torch.dtype, device: torch.device, storages: s
     """`t` in `dtype` on `device`, itself if it already is (no copy) unless it is a view into a larger
     storage or one another key took (`storages`): then a copy, so no two parameters share memory."""
     out = t.detach().to(device=device, dtype=dtype)
-    storage = out.untyped_storage()
-    if out.data_ptr() in storages or not out.is_contiguous() or storage.nbytes() != out.nbytes:
+    if out.data_ptr() in storages or not out.is_contiguous() or out.untyped_storage().nbytes() != out.nbytes:
         out = out.clone(memory_format=torch.contiguous_format)
     storages.add(out.data_ptr())
     return out

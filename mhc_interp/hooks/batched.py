@@ -74,14 +74,13 @@ def rows_per_forward(model, batch: int, pos: int, max_rows: Optional[int] = None
     cfg = model.cfg
     width = model.dtype.itemsize
     per_row = pos * (cfg.n_streams * cfg.d_model * width * 8 + cfg.d_mlp * width * 2 + cfg.d_vocab * 4 * 3)
-    free, _ = torch.cuda.mem_get_info(model.device)
+    free = torch.cuda.mem_get_info(model.device)[0]
     return max(batch, int(0.6 * free // per_row))
 
 
-def _to_device(mask: Tensor, device) -> Tensor:
+def _to_device(mask: Tensor, device: torch.device) -> Tensor:
     """A host-built mask on `device`; to a GPU from pinned memory, asynchronously, so building the
     next chunk's hooks does not wait for the GPU to finish the previous chunk."""
-    device = torch.device(device)
     if device.type == "cuda":
         return mask.pin_memory().to(device, non_blocking=True)
     return mask.to(device)

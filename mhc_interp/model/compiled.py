@@ -12,7 +12,7 @@ only entered when nothing inside it can be observed.
 from __future__ import annotations
 
 import functools
-from typing import Callable, Dict
+from typing import Callable
 
 import torch
 from torch import nn
@@ -22,22 +22,17 @@ from torch import nn
 # limit holds for these regions only: torch's global `recompile_limit` is left as it is.
 RECOMPILE_LIMIT = 64
 
-_COMPILED: Dict[Callable, Callable] = {}
 
-
+@functools.cache
 def compile_once(fn: Callable) -> Callable:
-    """The `torch.compile`d `fn` (created on first use; compiling itself happens on first call),
-    allowed max(RECOMPILE_LIMIT, the global limit) graphs."""
-    if fn not in _COMPILED:
-        limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
-        try:
-            _COMPILED[fn] = torch.compile(fn, recompile_limit=limit)
-        except TypeError:  # a torch without per-region limits: raise the global one around each call
-            compiled = torch.compile(fn)
-            _COMPILED[fn] = functools.wraps(fn)(
-                lambda *args, **kwargs: _with_limit(limit, compiled, args, kwargs)
-            )
-    return _COMPILED[fn]
+    """The `torch.compile`d `fn` (created on first use, then cached; compiling itself happens on
+    first call), allowed max(RECOMPILE_LIMIT, the global limit) graphs."""
+    limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
+    try:
+        return torch.compile(fn, recompile_limit=limit)
+    except TypeError:  # a torch without per-region limits: raise the global one around each call
+        compiled = torch.compile(fn)
+        return functools.wraps(fn)(lambda *args, **kwargs: _with_limit(limit, compiled, args, kwargs))
 
 
 def _with_limit(limit: int, compiled: Callable, args: tuple, kwargs: dict):

@@ -24,7 +24,6 @@ from .. import loading
 from ..config import MHCConfig
 from ..hooks.root import StreamHookedRoot, TokensLike
 from .block import StreamExpand, TransformerBlock
-from .components import LayerNorm
 
 
 class HookedMHC(StreamHookedRoot):
@@ -37,7 +36,9 @@ class HookedMHC(StreamHookedRoot):
         self.pos_embed = nn.Embedding.from_pretrained(torch.empty(cfg.n_ctx, cfg.d_model), freeze=False)
         self.expand = StreamExpand(cfg)
         self.blocks = nn.ModuleList([TransformerBlock(cfg) for _ in range(cfg.n_layers)])
-        self.ln_final = LayerNorm(cfg.d_model, cfg.bias, cfg.layer_norm_eps)
+        self.ln_final = nn.LayerNorm(
+            cfg.d_model, cfg.layer_norm_eps, bias=cfg.bias
+        )  # nanoGPT's: bias optional
         self.unembed = None if cfg.tie_embeddings else nn.Linear(cfg.d_model, cfg.d_vocab, bias=False)
         self.hook_embed = HookPoint()  # [batch, pos, d_model]
         self.hook_pos_embed = HookPoint()  # [batch, pos, d_model]
@@ -78,11 +79,11 @@ class HookedMHC(StreamHookedRoot):
     # -------------------------------------------------------------------------------- forward
     def embed_streams(self, tokens: Tensor) -> Tensor:
         """tokens [batch, pos] -> initial stream state [batch, pos, n_streams, d_model]."""
-        b, p = tokens.shape
         tok = self.hook_embed(self.embed(tokens))
         # looked up per (batch, pos): a real [batch, pos, d_model] tensor (not an expanded view), so
         # an in-place hook edit of one row stays in it, and nnsight sees a batch axis to split
-        pos = self.hook_pos_embed(self.pos_embed(torch.arange(p, device=tokens.device).expand(b, p)))
+        positions = torch.arange(tokens.shape[1], device=tokens.device).expand_as(tokens)
+        pos = self.hook_pos_embed(self.pos_embed(positions))
         return self.hook_streams_init(self.expand(tok + pos))
 
     def unembed_streams(self, x: Tensor) -> Tensor:

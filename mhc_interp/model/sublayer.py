@@ -28,7 +28,6 @@ from transformer_lens.hook_points import HookPoint
 from ..config import MHCConfig
 from ..contract import MixingCoefficients
 from .compiled import compile_once, global_module_hooks, module_observed
-from .components import LayerNorm
 from .mixers import build_mixer
 
 # every sublayer's hook points, in forward order (shapes: hooks.names.HOOK_SPECS)
@@ -91,16 +90,14 @@ class HyperConnectedSublayer(HookedSublayer):
         super().__init__()
         self.cfg = cfg
         self.mixer = build_mixer(cfg, init_stream)
-        self.ln = LayerNorm(cfg.d_model, cfg.bias, cfg.layer_norm_eps)
+        self.ln = nn.LayerNorm(cfg.d_model, cfg.layer_norm_eps, bias=cfg.bias)  # nanoGPT's: bias optional
 
     def coefficients(self, x: Tensor) -> MixingCoefficients:
         """The mixing coefficients for stream state `x`: the mixer's, or the frozen ones.
 
         Frozen coefficients of batch B serve a run of batch k*B (k replicas stacked along the
         batch axis, replica-major), so batched interventions can share one clean cache."""
-        if self.frozen is None:
-            return self.mixer(x)
-        return self.frozen.fit(x, self.name)
+        return self.mixer(x) if self.frozen is None else self.frozen.fit(x, self.name)
 
     def branch(self, h: Tensor) -> Tensor:  # pragma: no cover - abstract
         raise NotImplementedError

@@ -134,7 +134,7 @@ class PromptStats:
     def add(self, per_prompt: Tensor) -> None:
         """per_prompt [..., B]: one value per prompt in the last axis."""
         v = per_prompt.detach().double().cpu()
-        ok = ~torch.isnan(v)
+        ok = ~v.isnan()
         v = v.masked_fill(~ok, 0)
         self.total = self.total + v.sum(-1)
         self.total_sq = self.total_sq + (v**2).sum(-1)

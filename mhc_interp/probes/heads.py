@@ -277,14 +277,14 @@ class HeadDetector(CausalProbe):
         arrays["copy_suppression"][~ablated] = np.nan
         arrays.update({f"mean_{k}": (self.sums[k] / self.n_tokens).numpy() for k in _COEFFICIENTS})
         sources = {k: "corpus" for k in HEAD_SCORES if k not in skipped}
-        sources.update({k: "skipped" for k in skipped})
+        sources.update(dict.fromkeys(skipped, "skipped"))
         meta = {
             "n_layers": self.n_layers,
             "n_heads": self.n_heads,
             "n_streams": self.n_streams,
             "hyper_conn_type": self.hyper_conn_type,
             "tokens": self.n_tokens,
-            "counts": {k: int(v) for k, v in self.counts.items()},
+            "counts": dict(self.counts),
             "sources": sources,
             "skipped": skipped,
             "reads_writes_source": "corpus",
@@ -381,7 +381,7 @@ class HeadScores(ProbeResult):
         for score in HEAD_SCORES:
             for row in self.top_heads(score, k):
                 labels.append(f"{score.replace('_', ' ')}  L{row['layer']} H{row['head']}")
-                rows.append((row["reads"], row["writes"]))
+                rows.append(row)
             groups.append(len(rows))
         fig, axes = plt.subplots(
             1,
@@ -389,9 +389,9 @@ class HeadScores(ProbeResult):
             figsize=(3.4 + 2 * (0.55 * n + 1.1), max(2.5, 0.3 * len(rows) + 1.4)),
             sharey=True,
         )
-        for ax, j, title in ((axes[0], 0, "reads: mean H_pre"), (axes[1], 1, "writes: mean H_post")):
+        for ax, key, title in zip(axes, ("reads", "writes"), ("reads: mean H_pre", "writes: mean H_post")):
             if rows:
-                values = np.array([r[j] for r in rows])
+                values = np.array([row[key] for row in rows])
                 im = ax.imshow(values, aspect="auto", cmap="magma")
                 annotate(ax, im, values, fontsize=7)
                 fig.colorbar(im, ax=ax, shrink=0.8, pad=0.03)
@@ -464,8 +464,7 @@ def detect_heads(
             arrays[key], sources[key], counts[key] = run[key], run_source, run.meta["counts"][key]
             if key in run.meta["skipped"]:
                 skipped[key] = run.meta["skipped"][key]
-    for k in skipped:
-        sources[k] = "skipped"
+    sources.update(dict.fromkeys(skipped, "skipped"))
     meta = {
         **{k: on.meta[k] for k in ("n_layers", "n_heads", "n_streams", "hyper_conn_type")},
         "sources": sources,

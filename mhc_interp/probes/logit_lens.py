@@ -411,7 +411,6 @@ class LogitLens(Probe):
             _translate(self.translator, f"{sub}.hook_write", take_rows(acts[f"{sub}.hook_write"], rows))
             for sub in self.sublayers
         ]  # each [N, d]
-        final_state = None if shared_final else take_rows(acts[self.final_site], rows)
         k_final = self.sites.index(self.final_site) if shared_final else None
         kl = torch.empty(n_sites, len(self.views), n_tok, dtype=torch.float64, device=device)
         agree = torch.empty(kl.shape, dtype=torch.bool, device=device)
@@ -429,7 +428,11 @@ class LogitLens(Probe):
             views = stream_sums(z, self.subsets, 2)  # [sites, c, 1 + subsets, V]
             pz_views = stream_sums(pz, self.subsets, 2)  # p.z is linear: the same sums
             # exact decomposition at the final state (no translator: it is the model's own map)
-            contrib = z[k_final] if shared_final else _readout(self.model, final_state[sl])  # [c, n, V]
+            contrib = (
+                z[k_final]
+                if shared_final
+                else _readout(self.model, take_rows(acts[self.final_site], rows[sl]))
+            )
             err = torch.maximum(
                 err,
                 (views[k_final, :, 0] if shared_final else contrib.sum(1)).sub(fin.logits[sl]).abs_().amax(),

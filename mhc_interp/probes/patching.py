@@ -190,7 +190,7 @@ class ActivationPatching(CausalProbe):
         )
         metric = self._metric(clean_logits, mask, rows)
         with torch.no_grad():
-            self.baselines.add(torch.stack([metric(clean_logits[None])[0], metric(corr_logits[None])[0]]))
+            self.baselines.add(metric(torch.stack([clean_logits, corr_logits])))  # [2, B]
         cells = self._cells(p)
         edits = [
             Edit((l,), restore=(s,), positions=pos)

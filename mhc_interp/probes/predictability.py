@@ -227,8 +227,7 @@ class CrossStreamPredictability(Probe):
                 f"(min_tokens) to fit and test a ridge map"
             )
         x = self.sample[: self.filled].double().numpy()
-        rng = np.random.default_rng(self.seed)
-        perm = rng.permutation(self.filled)
+        perm = np.random.default_rng(self.seed).permutation(self.filled)
         n_test = max(2, int(round(self.test_fraction * self.filled)))
         test, train = np.sort(perm[:n_test]), np.sort(perm[n_test:])
         if len(train) < 2:

@@ -86,6 +86,5 @@ def random_windows(
     if len(ids) < seq_len + 2:
         raise ValueError(f"token stream of {len(ids)} tokens is too short for windows of {seq_len}")
     start = torch.randint(0, len(ids) - seq_len - 1, (batch,), generator=generator)
-    idx = start[:, None] + torch.arange(seq_len + 1)
-    w = ids[idx]
-    return w[:, :-1], w[:, 1:]
+    windows = ids[start[:, None] + torch.arange(seq_len + 1)]  # [batch, seq_len + 1]
+    return windows[:, :-1], windows[:, 1:]

@@ -81,8 +81,8 @@ def _translate_key(key: str) -> Optional[str]:
     layer, rest = block.groups() if block else (None, "")  # not in a block: refused below
     m = re.fullmatch(r"(?:branch_(attn|mlp)|hc_(attn|mlp)\.branch)\.([01])\.(.+)", rest)
     if m:
-        sub = m.group(1) or m.group(2)
-        part, param = m.group(3), m.group(4)
+        branch_sub, hc_sub, part, param = m.groups()
+        sub = branch_sub or hc_sub
         if part == "0":
             return f"blocks.{layer}.{sub}.ln.{param}"
         if param == "bias":  # the causal-mask buffer of nanoGPT's non-flash attention
@@ -470,7 +470,7 @@ def _folder_tokenizer_class(folder: Path):
     it (what `save_pretrained` of a tokenizers-backed tokenizer writes, as the shipped models'),
     else `AutoTokenizer` (whose import costs ~1.5 s more)."""
     config = folder / "tokenizer_config.json"
-    named = json.loads(config.read_text()).get("tokenizer_class") if config.is_file() else None
+    named = read_json(config).get("tokenizer_class") if config.is_file() else None
     if named in ("PreTrainedTokenizerFast", "TokenizersBackend") and (folder / "tokenizer.json").is_file():
         from transformers import PreTrainedTokenizerFast
 
@@ -526,5 +526,5 @@ def save_pretrained(model, path) -> None:
         {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()},
         str(path / "model.safetensors"),
     )
-    if model.tokenizer is not None and hasattr(model.tokenizer, "save_pretrained"):
+    if hasattr(model.tokenizer, "save_pretrained"):  # (None has not)
         model.tokenizer.save_pretrained(str(path))

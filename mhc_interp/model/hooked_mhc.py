@@ -125,7 +125,7 @@ class HookedMHC(StreamHookedRoot):
             tokens = self._check_tokens(input)
             x = self.embed_streams(tokens)
         else:
-            x = self._check_state(input, self.embed.weight.dtype)
+            x = self._check_state(input, self.dtype)
             if tokens is not None:
                 tokens = self._check_tokens(tokens)
                 if tokens.shape != x.shape[:2]:

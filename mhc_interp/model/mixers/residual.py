@@ -17,9 +17,5 @@ class ResidualMixer(Mixer):
     def forward(self, x: Tensor) -> MixingCoefficients:  # x [batch, pos, 1, d_model]
         b, p, n, _ = x.shape
         # three real tensors (not views of one scalar): an in-place hook edit of one stays in it
-        ones = dict(dtype=torch.float32, device=x.device)
-        return MixingCoefficients(
-            h_pre=torch.ones(b, p, n, **ones),
-            h_post=torch.ones(b, p, n, **ones),
-            h_res=torch.ones(b, p, n, n, **ones),
-        )
+        shapes = ((b, p, n), (b, p, n), (b, p, n, n))  # h_pre, h_post, h_res
+        return MixingCoefficients(*(x.new_ones(shape, dtype=torch.float32) for shape in shapes))

@@ -113,13 +113,12 @@ def nanogpt_state_dict_to_hooked(sd: Dict[str, Tensor]) -> Tuple[Dict[str, Tenso
         ours = _translate_key(key)
         if ours is None:
             continue
-        if ours in out:
-            if not torch.equal(out[ours], value):  # False for different shapes too
-                raise CheckpointError(
-                    f"checkpoint keys {sources[ours]!r} and {key!r} should hold the same tensor but differ"
-                )
-            continue
-        out[ours], sources[ours] = value, key
+        if ours not in out:
+            out[ours], sources[ours] = value, key
+        elif not torch.equal(out[ours], value):  # False for different shapes too
+            raise CheckpointError(
+                f"checkpoint keys {sources[ours]!r} and {key!r} should hold the same tensor but differ"
+            )
     if "embed.weight" not in out and lm_head is not None:  # a tied pair stored once, under lm_head.weight
         out["embed.weight"], lm_head = lm_head, None  # (safetensors' save_model keeps the first name sorted)
     tied = lm_head is None or torch.equal(lm_head, out["embed.weight"])
@@ -504,7 +503,7 @@ def load_pretrained(
         folder, filename = path.parent, path.name
     elif path.is_dir():
         folder = path
-    elif re.fullmatch(r"[\w.-]+/[\w.-]+", str(name_or_path)) and not str(name_or_path).startswith((".", "/")):
+    elif re.fullmatch(r"[\w.-]+/[\w.-]+", str(name_or_path)) and not str(name_or_path).startswith("."):
         folder = download_from_hub(str(name_or_path), revision, cache_dir, local_files_only, filename)
     else:
         raise CheckpointError(f"{name_or_path!r} is neither an existing file or folder nor a hub repo id")

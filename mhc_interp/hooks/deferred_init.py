@@ -72,7 +72,7 @@ def run_deferred_init(module: types.ModuleType) -> None:
         return
     module.__class__ = types.ModuleType
     submodules = module.__dict__.pop("_deferred_submodules", {})
-    module.__spec__.loader_state.exec_module(module)
+    module.__spec__.loader.loader.exec_module(module)  # the real loader, behind _DeferringLoader
     for name, sub in submodules.items():
         module.__dict__.setdefault(name, sub)
 
@@ -95,7 +95,6 @@ class _DeferringFinder(importlib.abc.MetaPathFinder):
         spec = importlib.machinery.PathFinder.find_spec(name, path)
         if spec is None or spec.loader is None or spec.submodule_search_locations is None:
             return None
-        spec.loader_state = spec.loader  # run_deferred_init's way back to the real loader
         spec.loader = _DeferringLoader(spec.loader)
         return spec
 

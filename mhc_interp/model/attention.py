@@ -41,13 +41,12 @@ class AttentionSublayer(HyperConnectedSublayer):
         )
 
     def branch(self, h: Tensor) -> Tensor:  # [batch, pos, d_model] -> [batch, pos, d_model]
-        p = h.shape[1]
         qkv = self.c_attn(h).unflatten(-1, (3, self.cfg.n_heads, self.cfg.d_head)).unbind(-3)
         hooks = (self.hook_q, self.hook_k, self.hook_v)  # each [batch, pos, head, d_head]
         qt, kt, vt = (hook(t).transpose(1, 2) for hook, t in zip(hooks, qkv))  # [batch, head, pos, d_head]
         if self._eager():
             scores = qt @ kt.transpose(-1, -2) / math.sqrt(self.cfg.d_head)
-            causal = torch.ones(p, p, dtype=torch.bool, device=h.device).tril()
+            causal = scores.new_ones(scores.shape[-2:], dtype=torch.bool).tril()  # [query_pos, key_pos]
             scores = self.hook_attn_scores(scores.masked_fill(~causal, float("-inf")))
             pattern = torch.softmax(scores.to(torch.promote_types(scores.dtype, torch.float32)), dim=-1)
             pattern = self.hook_pattern(pattern.to(vt.dtype))

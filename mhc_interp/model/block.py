@@ -34,13 +34,10 @@ class StreamExpand(nn.Module):
     def __init__(self, cfg: MHCConfig):
         super().__init__()
         self.n_streams = cfg.n_streams
-        if cfg.lss_init is None:
-            self.lss = None
-        else:
-            self.lss = nn.Parameter(torch.empty(cfg.n_streams, cfg.d_model))
-            nn.init.xavier_uniform_(self.lss)
-            with torch.no_grad():
-                self.lss.add_(cfg.lss_init)
+        self.lss = None
+        if cfg.lss_init is not None:
+            noise = nn.init.xavier_uniform_(torch.empty(cfg.n_streams, cfg.d_model))
+            self.lss = nn.Parameter(noise + cfg.lss_init)
 
     def forward(self, x: Tensor) -> Tensor:
         x = x.unsqueeze(-2)

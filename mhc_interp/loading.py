@@ -170,7 +170,7 @@ def build_model(
     _check_fits_in_memory(
         sum(t.nbytes for t in (*model.parameters(), *model.buffers())), placement.device, source
     )
-    bad = nonfinite_tensors(state_dict)
+    bad = nonfinite_tensors(state_dict.items())
     if bad:
         warnings.warn(
             f"{source}: non-finite weights (NaN or inf) in {bad[:8]}{'...' if len(bad) > 8 else ''}: "
@@ -265,11 +265,10 @@ def _check_fits_in_memory(need: int, device: torch.device, source: str) -> None:
         )
 
 
-def nonfinite_tensors(tensors) -> list:
-    """Names of the floating-point tensors (a state dict, or `model.named_parameters()`) holding
-    a NaN or an infinity."""
-    items = tensors.items() if isinstance(tensors, dict) else tensors
-    return [k for k, v in items if v.is_floating_point() and not _all_finite(v)]
+def nonfinite_tensors(named_tensors) -> list:
+    """Names of the floating-point tensors among (name, tensor) pairs (`state_dict.items()`,
+    `model.named_parameters()`) holding a NaN or an infinity."""
+    return [k for k, v in named_tensors if v.is_floating_point() and not _all_finite(v)]
 
 
 def _all_finite(t: Tensor, chunk: int = 1 << 22) -> bool:
@@ -522,7 +521,7 @@ def save_pretrained(model, path) -> None:
         json.dumps({FORMAT_KEY: FORMAT_VERSION, "config": model.cfg.to_dict()}, indent=2)
     )
     save_file(
-        {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()},
+        {k: v.contiguous().cpu() for k, v in model.state_dict().items()},  # (state_dict() is detached)
         str(path / "model.safetensors"),
     )
     if hasattr(model.tokenizer, "save_pretrained"):  # (None has not)

@@ -110,6 +110,45 @@ def test_hub_repo_with_single_pt_file(tmp_path, tokens):
     assert (model(tokens) - torch.load(FIXTURES / "mhc_n4.logits.pt", weights_only=True)).abs().max() <= 1e-4
 
 
+@pytest.mark.parametrize(
+    "files,fetched",
+    [
+        (
+            ["README.md", "model.safetensors", "config.json", "tokenizer.json"],
+            ["config.json", "model.safetensors", "tokenizer.json"],
+        ),
+        (
+            ["best_ckpt.pt", "sub/old.pt", "vocab.json", "merges.txt"],
+            ["best_ckpt.pt", "vocab.json", "merges.txt"],
+        ),
+        (["a.pt", "b.bin"], "several checkpoints \\['a.pt', 'b.bin'\\]; pass filename"),
+        (["README.md", "config.json"], "no checkpoint found .* it holds \\['README.md', 'config.json'\\]"),
+    ],
+)
+def test_online_hub_download_picks_the_checkpoint_files(files, fetched, tmp_path, monkeypatch):
+    """Online, the repo's file list decides what is downloaded: config.json + model.safetensors,
+    else its one top-level weights file, plus tokenizer files; none or several is refused."""
+    import huggingface_hub
+
+    from mhc_interp.loading import download_from_hub
+
+    monkeypatch.setattr(huggingface_hub, "list_repo_files", lambda repo_id, revision=None: list(files))
+    downloads = []
+
+    def snapshot_download(repo_id, allow_patterns, **kwargs):
+        downloads.append(allow_patterns)
+        return str(tmp_path)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    if isinstance(fetched, str):
+        with pytest.raises(CheckpointError, match="hub repo 'someone/repo': " + fetched):
+            download_from_hub("someone/repo", local_files_only=False)
+        assert downloads == []
+    else:
+        assert download_from_hub("someone/repo", local_files_only=False) == tmp_path
+        assert downloads == [fetched]
+
+
 def test_hub_unreachable_is_a_clear_error(tmp_path):
     with pytest.raises(CheckpointError, match="could not fetch 'nobody/no-such-model'.*local path"):
         HookedMHC.from_pretrained("nobody/no-such-model", cache_dir=str(tmp_path), local_files_only=True)

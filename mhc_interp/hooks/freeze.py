@@ -61,11 +61,12 @@ def frozen_mixing(
     chosen = _select_sublayers(model, sublayers)
     frozen = {}
     for sub in chosen:
-        keys = [f"{sub.name}.{s}" for s in MIXING_SUFFIXES]
-        missing = [k for k in keys if k not in source]
+        missing = [f"{sub.name}.{s}" for s in MIXING_SUFFIXES if f"{sub.name}.{s}" not in source]
         if missing:
             raise KeyError(f"cannot freeze {sub.name}: the cache lacks {missing}")
-        frozen[sub] = MixingCoefficients(*(source[k].to(model.device) for k in keys))
+        frozen[sub] = MixingCoefficients(
+            *(source[f"{sub.name}.{s}"].to(model.device) for s in MIXING_SUFFIXES)
+        )
     previous = {sub: sub.frozen for sub in chosen}
     try:
         for sub, coeffs in frozen.items():

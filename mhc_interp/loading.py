@@ -414,8 +414,7 @@ def download_from_hub(
             patterns = ["*.json", "*.safetensors", *[f"*{s}" for s in WEIGHT_SUFFIXES], "merges.txt"]
         else:
             files = huggingface_hub.list_repo_files(repo_id, revision=revision)
-            tokenizer_files = [f for f in files if f in TOKENIZER_FILES]
-            patterns = [*_checkpoint_files(files, f"hub repo {repo_id!r}"), *tokenizer_files]
+            patterns = [*_checkpoint_files(files, f"hub repo {repo_id!r}"), *TOKENIZER_FILES]
         folder = snapshot_download(
             repo_id,
             revision=revision,

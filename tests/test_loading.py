@@ -113,24 +113,19 @@ def test_hub_repo_with_single_pt_file(tmp_path, tokens):
 @pytest.mark.parametrize(
     "files,fetched",
     [
-        (
-            ["README.md", "model.safetensors", "config.json", "tokenizer.json"],
-            ["config.json", "model.safetensors", "tokenizer.json"],
-        ),
-        (
-            ["best_ckpt.pt", "sub/old.pt", "vocab.json", "merges.txt"],
-            ["best_ckpt.pt", "vocab.json", "merges.txt"],
-        ),
+        (["README.md", "model.safetensors", "best.pt", "config.json"], ["config.json", "model.safetensors"]),
+        (["best_ckpt.pt", "sub/old.pt", "vocab.json", "merges.txt"], ["best_ckpt.pt"]),
         (["a.pt", "b.bin"], "several checkpoints \\['a.pt', 'b.bin'\\]; pass filename"),
         (["README.md", "config.json"], "no checkpoint found .* it holds \\['README.md', 'config.json'\\]"),
     ],
 )
 def test_online_hub_download_picks_the_checkpoint_files(files, fetched, tmp_path, monkeypatch):
     """Online, the repo's file list decides what is downloaded: config.json + model.safetensors,
-    else its one top-level weights file, plus tokenizer files; none or several is refused."""
+    else its one top-level weights file (plus the tokenizer files it may hold); none or several
+    is refused."""
     import huggingface_hub
 
-    from mhc_interp.loading import download_from_hub
+    from mhc_interp.loading import TOKENIZER_FILES, download_from_hub
 
     monkeypatch.setattr(huggingface_hub, "list_repo_files", lambda repo_id, revision=None: list(files))
     downloads = []
@@ -146,7 +141,7 @@ def test_online_hub_download_picks_the_checkpoint_files(files, fetched, tmp_path
         assert downloads == []
     else:
         assert download_from_hub("someone/repo", local_files_only=False) == tmp_path
-        assert downloads == [fetched]
+        assert downloads == [[*fetched, *TOKENIZER_FILES]]
 
 
 def test_hub_unreachable_is_a_clear_error(tmp_path):

@@ -72,13 +72,8 @@ class HookedSublayer(nn.Module):
     def hooked_coefficients(self, x: Tensor) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
         """(x, h_pre, h_post, h_res): the state through hook_streams_in, its coefficients through theirs."""
         x = self.hook_streams_in(x)
-        coeffs = self.coefficients(x)
-        return (
-            x,
-            self.hook_h_pre(coeffs.h_pre),
-            self.hook_h_post(coeffs.h_post),
-            self.hook_h_res(coeffs.h_res),
-        )
+        h_pre, h_post, h_res = self.coefficients(x)
+        return x, self.hook_h_pre(h_pre), self.hook_h_post(h_post), self.hook_h_res(h_res)
 
 
 class HyperConnectedSublayer(HookedSublayer):

@@ -446,11 +446,10 @@ def load_tokenizer(folder: Optional[Path], cfg: MHCConfig):
     elif source is None:
         return None
     else:
-        offline = os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
-        try:
+        try:  # (offline, HF_HUB_OFFLINE=1, transformers reads its cache only)
             from transformers import AutoTokenizer
 
-            tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=offline)
+            tokenizer = AutoTokenizer.from_pretrained(source)
         except Exception as e:  # noqa: BLE001
             log.warning("no tokenizer: could not load %r (%s); the model takes token ids", source, e)
             return None

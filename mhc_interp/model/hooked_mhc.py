@@ -36,7 +36,7 @@ class HookedMHC(StreamHookedRoot):
         self.pos_embed = nn.Embedding.from_pretrained(torch.empty(cfg.n_ctx, cfg.d_model), freeze=False)
         self.expand = StreamExpand(cfg)
         self.blocks = nn.ModuleList([TransformerBlock(cfg) for _ in range(cfg.n_layers)])
-        self.ln_final = nn.LayerNorm(cfg.d_model, cfg.layer_norm_eps, bias=cfg.bias)  # (bias optional)
+        self.ln_final = nn.LayerNorm(cfg.d_model, cfg.layer_norm_eps, bias=cfg.bias)  # as the sublayers'
         self.unembed = None if cfg.tie_embeddings else nn.Linear(cfg.d_model, cfg.d_vocab, bias=False)
         self.hook_embed = HookPoint()  # [batch, pos, d_model]
         self.hook_pos_embed = HookPoint()  # [batch, pos, d_model]

@@ -85,7 +85,8 @@ class HyperConnectedSublayer(HookedSublayer):
         super().__init__()
         self.cfg = cfg
         self.mixer = build_mixer(cfg, init_stream)
-        self.ln = nn.LayerNorm(cfg.d_model, cfg.layer_norm_eps, bias=cfg.bias)  # nanoGPT's: bias optional
+        # nanoGPT's LayerNorm, (x - mean) / sqrt(var + eps) * w + b, the bias optional
+        self.ln = nn.LayerNorm(cfg.d_model, cfg.layer_norm_eps, bias=cfg.bias)
 
     def coefficients(self, x: Tensor) -> MixingCoefficients:
         """The mixing coefficients for stream state `x`: the mixer's, or the frozen ones.

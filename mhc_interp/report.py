@@ -269,24 +269,32 @@ def _section(
 def _run_all(
     model, tokens: Tensor, folder: Path, cfg: ReportConfig, timer: PhaseTimer, figures: FigurePool
 ) -> List[Dict]:
-    """Every section's probe on the model: the shared forward over `tokens` [n_seq, seq_len]
-    first, then the probes that run themselves (`Probe.report_run`); the page sections in order."""
-    figures.start()  # its imports overlap the shared forward
-    shared = shared_forward_probes(model, cfg)
+    """Every section's probe on the model: the probes that run themselves (`Probe.report_run`:
+    the causal sweeps, whose figures the worker draws meanwhile) first, then the shared forward
+    over `tokens` [n_seq, seq_len]; the page sections in order."""
+    figures.start()
     declared = report_sections()
     sections_of = {label: sec for label, _, sec in declared}
-    results = (
-        run_probes(model, shared, tokens, batch_size=cfg.batch_size, progress=cfg.progress, timer=timer)
-        if shared
-        else {}
-    )
     pages: Dict[str, Dict] = {}
     for label, cls, sec in declared:
-        if label in results:
-            pages[label] = _section(results.pop(label), folder, timer, figures, sections_of)
-        elif _runs(model, cfg, label, cls, sec) and cls.for_report is None:
+        if _runs(model, cfg, label, cls, sec) and cls.for_report is None:
             for result, extra in cls.report_run(model, tokens, cfg, timer):
                 pages[result.probe] = _section(result, folder, timer, figures, sections_of, **extra)
+
+    def add(result: ProbeResult) -> None:  # queued for the worker while the next result is computed
+        pages[result.probe] = _section(result, folder, timer, figures, sections_of)
+
+    shared = shared_forward_probes(model, cfg)
+    if shared:
+        run_probes(
+            model,
+            shared,
+            tokens,
+            batch_size=cfg.batch_size,
+            progress=cfg.progress,
+            timer=timer,
+            on_result=add,
+        )
     rank = {label: i for i, (label, _, _) in enumerate(declared)}
     return sorted(pages.values(), key=lambda page: rank.get(page["probe"], len(rank)))
 

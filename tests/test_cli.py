@@ -401,6 +401,8 @@ def test_figure_pool_draws_the_unstarted_jobs_here_while_waiting():
         }
     finally:
         pool.close()
+    with pytest.raises(ProcessLookupError):  # closed: the worker has exited (fast, by its atexit os._exit)
+        os.kill(pool.value(slow), 0)
 
 
 def test_console_entry_flushes_before_its_fast_exit():

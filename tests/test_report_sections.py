@@ -189,3 +189,25 @@ def test_the_report_samples_heads_and_sweep_sublayers_and_says_so(tmp_path):
     for bad in (0, -1, 1.5, True):
         with pytest.raises(ValueError, match="causal_sublayers"):
             ReportConfig(causal_sublayers=bad)
+
+
+def test_run_probes_hands_over_each_result_before_computing_the_next(mhc_model, tokens):
+    """`on_result` (the report queues figures with it) sees each result in probe order, while the
+    later probes' results are not computed yet."""
+    from mhc_interp.probes import CKA, StreamUsage, run_probes
+
+    probes = [StreamUsage(), CKA()]
+    computed = []
+    for p in probes:
+        p.result = (lambda f, name: lambda: computed.append(name) or f())(p.result, p.name)
+    seen = []
+    out = run_probes(
+        mhc_model,
+        probes,
+        tokens,
+        batch_size=2,
+        progress=False,
+        on_result=lambda r: seen.append((r.probe, list(computed))),
+    )
+    assert seen == [("stream_usage", ["stream_usage"]), ("cka", ["stream_usage", "cka"])]
+    assert set(out) == {"stream_usage", "cka"}

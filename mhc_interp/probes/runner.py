@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import itertools
 from pathlib import Path
-from typing import TYPE_CHECKING, Dict, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import TYPE_CHECKING, Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor
@@ -190,6 +190,7 @@ def run_probes(
     dtype=None,
     progress: bool = True,
     timer: Optional[PhaseTimer] = None,
+    on_result: Optional[Callable[[ProbeResult], None]] = None,
 ) -> Dict[str, ProbeResult]:
     """Run `probes` over `source`; returns {probe.name: result}.
 
@@ -198,6 +199,8 @@ def run_probes(
         (rows past it dropped, the rest of its last row masked). device / dtype: move the model first.
     timer: a `PhaseTimer` charged with the shared forward, each probe's update / interventions
         and each probe's result.
+    on_result: called with each result as soon as it is computed, before the next probe's (the
+        report queues its figures meanwhile).
     """
     for name, value in (("batch_size", batch_size), ("max_tokens", max_tokens), ("seq_len", seq_len)):
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
@@ -254,4 +257,6 @@ def run_probes(
         with maybe(timer, f"{p.name}: result"):
             results[p.name] = p.result()
         results[p.name].meta.setdefault("tokens_seen", seen)
+        if on_result is not None:
+            on_result(results[p.name])
     return results[probes[0].name] if single else results

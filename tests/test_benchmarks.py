@@ -146,3 +146,21 @@ def test_causal_sweeps_arguments():
         causal_sweeps.main(["--shape", "tiny", "--batch", "2", "--prompt-batch", "8"])
     with pytest.raises(SystemExit):
         causal_sweeps.main(["--shape", "tiny", "--naive-sublayers", "0"])
+
+
+def test_code_size_counts_code_not_docs_or_formatting():
+    """benchmarks.code_size (issue 15's size measure): docstrings and comments are not code; a call
+    the formatter splits over lines is more lines but the same tokens and statements."""
+    from benchmarks.code_size import ruff_formatted, size
+
+    src = (
+        '"""Module doc."""\n\n\ndef f(a, b):\n    """Doc\n    more."""\n    # a comment\n    return g(a, b)\n'
+    )
+    counted = size([src])
+    assert counted["statements"] == 4 and counted["docstring_lines"] == 3  # two docstrings, def, return
+    assert counted["code_lines"] == 2 and counted["code_tokens"] == 8 + 7  # def f(a, b): / return g(a, b)
+    wide = "x = g(" + ", ".join(f"argument_{i}" for i in range(20)) + ")\n"
+    split = ruff_formatted(wide)
+    assert split.count("\n") > 5  # the formatter put one argument a line
+    assert size([split])["statements"] == size([wide])["statements"] == 1
+    assert size([split])["code_lines"] > size([wide])["code_lines"] == 1

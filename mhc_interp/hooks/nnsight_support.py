@@ -3,7 +3,8 @@
 `nnsight.NNsight(model)` already traces a `HookedMHC`: every sublayer and every TransformerLens
 `HookPoint` is a module, so `nn_model.blocks[1].attn.hook_h_res.output` reads (or, assigned to,
 replaces) the same tensor a TL hook on `"blocks.1.attn.hook_h_res"` sees. `to_nnsight(model)`
-adds what bare `NNsight` lacks: batching several `tracer.invoke(tokens)` blocks into one forward.
+adds what bare `NNsight` lacks: batching several `tracer.invoke(tokens)` blocks into one forward
+(their inputs concatenated along dim 0; each invoke sees only its own rows).
 
     nn_model = to_nnsight(model)
     with nn_model.trace() as tracer:
@@ -13,36 +14,8 @@ adds what bare `NNsight` lacks: batching several `tracer.invoke(tokens)` blocks 
             nn_model.blocks[1].mlp.hook_streams_in.output[:, :, 2] = 0   # zero stream 2
             patched = nn_model.output.save()
 
-Gotchas (nnsight 0.8):
-
-* **Execution order.** A trace body runs interleaved with the forward, so within one invoke
-  read and write locations in the order the model reaches them (embedding, then
-  `blocks[0].attn`, `blocks[0].mlp`, `blocks[1].attn`, ...; inside a sublayer
-  `hook_streams_in`, `hook_h_pre`, `hook_h_post`, `hook_h_res`, `hook_read`, ...,
-  `hook_streams_out`). Asking for an earlier location after a later one raises
-  `OutOfOrderError`.
-* **Save.** Only values marked with `.save()` (or `nnsight.save(x)`) exist after the trace;
-  a list of saved tensors must itself be saved (`nnsight.save([...])`).
-* **The body must be real source**: a file, notebook cell or `python -c`, not stdin; a traced
-  `with` body must start on its own line.
-* **Per-invoke batching.** Each invoke's input is a token tensor [batch_i, pos] (or a 1-D
-  sequence, text, or a stream state with `start_at_sublayer=`); they are concatenated along
-  dim 0, so all invokes must have the same `pos`, and every invoke sees only its own rows of
-  every activation. Keyword arguments (`return_type=...`) must agree across invokes, except
-  tensors (`tokens=`), which are concatenated like the input. An invoke with no input sees the
-  whole batch. With `return_type="loss"` the loss is one scalar over the combined batch.
-* **The stream axis is dim 2**: stream-valued hooks (`hook_streams_in`, `hook_streams_out`,
-  `hook_res_mix`, `hook_h_pre`, ...) are [batch, pos, n_streams, ...], so `output[:, :, s]`
-  addresses stream s (`output[..., s, :]` for the [batch, pos, n, d] states). `hook_h_res` is
-  [batch, pos, target, source].
-* **In-place writes are safe.** Every hook point and mixer output is a tensor of its own (no
-  expanded views, no cached tensor handed through): `output[:, :, s] = 0` changes this run only,
-  never a frozen-mixing cache or a resumed run's input state.
-* **Wrapping is permanent**: nnsight installs its controller as every module's `forward`
-  (inert outside a trace). One consequence: the attention pattern hook counts as observed
-  from then on, so the wrapped model always uses the materialised (eager) attention path,
-  also outside traces and for plain `model(tokens)` calls. TransformerLens hooks
-  (`run_with_hooks`, `run_with_cache`) keep working on the wrapped model.
+Gotchas (execution order, saving, per-invoke batching, the stream axis at dim 2, in-place writes,
+permanent wrapping): docs/hooks.md#nnsight-to_nnsight
 """
 
 from __future__ import annotations

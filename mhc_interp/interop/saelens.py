@@ -1,41 +1,22 @@
 """SAELens on one residual stream of a multi-stream model: train, load, splice, evaluate.
 
-SAELens trains and evaluates sparse autoencoders on `[batch, pos, d]` activations read at a hook
-name. The stream states of an mHC model are `[batch, pos, n_streams, d_model]`, so a stream has to
-be chosen. This module names that choice explicitly, as a *site*:
-
-    "blocks.2.attn.hook_streams_in[1]"   stream 1 of the state entering blocks.2.attn  [batch, pos, d_model]
-    "blocks.2.attn.hook_read"            a hook that is already [batch, pos, d_model] (no index)
-
-A stream-state hook without an index is refused (it is never flattened to n_streams * d_model and
-never broadcast over all streams), and an index on a hook without a stream axis is refused too.
-
-`StreamAdapter(model)` is the model SAELens sees: a `HookedRootModule` whose hook points are the
-sites, each `[batch, pos, d_model]`. A hook on site `H[s]` runs on `x[:, :, s]` of the real hook
-`H` (a copy), and what it returns is written back into stream s only; the other streams and the
-model are untouched. Its `forward` takes the arguments SAELens passes (`return_type="both"`,
-`loss_per_token`, `stop_at_layer`, `prepend_bos=False`). Because every site is a plain
-`[batch, pos, d]` hook point, SAELens's own activation store, trainer and evaluation (MSE,
-explained variance, L0, the spliced model's KL and CE, and the zero-ablation baseline) all act on
-the chosen stream and nothing else.
+SAELens works on `[batch, pos, d]` activations at a hook name; mHC stream states are
+`[batch, pos, n_streams, d_model]`, so the stream is named in the *site*:
+`"blocks.2.attn.hook_streams_in[1]"` is stream 1 of that state, `[batch, pos, d_model]`;
+`"blocks.2.attn.hook_read"` is already `[batch, pos, d_model]` (no index). A stream-state hook
+without an index is refused (never flattened to n_streams * d_model, never broadcast over all
+streams), and so is an index on a hook without a stream axis. `StreamAdapter(model)` is the
+model SAELens sees: a hook on `H[s]` runs on a copy of `x[:, :, s]` and writes back into stream s
+only, so SAELens's activation store, trainer and evaluation (MSE, explained variance, L0, the
+spliced and zero-ablated KL and CE) act on that stream alone. Needs the `saelens` extra
+(SAELens 6.x pins transformer-lens < 4: transformer-lens 3.x, >= 3.3, in its own environment).
 
     sae = train_stream_sae(model, "blocks.2.attn.hook_streams_in[1]", train_ds, out="sae-dir")
-    sae = SAE.load_from_disk("sae-dir")               # SAELens's own format and loader
     with splice_sae(model, sae):                      # x[:, :, 1] <- SAE(x[:, :, 1]) at that hook
         logits = model(tokens)
     metrics = evaluate_sae(model, sae, eval_ds)       # SAELens's run_evals through the adapter
 
-Metrics (SAELens's definitions, over the evaluated tokens t with x_t in R^d_model):
-    mse                 E_t ||x_t - x_hat_t||^2 (summed over d_model, averaged over tokens)
-    explained_variance  1 - E_t ||x_t - x_hat_t||^2 / E_t ||x_t - E[x]||^2
-    l0                  E_t #{i : f_i(x_t) != 0}
-    kl_div_with_sae     E_t KL(p_clean(.|t) || p_spliced(.|t)) over next-token distributions
-    kl_div_with_ablation  the same with the stream zeroed at the site instead (the baseline)
-    kl_div_score        1 - kl_div_with_sae / kl_div_with_ablation
-    ce_loss_*           next-token cross-entropy clean / spliced / ablated, ce_loss_score likewise
-
-Requires the `saelens` extra (`pip install -e ".[saelens]"`): SAELens 6.x, which pins
-transformer-lens < 4, so this runs on transformer-lens 3.x (>= 3.3).
+Details (sites, adapter, metrics' definitions, measurements): docs/saelens.md#sites-choosing-the-stream
 """
 
 from __future__ import annotations

@@ -1,53 +1,22 @@
 """Centred kernel alignment (CKA) between residual streams, within and across sublayers.
 
-Maths (rows = tokens; X in R^{N x p}, Y in R^{N x q} are two representations of the same N tokens,
-K = k(X), L = k(Y) their N x N Gram matrices, H = I - 11^T / N the centring matrix):
+X [N, p], Y [N, q]: two representations of the same N tokens; K = k(X), L = k(Y) their [N, N]
+Grams, H = I - 11^T / N:
 
-* biased HSIC (Gretton et al. 2005):       HSIC_0(K, L) = tr(K H L H) / (N - 1)^2
-                                                         = <H K H, H L H>_F / (N - 1)^2
-* unbiased HSIC (Song et al. 2012, eq. 5): with K~, L~ = K, L with zeroed diagonals,
-      HSIC_1(K, L) = [tr(K~ L~) + (1^T K~ 1)(1^T L~ 1) / ((N-1)(N-2)) - 2/(N-2) 1^T K~ L~ 1] / (N(N-3)),
-  which equals <U(K), U(L)>_F / (N(N-3)) with U the Szekely-Rizzo U-centring (Kornblith's
-  `center_gram(unbiased=True)`): zero the diagonal, m_j = sum_i K_ij / (N-2),
-  m_j -= sum(m) / (2(N-1)), U_ij = K_ij - m_i - m_j for i != j and U_ii = 0. It needs N >= 4, is
-  invariant to adding constants to the features and can be negative.
-* CKA (Kornblith et al. 2019): CKA(K, L) = HSIC(K, L) / sqrt(HSIC(K, K) HSIC(L, L)); "debiased
-  CKA" plugs in HSIC_1. Biased CKA is inflated when features >> tokens (two independent Gaussian
-  matrices with N = 50, p = 2000 get ~0.97); debiased CKA stays near 0.
-* minibatch CKA (Nguyen, Raghu & Kornblith 2021, eq. 3): average HSIC over k minibatches first,
-  then take the ratio: CKA_mb = mean_i HSIC(K_i, L_i) / sqrt(mean_i HSIC(K_i, K_i) mean_i HSIC(L_i, L_i)).
-  Each HSIC_1(K_i, L_i) is unbiased for the population HSIC only if minibatch i is a random
-  sample of tokens; then the average is consistent (the biased one is reported for comparison).
-  Consecutive tokens of one text are not independent, so minibatches filled in arrival order
-  (one or two windows each) are biased: on the demo model (Hamlet, 4k tokens, windows of 128)
-  their CKA deviates from the full-data debiased CKA by up to 0.023 at 256 tokens per minibatch,
-  against <= 0.01 with the shuffle below. The probe therefore draws minibatches from a bounded
-  token shuffle (`crosscoder_buffer.ShuffleBuffer`, the crosscoder's mechanism): tokens enter a
-  buffer of `shuffle_tokens` rows (default 8 minibatches, at most 1 GiB) in arrival order; when it is full its
-  rows are shuffled and floor(shuffle_tokens / (2 minibatch_tokens)) minibatches are taken from
-  it, the other half stays and is mixed with the next tokens. At the end (`result()`) the U
-  tokens still in the buffer are shuffled and split into ceil(U / minibatch_tokens) minibatches
-  of near-equal size (at most `minibatch_tokens`, at least half of it once a minibatch was taken),
-  so every token is used; the minibatches are weighted equally. A corpus shorter than
-  `minibatch_tokens` is one minibatch (the exact full-data estimate). The mixing is as good as
-  the number of sequences the buffer holds, shuffle_tokens / window length: 16 for minibatches of
-  256 and windows of 128; with windows as long as a minibatch raise `shuffle_tokens` (a planted
-  per-window component is off by 0.05 with 8 windows in the buffer, by 0.004 with 64).
-* kernels: linear k(x, y) = <x - mu, y - mu> (features centred over the tokens first: the Gram
-  of centred features); RBF k(x, y) = exp(-|x - y|^2 / (2 sigma^2)) with Kornblith's median
-  heuristic sigma^2 = threshold^2 * median of the N^2 squared pairwise distances (diagonal
-  included, numpy's median: mean of the two middle values).
+    HSIC_0(K, L) = tr(K H L H) / (N - 1)^2                          (biased, Gretton et al. 2005)
+    HSIC_1(K, L) = <U(K), U(L)>_F / (N(N - 3))                      (unbiased, Song et al. 2012; N >= 4)
+    CKA(K, L)    = HSIC(K, L) / sqrt(HSIC(K, K) HSIC(L, L))         (Kornblith et al. 2019)
+    CKA_mb       = mean_i HSIC_1(K_i, L_i) / sqrt(mean_i HSIC_1(K_i, K_i) mean_i HSIC_1(L_i, L_i))
 
-All HSIC values of R representations are computed together: the centred Grams are stacked and
-flattened into G in R^{R x N^2} and the [R, R] matrix is the single GEMM G G^T. Everything is
-float64 (no TF32 issue); memory: the Grams, R * N^2 * 8 bytes (N = minibatch_tokens), 64 MiB of
-float64 features at a time, and the shuffle buffer, shuffle_tokens * R * d_model * (bytes per
-activation element), which the default caps at 1 GiB (fewer sequences mixed at great depth).
+with U the Szekely-Rizzo U-centring. The probe reports the minibatch CKA (Nguyen, Raghu &
+Kornblith 2021; the biased one for comparison), minibatches drawn from a bounded token shuffle
+(`crosscoder_buffer.ShuffleBuffer`, `shuffle_tokens` rows) so consecutive tokens of one text do
+not share a minibatch. Kernels: linear (features centred over the tokens) or RBF with the median
+heuristic. All HSIC values of R representations are one GEMM G G^T of the stacked, flattened
+centred Grams G [R, N^2], in float64. CKA is invariant to orthogonal transforms and isotropic
+scaling, not to anisotropic scaling (`standardize=True` z-scores features), and ignores scale.
 
-CKA is invariant to orthogonal transforms and isotropic scaling of either representation, not to
-anisotropic scaling (outlier dimensions can dominate: `standardize=True` z-scores each feature
-within the minibatch as a robustness check), and it ignores scale (pair it with stream norms).
-A constant representation has HSIC(K, K) = 0 and CKA NaN.
+Details (U-centring, the shuffle, measurements, memory): docs/probes.md#cka-ckapy
 """
 
 from __future__ import annotations

@@ -1,52 +1,20 @@
 """Token-trajectory curvature per residual stream (and for the stream sum), per site.
 
-Hosseini & Fedorenko 2023 ("Large language models implicitly learn to straighten neural sentence
-trajectories to construct a predictive representation of natural language", NeurIPS;
-after Hénaff, Goris & Simoncelli 2019). For one sequence and one representation x_t ∈ R^d,
-t running over the sequence's valid (unmasked) positions:
+Hosseini & Fedorenko 2023 (NeurIPS; after Hénaff, Goris & Simoncelli 2019). For one sequence
+and one representation x_t ∈ R^d, t over the valid (unmasked) positions:
 
-    v_t     = x_{t+1} - x_t                       only if positions t and t+1 are both valid
-    c_t     = arccos( clamp( <v_t, v_{t+1}> / (|v_t| |v_{t+1}|), -1, 1 ) ) * 180 / pi
-                                                  only if v_t and v_{t+1} both exist and
-                                                  |v_t| > eps and |v_{t+1}| > eps
-              (evaluated as 2 atan2(|û - ŵ|, |û + ŵ|) with û = v_t/|v_t|, ŵ = v_{t+1}/|v_{t+1}|:
-              the same angle, without arccos's loss of accuracy near 0° and 180°)
-    κ(seq)  = mean_t c_t                          (degrees; the sequence is skipped, and counted
-                                                  in `n_skipped`, if it has no valid angle)
-
-A masked position breaks the trajectory (no step crosses it), and a zero-length step (a repeated
-identical state, |v| <= eps) is dropped together with the two angles it would enter; steps on
-either side of it are *not* joined. Everything is computed in float64.
-
-The probe reports, per site l and column k (stream s = 0..n-1, then the stream sum
-Σ_s x_{l,s}, the "effective" single residual), the mean and the standard error of κ over
-sequences:
-
+    v_t     = x_{t+1} - x_t                       (t and t+1 both valid)
+    c_t     = angle(v_t, v_{t+1}) in degrees      (|v_t|, |v_{t+1}| > eps; as 2 atan2(|û - ŵ|, |û + ŵ|))
+    κ(seq)  = mean_t c_t
     mean[l, k] = (1/N) Σ_i κ_i,   sem[l, k] = sqrt( (Σ_i κ_i² - N mean²) / (N - 1) ) / sqrt(N)
 
-from running float64 sums (Σ κ, Σ κ², N), so its state does not grow with the number of batches.
-`change_from_first = mean - mean[0]` (relative to the first site; with the default sites that is
-the embedding). Lower = straighter; a straight line gives 0°. Curvature is invariant to scaling and
-translation of a stream, so a low-norm stream can still have a well-defined curvature: do not read
-it as importance. A sequence needs >= 3 consecutive valid positions (after the masked first
-positions and padding) for one angle; if no sequence has one, `result()` raises.
+per site l and column k (stream s = 0..n-1, then the stream sum), from running float64 sums, and
+`change_from_first = mean - mean[0]`. Lower = straighter (a line gives 0°). Controls in every
+result: i.i.d. points 120°, a random walk 90° (exact), and the same windows with shuffled tokens
+(`shuffled_*`, on the first `control_fraction` of each batch).
 
-Controls, reported with every result (`meta["baselines"]`, arrays `shuffled_*`):
-
-* i.i.d. points: 120° exactly, in any dimension and for any continuous distribution. The turning
-  angle at x_{t+1} is 180° minus the triangle's interior angle there; the three interior angles
-  of (x_t, x_{t+1}, x_{t+2}) sum to 180° and are exchangeable, so each has mean 60° and the
-  turning angle has mean 120° = arccos(-1/2).
-* random walk (i.i.d. increments with a symmetric distribution): 90° exactly, since v_{t+1} and
-  -v_{t+1} are equally likely given v_t, so c and 180° - c are.
-* shuffled tokens (`shuffled_control=True`, the default): the same windows with the tokens at the
-  valid positions permuted within each window (seeded; masked positions, e.g. position 0, stay),
-  run through the same model: `shuffled_mean` / `shuffled_sem` per site and column. It separates
-  what the model does with natural word order from what it does with any sequence of the same
-  tokens. It costs one forward of the probe's own per batch (`own_runs`), on the first
-  ceil(control_fraction x batch) windows of it (default a quarter: its standard error, reported,
-  is about twice that of all windows; `shuffled_n_sequences` counts them); the real
-  trajectories come from the runner's shared forward, over every window.
+Details (masking, zero-length steps, the baselines' derivations, the control's cost):
+docs/probes.md#curvature-curvaturepy
 """
 
 from __future__ import annotations

@@ -2,41 +2,23 @@
 table, a layer-distribution plot, and which residual streams each head's sublayer reads from and
 writes to.
 
-Scores (pattern = `blocks.{l}.attn.hook_pattern` [batch, head, query q, key k]; only query
-positions the runner's mask keeps, i.e. not BOS / padding, are averaged):
+Scores (pattern = `blocks.{l}.attn.hook_pattern` [batch, head, query q, key k]; averaged over the
+query positions the runner's mask keeps):
 
-    previous_token    E_q[pattern[q, q-1]]                                        (q >= 1)
-    duplicate_token   E_q[sum_{k < q, tok_k = tok_q} pattern[q, k]]   over queries whose token
-                                                                      occurred before
-    induction         E_q[sum_{k: k-1 < q-1, tok_{k-1} = tok_q} pattern[q, k]]  (the token
-                      *after* an earlier occurrence of the current token), over queries that
-                      have one
-    copy_suppression  by ablation of the head alone: zero its slice of the input to c_proj
-                      (hook_z[:, :, h] = 0), rerun from that sublayer (mixing recomputed), and
-                      at each query q compare the change in logit of the tokens seen so far
-                      (context positions k <= q kept by the mask, frequency-weighted) with the
-                      change of the mean logit:
-                          score = E_q[ mean_{k<=q} dlogit[q, tok_k] - mean_v dlogit[q, v] ]
-                      dlogit = ablated - clean (nats of logit). Positive: the head *suppresses*
-                      tokens already in the context (removing it raises their logits);
-                      negative: it copies them (removing it lowers them).
-    successor         by direct-logit readout of each head on ordinal sequences; see
-                      `head_inputs`
+    previous_token    E_q[pattern[q, q-1]]
+    duplicate_token   E_q[sum_{k < q, tok_k = tok_q} pattern[q, k]]
+    induction         E_q[sum_{k: k-1 < q-1, tok_{k-1} = tok_q} pattern[q, k]]
+    copy_suppression  E_q[mean_{k<=q} dlogit[q, tok_k] - mean_v dlogit[q, v]],  dlogit = ablated - clean
+                      with the head's hook_z slice zeroed (positive: the head suppresses context tokens)
+    successor         direct-logit readout of each head on ordinal sequences (`head_inputs`)
 
-`detect_heads(model, corpus)` computes induction and duplicate-token scores on repeated random
-sequences it generates ([bos, r_1..r_m, r_1..r_m], r distinct: every second-half query has
-exactly one earlier occurrence), previous-token and copy-suppression scores on the corpus (or on
-those sequences if no corpus is given), and successor scores on ordinal sequences.
-`HeadDetector` is the underlying probe (a causal probe: it needs the token ids and runs its own
-ablations) and scores whatever tokens the runner gives it.
+`detect_heads(model, corpus)` scores induction / duplicate-token on generated repeated random
+sequences, previous-token / copy-suppression on the corpus, successor on ordinal sequences;
+`HeadDetector` is the underlying (causal) probe. `mean_h_pre[l, s]`, `mean_h_post[l, s]`: the
+token-averaged read / write weights of `blocks.{l}.attn`, shared by all its heads.
 
-Reads / writes: H_pre and H_post are per *sublayer*, so every head of layer l reads the same
-mix `H_pre x` and its output is written with the same `H_post`. `mean_h_pre[l, s]` and
-`mean_h_post[l, s]` are their token averages at `blocks.{l}.attn`; the top-k table shows them
-for each top head.
-
-The pattern pass caches `hook_pattern`, which switches attention to the eager path; the
-ablation runs (and their clean baseline) use the fused path, so each compares like with like.
+Details (which queries count, the ablation, the generated sequences, attention paths):
+docs/probes.md#attention-heads-headspy
 """
 
 from __future__ import annotations

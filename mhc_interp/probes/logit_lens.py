@@ -1,44 +1,21 @@
 """Per-stream logit lens: what each residual stream (or subset, or branch output) "predicts" at
 every site, and the exact decomposition of the final logits into stream contributions.
 
-The lens reads states through the model's own readout split by stream (the contract's
-`model.stream_contributions`). HookedMHC applies the final LayerNorm to *each* stream, sums,
-then unembeds:
+The lens reads states through the model's readout split by stream (`model.stream_contributions`);
+for HookedMHC (final LayerNorm per stream, then sum and unembed):
 
     logits = W_U^T sum_s LN_f(x_s) = sum_s c_s,        c_s = W_U^T LN_f(x_s)   [d_vocab]
 
-(DeepSeek-V4's learned hc_head weights the streams and normalises their sum once; its c_s are
-the terms of that sum), so the logits decompose exactly into per-stream contributions `c_s` (float rounding only:
-`decompose_logits` checks it). The lens reads any stream state `x` [n, d] through the same map:
+    view "sum"         sum_s c_s          view "stream s"   c_s (as if the others contributed nothing)
+    view "streams S"   sum_{s in S} c_s   "write"           W_U^T LN_f(w), w a branch output (hook_write)
 
-    view "sum"         sum_s c_s        (the model's own unembedding of that state)
-    view "stream s"    c_s              (stream s alone, *as if the other streams contributed
-                                         nothing*: neither re-scaled by n nor normalised together
-                                         with the others - the stream's own term of the sum)
-    view "streams S"   sum_{s in S} c_s (any non-empty subset S)
-    "write"            W_U^T LN_f(w)    for a sublayer's branch output w (hook_write), before its
-                                        H_post scaling (LN_f is scale-invariant up to eps, so
-                                        positive H_post factors do not change it)
+Each view is scored against the final distribution: KL(P_final || softmax(view)) (nats) and top-1
+agreement. Sites: `sites.py`'s vocabulary ("layers" by default). `translator` (site, x) -> x' is
+applied before LN_f and W_U: the seam for a tuned lens (identity: the plain logit lens).
+`LogitLens` is the corpus probe; `logit_lens(model, tokens)` the single-prompt version.
 
-Each view's distribution P_view = softmax(view) is compared with the model's final distribution
-P_final = softmax(logits): KL(P_final || P_view) (nats; the tuned-lens convention) and top-1
-agreement (argmax view == argmax logits).
-
-Sites: `sites.py`'s vocabulary; by default "layers" (the embedding streams and every block's
-output, L + 1 sites), "sublayers" for every sublayer's output (2L + 1). The lens of the last
-site's "sum" view is the model's output distribution (KL ~ 0). The write lens reads a branch
-output as a one-stream state; a readout that mixes streams with learned weights cannot, and
-says so (pass writes=False).
-
-Tuned-lens seam: `translator` is applied to the hidden state before LN_f and W_U at every site:
-either a callable `translator(site, x) -> x'` or a mapping `{site name: f(x) -> x'}` (sites not in
-it are left as they are). `x` is [..., n_streams, d_model] at stream sites (a per-stream map
-acts on the last axis) and [..., d_model] at `hook_write` sites; the shape must be kept. The
-identity (the default) is the plain logit lens; a tuned lens is an affine map per site
-(Belrose et al. 2023), trained elsewhere and passed in here.
-
-`LogitLens` is the corpus probe (online means over masked tokens); `logit_lens(model, tokens)`
-is the single-prompt version with top-k tokens per site / view / position.
+Details (DeepSeek-V4's readout, the write lens, the translator's shapes, cost):
+docs/probes.md#logit-lens-logit_lenspy
 """
 
 from __future__ import annotations
@@ -298,16 +275,10 @@ class LogitLens(Probe):
 
     subsets: extra stream subsets (e.g. `[(0, 1), (2, 3)]` or `all_subsets(n)`); "sum" and each
     single stream are always included. sites: see `lens_sites`. writes: also lens the branch
-    outputs. translator: the tuned-lens seam (module docstring). chunk_tokens: the size of the
-    vocabulary-sized blocks, memory ~ 2 x chunk_tokens x (n_views + n_streams) x d_vocab x 4 bytes.
-    token_fraction (default 1: every masked token): score a seeded random sample of about this
-    share of the masked tokens (seed); every mean comes with its standard error (`*_se` arrays,
-    clustered by sequence), so the sampling error is reported with the estimate.
-
-    Cost per scored token: the model's readout of (sites x n_streams + sublayers) rows (the stream
-    sum and subsets are added in the vocabulary), then per row one max, one log_softmax and one
-    dot with P_final; the final distribution (log_softmax, entropy) is computed once per token and
-    shared by every site (`_Final`).
+    outputs. translator: the tuned-lens seam. chunk_tokens: tokens per vocabulary-sized block
+    (memory and cost: docs/probes.md#logit-lens-logit_lenspy). token_fraction (default 1): score a
+    seeded random sample of about this share of the masked tokens (seed), the sampling error
+    reported in the `*_se` arrays.
     """
 
     name = "logit_lens"

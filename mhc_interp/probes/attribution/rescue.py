@@ -2,71 +2,22 @@
 (one-shot, frozen mixing) from a constant number of forward / backward passes plus one cheap
 readout (final LayerNorms + unembedding) per (sublayer, stream or pair).
 
-Methods: "readout" (default) and "readout_fisher" are the ones that track the exact map; "fisher",
-"gauss_newton", "linearised" (pure second-order / linearised-network estimates) do not, and
-"ig_site" (integrated gradients along each site's own path) tracks but costs several times the
-exact map. Measured: docs/attribution.md, "Approximate ablation-and-rescue".
+Damage D = KL(P_clean || P_ablated) of each single stream and pair ablated at the state x_l
+entering sublayer l (zero ablation: delta = -x_l on those streams); rescue and its global averages
+are formed by `AblateRescue.result` (a `RescueResult` with the exact map's keys). With
+C_l = H_res[L-1] ... H_res[l] (the frozen mixing carrying delta to the final state x_L):
 
-The exact map (`mhc_interp.probes.rescue`) ablates every stream pair {i, j} (and every single
-stream, which is the one-shot rescue run) at the state entering each sublayer l, and scores
-D = KL(P_clean || P_ablated) averaged over the masked positions. The clean run is the base, so
-D and its gradient are 0 there: every first-order estimate (AtP) is identically 0, and the first
-informative term is the second-order one. With logits z, dz = J delta the (linearised) change of
-the logits for the state change delta (zero ablation: delta = -x_l on the ablated streams):
+    "readout" (default)  D ~ KL(P_clean || unembed_streams(x_L + C_l delta))
+    "readout_fisher"     D ~ the same + mean_k (v_k . dz_c)(v_k . u) + 1/2 mean_k (v_k . u)^2
+                         (u: the change through later sublayers' reads; v_k: K Fisher draws)
+    "fisher", "gauss_newton", "linearised"    D ~ 1/2 dz^T F dz, dz = J delta, and variants
+    "ig_site"            D = int_0^1 dD/dx(x_l + a delta) . delta da along each site's own path
 
-    D ~ 1/2 sum_q w_q dz_q^T F_q dz_q,      F_q = Cov_{y ~ P_clean,q}[d log p_q(y) / dz_q]
+"readout" and "readout_fisher" track the exact map; the gradient-only ones do not (the per-stream
+final LayerNorm is scale-invariant, so most damage is in the last 1% of the ablation path), and
+"ig_site" tracks but costs several times the exact map: both are measured references.
 
-(the Gauss-Newton / Fisher quadratic form of the KL; w_q = mask / sum(mask), the KL metric's
-weights). Monte Carlo (method "fisher"): draw y_q ~ P_clean,q independently at every position
-and back-propagate the scalar sum_q sqrt(w_q) log p_q(y_q) once; its gradient g_l with respect to
-the state entering EVERY sublayer l satisfies E[(g_l . delta)^2] = sum_q w_q dz_q^T F_q dz_q
-(the cross-position terms have mean 0 because the draws are independent with zero-mean scores).
-So K draws give, for every sublayer, every single stream s and every pair {i, j} at once,
-
-    D_s  ~ 1/2 mean_k (g_l^k . delta_s)^2,      D_ij ~ 1/2 mean_k (g_l^k . delta_i + g_l^k . delta_j)^2
-
-from one forward and K backwards, independent of the number of sublayers and streams (the exact
-one-shot map costs n(n+1)/2 resumed forwards per sublayer). Rescue R(a, r) = (D_ar - D_a) / D_ar
-and its global averages are then formed exactly as `AblateRescue.result` forms them (same helpers,
-same `min_kl` flagging), so the estimate is a `RescueResult` with the exact map's keys.
-
-Method "gauss_newton" is the same quadratic form without Monte Carlo noise: dz = J delta_s for each
-(sublayer, stream) from a central finite difference of two resumed forwards (2 n per sublayer:
-more than the exact map for n <= 4 - it is a reference that separates the error of the quadratic
-model from the sampling noise, not a shortcut). Method "linearised" uses the same dz but the
-exact KL of the linearised logits, KL(P_clean || softmax(z + dz)), instead of its quadratic form.
-Method "ig_site" integrates the gradient along each site's own path x_l + a delta (a at `steps`
-midpoints; one resumed forward and backward per site and point, the points stacked in the batch
-axis): D = int_0^1 dD/dx(x_l + a delta) . delta da exactly in the limit, but every single and pair
-needs its own path, so it costs ~3 `steps` times the exact map - also a reference, not a shortcut.
-
-Why the gradient methods fail here (measured, docs/attribution.md): HookedMHC reads its final
-state through a LayerNorm applied to EACH stream before the sum (`unembed_streams`). LayerNorm is
-scale-invariant, so along the straight ablation path x_s -> (1 - a) x_s the stream's normalised
-readout does not change at all until (1 - a) |x_s| reaches the LayerNorm's epsilon, where it drops
-to the bias: the damage is concentrated in the last few % of the path (demo model: KL 0.0065 at
-a = 0.9, 0.045 at a = 1), and the gradient of the readout in the scaling direction is 0. Every
-estimate built from gradients or from J delta misses that part.
-
-Method "readout" (the default) therefore treats the readout exactly and drops the rest: with the
-mixing frozen, the ablation's change delta at sublayer l reaches the final state along the residual
-mixing alone as C_l delta, C_l = H_res[L-1] ... H_res[l] (per token; its effect through the later
-sublayers' reads - their changed writes - is left out), and
-
-    D ~ KL(P_clean || unembed_streams(x_L + C_l delta))              (the exact KL metric)
-
-from the clean run, one forward to the final state and one readout (final LayerNorms + unembedding,
-no transformer layers) per (sublayer, single or pair): no backward, no resumed forward.
-`meta["passes"]` counts the readouts separately.
-
-Method "readout_fisher" adds the part "readout" leaves out - the ablation's effect through the
-later sublayers' reads, u = J delta - (readout's Jacobian) C_l delta in logit space - to second
-order with the Fisher draws above: with v_k the k-th draw's logit-space vector and
-g_l^k . delta - g_L^k . C_l delta = v_k . u (g_L the draw's gradient at the final state),
-
-    D ~ KL(P_clean || unembed_streams(x_L + C_l delta)) + mean_k (v_k . dz_c)(v_k . u) + 1/2 mean_k (v_k . u)^2
-
-(dz_c the carried logit change): 3 forwards, `samples` backwards and the same readouts.
+Details (derivations, costs, measurements): docs/attribution.md#approximate-ablation-and-rescue
 """
 
 from __future__ import annotations

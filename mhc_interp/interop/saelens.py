@@ -11,12 +11,8 @@ only, so SAELens's activation store, trainer and evaluation (MSE, explained vari
 spliced and zero-ablated KL and CE) act on that stream alone. Needs the `saelens` extra
 (SAELens 6.x pins transformer-lens < 4: transformer-lens 3.x, >= 3.3, in its own environment).
 
-    sae = train_stream_sae(model, "blocks.2.attn.hook_streams_in[1]", train_ds, out="sae-dir")
-    with splice_sae(model, sae):                      # x[:, :, 1] <- SAE(x[:, :, 1]) at that hook
-        logits = model(tokens)
-    metrics = evaluate_sae(model, sae, eval_ds)       # SAELens's run_evals through the adapter
-
-Details (sites, adapter, metrics' definitions, measurements): docs/saelens.md#sites-choosing-the-stream
+Details: docs/saelens.md#sites-choosing-the-stream and the sections after it (the adapter, an
+example, the metrics' definitions, measurements)
 """
 
 from __future__ import annotations

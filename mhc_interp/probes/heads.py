@@ -1,6 +1,5 @@
-"""Attention-head detectors: a score per (layer, head) for five well-known head roles, a top-k
-table, a layer-distribution plot, and which residual streams each head's sublayer reads from and
-writes to.
+"""Attention-head detectors: a score per (layer, head) for five head roles, a top-k table, a
+layer-distribution plot, and which residual streams each head's sublayer reads from and writes to.
 
 Scores (pattern = `blocks.{l}.attn.hook_pattern` [batch, head, query q, key k]; averaged over the
 query positions the runner's mask keeps):
@@ -8,17 +7,14 @@ query positions the runner's mask keeps):
     previous_token    E_q[pattern[q, q-1]]
     duplicate_token   E_q[sum_{k < q, tok_k = tok_q} pattern[q, k]]
     induction         E_q[sum_{k: k-1 < q-1, tok_{k-1} = tok_q} pattern[q, k]]
-    copy_suppression  E_q[mean_{k<=q} dlogit[q, tok_k] - mean_v dlogit[q, v]],  dlogit = ablated - clean
-                      with the head's hook_z slice zeroed (positive: the head suppresses context tokens)
+    copy_suppression  E_q[mean_{k<=q} dlogit[q, tok_k] - mean_v dlogit[q, v]], dlogit = logits with the
+                      head's hook_z slice zeroed - clean (positive: the head suppresses context tokens)
     successor         direct-logit readout of each head on ordinal sequences (`head_inputs`)
 
-`detect_heads(model, corpus)` scores induction / duplicate-token on generated repeated random
-sequences, previous-token / copy-suppression on the corpus, successor on ordinal sequences;
-`HeadDetector` is the underlying (causal) probe. `mean_h_pre[l, s]`, `mean_h_post[l, s]`: the
-token-averaged read / write weights of `blocks.{l}.attn`, shared by all its heads.
-
-Details (which queries count, the ablation, the generated sequences, attention paths):
-docs/probes.md#attention-heads-headspy
+`detect_heads(model, corpus)` runs `HeadDetector` (a causal probe); `mean_h_pre[l, s]`,
+`mean_h_post[l, s]` are the token-averaged read / write weights of `blocks.{l}.attn`, shared by
+all its heads. Details (which queries count, the ablation, the generated sequences, attention
+paths): docs/probes.md#attention-heads-headspy
 """
 
 from __future__ import annotations

@@ -1,6 +1,5 @@
-"""Approximate ablation-and-rescue: estimates of `ablate_and_rescue`'s damage and rescue maps
-(one-shot, frozen mixing) from a constant number of forward / backward passes plus one cheap
-readout (final LayerNorms + unembedding) per (sublayer, stream or pair).
+"""Approximate ablation-and-rescue: `ablate_and_rescue`'s maps (one-shot, frozen mixing) from a few
+passes plus one readout (final LayerNorms + unembedding) per (sublayer, stream or pair).
 
 Damage D = KL(P_clean || P_ablated) of each single stream and pair ablated at the state x_l
 entering sublayer l (zero ablation: delta = -x_l on those streams); rescue and its global averages

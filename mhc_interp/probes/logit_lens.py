@@ -288,7 +288,7 @@ class LogitLens(Probe):
         captions={
             "kl": "Logit lens: KL from the final distribution to the prediction read off each site through the final "
             "LayerNorm and unembedding, for the stream sum and each stream alone. Scored on a seeded sample of "
-            "the corpus tokens (`lens_token_fraction`, 25% by default, as the title says); bands: +-2 standard "
+            "the corpus tokens (`lens_token_fraction`, 25% by default, as the title says); bands: ±2 standard "
             "errors, clustered by sequence.",
             "top1": "Logit lens: how often each view's top-1 token agrees with the final prediction.",
             "writes": "Each sublayer's branch output (what it writes) read through the final LayerNorm and "

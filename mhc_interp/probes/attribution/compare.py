@@ -34,8 +34,9 @@ def pearson(a: np.ndarray, b: np.ndarray) -> float:
 def fidelity(
     estimate: np.ndarray, exact: np.ndarray, baseline: float, k: int = 10, cells: Optional[np.ndarray] = None
 ) -> Dict[str, float]:
-    """Pearson and Spearman (Pearson of the average ranks) correlation of an estimated map with the exact one, and the overlap of
-    their top-k cells by |effect| (effect = value - baseline, the unpatched base run's metric).
+    """Pearson and Spearman (Pearson of the average ranks) correlation of an estimated map with the
+    exact one, and the overlap of their top-k cells by |effect| (effect = value - baseline, the
+    unpatched base run's metric).
     cells: optional bool mask of the cells to compare (e.g. positions a patch can change)."""
     est, ex = np.ravel(estimate), np.ravel(exact)
     if est.shape != ex.shape:
